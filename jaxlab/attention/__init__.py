@@ -1,0 +1,6 @@
+"""Attention variants as pure functions over [batch, length, heads, head_dim] arrays."""
+
+from jaxlab.attention.masks import AttentionMask, make_mask
+from jaxlab.attention.softmax import dot_product_attention, xla_attention
+
+__all__ = ["AttentionMask", "make_mask", "dot_product_attention", "xla_attention"]

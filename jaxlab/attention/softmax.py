@@ -1,0 +1,125 @@
+"""Softmax dot-product attention: the public entry point and the XLA reference implementation.
+
+Layout [batch, length, heads, head_dim] as in `jax.nn.dot_product_attention`. Grouped-query attention
+(GQA, Ainslie et al. 2023; MQA, Shazeer 2019) is computed by grouping query heads over each key/value head,
+never by repeating K/V in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from jaxlab.attention import masks as masks_lib
+
+IMPLEMENTATIONS = (None, "xla", "blockwise", "pallas", "cudnn")
+
+
+def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, int, int, int]:
+  """Checks the attention contract's shapes; returns (B, Tq, Tk, N, K, H)."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4:
+      raise ValueError(f"{name} must be [batch, length, heads, head_dim], got shape {x.shape}")
+  b, tq, n, h = q.shape
+  bk, tk, kh, hk = k.shape
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+  if bk != b:
+    raise ValueError(f"k batch {bk} does not match q batch {b}")
+  if hk != h:
+    raise ValueError(f"k head_dim {hk} does not match q head_dim {h}")
+  if n % kh:
+    raise ValueError(f"q heads ({n}) must be a multiple of k/v heads ({kh}) for GQA/MQA")
+  chex.assert_type([k, v], q.dtype)
+  return b, tq, tk, n, kh, h
+
+
+def _big_negative(dtype) -> float:
+  return -0.7 * float(jnp.finfo(dtype).max)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.AttentionMask, *,
+                  bias: Optional[jax.Array] = None, scale: float) -> jax.Array:
+  """Reference attention: materialises the [B, N, Tq, Tk] logits. Rows with no visible key give zeros."""
+  b, tq, tk, n, kh, h = check_qkv(q, k, v)
+  g = n // kh
+  q_grouped = q.reshape(b, tq, kh, g, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q_grouped, k,
+                      preferred_element_type=jnp.float32) * scale
+  logits = logits.reshape(b, n, tq, tk)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  valid = mask.full()
+  if valid is not None:
+    logits = jnp.where(valid, logits, _big_negative(jnp.float32))
+  probs = jax.nn.softmax(logits, axis=-1)
+  if valid is not None:
+    # A row with no visible key would otherwise be uniform over masked keys.
+    probs = probs * jnp.any(valid, axis=-1, keepdims=True)
+  probs = probs.reshape(b, kh, g, tq, tk).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, tq, n, h).astype(q.dtype)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                          q_segment_ids: Optional[jax.Array] = None,
+                          kv_segment_ids: Optional[jax.Array] = None,
+                          q_lengths: Optional[jax.Array] = None,
+                          kv_lengths: Optional[jax.Array] = None,
+                          window: masks_lib.Window = None,
+                          bias: Optional[jax.Array] = None,
+                          scale: Optional[float] = None,
+                          implementation: Optional[str] = None) -> jax.Array:
+  """Scaled dot-product attention (Vaswani et al. 2017, eq. 1) with one mask vocabulary.
+
+  Args:
+    q: [B, Tq, N, H] queries. k, v: [B, Tk, K, H] keys/values, N % K == 0 (GQA/MQA).
+    causal: query i sees keys j <= i + (Tk - Tq) (end-aligned, for decoding).
+    q_segment_ids, kv_segment_ids: [B, Tq], [B, Tk] ints; attend only within a segment (packing).
+    q_lengths, kv_lengths: [B] ints; tokens at or past the length are padding.
+    window: (left, right) sliding window in key coordinates; None = unlimited.
+    bias: broadcastable to [B, N, Tq, Tk], added to the logits (ALiBi, T5).
+    scale: logit scale, default 1/sqrt(H).
+    implementation: None (best available) | "xla" | "blockwise" | "pallas" | "cudnn".
+
+  Returns:
+    [B, Tq, N, H] in q's dtype. Rows that see no key are zeros.
+  """
+  b, tq, tk, n, kh, h = check_qkv(q, k, v)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if bias is not None:
+    try:
+      jnp.broadcast_shapes(bias.shape, (b, n, tq, tk))
+    except ValueError:
+      raise ValueError(f"bias of shape {bias.shape} does not broadcast to [B, N, Tq, Tk] = "
+                       f"{(b, n, tq, tk)}") from None
+  mask = masks_lib.make_mask(tq, tk, b, causal=causal, window=window, q_segment_ids=q_segment_ids,
+                             kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
+                             kv_lengths=kv_lengths)
+  if scale is None:
+    scale = h ** -0.5
+  if implementation is None:
+    implementation = "xla"
+  if implementation == "xla":
+    return xla_attention(q, k, v, mask, bias=bias, scale=scale)
+  if implementation == "cudnn":
+    return _cudnn_attention(q, k, v, mask, bias=bias, scale=scale)
+  raise NotImplementedError(f"implementation={implementation!r} is not available yet in jaxlab; "
+                            "use implementation='xla'")
+
+
+def _cudnn_attention(q, k, v, mask: masks_lib.AttentionMask, *, bias, scale):
+  """Passes through to `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only)."""
+  if jax.default_backend() != "gpu":
+    raise ValueError("implementation='cudnn' needs a GPU backend; got " + jax.default_backend())
+  if mask.window is not None or mask.q_segment_ids is not None or mask.q_lengths is not None:
+    raise ValueError("implementation='cudnn' supports causal, kv_lengths and bias masks only here")
+  if mask.causal and mask.q_len != mask.kv_len:
+    raise ValueError("implementation='cudnn' needs Tq == Tk for causal masks")
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=mask.causal,
+                                      key_value_seq_lengths=mask.kv_lengths,
+                                      implementation="cudnn")
