@@ -1,0 +1,169 @@
+"""`jaxlab train|eval|sample`: the command line.
+
+    jaxlab train                                   # default config (lm_char) in a fresh runs/ dir
+    jaxlab train lm_char_cpu --config.data.path=input.txt --config.model.num_layers=4 --workdir runs/x
+    jaxlab eval runs/x
+    jaxlab sample runs/x --prompt "ROMEO:" --num-tokens 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import pathlib
+import sys
+
+CONFIG_HELP = ("config name ({names}) or path to a .py file with get_config(); default: %(default)s. "
+               "Override any key with --config.SECTION.KEY=VALUE.")
+
+
+def _quiet_logs() -> None:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _fresh_workdir(config_name: str) -> pathlib.Path:
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  stem = pathlib.Path(config_name).stem
+  base = pathlib.Path("runs") / f"{stem}-{stamp}"
+  path, i = base, 1
+  while path.exists():
+    path, i = pathlib.Path(f"{base}-{i}"), i + 1
+  return path
+
+
+def _load_workdir_config(workdir: pathlib.Path, overrides: list[str]):
+  from jaxlab.configs import ConfigError, apply_overrides
+  from jaxlab.configs.validate import validate
+  import ml_collections
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise ConfigError(f"{workdir} is not a jaxlab workdir (no config.json); train into it first")
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config.lock()
+  apply_overrides(config, overrides)
+  validate(config)
+  return config
+
+
+def _restore_params(config, workdir: pathlib.Path):
+  from jaxlab.train import trainer
+  run = trainer.setup(config, workdir)
+  restored = run.checkpointer.restore_latest(run.abstract_state)
+  run.checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")
+  step, state, _ = restored
+  return run, step, state["params"]
+
+
+def cmd_train(args, overrides) -> int:
+  from jaxlab.configs import load_config
+  from jaxlab.train import trainer
+  from jaxlab.train.lm_task import sample_text
+  config = load_config(args.config, overrides)
+  workdir = pathlib.Path(args.workdir) if args.workdir else _fresh_workdir(args.config)
+  print(f"jaxlab: training {args.config} in {workdir}", flush=True)
+  result = trainer.train(config, workdir, progress=not args.no_progress)
+  run = result["run"]
+  print(f"jaxlab: step {result['step']}: val_loss {result.get('val_loss', float('nan')):.4f}"
+        + (f", {result['step_time_ms']:.1f} ms/step" if "step_time_ms" in result else ""),
+        flush=True)
+  if config.sample.num_tokens:
+    s = config.sample
+    text = sample_text(run.task, result["state"]["params"], prompt=s.prompt,
+                       num_tokens=s.num_tokens, temperature=s.temperature, top_k=s.top_k,
+                       top_p=s.top_p, seed=s.seed)
+    print("jaxlab: sample\n" + "-" * 60 + "\n" + text + "\n" + "-" * 60, flush=True)
+  return 0
+
+
+def cmd_eval(args, overrides) -> int:
+  from jaxlab.train import trainer
+  workdir = pathlib.Path(args.workdir)
+  config = _load_workdir_config(workdir, overrides)
+  run, step, params = _restore_params(config, workdir)
+  val_loss = trainer.evaluate(run, params)
+  print(json.dumps({"step": step, "val_loss": val_loss}))
+  return 0
+
+
+def cmd_sample(args, overrides) -> int:
+  from jaxlab.train.lm_task import sample_text
+  workdir = pathlib.Path(args.workdir)
+  config = _load_workdir_config(workdir, overrides)
+  run, _, params = _restore_params(config, workdir)
+  s = config.sample
+  text = sample_text(run.task, params, prompt=s.prompt if args.prompt is None else args.prompt,
+                     num_tokens=s.num_tokens if args.num_tokens is None else args.num_tokens,
+                     temperature=s.temperature if args.temperature is None else args.temperature,
+                     top_k=s.top_k if args.top_k is None else args.top_k,
+                     top_p=s.top_p if args.top_p is None else args.top_p,
+                     seed=s.seed if args.seed is None else args.seed)
+  print(text)
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from jaxlab.configs import DEFAULT_CONFIG, available_configs
+  parser = argparse.ArgumentParser(
+      prog="jaxlab", description="Train, evaluate and sample jaxlab models.",
+      epilog="Config keys are overridden with --config.SECTION.KEY=VALUE after the sub-command.")
+  sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample}")
+  sub.required = True
+
+  train = sub.add_parser("train", help="train a config (resumes if WORKDIR has a checkpoint)",
+                         description="Train a model from a config; resumes from the newest "
+                         "checkpoint in --workdir. Prints progress, evaluates, saves checkpoints, "
+                         "and ends by printing a sample.")
+  train.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
+                     help=CONFIG_HELP.format(names=", ".join(available_configs())))
+  train.add_argument("--workdir", help="run directory (default: a fresh one under runs/)")
+  train.add_argument("--no-progress", action="store_true", help="no progress bar")
+  train.set_defaults(func=cmd_train)
+
+  ev = sub.add_parser("eval", help="evaluate a trained workdir on its validation split",
+                      description="Restore the newest checkpoint of WORKDIR and print its "
+                      "validation loss as JSON.")
+  ev.add_argument("workdir")
+  ev.set_defaults(func=cmd_eval)
+
+  sa = sub.add_parser("sample", help="sample text from a trained workdir",
+                      description="Restore the newest checkpoint of WORKDIR and sample text "
+                      "with a KV cache (temperature, top-k, top-p).")
+  sa.add_argument("workdir")
+  sa.add_argument("--prompt")
+  sa.add_argument("--num-tokens", type=int)
+  sa.add_argument("--temperature", type=float)
+  sa.add_argument("--top-k", type=int)
+  sa.add_argument("--top-p", type=float)
+  sa.add_argument("--seed", type=int)
+  sa.set_defaults(func=cmd_sample)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  overrides = [a for a in argv if a.startswith("--config.")]
+  rest = [a for a in argv if not a.startswith("--config.")]
+  parser = build_parser()
+  args = parser.parse_args(rest)
+  _quiet_logs()
+  from jaxlab.configs import ConfigError
+  try:
+    return args.func(args, overrides)
+  except ConfigError as e:
+    print(f"jaxlab: config error: {e}", file=sys.stderr)
+    return 2
+  except (FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as e:
+    print(f"jaxlab: error: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

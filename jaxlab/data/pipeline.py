@@ -1,0 +1,70 @@
+"""grain pipelines that turn a token array into batches of random windows.
+
+Training batches: every window start of the token array, shuffled by a seeded permutation (reshuffled each
+epoch), grouped into global batches; each process keeps its own rows of the global batch, so the global
+batch does not depend on the number of hosts. The iterator's state (`get_state`/`set_state`) is saved in
+checkpoints, so a resumed run sees exactly the batches it would have seen.
+
+Evaluation batches: a fixed, seeded set of windows, the same at every evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+
+
+class WindowSource:
+  """grain random-access source: window i is tokens[i : i + seq_len + 1]."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int):
+    if tokens.ndim != 1:
+      raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if len(tokens) < seq_len + 2:
+      raise ValueError(f"a split of {len(tokens)} tokens is too short for windows of {seq_len + 1}")
+    self._tokens = tokens
+    self._seq_len = seq_len
+
+  def __len__(self) -> int:
+    return len(self._tokens) - self._seq_len
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    return self._tokens[i:i + self._seq_len + 1]
+
+
+def _to_example(windows) -> dict:
+  windows = np.stack(windows).astype(np.int32)
+  return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+
+def _process_rows(batch: dict, batch_size: int) -> dict:
+  per_process = batch_size // jax.process_count()
+  start = jax.process_index() * per_process
+  return {k: v[start:start + per_process] for k, v in batch.items()}
+
+
+def train_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int,
+                  seed: int) -> grain.DatasetIterator:
+  """Infinite iterator of {"inputs", "targets"}: int32 [batch_size / processes, seq_len]."""
+  if batch_size % jax.process_count():
+    raise ValueError(f"batch_size {batch_size} must be divisible by the {jax.process_count()} processes")
+  dataset = (grain.MapDataset.source(WindowSource(tokens, seq_len))
+             .shuffle(seed=seed)
+             .repeat()
+             .batch(batch_size, drop_remainder=True, batch_fn=_to_example)
+             .map(lambda b: _process_rows(b, batch_size)))
+  return iter(dataset.to_iter_dataset())
+
+
+def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batches: int,
+                 seed: int) -> Iterator[dict]:
+  """The fixed evaluation set: `num_batches` batches of seeded random windows (fewer if the split is short)."""
+  source = WindowSource(tokens, seq_len)
+  dataset = (grain.MapDataset.source(source).shuffle(seed=seed)
+             .batch(batch_size, drop_remainder=True, batch_fn=_to_example)
+             .map(lambda b: _process_rows(b, batch_size)))
+  for i in range(min(num_batches, len(dataset))):
+    yield dataset[i]

@@ -1,0 +1,88 @@
+"""Text corpora for language modelling: config -> TFDS builder -> token arrays and a vocabulary.
+
+`config.data.name`:
+- "python_stdlib": the default corpus (the interpreter's own standard library; no download).
+- "text_files": local file(s) in `config.data.path` (comma-separated), split `train_fraction` / rest.
+- "tiny_shakespeare": `config.data.path` if given (a local copy of input.txt, split 90/10), else TFDS's
+  own `tiny_shakespeare` (its train/validation/test joined and split 90/10 the same way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxlab.data import text_builders
+from jaxlab.data.vocab import Vocab
+
+DATASETS = ("python_stdlib", "text_files", "tiny_shakespeare")
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  train: np.ndarray  # int32 [num_train_tokens]
+  validation: np.ndarray  # int32 [num_val_tokens]
+  vocab: Vocab
+  description: str
+
+
+def _read_split(builder, split: str) -> str:
+  source = builder.as_data_source(split=split)
+  pieces = []
+  for i in range(len(source)):
+    text = source[i]["text"]
+    pieces.append(text.decode("utf-8") if isinstance(text, bytes) else text)
+  return pieces
+
+
+def _tokens(vocab: Vocab, pieces, sep: str) -> np.ndarray:
+  return vocab.encode(sep.join(pieces))
+
+
+def load_corpus(data_cfg) -> Corpus:
+  """Builds (once) and reads the corpus named by `data_cfg`; returns int32 token arrays and the vocab."""
+  name = data_cfg.name
+  data_dir = text_builders.default_data_dir(data_cfg.data_dir)
+  sep = ""
+  if name == "python_stdlib":
+    builder = text_builders.JaxlabPythonStdlib(
+        config=text_builders.stdlib_config(data_cfg.path or None), data_dir=data_dir,
+        file_format="array_record")
+    sep = "\n\n"
+  elif name == "text_files" or (name == "tiny_shakespeare" and data_cfg.path):
+    if not data_cfg.path:
+      raise ValueError("config.data.path must name the text file(s) for data.name='text_files'")
+    paths = [p for p in data_cfg.path.split(",") if p]
+    builder = text_builders.JaxlabTextFiles(
+        config=text_builders.text_files_config(paths, data_cfg.train_fraction), data_dir=data_dir,
+        file_format="array_record")
+  elif name == "tiny_shakespeare":
+    return _tfds_tiny_shakespeare(data_cfg, data_dir)
+  else:
+    raise ValueError(f"config.data.name must be one of {DATASETS}, got {name!r}")
+  text_builders.prepare(builder)
+  alphabet = builder.info.metadata["alphabet"]
+  vocab = Vocab(alphabet if data_cfg.vocab == "char" else None)
+  train = _tokens(vocab, _read_split(builder, "train"), sep)
+  val = _tokens(vocab, _read_split(builder, "validation"), sep)
+  return Corpus(train, val, vocab, f"{builder.name}/{builder.builder_config.name}")
+
+
+def _tfds_tiny_shakespeare(data_cfg, data_dir: str) -> Corpus:
+  try:
+    builder = tfds.builder("tiny_shakespeare", data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+    pieces = [p for s in ("train", "validation", "test") for p in _read_split(builder, s)]
+  except Exception as e:  # no network, no TensorFlow for its generator, ...
+    logging.debug("TFDS tiny_shakespeare failed", exc_info=True)
+    raise RuntimeError(
+        "TFDS's tiny_shakespeare could not be prepared here "
+        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); give a local copy with "
+        "--config.data.path=/path/to/input.txt") from None
+  text = "".join(pieces)
+  cut = int(len(text) * data_cfg.train_fraction)
+  vocab = Vocab("".join(sorted(set(text))) if data_cfg.vocab == "char" else None)
+  return Corpus(vocab.encode(text[:cut]), vocab.encode(text[cut:]), vocab, "tfds/tiny_shakespeare")

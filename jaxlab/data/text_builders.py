@@ -1,0 +1,173 @@
+"""TFDS dataset builders for text corpora, written as array_record files (no TensorFlow needed).
+
+- `JaxlabTextFiles`: any local text file(s); the concatenated text is split contiguously, the first
+  `train_fraction` for training and the rest for validation (the usual char-level LM set-up).
+- `JaxlabPythonStdlib`: the running interpreter's own standard-library `.py` sources (present on every
+  machine, so the default job needs no download); files in sorted order, split by file
+  (a file is in validation when crc32 of its relative path % 10 == 0).
+
+Each example is {"text": str} (a document or a chunk of one) in corpus order (`disable_shuffling`);
+`info.metadata["alphabet"]` holds the sorted set of characters of the whole corpus, so the character
+vocabulary is fixed by the data, not by the split that happens to be read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+import sysconfig
+import zlib
+from typing import Iterator
+
+import tensorflow_datasets as tfds
+
+CHUNK_CHARS = 1 << 18
+STDLIB_EXCLUDED_DIRS = ("site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
+                        "tkinter", "turtledemo", "ensurepip")
+
+
+def _chunks(text: str) -> Iterator[str]:
+  for start in range(0, len(text), CHUNK_CHARS):
+    yield text[start:start + CHUNK_CHARS]
+
+
+def _read_text(path: pathlib.Path) -> str:
+  try:
+    return path.read_text(encoding="utf-8")
+  except FileNotFoundError:
+    raise FileNotFoundError(f"text file not found: {path}") from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+
+
+def _alphabet(texts) -> str:
+  chars = set()
+  for t in texts:
+    chars.update(t)
+  return "".join(sorted(chars))
+
+
+def _info(builder, description: str) -> tfds.core.DatasetInfo:
+  return tfds.core.DatasetInfo(
+      builder=builder, description=description,
+      features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+      metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+
+
+@dataclasses.dataclass
+class TextFilesConfig(tfds.core.BuilderConfig):
+  paths: tuple = ()
+  train_fraction: float = 0.9
+
+
+def text_files_config(paths, train_fraction: float = 0.9) -> TextFilesConfig:
+  """A builder config whose name identifies the files' contents, so a changed file is rebuilt."""
+  resolved = tuple(str(pathlib.Path(p).expanduser().resolve()) for p in paths)
+  if not resolved:
+    raise ValueError("text_files needs at least one path")
+  if not 0.0 < train_fraction < 1.0:
+    raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+  digest = hashlib.sha256(repr(train_fraction).encode())
+  for p in resolved:
+    path = pathlib.Path(p)
+    if not path.is_file():
+      raise FileNotFoundError(f"text file not found: {p}")
+    digest.update(p.encode())
+    digest.update(path.read_bytes())
+  stem = "".join(c if c.isalnum() else "_" for c in pathlib.Path(resolved[0]).stem.lower())[:24]
+  return TextFilesConfig(name=f"{stem}_{digest.hexdigest()[:12]}", paths=resolved,
+                         train_fraction=train_fraction, version=tfds.core.Version("1.0.0"))
+
+
+class JaxlabTextFiles(tfds.core.GeneratorBasedBuilder):
+  """Local text files, split contiguously into train / validation."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = []
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return _info(self, "Local text files: " + ", ".join(self.builder_config.paths))
+
+  def _split_generators(self, dl_manager):
+    text = "".join(_read_text(pathlib.Path(p)) for p in self.builder_config.paths)
+    cut = int(len(text) * self.builder_config.train_fraction)
+    self.info.metadata["alphabet"] = _alphabet([text])
+    return {"train": self._generate_examples(text[:cut]),
+            "validation": self._generate_examples(text[cut:])}
+
+  def _generate_examples(self, text: str):
+    for i, chunk in enumerate(_chunks(text)):
+      yield i, {"text": chunk}
+
+
+def stdlib_files(root: str | None = None) -> list[pathlib.Path]:
+  """The standard library's .py files (no tests, site-packages or GUI demos), sorted."""
+  base = pathlib.Path(root or sysconfig.get_paths()["stdlib"])
+  files = []
+  for path in sorted(base.rglob("*.py")):
+    parts = path.relative_to(base).parts
+    if any(p in STDLIB_EXCLUDED_DIRS for p in parts[:-1]):
+      continue
+    files.append(path)
+  if not files:
+    raise FileNotFoundError(f"no .py files found under {base}")
+  return files
+
+
+def is_validation_file(relative_path: str) -> bool:
+  return zlib.crc32(relative_path.encode()) % 10 == 0
+
+
+@dataclasses.dataclass
+class StdlibConfig(tfds.core.BuilderConfig):
+  root: str = ""
+
+
+def stdlib_config(root: str | None = None) -> StdlibConfig:
+  files = stdlib_files(root)
+  base = pathlib.Path(root or sysconfig.get_paths()["stdlib"])
+  digest = hashlib.sha256()
+  for f in files:
+    stat = f.stat()
+    digest.update(f"{f.relative_to(base)}:{stat.st_size}".encode())
+  version = "".join(c for c in base.name if c.isalnum())
+  return StdlibConfig(name=f"{version}_{digest.hexdigest()[:12]}", root=str(base),
+                      version=tfds.core.Version("1.0.0"))
+
+
+class JaxlabPythonStdlib(tfds.core.GeneratorBasedBuilder):
+  """The running Python's standard-library sources, one example per file, split by file."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = []
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return _info(self, "Python standard library sources under " + self.builder_config.root)
+
+  def _split_generators(self, dl_manager):
+    base = pathlib.Path(self.builder_config.root)
+    docs = []
+    for f in stdlib_files(self.builder_config.root):
+      text = f.read_bytes().decode("utf-8", errors="replace")
+      docs.append((str(f.relative_to(base)), text))
+    self.info.metadata["alphabet"] = _alphabet(t for _, t in docs)
+    train = [d for d in docs if not is_validation_file(d[0])]
+    val = [d for d in docs if is_validation_file(d[0])]
+    return {"train": self._generate_examples(train), "validation": self._generate_examples(val)}
+
+  def _generate_examples(self, docs):
+    for i, (_, text) in enumerate(docs):
+      # Files are joined by a blank line when read back; each example is one file.
+      yield i, {"text": text}
+
+
+def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+  """Writes the array_record files once (a later call reuses them)."""
+  builder.download_and_prepare()
+  return builder
+
+
+def default_data_dir(data_dir: str) -> str:
+  return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")

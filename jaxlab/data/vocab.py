@@ -1,0 +1,57 @@
+"""Character- and byte-level vocabularies: text <-> int32 token ids."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+  """A character vocabulary (sorted alphabet) or the 256-symbol byte vocabulary (alphabet=None)."""
+
+  alphabet: str | None = None
+
+  @property
+  def size(self) -> int:
+    return 256 if self.alphabet is None else len(self.alphabet)
+
+  @property
+  def kind(self) -> str:
+    return "byte" if self.alphabet is None else "char"
+
+  def encode(self, text: str) -> np.ndarray:
+    """str -> int32 ids [len]. Raises ValueError naming characters outside the alphabet."""
+    if self.alphabet is None:
+      return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    table = {c: i for i, c in enumerate(self.alphabet)}
+    try:
+      return np.fromiter((table[c] for c in text), np.int32, count=len(text))
+    except KeyError as e:
+      raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
+
+  def decode(self, ids) -> str:
+    ids = np.asarray(ids).reshape(-1)
+    if self.alphabet is None:
+      return bytes(ids.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+    return "".join(self.alphabet[i] for i in ids)
+
+  def to_json(self) -> dict:
+    return {"alphabet": self.alphabet}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Vocab":
+    return cls(alphabet=d["alphabet"])
+
+
+def make_vocab(kind: str, texts) -> Vocab:
+  """kind "char": the sorted set of characters in `texts`; kind "byte": UTF-8 bytes."""
+  if kind == "byte":
+    return Vocab(None)
+  if kind == "char":
+    chars = set()
+    for t in texts:
+      chars.update(t)
+    return Vocab("".join(sorted(chars)))
+  raise ValueError(f"vocab kind must be 'char' or 'byte', got {kind!r}")

@@ -1,0 +1,146 @@
+"""Decoder-only Transformer language model (GPT; Radford et al. 2018/2019) with pre-norm blocks.
+
+tokens_BT -> logits_BTV. Attention goes through `jaxlab.attention.dot_product_attention`; the position
+encoding is a config string ("learned" absolute embeddings, or "rope" in every attention layer, or "none").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlab.layers import MLP, MultiHeadAttention
+
+POSITIONS = ("learned", "rope", "none")
+
+
+def _norm(use_bias: bool, dtype, param_dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=1e-5, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_hidden: int
+  num_layers: int
+  dropout: float = 0.0
+  position: str = "learned"
+  rope_theta: float = 10000.0
+  attention_impl: Optional[str] = None
+  activation: str = "gelu"
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, *, train: bool = False,
+               decode: bool = False):
+    out_std = 0.02 / math.sqrt(2 * self.num_layers)  # GPT-2's scaled residual init
+    h_BTD = _norm(self.use_bias, self.dtype, self.param_dtype, "ln_attn")(x_BTD)
+    h_BTD = MultiHeadAttention(
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        causal=True, position=self.position, rope_theta=self.rope_theta,
+        implementation=self.attention_impl, use_bias=self.use_bias, out_init_std=out_std,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
+            h_BTD, positions_BT, segment_ids_BT=segment_ids_BT, decode=decode)
+    x_BTD = x_BTD + nn.Dropout(self.dropout, deterministic=not train)(h_BTD)
+    h_BTD = _norm(self.use_bias, self.dtype, self.param_dtype, "ln_mlp")(x_BTD)
+    h_BTD = MLP(self.mlp_hidden, activation=self.activation, use_bias=self.use_bias,
+                out_init_std=out_std, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="mlp")(h_BTD)
+    x_BTD = x_BTD + nn.Dropout(self.dropout, deterministic=not train)(h_BTD)
+    return nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
+
+
+class GPT(nn.Module):
+  """tokens_BT (int) -> logits_BTV (float32).
+
+  Attributes:
+    vocab_size, num_layers, width (D), num_heads (N), num_kv_heads (K; N % K == 0), mlp_ratio.
+    max_len: longest sequence (size of the learned position table).
+    position: "learned" | "rope" | "none".
+    tie_embeddings: output projection is the transposed token embedding.
+  """
+
+  vocab_size: int
+  num_layers: int
+  width: int
+  num_heads: int
+  num_kv_heads: int
+  max_len: int
+  mlp_ratio: float = 4.0
+  dropout: float = 0.0
+  position: str = "learned"
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = True
+  attention_impl: Optional[str] = None
+  activation: str = "gelu"
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
+               segment_ids_BT: Optional[jax.Array] = None, *, train: bool = False,
+               decode: bool = False) -> jax.Array:
+    if tokens_BT.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
+    if self.position not in POSITIONS:
+      raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+    b, t = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    embed = nn.Embed(
+        self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                    ("vocab", "embed")), name="embed")
+    x_BTD = embed(tokens_BT)
+    if self.position == "learned":
+      table = self.param("pos_embed",
+                         nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                      (None, "embed")),
+                         (self.max_len, self.width), self.param_dtype)
+      x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(self.dtype)
+    x_BTD = nn.Dropout(self.dropout, deterministic=not train)(x_BTD)
+    head_dim = self.width // self.num_heads
+    for i in range(self.num_layers):
+      x_BTD = Block(
+          num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=head_dim,
+          mlp_hidden=int(self.mlp_ratio * self.width), num_layers=self.num_layers,
+          dropout=self.dropout, position=self.position, rope_theta=self.rope_theta,
+          attention_impl=self.attention_impl, activation=self.activation,
+          use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+          name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, train=train, decode=decode)
+    x_BTD = _norm(self.use_bias, self.dtype, self.param_dtype, "ln_final")(x_BTD)
+    if self.tie_embeddings:
+      logits_BTV = embed.attend(x_BTD)
+    else:
+      logits_BTV = nn.Dense(
+          self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                   ("embed", "vocab")), name="head")(x_BTD)
+    return logits_BTV.astype(jnp.float32)
+
+
+def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
+  """Builds the GPT from `config.model` (see jaxlab/configs/lm_char.py)."""
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  return GPT(
+      vocab_size=vocab_size, num_layers=model_cfg.num_layers, width=model_cfg.width,
+      num_heads=model_cfg.num_heads, num_kv_heads=model_cfg.num_kv_heads or model_cfg.num_heads,
+      max_len=max_len, mlp_ratio=model_cfg.mlp_ratio, dropout=model_cfg.dropout,
+      position=model_cfg.position, rope_theta=model_cfg.rope_theta,
+      tie_embeddings=model_cfg.tie_embeddings,
+      attention_impl=None if model_cfg.attention_impl == "auto" else model_cfg.attention_impl,
+      activation=model_cfg.activation, use_bias=model_cfg.use_bias,
+      dtype=dtypes[model_cfg.dtype])

@@ -1,0 +1,41 @@
+"""Metrics sinks: WORKDIR/metrics.jsonl (one JSON object per line, always with "step") and TensorBoard
+event files (readable by `tensorboard --logdir WORKDIR`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+
+class MetricsWriter:
+
+  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True):
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # imported lazily: optional for library users
+      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, **scalars: float) -> None:
+    record = {"step": int(step)}
+    for k, v in scalars.items():
+      v = float(v)
+      record[k] = v if math.isfinite(v) else str(v)
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, float(v), int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

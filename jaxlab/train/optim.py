@@ -1,0 +1,34 @@
+"""optax optimizer from `config.optim`: AdamW (Loshchilov & Hutter 2019) with linear warmup, cosine decay
+and global-norm clipping; no weight decay on norms, biases or embeddings."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+NO_DECAY_NAMES = ("embedding", "pos_embed", "scale", "bias")
+
+
+def decay_mask(params):
+  """True for the leaves that get weight decay: matrices other than embeddings."""
+  def keep(path, leaf):
+    names = [getattr(p, "key", getattr(p, "name", str(p))) for p in path]
+    return leaf.ndim >= 2 and not any(n in NO_DECAY_NAMES for n in names)
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+  """0 -> lr linearly over warmup_steps, then cosine to min_lr at total_steps (constant after)."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=optim_cfg.warmup_steps,
+      decay_steps=max(total_steps, optim_cfg.warmup_steps + 1), end_value=optim_cfg.min_lr)
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+  schedule = learning_rate_schedule(optim_cfg, total_steps)
+  parts = []
+  if optim_cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
+  parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                           weight_decay=optim_cfg.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)

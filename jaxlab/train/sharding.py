@@ -1,0 +1,80 @@
+"""Device mesh and logical axis rules: models name their axes, this file maps names to mesh axes.
+
+Mesh axes: "data" (pure data parallelism), "fsdp" (data parallelism with parameters and optimizer state
+sharded, ZeRO-3 style), "tensor" (Megatron-style sharding of heads / MLP hidden / vocab).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or axes, or None = replicated).
+LOGICAL_AXIS_RULES: tuple = (
+    ("batch", ("data", "fsdp")),
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+)
+
+
+def mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Resolves at most one -1 ("the rest") in `sizes` (data, fsdp, tensor) against the device count."""
+  sizes = [int(s) for s in sizes]
+  if len(sizes) != len(MESH_AXES):
+    raise ValueError(f"mesh needs {len(MESH_AXES)} sizes {MESH_AXES}, got {sizes}")
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f"at most one mesh size may be -1, got {sizes}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes must be positive or -1, got {sizes}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh sizes {sizes} do not divide the {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh sizes {sizes} use {math.prod(sizes)} devices, but {num_devices} "
+                     "are available")
+  return tuple(sizes)
+
+
+def make_mesh(sizes: Sequence[int], devices=None) -> Mesh:
+  """A mesh with axes (data, fsdp, tensor) in Auto mode (sharding annotations + jit propagation)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(sizes, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """NamedShardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes."""
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis over data and fsdp; the rest replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def place_batch(batch: dict, mesh: Mesh) -> dict:
+  """Each process's rows of the global batch -> global jax.Arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}

@@ -1,0 +1,212 @@
+"""The training loop: sharded initialisation, a jitted train step with donated state, periodic evaluation,
+metrics, and orbax checkpoints that resume to the same numbers.
+
+Data flow: config -> task (data + model) -> batches placed with the mesh's data sharding -> train_step
+(jit, shardings from logical axis rules) -> metrics -> checkpoint (params, optimizer state, step, RNG,
+data iterator state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxlab.train import checkpoint as checkpoint_lib
+from jaxlab.train import optim, sharding
+from jaxlab.train.metrics import MetricsWriter
+
+# TrainState is a plain dict pytree: {"step", "params", "opt_state", "rng"}.
+TrainState = dict
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a train/eval/sample command needs, built once from a config and a workdir."""
+
+  config: Any
+  workdir: pathlib.Path
+  mesh: jax.sharding.Mesh
+  task: Any
+  tx: optax.GradientTransformation
+  state_shardings: Any
+  abstract_state: Any
+  checkpointer: checkpoint_lib.Checkpointer
+
+  def rules(self):
+    return nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
+
+
+def build_task(config):
+  if config.task == "lm":
+    from jaxlab.train.lm_task import LMTask
+    return LMTask(config)
+  raise ValueError(f"config.task must be 'lm', got {config.task!r}")
+
+
+def _init_state_fn(task, tx, seed: int) -> Callable[[], TrainState]:
+  def init() -> TrainState:
+    rng = jax.random.PRNGKey(seed)
+    params_rng, dropout_rng = jax.random.split(rng)
+    params = task.init_params(params_rng)  # boxed with logical axis names
+    return {"step": jnp.array(0, jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": dropout_rng}
+  return init
+
+
+def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
+  """Mesh, task, optimizer and the sharded abstract state (eval_shape -> shardings)."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+  task = task or build_task(config)
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  init = _init_state_fn(task, tx, config.seed)
+  with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    boxed = jax.eval_shape(init)
+    state_shardings = sharding.logical_shardings(boxed, mesh)
+  abstract_state = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), state_shardings)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+  return Run(config, workdir, mesh, task, tx, state_shardings, abstract_state, checkpointer)
+
+
+def init_state(run: Run) -> TrainState:
+  """Fresh state, created directly in its sharded layout (jit with out_shardings)."""
+  init = _init_state_fn(run.task, run.tx, run.config.seed)
+  with run.mesh, run.rules():
+    return jax.jit(lambda: nn.meta.unbox(init()), out_shardings=run.state_shardings)()
+
+
+def restore_or_init(run: Run) -> tuple[TrainState, Optional[dict]]:
+  """The newest readable checkpoint's (state, data iterator state), or a fresh state and None."""
+  restored = run.checkpointer.restore_latest(run.abstract_state)
+  if restored is None:
+    return init_state(run), None
+  _, state, data_state = restored
+  return state, data_state
+
+
+def make_train_step(run: Run):
+  task, tx = run.task, run.tx
+
+  def train_step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    grad_fn = jax.value_and_grad(lambda p: task.loss(p, batch, rng, train=True), has_aux=True)
+    (loss, _), grads = grad_fn(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "rng": state["rng"]}
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+  batch_sharding = sharding.batch_sharding(run.mesh)
+  with run.mesh, run.rules():
+    return jax.jit(train_step, in_shardings=(run.state_shardings, batch_sharding),
+                   out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
+                   donate_argnums=0)
+
+
+def make_eval_step(run: Run):
+  task = run.task
+
+  def eval_step(params, batch: dict):
+    _, (total, count) = task.loss(params, batch, jax.random.PRNGKey(0), train=False)
+    return total, count
+
+  with run.mesh, run.rules():
+    return jax.jit(eval_step, in_shardings=(run.state_shardings["params"],
+                                            sharding.batch_sharding(run.mesh)))
+
+
+def evaluate(run: Run, params, eval_step=None) -> float:
+  """Mean loss per token over the task's fixed evaluation batches."""
+  eval_step = eval_step or make_eval_step(run)
+  total, count = 0.0, 0.0
+  with run.mesh, run.rules():
+    for batch in run.task.eval_iterator():
+      t, c = eval_step(params, sharding.place_batch(batch, run.mesh))
+      total, count = total + float(t), count + float(c)
+  if count == 0:
+    raise ValueError("the evaluation split gave no batches")
+  return total / count
+
+
+def _save_run_files(run: Run) -> None:
+  (run.workdir / "config.json").write_text(run.config.to_json_best_effort(indent=2))
+  vocab = getattr(run.task, "vocab", None)
+  if vocab is not None:
+    (run.workdir / "vocab.json").write_text(json.dumps(vocab.to_json()))
+
+
+def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = True) -> dict:
+  """Trains (resuming from WORKDIR's newest checkpoint when there is one); returns final metrics."""
+  run = setup(config, workdir, task=task)
+  _save_run_files(run)
+  cfg = config.train
+  state, data_state = restore_or_init(run)
+  start = int(state["step"])
+  data_iter = run.task.train_iterator()
+  if data_state is not None:
+    data_iter.set_state(data_state)
+  train_step = make_train_step(run)
+  eval_step = make_eval_step(run)
+  writer = MetricsWriter(run.workdir, tensorboard=cfg.tensorboard)
+  if start:
+    print(f"jaxlab: resumed from step {start} in {run.workdir}", flush=True)
+  final: dict = {}
+  step_times: list[float] = []
+  losses = []
+  bar = tqdm(total=cfg.steps, initial=start, disable=not progress, dynamic_ncols=True,
+             desc="train")
+  try:
+    with run.mesh, run.rules():
+      for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        batch = sharding.place_batch(next(data_iter), run.mesh)
+        state, metrics = train_step(state, batch)
+        loss = float(metrics["loss"])  # blocks: the step time below is real work, not dispatch
+        if step > start:  # the first step of a process includes compilation
+          step_times.append(time.perf_counter() - t0)
+        losses.append(loss)
+        if not np.isfinite(loss):
+          raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopping (last good "
+                                   f"checkpoint kept in {run.checkpointer.directory})")
+        done = step + 1
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+          record = {"train_loss": float(np.mean(losses)), "grad_norm": float(metrics["grad_norm"]),
+                    "learning_rate": float(optim.learning_rate_schedule(config.optim, cfg.steps)(step))}
+          if step_times:
+            median = statistics.median(step_times)
+            record["step_time_ms"] = 1000 * median
+            record["tokens_per_sec"] = run.task.tokens_per_batch / median
+          writer.write(done, **record)
+          bar.set_postfix(loss=f"{record['train_loss']:.4f}",
+                          tok_s=f"{record.get('tokens_per_sec', 0):.0f}")
+          final.update(record)
+          step_times, losses = [], []
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+          val_loss = evaluate(run, state["params"], eval_step)
+          writer.write(done, val_loss=val_loss)
+          bar.write(f"step {done}: val_loss {val_loss:.4f}")
+          final["val_loss"] = val_loss
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+          run.checkpointer.save(done, state, data_iter.get_state())
+  finally:
+    bar.close()
+    writer.close()
+    run.checkpointer.close()
+  final["step"] = int(state["step"])
+  final["state"] = state
+  final["run"] = run
+  return final
