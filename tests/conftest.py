@@ -10,3 +10,45 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import jax  # noqa: E402  (after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+  """A 24k-character text file with some structure (words drawn from a small Zipf-like vocabulary)."""
+  rng = np.random.default_rng(0)
+  words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "him", "her",
+           "ROMEO:", "JULIET:", "love", "night", "day", "\n"]
+  p = 1.0 / np.arange(1, len(words) + 1)
+  text = " ".join(rng.choice(words, size=5000, p=p / p.sum()))
+  path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+  path.write_text(text)
+  return path
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture
+def tiny_lm_config(tiny_corpus, tfds_dir):
+  """Factory: a validated tiny LM config on the tiny corpus; overrides as '--config.a.b=v' strings."""
+  from jaxlab.configs import load_config
+
+  def make(*overrides):
+    base = [f"--config.data.name=text_files", f"--config.data.path={tiny_corpus}",
+            f"--config.data.data_dir={tfds_dir}", "--config.data.vocab=char",
+            "--config.data.seq_len=16", "--config.data.batch_size=8",
+            "--config.model.num_layers=2", "--config.model.width=32", "--config.model.num_heads=4",
+            "--config.optim.warmup_steps=2", "--config.train.steps=6", "--config.train.log_every=2",
+            "--config.train.eval_every=3", "--config.train.eval_batches=2",
+            "--config.train.checkpoint_every=3", "--config.train.tensorboard=False",
+            "--config.mesh.data=1", "--config.sample.num_tokens=8"]
+    return load_config("lm_char", base + list(overrides))
+
+  return make

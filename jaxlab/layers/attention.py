@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab import attention, positions as positions_lib
+from jaxlab.layers.dense import Dense
 
 POSITION_IN_ATTENTION = ("rope",)
 
@@ -44,12 +45,9 @@ class MultiHeadAttention(nn.Module):
   param_dtype: Any = jnp.float32
 
   def _proj(self, name: str, heads: int, x_BTD: jax.Array) -> jax.Array:
-    return nn.DenseGeneral(
-        features=(heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
-                                                 ("embed", "heads", "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))(x_BTD)
+    return Dense((heads, self.head_dim), ("embed", "heads", "kv"), use_bias=self.use_bias,
+                 init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name=name)(x_BTD)
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *,
@@ -68,12 +66,9 @@ class MultiHeadAttention(nn.Module):
           q_BTNH, k_BTKH, v_BTKH, causal=self.causal, q_segment_ids=segment_ids_BT,
           kv_segment_ids=segment_ids_BT, implementation=self.implementation)
 
-    return nn.DenseGeneral(
-        features=x_BTD.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="out",
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.out_init_std),
-                                                 ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(out_BTNH)
+    return Dense((x_BTD.shape[-1],), ("heads", "kv", "embed"), in_dims=2, use_bias=self.use_bias,
+                 init_std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="out")(out_BTNH)
 
   def _cached_attention(self, q_BTNH, k_BTKH, v_BTKH):
     """Attention against a KV cache in the "cache" collection.

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlab.layers.dense import Dense
+
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -31,16 +33,9 @@ class MLP(nn.Module):
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-    h_BTF = nn.Dense(
-        self.hidden, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="wi",
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
-                                                 ("embed", "mlp")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x_BTD)
+    dense = lambda features, axes, std, name: Dense(
+        (features,), axes, use_bias=self.use_bias, init_std=std, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
+    h_BTF = dense(self.hidden, ("embed", "mlp"), self.init_std, "wi")(x_BTD)
     h_BTF = ACTIVATIONS[self.activation](h_BTF)
-    return nn.Dense(
-        x_BTD.shape[-1], use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="wo",
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.out_init_std),
-                                                 ("mlp", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h_BTF)
+    return dense(x_BTD.shape[-1], ("mlp", "embed"), self.out_init_std, "wo")(h_BTF)

@@ -31,7 +31,10 @@ LOGICAL_AXIS_RULES: tuple = (
 
 
 def mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Resolves at most one -1 ("the rest") in `sizes` (data, fsdp, tensor) against the device count."""
+  """Resolves at most one -1 ("the rest") in `sizes` (data, fsdp, tensor) against the device count.
+
+  Without a -1 the mesh may use fewer devices than there are (the first prod(sizes) of them).
+  """
   sizes = [int(s) for s in sizes]
   if len(sizes) != len(MESH_AXES):
     raise ValueError(f"mesh needs {len(MESH_AXES)} sizes {MESH_AXES}, got {sizes}")
@@ -44,8 +47,8 @@ def mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
     if num_devices % known:
       raise ValueError(f"mesh sizes {sizes} do not divide the {num_devices} devices")
     sizes[sizes.index(-1)] = num_devices // known
-  if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh sizes {sizes} use {math.prod(sizes)} devices, but {num_devices} "
+  if math.prod(sizes) > num_devices:
+    raise ValueError(f"mesh sizes {sizes} need {math.prod(sizes)} devices, but only {num_devices} "
                      "are available")
   return tuple(sizes)
 
@@ -55,7 +58,7 @@ def make_mesh(sizes: Sequence[int], devices=None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(sizes, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+                       devices=devices[:math.prod(shape)])
 
 
 def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
