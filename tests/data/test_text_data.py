@@ -1,0 +1,100 @@
+"""TFDS text builders (array_record, no TensorFlow), vocabularies and the grain window pipeline."""
+
+import pathlib
+import sysconfig
+
+import numpy as np
+import pytest
+
+import ml_collections
+
+from jaxlab.data import pipeline, text, text_builders
+from jaxlab.data.vocab import Vocab, make_vocab
+
+
+def data_cfg(**kw):
+  c = dict(name="text_files", path="", data_dir="", vocab="char", train_fraction=0.9)
+  c.update(kw)
+  return ml_collections.ConfigDict(c)
+
+
+def test_text_files_split_and_vocab(tiny_corpus, tfds_dir):
+  corpus = text.load_corpus(data_cfg(path=str(tiny_corpus), data_dir=str(tfds_dir)))
+  raw = tiny_corpus.read_text()
+  cut = int(len(raw) * 0.9)
+  assert corpus.vocab.alphabet == "".join(sorted(set(raw)))
+  assert corpus.vocab.decode(corpus.train) == raw[:cut]
+  assert corpus.vocab.decode(corpus.validation) == raw[cut:]
+  byte_corpus = text.load_corpus(data_cfg(path=str(tiny_corpus), data_dir=str(tfds_dir),
+                                          vocab="byte"))
+  assert byte_corpus.vocab.size == 256 and len(byte_corpus.train) == cut
+
+
+def test_python_stdlib_corpus_is_deterministic_and_split_by_file(tfds_dir):
+  cfg = data_cfg(name="python_stdlib", data_dir=str(tfds_dir), vocab="byte")
+  a = text.load_corpus(cfg)
+  b = text.load_corpus(cfg)
+  np.testing.assert_array_equal(a.train, b.train)
+  base = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  val_files = [f for f in text_builders.stdlib_files()
+               if text_builders.is_validation_file(str(f.relative_to(base)))]
+  assert 0.05 < len(a.validation) / (len(a.train) + len(a.validation)) < 0.2
+  assert len(a.train) > 1_000_000
+  assert val_files
+
+
+def test_shared_tiny_shakespeare_split_matches_the_usual_one(tfds_dir):
+  from conftest import SHARED_DATA
+  path = SHARED_DATA / "tinyshakespeare" / "input.txt"
+  if not path.exists():
+    pytest.skip("../shared/data is not beside the repo")
+  corpus = text.load_corpus(data_cfg(name="tiny_shakespeare", path=str(path),
+                                     data_dir=str(tfds_dir)))
+  assert corpus.vocab.size == 65
+  assert (len(corpus.train), len(corpus.validation)) == (1003854, 111540)
+
+
+def test_missing_file_is_reported(tfds_dir):
+  with pytest.raises(FileNotFoundError, match="no_such.txt"):
+    text.load_corpus(data_cfg(path="/nonexistent/no_such.txt", data_dir=str(tfds_dir)))
+
+
+def test_vocab_round_trip_and_errors():
+  v = make_vocab("char", ["hello world"])
+  assert v.decode(v.encode("hello")) == "hello"
+  with pytest.raises(ValueError, match="'z'"):
+    v.encode("zz")
+  b = Vocab(None)
+  assert b.decode(b.encode("héllo")) == "héllo"
+
+
+def test_windows_are_deterministic_and_resumable():
+  tokens = np.arange(1000, dtype=np.int32)
+  it = pipeline.train_batches(tokens, seq_len=8, batch_size=4, seed=3)
+  first = [next(it) for _ in range(5)]
+  for batch in first:
+    assert batch["inputs"].shape == (4, 8)
+    np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
+  state = it.get_state()
+  rest = [next(it)["inputs"] for _ in range(3)]
+  again = pipeline.train_batches(tokens, seq_len=8, batch_size=4, seed=3)
+  np.testing.assert_array_equal(next(again)["inputs"], first[0]["inputs"])
+  again.set_state(state)
+  for want in rest:
+    np.testing.assert_array_equal(next(again)["inputs"], want)
+  other_seed = pipeline.train_batches(tokens, seq_len=8, batch_size=4, seed=4)
+  assert not np.array_equal(next(other_seed)["inputs"], first[0]["inputs"])
+
+
+def test_eval_batches_are_fixed():
+  tokens = np.arange(500, dtype=np.int32)
+  a = list(pipeline.eval_batches(tokens, seq_len=8, batch_size=4, num_batches=3, seed=0))
+  b = list(pipeline.eval_batches(tokens, seq_len=8, batch_size=4, num_batches=3, seed=0))
+  assert len(a) == 3
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["inputs"], y["inputs"])
+
+
+def test_too_short_split_is_reported():
+  with pytest.raises(ValueError, match="too short"):
+    pipeline.train_batches(np.arange(5, dtype=np.int32), seq_len=8, batch_size=2, seed=0)

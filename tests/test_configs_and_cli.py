@@ -1,0 +1,93 @@
+"""Configs: overrides, and bad input failing before compilation with one line naming the key; the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxlab import cli
+from jaxlab.configs import ConfigError, available_configs, load_config
+
+
+def test_every_config_loads_and_validates():
+  for name in available_configs():
+    load_config(name)
+
+
+def test_overrides_are_typed():
+  c = load_config("lm_char", ["--config.model.num_layers=2", "--config.optim.lr=1",
+                              "--config.model.position=learned", "--config.train.tensorboard=false"])
+  assert c.model.num_layers == 2 and c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
+  assert c.model.position == "learned" and c.train.tensorboard is False
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--config.model.num_layerz=2", "config.model.num_layerz"),
+    ("--config.modle.width=2", "config.modle"),
+    ("--config.model.num_layers=two", "config.model.num_layers"),
+    ("--config.model.num_layers=2.5", "config.model.num_layers"),
+    ("--config.model.num_heads=5", "config.model.num_heads"),
+    ("--config.model.num_kv_heads=3", "config.model.num_kv_heads"),
+    ("--config.model.position=alibi", "config.model.position"),
+    ("--config.data.batch_size=0", "config.data.batch_size"),
+    ("--config.mesh.data=16", "config.mesh"),
+    ("--config.mesh.data=3", "config.data.batch_size"),
+    ("--config.optim.warmup_steps=5000", "config.optim.warmup_steps"),
+    ("--config.model", "config.model"),
+])
+def test_bad_configs_name_the_key(override, key):
+  with pytest.raises(ConfigError) as e:
+    load_config("lm_char", [override])
+  message = str(e.value)
+  assert key in message and "\n" not in message
+
+
+def test_cli_reports_config_errors_in_one_line(capsys):
+  assert cli.main(["train", "--config.model.num_heads=7"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "config.model.num_heads=7" in err[0]
+
+
+def test_cli_unknown_config_name(capsys):
+  assert cli.main(["train", "no_such_config"]) == 2
+  assert "unknown config 'no_such_config'" in capsys.readouterr().err
+
+
+def test_cli_train_eval_sample_on_a_workdir(tiny_corpus, tfds_dir, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  common = ["--config.data.name=text_files", f"--config.data.path={tiny_corpus}",
+            f"--config.data.data_dir={tfds_dir}", "--config.data.vocab=char",
+            "--config.data.seq_len=16", "--config.data.batch_size=8",
+            "--config.model.num_layers=1", "--config.model.width=32",
+            "--config.optim.warmup_steps=1", "--config.train.steps=4", "--config.train.eval_every=4",
+            "--config.train.eval_batches=2", "--config.train.checkpoint_every=4",
+            "--config.train.tensorboard=False", "--config.mesh.data=1",
+            "--config.sample.num_tokens=20", "--config.sample.prompt=the "]
+  assert cli.main(["train", "lm_char", "--workdir", str(workdir), "--no-progress"] + common) == 0
+  out = capsys.readouterr().out
+  assert "val_loss" in out and "sample" in out
+  assert cli.main(["eval", str(workdir)]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["step"] == 4 and result["val_loss"] > 0
+  assert cli.main(["sample", str(workdir), "--prompt", "cat ", "--num-tokens", "10",
+                   "--temperature", "0"]) == 0
+  text = capsys.readouterr().out.rstrip("\n")
+  assert text.startswith("cat ") and len(text) == 14
+  # A second train call on the same workdir resumes and has nothing left to do.
+  assert cli.main(["train", "lm_char", "--workdir", str(workdir), "--no-progress"] + common) == 0
+  assert "resumed from step 4" in capsys.readouterr().out
+
+
+def test_cli_eval_on_a_non_workdir(tmp_path, capsys):
+  assert cli.main(["eval", str(tmp_path)]) == 2
+  assert "not a jaxlab workdir" in capsys.readouterr().err
+
+
+def test_console_script_help():
+  out = subprocess.run([sys.executable, "-m", "jaxlab.cli", "--help"], capture_output=True,
+                       text=True, check=True).stdout
+  assert "train" in out and "eval" in out and "sample" in out
+  out = subprocess.run([sys.executable, "-m", "jaxlab.cli", "train", "--help"],
+                       capture_output=True, text=True, check=True).stdout
+  assert "lm_char_cpu" in out and "--workdir" in out
