@@ -90,6 +90,7 @@ def _validate_mesh(config) -> None:
   _require(batch % (data * fsdp) == 0,
            f"config.data.batch_size={batch} is not divisible by the mesh's data*fsdp = "
            f"{data * fsdp} devices")
-  _require(config.model.num_heads % tensor == 0,
-           f"config.model.num_heads={config.model.num_heads} is not divisible by "
-           f"config.mesh.tensor={tensor}")
+  kv_heads = config.model.num_kv_heads or config.model.num_heads
+  _require(kv_heads % tensor == 0,
+           f"config.model.num_kv_heads={kv_heads} is not divisible by config.mesh.tensor={tensor} "
+           "(tensor parallelism shards whole kv-head groups)")

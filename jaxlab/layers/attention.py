@@ -44,17 +44,22 @@ class MultiHeadAttention(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def _proj(self, name: str, heads: int, x_BTD: jax.Array) -> jax.Array:
-    return Dense((heads, self.head_dim), ("embed", "heads", "kv"), use_bias=self.use_bias,
-                 init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name=name)(x_BTD)
-
   @nn.compact
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *,
                segment_ids_BT: Optional[jax.Array] = None, decode: bool = False) -> jax.Array:
-    q_BTNH = self._proj("query", self.num_heads, x_BTD)
-    k_BTKH = self._proj("key", self.num_kv_heads, x_BTD)
-    v_BTKH = self._proj("value", self.num_kv_heads, x_BTD)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                       f"({self.num_kv_heads})")
+    b, t, _ = x_BTD.shape
+    k_heads, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
+    # One fused projection; per kv head: its `group` query heads, then its key, then its value, so
+    # that sharding the kv-head axis keeps every group (and its K/V) on one device.
+    qkv_BTKGH = Dense((k_heads, group + 2, self.head_dim), ("embed", "kv_heads", None, "kv"),
+                      use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="qkv")(x_BTD)
+    q_BTNH = qkv_BTKGH[:, :, :, :group].reshape(b, t, self.num_heads, self.head_dim)
+    k_BTKH = qkv_BTKGH[:, :, :, group]
+    v_BTKH = qkv_BTKGH[:, :, :, group + 1]
     if self.position == "rope":
       q_BTNH = positions_lib.apply_rope(q_BTNH, positions_BT, theta=self.rope_theta)
       k_BTKH = positions_lib.apply_rope(k_BTKH, positions_BT, theta=self.rope_theta)

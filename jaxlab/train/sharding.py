@@ -25,6 +25,7 @@ LOGICAL_AXIS_RULES: tuple = (
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("kv", None),
 )
