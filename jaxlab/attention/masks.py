@@ -65,6 +65,14 @@ class AttentionMask:
     return (not self.causal and self.window is None and self.q_segment_ids is None
             and self.kv_segment_ids is None and self.q_lengths is None and self.kv_lengths is None)
 
+  @property
+  def may_have_empty_rows(self) -> bool:
+    """False when every query provably sees at least one key: causal/window masks keep the query's own
+    position i + Tk - Tq, which exists when Tq <= Tk; segment ids and lengths can empty a row."""
+    return (self.q_segment_ids is not None or self.kv_segment_ids is not None
+            or self.q_lengths is not None or self.kv_lengths is not None
+            or ((self.causal or self.window is not None) and self.q_len > self.kv_len))
+
   def block(self, q_idx: jax.Array, k_idx: jax.Array) -> Optional[jax.Array]:
     """Evaluates the mask on query indices `q_idx` [tq] and key indices `k_idx` [tk].
 

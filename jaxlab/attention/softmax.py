@@ -56,7 +56,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.Atte
   if valid is not None:
     logits = jnp.where(valid, logits, _big_negative(jnp.float32))
   probs = jax.nn.softmax(logits, axis=-1)
-  if valid is not None:
+  if valid is not None and mask.may_have_empty_rows:
     # A row with no visible key would otherwise be uniform over masked keys.
     probs = probs * jnp.any(valid, axis=-1, keepdims=True)
   probs = probs.reshape(b, kh, g, tq, tk).astype(v.dtype)

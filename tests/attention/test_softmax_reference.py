@@ -128,3 +128,13 @@ def test_bad_mask_arguments():
     attention.dot_product_attention(q, q, q, window=(1,))
   with pytest.raises(ValueError, match="bias"):
     attention.dot_product_attention(q, q, q, bias=jnp.zeros((3, 1, 4, 4)))
+
+
+def test_more_queries_than_keys_causal_rows_before_the_keys_are_zero():
+  """Tq > Tk with end alignment: the first Tq - Tk queries see no key and must give zeros."""
+  kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+  q, k, v = rand(kq, (1, 6, 2, 4)), rand(kk, (1, 3, 2, 4)), rand(kv, (1, 3, 2, 4))
+  out = attention.dot_product_attention(q, k, v, causal=True)
+  np.testing.assert_array_equal(out[0, :3], 0.0)
+  np.testing.assert_allclose(out, naive_attention(q, k, v, allowed_grid(1, 6, 3, causal=True)),
+                             atol=2e-5)
