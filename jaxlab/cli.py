@@ -37,6 +37,21 @@ def _fresh_workdir(config_name: str) -> pathlib.Path:
   return path
 
 
+def _ready_for_devices(config):
+  """Chooses the CPU host device count (before JAX starts), then runs the device-dependent checks."""
+  from jaxlab.configs.validate import validate_mesh
+  from jaxlab.train import host_devices
+  host_devices.configure(config)
+  validate_mesh(config)
+  return config
+
+
+def load_run_config(name_or_path: str, overrides: list[str]):
+  """A config to run in this process: validated, with the host's CPU devices configured."""
+  from jaxlab.configs import load_config
+  return _ready_for_devices(load_config(name_or_path, overrides, check_devices=False))
+
+
 def _load_workdir_config(workdir: pathlib.Path, overrides: list[str]):
   from jaxlab.configs import ConfigError, apply_overrides
   from jaxlab.configs.validate import validate
@@ -47,8 +62,8 @@ def _load_workdir_config(workdir: pathlib.Path, overrides: list[str]):
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
   config.lock()
   apply_overrides(config, overrides)
-  validate(config)
-  return config
+  validate(config, check_devices=False)
+  return _ready_for_devices(config)
 
 
 def _restore_params(config, workdir: pathlib.Path):
@@ -63,10 +78,9 @@ def _restore_params(config, workdir: pathlib.Path):
 
 
 def cmd_train(args, overrides) -> int:
-  from jaxlab.configs import load_config
+  config = load_run_config(args.config, overrides)
   from jaxlab.train import trainer
   from jaxlab.train.lm_task import sample_text
-  config = load_config(args.config, overrides)
   workdir = pathlib.Path(args.workdir) if args.workdir else _fresh_workdir(args.config)
   print(f"jaxlab: training {args.config} in {workdir}", flush=True)
   result = trainer.train(config, workdir, progress=not args.no_progress)

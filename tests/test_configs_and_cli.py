@@ -11,8 +11,18 @@ from jaxlab.configs import ConfigError, available_configs, load_config
 
 
 def test_every_config_loads_and_validates():
+  from jaxlab.train.host_devices import usable_device_count
   for name in available_configs():
-    load_config(name)
+    config = load_config(name, check_devices=False)
+    assert usable_device_count(config, 8) >= 2  # splits over several CPU devices
+
+
+def test_host_device_count_follows_the_batch():
+  from jaxlab.train.host_devices import usable_device_count
+  config = load_config("lm_char_cpu", check_devices=False)  # batch 12
+  assert [usable_device_count(config, n) for n in (1, 2, 4, 5, 8, 16)] == [1, 2, 4, 4, 6, 12]
+  config = load_config("lm_char_cpu", ["--config.mesh.tensor=2"], check_devices=False)
+  assert usable_device_count(config, 8) == 8  # data 4 x tensor 2: batch 12 splits over 4
 
 
 def test_overrides_are_typed():

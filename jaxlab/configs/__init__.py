@@ -98,11 +98,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
   return config
 
 
-def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None):
-  """Config by name/path, with overrides applied, validated and locked."""
+def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, *,
+                check_devices: bool = True):
+  """Config by name/path, with overrides applied, validated and locked.
+
+  check_devices=False skips the checks that need JAX's devices (the mesh), so that a caller can still
+  choose the host device count before JAX starts (see jaxlab.train.host_devices).
+  """
   from jaxlab.configs.validate import validate
   config = get_config(name_or_path)
   config.lock()
   apply_overrides(config, overrides or [])
-  validate(config)
+  validate(config, check_devices=check_devices)
   return config

@@ -64,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1 = all remaining devices
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # CPU only, set by the `jaxlab` command before JAX starts: XLA host devices (one per core is
+  # fastest for small models); 0 = as many as there are cores that the mesh and batch split over.
+  c.mesh.cpu_devices = 0
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "def "

@@ -26,6 +26,5 @@ def get_config():
   c.train.eval_every = 250
   c.train.eval_batches = 200
   c.train.checkpoint_every = 1000
-  c.mesh.data = 1  # the reference is a single-device run; batch 12 does not split over 8
   c.sample.prompt = "\n"
   return c

@@ -32,7 +32,7 @@ def _require(cond: bool, message: str) -> None:
     raise ConfigError(message)
 
 
-def validate(config) -> None:
+def validate(config, *, check_devices: bool = True) -> None:
   for key, choices in CHOICES.items():
     value = _get(config, key)
     _require(value in choices, f"config.{key}={value!r} must be one of {', '.join(choices)}")
@@ -76,10 +76,14 @@ def validate(config) -> None:
   _require(0 < s.top_p <= 1, f"config.sample.top_p={s.top_p} must be in (0, 1]")
   _require(s.num_tokens >= 0, f"config.sample.num_tokens={s.num_tokens} must be >= 0")
 
-  _validate_mesh(config)
+  _require(config.mesh.cpu_devices >= 0,
+           f"config.mesh.cpu_devices={config.mesh.cpu_devices} must be >= 0 (0 = auto)")
+  if check_devices:
+    validate_mesh(config)
 
 
-def _validate_mesh(config) -> None:
+def validate_mesh(config) -> None:
+  """The checks that need the device count (this starts JAX's backend)."""
   from jaxlab.train.sharding import mesh_shape
   sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   try:
