@@ -2,7 +2,7 @@
 steps) against the same model in PyTorch, timed on the same machine in the same run.
 
     python experiments/lm_char_cpu.py --data ../shared/data/tinyshakespeare/input.txt \
-        [--torch-python /path/to/python-with-torch] [--repeats 1]
+        [--torch-python /path/to/python-with-torch] [--seeds 0 1 2]
 
 Writes experiments/results/lm_char_cpu.md (and .json): val loss at step 2000 (200 fixed validation
 batches), median ms/step (compilation excluded), and the ratio of the two implementations' step times.
@@ -36,10 +36,11 @@ def cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
-def run_jaxlab(data: str, steps: int) -> dict:
+def run_jaxlab(data: str, steps: int, seed: int) -> dict:
   from jaxlab.cli import load_run_config  # as `jaxlab train` does: one CPU device per core
   config = load_run_config("lm_char_cpu", [f"--config.data.path={data}",
                                            f"--config.train.steps={steps}",
+                                           f"--config.seed={seed}",
                                            "--config.train.tensorboard=False"])
   from jaxlab.train import trainer
   from jaxlab.train.metrics import read_metrics
@@ -50,14 +51,15 @@ def run_jaxlab(data: str, steps: int) -> dict:
     records = read_metrics(workdir)
   step_ms = [r["step_time_ms"] for r in records if "step_time_ms" in r]
   step_ms.sort()
-  return {"impl": "jaxlab", "steps": steps, "val_loss": result["val_loss"],
+  return {"impl": "jaxlab", "steps": steps, "seed": seed, "val_loss": result["val_loss"],
           "ms_per_step": step_ms[len(step_ms) // 2], "wall_s": wall,
           "val_curve": {r["step"]: r["val_loss"] for r in records if "val_loss" in r}}
 
 
-def run_torch(python: str, data: str, steps: int) -> dict | None:
+def run_torch(python: str, data: str, steps: int, seed: int) -> dict | None:
   script = HERE / "torch_reference_gpt.py"
-  proc = subprocess.run([python, str(script), "--data", data, "--steps", str(steps)],
+  proc = subprocess.run([python, str(script), "--data", data, "--steps", str(steps),
+                         "--seed", str(seed)],
                         capture_output=True, text=True)
   if proc.returncode:
     print("PyTorch reference did not run:\n" + proc.stderr[-2000:], file=sys.stderr)
@@ -70,14 +72,15 @@ def main():
   parser.add_argument("--data", required=True, help="tiny shakespeare input.txt")
   parser.add_argument("--steps", type=int, default=2000)
   parser.add_argument("--torch-python", default=sys.executable)
-  parser.add_argument("--repeats", type=int, default=1, help="alternate the two this many times")
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                      help="one run of each implementation per seed, alternating")
   args = parser.parse_args()
   data = str(pathlib.Path(args.data).resolve())
   runs = []
-  for _ in range(args.repeats):
-    runs.append(run_jaxlab(data, args.steps))
+  for seed in args.seeds:
+    runs.append(run_jaxlab(data, args.steps, seed))
     print(json.dumps({k: v for k, v in runs[-1].items() if k != "val_curve"}), flush=True)
-    ref = run_torch(args.torch_python, data, args.steps)
+    ref = run_torch(args.torch_python, data, args.steps, seed)
     if ref:
       runs.append(ref)
       print(json.dumps(ref), flush=True)
@@ -97,12 +100,17 @@ def main():
       "batches (jaxlab) / 200 random validation batches (PyTorch); ms/step = median, compilation "
       "excluded, data loading included.",
       "",
-      "| implementation | val loss @ %d | ms/step (median) |" % args.steps,
-      "| --- | --- | --- |",
+      "| implementation | seed | val loss @ %d | ms/step (median) |" % args.steps,
+      "| --- | --- | --- | --- |",
   ]
   for r in runs:
     name = "jaxlab" if r["impl"] == "jaxlab" else f"PyTorch {r.get('torch', '')}"
-    lines.append(f"| {name} | {r['val_loss']:.4f} | {r['ms_per_step']:.1f} |")
+    lines.append(f"| {name} | {r['seed']} | {r['val_loss']:.4f} | {r['ms_per_step']:.1f} |")
+  for group, name in ((jl, "jaxlab"), (pt, "PyTorch")):
+    if group:
+      losses = [r["val_loss"] for r in group]
+      lines.append(f"| {name} mean of {len(group)} | | {sum(losses) / len(losses):.4f} | "
+                   f"{sum(r['ms_per_step'] for r in group) / len(group):.1f} |")
   if jl and pt:
     ratio = (sum(r["ms_per_step"] for r in pt) / len(pt)) / (sum(r["ms_per_step"] for r in jl) / len(jl))
     lines += ["", f"Speed ratio (PyTorch ms/step / jaxlab ms/step, same run): **{ratio:.2f}x** "

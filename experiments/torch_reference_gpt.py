@@ -79,10 +79,11 @@ def main():
   parser.add_argument("--steps", type=int, default=2000)
   parser.add_argument("--eval_batches", type=int, default=200)
   parser.add_argument("--threads", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   if args.threads:
     torch.set_num_threads(args.threads)
-  torch.manual_seed(0)
+  torch.manual_seed(args.seed)
   text = open(args.data, encoding="utf-8").read()
   chars = sorted(set(text))
   lookup = np.zeros(max(ord(c) for c in chars) + 1, np.int64)
@@ -91,7 +92,7 @@ def main():
   cut = int(0.9 * len(data))
   train, val = torch.from_numpy(data[:cut]), torch.from_numpy(data[cut:])
   ctx, batch = 64, 12
-  gen = torch.Generator().manual_seed(0)
+  gen = torch.Generator().manual_seed(args.seed)
 
   def get_batch(split, g):
     src = train if split == "train" else val
@@ -125,7 +126,7 @@ def main():
     val_loss = float(np.mean([model(*get_batch("val", eval_gen)).item()
                               for _ in range(args.eval_batches)]))
   print(json.dumps({"impl": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "steps": args.steps, "ms_per_step": 1000 * float(np.median(times)),
+                    "steps": args.steps, "seed": args.seed, "ms_per_step": 1000 * float(np.median(times)),
                     "val_loss": val_loss}))
 
 
