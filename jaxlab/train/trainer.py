@@ -141,6 +141,36 @@ def evaluate(run: Run, params, eval_step=None) -> float:
   return total / count
 
 
+RESUME_MUST_MATCH = ("task", "seed", "model", "data", "optim")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+  return out
+
+
+def check_resume_config(run: Run) -> None:
+  """Refuses to resume a workdir whose checkpoints were trained under a different model/data/optimizer
+  config (restoring them would fail or silently change the run); names the first differing key."""
+  saved_path = run.workdir / "config.json"
+  if not saved_path.exists() or not run.checkpointer.all_steps():
+    return
+  saved = _flatten({k: v for k, v in json.loads(saved_path.read_text()).items()
+                    if k in RESUME_MUST_MATCH})
+  current = _flatten({k: v for k, v in json.loads(run.config.to_json_best_effort()).items()
+                      if k in RESUME_MUST_MATCH})
+  saved.pop("data.data_dir", None)
+  current.pop("data.data_dir", None)
+  for key in sorted(set(saved) | set(current)):
+    if saved.get(key) != current.get(key):
+      raise ValueError(f"{run.workdir} holds checkpoints trained with config.{key}="
+                       f"{saved.get(key)!r}, but this run has {current.get(key)!r}; use a new "
+                       "--workdir (nothing was changed)")
+
+
 def _save_run_files(run: Run) -> None:
   (run.workdir / "config.json").write_text(run.config.to_json_best_effort(indent=2))
   vocab = getattr(run.task, "vocab", None)
@@ -151,6 +181,11 @@ def _save_run_files(run: Run) -> None:
 def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = True) -> dict:
   """Trains (resuming from WORKDIR's newest checkpoint when there is one); returns final metrics."""
   run = setup(config, workdir, task=task)
+  try:
+    check_resume_config(run)
+  except ValueError:
+    run.checkpointer.close()
+    raise
   _save_run_files(run)
   cfg = config.train
   state, data_state = restore_or_init(run)

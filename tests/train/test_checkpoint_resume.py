@@ -95,3 +95,14 @@ def test_run_files_written(tiny_lm_config, tmp_path):
   assert any("val_loss" in r for r in records)
   timing = [r for r in records if "step_time_ms" in r]
   assert timing and all(r["step_time_ms"] > 0 and r["tokens_per_sec"] > 0 for r in timing)
+
+
+def test_resuming_with_a_different_model_is_refused_and_changes_nothing(tiny_lm_config, tmp_path):
+  import pytest
+  trainer.train(tiny_lm_config(), tmp_path, progress=False)
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+  with pytest.raises(ValueError, match="config.model.width=32"):
+    trainer.train(tiny_lm_config("--config.model.width=64"), tmp_path, progress=False)
+  after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+  assert before == after
+  assert not (tmp_path / "corrupt_checkpoints").exists()
