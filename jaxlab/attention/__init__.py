@@ -1,6 +1,8 @@
 """Attention variants as pure functions over [batch, length, heads, head_dim] arrays."""
 
 from jaxlab.attention.masks import AttentionMask, make_mask
-from jaxlab.attention.softmax import dot_product_attention, xla_attention
+from jaxlab.attention.blockwise import blockwise_attention
+from jaxlab.attention.softmax import choose_implementation, dot_product_attention, xla_attention
 
-__all__ = ["AttentionMask", "make_mask", "dot_product_attention", "xla_attention"]
+__all__ = ["AttentionMask", "make_mask", "dot_product_attention", "xla_attention",
+           "blockwise_attention", "choose_implementation"]

@@ -64,6 +64,17 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.Atte
   return out.reshape(b, tq, n, h).astype(q.dtype)
 
 
+# Per (batch, head), a [Tq, Tk] float32 logits matrix of this many elements (16 MiB) or more makes the
+# automatic choice blockwise: below it the reference's single fused matmul is faster, above it the
+# quadratic memory dominates.
+BLOCKWISE_MIN_LOGITS = 2048 * 2048
+
+
+def choose_implementation(q_len: int, kv_len: int) -> str:
+  """The implementation that `implementation=None` uses for these lengths on this backend."""
+  return "blockwise" if q_len * kv_len >= BLOCKWISE_MIN_LOGITS else "xla"
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
                           q_segment_ids: Optional[jax.Array] = None,
                           kv_segment_ids: Optional[jax.Array] = None,
@@ -103,13 +114,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
   if scale is None:
     scale = h ** -0.5
   if implementation is None:
-    implementation = "xla"
+    implementation = choose_implementation(tq, tk)
   if implementation == "xla":
     return xla_attention(q, k, v, mask, bias=bias, scale=scale)
+  if implementation == "blockwise":
+    from jaxlab.attention.blockwise import blockwise_attention
+    return blockwise_attention(q, k, v, mask, bias=bias, scale=scale)
   if implementation == "cudnn":
     return _cudnn_attention(q, k, v, mask, bias=bias, scale=scale)
   raise NotImplementedError(f"implementation={implementation!r} is not available yet in jaxlab; "
-                            "use implementation='xla'")
+                            "use 'xla' or 'blockwise'")
 
 
 def _cudnn_attention(q, k, v, mask: masks_lib.AttentionMask, *, bias, scale):

@@ -138,3 +138,22 @@ def test_more_queries_than_keys_causal_rows_before_the_keys_are_zero():
   np.testing.assert_array_equal(out[0, :3], 0.0)
   np.testing.assert_allclose(out, naive_attention(q, k, v, allowed_grid(1, 6, 3, causal=True)),
                              atol=2e-5)
+
+
+def test_public_entry_point_dispatches_blockwise():
+  """implementation="blockwise" through the contract equals "xla" (value and gradient), and the
+  automatic choice switches to blockwise for long sequences."""
+  kq, kk, kv = jax.random.split(jax.random.key(4), 3)
+  q, k, v = rand(kq, (2, 11, 4, 8)), rand(kk, (2, 11, 2, 8)), rand(kv, (2, 11, 2, 8))
+  seg = jnp.array([[0] * 5 + [1] * 6, [0] * 11])
+
+  def loss(impl, q, k, v):
+    out = attention.dot_product_attention(q, k, v, causal=True, q_segment_ids=seg,
+                                          kv_segment_ids=seg, implementation=impl)
+    return (out ** 2).sum()
+
+  for a, b in zip(jax.grad(loss, (1, 2, 3))("blockwise", q, k, v),
+                  jax.grad(loss, (1, 2, 3))("xla", q, k, v)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  assert attention.choose_implementation(128, 128) == "xla"
+  assert attention.choose_implementation(4096, 4096) == "blockwise"
