@@ -27,7 +27,8 @@ def test_host_device_count_follows_the_batch():
 
 def test_overrides_are_typed():
   c = load_config("lm_char", ["--config.model.num_layers=2", "--config.optim.lr=1",
-                              "--config.model.position=learned", "--config.train.tensorboard=false"])
+                              "--config.model.position=learned", "--config.train.tensorboard=false",
+                              "--config.model.rope_theta=500000"])
   assert c.model.num_layers == 2 and c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
   assert c.model.position == "learned" and c.train.tensorboard is False
 
@@ -39,7 +40,10 @@ def test_overrides_are_typed():
     ("--config.model.num_layers=2.5", "config.model.num_layers"),
     ("--config.model.num_heads=5", "config.model.num_heads"),
     ("--config.model.num_kv_heads=3", "config.model.num_kv_heads"),
-    ("--config.model.position=alibi", "config.model.position"),
+    ("--config.model.position=bogus", "config.model.position"),
+    (("--config.model.position=alibi", "--config.model.rope_scaling=yarn"),
+     "config.model.rope_scaling"),
+    ("--config.model.rotary_fraction=0", "config.model.rotary_fraction"),
     ("--config.data.batch_size=0", "config.data.batch_size"),
     ("--config.mesh.data=16", "config.mesh"),
     ("--config.mesh.data=3", "config.data.batch_size"),
@@ -47,8 +51,9 @@ def test_overrides_are_typed():
     ("--config.model", "config.model"),
 ])
 def test_bad_configs_name_the_key(override, key):
+  overrides = list(override) if isinstance(override, tuple) else [override]
   with pytest.raises(ConfigError) as e:
-    load_config("lm_char", [override])
+    load_config("lm_char", overrides)
   message = str(e.value)
   assert key in message and "\n" not in message
 
@@ -101,3 +106,16 @@ def test_console_script_help():
   out = subprocess.run([sys.executable, "-m", "jaxlab.cli", "train", "--help"],
                        capture_output=True, text=True, check=True).stdout
   assert "lm_char_cpu" in out and "--workdir" in out
+
+
+def test_model_position_options_reach_the_model():
+  from jaxlab.models.gpt import gpt_from_config
+  c = load_config("lm_char", ["--config.model.rope_scaling=yarn", "--config.model.rope_scaling_factor=4",
+                              "--config.model.logn_scaling=true", "--config.model.rotary_fraction=0.5"],
+                  check_devices=False)
+  model = gpt_from_config(c.model, vocab_size=256, max_len=128)
+  assert model.rope_scaling.kind == "yarn" and model.rope_scaling.factor == 4.0
+  assert model.rope_scaling.original_max_len == 128 and model.logn_train_len == 128
+  assert model.rotary_fraction == 0.5
+  c = load_config("lm_char", ["--config.model.position=alibi"], check_devices=False)
+  assert gpt_from_config(c.model, 256, 128).rope_scaling is None

@@ -31,8 +31,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_kv_heads = 0  # 0 = num_heads (MHA); fewer for GQA/MQA
   c.model.mlp_ratio = 4.0
   c.model.dropout = 0.0
-  c.model.position = "rope"  # learned | rope | none
+  c.model.position = "rope"  # learned | sinusoidal | rope | xpos | alibi | t5 | none
   c.model.rope_theta = 10000.0
+  c.model.rope_scaling = "none"  # none | linear (PI) | ntk | dynamic_ntk | yarn
+  c.model.rope_scaling_factor = 1.0
+  c.model.rope_train_len = 0  # training context for scaling and log-n; 0 = data.seq_len
+  c.model.rotary_fraction = 1.0  # partial rotary: fraction of head_dim rotated
+  c.model.logn_scaling = False  # scale queries by max(1, log n / log rope_train_len)
   c.model.max_len = 0  # 0 = data.seq_len
   c.model.tie_embeddings = True
   c.model.attention_impl = "auto"  # auto | xla | blockwise | pallas | cudnn

@@ -10,7 +10,8 @@ CHOICES = {
     "task": ("lm",),
     "data.name": ("python_stdlib", "text_files", "tiny_shakespeare"),
     "data.vocab": ("char", "byte"),
-    "model.position": ("learned", "rope", "none"),
+    "model.position": ("learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"),
+    "model.rope_scaling": ("none", "linear", "ntk", "dynamic_ntk", "yarn"),
     "model.attention_impl": ("auto", "xla", "blockwise", "pallas", "cudnn"),
     "model.activation": ("gelu", "gelu_tanh", "relu", "silu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -48,9 +49,17 @@ def validate(config, *, check_devices: bool = True) -> None:
   _require(m.num_heads % kv == 0, f"config.model.num_kv_heads={kv} must divide "
                                   f"config.model.num_heads={m.num_heads}")
   head_dim = m.width // m.num_heads
-  if m.position == "rope":
-    _require(head_dim % 2 == 0, f"config.model.position='rope' needs an even head_dim; "
+  if m.position in ("rope", "xpos"):
+    _require(head_dim % 2 == 0, f"config.model.position={m.position!r} needs an even head_dim; "
                                 f"width/num_heads = {head_dim}")
+  if m.rope_scaling != "none":
+    _require(m.position == "rope", f"config.model.rope_scaling={m.rope_scaling!r} needs "
+                                   f"config.model.position='rope', not {m.position!r}")
+    _require(m.rope_scaling_factor >= 1.0, f"config.model.rope_scaling_factor="
+                                           f"{m.rope_scaling_factor} must be >= 1")
+  _require(0.0 < m.rotary_fraction <= 1.0,
+           f"config.model.rotary_fraction={m.rotary_fraction} must be in (0, 1]")
+  _require(m.rope_train_len >= 0, f"config.model.rope_train_len={m.rope_train_len} must be >= 0")
   _require(m.max_len == 0 or m.max_len >= d.seq_len,
            f"config.model.max_len={m.max_len} is shorter than config.data.seq_len={d.seq_len}")
   _require(m.mlp_ratio > 0, f"config.model.mlp_ratio={m.mlp_ratio} must be > 0")

@@ -1,7 +1,8 @@
 """Decoder-only Transformer language model (GPT; Radford et al. 2018/2019) with pre-norm blocks.
 
 tokens_BT -> logits_BTV. Attention goes through `jaxlab.attention.dot_product_attention`; the position
-encoding is a config string ("learned" absolute embeddings, or "rope" in every attention layer, or "none").
+encoding is a config string: absolute ("learned", "sinusoidal") added to the embeddings, relative
+("rope", "xpos", "alibi", "t5") in every attention layer, or "none" (NoPE).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import jax.numpy as jnp
 
 from jaxlab.layers import MLP, MultiHeadAttention
 
-POSITIONS = ("learned", "rope", "none")
+from jaxlab import positions as positions_lib
+
+POSITIONS = ("learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none")
 
 
 def _norm(use_bias: bool, dtype, param_dtype, name: str) -> nn.LayerNorm:
@@ -36,6 +39,9 @@ class Block(nn.Module):
   dropout: float = 0.0
   position: str = "learned"
   rope_theta: float = 10000.0
+  rope_scaling: Optional[positions_lib.RopeScaling] = None
+  rotary_fraction: float = 1.0
+  logn_train_len: int = 0
   attention_impl: Optional[str] = None
   activation: str = "gelu"
   use_bias: bool = False
@@ -50,7 +56,8 @@ class Block(nn.Module):
     h_BTD = MultiHeadAttention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         causal=True, position=self.position, rope_theta=self.rope_theta,
-        implementation=self.attention_impl, use_bias=self.use_bias, out_init_std=out_std,
+        rope_scaling=self.rope_scaling, rotary_fraction=self.rotary_fraction,
+        logn_train_len=self.logn_train_len, implementation=self.attention_impl, use_bias=self.use_bias, out_init_std=out_std,
         dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
             h_BTD, positions_BT, segment_ids_BT=segment_ids_BT, decode=decode)
     x_BTD = x_BTD + nn.Dropout(self.dropout, deterministic=not train)(h_BTD)
@@ -68,7 +75,8 @@ class GPT(nn.Module):
   Attributes:
     vocab_size, num_layers, width (D), num_heads (N), num_kv_heads (K; N % K == 0), mlp_ratio.
     max_len: longest sequence (size of the learned position table).
-    position: "learned" | "rope" | "none".
+    position: one of POSITIONS; rope_scaling (RoPE context extension), rotary_fraction, and
+      logn_train_len (> 0: log-n query scaling) as in `MultiHeadAttention`.
     tie_embeddings: output projection is the transposed token embedding.
   """
 
@@ -82,6 +90,9 @@ class GPT(nn.Module):
   dropout: float = 0.0
   position: str = "learned"
   rope_theta: float = 10000.0
+  rope_scaling: Optional[positions_lib.RopeScaling] = None
+  rotary_fraction: float = 1.0
+  logn_train_len: int = 0
   tie_embeddings: bool = True
   attention_impl: Optional[str] = None
   activation: str = "gelu"
@@ -111,6 +122,8 @@ class GPT(nn.Module):
                                                       (None, "embed")),
                          (self.max_len, self.width), self.param_dtype)
       x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(self.dtype)
+    elif self.position == "sinusoidal":
+      x_BTD = x_BTD + positions_lib.sinusoidal_embedding(positions_BT, self.width).astype(self.dtype)
     x_BTD = nn.Dropout(self.dropout, deterministic=not train)(x_BTD)
     head_dim = self.width // self.num_heads
     for i in range(self.num_layers):
@@ -118,7 +131,8 @@ class GPT(nn.Module):
           num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=head_dim,
           mlp_hidden=int(self.mlp_ratio * self.width), num_layers=self.num_layers,
           dropout=self.dropout, position=self.position, rope_theta=self.rope_theta,
-          attention_impl=self.attention_impl, activation=self.activation,
+          rope_scaling=self.rope_scaling, rotary_fraction=self.rotary_fraction,
+          logn_train_len=self.logn_train_len, attention_impl=self.attention_impl, activation=self.activation,
           use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
           name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, train=train, decode=decode)
     x_BTD = _norm(self.use_bias, self.dtype, self.param_dtype, "ln_final")(x_BTD)
@@ -140,7 +154,20 @@ def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
       num_heads=model_cfg.num_heads, num_kv_heads=model_cfg.num_kv_heads or model_cfg.num_heads,
       max_len=max_len, mlp_ratio=model_cfg.mlp_ratio, dropout=model_cfg.dropout,
       position=model_cfg.position, rope_theta=model_cfg.rope_theta,
+      rope_scaling=rope_scaling_from_config(model_cfg, max_len),
+      rotary_fraction=model_cfg.rotary_fraction,
+      logn_train_len=(model_cfg.rope_train_len or max_len) if model_cfg.logn_scaling else 0,
       tie_embeddings=model_cfg.tie_embeddings,
       attention_impl=None if model_cfg.attention_impl == "auto" else model_cfg.attention_impl,
       activation=model_cfg.activation, use_bias=model_cfg.use_bias,
       dtype=dtypes[model_cfg.dtype])
+
+
+def rope_scaling_from_config(model_cfg, max_len: int) -> Optional[positions_lib.RopeScaling]:
+  """config.model.rope_scaling ("none" | "linear" | "ntk" | "dynamic_ntk" | "yarn") with its factor
+  and training length (0 = the model's max_len) -> RopeScaling or None."""
+  if model_cfg.rope_scaling == "none":
+    return None
+  return positions_lib.RopeScaling(kind=model_cfg.rope_scaling,
+                                   factor=model_cfg.rope_scaling_factor,
+                                   original_max_len=model_cfg.rope_train_len or max_len)

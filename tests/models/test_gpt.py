@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlab import positions
 from jaxlab.decoding import sampling
 from jaxlab.models.gpt import GPT
 
@@ -15,8 +16,10 @@ def tiny_gpt(**kw):
   return GPT(**args)
 
 
-@pytest.mark.parametrize("position", ["learned", "rope", "none"])
-@pytest.mark.parametrize("kv_heads", [4, 1])
+ALL_POSITIONS = ["learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"]
+
+
+@pytest.mark.parametrize("position,kv_heads", [(p, 4) for p in ALL_POSITIONS] + [("rope", 1)])
 def test_causality_by_gradient(position, kv_heads):
   """d logits[:, t] / d input[:, s] is exactly zero for every s > t, and nonzero for s <= t."""
   model = tiny_gpt(position=position, num_kv_heads=kv_heads)
@@ -44,10 +47,13 @@ def _apply_soft(model, params, x_onehot_BTV):
     return model.apply({"params": params}, tokens)
 
 
-@pytest.mark.parametrize("position", ["learned", "rope"])
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_cached_decoding_equals_full_recompute(position, kv_heads):
-  model = tiny_gpt(position=position, num_kv_heads=kv_heads)
+@pytest.mark.parametrize("position,kv_heads,extra", [(p, 4, {}) for p in ALL_POSITIONS] + [
+    ("rope", 2, {}),
+    ("rope", 4, {"rotary_fraction": 0.5, "logn_train_len": 4,
+                 "rope_scaling": positions.RopeScaling(kind="yarn", factor=2.0, original_max_len=8)}),
+])
+def test_cached_decoding_equals_full_recompute(position, kv_heads, extra):
+  model = tiny_gpt(position=position, num_kv_heads=kv_heads, **extra)
   b, p, n = 2, 5, 7
   tokens = jax.random.randint(jax.random.key(2), (b, p + n), 0, 11)
   params = model.init(jax.random.key(3), tokens)["params"]
