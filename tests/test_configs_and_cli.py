@@ -113,9 +113,9 @@ def test_model_position_options_reach_the_model():
   c = load_config("lm_char", ["--config.model.rope_scaling=yarn", "--config.model.rope_scaling_factor=4",
                               "--config.model.logn_scaling=true", "--config.model.rotary_fraction=0.5"],
                   check_devices=False)
-  model = gpt_from_config(c.model, vocab_size=256, max_len=128)
+  model = gpt_from_config(c.model, vocab_size=256, max_len=128).config
   assert model.rope_scaling.kind == "yarn" and model.rope_scaling.factor == 4.0
   assert model.rope_scaling.original_max_len == 128 and model.logn_train_len == 128
   assert model.rotary_fraction == 0.5
   c = load_config("lm_char", ["--config.model.position=alibi"], check_devices=False)
-  assert gpt_from_config(c.model, 256, 128).rope_scaling is None
+  assert gpt_from_config(c.model, 256, 128).config.rope_scaling is None

@@ -61,9 +61,9 @@ def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens:
   if p < 1:
     raise ValueError("the prompt must hold at least one token")
   total = p + num_tokens
-  if model.position == "learned" and total > model.max_len:
+  if model.config.position == "learned" and total > model.config.max_len:
     raise ValueError(f"prompt + num_tokens = {total} exceeds the learned position table "
-                     f"(max_len={model.max_len})")
+                     f"(max_len={model.config.max_len})")
   cache = init_cache(model, b, total)
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
   logits, mutated = model.apply({"params": params, "cache": cache}, prompt_BP, positions,
@@ -88,7 +88,7 @@ def generate_long(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_to
   """Like `generate`, but for a model with a learned position table of `max_len` it may go past max_len:
   it decodes with the KV cache up to max_len tokens, then conditions each further token on the last
   max_len - 1 tokens (a full forward pass per token; the context is cropped as in GPT-2 sampling)."""
-  limit = model.max_len if model.position == "learned" else None
+  limit = model.config.max_len if model.config.position == "learned" else None
   prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
   if limit is not None and prompt_BP.shape[1] > limit - 1:
     prompt_BP = prompt_BP[:, -(limit - 1):]

@@ -7,6 +7,7 @@ encoding is a config string: absolute ("learned", "sinusoidal") added to the emb
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional
 
@@ -28,56 +29,15 @@ def _norm(use_bias: bool, dtype, param_dtype, name: str) -> nn.LayerNorm:
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
-class Block(nn.Module):
-  """Pre-norm residual block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """Hyperparameters of the GPT (hashable, so modules and jit can hold it).
 
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  mlp_hidden: int
-  num_layers: int
-  dropout: float = 0.0
-  position: str = "learned"
-  rope_theta: float = 10000.0
-  rope_scaling: Optional[positions_lib.RopeScaling] = None
-  rotary_fraction: float = 1.0
-  logn_train_len: int = 0
-  attention_impl: Optional[str] = None
-  activation: str = "gelu"
-  use_bias: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, *, train: bool = False,
-               decode: bool = False):
-    out_std = 0.02 / math.sqrt(2 * self.num_layers)  # GPT-2's scaled residual init
-    h_BTD = _norm(self.use_bias, self.dtype, self.param_dtype, "ln_attn")(x_BTD)
-    h_BTD = MultiHeadAttention(
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-        causal=True, position=self.position, rope_theta=self.rope_theta,
-        rope_scaling=self.rope_scaling, rotary_fraction=self.rotary_fraction,
-        logn_train_len=self.logn_train_len, implementation=self.attention_impl, use_bias=self.use_bias, out_init_std=out_std,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
-            h_BTD, positions_BT, segment_ids_BT=segment_ids_BT, decode=decode)
-    x_BTD = x_BTD + nn.Dropout(self.dropout, deterministic=not train)(h_BTD)
-    h_BTD = _norm(self.use_bias, self.dtype, self.param_dtype, "ln_mlp")(x_BTD)
-    h_BTD = MLP(self.mlp_hidden, activation=self.activation, use_bias=self.use_bias,
-                out_init_std=out_std, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="mlp")(h_BTD)
-    x_BTD = x_BTD + nn.Dropout(self.dropout, deterministic=not train)(h_BTD)
-    return nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
-
-
-class GPT(nn.Module):
-  """tokens_BT (int) -> logits_BTV (float32).
-
-  Attributes:
-    vocab_size, num_layers, width (D), num_heads (N), num_kv_heads (K; N % K == 0), mlp_ratio.
-    max_len: longest sequence (size of the learned position table).
-    position: one of POSITIONS; rope_scaling (RoPE context extension), rotary_fraction, and
-      logn_train_len (> 0: log-n query scaling) as in `MultiHeadAttention`.
-    tie_embeddings: output projection is the transposed token embedding.
+  vocab_size, num_layers, width (D), num_heads (N), num_kv_heads (K; N % K == 0), max_len (size of a
+  learned position table), mlp_ratio, dropout; position: one of POSITIONS, with rope_theta,
+  rope_scaling (RoPE context extension), rotary_fraction and logn_train_len (> 0: log-n query
+  scaling) as in `MultiHeadAttention`; tie_embeddings: the output projection is the transposed token
+  embedding; attention_impl: passed to `dot_product_attention`.
   """
 
   vocab_size: int
@@ -100,47 +60,82 @@ class GPT(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def __post_init__(self):
+    if self.position not in POSITIONS:
+      raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+    if self.width % self.num_heads or self.num_heads % self.num_kv_heads:
+      raise ValueError(f"need num_heads | width and num_kv_heads | num_heads, got width={self.width}, "
+                       f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}")
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, *, train: bool = False,
+               decode: bool = False):
+    c = self.config
+    out_std = 0.02 / math.sqrt(2 * c.num_layers)  # GPT-2's scaled residual init
+    h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, "ln_attn")(x_BTD)
+    h_BTD = MultiHeadAttention(
+        num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.width // c.num_heads,
+        causal=True, position=c.position, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
+        rotary_fraction=c.rotary_fraction, logn_train_len=c.logn_train_len,
+        implementation=c.attention_impl, use_bias=c.use_bias, out_init_std=out_std,
+        dtype=c.dtype, param_dtype=c.param_dtype, name="attn")(
+            h_BTD, positions_BT, segment_ids_BT=segment_ids_BT, decode=decode)
+    x_BTD = x_BTD + nn.Dropout(c.dropout, deterministic=not train)(h_BTD)
+    h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, "ln_mlp")(x_BTD)
+    h_BTD = MLP(int(c.mlp_ratio * c.width), activation=c.activation, use_bias=c.use_bias,
+                out_init_std=out_std, dtype=c.dtype, param_dtype=c.param_dtype, name="mlp")(h_BTD)
+    x_BTD = x_BTD + nn.Dropout(c.dropout, deterministic=not train)(h_BTD)
+    return nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
+
+
+class GPT(nn.Module):
+  """tokens_BT (int) -> logits_BTV (float32), with hyperparameters `config` (a GPTConfig).
+
+  positions_BT (default 0..T-1) are explicit so that packed sequences restart and decoding continues;
+  segment_ids_BT restrict attention to a segment; decode=True uses the KV cache ("cache" collection).
+  """
+
+  config: GPTConfig
+
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
                segment_ids_BT: Optional[jax.Array] = None, *, train: bool = False,
                decode: bool = False) -> jax.Array:
+    c = self.config
     if tokens_BT.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
-    if self.position not in POSITIONS:
-      raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
     b, t = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     embed = nn.Embed(
-        self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+        c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                     ("vocab", "embed")), name="embed")
     x_BTD = embed(tokens_BT)
-    if self.position == "learned":
+    if c.position == "learned":
       table = self.param("pos_embed",
                          nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                       (None, "embed")),
-                         (self.max_len, self.width), self.param_dtype)
-      x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(self.dtype)
-    elif self.position == "sinusoidal":
-      x_BTD = x_BTD + positions_lib.sinusoidal_embedding(positions_BT, self.width).astype(self.dtype)
-    x_BTD = nn.Dropout(self.dropout, deterministic=not train)(x_BTD)
-    head_dim = self.width // self.num_heads
-    for i in range(self.num_layers):
-      x_BTD = Block(
-          num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=head_dim,
-          mlp_hidden=int(self.mlp_ratio * self.width), num_layers=self.num_layers,
-          dropout=self.dropout, position=self.position, rope_theta=self.rope_theta,
-          rope_scaling=self.rope_scaling, rotary_fraction=self.rotary_fraction,
-          logn_train_len=self.logn_train_len, attention_impl=self.attention_impl, activation=self.activation,
-          use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-          name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, train=train, decode=decode)
-    x_BTD = _norm(self.use_bias, self.dtype, self.param_dtype, "ln_final")(x_BTD)
-    if self.tie_embeddings:
+                         (c.max_len, c.width), c.param_dtype)
+      x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(c.dtype)
+    elif c.position == "sinusoidal":
+      x_BTD = x_BTD + positions_lib.sinusoidal_embedding(positions_BT, c.width).astype(c.dtype)
+    x_BTD = nn.Dropout(c.dropout, deterministic=not train)(x_BTD)
+    for i in range(c.num_layers):
+      x_BTD = Block(c, name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, train=train,
+                                          decode=decode)
+    x_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, "ln_final")(x_BTD)
+    if c.tie_embeddings:
       logits_BTV = embed.attend(x_BTD)
     else:
       logits_BTV = nn.Dense(
-          self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+          c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
           kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                    ("embed", "vocab")), name="head")(x_BTD)
     return logits_BTV.astype(jnp.float32)
@@ -149,7 +144,7 @@ class GPT(nn.Module):
 def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
   """Builds the GPT from `config.model` (see jaxlab/configs/lm_char.py)."""
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-  return GPT(
+  return GPT(GPTConfig(
       vocab_size=vocab_size, num_layers=model_cfg.num_layers, width=model_cfg.width,
       num_heads=model_cfg.num_heads, num_kv_heads=model_cfg.num_kv_heads or model_cfg.num_heads,
       max_len=max_len, mlp_ratio=model_cfg.mlp_ratio, dropout=model_cfg.dropout,
@@ -160,7 +155,7 @@ def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
       tie_embeddings=model_cfg.tie_embeddings,
       attention_impl=None if model_cfg.attention_impl == "auto" else model_cfg.attention_impl,
       activation=model_cfg.activation, use_bias=model_cfg.use_bias,
-      dtype=dtypes[model_cfg.dtype])
+      dtype=dtypes[model_cfg.dtype]))
 
 
 def rope_scaling_from_config(model_cfg, max_len: int) -> Optional[positions_lib.RopeScaling]:

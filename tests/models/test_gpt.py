@@ -7,13 +7,13 @@ import pytest
 
 from jaxlab import positions
 from jaxlab.decoding import sampling
-from jaxlab.models.gpt import GPT
+from jaxlab.models.gpt import GPT, GPTConfig
 
 
 def tiny_gpt(**kw):
   args = dict(vocab_size=11, num_layers=2, width=32, num_heads=4, num_kv_heads=4, max_len=24)
   args.update(kw)
-  return GPT(**args)
+  return GPT(GPTConfig(**args))
 
 
 ALL_POSITIONS = ["learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"]
@@ -97,7 +97,11 @@ def test_generate_long_goes_past_learned_table():
   assert int(nxt[0]) == int(out[0, 14])
 
 
-def test_bad_token_shape_is_reported():
+def test_bad_token_shape_and_config_are_reported():
   model = tiny_gpt()
   with pytest.raises(ValueError, match="tokens must be"):
     model.init(jax.random.key(0), jnp.zeros((2, 3, 4), jnp.int32))
+  with pytest.raises(ValueError, match="position must be"):
+    tiny_gpt(position="rotary")
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    tiny_gpt(num_kv_heads=3)
