@@ -52,7 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.99
   c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.1
+  c.optim.weight_decay = 0.1  # on matrices only: never on norms or biases
+  c.optim.decay_embeddings = False  # also decay embedding tables (as GPT-2/nanoGPT do)
   c.optim.grad_clip = 1.0
 
   c.train = ml_collections.ConfigDict()

@@ -6,14 +6,16 @@ from __future__ import annotations
 import jax
 import optax
 
-NO_DECAY_NAMES = ("embedding", "pos_embed", "scale", "bias")
+EMBEDDING_NAMES = ("embedding", "pos_embed")
 
 
-def decay_mask(params):
-  """True for the leaves that get weight decay: matrices other than embeddings."""
+def decay_mask(params, *, decay_embeddings: bool = False):
+  """True for the leaves that get weight decay: matrices (ndim >= 2), so never norms or biases;
+  embedding tables only if `decay_embeddings` (GPT-2/nanoGPT-style training decays them too)."""
   def keep(path, leaf):
     names = [getattr(p, "key", getattr(p, "name", str(p))) for p in path]
-    return leaf.ndim >= 2 and not any(n in NO_DECAY_NAMES for n in names)
+    is_embedding = any(n in EMBEDDING_NAMES for n in names)
+    return leaf.ndim >= 2 and (decay_embeddings or not is_embedding)
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -30,5 +32,6 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   if optim_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
   parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                           weight_decay=optim_cfg.weight_decay, mask=decay_mask))
+                           weight_decay=optim_cfg.weight_decay,
+                           mask=lambda p: decay_mask(p, decay_embeddings=optim_cfg.decay_embeddings)))
   return optax.chain(*parts)
