@@ -37,6 +37,16 @@ def cpu_name() -> str:
 
 
 def run_jaxlab(data: str, steps: int, seed: int) -> dict:
+  """One jaxlab training run, in a child process (an idle JAX runtime must not share the cores with
+  the PyTorch run that follows)."""
+  proc = subprocess.run([sys.executable, __file__, "--data", data, "--steps", str(steps),
+                         "--jaxlab-child-seed", str(seed)], capture_output=True, text=True)
+  if proc.returncode:
+    raise RuntimeError("jaxlab run failed:\n" + proc.stderr[-3000:])
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _jaxlab_child(data: str, steps: int, seed: int) -> dict:
   from jaxlab.cli import load_run_config  # as `jaxlab train` does: one CPU device per core
   config = load_run_config("lm_char_cpu", [f"--config.data.path={data}",
                                            f"--config.train.steps={steps}",
@@ -49,8 +59,7 @@ def run_jaxlab(data: str, steps: int, seed: int) -> dict:
     result = trainer.train(config, workdir, progress=False)
     wall = time.time() - start
     records = read_metrics(workdir)
-  step_ms = [r["step_time_ms"] for r in records if "step_time_ms" in r]
-  step_ms.sort()
+  step_ms = sorted(r["step_time_ms"] for r in records if "step_time_ms" in r)
   return {"impl": "jaxlab", "steps": steps, "seed": seed, "val_loss": result["val_loss"],
           "ms_per_step": step_ms[len(step_ms) // 2], "wall_s": wall,
           "val_curve": {r["step"]: r["val_loss"] for r in records if "val_loss" in r}}
@@ -74,8 +83,12 @@ def main():
   parser.add_argument("--torch-python", default=sys.executable)
   parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                       help="one run of each implementation per seed, alternating")
+  parser.add_argument("--jaxlab-child-seed", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   data = str(pathlib.Path(args.data).resolve())
+  if args.jaxlab_child_seed is not None:
+    print(json.dumps(_jaxlab_child(data, args.steps, args.jaxlab_child_seed)))
+    return
   runs = []
   for seed in args.seeds:
     runs.append(run_jaxlab(data, args.steps, seed))
@@ -86,7 +99,8 @@ def main():
       print(json.dumps(ref), flush=True)
 
   import jax
-  device = f"{cpu_name()}, {os.cpu_count()} cores ({jax.default_backend()}, jax {jax.__version__})"
+  device = (f"{cpu_name()}, {os.cpu_count()} cores (jax {jax.__version__} on CPU, one XLA device "
+            "per core; each run in its own process)")
   RESULTS.mkdir(parents=True, exist_ok=True)
   (RESULTS / "lm_char_cpu.json").write_text(json.dumps({"device": device, "runs": runs}, indent=2))
   jl = [r for r in runs if r["impl"] == "jaxlab"]
