@@ -2,7 +2,10 @@
 
 from jaxlab.attention.masks import AttentionMask, make_mask
 from jaxlab.attention.blockwise import blockwise_attention
+from jaxlab.attention.local import (bigbird_layout, block_layout_from_window, block_sparse_attention,
+                                    local_attention, strided_layout)
 from jaxlab.attention.softmax import choose_implementation, dot_product_attention, xla_attention
 
 __all__ = ["AttentionMask", "make_mask", "dot_product_attention", "xla_attention",
-           "blockwise_attention", "choose_implementation"]
+           "blockwise_attention", "choose_implementation", "local_attention",
+           "block_sparse_attention", "block_layout_from_window", "strided_layout", "bigbird_layout"]
