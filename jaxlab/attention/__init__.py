@@ -2,10 +2,15 @@
 
 from jaxlab.attention.masks import AttentionMask, make_mask
 from jaxlab.attention.blockwise import blockwise_attention
+from jaxlab.attention.linear import (LinearAttentionState, linear_attention,
+                                     linear_attention_init_state, linear_attention_step)
+from jaxlab.attention.performer import orthogonal_gaussian_features, performer_attention
 from jaxlab.attention.local import (bigbird_layout, block_layout_from_window, block_sparse_attention,
                                     local_attention, strided_layout)
 from jaxlab.attention.softmax import choose_implementation, dot_product_attention, xla_attention
 
 __all__ = ["AttentionMask", "make_mask", "dot_product_attention", "xla_attention",
            "blockwise_attention", "choose_implementation", "local_attention",
-           "block_sparse_attention", "block_layout_from_window", "strided_layout", "bigbird_layout"]
+           "block_sparse_attention", "block_layout_from_window", "strided_layout", "bigbird_layout",
+           "linear_attention", "linear_attention_init_state", "linear_attention_step",
+           "LinearAttentionState", "performer_attention", "orthogonal_gaussian_features"]
