@@ -8,9 +8,10 @@ from jaxlab.attention.performer import orthogonal_gaussian_features, performer_a
 from jaxlab.attention.local import (bigbird_layout, block_layout_from_window, block_sparse_attention,
                                     local_attention, strided_layout)
 from jaxlab.attention.softmax import choose_implementation, dot_product_attention, xla_attention
+from jaxlab.attention import swin
 
 __all__ = ["AttentionMask", "make_mask", "dot_product_attention", "xla_attention",
            "blockwise_attention", "choose_implementation", "local_attention",
            "block_sparse_attention", "block_layout_from_window", "strided_layout", "bigbird_layout",
            "linear_attention", "linear_attention_init_state", "linear_attention_step",
-           "LinearAttentionState", "performer_attention", "orthogonal_gaussian_features"]
+           "LinearAttentionState", "performer_attention", "orthogonal_gaussian_features", "swin"]
