@@ -40,7 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.logn_scaling = False  # scale queries by max(1, log n / log rope_train_len)
   c.model.max_len = 0  # 0 = data.seq_len
   c.model.tie_embeddings = True
-  c.model.attention_impl = "auto"  # auto | xla | blockwise | pallas | cudnn
+  c.model.attention = "softmax"  # softmax | local | linear
+  c.model.attention_window = 64  # local: tokens before each query that it sees
+  c.model.feature_map = "elu+1"  # linear: elu+1 | relu | exp
+  c.model.attention_impl = "auto"  # softmax: auto | xla | blockwise | cudnn
   c.model.activation = "gelu"
   c.model.use_bias = False
   c.model.dtype = "float32"  # float32 | bfloat16 | float16 (params stay float32)

@@ -12,7 +12,9 @@ CHOICES = {
     "data.vocab": ("char", "byte"),
     "model.position": ("learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"),
     "model.rope_scaling": ("none", "linear", "ntk", "dynamic_ntk", "yarn"),
-    "model.attention_impl": ("auto", "xla", "blockwise", "pallas", "cudnn"),
+    "model.attention": ("softmax", "local", "linear"),
+    "model.feature_map": ("elu+1", "relu", "exp"),
+    "model.attention_impl": ("auto", "xla", "blockwise", "cudnn"),
     "model.activation": ("gelu", "gelu_tanh", "relu", "silu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
@@ -57,6 +59,13 @@ def validate(config, *, check_devices: bool = True) -> None:
                                    f"config.model.position='rope', not {m.position!r}")
     _require(m.rope_scaling_factor >= 1.0, f"config.model.rope_scaling_factor="
                                            f"{m.rope_scaling_factor} must be >= 1")
+  if m.attention != "softmax":
+    _require(m.position not in ("alibi", "t5"),
+             f"config.model.position={m.position!r} adds a logit bias, which "
+             f"config.model.attention={m.attention!r} does not take")
+  if m.attention == "local":
+    _require(m.attention_window >= 1,
+             f"config.model.attention_window={m.attention_window} must be >= 1")
   _require(0.0 < m.rotary_fraction <= 1.0,
            f"config.model.rotary_fraction={m.rotary_fraction} must be in (0, 1]")
   _require(m.rope_train_len >= 0, f"config.model.rope_train_len={m.rope_train_len} must be >= 0")

@@ -4,8 +4,13 @@ The module owns the projections, the KV cache and any learned position table (T5
 `attention.dot_product_attention` and `jaxlab.positions`. Parameters carry logical axis names
 ("embed", "kv_heads", "kv"); `jaxlab.train.sharding` maps them to a mesh.
 
+Attention families (`family`): "softmax" (`dot_product_attention`, any implementation), "local"
+(banded sliding window, `attention.local_attention`), "linear" (`attention.linear_attention`, causal
+chunked form; decoding keeps its recurrent state instead of K/V).
+
 Position encodings handled here (the model adds absolute ones to the embeddings):
-  "rope" / "xpos" rotate (and for xPos scale) q and k; "alibi" / "t5" add a bias to the logits.
+  "rope" / "xpos" rotate (and for xPos scale) q and k; "alibi" / "t5" add a bias to the logits
+  (softmax family only).
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab import attention, positions as positions_lib
+from jaxlab.attention import linear as linear_lib
 from jaxlab.layers.dense import Dense
+
+FAMILIES = ("softmax", "local", "linear")
 
 class MultiHeadAttention(nn.Module):
   """Self-attention x_BTD -> y_BTD with N query heads and K key/value heads (N % K == 0).
@@ -42,6 +50,9 @@ class MultiHeadAttention(nn.Module):
   rope_scaling: Optional[positions_lib.RopeScaling] = None
   rotary_fraction: float = 1.0
   logn_train_len: int = 0  # > 0: scale queries by max(1, log n / log train_len) (log-n scaling)
+  family: str = "softmax"
+  window: int = 0  # "local": each query sees itself and the `window` tokens before it
+  feature_map: str = "elu+1"  # "linear": feature map
   implementation: Optional[str] = None
   use_bias: bool = False
   init_std: float = 0.02
@@ -70,17 +81,42 @@ class MultiHeadAttention(nn.Module):
       q_BTNH = q_BTNH * positions_lib.logn_scale(positions_BT, self.logn_train_len)[
           :, :, None, None].astype(q_BTNH.dtype)
 
-    if decode:
+    if self.family not in FAMILIES:
+      raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+    if self.family != "softmax" and self.position in ("alibi", "t5"):
+      raise ValueError(f"position={self.position!r} adds a logit bias, which the {self.family!r} "
+                       "family does not take")
+    if decode and self.family == "linear":
+      out_BTNH = self._recurrent_linear(q_BTNH, k_BTKH, v_BTKH)
+    elif decode:
       out_BTNH = self._cached_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT)
     else:
-      out_BTNH = attention.dot_product_attention(
-          q_BTNH, k_BTKH, v_BTKH, causal=self.causal, q_segment_ids=segment_ids_BT,
-          kv_segment_ids=segment_ids_BT, bias=self._bias(positions_BT, positions_BT),
-          implementation=self.implementation)
+      out_BTNH = self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT)
 
     return Dense((x_BTD.shape[-1],), ("heads", "kv", "embed"), in_dims=2, use_bias=self.use_bias,
                  init_std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype,
                  name="out")(out_BTNH)
+
+  def _attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT=None):
+    """Full-sequence attention of the configured family (training, and the prefill of decoding)."""
+    if self.family == "local":
+      return attention.local_attention(q_BTNH, k_BTKH, v_BTKH, window=self._window(),
+                                       causal=self.causal, q_segment_ids=segment_ids_BT,
+                                       kv_segment_ids=segment_ids_BT)
+    if self.family == "linear":
+      if segment_ids_BT is not None:
+        raise ValueError("the 'linear' family does not support segment ids")
+      return attention.linear_attention(q_BTNH, k_BTKH, v_BTKH, causal=self.causal,
+                                        feature_map=self.feature_map)
+    return attention.dot_product_attention(
+        q_BTNH, k_BTKH, v_BTKH, causal=self.causal, q_segment_ids=segment_ids_BT,
+        kv_segment_ids=segment_ids_BT, bias=self._bias(positions_BT, positions_BT),
+        implementation=self.implementation)
+
+  def _window(self):
+    if self.window < 1:
+      raise ValueError(f"the 'local' family needs window >= 1, got {self.window}")
+    return (self.window, 0 if self.causal else self.window)
 
   def _rotate(self, q_BTNH, k_BTKH, positions_BT):
     if self.position == "rope":
@@ -122,24 +158,49 @@ class MultiHeadAttention(nn.Module):
     cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, t, kh, h), v_BTKH.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not is_initialized:
-      # Initialisation pass: shapes only, plain causal attention.
-      return attention.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=self.causal,
-                                             bias=self._bias(positions_BT, positions_BT),
-                                             implementation=self.implementation)
+      # Initialisation pass: shapes only.
+      return self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT)
     i = index.value
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BTKH, (0, i, 0, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BTKH, (0, i, 0, 0))
     index.value = i + t
     if t > 1:
       # Prefill (the cache was empty): ordinary causal attention over the prompt itself.
-      return attention.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=self.causal,
-                                             bias=self._bias(positions_BT, positions_BT),
-                                             implementation=self.implementation)
+      return self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT)
     # Cache slot j holds position j (tokens are written in order from 0).
     max_len = cached_k.value.shape[1]
     kv_positions_BT = jnp.broadcast_to(jnp.arange(max_len, dtype=positions_BT.dtype), (b, max_len))
     lengths_B = jnp.full((b,), i + 1, jnp.int32)
+    if self.family == "local":
+      # The query sits at position i, not at the cache's end (where end alignment would put it), so
+      # the window's left edge is a segment: keys from i - window on are segment 1, older ones 0.
+      in_window = (jnp.arange(max_len) >= i - self.window).astype(jnp.int32)
+      return attention.dot_product_attention(
+          q_BTNH, cached_k.value, cached_v.value, kv_lengths=lengths_B,
+          q_segment_ids=jnp.ones((b, 1), jnp.int32),
+          kv_segment_ids=jnp.broadcast_to(in_window, (b, max_len)),
+          implementation=self.implementation)
     return attention.dot_product_attention(q_BTNH, cached_k.value, cached_v.value,
                                            kv_lengths=lengths_B,
                                            bias=self._bias(positions_BT, kv_positions_BT),
                                            implementation=self.implementation)
+
+  def _recurrent_linear(self, q_BTNH, k_BTKH, v_BTKH):
+    """Causal linear attention while decoding: the cache holds S = sum phi(k) v^T and z = sum phi(k)
+    (Katharopoulos et al. 2020, eq. 18-20) instead of keys and values. T > 1 is a prefill."""
+    b, t, kh, h = k_BTKH.shape
+    zero = linear_lib.linear_attention_init_state(b, kh, h)
+    s_var = self.variable("cache", "linear_s", lambda: zero.s)
+    z_var = self.variable("cache", "linear_z", lambda: zero.z)
+    if t == 1:
+      out, state = linear_lib.linear_attention_step(
+          q_BTNH, k_BTKH, v_BTKH, linear_lib.LinearAttentionState(s_var.value, z_var.value),
+          feature_map=self.feature_map)
+    else:
+      out = self._attend(q_BTNH, k_BTKH, v_BTKH, None)
+      phi_k = linear_lib.get_feature_map(self.feature_map)(k_BTKH.astype(jnp.float32))
+      state = linear_lib.LinearAttentionState(
+          s_var.value + jnp.einsum("btkm,btkh->bkmh", phi_k, v_BTKH.astype(jnp.float32)),
+          z_var.value + phi_k.sum(axis=1))
+    s_var.value, z_var.value = state.s, state.z
+    return out

@@ -37,7 +37,8 @@ class GPTConfig:
   learned position table), mlp_ratio, dropout; position: one of POSITIONS, with rope_theta,
   rope_scaling (RoPE context extension), rotary_fraction and logn_train_len (> 0: log-n query
   scaling) as in `MultiHeadAttention`; tie_embeddings: the output projection is the transposed token
-  embedding; attention_impl: passed to `dot_product_attention`.
+  embedding; attention: the family ("softmax" | "local" | "linear") with attention_window (local)
+  and feature_map (linear); attention_impl: passed to `dot_product_attention`.
   """
 
   vocab_size: int
@@ -54,6 +55,9 @@ class GPTConfig:
   rotary_fraction: float = 1.0
   logn_train_len: int = 0
   tie_embeddings: bool = True
+  attention: str = "softmax"
+  attention_window: int = 0
+  feature_map: str = "elu+1"
   attention_impl: Optional[str] = None
   activation: str = "gelu"
   use_bias: bool = False
@@ -83,6 +87,7 @@ class Block(nn.Module):
         num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.width // c.num_heads,
         causal=True, position=c.position, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
         rotary_fraction=c.rotary_fraction, logn_train_len=c.logn_train_len,
+        family=c.attention, window=c.attention_window, feature_map=c.feature_map,
         implementation=c.attention_impl, use_bias=c.use_bias, out_init_std=out_std,
         dtype=c.dtype, param_dtype=c.param_dtype, name="attn")(
             h_BTD, positions_BT, segment_ids_BT=segment_ids_BT, decode=decode)
@@ -152,7 +157,8 @@ def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
       rope_scaling=rope_scaling_from_config(model_cfg, max_len),
       rotary_fraction=model_cfg.rotary_fraction,
       logn_train_len=(model_cfg.rope_train_len or max_len) if model_cfg.logn_scaling else 0,
-      tie_embeddings=model_cfg.tie_embeddings,
+      tie_embeddings=model_cfg.tie_embeddings, attention=model_cfg.attention,
+      attention_window=model_cfg.attention_window, feature_map=model_cfg.feature_map,
       attention_impl=None if model_cfg.attention_impl == "auto" else model_cfg.attention_impl,
       activation=model_cfg.activation, use_bias=model_cfg.use_bias,
       dtype=dtypes[model_cfg.dtype]))

@@ -19,18 +19,29 @@ def tiny_gpt(**kw):
 ALL_POSITIONS = ["learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"]
 
 
-@pytest.mark.parametrize("position,kv_heads", [(p, 4) for p in ALL_POSITIONS] + [("rope", 1)])
-def test_causality_by_gradient(position, kv_heads):
-  """d logits[:, t] / d input[:, s] is exactly zero for every s > t, and nonzero for s <= t."""
-  model = tiny_gpt(position=position, num_kv_heads=kv_heads)
+FAMILIES = [dict(attention="local", attention_window=3), dict(attention="linear")]
+
+
+@pytest.mark.parametrize("position,kv_heads,extra",
+                         [(p, 4, {}) for p in ALL_POSITIONS] + [("rope", 1, {})]
+                         + [("rope", 2, f) for f in FAMILIES])
+def test_causality_by_gradient(position, kv_heads, extra):
+  """d logits[:, t] / d input[:, s] is exactly zero for every s > t, and nonzero for s <= t
+  (for the local family: only within its window, through the layers)."""
+  model = tiny_gpt(position=position, num_kv_heads=kv_heads, **extra)
   tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 11)
   params = model.init(jax.random.key(1), tokens)["params"]
   x_onehot = jax.nn.one_hot(tokens, 11)
-  for t in (0, 4, 8):
-    jac = jax.jacrev(lambda x: _apply_soft(model, params, x)[:, t].sum())(x_onehot)  # [B, T, V]
-    per_position = np.abs(np.asarray(jac)).sum(axis=(0, 2))
+  # One Jacobian for every output position: d sum_v logits[b, t, v] / d x[b', s, :].
+  jac = jax.jacrev(lambda x: _apply_soft(model, params, x).sum(-1))(x_onehot)  # [B, T, B, T, V]
+  influence = np.abs(np.asarray(jac)).sum(axis=(0, 2, 4))  # [t, s]
+  for t in range(tokens.shape[1]):
+    per_position = influence[t]
     assert np.all(per_position[t + 1:] == 0.0), (t, per_position)
-    assert np.all(per_position[: t + 1] > 0.0), (t, per_position)
+    # A local window w over L layers reaches w * L tokens back, and no further.
+    first = max(0, t - extra["attention_window"] * 2) if extra.get("attention") == "local" else 0
+    assert np.all(per_position[first: t + 1] > 0.0), (t, per_position)
+    assert np.all(per_position[:first] == 0.0), (t, per_position)
 
 
 def _apply_soft(model, params, x_onehot_BTV):
@@ -51,7 +62,7 @@ def _apply_soft(model, params, x_onehot_BTV):
     ("rope", 2, {}),
     ("rope", 4, {"rotary_fraction": 0.5, "logn_train_len": 4,
                  "rope_scaling": positions.RopeScaling(kind="yarn", factor=2.0, original_max_len=8)}),
-])
+] + [("rope", 2, f) for f in FAMILIES] + [("learned", 4, f) for f in FAMILIES])
 def test_cached_decoding_equals_full_recompute(position, kv_heads, extra):
   model = tiny_gpt(position=position, num_kv_heads=kv_heads, **extra)
   b, p, n = 2, 5, 7
