@@ -10,6 +10,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from attention_test_utils import max_intermediate_size
+
 from jaxlab.attention.blockwise import blockwise_attention
 from jaxlab.attention.masks import make_mask
 from jaxlab.attention.softmax import xla_attention
@@ -167,20 +169,6 @@ def test_mask_for_other_lengths_is_rejected():
     blockwise_attention(q, q, q, make_mask(5, 4, 1), scale=1.0)
 
 
-def _max_intermediate_size(jaxpr) -> int:
-  """Largest number of elements of any equation output, recursing into sub-jaxprs (scan, while, ...)."""
-  biggest = 0
-  for eqn in jaxpr.eqns:
-    for var in eqn.outvars:
-      biggest = max(biggest, int(np.prod(getattr(var.aval, "shape", ()))))
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          biggest = max(biggest, _max_intermediate_size(sub))
-  return biggest
-
-
 def test_memory_is_subquadratic():
   """Forward + backward at T=2048: no [Tq, Tk]-sized intermediate, and far less XLA temp memory."""
   t, h = 2048, 32
@@ -193,7 +181,7 @@ def test_memory_is_subquadratic():
   biggest, temp = {}, {}
   for name, fn in impls.items():
     grad = jax.grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(), argnums=(0, 1, 2))
-    biggest[name] = _max_intermediate_size(jax.make_jaxpr(grad)(spec, spec, spec).jaxpr)
+    biggest[name] = max_intermediate_size(jax.make_jaxpr(grad)(spec, spec, spec).jaxpr)
     stats = jax.jit(grad).lower(spec, spec, spec).compile().memory_analysis()
     temp[name] = None if stats is None else stats.temp_size_in_bytes
   assert biggest["xla"] >= t * t  # the check can see a materialised score matrix

@@ -5,6 +5,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from attention_test_utils import naive_feature_attention
+
 from jaxlab.attention.linear import (linear_attention, linear_attention_init_state,
                                      linear_attention_step)
 
@@ -23,19 +25,8 @@ def np_phi(x, name):
 
 
 def naive_np(q, k, v, causal, name, eps=EPS):
-  """NumPy float64 loop over batch and heads: row-normalised phi(Q) phi(K)^T (masked) times V."""
-  fq, fk, v = np_phi(q, name), np_phi(k, name), np.asarray(v, np.float64)
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  out = np.zeros((b, t, n, h))
-  for bi in range(b):
-    for ni in range(n):
-      ki = ni // (n // kh)
-      a = fq[bi, :, ni] @ fk[bi, :, ki].T
-      if causal:
-        a = np.tril(a)
-      out[bi, :, ni] = (a @ v[bi, :, ki]) / (a.sum(-1, keepdims=True) + eps)
-  return out
+  """Row-normalised phi(Q) phi(K)^T (masked) times V, in NumPy float64."""
+  return naive_feature_attention(np_phi(q, name), np_phi(k, name), v, causal, eps)
 
 
 def jnp_phi(x, name):

@@ -13,6 +13,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from attention_test_utils import max_intermediate_size
+
 from jaxlab.attention import dot_product_attention
 from jaxlab.attention.local import (bigbird_layout, block_layout_from_window, block_sparse_attention,
                                     local_attention, strided_layout)
@@ -169,20 +171,6 @@ def test_block_sparse_matches_reference(case):
 # Memory: only the band is ever materialised.
 
 
-def _max_intermediate_size(jaxpr) -> int:
-  """Largest number of elements of any equation output, recursing into sub-jaxprs (scan, while, ...)."""
-  biggest = 0
-  for eqn in jaxpr.eqns:
-    for var in eqn.outvars:
-      biggest = max(biggest, int(np.prod(getattr(var.aval, "shape", ()))))
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          biggest = max(biggest, _max_intermediate_size(sub))
-  return biggest
-
-
 def test_memory_is_linear_in_length():
   """Forward + backward at T=4096, window (64, 0): no intermediate of T*T/8 elements or more."""
   t, h, left = 4096, 16, 64
@@ -199,7 +187,7 @@ def test_memory_is_linear_in_length():
   biggest = {}
   for name, fn in impls.items():
     grad = jax.grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(), argnums=(0, 1, 2))
-    biggest[name] = _max_intermediate_size(jax.make_jaxpr(grad)(spec, spec, spec).jaxpr)
+    biggest[name] = max_intermediate_size(jax.make_jaxpr(grad)(spec, spec, spec).jaxpr)
   assert biggest["xla"] >= t * t, biggest  # the check can see a materialised score matrix
   assert biggest["local"] < t * t // 8, biggest
   assert biggest["block_sparse"] < t * t // 8, biggest

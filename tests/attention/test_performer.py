@@ -5,6 +5,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from attention_test_utils import naive_feature_attention
+
 from jaxlab import attention
 from jaxlab.attention.performer import (orthogonal_gaussian_features, performer_attention,
                                         positive_features)
@@ -23,18 +25,7 @@ def np_features(x, w, is_query, eps=EPS):
 
 
 def naive_np(q, k, v, w, causal, eps=EPS):
-  fq, fk, v = np_features(q, w, True), np_features(k, w, False), np.asarray(v, np.float64)
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  out = np.zeros((b, t, n, h))
-  for bi in range(b):
-    for ni in range(n):
-      ki = ni // (n // kh)
-      a = fq[bi, :, ni] @ fk[bi, :, ki].T
-      if causal:
-        a = np.tril(a)
-      out[bi, :, ni] = (a @ v[bi, :, ki]) / (a.sum(-1, keepdims=True) + eps)
-  return out
+  return naive_feature_attention(np_features(q, w, True), np_features(k, w, False), v, causal, eps)
 
 
 def naive_jnp(q, k, v, w, causal, eps=EPS):
