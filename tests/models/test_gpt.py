@@ -116,3 +116,19 @@ def test_bad_token_shape_and_config_are_reported():
     tiny_gpt(position="rotary")
   with pytest.raises(ValueError, match="num_kv_heads"):
     tiny_gpt(num_kv_heads=3)
+
+
+@pytest.mark.parametrize("position", ALL_POSITIONS)
+def test_packed_sequences_equal_separate_runs(position):
+  """Two sequences packed in one row (segment ids, positions restarting at 0) give the logits that
+  each gives alone."""
+  model = tiny_gpt(position=position)
+  a = jax.random.randint(jax.random.key(6), (1, 5), 0, 11)
+  b = jax.random.randint(jax.random.key(7), (1, 7), 0, 11)
+  packed = jnp.concatenate([a, b], axis=1)
+  segments = jnp.array([[0] * 5 + [1] * 7])
+  pos = jnp.array([list(range(5)) + list(range(7))])
+  params = model.init(jax.random.key(8), packed)["params"]
+  out = model.apply({"params": params}, packed, pos, segments)
+  np.testing.assert_allclose(out[:, :5], model.apply({"params": params}, a), atol=1e-5)
+  np.testing.assert_allclose(out[:, 5:], model.apply({"params": params}, b), atol=1e-5)
