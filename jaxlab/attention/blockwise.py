@@ -61,11 +61,12 @@ class _Static(NamedTuple):
   scale: float
   block_q: int
   block_k: int
+  soft_cap: Optional[float] = None
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.AttentionMask, *,
                         bias: Optional[jax.Array] = None, scale: float, block_q: int = 128,
-                        block_k: int = 128) -> jax.Array:
+                        block_k: int = 128, soft_cap: Optional[float] = None) -> jax.Array:
   """Softmax attention in blocks; same arguments and result as `xla_attention`.
 
   Args:
@@ -73,6 +74,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_li
     mask: `AttentionMask` for (Tq, Tk), e.g. from `masks.make_mask`.
     bias: broadcastable to [B, N, Tq, Tk], added to the scaled logits; or None.
     scale: logit scale (static Python float).
+    soft_cap: if given, logits (after scale and bias) become soft_cap * tanh(logits / soft_cap).
     block_q, block_k: tile sizes along Tq and Tk (static positive ints); clipped to the lengths rounded
       up to a multiple of 8. Lengths need not be multiples of the block sizes.
 
@@ -129,7 +131,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_li
   arrays = {f.name: jnp.asarray(getattr(mask, f.name)) for f in dataclasses.fields(mask)
             if getattr(mask, f.name) is not None and hasattr(getattr(mask, f.name), "shape")}
   static_mask = dataclasses.replace(mask, **{name: None for name in arrays})
-  static = _Static(static_mask, scale, bq, bk)
+  static = _Static(static_mask, scale, bq, bk, None if soft_cap is None else float(soft_cap))
 
   out = _attention(static, q5, kp, vp, bias4, arrays)
   return out.reshape(b, tqp, n, h)[:, :tq]
@@ -213,6 +215,8 @@ def _tile_logits(static, mask, qb, kb, bias, qs, ks):
   s = jnp.einsum("bqkgh,bskh->bkgqs", qb, kb, preferred_element_type=jnp.float32) * static.scale
   if bias is not None:
     s = s + _bias_tile(bias, qs, ks, bq, bk, kb.shape[2])
+  if static.soft_cap is not None:
+    s = static.soft_cap * jnp.tanh(s / static.soft_cap)
   valid = mask.block(qs + jnp.arange(bq), ks + jnp.arange(bk))[:, :, None]  # [B|1, 1, 1, bq, bk]
   return jnp.where(valid, s, _NEG), valid
 
@@ -291,7 +295,9 @@ def _attention_bwd(static: _Static, res, d_out):
       dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(d_out.dtype), dob,
                            preferred_element_type=jnp.float32)
       dp = jnp.einsum("bqkgh,bskh->bkgqs", dob, vb, preferred_element_type=jnp.float32)
-      ds = p * (dp - delta_b[..., None])  # gradient of the (scaled + biased) logits
+      ds = p * (dp - delta_b[..., None])  # gradient of the (scaled + biased [+ capped]) logits
+      if static.soft_cap is not None:  # through c * tanh(x / c): times 1 - tanh^2 = 1 - (s / c)^2
+        ds = jnp.where(valid, ds * (1.0 - jnp.square(s / static.soft_cap)), 0.0)
       if dbias is not None:
         dbias = _add_bias_grad(dbias, ds, qs, ks)
       dsc = ds.astype(q.dtype)

@@ -42,7 +42,8 @@ def _big_negative(dtype) -> float:
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.AttentionMask, *,
-                  bias: Optional[jax.Array] = None, scale: float) -> jax.Array:
+                  bias: Optional[jax.Array] = None, scale: float,
+                  soft_cap: Optional[float] = None) -> jax.Array:
   """Reference attention: materialises the [B, N, Tq, Tk] logits. Rows with no visible key give zeros."""
   b, tq, tk, n, kh, h = check_qkv(q, k, v)
   g = n // kh
@@ -52,6 +53,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.Atte
   logits = logits.reshape(b, n, tq, tk)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
+  if soft_cap is not None:
+    logits = soft_cap * jnp.tanh(logits / soft_cap)
   valid = mask.full()
   if valid is not None:
     logits = jnp.where(valid, logits, _big_negative(jnp.float32))
@@ -83,6 +86,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
                           window: masks_lib.Window = None,
                           bias: Optional[jax.Array] = None,
                           scale: Optional[float] = None,
+                          logit_soft_cap: Optional[float] = None,
                           implementation: Optional[str] = None) -> jax.Array:
   """Scaled dot-product attention (Vaswani et al. 2017, eq. 1) with one mask vocabulary.
 
@@ -94,6 +98,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
     window: (left, right) sliding window in key coordinates; None = unlimited.
     bias: broadcastable to [B, N, Tq, Tk], added to the logits (ALiBi, T5).
     scale: logit scale, default 1/sqrt(H).
+    logit_soft_cap: if given, logits (after scale and bias) become c * tanh(logits / c)
+      (Gemma 2; Bello et al. 2017).
     implementation: None (best available) | "xla" | "blockwise" | "pallas" | "cudnn".
 
   Returns:
@@ -113,13 +119,17 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
                              kv_lengths=kv_lengths)
   if scale is None:
     scale = h ** -0.5
+  if logit_soft_cap is not None and not logit_soft_cap > 0:
+    raise ValueError(f"logit_soft_cap must be > 0 or None, got {logit_soft_cap!r}")
   if implementation is None:
     implementation = choose_implementation(tq, tk)
   if implementation == "xla":
-    return xla_attention(q, k, v, mask, bias=bias, scale=scale)
+    return xla_attention(q, k, v, mask, bias=bias, scale=scale, soft_cap=logit_soft_cap)
   if implementation == "blockwise":
     from jaxlab.attention.blockwise import blockwise_attention
-    return blockwise_attention(q, k, v, mask, bias=bias, scale=scale)
+    return blockwise_attention(q, k, v, mask, bias=bias, scale=scale, soft_cap=logit_soft_cap)
+  if logit_soft_cap is not None:
+    raise ValueError(f"implementation={implementation!r} does not take logit_soft_cap")
   if implementation == "cudnn":
     return _cudnn_attention(q, k, v, mask, bias=bias, scale=scale)
   raise NotImplementedError(f"implementation={implementation!r} is not available yet in jaxlab; "

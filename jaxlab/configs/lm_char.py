@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = "softmax"  # softmax | local | linear
   c.model.attention_window = 64  # local: tokens before each query that it sees
   c.model.feature_map = "elu+1"  # linear: elu+1 | relu | exp
+  c.model.qk_norm = False  # RMS-normalise q and k per head
+  c.model.logit_soft_cap = 0.0  # softmax: > 0 caps logits as c * tanh(logits / c); 0 = off
   c.model.attention_impl = "auto"  # softmax: auto | xla | blockwise | cudnn
   c.model.activation = "gelu"
   c.model.use_bias = False

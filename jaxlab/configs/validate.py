@@ -63,6 +63,10 @@ def validate(config, *, check_devices: bool = True) -> None:
     _require(m.position not in ("alibi", "t5"),
              f"config.model.position={m.position!r} adds a logit bias, which "
              f"config.model.attention={m.attention!r} does not take")
+  _require(m.logit_soft_cap >= 0, f"config.model.logit_soft_cap={m.logit_soft_cap} must be >= 0")
+  if m.logit_soft_cap:
+    _require(m.attention == "softmax", f"config.model.logit_soft_cap needs config.model.attention="
+                                       f"'softmax', not {m.attention!r}")
   if m.attention == "local":
     _require(m.attention_window >= 1,
              f"config.model.attention_window={m.attention_window} must be >= 1")

@@ -50,6 +50,8 @@ class MultiHeadAttention(nn.Module):
   rope_scaling: Optional[positions_lib.RopeScaling] = None
   rotary_fraction: float = 1.0
   logn_train_len: int = 0  # > 0: scale queries by max(1, log n / log train_len) (log-n scaling)
+  qk_norm: bool = False  # RMS-normalise q and k per head (learned scale) before positions
+  logit_soft_cap: Optional[float] = None  # softmax family: logits -> c * tanh(logits / c)
   family: str = "softmax"
   window: int = 0  # "local": each query sees itself and the `window` tokens before it
   feature_map: str = "elu+1"  # "linear": feature map
@@ -76,6 +78,12 @@ class MultiHeadAttention(nn.Module):
     q_BTNH = qkv_BTKGH[:, :, :, :group].reshape(b, t, self.num_heads, self.head_dim)
     k_BTKH = qkv_BTKGH[:, :, :, group]
     v_BTKH = qkv_BTKGH[:, :, :, group + 1]
+    if self.qk_norm:
+      # QK-norm (Dehghani et al. 2023; Wortsman et al. 2023): bounded logits for stable training.
+      norm = lambda name: nn.RMSNorm(
+          epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+          scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("kv",)))
+      q_BTNH, k_BTKH = norm("q_norm")(q_BTNH), norm("k_norm")(k_BTKH)
     q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT)
     if self.logn_train_len:
       q_BTNH = q_BTNH * positions_lib.logn_scale(positions_BT, self.logn_train_len)[
@@ -83,6 +91,8 @@ class MultiHeadAttention(nn.Module):
 
     if self.family not in FAMILIES:
       raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+    if self.family != "softmax" and self.logit_soft_cap is not None:
+      raise ValueError(f"logit_soft_cap applies to the softmax family, not {self.family!r}")
     if self.family != "softmax" and self.position in ("alibi", "t5"):
       raise ValueError(f"position={self.position!r} adds a logit bias, which the {self.family!r} "
                        "family does not take")
@@ -111,7 +121,7 @@ class MultiHeadAttention(nn.Module):
     return attention.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, causal=self.causal, q_segment_ids=segment_ids_BT,
         kv_segment_ids=segment_ids_BT, bias=self._bias(positions_BT, positions_BT),
-        implementation=self.implementation)
+        logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
 
   def _window(self):
     if self.window < 1:
@@ -179,10 +189,11 @@ class MultiHeadAttention(nn.Module):
           q_BTNH, cached_k.value, cached_v.value, kv_lengths=lengths_B,
           q_segment_ids=jnp.ones((b, 1), jnp.int32),
           kv_segment_ids=jnp.broadcast_to(in_window, (b, max_len)),
-          implementation=self.implementation)
+          logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
     return attention.dot_product_attention(q_BTNH, cached_k.value, cached_v.value,
                                            kv_lengths=lengths_B,
                                            bias=self._bias(positions_BT, kv_positions_BT),
+                                           logit_soft_cap=self.logit_soft_cap,
                                            implementation=self.implementation)
 
   def _recurrent_linear(self, q_BTNH, k_BTKH, v_BTKH):

@@ -38,7 +38,8 @@ class GPTConfig:
   rope_scaling (RoPE context extension), rotary_fraction and logn_train_len (> 0: log-n query
   scaling) as in `MultiHeadAttention`; tie_embeddings: the output projection is the transposed token
   embedding; attention: the family ("softmax" | "local" | "linear") with attention_window (local)
-  and feature_map (linear); attention_impl: passed to `dot_product_attention`.
+  and feature_map (linear); qk_norm; logit_soft_cap (softmax); attention_impl: passed to
+  `dot_product_attention`.
   """
 
   vocab_size: int
@@ -56,6 +57,8 @@ class GPTConfig:
   logn_train_len: int = 0
   tie_embeddings: bool = True
   attention: str = "softmax"
+  qk_norm: bool = False
+  logit_soft_cap: Optional[float] = None
   attention_window: int = 0
   feature_map: str = "elu+1"
   attention_impl: Optional[str] = None
@@ -88,6 +91,7 @@ class Block(nn.Module):
         causal=True, position=c.position, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
         rotary_fraction=c.rotary_fraction, logn_train_len=c.logn_train_len,
         family=c.attention, window=c.attention_window, feature_map=c.feature_map,
+        qk_norm=c.qk_norm, logit_soft_cap=c.logit_soft_cap,
         implementation=c.attention_impl, use_bias=c.use_bias, out_init_std=out_std,
         dtype=c.dtype, param_dtype=c.param_dtype, name="attn")(
             h_BTD, positions_BT, segment_ids_BT=segment_ids_BT, decode=decode)
@@ -158,6 +162,7 @@ def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
       rotary_fraction=model_cfg.rotary_fraction,
       logn_train_len=(model_cfg.rope_train_len or max_len) if model_cfg.logn_scaling else 0,
       tie_embeddings=model_cfg.tie_embeddings, attention=model_cfg.attention,
+      qk_norm=model_cfg.qk_norm, logit_soft_cap=model_cfg.logit_soft_cap or None,
       attention_window=model_cfg.attention_window, feature_map=model_cfg.feature_map,
       attention_impl=None if model_cfg.attention_impl == "auto" else model_cfg.attention_impl,
       activation=model_cfg.activation, use_bias=model_cfg.use_bias,

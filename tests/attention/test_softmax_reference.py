@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxlab import attention
 
 
-def naive_attention(q, k, v, allowed, bias=None):
+def naive_attention(q, k, v, allowed, bias=None, soft_cap=None):
   """Loops over batch and heads in NumPy float64; allowed: [B, Tq, Tk] bool."""
   q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   b, tq, n, h = q.shape
@@ -20,6 +20,8 @@ def naive_attention(q, k, v, allowed, bias=None):
       logits = q[bi, :, ni] @ k[bi, :, ki].T / np.sqrt(h)
       if bias is not None:
         logits = logits + np.asarray(bias, np.float64)[bi, ni]
+      if soft_cap is not None:
+        logits = soft_cap * np.tanh(logits / soft_cap)
       for i in range(tq):
         row = allowed[bi, i]
         if not row.any():
@@ -157,3 +159,31 @@ def test_public_entry_point_dispatches_blockwise():
     np.testing.assert_allclose(a, b, atol=1e-5)
   assert attention.choose_implementation(128, 128) == "xla"
   assert attention.choose_implementation(4096, 4096) == "blockwise"
+
+
+def test_logit_soft_cap_xla_and_blockwise():
+  """c * tanh(logits / c): the reference equals the naive loop; blockwise equals the reference in value
+  and in every gradient (q, k, v, bias), including through the cap's derivative."""
+  kq, kk, kv, kb = jax.random.split(jax.random.key(5), 4)
+  q, k, v = 3 * rand(kq, (2, 13, 4, 8)), 3 * rand(kk, (2, 13, 2, 8)), rand(kv, (2, 13, 2, 8))
+  bias = rand(kb, (1, 4, 13, 13))
+  cap = 2.0
+  out = attention.dot_product_attention(q, k, v, causal=True, bias=bias, logit_soft_cap=cap,
+                                        implementation="xla")
+  ref = naive_attention(q, k, v, allowed_grid(2, 13, 13, causal=True), np.broadcast_to(bias, (2, 4, 13, 13)),
+                        soft_cap=cap)
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+  uncapped = attention.dot_product_attention(q, k, v, causal=True, bias=bias, implementation="xla")
+  assert np.abs(np.asarray(out - uncapped)).max() > 1e-2  # the cap is active at this scale
+
+  def loss(impl, q, k, v, bias):
+    o = attention.dot_product_attention(q, k, v, causal=True, bias=bias, logit_soft_cap=cap,
+                                        implementation=impl)
+    return (o * jnp.cos(o)).sum()
+
+  np.testing.assert_allclose(loss("blockwise", q, k, v, bias), loss("xla", q, k, v, bias), rtol=1e-5)
+  for a, r in zip(jax.grad(loss, (1, 2, 3, 4))("blockwise", q, k, v, bias),
+                  jax.grad(loss, (1, 2, 3, 4))("xla", q, k, v, bias)):
+    np.testing.assert_allclose(a, r, atol=2e-5, rtol=1e-4)
+  with pytest.raises(ValueError, match="logit_soft_cap"):
+    attention.dot_product_attention(q, k, v, logit_soft_cap=0.0)

@@ -62,7 +62,9 @@ def _apply_soft(model, params, x_onehot_BTV):
     ("rope", 2, {}),
     ("rope", 4, {"rotary_fraction": 0.5, "logn_train_len": 4,
                  "rope_scaling": positions.RopeScaling(kind="yarn", factor=2.0, original_max_len=8)}),
-] + [("rope", 2, f) for f in FAMILIES] + [("learned", 4, f) for f in FAMILIES])
+] + [("rope", 2, f) for f in FAMILIES] + [("learned", 4, f) for f in FAMILIES] + [
+    ("rope", 2, {"qk_norm": True, "logit_soft_cap": 5.0}),
+])
 def test_cached_decoding_equals_full_recompute(position, kv_heads, extra):
   model = tiny_gpt(position=position, num_kv_heads=kv_heads, **extra)
   b, p, n = 2, 5, 7
