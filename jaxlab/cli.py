@@ -80,7 +80,6 @@ def _restore_params(config, workdir: pathlib.Path):
 def cmd_train(args, overrides) -> int:
   config = load_run_config(args.config, overrides)
   from jaxlab.train import trainer
-  from jaxlab.train.lm_task import sample_text
   workdir = pathlib.Path(args.workdir) if args.workdir else _fresh_workdir(args.config)
   print(f"jaxlab: training {args.config} in {workdir}", flush=True)
   result = trainer.train(config, workdir, progress=not args.no_progress)
@@ -88,12 +87,10 @@ def cmd_train(args, overrides) -> int:
   print(f"jaxlab: step {result['step']}: val_loss {result.get('val_loss', float('nan')):.4f}"
         + (f", {result['step_time_ms']:.1f} ms/step" if "step_time_ms" in result else ""),
         flush=True)
-  if config.sample.num_tokens:
-    s = config.sample
-    text = sample_text(run.task, result["state"]["params"], prompt=s.prompt,
-                       num_tokens=s.num_tokens, temperature=s.temperature, top_k=s.top_k,
-                       top_p=s.top_p, seed=s.seed)
-    print("jaxlab: sample\n" + "-" * 60 + "\n" + text + "\n" + "-" * 60, flush=True)
+  finish = getattr(run.task, "finish", None)
+  report = finish(result["state"]["params"]) if finish else None
+  if report:
+    print(report, flush=True)
   return 0
 
 
@@ -108,18 +105,13 @@ def cmd_eval(args, overrides) -> int:
 
 
 def cmd_sample(args, overrides) -> int:
-  from jaxlab.train.lm_task import sample_text
   workdir = pathlib.Path(args.workdir)
   config = _load_workdir_config(workdir, overrides)
   run, _, params = _restore_params(config, workdir)
-  s = config.sample
-  text = sample_text(run.task, params, prompt=s.prompt if args.prompt is None else args.prompt,
-                     num_tokens=s.num_tokens if args.num_tokens is None else args.num_tokens,
-                     temperature=s.temperature if args.temperature is None else args.temperature,
-                     top_k=s.top_k if args.top_k is None else args.top_k,
-                     top_p=s.top_p if args.top_p is None else args.top_p,
-                     seed=s.seed if args.seed is None else args.seed)
-  print(text)
+  sample_command = getattr(run.task, "sample_command", None)
+  if sample_command is None:
+    raise ValueError(f"task {config.task!r} has no sampler")
+  print(sample_command(params, args))
   return 0
 
 

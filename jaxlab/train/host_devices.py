@@ -23,16 +23,17 @@ def cores() -> int:
 
 def usable_device_count(config, available: int) -> int:
   """The largest n <= available for which the config's mesh and batch split over n devices."""
+  from jaxlab.train import tasks
   from jaxlab.train.sharding import mesh_shape
   sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  kv_heads = config.model.num_kv_heads or config.model.num_heads
+  units = tasks.task_module(config.task).tensor_units(config) or 1
   for n in range(available, 0, -1):
     try:
       data, fsdp, tensor = mesh_shape(sizes, n)
     except ValueError:
       continue
     if data * fsdp * tensor == n and config.data.batch_size % (data * fsdp) == 0 \
-        and kv_heads % tensor == 0:
+        and units % tensor == 0:
       return n
   return 1
 

@@ -19,6 +19,81 @@ def next_token_loss(logits_BTV: jax.Array, targets_BT: jax.Array,
   return jnp.sum(ce_BT * weights_BT), jnp.sum(weights_BT)
 
 
+CHOICES = {
+    "data.name": ("python_stdlib", "text_files", "tiny_shakespeare"),
+    "data.vocab": ("char", "byte"),
+    "model.position": ("learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"),
+    "model.rope_scaling": ("none", "linear", "ntk", "dynamic_ntk", "yarn"),
+    "model.attention": ("softmax", "local", "linear"),
+    "model.feature_map": ("elu+1", "relu", "exp"),
+    "model.attention_impl": ("auto", "xla", "blockwise", "cudnn"),
+    "model.activation": ("gelu", "gelu_tanh", "relu", "silu"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+}
+POSITIVE_INTS = ("data.seq_len", "model.num_layers", "model.width", "model.num_heads")
+
+
+def validate(config, require) -> None:
+  """The LM's config checks (see jaxlab/train/tasks.py)."""
+  from jaxlab.configs.validate import require_choice, require_positive_ints
+  for key, choices in CHOICES.items():
+    require_choice(config, key, choices)
+  require_positive_ints(config, POSITIVE_INTS)
+  m, d = config.model, config.data
+  require(m.width % m.num_heads == 0,
+          f"config.model.num_heads={m.num_heads} does not divide config.model.width={m.width}")
+  kv = m.num_kv_heads or m.num_heads
+  require(m.num_kv_heads >= 0, f"config.model.num_kv_heads={m.num_kv_heads} must be >= 0")
+  require(m.num_heads % kv == 0, f"config.model.num_kv_heads={kv} must divide "
+                                 f"config.model.num_heads={m.num_heads}")
+  head_dim = m.width // m.num_heads
+  if m.position in ("rope", "xpos"):
+    require(head_dim % 2 == 0, f"config.model.position={m.position!r} needs an even head_dim; "
+                               f"width/num_heads = {head_dim}")
+  if m.rope_scaling != "none":
+    require(m.position == "rope", f"config.model.rope_scaling={m.rope_scaling!r} needs "
+                                  f"config.model.position='rope', not {m.position!r}")
+    require(m.rope_scaling_factor >= 1.0, f"config.model.rope_scaling_factor="
+                                          f"{m.rope_scaling_factor} must be >= 1")
+  if m.attention != "softmax":
+    require(m.position not in ("alibi", "t5"),
+            f"config.model.position={m.position!r} adds a logit bias, which "
+            f"config.model.attention={m.attention!r} does not take")
+  require(m.logit_soft_cap >= 0, f"config.model.logit_soft_cap={m.logit_soft_cap} must be >= 0")
+  if m.logit_soft_cap:
+    require(m.attention == "softmax", f"config.model.logit_soft_cap needs config.model.attention="
+                                      f"'softmax', not {m.attention!r}")
+  if m.attention == "local":
+    require(m.attention_window >= 1,
+            f"config.model.attention_window={m.attention_window} must be >= 1")
+  require(0.0 < m.rotary_fraction <= 1.0,
+          f"config.model.rotary_fraction={m.rotary_fraction} must be in (0, 1]")
+  require(m.rope_train_len >= 0, f"config.model.rope_train_len={m.rope_train_len} must be >= 0")
+  require(m.max_len == 0 or m.max_len >= d.seq_len,
+          f"config.model.max_len={m.max_len} is shorter than config.data.seq_len={d.seq_len}")
+  require(m.mlp_ratio > 0, f"config.model.mlp_ratio={m.mlp_ratio} must be > 0")
+  require(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout} must be in [0, 1)")
+  require(0.0 < d.train_fraction < 1.0,
+          f"config.data.train_fraction={d.train_fraction} must be in (0, 1)")
+  if d.name == "text_files":
+    require(bool(d.path), "config.data.path must name the text file(s) for config.data.name="
+                          "'text_files'")
+  s = config.sample
+  require(s.temperature >= 0, f"config.sample.temperature={s.temperature} must be >= 0")
+  require(s.top_k >= 0, f"config.sample.top_k={s.top_k} must be >= 0 (0 = off)")
+  require(0 < s.top_p <= 1, f"config.sample.top_p={s.top_p} must be in (0, 1]")
+  require(s.num_tokens >= 0, f"config.sample.num_tokens={s.num_tokens} must be >= 0")
+
+
+def tensor_units(config) -> int:
+  """Tensor parallelism shards whole kv-head groups."""
+  return config.model.num_kv_heads or config.model.num_heads
+
+
+def build(config) -> "LMTask":
+  return LMTask(config)
+
+
 class LMTask:
   """Next-token prediction on a text corpus with the GPT of `config.model`."""
 
@@ -56,6 +131,25 @@ class LMTask:
                               rngs={"dropout": rng})
     total, count = next_token_loss(logits, batch["targets"])
     return total / count, (total, count)
+
+  def finish(self, params) -> str | None:
+    """The sample that `jaxlab train` prints at the end (config.sample), or None."""
+    s = self.config.sample
+    if not s.num_tokens:
+      return None
+    text = sample_text(self, params, prompt=s.prompt, num_tokens=s.num_tokens,
+                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+    return "jaxlab: sample\n" + "-" * 60 + "\n" + text + "\n" + "-" * 60
+
+  def sample_command(self, params, args) -> str:
+    """`jaxlab sample WORKDIR [--prompt ...]`: command-line options override config.sample."""
+    s = self.config.sample
+    pick = lambda arg, default: default if arg is None else arg
+    return sample_text(self, params, prompt=pick(args.prompt, s.prompt),
+                       num_tokens=pick(args.num_tokens, s.num_tokens),
+                       temperature=pick(args.temperature, s.temperature),
+                       top_k=pick(args.top_k, s.top_k), top_p=pick(args.top_p, s.top_p),
+                       seed=pick(args.seed, s.seed))
 
 
 def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperature: float,

@@ -23,7 +23,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxlab.train import checkpoint as checkpoint_lib
-from jaxlab.train import optim, sharding
+from jaxlab.train import optim, sharding, tasks
 from jaxlab.train.metrics import MetricsWriter
 
 # TrainState is a plain dict pytree: {"step", "params", "opt_state", "rng"}.
@@ -47,13 +47,6 @@ class Run:
     return nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
 
 
-def build_task(config):
-  if config.task == "lm":
-    from jaxlab.train.lm_task import LMTask
-    return LMTask(config)
-  raise ValueError(f"config.task must be 'lm', got {config.task!r}")
-
-
 def _init_state_fn(task, tx, seed: int) -> Callable[[], TrainState]:
   def init() -> TrainState:
     rng = jax.random.PRNGKey(seed)
@@ -69,7 +62,7 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
-  task = task or build_task(config)
+  task = task or tasks.build_task(config)
   tx = optim.make_optimizer(config.optim, config.train.steps)
   init = _init_state_fn(task, tx, config.seed)
   with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):

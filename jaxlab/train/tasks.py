@@ -1,0 +1,35 @@
+"""Which task a config trains: `config.task = NAME` selects the module `jaxlab.train.NAME_task`.
+
+A task module defines
+  build(config) -> task object with init_params(rng), loss(params, batch, rng, *, train),
+      train_iterator(), eval_iterator() and tokens_per_batch (see train/trainer.py);
+  validate(config, require) -> None: the task's own config checks (no devices needed);
+      `require(condition, message)` raises ConfigError with the one-line message;
+  tensor_units(config) -> int | None: how many units the mesh's tensor axis must divide (LM: kv heads),
+      or None when the task has no tensor-parallel axis.
+The task object may also define `finish(params) -> str | None` (printed at the end of `jaxlab train`)
+and `sample_command(params, args) -> str` (what `jaxlab sample` prints).
+Every config of every task has the sections seed, data (with batch_size), optim, train and mesh.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+from types import ModuleType
+
+_HERE = pathlib.Path(__file__).parent
+
+
+def available_tasks() -> tuple[str, ...]:
+  return tuple(sorted(p.stem[:-len("_task")] for p in _HERE.glob("*_task.py")))
+
+
+def task_module(name: str) -> ModuleType:
+  if name not in available_tasks():
+    raise ValueError(f"config.task={name!r} must be one of {', '.join(available_tasks())}")
+  return importlib.import_module(f"jaxlab.train.{name}_task")
+
+
+def build_task(config):
+  return task_module(config.task).build(config)
