@@ -37,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_scaling_factor = 1.0
   c.model.rope_train_len = 0  # training context for scaling and log-n; 0 = data.seq_len
   c.model.rotary_fraction = 1.0  # partial rotary: fraction of head_dim rotated
+  c.model.rerope_window = 0  # > 0 (position rope): (leaky) ReRoPE with this window, e.g. at eval
+  c.model.rerope_leaky_k = 0.0  # leaky ReRoPE's k (> 1); 0 = plain ReRoPE
   c.model.logn_scaling = False  # scale queries by max(1, log n / log rope_train_len)
   c.model.max_len = 0  # 0 = data.seq_len
   c.model.tie_embeddings = True

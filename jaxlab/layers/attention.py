@@ -10,7 +10,9 @@ chunked form; decoding keeps its recurrent state instead of K/V).
 
 Position encodings handled here (the model adds absolute ones to the embeddings):
   "rope" / "xpos" rotate (and for xPos scale) q and k; "alibi" / "t5" add a bias to the logits
-  (softmax family only).
+  (softmax family only). "rope" with rerope_window > 0 is (leaky) ReRoPE (Su 2023): q and k stay
+  unrotated and the logits come from `positions.rerope_attention` (materialised, by construction; the
+  KV cache then holds unrotated keys).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class MultiHeadAttention(nn.Module):
   logn_train_len: int = 0  # > 0: scale queries by max(1, log n / log train_len) (log-n scaling)
   qk_norm: bool = False  # RMS-normalise q and k per head (learned scale) before positions
   logit_soft_cap: Optional[float] = None  # softmax family: logits -> c * tanh(logits / c)
+  rerope_window: int = 0  # > 0 with position="rope": (leaky) ReRoPE with this window
+  rerope_leaky_k: Optional[float] = None  # leaky ReRoPE's k (> 1); None = ReRoPE
   family: str = "softmax"
   window: int = 0  # "local": each query sees itself and the `window` tokens before it
   feature_map: str = "elu+1"  # "linear": feature map
@@ -93,6 +97,11 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
     if self.family != "softmax" and self.logit_soft_cap is not None:
       raise ValueError(f"logit_soft_cap applies to the softmax family, not {self.family!r}")
+    if self.rerope_window and (self.position != "rope" or self.family != "softmax"
+                               or self.logit_soft_cap is not None or self.rotary_fraction != 1.0):
+      raise ValueError("rerope_window needs position='rope' with full rotary, the softmax family "
+                       f"and no logit_soft_cap; got position={self.position!r}, "
+                       f"family={self.family!r}")
     if self.family != "softmax" and self.position in ("alibi", "t5"):
       raise ValueError(f"position={self.position!r} adds a logit bias, which the {self.family!r} "
                        "family does not take")
@@ -113,6 +122,9 @@ class MultiHeadAttention(nn.Module):
       return attention.local_attention(q_BTNH, k_BTKH, v_BTKH, window=self._window(),
                                        causal=self.causal, q_segment_ids=segment_ids_BT,
                                        kv_segment_ids=segment_ids_BT)
+    if self.rerope_window:
+      return self._rerope(q_BTNH, k_BTKH, v_BTKH, positions_BT, positions_BT,
+                          segment_ids_BT=segment_ids_BT)
     if self.family == "linear":
       if segment_ids_BT is not None:
         raise ValueError("the 'linear' family does not support segment ids")
@@ -123,12 +135,21 @@ class MultiHeadAttention(nn.Module):
         kv_segment_ids=segment_ids_BT, bias=self._bias(positions_BT, positions_BT),
         logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
 
+  def _rerope(self, q_BTNH, k_BTKH, v_BTKH, q_positions_BT, kv_positions_BT, *,
+              segment_ids_BT=None, kv_lengths_B=None):
+    return positions_lib.rerope_attention(
+        q_BTNH, k_BTKH, v_BTKH, q_positions_BT, kv_positions_BT, window=self.rerope_window,
+        leaky_k=self.rerope_leaky_k, theta=self.rope_theta, causal=self.causal,
+        q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT, kv_lengths=kv_lengths_B)
+
   def _window(self):
     if self.window < 1:
       raise ValueError(f"the 'local' family needs window >= 1, got {self.window}")
     return (self.window, 0 if self.causal else self.window)
 
   def _rotate(self, q_BTNH, k_BTKH, positions_BT):
+    if self.position == "rope" and self.rerope_window:
+      return q_BTNH, k_BTKH  # ReRoPE rotates inside its logits
     if self.position == "rope":
       rope = lambda x: positions_lib.apply_rope(x, positions_BT, theta=self.rope_theta,
                                                 scaling=self.rope_scaling,
@@ -190,6 +211,9 @@ class MultiHeadAttention(nn.Module):
           q_segment_ids=jnp.ones((b, 1), jnp.int32),
           kv_segment_ids=jnp.broadcast_to(in_window, (b, max_len)),
           logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
+    if self.rerope_window:
+      return self._rerope(q_BTNH, cached_k.value, cached_v.value, positions_BT, kv_positions_BT,
+                          kv_lengths_B=lengths_B)
     return attention.dot_product_attention(q_BTNH, cached_k.value, cached_v.value,
                                            kv_lengths=lengths_B,
                                            bias=self._bias(positions_BT, kv_positions_BT),

@@ -36,7 +36,7 @@ class GPTConfig:
   vocab_size, num_layers, width (D), num_heads (N), num_kv_heads (K; N % K == 0), max_len (size of a
   learned position table), mlp_ratio, dropout; position: one of POSITIONS, with rope_theta,
   rope_scaling (RoPE context extension), rotary_fraction and logn_train_len (> 0: log-n query
-  scaling) as in `MultiHeadAttention`; tie_embeddings: the output projection is the transposed token
+  scaling) and rerope_window / rerope_leaky_k ((leaky) ReRoPE) as in `MultiHeadAttention`; tie_embeddings: the output projection is the transposed token
   embedding; attention: the family ("softmax" | "local" | "linear") with attention_window (local)
   and feature_map (linear); qk_norm; logit_soft_cap (softmax); attention_impl: passed to
   `dot_product_attention`.
@@ -59,6 +59,8 @@ class GPTConfig:
   attention: str = "softmax"
   qk_norm: bool = False
   logit_soft_cap: Optional[float] = None
+  rerope_window: int = 0
+  rerope_leaky_k: Optional[float] = None
   attention_window: int = 0
   feature_map: str = "elu+1"
   attention_impl: Optional[str] = None
@@ -91,8 +93,8 @@ class Block(nn.Module):
         causal=True, position=c.position, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
         rotary_fraction=c.rotary_fraction, logn_train_len=c.logn_train_len,
         family=c.attention, window=c.attention_window, feature_map=c.feature_map,
-        qk_norm=c.qk_norm, logit_soft_cap=c.logit_soft_cap,
-        implementation=c.attention_impl, use_bias=c.use_bias, out_init_std=out_std,
+        qk_norm=c.qk_norm, logit_soft_cap=c.logit_soft_cap, rerope_window=c.rerope_window,
+        rerope_leaky_k=c.rerope_leaky_k, implementation=c.attention_impl, use_bias=c.use_bias, out_init_std=out_std,
         dtype=c.dtype, param_dtype=c.param_dtype, name="attn")(
             h_BTD, positions_BT, segment_ids_BT=segment_ids_BT, decode=decode)
     x_BTD = x_BTD + nn.Dropout(c.dropout, deterministic=not train)(h_BTD)
@@ -163,6 +165,7 @@ def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
       logn_train_len=(model_cfg.rope_train_len or max_len) if model_cfg.logn_scaling else 0,
       tie_embeddings=model_cfg.tie_embeddings, attention=model_cfg.attention,
       qk_norm=model_cfg.qk_norm, logit_soft_cap=model_cfg.logit_soft_cap or None,
+      rerope_window=model_cfg.rerope_window, rerope_leaky_k=model_cfg.rerope_leaky_k or None,
       attention_window=model_cfg.attention_window, feature_map=model_cfg.feature_map,
       attention_impl=None if model_cfg.attention_impl == "auto" else model_cfg.attention_impl,
       activation=model_cfg.activation, use_bias=model_cfg.use_bias,

@@ -15,7 +15,7 @@ Layout [batch, length, heads, head_dim]; positions are explicit [batch, length] 
 from jaxlab.positions.alibi import alibi_bias, alibi_bias_from_positions, alibi_slopes
 from jaxlab.positions.learned import LearnedPositionEmbedding
 from jaxlab.positions.logn import logn_scale
-from jaxlab.positions.rerope import rerope_logits
+from jaxlab.positions.rerope import rerope_attention, rerope_logits
 from jaxlab.positions.rope import (RopeScaling, apply_rope, apply_rope_2d, apply_rope_complex,
                                    as_rope_scaling, rope_angles, rope_frequencies, yarn_attention_factor,
                                    yarn_ramp)
@@ -36,6 +36,7 @@ __all__ = [
     "apply_xpos",
     "as_rope_scaling",
     "logn_scale",
+    "rerope_attention",
     "rerope_logits",
     "rope_angles",
     "rope_frequencies",

@@ -103,3 +103,34 @@ def _rerope(q, k, qp, kp, window, leaky_k, theta, scale, bidirectional):
 
 
 _rerope_jit = jax.jit(_rerope, static_argnums=(4, 5, 6, 7, 8))
+
+
+def rerope_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+                     k_positions: jax.Array, *, window: float, leaky_k: Optional[float] = None,
+                     theta: float = 10000.0, scale: Optional[float] = None, causal: bool = True,
+                     q_segment_ids: Optional[jax.Array] = None,
+                     kv_segment_ids: Optional[jax.Array] = None,
+                     kv_lengths: Optional[jax.Array] = None) -> jax.Array:
+  """Softmax attention over (leaky) ReRoPE logits: q [B, Tq, N, H], k/v [B, Tk, K, H] UNROTATED.
+
+  The masks are those of `attention.dot_product_attention` (causal end-aligned, segment ids, kv
+  lengths); rows that see no key give zeros. Returns [B, Tq, N, H] in q's dtype. The logits are
+  materialised ([B, N, Tq, Tk] float32), which ReRoPE needs by construction (module docstring).
+  """
+  from jaxlab.attention import masks as masks_lib
+  from jaxlab.attention.softmax import check_qkv
+  b, tq, tk, n, kh, h = check_qkv(q, k, v)
+  mask = masks_lib.make_mask(tq, tk, b, causal=causal, q_segment_ids=q_segment_ids,
+                             kv_segment_ids=kv_segment_ids, kv_lengths=kv_lengths)
+  logits = rerope_logits(q, k, q_positions, k_positions, window=window, leaky_k=leaky_k,
+                         theta=theta, scale=scale, bidirectional=not causal)
+  valid = mask.full()
+  if valid is not None:
+    logits = jnp.where(valid, logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if valid is not None and mask.may_have_empty_rows:
+    probs = probs * jnp.any(valid, axis=-1, keepdims=True)
+  g = n // kh
+  probs = probs.reshape(b, kh, g, tq, tk).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, tq, n, h).astype(q.dtype)

@@ -66,6 +66,14 @@ def validate(config, require) -> None:
   if m.attention == "local":
     require(m.attention_window >= 1,
             f"config.model.attention_window={m.attention_window} must be >= 1")
+  require(m.rerope_window >= 0, f"config.model.rerope_window={m.rerope_window} must be >= 0")
+  if m.rerope_window:
+    require(m.position == "rope" and m.rope_scaling == "none" and m.attention == "softmax"
+            and not m.logit_soft_cap and m.rotary_fraction == 1.0,
+            f"config.model.rerope_window={m.rerope_window} needs config.model.position='rope' with "
+            "rope_scaling='none', rotary_fraction=1, attention='softmax' and no logit_soft_cap")
+  require(m.rerope_leaky_k == 0 or m.rerope_leaky_k > 1,
+          f"config.model.rerope_leaky_k={m.rerope_leaky_k} must be 0 (ReRoPE) or > 1 (leaky)")
   require(0.0 < m.rotary_fraction <= 1.0,
           f"config.model.rotary_fraction={m.rotary_fraction} must be in (0, 1]")
   require(m.rope_train_len >= 0, f"config.model.rope_train_len={m.rope_train_len} must be >= 0")

@@ -20,11 +20,12 @@ ALL_POSITIONS = ["learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"]
 
 
 FAMILIES = [dict(attention="local", attention_window=3), dict(attention="linear")]
+RE_ROPE = [dict(rerope_window=3), dict(rerope_window=3, rerope_leaky_k=4.0)]
 
 
 @pytest.mark.parametrize("position,kv_heads,extra",
                          [(p, 4, {}) for p in ALL_POSITIONS] + [("rope", 1, {})]
-                         + [("rope", 2, f) for f in FAMILIES])
+                         + [("rope", 2, f) for f in FAMILIES] + [("rope", 2, RE_ROPE[0])])
 def test_causality_by_gradient(position, kv_heads, extra):
   """d logits[:, t] / d input[:, s] is exactly zero for every s > t, and nonzero for s <= t
   (for the local family: only within its window, through the layers)."""
@@ -64,7 +65,7 @@ def _apply_soft(model, params, x_onehot_BTV):
                  "rope_scaling": positions.RopeScaling(kind="yarn", factor=2.0, original_max_len=8)}),
 ] + [("rope", 2, f) for f in FAMILIES] + [("learned", 4, f) for f in FAMILIES] + [
     ("rope", 2, {"qk_norm": True, "logit_soft_cap": 5.0}),
-])
+] + [("rope", 2, r) for r in RE_ROPE])
 def test_cached_decoding_equals_full_recompute(position, kv_heads, extra):
   model = tiny_gpt(position=position, num_kv_heads=kv_heads, **extra)
   b, p, n = 2, 5, 7
@@ -134,3 +135,20 @@ def test_packed_sequences_equal_separate_runs(position):
   out = model.apply({"params": params}, packed, pos, segments)
   np.testing.assert_allclose(out[:, :5], model.apply({"params": params}, a), atol=1e-5)
   np.testing.assert_allclose(out[:, 5:], model.apply({"params": params}, b), atol=1e-5)
+
+
+def test_rerope_is_plain_rope_within_its_window_and_differs_beyond():
+  """A window covering the whole sequence gives plain RoPE's logits exactly; a short one changes them
+  only at positions that have keys further back than the window."""
+  tokens = jax.random.randint(jax.random.key(9), (2, 12), 0, 11)
+  rope = tiny_gpt(position="rope", num_kv_heads=2)
+  params = rope.init(jax.random.key(10), tokens)["params"]
+  plain = rope.apply({"params": params}, tokens)
+  wide = tiny_gpt(position="rope", num_kv_heads=2, rerope_window=12)
+  np.testing.assert_allclose(wide.apply({"params": params}, tokens), plain, atol=1e-5)
+  short = tiny_gpt(position="rope", num_kv_heads=2, rerope_window=4).apply({"params": params}, tokens)
+  # Positions t <= 4 have no key with t - s > 4 (ReRoPE's clamp starts at t - s >= window = 4 ...
+  # which at t = 4 is s = 0, clamped to 4 = t - s itself): unchanged. Later ones change (small logits
+  # at init, so small but far above float noise).
+  np.testing.assert_allclose(short[:, :5], plain[:, :5], atol=1e-6)
+  assert np.abs(np.asarray(short[:, 5:] - plain[:, 5:])).max() > 2e-5

@@ -76,3 +76,59 @@ def test_bad_arguments(kw, match):
     P.rerope_logits(q, k, pos, pos, **kw)
   with pytest.raises(ValueError, match="multiple of k heads"):
     P.rerope_logits(q, _x(9, (B, T, 3, H)), pos, pos, window=2)
+
+
+def _naive_attention(logits, v, causal_offset=0):
+  """softmax(logits + causal mask) @ v with v repeated per query head: [B, Tq, N, H]."""
+  b, n, tq, tk = logits.shape
+  allowed = np.arange(tk)[None, :] <= np.arange(tq)[:, None] + causal_offset
+  logits = np.where(allowed, logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p = p / p.sum(-1, keepdims=True)
+  v = np.repeat(v, n // v.shape[2], axis=2)
+  return np.einsum("bnqk,bknh->bqnh", p, v)
+
+
+@pytest.mark.parametrize("leaky_k", [None, 3.0])
+def test_rerope_attention_equals_softmax_over_the_clamped_logits(leaky_k):
+  """Value against softmax(NumPy clamped-relative logits) @ v; gradient against a plain jnp version."""
+  import jax
+  import jax.numpy as jnp
+  q, k, pos, d = _setup(6)
+  v = _x(9, (B, T, K, H))
+  w = 3
+  rel = np.where(d >= w, w if leaky_k is None else w + (d - w) / leaky_k, d).astype(np.float64)
+  want = _naive_attention(_np_logits(q, k, rel), v)
+  got = P.rerope_attention(q, k, v, pos, pos, window=w, leaky_k=leaky_k)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+  def reference(q, k, v):  # the same maths from rerope_logits, masked and normalised plainly
+    logits = P.rerope_logits(q, k, pos, pos, window=w, leaky_k=leaky_k)
+    logits = jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bnqk,bknh->bqnh", p, jnp.repeat(v, N // K, axis=2))
+
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * jnp.cos(jnp.arange(H)))
+  g_got = jax.grad(loss(lambda q, k, v: P.rerope_attention(q, k, v, pos, pos, window=w,
+                                                           leaky_k=leaky_k)), (0, 1, 2))(q, k, v)
+  g_want = jax.grad(loss(reference), (0, 1, 2))(q, k, v)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_rerope_attention_masks_padding_and_rejects_bad_shapes():
+  q, k, pos, _ = _setup(8)
+  v = _x(10, (B, T, K, H))
+  lengths = np.array([T, 4])
+  got = np.asarray(P.rerope_attention(q, k, v, pos, pos, window=2, causal=False,
+                                      kv_lengths=lengths))
+  # Row 1 sees only its first 4 keys: changing the others changes nothing.
+  v2 = v.copy()
+  v2[1, 4:] += 5.0
+  k2 = k.copy()
+  k2[1, 4:] -= 3.0
+  got2 = np.asarray(P.rerope_attention(q, k2, v2, pos, pos, window=2, causal=False,
+                                       kv_lengths=lengths))
+  np.testing.assert_allclose(got2[1], got[1], atol=1e-6)
+  with pytest.raises(ValueError, match="k and v"):
+    P.rerope_attention(q, k, v[:, :5], pos, pos, window=2)
