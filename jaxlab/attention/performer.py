@@ -12,17 +12,23 @@ O(T * M * H) time, causal via the same chunked prefix sums. Rows of W are drawn 
 directions (QR of a Gaussian matrix) with norms resampled from chi(H), which keeps each row marginally
 N(0, I_H) (unbiased) and lowers the variance (sec. 2.4).
 
-Numerical stabilisation (as in the authors' implementation): the exponent is shifted before exp.
+Numerical stabilisation: the exponent is shifted before exp.
   * queries: by the max over features of each row (batch, position, head). A per-query factor
     multiplies numerator and denominator of that query's output alike and cancels.
-  * keys: by one max over features AND positions (per batch and head). A key's factor does not cancel
-    unless it is the same for every key j summed over (numerator sum_j phi(q).phi(k_j) v_j and
-    denominator sum_j phi(q).phi(k_j) both carry it then); a per-key shift would reweight the keys.
+  * keys, non-causal: by one max over features AND positions (per batch and head), as in the authors'
+    implementation. A key's factor cancels only if it is the same for every key j summed over; a
+    per-key shift would reweight the keys.
+  * keys, causal: by the RUNNING max mu over the keys seen so far (per batch and head), so that no
+    output depends on a later key in value either (a global max would let one large future key make
+    earlier keys underflow). The prefix-sum state is rescaled by exp(mu_old - mu_new) whenever mu
+    grows; all keys that a query sums over then carry the same factor, which cancels. In the chunked
+    form mu advances once per chunk (the max up to the end of the chunk), so a key can still influence
+    the underflow of earlier keys of its own chunk; the one-token step (`performer_attention_step`,
+    for decoding) advances it per token.
   The shifts are constants for differentiation (stop_gradient), which is exact since they cancel.
-  Then `eps` is added to every feature (keeps phi strictly positive, so the normaliser is never 0).
-  Because the key shift is a max over all positions, in causal mode a (much) larger future key can make
-  earlier keys' features underflow: outputs never depend on future keys through gradients (exactly), and
-  in value only through float rounding and the eps floor.
+  Then `eps` is added to every feature (keeps phi strictly positive, so the normaliser is never 0); in
+  the causal form a key's eps is relative to the running max when the key was added, i.e. rescaled with
+  the state like the rest of its feature.
 
 Shapes (the jaxlab attention contract): q: [B, Tq, N, H]; k, v: [B, Tk, K, H], N % K == 0 (GQA by
 grouping query heads; K/V never repeated); projection: [M, H] shared by all heads; output [B, Tq, N, H] in
@@ -31,7 +37,7 @@ q's dtype. Features and accumulations are float32.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -112,8 +118,117 @@ def performer_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key: Option
     if key is None:
       raise ValueError("key must be a PRNG key when projection is None")
     projection = orthogonal_gaussian_features(key, num_features, h)
+  _check_projection(projection, h)
   phi_q = positive_features(q, projection, is_query=True, eps=eps)
-  phi_k = positive_features(k, projection, is_query=False, eps=eps)
-  out = linear_attention_from_features(phi_q, phi_k, v, causal=causal, chunk_size=chunk_size,
-                                       eps=eps)
+  if causal:
+    out = _causal_running_max(phi_q, key_exponents(k, projection), v, chunk_size, eps)
+  else:
+    phi_k = positive_features(k, projection, is_query=False, eps=eps)
+    out = linear_attention_from_features(phi_q, phi_k, v, causal=False, eps=eps)
   return out.astype(q.dtype)
+
+
+def _check_projection(projection, head_dim: int) -> None:
+  if projection.ndim != 2 or projection.shape[1] != head_dim:
+    raise ValueError(f"projection must be [num_features, head_dim={head_dim}], got "
+                     f"{projection.shape}")
+
+
+def key_exponents(k: jax.Array, projection: jax.Array) -> jax.Array:
+  """a = W k' - |k'|^2 / 2 with k' = k * H^-1/4: [B, T, K, M] float32 (phi(k) = exp(a) / sqrt(M))."""
+  f32 = jnp.float32
+  m, h = projection.shape
+  ks = k.astype(f32) * (h ** -0.25)
+  wk = jnp.einsum("bthd,md->bthm", ks, projection.astype(f32), preferred_element_type=f32)
+  return wk - 0.5 * jnp.sum(ks * ks, axis=-1, keepdims=True)
+
+
+def _causal_running_max(phi_q, a_k, v, chunk_size: int, eps: float) -> jax.Array:
+  """Causal FAVOR+ with the running-max key shift (module docstring), chunked: [B, T, N, H] f32."""
+  b, t, n, m = phi_q.shape
+  kh, h = v.shape[2], v.shape[3]
+  g = n // kh
+  f32 = jnp.float32
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  c = min(chunk_size, t)
+  nc = -(-t // c)
+  pad = nc * c - t
+  pq = jnp.pad(phi_q.reshape(b, t, kh, g, m), [(0, 0), (0, pad), (0, 0), (0, 0), (0, 0)])
+  ak = jnp.pad(a_k, [(0, 0), (0, pad), (0, 0), (0, 0)], constant_values=-jnp.inf)
+  vf = jnp.pad(v.astype(f32), [(0, 0), (0, pad), (0, 0), (0, 0)])
+  chunks = lambda x: jnp.moveaxis(x.reshape(b, nc, c, *x.shape[2:]), 1, 0)
+  tril = jnp.tril(jnp.ones((c, c), bool))
+  scale = m ** -0.5
+
+  def body(carry, xs):
+    s, z, mu = carry  # [B, K, M, H], [B, K, M], [B, K]
+    q_i, a_i, v_i = xs
+    mu_new = jnp.maximum(mu, lax.stop_gradient(jnp.max(a_i, axis=(1, 3))))
+    decay = jnp.exp(mu - mu_new)  # 0 on the first chunk (mu = -inf)
+    s, z = s * decay[..., None, None], z * decay[..., None]
+    k_i = (jnp.exp(a_i - mu_new[:, None, :, None]) + eps) * scale  # padded keys: eps, masked below
+    scores = jnp.einsum("bckgm,bskm->bkgcs", q_i, k_i, preferred_element_type=f32)
+    scores = jnp.where(tril, scores, 0.0)
+    num = (jnp.einsum("bkgcs,bskh->bckgh", scores, v_i, preferred_element_type=f32) +
+           jnp.einsum("bckgm,bkmh->bckgh", q_i, s, preferred_element_type=f32))
+    den = (jnp.moveaxis(jnp.sum(scores, axis=-1), -1, 1) +
+           jnp.einsum("bckgm,bkm->bckg", q_i, z, preferred_element_type=f32))
+    out = num / (den[..., None] + eps)
+    s = s + jnp.einsum("bskm,bskh->bkmh", k_i, v_i, preferred_element_type=f32)
+    z = z + jnp.sum(k_i, axis=1)
+    return (s, z, mu_new), out
+
+  init = (jnp.zeros((b, kh, m, h), f32), jnp.zeros((b, kh, m), f32),
+          jnp.full((b, kh), -jnp.inf, f32))
+  _, out = lax.scan(body, init, (chunks(pq), chunks(ak), chunks(vf)))  # [nc, B, C, K, G, H]
+  return jnp.moveaxis(out, 0, 1).reshape(b, nc * c, n, h)[:, :t]
+
+
+class PerformerState(NamedTuple):
+  """Decoding state of causal FAVOR+: S = sum_j phi_j v_j^T, z = sum_j phi_j with phi_j relative to
+  the running max mu of the key exponents (module docstring)."""
+  s: jax.Array  # [B, K, M, H] float32
+  z: jax.Array  # [B, K, M] float32
+  mu: jax.Array  # [B, K] float32, -inf before the first key
+
+
+def performer_init_state(batch: int, num_kv_heads: int, head_dim: int,
+                         num_features: int) -> PerformerState:
+  f32 = jnp.float32
+  return PerformerState(jnp.zeros((batch, num_kv_heads, num_features, head_dim), f32),
+                        jnp.zeros((batch, num_kv_heads, num_features), f32),
+                        jnp.full((batch, num_kv_heads), -jnp.inf, f32))
+
+
+def performer_attention_step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, state: PerformerState,
+                             *, projection: jax.Array, eps: float = 1e-6
+                             ) -> tuple[jax.Array, PerformerState]:
+  """One causal decoding step: q_t [B, 1, N, H], k_t/v_t [B, 1, K, H] -> (out [B, 1, N, H], state).
+
+  Equals `performer_attention(..., causal=True)` at that position (to float rounding and eps effects
+  of the per-chunk shift there).
+  """
+  b, one, n, h = q_t.shape
+  check_qkv(q_t, k_t, v_t)
+  if one != 1 or k_t.shape[1] != 1:
+    raise ValueError(f"step inputs must have length 1, got q_t {q_t.shape}, k_t {k_t.shape}")
+  _check_projection(projection, h)
+  m = projection.shape[0]
+  kh = k_t.shape[2]
+  if state.s.shape != (b, kh, m, h):
+    raise ValueError(f"state.s has shape {state.s.shape}, expected [B, K, M, H] = {(b, kh, m, h)}")
+  f32 = jnp.float32
+  a = lax.stop_gradient(key_exponents(k_t, projection))[:, 0]  # [B, K, M]
+  mu_new = jnp.maximum(state.mu, jnp.max(a, axis=-1))
+  decay = jnp.exp(state.mu - mu_new)
+  phi_k = (jnp.exp(key_exponents(k_t, projection)[:, 0] - mu_new[..., None]) + eps) * m ** -0.5
+  s = state.s * decay[..., None, None] + jnp.einsum("bkm,bkh->bkmh", phi_k,
+                                                    v_t[:, 0].astype(f32))
+  z = state.z * decay[..., None] + phi_k
+  phi_q = positive_features(q_t, projection, is_query=True, eps=eps)[:, 0]
+  pq = phi_q.reshape(b, kh, n // kh, m)
+  num = jnp.einsum("bkgm,bkmh->bkgh", pq, s, preferred_element_type=f32)
+  den = jnp.einsum("bkgm,bkm->bkg", pq, z, preferred_element_type=f32)
+  out = (num / (den[..., None] + eps)).reshape(b, 1, n, h)
+  return out.astype(q_t.dtype), PerformerState(s, z, mu_new)

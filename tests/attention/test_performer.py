@@ -24,8 +24,56 @@ def np_features(x, w, is_query, eps=EPS):
   return (np.exp(logits - shift) + eps) / np.sqrt(m)
 
 
-def naive_np(q, k, v, w, causal, eps=EPS):
+def naive_np(q, k, v, w, causal, eps=EPS, chunk=None):
+  if causal:
+    return naive_causal_running_max(q, k, v, w, chunk, eps)
   return naive_feature_attention(np_features(q, w, True), np_features(k, w, False), v, causal, eps)
+
+
+def naive_causal_running_max(q, k, v, w, chunk, eps=EPS):
+  """The documented causal definition, per query in float64: query t (in chunk c) weighs key j <= t by
+  phi(q_t) . (exp(a_j - mu_c) + eps * exp(mu_c(j) - mu_c)) / sqrt(M), mu_c = max of the key exponents
+  up to the end of chunk c (per batch and kv head)."""
+  fq = np_features(q, w, True, eps)
+  k, w, v = np.asarray(k, np.float64), np.asarray(w, np.float64), np.asarray(v, np.float64)
+  m, h = w.shape
+  ks = k * h ** -0.25
+  a = np.einsum("bthd,md->bthm", ks, w) - 0.5 * (ks ** 2).sum(-1, keepdims=True)  # [B, T, K, M]
+  b, t, n, _ = fq.shape
+  kh = k.shape[2]
+  chunk_of = np.arange(t) // chunk
+  mu = np.stack([a[:, :min(t, (c + 1) * chunk)].max(axis=(1, 3)) for c in range(chunk_of[-1] + 1)])
+  out = np.zeros((b, t, n, h))
+  for ti in range(t):
+    c = chunk_of[ti]
+    for ni in range(n):
+      ki = ni // (n // kh)
+      mu_c = mu[c][:, ki][:, None, None]  # [B, 1, 1]
+      mu_j = mu[chunk_of[:ti + 1]][:, :, ki].T[:, :, None]  # [B, t+1, 1]
+      fk = (np.exp(a[:, :ti + 1, ki] - mu_c) + eps * np.exp(mu_j - mu_c)) / np.sqrt(m)
+      wts = np.einsum("bm,bsm->bs", fq[:, ti, ni], fk)
+      out[:, ti, ni] = np.einsum("bs,bsh->bh", wts, v[:, :ti + 1, ki]) / (wts.sum(-1)[:, None] + eps)
+  return out
+
+
+def naive_jnp_causal(q, k, v, w, chunk, eps=EPS):
+  """naive_causal_running_max in jnp (for gradients): quadratic, the shifts held constant."""
+  from jaxlab.attention.performer import key_exponents
+  g = q.shape[2] // k.shape[2]
+  t, m = q.shape[1], w.shape[0]
+  a = key_exponents(k, w)  # [B, T, K, M]
+  chunk_of = np.arange(t) // chunk
+  chunk_max = jax.ops.segment_max(jnp.moveaxis(a.max(-1), 1, 0), chunk_of,
+                                  num_segments=int(chunk_of[-1]) + 1)  # [C, B, K]
+  mu = jax.lax.stop_gradient(jax.lax.cummax(chunk_max, axis=0))[chunk_of]  # per position [T, B, K]
+  mu = jnp.moveaxis(mu, 0, 1)  # [B, T, K]
+  mu_q, mu_k = mu[:, :, None, :, None], mu[:, None, :, :, None]  # [B, t, 1, K, 1], [B, 1, s, K, 1]
+  fk = (jnp.exp(a[:, None] - mu_q) + eps * jnp.exp(mu_k - mu_q)) / np.sqrt(m)  # [B, t, s, K, M]
+  fq = positive_features(q, w, is_query=True, eps=eps).reshape(*q.shape[:2], k.shape[2], g, m)
+  wts = jnp.einsum("btkgm,btskm->bkgts", fq, fk)
+  wts = jnp.where(jnp.tril(jnp.ones((t, t), bool)), wts, 0.0)
+  out = jnp.einsum("bkgts,bskh->btkgh", wts, v) / (jnp.moveaxis(wts.sum(-1), -1, 1)[..., None] + eps)
+  return out.reshape(q.shape)
 
 
 def naive_jnp(q, k, v, w, causal, eps=EPS):
@@ -56,8 +104,9 @@ def test_matches_naive_kernel_value_and_grad(causal):
                                             has_aux=True))(q, k, v)
   (_, out), got = vg(fn)
   assert out.shape == q.shape and out.dtype == q.dtype
-  np.testing.assert_allclose(out, naive_np(q, k, v, w, causal), rtol=1e-4, atol=1e-5)
-  _, want = vg(lambda q, k, v: naive_jnp(q, k, v, w, causal))
+  np.testing.assert_allclose(out, naive_np(q, k, v, w, causal, chunk=5), rtol=1e-4, atol=1e-5)
+  _, want = vg(lambda q, k, v: naive_jnp_causal(q, k, v, w, 5) if causal else
+               naive_jnp(q, k, v, w, causal))
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -118,3 +167,28 @@ def test_bad_arguments():
     performer_attention(q, k, v, key=None, projection=jnp.ones((4, 3)))
   with pytest.raises(ValueError, match="Tq == Tk"):
     performer_attention(q[:, :3], k, v, key=jax.random.key(0), causal=True)
+
+
+def test_causal_values_do_not_depend_on_later_chunks_even_when_huge():
+  """The running-max key shift: a very large key in a later chunk leaves earlier outputs unchanged in
+  value (a global max shift would make all earlier keys underflow to the eps floor)."""
+  q, k, v = make(3, t=12, n=2, kh=1, h=8)
+  w = orthogonal_gaussian_features(jax.random.key(4), 16, 8)
+  run = lambda k: performer_attention(q, k, v, key=None, projection=w, causal=True, chunk_size=4)
+  base = run(k)
+  big = k.at[:, 9].set(k[:, 9] * 40.0)  # chunk 2 (positions 8..11)
+  np.testing.assert_array_equal(np.asarray(run(big))[:, :8], np.asarray(base)[:, :8])
+
+
+def test_step_by_step_decoding_equals_the_causal_form():
+  from jaxlab.attention.performer import performer_attention_step, performer_init_state
+  q, k, v = make(5, b=2, t=9, n=4, kh=2, h=8, scale=1.5)
+  w = orthogonal_gaussian_features(jax.random.key(6), 16, 8)
+  full = performer_attention(q, k, v, key=None, projection=w, causal=True, chunk_size=1)
+  state = performer_init_state(2, 2, 8, 16)
+  outs = []
+  for t in range(9):
+    out, state = performer_attention_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], state,
+                                          projection=w)
+    outs.append(out)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-6)
