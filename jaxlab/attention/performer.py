@@ -121,7 +121,7 @@ def performer_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key: Option
   _check_projection(projection, h)
   phi_q = positive_features(q, projection, is_query=True, eps=eps)
   if causal:
-    out = _causal_running_max(phi_q, key_exponents(k, projection), v, chunk_size, eps)
+    out, _ = _causal_running_max(phi_q, key_exponents(k, projection), v, chunk_size, eps)
   else:
     phi_k = positive_features(k, projection, is_query=False, eps=eps)
     out = linear_attention_from_features(phi_q, phi_k, v, causal=False, eps=eps)
@@ -143,8 +143,9 @@ def key_exponents(k: jax.Array, projection: jax.Array) -> jax.Array:
   return wk - 0.5 * jnp.sum(ks * ks, axis=-1, keepdims=True)
 
 
-def _causal_running_max(phi_q, a_k, v, chunk_size: int, eps: float) -> jax.Array:
-  """Causal FAVOR+ with the running-max key shift (module docstring), chunked: [B, T, N, H] f32."""
+def _causal_running_max(phi_q, a_k, v, chunk_size: int, eps: float):
+  """Causal FAVOR+ with the running-max key shift (module docstring), chunked: ([B, T, N, H] f32,
+  the PerformerState after the last token)."""
   b, t, n, m = phi_q.shape
   kh, h = v.shape[2], v.shape[3]
   g = n // kh
@@ -181,8 +182,27 @@ def _causal_running_max(phi_q, a_k, v, chunk_size: int, eps: float) -> jax.Array
 
   init = (jnp.zeros((b, kh, m, h), f32), jnp.zeros((b, kh, m), f32),
           jnp.full((b, kh), -jnp.inf, f32))
-  _, out = lax.scan(body, init, (chunks(pq), chunks(ak), chunks(vf)))  # [nc, B, C, K, G, H]
-  return jnp.moveaxis(out, 0, 1).reshape(b, nc * c, n, h)[:, :t]
+  (s, z, mu), out = lax.scan(body, init, (chunks(pq), chunks(ak), chunks(vf)))  # [nc, B, C, K, G, H]
+  # Each padded key (value 0, so S is unaffected) added its eps floor to z: take it out again.
+  z = z - eps * scale * pad
+  return jnp.moveaxis(out, 0, 1).reshape(b, nc * c, n, h)[:, :t], PerformerState(s, z, mu)
+
+
+def performer_prefill(q: jax.Array, k: jax.Array, v: jax.Array, *, projection: jax.Array,
+                      chunk_size: int = 64, eps: float = 1e-6
+                      ) -> tuple[jax.Array, "PerformerState"]:
+  """Causal FAVOR+ over a prompt, and the decoding state after it: (out [B, T, N, H], state).
+
+  `performer_attention_step` continues from the state as if the prompt had been decoded token by token
+  (up to the per-chunk versus per-token shift's eps effects, see the module docstring).
+  """
+  b, tq, tk, n, kh, h = check_qkv(q, k, v)
+  if tq != tk:
+    raise ValueError(f"prefill needs Tq == Tk, got Tq={tq}, Tk={tk}")
+  _check_projection(projection, h)
+  phi_q = positive_features(q, projection, is_query=True, eps=eps)
+  out, state = _causal_running_max(phi_q, key_exponents(k, projection), v, chunk_size, eps)
+  return out.astype(q.dtype), state
 
 
 class PerformerState(NamedTuple):

@@ -6,7 +6,9 @@ The module owns the projections, the KV cache and any learned position table (T5
 
 Attention families (`family`): "softmax" (`dot_product_attention`, any implementation), "local"
 (banded sliding window, `attention.local_attention`), "linear" (`attention.linear_attention`, causal
-chunked form; decoding keeps its recurrent state instead of K/V).
+chunked form; decoding keeps its recurrent state instead of K/V), "performer" (FAVOR+ with
+`num_features` fixed orthogonal random features drawn from `feature_seed` and the module's name, so
+each layer has its own; decoding keeps the running-max recurrent state).
 
 Position encodings handled here (the model adds absolute ones to the embeddings):
   "rope" / "xpos" rotate (and for xPos scale) q and k; "alibi" / "t5" add a bias to the logits
@@ -27,7 +29,7 @@ from jaxlab import attention, positions as positions_lib
 from jaxlab.attention import linear as linear_lib
 from jaxlab.layers.dense import Dense
 
-FAMILIES = ("softmax", "local", "linear")
+FAMILIES = ("softmax", "local", "linear", "performer")
 
 class MultiHeadAttention(nn.Module):
   """Self-attention x_BTD -> y_BTD with N query heads and K key/value heads (N % K == 0).
@@ -59,6 +61,8 @@ class MultiHeadAttention(nn.Module):
   family: str = "softmax"
   window: int = 0  # "local": each query sees itself and the `window` tokens before it
   feature_map: str = "elu+1"  # "linear": feature map
+  num_features: int = 64  # "performer": random features M
+  feature_seed: int = 0  # "performer": seed of the features (a new seed = a redraw)
   implementation: Optional[str] = None
   use_bias: bool = False
   init_std: float = 0.02
@@ -107,6 +111,8 @@ class MultiHeadAttention(nn.Module):
                        "family does not take")
     if decode and self.family == "linear":
       out_BTNH = self._recurrent_linear(q_BTNH, k_BTKH, v_BTKH)
+    elif decode and self.family == "performer":
+      out_BTNH = self._recurrent_performer(q_BTNH, k_BTKH, v_BTKH)
     elif decode:
       out_BTNH = self._cached_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT)
     else:
@@ -130,6 +136,12 @@ class MultiHeadAttention(nn.Module):
         raise ValueError("the 'linear' family does not support segment ids")
       return attention.linear_attention(q_BTNH, k_BTKH, v_BTKH, causal=self.causal,
                                         feature_map=self.feature_map)
+    if self.family == "performer":
+      if segment_ids_BT is not None:
+        raise ValueError("the 'performer' family does not support segment ids")
+      return attention.performer_attention(q_BTNH, k_BTKH, v_BTKH, key=None,
+                                           projection=self._performer_projection(),
+                                           causal=self.causal)
     return attention.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, causal=self.causal, q_segment_ids=segment_ids_BT,
         kv_segment_ids=segment_ids_BT, bias=self._bias(positions_BT, positions_BT),
@@ -141,6 +153,14 @@ class MultiHeadAttention(nn.Module):
         q_BTNH, k_BTKH, v_BTKH, q_positions_BT, kv_positions_BT, window=self.rerope_window,
         leaky_k=self.rerope_leaky_k, theta=self.rope_theta, causal=self.causal,
         q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT, kv_lengths=kv_lengths_B)
+
+  def _performer_projection(self) -> jax.Array:
+    """[M, H] FAVOR+ projection, fixed by feature_seed and this module's name (a constant, not a
+    parameter: it is neither trained nor decayed)."""
+    import zlib
+    key = jax.random.fold_in(jax.random.key(self.feature_seed),
+                             zlib.crc32("/".join(self.scope.path).encode()) & 0x7FFFFFFF)
+    return attention.orthogonal_gaussian_features(key, self.num_features, self.head_dim)
 
   def _window(self):
     if self.window < 1:
@@ -238,4 +258,23 @@ class MultiHeadAttention(nn.Module):
           s_var.value + jnp.einsum("btkm,btkh->bkmh", phi_k, v_BTKH.astype(jnp.float32)),
           z_var.value + phi_k.sum(axis=1))
     s_var.value, z_var.value = state.s, state.z
+    return out
+
+  def _recurrent_performer(self, q_BTNH, k_BTKH, v_BTKH):
+    """Causal FAVOR+ while decoding: the cache holds the running-max state (S, z, mu) of
+    `attention.performer` instead of keys and values. T > 1 is a prefill of an empty cache."""
+    from jaxlab.attention import performer as performer_lib
+    b, t, kh, h = k_BTKH.shape
+    zero = performer_lib.performer_init_state(b, kh, h, self.num_features)
+    s_var = self.variable("cache", "performer_s", lambda: zero.s)
+    z_var = self.variable("cache", "performer_z", lambda: zero.z)
+    mu_var = self.variable("cache", "performer_mu", lambda: zero.mu)
+    projection = self._performer_projection()
+    state = performer_lib.PerformerState(s_var.value, z_var.value, mu_var.value)
+    if t == 1:
+      out, state = performer_lib.performer_attention_step(q_BTNH, k_BTKH, v_BTKH, state,
+                                                          projection=projection)
+    else:
+      out, state = performer_lib.performer_prefill(q_BTNH, k_BTKH, v_BTKH, projection=projection)
+    s_var.value, z_var.value, mu_var.value = state
     return out

@@ -37,9 +37,9 @@ class GPTConfig:
   learned position table), mlp_ratio, dropout; position: one of POSITIONS, with rope_theta,
   rope_scaling (RoPE context extension), rotary_fraction and logn_train_len (> 0: log-n query
   scaling) and rerope_window / rerope_leaky_k ((leaky) ReRoPE) as in `MultiHeadAttention`; tie_embeddings: the output projection is the transposed token
-  embedding; attention: the family ("softmax" | "local" | "linear") with attention_window (local)
-  and feature_map (linear); qk_norm; logit_soft_cap (softmax); attention_impl: passed to
-  `dot_product_attention`.
+  embedding; attention: the family ("softmax" | "local" | "linear" | "performer") with
+  attention_window (local), feature_map (linear), num_features and feature_seed (performer);
+  qk_norm; logit_soft_cap (softmax); attention_impl: passed to `dot_product_attention`.
   """
 
   vocab_size: int
@@ -63,6 +63,8 @@ class GPTConfig:
   rerope_leaky_k: Optional[float] = None
   attention_window: int = 0
   feature_map: str = "elu+1"
+  num_features: int = 64
+  feature_seed: int = 0
   attention_impl: Optional[str] = None
   activation: str = "gelu"
   use_bias: bool = False
@@ -93,6 +95,7 @@ class Block(nn.Module):
         causal=True, position=c.position, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
         rotary_fraction=c.rotary_fraction, logn_train_len=c.logn_train_len,
         family=c.attention, window=c.attention_window, feature_map=c.feature_map,
+        num_features=c.num_features, feature_seed=c.feature_seed,
         qk_norm=c.qk_norm, logit_soft_cap=c.logit_soft_cap, rerope_window=c.rerope_window,
         rerope_leaky_k=c.rerope_leaky_k, implementation=c.attention_impl, use_bias=c.use_bias, out_init_std=out_std,
         dtype=c.dtype, param_dtype=c.param_dtype, name="attn")(
@@ -136,7 +139,10 @@ class GPT(nn.Module):
                          (c.max_len, c.width), c.param_dtype)
       x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(c.dtype)
     elif c.position == "sinusoidal":
-      x_BTD = x_BTD + positions_lib.sinusoidal_embedding(positions_BT, c.width).astype(c.dtype)
+      # Vaswani et al. 2017 sec. 3.4: token embeddings times sqrt(D) before the (unit-amplitude)
+      # sinusoids are added; without it the fixed position signal swamps 0.02-scale embeddings.
+      x_BTD = x_BTD * math.sqrt(c.width) + positions_lib.sinusoidal_embedding(
+          positions_BT, c.width).astype(c.dtype)
     x_BTD = nn.Dropout(c.dropout, deterministic=not train)(x_BTD)
     for i in range(c.num_layers):
       x_BTD = Block(c, name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, train=train,
@@ -167,6 +173,7 @@ def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
       qk_norm=model_cfg.qk_norm, logit_soft_cap=model_cfg.logit_soft_cap or None,
       rerope_window=model_cfg.rerope_window, rerope_leaky_k=model_cfg.rerope_leaky_k or None,
       attention_window=model_cfg.attention_window, feature_map=model_cfg.feature_map,
+      num_features=model_cfg.num_features, feature_seed=model_cfg.feature_seed,
       attention_impl=None if model_cfg.attention_impl == "auto" else model_cfg.attention_impl,
       activation=model_cfg.activation, use_bias=model_cfg.use_bias,
       dtype=dtypes[model_cfg.dtype]))

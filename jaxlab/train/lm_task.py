@@ -24,13 +24,14 @@ CHOICES = {
     "data.vocab": ("char", "byte"),
     "model.position": ("learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"),
     "model.rope_scaling": ("none", "linear", "ntk", "dynamic_ntk", "yarn"),
-    "model.attention": ("softmax", "local", "linear"),
+    "model.attention": ("softmax", "local", "linear", "performer"),
     "model.feature_map": ("elu+1", "relu", "exp"),
     "model.attention_impl": ("auto", "xla", "blockwise", "cudnn"),
     "model.activation": ("gelu", "gelu_tanh", "relu", "silu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
-POSITIVE_INTS = ("data.seq_len", "model.num_layers", "model.width", "model.num_heads")
+POSITIVE_INTS = ("data.seq_len", "model.num_layers", "model.width", "model.num_heads",
+                 "model.num_features")
 
 
 def validate(config, require) -> None:

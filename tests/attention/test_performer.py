@@ -192,3 +192,23 @@ def test_step_by_step_decoding_equals_the_causal_form():
                                           projection=w)
     outs.append(out)
   np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_state_continues_like_step_by_step_decoding():
+  from jaxlab.attention.performer import (performer_attention_step, performer_init_state,
+                                          performer_prefill)
+  q, k, v = make(7, b=1, t=10, n=2, kh=1, h=8)
+  w = orthogonal_gaussian_features(jax.random.key(8), 16, 8)
+  full = performer_attention(q, k, v, key=None, projection=w, causal=True, chunk_size=3)
+  out, state = performer_prefill(q[:, :7], k[:, :7], v[:, :7], projection=w, chunk_size=3)
+  np.testing.assert_allclose(out, full[:, :7], rtol=1e-5, atol=1e-6)
+  step_state = performer_init_state(1, 1, 8, 16)
+  for t in range(7):
+    _, step_state = performer_attention_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], step_state,
+                                             projection=w)
+  for a, b in zip(state, step_state):  # same state up to the eps floor's reference shift
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for t in range(7, 10):
+    got, state = performer_attention_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], state,
+                                          projection=w)
+    np.testing.assert_allclose(got[:, 0], full[:, t], rtol=1e-4, atol=1e-5)

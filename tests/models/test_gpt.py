@@ -19,7 +19,8 @@ def tiny_gpt(**kw):
 ALL_POSITIONS = ["learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"]
 
 
-FAMILIES = [dict(attention="local", attention_window=3), dict(attention="linear")]
+FAMILIES = [dict(attention="local", attention_window=3), dict(attention="linear"),
+            dict(attention="performer", num_features=16)]
 RE_ROPE = [dict(rerope_window=3), dict(rerope_window=3, rerope_leaky_k=4.0)]
 
 

@@ -1,0 +1,67 @@
+"""experiments/length_extrapolation.py --quick runs end to end and its numbers obey what must hold."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def _load_script():
+  spec = importlib.util.spec_from_file_location("length_extrapolation",
+                                                REPO / "experiments" / "length_extrapolation.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason=f"needs {DATA}")
+def test_quick_run_writes_tables_and_scaling_is_the_identity_at_the_training_length(tmp_path):
+  script = _load_script()
+  variants = ["rope + PI", "rope + dynamic NTK", "rope + YaRN", "rope + ReRoPE(w=16) + log-n"]
+  script.main(["--quick", "--encodings", "rope,learned", "--steps", "15", "--lengths", "32,64",
+               "--variants", ",".join(variants), "--data", str(DATA), "--out", str(tmp_path)])
+  out = json.loads((tmp_path / "length_extrapolation_quick.json").read_text())
+  rows = {(r["model"], r["length"], r["mode"]): r for r in out["rows"]}
+  models = ["rope", "learned"] + variants
+  assert {m for m, _, _ in rows} == set(models)
+  for (model, length, mode), r in rows.items():
+    if model == "learned" and length > 32:
+      assert r["loss"] is None  # beyond the learned table
+    else:
+      assert math.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 and r["scored"] > 0
+  for mode in ("non-overlapping", "sliding"):
+    plain = rows[("rope", 32, mode)]["loss"]
+    # At the training length every RoPE scaling is the identity (scale 1 / length <= train length).
+    for variant in ("rope + PI", "rope + dynamic NTK", "rope + YaRN"):
+      assert rows[(variant, 32, mode)]["loss"] == pytest.approx(plain, abs=1e-5), variant
+  table = (tmp_path / "length_extrapolation_quick.md").read_text()
+  assert "| rope + YaRN |" in table and "n/a" in table
+  assert (tmp_path / "length_extrapolation_quick.png").is_file()
+
+
+@pytest.mark.parametrize("variant", ["rope + PI", "rope + NTK", "rope + dynamic NTK", "rope + YaRN",
+                                     "rope + log-n", "rope + NTK + log-n"])
+def test_eval_models_are_plain_rope_up_to_the_training_length_and_differ_beyond(variant):
+  import jax
+  import numpy as np
+  from jaxlab.configs import load_config
+  script = _load_script()
+  s = script.settings(quick=True)
+  config = load_config("lm_char", script.train_overrides(s, str(DATA), "rope", 10),
+                       check_devices=False)
+  tokens = jax.random.randint(jax.random.key(0), (1, 64), 0, 20)
+  plain = script.eval_model(config, 20, 32, {}, 64)
+  params = plain.init(jax.random.key(1), tokens[:, :32])["params"]
+  changes = script.rope_variants(16)[variant]
+  short = script.eval_model(config, 20, 32, changes, 32)
+  np.testing.assert_allclose(short.apply({"params": params}, tokens[:, :32]),
+                             plain.apply({"params": params}, tokens[:, :32]), atol=1e-5)
+  long = script.eval_model(config, 20, 32, changes, 64)
+  diff = np.abs(np.asarray(long.apply({"params": params}, tokens) - plain.apply({"params": params},
+                                                                                tokens)))
+  assert diff[:, 40:].max() > 1e-5, variant
