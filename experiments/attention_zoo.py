@@ -34,7 +34,14 @@ FAMILIES = {
     "linear (elu+1)": lambda a, q, k, v: a.linear_attention(q, k, v, causal=True),
     "performer (64 features)": lambda a, q, k, v: a.performer_attention(
         q, k, v, key=__import__("jax").random.key(0), num_features=64, causal=True),
+    "block-sparse (strided, 128-blocks)": lambda a, q, k, v: a.block_sparse_attention(
+        q, k, v, block_size=128, causal=True,
+        layout=a.strided_layout(-(-q.shape[1] // 128), local_blocks=2, stride=8)),
 }
+LM_FAMILIES = {"softmax": [],
+               "local": ["--config.model.attention=local", "--config.model.attention_window=16"],
+               "linear": ["--config.model.attention=linear"],
+               "performer": ["--config.model.attention=performer"]}
 
 
 def measure(name: str, length: int, repeats: int) -> dict:
@@ -61,9 +68,7 @@ def measure(name: str, length: int, repeats: int) -> dict:
 
 def quality(data: str, family: str, steps: int) -> dict:
   """Trains the lm_char_cpu model with one family in a child process (clean CPU devices)."""
-  overrides = {"softmax": [], "local": ["--config.model.attention=local",
-                                        "--config.model.attention_window=16"],
-               "linear": ["--config.model.attention=linear"]}[family]
+  overrides = LM_FAMILIES[family]
   code = ("import json, sys, tempfile\n"
           "from jaxlab.cli import load_run_config\n"
           "c = load_run_config('lm_char_cpu', sys.argv[1:])\n"
@@ -118,23 +123,34 @@ def main():
   parser.add_argument("--data", required=True, help="tiny shakespeare input.txt")
   parser.add_argument("--quick", action="store_true", help="lengths up to 1k, 100 LM steps")
   parser.add_argument("--steps", type=int, default=1000, help="LM steps per family (part 2)")
+  parser.add_argument("--families", type=lambda t: t.split(","), default=list(FAMILIES),
+                      help="part 1 families to (re)measure, comma-separated")
+  parser.add_argument("--lm-families", type=lambda t: t.split(","), default=list(LM_FAMILIES),
+                      help="part 2 families to (re)train, comma-separated")
+  parser.add_argument("--merge", action="store_true",
+                      help="keep the other families' results from the existing results file")
   args = parser.parse_args()
   lengths = [256, 512, 1024] if args.quick else [256, 1024, 4096, 16384]
   steps = 100 if args.quick else args.steps
-  rows = []
+  stem = "attention_zoo_quick" if args.quick else "attention_zoo"
+  rows, lm = [], []
+  if args.merge and (RESULTS / f"{stem}.json").is_file():
+    old = json.loads((RESULTS / f"{stem}.json").read_text())
+    rows = [r for r in old["speed"] if r["family"] not in args.families]
+    lm = [r for r in old["lm"] if r["family"] not in args.lm_families]
   for length in lengths:
-    for name in FAMILIES:
+    for name in args.families:
       rows.append(measure(name, length, repeats=5 if length <= 4096 else 2))
       print(json.dumps(rows[-1]), flush=True)
-  lm = [quality(str(pathlib.Path(args.data).resolve()), f, steps)
-        for f in ("softmax", "local", "linear")]
-  for r in lm:
-    print(json.dumps(r), flush=True)
+  for f in args.lm_families:
+    lm.append(quality(str(pathlib.Path(args.data).resolve()), f, steps))
+    print(json.dumps(lm[-1]), flush=True)
+  rows.sort(key=lambda r: (r["length"], list(FAMILIES).index(r["family"])))
+  lm.sort(key=lambda r: list(LM_FAMILIES).index(r["family"]))
 
   import jax
   device = f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
   RESULTS.mkdir(parents=True, exist_ok=True)
-  stem = "attention_zoo_quick" if args.quick else "attention_zoo"
   (RESULTS / f"{stem}.json").write_text(json.dumps({"device": device, "speed": rows, "lm": lm},
                                                    indent=2))
   plot(rows, RESULTS / f"{stem}.png")
@@ -147,7 +163,10 @@ def main():
   for name in FAMILIES:
     cells = []
     for t in lengths:
-      r = next(x for x in rows if x["family"] == name and x["length"] == t)
+      r = next((x for x in rows if x["family"] == name and x["length"] == t), None)
+      if r is None:
+        cells.append("")
+        continue
       cells.append(f"{r['ms']:.1f} ms / {r['temp_mib']:.1f} MiB")
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   big = lengths[-1]
