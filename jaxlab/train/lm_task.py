@@ -26,7 +26,7 @@ CHOICES = {
     "model.rope_scaling": ("none", "linear", "ntk", "dynamic_ntk", "yarn"),
     "model.attention": ("softmax", "local", "linear"),
     "model.feature_map": ("elu+1", "relu", "exp"),
-    "model.attention_impl": ("auto", "xla", "blockwise", "cudnn"),
+    "model.attention_impl": ("auto", "xla", "blockwise", "pallas", "cudnn"),
     "model.activation": ("gelu", "gelu_tanh", "relu", "silu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
 }

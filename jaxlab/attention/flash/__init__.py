@@ -84,7 +84,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
     scale: logit scale (static Python float).
     block_q, block_k: tile sizes (default: `blocks.TABLE` for the backend and head_dim). Lengths need
       not be multiples of them: inputs are padded and the tail is masked inside the kernel.
-    interpret: run the kernels in Pallas interpret mode (default: True unless the backend is a GPU).
+    interpret: run the kernels in Pallas interpret mode (default: True unless the backend is a GPU);
+      False lowers them through Triton for a CUDA GPU.
 
   Returns:
     [B, Tq, N, H] in q's dtype; rows that see no key are zeros (with zero gradients).
@@ -104,10 +105,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
     raise ValueError(f"scale must be a static Python float, got {scale!r}") from None
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  if not interpret:
-    ok, reason = supports(q, k, v)
+  if not interpret:  # compiled = Triton-lowered for a CUDA GPU
+    ok, reason = supports(q, k, v, backend="gpu")
     if not ok:
-      raise ValueError(f"implementation='pallas' cannot compile here: {reason}")
+      raise ValueError(f"the compiled Pallas kernel does not serve these inputs: {reason}")
   blocks = choose_blocks("interpret" if interpret else "gpu", h, tq, tk)
   for name, value in (("block_q", block_q), ("block_k", block_k)):
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
