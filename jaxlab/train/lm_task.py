@@ -63,6 +63,10 @@ def validate(config, require) -> None:
   if m.logit_soft_cap:
     require(m.attention == "softmax", f"config.model.logit_soft_cap needs config.model.attention="
                                       f"'softmax', not {m.attention!r}")
+  if m.attention_impl == "pallas":
+    require(m.position not in ("alibi", "t5") and not m.logit_soft_cap,
+            f"config.model.attention_impl='pallas' takes no logit bias (position={m.position!r}) "
+            f"and no logit_soft_cap ({m.logit_soft_cap}); use 'auto', which falls back")
   if m.attention == "local":
     require(m.attention_window >= 1,
             f"config.model.attention_window={m.attention_window} must be >= 1")

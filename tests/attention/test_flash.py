@@ -250,3 +250,39 @@ def test_gpu_kernels_lower_through_triton(h, dtype):
 
   text = jax.jit(f).trace(qs, ks, ks, seg).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
+
+
+def test_gpt_trains_with_pallas_attention():
+  """The LM with attention_impl="pallas" (rope, GQA, causal) gives the xla model's loss and gradients."""
+  from jaxlab.models.gpt import GPT, GPTConfig
+
+  def model(impl):
+    return GPT(GPTConfig(vocab_size=11, num_layers=1, width=32, num_heads=2, num_kv_heads=1,
+                         max_len=16, position="rope", attention_impl=impl))
+
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 13)), jnp.int32)
+  params = model("xla").init(jax.random.key(0), tokens)
+
+  @jax.jit
+  def loss_and_grad(params):
+    out = {}
+    for impl in ("pallas", "xla"):
+      def loss(p):
+        logits = model(impl).apply(p, tokens)
+        return -jnp.mean(jax.nn.log_softmax(logits[:, :-1]) *
+                         jax.nn.one_hot(tokens[:, 1:], 11)).sum()
+      out[impl] = jax.value_and_grad(loss)(params)
+    return out
+
+  out = loss_and_grad(params)
+  np.testing.assert_allclose(out["pallas"][0], out["xla"][0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+               out["pallas"][1], out["xla"][1])
+
+
+def test_lm_config_accepts_pallas_and_names_the_key_when_it_cannot():
+  from jaxlab.configs import ConfigError, load_config
+  load_config("lm_char", ["--config.model.attention_impl=pallas"])
+  with pytest.raises(ConfigError) as e:
+    load_config("lm_char", ["--config.model.attention_impl=pallas", "--config.model.position=alibi"])
+  assert "config.model.attention_impl" in str(e.value) and "\n" not in str(e.value)
