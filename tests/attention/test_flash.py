@@ -6,8 +6,12 @@ with a stated tolerance. Blocks are deliberately small (8 or 16) so every case h
 ragged tail. Interpret mode compiles each kernel into an XLA loop, so the grid is small and each case runs
 value and gradients of both implementations in one jitted function.
 
+The Mosaic TPU kernels run in TPU interpret mode (`pltpu.InterpretParams`, which simulates each grid
+step and is slower still): one case with every mask feature at once, and one bf16 case.
+
 Also: the causal/window block ranges skip exactly the fully hidden tiles, no O(T^2) intermediate exists
-in forward or backward, and the compiled GPU kernels lower through Triton (lowering only: no GPU here).
+in forward or backward, the compiled GPU kernels lower through Triton and the TPU kernels through Mosaic (lowering only: no
+accelerator here).
 """
 
 import numpy as np
@@ -54,7 +58,7 @@ def _mask_arrays(kind, b, tq, tk):
   raise ValueError(kind)
 
 
-def _both(q, k, v, ct, static_mask, arrays, block, ref_dtypes=(None,)):
+def _both(q, k, v, ct, static_mask, arrays, block, ref_dtypes=(None,), kernel="portable"):
   """[(out, dq, dk, dv) of pallas, then the same of xla for each of ref_dtypes (None = q's dtype)]."""
   b, tq = q.shape[:2]
   tk = k.shape[1]
@@ -63,7 +67,7 @@ def _both(q, k, v, ct, static_mask, arrays, block, ref_dtypes=(None,)):
   def run(q, k, v, ct, arrays):
     mask = make_mask(tq, tk, b, **static_mask, **arrays)
     pallas = lambda q, k, v: flash_attention(q, k, v, mask, scale=SCALE, block_q=block[0],
-                                             block_k=block[1], interpret=True)
+                                             block_k=block[1], interpret=True, kernel=kernel)
     xla = lambda q, k, v: xla_attention(q, k, v, mask, scale=SCALE)
     results = []
     runs = [(pallas, (q, k, v, ct))] + [
@@ -157,7 +161,7 @@ def test_public_entry_point_and_dispatch():
   spec = lambda hd, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((1, 8, 2, hd), dtype)
   assert flash.supports(spec(128), spec(128), spec(128), backend="gpu")[0]
   assert not flash.supports(spec(128), spec(128), spec(128), backend="cpu")[0]
-  assert not flash.supports(spec(128), spec(128), spec(128), backend="tpu")[0]
+  assert flash.supports(spec(128), spec(128), spec(128), backend="tpu")[0]
   assert not flash.supports(spec(80), spec(80), spec(80), backend="gpu")[0]
   assert not flash.supports(spec(64), spec(64), spec(64), bias=1.0, backend="gpu")[0]
   assert not flash.supports(spec(64), spec(64), spec(64), soft_cap=5.0, backend="gpu")[0]
@@ -286,3 +290,55 @@ def test_lm_config_accepts_pallas_and_names_the_key_when_it_cannot():
   with pytest.raises(ConfigError) as e:
     load_config("lm_char", ["--config.model.attention_impl=pallas", "--config.model.position=alibi"])
   assert "config.model.attention_impl" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32_all_masks", "bf16_dense"])
+def test_tpu_kernels_in_tpu_interpret_mode(dtype):
+  """The Mosaic TPU kernels (grid-pipelined, scratch accumulators, clamped index maps) equal xla."""
+  b, tq, tk, n, kh, h = 2, 13, 21, 2, 1, 16
+  q, k, v, ct = _inputs(17, b, tq, tk, n, kh, h, dtype)
+  if dtype == jnp.float32:
+    static_mask = dict(causal=True, window=(7, None))
+    arrays = dict(q_segment_ids=_segments(b, tq, [[4], [9]], seed=0),
+                  kv_segment_ids=_segments(b, tk, [[12], [17]], seed=0),
+                  kv_lengths=jnp.array([21, 15], jnp.int32))
+    tol, ref_dtype = (2e-5, 5e-5), None
+  else:
+    static_mask, arrays, tol, ref_dtype = {}, {}, (DTYPE_TOL[dtype],) * 2, jnp.float32
+  (out, *grads), ref = _both(q, k, v, ct, static_mask, arrays, (8, 8), ref_dtypes=(ref_dtype,),
+                             kernel="tpu")
+  f32 = lambda x: np.asarray(x, np.float32)
+  assert out.dtype == dtype
+  for name, got, want, t in zip(("out", "dq", "dk", "dv"), [out] + grads, ref, tol + tol[1:] * 2):
+    np.testing.assert_allclose(f32(got), f32(want), atol=t, rtol=t, err_msg=name)
+
+
+@pytest.fixture
+def tpu_info_for_cpu(monkeypatch):
+  """Mosaic lowering asks the device for its TPU generation; on CPU, answer TPU v5e (private jax API,
+  so skip rather than fail if it moves)."""
+  try:
+    from jax._src.pallas.mosaic import tpu_info
+    info = lambda: tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5E, 1)
+    monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind, info)
+  except (ImportError, AttributeError) as e:
+    pytest.skip(f"cannot describe a TPU to Mosaic lowering on this jax: {e}")
+
+
+@pytest.mark.parametrize("h,dtype", [(64, jnp.bfloat16), (128, jnp.float32), (256, jnp.bfloat16)])
+def test_tpu_kernels_lower_through_mosaic(tpu_info_for_cpu, h, dtype):
+  """Forward + backward with every mask feature, lowered for TPU (Mosaic checks block shapes against
+  the (8, 128) tiling at this stage): not compiled or run."""
+  b, t, n, kh = 1, 300, 4, 2
+  qs = jax.ShapeDtypeStruct((b, t, n, h), dtype)
+  ks = jax.ShapeDtypeStruct((b, t, kh, h), dtype)
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+  def f(q, k, v, seg):
+    mask = make_mask(t, t, b, causal=True, window=(100, None), q_segment_ids=seg, kv_segment_ids=seg)
+    out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, mask, scale=h ** -0.5,
+                                                       interpret=False, kernel="tpu"), q, k, v)
+    return out, vjp(out)
+
+  text = jax.jit(f).trace(qs, ks, ks, seg).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == 3  # forward, dQ, dK/dV

@@ -7,8 +7,10 @@ forward saves O and the float32 row logsumexp; backward runs a dQ kernel and a d
 Where the kernels run:
   * CUDA GPU: compiled through Pallas' Triton lowering (the portable GPU path).
   * CPU (and any backend with `interpret=True`): Pallas interpret mode, exact but slow; used by the tests.
-  * TPU, and the Mosaic GPU (Hopper warpgroup/TMA) kernel the issue asks for: not written yet;
-    `supports` says no and `dot_product_attention` falls back.
+  * TPU: the Mosaic TPU kernels of `tpu.py` (grid-pipelined, VMEM scratch accumulators); on CPU they run
+    in TPU interpret mode. Checked in interpret mode and by lowering; never run on a real TPU here.
+  * The Mosaic GPU (Hopper warpgroup/TMA) kernel the issue asks for is not written yet; Hopper GPUs use
+    the Triton-lowered portable kernel.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.attention import masks as masks_lib
-from jaxlab.attention.flash import portable
-from jaxlab.attention.flash.blocks import GPU_HEAD_DIMS, TABLE, Blocks, choose_blocks
+from jaxlab.attention.flash import portable, tpu
+from jaxlab.attention.flash.blocks import GPU_HEAD_DIMS, TABLE, TPU_HEAD_DIMS, Blocks, choose_blocks
+KERNELS = ("portable", "tpu")
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-__all__ = ["flash_attention", "supports", "choose_blocks", "Blocks", "TABLE", "GPU_HEAD_DIMS"]
+__all__ = ["flash_attention", "supports", "choose_blocks", "Blocks", "TABLE", "GPU_HEAD_DIMS",
+           "TPU_HEAD_DIMS", "KERNELS"]
 
 
 def supports(q: jax.Array, k: jax.Array, v: jax.Array, *, bias=None, soft_cap=None,
@@ -35,7 +39,7 @@ def supports(q: jax.Array, k: jax.Array, v: jax.Array, *, bias=None, soft_cap=No
   Returns (ok, reason); reason says what is missing when ok is False.
   """
   backend = backend or jax.default_backend()
-  if backend != "gpu":
+  if backend not in ("gpu", "tpu"):
     return False, f"no compiled Pallas flash kernel for backend {backend!r} (interpret mode only)"
   if bias is not None:
     return False, "bias is not supported by the Pallas kernel"
@@ -43,8 +47,9 @@ def supports(q: jax.Array, k: jax.Array, v: jax.Array, *, bias=None, soft_cap=No
     return False, "logit_soft_cap is not supported by the Pallas kernel"
   if q.dtype not in _DTYPES:
     return False, f"dtype {q.dtype} is not one of float32, bfloat16, float16"
-  if q.shape[-1] not in GPU_HEAD_DIMS:
-    return False, f"head_dim {q.shape[-1]} is not one of {GPU_HEAD_DIMS}"
+  head_dims = GPU_HEAD_DIMS if backend == "gpu" else TPU_HEAD_DIMS
+  if q.shape[-1] not in head_dims:
+    return False, f"head_dim {q.shape[-1]} is not one of {head_dims}"
   return True, ""
 
 
@@ -74,7 +79,7 @@ def _segment_ids(mask: masks_lib.AttentionMask, b: int, tqp: int, tkp: int):
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.AttentionMask, *,
                     scale: float, block_q: Optional[int] = None, block_k: Optional[int] = None,
-                    interpret: Optional[bool] = None) -> jax.Array:
+                    interpret: Optional[bool] = None, kernel: Optional[str] = None) -> jax.Array:
   """Softmax attention with the Pallas FlashAttention-2 kernels; same result as `xla_attention`.
 
   Args:
@@ -84,8 +89,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
     scale: logit scale (static Python float).
     block_q, block_k: tile sizes (default: `blocks.TABLE` for the backend and head_dim). Lengths need
       not be multiples of them: inputs are padded and the tail is masked inside the kernel.
-    interpret: run the kernels in Pallas interpret mode (default: True unless the backend is a GPU);
-      False lowers them through Triton for a CUDA GPU.
+    interpret: run the kernels in interpret mode (default: True unless the backend is a GPU or TPU);
+      False compiles them (Triton for the portable kernel, Mosaic for the TPU kernel).
+    kernel: "portable" (Triton-lowered on GPU) or "tpu" (Mosaic TPU); default "tpu" on a TPU backend,
+      else "portable".
 
   Returns:
     [B, Tq, N, H] in q's dtype; rows that see no key are zeros (with zero gradients).
@@ -103,13 +110,18 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
     scale = float(scale)
   except (TypeError, jax.errors.ConcretizationTypeError):
     raise ValueError(f"scale must be a static Python float, got {scale!r}") from None
+  if kernel is None:
+    kernel = "tpu" if jax.default_backend() == "tpu" else "portable"
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
+  target = "tpu" if kernel == "tpu" else "gpu"
   if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  if not interpret:  # compiled = Triton-lowered for a CUDA GPU
-    ok, reason = supports(q, k, v, backend="gpu")
+    interpret = jax.default_backend() not in ("gpu", "tpu")
+  if not interpret:
+    ok, reason = supports(q, k, v, backend=target)
     if not ok:
       raise ValueError(f"the compiled Pallas kernel does not serve these inputs: {reason}")
-  blocks = choose_blocks("interpret" if interpret else "gpu", h, tq, tk)
+  blocks = choose_blocks("interpret" if interpret else target, h, tq, tk)
   for name, value in (("block_q", block_q), ("block_k", block_k)):
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
       raise ValueError(f"{name} must be a positive int or None, got {value!r}")
@@ -120,7 +132,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
   cfg = portable.KernelConfig(
       q_len=tq, kv_len=tk, causal=mask.causal, window=mask.window, has_segments=q_seg is not None,
       scale=scale, block_q=bq, block_k=bk, interpret=bool(interpret),
-      num_warps=None if interpret else blocks.num_warps,
+      num_warps=None if interpret or kernel == "tpu" else blocks.num_warps,
       num_stages=None if interpret else blocks.num_stages)
 
   # Layout change and padding outside the custom_vjp: JAX transposes them itself.
@@ -128,27 +140,28 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
     x = jnp.swapaxes(x, 1, 2)
     return x if t == tp else jnp.pad(x, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
 
-  out = _flash(cfg, to_bnth(q, tq, tqp), to_bnth(k, tk, tkp), to_bnth(v, tk, tkp), q_seg, kv_seg)
+  out = _flash(cfg, tpu if kernel == "tpu" else portable, to_bnth(q, tq, tqp), to_bnth(k, tk, tkp), to_bnth(v, tk, tkp), q_seg, kv_seg)
   return jnp.swapaxes(out[:, :, :tq], 1, 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, q_seg, kv_seg):
-  return portable.forward(cfg, q, k, v, q_seg, kv_seg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(cfg, kernels, q, k, v, q_seg, kv_seg):
+  """`kernels` is the module (portable or tpu) whose forward / backward_dq / backward_dkdv run."""
+  return kernels.forward(cfg, q, k, v, q_seg, kv_seg)[0]
 
 
-def _flash_fwd(cfg, q, k, v, q_seg, kv_seg):
-  out, lse = portable.forward(cfg, q, k, v, q_seg, kv_seg)
+def _flash_fwd(cfg, kernels, q, k, v, q_seg, kv_seg):
+  out, lse = kernels.forward(cfg, q, k, v, q_seg, kv_seg)
   return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 
-def _flash_bwd(cfg, res, d_out):
+def _flash_bwd(cfg, kernels, res, d_out):
   q, k, v, q_seg, kv_seg, out, lse = res
   d_out = d_out.astype(q.dtype)
   # D_i = rowsum(dO * O) (FlashAttention-2, Algorithm 2 line 4): O(T) per head, computed by XLA.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  dq = portable.backward_dq(cfg, q, k, v, d_out, lse, delta, q_seg, kv_seg)
-  dk, dv = portable.backward_dkdv(cfg, q, k, v, d_out, lse, delta, q_seg, kv_seg)
+  dq = kernels.backward_dq(cfg, q, k, v, d_out, lse, delta, q_seg, kv_seg)
+  dk, dv = kernels.backward_dkdv(cfg, q, k, v, d_out, lse, delta, q_seg, kv_seg)
   return dq, dk, dv, None, None
 
 

@@ -32,12 +32,19 @@ TABLE: dict[str, dict[int, Blocks]] = {
         128: Blocks(128, 64, num_warps=8, num_stages=2),
         256: Blocks(64, 32, num_warps=8, num_stages=2),
     },
+    # Mosaic TPU: (8, 128) vreg tiles; 128 x 128 fits every head_dim in VMEM with double buffering.
+    "tpu": {
+        64: Blocks(128, 128),
+        128: Blocks(128, 128),
+        256: Blocks(128, 128),
+    },
     "interpret": {},
 }
 _INTERPRET_DEFAULT = Blocks(32, 32)
 
 # Head dims the compiled (non-interpret) kernels are built for.
 GPU_HEAD_DIMS = tuple(sorted(TABLE["gpu"]))
+TPU_HEAD_DIMS = tuple(sorted(TABLE["tpu"]))
 
 
 def _round_up(x: int, m: int) -> int:
@@ -52,11 +59,19 @@ def _pow2_at_least(x: int) -> int:
 
 
 def choose_blocks(backend: str, head_dim: int, q_len: int, kv_len: int) -> Blocks:
-  """Blocks for `backend` ("gpu" or "interpret") and these shapes.
+  """Blocks for `backend` ("gpu", "tpu" or "interpret") and these shapes.
 
-  Blocks never exceed the sequence lengths rounded up to a power of two >= 16 (Triton's tl.dot needs
-  power-of-two tiles of at least 16), so short sequences are not padded to a full table block.
+  GPU blocks never exceed the sequence lengths rounded up to a power of two >= 16 (Triton's tl.dot needs
+  power-of-two tiles of at least 16); TPU blocks never exceed the lengths rounded up to a multiple of 8
+  (a block equal to the whole padded length is always a legal Mosaic block). So short sequences are not
+  padded to a full table block.
   """
+  if backend == "tpu":
+    if head_dim not in TABLE["tpu"]:
+      raise ValueError(f"head_dim must be one of {TPU_HEAD_DIMS} for the TPU kernel, got {head_dim}")
+    base = TABLE["tpu"][head_dim]
+    return dataclasses.replace(base, block_q=min(base.block_q, _round_up(q_len, 8)),
+                               block_k=min(base.block_k, _round_up(kv_len, 8)))
   if backend == "gpu":
     if head_dim not in TABLE["gpu"]:
       raise ValueError(f"head_dim must be one of {GPU_HEAD_DIMS} for the GPU kernel, got {head_dim}")
@@ -64,7 +79,7 @@ def choose_blocks(backend: str, head_dim: int, q_len: int, kv_len: int) -> Block
   elif backend == "interpret":
     base = TABLE["interpret"].get(head_dim, _INTERPRET_DEFAULT)
   else:
-    raise ValueError(f"backend must be 'gpu' or 'interpret', got {backend!r}")
+    raise ValueError(f"backend must be 'gpu', 'tpu' or 'interpret', got {backend!r}")
   bq = min(base.block_q, max(16, _pow2_at_least(q_len)))
   bk = min(base.block_k, max(16, _pow2_at_least(kv_len)))
   return dataclasses.replace(base, block_q=bq, block_k=bk)

@@ -120,8 +120,10 @@ def _tile_valid(cfg: KernelConfig, q_start, k_start, q_seg, k_seg):
     valid = valid & (k_idx <= q_pos + r)
   if left is not None:
     valid = valid & (k_idx >= q_pos - left)
-  if q_seg is not None:
-    valid = valid & (q_seg[:, None] == k_seg[None, :])
+  if q_seg is not None:  # [bq] and [bk], or already [bq, 1] and [1, bk] (the TPU kernels' layout)
+    if q_seg.ndim == 1:
+      q_seg, k_seg = q_seg[:, None], k_seg[None, :]
+    valid = valid & (q_seg == k_seg)
   return valid
 
 
