@@ -7,7 +7,7 @@ ragged tail. Interpret mode compiles each kernel into an XLA loop, so the grid i
 value and gradients of both implementations in one jitted function.
 
 The Mosaic TPU kernels run in TPU interpret mode (`pltpu.InterpretParams`, which simulates each grid
-step and is slower still): one case with every mask feature at once, and one bf16 case.
+step and is slower still): one case with every mask feature and GQA at once.
 
 Also: the causal/window block ranges skip exactly the fully hidden tiles, no O(T^2) intermediate exists
 in forward or backward, the compiled GPU kernels lower through Triton and the TPU kernels through Mosaic (lowering only: no
@@ -152,8 +152,9 @@ def test_public_entry_point_and_dispatch():
   q, k, v, _ = _inputs(3, b, t, t, n, n, h)
   seg = _segments(b, t, [[6]], seed=1)
   kw = dict(causal=True, q_segment_ids=seg, kv_segment_ids=seg, scale=SCALE)
-  np.testing.assert_allclose(dot_product_attention(q, k, v, implementation="pallas", **kw),
-                             dot_product_attention(q, k, v, implementation="xla", **kw), atol=2e-5)
+  both = jax.jit(lambda q, k, v: [dot_product_attention(q, k, v, implementation=impl, **kw)
+                                  for impl in ("pallas", "xla")])
+  np.testing.assert_allclose(*both(q, k, v), atol=2e-5)
   with pytest.raises(ValueError, match="bias"):
     dot_product_attention(q, k, v, bias=jnp.zeros((t, t)), implementation="pallas")
   with pytest.raises(ValueError, match="logit_soft_cap"):
@@ -256,8 +257,9 @@ def test_gpu_kernels_lower_through_triton(h, dtype):
   assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
 
 
-def test_gpt_trains_with_pallas_attention():
-  """The LM with attention_impl="pallas" (rope, GQA, causal) gives the xla model's loss and gradients."""
+def test_gpt_runs_pallas_attention_when_configured():
+  """The LM with attention_impl="pallas" (rope, GQA, causal) runs the kernel and gives the xla model's
+  logits (the kernel's gradients are tested above, with the same mask and GQA)."""
   from jaxlab.models.gpt import GPT, GPTConfig
 
   def model(impl):
@@ -266,22 +268,10 @@ def test_gpt_trains_with_pallas_attention():
 
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 13)), jnp.int32)
   params = model("xla").init(jax.random.key(0), tokens)
-
-  @jax.jit
-  def loss_and_grad(params):
-    out = {}
-    for impl in ("pallas", "xla"):
-      def loss(p):
-        logits = model(impl).apply(p, tokens)
-        return -jnp.mean(jax.nn.log_softmax(logits[:, :-1]) *
-                         jax.nn.one_hot(tokens[:, 1:], 11)).sum()
-      out[impl] = jax.value_and_grad(loss)(params)
-    return out
-
-  out = loss_and_grad(params)
-  np.testing.assert_allclose(out["pallas"][0], out["xla"][0], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-               out["pallas"][1], out["xla"][1])
+  apply = lambda p: (model("pallas").apply(p, tokens), model("xla").apply(p, tokens))
+  assert "pallas_call" in str(jax.make_jaxpr(lambda p: model("pallas").apply(p, tokens))(params))
+  logits, ref = jax.jit(apply)(params)
+  np.testing.assert_allclose(logits, ref, atol=2e-5, rtol=2e-5)
 
 
 def test_lm_config_accepts_pallas_and_names_the_key_when_it_cannot():
@@ -292,25 +282,20 @@ def test_lm_config_accepts_pallas_and_names_the_key_when_it_cannot():
   assert "config.model.attention_impl" in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32_all_masks", "bf16_dense"])
-def test_tpu_kernels_in_tpu_interpret_mode(dtype):
-  """The Mosaic TPU kernels (grid-pipelined, scratch accumulators, clamped index maps) equal xla."""
+def test_tpu_kernels_in_tpu_interpret_mode():
+  """The Mosaic TPU kernels (grid-pipelined, scratch accumulators, clamped index maps) equal xla, with
+  GQA (2 query heads per kv head), odd Tq != Tk, causal + window + separate segment ids + lengths at
+  once (float32)."""
   b, tq, tk, n, kh, h = 2, 13, 21, 2, 1, 16
-  q, k, v, ct = _inputs(17, b, tq, tk, n, kh, h, dtype)
-  if dtype == jnp.float32:
-    static_mask = dict(causal=True, window=(7, None))
-    arrays = dict(q_segment_ids=_segments(b, tq, [[4], [9]], seed=0),
-                  kv_segment_ids=_segments(b, tk, [[12], [17]], seed=0),
-                  kv_lengths=jnp.array([21, 15], jnp.int32))
-    tol, ref_dtype = (2e-5, 5e-5), None
-  else:
-    static_mask, arrays, tol, ref_dtype = {}, {}, (DTYPE_TOL[dtype],) * 2, jnp.float32
-  (out, *grads), ref = _both(q, k, v, ct, static_mask, arrays, (8, 8), ref_dtypes=(ref_dtype,),
-                             kernel="tpu")
-  f32 = lambda x: np.asarray(x, np.float32)
-  assert out.dtype == dtype
-  for name, got, want, t in zip(("out", "dq", "dk", "dv"), [out] + grads, ref, tol + tol[1:] * 2):
-    np.testing.assert_allclose(f32(got), f32(want), atol=t, rtol=t, err_msg=name)
+  q, k, v, ct = _inputs(17, b, tq, tk, n, kh, h)
+  static_mask = dict(causal=True, window=(7, None))
+  arrays = dict(q_segment_ids=_segments(b, tq, [[4], [9]], seed=0),
+                kv_segment_ids=_segments(b, tk, [[12], [17]], seed=0),
+                kv_lengths=jnp.array([21, 15], jnp.int32))
+  (out, *grads), (ref, *ref_grads) = _both(q, k, v, ct, static_mask, arrays, (8, 8), kernel="tpu")
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=name)
 
 
 @pytest.fixture
