@@ -10,8 +10,8 @@ The Mosaic TPU kernels run in TPU interpret mode (`pltpu.InterpretParams`, which
 step and is slower still): one case with every mask feature and GQA at once.
 
 Also: the causal/window block ranges skip exactly the fully hidden tiles, no O(T^2) intermediate exists
-in forward or backward, the compiled GPU kernels lower through Triton and the TPU kernels through Mosaic (lowering only: no
-accelerator here).
+in forward or backward, the compiled GPU kernels lower through Triton and the TPU kernels through
+Mosaic (lowering only: no accelerator here).
 """
 
 import numpy as np

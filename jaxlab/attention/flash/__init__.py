@@ -1,8 +1,9 @@
 """Pallas flash attention: `implementation="pallas"` of `jaxlab.attention.dot_product_attention`.
 
-`flash_attention` takes the attention contract's arrays ([B, T, N, H], an `AttentionMask`) and runs the
-FlashAttention-2 kernels of `portable.py` (Dao 2023, arXiv:2307.08691) under one `jax.custom_vjp`:
-forward saves O and the float32 row logsumexp; backward runs a dQ kernel and a dK/dV kernel.
+`flash_attention` takes the attention contract's arrays ([B, T, N, H], an `AttentionMask`) and runs
+the FlashAttention-2 kernels of `portable.py` or `tpu.py` (Dao 2023, arXiv:2307.08691) under one
+`jax.custom_vjp`: forward saves O and the float32 row logsumexp; backward runs a dQ kernel and a dK/dV
+kernel.
 
 Where the kernels run:
   * CUDA GPU: compiled through Pallas' Triton lowering (the portable GPU path).
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from jaxlab.attention import masks as masks_lib
 from jaxlab.attention.flash import portable, tpu
 from jaxlab.attention.flash.blocks import GPU_HEAD_DIMS, TABLE, TPU_HEAD_DIMS, Blocks, choose_blocks
+
 KERNELS = ("portable", "tpu")
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -140,7 +142,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
     x = jnp.swapaxes(x, 1, 2)
     return x if t == tp else jnp.pad(x, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
 
-  out = _flash(cfg, tpu if kernel == "tpu" else portable, to_bnth(q, tq, tqp), to_bnth(k, tk, tkp), to_bnth(v, tk, tkp), q_seg, kv_seg)
+  kernels = tpu if kernel == "tpu" else portable
+  out = _flash(cfg, kernels, to_bnth(q, tq, tqp), to_bnth(k, tk, tkp), to_bnth(v, tk, tkp), q_seg,
+               kv_seg)
   return jnp.swapaxes(out[:, :, :tq], 1, 2)
 
 

@@ -6,8 +6,9 @@ clip them to the (padded) sequence lengths so that tiny inputs stay tiny.
 
 The GPU rows are the usual FlashAttention-2 choices for the Triton-lowered Pallas kernel on A100/H100
 (Dao 2023, sec. 3.3; the JAX Pallas GPU reference kernel): larger head_dim leaves less shared memory for
-the key/value tile. They are starting points that were NOT tuned on hardware in this repository (no GPU
-was available when they were written); `experiments/bench_flash.py --sweep` is there to tune them.
+the key/value tile. The TPU rows follow the (8, 128) Mosaic tiling. Both are starting points that were
+NOT tuned on hardware in this repository (no GPU or TPU was available when they were written); tune them
+with `experiments/bench_flash.py` on the target device.
 """
 
 from __future__ import annotations
