@@ -2,6 +2,7 @@
 
 from jaxlab.attention.masks import AttentionMask, make_mask
 from jaxlab.attention.blockwise import blockwise_attention
+from jaxlab.attention.flash import flash_attention
 from jaxlab.attention.linear import (LinearAttentionState, linear_attention,
                                      linear_attention_init_state, linear_attention_step)
 from jaxlab.attention.performer import orthogonal_gaussian_features, performer_attention
@@ -11,7 +12,7 @@ from jaxlab.attention.softmax import choose_implementation, dot_product_attentio
 from jaxlab.attention import swin
 
 __all__ = ["AttentionMask", "make_mask", "dot_product_attention", "xla_attention",
-           "blockwise_attention", "choose_implementation", "local_attention",
+           "blockwise_attention", "flash_attention", "choose_implementation", "local_attention",
            "block_sparse_attention", "block_layout_from_window", "strided_layout", "bigbird_layout",
            "linear_attention", "linear_attention_init_state", "linear_attention_step",
            "LinearAttentionState", "performer_attention", "orthogonal_gaussian_features", "swin"]

@@ -74,7 +74,8 @@ BLOCKWISE_MIN_LOGITS = 2048 * 2048
 
 
 def choose_implementation(q_len: int, kv_len: int) -> str:
-  """The implementation that `implementation=None` uses for these lengths on this backend."""
+  """The XLA implementation that `implementation=None` uses for these lengths (when the Pallas kernel
+  does not serve the inputs, see `dot_product_attention`)."""
   return "blockwise" if q_len * kv_len >= BLOCKWISE_MIN_LOGITS else "xla"
 
 
@@ -100,7 +101,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
     scale: logit scale, default 1/sqrt(H).
     logit_soft_cap: if given, logits (after scale and bias) become c * tanh(logits / c)
       (Gemma 2; Bello et al. 2017).
-    implementation: None (best available) | "xla" | "blockwise" | "pallas" | "cudnn".
+    implementation: None (best available) | "xla" | "blockwise" | "pallas" | "cudnn". None picks
+      "pallas" on a GPU when `jaxlab.attention.flash.supports` the inputs (no bias or soft cap, head_dim
+      64/128/256), else `choose_implementation(Tq, Tk)`. "pallas" runs the Pallas kernels compiled on a
+      GPU and in (slow, exact) interpret mode elsewhere.
 
   Returns:
     [B, Tq, N, H] in q's dtype. Rows that see no key are zeros.
@@ -122,7 +126,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
   if logit_soft_cap is not None and not logit_soft_cap > 0:
     raise ValueError(f"logit_soft_cap must be > 0 or None, got {logit_soft_cap!r}")
   if implementation is None:
-    implementation = choose_implementation(tq, tk)
+    from jaxlab.attention import flash
+    if flash.supports(q, k, v, bias=bias, soft_cap=logit_soft_cap)[0]:
+      implementation = "pallas"
+    else:
+      implementation = choose_implementation(tq, tk)
   if implementation == "xla":
     return xla_attention(q, k, v, mask, bias=bias, scale=scale, soft_cap=logit_soft_cap)
   if implementation == "blockwise":
@@ -132,8 +140,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
     raise ValueError(f"implementation={implementation!r} does not take logit_soft_cap")
   if implementation == "cudnn":
     return _cudnn_attention(q, k, v, mask, bias=bias, scale=scale)
-  raise NotImplementedError(f"implementation={implementation!r} is not available yet in jaxlab; "
-                            "use 'xla' or 'blockwise'")
+  # implementation == "pallas"
+  if bias is not None:
+    raise ValueError("implementation='pallas' does not take bias; use 'xla' or 'blockwise'")
+  from jaxlab.attention.flash import flash_attention
+  return flash_attention(q, k, v, mask, scale=scale)
 
 
 def _cudnn_attention(q, k, v, mask: masks_lib.AttentionMask, *, bias, scale):

@@ -26,7 +26,7 @@ CHOICES = {
     "model.rope_scaling": ("none", "linear", "ntk", "dynamic_ntk", "yarn"),
     "model.attention": ("softmax", "local", "linear", "performer"),
     "model.feature_map": ("elu+1", "relu", "exp"),
-    "model.attention_impl": ("auto", "xla", "blockwise", "cudnn"),
+    "model.attention_impl": ("auto", "xla", "blockwise", "pallas", "cudnn"),
     "model.activation": ("gelu", "gelu_tanh", "relu", "silu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
@@ -64,6 +64,10 @@ def validate(config, require) -> None:
   if m.logit_soft_cap:
     require(m.attention == "softmax", f"config.model.logit_soft_cap needs config.model.attention="
                                       f"'softmax', not {m.attention!r}")
+  if m.attention_impl == "pallas":
+    require(m.position not in ("alibi", "t5") and not m.logit_soft_cap,
+            f"config.model.attention_impl='pallas' takes no logit bias (position={m.position!r}) "
+            f"and no logit_soft_cap ({m.logit_soft_cap}); use 'auto', which falls back")
   if m.attention == "local":
     require(m.attention_window >= 1,
             f"config.model.attention_window={m.attention_window} must be >= 1")

@@ -1,0 +1,172 @@
+"""Pallas flash attention: `implementation="pallas"` of `jaxlab.attention.dot_product_attention`.
+
+`flash_attention` takes the attention contract's arrays ([B, T, N, H], an `AttentionMask`) and runs
+the FlashAttention-2 kernels of `portable.py` or `tpu.py` (Dao 2023, arXiv:2307.08691) under one
+`jax.custom_vjp`: forward saves O and the float32 row logsumexp; backward runs a dQ kernel and a dK/dV
+kernel.
+
+Where the kernels run:
+  * CUDA GPU: compiled through Pallas' Triton lowering (the portable GPU path).
+  * CPU (and any backend with `interpret=True`): Pallas interpret mode, exact but slow; used by the tests.
+  * TPU: the Mosaic TPU kernels of `tpu.py` (grid-pipelined, VMEM scratch accumulators); on CPU they run
+    in TPU interpret mode. Checked in interpret mode and by lowering; never run on a real TPU here.
+  * The Mosaic GPU (Hopper warpgroup/TMA) kernel the issue asks for is not written yet; Hopper GPUs use
+    the Triton-lowered portable kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxlab.attention import masks as masks_lib
+from jaxlab.attention.flash import portable, tpu
+from jaxlab.attention.flash.blocks import GPU_HEAD_DIMS, TABLE, TPU_HEAD_DIMS, Blocks, choose_blocks
+
+KERNELS = ("portable", "tpu")
+
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+__all__ = ["flash_attention", "supports", "choose_blocks", "Blocks", "TABLE", "GPU_HEAD_DIMS",
+           "TPU_HEAD_DIMS", "KERNELS"]
+
+
+def supports(q: jax.Array, k: jax.Array, v: jax.Array, *, bias=None, soft_cap=None,
+             backend: Optional[str] = None) -> tuple[bool, str]:
+  """Whether the compiled Pallas kernel serves these inputs on `backend` (default: the default backend).
+
+  Returns (ok, reason); reason says what is missing when ok is False.
+  """
+  backend = backend or jax.default_backend()
+  if backend not in ("gpu", "tpu"):
+    return False, f"no compiled Pallas flash kernel for backend {backend!r} (interpret mode only)"
+  if bias is not None:
+    return False, "bias is not supported by the Pallas kernel"
+  if soft_cap is not None:
+    return False, "logit_soft_cap is not supported by the Pallas kernel"
+  if q.dtype not in _DTYPES:
+    return False, f"dtype {q.dtype} is not one of float32, bfloat16, float16"
+  head_dims = GPU_HEAD_DIMS if backend == "gpu" else TPU_HEAD_DIMS
+  if q.shape[-1] not in head_dims:
+    return False, f"head_dim {q.shape[-1]} is not one of {head_dims}"
+  return True, ""
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _segment_ids(mask: masks_lib.AttentionMask, b: int, tqp: int, tkp: int):
+  """Segment ids [B, Tqp], [B, Tkp] int32 that encode segments, valid lengths and padding, or None.
+
+  A query at or past q_length (or in the padding) gets id -1, a key at or past kv_length gets -2, so
+  they never match; elsewhere the user's segment ids (or 0).
+  """
+  if (mask.q_segment_ids is None and mask.q_lengths is None and mask.kv_lengths is None):
+    return None, None
+
+  def ids(seg, lengths, t, tp, fill):
+    pos = jnp.arange(tp)[None, :]
+    out = jnp.zeros((b, tp), jnp.int32) if seg is None else jnp.pad(
+        seg.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=fill)
+    limit = t if lengths is None else jnp.minimum(lengths.astype(jnp.int32), t)[:, None]
+    return jnp.where(pos < limit, out, fill)
+
+  return (ids(mask.q_segment_ids, mask.q_lengths, mask.q_len, tqp, -1),
+          ids(mask.kv_segment_ids, mask.kv_lengths, mask.kv_len, tkp, -2))
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.AttentionMask, *,
+                    scale: float, block_q: Optional[int] = None, block_k: Optional[int] = None,
+                    interpret: Optional[bool] = None, kernel: Optional[str] = None) -> jax.Array:
+  """Softmax attention with the Pallas FlashAttention-2 kernels; same result as `xla_attention`.
+
+  Args:
+    q: [B, Tq, N, H]; k, v: [B, Tk, K, H], N % K == 0 (GQA/MQA by index mapping). float32, bfloat16
+      or float16; accumulation is float32 in every case.
+    mask: `AttentionMask` for (Tq, Tk): causal, window, segment ids, lengths, any combination.
+    scale: logit scale (static Python float).
+    block_q, block_k: tile sizes (default: `blocks.TABLE` for the backend and head_dim). Lengths need
+      not be multiples of them: inputs are padded and the tail is masked inside the kernel.
+    interpret: run the kernels in interpret mode (default: True unless the backend is a GPU or TPU);
+      False compiles them (Triton for the portable kernel, Mosaic for the TPU kernel).
+    kernel: "portable" (Triton-lowered on GPU) or "tpu" (Mosaic TPU); default "tpu" on a TPU backend,
+      else "portable".
+
+  Returns:
+    [B, Tq, N, H] in q's dtype; rows that see no key are zeros (with zero gradients).
+  """
+  from jaxlab.attention.softmax import check_qkv
+
+  b, tq, tk, n, kh, h = check_qkv(q, k, v)
+  if q.dtype not in _DTYPES:
+    raise ValueError(f"q must be float32, bfloat16 or float16 for the Pallas kernel, got {q.dtype}")
+  if not isinstance(mask, masks_lib.AttentionMask):
+    raise TypeError(f"mask must be an AttentionMask (see masks.make_mask), got {type(mask).__name__}")
+  if (mask.q_len, mask.kv_len) != (tq, tk):
+    raise ValueError(f"mask is for (Tq, Tk) = {(mask.q_len, mask.kv_len)} but q and k give {(tq, tk)}")
+  try:
+    scale = float(scale)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise ValueError(f"scale must be a static Python float, got {scale!r}") from None
+  if kernel is None:
+    kernel = "tpu" if jax.default_backend() == "tpu" else "portable"
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
+  target = "tpu" if kernel == "tpu" else "gpu"
+  if interpret is None:
+    interpret = jax.default_backend() not in ("gpu", "tpu")
+  if not interpret:
+    ok, reason = supports(q, k, v, backend=target)
+    if not ok:
+      raise ValueError(f"the compiled Pallas kernel does not serve these inputs: {reason}")
+  blocks = choose_blocks("interpret" if interpret else target, h, tq, tk)
+  for name, value in (("block_q", block_q), ("block_k", block_k)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+      raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+  bq = block_q or blocks.block_q
+  bk = block_k or blocks.block_k
+  tqp, tkp = _round_up(tq, bq), _round_up(tk, bk)
+  q_seg, kv_seg = _segment_ids(mask, b, tqp, tkp)
+  cfg = portable.KernelConfig(
+      q_len=tq, kv_len=tk, causal=mask.causal, window=mask.window, has_segments=q_seg is not None,
+      scale=scale, block_q=bq, block_k=bk, interpret=bool(interpret),
+      num_warps=None if interpret or kernel == "tpu" else blocks.num_warps,
+      num_stages=None if interpret else blocks.num_stages)
+
+  # Layout change and padding outside the custom_vjp: JAX transposes them itself.
+  def to_bnth(x, t, tp):
+    x = jnp.swapaxes(x, 1, 2)
+    return x if t == tp else jnp.pad(x, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+
+  kernels = tpu if kernel == "tpu" else portable
+  out = _flash(cfg, kernels, to_bnth(q, tq, tqp), to_bnth(k, tk, tkp), to_bnth(v, tk, tkp), q_seg,
+               kv_seg)
+  return jnp.swapaxes(out[:, :, :tq], 1, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(cfg, kernels, q, k, v, q_seg, kv_seg):
+  """`kernels` is the module (portable or tpu) whose forward / backward_dq / backward_dkdv run."""
+  return kernels.forward(cfg, q, k, v, q_seg, kv_seg)[0]
+
+
+def _flash_fwd(cfg, kernels, q, k, v, q_seg, kv_seg):
+  out, lse = kernels.forward(cfg, q, k, v, q_seg, kv_seg)
+  return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(cfg, kernels, res, d_out):
+  q, k, v, q_seg, kv_seg, out, lse = res
+  d_out = d_out.astype(q.dtype)
+  # D_i = rowsum(dO * O) (FlashAttention-2, Algorithm 2 line 4): O(T) per head, computed by XLA.
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  dq = kernels.backward_dq(cfg, q, k, v, d_out, lse, delta, q_seg, kv_seg)
+  dk, dv = kernels.backward_dkdv(cfg, q, k, v, d_out, lse, delta, q_seg, kv_seg)
+  return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

@@ -1,0 +1,86 @@
+"""Block sizes for the Pallas flash-attention kernels, one table per backend, chosen by shape.
+
+A block size is the number of query rows (block_q) or key/value rows (block_k) one kernel program holds
+in registers/shared memory at a time. The table below is the single place where they are set; the kernels
+clip them to the (padded) sequence lengths so that tiny inputs stay tiny.
+
+The GPU rows are the usual FlashAttention-2 choices for the Triton-lowered Pallas kernel on A100/H100
+(Dao 2023, sec. 3.3; the JAX Pallas GPU reference kernel): larger head_dim leaves less shared memory for
+the key/value tile. The TPU rows follow the (8, 128) Mosaic tiling. Both are starting points that were
+NOT tuned on hardware in this repository (no GPU or TPU was available when they were written); tune them
+with `experiments/bench_flash.py` on the target device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Tile sizes and launch parameters for one (backend, head_dim)."""
+  block_q: int
+  block_k: int
+  num_warps: int = 4   # GPU (Triton) only
+  num_stages: int = 2  # GPU (Triton) only
+
+
+# backend -> head_dim -> Blocks. "interpret" is the CPU interpret mode used by the tests: its speed does
+# not depend on hardware tiles, so small blocks keep the compiled emulation small.
+TABLE: dict[str, dict[int, Blocks]] = {
+    "gpu": {
+        64: Blocks(128, 64, num_warps=4, num_stages=3),
+        128: Blocks(128, 64, num_warps=8, num_stages=2),
+        256: Blocks(64, 32, num_warps=8, num_stages=2),
+    },
+    # Mosaic TPU: (8, 128) vreg tiles; 128 x 128 fits every head_dim in VMEM with double buffering.
+    "tpu": {
+        64: Blocks(128, 128),
+        128: Blocks(128, 128),
+        256: Blocks(128, 128),
+    },
+    "interpret": {},
+}
+_INTERPRET_DEFAULT = Blocks(32, 32)
+
+# Head dims the compiled (non-interpret) kernels are built for.
+GPU_HEAD_DIMS = tuple(sorted(TABLE["gpu"]))
+TPU_HEAD_DIMS = tuple(sorted(TABLE["tpu"]))
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _pow2_at_least(x: int) -> int:
+  p = 1
+  while p < x:
+    p *= 2
+  return p
+
+
+def choose_blocks(backend: str, head_dim: int, q_len: int, kv_len: int) -> Blocks:
+  """Blocks for `backend` ("gpu", "tpu" or "interpret") and these shapes.
+
+  GPU blocks never exceed the sequence lengths rounded up to a power of two >= 16 (Triton's tl.dot needs
+  power-of-two tiles of at least 16); TPU blocks never exceed the lengths rounded up to a multiple of 8
+  (a block equal to the whole padded length is always a legal Mosaic block). So short sequences are not
+  padded to a full table block.
+  """
+  if backend == "tpu":
+    if head_dim not in TABLE["tpu"]:
+      raise ValueError(f"head_dim must be one of {TPU_HEAD_DIMS} for the TPU kernel, got {head_dim}")
+    base = TABLE["tpu"][head_dim]
+    return dataclasses.replace(base, block_q=min(base.block_q, _round_up(q_len, 8)),
+                               block_k=min(base.block_k, _round_up(kv_len, 8)))
+  if backend == "gpu":
+    if head_dim not in TABLE["gpu"]:
+      raise ValueError(f"head_dim must be one of {GPU_HEAD_DIMS} for the GPU kernel, got {head_dim}")
+    base = TABLE["gpu"][head_dim]
+  elif backend == "interpret":
+    base = TABLE["interpret"].get(head_dim, _INTERPRET_DEFAULT)
+  else:
+    raise ValueError(f"backend must be 'gpu', 'tpu' or 'interpret', got {backend!r}")
+  bq = min(base.block_q, max(16, _pow2_at_least(q_len)))
+  bk = min(base.block_k, max(16, _pow2_at_least(kv_len)))
+  return dataclasses.replace(base, block_q=bq, block_k=bk)

@@ -1,0 +1,329 @@
+"""Pallas flash attention (implementation="pallas") against the XLA reference, on CPU in interpret mode.
+
+Values and dQ/dK/dV must match `xla_attention` for each mask feature (causal, separate q/kv segment ids,
+lengths, sliding window, GQA/MQA, all combined) with odd lengths and Tq != Tk, and for each input dtype
+with a stated tolerance. Blocks are deliberately small (8 or 16) so every case has several tiles and a
+ragged tail. Interpret mode compiles each kernel into an XLA loop, so the grid is small and each case runs
+value and gradients of both implementations in one jitted function.
+
+The Mosaic TPU kernels run in TPU interpret mode (`pltpu.InterpretParams`, which simulates each grid
+step and is slower still): one case with every mask feature and GQA at once.
+
+Also: the causal/window block ranges skip exactly the fully hidden tiles, no O(T^2) intermediate exists
+in forward or backward, the compiled GPU kernels lower through Triton and the TPU kernels through
+Mosaic (lowering only: no accelerator here).
+"""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from attention_test_utils import max_intermediate_size
+
+from jaxlab.attention import dot_product_attention, flash
+from jaxlab.attention.flash import flash_attention, portable
+from jaxlab.attention.masks import make_mask
+from jaxlab.attention.softmax import xla_attention
+
+SCALE = 0.37  # not 1/sqrt(H), so a dropped or doubled scale shows
+
+
+def _inputs(seed, b, tq, tk, n, kh, h, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  normal = lambda shape: jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
+  return normal((b, tq, n, h)), normal((b, tk, kh, h)), normal((b, tk, kh, h)), normal((b, tq, n, h))
+
+
+def _segments(b, t, cuts, seed):
+  ids = np.zeros((b, t), np.int32)
+  for r in range(b):
+    for c in cuts[r]:
+      ids[r, c:] += 1
+  return jnp.asarray(ids + seed)
+
+
+def _mask_arrays(kind, b, tq, tk):
+  if kind is None:
+    return {}
+  if kind == "segments":  # separate q and kv ids (Tq != Tk), one id present on one side only
+    return dict(q_segment_ids=_segments(b, tq, [[5], [3, 8]], seed=0),
+                kv_segment_ids=_segments(b, tk, [[12, 20], [6, 17]], seed=0))
+  if kind == "lengths":
+    return dict(q_lengths=jnp.array([9, 13], jnp.int32), kv_lengths=jnp.array([17, 0], jnp.int32))
+  if kind == "all":
+    return dict(q_segment_ids=_segments(b, tq, [[4], [9]], seed=0),
+                kv_segment_ids=_segments(b, tk, [[21], [25]], seed=0),
+                q_lengths=jnp.array([13, 11], jnp.int32), kv_lengths=jnp.array([27, 29], jnp.int32))
+  raise ValueError(kind)
+
+
+def _both(q, k, v, ct, static_mask, arrays, block, ref_dtypes=(None,), kernel="portable"):
+  """[(out, dq, dk, dv) of pallas, then the same of xla for each of ref_dtypes (None = q's dtype)]."""
+  b, tq = q.shape[:2]
+  tk = k.shape[1]
+
+  @jax.jit
+  def run(q, k, v, ct, arrays):
+    mask = make_mask(tq, tk, b, **static_mask, **arrays)
+    pallas = lambda q, k, v: flash_attention(q, k, v, mask, scale=SCALE, block_q=block[0],
+                                             block_k=block[1], interpret=True, kernel=kernel)
+    xla = lambda q, k, v: xla_attention(q, k, v, mask, scale=SCALE)
+    results = []
+    runs = [(pallas, (q, k, v, ct))] + [
+        (xla, tuple(x.astype(dtype or x.dtype) for x in (q, k, v, ct))) for dtype in ref_dtypes]
+    for fn, args in runs:
+      out, vjp = jax.vjp(fn, *args[:3])
+      results.append((out,) + vjp(args[3]))
+    return results
+
+  return run(q, k, v, ct, arrays)
+
+
+# (id, B, Tq, Tk, N, K, H, static mask, mask arrays, (block_q, block_k))
+CASES = [
+    ("dense_gqa", 2, 13, 29, 4, 2, 16, {}, None, (8, 16)),
+    ("causal_tq_lt_tk", 1, 13, 29, 2, 2, 16, dict(causal=True), None, (8, 8)),
+    ("causal_tq_gt_tk_empty_rows", 1, 29, 13, 2, 1, 16, dict(causal=True), None, (8, 8)),
+    ("window_mqa", 1, 29, 29, 4, 1, 16, dict(window=(5, 2)), None, (8, 8)),
+    ("window_one_sided", 1, 13, 29, 2, 2, 16, dict(window=(None, 3)), None, (8, 8)),
+    ("segments_separate_q_kv", 2, 13, 29, 2, 2, 16, {}, "segments", (8, 8)),
+    ("lengths_with_empty_batch_row", 2, 13, 29, 2, 1, 16, dict(causal=True), "lengths", (8, 8)),
+    ("all_combined_gqa", 2, 13, 29, 4, 2, 16, dict(causal=True, window=(9, None)), "all", (8, 8)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_values_and_gradients_match_reference(case):
+  name, b, tq, tk, n, kh, h, static_mask, kind, block = case
+  q, k, v, ct = _inputs(len(name), b, tq, tk, n, kh, h)
+  (out, *grads), (ref, *ref_grads) = _both(q, k, v, ct, static_mask, _mask_arrays(kind, b, tq, tk),
+                                           block)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  for gname, g, r, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+    assert g.shape == x.shape and g.dtype == x.dtype, gname
+    assert np.isfinite(np.asarray(g)).all(), gname
+    np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-5, err_msg=gname)
+
+
+def test_rows_that_see_no_key_are_exact_zeros():
+  """Causal with Tq > Tk: the first Tq - Tk queries precede every key; kv_length 0 empties a batch row."""
+  b, tq, tk, n, kh, h = 2, 21, 9, 2, 1, 16
+  q, k, v, ct = _inputs(5, b, tq, tk, n, kh, h)
+  arrays = dict(kv_lengths=jnp.array([9, 0], jnp.int32))
+  (out, dq, dk, dv), _ = _both(q, k, v, ct, dict(causal=True), arrays, (8, 8))
+  np.testing.assert_array_equal(out[0, :tq - tk], 0.0)
+  np.testing.assert_array_equal(out[1], 0.0)
+  np.testing.assert_array_equal(dq[0, :tq - tk], 0.0)
+  for g in (dq, dk, dv):
+    np.testing.assert_array_equal(g[1], 0.0)
+
+
+# Per-dtype tolerance (absolute and relative) against the float32 reference on the same rounded inputs:
+# bf16 has an 8-bit mantissa (~4e-3 per rounding), fp16 11 bits (~5e-4); P and dS are rounded to the
+# input dtype before their matmuls, as in the reference. The reference run in the low dtype must meet
+# the same bound, so the bound is fair.
+DTYPE_TOL = {jnp.bfloat16: 3e-2, jnp.float16: 4e-3}
+
+
+@pytest.mark.parametrize("dtype,h", [(jnp.bfloat16, 64), (jnp.float16, 128)],
+                         ids=["bf16_h64", "fp16_h128"])
+def test_low_precision_inputs(dtype, h):
+  b, tq, tk, n, kh = 1, 19, 27, 4, 2
+  q, k, v, ct = _inputs(13, b, tq, tk, n, kh, h, dtype)
+  static_mask = dict(causal=True, window=(11, None))
+  arrays = _mask_arrays("all", 2, tq, tk)
+  arrays = {key: value[:1] for key, value in arrays.items()}
+  (out, *grads), ref, ref_low = _both(q, k, v, ct, static_mask, arrays, (16, 16),
+                                     ref_dtypes=(jnp.float32, None))
+  tol = DTYPE_TOL[dtype]
+  assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+  f32 = lambda x: np.asarray(x, np.float32)
+  for name, got, low, want in zip(("out", "dq", "dk", "dv"), [out] + grads, ref_low, ref):
+    np.testing.assert_allclose(f32(got), want, atol=tol, rtol=tol, err_msg=name)
+    np.testing.assert_allclose(f32(low), want, atol=tol, rtol=tol, err_msg="reference " + name)
+
+
+def test_public_entry_point_and_dispatch():
+  """`dot_product_attention(implementation="pallas")` equals xla; CPU default is unchanged; GPU default
+  picks pallas only for what the kernel serves."""
+  b, t, n, h = 1, 11, 2, 16
+  q, k, v, _ = _inputs(3, b, t, t, n, n, h)
+  seg = _segments(b, t, [[6]], seed=1)
+  kw = dict(causal=True, q_segment_ids=seg, kv_segment_ids=seg, scale=SCALE)
+  both = jax.jit(lambda q, k, v: [dot_product_attention(q, k, v, implementation=impl, **kw)
+                                  for impl in ("pallas", "xla")])
+  np.testing.assert_allclose(*both(q, k, v), atol=2e-5)
+  with pytest.raises(ValueError, match="bias"):
+    dot_product_attention(q, k, v, bias=jnp.zeros((t, t)), implementation="pallas")
+  with pytest.raises(ValueError, match="logit_soft_cap"):
+    dot_product_attention(q, k, v, logit_soft_cap=5.0, implementation="pallas")
+  spec = lambda hd, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((1, 8, 2, hd), dtype)
+  assert flash.supports(spec(128), spec(128), spec(128), backend="gpu")[0]
+  assert not flash.supports(spec(128), spec(128), spec(128), backend="cpu")[0]
+  assert flash.supports(spec(128), spec(128), spec(128), backend="tpu")[0]
+  assert not flash.supports(spec(80), spec(80), spec(80), backend="gpu")[0]
+  assert not flash.supports(spec(64), spec(64), spec(64), bias=1.0, backend="gpu")[0]
+  assert not flash.supports(spec(64), spec(64), spec(64), soft_cap=5.0, backend="gpu")[0]
+  if jax.default_backend() == "cpu":  # CPU default is unchanged: the traced program holds no kernel
+    jaxpr = jax.make_jaxpr(lambda q, k, v: dot_product_attention(q, k, v, causal=True))(q, k, v)
+    assert "pallas_call" not in str(jaxpr)
+
+
+def test_bad_arguments_are_named():
+  q = jnp.zeros((1, 4, 2, 8))
+  with pytest.raises(ValueError, match="block_q"):
+    flash_attention(q, q, q, make_mask(4, 4, 1), scale=1.0, block_q=0)
+  with pytest.raises(ValueError, match="mask"):
+    flash_attention(q, q, q, make_mask(5, 4, 1), scale=1.0)
+  with pytest.raises(ValueError, match="q must be"):
+    flash_attention(q.astype(jnp.int32), q.astype(jnp.int32), q.astype(jnp.int32),
+                    make_mask(4, 4, 1), scale=1.0)
+  with pytest.raises(ValueError, match="head_dim"):
+    flash_attention(q, q, q, make_mask(4, 4, 1), scale=1.0, interpret=False)
+
+
+@pytest.mark.parametrize("tq,tk,causal,window,bq,bk", [
+    (37, 37, True, None, 8, 16), (21, 50, True, None, 16, 8), (50, 21, True, None, 8, 8),
+    (40, 40, False, (7, 3), 8, 8), (33, 45, True, (10, None), 16, 8), (45, 33, False, (None, 4), 8, 16),
+    (40, 40, False, (0, 0), 8, 8),
+])
+def test_block_ranges_skip_exactly_the_hidden_tiles(tq, tk, causal, window, bq, bk):
+  """The loop bounds visit every tile with a visible pair (exactness) and no tile without one (skip)."""
+  cfg = portable.KernelConfig(q_len=tq, kv_len=tk, causal=causal, window=window, has_segments=False,
+                              scale=1.0, block_q=bq, block_k=bk, interpret=True)
+  nq, nk = -(-tq // bq), -(-tk // bk)
+  i_idx, j_idx = np.arange(tq)[:, None], np.arange(tk)[None, :]
+  pos = i_idx + tk - tq
+  visible = np.ones((tq, tk), bool)
+  if causal:
+    visible &= j_idx <= pos
+  if window is not None:
+    if window[0] is not None:
+      visible &= j_idx >= pos - window[0]
+    if window[1] is not None:
+      visible &= j_idx <= pos + window[1]
+  tile_visible = np.zeros((nq, nk), bool)
+  for i in range(nq):
+    for j in range(nk):
+      tile_visible[i, j] = visible[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].any()
+  kv_visits, q_visits = np.zeros((nq, nk), bool), np.zeros((nq, nk), bool)
+  for i in range(nq):
+    lo, hi = portable.kv_block_range(cfg, i, nk)
+    kv_visits[i, int(lo):int(hi)] = True
+  for j in range(nk):
+    lo, hi = portable.q_block_range(cfg, j, nq)
+    q_visits[int(lo):int(hi), j] = True
+  np.testing.assert_array_equal(kv_visits, tile_visible)
+  np.testing.assert_array_equal(q_visits, tile_visible)
+  assert not tile_visible.all()  # the case does have tiles to skip
+
+
+def test_no_quadratic_intermediate():
+  """Forward + backward: no intermediate (inside or outside the kernels) of Tq * Tk elements or more."""
+  t, h = 128, 8
+  spec = jax.ShapeDtypeStruct((1, t, 1, h), jnp.float32)
+  mask = make_mask(t, t, 1, causal=True)
+  sizes = {}
+  for name, fn in (("pallas", lambda q, k, v: flash_attention(q, k, v, mask, scale=SCALE,
+                                                              block_q=16, block_k=16)),
+                   ("xla", lambda q, k, v: xla_attention(q, k, v, mask, scale=SCALE))):
+    grad = jax.grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(), argnums=(0, 1, 2))
+    jaxpr = jax.make_jaxpr(grad)(spec, spec, spec)
+    if name == "pallas":
+      assert "pallas_call" in str(jaxpr)
+    sizes[name] = max_intermediate_size(jaxpr.jaxpr)
+  assert sizes["xla"] >= t * t  # the check sees a materialised score matrix
+  assert sizes["pallas"] <= t * h * 2, sizes
+
+
+@pytest.mark.parametrize("h,dtype", [(64, jnp.bfloat16), (128, jnp.float16), (256, jnp.float32)])
+def test_gpu_kernels_lower_through_triton(h, dtype):
+  """Forward + backward with every mask feature, lowered for CUDA on this CPU machine: every kernel op
+  has a Triton lowering. Not compiled or run (that needs a GPU)."""
+  b, t, n, kh = 1, 300, 4, 2
+  qs = jax.ShapeDtypeStruct((b, t, n, h), dtype)
+  ks = jax.ShapeDtypeStruct((b, t, kh, h), dtype)
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+  def f(q, k, v, seg):
+    mask = make_mask(t, t, b, causal=True, window=(100, None), q_segment_ids=seg, kv_segment_ids=seg)
+    out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, mask, scale=h ** -0.5,
+                                                       interpret=False), q, k, v)
+    return out, vjp(out)
+
+  text = jax.jit(f).trace(qs, ks, ks, seg).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
+
+
+def test_gpt_runs_pallas_attention_when_configured():
+  """The LM with attention_impl="pallas" (rope, GQA, causal) runs the kernel and gives the xla model's
+  logits (the kernel's gradients are tested above, with the same mask and GQA)."""
+  from jaxlab.models.gpt import GPT, GPTConfig
+
+  def model(impl):
+    return GPT(GPTConfig(vocab_size=11, num_layers=1, width=32, num_heads=2, num_kv_heads=1,
+                         max_len=16, position="rope", attention_impl=impl))
+
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 13)), jnp.int32)
+  params = model("xla").init(jax.random.key(0), tokens)
+  apply = lambda p: (model("pallas").apply(p, tokens), model("xla").apply(p, tokens))
+  assert "pallas_call" in str(jax.make_jaxpr(lambda p: model("pallas").apply(p, tokens))(params))
+  logits, ref = jax.jit(apply)(params)
+  np.testing.assert_allclose(logits, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_lm_config_accepts_pallas_and_names_the_key_when_it_cannot():
+  from jaxlab.configs import ConfigError, load_config
+  load_config("lm_char", ["--config.model.attention_impl=pallas"])
+  with pytest.raises(ConfigError) as e:
+    load_config("lm_char", ["--config.model.attention_impl=pallas", "--config.model.position=alibi"])
+  assert "config.model.attention_impl" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tpu_kernels_in_tpu_interpret_mode():
+  """The Mosaic TPU kernels (grid-pipelined, scratch accumulators, clamped index maps) equal xla, with
+  GQA (2 query heads per kv head), odd Tq != Tk, causal + window + separate segment ids + lengths at
+  once (float32)."""
+  b, tq, tk, n, kh, h = 2, 13, 21, 2, 1, 16
+  q, k, v, ct = _inputs(17, b, tq, tk, n, kh, h)
+  static_mask = dict(causal=True, window=(7, None))
+  arrays = dict(q_segment_ids=_segments(b, tq, [[4], [9]], seed=0),
+                kv_segment_ids=_segments(b, tk, [[12], [17]], seed=0),
+                kv_lengths=jnp.array([21, 15], jnp.int32))
+  (out, *grads), (ref, *ref_grads) = _both(q, k, v, ct, static_mask, arrays, (8, 8), kernel="tpu")
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=name)
+
+
+@pytest.fixture
+def tpu_info_for_cpu(monkeypatch):
+  """Mosaic lowering asks the device for its TPU generation; on CPU, answer TPU v5e (private jax API,
+  so skip rather than fail if it moves)."""
+  try:
+    from jax._src.pallas.mosaic import tpu_info
+    info = lambda: tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5E, 1)
+    monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind, info)
+  except (ImportError, AttributeError) as e:
+    pytest.skip(f"cannot describe a TPU to Mosaic lowering on this jax: {e}")
+
+
+@pytest.mark.parametrize("h,dtype", [(64, jnp.bfloat16), (128, jnp.float32), (256, jnp.bfloat16)])
+def test_tpu_kernels_lower_through_mosaic(tpu_info_for_cpu, h, dtype):
+  """Forward + backward with every mask feature, lowered for TPU (Mosaic checks block shapes against
+  the (8, 128) tiling at this stage): not compiled or run."""
+  b, t, n, kh = 1, 300, 4, 2
+  qs = jax.ShapeDtypeStruct((b, t, n, h), dtype)
+  ks = jax.ShapeDtypeStruct((b, t, kh, h), dtype)
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+  def f(q, k, v, seg):
+    mask = make_mask(t, t, b, causal=True, window=(100, None), q_segment_ids=seg, kv_segment_ids=seg)
+    out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, mask, scale=h ** -0.5,
+                                                       interpret=False, kernel="tpu"), q, k, v)
+    return out, vjp(out)
+
+  text = jax.jit(f).trace(qs, ks, ks, seg).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == 3  # forward, dQ, dK/dV
