@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.feature_seed = 0  # performer: seed of the (fixed) features; another seed = a redraw
   c.model.qk_norm = False  # RMS-normalise q and k per head
   c.model.logit_soft_cap = 0.0  # softmax: > 0 caps logits as c * tanh(logits / c); 0 = off
-  c.model.attention_impl = "auto"  # softmax: auto | xla | blockwise | cudnn
+  c.model.attention_impl = "auto"  # softmax: auto | xla | blockwise | pallas | cudnn
   c.model.activation = "gelu"
   c.model.use_bias = False
   c.model.dtype = "float32"  # float32 | bfloat16 | float16 (params stay float32)
