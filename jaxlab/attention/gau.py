@@ -2,12 +2,15 @@
 
 Hua, Dai, Liu & Le 2022, "Transformer Quality in Linear Time" (arXiv:2202.10447).
 
+The equations below carry our own labels [G1]..[F4]; the formulas are the paper's (sec. 2 for GAU,
+sec. 3.2 for mixed chunk attention, and its pseudo-code in the appendix).
+
 GAU (sec. 2): from the input X, U = silu(X W_u), V = silu(X W_v) [T, e] and one shared low-dimensional
 Z = silu(X W_z) [T, s] (s = 128 in the paper). Queries and keys are cheap per-dim transforms of Z
-(eq. 4 and the pseudo-code: "per-dim scalars and offsets", like a LayerNorm's scale and offset):
+(sec. 2 and the pseudo-code: "per-dim scalars and offsets", like a LayerNorm's scale and offset):
 
-    Q = Z * gamma_q + beta_q,   K = Z * gamma_k + beta_k                        (`scale_offset`)
-    A = relu(scale * Q K^T + b)^2,   O = (U * A V) W_o                            (eq. 2-3)
+    Q = Z * gamma_q + beta_q,   K = Z * gamma_k + beta_k                  [G1] (`scale_offset`)
+    A = relu(scale * Q K^T + b)^2,   O = (U * A V) W_o                     [G2]
 
 with scale = 1/T (the paper's pseudo-code divides the logits by the sequence length) and b an optional
 relative position bias. `gau_attention` computes A V for the "relu2" kernel and, as the alternative
@@ -20,15 +23,15 @@ it materialises [B, N, Tq, Tk] weights, as the paper's GAU does.
 FLASH (sec. 3.2, mixed chunk attention): the sequence is cut into G = T/C non-overlapping chunks of C
 tokens and four per-dim transforms of Z give quadratic and linear queries/keys. For chunk g:
 
-    V_quad_g = relu(quad_scale * Q^quad_g K^quad_g^T + b)^2 V_g                    (eq. 5; causal mask
+    V_quad_g = relu(quad_scale * Q^quad_g K^quad_g^T + b)^2 V_g                    [F1] (causal mask
                                                                                     inside the chunk)
-    V_lin_g  = linear_scale * Q^lin_g sum_h K^lin_h^T V_h                          (eq. 6, all chunks h)
-    V_lin_g  = linear_scale * Q^lin_g sum_{h<g} K^lin_h^T V_h                      (eq. 7, causal)
-    O_g = [U_g * (V_quad_g + V_lin_g)] W_o                                         (eq. 8)
+    V_lin_g  = linear_scale * Q^lin_g sum_h K^lin_h^T V_h                          [F2] (all chunks h)
+    V_lin_g  = linear_scale * Q^lin_g sum_{h<g} K^lin_h^T V_h                      [F3] (causal)
+    O_g = [U_g * (V_quad_g + V_lin_g)] W_o                                         [F4]
 
 quad_scale = linear_scale = 1/C by default (the paper's pseudo-code divides both by the group size);
 the linear part has no feature map and no normaliser, as in the paper. `mixed_chunk_attention` computes
-V_quad + V_lin. Work is O(T * C * s + T * s * e); memory O(T * C) for the in-chunk weights plus, when
+V_quad + V_lin. Work is O(T * C * (s + e) + T * s * e); memory O(T * C) for the in-chunk weights plus, when
 causal, the exclusive cumulative sum of the per-chunk states, [B, T/C, K, s, e], i.e. O(T) for a fixed
 chunk size (the paper's cumsum form; no [T, T] tensor anywhere, forward or backward).
 
@@ -97,7 +100,7 @@ def _check_qkv(q, k, v, qn: str = "q", kn: str = "k", vn: str = "v") -> tuple[in
 
 
 def scale_offset(z: jax.Array, gamma: jax.Array, beta: jax.Array) -> jax.Array:
-  """Per-dim scalars and offsets of the shared Z (Hua et al. 2022, eq. 4): out[..., m, :] =
+  """Per-dim scalars and offsets of the shared Z (Hua et al. 2022, sec. 2, [G1]): out[..., m, :] =
   z * gamma[m] + beta[m].
 
   Args:
@@ -147,13 +150,13 @@ def gau_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Fa
                   kind: str = "relu2", scale: Optional[float] = None,
                   bias: Optional[jax.Array] = None, kv_mask: Optional[jax.Array] = None,
                   logn_train_len: int = 0) -> jax.Array:
-  """GAU attention A V (Hua et al. 2022, eq. 3), quadratic, on q/k from the shared Z.
+  """GAU attention A V (Hua et al. 2022, sec. 2, [G2]), quadratic, on q/k from the shared Z.
 
   Args:
     q: [B, Tq, N, S] queries (e.g. `scale_offset(z, gamma, beta)[:, :, 0:1]`).
     k: [B, Tk, K, S] keys. v: [B, Tk, K, E] values (GAU's V = silu(X W_v), E = e). N % K == 0.
     causal: query i sees keys j <= i + (Tk - Tq) (aligned at the end, as in the attention contract).
-    kind: "relu2": A = relu(scale * q.k + b)^2 (eq. 3), default scale 1/Tk (the paper's 1/n);
+    kind: "relu2": A = relu(scale * q.k + b)^2 ([G2]), default scale 1/Tk (the paper's 1/n);
       "softmax": A = softmax(m_i * scale * q.k + b) over visible keys, default scale 1/sqrt(S).
     scale: logit multiplier (a static float); None = the default above. When decoding relu2 with a
       KV cache, pass the training value (1/T) explicitly.
@@ -209,11 +212,11 @@ def mixed_chunk_attention(quad_q: jax.Array, quad_k: jax.Array, lin_q: jax.Array
                           kind: str = "relu2", quad_scale: Optional[float] = None,
                           linear_scale: Optional[float] = None,
                           bias: Optional[jax.Array] = None) -> jax.Array:
-  """FLASH mixed chunk attention (Hua et al. 2022, sec. 3.2, eq. 5-7): V_quad + V_lin.
+  """FLASH mixed chunk attention (Hua et al. 2022, sec. 3.2, [F1]-[F3]): V_quad + V_lin.
 
   Quadratic attention inside each chunk of `chunk_size` tokens plus (unnormalised) linear attention
-  across chunks: over all chunks (non-causal, eq. 6) or over the chunks strictly before the query's
-  chunk (causal, eq. 7: an exclusive cumulative sum of per-chunk states). Self-attention: all inputs
+  across chunks: over all chunks (non-causal, [F2]) or over the chunks strictly before the query's
+  chunk (causal, [F3]: an exclusive cumulative sum of per-chunk states). Self-attention: all inputs
   share the length T, which need not be a multiple of chunk_size (the tail is zero-padded and padded
   keys are masked out of the quadratic part and contribute zero to the linear part).
 
@@ -254,7 +257,7 @@ def mixed_chunk_attention(quad_q: jax.Array, quad_k: jax.Array, lin_q: jax.Array
   lk = _chunked(lin_k.astype(f32), nc, c)  # padded keys are 0: no linear contribution
   vc = _chunked(v.astype(f32), nc, c)
 
-  # Quadratic part, eq. 5: [B, nc, K, G, C, C] weights, one chunk at a time in parallel.
+  # Quadratic part, [F1]: [B, nc, K, G, C, C] weights, one chunk at a time in parallel.
   logits = jnp.einsum("bnikgs,bnjks->bnkgij", qq, qk, preferred_element_type=f32) * quad_scale
   if bias is not None:
     logits = logits + _bias_grouped(bias, b, kh, g, c, c, "bias")[:, None]
@@ -264,7 +267,7 @@ def mixed_chunk_attention(quad_q: jax.Array, quad_k: jax.Array, lin_q: jax.Array
   w = _weights(logits, valid, kind)
   out = jnp.einsum("bnkgij,bnjke->bnikge", w, vc, preferred_element_type=f32)
 
-  # Linear part, eq. 6 / 7.
+  # Linear part, [F2] / [F3].
   if causal:
     state = jnp.einsum("bnjks,bnjke->bnkse", lk, vc, preferred_element_type=f32) * linear_scale
     before = jnp.concatenate([jnp.zeros_like(state[:, :1]), jnp.cumsum(state, axis=1)[:, :-1]],
@@ -319,7 +322,7 @@ def flash_step(quad_q_t: jax.Array, quad_k_t: jax.Array, lin_q_t: jax.Array, lin
                v_t: jax.Array, state: FlashDecodeState, *, kind: str = "relu2",
                quad_scale: Optional[float] = None, linear_scale: Optional[float] = None,
                bias: Optional[jax.Array] = None) -> tuple[jax.Array, FlashDecodeState]:
-  """One token of causal FLASH (eq. 5 + 7): returns (out [B, 1, N, E], new state).
+  """One token of causal FLASH ([F1] + [F3]): returns (out [B, 1, N, E], new state).
 
   Args:
     quad_q_t, lin_q_t: [B, 1, N, S]. quad_k_t, lin_k_t: [B, 1, K, S]. v_t: [B, 1, K, E].

@@ -3,7 +3,7 @@ Linear Time", arXiv:2202.10447); the maths is in `jaxlab.attention.gau`.
 
 Both layers map x_BTD -> y_BTD and replace a transformer block's attention AND its MLP (the paper
 stacks GAUs only, each as x + layer(norm(x)); the pre-norm and the residual belong to the block, as for
-`MultiHeadAttention`). They own the parameters of eq. 1-4 and 8:
+`MultiHeadAttention`). They own the parameters of (labels [G1]-[F4] as in `jaxlab.attention.gau`):
 
     U = silu(X W_u), V = silu(X W_v)   [B, T, e]        Dense "uv", kernel [D, 2, e]
     Z = silu(X W_z)                    [B, T, s]        Dense "z", kernel [D, s]
@@ -33,11 +33,12 @@ POSITIONS = ("none", "rope")
 
 
 class _GauProjections(nn.Module):
-  """U, V [B, T, e] and `num_transforms` scale/offset transforms of Z, [B, T, M, s] (eq. 1, 3, 4)."""
+  """U, V [B, T, e] and `num_transforms` scale/offset transforms of Z, [B, T, M, s] (sec. 2, [G1])."""
 
   expansion_dim: int
   qk_dim: int
   num_transforms: int
+  offset_init: float
   use_bias: bool
   init_std: float
   dtype: Any
@@ -53,8 +54,8 @@ class _GauProjections(nn.Module):
     shape = (self.num_transforms, self.qk_dim)
     gamma = self.param("gamma", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                              (None, "kv")), shape, self.param_dtype)
-    beta = self.param("beta", nn.with_logical_partitioning(nn.initializers.zeros, (None, "kv")),
-                      shape, self.param_dtype)
+    beta = self.param("beta", nn.with_logical_partitioning(
+        nn.initializers.constant(self.offset_init), (None, "kv")), shape, self.param_dtype)
     return uv_BT2E[:, :, 0], uv_BT2E[:, :, 1], gau_lib.scale_offset(z_BTS, gamma, beta)
 
 
@@ -76,7 +77,7 @@ def _rotate(module, x_BTMS, positions_BT):
 
 
 class GatedAttentionUnit(nn.Module):
-  """GAU (Hua et al. 2022, sec. 2, eq. 1-4): y = (U * A V) W_o with A from a shared Z [B, T, s].
+  """GAU (Hua et al. 2022, sec. 2, [G1]-[G2]): y = (U * A V) W_o with A from a shared Z [B, T, s].
 
   Attributes:
     expansion_dim: e (the paper: 2 * width). qk_dim: s (the paper: 128).
@@ -86,6 +87,11 @@ class GatedAttentionUnit(nn.Module):
     scale: logit multiplier; None = the `gau_attention` default. The relu2 default depends on the
       input length T: set it (e.g. 1/train_len) for a layer that must behave the same at other lengths.
     position: "none" | "rope" (then positions_BT is required).
+    offset_init: initial value of every offset beta (the paper: 0). With the paper's init
+      (gamma ~ N(0, 0.02), beta = 0) the relu^2 logits start near 1e-6, where relu^2 has almost no
+      gradient, and a GAU-only LM barely trains (experiments/results/gau_flash_lm.md: val loss 3.0
+      against 2.0 for softmax attention); offset_init=0.5 (positive logits from the start) or
+      kind="softmax" train normally. FlashLayer's linear part has no such dead zone.
   Quadratic in T (it is the paper's GAU; `FlashLayer` is the linear-time form).
   """
 
@@ -97,6 +103,7 @@ class GatedAttentionUnit(nn.Module):
   logn_train_len: int = 0
   position: str = "none"
   rope_theta: float = 10000.0
+  offset_init: float = 0.0
   use_bias: bool = False
   init_std: float = 0.02
   out_init_std: float = 0.02
@@ -108,9 +115,9 @@ class GatedAttentionUnit(nn.Module):
                kv_mask_BT: Optional[jax.Array] = None) -> jax.Array:
     """x_BTD [B, T, D] -> [B, T, D]. kv_mask_BT: [B, T] bool, False tokens are not attended to."""
     _check_common(self, positions_BT, x_BTD)
-    u_BTE, v_BTE, qk_BT2S = _GauProjections(self.expansion_dim, self.qk_dim, 2, self.use_bias,
-                                            self.init_std, self.dtype, self.param_dtype,
-                                            name="proj")(x_BTD)
+    u_BTE, v_BTE, qk_BT2S = _GauProjections(self.expansion_dim, self.qk_dim, 2, self.offset_init,
+                                            self.use_bias, self.init_std, self.dtype,
+                                            self.param_dtype, name="proj")(x_BTD)
     qk_BT2S = _rotate(self, qk_BT2S, positions_BT)
     a_BT1E = gau_lib.gau_attention(qk_BT2S[:, :, 0:1], qk_BT2S[:, :, 1:2], v_BTE[:, :, None],
                                    causal=self.causal, kind=self.kind, scale=self.scale,
@@ -121,16 +128,17 @@ class GatedAttentionUnit(nn.Module):
 
 
 class FlashLayer(nn.Module):
-  """FLASH (Hua et al. 2022, sec. 3, eq. 5-8): GAU with mixed chunk attention, linear in T.
+  """FLASH (Hua et al. 2022, sec. 3.2, [F1]-[F4]): GAU with mixed chunk attention, linear in T.
 
   Attributes:
     expansion_dim, qk_dim: e, s as in GatedAttentionUnit.
-    chunk_size: C (the paper: 256). causal: eq. 7 instead of eq. 6.
+    chunk_size: C (the paper: 256). causal: [F3] instead of [F2].
     kind: quadratic part, "relu2" (the paper) or "softmax".
     quad_scale, linear_scale: None = 1/C (relu2; 1/sqrt(s) for softmax) and 1/C, as in the paper.
     relative_bias: learn one bias per in-chunk offset j - i (2C - 1 scalars), added to the quadratic
       logits.
     position: "none" | "rope".
+    offset_init: initial value of the offsets beta (the paper: 0; see GatedAttentionUnit).
 
   Decoding (causal only): call with `decode=True`. `init(..., decode=True)` creates the "cache"
   collection (a `jaxlab.attention.gau.FlashDecodeState`: the linear state of completed chunks and the
@@ -149,6 +157,7 @@ class FlashLayer(nn.Module):
   relative_bias: bool = False
   position: str = "none"
   rope_theta: float = 10000.0
+  offset_init: float = 0.0
   use_bias: bool = False
   init_std: float = 0.02
   out_init_std: float = 0.02
@@ -163,9 +172,9 @@ class FlashLayer(nn.Module):
     if decode and not self.causal:
       raise ValueError("decode=True needs causal=True (non-causal FLASH sees the whole sequence)")
     c = self.chunk_size
-    u_BTE, v_BTE, t_BT4S = _GauProjections(self.expansion_dim, self.qk_dim, 4, self.use_bias,
-                                           self.init_std, self.dtype, self.param_dtype,
-                                           name="proj")(x_BTD)
+    u_BTE, v_BTE, t_BT4S = _GauProjections(self.expansion_dim, self.qk_dim, 4, self.offset_init,
+                                           self.use_bias, self.init_std, self.dtype,
+                                           self.param_dtype, name="proj")(x_BTD)
     t_BT4S = _rotate(self, t_BT4S, positions_BT)
     qq, qk, lq, lk = (t_BT4S[:, :, i:i + 1] for i in range(4))  # each [B, T, 1, s]
     v_BT1E = v_BTE[:, :, None]

@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import numpy as np
 import pytest
 import jax
@@ -130,7 +131,8 @@ def test_gau_matches_naive(causal, kind, logn, with_bias):
   q, k, v = qkv(0)
   bias = rand(1, (2, 4, 13, 13))[0] if with_bias else None
   out = gau(q, k, v, causal=causal, kind=kind, bias=bias, logn_train_len=logn)
-  assert out.shape == (2, 13, 4, 12) and out.dtype == q.dtype
+  chex.assert_shape(out, (2, 13, 4, 12))
+  chex.assert_type(out, q.dtype)
   scale = 1 / 13 if kind == "relu2" else 1 / math.sqrt(8)
   want = naive_gau_np(q, k, v, causal=causal, kind=kind, scale=scale, logn=logn,
                       bias=None if bias is None else np.asarray(bias))
@@ -199,7 +201,8 @@ def test_mixed_chunk_matches_naive(causal, c, kind, with_bias):
   args = flash_inputs(10)
   bias = rand(11, (1, 4, c, c))[0] if with_bias else None
   out = mixed(*args, chunk_size=c, causal=causal, kind=kind, bias=bias)
-  assert out.shape == (2, 13, 4, 12) and out.dtype == jnp.float32
+  chex.assert_shape(out, (2, 13, 4, 12))
+  chex.assert_type(out, jnp.float32)
   qs = 1 / c if kind == "relu2" else 1 / math.sqrt(8)
   want = naive_mixed_np(*args, c=c, causal=causal, kind=kind, qs=qs, ls=1 / c,
                         bias=None if bias is None else np.broadcast_to(bias, (2, 4, c, c)))
@@ -271,7 +274,7 @@ def test_flash_decoding_equals_forward(kind, with_bias, prefill):
   for p in range(prefill, 11):
     sl = lambda x: x[:, p:p + 1]
     out, state = step(sl(qq), sl(qk), sl(lq), sl(lk), sl(v), state)
-    assert out.shape == (2, 1, 4, 12)
+    chex.assert_shape(out, (2, 1, 4, 12))
     np.testing.assert_allclose(out[:, 0], full[:, p], rtol=1e-5, atol=1e-5)
   assert int(state.index) == 11
 
@@ -286,7 +289,7 @@ def test_scale_offset():
 def test_bfloat16_inputs():
   q, k, v = (x.astype(jnp.bfloat16) for x in qkv(18))
   out = gau(q, k, v, causal=True)
-  assert out.dtype == jnp.bfloat16
+  chex.assert_type(out, jnp.bfloat16)
   ref = gau(*(x.astype(jnp.float32) for x in (q, k, v)), causal=True)
   np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=2e-2, atol=2e-2)
   args = [x.astype(jnp.bfloat16) for x in flash_inputs(19)]

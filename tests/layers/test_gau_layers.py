@@ -132,8 +132,11 @@ def test_parameters_and_errors():
   assert params["proj"]["z"]["kernel"].shape == (D, S)
   assert params["proj"]["gamma"].shape == params["proj"]["beta"].shape == (4, S)
   assert params["relative_bias"].shape == (7,) and params["out"]["kernel"].shape == (E, D)
-  gau_params = nn.unbox(GatedAttentionUnit(E, S).init(jax.random.key(0), x)["params"])
+  assert np.all(params["proj"]["beta"] == 0.0)  # the paper's init
+  gau_params = nn.unbox(GatedAttentionUnit(E, S, offset_init=0.5).init(
+      jax.random.key(0), x)["params"])
   assert gau_params["proj"]["gamma"].shape == (2, S)
+  assert np.all(gau_params["proj"]["beta"] == 0.5)
   with pytest.raises(ValueError, match="position"):
     GatedAttentionUnit(E, S, position="alibi").init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="positions_BT"):
