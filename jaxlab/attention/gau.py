@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlab.positions import _checks
 from jaxlab.positions.logn import logn_scale
 
 KINDS = ("relu2", "softmax")
@@ -67,12 +68,6 @@ def _check_kind(kind) -> str:
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   return kind
-
-
-def _check_positive_int(value, name: str) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
-  return int(value)
 
 
 def _check_4d(x, name: str, what: str) -> None:
@@ -173,6 +168,8 @@ def gau_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Fa
   g = n // kh
   if logn_train_len and kind != "softmax":
     raise ValueError(f"logn_train_len applies to kind='softmax', not {kind!r}")
+  if logn_train_len:
+    _checks.positive_int(logn_train_len, "logn_train_len", minimum=2)
   if scale is None:
     scale = 1.0 / tk if kind == "relu2" else 1.0 / math.sqrt(s)
   f32 = jnp.float32
@@ -242,7 +239,7 @@ def mixed_chunk_attention(quad_q: jax.Array, quad_k: jax.Array, lin_q: jax.Array
   if quad_q.shape[1] != quad_k.shape[1]:
     raise ValueError(f"mixed chunk attention is self-attention: quad_q length {quad_q.shape[1]} must "
                      f"equal quad_k length {quad_k.shape[1]}")
-  c = _check_positive_int(chunk_size, "chunk_size")
+  c = _checks.positive_int(chunk_size, "chunk_size")
   kind = _check_kind(kind)
   if quad_scale is None:
     quad_scale = 1.0 / c if kind == "relu2" else 1.0 / math.sqrt(s)
@@ -291,7 +288,7 @@ class FlashDecodeState(NamedTuple):
 def flash_init_state(batch: int, num_kv_heads: int, qk_dim: int, value_dim: int, chunk_size: int,
                      dtype=jnp.float32) -> FlashDecodeState:
   """Empty decoding state; the chunk buffers have `dtype`, the linear state is float32."""
-  c = _check_positive_int(chunk_size, "chunk_size")
+  c = _checks.positive_int(chunk_size, "chunk_size")
   buf = lambda d: jnp.zeros((batch, c, num_kv_heads, d), dtype)
   return FlashDecodeState(jnp.zeros((batch, num_kv_heads, qk_dim, value_dim), jnp.float32),
                           buf(qk_dim), buf(qk_dim), buf(value_dim), jnp.array(0, jnp.int32))
@@ -307,7 +304,7 @@ def flash_prefill_state(quad_k: jax.Array, lin_k: jax.Array, v: jax.Array, *, ch
   _check_qkv(quad_k, quad_k, v, "quad_k", "quad_k", "v")
   if lin_k.shape != quad_k.shape:
     raise ValueError(f"lin_k must have the shape of quad_k {quad_k.shape}, got {lin_k.shape}")
-  c = _check_positive_int(chunk_size, "chunk_size")
+  c = _checks.positive_int(chunk_size, "chunk_size")
   linear_scale = 1.0 / c if linear_scale is None else linear_scale
   b, t, kh, s = quad_k.shape
   done = (t // c) * c

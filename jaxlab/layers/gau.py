@@ -201,8 +201,7 @@ class FlashLayer(nn.Module):
     is_initialized = self.has_variable("cache", "linear")
     b, t, kh, s = qk.shape
     zero = gau_lib.flash_init_state(b, kh, s, v.shape[-1], self.chunk_size, qk.dtype)
-    names = ("linear", "quad_k", "lin_k", "v", "index")
-    cache = [self.variable("cache", name, lambda x=x: x) for name, x in zip(names, zero)]
+    cache = [self.variable("cache", name, lambda x=x: x) for name, x in zip(zero._fields, zero)]
     if not is_initialized:  # initialisation pass: shapes only
       return full()
     if t == 1:

@@ -315,6 +315,8 @@ def test_bad_arguments():
     gau_attention(q, k, v, kv_mask=jnp.ones((2, 12), bool))
   with pytest.raises(ValueError, match="logn_train_len"):
     gau_attention(q, k, v, logn_train_len=8)
+  with pytest.raises(ValueError, match="logn_train_len"):
+    gau_attention(q, k, v, kind="softmax", logn_train_len=1)
   with pytest.raises(ValueError, match="chunk_size"):
     mixed_chunk_attention(qq, qk, lq, lk, fv, chunk_size=0)
   with pytest.raises(ValueError, match="lin_q"):
