@@ -103,8 +103,8 @@ def scale_offset(z: jax.Array, gamma: jax.Array, beta: jax.Array) -> jax.Array:
       FLASH's quadratic and linear Q and K).
 
   Returns:
-    [B, T, M, S] in z's dtype; out[:, :, m] is usable directly as M one-head q/k arrays [B, T, 1, S]
-    after `out[:, :, m:m + 1]`.
+    [B, T, M, S] in z's dtype; `out[:, :, m:m + 1]` is the m-th transform as a one-head q or k
+    [B, T, 1, S].
   """
   if not hasattr(z, "ndim") or z.ndim != 3:
     raise ValueError(f"z must be [batch, length, qk_dim], got shape {getattr(z, 'shape', None)}")
