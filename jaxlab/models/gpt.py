@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlab.layers import MLP, MultiHeadAttention
+from jaxlab.layers import MLP, FlashLayer, MultiHeadAttention
 
 from jaxlab import positions as positions_lib
 
@@ -37,8 +37,9 @@ class GPTConfig:
   learned position table), mlp_ratio, dropout; position: one of POSITIONS, with rope_theta,
   rope_scaling (RoPE context extension), rotary_fraction and logn_train_len (> 0: log-n query
   scaling) and rerope_window / rerope_leaky_k ((leaky) ReRoPE) as in `MultiHeadAttention`; tie_embeddings: the output projection is the transposed token
-  embedding; attention: the family ("softmax" | "local" | "linear" | "performer") with
-  attention_window (local), feature_map (linear), num_features and feature_seed (performer);
+  embedding; attention: the family ("softmax" | "local" | "linear" | "performer" | "flash") with
+  attention_window (local), feature_map (linear), num_features and feature_seed (performer),
+  gau_qk_dim / flash_chunk / gau_kind / gau_offset_init ("flash": each block is two FLASH layers);
   qk_norm; logit_soft_cap (softmax); attention_impl: passed to `dot_product_attention`.
   """
 
@@ -65,6 +66,10 @@ class GPTConfig:
   feature_map: str = "elu+1"
   num_features: int = 64
   feature_seed: int = 0
+  gau_qk_dim: int = 64
+  flash_chunk: int = 64
+  gau_kind: str = "relu2"
+  gau_offset_init: float = 0.0
   attention_impl: Optional[str] = None
   activation: str = "gelu"
   use_bias: bool = False
@@ -89,6 +94,8 @@ class Block(nn.Module):
                decode: bool = False):
     c = self.config
     out_std = 0.02 / math.sqrt(2 * c.num_layers)  # GPT-2's scaled residual init
+    if c.attention == "flash":
+      return self._flash_block(x_BTD, positions_BT, segment_ids_BT, train, decode, out_std)
     h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, "ln_attn")(x_BTD)
     h_BTD = MultiHeadAttention(
         num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.width // c.num_heads,
@@ -97,7 +104,8 @@ class Block(nn.Module):
         family=c.attention, window=c.attention_window, feature_map=c.feature_map,
         num_features=c.num_features, feature_seed=c.feature_seed,
         qk_norm=c.qk_norm, logit_soft_cap=c.logit_soft_cap, rerope_window=c.rerope_window,
-        rerope_leaky_k=c.rerope_leaky_k, implementation=c.attention_impl, use_bias=c.use_bias, out_init_std=out_std,
+        rerope_leaky_k=c.rerope_leaky_k, implementation=c.attention_impl, use_bias=c.use_bias,
+        out_init_std=out_std,
         dtype=c.dtype, param_dtype=c.param_dtype, name="attn")(
             h_BTD, positions_BT, segment_ids_BT=segment_ids_BT, decode=decode)
     x_BTD = x_BTD + nn.Dropout(c.dropout, deterministic=not train)(h_BTD)
@@ -105,6 +113,24 @@ class Block(nn.Module):
     h_BTD = MLP(int(c.mlp_ratio * c.width), activation=c.activation, use_bias=c.use_bias,
                 out_init_std=out_std, dtype=c.dtype, param_dtype=c.param_dtype, name="mlp")(h_BTD)
     x_BTD = x_BTD + nn.Dropout(c.dropout, deterministic=not train)(h_BTD)
+    return nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
+
+  def _flash_block(self, x_BTD, positions_BT, segment_ids_BT, train, decode, out_std):
+    """FLASH (Hua et al. 2022): two pre-norm residual FLASH layers (gated attention units with mixed
+    chunk attention, expansion 2 * width) replace attention + MLP, about the same parameters."""
+    c = self.config
+    if segment_ids_BT is not None:
+      raise ValueError("attention='flash' does not support segment ids (packed sequences)")
+    for i in range(2):
+      h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, f"ln_flash_{i}")(x_BTD)
+      h_BTD = FlashLayer(2 * c.width, qk_dim=c.gau_qk_dim, chunk_size=c.flash_chunk, causal=True,
+                         kind=c.gau_kind, relative_bias=True,
+                         position="rope" if c.position == "rope" else "none",
+                         rope_theta=c.rope_theta, offset_init=c.gau_offset_init,
+                         use_bias=c.use_bias, out_init_std=out_std, dtype=c.dtype,
+                         param_dtype=c.param_dtype, name=f"flash_{i}")(
+                             h_BTD, positions_BT, decode=decode)
+      x_BTD = x_BTD + nn.Dropout(c.dropout, deterministic=not train)(h_BTD)
     return nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
 
 
@@ -174,6 +200,8 @@ def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
       rerope_window=model_cfg.rerope_window, rerope_leaky_k=model_cfg.rerope_leaky_k or None,
       attention_window=model_cfg.attention_window, feature_map=model_cfg.feature_map,
       num_features=model_cfg.num_features, feature_seed=model_cfg.feature_seed,
+      gau_qk_dim=model_cfg.gau_qk_dim, flash_chunk=model_cfg.flash_chunk,
+      gau_kind=model_cfg.gau_kind, gau_offset_init=model_cfg.gau_offset_init,
       attention_impl=None if model_cfg.attention_impl == "auto" else model_cfg.attention_impl,
       activation=model_cfg.activation, use_bias=model_cfg.use_bias,
       dtype=dtypes[model_cfg.dtype]))

@@ -24,14 +24,15 @@ CHOICES = {
     "data.vocab": ("char", "byte"),
     "model.position": ("learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"),
     "model.rope_scaling": ("none", "linear", "ntk", "dynamic_ntk", "yarn"),
-    "model.attention": ("softmax", "local", "linear", "performer"),
+    "model.attention": ("softmax", "local", "linear", "performer", "flash"),
+    "model.gau_kind": ("relu2", "softmax"),
     "model.feature_map": ("elu+1", "relu", "exp"),
     "model.attention_impl": ("auto", "xla", "blockwise", "pallas", "cudnn"),
     "model.activation": ("gelu", "gelu_tanh", "relu", "silu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
 POSITIVE_INTS = ("data.seq_len", "model.num_layers", "model.width", "model.num_heads",
-                 "model.num_features")
+                 "model.num_features", "model.gau_qk_dim", "model.flash_chunk")
 
 
 def validate(config, require) -> None:
@@ -56,6 +57,12 @@ def validate(config, require) -> None:
                                   f"config.model.position='rope', not {m.position!r}")
     require(m.rope_scaling_factor >= 1.0, f"config.model.rope_scaling_factor="
                                           f"{m.rope_scaling_factor} must be >= 1")
+  if m.attention == "flash":
+    require(m.position in ("rope", "learned", "sinusoidal", "none"),
+            f"config.model.position={m.position!r} is not available with config.model.attention="
+            "'flash' (rope, learned, sinusoidal or none)")
+    require(m.rope_scaling == "none" and not m.logn_scaling and not m.qk_norm,
+            "config.model.attention='flash' takes no rope_scaling, logn_scaling or qk_norm")
   if m.attention != "softmax":
     require(m.position not in ("alibi", "t5"),
             f"config.model.position={m.position!r} adds a logit bias, which "

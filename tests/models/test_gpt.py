@@ -20,7 +20,8 @@ ALL_POSITIONS = ["learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"]
 
 
 FAMILIES = [dict(attention="local", attention_window=3), dict(attention="linear"),
-            dict(attention="performer", num_features=16)]
+            dict(attention="performer", num_features=16),
+            dict(attention="flash", gau_qk_dim=8, flash_chunk=4, gau_offset_init=0.5)]
 RE_ROPE = [dict(rerope_window=3), dict(rerope_window=3, rerope_leaky_k=4.0)]
 
 
