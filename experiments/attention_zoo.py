@@ -37,11 +37,14 @@ FAMILIES = {
     "block-sparse (strided, 128-blocks)": lambda a, q, k, v: a.block_sparse_attention(
         q, k, v, block_size=128, causal=True,
         layout=a.strided_layout(-(-q.shape[1] // 128), local_blocks=2, stride=8)),
+    "FLASH mixed chunk (C=256)": lambda a, q, k, v: a.mixed_chunk_attention(
+        q, k, q, k, v, chunk_size=256, causal=True),
 }
 LM_FAMILIES = {"softmax": [],
                "local": ["--config.model.attention=local", "--config.model.attention_window=16"],
                "linear": ["--config.model.attention=linear"],
-               "performer": ["--config.model.attention=performer"]}
+               "performer": ["--config.model.attention=performer"],
+               "flash": ["--config.model.attention=flash", "--config.model.gau_offset_init=0.5"]}
 
 
 def measure(name: str, length: int, repeats: int) -> dict:
