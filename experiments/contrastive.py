@@ -150,8 +150,8 @@ def write_results(sweep: list[dict], memory: list[dict], args, wall: float) -> N
   RESULTS.mkdir(parents=True, exist_ok=True)
   device = device_description()
   lines = ["# CLIP vs SigLIP across batch sizes; memory of chunked SigLIP vs all-gathered CLIP", "",
-           f"Device: {device}. Command: `python experiments/contrastive.py"
-           f"{' --quick' if args.quick else ''}`; total wall time {wall / 60:.1f} min.", "",
+           f"Device: {device}. Command: `python experiments/contrastive.py "
+           f"{' '.join(sys.argv[1:])}`; total wall time {wall / 60:.1f} min.", "",
            "## Batch-size sweep (sklearn digits + caption templates, same encoders and budget)", "",
            f"Every run sees {args.examples} training pairs (steps = {args.examples} / batch), AdamW "
            "lr 1e-3 -> 1e-4 cosine with 10% warmup, seed "
@@ -225,7 +225,7 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--data-dir", type=str, default="", help="TFDS data_dir")
   args = parser.parse_args()
-  args.examples = args.examples or (4096 if args.quick else 32768)
+  args.examples = args.examples or (4096 if args.quick else 24576)
   batches = [int(b) for b in (args.batches or ("16,64,256" if args.quick else
                                                 "16,32,64,128,256,512,1024")).split(",")]
   memory_batches = [int(b) for b in (args.memory_batches or ("1024" if args.quick else
