@@ -1,0 +1,75 @@
+"""Contrastive image-text pre-training on scikit-learn's 8x8 digits with caption templates (embedded).
+
+    jaxlab train contrastive_digits                                  # SigLIP (default)
+    jaxlab train contrastive_digits --config.model.loss=clip
+
+Needs no download: the 1,797 digits ship inside scikit-learn; captions come from templates such as
+"a handwritten seven" or "the digit 7". The test split (every 5th image) is never trained on; at the end
+`jaxlab train` prints zero-shot accuracy (images classified by the text embeddings of the digit prompts)
+and retrieval recall@1/5. On 2 CPU cores (one XLA device each, so the loss runs sharded as chunked
+SigLIP) the 600 steps took under 4 minutes with compilation on a shared, loaded machine (95 ms/step).
+Measured (SigLIP, seed 0): val loss 3.43, zero-shot accuracy 0.842, image->text R@1 0.836,
+text->image R@1 1.000 on the 360 held-out digits.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "contrastive"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"  # digits | emoji
+  c.data.path = ""  # emoji: the folder with emoji.json and the 32-px sheets
+  c.data.data_dir = ""  # TFDS data_dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.text_len = 40  # caption tokens, end token included (longer captions are cut)
+  c.data.batch_size = 64  # global batch: all of it gives each example its negatives
+
+  c.model = ml_collections.ConfigDict()
+  c.model.loss = "siglip"  # clip | siglip
+  c.model.loss_impl = "sharded"  # sharded (all-gather CLIP / chunked SigLIP over devices) | dense
+  c.model.patch = 2
+  c.model.image_width = 64
+  c.model.image_layers = 2
+  c.model.image_heads = 4
+  c.model.image_position = "sincos2d"  # sincos2d | learned | none
+  c.model.text_width = 64
+  c.model.text_layers = 2
+  c.model.text_heads = 4
+  c.model.text_position = "learned"  # learned | rope
+  c.model.mlp_ratio = 2.0
+  c.model.embed_dim = 64
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.min_lr = 1e-4
+  c.optim.warmup_steps = 50
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.05
+  c.optim.decay_embeddings = False
+  c.optim.grad_clip = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 600
+  c.train.log_every = 50
+  c.train.eval_every = 300
+  c.train.eval_batches = 5
+  c.train.eval_seed = 1234
+  c.train.checkpoint_every = 300
+  c.train.keep_checkpoints = 2
+  c.train.tensorboard = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 256  # for embedding the test split at the end
+  c.eval.recall_at = (1, 5)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.cpu_devices = 0
+  return c

@@ -1,0 +1,297 @@
+"""Contrastive losses as pure functions: InfoNCE, NT-Xent, CLIP and SigLIP, dense and across devices.
+
+Embeddings are [B, D] with row i of the two inputs forming the positive pair; every other row of the
+batch is a negative. Dense losses see the whole batch on one device. The `*_sharded` / `*_chunked`
+forms take global arrays whose batch axis is split over mesh axes and run under `jax.shard_map`:
+  clip_loss_all_gather   all-gathers the other modality, so each device scores its rows against the
+                         whole global batch (the gather's backward is a reduce-scatter, so gradients
+                         reach the device that owns each embedding);
+  siglip_loss_chunked    the chunked sigmoid loss of Zhai et al. 2023 (sec. 3.3): images stay put,
+                         text blocks travel around a ring with `ppermute`; no device ever holds more
+                         than a [B/P, B/P] block of the similarity matrix.
+Both equal their dense counterparts in value and gradient (tests/losses/test_contrastive.py).
+
+Inputs that must be L2-normalised (CLIP, SigLIP, NT-Xent with cosine) are checked when they are concrete
+arrays; under `jit` the check cannot look at values and is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+# CLIP (Radford et al. 2021, sec. 2.5): the temperature is initialised to 0.07 and "clipped to prevent
+# scaling the logits by more than 100", i.e. log_scale <= log(100).
+CLIP_INIT_LOG_SCALE = math.log(1 / 0.07)
+CLIP_MAX_LOG_SCALE = math.log(100.0)
+# SigLIP (Zhai et al. 2023, sec. 3.2 and Algorithm 1): t = exp(t'), t' = log 10, b = -10.
+SIGLIP_INIT_LOG_TEMPERATURE = math.log(10.0)
+SIGLIP_INIT_BIAS = -10.0
+
+ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
+AxisNames = Union[str, Sequence[str]]
+
+
+# ----------------------------------------------------------------------------- checks and helpers
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||_2, eps) along `axis`."""
+  x = jnp.asarray(x)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True))
+  return (x / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
+def _check_pair(a, b, name_a: str, name_b: str) -> tuple[jax.Array, jax.Array]:
+  """Both [B, D] float arrays with the same B and D; ValueError naming the argument otherwise."""
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  for x, name in ((a, name_a), (b, name_b)):
+    if x.ndim != 2:
+      raise ValueError(f"{name} must be [batch, dim], got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a float array, got dtype {x.dtype}")
+  if a.shape[0] != b.shape[0]:
+    raise ValueError(f"{name_a} and {name_b} must have the same batch size (row i of each is a "
+                     f"positive pair), got {a.shape[0]} and {b.shape[0]}")
+  if a.shape[1] != b.shape[1]:
+    raise ValueError(f"{name_a} and {name_b} must have the same embedding dim, got {a.shape[1]} and "
+                     f"{b.shape[1]}")
+  if a.shape[0] < 1:
+    raise ValueError(f"{name_a} must hold at least one example")
+  return a, b
+
+
+def _check_normalized(x: jax.Array, name: str, atol: float = 1e-3) -> None:
+  """Raises if a concrete x has a row whose L2 norm is not 1 (within atol); no-op under tracing."""
+  if isinstance(x, jax.core.Tracer):
+    return
+  norms = np.linalg.norm(np.asarray(x, np.float64), axis=-1)
+  worst = float(np.max(np.abs(norms - 1.0))) if norms.size else 0.0
+  if worst > atol:
+    raise ValueError(f"{name} must be L2-normalised along its last axis (row norms differ from 1 by "
+                     f"up to {worst:.3g}); apply l2_normalize first")
+
+
+def _check_scalar(x, name: str) -> jax.Array:
+  x = jnp.asarray(x, jnp.float32)
+  if x.ndim != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {tuple(x.shape)}")
+  return x
+
+
+def clip_logit_scale(log_scale: jax.Array, max_log_scale: float = CLIP_MAX_LOG_SCALE) -> jax.Array:
+  """exp(min(log_scale, max_log_scale)): CLIP's multiplier of the cosine similarities (<= 100).
+
+  Above the clamp the gradient with respect to log_scale is zero, so an optimiser cannot push it on.
+  """
+  return jnp.exp(jnp.minimum(log_scale, max_log_scale))
+
+
+def _axes(axis_names: AxisNames) -> tuple[str, ...]:
+  return (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
+
+
+def _num_shards(mesh: Mesh, axes: tuple[str, ...]) -> int:
+  for a in axes:
+    if a not in mesh.shape:
+      raise ValueError(f"axis_names: mesh has no axis {a!r} (axes: {tuple(mesh.shape)})")
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _check_divisible(batch: int, shards: int, name: str) -> None:
+  if batch % shards:
+    raise ValueError(f"{name}'s batch {batch} must be divisible by the {shards} devices of the "
+                     "sharded axes")
+
+
+# ----------------------------------------------------------------------------- InfoNCE / NT-Xent
+
+
+def _score_fn(score: Union[str, ScoreFn]) -> ScoreFn:
+  if callable(score):
+    return score
+  if score == "dot":
+    return lambda q, k: q @ k.T
+  if score == "cosine":
+    return lambda q, k: l2_normalize(q) @ l2_normalize(k).T
+  raise ValueError(f"score must be 'dot', 'cosine' or a callable (q_BD, k_BD) -> [B, B], got {score!r}")
+
+
+def infonce_loss(queries_BD: jax.Array, keys_BD: jax.Array, *, temperature: float = 0.1,
+                 score: Union[str, ScoreFn] = "cosine") -> jax.Array:
+  """InfoNCE / CPC (van den Oord et al. 2018, eq. 4) with in-batch negatives; a float32 scalar.
+
+  L = -1/B sum_i log( exp(f(q_i, k_i)/tau) / sum_j exp(f(q_i, k_j)/tau) ),
+  f = `score`: "cosine", "dot", or any callable (q_BD, k_BD) -> scores [B, B] (e.g. CPC's bilinear
+  q W k^T with W bound in). Row i of keys is the positive of query i; the other rows are negatives.
+  """
+  queries_BD, keys_BD = _check_pair(queries_BD, keys_BD, "queries_BD", "keys_BD")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  scores_BB = _score_fn(score)(queries_BD, keys_BD)
+  b = queries_BD.shape[0]
+  if scores_BB.shape != (b, b):
+    raise ValueError(f"score must return [B, B] = {(b, b)}, got {tuple(scores_BB.shape)}")
+  logits_BB = scores_BB.astype(jnp.float32) / temperature
+  log_probs_BB = jax.nn.log_softmax(logits_BB, axis=-1)
+  return -jnp.mean(jnp.diagonal(log_probs_BB))
+
+
+def nt_xent_loss(z1_BD: jax.Array, z2_BD: jax.Array, *, temperature: float = 0.5) -> jax.Array:
+  """NT-Xent of SimCLR (Chen et al. 2020, eq. 1) for two views of the same B examples; a scalar.
+
+  The 2B views are L2-normalised; for each view the other view of its example is the positive and the
+  remaining 2B - 2 views are negatives (itself excluded). The loss is the mean over all 2B views.
+  """
+  z1_BD, z2_BD = _check_pair(z1_BD, z2_BD, "z1_BD", "z2_BD")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  b = z1_BD.shape[0]
+  z_ND = l2_normalize(jnp.concatenate([z1_BD, z2_BD]).astype(jnp.float32))  # N = 2B
+  logits_NN = (z_ND @ z_ND.T) / temperature
+  logits_NN = jnp.where(jnp.eye(2 * b, dtype=bool), -jnp.inf, logits_NN)
+  positive_N = jnp.concatenate([jnp.arange(b, 2 * b), jnp.arange(b)])
+  log_probs_NN = jax.nn.log_softmax(logits_NN, axis=-1)
+  return -jnp.mean(jnp.take_along_axis(log_probs_NN, positive_N[:, None], axis=1))
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+
+def clip_loss(image_BD: jax.Array, text_BD: jax.Array, log_scale: jax.Array, *,
+              max_log_scale: float = CLIP_MAX_LOG_SCALE) -> jax.Array:
+  """CLIP's symmetric InfoNCE (Radford et al. 2021, Figure 3) on one device; a float32 scalar.
+
+  image_BD, text_BD: L2-normalised embeddings (row i of each is a pair). log_scale: learnable scalar
+  log(1/temperature), clamped at max_log_scale (= log 100) by `clip_logit_scale`.
+  logits = s * I T^T; L = (CE(logits, diag) over rows + CE(logits^T, diag) over rows) / 2, each a mean.
+  """
+  image_BD, text_BD = _check_pair(image_BD, text_BD, "image_BD", "text_BD")
+  _check_normalized(image_BD, "image_BD")
+  _check_normalized(text_BD, "text_BD")
+  scale = clip_logit_scale(_check_scalar(log_scale, "log_scale"), max_log_scale)
+  logits_BB = scale * (image_BD.astype(jnp.float32) @ text_BD.astype(jnp.float32).T)
+  image_to_text = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits_BB, axis=1)))
+  text_to_image = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits_BB, axis=0)))
+  return 0.5 * (image_to_text + text_to_image)
+
+
+def _clip_local(image_bD, text_bD, log_scale, *, axes, global_batch, max_log_scale):
+  """Per-device body: local rows against the all-gathered other modality; returns the global loss."""
+  b = image_bD.shape[0]
+  scale = clip_logit_scale(log_scale, max_log_scale)
+  all_image_BD = jax.lax.all_gather(image_bD, axes, tiled=True)
+  all_text_BD = jax.lax.all_gather(text_bD, axes, tiled=True)
+  offset = jax.lax.axis_index(axes) * b  # global row index of local row 0
+  labels_b = offset + jnp.arange(b)
+  logits_i2t_bB = scale * (image_bD @ all_text_BD.T)
+  logits_t2i_bB = scale * (text_bD @ all_image_BD.T)
+  pick = lambda logits: jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels_b[:, None],
+                                            axis=1)
+  local_sum = -(jnp.sum(pick(logits_i2t_bB)) + jnp.sum(pick(logits_t2i_bB)))
+  return jax.lax.psum(local_sum, axes) / (2 * global_batch)
+
+
+def clip_loss_all_gather(image_BD: jax.Array, text_BD: jax.Array, log_scale: jax.Array, *,
+                         mesh: Mesh, axis_names: AxisNames = ("data",),
+                         max_log_scale: float = CLIP_MAX_LOG_SCALE) -> jax.Array:
+  """`clip_loss` with the batch split over `axis_names` of `mesh`; negatives from the global batch.
+
+  Each device holds B/P rows of each modality, all-gathers both modalities ([B, D] each, not [B, B])
+  and computes its B/P rows of the image->text and text->image cross-entropies against all B
+  candidates (the usual "local loss + gather with gradient" of open_clip). Under `shard_map` the
+  gather's transpose is a reduce-scatter, so every embedding gets the gradient of the global loss.
+  Peak per device: two [B/P, B] logit blocks.
+  """
+  image_BD, text_BD = _check_pair(image_BD, text_BD, "image_BD", "text_BD")
+  _check_normalized(image_BD, "image_BD")
+  _check_normalized(text_BD, "text_BD")
+  log_scale = _check_scalar(log_scale, "log_scale")
+  axes = _axes(axis_names)
+  _check_divisible(image_BD.shape[0], _num_shards(mesh, axes), "image_BD")
+  body = lambda i, t, s: _clip_local(i.astype(jnp.float32), t.astype(jnp.float32), s, axes=axes,
+                                     global_batch=image_BD.shape[0], max_log_scale=max_log_scale)
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=P())(
+      image_BD, text_BD, log_scale)
+
+
+# ----------------------------------------------------------------------------- SigLIP
+
+
+def siglip_loss(image_BD: jax.Array, text_BD: jax.Array, log_temperature: jax.Array,
+                bias: jax.Array) -> jax.Array:
+  """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, eq. 1 / Algorithm 1) on one device; a scalar.
+
+  logits_ij = exp(t') <x_i, y_j> + b, z_ij = +1 if i == j else -1;
+  L = -1/B sum_i sum_j log sigmoid(z_ij logits_ij)   (normalised by the batch size, as in the paper).
+  image_BD, text_BD: L2-normalised embeddings. log_temperature t' (init log 10), bias b (init -10).
+  """
+  image_BD, text_BD = _check_pair(image_BD, text_BD, "image_BD", "text_BD")
+  _check_normalized(image_BD, "image_BD")
+  _check_normalized(text_BD, "text_BD")
+  t = jnp.exp(_check_scalar(log_temperature, "log_temperature"))
+  bias = _check_scalar(bias, "bias")
+  b = image_BD.shape[0]
+  logits_BB = t * (image_BD.astype(jnp.float32) @ text_BD.astype(jnp.float32).T) + bias
+  z_BB = 2.0 * jnp.eye(b, dtype=jnp.float32) - 1.0
+  return -jnp.sum(jax.nn.log_sigmoid(z_BB * logits_BB)) / b
+
+
+def _siglip_block(image_bD, text_bD, t, bias, positive: bool):
+  """Sum over one [b, b] block of -log sigmoid(z * logits); positives on the diagonal iff `positive`."""
+  logits_bb = t * (image_bD @ text_bD.T) + bias
+  if positive:
+    z_bb = 2.0 * jnp.eye(image_bD.shape[0], dtype=jnp.float32) - 1.0
+  else:
+    z_bb = -jnp.ones_like(logits_bb)
+  return -jnp.sum(jax.nn.log_sigmoid(z_bb * logits_bb))
+
+
+def _siglip_ring(image_bD, text_bD, log_temperature, bias, *, axes, num_shards, global_batch):
+  """Per-device body of the chunked loss: own block (with positives), then P - 1 ring steps."""
+  t = jnp.exp(log_temperature)
+  total = _siglip_block(image_bD, text_bD, t, bias, positive=True)
+  # Device k sends its current text block to k + 1 (any fixed cyclic shift visits every block once).
+  perm = [(k, (k + 1) % num_shards) for k in range(num_shards)]
+  # Recomputed in the backward pass, so only the [b, D] text blocks are saved, never P logit blocks.
+  negatives = jax.checkpoint(lambda i, tx, tt, bb: _siglip_block(i, tx, tt, bb, positive=False))
+
+  def step(carry, _):
+    acc, text_block = carry
+    text_block = jax.lax.ppermute(text_block, axes, perm)
+    return (acc + negatives(image_bD, text_block, t, bias), text_block), None
+
+  if num_shards > 1:
+    (total, _), _ = jax.lax.scan(step, (total, text_bD), None, length=num_shards - 1)
+  return jax.lax.psum(total, axes) / global_batch
+
+
+def siglip_loss_chunked(image_BD: jax.Array, text_BD: jax.Array, log_temperature: jax.Array,
+                        bias: jax.Array, *, mesh: Mesh,
+                        axis_names: AxisNames = ("data",)) -> jax.Array:
+  """`siglip_loss` with the batch split over `axis_names` of `mesh`, never forming the [B, B] matrix.
+
+  Zhai et al. 2023, sec. 3.3 ("efficient chunked implementation"): device k keeps its B/P images and
+  computes the block against its own texts (the positives), then P - 1 times passes its current
+  text block to its ring neighbour with `ppermute` and adds the negatives-only block against the
+  block it received. Each device holds one [B/P, B/P] block at a time (the blocks are recomputed in
+  the backward pass); the partial sums are psum-med and divided by the global B.
+  """
+  image_BD, text_BD = _check_pair(image_BD, text_BD, "image_BD", "text_BD")
+  _check_normalized(image_BD, "image_BD")
+  _check_normalized(text_BD, "text_BD")
+  log_temperature = _check_scalar(log_temperature, "log_temperature")
+  bias = _check_scalar(bias, "bias")
+  axes = _axes(axis_names)
+  shards = _num_shards(mesh, axes)
+  _check_divisible(image_BD.shape[0], shards, "image_BD")
+  body = lambda i, tx, lt, bb: _siglip_ring(i.astype(jnp.float32), tx.astype(jnp.float32), lt, bb,
+                                            axes=axes, num_shards=shards,
+                                            global_batch=image_BD.shape[0])
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())(
+      image_BD, text_BD, log_temperature, bias)

@@ -1,0 +1,273 @@
+"""The contrastive image-text task (CLIP or SigLIP) for the generic trainer, and its zero-shot evaluation.
+
+Data: `jaxlab.data.caption_pairs` (config.data.name = "digits" | "emoji"); model: the dual encoder of
+`jaxlab.models.clip`; loss: `jaxlab.losses.contrastive`. With config.model.loss_impl = "sharded" and a
+mesh whose batch axes (data, fsdp) span more than one device, the loss runs under `shard_map`:
+all-gathered CLIP or chunked (ring) SigLIP, so the negatives are always the whole global batch.
+
+The trainer's evaluation is the mean contrastive loss over fixed test batches; `finish` (printed at the
+end of `jaxlab train`) adds zero-shot classification of the held-out images by class prompts and
+retrieval recall@1/5 in both directions (`zero_shot_report`).
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlab.data import caption_pairs
+from jaxlab.losses import contrastive
+from jaxlab.models.clip import DualEncoder, DualEncoderConfig
+from jaxlab.models.vit import VIT_POSITIONS
+
+BATCH_AXES = ("data", "fsdp")
+CHOICES = {
+    "data.name": ("digits", "emoji"),
+    "model.loss": ("clip", "siglip"),
+    "model.loss_impl": ("sharded", "dense"),
+    "model.image_position": VIT_POSITIONS,
+    "model.text_position": ("learned", "rope"),
+}
+POSITIVE_INTS = ("data.text_len", "model.patch", "model.image_width", "model.image_layers",
+                 "model.image_heads", "model.text_width", "model.text_layers", "model.text_heads",
+                 "model.embed_dim", "eval.batch_size")
+IMAGE_SIZE = {"digits": 8, "emoji": 32}
+
+
+def validate(config, require) -> None:
+  """The contrastive task's config checks (see jaxlab/train/tasks.py)."""
+  from jaxlab.configs.validate import require_choice, require_positive_ints
+  for key, choices in CHOICES.items():
+    require_choice(config, key, choices)
+  require_positive_ints(config, POSITIVE_INTS)
+  d, m = config.data, config.model
+  require(d.text_len >= 2, f"config.data.text_len={d.text_len} must be >= 2 (text + end token)")
+  size = IMAGE_SIZE[d.name]
+  require(size % m.patch == 0, f"config.model.patch={m.patch} must divide the {size}-px images of "
+                               f"config.data.name={d.name!r}")
+  for tower in ("image", "text"):
+    width, heads = m[f"{tower}_width"], m[f"{tower}_heads"]
+    require(width % heads == 0, f"config.model.{tower}_heads={heads} does not divide "
+                                f"config.model.{tower}_width={width}")
+  if m.image_position == "sincos2d":
+    require(m.image_width % 4 == 0, f"config.model.image_width={m.image_width} must be divisible "
+                                    "by 4 for image_position='sincos2d'")
+  if m.text_position == "rope":
+    require((m.text_width // m.text_heads) % 2 == 0, "config.model.text_position='rope' needs an "
+                                                     "even text head dim")
+  require(m.mlp_ratio > 0, f"config.model.mlp_ratio={m.mlp_ratio} must be > 0")
+  if d.name == "emoji":
+    require(bool(d.path), "config.data.path must name the emoji_captions folder (emoji.json and the "
+                          "32-px sheets) for config.data.name='emoji'")
+  require(tuple(config.eval.recall_at) == tuple(sorted(set(config.eval.recall_at))) and
+          all(k >= 1 for k in config.eval.recall_at),
+          f"config.eval.recall_at={tuple(config.eval.recall_at)} must be increasing ints >= 1")
+
+
+def tensor_units(config) -> None:
+  return None  # data (and fsdp) parallel only
+
+
+def build(config) -> "ContrastiveTask":
+  return ContrastiveTask(config)
+
+
+def model_config(config, vocab_size: int) -> DualEncoderConfig:
+  m = config.model
+  return DualEncoderConfig(
+      vocab_size=vocab_size, text_len=config.data.text_len, patch=m.patch,
+      image_width=m.image_width, image_layers=m.image_layers, image_heads=m.image_heads,
+      image_position=m.image_position, text_width=m.text_width, text_layers=m.text_layers,
+      text_heads=m.text_heads, text_position=m.text_position, mlp_ratio=m.mlp_ratio,
+      embed_dim=m.embed_dim, loss=m.loss)
+
+
+class _PairSource:
+  """grain random-access source over a PairSet: {"images", "tokens"} per example."""
+
+  def __init__(self, images, tokens):
+    self._images, self._tokens = images, tokens
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def __getitem__(self, i: int) -> dict:
+    return {"images": self._images[i], "tokens": self._tokens[i]}
+
+
+def _stack(examples) -> dict:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class ContrastiveTask:
+  """Image-text pairs, the dual encoder and a CLIP/SigLIP loss (global-batch negatives)."""
+
+  def __init__(self, config):
+    self.config = config
+    self.tokenizer = caption_pairs.CharTokenizer()
+    self.train_pairs = caption_pairs.load_pairs(config.data, "train")
+    self.test_pairs = caption_pairs.load_pairs(config.data, "test")
+    self.batch_size = config.data.batch_size
+    if len(self.train_pairs) < self.batch_size:
+      raise ValueError(f"config.data.batch_size={self.batch_size} exceeds the "
+                       f"{len(self.train_pairs)} training pairs")
+    self.model = DualEncoder(model_config(config, self.tokenizer.size),
+                             end_id=self.tokenizer.END)
+    self._mesh = None
+
+  def tokens(self, captions) -> np.ndarray:
+    return self.tokenizer.encode(captions, self.config.data.text_len)
+
+  @property
+  def tokens_per_batch(self) -> int:
+    return self.batch_size  # pairs per step
+
+  def train_iterator(self):
+    source = _PairSource(self.train_pairs.images_NHWC, self.tokens(self.train_pairs.captions))
+    dataset = (grain.MapDataset.source(source).shuffle(seed=self.config.seed).repeat()
+               .batch(self.batch_size, drop_remainder=True, batch_fn=_stack))
+    return iter(dataset.to_iter_dataset())
+
+  def eval_iterator(self):
+    """Fixed test batches (seeded order), at most config.train.eval_batches of them."""
+    source = _PairSource(self.test_pairs.images_NHWC, self.tokens(self.test_pairs.captions))
+    dataset = (grain.MapDataset.source(source).shuffle(seed=self.config.train.eval_seed)
+               .batch(self.batch_size, drop_remainder=True, batch_fn=_stack))
+    for i in range(min(self.config.train.eval_batches, len(dataset))):
+      yield dataset[i]
+
+  def init_params(self, rng: jax.Array):
+    size = IMAGE_SIZE[self.config.data.name]
+    channels = self.train_pairs.images_NHWC.shape[-1]
+    images = jnp.zeros((1, size, size, channels), jnp.float32)
+    tokens = jnp.zeros((1, self.config.data.text_len), jnp.int32)
+    return self.model.init({"params": rng}, images, tokens)["params"]
+
+  def mesh(self):
+    """The trainer's mesh (same config, same devices), for the shard_map of the sharded losses."""
+    if self._mesh is None:
+      from jaxlab.train import sharding
+      m = self.config.mesh
+      self._mesh = sharding.make_mesh((m.data, m.fsdp, m.tensor))
+    return self._mesh
+
+  def contrastive_loss(self, params, image_BE, text_BE) -> jax.Array:
+    """The configured loss on embeddings; sharded over the batch axes when they span > 1 device."""
+    c = self.config.model
+    mesh = self.mesh() if c.loss_impl == "sharded" else None
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+    if c.loss == "clip":
+      if shards > 1:
+        return contrastive.clip_loss_all_gather(image_BE, text_BE, params["log_scale"], mesh=mesh,
+                                                axis_names=BATCH_AXES)
+      return contrastive.clip_loss(image_BE, text_BE, params["log_scale"])
+    if shards > 1:
+      return contrastive.siglip_loss_chunked(image_BE, text_BE, params["log_temperature"],
+                                             params["bias"], mesh=mesh, axis_names=BATCH_AXES)
+    return contrastive.siglip_loss(image_BE, text_BE, params["log_temperature"], params["bias"])
+
+  def loss(self, params, batch: dict, rng: jax.Array, *, train: bool):
+    """Contrastive loss of the batch; (loss, (loss * B, B)) so that eval averages per example."""
+    del rng, train  # no dropout
+    image_BE, text_BE = self.model.apply({"params": params}, batch["images"], batch["tokens"])
+    value = self.contrastive_loss(params, image_BE, text_BE)
+    b = batch["images"].shape[0]
+    return value, (value * b, jnp.asarray(b, jnp.float32))
+
+  # ---------------------------------------------------------------- zero-shot evaluation
+
+  def embed_images(self, params, images_NHWC: np.ndarray, batch: int | None = None) -> np.ndarray:
+    return _in_batches(self._encode_image_fn(), params, images_NHWC,
+                       batch or self.config.eval.batch_size)
+
+  def embed_texts(self, params, captions, batch: int | None = None) -> np.ndarray:
+    return _in_batches(self._encode_text_fn(), params, self.tokens(captions),
+                       batch or self.config.eval.batch_size)
+
+  def _encode_image_fn(self):
+    if not hasattr(self, "_enc_img"):
+      self._enc_img = jax.jit(lambda p, x: self.model.apply({"params": p}, x,
+                                                            method=DualEncoder.encode_image))
+    return self._enc_img
+
+  def _encode_text_fn(self):
+    if not hasattr(self, "_enc_txt"):
+      self._enc_txt = jax.jit(lambda p, x: self.model.apply({"params": p}, x,
+                                                            method=DualEncoder.encode_text))
+    return self._enc_txt
+
+  def zero_shot_metrics(self, params, pairs: caption_pairs.PairSet | None = None) -> dict:
+    """Zero-shot accuracy and recall@k both ways on `pairs` (default: the held-out test split)."""
+    pairs = pairs or self.test_pairs
+    image_NE = self.embed_images(params, pairs.images_NHWC)
+    prompts = caption_pairs.class_prompts(pairs)
+    flat = [p for per_class in prompts for p in per_class]
+    prompt_PE = self.embed_texts(params, flat).reshape(len(prompts), len(prompts[0]), -1)
+    captions, caption_groups = unique_captions(pairs.captions, pairs.groups_N)
+    caption_CE = self.embed_texts(params, captions)
+    metrics = {"zero_shot_accuracy": zero_shot_accuracy(image_NE, prompt_PE, pairs.labels_N)}
+    for k in self.config.eval.recall_at:
+      metrics[f"image_to_text_R@{k}"] = recall_at_k(image_NE, caption_CE, pairs.groups_N,
+                                                    caption_groups, k)
+      metrics[f"text_to_image_R@{k}"] = recall_at_k(caption_CE, image_NE, caption_groups,
+                                                    pairs.groups_N, k)
+    return metrics
+
+  def finish(self, params) -> str:
+    metrics = self.zero_shot_metrics(params)
+    n = len(self.test_pairs)
+    lines = [f"jaxlab: zero-shot on {n} held-out {self.config.data.name} images "
+             f"({len(self.test_pairs.class_names)} classes)"]
+    lines += [f"  {k:24s} {v:.4f}" for k, v in metrics.items()]
+    return "\n".join(lines)
+
+
+def _in_batches(fn, params, x: np.ndarray, batch: int) -> np.ndarray:
+  """fn(params, x[i:i+batch]) over x with the last batch padded (so one compiled shape)."""
+  outs = []
+  for start in range(0, len(x), batch):
+    chunk = x[start:start + batch]
+    pad = batch - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+    outs.append(np.asarray(fn(params, chunk))[:batch - pad])
+  return np.concatenate(outs)
+
+
+def unique_captions(captions, groups_N) -> tuple[list, np.ndarray]:
+  """The distinct captions (first-occurrence order) and the group of each."""
+  seen: dict = {}
+  for caption, group in zip(captions, np.asarray(groups_N).tolist()):
+    seen.setdefault(caption, group)
+  return list(seen), np.asarray(list(seen.values()))
+
+
+def zero_shot_accuracy(image_NE: np.ndarray, prompt_CTE: np.ndarray, labels_N: np.ndarray) -> float:
+  """CLIP's zero-shot classifier (Radford et al. 2021, sec. 3.1.4 / 3.1.4 prompt ensembling): each
+  class is the L2-normalised mean of its T prompt embeddings; an image gets the most similar class."""
+  image_NE, prompt_CTE = np.asarray(image_NE, np.float64), np.asarray(prompt_CTE, np.float64)
+  if image_NE.ndim != 2 or prompt_CTE.ndim != 3 or image_NE.shape[1] != prompt_CTE.shape[2]:
+    raise ValueError(f"image_NE [N, E] and prompt_CTE [C, T, E] disagree: {image_NE.shape}, "
+                     f"{prompt_CTE.shape}")
+  class_CE = prompt_CTE.mean(axis=1)
+  class_CE /= np.linalg.norm(class_CE, axis=1, keepdims=True)
+  predicted = np.argmax(image_NE @ class_CE.T, axis=1)
+  return float(np.mean(predicted == np.asarray(labels_N)))
+
+
+def recall_at_k(query_QE: np.ndarray, candidate_CE: np.ndarray, query_groups_Q: np.ndarray,
+                candidate_groups_C: np.ndarray, k: int) -> float:
+  """Fraction of queries with a candidate of the same group among their k most similar candidates."""
+  query_QE, candidate_CE = np.asarray(query_QE), np.asarray(candidate_CE)
+  if query_QE.shape[1] != candidate_CE.shape[1]:
+    raise ValueError(f"query_QE and candidate_CE have different dims: {query_QE.shape[1]} vs "
+                     f"{candidate_CE.shape[1]}")
+  if not 1 <= k:
+    raise ValueError(f"k must be >= 1, got {k}")
+  scores_QC = query_QE @ candidate_CE.T
+  k = min(k, scores_QC.shape[1])
+  top_QK = np.argsort(-scores_QC, axis=1, kind="stable")[:, :k]
+  hits = np.asarray(candidate_groups_C)[top_QK] == np.asarray(query_groups_Q)[:, None]
+  return float(np.mean(np.any(hits, axis=1)))

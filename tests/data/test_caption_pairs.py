@@ -1,0 +1,68 @@
+"""Caption-pair data: tokenizer, the digits builder (embedded sklearn data) and the emoji source."""
+
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxlab.data import caption_pairs as cp
+
+EMOJI = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "emoji_captions"
+
+
+def test_tokenizer_round_trip_and_end_token():
+  tok = cp.CharTokenizer()
+  ids = tok.encode(["A handwritten 7", "x" * 20, "é"], 8)
+  assert ids.shape == (3, 8) and ids.dtype == np.int32
+  assert tok.decode(ids[0]) == "a handwr"[:7]  # 7 characters, then the end token
+  assert ids[0, 7] == tok.END and ids[1, 7] == tok.END
+  assert ids[2, 0] == tok.UNK and ids[2, 1] == tok.END and (ids[2, 2:] == tok.PAD).all()
+  assert tok.decode(tok.encode(["the digit 3"], 16)[0]) == "the digit 3"
+  with pytest.raises(ValueError, match="length must be >= 2"):
+    tok.encode(["a"], 1)
+
+
+def test_digit_pairs(tmp_path):
+  from sklearn.datasets import load_digits
+  cfg = ml_collections.ConfigDict(dict(name="digits", path="", data_dir=str(tmp_path)))
+  train, test = cp.load_pairs(cfg, "train"), cp.load_pairs(cfg, "test")
+  digits = load_digits()
+  assert len(train) + len(test) == len(digits.target) and len(test) == 360
+  np.testing.assert_array_equal(test.labels_N, digits.target[::5])
+  np.testing.assert_allclose(test.images_NHWC[1, :, :, 0], digits.images[5] / 16 * 2 - 1)
+  assert test.captions[1] == cp.digit_caption(5, int(digits.target[5]))
+  assert cp.digit_caption(0, 7) == "a handwritten seven" and cp.digit_caption(1, 7) == "the digit 7"
+  prompts = cp.class_prompts(test)
+  assert len(prompts) == 10 and prompts[3][0] == "a handwritten three" and prompts[3][1] == "the digit 3"
+  with pytest.raises(ValueError, match="split must be one of"):
+    cp.load_pairs(cfg, "validation")
+
+
+@pytest.mark.skipif(not EMOJI.is_dir(), reason="../shared/data/emoji_captions is not present")
+def test_emoji_source_split_and_pixels():
+  from PIL import Image
+  entries = cp.emoji_entries(EMOJI)
+  assert len(entries) == 3786
+  assert len(cp.emoji_categories(entries)) == 10
+  test_bases = {e["base"] for e in entries if cp.is_test_emoji(e["base"])}
+  train_bases = {e["base"] for e in entries if not cp.is_test_emoji(e["base"])}
+  assert not test_bases & train_bases and 0.05 < len(test_bases) / 1911 < 0.15
+  skin = [e for e in entries if "skin tone" in e["caption"]]
+  assert len(skin) == 1875
+  # One cell against a direct crop: composite of RGBA over white.
+  e = entries[100]
+  x, y = e["cell"]
+  img = cp._sheet_cells(EMOJI / "sheet_google_32_indexed256.png", [e["cell"]])[0]
+  with Image.open(EMOJI / "sheet_google_32_indexed256.png") as im:
+    crop = np.asarray(im.convert("RGBA").crop((x * 34 + 1, y * 34 + 1, x * 34 + 33, y * 34 + 33)),
+                      np.float64)
+  expect = crop[:, :, :3] * crop[:, :, 3:] / 255 + 255 * (1 - crop[:, :, 3:] / 255)
+  assert np.abs(img.astype(np.float64) - expect).max() <= 0.5 + 1e-9
+
+
+def test_emoji_missing_folder_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.data.path should name the folder"):
+    cp.emoji_config(str(tmp_path))

@@ -1,0 +1,196 @@
+"""Contrastive losses against straightforward float64 NumPy, and the sharded forms against the dense ones
+(value and gradient) on the 8 fake CPU devices."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from jaxlab.losses import contrastive as C
+
+
+def _unit(rng, b, d):
+  x = rng.normal(size=(b, d))
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _log_softmax(x, axis):
+  m = x.max(axis=axis, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+def np_clip(img, txt, log_scale):
+  s = math.exp(min(log_scale, math.log(100)))
+  logits = s * img @ txt.T
+  b = len(img)
+  i2t = -np.mean([_log_softmax(logits[i], 0)[i] for i in range(b)])
+  t2i = -np.mean([_log_softmax(logits[:, j], 0)[j] for j in range(b)])
+  return 0.5 * (i2t + t2i)
+
+
+def np_siglip(img, txt, log_t, bias):
+  total = 0.0
+  for i in range(len(img)):
+    for j in range(len(txt)):
+      z = 1.0 if i == j else -1.0
+      logit = math.exp(log_t) * float(img[i] @ txt[j]) + bias
+      total += math.log1p(math.exp(-z * logit))  # -log sigmoid(z * logit)
+  return total / len(img)
+
+
+def np_infonce(q, k, tau, cosine=True):
+  if cosine:
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    k = k / np.linalg.norm(k, axis=1, keepdims=True)
+  logits = q @ k.T / tau
+  return -np.mean(np.diag(_log_softmax(logits, 1)))
+
+
+def np_nt_xent(z1, z2, tau):
+  z = np.concatenate([z1, z2])
+  z = z / np.linalg.norm(z, axis=1, keepdims=True)
+  n, b = len(z), len(z1)
+  losses = []
+  for i in range(n):
+    pos = (i + b) % n
+    others = [j for j in range(n) if j != i]
+    sims = np.array([z[i] @ z[j] / tau for j in others])
+    losses.append(-(z[i] @ z[pos] / tau - np.log(np.exp(sims).sum())))
+  return np.mean(losses)
+
+
+@pytest.fixture
+def pair():
+  rng = np.random.default_rng(0)
+  return _unit(rng, 16, 8), _unit(rng, 16, 8)
+
+
+def test_values_match_numpy(pair):
+  img, txt = pair
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  np.testing.assert_allclose(C.clip_loss(f32(img), f32(txt), 2.5), np_clip(img, txt, 2.5), rtol=1e-5)
+  np.testing.assert_allclose(C.siglip_loss(f32(img), f32(txt), 1.3, -2.0),
+                             np_siglip(img, txt, 1.3, -2.0), rtol=1e-5)
+  rng = np.random.default_rng(1)
+  q, k = rng.normal(size=(12, 6)), rng.normal(size=(12, 6))
+  np.testing.assert_allclose(C.infonce_loss(f32(q), f32(k), temperature=0.2),
+                             np_infonce(q, k, 0.2), rtol=1e-5)
+  np.testing.assert_allclose(C.infonce_loss(f32(q), f32(k), temperature=0.7, score="dot"),
+                             np_infonce(q, k, 0.7, cosine=False), rtol=1e-5)
+  np.testing.assert_allclose(C.nt_xent_loss(f32(q), f32(k), temperature=0.5),
+                             np_nt_xent(q, k, 0.5), rtol=1e-5)
+
+
+def test_gradients_match_numpy_finite_differences(pair):
+  """Autodiff of the dense losses against central differences of the float64 NumPy versions."""
+  img, txt = pair
+  jax.config.update("jax_enable_x64", True)
+  try:
+    g_clip = jax.grad(C.clip_loss, argnums=(0, 2))(jnp.asarray(img), jnp.asarray(txt), 2.5)
+    g_sig = jax.grad(C.siglip_loss, argnums=(1, 2, 3))(jnp.asarray(img), jnp.asarray(txt), 1.3, -2.0)
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  eps = 1e-6
+  e = np.zeros_like(img); e[3, 5] = eps
+  fd = (np_clip(img + e, txt, 2.5) - np_clip(img - e, txt, 2.5)) / (2 * eps)
+  np.testing.assert_allclose(g_clip[0][3, 5], fd, rtol=1e-5)
+  fd = (np_clip(img, txt, 2.5 + eps) - np_clip(img, txt, 2.5 - eps)) / (2 * eps)
+  np.testing.assert_allclose(g_clip[1], fd, rtol=1e-5)
+  fd = (np_siglip(img, txt + e, 1.3, -2.0) - np_siglip(img, txt - e, 1.3, -2.0)) / (2 * eps)
+  np.testing.assert_allclose(g_sig[0][3, 5], fd, rtol=1e-5)
+  fd = (np_siglip(img, txt, 1.3 + eps, -2.0) - np_siglip(img, txt, 1.3 - eps, -2.0)) / (2 * eps)
+  np.testing.assert_allclose(g_sig[1], fd, rtol=1e-5)
+  fd = (np_siglip(img, txt, 1.3, -2.0 + eps) - np_siglip(img, txt, 1.3, -2.0 - eps)) / (2 * eps)
+  np.testing.assert_allclose(g_sig[2], fd, rtol=1e-5)
+
+
+def test_infonce_custom_score_and_invariances(pair):
+  q, k = (jnp.asarray(x, jnp.float32) for x in pair)
+  w = jnp.asarray(np.random.default_rng(2).normal(size=(8, 8)), jnp.float32)
+  bilinear = C.infonce_loss(q, k, temperature=1.0, score=lambda a, b: a @ w @ b.T)
+  np.testing.assert_allclose(bilinear, np_infonce(np.asarray(q @ w), np.asarray(k), 1.0, cosine=False),
+                             rtol=1e-5)
+  # Permuting the pairs together changes nothing; permuting one side breaks the pairing.
+  perm = np.random.default_rng(3).permutation(16)
+  np.testing.assert_allclose(C.clip_loss(q[perm], k[perm], 2.0), C.clip_loss(q, k, 2.0), rtol=1e-6)
+  np.testing.assert_allclose(C.siglip_loss(q[perm], k[perm], 2.0, -3.0), C.siglip_loss(q, k, 2.0, -3.0),
+                             rtol=1e-6)
+  assert C.clip_loss(q, k, 4.0) > C.clip_loss(k, k, 4.0)  # matched pairs score better than random
+
+
+def test_clip_temperature_clamp(pair):
+  img, txt = (jnp.asarray(x, jnp.float32) for x in pair)
+  at_max = C.clip_loss(img, txt, math.log(100))
+  np.testing.assert_allclose(C.clip_loss(img, txt, 9.0), at_max, rtol=1e-6)
+  np.testing.assert_allclose(C.clip_logit_scale(jnp.float32(9.0)), 100.0, rtol=1e-6)
+  assert float(jax.grad(C.clip_loss, argnums=2)(img, txt, 9.0)) == 0.0  # no push past the clamp
+  assert float(jax.grad(C.clip_loss, argnums=2)(img, txt, 2.0)) != 0.0
+  assert math.isclose(math.exp(C.CLIP_INIT_LOG_SCALE), 1 / 0.07)
+  assert C.SIGLIP_INIT_LOG_TEMPERATURE == math.log(10) and C.SIGLIP_INIT_BIAS == -10.0
+
+
+def _mesh(shape=(4, 2, 1)):
+  return jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+
+
+@pytest.mark.parametrize("axes", [("data",), ("data", "fsdp")])
+def test_sharded_equal_dense_in_value_and_gradient(axes):
+  rng = np.random.default_rng(4)
+  img, txt = (jnp.asarray(_unit(rng, 32, 8), jnp.float32) for _ in range(2))
+  mesh = _mesh() if axes == ("data", "fsdp") else _mesh((8, 1, 1))
+  clip_dense = lambda i, t, s: C.clip_loss(i, t, s)
+  clip_sharded = jax.jit(lambda i, t, s: C.clip_loss_all_gather(i, t, s, mesh=mesh, axis_names=axes))
+  sig_dense = lambda i, t, lt, b: C.siglip_loss(i, t, lt, b)
+  sig_sharded = jax.jit(lambda i, t, lt, b: C.siglip_loss_chunked(i, t, lt, b, mesh=mesh,
+                                                                  axis_names=axes))
+  for dense, sharded, scalars in ((clip_dense, clip_sharded, (2.3,)),
+                                  (sig_dense, sig_sharded, (1.7, -4.0))):
+    args = (img, txt) + tuple(jnp.float32(s) for s in scalars)
+    np.testing.assert_allclose(sharded(*args), dense(*args), rtol=2e-6)
+    argnums = tuple(range(len(args)))
+    g_dense = jax.grad(dense, argnums=argnums)(*args)
+    g_sharded = jax.jit(jax.grad(sharded, argnums=argnums))(*args)
+    for gd, gs in zip(g_dense, g_sharded):
+      np.testing.assert_allclose(gs, gd, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_siglip_never_forms_the_global_matrix():
+  """The compiled per-device program holds no [B, B] (or [B/P, B]) array; CLIP's holds [B/P, B]."""
+  b, d, mesh = 64, 4, _mesh((8, 1, 1))
+  img = jnp.asarray(_unit(np.random.default_rng(5), b, d), jnp.float32)
+  sig = jax.jit(jax.grad(lambda i, t: C.siglip_loss_chunked(i, t, 1.0, -1.0, mesh=mesh)))
+  clip = jax.jit(jax.grad(lambda i, t: C.clip_loss_all_gather(i, t, 1.0, mesh=mesh)))
+  sig_hlo = sig.lower(img, img).compile().as_text()
+  clip_hlo = clip.lower(img, img).compile().as_text()
+  assert "f32[8,64]" in clip_hlo  # local rows against all 64 candidates
+  assert "f32[8,64]" not in sig_hlo and "f32[64,64]" not in sig_hlo
+  assert "f32[8,8]" in sig_hlo  # one block at a time
+
+
+def test_bad_inputs_name_the_argument(pair):
+  img, txt = (jnp.asarray(x, jnp.float32) for x in pair)
+  with pytest.raises(ValueError, match="image_BD and text_BD must have the same batch size"):
+    C.clip_loss(img, txt[:8], 1.0)
+  with pytest.raises(ValueError, match="image_BD and text_BD must have the same batch size"):
+    C.siglip_loss_chunked(img, txt[:8], 1.0, -1.0, mesh=_mesh((8, 1, 1)))
+  with pytest.raises(ValueError, match="text_BD must be L2-normalised"):
+    C.siglip_loss(img, 3 * txt, 1.0, -1.0)
+  with pytest.raises(ValueError, match="image_BD must be L2-normalised"):
+    C.clip_loss_all_gather(img * 2, txt, 1.0, mesh=_mesh((8, 1, 1)))
+  with pytest.raises(ValueError, match="image_BD must be \\[batch, dim\\]"):
+    C.clip_loss(img[0], txt, 1.0)
+  with pytest.raises(ValueError, match="log_scale must be a scalar"):
+    C.clip_loss(img, txt, jnp.ones(2))
+  with pytest.raises(ValueError, match="image_BD's batch 12 must be divisible by the 8 devices"):
+    C.siglip_loss_chunked(img[:12], txt[:12], 1.0, -1.0, mesh=_mesh((8, 1, 1)))
+  with pytest.raises(ValueError, match="axis_names: mesh has no axis 'batch'"):
+    C.clip_loss_all_gather(img, txt, 1.0, mesh=_mesh((8, 1, 1)), axis_names="batch")
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    C.infonce_loss(img, txt, temperature=0.0)
+  with pytest.raises(ValueError, match="score must be"):
+    C.infonce_loss(img, txt, score="euclid")

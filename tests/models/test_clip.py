@@ -1,0 +1,105 @@
+"""ViT and dual encoder: patching and 2-D positions against explicit loops, invariances, pooling at the
+end token, normalised outputs and the loss scalars' initial values."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.models.clip import DualEncoder, DualEncoderConfig, TextEncoder, end_positions
+from jaxlab.models.vit import ViT, patchify, sincos_2d
+
+
+def test_patchify_matches_loops():
+  x = np.random.default_rng(0).normal(size=(2, 8, 12, 3)).astype(np.float32)
+  out = np.asarray(patchify(jnp.asarray(x), 4))
+  assert out.shape == (2, 6, 48)
+  for b in range(2):
+    for r in range(2):
+      for c in range(3):
+        np.testing.assert_array_equal(out[b, r * 3 + c], x[b, 4 * r:4 * r + 4, 4 * c:4 * c + 4].reshape(-1))
+  with pytest.raises(ValueError, match="images_BHWC"):
+    patchify(jnp.zeros((1, 6, 8, 1)), 4)
+
+
+def test_sincos_2d_formula():
+  table = np.asarray(sincos_2d(3, 4, 8))[0]  # [12, 8]
+  for t in range(12):
+    row, col = divmod(t, 4)
+    for half, p in ((0, row), (4, col)):
+      for i in range(2):
+        freq = 10000.0 ** (-2 * i / 4)
+        np.testing.assert_allclose(table[t, half + 2 * i], math.sin(p * freq), atol=1e-6)
+        np.testing.assert_allclose(table[t, half + 2 * i + 1], math.cos(p * freq), atol=1e-6)
+
+
+def test_vit_without_positions_is_patch_permutation_invariant():
+  """Mean pooling + no position encoding: reordering whole patches must not change the features;
+  with sincos2d positions it must."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 1)), jnp.float32)
+  # Swap the top-left and bottom-right 4x4 patches.
+  y = x.at[:, :4, :4].set(x[:, 4:, 4:]).at[:, 4:, 4:].set(x[:, :4, :4])
+  for position, invariant in (("none", True), ("sincos2d", False)):
+    vit = ViT(patch=4, width=16, num_layers=1, num_heads=2, position=position)
+    params = vit.init(jax.random.PRNGKey(0), x)
+    apply = jax.jit(vit.apply)
+    fx, fy = apply(params, x), apply(params, y)
+    assert fx.shape == (2, 16)
+    assert np.allclose(fx, fy, atol=1e-5) == invariant
+
+
+def _config(**kw):
+  base = dict(vocab_size=20, text_len=10, patch=4, image_width=16, image_layers=1, image_heads=2,
+              text_width=16, text_layers=1, text_heads=2, embed_dim=8)
+  return DualEncoderConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("text_position", ["learned", "rope"])
+def test_text_encoder_pools_at_the_end_token(text_position):
+  cfg = _config(text_position=text_position)
+  enc = TextEncoder(cfg, end_id=1)
+  tokens = jnp.array([[5, 6, 7, 1, 0, 0, 0, 0], [5, 6, 7, 8, 9, 1, 0, 0]], jnp.int32)
+  params = enc.init(jax.random.PRNGKey(0), tokens)
+  apply = jax.jit(enc.apply)
+  base = apply(params, tokens)
+  after_end = tokens.at[0, 5].set(9).at[1, 7].set(3)  # padding after the end token changes
+  np.testing.assert_allclose(apply(params, after_end), base, atol=1e-6)
+  before_end = tokens.at[0, 1].set(9)
+  assert not np.allclose(apply(params, before_end)[0], base[0], atol=1e-4)
+  np.testing.assert_allclose(apply(params, before_end)[1], base[1], atol=1e-6)  # rows independent
+  np.testing.assert_array_equal(end_positions(tokens, 1), [3, 5])
+  np.testing.assert_array_equal(end_positions(jnp.full((1, 4), 7), 1), [3])
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_dual_encoder_outputs_and_scalars(loss):
+  model = DualEncoder(_config(loss=loss))
+  images = jnp.asarray(np.random.default_rng(2).normal(size=(3, 8, 8, 1)), jnp.float32)
+  tokens = jnp.array([[4, 5, 1, 0], [6, 1, 0, 0], [7, 8, 9, 1]], jnp.int32)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), images, tokens)["params"]
+  params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
+                                  is_leaf=lambda x: hasattr(x, "value"))
+  img, txt = jax.jit(model.apply)({"params": params}, images, tokens)
+  assert img.shape == txt.shape == (3, 8)
+  np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, rtol=1e-5)
+  if loss == "clip":
+    np.testing.assert_allclose(params["log_scale"], math.log(1 / 0.07), rtol=1e-6)
+  else:
+    np.testing.assert_allclose(params["log_temperature"], math.log(10.0), rtol=1e-6)
+    np.testing.assert_allclose(params["bias"], -10.0)
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="loss must be one of"):
+    _config(loss="triplet")
+  with pytest.raises(ValueError, match="image_heads=3 must divide image_width=16"):
+    _config(image_heads=3)
+  with pytest.raises(ValueError, match="tokens_BT has length 12 > text_len=10"):
+    enc = TextEncoder(_config())
+    enc.init(jax.random.PRNGKey(0), jnp.ones((1, 12), jnp.int32))
