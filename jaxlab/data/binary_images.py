@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import os
 import pathlib
 import warnings
 from typing import Iterator
@@ -133,7 +134,7 @@ def load_mnist(path: str = "", *, data_dir: str = "", binarize_seed: int = 0) ->
   root = pathlib.Path(path) if path else SHARED_DATA / "mnist"
   if path or root.is_dir():
     train, test = mnist_grey(root)
-    source = f"IDX files in {root}"
+    source = f"IDX files in {os.path.relpath(root, REPO_ROOT)}"
   else:
     train, test = (a[..., 0] for a in _tfds_images("mnist", data_dir, ("train", "test")))
     source = "TFDS mnist"
