@@ -1,0 +1,271 @@
+"""Binary data for density models: MNIST (IDX files or TFDS), the NADE/MADE UCI splits, Caltech-101
+Silhouettes 28x28 and scikit-learn's 8x8 digits, with the binarisation protocol stated in `note`.
+
+Protocols:
+- MNIST: train on the first 50,000 training images, binarised again for every batch (dynamic:
+  x ~ Bernoulli(grey / 255), fresh each epoch); validation = the last 10,000 training images and test =
+  the 10,000 test images, each binarised once with a fixed seed (`binarize_seed`). TFDS's
+  `binarized_mnist` (Larochelle's static binarisation, 50k/10k/10k) is used as is when it is prepared.
+- UCI (dna, mushrooms, nips): the fixed train/valid/test splits of Larochelle & Murray (2011).
+- Caltech-101 Silhouettes 28x28: the full 8,671-image file, object = 1, split by a seeded permutation
+  into 4100/2264/2307 (the sizes of Marlin's split1, which is not the same split).
+- digits: scikit-learn's 1,797 8x8 digits (0..16) binarised at 8/16 (x = pixel >= 8), seeded split
+  1347/225/225.
+Every array is [N, D] in raster order; `image_shape` says how to view it as an image (None for UCI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pathlib
+import warnings
+from typing import Iterator
+
+import jax
+import numpy as np
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+UCI_NAMES = ("dna", "mushrooms", "nips")
+NAMES = ("digits", "mnist", "binarized_mnist", "caltech", *UCI_NAMES)
+CALTECH_SPLIT = (4100, 2264, 2307)
+
+
+@dataclasses.dataclass
+class BinaryDataset:
+  """train: float32 [N, D], probabilities in [0, 1] when `dynamic` (binarised per batch), else 0/1;
+  valid, test: float32 [N, D] in {0, 1} (fixed)."""
+
+  name: str
+  train: np.ndarray
+  valid: np.ndarray
+  test: np.ndarray
+  image_shape: tuple[int, int] | None
+  dynamic: bool
+  note: str
+
+  @property
+  def dim(self) -> int:
+    return self.train.shape[1]
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+def read_idx(path: str | pathlib.Path) -> np.ndarray:
+  """An IDX file (optionally .gz): uint8 array of the shape its header gives."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"IDX file not found: {path}")
+  raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {raw[:4].hex()})")
+  ndim = raw[3]
+  shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+  if data.size != int(np.prod(shape)):
+    raise ValueError(f"{path}: header says {shape}, file holds {data.size} values")
+  return data.reshape(shape)
+
+
+def _idx_file(root: pathlib.Path, stem: str) -> pathlib.Path | None:
+  for name in (stem, stem + ".gz"):
+    if (root / name).is_file():
+      return root / name
+  return None
+
+
+def mnist_grey(root: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+  """(train [60000, 28, 28], test [10000, 28, 28]) uint8 grey levels from a folder of IDX files.
+
+  The training images are either one `train-images-idx3-ubyte[.gz]` or its pieces
+  `train-images-idx3-ubyte.part0.gz, part1, ...` (each a complete IDX file), joined in order."""
+  root = pathlib.Path(root)
+  single = _idx_file(root, "train-images-idx3-ubyte")
+  if single is not None:
+    train = read_idx(single)
+  else:
+    parts = sorted(root.glob("train-images-idx3-ubyte.part*"),
+                   key=lambda p: int(p.name.split(".part")[1].split(".")[0]))
+    if not parts:
+      raise FileNotFoundError(f"no train-images-idx3-ubyte[.gz] or its .partN pieces in {root}")
+    train = np.concatenate([read_idx(p) for p in parts])
+  test_file = _idx_file(root, "t10k-images-idx3-ubyte")
+  if test_file is None:
+    raise FileNotFoundError(f"no t10k-images-idx3-ubyte[.gz] in {root}")
+  return train, read_idx(test_file)
+
+
+def _tfds_images(name: str, data_dir: str, splits) -> list[np.ndarray]:
+  """Images of a prepared TFDS dataset (read with as_data_source; no TensorFlow, no download)."""
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir} (this "
+                            "code never downloads; prepare it with `tfds build` or give a local path)")
+  out = []
+  for split in splits:
+    source = builder.as_data_source(split=split)
+    out.append(np.stack([np.asarray(source[i]["image"]) for i in range(len(source))]))
+  return out
+
+
+def binarize(p: np.ndarray, seed) -> np.ndarray:
+  """x ~ Bernoulli(p) with a numpy generator seeded by `seed`; float32 0/1."""
+  return (np.random.default_rng(seed).random(p.shape, np.float32) < p).astype(np.float32)
+
+
+def _flat(images: np.ndarray) -> np.ndarray:
+  return images.reshape(images.shape[0], -1)
+
+
+def _seeded_split(x: np.ndarray, sizes, seed: int):
+  perm = np.random.default_rng(seed).permutation(len(x))
+  a, b = sizes[0], sizes[0] + sizes[1]
+  return x[perm[:a]], x[perm[a:b]], x[perm[b:]]
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+def load_mnist(path: str = "", *, data_dir: str = "", binarize_seed: int = 0) -> BinaryDataset:
+  """MNIST with dynamic training binarisation; local IDX folder (path, default ../shared/data/mnist),
+  else TFDS `mnist` when it is prepared in data_dir."""
+  root = pathlib.Path(path) if path else SHARED_DATA / "mnist"
+  if path or root.is_dir():
+    train, test = mnist_grey(root)
+    source = f"IDX files in {os.path.relpath(root, REPO_ROOT)}"
+  else:
+    train, test = (a[..., 0] for a in _tfds_images("mnist", data_dir, ("train", "test")))
+    source = "TFDS mnist"
+  grey_train = _flat(train).astype(np.float32) / 255.0
+  grey_test = _flat(test).astype(np.float32) / 255.0
+  note = (f"MNIST ({source}): trained on 50k images binarised dynamically (fresh Bernoulli(grey) "
+          f"draws per batch); valid = last 10k train images, test = the 10k test images, each "
+          f"binarised once with seed {binarize_seed} (the published numbers used one fixed "
+          "binarisation of the whole data set)")
+  return BinaryDataset("mnist", grey_train[:50000], binarize(grey_train[50000:], [binarize_seed, 1]),
+                       binarize(grey_test, [binarize_seed, 2]), (28, 28), True, note)
+
+
+def load_binarized_mnist(*, data_dir: str = "") -> BinaryDataset:
+  """TFDS `binarized_mnist`: Larochelle's fixed binarisation, 50k/10k/10k."""
+  train, valid, test = (_flat(a).astype(np.float32) for a in
+                        _tfds_images("binarized_mnist", data_dir, ("train", "validation", "test")))
+  return BinaryDataset("binarized_mnist", train, valid, test, (28, 28), False,
+                       "binarized MNIST (TFDS, Larochelle's static binarisation 50k/10k/10k)")
+
+
+def load_uci(name: str, path: str = "") -> BinaryDataset:
+  """A NADE/MADE UCI benchmark split (npz with train_data/valid_data/test_data)."""
+  if name not in UCI_NAMES:
+    raise ValueError(f"name={name!r} must be one of {', '.join(UCI_NAMES)}")
+  file = pathlib.Path(path) if path else SHARED_DATA / "nade_uci_binary" / f"{name}.npz"
+  if not file.is_file():
+    raise FileNotFoundError(f"UCI split file not found: {file}")
+  with warnings.catch_warnings(), np.load(file, encoding="latin1") as d:
+    warnings.simplefilter("ignore")  # the files were written by Python 2's numpy
+    parts = [np.asarray(d[k], np.float32) for k in ("train_data", "valid_data", "test_data")]
+  return BinaryDataset(name, *parts, None, False,
+                       f"UCI {name}: the fixed NADE/MADE train/valid/test split")
+
+
+def load_caltech(path: str = "", *, split_seed: int = 0) -> BinaryDataset:
+  """Caltech-101 Silhouettes 28x28 (.mat), object = 1, seeded 4100/2264/2307 split."""
+  import scipy.io
+  file = pathlib.Path(path) if path else (SHARED_DATA / "caltech101_silhouettes_28" /
+                                          "caltech101_silhouettes_28.mat")
+  if not file.is_file():
+    raise FileNotFoundError(f"Caltech-101 Silhouettes file not found: {file}")
+  x = scipy.io.loadmat(file)["X"]
+  images = 1.0 - x.reshape(-1, 28, 28, order="F").astype(np.float32)  # upright; object = 1
+  train, valid, test = _seeded_split(_flat(images), CALTECH_SPLIT, split_seed)
+  return BinaryDataset("caltech", train, valid, test, (28, 28), False,
+                       f"Caltech-101 Silhouettes 28x28, full file, object=1, our seeded split "
+                       f"(seed {split_seed}) of sizes {CALTECH_SPLIT}; not Marlin's split1")
+
+
+def load_digits(*, split_seed: int = 0) -> BinaryDataset:
+  """scikit-learn's 8x8 digits (shipped inside its wheel, no download) binarised at 8/16."""
+  from sklearn.datasets import load_digits as sk_load_digits
+  x = (sk_load_digits().data >= 8).astype(np.float32)
+  train, valid, test = _seeded_split(x, (1347, 225), split_seed)
+  return BinaryDataset("digits", train, valid, test, (8, 8), False,
+                       f"sklearn 8x8 digits binarised at 8/16, seeded split (seed {split_seed}) "
+                       "1347/225/225")
+
+
+def load(name: str, *, path: str = "", data_dir: str = "", binarize_seed: int = 0,
+         split_seed: int = 0) -> BinaryDataset:
+  """The dataset `name` (one of NAMES)."""
+  if name == "digits":
+    return load_digits(split_seed=split_seed)
+  if name == "mnist":
+    return load_mnist(path, data_dir=data_dir, binarize_seed=binarize_seed)
+  if name == "binarized_mnist":
+    return load_binarized_mnist(data_dir=data_dir)
+  if name == "caltech":
+    return load_caltech(path, split_seed=split_seed)
+  if name in UCI_NAMES:
+    return load_uci(name, path)
+  raise ValueError(f"name={name!r} must be one of {', '.join(NAMES)}")
+
+
+# -------------------------------------------------------------------------------------------- batches
+
+class TrainBatches:
+  """Infinite {"x": float32 [B/processes, D], "weights": ones} batches: a fresh seeded permutation
+  per epoch and, if `dynamic`, fresh Bernoulli draws per batch. Deterministic in (seed, epoch, batch),
+  so `get_state`/`set_state` resume exactly (saved in checkpoints by the trainer)."""
+
+  def __init__(self, data: np.ndarray, *, batch_size: int, seed: int, dynamic: bool):
+    if len(data) < batch_size:
+      raise ValueError(f"batch_size={batch_size} exceeds the {len(data)} training examples")
+    if batch_size % jax.process_count():
+      raise ValueError(f"batch_size={batch_size} must be divisible by the {jax.process_count()} "
+                       "processes")
+    self._data, self._batch, self._seed, self._dynamic = data, batch_size, seed, dynamic
+    self._epoch, self._index = 0, 0
+    self._perm = self._permutation()
+
+  def _permutation(self) -> np.ndarray:
+    return np.random.default_rng([self._seed, self._epoch]).permutation(len(self._data))
+
+  def __iter__(self) -> "TrainBatches":
+    return self
+
+  def __next__(self) -> dict:
+    if (self._index + 1) * self._batch > len(self._data):
+      self._epoch, self._index = self._epoch + 1, 0
+      self._perm = self._permutation()
+    rows = self._perm[self._index * self._batch:(self._index + 1) * self._batch]
+    x = self._data[rows]
+    if self._dynamic:
+      x = binarize(x, [self._seed, self._epoch, self._index, 7])
+    self._index += 1
+    per = self._batch // jax.process_count()
+    start = jax.process_index() * per
+    x = x[start:start + per].astype(np.float32)
+    return {"x": x, "weights": np.ones(len(x), np.float32)}
+
+  def get_state(self) -> dict:
+    return {"epoch": self._epoch, "index": self._index}
+
+  def set_state(self, state: dict) -> None:
+    self._epoch, self._index = int(state["epoch"]), int(state["index"])
+    self._perm = self._permutation()
+
+
+def eval_batches(data: np.ndarray, *, batch_size: int, max_batches: int = 0) -> Iterator[dict]:
+  """A fixed split in order, in full batches: the last one padded with zero rows of weight 0."""
+  count = -(-len(data) // batch_size)
+  if max_batches:
+    count = min(count, max_batches)
+  per = batch_size // jax.process_count()
+  for i in range(count):
+    x = data[i * batch_size:(i + 1) * batch_size].astype(np.float32)
+    weights = np.ones(batch_size, np.float32)
+    weights[len(x):] = 0.0
+    x = np.concatenate([x, np.zeros((batch_size - len(x), x.shape[1]), np.float32)])
+    start = jax.process_index() * per
+    yield {"x": x[start:start + per], "weights": weights[start:start + per]}

@@ -1,0 +1,169 @@
+"""Density estimation on binary vectors/images: FVSBN, NADE, MADE, PixelCNN for the generic trainer.
+
+The loss is the negative log-likelihood in nats per example (mean over the batch); evaluation sums it
+over a fixed split (validation during training, test in `finish`). MADE draws one of its K mask sets
+per training step and evaluates with the log-mean-exp over all K (Germain et al. 2015, Sec. 4).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlab.data import binary_images
+
+MODELS = ("fvsbn", "nade", "made", "pixelcnn", "gated_pixelcnn")
+IMAGE_MODELS = ("pixelcnn", "gated_pixelcnn")
+
+
+def build_model(model_cfg, dim: int, image_shape):
+  """The Linen module of `config.model` for D = dim inputs."""
+  from jaxlab.models.fvsbn import FVSBN
+  from jaxlab.models.made import MADE
+  from jaxlab.models.nade import NADE
+  from jaxlab.models.pixelcnn import GatedPixelCNN, PixelCNN
+  m = model_cfg
+  if m.name == "fvsbn":
+    return FVSBN(dim)
+  if m.name == "nade":
+    return NADE(dim, hidden=m.hidden[0])
+  if m.name == "made":
+    return MADE(dim, hidden=tuple(m.hidden), num_masks=m.num_masks,
+                order_agnostic=m.order_agnostic, connectivity_agnostic=m.connectivity_agnostic,
+                direct=m.direct, mask_seed=m.mask_seed)
+  if image_shape is None:
+    raise ValueError(f"config.model.name={m.name!r} needs image data")
+  cls = PixelCNN if m.name == "pixelcnn" else GatedPixelCNN
+  return cls(tuple(image_shape), channels=m.channels, num_layers=m.num_layers,
+             first_kernel=m.first_kernel)
+
+
+def validate(config, require) -> None:
+  """The density task's config checks (see jaxlab/train/tasks.py)."""
+  from jaxlab.configs.validate import require_choice, require_positive_ints
+  require_choice(config, "data.name", binary_images.NAMES)
+  require_choice(config, "model.name", MODELS)
+  require_positive_ints(config, ("model.num_masks", "model.channels", "model.num_layers",
+                                 "model.first_kernel", "sample.num"))
+  m = config.model
+  require(len(m.hidden) >= 1 and all(isinstance(h, int) and h > 0 for h in m.hidden),
+          f"config.model.hidden={tuple(m.hidden)!r} must be one or more positive ints")
+  if m.name == "nade":
+    require(len(m.hidden) == 1, f"config.model.hidden={tuple(m.hidden)!r}: NADE has one hidden "
+                                "layer")
+  if m.name in IMAGE_MODELS:
+    require(config.data.name in ("digits", "mnist", "binarized_mnist", "caltech"),
+            f"config.data.name={config.data.name!r} is not image data, which "
+            f"config.model.name={m.name!r} needs")
+    require(m.first_kernel % 2 == 1, f"config.model.first_kernel={m.first_kernel} must be odd")
+  if m.name != "made":
+    require(m.num_masks == 1, f"config.model.num_masks={m.num_masks} applies to MADE only")
+  require(config.eval.batch_size > 0, f"config.eval.batch_size={config.eval.batch_size} must be > 0")
+
+
+def tensor_units(config) -> None:
+  return None  # data parallel only
+
+
+def build(config) -> "DensityTask":
+  return DensityTask(config)
+
+
+class DensityTask:
+  """Maximum likelihood on a binary dataset (config.data.name) with config.model.name."""
+
+  def __init__(self, config, data: binary_images.BinaryDataset | None = None):
+    self.config = config
+    d = config.data
+    self.data = data or binary_images.load(d.name, path=d.path, data_dir=d.data_dir,
+                                           binarize_seed=d.binarize_seed, split_seed=d.split_seed)
+    self.model = build_model(config.model, self.data.dim, self.data.image_shape)
+    self.batch_size = d.batch_size
+
+  @property
+  def tokens_per_batch(self) -> int:
+    return self.batch_size  # "tokens" = examples
+
+  def train_iterator(self):
+    return binary_images.TrainBatches(self.data.train, batch_size=self.batch_size,
+                                      seed=self.config.seed, dynamic=self.data.dynamic)
+
+  def eval_iterator(self):
+    return binary_images.eval_batches(self.data.valid, batch_size=self.batch_size,
+                                      max_batches=self.config.train.eval_batches)
+
+  def init_params(self, rng: jax.Array):
+    return self.model.init({"params": rng}, jnp.zeros((1, self.data.dim)))["params"]
+
+  def log_prob(self, params, x_BD: jax.Array, *, mask_index=None) -> jax.Array:
+    """log p(x) in nats per example (MADE: mask set `mask_index`, or None = all K averaged)."""
+    args = () if self.config.model.name != "made" else (mask_index,)
+    return self.model.apply({"params": params}, x_BD, *args, method=self.model.log_prob)
+
+  def loss(self, params, batch: dict, rng: jax.Array, *, train: bool):
+    """Mean NLL (nats per example); aux (summed NLL, number of examples)."""
+    mask_index = None
+    if self.config.model.name == "made" and train:
+      mask_index = jax.random.randint(rng, (), 0, self.config.model.num_masks)
+    nll_B = -self.log_prob(params, batch["x"], mask_index=mask_index)
+    w_B = batch["weights"]
+    total, count = jnp.sum(nll_B * w_B), jnp.sum(w_B)
+    return total / jnp.maximum(count, 1.0), (total, count)
+
+  def nll(self, params, split: np.ndarray) -> float:
+    """Mean NLL in nats over every example of a fixed split (the test-time evaluation)."""
+    fn = jax.jit(lambda p, x: -self.log_prob(p, x))
+    total, n = 0.0, 0
+    for batch in binary_images.eval_batches(split, batch_size=self.config.eval.batch_size):
+      nll = np.asarray(fn(params, batch["x"]), np.float64)
+      total += float(np.sum(nll * batch["weights"]))
+      n += int(batch["weights"].sum())
+    return total / n
+
+  def samples(self, params, n: int, seed: int) -> np.ndarray:
+    """n exact samples, float [n, D]."""
+    fn = jax.jit(lambda p, key: self.model.apply({"params": p}, key, n, method=self.model.sample))
+    return np.asarray(fn(params, jax.random.PRNGKey(seed)))
+
+  def finish(self, params) -> str:
+    """Test NLL (nats per example) and, if config.sample.grid_path, a PNG grid of samples."""
+    lines = [f"jaxlab: test NLL {self.nll(params, self.data.test):.3f} nats per example "
+             f"({self.data.note})"]
+    s = self.config.sample
+    if s.grid_path and self.data.image_shape:
+      save_grid(self.samples(params, s.num, s.seed), self.data.image_shape, s.grid_path)
+      lines.append(f"jaxlab: {s.num} samples written to {s.grid_path}")
+    return "\n".join(lines)
+
+  def sample_command(self, params, args) -> str:
+    """`jaxlab sample WORKDIR [--seed S] [--num-tokens N]`: N samples (default config.sample.num)
+    drawn exactly, printed as text (# = 1)."""
+    n = args.num_tokens or self.config.sample.num
+    seed = self.config.sample.seed if args.seed is None else args.seed
+    x = self.samples(params, n, seed)
+    if self.data.image_shape is None:
+      return "\n".join("".join("#" if v else "." for v in row) for row in x)
+    h, w = self.data.image_shape
+    return "\n\n".join("\n".join("".join("#" if v else "." for v in r) for r in img.reshape(h, w))
+                       for img in x)
+
+
+def save_grid(x_ND: np.ndarray, image_shape, path: str | pathlib.Path, *, columns: int = 0,
+              scale: int = 2) -> None:
+  """Samples [N, H*W] in {0, 1} as a PNG grid (white = 1), one pixel gap between images."""
+  from PIL import Image
+  h, w = image_shape
+  n = len(x_ND)
+  cols = columns or int(np.ceil(np.sqrt(n)))
+  rows = -(-n // cols)
+  canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), 128, np.uint8)
+  for i, img in enumerate(x_ND.reshape(n, h, w)):
+    r, c = divmod(i, cols)
+    canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = \
+        (img * 255).astype(np.uint8)
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(np.kron(canvas, np.ones((scale, scale), np.uint8))).save(path)

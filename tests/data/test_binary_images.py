@@ -1,0 +1,106 @@
+"""Binary datasets: IDX reading (incl. MNIST's three-piece training file), binarisation protocols,
+seeded splits, batch iterators that resume exactly, and the shared data files when present."""
+
+import gzip
+import pathlib
+
+import numpy as np
+import pytest
+
+from jaxlab.data import binary_images as bi
+
+SHARED = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def _write_idx(path, array, compress):
+  header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+  raw = header + array.astype(np.uint8).tobytes()
+  path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def test_read_idx_and_three_piece_training_images(tmp_path):
+  rng = np.random.default_rng(0)
+  pieces = [rng.integers(0, 256, (n, 4, 3)) for n in (2, 3, 1)]
+  for i, p in enumerate(pieces):
+    _write_idx(tmp_path / f"train-images-idx3-ubyte.part{i}.gz", p, compress=True)
+  test = rng.integers(0, 256, (5, 4, 3))
+  _write_idx(tmp_path / "t10k-images-idx3-ubyte", test, compress=False)
+  train, got_test = bi.mnist_grey(tmp_path)
+  np.testing.assert_array_equal(train, np.concatenate(pieces))
+  np.testing.assert_array_equal(got_test, test)
+  (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00\x00\x00\x00")
+  with pytest.raises(ValueError, match="not an unsigned-byte IDX"):
+    bi.read_idx(tmp_path / "bad")
+  with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+    bi.mnist_grey(tmp_path / "missing")
+
+
+def test_dynamic_binarisation_is_fresh_each_epoch_and_resumes_exactly():
+  p = np.full((10, 50), 0.5, np.float32)
+  batches = bi.TrainBatches(p, batch_size=10, seed=3, dynamic=True)
+  first, second = next(batches)["x"], next(batches)["x"]  # epoch 0, epoch 1 (same rows)
+  assert set(np.unique(first)) == {0.0, 1.0}
+  assert not np.array_equal(np.sort(first, 0), np.sort(second, 0))
+  assert abs(first.mean() - 0.5) < 0.1
+  state = batches.get_state()
+  expected = next(batches)["x"]
+  fresh = bi.TrainBatches(p, batch_size=10, seed=3, dynamic=True)
+  fresh.set_state(state)
+  np.testing.assert_array_equal(next(fresh)["x"], expected)
+  # static data is passed through unchanged (a permutation of the rows)
+  static = (np.arange(40).reshape(8, 5) % 2).astype(np.float32)
+  rows = next(bi.TrainBatches(static, batch_size=8, seed=0, dynamic=False))["x"]
+  np.testing.assert_array_equal(np.sort(rows.sum(1)), np.sort(static.sum(1)))
+
+
+def test_fixed_binarisation_depends_only_on_the_seed():
+  p = np.random.default_rng(0).random((20, 30)).astype(np.float32)
+  np.testing.assert_array_equal(bi.binarize(p, [0, 2]), bi.binarize(p, [0, 2]))
+  assert not np.array_equal(bi.binarize(p, [0, 2]), bi.binarize(p, [1, 2]))
+
+
+def test_eval_batches_cover_the_split_once_with_padding_weighted_zero():
+  data = np.ones((7, 3), np.float32)
+  batches = list(bi.eval_batches(data, batch_size=4))
+  assert [b["x"].shape for b in batches] == [(4, 3), (4, 3)]
+  np.testing.assert_array_equal(np.concatenate([b["weights"] for b in batches]),
+                                [1, 1, 1, 1, 1, 1, 1, 0])
+
+
+def test_digits_binarised_at_half_and_split():
+  d = bi.load("digits")
+  assert (len(d.train), len(d.valid), len(d.test)) == (1347, 225, 225) and d.dim == 64
+  assert set(np.unique(d.train)) == {0.0, 1.0} and not d.dynamic
+  from sklearn.datasets import load_digits
+  raw = load_digits().data
+  assert d.train.sum() + d.valid.sum() + d.test.sum() == (raw >= 8).sum()
+
+
+def test_tfds_without_prepared_data_says_so(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not prepared"):
+    bi.load("binarized_mnist", data_dir=str(tmp_path))
+
+
+@pytest.mark.skipif(not (SHARED / "nade_uci_binary").is_dir(), reason="../shared/data absent")
+def test_shared_uci_and_caltech_files():
+  sizes = {"dna": (1400, 600, 1186, 180), "mushrooms": (2000, 500, 5624, 112),
+           "nips": (400, 100, 1240, 500)}
+  for name, (a, b, c, dim) in sizes.items():
+    d = bi.load(name)
+    assert (len(d.train), len(d.valid), len(d.test), d.dim) == (a, b, c, dim)
+    assert set(np.unique(d.test)) <= {0.0, 1.0}
+  cal = bi.load("caltech")
+  assert (len(cal.train), len(cal.valid), len(cal.test)) == bi.CALTECH_SPLIT
+  images = cal.train.reshape(-1, 28, 28)
+  assert images[:, 0, :].mean() < 0.1 < images[:, 10:18, 10:18].mean()  # object = 1, centred
+
+
+@pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason="../shared/data/mnist absent")
+def test_shared_mnist_protocol():
+  d = bi.load("mnist")
+  assert d.dynamic and d.train.shape == (50000, 784) and d.valid.shape == d.test.shape == (10000, 784)
+  assert 0.0 <= d.train.min() and d.train.max() <= 1.0 and len(np.unique(d.train)) > 2  # grey
+  assert set(np.unique(d.test)) == {0.0, 1.0}
+  grey_test = bi.read_idx(SHARED / "mnist" / "t10k-images-idx3-ubyte.gz").reshape(10000, -1) / 255.0
+  np.testing.assert_array_equal(d.test, bi.binarize(grey_test.astype(np.float32), [0, 2]))  # seeded
+  assert abs(d.test.mean() - d.train.mean()) < 0.01
