@@ -234,7 +234,7 @@ def write(out: dict, quick: bool, results: pathlib.Path = RESULTS) -> None:
            f"Validation split: non-overlapping windows over {s['eval_tokens']} characters; sliding "
            f"windows with stride {s['stride']} scoring the last {s['stride']} characters of each, "
            f"{s['sliding_tokens']} characters scored. Cells: loss (nats/char) / next-char accuracy.",
-           ""]
+           ""] + ([out["note"], ""] if out.get("note") else [])
   for mode in ("non-overlapping", "sliding"):
     lines += [f"## {mode}", "", "| model | " + " | ".join(f"L={t}" for t in lengths) + " |",
               "| --- | " + " | ".join("---" for _ in lengths) + " |"]
@@ -260,13 +260,16 @@ def plot(out: dict, path: pathlib.Path) -> None:
     return
   rows = out["rows"]
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+  models = list(dict.fromkeys(r["model"] for r in rows))
+  colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(models)}
   for ax, mode in zip(axes, ("non-overlapping", "sliding")):
-    for m in dict.fromkeys(r["model"] for r in rows):
+    for m in models:
       pts = [(r["length"], r["loss"]) for r in rows
              if r["model"] == m and r["mode"] == mode and r["loss"] is not None]
       if pts:
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o", label=m, linestyle="-" if "+" not in m else "--")
+        ax.plot(xs, ys, marker="o", label=m, color=colors[m],
+                linestyle="-" if "+" not in m else "--")
     ax.set_xscale("log", base=2)
     ax.axvline(out["settings"]["train_len"], color="grey", linewidth=0.8)
     ax.set_title(f"{mode} windows")
