@@ -34,7 +34,7 @@ FAMILIES = {
     "linear (elu+1)": lambda a, q, k, v: a.linear_attention(q, k, v, causal=True),
     "performer (64 features)": lambda a, q, k, v: a.performer_attention(
         q, k, v, key=__import__("jax").random.key(0), num_features=64, causal=True),
-    "block-sparse (strided, 128-blocks)": lambda a, q, k, v: a.block_sparse_attention(
+    "block-sparse (strided 128-blocks)": lambda a, q, k, v: a.block_sparse_attention(
         q, k, v, block_size=128, causal=True,
         layout=a.strided_layout(-(-q.shape[1] // 128), local_blocks=2, stride=8)),
     "FLASH mixed chunk (C=256)": lambda a, q, k, v: a.mixed_chunk_attention(
