@@ -6,8 +6,14 @@ every causal family, and the quality of the same small LM trained with each fami
 Writes experiments/results/attention_zoo.md (+ .json, + attention_zoo.png, a log-log plot).
 Part 1: B=1, one head of dimension 64, causal, float32; memory = the compiled forward+backward's XLA
 temporary buffer size (`memory_analysis().temp_size_in_bytes`: the working set beyond inputs and
-outputs), time = median wall time of the jitted forward+backward. Part 2: `lm_char_cpu` with
-`--config.model.attention=...` for a fixed number of steps, val loss on the fixed validation batches.
+outputs), time = median wall time of the jitted forward+backward. Swin windows are left out: they are
+non-causal attention over 2-D feature maps, not a sequence family. Part 2: `lm_char_cpu` with
+`--config.model.attention=...` for a fixed number of steps, val loss on the fixed validation batches,
+and each model's parameter count (the FLASH model has two GAU-style layers per block, not the same LM).
+
+The script checks what the issue requires of part 1 and exits non-zero if it does not hold: at the
+longest length blockwise softmax needs >= 10x less working memory than "xla", and the linear-memory
+families grow at most ~linearly (memory ratio <= 1.5x the length ratio between the two longest lengths).
 """
 
 from __future__ import annotations
@@ -39,12 +45,18 @@ FAMILIES = {
         layout=a.strided_layout(-(-q.shape[1] // 128), local_blocks=2, stride=8)),
     "FLASH mixed chunk (C=256)": lambda a, q, k, v: a.mixed_chunk_attention(
         q, k, q, k, v, chunk_size=256, causal=True),
+    "GAU relu^2 (quadratic)": lambda a, q, k, v: a.gau_attention(q, k, v, causal=True),
 }
+# Families whose working memory must grow linearly with the length (checked by `check_claims`).
+LINEAR_MEMORY = ("softmax (blockwise)", "local (window 256)", "linear (elu+1)",
+                 "performer (64 features)", "FLASH mixed chunk (C=256)")
 LM_FAMILIES = {"softmax": [],
                "local": ["--config.model.attention=local", "--config.model.attention_window=16"],
                "linear": ["--config.model.attention=linear"],
                "performer": ["--config.model.attention=performer"],
-               "flash": ["--config.model.attention=flash", "--config.model.gau_offset_init=0.5"]}
+               "flash": ["--config.model.attention=flash", "--config.model.gau_offset_init=0.5"],
+               "flash (C=16)": ["--config.model.attention=flash", "--config.model.gau_offset_init=0.5",
+                                "--config.model.flash_chunk=16"]}
 
 
 def measure(name: str, length: int, repeats: int) -> dict:
@@ -69,7 +81,7 @@ def measure(name: str, length: int, repeats: int) -> dict:
           "temp_mib": temp / 2 ** 20}
 
 
-def quality(data: str, family: str, steps: int) -> dict:
+def quality(data: str, family: str, steps: int, eval_batches: int = 0) -> dict:
   """Trains the lm_char_cpu model with one family in a child process (clean CPU devices)."""
   overrides = LM_FAMILIES[family]
   code = ("import json, sys, tempfile\n"
@@ -78,11 +90,21 @@ def quality(data: str, family: str, steps: int) -> dict:
           "from jaxlab.train import trainer\n"
           "with tempfile.TemporaryDirectory() as d:\n"
           "  r = trainer.train(c, d, progress=False)\n"
-          "print(json.dumps({'val_loss': r['val_loss'], 'ms_per_step': r.get('step_time_ms')}))\n")
+          "  import jax\n"
+          "  params = sum(x.size for x in jax.tree.leaves(r['state']['params']))\n"
+          "print(json.dumps({'val_loss': r['val_loss'], 'ms_per_step': r.get('step_time_ms'),\n"
+          "                  'params': int(params)}))\n")
   args = [f"--config.data.path={data}", f"--config.train.steps={steps}",
           f"--config.optim.warmup_steps={min(100, steps // 10)}",
           f"--config.train.eval_every={steps}", "--config.train.tensorboard=False"] + overrides
-  proc = subprocess.run([sys.executable, "-c", code] + args, capture_output=True, text=True)
+  if eval_batches:
+    args.append(f"--config.train.eval_batches={eval_batches}")
+  # The child picks its own CPU device count (one per core, as `jaxlab train` does), even when this
+  # process runs with forced fake devices (the test suite's 8).
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+  proc = subprocess.run([sys.executable, "-c", code] + args, capture_output=True, text=True, env=env)
   if proc.returncode:
     raise RuntimeError(proc.stderr[-3000:])
   result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -121,24 +143,60 @@ def cpu_name() -> str:
   return "unknown CPU"
 
 
-def main():
+def check_claims(rows, lengths) -> list[str]:
+  """The part-1 properties the issue requires; returns the violated ones (empty = all hold).
+
+  They are claims about long sequences, so they are checked only there: the 10x memory saving at a
+  longest length >= 16k, the linear growth between two lengths >= 1k (at a few hundred tokens fixed
+  costs dominate the working set).
+  """
+  at = {(r["family"], r["length"]): r["temp_mib"] for r in rows}
+  big, prev = lengths[-1], lengths[-2] if len(lengths) > 1 else lengths[-1]
+  failures = []
+  if big >= 16384 and ("softmax (xla)", big) in at and ("softmax (blockwise)", big) in at:
+    ratio = at[("softmax (xla)", big)] / max(at[("softmax (blockwise)", big)], 1e-9)
+    if ratio < 10:
+      failures.append(f"blockwise uses only {ratio:.1f}x less memory than xla at T={big} (< 10x)")
+  for name in LINEAR_MEMORY:
+    if prev >= 1024 and big > prev and (name, big) in at and (name, prev) in at:
+      growth = at[(name, big)] / max(at[(name, prev)], 1e-9)
+      if growth > 1.5 * big / prev:
+        failures.append(f"{name}: memory grew {growth:.1f}x for {big / prev:.0f}x length")
+  return failures
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--data", required=True, help="tiny shakespeare input.txt")
   parser.add_argument("--quick", action="store_true", help="lengths up to 1k, 100 LM steps")
-  parser.add_argument("--steps", type=int, default=1000, help="LM steps per family (part 2)")
-  parser.add_argument("--families", type=lambda t: t.split(","), default=list(FAMILIES),
+  parser.add_argument("--steps", type=int, default=None,
+                      help="LM steps per family (part 2; default 1000, --quick 100)")
+  parser.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                      help="part 1 sequence lengths, comma-separated (default 256..16384)")
+  names = lambda text: [x for x in text.split(",") if x]
+  parser.add_argument("--families", type=names, default=list(FAMILIES),
                       help="part 1 families to (re)measure, comma-separated")
-  parser.add_argument("--lm-families", type=lambda t: t.split(","), default=list(LM_FAMILIES),
+  parser.add_argument("--lm-families", type=names, default=list(LM_FAMILIES),
                       help="part 2 families to (re)train, comma-separated")
   parser.add_argument("--merge", action="store_true",
                       help="keep the other families' results from the existing results file")
-  args = parser.parse_args()
-  lengths = [256, 512, 1024] if args.quick else [256, 1024, 4096, 16384]
-  steps = 100 if args.quick else args.steps
+  parser.add_argument("--eval-batches", type=int, default=0,
+                      help="part 2 validation batches (default: the config's)")
+  parser.add_argument("--out", default=str(RESULTS), help="results directory")
+  args = parser.parse_args(argv)
+  for name in args.families:
+    if name not in FAMILIES:
+      parser.error(f"--families: unknown family {name!r}; choose from {list(FAMILIES)}")
+  for name in args.lm_families:
+    if name not in LM_FAMILIES:
+      parser.error(f"--lm-families: unknown family {name!r}; choose from {list(LM_FAMILIES)}")
+  lengths = args.lengths or ([256, 512, 1024] if args.quick else [256, 1024, 4096, 16384])
+  steps = args.steps or (100 if args.quick else 1000)
   stem = "attention_zoo_quick" if args.quick else "attention_zoo"
+  out = pathlib.Path(args.out)
   rows, lm = [], []
-  if args.merge and (RESULTS / f"{stem}.json").is_file():
-    old = json.loads((RESULTS / f"{stem}.json").read_text())
+  if args.merge and (out / f"{stem}.json").is_file():
+    old = json.loads((out / f"{stem}.json").read_text())
     rows = [r for r in old["speed"] if r["family"] not in args.families]
     lm = [r for r in old["lm"] if r["family"] not in args.lm_families]
   for length in lengths:
@@ -146,45 +204,57 @@ def main():
       rows.append(measure(name, length, repeats=5 if length <= 4096 else 2))
       print(json.dumps(rows[-1]), flush=True)
   for f in args.lm_families:
-    lm.append(quality(str(pathlib.Path(args.data).resolve()), f, steps))
+    lm.append(quality(str(pathlib.Path(args.data).resolve()), f, steps, args.eval_batches))
     print(json.dumps(lm[-1]), flush=True)
   rows.sort(key=lambda r: (r["length"], list(FAMILIES).index(r["family"])))
   lm.sort(key=lambda r: list(LM_FAMILIES).index(r["family"]))
 
   import jax
   device = f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / f"{stem}.json").write_text(json.dumps({"device": device, "speed": rows, "lm": lm},
-                                                   indent=2))
-  plot(rows, RESULTS / f"{stem}.png")
+  out.mkdir(parents=True, exist_ok=True)
+  failures = check_claims(rows, lengths)
+  (out / f"{stem}.json").write_text(json.dumps({"device": device, "speed": rows, "lm": lm,
+                                                "claims_failed": failures}, indent=2))
+  try:
+    plot(rows, out / f"{stem}.png")
+  except ImportError:  # matplotlib is the experiments extra
+    print("matplotlib is not installed: no plot", file=sys.stderr)
+  command = "python experiments/attention_zoo.py --data ../shared/data/tinyshakespeare/input.txt"
   lines = [f"# Attention zoo ({'quick' if args.quick else 'full'})", "",
-           f"Device: {device}. Command: `python experiments/attention_zoo.py --data "
-           f"../shared/data/tinyshakespeare/input.txt{' --quick' if args.quick else ''}`.", "",
+           f"Device: {device}. Command: `{command}{' --quick' if args.quick else ''}`.", "",
            "## Forward+backward, causal, B=1, one head, head_dim 64, float32", "",
+           "Time / XLA working memory (temp buffers) of the jitted forward+backward. Swin windows are "
+           "not in this table: they are non-causal attention over 2-D feature maps.", "",
            "| family | " + " | ".join(f"T={t}" for t in lengths) + " |",
            "| --- | " + " | ".join("---" for _ in lengths) + " |"]
   for name in FAMILIES:
     cells = []
     for t in lengths:
       r = next((x for x in rows if x["family"] == name and x["length"] == t), None)
-      if r is None:
-        cells.append("")
-        continue
-      cells.append(f"{r['ms']:.1f} ms / {r['temp_mib']:.1f} MiB")
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+      cells.append("" if r is None else f"{r['ms']:.1f} ms / {r['temp_mib']:.1f} MiB")
+    if any(cells):
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
   big = lengths[-1]
-  xla = next(r for r in rows if r["family"] == "softmax (xla)" and r["length"] == big)
-  blk = next(r for r in rows if r["family"] == "softmax (blockwise)" and r["length"] == big)
-  lines += ["", f"At T={big}, blockwise softmax uses {xla['temp_mib'] / max(blk['temp_mib'], 1e-9):.0f}x "
-            "less working memory than `\"xla\"` "
-            f"({blk['temp_mib']:.1f} vs {xla['temp_mib']:.1f} MiB).", "",
-            f"## Quality: lm_char_cpu model, {steps} steps on tiny shakespeare, per family", "",
-            "| family | val loss | ms/step |", "| --- | --- | --- |"]
+  xla = next((r for r in rows if r["family"] == "softmax (xla)" and r["length"] == big), None)
+  blk = next((r for r in rows if r["family"] == "softmax (blockwise)" and r["length"] == big), None)
+  if xla and blk:
+    lines += ["", f"At T={big}, blockwise softmax uses "
+              f"{xla['temp_mib'] / max(blk['temp_mib'], 1e-9):.0f}x less working memory than "
+              f"`\"xla\"` ({blk['temp_mib']:.1f} vs {xla['temp_mib']:.1f} MiB)."]
+  lines += ["", "Checks (blockwise >= 10x less memory than xla at 16k; linear-memory families grow "
+            "at most 1.5x the length ratio between the two longest lengths, from 1k on): "
+            + ("all hold." if not failures else "FAILED: " + "; ".join(failures))]
+  lines += ["", f"## Quality: lm_char_cpu model, {steps} steps on tiny shakespeare, per family", "",
+            "| family | parameters | val loss | ms/step |", "| --- | --- | --- | --- |"]
   for r in lm:
-    lines.append(f"| {r['family']} | {r['val_loss']:.4f} | {r['ms_per_step'] or float('nan'):.1f} |")
+    params = f"{r['params']:,}" if r.get("params") else "n/a"
+    lines.append(f"| {r['family']} | {params} | {r['val_loss']:.4f} | "
+                 f"{r['ms_per_step'] or float('nan'):.1f} |")
   lines += ["", f"![plot]({stem}.png)"]
-  (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+  (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
+  if failures:
+    raise SystemExit("attention_zoo: " + "; ".join(failures))
 
 
 if __name__ == "__main__":
