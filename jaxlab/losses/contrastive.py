@@ -17,6 +17,7 @@ arrays; under `jit` the check cannot look at values and is skipped.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence, Union
 
@@ -84,12 +85,32 @@ def _check_scalar(x, name: str) -> jax.Array:
   return x
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _clamp_max(x: jax.Array, hi: float) -> jax.Array:
+  return jnp.minimum(x, hi)
+
+
+def _clamp_max_fwd(x, hi):
+  return jnp.minimum(x, hi), x
+
+
+def _clamp_max_bwd(hi, x, g):
+  # At or above the bound, keep only the part of the gradient that moves x back down (g > 0 under
+  # gradient descent): the projected gradient of a parameter clipped in place after every step.
+  return (jnp.where(x < hi, g, jnp.maximum(g, 0.0)),)
+
+
+_clamp_max.defvjp(_clamp_max_fwd, _clamp_max_bwd)
+
+
 def clip_logit_scale(log_scale: jax.Array, max_log_scale: float = CLIP_MAX_LOG_SCALE) -> jax.Array:
   """exp(min(log_scale, max_log_scale)): CLIP's multiplier of the cosine similarities (<= 100).
 
-  Above the clamp the gradient with respect to log_scale is zero, so an optimiser cannot push it on.
+  At or past the clamp, the gradient with respect to log_scale keeps only its part that lowers
+  log_scale (as for a parameter clipped in place after each step, as OpenCLIP does): an optimiser
+  cannot push it further up, and a parameter that sits at the bound can still come back down.
   """
-  return jnp.exp(jnp.minimum(log_scale, max_log_scale))
+  return jnp.exp(_clamp_max(log_scale, float(max_log_scale)))
 
 
 def _axes(axis_names: AxisNames) -> tuple[str, ...]:

@@ -128,8 +128,18 @@ def test_clip_temperature_clamp(pair):
   at_max = C.clip_loss(img, txt, math.log(100))
   np.testing.assert_allclose(C.clip_loss(img, txt, 9.0), at_max, rtol=1e-6)
   np.testing.assert_allclose(C.clip_logit_scale(jnp.float32(9.0)), 100.0, rtol=1e-6)
-  assert float(jax.grad(C.clip_loss, argnums=2)(img, txt, 9.0)) == 0.0  # no push past the clamp
-  assert float(jax.grad(C.clip_loss, argnums=2)(img, txt, 2.0)) != 0.0
+  grad_scale = jax.grad(C.clip_loss, argnums=2)
+  # Matched pairs (txt = img) want a larger scale (negative gradient): past the clamp (here log 5, so
+  # the softmax does not saturate) nothing pushes the parameter further up.
+  low = math.log(5.0)
+  grad_low = jax.grad(lambda a, b, s: C.clip_loss(a, b, s, max_log_scale=low), argnums=2)
+  assert float(grad_low(img, img, low - 0.1)) < -1e-3  # below the bound: the plain gradient
+  assert float(grad_low(img, img, 3.0)) == 0.0
+  # These random pairs want a smaller scale (positive gradient): past the clamp that gradient still
+  # flows, equal to the gradient at the bound, so the parameter can come back down.
+  g_at_max = float(grad_scale(img, txt, math.log(100)))
+  assert g_at_max > 0
+  np.testing.assert_allclose(float(grad_scale(img, txt, 9.0)), g_at_max, rtol=1e-6)
   assert math.isclose(math.exp(C.CLIP_INIT_LOG_SCALE), 1 / 0.07)
   assert C.SIGLIP_INIT_LOG_TEMPERATURE == math.log(10) and C.SIGLIP_INIT_BIAS == -10.0
 
