@@ -19,9 +19,9 @@ TINY = ["--config.model.image_width=16", "--config.model.image_layers=1", "--con
         "--config.model.patch=4", "--config.eval.batch_size=512"]
 
 
-def test_sharded_task_loss_equals_dense(tfds_dir):
-  """SigLIP here (CLIP's all-gather is checked the same way in tests/losses); mesh data 4 x fsdp 2."""
-  loss = "siglip"
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+def test_sharded_task_loss_equals_dense(tfds_dir, loss):
+  """Chunked SigLIP / all-gathered CLIP inside the task's loss on a data 4 x fsdp 2 mesh."""
   config = load_config("contrastive_digits", TINY + [f"--config.data.data_dir={tfds_dir}",
                                                      f"--config.model.loss={loss}",
                                                      "--config.mesh.data=4", "--config.mesh.fsdp=2"])
@@ -41,8 +41,9 @@ def test_sharded_task_loss_equals_dense(tfds_dir):
   np.testing.assert_allclose(v_sharded, v_dense, rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(g_sharded), jax.tree_util.tree_leaves(g_dense)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  report = task.finish(params)  # the zero-shot table (untrained: near chance, but complete)
-  assert "zero_shot_accuracy" in report and "text_to_image_R@5" in report
+  if loss == "siglip":
+    report = task.finish(params)  # the zero-shot table (untrained: near chance, but complete)
+    assert "zero_shot_accuracy" in report and "text_to_image_R@5" in report
 
 
 def test_zero_shot_accuracy_and_recall_by_hand():
