@@ -1,17 +1,22 @@
 """Pallas flash attention: `implementation="pallas"` of `jaxlab.attention.dot_product_attention`.
 
 `flash_attention` takes the attention contract's arrays ([B, T, N, H], an `AttentionMask`) and runs
-the FlashAttention-2 kernels of `portable.py` or `tpu.py` (Dao 2023, arXiv:2307.08691) under one
-`jax.custom_vjp`: forward saves O and the float32 row logsumexp; backward runs a dQ kernel and a dK/dV
-kernel.
+the FlashAttention-2 kernels of `portable.py`, `mosaic_gpu.py` or `tpu.py` (Dao 2023, arXiv:2307.08691)
+under one `jax.custom_vjp`: forward saves O and the float32 row logsumexp; backward runs a dQ kernel and
+a dK/dV kernel.
 
 Where the kernels run:
-  * CUDA GPU: compiled through Pallas' Triton lowering (the portable GPU path).
-  * CPU (and any backend with `interpret=True`): Pallas interpret mode, exact but slow; used by the tests.
+  * Hopper GPU (compute capability 9.x), bfloat16/float16, head_dim 64/128/256, `kernel="mosaic_gpu"`:
+    the forward is the Mosaic GPU kernel of `mosaic_gpu.py` (wgmma, TMA K/V ring, producer + compute
+    warpgroups; FlashAttention-3, Shah et al. 2024); its backward is the portable (Triton) dQ and dK/dV
+    kernels. Checked by lowering for CUDA and in Mosaic GPU interpret mode on CPU; NOT yet compiled or
+    run on a real Hopper GPU, so it is not the default until it has been (`MOSAIC_GPU_BY_DEFAULT`).
+  * Every CUDA GPU by default, and float32 on Hopper: compiled through Pallas' Triton lowering (the
+    portable path).
+  * CPU (and any backend with `interpret=True`): Pallas interpret mode, exact but slow; used by the tests
+    (`kernel="mosaic_gpu"` uses Mosaic GPU interpret mode).
   * TPU: the Mosaic TPU kernels of `tpu.py` (grid-pipelined, VMEM scratch accumulators); on CPU they run
     in TPU interpret mode. Checked in interpret mode and by lowering; never run on a real TPU here.
-  * The Mosaic GPU (Hopper warpgroup/TMA) kernel the issue asks for is not written yet; Hopper GPUs use
-    the Triton-lowered portable kernel.
 """
 
 from __future__ import annotations
@@ -23,15 +28,21 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.attention import masks as masks_lib
-from jaxlab.attention.flash import portable, tpu
-from jaxlab.attention.flash.blocks import GPU_HEAD_DIMS, TABLE, TPU_HEAD_DIMS, Blocks, choose_blocks
+from jaxlab.attention.flash import mosaic_gpu, portable, tpu
+from jaxlab.attention.flash.blocks import (GPU_HEAD_DIMS, MOSAIC_GPU_HEAD_DIMS, TABLE, TPU_HEAD_DIMS,
+                                           Blocks, choose_blocks)
 
-KERNELS = ("portable", "tpu")
+KERNELS = ("portable", "tpu", "mosaic_gpu")
+
+# Whether kernel=None picks the Mosaic GPU kernel on a Hopper GPU. False until its Hopper tests
+# (tests/attention/test_flash_mosaic_gpu.py) and experiments/bench_flash.py have passed on real hardware:
+# it has only been lowered and interpreted on CPU, and ptxas, register pressure and speed are unchecked.
+MOSAIC_GPU_BY_DEFAULT = False
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-__all__ = ["flash_attention", "supports", "choose_blocks", "Blocks", "TABLE", "GPU_HEAD_DIMS",
-           "TPU_HEAD_DIMS", "KERNELS"]
+__all__ = ["flash_attention", "supports", "supports_mosaic_gpu", "is_hopper", "choose_blocks", "Blocks",
+           "TABLE", "GPU_HEAD_DIMS", "TPU_HEAD_DIMS", "MOSAIC_GPU_HEAD_DIMS", "KERNELS"]
 
 
 def supports(q: jax.Array, k: jax.Array, v: jax.Array, *, bias=None, soft_cap=None,
@@ -52,6 +63,37 @@ def supports(q: jax.Array, k: jax.Array, v: jax.Array, *, bias=None, soft_cap=No
   head_dims = GPU_HEAD_DIMS if backend == "gpu" else TPU_HEAD_DIMS
   if q.shape[-1] not in head_dims:
     return False, f"head_dim {q.shape[-1]} is not one of {head_dims}"
+  return True, ""
+
+
+def is_hopper(device=None) -> bool:
+  """Whether `device` (default: the first default device) is a CUDA GPU of compute capability 9.x."""
+  device = device or jax.devices()[0]
+  if getattr(device, "platform", None) != "gpu":
+    return False
+  cc = getattr(device, "compute_capability", None)  # e.g. "9.0" on H100/H200; absent on ROCm/CPU
+  try:
+    return cc is not None and int(str(cc).split(".")[0]) == 9
+  except ValueError:
+    return False
+
+
+def supports_mosaic_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, bias=None, soft_cap=None,
+                        check_device: bool = True) -> tuple[bool, str]:
+  """Whether the Mosaic GPU (Hopper) kernel serves these inputs; (ok, reason) as `supports`.
+
+  It needs bfloat16 or float16 q/k/v (wgmma takes 16-bit operands; float32 goes to the portable kernel),
+  head_dim in MOSAIC_GPU_HEAD_DIMS and, with check_device, a compute capability 9.x default device.
+  """
+  if check_device and not is_hopper():
+    return False, "the default device is not a Hopper (compute capability 9.x) GPU"
+  ok, reason = supports(q, k, v, bias=bias, soft_cap=soft_cap, backend="gpu")
+  if not ok:
+    return ok, reason
+  if any(x.dtype not in mosaic_gpu.DTYPES for x in (q, k, v)) or not q.dtype == k.dtype == v.dtype:
+    return False, f"dtypes {q.dtype}, {k.dtype}, {v.dtype} are not all bfloat16 or all float16"
+  if q.shape[-1] not in MOSAIC_GPU_HEAD_DIMS:
+    return False, f"head_dim {q.shape[-1]} is not one of {MOSAIC_GPU_HEAD_DIMS}"
   return True, ""
 
 
@@ -93,8 +135,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
       not be multiples of them: inputs are padded and the tail is masked inside the kernel.
     interpret: run the kernels in interpret mode (default: True unless the backend is a GPU or TPU);
       False compiles them (Triton for the portable kernel, Mosaic for the TPU kernel).
-    kernel: "portable" (Triton-lowered on GPU) or "tpu" (Mosaic TPU); default "tpu" on a TPU backend,
-      else "portable".
+    kernel: "portable" (Triton-lowered on GPU), "mosaic_gpu" (Hopper forward + portable backward) or
+      "tpu" (Mosaic TPU); default "tpu" on a TPU backend, else "portable" ("mosaic_gpu" on a Hopper
+      GPU when `supports_mosaic_gpu` the inputs, once MOSAIC_GPU_BY_DEFAULT is True).
 
   Returns:
     [B, Tq, N, H] in q's dtype; rows that see no key are zeros (with zero gradients).
@@ -113,17 +156,30 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
   except (TypeError, jax.errors.ConcretizationTypeError):
     raise ValueError(f"scale must be a static Python float, got {scale!r}") from None
   if kernel is None:
-    kernel = "tpu" if jax.default_backend() == "tpu" else "portable"
+    if jax.default_backend() == "tpu":
+      kernel = "tpu"
+    elif (MOSAIC_GPU_BY_DEFAULT and jax.default_backend() == "gpu"
+          and supports_mosaic_gpu(q, k, v)[0]):
+      kernel = "mosaic_gpu"
+    else:
+      kernel = "portable"
   if kernel not in KERNELS:
     raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
   target = "tpu" if kernel == "tpu" else "gpu"
   if interpret is None:
     interpret = jax.default_backend() not in ("gpu", "tpu")
-  if not interpret:
+  if kernel == "mosaic_gpu":  # 16-bit and its head dims even in interpret mode (same kernel code)
+    ok, reason = supports_mosaic_gpu(q, k, v, check_device=False)
+    if not ok:
+      raise ValueError(f"kernel='mosaic_gpu' does not serve these inputs: {reason}")
+  elif not interpret:
     ok, reason = supports(q, k, v, backend=target)
     if not ok:
       raise ValueError(f"the compiled Pallas kernel does not serve these inputs: {reason}")
-  blocks = choose_blocks("interpret" if interpret else target, h, tq, tk)
+  if kernel == "mosaic_gpu":
+    blocks = choose_blocks("mosaic_gpu", h, tq, tk)
+  else:
+    blocks = choose_blocks("interpret" if interpret else target, h, tq, tk)
   for name, value in (("block_q", block_q), ("block_k", block_k)):
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
       raise ValueError(f"{name} must be a positive int or None, got {value!r}")
@@ -134,15 +190,16 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
   cfg = portable.KernelConfig(
       q_len=tq, kv_len=tk, causal=mask.causal, window=mask.window, has_segments=q_seg is not None,
       scale=scale, block_q=bq, block_k=bk, interpret=bool(interpret),
-      num_warps=None if interpret or kernel == "tpu" else blocks.num_warps,
-      num_stages=None if interpret else blocks.num_stages)
+      num_warps=None if interpret or kernel != "portable" else blocks.num_warps,
+      num_stages=(blocks.num_stages if kernel == "mosaic_gpu"  # its K/V ring depth, also interpreted
+                  else None if interpret else blocks.num_stages))
 
   # Layout change and padding outside the custom_vjp: JAX transposes them itself.
   def to_bnth(x, t, tp):
     x = jnp.swapaxes(x, 1, 2)
     return x if t == tp else jnp.pad(x, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
 
-  kernels = tpu if kernel == "tpu" else portable
+  kernels = {"tpu": tpu, "mosaic_gpu": mosaic_gpu, "portable": portable}[kernel]
   out = _flash(cfg, kernels, to_bnth(q, tq, tqp), to_bnth(k, tk, tkp), to_bnth(v, tk, tkp), q_seg,
                kv_seg)
   return jnp.swapaxes(out[:, :, :tq], 1, 2)
@@ -150,7 +207,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _flash(cfg, kernels, q, k, v, q_seg, kv_seg):
-  """`kernels` is the module (portable or tpu) whose forward / backward_dq / backward_dkdv run."""
+  """`kernels` is the module (portable, mosaic_gpu or tpu) whose forward / backward_dq / backward_dkdv run."""
   return kernels.forward(cfg, q, k, v, q_seg, kv_seg)[0]
 
 

@@ -6,9 +6,12 @@ clip them to the (padded) sequence lengths so that tiny inputs stay tiny.
 
 The GPU rows are the usual FlashAttention-2 choices for the Triton-lowered Pallas kernel on A100/H100
 (Dao 2023, sec. 3.3; the JAX Pallas GPU reference kernel): larger head_dim leaves less shared memory for
-the key/value tile. The TPU rows follow the (8, 128) Mosaic tiling. Both are starting points that were
-NOT tuned on hardware in this repository (no GPU or TPU was available when they were written); tune them
-with `experiments/bench_flash.py` on the target device.
+the key/value tile. The "mosaic_gpu" rows are for the Hopper kernel of `mosaic_gpu.py` (FlashAttention-3
+shapes, Shah et al. 2024): block_q = 64 rows per compute warpgroup times two warpgroups, block_k a
+multiple of 64, num_stages the depth of the TMA K/V ring; they fit the 227 KiB of shared memory per CTA
+(checked when the kernel is lowered). The TPU rows follow the (8, 128) Mosaic tiling. All are starting
+points that were NOT tuned on hardware in this repository (no GPU or TPU was available when they were
+written); tune them with `experiments/bench_flash.py` on the target device.
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ TABLE: dict[str, dict[int, Blocks]] = {
         128: Blocks(128, 64, num_warps=8, num_stages=2),
         256: Blocks(64, 32, num_warps=8, num_stages=2),
     },
+    # Mosaic GPU (Hopper): num_warps is unused (the kernel runs 64-row compute warpgroups + 1 producer).
+    # Shared memory: Q 2*64*H + num_stages * 2 * block_k * H elements of 2 bytes.
+    "mosaic_gpu": {
+        64: Blocks(128, 128, num_stages=3),   # 16 KiB Q + 96 KiB K/V
+        128: Blocks(128, 128, num_stages=2),  # 32 KiB Q + 128 KiB K/V
+        256: Blocks(128, 64, num_stages=2),   # 64 KiB Q + 128 KiB K/V
+    },
     # Mosaic TPU: (8, 128) vreg tiles; 128 x 128 fits every head_dim in VMEM with double buffering.
     "tpu": {
         64: Blocks(128, 128),
@@ -46,6 +56,7 @@ _INTERPRET_DEFAULT = Blocks(32, 32)
 # Head dims the compiled (non-interpret) kernels are built for.
 GPU_HEAD_DIMS = tuple(sorted(TABLE["gpu"]))
 TPU_HEAD_DIMS = tuple(sorted(TABLE["tpu"]))
+MOSAIC_GPU_HEAD_DIMS = tuple(sorted(TABLE["mosaic_gpu"]))
 
 
 def _round_up(x: int, m: int) -> int:
@@ -60,13 +71,21 @@ def _pow2_at_least(x: int) -> int:
 
 
 def choose_blocks(backend: str, head_dim: int, q_len: int, kv_len: int) -> Blocks:
-  """Blocks for `backend` ("gpu", "tpu" or "interpret") and these shapes.
+  """Blocks for `backend` ("gpu", "mosaic_gpu", "tpu" or "interpret") and these shapes.
 
   GPU blocks never exceed the sequence lengths rounded up to a power of two >= 16 (Triton's tl.dot needs
   power-of-two tiles of at least 16); TPU blocks never exceed the lengths rounded up to a multiple of 8
   (a block equal to the whole padded length is always a legal Mosaic block). So short sequences are not
-  padded to a full table block.
+  padded to a full table block. Mosaic GPU blocks stay multiples of 64 (the wgmma tile): block_q is 64
+  (one compute warpgroup) when q_len <= 64, block_k at most the length rounded up to 64.
   """
+  if backend == "mosaic_gpu":
+    if head_dim not in TABLE["mosaic_gpu"]:
+      raise ValueError(f"head_dim must be one of {MOSAIC_GPU_HEAD_DIMS} for the Mosaic GPU kernel, "
+                       f"got {head_dim}")
+    base = TABLE["mosaic_gpu"][head_dim]
+    return dataclasses.replace(base, block_q=64 if q_len <= 64 else base.block_q,
+                               block_k=min(base.block_k, _round_up(max(kv_len, 1), 64)))
   if backend == "tpu":
     if head_dim not in TABLE["tpu"]:
       raise ValueError(f"head_dim must be one of {TPU_HEAD_DIMS} for the TPU kernel, got {head_dim}")
@@ -80,7 +99,7 @@ def choose_blocks(backend: str, head_dim: int, q_len: int, kv_len: int) -> Block
   elif backend == "interpret":
     base = TABLE["interpret"].get(head_dim, _INTERPRET_DEFAULT)
   else:
-    raise ValueError(f"backend must be 'gpu', 'tpu' or 'interpret', got {backend!r}")
+    raise ValueError(f"backend must be 'gpu', 'mosaic_gpu', 'tpu' or 'interpret', got {backend!r}")
   bq = min(base.block_q, max(16, _pow2_at_least(q_len)))
   bk = min(base.block_k, max(16, _pow2_at_least(kv_len)))
   return dataclasses.replace(base, block_q=bq, block_k=bk)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The device checks of issue 6 in one command, for a session that is lent an NVIDIA Hopper GPU (which
+# already has a CUDA build of jax/flax/optax/orbax/chex): install jaxlab without deps, run the GPU-only
+# tests (Mosaic GPU kernel, portable kernel, cuDNN pass-through: values and gradients against "xla"),
+# then the speed table. Results land in experiments/results/flash_<device>.md; the log in $OUT if set.
+#
+#   bash experiments/gpu_check.sh            # about 6-8 minutes on an H100/H200
+#
+# If the Hopper tests pass, set MOSAIC_GPU_BY_DEFAULT = True in jaxlab/attention/flash/__init__.py.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp}"
+pip install --quiet --no-deps -e . 2>&1 | tail -n 2
+python -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/gpu_check.log"
+timeout 240 python -m pytest -q -p no:cacheprovider -x \
+  tests/attention/test_flash_mosaic_gpu.py tests/attention/test_cudnn.py \
+  -k "hopper or gpu or cudnn" 2>&1 | tail -n 30 | tee -a "$out/gpu_check.log"
+timeout 300 python experiments/bench_flash.py --repeats 10 2>&1 | tail -n 60 | tee -a "$out/gpu_check.log"
+cp experiments/results/flash_*.md experiments/results/flash_*.json "$out/" 2>/dev/null || true
