@@ -66,3 +66,33 @@ def test_emoji_source_split_and_pixels():
 def test_emoji_missing_folder_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.data.path should name the folder"):
     cp.emoji_config(str(tmp_path))
+
+
+@pytest.mark.skipif(not EMOJI.is_dir(), reason="../shared/data/emoji_captions is not present")
+def test_emoji_pairs_end_to_end_through_load_pairs(tmp_path):
+  cfg = ml_collections.ConfigDict(dict(name="emoji", path=str(EMOJI), data_dir=str(tmp_path)))
+  train, test = cp.load_pairs(cfg, "train"), cp.load_pairs(cfg, "test")
+  entries = cp.emoji_entries(EMOJI)
+  n_test = sum(cp.is_test_emoji(e["base"]) for e in entries)
+  assert (n_test, len(entries) - n_test) == (440, 3346)
+  # Every emoji drawn by both vendors: two images per group, groups disjoint across the split.
+  assert len(train) == 2 * 3346 and len(test) == 2 * 440
+  assert train.images_NHWC.shape == (6692, 32, 32, 3) and train.images_NHWC.dtype == np.float32
+  assert -1.0 <= train.images_NHWC.min() and train.images_NHWC.max() <= 1.0
+  for pairs, n in ((train, 3346), (test, 440)):
+    groups, counts = np.unique(pairs.groups_N, return_counts=True)
+    assert len(groups) == n and (counts == 2).all()
+  assert not set(train.groups_N.tolist()) & set(test.groups_N.tolist())
+  # The two vendor images of one emoji share the group, caption and label, and are different images.
+  g = int(test.groups_N[0])
+  rows = np.flatnonzero(test.groups_N == g)
+  assert len(rows) == 2 and test.captions[rows[0]] == test.captions[rows[1]]
+  assert test.labels_N[rows[0]] == test.labels_N[rows[1]]
+  assert not np.array_equal(test.images_NHWC[rows[0]], test.images_NHWC[rows[1]])
+  assert test.captions[rows[0]] == entries[g]["caption"]
+  assert all(not cp.is_test_emoji(entries[k]["base"]) for k in train.groups_N[:50])
+  # Held-out captions are unseen in training; labels index the 10 categories.
+  assert not set(test.captions) & set(train.captions)
+  assert len(train.class_names) == 10 and train.class_names == test.class_names
+  assert train.class_names[int(train.labels_N[0])] == entries[int(train.groups_N[0])]["category"]
+  assert cp.class_prompts(test)[0] == ["activities", "an emoji of activities"]

@@ -1,0 +1,94 @@
+"""experiments/contrastive.py: its pieces on hand-made inputs, and --quick end to end on the emoji pairs."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+EMOJI = REPO.parent / "shared" / "data" / "emoji_captions"
+
+
+def _load_script():
+  spec = importlib.util.spec_from_file_location("contrastive_experiment",
+                                                REPO / "experiments" / "contrastive.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_batches_hold_distinct_captions_and_valid_images():
+  import jax
+  import jax.numpy as jnp
+  script = _load_script()
+  split = script.make_split(np.zeros((7, 1)), ["a", "b", "a", "c", "b", "d", "a"], [0] * 7)
+  assert split.captions == ["a", "b", "c", "d"] and split.count_C.tolist() == [3, 2, 1, 1]
+  for seed in range(20):
+    caption_B, image_B = script.sample_batch(jax.random.PRNGKey(seed), jnp.asarray(split.images_of_C),
+                                             jnp.asarray(split.count_C), 4)
+    assert sorted(np.asarray(caption_B).tolist()) == [0, 1, 2, 3]  # B = C: every caption once
+    assert (split.image_caption_M[np.asarray(image_B)] == np.asarray(caption_B)).all()
+
+
+def test_retrieval_metrics_on_hand_made_embeddings():
+  script = _load_script()
+  caption_CE = np.eye(3)
+  image_ME = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0.6, 0.8]])  # image 3: caption 2 first
+  image_ME /= np.linalg.norm(image_ME, axis=1, keepdims=True)
+  image_caption_M = np.array([0, 0, 1, 2])
+  labels_M = np.array([0, 0, 1, 1])
+  class_KE = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+  m = script.retrieval_metrics(image_ME, caption_CE, image_caption_M, class_KE, labels_M)
+  assert m["i2t_R@1"] == pytest.approx(1.0)  # image 3's best caption is 2 (0.8 > 0.6)
+  assert m["t2i_R@1"] == pytest.approx(1.0)  # each caption's top image is one of its own
+  assert m["zs_acc"] == pytest.approx(1.0) and m["zs_bal_acc"] == pytest.approx(1.0)
+  image_ME[3] = [0, 1, 0]  # now image 3 retrieves caption 1 first: one miss of four
+  m = script.retrieval_metrics(image_ME, caption_CE, image_caption_M, class_KE, labels_M)
+  assert m["i2t_R@1"] == pytest.approx(0.75) and m["i2t_R@5"] == pytest.approx(1.0)
+  base = script.majority_baseline(np.array([0, 0, 0, 1]))
+  assert base["zs_acc"] == 0.75 and base["zs_bal_acc"] == 0.5
+
+
+@pytest.mark.skipif(not EMOJI.is_dir(), reason=f"needs {EMOJI}")
+def test_quick_run_writes_the_whole_report(tmp_path):
+  script = _load_script()
+  out = script.main(["--quick", "--batches", "16", "--memory-batches", "256", "--tier-b-steps", "2",
+                     "--emoji", str(EMOJI), "--data-dir", str(tmp_path / "tfds"),
+                     "--out", str(tmp_path)])
+  assert out["complete"] and out["counts"]["test"] == 440 and out["counts"]["test_images"] == 880
+  assert out["counts"]["train"] + out["counts"]["val"] <= 3346
+  rows = {(r["protocol"], r["loss"]): r for r in out["tier_a"]}
+  assert set(rows) == {(p, l) for p in ("examples", "steps") for l in ("clip", "siglip")}
+  for (protocol, _), r in rows.items():
+    assert r["batch"] == 16 and r["lr"] in r["lr_grid"]
+    assert r["steps"] == (out["settings"]["examples"] // 16 if protocol == "examples"
+                          else out["settings"]["steps"])
+    assert len(r["per_seed"]) == len(r["lr_grid"]) == len(r["val_scores"])
+    for k in script.METRICS:
+      assert 0.0 <= r[k] <= 1.0 and math.isfinite(r[k + "_sd"])
+  assert {r["loss"] for r in out["tier_b"]} == {"clip", "siglip"}
+  assert {r["loss"] for r in out["memory"]} >= {"SigLIP chunked (ring), 8 devices",
+                                                 "CLIP all-gather, 8 devices"}
+  md = (tmp_path / "contrastive_quick.md").read_text()
+  for text in ("Generated entirely by", "Command: `python experiments/contrastive.py --quick",
+               "protocol (1): same examples seen", "protocol (2): same number of steps",
+               "## Reading (generated from the numbers above)", "Does the SigLIP paper's finding",
+               "Tier B: the real dual encoder", "## Peak memory per device"):
+    assert text in md, text
+  assert "PARTIAL" not in md and "re-rendered" not in md
+  again = script.main(["--quick", "--report-only", "--out", str(tmp_path)])  # from the .json alone
+  assert again["tier_a"] == out["tier_a"]
+  md2 = (tmp_path / "contrastive_quick.md").read_text()
+  assert "re-rendered from contrastive_quick.json" in md2
+  assert md2.split("## Design")[1] == md.split("## Design")[1]  # same tables and reading
+  assert json.loads((tmp_path / "contrastive_quick.json").read_text())["wall_seconds"] > 0
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    return
+  assert (tmp_path / "contrastive_quick.png").is_file()
