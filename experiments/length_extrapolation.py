@@ -86,10 +86,9 @@ def eval_model(config, vocab_size: int, train_len: int, variant: dict, length: i
     model_cfg[key] = value
   model_cfg.rope_train_len = train_len
   if model_cfg.rope_scaling in SCALED:
-    if length <= train_len:
-      model_cfg.rope_scaling = "none"  # scale 1: plain RoPE
-    else:
-      model_cfg.rope_scaling_factor = length / train_len
+    # Factor 1 up to the training length: each method itself must then be plain RoPE (no shortcut
+    # to rope_scaling="none" here, so tests/experiments can check that it is).
+    model_cfg.rope_scaling_factor = max(1.0, length / train_len)
   elif model_cfg.rope_scaling == "dynamic_ntk":
     model_cfg.rope_scaling_factor = 1.0  # alpha = L / train_len beyond the training length
   return gpt_from_config(model_cfg, vocab_size, max_len=train_len)

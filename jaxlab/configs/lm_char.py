@@ -42,8 +42,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.logn_scaling = False  # scale queries by max(1, log n / log rope_train_len)
   c.model.max_len = 0  # 0 = data.seq_len
   c.model.tie_embeddings = True
-  c.model.attention = "softmax"  # softmax | local | linear | performer | flash
+  c.model.attention = "softmax"  # softmax | local | linear | performer | block_sparse | flash
   c.model.attention_window = 64  # local: tokens before each query that it sees
+  c.model.sparse_layout = "window"  # block_sparse (causal): window | strided | bigbird
+  c.model.sparse_block_size = 16  # block_sparse: block size (tokens)
+  c.model.sparse_local_blocks = 2  # block_sparse: own block + the blocks before it that it sees
+  c.model.sparse_stride = 4  # block_sparse strided: every stride-th block is a summary block
+  c.model.sparse_num_global = 1  # block_sparse bigbird: leading blocks that every block sees
+  c.model.sparse_num_random = 1  # block_sparse bigbird: random earlier blocks per block
+  c.model.sparse_seed = 0  # block_sparse bigbird: seed of the random blocks
   c.model.feature_map = "elu+1"  # linear: elu+1 | relu | exp
   c.model.num_features = 64  # performer: random features per layer
   c.model.feature_seed = 0  # performer: seed of the (fixed) features; another seed = a redraw

@@ -8,7 +8,20 @@ Attention families (`family`): "softmax" (`dot_product_attention`, any implement
 (banded sliding window, `attention.local_attention`), "linear" (`attention.linear_attention`, causal
 chunked form; decoding keeps its recurrent state instead of K/V), "performer" (FAVOR+ with
 `num_features` fixed orthogonal random features drawn from `feature_seed` and the module's name, so
-each layer has its own; decoding keeps the running-max recurrent state).
+each layer has its own; decoding keeps the running-max recurrent state), "block_sparse" (causal only:
+`attention.block_sparse_attention` over a static block layout, see `causal_block_layout`; Child et al.
+2019, Zaheer et al. 2020; decoding attends to the cache with the layout's key mask for the query's
+position, so it equals the full pass).
+
+Dynamic NTK ("dynamic_ntk" rope scaling) follows the current length L. In a full pass L is the row's
+max position + 1, or with segment ids each packed segment's own max position + 1 (so packed rows equal
+separate runs). Decoding follows the Hugging Face convention: a prefill of P tokens rotates them all
+with L = P, each later token is rotated with L = its cache index + 1 (passed as `seq_len`; the
+recurrent families use position + 1, the same for ordinary decoding), and cached keys keep the
+rotation they were cached with. So cached decoding equals the full pass while the length stays within
+the training length, and beyond it equals a full pass in which token s is rotated with its own L_s = max(P, s + 1), NOT the
+full pass with L = T for every token (exact equality with that is impossible with a cache by design:
+in a full pass beyond the training length every hidden state depends on the total length T).
 
 Position encodings handled here (the model adds absolute ones to the embeddings):
   "rope" / "xpos" rotate (and for xPos scale) q and k; "alibi" / "t5" add a bias to the logits
@@ -24,12 +37,51 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlab import attention, positions as positions_lib
 from jaxlab.attention import linear as linear_lib
+from jaxlab.attention import local as local_lib
 from jaxlab.layers.dense import Dense
 
-FAMILIES = ("softmax", "local", "linear", "performer")
+FAMILIES = ("softmax", "local", "linear", "performer", "block_sparse")
+SPARSE_LAYOUTS = ("window", "strided", "bigbird")
+_KV_CACHE_FAMILIES = ("softmax", "local", "block_sparse")
+
+
+def causal_block_layout(kind: str, num_blocks: int, *, local_blocks: int, stride: int = 1,
+                        num_global: int = 0, num_random: int = 0, seed: int = 0) -> np.ndarray:
+  """Causal block layout [num_blocks, num_blocks] (bool, NumPy) for `block_sparse_attention`.
+
+  Query block i sees key block j <= i iff:
+    "window":  i - j < local_blocks (its own block and the local_blocks - 1 before it);
+    "strided": the window, or j % stride == stride - 1 (Child et al. 2019, "fixed" pattern);
+    "bigbird": the window, or j < num_global (global blocks), or one of `num_random` blocks drawn
+      without replacement among the earlier blocks it does not see yet (Zaheer et al. 2020, made
+      causal), from a NumPy generator seeded by (seed, i).
+  Row i depends only on i (not on num_blocks), so the layout for a shorter sequence is the top-left
+  corner of the one for a longer sequence: cached decoding can use the layout of the cache length.
+  """
+  if kind not in SPARSE_LAYOUTS:
+    raise ValueError(f"sparse_layout must be one of {SPARSE_LAYOUTS}, got {kind!r}")
+  for name, value, low in (("num_blocks", num_blocks, 1), ("sparse_local_blocks", local_blocks, 1),
+                           ("sparse_stride", stride, 1), ("sparse_num_global", num_global, 0),
+                           ("sparse_num_random", num_random, 0)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+      raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+  if kind == "window":
+    return local_lib.block_layout_from_window(num_blocks, local_blocks - 1, 0)
+  if kind == "strided":
+    return local_lib.strided_layout(num_blocks, local_blocks=local_blocks, stride=stride, causal=True)
+  layout = local_lib.block_layout_from_window(num_blocks, local_blocks - 1, 0)
+  layout[:, :num_global] = True
+  for i in range(num_blocks):
+    free = np.flatnonzero(~layout[i, :i + 1])
+    if num_random and free.size:
+      rng = np.random.default_rng((seed, i))
+      layout[i, rng.choice(free, size=min(num_random, free.size), replace=False)] = True
+  return layout & np.tri(num_blocks, dtype=bool)
+
 
 class MultiHeadAttention(nn.Module):
   """Self-attention x_BTD -> y_BTD with N query heads and K key/value heads (N % K == 0).
@@ -39,7 +91,11 @@ class MultiHeadAttention(nn.Module):
     causal: causal self-attention.
     position: "rope"/"xpos" rotate q and k, "alibi"/"t5" add a logit bias; others: handled by the model.
     rope_theta, rope_scaling, rotary_fraction: RoPE base, context extension (PI/NTK/YaRN...) and
-      the fraction of head_dim rotated. YaRN's attention temperature is applied to q and k here.
+      the fraction of head_dim rotated. YaRN's attention temperature is applied to q and k here;
+      dynamic NTK's length is per row, per packed segment, or the cache length (module docstring).
+    family: one of FAMILIES, with window ("local"), feature_map ("linear"), num_features and
+      feature_seed ("performer"), sparse_* ("block_sparse": layout kind, block size b and the
+      arguments of `causal_block_layout`).
     implementation: passed to `attention.dot_product_attention`.
     use_bias: biases in the projections.
     out_init_std: init std of the output projection (GPT-2 scales it by 1/sqrt(2 * layers)).
@@ -63,6 +119,13 @@ class MultiHeadAttention(nn.Module):
   feature_map: str = "elu+1"  # "linear": feature map
   num_features: int = 64  # "performer": random features M
   feature_seed: int = 0  # "performer": seed of the features (a new seed = a redraw)
+  sparse_layout: str = "window"  # "block_sparse": one of SPARSE_LAYOUTS
+  sparse_block_size: int = 16  # "block_sparse": block size b
+  sparse_local_blocks: int = 2  # "block_sparse": own block + the local_blocks - 1 before it
+  sparse_stride: int = 4  # "block_sparse", "strided": every stride-th block is a summary block
+  sparse_num_global: int = 1  # "block_sparse", "bigbird": leading blocks every block sees
+  sparse_num_random: int = 1  # "block_sparse", "bigbird": random earlier blocks per block row
+  sparse_seed: int = 0  # "block_sparse", "bigbird": seed of the random blocks
   implementation: Optional[str] = None
   use_bias: bool = False
   init_std: float = 0.02
@@ -92,13 +155,19 @@ class MultiHeadAttention(nn.Module):
           epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
           scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("kv",)))
       q_BTNH, k_BTKH = norm("q_norm")(q_BTNH), norm("k_norm")(k_BTKH)
-    q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT)
-    if self.logn_train_len:
-      q_BTNH = q_BTNH * positions_lib.logn_scale(positions_BT, self.logn_train_len)[
-          :, :, None, None].astype(q_BTNH.dtype)
-
     if self.family not in FAMILIES:
       raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+    # Dynamic NTK with a KV cache: q and k are rotated in _cached_attention, with L from the cache.
+    rotate_in_cache = (decode and self._dynamic_ntk() and self.family in _KV_CACHE_FAMILIES
+                   and not self.rerope_window)
+    if not rotate_in_cache:
+      q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT,
+                                    self._seq_len(positions_BT, segment_ids_BT))
+    if self.logn_train_len:  # a per-query scalar: commutes with the rotation
+      q_BTNH = q_BTNH * positions_lib.logn_scale(positions_BT, self.logn_train_len)[
+          :, :, None, None].astype(q_BTNH.dtype)
+    if self.family == "block_sparse":
+      self._check_block_sparse()
     if self.family != "softmax" and self.logit_soft_cap is not None:
       raise ValueError(f"logit_soft_cap applies to the softmax family, not {self.family!r}")
     if self.rerope_window and (self.position != "rope" or self.family != "softmax"
@@ -114,7 +183,8 @@ class MultiHeadAttention(nn.Module):
     elif decode and self.family == "performer":
       out_BTNH = self._recurrent_performer(q_BTNH, k_BTKH, v_BTKH)
     elif decode:
-      out_BTNH = self._cached_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT)
+      out_BTNH = self._cached_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT,
+                                        rotate_in_cache=rotate_in_cache)
     else:
       out_BTNH = self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT)
 
@@ -128,6 +198,13 @@ class MultiHeadAttention(nn.Module):
       return attention.local_attention(q_BTNH, k_BTKH, v_BTKH, window=self._window(),
                                        causal=self.causal, q_segment_ids=segment_ids_BT,
                                        kv_segment_ids=segment_ids_BT)
+    if self.family == "block_sparse":
+      if segment_ids_BT is not None:
+        raise ValueError("the 'block_sparse' family does not support segment ids")
+      b = self.sparse_block_size
+      return attention.block_sparse_attention(
+          q_BTNH, k_BTKH, v_BTKH, layout=self._sparse_layout(-(-q_BTNH.shape[1] // b)),
+          block_size=b, causal=True)
     if self.rerope_window:
       return self._rerope(q_BTNH, k_BTKH, v_BTKH, positions_BT, positions_BT,
                           segment_ids_BT=segment_ids_BT)
@@ -167,14 +244,48 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"the 'local' family needs window >= 1, got {self.window}")
     return (self.window, 0 if self.causal else self.window)
 
-  def _rotate(self, q_BTNH, k_BTKH, positions_BT):
+  def _check_block_sparse(self):
+    if not self.causal:
+      raise ValueError("the 'block_sparse' family is causal only (causal=True)")
+    if isinstance(self.sparse_block_size, bool) or not isinstance(self.sparse_block_size, int) \
+        or self.sparse_block_size < 1:
+      raise ValueError(f"sparse_block_size must be an int >= 1, got {self.sparse_block_size!r}")
+    self._sparse_layout(1)  # validates the layout arguments
+
+  def _sparse_layout(self, num_blocks: int) -> np.ndarray:
+    return causal_block_layout(self.sparse_layout, num_blocks, local_blocks=self.sparse_local_blocks,
+                               stride=self.sparse_stride, num_global=self.sparse_num_global,
+                               num_random=self.sparse_num_random, seed=self.sparse_seed)
+
+  def _dynamic_ntk(self) -> bool:
+    return (self.position == "rope" and self.rope_scaling is not None
+            and positions_lib.as_rope_scaling(self.rope_scaling).kind == "dynamic_ntk")
+
+  def _seq_len(self, positions_BT, segment_ids_BT) -> Optional[jax.Array]:
+    """Dynamic NTK's length L for a full pass: None (the row's max position + 1) or, with segment
+    ids, [B, T] with 1 + the max position of each token's segment (a run of equal ids)."""
+    if not self._dynamic_ntk() or segment_ids_BT is None or self.rerope_window:
+      return None
+    b, t = positions_BT.shape
+    starts = jnp.concatenate([jnp.ones((b, 1), bool),
+                              segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    run_BT = jnp.cumsum(starts, axis=1) - 1  # run index in [0, T)
+    run_max = jax.vmap(lambda p, r: jax.ops.segment_max(p, r, num_segments=t,
+                                                        indices_are_sorted=True))(positions_BT, run_BT)
+    return jnp.take_along_axis(run_max, run_BT, axis=1) + 1
+
+  def _rope(self, x, positions_BT, seq_len=None):
+    return positions_lib.apply_rope(x, positions_BT, theta=self.rope_theta,
+                                    scaling=self.rope_scaling, rotary_fraction=self.rotary_fraction,
+                                    seq_len=seq_len if self._dynamic_ntk() else None)
+
+  def _rotate(self, q_BTNH, k_BTKH, positions_BT, seq_len=None):
+    """Rotates (xPos: and scales) q and k; seq_len: dynamic NTK's L ([B] or [B, T]), else unused."""
     if self.position == "rope" and self.rerope_window:
       return q_BTNH, k_BTKH  # ReRoPE rotates inside its logits
     if self.position == "rope":
-      rope = lambda x: positions_lib.apply_rope(x, positions_BT, theta=self.rope_theta,
-                                                scaling=self.rope_scaling,
-                                                rotary_fraction=self.rotary_fraction)
-      q_BTNH, k_BTKH = rope(q_BTNH), rope(k_BTKH)
+      q_BTNH = self._rope(q_BTNH, positions_BT, seq_len)
+      k_BTKH = self._rope(k_BTKH, positions_BT, seq_len)
       if self.rope_scaling is not None and self.rope_scaling.kind == "yarn":
         # YaRN sec. 3.4: logits scaled by 1/t with sqrt(1/t) = 0.1 ln(s) + 1, on q and k.
         temperature = positions_lib.yarn_attention_factor(self.rope_scaling.factor)
@@ -196,12 +307,14 @@ class MultiHeadAttention(nn.Module):
           kv_positions=kv_positions_BT)
     return None
 
-  def _cached_attention(self, q_BTNH, k_BTKH, v_BTKH, positions_BT):
+  def _cached_attention(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, *, rotate_in_cache=False):
     """Attention against a KV cache in the "cache" collection.
 
     The cache is created by `init` with the full decoding length as T (call `model.init(..., decode=True)`
     with an input of shape [B, max_len]). Afterwards a call with T > 1 is a prefill of an empty cache, and a
     call with T == 1 appends one token and attends to everything cached so far.
+    rotate_in_cache (dynamic NTK): q and k arrive unrotated and are rotated here with L = cache index +
+    T, the tokens cached so far including this call's (see the module docstring).
     """
     is_initialized = self.has_variable("cache", "cached_key")
     b, t, kh, h = k_BTKH.shape
@@ -210,8 +323,13 @@ class MultiHeadAttention(nn.Module):
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not is_initialized:
       # Initialisation pass: shapes only.
+      if rotate_in_cache:
+        q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT)
       return self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT)
     i = index.value
+    lengths_B = jnp.full((b,), i + t, jnp.int32)  # tokens in the cache, this call's included
+    if rotate_in_cache:
+      q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT, lengths_B)
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BTKH, (0, i, 0, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BTKH, (0, i, 0, 0))
     index.value = i + t
@@ -221,15 +339,24 @@ class MultiHeadAttention(nn.Module):
     # Cache slot j holds position j (tokens are written in order from 0).
     max_len = cached_k.value.shape[1]
     kv_positions_BT = jnp.broadcast_to(jnp.arange(max_len, dtype=positions_BT.dtype), (b, max_len))
-    lengths_B = jnp.full((b,), i + 1, jnp.int32)
+    visible = None
     if self.family == "local":
       # The query sits at position i, not at the cache's end (where end alignment would put it), so
       # the window's left edge is a segment: keys from i - window on are segment 1, older ones 0.
-      in_window = (jnp.arange(max_len) >= i - self.window).astype(jnp.int32)
+      visible = jnp.arange(max_len) >= i - self.window
+    elif self.family == "block_sparse":
+      # The layout row of the query's block, spread over the keys (the layout of the cache length
+      # starts with the layout of any shorter one; see causal_block_layout).
+      bs = self.sparse_block_size
+      layout = jnp.asarray(self._sparse_layout(-(-max_len // bs)))
+      visible = jax.lax.dynamic_index_in_dim(layout, i // bs, keepdims=False)[
+          jnp.arange(max_len) // bs]
+    if visible is not None:
+      # Visible keys are segment 1, the others 0; the query is segment 1.
       return attention.dot_product_attention(
           q_BTNH, cached_k.value, cached_v.value, kv_lengths=lengths_B,
           q_segment_ids=jnp.ones((b, 1), jnp.int32),
-          kv_segment_ids=jnp.broadcast_to(in_window, (b, max_len)),
+          kv_segment_ids=jnp.broadcast_to(visible.astype(jnp.int32), (b, max_len)),
           logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
     if self.rerope_window:
       return self._rerope(q_BTNH, cached_k.value, cached_v.value, positions_BT, kv_positions_BT,

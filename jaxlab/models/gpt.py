@@ -37,8 +37,10 @@ class GPTConfig:
   learned position table), mlp_ratio, dropout; position: one of POSITIONS, with rope_theta,
   rope_scaling (RoPE context extension), rotary_fraction and logn_train_len (> 0: log-n query
   scaling) and rerope_window / rerope_leaky_k ((leaky) ReRoPE) as in `MultiHeadAttention`; tie_embeddings: the output projection is the transposed token
-  embedding; attention: the family ("softmax" | "local" | "linear" | "performer" | "flash") with
-  attention_window (local), feature_map (linear), num_features and feature_seed (performer),
+  embedding; attention: the family ("softmax" | "local" | "linear" | "performer" | "block_sparse" |
+  "flash") with attention_window (local), feature_map (linear), num_features and feature_seed
+  (performer), sparse_layout / sparse_block_size / sparse_local_blocks / sparse_stride /
+  sparse_num_global / sparse_num_random / sparse_seed (block_sparse, see `causal_block_layout`),
   gau_qk_dim / flash_chunk / gau_kind / gau_offset_init ("flash": each block is two FLASH layers);
   qk_norm; logit_soft_cap (softmax); attention_impl: passed to `dot_product_attention`.
   """
@@ -66,6 +68,13 @@ class GPTConfig:
   feature_map: str = "elu+1"
   num_features: int = 64
   feature_seed: int = 0
+  sparse_layout: str = "window"
+  sparse_block_size: int = 16
+  sparse_local_blocks: int = 2
+  sparse_stride: int = 4
+  sparse_num_global: int = 1
+  sparse_num_random: int = 1
+  sparse_seed: int = 0
   gau_qk_dim: int = 64
   flash_chunk: int = 64
   gau_kind: str = "relu2"
@@ -103,6 +112,10 @@ class Block(nn.Module):
         rotary_fraction=c.rotary_fraction, logn_train_len=c.logn_train_len,
         family=c.attention, window=c.attention_window, feature_map=c.feature_map,
         num_features=c.num_features, feature_seed=c.feature_seed,
+        sparse_layout=c.sparse_layout, sparse_block_size=c.sparse_block_size,
+        sparse_local_blocks=c.sparse_local_blocks, sparse_stride=c.sparse_stride,
+        sparse_num_global=c.sparse_num_global, sparse_num_random=c.sparse_num_random,
+        sparse_seed=c.sparse_seed,
         qk_norm=c.qk_norm, logit_soft_cap=c.logit_soft_cap, rerope_window=c.rerope_window,
         rerope_leaky_k=c.rerope_leaky_k, implementation=c.attention_impl, use_bias=c.use_bias,
         out_init_std=out_std,
@@ -200,6 +213,10 @@ def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
       rerope_window=model_cfg.rerope_window, rerope_leaky_k=model_cfg.rerope_leaky_k or None,
       attention_window=model_cfg.attention_window, feature_map=model_cfg.feature_map,
       num_features=model_cfg.num_features, feature_seed=model_cfg.feature_seed,
+      sparse_layout=model_cfg.sparse_layout, sparse_block_size=model_cfg.sparse_block_size,
+      sparse_local_blocks=model_cfg.sparse_local_blocks, sparse_stride=model_cfg.sparse_stride,
+      sparse_num_global=model_cfg.sparse_num_global, sparse_num_random=model_cfg.sparse_num_random,
+      sparse_seed=model_cfg.sparse_seed,
       gau_qk_dim=model_cfg.gau_qk_dim, flash_chunk=model_cfg.flash_chunk,
       gau_kind=model_cfg.gau_kind, gau_offset_init=model_cfg.gau_offset_init,
       attention_impl=None if model_cfg.attention_impl == "auto" else model_cfg.attention_impl,

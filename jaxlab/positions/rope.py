@@ -58,7 +58,11 @@ class RopeScaling:
       "dynamic_ntk": NTK-aware with a factor that follows the current length L (Hugging Face
         formula): alpha = max(1, factor * L / original_max_len - (factor - 1)),
         theta' = theta * alpha^(R / (R - 2)). Equal to plain RoPE while L <= original_max_len.
-        L is `seq_len` when given to `apply_rope`, else max(positions[b]) + 1 for each row b.
+        L is `seq_len` when given to `apply_rope` (per row or per token), else max(positions[b]) + 1
+        for each row b. Every token of a row is rotated with the same L, so beyond L_train the
+        rotation of position t depends on the total length, not only on t; with a KV cache, keys
+        keep the L they were cached with (Hugging Face convention, see
+        `jaxlab.layers.MultiHeadAttention`), so cached decoding differs from a full pass there.
       "yarn": YaRN (Peng et al. 2023, sec. 3.2): for pair i, with wavelength
         lambda_i = 2 pi / inv_freq_i and r_i = original_max_len / lambda_i,
         gamma_i = clip((r_i - beta_slow) / (beta_fast - beta_slow), 0, 1) and
@@ -231,13 +235,14 @@ def _validate_angles_args(rotary_dim, theta, scaling, seq_len):
   return r, theta_static, scaling
 
 
-def _check_seq_len(seq_len: Any, batch: int) -> Optional[jax.Array]:
+def _check_seq_len(seq_len: Any, batch: int, length: int) -> Optional[jax.Array]:
   if seq_len is None:
     return None
-  length = _checks.real_array(seq_len, "seq_len")
-  if length.shape not in ((), (batch,)):
-    raise ValueError(f"seq_len must be a scalar or have shape ({batch},), got {tuple(length.shape)}")
-  return length
+  arr = _checks.real_array(seq_len, "seq_len")
+  if arr.shape not in ((), (batch,), (batch, length)):
+    raise ValueError(f"seq_len must be a scalar or have shape ({batch},) or ({batch}, {length}), got "
+                     f"{tuple(arr.shape)}")
+  return arr
 
 
 def _angles(pos: jax.Array, seq_len: Optional[jax.Array], theta: Any, r: int,
@@ -257,21 +262,23 @@ def _angles(pos: jax.Array, seq_len: Optional[jax.Array], theta: Any, r: int,
     inv = float(theta) ** (-np.arange(0, r, 2, dtype=np.float64) / r)
     inv = (1.0 - gamma) * (inv / s) + gamma * inv  # float64; gamma == 1 gives inv exactly
     return pos[:, :, None] * jnp.asarray(inv, jnp.float32)
-  # dynamic_ntk: the length L of each row, then alpha and the base per row.
+  # dynamic_ntk: the length L of each row ([B, 1]) or token ([B, T]), then alpha and the base.
   if seq_len is not None:
-    seq_len = jnp.broadcast_to(jnp.asarray(seq_len, jnp.float32), (pos.shape[0],))
+    seq_len = jnp.asarray(seq_len, jnp.float32)
+    seq_len = seq_len.reshape(seq_len.shape + (1,) * (2 - seq_len.ndim))  # () -> [1, 1], [B] -> [B, 1]
+    seq_len = jnp.broadcast_to(seq_len, (pos.shape[0], seq_len.shape[1]))
   else:
     if pos.shape[1]:
-      seq_len = jnp.max(pos, axis=1) + 1.0
+      seq_len = jnp.max(pos, axis=1, keepdims=True) + 1.0
     else:
-      seq_len = jnp.zeros((pos.shape[0],), jnp.float32)
-  alpha = jnp.maximum(1.0, s * seq_len / scaling.original_max_len - (s - 1.0))  # [B]
-  base = theta * alpha ** _ntk_exponent(r, "dynamic_ntk")  # [B]
-  inv = base[:, None] ** (-jnp.arange(0, r, 2, dtype=jnp.float32) / r)  # [B, R/2]
-  # Rows within the training length get exactly the plain frequencies (not a re-rounded power).
+      seq_len = jnp.zeros((pos.shape[0], 1), jnp.float32)
+  alpha = jnp.maximum(1.0, s * seq_len / scaling.original_max_len - (s - 1.0))  # [B, 1|T]
+  base = theta * alpha ** _ntk_exponent(r, "dynamic_ntk")
+  inv = base[..., None] ** (-jnp.arange(0, r, 2, dtype=jnp.float32) / r)  # [B, 1|T, R/2]
+  # Lengths within the training length get exactly the plain frequencies (not a re-rounded power).
   # (Compared on L, not alpha: XLA may turn / L_train into * (1 / L_train), making alpha 1 + 1 ulp.)
-  inv = jnp.where(seq_len[:, None] <= scaling.original_max_len, rope_frequencies(r, theta)[None], inv)
-  return pos[:, :, None] * inv[:, None, :]
+  inv = jnp.where(seq_len[..., None] <= scaling.original_max_len, rope_frequencies(r, theta), inv)
+  return pos[:, :, None] * inv
 
 
 _angles_jit = jax.jit(_angles, static_argnums=(2, 3, 4))
@@ -309,7 +316,7 @@ def _rope(x, positions, theta, scaling, rotary_fraction, seq_len, form):
   pos = _checks.positions_of_shape(positions, x.shape[:2], "positions")
   r = _rotary_dim(x.shape[-1], rotary_fraction)
   r, theta_static, scaling = _validate_angles_args(r, theta, scaling, seq_len)
-  seq_len = _check_seq_len(seq_len, x.shape[0])
+  seq_len = _check_seq_len(seq_len, x.shape[0], x.shape[1])
   if theta_static is None:  # traced theta: run unjitted (still correct, just not cached)
     return _rope_core(x, pos, seq_len, theta, r=r, scaling=scaling, form=form)
   return _rope_core_jit(x, pos, seq_len, theta=theta_static, r=r, scaling=scaling, form=form)
@@ -320,14 +327,16 @@ def rope_angles(positions: jax.Array, rotary_dim: int, *, theta: float = 10000.0
   """Rotation angles [B, T, rotary_dim // 2] (float32) for positions [B, T] under a scaling.
 
   angles[b, t, i] = positions[b, t] * inv_freq_i with the (possibly scaled) inverse frequencies of
-  RopeScaling ("linear" divides the positions instead). seq_len (only used by "dynamic_ntk"): an int
-  or a [B] array with the current length L of each row; None uses max(positions[b]) + 1.
+  RopeScaling ("linear" divides the positions instead). seq_len (only used by "dynamic_ntk"): an int,
+  a [B] array with the current length L of each row, or a [B, T] array with one L per token (e.g. the
+  length of each token's packed segment); None uses max(positions[b]) + 1. With a KV cache, L is the
+  total length so far (cache included).
   """
   pos = _checks.real_array(positions, "positions")
   if pos.ndim != 2:
     raise ValueError(f"positions must be [batch, length], got shape {tuple(pos.shape)}")
   r, theta_static, scaling = _validate_angles_args(rotary_dim, theta, scaling, seq_len)
-  seq_len = _check_seq_len(seq_len, pos.shape[0])
+  seq_len = _check_seq_len(seq_len, pos.shape[0], pos.shape[1])
   if theta_static is None:
     return _angles(pos, seq_len, theta, r, scaling)
   return _angles_jit(pos, seq_len, theta_static, r, scaling)

@@ -24,7 +24,8 @@ CHOICES = {
     "data.vocab": ("char", "byte"),
     "model.position": ("learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"),
     "model.rope_scaling": ("none", "linear", "ntk", "dynamic_ntk", "yarn"),
-    "model.attention": ("softmax", "local", "linear", "performer", "flash"),
+    "model.attention": ("softmax", "local", "linear", "performer", "block_sparse", "flash"),
+    "model.sparse_layout": ("window", "strided", "bigbird"),
     "model.gau_kind": ("relu2", "softmax"),
     "model.feature_map": ("elu+1", "relu", "exp"),
     "model.attention_impl": ("auto", "xla", "blockwise", "pallas", "cudnn"),
@@ -32,7 +33,8 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
 POSITIVE_INTS = ("data.seq_len", "model.num_layers", "model.width", "model.num_heads",
-                 "model.num_features", "model.gau_qk_dim", "model.flash_chunk")
+                 "model.num_features", "model.gau_qk_dim", "model.flash_chunk",
+                 "model.sparse_block_size", "model.sparse_local_blocks", "model.sparse_stride")
 
 
 def validate(config, require) -> None:
@@ -78,6 +80,10 @@ def validate(config, require) -> None:
   if m.attention == "local":
     require(m.attention_window >= 1,
             f"config.model.attention_window={m.attention_window} must be >= 1")
+  for key in ("sparse_num_global", "sparse_num_random", "sparse_seed"):
+    value = m[key]
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+            f"config.model.{key}={value!r} must be an int >= 0")
   require(m.rerope_window >= 0, f"config.model.rerope_window={m.rerope_window} must be >= 0")
   if m.rerope_window:
     require(m.position == "rope" and m.rope_scaling == "none" and m.attention == "softmax"

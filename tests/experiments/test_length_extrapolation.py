@@ -36,7 +36,8 @@ def test_quick_run_writes_tables_and_scaling_is_the_identity_at_the_training_len
       assert math.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 and r["scored"] > 0
   for mode in ("non-overlapping", "sliding"):
     plain = rows[("rope", 32, mode)]["loss"]
-    # At the training length every RoPE scaling is the identity (scale 1 / length <= train length).
+    # At the training length every RoPE scaling is the identity: eval_model runs each method with
+    # factor 1 there (PI, YaRN with its temperature) or with L <= L_train (dynamic NTK), not plain RoPE.
     for variant in ("rope + PI", "rope + dynamic NTK", "rope + YaRN"):
       assert rows[(variant, 32, mode)]["loss"] == pytest.approx(plain, abs=1e-5), variant
   table = (tmp_path / "length_extrapolation_quick.md").read_text()
@@ -51,6 +52,8 @@ def test_quick_run_writes_tables_and_scaling_is_the_identity_at_the_training_len
 @pytest.mark.parametrize("variant", ["rope + PI", "rope + NTK", "rope + dynamic NTK", "rope + YaRN",
                                      "rope + log-n", "rope + NTK + log-n"])
 def test_eval_models_are_plain_rope_up_to_the_training_length_and_differ_beyond(variant):
+  """The variant itself (not a substitute) at L = L_train equals plain RoPE, as each method promises
+  (factor 1; dynamic NTK and log-n are the identity within L_train), and differs beyond."""
   import jax
   import numpy as np
   from jaxlab.configs import load_config
@@ -63,6 +66,13 @@ def test_eval_models_are_plain_rope_up_to_the_training_length_and_differ_beyond(
   params = plain.init(jax.random.key(1), tokens[:, :32])["params"]
   changes = script.rope_variants(16)[variant]
   short = script.eval_model(config, 20, 32, changes, 32)
+  c = short.config
+  if "rope_scaling" in changes:  # the method itself is on, at factor 1 where it has one
+    assert c.rope_scaling is not None and c.rope_scaling.kind == changes["rope_scaling"]
+    assert c.rope_scaling.factor == 1.0
+  else:
+    assert c.rope_scaling is None
+  assert c.logn_train_len == (32 if changes.get("logn_scaling") else 0)
   np.testing.assert_allclose(short.apply({"params": params}, tokens[:, :32]),
                              plain.apply({"params": params}, tokens[:, :32]), atol=1e-5)
   long = script.eval_model(config, 20, 32, changes, 64)

@@ -21,7 +21,10 @@ ALL_POSITIONS = ["learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"]
 
 FAMILIES = [dict(attention="local", attention_window=3), dict(attention="linear"),
             dict(attention="performer", num_features=16),
-            dict(attention="flash", gau_qk_dim=8, flash_chunk=4, gau_offset_init=0.5)]
+            dict(attention="flash", gau_qk_dim=8, flash_chunk=4, gau_offset_init=0.5),
+            # Blocks of 2; block i sees itself and the odd blocks j <= i (not block 0, from block 2 on).
+            dict(attention="block_sparse", sparse_layout="strided", sparse_block_size=2,
+                 sparse_local_blocks=1, sparse_stride=2)]
 RE_ROPE = [dict(rerope_window=3), dict(rerope_window=3, rerope_leaky_k=4.0)]
 
 
@@ -30,7 +33,7 @@ RE_ROPE = [dict(rerope_window=3), dict(rerope_window=3, rerope_leaky_k=4.0)]
                          + [("rope", 2, f) for f in FAMILIES] + [("rope", 2, RE_ROPE[0])])
 def test_causality_by_gradient(position, kv_heads, extra):
   """d logits[:, t] / d input[:, s] is exactly zero for every s > t, and nonzero for s <= t
-  (for the local family: only within its window, through the layers)."""
+  (for the local and block-sparse families: only where their masks reach, through the layers)."""
   model = tiny_gpt(position=position, num_kv_heads=kv_heads, **extra)
   tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 11)
   params = model.init(jax.random.key(1), tokens)["params"]
@@ -38,13 +41,29 @@ def test_causality_by_gradient(position, kv_heads, extra):
   # One Jacobian for every output position: d sum_v logits[b, t, v] / d x[b', s, :].
   jac = jax.jacrev(lambda x: _apply_soft(model, params, x).sum(-1))(x_onehot)  # [B, T, B, T, V]
   influence = np.abs(np.asarray(jac)).sum(axis=(0, 2, 4))  # [t, s]
+  reach = _reach(extra, tokens.shape[1], layers=2)
   for t in range(tokens.shape[1]):
     per_position = influence[t]
-    assert np.all(per_position[t + 1:] == 0.0), (t, per_position)
-    # A local window w over L layers reaches w * L tokens back, and no further.
-    first = max(0, t - extra["attention_window"] * 2) if extra.get("attention") == "local" else 0
-    assert np.all(per_position[first: t + 1] > 0.0), (t, per_position)
-    assert np.all(per_position[:first] == 0.0), (t, per_position)
+    assert np.all(per_position[reach[t]] > 0.0), (t, per_position)
+    assert np.all(per_position[~reach[t]] == 0.0), (t, per_position)
+
+
+def _reach(extra, t, layers):
+  """[t, s] bool: whether input s can influence output t through `layers` attention layers, from the
+  masks written out here (causal; local: s >= t - w; strided block-sparse with blocks of b: block(s)
+  is within local_blocks of block(t) or a summary block, block % stride == stride - 1)."""
+  i, j = np.indices((t, t))
+  see = j <= i
+  if extra.get("attention") == "local":
+    see &= j >= i - extra["attention_window"]
+  if extra.get("attention") == "block_sparse":
+    assert extra["sparse_layout"] == "strided"
+    bi, bj, st = i // extra["sparse_block_size"], j // extra["sparse_block_size"], extra["sparse_stride"]
+    see &= (bi - bj < extra["sparse_local_blocks"]) | (bj % st == st - 1)
+  reach = see
+  for _ in range(layers - 1):
+    reach = (reach.astype(int) @ see.astype(int)) > 0
+  return reach
 
 
 def _apply_soft(model, params, x_onehot_BTV):
@@ -65,8 +84,11 @@ def _apply_soft(model, params, x_onehot_BTV):
     ("rope", 2, {}),
     ("rope", 4, {"rotary_fraction": 0.5, "logn_train_len": 4,
                  "rope_scaling": positions.RopeScaling(kind="yarn", factor=2.0, original_max_len=8)}),
-] + [("rope", 2, f) for f in FAMILIES] + [("learned", 4, f) for f in FAMILIES] + [
+] + [("rope", 2, f) for f in FAMILIES] + [
+    ("learned", 4, f) for f in FAMILIES if f["attention"] != "block_sparse"] + [
     ("rope", 2, {"qk_norm": True, "logit_soft_cap": 5.0}),
+    # Dynamic NTK within its training length (beyond it: tests/layers/test_attention_layer.py).
+    ("rope", 2, {"rope_scaling": positions.RopeScaling("dynamic_ntk", 2.0, original_max_len=12)}),
 ] + [("rope", 2, r) for r in RE_ROPE])
 def test_cached_decoding_equals_full_recompute(position, kv_heads, extra):
   model = tiny_gpt(position=position, num_kv_heads=kv_heads, **extra)
@@ -137,6 +159,37 @@ def test_packed_sequences_equal_separate_runs(position):
   out = model.apply({"params": params}, packed, pos, segments)
   np.testing.assert_allclose(out[:, :5], model.apply({"params": params}, a), atol=1e-5)
   np.testing.assert_allclose(out[:, 5:], model.apply({"params": params}, b), atol=1e-5)
+
+
+def _sharpen(params, factor=8.0):
+  """qkv kernels times `factor`: O(1) attention logits, so position effects show far above 1e-5."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x * factor if "qkv" in jax.tree_util.keystr(path) else x, params)
+
+
+@pytest.mark.parametrize("extra", [
+    {"logn_train_len": 3},  # the query scale depends on its absolute position
+    {"rope_scaling": positions.RopeScaling("dynamic_ntk", 2.0, original_max_len=4)},  # on the length
+], ids=["logn", "dynamic_ntk"])
+def test_packed_sequences_restart_absolute_position_effects(extra):
+  """With encodings that depend on absolute positions (relative RoPE alone does not), packed rows
+  equal separate runs, and would not if the restart were ignored: continuing positions, or (dynamic
+  NTK) the row's length instead of each segment's."""
+  model = tiny_gpt(position="rope", **extra)
+  a = jax.random.randint(jax.random.key(6), (1, 5), 0, 11)
+  b = jax.random.randint(jax.random.key(7), (1, 7), 0, 11)
+  packed = jnp.concatenate([a, b], axis=1)
+  segments = jnp.array([[0] * 5 + [1] * 7])
+  pos = jnp.array([list(range(5)) + list(range(7))])
+  params = _sharpen(model.init(jax.random.key(8), packed)["params"])
+  run = lambda *args: np.asarray(model.apply({"params": params}, *args))
+  alone_a, alone_b, out = run(a), run(b), run(packed, pos, segments)
+  np.testing.assert_allclose(out[:, :5], alone_a, atol=1e-5)
+  np.testing.assert_allclose(out[:, 5:], alone_b, atol=1e-5)
+  continuing = run(packed, jnp.arange(12)[None], segments)
+  assert np.abs(continuing[:, 5:] - alone_b).max() > 1e-3
+  if "rope_scaling" in extra:  # no segment ids: a is rotated with the row's length 7, not its 5
+    assert np.abs(run(packed, pos)[:, :5] - alone_a).max() > 1e-3
 
 
 def test_rerope_is_plain_rope_within_its_window_and_differs_beyond():

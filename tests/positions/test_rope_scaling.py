@@ -147,3 +147,21 @@ def test_scaled_rope_keeps_norms_and_matches_the_complex_form(scaling):
   np.testing.assert_allclose(got, np.asarray(P.apply_rope_complex(x, pos, scaling=scaling)),
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+
+
+def test_dynamic_ntk_per_token_seq_len():
+  """seq_len [B, T] (one L per token, e.g. packed segments) rotates each token as a scalar L would,
+  with alpha = s * L / L_train - (s - 1) written out here."""
+  s, lt = 2.0, 4
+  sc = P.RopeScaling("dynamic_ntk", s, original_max_len=lt)
+  x, pos = _x(7, shape=(2, 6, N, H)), _pos(6, offset=1)[:, :6]
+  lengths = np.array([[3, 4, 5, 6, 9, 9], [7, 7, 7, 2, 2, 12]], np.int32)
+  got = np.asarray(P.apply_rope(x, pos, scaling=sc, seq_len=lengths))
+  for b in range(2):
+    for t in range(6):
+      alpha = max(1.0, s * lengths[b, t] / lt - (s - 1))
+      want = np.asarray(P.apply_rope(x[b:b + 1, t:t + 1], pos[b:b + 1, t:t + 1],
+                                     theta=1e4 * alpha ** (H / (H - 2))))
+      np.testing.assert_allclose(got[b, t], want[0, 0], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="seq_len"):
+    P.apply_rope(x, pos, scaling=sc, seq_len=lengths[:, :5])

@@ -2,15 +2,17 @@
 
 import json
 import math
+import re
 
 import pytest
 
 from jaxlab.train import trainer
 
 
-@pytest.mark.parametrize("family", ["local", "linear", "performer", "flash"])
+@pytest.mark.parametrize("family", ["local", "linear", "performer", "flash", "block_sparse"])
 def test_lm_trains_and_samples_with_each_family(family, tiny_lm_config, tmp_path):
   config = tiny_lm_config(f"--config.model.attention={family}", "--config.model.attention_window=4",
+                          "--config.model.sparse_layout=bigbird", "--config.model.sparse_block_size=4",
                           "--config.model.num_features=16", "--config.train.steps=12",
                           "--config.model.gau_qk_dim=16", "--config.model.flash_chunk=8",
                           "--config.train.eval_every=12", "--config.optim.lr=0.01",
@@ -21,3 +23,17 @@ def test_lm_trains_and_samples_with_each_family(family, tiny_lm_config, tmp_path
   assert math.isfinite(result["val_loss"]) and train_losses[-1] < train_losses[0] - 0.1
   text = result["run"].task.finish(result["state"]["params"])
   assert text.startswith("jaxlab: sample") and len(text.splitlines()) >= 3
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--config.model.sparse_layout=dilated", "config.model.sparse_layout"),
+    ("--config.model.sparse_block_size=0", "config.model.sparse_block_size"),
+    ("--config.model.sparse_local_blocks=0", "config.model.sparse_local_blocks"),
+    ("--config.model.sparse_stride=0", "config.model.sparse_stride"),
+    ("--config.model.sparse_num_random=-1", "config.model.sparse_num_random"),
+    ("--config.model.position=alibi", "config.model.attention='block_sparse'"),
+])
+def test_block_sparse_options_are_validated(override, key, tiny_lm_config):
+  from jaxlab.configs import ConfigError
+  with pytest.raises(ConfigError, match=re.escape(key)):
+    tiny_lm_config("--config.model.attention=block_sparse", override)
