@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 
@@ -33,7 +32,10 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, 
     raise ValueError(f"k head_dim {hk} does not match q head_dim {h}")
   if n % kh:
     raise ValueError(f"q heads ({n}) must be a multiple of k/v heads ({kh}) for GQA/MQA")
-  chex.assert_type([k, v], q.dtype)
+  for name, x in (("k", k), ("v", v)):
+    if x.dtype != q.dtype:
+      raise ValueError(f"{name} dtype {x.dtype} does not match q dtype {q.dtype}; q, k and v must "
+                       "share one dtype")
   return b, tq, tk, n, kh, h
 
 

@@ -115,6 +115,24 @@ def naive_mixed_jnp(qq, qk, lq, lk, v, *, c, causal, qs, ls):
   return jnp.einsum("bntj,bjne->btne", quad + lin, v)
 
 
+def naive_mixed_softmax_jnp(qq, qk, lq, lk, v, bias, *, c, causal, qs, ls):
+  """Dense [T, T] form with a softmax quadratic part: in-chunk logits qs * qq.qk + bias[i % c, j % c],
+  softmax over the chunk's visible keys, plus the masked linear weights (differentiable in the bias)."""
+  g = qq.shape[2] // qk.shape[2]
+  qk, lk, v = (jnp.repeat(x, g, axis=2) for x in (qk, lk, v))
+  t = qq.shape[1]
+  i, j = jnp.arange(t)[:, None], jnp.arange(t)[None]
+  same = (i // c) == (j // c)
+  if causal:
+    same = same & (j <= i)
+  far = (j // c) < (i // c) if causal else jnp.ones((t, t), bool)
+  bias_tt = jnp.broadcast_to(bias, bias.shape[:2] + (c, c))[:, :, i % c, j % c]  # [., N, T, T]
+  logits = jnp.einsum("btns,bjns->bntj", qq, qk) * qs + bias_tt
+  quad = jax.nn.softmax(jnp.where(same, logits, -1e30), axis=-1)
+  lin = jnp.where(far, ls * jnp.einsum("btns,bjns->bntj", lq, lk), 0.0)
+  return jnp.einsum("bntj,bjne->btne", quad + lin, v)
+
+
 def grads(fn, args, seed=9):
   """Gradients of sum(w * fn(*args)) with respect to every argument, for a fixed random w."""
   w = rand(seed, jax.eval_shape(fn, *args).shape)[0]
@@ -217,6 +235,25 @@ def test_mixed_chunk_gradients_match_naive(causal):
   want = grads(lambda *a: naive_mixed_jnp(*a, c=4, causal=causal, qs=0.5, ls=0.2), args)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_mixed_chunk_softmax_with_bias_gradients_match_naive(causal):
+  """kind="softmax" with an in-chunk bias: gradients for all five inputs and the bias against the dense
+  reference (T=11 with chunks of 4: a ragged last chunk)."""
+  args = flash_inputs(22, t=11)
+  bias = rand(23, (1, 4, 4, 4))[0]
+  fn = lambda *a: mixed_chunk_attention(*a[:5], chunk_size=4, causal=causal, kind="softmax",
+                                        quad_scale=0.5, linear_scale=0.2, bias=a[5])
+  ref = lambda *a: naive_mixed_softmax_jnp(*a[:5], a[5], c=4, causal=causal, qs=0.5, ls=0.2)
+  want_out = naive_mixed_np(*args, c=4, causal=causal, kind="softmax", qs=0.5, ls=0.2,
+                            bias=np.broadcast_to(bias, (2, 4, 4, 4)))
+  for f in (fn, ref):  # the dense reference is itself checked against the NumPy loop
+    np.testing.assert_allclose(jax.jit(f)(*args, bias), want_out, rtol=1e-4, atol=1e-5)
+  got, want = grads(fn, (*args, bias)), grads(ref, (*args, bias))
+  assert np.abs(np.asarray(got[5])).max() > 1e-2  # the bias gradient is not trivially zero
+  for name, a, b in zip(("quad_q", "quad_k", "lin_q", "lin_k", "v", "bias"), got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("causal", [True, False])

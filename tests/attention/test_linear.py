@@ -142,3 +142,21 @@ def test_bad_arguments():
     linear_attention(q, k, v[:, :4])
   with pytest.raises(ValueError, match="q must be"):
     linear_attention(q[0], k, v)
+
+
+def test_causal_memory_is_linear_in_length():
+  """Forward + backward of causal linear attention: the largest intermediate grows like T (doubling T
+  doubles it: measured 32768 -> 65536 elements at H=16, chunk 64) and stays far below T^2, while the
+  quadratic reference forms a [T, T] tensor (so the check can fail)."""
+  from attention_test_utils import max_intermediate_size
+
+  def biggest(fn, t, h=16):
+    spec = jax.ShapeDtypeStruct((1, t, 1, h), jnp.float32)
+    grad = jax.grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(), argnums=(0, 1, 2))
+    return max_intermediate_size(jax.make_jaxpr(grad)(spec, spec, spec).jaxpr)
+
+  fn = lambda q, k, v: linear_attention(q, k, v, causal=True)
+  small, large = biggest(fn, 512), biggest(fn, 1024)
+  assert 1.8 * small <= large <= 2.2 * small, (small, large)
+  assert large <= 1024 * 1024 // 8, large
+  assert biggest(lambda q, k, v: naive_jnp(q, k, v, True, "elu+1"), 1024) >= 1024 * 1024

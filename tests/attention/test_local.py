@@ -172,7 +172,9 @@ def test_block_sparse_matches_reference(case):
 
 
 def test_memory_is_linear_in_length():
-  """Forward + backward at T=4096, window (64, 0): no intermediate of T*T/8 elements or more."""
+  """Forward + backward at T=4096, window (64, 0), block 64: the largest intermediate is at most
+  2 * T * (left + right + block) elements (measured exactly T * (left + right + block) = T * 128 for
+  both; a [T, T] tensor is 32x larger than the bound)."""
   t, h, left = 4096, 16, 64
   spec = jax.ShapeDtypeStruct((1, t, 1, h), jnp.float32)
   bs = 64
@@ -189,8 +191,9 @@ def test_memory_is_linear_in_length():
     grad = jax.grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(), argnums=(0, 1, 2))
     biggest[name] = max_intermediate_size(jax.make_jaxpr(grad)(spec, spec, spec).jaxpr)
   assert biggest["xla"] >= t * t, biggest  # the check can see a materialised score matrix
-  assert biggest["local"] < t * t // 8, biggest
-  assert biggest["block_sparse"] < t * t // 8, biggest
+  band = 2 * t * (left + 0 + bs)  # local's default block size is max(left, right) = 64 = bs
+  assert biggest["local"] <= band, biggest
+  assert biggest["block_sparse"] <= band, biggest
 
 
 # ---------------------------------------------------------------------------------------------------

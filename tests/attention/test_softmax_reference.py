@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab import attention
+from jaxlab.attention.performer import performer_attention
 
 
 def naive_attention(q, k, v, allowed, bias=None, soft_cap=None):
@@ -31,13 +32,14 @@ def naive_attention(q, k, v, allowed, bias=None, soft_cap=None):
   return out
 
 
-def allowed_grid(b, tq, tk, causal=False, window=None, q_seg=None, kv_seg=None, kv_len=None):
+def allowed_grid(b, tq, tk, causal=False, window=None, q_seg=None, kv_seg=None, kv_len=None,
+                 q_len=None):
   allowed = np.ones((b, tq, tk), bool)
   for bi in range(b):
     for i in range(tq):
       ip = i + tk - tq
       for j in range(tk):
-        ok = True
+        ok = q_len is None or i < q_len[bi]
         if causal:
           ok &= j <= ip
         if window is not None:
@@ -57,15 +59,44 @@ def rand(key, shape):
 @pytest.mark.parametrize("tq,tk,n,kh", [(7, 7, 4, 4), (5, 9, 4, 2), (9, 9, 6, 1)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("window", [None, (2, 1)])
-def test_xla_matches_naive(tq, tk, n, kh, causal, window):
+@pytest.mark.parametrize("with_q_lengths", [False, True])
+def test_xla_matches_naive(tq, tk, n, kh, causal, window, with_q_lengths):
   kq, kk, kv, kb = jax.random.split(jax.random.key(0), 4)
   b, h = 2, 8
   q, k, v = rand(kq, (b, tq, n, h)), rand(kk, (b, tk, kh, h)), rand(kv, (b, tk, kh, h))
   bias = rand(kb, (b, n, tq, tk))
-  out = attention.dot_product_attention(q, k, v, causal=causal, window=window, bias=bias,
-                                        implementation="xla")
-  ref = naive_attention(q, k, v, allowed_grid(b, tq, tk, causal, window), bias)
+  q_len = np.array([tq - 2, tq]) if with_q_lengths else None
+  out = attention.dot_product_attention(
+      q, k, v, causal=causal, window=window, bias=bias, implementation="xla",
+      q_lengths=None if q_len is None else jnp.asarray(q_len, jnp.int32))
+  ref = naive_attention(q, k, v, allowed_grid(b, tq, tk, causal, window, q_len=q_len), bias)
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  if with_q_lengths:  # padded queries give zeros; the others are unaffected by q_lengths
+    np.testing.assert_array_equal(out[0, tq - 2:], 0.0)
+    assert np.abs(np.asarray(ref[0, :tq - 2])).max() > 1e-2
+
+
+def test_q_lengths_with_kv_lengths_value_and_gradient():
+  """q_lengths and kv_lengths together against the naive grid; padded queries get zero gradients."""
+  kq, kk, kv = jax.random.split(jax.random.key(6), 3)
+  b, tq, tk, n, kh, h = 2, 6, 8, 4, 2, 8
+  q, k, v = rand(kq, (b, tq, n, h)), rand(kk, (b, tk, kh, h)), rand(kv, (b, tk, kh, h))
+  q_len, kv_len = np.array([4, 6]), np.array([8, 5])
+
+  @jax.jit
+  def run(q, k, v, q_len, kv_len):
+    f = lambda q, k, v: attention.dot_product_attention(q, k, v, causal=True, q_lengths=q_len,
+                                                        kv_lengths=kv_len, implementation="xla")
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(jnp.cos(out))  # the gradient of sum(sin(out))
+
+  out, (dq, dk, dv) = run(q, k, v, jnp.asarray(q_len), jnp.asarray(kv_len))
+  ref = naive_attention(q, k, v, allowed_grid(b, tq, tk, True, kv_len=kv_len, q_len=q_len))
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(dq[0, 4:], 0.0)
+  np.testing.assert_array_equal(dk[1, 5:], 0.0)
+  np.testing.assert_array_equal(dv[1, 5:], 0.0)
+  assert np.abs(np.asarray(dq[0, :4])).min() > 0.0
 
 
 def test_segments_and_padding_and_fully_masked_rows():
@@ -109,16 +140,34 @@ def test_gradient_matches_repeated_kv_mha():
     np.testing.assert_allclose(a, r, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(q=(2, 4, 3, 8), k=(2, 4, 2, 8)), "multiple of k/v heads"),
-    (dict(q=(2, 4, 4, 8), k=(2, 4, 2, 4)), "head_dim"),
-    (dict(q=(2, 4, 8), k=(2, 4, 2, 8)), "q must be"),
+@pytest.mark.parametrize("shapes,match", [
+    (((2, 4, 3, 8), (2, 4, 2, 8), (2, 4, 2, 8)), r"q heads \(3\).*k/v heads \(2\)"),
+    (((2, 4, 4, 8), (2, 4, 2, 4), (2, 4, 2, 4)), r"k head_dim 4 does not match q head_dim 8"),
+    (((2, 4, 8), (2, 4, 2, 8), (2, 4, 2, 8)), r"q must be .*\(2, 4, 8\)"),
+    (((2, 4, 2, 8), (2, 4, 8), (2, 4, 2, 8)), r"k must be .*\(2, 4, 8\)"),
+    (((2, 4, 2, 8), (2, 4, 2, 8), (2, 4, 2, 8, 1)), r"v must be .*\(2, 4, 2, 8, 1\)"),
+    (((2, 4, 2, 8), (2, 4, 2, 8), (2, 5, 2, 8)), r"k and v .* k \(2, 4, 2, 8\) and v \(2, 5, 2, 8\)"),
+    (((2, 4, 2, 8), (3, 4, 2, 8), (3, 4, 2, 8)), r"k batch 3 does not match q batch 2"),
 ])
-def test_bad_shapes_name_the_argument(kwargs, match):
-  q = jnp.zeros(kwargs["q"])
-  k = jnp.zeros(kwargs["k"])
+def test_bad_shapes_name_the_argument(shapes, match):
+  q, k, v = (jnp.zeros(s) for s in shapes)
   with pytest.raises(ValueError, match=match):
-    attention.dot_product_attention(q, k, k)
+    attention.dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("dtypes,match", [
+    ((jnp.float32, jnp.bfloat16, jnp.float32), "k dtype bfloat16 does not match q dtype float32"),
+    ((jnp.float32, jnp.float32, jnp.bfloat16), "v dtype bfloat16 does not match q dtype float32"),
+    ((jnp.bfloat16, jnp.float32, jnp.float32), "k dtype float32 does not match q dtype bfloat16"),
+    ((jnp.float32, jnp.float32, jnp.float16), "v dtype float16 does not match q dtype float32"),
+])
+@pytest.mark.parametrize("implementation", ["xla", "blockwise"])
+def test_dtype_mismatch_names_the_argument_and_both_dtypes(dtypes, match, implementation):
+  q, k, v = (jnp.zeros((1, 4, 2, 8), d) for d in dtypes)
+  with pytest.raises(ValueError, match=match):
+    attention.dot_product_attention(q, k, v, implementation=implementation)
+  with pytest.raises(ValueError, match=match):  # the shared check, which the other attention kinds use
+    performer_attention(q, k, v, key=jax.random.key(0), num_features=4)
 
 
 def test_bad_mask_arguments():
@@ -187,3 +236,62 @@ def test_logit_soft_cap_xla_and_blockwise():
     np.testing.assert_allclose(a, r, atol=2e-5, rtol=1e-4)
   with pytest.raises(ValueError, match="logit_soft_cap"):
     attention.dot_product_attention(q, k, v, logit_soft_cap=0.0)
+
+
+def _primitives(jaxpr):
+  """Names of every primitive in a jaxpr, recursing into sub-jaxprs (loops, custom_vjp, pjit)."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          names |= _primitives(sub)
+  return names
+
+
+def test_gqa_never_repeats_kv_in_memory():
+  """Forward and backward of GQA under "xla": no intermediate as large as a [B, Tk, N, H] (repeated)
+  copy of K or V. The sizes are chosen so that this is larger than every legitimate tensor (q, the
+  output, k, v, the [B, N, Tq, Tk] logits); the same check on K/V repeated by hand does see it."""
+  from attention_test_utils import max_intermediate_size
+  b, tq, tk, n, kh, h = 2, 3, 7, 8, 2, 16
+  repeated = b * tk * n * h
+  assert repeated > max(b * tq * n * h, b * n * tq * tk, b * tk * kh * h)
+  spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  q, k = spec(b, tq, n, h), spec(b, tk, kh, h)
+
+  def biggest(fn):
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v) ** 2)
+    return max_intermediate_size(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, k).jaxpr)
+
+  xla = lambda q, k, v: attention.dot_product_attention(q, k, v, causal=True, implementation="xla")
+  rep = lambda x: jnp.repeat(x, n // kh, axis=2)
+  assert biggest(lambda q, k, v: xla(q, rep(k), rep(v))) >= repeated  # the check can see a repeat
+  assert biggest(xla) < repeated
+
+
+def test_automatic_choice_runs_blockwise_for_long_sequences(monkeypatch):
+  """implementation=None on CPU with Tq * Tk >= BLOCKWISE_MIN_LOGITS goes through blockwise_attention
+  (its loop is in the jaxpr and no [Tq, Tk] tensor is formed); just below the threshold it is the
+  reference, which materialises the logits. Traced only, nothing runs at these sizes."""
+  from attention_test_utils import max_intermediate_size
+  from jaxlab.attention import blockwise, flash, softmax
+  calls = []
+  real = blockwise.blockwise_attention
+  monkeypatch.setattr(blockwise, "blockwise_attention",
+                      lambda *a, **kw: calls.append(1) or real(*a, **kw))
+  spec = lambda t: jax.ShapeDtypeStruct((1, t, 1, 8), jnp.float32)
+  tk = 4096
+  tq = softmax.BLOCKWISE_MIN_LOGITS // tk
+  assert not flash.supports(spec(tq), spec(tk), spec(tk))[0]  # head_dim 8: never the Pallas kernel
+  fn = lambda q, k, v: attention.dot_product_attention(q, k, v, causal=True)
+  long = jax.make_jaxpr(fn)(spec(tq), spec(tk), spec(tk)).jaxpr
+  assert calls == [1]
+  assert "while" in _primitives(long), _primitives(long)
+  assert max_intermediate_size(long) < tq * tk // 16
+  short = jax.make_jaxpr(fn)(spec(tq - 1), spec(tk), spec(tk)).jaxpr
+  assert calls == [1]  # not called again
+  assert "while" not in _primitives(short)
+  assert max_intermediate_size(short) >= (tq - 1) * tk

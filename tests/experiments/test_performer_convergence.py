@@ -1,0 +1,33 @@
+"""experiments/performer_convergence.py --quick runs end to end and its numbers obey what must hold."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _load_script():
+  spec = importlib.util.spec_from_file_location("performer_convergence",
+                                                REPO / "experiments" / "performer_convergence.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_quick_run_writes_tables_and_the_error_falls_with_num_features(tmp_path):
+  script = _load_script()
+  script.main(["--quick", "--out", str(tmp_path)])
+  out = json.loads((tmp_path / "performer_convergence_quick.json").read_text())
+  assert out["device"] and out["settings"]["features"] == [16, 256]
+  rows = {(r["regime"], r["causal"]): r for r in out["rows"]}
+  assert set(rows) == {(g, c) for g in script.REGIMES for c in (False, True)}
+  for (regime, causal), r in rows.items():
+    errs = [r["errors"][str(m)] for m in out["settings"]["features"]]
+    assert all(math.isfinite(e) and e > 0 for e in errs), (regime, causal, errs)
+    assert errs[0] > errs[-1], (regime, causal, errs)  # more features, smaller error
+    if regime == "two clusters":  # the regime where FAVOR+ beats uniform attention
+      assert errs[-1] < r["uniform"], (regime, causal, errs, r["uniform"])
+  table = (tmp_path / "performer_convergence_quick.md").read_text()
+  assert "| 256 |" in table and "| uniform |" in table and out["device"] in table
