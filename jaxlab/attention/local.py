@@ -318,3 +318,40 @@ def bigbird_layout(num_blocks: int, *, window: Union[int, Sequence[int]] = 1, nu
     if num_random and free.size:
       layout[i, rng.choice(free, size=min(num_random, free.size), replace=False)] = True
   return layout
+
+
+CAUSAL_LAYOUTS = ("window", "strided", "bigbird")
+
+
+def causal_block_layout(kind: str, num_blocks: int, *, local_blocks: int, stride: int = 1,
+                        num_global: int = 0, num_random: int = 0, seed: int = 0) -> np.ndarray:
+  """Causal block layout [num_blocks, num_blocks] (bool, NumPy) for `block_sparse_attention`.
+
+  Query block i sees key block j <= i iff:
+    "window":  i - j < local_blocks (its own block and the local_blocks - 1 before it);
+    "strided": the window, or j % stride == stride - 1 (Child et al. 2019, "fixed" pattern);
+    "bigbird": the window, or j < num_global (global blocks), or one of `num_random` blocks drawn
+      without replacement among the earlier blocks it does not see yet (Zaheer et al. 2020, made
+      causal), from a NumPy generator seeded by (seed, i).
+  Row i depends only on i (not on num_blocks), so the layout for a shorter sequence is the top-left
+  corner of the one for a longer sequence: cached decoding can use the layout of the cache length.
+  """
+  if kind not in CAUSAL_LAYOUTS:
+    raise ValueError(f"sparse_layout must be one of {CAUSAL_LAYOUTS}, got {kind!r}")
+  for name, value, low in (("num_blocks", num_blocks, 1), ("sparse_local_blocks", local_blocks, 1),
+                           ("sparse_stride", stride, 1), ("sparse_num_global", num_global, 0),
+                           ("sparse_num_random", num_random, 0)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+      raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+  if kind == "window":
+    return block_layout_from_window(num_blocks, local_blocks - 1, 0)
+  if kind == "strided":
+    return strided_layout(num_blocks, local_blocks=local_blocks, stride=stride, causal=True)
+  layout = block_layout_from_window(num_blocks, local_blocks - 1, 0)
+  layout[:, :num_global] = True
+  for i in range(num_blocks):
+    free = np.flatnonzero(~layout[i, :i + 1])
+    if num_random and free.size:
+      rng = np.random.default_rng((seed, i))
+      layout[i, rng.choice(free, size=min(num_random, free.size), replace=False)] = True
+  return layout & np.tri(num_blocks, dtype=bool)

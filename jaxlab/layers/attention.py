@@ -9,9 +9,9 @@ Attention families (`family`): "softmax" (`dot_product_attention`, any implement
 chunked form; decoding keeps its recurrent state instead of K/V), "performer" (FAVOR+ with
 `num_features` fixed orthogonal random features drawn from `feature_seed` and the module's name, so
 each layer has its own; decoding keeps the running-max recurrent state), "block_sparse" (causal only:
-`attention.block_sparse_attention` over a static block layout, see `causal_block_layout`; Child et al.
-2019, Zaheer et al. 2020; decoding attends to the cache with the layout's key mask for the query's
-position, so it equals the full pass).
+`attention.block_sparse_attention` over a static block layout, `attention.causal_block_layout`;
+Child et al. 2019, Zaheer et al. 2020; decoding attends to the cache with the layout's key mask for
+the query's position, so it equals the full pass).
 
 Dynamic NTK ("dynamic_ntk" rope scaling) follows the current length L. In a full pass L is the row's
 max position + 1, or with segment ids each packed segment's own max position + 1 (so packed rows equal
@@ -19,8 +19,8 @@ separate runs). Decoding follows the Hugging Face convention: a prefill of P tok
 with L = P, each later token is rotated with L = its cache index + 1 (passed as `seq_len`; the
 recurrent families use position + 1, the same for ordinary decoding), and cached keys keep the
 rotation they were cached with. So cached decoding equals the full pass while the length stays within
-the training length, and beyond it equals a full pass in which token s is rotated with its own L_s = max(P, s + 1), NOT the
-full pass with L = T for every token (exact equality with that is impossible with a cache by design:
+the training length, and beyond it equals a full pass in which token s is rotated with its own
+L_s = max(P, s + 1), NOT the full pass with L = T for every token (exact equality with that is impossible with a cache by design:
 in a full pass beyond the training length every hidden state depends on the total length T).
 
 Position encodings handled here (the model adds absolute ones to the embeddings):
@@ -45,42 +45,9 @@ from jaxlab.attention import local as local_lib
 from jaxlab.layers.dense import Dense
 
 FAMILIES = ("softmax", "local", "linear", "performer", "block_sparse")
-SPARSE_LAYOUTS = ("window", "strided", "bigbird")
+SPARSE_LAYOUTS = local_lib.CAUSAL_LAYOUTS
+causal_block_layout = local_lib.causal_block_layout
 _KV_CACHE_FAMILIES = ("softmax", "local", "block_sparse")
-
-
-def causal_block_layout(kind: str, num_blocks: int, *, local_blocks: int, stride: int = 1,
-                        num_global: int = 0, num_random: int = 0, seed: int = 0) -> np.ndarray:
-  """Causal block layout [num_blocks, num_blocks] (bool, NumPy) for `block_sparse_attention`.
-
-  Query block i sees key block j <= i iff:
-    "window":  i - j < local_blocks (its own block and the local_blocks - 1 before it);
-    "strided": the window, or j % stride == stride - 1 (Child et al. 2019, "fixed" pattern);
-    "bigbird": the window, or j < num_global (global blocks), or one of `num_random` blocks drawn
-      without replacement among the earlier blocks it does not see yet (Zaheer et al. 2020, made
-      causal), from a NumPy generator seeded by (seed, i).
-  Row i depends only on i (not on num_blocks), so the layout for a shorter sequence is the top-left
-  corner of the one for a longer sequence: cached decoding can use the layout of the cache length.
-  """
-  if kind not in SPARSE_LAYOUTS:
-    raise ValueError(f"sparse_layout must be one of {SPARSE_LAYOUTS}, got {kind!r}")
-  for name, value, low in (("num_blocks", num_blocks, 1), ("sparse_local_blocks", local_blocks, 1),
-                           ("sparse_stride", stride, 1), ("sparse_num_global", num_global, 0),
-                           ("sparse_num_random", num_random, 0)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-      raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-  if kind == "window":
-    return local_lib.block_layout_from_window(num_blocks, local_blocks - 1, 0)
-  if kind == "strided":
-    return local_lib.strided_layout(num_blocks, local_blocks=local_blocks, stride=stride, causal=True)
-  layout = local_lib.block_layout_from_window(num_blocks, local_blocks - 1, 0)
-  layout[:, :num_global] = True
-  for i in range(num_blocks):
-    free = np.flatnonzero(~layout[i, :i + 1])
-    if num_random and free.size:
-      rng = np.random.default_rng((seed, i))
-      layout[i, rng.choice(free, size=min(num_random, free.size), replace=False)] = True
-  return layout & np.tri(num_blocks, dtype=bool)
 
 
 class MultiHeadAttention(nn.Module):
