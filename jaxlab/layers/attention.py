@@ -20,8 +20,9 @@ with L = P, each later token is rotated with L = its cache index + 1 (passed as 
 recurrent families use position + 1, the same for ordinary decoding), and cached keys keep the
 rotation they were cached with. So cached decoding equals the full pass while the length stays within
 the training length, and beyond it equals a full pass in which token s is rotated with its own
-L_s = max(P, s + 1), NOT the full pass with L = T for every token (exact equality with that is impossible with a cache by design:
-in a full pass beyond the training length every hidden state depends on the total length T).
+L_s = max(P, s + 1), NOT the full pass with L = T for every token (exact equality with that is
+impossible with a cache by design: in a full pass beyond the training length every hidden state
+depends on the total length T).
 
 Position encodings handled here (the model adds absolute ones to the embeddings):
   "rope" / "xpos" rotate (and for xPos scale) q and k; "alibi" / "t5" add a bias to the logits
