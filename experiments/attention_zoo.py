@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from jaxlab.train.host_devices import cpu_model
+
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
@@ -138,16 +140,6 @@ def plot(rows, path):
   fig.savefig(path, dpi=110)
 
 
-def cpu_name() -> str:
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown CPU"
-
-
 def check_claims(rows, lengths) -> list[str]:
   """The part-1 properties the issue requires; returns the violated ones (empty = all hold).
 
@@ -215,7 +207,7 @@ def main(argv=None):
   lm.sort(key=lambda r: list(LM_FAMILIES).index(r["family"]))
 
   import jax
-  device = f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
+  device = f"{cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
   out.mkdir(parents=True, exist_ok=True)
   failures = check_claims(rows, lengths)
   (out / f"{stem}.json").write_text(json.dumps({"device": device, "speed": rows, "lm": lm,

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -44,15 +43,8 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0}
 
 
 def cpu_description() -> str:
-  model = platform.processor() or "unknown CPU"
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return f"{model}, {os.cpu_count()} cores"
+  from jaxlab.train.host_devices import cpu_model
+  return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def flops(b, n, tq, tk, d, causal, mode):

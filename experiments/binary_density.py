@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
@@ -73,15 +72,8 @@ def plan(quick: bool, budget: float, steps: int | None):
 
 def device_name() -> str:
   import jax
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return (f"{jax.devices()[0].platform.upper()} x{jax.device_count()} ({cpu}, "
+  from jaxlab.train.host_devices import cpu_model
+  return (f"{jax.devices()[0].platform.upper()} x{jax.device_count()} ({cpu_model()}, "
           f"{len(os.sched_getaffinity(0))} cores available)")
 
 

@@ -57,7 +57,6 @@ import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
-import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
@@ -106,16 +105,8 @@ QUICK = Settings(batches=(16, 64), examples=2048, steps=16, lrs=(1e-3, 1e-2), im
 
 
 def device_description() -> str:
-  model = platform.processor() or "unknown CPU"
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return f"{model}, {cores} cores usable, jax {jax.__version__} on {jax.devices()[0].platform}"
+  from jaxlab.train.host_devices import cores, cpu_model
+  return f"{cpu_model()}, {cores()} cores usable, jax {jax.__version__} on {jax.devices()[0].platform}"
 
 
 # ----------------------------------------------------------------------------- data

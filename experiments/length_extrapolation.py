@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from jaxlab.train.host_devices import cpu_model
+
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
@@ -133,16 +135,6 @@ def score(model, params, tokens, *, length: int, stride: int, num_scored: int, s
   return loss / count, correct / count, count
 
 
-def cpu_name() -> str:
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown CPU"
-
-
 def run(args) -> dict:
   s = settings(args.quick)
   steps = args.steps or s["steps"]
@@ -158,7 +150,7 @@ def run(args) -> dict:
 
   corpus = text.load_corpus(first.data)
   val = np.asarray(corpus.validation)
-  device = f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
+  device = f"{cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
   out = {"device": device, "settings": dict(s, steps=steps, lengths=lengths), "models": [],
          "rows": []}
   previous = pathlib.Path(args.out) / f"length_extrapolation{'_quick' if args.quick else ''}.json"

@@ -16,24 +16,15 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
+from jaxlab.train.host_devices import cpu_model
+
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-
-
-def cpu_name() -> str:
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def run_jaxlab(data: str, steps: int, seed: int) -> dict:
@@ -99,7 +90,7 @@ def main():
       print(json.dumps(ref), flush=True)
 
   import jax
-  device = (f"{cpu_name()}, {os.cpu_count()} cores (jax {jax.__version__} on CPU, one XLA device "
+  device = (f"{cpu_model()}, {os.cpu_count()} cores (jax {jax.__version__} on CPU, one XLA device "
             "per core; each run in its own process)")
   RESULTS.mkdir(parents=True, exist_ok=True)
   (RESULTS / "lm_char_cpu.json").write_text(json.dumps({"device": device, "runs": runs}, indent=2))

@@ -87,17 +87,10 @@ def measure(s: dict) -> list[dict]:
 
 def device_name() -> str:
   import jax
+  from jaxlab.train.host_devices import cpu_model
   d = jax.devices()[0]
   if d.platform == "cpu":
-    name = "unknown CPU"
-    try:
-      for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-          name = line.split(":", 1)[1].strip()
-          break
-    except OSError:
-      pass
-    return f"{name}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
+    return f"{cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
   return f"{d.device_kind} ({d.platform}), jax {jax.__version__}"
 
 

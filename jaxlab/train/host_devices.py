@@ -10,6 +10,7 @@ It has no effect on GPU/TPU backends, and none if XLA_FLAGS already sets the cou
 from __future__ import annotations
 
 import os
+import platform
 
 FLAG = "--xla_force_host_platform_device_count"
 
@@ -19,6 +20,18 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
   except AttributeError:  # not Linux
     return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+  """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows: for result tables."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def usable_device_count(config, available: int) -> int:

@@ -1,6 +1,5 @@
 """experiments/attention_zoo.py runs end to end on tiny sizes and writes its tables."""
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -11,16 +10,9 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-def _load_script():
-  spec = importlib.util.spec_from_file_location("attention_zoo", REPO / "experiments" / "attention_zoo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.mark.skipif(not DATA.is_file(), reason=f"needs {DATA}")
-def test_tiny_run_writes_both_tables(tmp_path):
-  script = _load_script()
+def test_tiny_run_writes_both_tables(tmp_path, experiment):
+  script = experiment("attention_zoo")
   script.main(["--quick", "--data", str(DATA), "--lengths", "64,128",
                "--families", "softmax (xla),softmax (blockwise),GAU relu^2 (quadratic)",
                "--lm-families", "softmax", "--steps", "4", "--eval-batches", "2", "--out", str(tmp_path)])
@@ -35,8 +27,8 @@ def test_tiny_run_writes_both_tables(tmp_path):
   assert "| softmax | " in md and "GAU relu^2" in md
 
 
-def test_claim_checks_catch_quadratic_memory():
-  script = _load_script()
+def test_claim_checks_catch_quadratic_memory(experiment):
+  script = experiment("attention_zoo")
   rows = [{"family": "softmax (xla)", "length": t, "temp_mib": t * t / 1e4} for t in (4096, 16384)]
   rows += [{"family": "softmax (blockwise)", "length": t, "temp_mib": t / 1e3} for t in (4096, 16384)]
   assert script.check_claims(rows, [4096, 16384]) == []

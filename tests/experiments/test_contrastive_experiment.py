@@ -1,10 +1,8 @@
 """experiments/contrastive.py: its pieces on hand-made inputs, and --quick end to end on the emoji pairs."""
 
-import importlib.util
 import json
 import math
 import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -13,19 +11,10 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 EMOJI = REPO.parent / "shared" / "data" / "emoji_captions"
 
 
-def _load_script():
-  spec = importlib.util.spec_from_file_location("contrastive_experiment",
-                                                REPO / "experiments" / "contrastive.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_batches_hold_distinct_captions_and_valid_images():
+def test_batches_hold_distinct_captions_and_valid_images(experiment):
   import jax
   import jax.numpy as jnp
-  script = _load_script()
+  script = experiment("contrastive")
   split = script.make_split(np.zeros((7, 1)), ["a", "b", "a", "c", "b", "d", "a"], [0] * 7)
   assert split.captions == ["a", "b", "c", "d"] and split.count_C.tolist() == [3, 2, 1, 1]
   for seed in range(20):
@@ -35,8 +24,8 @@ def test_batches_hold_distinct_captions_and_valid_images():
     assert (split.image_caption_M[np.asarray(image_B)] == np.asarray(caption_B)).all()
 
 
-def test_retrieval_metrics_on_hand_made_embeddings():
-  script = _load_script()
+def test_retrieval_metrics_on_hand_made_embeddings(experiment):
+  script = experiment("contrastive")
   caption_CE = np.eye(3)
   image_ME = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0.6, 0.8]])  # image 3: caption 2 first
   image_ME /= np.linalg.norm(image_ME, axis=1, keepdims=True)
@@ -55,8 +44,8 @@ def test_retrieval_metrics_on_hand_made_embeddings():
 
 
 @pytest.mark.skipif(not EMOJI.is_dir(), reason=f"needs {EMOJI}")
-def test_quick_run_writes_the_whole_report(tmp_path):
-  script = _load_script()
+def test_quick_run_writes_the_whole_report(tmp_path, experiment):
+  script = experiment("contrastive")
   out = script.main(["--quick", "--batches", "16", "--memory-batches", "256", "--tier-b-steps", "2",
                      "--emoji", str(EMOJI), "--data-dir", str(tmp_path / "tfds"),
                      "--out", str(tmp_path)])

@@ -1,6 +1,5 @@
 """experiments/length_extrapolation.py --quick runs end to end and its numbers obey what must hold."""
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -11,17 +10,10 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-def _load_script():
-  spec = importlib.util.spec_from_file_location("length_extrapolation",
-                                                REPO / "experiments" / "length_extrapolation.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.mark.skipif(not DATA.is_file(), reason=f"needs {DATA}")
-def test_quick_run_writes_tables_and_scaling_is_the_identity_at_the_training_length(tmp_path):
-  script = _load_script()
+def test_quick_run_writes_tables_and_scaling_is_the_identity_at_the_training_length(tmp_path,
+                                                                                    experiment):
+  script = experiment("length_extrapolation")
   variants = ["rope + PI", "rope + dynamic NTK", "rope + YaRN", "rope + ReRoPE(w=16) + log-n"]
   script.main(["--quick", "--encodings", "rope,learned", "--steps", "15", "--lengths", "32,64",
                "--variants", ",".join(variants), "--data", str(DATA), "--out", str(tmp_path)])
@@ -51,13 +43,14 @@ def test_quick_run_writes_tables_and_scaling_is_the_identity_at_the_training_len
 
 @pytest.mark.parametrize("variant", ["rope + PI", "rope + NTK", "rope + dynamic NTK", "rope + YaRN",
                                      "rope + log-n", "rope + NTK + log-n"])
-def test_eval_models_are_plain_rope_up_to_the_training_length_and_differ_beyond(variant):
+def test_eval_models_are_plain_rope_up_to_the_training_length_and_differ_beyond(variant,
+                                                                                 experiment):
   """The variant itself (not a substitute) at L = L_train equals plain RoPE, as each method promises
   (factor 1; dynamic NTK and log-n are the identity within L_train), and differs beyond."""
   import jax
   import numpy as np
   from jaxlab.configs import load_config
-  script = _load_script()
+  script = experiment("length_extrapolation")
   s = script.settings(quick=True)
   config = load_config("lm_char", script.train_overrides(s, str(DATA), "rope", 10),
                        check_devices=False)

@@ -1,6 +1,5 @@
 """experiments/performer_convergence.py --quick runs end to end and its numbers obey what must hold."""
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -8,16 +7,8 @@ import pathlib
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _load_script():
-  spec = importlib.util.spec_from_file_location("performer_convergence",
-                                                REPO / "experiments" / "performer_convergence.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_quick_run_writes_tables_and_the_error_falls_with_num_features(tmp_path):
-  script = _load_script()
+def test_quick_run_writes_tables_and_the_error_falls_with_num_features(tmp_path, experiment):
+  script = experiment("performer_convergence")
   script.main(["--quick", "--out", str(tmp_path)])
   out = json.loads((tmp_path / "performer_convergence_quick.json").read_text())
   assert out["device"] and out["settings"]["features"] == [16, 256]
