@@ -8,9 +8,10 @@ a dK/dV kernel.
 Where the kernels run:
   * Hopper GPU (compute capability 9.x), bfloat16/float16, head_dim 64/128/256, `kernel="mosaic_gpu"`:
     the forward is the Mosaic GPU kernel of `mosaic_gpu.py` (wgmma, TMA K/V ring, producer + compute
-    warpgroups; FlashAttention-3, Shah et al. 2024); its backward is the portable (Triton) dQ and dK/dV
-    kernels. Checked by lowering for CUDA and in Mosaic GPU interpret mode on CPU; NOT yet compiled or
-    run on a real Hopper GPU, so it is not the default until it has been (`MOSAIC_GPU_BY_DEFAULT`).
+    warpgroups; FlashAttention-3, Shah et al. 2024), and so are its dQ and dK/dV backward kernels for
+    head_dim 64/128 (head_dim 256 uses the portable (Triton) backward kernels). Checked by lowering for
+    CUDA and in Mosaic GPU interpret mode on CPU; NOT yet compiled or run on a real Hopper GPU, so it is
+    not the default until it has been (`MOSAIC_GPU_BY_DEFAULT`).
   * Every CUDA GPU by default, and float32 on Hopper: compiled through Pallas' Triton lowering (the
     portable path).
   * CPU (and any backend with `interpret=True`): Pallas interpret mode, exact but slow; used by the tests
@@ -135,7 +136,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
       not be multiples of them: inputs are padded and the tail is masked inside the kernel.
     interpret: run the kernels in interpret mode (default: True unless the backend is a GPU or TPU);
       False compiles them (Triton for the portable kernel, Mosaic for the TPU kernel).
-    kernel: "portable" (Triton-lowered on GPU), "mosaic_gpu" (Hopper forward + portable backward) or
+    kernel: "portable" (Triton-lowered on GPU), "mosaic_gpu" (Hopper forward and backward) or
       "tpu" (Mosaic TPU); default "tpu" on a TPU backend, else "portable" ("mosaic_gpu" on a Hopper
       GPU when `supports_mosaic_gpu` the inputs, once MOSAIC_GPU_BY_DEFAULT is True).
 
