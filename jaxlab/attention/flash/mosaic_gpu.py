@@ -363,15 +363,8 @@ def _kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, scratch, *,
 def _valid(cfg: KernelConfig, row0, k_start, q_seg, k_seg, interpret: bool):
   """Boolean [64, bk] in WGMMA layout: which (query, key) pairs may attend (as `portable._tile_valid`)."""
   shape = (WG_ROWS, cfg.block_k)
-  q_idx = row0 + _iota(shape, 0, interpret)
-  k_idx = k_start + _iota(shape, 1, interpret)
-  valid = k_idx < cfg.kv_len
-  q_pos = q_idx + cfg.offset
-  left, r = _band(cfg)
-  if r is not None:
-    valid = valid & (k_idx <= q_pos + r)
-  if left is not None:
-    valid = valid & (k_idx >= q_pos - left)
+  valid = portable.band_valid(cfg, row0 + _iota(shape, 0, interpret),
+                              k_start + _iota(shape, 1, interpret))
   if q_seg is not None:
     valid = valid & (lax.broadcast_in_dim(q_seg, shape, [0]) == lax.broadcast_in_dim(k_seg, shape, [1]))
   return valid
@@ -509,15 +502,7 @@ def wg_q_ranges(cfg: KernelConfig, col0, lo_c, hi_c, tqp: int, tkp: int):
 def _valid_t(cfg: KernelConfig, k0, q0, k_seg, q_seg, interpret: bool):
   """Boolean [64 keys, 64 queries] in WGMMA layout: the transpose of `_valid` for the dK/dV tiles."""
   shape = (WG_ROWS, BWD_TILE)
-  k_idx = k0 + _iota(shape, 0, interpret)
-  q_idx = q0 + _iota(shape, 1, interpret)
-  valid = k_idx < cfg.kv_len
-  q_pos = q_idx + cfg.offset
-  left, r = _band(cfg)
-  if r is not None:
-    valid = valid & (k_idx <= q_pos + r)
-  if left is not None:
-    valid = valid & (k_idx >= q_pos - left)
+  valid = portable.band_valid(cfg, q0 + _iota(shape, 1, interpret), k0 + _iota(shape, 0, interpret))
   if q_seg is not None:
     valid = valid & (lax.broadcast_in_dim(k_seg, shape, [0]) == lax.broadcast_in_dim(q_seg, shape, [1]))
   return valid

@@ -108,18 +108,24 @@ def q_block_range(cfg: KernelConfig, j, nq: int):
   return lo, hi
 
 
-def _tile_valid(cfg: KernelConfig, q_start, k_start, q_seg, k_seg):
-  """Boolean [bq, bk]: which (query, key) pairs of the tile at (q_start, k_start) may attend."""
-  shape = (cfg.block_q, cfg.block_k)
-  q_idx = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
-  k_idx = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
-  valid = k_idx < cfg.kv_len  # the ragged key tail; padded query rows are sliced off by the wrapper
+def band_valid(cfg: KernelConfig, q_idx, k_idx):
+  """Boolean, shape of q_idx/k_idx (query and key indices): inside the key tail and the causal/window
+  band. Padded query rows are not masked here; the wrapper slices them off."""
+  valid = k_idx < cfg.kv_len
   q_pos = q_idx + cfg.offset
   left, r = _band(cfg)
   if r is not None:
     valid = valid & (k_idx <= q_pos + r)
   if left is not None:
     valid = valid & (k_idx >= q_pos - left)
+  return valid
+
+
+def _tile_valid(cfg: KernelConfig, q_start, k_start, q_seg, k_seg):
+  """Boolean [bq, bk]: which (query, key) pairs of the tile at (q_start, k_start) may attend."""
+  shape = (cfg.block_q, cfg.block_k)
+  valid = band_valid(cfg, q_start + lax.broadcasted_iota(jnp.int32, shape, 0),
+                     k_start + lax.broadcasted_iota(jnp.int32, shape, 1))
   if q_seg is not None:  # [bq] and [bk], or already [bq, 1] and [1, bk] (the TPU kernels' layout)
     if q_seg.ndim == 1:
       q_seg, k_seg = q_seg[:, None], k_seg[None, :]
