@@ -1,6 +1,7 @@
 """Every test sees 8 fake CPU devices, so mesh and sharding tests run anywhere."""
 
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -14,7 +15,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +53,21 @@ def tiny_lm_config(tiny_corpus, tfds_dir):
     return load_config("lm_char", base + list(overrides))
 
   return make
+
+
+def load_experiment(name: str):
+  """experiments/<name>.py as a fresh module (registered in sys.modules: dataclasses look it up)."""
+  import importlib.util
+  import sys
+  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture
+def experiment():
+  """Loads a script of experiments/ as a module: `experiment("attention_zoo").main([...])`."""
+  return load_experiment
