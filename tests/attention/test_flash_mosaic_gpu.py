@@ -157,6 +157,19 @@ def test_backward_shared_memory_budget_is_checked():
 # ----------------------------------------------------------------------------------------------------
 # Block ranges (pure integer logic, no kernel).
 
+def _visible(cfg, tqp: int, tkp: int) -> np.ndarray:
+  """NumPy [Tqp, Tkp] bool: the key tail and the causal/window band (no segments), from the formulas."""
+  left, r = portable._band(cfg)
+  rows, cols = np.arange(tqp)[:, None], np.arange(tkp)[None, :]
+  pos = rows + cfg.kv_len - cfg.q_len
+  visible = np.broadcast_to(cols < cfg.kv_len, (tqp, tkp)).copy()
+  if r is not None:
+    visible &= cols <= pos + r
+  if left is not None:
+    visible &= cols >= pos - left
+  return visible
+
+
 @pytest.mark.parametrize("tq,tk,causal,window,bq,bk", [
     (300, 300, True, None, 128, 128), (130, 200, True, None, 128, 64), (200, 70, True, None, 64, 64),
     (256, 256, False, (70, 20), 128, 64), (200, 333, True, (100, None), 128, 128),
@@ -169,14 +182,7 @@ def test_step_ranges(tq, tk, causal, window, bq, bk, segments):
                               interpret=True)
   tqp, tkp = -(-tq // bq) * bq, -(-tk // bk) * bk
   nq, nk = tqp // bq, tkp // bk
-  left, r = portable._band(cfg)
-  rows, cols = np.arange(tqp)[:, None], np.arange(tkp)[None, :]
-  pos = rows + tk - tq
-  visible = np.broadcast_to(cols < tk, (tqp, tkp)).copy()
-  if r is not None:
-    visible &= cols <= pos + r
-  if left is not None:
-    visible &= cols >= pos - left
+  visible = _visible(cfg, tqp, tkp)
   for i in range(nq):
     lo_c, hi_c = mosaic_gpu.cta_kv_range(cfg, i, nk, tqp, tkp)
     assert (int(lo_c), int(hi_c)) == tuple(map(int, portable.kv_block_range(cfg, i, nk)))
@@ -211,14 +217,7 @@ def test_backward_step_ranges(tq, tk, causal, window, bk, segments):
                               interpret=True)
   tqp, tkp = -(-tq // bq) * bq, -(-tk // bk) * bk
   nq, nk = tqp // bq, tkp // bk
-  left, r = portable._band(cfg)
-  rows, cols = np.arange(tqp)[:, None], np.arange(tkp)[None, :]
-  pos = rows + tk - tq
-  visible = np.broadcast_to(cols < tk, (tqp, tkp)).copy()
-  if r is not None:
-    visible &= cols <= pos + r
-  if left is not None:
-    visible &= cols >= pos - left
+  visible = _visible(cfg, tqp, tkp)
   for j in range(nk):
     lo_c, hi_c = mosaic_gpu.cta_q_range(cfg, j, nq, tqp, tkp)
     assert (int(lo_c), int(hi_c)) == tuple(map(int, portable.q_block_range(cfg, j, nq)))

@@ -100,16 +100,23 @@ def naive_mixed_np(qq, qk, lq, lk, v, *, c, causal, kind, qs, ls, bias=None):
   return out
 
 
-def naive_mixed_jnp(qq, qk, lq, lk, v, *, c, causal, qs, ls):
-  """Dense [T, T] form (relu2): block-diagonal quadratic weights + masked linear weights."""
-  g = qq.shape[2] // qk.shape[2]
-  qk, lk, v = (jnp.repeat(x, g, axis=2) for x in (qk, lk, v))
-  t = qq.shape[1]
+def _mixed_masks(t: int, c: int, causal: bool):
+  """Query/key index grids and the dense masks of mixed chunk attention: `same` (the quadratic part,
+  inside a chunk) and `far` (the linear part: earlier chunks when causal, every key otherwise)."""
   i, j = jnp.arange(t)[:, None], jnp.arange(t)[None]
   same = (i // c) == (j // c)
   if causal:
     same = same & (j <= i)
   far = (j // c) < (i // c) if causal else jnp.ones((t, t), bool)
+  return i, j, same, far
+
+
+def naive_mixed_jnp(qq, qk, lq, lk, v, *, c, causal, qs, ls):
+  """Dense [T, T] form (relu2): block-diagonal quadratic weights + masked linear weights."""
+  g = qq.shape[2] // qk.shape[2]
+  qk, lk, v = (jnp.repeat(x, g, axis=2) for x in (qk, lk, v))
+  t = qq.shape[1]
+  i, j, same, far = _mixed_masks(t, c, causal)
   quad = jnp.where(same, jax.nn.relu(jnp.einsum("btns,bjns->bntj", qq, qk) * qs) ** 2, 0.0)
   lin = jnp.where(far, ls * jnp.einsum("btns,bjns->bntj", lq, lk), 0.0)
   return jnp.einsum("bntj,bjne->btne", quad + lin, v)
@@ -121,11 +128,7 @@ def naive_mixed_softmax_jnp(qq, qk, lq, lk, v, bias, *, c, causal, qs, ls):
   g = qq.shape[2] // qk.shape[2]
   qk, lk, v = (jnp.repeat(x, g, axis=2) for x in (qk, lk, v))
   t = qq.shape[1]
-  i, j = jnp.arange(t)[:, None], jnp.arange(t)[None]
-  same = (i // c) == (j // c)
-  if causal:
-    same = same & (j <= i)
-  far = (j // c) < (i // c) if causal else jnp.ones((t, t), bool)
+  i, j, same, far = _mixed_masks(t, c, causal)
   bias_tt = jnp.broadcast_to(bias, bias.shape[:2] + (c, c))[:, :, i % c, j % c]  # [., N, T, T]
   logits = jnp.einsum("btns,bjns->bntj", qq, qk) * qs + bias_tt
   quad = jax.nn.softmax(jnp.where(same, logits, -1e30), axis=-1)
