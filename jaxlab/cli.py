@@ -88,7 +88,12 @@ def cmd_train(args, overrides) -> int:
         + (f", {result['step_time_ms']:.1f} ms/step" if "step_time_ms" in result else ""),
         flush=True)
   finish = getattr(run.task, "finish", None)
-  report = finish(result["state"]["params"]) if finish else None
+  params = result["state"]["params"]
+  if finish and "best_step" in result:  # train.keep_best: report on the model selected on validation
+    print(f"jaxlab: best validation loss {result['best_val_loss']:.4f} at step {result['best_step']}; "
+          "reporting those parameters", flush=True)
+    params = trainer.restore_best_params(run)
+  report = finish(params) if finish else None
   if report:
     print(report, flush=True)
   return 0

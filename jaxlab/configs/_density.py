@@ -47,6 +47,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.train.eval_seed = 0
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 2
+  c.train.keep_best = True  # also keep the lowest-val-loss params in WORKDIR/best (model selection)
   c.train.tensorboard = False
 
   c.eval = ml_collections.ConfigDict()

@@ -84,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_seed = 1234
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
+  c.train.keep_best = False  # also keep the lowest-val-loss params in WORKDIR/best (model selection)
   c.train.tensorboard = True
 
   c.mesh = ml_collections.ConfigDict()

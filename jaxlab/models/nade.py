@@ -8,29 +8,127 @@ The pre-activations obey a_1 = c, a_{d+1} = a_d + W[:, d] x_d, so all D hidden v
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxlab.losses.likelihood import bernoulli_log_prob, check_binary_batch
 
+# Dimensions per scan step of `nade_logits`. On 2 XLA:CPU cores (B=100, D=784, H=500, loss and
+# gradient) 16 or 28 run in ~0.6x the time of a plain scan over d; 8 and 49+ are slower.
+CHUNK = 16
+
+
+def _exclusive_prefix_sum(t_BCH: jax.Array) -> jax.Array:
+  """out[:, i] = sum_{j < i} t[:, j] over the (short) chunk axis, unrolled: [B, C, H] -> [B, C, H]."""
+  run = [jnp.zeros_like(t_BCH[:, 0])]
+  for j in range(t_BCH.shape[1] - 1):
+    run.append(run[-1] + t_BCH[:, j])
+  return jnp.stack(run, axis=1)
+
+
+def _exclusive_suffix_sum(t_BCH: jax.Array) -> jax.Array:
+  """out[:, j] = sum_{i > j} t[:, i] over the chunk axis: [B, C, H] -> [B, C, H]."""
+  return _exclusive_prefix_sum(t_BCH[:, ::-1])[:, ::-1]
+
+
+def _split_columns(t_BD, chunk):
+  """[B, D] -> [n, B, C] with D zero-padded to n * C (zero inputs add nothing to the running sum)."""
+  bsz, d = t_BD.shape
+  t_BD = jnp.pad(t_BD, ((0, 0), (0, -d % chunk)))
+  return t_BD.reshape(bsz, -1, chunk).transpose(1, 0, 2)
+
+
+def _split_rows(t_D, chunk):
+  """[D, ...] -> [n, C, ...], zero-padded like `_split_columns`."""
+  pad = [(0, -t_D.shape[0] % chunk)] + [(0, 0)] * (t_D.ndim - 1)
+  return jnp.pad(t_D, pad).reshape(-1, chunk, *t_D.shape[1:])
+
+
+def _chunked(x_BD, w_DH, v_DH, b_D, chunk):
+  """The scan inputs: x [n, B, C], w and v [n, C, H], b [n, C]."""
+  return (_split_columns(x_BD, chunk), _split_rows(w_DH, chunk), _split_rows(v_DH, chunk),
+          _split_rows(b_D, chunk))
+
+
+def _unchunk(t_nBC, d):
+  """[n, B, C] -> [B, D] (dropping the padding)."""
+  n, bsz, chunk = t_nBC.shape
+  return t_nBC.transpose(1, 0, 2).reshape(bsz, n * chunk)[:, :d]
+
+
+def _chunk_hidden(a_BH, x_BC, w_CH):
+  """Hidden units of the chunk's C conditionals: sigmoid(a + sum_{j < i in chunk} x_j W_j), [B, C, H]."""
+  return jax.nn.sigmoid(a_BH[:, None, :] + _exclusive_prefix_sum(x_BC[:, :, None] * w_CH[None]))
+
+
+def _forward(x_BD, w_DH, c_H, v_DH, b_D, chunk):
+  """Logits [B, D] and the pre-activation at the start of every chunk, [n, B, H]."""
+  def step(a_BH, chunk_inputs):
+    x_BC, w_CH, v_CH, b_C = chunk_inputs
+    s_BCH = _chunk_hidden(a_BH, x_BC, w_CH)
+    logits_BC = jnp.einsum("bch,ch->bc", s_BCH, v_CH) + b_C
+    return a_BH + x_BC @ w_CH, (logits_BC, a_BH)
+
+  a0_BH = jnp.broadcast_to(c_H, (x_BD.shape[0], c_H.shape[0]))
+  _, (logits_nBC, starts_nBH) = jax.lax.scan(step, a0_BH, _chunked(x_BD, w_DH, v_DH, b_D, chunk))
+  return _unchunk(logits_nBC, x_BD.shape[1]), starts_nBH
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _nade_logits(x_BD, w_DH, c_H, v_DH, b_D, chunk):
+  return _forward(x_BD, w_DH, c_H, v_DH, b_D, chunk)[0]
+
+
+def _nade_logits_fwd(x_BD, w_DH, c_H, v_DH, b_D, chunk):
+  logits_BD, starts_nBH = _forward(x_BD, w_DH, c_H, v_DH, b_D, chunk)
+  return logits_BD, (x_BD, w_DH, v_DH, b_D, starts_nBH)
+
+
+def _nade_logits_bwd(chunk, residuals, g_BD):
+  """The reverse-order gradient (Larochelle & Murray 2011, Alg. 1), chunk by chunk, recomputing each
+  chunk's hidden units from its saved starting pre-activation. r carries dL/da for the chunks after
+  this one (every later conditional reads every earlier input through the running sum)."""
+  x_BD, w_DH, v_DH, b_D, starts_nBH = residuals
+  (bsz, d), h = x_BD.shape, w_DH.shape[1]
+  x_n, w_n, v_n, _ = _chunked(x_BD, w_DH, v_DH, b_D, chunk)
+  g_nBC = _split_columns(g_BD, chunk)
+
+  def step(r_BH, chunk_inputs):
+    x_BC, w_CH, v_CH, a_BH, g_BC = chunk_inputs
+    s_BCH = _chunk_hidden(a_BH, x_BC, w_CH)
+    dv_CH = jnp.einsum("bc,bch->ch", g_BC, s_BCH)
+    da_BCH = g_BC[:, :, None] * v_CH[None] * (s_BCH * (1 - s_BCH))
+    later_BCH = _exclusive_suffix_sum(da_BCH) + r_BH[:, None, :]  # dL/d(x_j W_j) for j in chunk
+    dw_CH = jnp.einsum("bc,bch->ch", x_BC, later_BCH)
+    dx_BC = jnp.einsum("ch,bch->bc", w_CH, later_BCH)
+    return r_BH + da_BCH.sum(1), (dw_CH, dv_CH, dx_BC)
+
+  r_BH, (dw_nCH, dv_nCH, dx_nBC) = jax.lax.scan(
+      step, jnp.zeros((bsz, h), w_DH.dtype), (x_n, w_n, v_n, starts_nBH, g_nBC), reverse=True)
+  return (_unchunk(dx_nBC, d), dw_nCH.reshape(-1, h)[:d], r_BH.sum(0), dv_nCH.reshape(-1, h)[:d],
+          g_BD.sum(0))
+
+
+_nade_logits.defvjp(_nade_logits_fwd, _nade_logits_bwd)
+
 
 def nade_logits(x_BD: jax.Array, w_DH: jax.Array, c_H: jax.Array, v_DH: jax.Array,
-                b_D: jax.Array) -> jax.Array:
+                b_D: jax.Array, *, chunk: int = CHUNK) -> jax.Array:
   """Logits of p(x_d = 1 | x_<d) for every d in O(BHD) time: [B, D] -> [B, D].
 
   w_DH[d] is the column W[:, d] of the paper (input d's hidden weights); v_DH[d] is V[d]. The
-  recurrence a_{d+1} = a_d + W[:, d] x_d runs as a scan over d (on CPU 8x faster than materialising
-  all [B, D, H] pre-activations with a cumulative sum); logit d is read before x_d is added.
+  recurrence a_{d+1} = a_d + W[:, d] x_d runs as a scan over chunks of `chunk` dimensions, inside
+  which the running sum is unrolled; the gradient is hand-written (reverse order, recomputing the
+  hidden units) so no [B, D, H] tensor is ever stored. Reverse mode only (no jvp/jacfwd).
   """
-  def step(a_BH, inputs):
-    x_B, w_H, v_H, b = inputs
-    logit_B = jax.nn.sigmoid(a_BH) @ v_H + b
-    return a_BH + x_B[:, None] * w_H, logit_B
-
-  a0_BH = jnp.broadcast_to(c_H, (x_BD.shape[0], c_H.shape[0])).astype(w_DH.dtype)
-  _, logits_DB = jax.lax.scan(step, a0_BH, (x_BD.T.astype(w_DH.dtype), w_DH, v_DH, b_D))
-  return logits_DB.T
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1, got {chunk}")
+  dtype = w_DH.dtype
+  return _nade_logits(x_BD.astype(dtype), w_DH, c_H.astype(dtype), v_DH.astype(dtype),
+                      b_D.astype(dtype), chunk)
 
 
 def nade_sample(key: jax.Array, n: int, w_DH: jax.Array, c_H: jax.Array, v_DH: jax.Array,

@@ -84,3 +84,47 @@ def abstract_with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs carrying the target shardings, for restoring sharded arrays."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract_tree, shardings)
+
+
+class BestParams:
+  """The parameters with the lowest validation loss so far, under WORKDIR/best (one orbax checkpoint,
+  written atomically like the others): model selection on validation data, as the density papers do.
+  Training never reads it, so a run with or without it follows the same steps."""
+
+  def __init__(self, workdir: str | pathlib.Path):
+    self.directory = pathlib.Path(workdir) / "best"
+    self._manager = ocp.CheckpointManager(
+        self.directory.absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+        item_names=("params", "meta"))
+    self.step, self.val_loss = None, float("inf")
+    step = self._manager.latest_step()
+    if step is not None:
+      try:
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        self.step, self.val_loss = int(meta["step"]), float(meta["val_loss"])
+      except Exception as e:  # an unreadable best is reported and then beaten by the next evaluation
+        log.warning("best-params checkpoint at step %d is unreadable (%s); ignoring it", step,
+                    type(e).__name__)
+
+  def offer(self, step: int, val_loss: float, params: Any) -> bool:
+    """Saves `params` if `val_loss` beats the best so far; returns whether it did."""
+    if not val_loss < self.val_loss:
+      return False
+    self._manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        meta=ocp.args.JsonSave({"step": step, "val_loss": val_loss})), force=True)
+    self.step, self.val_loss = step, val_loss
+    return True
+
+  def restore(self, abstract_params: Any) -> Any:
+    """The saved parameters (pytree of jax.ShapeDtypeStruct with shardings -> arrays)."""
+    if self.step is None:
+      raise FileNotFoundError(f"no best-params checkpoint in {self.directory}")
+    self._manager.wait_until_finished()
+    return self._manager.restore(self.step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params)))["params"]
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

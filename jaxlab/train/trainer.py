@@ -121,6 +121,15 @@ def make_eval_step(run: Run):
                                             sharding.batch_sharding(run.mesh)))
 
 
+def restore_best_params(run: Run):
+  """The lowest-validation-loss parameters a `train.keep_best` run saved, in the run's sharding."""
+  keeper = checkpoint_lib.BestParams(run.workdir)
+  try:
+    return keeper.restore(run.abstract_state["params"])
+  finally:
+    keeper.close()
+
+
 def evaluate(run: Run, params, eval_step=None) -> float:
   """Mean loss per token over the task's fixed evaluation batches."""
   eval_step = eval_step or make_eval_step(run)
@@ -189,6 +198,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
   train_step = make_train_step(run)
   eval_step = make_eval_step(run)
   writer = MetricsWriter(run.workdir, tensorboard=cfg.tensorboard)
+  best = checkpoint_lib.BestParams(run.workdir) if cfg.keep_best else None
   if start:
     print(f"jaxlab: resumed from step {start} in {run.workdir}", flush=True)
   final: dict = {}
@@ -228,12 +238,18 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
           writer.write(done, val_loss=val_loss)
           bar.write(f"step {done}: val_loss {val_loss:.4f}")
           final["val_loss"] = val_loss
+          if best is not None:
+            best.offer(done, val_loss, state["params"])
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
           run.checkpointer.save(done, state, data_iter.get_state())
   finally:
     bar.close()
     writer.close()
     run.checkpointer.close()
+    if best is not None:
+      best.close()
+  if best is not None and best.step is not None:
+    final["best_step"], final["best_val_loss"] = best.step, best.val_loss
   final["step"] = int(state["step"])
   final["state"] = state
   final["run"] = run

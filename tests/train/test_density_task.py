@@ -66,6 +66,35 @@ def test_trains_and_validation_loss_is_the_mean_nll(tmp_path, model):
   assert "test NLL" in task.finish(params)
 
 
+def test_keep_best_saves_the_lowest_validation_loss_params_and_survives_a_resume(tmp_path):
+  """train.keep_best: WORKDIR/best holds the parameters of the evaluation with the lowest validation
+  loss (so restoring them reproduces that loss), and a resumed run starts from that record."""
+  overrides = ["--config.data.batch_size=16", "--config.train.eval_every=5",
+               "--config.train.checkpoint_every=10", "--config.train.log_every=10",
+               "--config.optim.warmup_steps=1", "--config.optim.lr=0.3", "--config.optim.min_lr=0.3",
+               "--config.model.hidden=(32,)", "--config.eval.batch_size=8"]
+  data = _tiny_data()
+  config = load_config("made", overrides + ["--config.train.steps=20"], check_devices=False)
+  task = DensityTask(config, data=data)
+  result = trainer.train(config, tmp_path, task=task, progress=False)
+  vals = {r["step"]: r["val_loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text()
+                                                  .splitlines()) if "val_loss" in r}
+  assert sorted(vals) == [5, 10, 15, 20]
+  best_step = min(vals, key=vals.get)
+  assert (result["best_step"], result["best_val_loss"]) == (best_step, vals[best_step])
+  best = trainer.restore_best_params(result["run"])
+  np.testing.assert_allclose(task.nll(best, data.valid), vals[best_step], rtol=1e-5)
+  # resumed for 20 more steps: the record carries over and only a lower loss replaces it
+  config = load_config("made", overrides + ["--config.train.steps=40"], check_devices=False)
+  result = trainer.train(config, tmp_path, task=DensityTask(config, data=data), progress=False)
+  vals = {r["step"]: r["val_loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text()
+                                                  .splitlines()) if "val_loss" in r}
+  best_step = min(vals, key=vals.get)
+  assert (result["best_step"], result["best_val_loss"]) == (best_step, vals[best_step])
+  np.testing.assert_allclose(task.nll(trainer.restore_best_params(result["run"]), data.valid),
+                             vals[best_step], rtol=1e-5)
+
+
 def test_experiment_quick_mode_runs(tmp_path):
   spec = importlib.util.spec_from_file_location("binary_density", REPO / "experiments" /
                                                 "binary_density.py")
