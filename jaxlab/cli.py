@@ -66,9 +66,19 @@ def _load_workdir_config(workdir: pathlib.Path, overrides: list[str]):
   return _ready_for_devices(config)
 
 
-def _restore_params(config, workdir: pathlib.Path):
+def _restore_params(config, workdir: pathlib.Path, *, best: bool = False):
+  """(run, step, params) of the newest checkpoint, or with `best` of the lowest-validation-loss one
+  that a `train.keep_best` run saved in WORKDIR/best."""
+  from jaxlab.train import checkpoint as checkpoint_lib
   from jaxlab.train import trainer
   run = trainer.setup(config, workdir)
+  if best:
+    run.checkpointer.close()
+    keeper = checkpoint_lib.BestParams(workdir)
+    try:
+      return run, keeper.step, keeper.restore(run.abstract_state["params"])
+    finally:
+      keeper.close()
   restored = run.checkpointer.restore_latest(run.abstract_state)
   run.checkpointer.close()
   if restored is None:
@@ -103,7 +113,7 @@ def cmd_eval(args, overrides) -> int:
   from jaxlab.train import trainer
   workdir = pathlib.Path(args.workdir)
   config = _load_workdir_config(workdir, overrides)
-  run, step, params = _restore_params(config, workdir)
+  run, step, params = _restore_params(config, workdir, best=args.best)
   val_loss = trainer.evaluate(run, params)
   print(json.dumps({"step": step, "val_loss": val_loss}))
   return 0
@@ -112,7 +122,7 @@ def cmd_eval(args, overrides) -> int:
 def cmd_sample(args, overrides) -> int:
   workdir = pathlib.Path(args.workdir)
   config = _load_workdir_config(workdir, overrides)
-  run, _, params = _restore_params(config, workdir)
+  run, _, params = _restore_params(config, workdir, best=args.best)
   sample_command = getattr(run.task, "sample_command", None)
   if sample_command is None:
     raise ValueError(f"task {config.task!r} has no sampler")
@@ -142,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                       description="Restore the newest checkpoint of WORKDIR and print its "
                       "validation loss as JSON.")
   ev.add_argument("workdir")
+  ev.add_argument("--best", action="store_true", help="the lowest-validation-loss parameters "
+                  "(WORKDIR/best, saved when train.keep_best) instead of the newest checkpoint")
   ev.set_defaults(func=cmd_eval)
 
   sa = sub.add_parser("sample", help="sample text from a trained workdir",
@@ -154,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
   sa.add_argument("--top-k", type=int)
   sa.add_argument("--top-p", type=float)
   sa.add_argument("--seed", type=int)
+  sa.add_argument("--best", action="store_true", help="sample from WORKDIR/best (train.keep_best)")
   sa.set_defaults(func=cmd_sample)
   return parser
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxlab import cli
@@ -95,6 +96,36 @@ def test_cli_train_eval_sample_on_a_workdir(tiny_corpus, tfds_dir, tmp_path, cap
   # A second train call on the same workdir resumes and has nothing left to do.
   assert cli.main(["train", "lm_char", "--workdir", str(workdir), "--no-progress"] + common) == 0
   assert "resumed from step 4" in capsys.readouterr().out
+
+
+def test_cli_eval_and_sample_best_params_of_a_density_run(tmp_path, capsys):
+  """`--best` restores WORKDIR/best (train.keep_best): its validation loss is the lowest one logged;
+  a workdir trained without keep_best says there is no best checkpoint."""
+  common = ["--config.train.steps=30", "--config.train.eval_every=10", "--config.train.log_every=10",
+            "--config.train.checkpoint_every=10", "--config.optim.warmup_steps=1",
+            "--config.optim.lr=3.0", "--config.optim.min_lr=3.0", "--config.model.hidden=(16,)",
+            "--config.data.batch_size=16", "--config.mesh.data=1"]  # lr 3: step 20 beats step 30
+  workdir = tmp_path / "made"
+  assert cli.main(["train", "made", "--workdir", str(workdir), "--no-progress"] + common) == 0
+  assert "reporting those parameters" in capsys.readouterr().out
+  logged = [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+            if "val_loss" in r]
+  lowest = min(logged, key=lambda r: r["val_loss"])
+  assert lowest["step"] != 30  # so the newest and the best checkpoints differ
+  assert cli.main(["eval", str(workdir), "--best"]) == 0
+  best = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert best["step"] == lowest["step"]
+  np.testing.assert_allclose(best["val_loss"], lowest["val_loss"], rtol=1e-5)
+  assert cli.main(["eval", str(workdir)]) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 30
+  assert cli.main(["sample", str(workdir), "--best"]) == 0
+  assert capsys.readouterr().out.strip()
+  plain = tmp_path / "plain"
+  assert cli.main(["train", "made", "--workdir", str(plain), "--no-progress",
+                   "--config.train.keep_best=False"] + common) == 0
+  capsys.readouterr()
+  assert cli.main(["eval", str(plain), "--best"]) == 1
+  assert "no best-params checkpoint" in capsys.readouterr().err
 
 
 def test_cli_eval_on_a_non_workdir(tmp_path, capsys):
