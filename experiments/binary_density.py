@@ -106,20 +106,18 @@ def run_one(dataset_name, label, overrides, steps, data_cache, workroot, out_dir
   data = data_cache[dataset_name]
   task = DensityTask(config, data=data)
   workdir = workroot / f"{dataset_name}-{label}"
-  clock = workdir / "train_wall_s.json"  # wall time of the earlier pieces of a resumed run
-  before = json.loads(clock.read_text())["train_s"] if clock.is_file() else 0.0
-  t0 = time.perf_counter()
   result = trainer.train(config, workdir, task=task, progress=False)
-  train_s = before + time.perf_counter() - t0
-  clock.write_text(json.dumps({"train_s": train_s}))
+  step_ms, train_s = _logged_step_times(workdir)  # over every piece of a resumed run
   params = result["state"]["params"]
   best_step = result.get("best_step")
   if best_step is not None:  # model selection on validation NLL, as the papers do (train.keep_best)
-    params, result["val_loss"] = trainer.restore_best_params(result["run"]), result["best_val_loss"]
-  elif "val_loss" not in result:  # finished earlier without a best record: evaluate the final params
+    try:
+      params, result["val_loss"] = trainer.restore_best_params(result["run"]), result["best_val_loss"]
+    except FileNotFoundError as e:  # moved aside as unreadable: fall back to the final parameters
+      print(f"binary_density: {e}; using the final parameters", flush=True)
+      best_step = None
+  if best_step is None and "val_loss" not in result:  # finished earlier without a best record: evaluate the final params
     result["val_loss"] = task.nll(params, data.valid[:config.train.eval_batches * config.data.batch_size])
-  if "step_time_ms" not in result:
-    result["step_time_ms"] = _logged_step_time_ms(workdir)
   t0 = time.perf_counter()
   test_nll = task.nll(params, data.test)
   eval_s = time.perf_counter() - t0
@@ -134,26 +132,40 @@ def run_one(dataset_name, label, overrides, steps, data_cache, workroot, out_dir
           "overrides": [*extra, *overrides], "steps": steps, "epochs": round(epochs, 2),
           "selected_step": best_step if best_step is not None else steps,
           "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
-          "ms_per_step": round(result.get("step_time_ms", float("nan")), 2),
+          "ms_per_step": None if step_ms is None else round(step_ms, 2),
           "val_nll": round(float(result["val_loss"]), 3), "test_nll": round(test_nll, 3),
           "published": published, "gap": None if published is None else round(test_nll - published, 2),
           "samples_png": grid, "note": data.note}
 
 
-def _logged_step_time_ms(workdir: pathlib.Path) -> float:
-  """The median of the step times a finished run logged in its metrics.jsonl."""
+def _logged_step_times(workdir: pathlib.Path) -> tuple[float | None, float]:
+  """(median step time in ms over the logging intervals, training seconds = the sum over intervals of
+  steps x median step time) from WORKDIR/metrics.jsonl, so the pieces of a resumed run add up;
+  compilation and evaluation are excluded. A step logged twice (replayed after a resume) counts once."""
   import statistics
+  by_step = {}
   path = workdir / "metrics.jsonl"
-  records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-  times = [r["step_time_ms"] for r in records if "step_time_ms" in r]
-  return statistics.median(times) if times else float("nan")
+  for line in path.read_text().splitlines() if path.is_file() else []:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a kill
+      continue
+    if isinstance(record.get("step_time_ms"), (int, float)):
+      by_step[record["step"]] = record["step_time_ms"]
+  steps = sorted(by_step)
+  if not steps:
+    return None, 0.0
+  total_ms = sum((s - p) * by_step[s] for p, s in zip([0] + steps[:-1], steps))
+  return statistics.median(by_step.values()), total_ms / 1000
 
 
 def write_tables(rows, device, wall_s, path_md, path_json, quick, budget):
   lines = [f"# Binary density estimation ({'quick' if quick else 'CPU-budget runs'})", "",
            f"Device: {device}. Total wall time {wall_s / 60:.1f} min (all runs below, including "
-           "re-runs). Steps per row as listed (batch 100); test NLL in nats per example (lower is "
-           "better); `gap` = ours - published.", "",
+           "re-runs). Steps per row as listed (batch 100); `train s` = the sum over logging intervals "
+           "of steps x median step time (compilation and evaluation excluded; the pieces of a "
+           "resumed run add up); test NLL in nats per example (lower is better); `gap` = ours - "
+           "published.", "",
            "| dataset | model | steps | selected | epochs | train s | ms/step | val NLL | test NLL | published | gap | samples |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
   for r in rows:
@@ -185,6 +197,8 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, help="override every run's step count (tests)")
   parser.add_argument("--only", default="", help="comma-separated dataset:model runs to keep")
   parser.add_argument("--out", default=str(HERE / "results"), help="results folder")
+  parser.add_argument("--extra", default="", help="config overrides added to every selected run, e.g. "
+                      "'--config.model.channels=64 --config.model.num_layers=7' (a GPU-size PixelCNN)")
   parser.add_argument("--workroot", default="", help="keep run workdirs here (resumable); default: a "
                       "temporary folder")
   args = parser.parse_args(argv)
@@ -199,6 +213,8 @@ def main(argv=None) -> int:
   if args.only:
     keep = set(args.only.split(","))
     runs = [r for r in runs if f"{r[0]}:{r[1]}" in keep]
+  if args.extra:
+    runs = [(d, m, [*o, *args.extra.split()], n) for d, m, o, n in runs]
   stem = "binary_density_quick" if args.quick else "binary_density"
   device = device_name()
   rows, cache, t_start = [], {}, time.perf_counter()

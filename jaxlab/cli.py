@@ -74,7 +74,8 @@ def _restore_params(config, workdir: pathlib.Path, *, best: bool = False):
   run = trainer.setup(config, workdir)
   if best:
     run.checkpointer.close()
-    keeper = checkpoint_lib.BestParams(workdir)
+    keeper = checkpoint_lib.BestParams(workdir, fingerprint=trainer.config_fingerprint(config),
+                                       create=False)
     try:
       return run, keeper.step, keeper.restore(run.abstract_state["params"])
     finally:
@@ -100,9 +101,12 @@ def cmd_train(args, overrides) -> int:
   finish = getattr(run.task, "finish", None)
   params = result["state"]["params"]
   if finish and "best_step" in result:  # train.keep_best: report on the model selected on validation
-    print(f"jaxlab: best validation loss {result['best_val_loss']:.4f} at step {result['best_step']}; "
-          "reporting those parameters", flush=True)
-    params = trainer.restore_best_params(run)
+    try:
+      params = trainer.restore_best_params(run)
+      print(f"jaxlab: best validation loss {result['best_val_loss']:.4f} at step "
+            f"{result['best_step']}; reporting those parameters", flush=True)
+    except FileNotFoundError as e:
+      print(f"jaxlab: {e}; reporting the final parameters", flush=True)
   report = finish(params) if finish else None
   if report:
     print(report, flush=True)

@@ -68,11 +68,7 @@ class Checkpointer:
       if not candidates:
         return
       source = candidates[0]
-    target_dir = self.workdir / "corrupt_checkpoints"
-    target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / f"{source.name}.{int(time.time())}"
-    shutil.move(str(source), str(target))
-    print(f"jaxlab: checkpoint {source} could not be read; moved to {target}", flush=True)
+    _move_aside(source, self.workdir, "could not be read")
     self._manager.reload()
 
   def close(self) -> None:
@@ -86,44 +82,90 @@ def abstract_with_shardings(abstract_tree, shardings):
                       abstract_tree, shardings)
 
 
+def _move_aside(source: pathlib.Path, workdir: pathlib.Path, why: str) -> None:
+  """Moves a checkpoint directory to WORKDIR/corrupt_checkpoints/ (kept for inspection, never deleted)."""
+  target_dir = workdir / "corrupt_checkpoints"
+  target_dir.mkdir(parents=True, exist_ok=True)
+  target = target_dir / f"{source.name}.{time.time_ns()}"
+  shutil.move(str(source), str(target))
+  print(f"jaxlab: {source} {why}; moved to {target}", flush=True)
+
+
 class BestParams:
   """The parameters with the lowest validation loss so far, under WORKDIR/best (one orbax checkpoint,
   written atomically like the others): model selection on validation data, as the density papers do.
-  Training never reads it, so a run with or without it follows the same steps."""
+  Training never reads it, so a run with or without it follows the same steps.
 
-  def __init__(self, workdir: str | pathlib.Path):
-    self.directory = pathlib.Path(workdir) / "best"
+  `fingerprint` names the run's model/data/optimizer config: a record saved under another one (or one
+  that cannot be read) is moved to WORKDIR/corrupt_checkpoints/ rather than trusted or deleted.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, *, fingerprint: str = "", create: bool = True):
+    self.workdir = pathlib.Path(workdir)
+    self.directory = self.workdir / "best"
+    self.fingerprint = fingerprint
+    self.step, self.val_loss = None, float("inf")
+    if not create and not self.directory.is_dir():
+      raise FileNotFoundError(f"no best-params checkpoint in {self.directory} (train with "
+                              "--config.train.keep_best=True)")
+    self._open()
+    step = self._manager.latest_step()
+    if step is None:
+      return
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      saved_step, saved_loss = int(meta["step"]), float(meta["val_loss"])
+      saved_fingerprint = meta.get("fingerprint", "")
+    except Exception as e:  # orbax raises many types for unreadable files
+      self.discard(f"is unreadable ({type(e).__name__})")
+      return
+    if fingerprint and saved_fingerprint != fingerprint:
+      self.discard("was saved under a different model/data/optimizer config")
+      return
+    self.step, self.val_loss = saved_step, saved_loss
+
+  def _open(self) -> None:
     self._manager = ocp.CheckpointManager(
         self.directory.absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
         item_names=("params", "meta"))
+
+  def discard(self, why: str) -> None:
+    """Moves the saved record aside (see the class docstring) and starts with none."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+    if self.directory.exists():
+      _move_aside(self.directory, self.workdir, why)
     self.step, self.val_loss = None, float("inf")
-    step = self._manager.latest_step()
-    if step is not None:
-      try:
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        self.step, self.val_loss = int(meta["step"]), float(meta["val_loss"])
-      except Exception as e:  # an unreadable best is reported and then beaten by the next evaluation
-        log.warning("best-params checkpoint at step %d is unreadable (%s); ignoring it", step,
-                    type(e).__name__)
+    self._open()
 
   def offer(self, step: int, val_loss: float, params: Any) -> bool:
-    """Saves `params` if `val_loss` beats the best so far; returns whether it did."""
+    """Saves `params` if `val_loss` beats the best so far; returns whether it did. A step evaluated
+    again after a resume replaces its own earlier record."""
     if not val_loss < self.val_loss:
       return False
+    if step in self._manager.all_steps():
+      self._manager.delete(step)
     self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave({"step": step, "val_loss": val_loss})), force=True)
+        meta=ocp.args.JsonSave({"step": step, "val_loss": val_loss,
+                                "fingerprint": self.fingerprint})), force=True)
     self.step, self.val_loss = step, val_loss
     return True
 
   def restore(self, abstract_params: Any) -> Any:
-    """The saved parameters (pytree of jax.ShapeDtypeStruct with shardings -> arrays)."""
+    """The saved parameters (pytree of jax.ShapeDtypeStruct with shardings -> arrays). An unreadable
+    record is moved aside and FileNotFoundError raised."""
     if self.step is None:
       raise FileNotFoundError(f"no best-params checkpoint in {self.directory}")
     self._manager.wait_until_finished()
-    return self._manager.restore(self.step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params)))["params"]
+    try:
+      return self._manager.restore(self.step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params)))["params"]
+    except Exception as e:
+      self.discard(f"could not be restored ({type(e).__name__})")
+      raise FileNotFoundError(f"the best-params checkpoint in {self.directory} could not be read "
+                              "and was moved aside") from e
 
   def close(self) -> None:
     self._manager.wait_until_finished()

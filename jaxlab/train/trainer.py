@@ -9,6 +9,7 @@ data iterator state).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import statistics
@@ -123,7 +124,8 @@ def make_eval_step(run: Run):
 
 def restore_best_params(run: Run):
   """The lowest-validation-loss parameters a `train.keep_best` run saved, in the run's sharding."""
-  keeper = checkpoint_lib.BestParams(run.workdir)
+  keeper = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(run.config),
+                                     create=False)
   try:
     return keeper.restore(run.abstract_state["params"])
   finally:
@@ -154,18 +156,28 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def _resume_keys(config_json: dict) -> dict:
+  """The flattened config entries a checkpoint depends on (RESUME_MUST_MATCH, less data.data_dir),
+  from the config as JSON."""
+  flat = _flatten({k: v for k, v in config_json.items() if k in RESUME_MUST_MATCH})
+  flat.pop("data.data_dir", None)
+  return flat
+
+
+def config_fingerprint(config) -> str:
+  """A short hash of `_resume_keys`: which model/data/optimizer a saved record belongs to."""
+  blob = json.dumps(_resume_keys(json.loads(config.to_json_best_effort())), sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def check_resume_config(run: Run) -> None:
   """Refuses to resume a workdir whose checkpoints were trained under a different model/data/optimizer
   config (restoring them would fail or silently change the run); names the first differing key."""
   saved_path = run.workdir / "config.json"
   if not saved_path.exists() or not run.checkpointer.all_steps():
     return
-  saved = _flatten({k: v for k, v in json.loads(saved_path.read_text()).items()
-                    if k in RESUME_MUST_MATCH})
-  current = _flatten({k: v for k, v in json.loads(run.config.to_json_best_effort()).items()
-                      if k in RESUME_MUST_MATCH})
-  saved.pop("data.data_dir", None)
-  current.pop("data.data_dir", None)
+  saved = _resume_keys(json.loads(saved_path.read_text()))
+  current = _resume_keys(json.loads(run.config.to_json_best_effort()))
   for key in sorted(set(saved) | set(current)):
     if saved.get(key) != current.get(key):
       raise ValueError(f"{run.workdir} holds checkpoints trained with config.{key}="
@@ -198,7 +210,11 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
   train_step = make_train_step(run)
   eval_step = make_eval_step(run)
   writer = MetricsWriter(run.workdir, tensorboard=cfg.tensorboard)
-  best = checkpoint_lib.BestParams(run.workdir) if cfg.keep_best else None
+  best = None
+  if cfg.get("keep_best", False):
+    best = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(config))
+    if start == 0 and best.step is not None:  # a fresh run: that record is from an earlier one
+      best.discard("belongs to an earlier run in this workdir (training starts from step 0)")
   if start:
     print(f"jaxlab: resumed from step {start} in {run.workdir}", flush=True)
   final: dict = {}
@@ -245,9 +261,11 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
   finally:
     bar.close()
     writer.close()
-    run.checkpointer.close()
-    if best is not None:
-      best.close()
+    try:
+      run.checkpointer.close()
+    finally:
+      if best is not None:
+        best.close()
   if best is not None and best.step is not None:
     final["best_step"], final["best_val_loss"] = best.step, best.val_loss
   final["step"] = int(state["step"])

@@ -95,6 +95,25 @@ def test_keep_best_saves_the_lowest_validation_loss_params_and_survives_a_resume
                              vals[best_step], rtol=1e-5)
 
 
+def test_a_fresh_run_moves_an_earlier_best_record_aside(tmp_path, capsys):
+  """Training from step 0 in a workdir whose checkpoints are gone must not inherit WORKDIR/best of the
+  earlier run (its record could beat every new evaluation): it is moved to corrupt_checkpoints/."""
+  import shutil
+  data = _tiny_data()
+  config = load_config("made", ["--config.data.batch_size=16", "--config.train.steps=10",
+                                "--config.train.eval_every=5", "--config.train.checkpoint_every=10",
+                                "--config.train.log_every=5", "--config.optim.warmup_steps=1",
+                                "--config.model.hidden=(32,)", "--config.eval.batch_size=8"],
+                       check_devices=False)
+  first = trainer.train(config, tmp_path, task=DensityTask(config, data=data), progress=False)
+  shutil.rmtree(tmp_path / "checkpoints")
+  (tmp_path / "metrics.jsonl").unlink()
+  second = trainer.train(config, tmp_path, task=DensityTask(config, data=data), progress=False)
+  assert "belongs to an earlier run" in capsys.readouterr().out
+  assert [p.name.split(".")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["best"]
+  assert second["best_val_loss"] == first["best_val_loss"]  # the same run again, deterministic
+
+
 def test_experiment_quick_mode_runs(tmp_path):
   spec = importlib.util.spec_from_file_location("binary_density", REPO / "experiments" /
                                                 "binary_density.py")

@@ -1,0 +1,95 @@
+"""BestParams (WORKDIR/best, train.keep_best): only a lower validation loss replaces the record, a step
+replayed after a resume can replace its own record, and unreadable or foreign records are moved aside
+(never trusted, never deleted)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.train.checkpoint import BestParams
+
+
+def _params(value):
+  return {"w": jnp.full((3, 2), value, jnp.float32), "b": jnp.full((2,), value, jnp.float32)}
+
+
+def _restore(keeper):
+  return jax.tree.map(np.asarray, keeper.restore(jax.eval_shape(lambda: _params(0.0))))
+
+
+def test_only_a_lower_loss_replaces_the_record_and_it_survives_reopening(tmp_path):
+  keeper = BestParams(tmp_path, fingerprint="a")
+  assert keeper.offer(10, 5.0, _params(1.0))
+  assert not keeper.offer(20, 5.5, _params(2.0))
+  assert keeper.offer(30, 4.0, _params(3.0))
+  keeper.close()
+  keeper = BestParams(tmp_path, fingerprint="a")
+  assert (keeper.step, keeper.val_loss) == (30, 4.0)
+  np.testing.assert_array_equal(_restore(keeper)["w"], 3.0)
+  assert not keeper.offer(40, 4.5, _params(4.0))
+  keeper.close()
+
+
+def test_a_step_replayed_after_a_resume_replaces_its_own_record(tmp_path):
+  keeper = BestParams(tmp_path)
+  keeper.offer(800, 1.0, _params(1.0))
+  keeper.close()
+  keeper = BestParams(tmp_path)  # the run resumed from step 0..799 and evaluates step 800 again
+  keeper.val_loss = float("inf")  # e.g. a different eval split size: the replayed loss is lower
+  assert keeper.offer(800, 0.99, _params(2.0))
+  keeper.close()
+  keeper = BestParams(tmp_path)
+  assert (keeper.step, keeper.val_loss) == (800, 0.99)
+  np.testing.assert_array_equal(_restore(keeper)["w"], 2.0)
+  keeper.close()
+
+
+def _corrupt(tmp_path, item):
+  """Overwrites every file of one item ('meta' or 'params') of the saved record with garbage."""
+  files = [p for p in (tmp_path / "best").rglob("*") if p.is_file() and item in p.parts]
+  assert files, f"no {item} files found"
+  for f in files:
+    f.write_bytes(b"\x00garbage")
+
+
+def test_unreadable_meta_is_moved_aside_not_trusted(tmp_path, capsys):
+  keeper = BestParams(tmp_path)
+  keeper.offer(5, 2.0, _params(1.0))
+  keeper.close()
+  _corrupt(tmp_path, "meta")
+  keeper = BestParams(tmp_path)
+  assert keeper.step is None and keeper.val_loss == float("inf")
+  assert "is unreadable" in capsys.readouterr().out
+  assert [p.name.split(".")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["best"]
+  assert keeper.offer(5, 3.0, _params(2.0))  # a fresh record can be written at the same step
+  keeper.close()
+
+
+def test_unreadable_params_raise_file_not_found_and_are_moved_aside(tmp_path):
+  keeper = BestParams(tmp_path)
+  keeper.offer(5, 2.0, _params(1.0))
+  keeper.close()
+  _corrupt(tmp_path, "params")
+  keeper = BestParams(tmp_path)
+  with pytest.raises(FileNotFoundError, match="could not be read"):
+    keeper.restore(jax.eval_shape(lambda: _params(0.0)))
+  assert keeper.step is None
+  assert (tmp_path / "corrupt_checkpoints").is_dir()
+  keeper.close()
+
+
+def test_a_record_of_another_config_is_moved_aside(tmp_path, capsys):
+  keeper = BestParams(tmp_path, fingerprint="model-a")
+  keeper.offer(5, 2.0, _params(1.0))
+  keeper.close()
+  keeper = BestParams(tmp_path, fingerprint="model-b")
+  assert keeper.step is None
+  assert "different model/data/optimizer config" in capsys.readouterr().out
+  keeper.close()
+
+
+def test_asking_for_a_record_that_was_never_saved_creates_nothing(tmp_path):
+  with pytest.raises(FileNotFoundError, match="keep_best"):
+    BestParams(tmp_path, create=False)
+  assert not (tmp_path / "best").exists()
