@@ -2,7 +2,6 @@
 checkpoint is reported, kept aside, and the previous one is used."""
 
 import json
-import pathlib
 
 import jax
 import numpy as np

@@ -4,10 +4,9 @@ zero-shot metrics against hand-computed cases, and config checks that name the k
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from jaxlab.configs import ConfigError, load_config
 from jaxlab.train import contrastive_task as ct
