@@ -40,6 +40,9 @@ PUBLISHED_UCI = {
     "nips": {"fvsbn": 276.88, "nade": 273.08, "made": 280.25, "made_k32": 277.28},
 }
 
+# Table datasets that are a config dataset under other options: name -> (config data.name, overrides).
+DATASET_CONFIG = {"mnist-static": ("mnist", ["--config.data.static_binarization=True"])}
+
 MODEL_CONFIG = {"fvsbn": ("fvsbn", []), "nade": ("nade", []), "made": ("made", []),
                 "made_k32": ("made", ["--config.model.num_masks=32"]),
                 "pixelcnn": ("pixelcnn", []),
@@ -68,6 +71,9 @@ def plan(quick: bool, budget: float, steps: int | None):
           ("mnist", "made_k32", val, s(6000)),
           ("mnist", "pixelcnn", pcnn + val, s(300)),
           ("mnist", "gated_pixelcnn", pcnn + val, s(300))]
+  # The published protocol (the training images binarised once too, early stopping on validation),
+  # for the models whose dynamic-binarisation rows above beat the published numbers.
+  runs += [("mnist-static", "nade", val, s(25000))]
   for name in ("dna", "mushrooms", "nips"):
     runs += [(name, m, [], s(500 if m == "nade" else 1000))
              for m in ("fvsbn", "nade", "made", "made_k32")]
@@ -91,7 +97,8 @@ def run_one(dataset_name, label, overrides, steps, data_cache, workroot, out_dir
   import jax
   config_name, extra = MODEL_CONFIG[label]
   every = steps if quick else max(1, steps // 10)  # full runs: ten evaluations to select among
-  config = load_config(config_name, [f"--config.data.name={dataset_name}",
+  data_name, data_extra = DATASET_CONFIG.get(dataset_name, (dataset_name, []))
+  config = load_config(config_name, [f"--config.data.name={data_name}", *data_extra,
                                      f"--config.train.steps={steps}",
                                      f"--config.train.eval_every={every}",
                                      f"--config.train.checkpoint_every={min(steps, 1000)}",
@@ -102,7 +109,8 @@ def run_one(dataset_name, label, overrides, steps, data_cache, workroot, out_dir
     config.mesh.data = usable_device_count(config, jax.device_count())
   if dataset_name not in data_cache:
     from jaxlab.data import binary_images
-    data_cache[dataset_name] = binary_images.load(dataset_name)
+    data_cache[dataset_name] = binary_images.load(
+        data_name, static=bool(config.data.get("static_binarization", False)))
   data = data_cache[dataset_name]
   task = DensityTask(config, data=data)
   workdir = workroot / f"{dataset_name}-{label}"
@@ -125,7 +133,7 @@ def run_one(dataset_name, label, overrides, steps, data_cache, workroot, out_dir
   if data.image_shape is not None:
     grid = f"binary_density{'_quick' if quick else ''}_{dataset_name}_{label}.png"
     save_grid(task.samples(params, 16, seed=0), data.image_shape, out_dir / grid)
-  published = (PUBLISHED_MNIST if dataset_name == "mnist" else
+  published = (PUBLISHED_MNIST if data_name == "mnist" else
                PUBLISHED_UCI.get(dataset_name, {})).get(label)
   epochs = steps * config.data.batch_size / len(data.train)
   return {"dataset": dataset_name, "model": label, "config": config_name,

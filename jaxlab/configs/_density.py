@@ -13,6 +13,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.data.path = ""  # local file/folder; "" = ../shared/data/<name> (mnist: else TFDS mnist)
   c.data.data_dir = ""  # TFDS data_dir for mnist / binarized_mnist (never downloads)
   c.data.binarize_seed = 0  # mnist: the fixed binarisation of valid/test
+  c.data.static_binarization = False  # mnist: binarise the training images once too (the published
+  # protocol) instead of fresh Bernoulli draws per batch
   c.data.split_seed = 0  # digits, caltech: the seeded split
   c.data.batch_size = 100
 

@@ -128,9 +128,11 @@ def _seeded_split(x: np.ndarray, sizes, seed: int):
 
 # ------------------------------------------------------------------------------------------- datasets
 
-def load_mnist(path: str = "", *, data_dir: str = "", binarize_seed: int = 0) -> BinaryDataset:
-  """MNIST with dynamic training binarisation; local IDX folder (path, default ../shared/data/mnist),
-  else TFDS `mnist` when it is prepared in data_dir."""
+def load_mnist(path: str = "", *, data_dir: str = "", binarize_seed: int = 0,
+               static: bool = False) -> BinaryDataset:
+  """MNIST from a local IDX folder (path, default ../shared/data/mnist), else TFDS `mnist` when it is
+  prepared in data_dir. Training images are binarised afresh for every batch (dynamic), or with
+  `static` once (seed binarize_seed), like the fixed binarisation the published numbers used."""
   root = pathlib.Path(path) if path else SHARED_DATA / "mnist"
   if path or root.is_dir():
     train, test = mnist_grey(root)
@@ -140,12 +142,17 @@ def load_mnist(path: str = "", *, data_dir: str = "", binarize_seed: int = 0) ->
     source = "TFDS mnist"
   grey_train = _flat(train).astype(np.float32) / 255.0
   grey_test = _flat(test).astype(np.float32) / 255.0
-  note = (f"MNIST ({source}): trained on 50k images binarised dynamically (fresh Bernoulli(grey) "
-          f"draws per batch); valid = last 10k train images, test = the 10k test images, each "
-          f"binarised once with seed {binarize_seed} (the published numbers used one fixed "
-          "binarisation of the whole data set)")
-  return BinaryDataset("mnist", grey_train[:50000], binarize(grey_train[50000:], [binarize_seed, 1]),
-                       binarize(grey_test, [binarize_seed, 2]), (28, 28), True, note)
+  fixed = f"binarised once with seed {binarize_seed}"
+  if static:
+    train_x = binarize(grey_train[:50000], [binarize_seed, 0])
+    how = f"trained on 50k images {fixed} (static, like the published protocol)"
+  else:
+    train_x = grey_train[:50000]
+    how = "trained on 50k images binarised dynamically (fresh Bernoulli(grey) draws per batch)"
+  note = (f"MNIST ({source}): {how}; valid = last 10k train images, test = the 10k test images, each "
+          f"{fixed} (the published numbers used one fixed binarisation of the whole data set)")
+  return BinaryDataset("mnist", train_x, binarize(grey_train[50000:], [binarize_seed, 1]),
+                       binarize(grey_test, [binarize_seed, 2]), (28, 28), not static, note)
 
 
 def load_binarized_mnist(*, data_dir: str = "") -> BinaryDataset:
@@ -196,12 +203,14 @@ def load_digits(*, split_seed: int = 0) -> BinaryDataset:
 
 
 def load(name: str, *, path: str = "", data_dir: str = "", binarize_seed: int = 0,
-         split_seed: int = 0) -> BinaryDataset:
-  """The dataset `name` (one of NAMES)."""
+         split_seed: int = 0, static: bool = False) -> BinaryDataset:
+  """The dataset `name` (one of NAMES); `static` (MNIST only): one fixed training binarisation."""
+  if static and name != "mnist":
+    raise ValueError(f"static binarisation applies to mnist only, not {name!r}")
   if name == "digits":
     return load_digits(split_seed=split_seed)
   if name == "mnist":
-    return load_mnist(path, data_dir=data_dir, binarize_seed=binarize_seed)
+    return load_mnist(path, data_dir=data_dir, binarize_seed=binarize_seed, static=static)
   if name == "binarized_mnist":
     return load_binarized_mnist(data_dir=data_dir)
   if name == "caltech":

@@ -61,6 +61,9 @@ def validate(config, require) -> None:
     require(m.first_kernel % 2 == 1, f"config.model.first_kernel={m.first_kernel} must be odd")
   if m.name != "made":
     require(m.num_masks == 1, f"config.model.num_masks={m.num_masks} applies to MADE only")
+  require(not config.data.static_binarization or config.data.name == "mnist",
+          f"config.data.static_binarization=True applies to mnist only (config.data.name="
+          f"{config.data.name!r} is binary already)")
   require(config.eval.batch_size > 0, f"config.eval.batch_size={config.eval.batch_size} must be > 0")
 
 
@@ -79,7 +82,8 @@ class DensityTask:
     self.config = config
     d = config.data
     self.data = data or binary_images.load(d.name, path=d.path, data_dir=d.data_dir,
-                                           binarize_seed=d.binarize_seed, split_seed=d.split_seed)
+                                           binarize_seed=d.binarize_seed, split_seed=d.split_seed,
+                                           static=d.static_binarization)
     self.model = build_model(config.model, self.data.dim, self.data.image_shape)
     self.batch_size = d.batch_size
 

@@ -104,3 +104,19 @@ def test_shared_mnist_protocol():
   grey_test = bi.read_idx(SHARED / "mnist" / "t10k-images-idx3-ubyte.gz").reshape(10000, -1) / 255.0
   np.testing.assert_array_equal(d.test, bi.binarize(grey_test.astype(np.float32), [0, 2]))  # seeded
   assert abs(d.test.mean() - d.train.mean()) < 0.01
+
+
+@pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason="../shared/data/mnist absent")
+def test_shared_mnist_static_protocol_binarises_the_training_images_once():
+  """static=True: the published protocol, one seeded draw for the training images too; valid and test
+  are the same as with dynamic training, and another seed gives another draw."""
+  dynamic, static = bi.load("mnist"), bi.load("mnist", static=True)
+  assert not static.dynamic and set(np.unique(static.train)) == {0.0, 1.0}
+  np.testing.assert_array_equal(static.train, bi.binarize(dynamic.train, [0, 0]))
+  np.testing.assert_array_equal(static.train, bi.load("mnist", static=True).train)  # fixed
+  assert not np.array_equal(static.train, bi.load("mnist", static=True, binarize_seed=1).train)
+  np.testing.assert_array_equal(static.valid, dynamic.valid)
+  np.testing.assert_array_equal(static.test, dynamic.test)
+  assert "binarised once" in static.note.split(";")[0]
+  with pytest.raises(ValueError, match="mnist only"):
+    bi.load("dna", static=True)

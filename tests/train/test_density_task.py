@@ -25,6 +25,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
     ("fvsbn", "--config.model.num_masks=4", "config.model.num_masks"),
     ("made", "--config.model.hidden=(0,)", "config.model.hidden"),
     ("made", "--config.model.name=rbm", "config.model.name"),
+    ("made", "--config.data.static_binarization=True", "config.data.static_binarization"),
 ])
 def test_bad_config_fails_naming_the_key(config, override, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
