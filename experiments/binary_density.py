@@ -196,6 +196,9 @@ def write_tables(rows, device, wall_s, path_md, path_json, quick, budget):
             "", "Model selection: full runs evaluate the validation NLL every tenth of the run and keep the "
             "best parameters (`train.keep_best`); the test NLL is of those, taken at the `selected` "
             "step (the papers select on validation NLL too, by early stopping)."]
+  if any(r.get("selected_step") is None for r in rows):
+    lines.append("Rows with an empty `selected` are earlier runs, made before selection existed: "
+                 "their test NLL is of the final parameters.")
   path_md.write_text("\n".join(lines) + "\n")
   path_json.write_text(json.dumps({"device": device, "wall_s": wall_s, "quick": quick,
                                    "budget": budget, "rows": rows}, indent=2))
