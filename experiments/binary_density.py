@@ -7,7 +7,7 @@ jaxlab's trainer, test NLL (nats per example) next to the published numbers.
 
 Writes experiments/results/binary_density{,_quick}.{md,json} and sample grids (PNG). With --workroot the
 runs keep their workdirs there: a killed run picks up from its last checkpoint (every 1,000 steps) when
-the same command is given again, and its wall time adds up over the pieces. Protocol: MNIST is
+the same command is given again, and its logged step times add up over the pieces. Protocol: MNIST is
 
 trained with dynamic binarisation (fresh Bernoulli draws per batch) on 50k images and tested on one fixed,
 seeded binarisation of the 10k test images; the published numbers used one fixed binarisation of the whole
@@ -112,8 +112,8 @@ def run_one(dataset_name, label, overrides, steps, data_cache, workroot, out_dir
     config.mesh.data = usable_device_count(config, jax.device_count())
   if dataset_name not in data_cache:
     from jaxlab.data import binary_images
-    data_cache[dataset_name] = binary_images.load(
-        data_name, static=bool(config.data.get("static_binarization", False)))
+    data_cache[dataset_name] = binary_images.load(data_name,
+                                                  static=config.data.static_binarization)
   data = data_cache[dataset_name]
   task = DensityTask(config, data=data)
   workdir = workroot / f"{dataset_name}-{label}"
@@ -123,7 +123,8 @@ def run_one(dataset_name, label, overrides, steps, data_cache, workroot, out_dir
   best_step = result.get("best_step")
   if best_step is not None:  # model selection on validation NLL, as the papers do (train.keep_best)
     try:
-      params, result["val_loss"] = trainer.restore_best_params(result["run"]), result["best_val_loss"]
+      _, params = trainer.restore_best_params(result["run"])
+      result["val_loss"] = result["best_val_loss"]
     except FileNotFoundError as e:  # moved aside as unreadable: fall back to the final parameters
       print(f"binary_density: {e}; using the final parameters", flush=True)
       best_step = None
@@ -154,15 +155,9 @@ def _logged_step_times(workdir: pathlib.Path) -> tuple[float | None, float]:
   steps x median step time) from WORKDIR/metrics.jsonl, so the pieces of a resumed run add up;
   compilation and evaluation are excluded. A step logged twice (replayed after a resume) counts once."""
   import statistics
-  by_step = {}
-  path = workdir / "metrics.jsonl"
-  for line in path.read_text().splitlines() if path.is_file() else []:
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:  # a line cut short by a kill
-      continue
-    if isinstance(record.get("step_time_ms"), (int, float)):
-      by_step[record["step"]] = record["step_time_ms"]
+  from jaxlab.train.metrics import read_metrics
+  by_step = {r["step"]: r["step_time_ms"] for r in read_metrics(workdir)
+             if isinstance(r.get("step_time_ms"), (int, float))}
   steps = sorted(by_step)
   if not steps:
     return None, 0.0

@@ -69,17 +69,11 @@ def _load_workdir_config(workdir: pathlib.Path, overrides: list[str]):
 def _restore_params(config, workdir: pathlib.Path, *, best: bool = False):
   """(run, step, params) of the newest checkpoint, or with `best` of the lowest-validation-loss one
   that a `train.keep_best` run saved in WORKDIR/best."""
-  from jaxlab.train import checkpoint as checkpoint_lib
   from jaxlab.train import trainer
   run = trainer.setup(config, workdir)
   if best:
     run.checkpointer.close()
-    keeper = checkpoint_lib.BestParams(workdir, fingerprint=trainer.config_fingerprint(config),
-                                       create=False)
-    try:
-      return run, keeper.step, keeper.restore(run.abstract_state["params"])
-    finally:
-      keeper.close()
+    return (run, *trainer.restore_best_params(run))
   restored = run.checkpointer.restore_latest(run.abstract_state)
   run.checkpointer.close()
   if restored is None:
@@ -102,7 +96,7 @@ def cmd_train(args, overrides) -> int:
   params = result["state"]["params"]
   if finish and "best_step" in result:  # train.keep_best: report on the model selected on validation
     try:
-      params = trainer.restore_best_params(run)
+      _, params = trainer.restore_best_params(run)
       print(f"jaxlab: best validation loss {result['best_val_loss']:.4f} at step "
             f"{result['best_step']}; reporting those parameters", flush=True)
     except FileNotFoundError as e:

@@ -9,6 +9,7 @@ import pytest
 
 from jaxlab import cli
 from jaxlab.configs import ConfigError, available_configs, load_config
+from jaxlab.train.metrics import read_metrics
 
 
 def test_every_config_loads_and_validates():
@@ -108,8 +109,7 @@ def test_cli_eval_and_sample_best_params_of_a_density_run(tmp_path, capsys):
   workdir = tmp_path / "made"
   assert cli.main(["train", "made", "--workdir", str(workdir), "--no-progress"] + common) == 0
   assert "reporting those parameters" in capsys.readouterr().out
-  logged = [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-            if "val_loss" in r]
+  logged = [r for r in read_metrics(workdir) if "val_loss" in r]
   lowest = min(logged, key=lambda r: r["val_loss"])
   assert lowest["step"] != 30  # so the newest and the best checkpoints differ
   assert cli.main(["eval", str(workdir), "--best"]) == 0

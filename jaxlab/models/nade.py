@@ -86,17 +86,17 @@ def _nade_logits(x_BD, w_DH, c_H, v_DH, b_D, chunk):
 
 def _nade_logits_fwd(x_BD, w_DH, c_H, v_DH, b_D, chunk):
   logits_BD, starts_nBH = _forward(x_BD, w_DH, c_H, v_DH, b_D, chunk)
-  return logits_BD, (x_BD, w_DH, v_DH, b_D, starts_nBH)
+  return logits_BD, (x_BD, w_DH, v_DH, starts_nBH)
 
 
 def _nade_logits_bwd(chunk, residuals, g_BD):
   """The reverse-order gradient (Larochelle & Murray 2011, Alg. 1), chunk by chunk, recomputing each
   chunk's hidden units from its saved starting pre-activation. r carries dL/da for the chunks after
   this one (every later conditional reads every earlier input through the running sum)."""
-  x_BD, w_DH, v_DH, b_D, starts_nBH = residuals
+  x_BD, w_DH, v_DH, starts_nBH = residuals
   (bsz, d), h = x_BD.shape, w_DH.shape[1]
-  x_n, w_n, v_n, _ = _chunked(x_BD, w_DH, v_DH, b_D, chunk)
-  g_nBC = _split_columns(g_BD, chunk)
+  x_n, g_nBC = _split_columns(x_BD, chunk), _split_columns(g_BD, chunk)
+  w_n, v_n = _split_rows(w_DH, chunk), _split_rows(v_DH, chunk)
 
   def step(r_BH, chunk_inputs):
     x_BC, w_CH, v_CH, a_BH, g_BC = chunk_inputs

@@ -35,7 +35,14 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl in order; a line cut short (a killed run) is skipped."""
   path = pathlib.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return records

@@ -122,12 +122,13 @@ def make_eval_step(run: Run):
                                             sharding.batch_sharding(run.mesh)))
 
 
-def restore_best_params(run: Run):
-  """The lowest-validation-loss parameters a `train.keep_best` run saved, in the run's sharding."""
+def restore_best_params(run: Run) -> tuple[int, Any]:
+  """(step, params) of the lowest-validation-loss parameters a `train.keep_best` run saved, in the
+  run's sharding; FileNotFoundError if there is no readable record."""
   keeper = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(run.config),
                                      create=False)
   try:
-    return keeper.restore(run.abstract_state["params"])
+    return keeper.step, keeper.restore(run.abstract_state["params"])
   finally:
     keeper.close()
 

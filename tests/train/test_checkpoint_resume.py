@@ -96,6 +96,16 @@ def test_run_files_written(tiny_lm_config, tmp_path):
   assert timing and all(r["step_time_ms"] > 0 and r["tokens_per_sec"] > 0 for r in timing)
 
 
+def test_read_metrics_skips_a_line_cut_short_by_a_kill(tmp_path):
+  from jaxlab.train.metrics import MetricsWriter
+  writer = MetricsWriter(tmp_path, tensorboard=False)
+  writer.write(1, train_loss=2.0)
+  writer.write(2, train_loss=1.5)
+  with (tmp_path / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 3, "train_lo')  # the process died mid-write
+  assert read_metrics(tmp_path) == [{"step": 1, "train_loss": 2.0}, {"step": 2, "train_loss": 1.5}]
+
+
 def test_resuming_with_a_different_model_is_refused_and_changes_nothing(tiny_lm_config, tmp_path):
   import pytest
   trainer.train(tiny_lm_config(), tmp_path, progress=False)

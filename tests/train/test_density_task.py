@@ -13,6 +13,7 @@ from jaxlab.configs import ConfigError, load_config
 from jaxlab.data import binary_images
 from jaxlab.train import trainer
 from jaxlab.train.density_task import DensityTask
+from jaxlab.train.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -78,22 +79,22 @@ def test_keep_best_saves_the_lowest_validation_loss_params_and_survives_a_resume
   config = load_config("made", overrides + ["--config.train.steps=20"], check_devices=False)
   task = DensityTask(config, data=data)
   result = trainer.train(config, tmp_path, task=task, progress=False)
-  vals = {r["step"]: r["val_loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text()
-                                                  .splitlines()) if "val_loss" in r}
+  vals = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r}
   assert sorted(vals) == [5, 10, 15, 20]
   best_step = min(vals, key=vals.get)
   assert (result["best_step"], result["best_val_loss"]) == (best_step, vals[best_step])
-  best = trainer.restore_best_params(result["run"])
+  step, best = trainer.restore_best_params(result["run"])
+  assert step == best_step
   np.testing.assert_allclose(task.nll(best, data.valid), vals[best_step], rtol=1e-5)
   # resumed for 20 more steps: the record carries over and only a lower loss replaces it
   config = load_config("made", overrides + ["--config.train.steps=40"], check_devices=False)
   result = trainer.train(config, tmp_path, task=DensityTask(config, data=data), progress=False)
-  vals = {r["step"]: r["val_loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text()
-                                                  .splitlines()) if "val_loss" in r}
+  vals = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r}
   best_step = min(vals, key=vals.get)
   assert (result["best_step"], result["best_val_loss"]) == (best_step, vals[best_step])
-  np.testing.assert_allclose(task.nll(trainer.restore_best_params(result["run"]), data.valid),
-                             vals[best_step], rtol=1e-5)
+  step, best = trainer.restore_best_params(result["run"])
+  assert step == best_step
+  np.testing.assert_allclose(task.nll(best, data.valid), vals[best_step], rtol=1e-5)
 
 
 def test_a_fresh_run_moves_an_earlier_best_record_aside(tmp_path, capsys):
