@@ -54,7 +54,6 @@ def flops(b, n, tq, tk, d, causal, mode):
 
 def make_fn(impl, causal, mode):
   import jax
-  import jax.numpy as jnp
   from jaxlab import attention
 
   if impl == "pallas":
@@ -105,7 +104,6 @@ def main():
 
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   backend = jax.default_backend()
   dry = args.dry_run or backend != "gpu"

@@ -68,7 +68,7 @@ def settings(quick: bool) -> dict:
 
 
 def train_overrides(s: dict, data: str, encoding: str, steps: int) -> list[str]:
-  return [f"--config.data.name=tiny_shakespeare", f"--config.data.path={data}",
+  return ["--config.data.name=tiny_shakespeare", f"--config.data.path={data}",
           "--config.data.vocab=char", f"--config.data.seq_len={s['train_len']}",
           f"--config.data.batch_size={s['batch']}", f"--config.model.num_layers={s['layers']}",
           f"--config.model.width={s['width']}", f"--config.model.num_heads={s['heads']}",

@@ -42,7 +42,7 @@ def tiny_lm_config(tiny_corpus, tfds_dir):
   from jaxlab.configs import load_config
 
   def make(*overrides):
-    base = [f"--config.data.name=text_files", f"--config.data.path={tiny_corpus}",
+    base = ["--config.data.name=text_files", f"--config.data.path={tiny_corpus}",
             f"--config.data.data_dir={tfds_dir}", "--config.data.vocab=char",
             "--config.data.seq_len=16", "--config.data.batch_size=8",
             "--config.model.num_layers=2", "--config.model.width=32", "--config.model.num_heads=4",

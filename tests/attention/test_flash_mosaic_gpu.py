@@ -9,7 +9,7 @@ Without a GPU:
   * block ranges: the CTA's K/V steps (forward, dQ) and query tiles (dK/dV) equal the portable
     kernel's; each warpgroup's interior steps need no mask and its edge steps cover every visible pair.
   * values, in Mosaic GPU interpret mode (barriers, TMA copies, warpgroups and the K/V ring simulated
-    on CPU; wgmma, layout casts and `plgpu.load` replaced by plain JAX, see mosaic_gpu.py), against
+    on CPU; wgmma, layout casts and `plgpu.load` replaced by plain JAX, see mosaic_gpu/common.py), against
     `implementation="xla"`; gradients through the custom_vjp's forward/backward rules (Mosaic GPU
     forward lse -> Mosaic GPU dQ and dK/dV kernels). Interpret mode is slow (~10 s per kernel compile
     per warpgroup), so three cases run by default; JAXLAB_SLOW_TESTS=1 runs more.

@@ -1,7 +1,6 @@
 """Sinusoidal and learned absolute embeddings, and log-n query scaling."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,13 +1,13 @@
 """Pallas flash attention: `implementation="pallas"` of `jaxlab.attention.dot_product_attention`.
 
 `flash_attention` takes the attention contract's arrays ([B, T, N, H], an `AttentionMask`) and runs
-the FlashAttention-2 kernels of `portable.py`, `mosaic_gpu.py` or `tpu.py` (Dao 2023, arXiv:2307.08691)
+the FlashAttention-2 kernels of `portable.py`, `mosaic_gpu/` or `tpu.py` (Dao 2023, arXiv:2307.08691)
 under one `jax.custom_vjp`: forward saves O and the float32 row logsumexp; backward runs a dQ kernel and
 a dK/dV kernel.
 
 Where the kernels run:
   * Hopper GPU (compute capability 9.x), bfloat16/float16, head_dim 64/128/256, `kernel="mosaic_gpu"`:
-    the forward is the Mosaic GPU kernel of `mosaic_gpu.py` (wgmma, TMA K/V ring, producer + compute
+    the forward is the Mosaic GPU kernel of `mosaic_gpu/forward.py` (wgmma, TMA K/V ring, producer + compute
     warpgroups; FlashAttention-3, Shah et al. 2024), and so are its dQ and dK/dV backward kernels for
     head_dim 64/128 (head_dim 256 uses the portable (Triton) backward kernels). Checked by lowering for
     CUDA and in Mosaic GPU interpret mode on CPU; NOT yet compiled or run on a real Hopper GPU, so it is

@@ -6,7 +6,7 @@ clip them to the (padded) sequence lengths so that tiny inputs stay tiny.
 
 The GPU rows are the usual FlashAttention-2 choices for the Triton-lowered Pallas kernel on A100/H100
 (Dao 2023, sec. 3.3; the JAX Pallas GPU reference kernel): larger head_dim leaves less shared memory for
-the key/value tile. The "mosaic_gpu" rows are for the Hopper kernel of `mosaic_gpu.py` (FlashAttention-3
+the key/value tile. The "mosaic_gpu" rows are for the Hopper kernels of `mosaic_gpu/` (FlashAttention-3
 shapes, Shah et al. 2024): block_q = 64 rows per compute warpgroup times two warpgroups, block_k a
 multiple of 64, num_stages the depth of the TMA K/V ring; they fit the 227 KiB of shared memory per CTA
 (checked when the kernel is lowered). The TPU rows follow the (8, 128) Mosaic tiling. All are starting
