@@ -128,3 +128,23 @@ def test_experiment_quick_mode_runs(tmp_path):
   assert all(np.isfinite(r["test_nll"]) and r["test_nll"] > 0 for r in rows)
   assert (tmp_path / "binary_density_quick_digits_gated_pixelcnn.png").stat().st_size > 0
   assert "| digits | made_k32 |" in (tmp_path / "binary_density_quick.md").read_text()
+
+
+def test_every_planned_run_has_a_valid_config(tmp_path):
+  """The full plan's overrides (direct connections, weight decay, eval cadence, static MNIST) all name
+  real keys of their model's config; a bad one fails before any training starts."""
+  spec = importlib.util.spec_from_file_location("binary_density", REPO / "experiments" /
+                                                "binary_density.py")
+  exp = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(exp)
+  for quick in (True, False):
+    for dataset_name, label, overrides, steps in exp.plan(quick, 1.0, None):
+      config = exp.run_config(dataset_name, label, overrides, steps, quick)
+      assert config.train.steps == steps and config.model.name in label
+  static = exp.run_config("mnist-static", "nade", [], 10, False)
+  assert static.data.name == "mnist" and static.data.static_binarization
+  assert exp.run_config("dna", "made_k32", [], 10, False).model.num_masks == 32
+  with pytest.raises(ConfigError, match="direkt"):
+    exp.main(["--only", "dna:fvsbn,dna:made", "--extra=--config.model.direkt=True",
+              "--out", str(tmp_path), "--workroot", str(tmp_path / "runs")])
+  assert not list(tmp_path.glob("binary_density*"))  # nothing trained, no table written
