@@ -46,7 +46,8 @@ def test_retrieval_metrics_on_hand_made_embeddings(experiment):
 @pytest.mark.skipif(not EMOJI.is_dir(), reason=f"needs {EMOJI}")
 def test_quick_run_writes_the_whole_report(tmp_path, experiment):
   script = experiment("contrastive")
-  out = script.main(["--quick", "--batches", "16", "--memory-batches", "256", "--tier-b-steps", "2",
+  out = script.main(["--quick", "--batches", "16", "--examples", "256", "--steps", "8",
+                     "--memory-batches", "256", "--tier-b-steps", "2",
                      "--emoji", str(EMOJI), "--data-dir", str(tmp_path / "tfds"),
                      "--out", str(tmp_path)])
   assert out["complete"] and out["counts"]["test"] == 440 and out["counts"]["test_images"] == 880

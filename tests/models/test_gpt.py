@@ -39,7 +39,7 @@ def test_causality_by_gradient(position, kv_heads, extra):
   params = model.init(jax.random.key(1), tokens)["params"]
   x_onehot = jax.nn.one_hot(tokens, 11)
   # One Jacobian for every output position: d sum_v logits[b, t, v] / d x[b', s, :].
-  jac = jax.jacrev(lambda x: _apply_soft(model, params, x).sum(-1))(x_onehot)  # [B, T, B, T, V]
+  jac = jax.jit(jax.jacrev(lambda x: _apply_soft(model, params, x).sum(-1)))(x_onehot)  # [B,T,B,T,V]
   influence = np.abs(np.asarray(jac)).sum(axis=(0, 2, 4))  # [t, s]
   reach = _reach(extra, tokens.shape[1], layers=2)
   for t in range(tokens.shape[1]):
@@ -116,8 +116,9 @@ def test_generate_greedy_matches_argmax_of_full_forward():
   params = model.init(jax.random.key(4), prompt)["params"]
   out = sampling.generate(model, params, prompt, jax.random.key(0), num_tokens=6, temperature=0.0)
   seq = prompt
+  full_forward = jax.jit(lambda seq: model.apply({"params": params}, seq))  # not op by op
   for _ in range(6):
-    nxt = jnp.argmax(model.apply({"params": params}, seq)[:, -1], axis=-1)
+    nxt = jnp.argmax(full_forward(seq)[:, -1], axis=-1)
     seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
   np.testing.assert_array_equal(out, seq)
 

@@ -14,17 +14,25 @@ def _losses_and_params(config, workdir):
   return losses, jax.device_get(result["state"]["params"])
 
 
+COMMON = ["--config.train.log_every=1", "--config.train.steps=4", "--config.train.eval_every=4",
+          "--config.train.checkpoint_every=4"]
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tiny_lm_config, tmp_path_factory):
+  """The 1-device reference (losses, params), trained once for all the meshes below."""
+  return _losses_and_params(tiny_lm_config(*COMMON, "--config.mesh.data=1"),
+                            tmp_path_factory.mktemp("single"))
+
+
 @pytest.mark.parametrize("mesh", [("8", "1", "1"), ("1", "8", "1"), ("2", "2", "2")],
                          ids=["data8", "fsdp8", "data2_fsdp2_tensor2"])
-def test_sharded_equals_single_device(tiny_lm_config, tmp_path, mesh):
+def test_sharded_equals_single_device(tiny_lm_config, single_device_run, tmp_path, mesh):
   assert jax.device_count() == 8
-  common = ["--config.train.log_every=1", "--config.train.steps=4", "--config.train.eval_every=4",
-            "--config.train.checkpoint_every=4"]
-  single = tiny_lm_config(*common, "--config.mesh.data=1")
   data, fsdp, tensor = mesh
-  sharded = tiny_lm_config(*common, f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
+  sharded = tiny_lm_config(*COMMON, f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
                            f"--config.mesh.tensor={tensor}")
-  ref_losses, ref_params = _losses_and_params(single, tmp_path / "single")
+  ref_losses, ref_params = single_device_run
   losses, params = _losses_and_params(sharded, tmp_path / "sharded")
   assert len(losses) == 4
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
