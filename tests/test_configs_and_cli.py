@@ -25,6 +25,13 @@ def test_host_device_count_follows_the_batch():
   assert [usable_device_count(config, n) for n in (1, 2, 4, 5, 8, 16)] == [1, 2, 4, 4, 6, 12]
   config = load_config("lm_char_cpu", ["--config.mesh.tensor=2"], check_devices=False)
   assert usable_device_count(config, 8) == 8  # data 4 x tensor 2: batch 12 splits over 4
+  config = load_config("lm_char_cpu", ["--config.train.microbatches=2"], check_devices=False)
+  assert usable_device_count(config, 8) == 6  # 2 rows per device, one per microbatch
+
+
+def test_contrastive_task_refuses_microbatches():
+  with pytest.raises(ConfigError, match="config.train.microbatches"):
+    load_config("contrastive_digits", ["--config.train.microbatches=2"])
 
 
 def test_overrides_are_typed():
@@ -53,6 +60,8 @@ def test_overrides_are_typed():
     ("--config.mesh.data=16", "config.mesh"),
     ("--config.mesh.data=3", "config.data.batch_size"),
     ("--config.optim.warmup_steps=5000", "config.optim.warmup_steps"),
+    ("--config.train.microbatches=0", "config.train.microbatches"),
+    (("--config.mesh.data=2", "--config.train.microbatches=3"), "config.train.microbatches"),
     ("--config.model", "config.model"),
 ])
 def test_bad_configs_name_the_key(override, key):

@@ -62,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 300
   c.train.keep_checkpoints = 2
   c.train.keep_best = False  # also keep the lowest-val-loss params in WORKDIR/best (model selection)
+  # must stay 1: the contrastive loss couples every pair in the batch
+  c.train.microbatches = 1
   c.train.tensorboard = True
 
   c.eval = ml_collections.ConfigDict()

@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.keep_best = False  # also keep the lowest-val-loss params in WORKDIR/best (model selection)
+  # gradient accumulation: each device's rows in this many sequential slices (same maths, less
+  # memory; on CPU a smaller working set can also be faster)
+  c.train.microbatches = 1
   c.train.tensorboard = True
 
   c.mesh = ml_collections.ConfigDict()

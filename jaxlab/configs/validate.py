@@ -11,7 +11,8 @@ import jax
 from jaxlab.configs import ConfigError
 
 POSITIVE_INTS = ("data.batch_size", "train.steps", "train.log_every", "train.eval_every",
-                 "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints")
+                 "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+                 "train.microbatches")
 
 
 def get(config, key: str):
@@ -76,6 +77,10 @@ def validate_mesh(config) -> None:
   require(batch % (data * fsdp) == 0,
           f"config.data.batch_size={batch} is not divisible by the mesh's data*fsdp = "
           f"{data * fsdp} devices")
+  micro = config.train.microbatches
+  require(batch % (data * fsdp * micro) == 0,
+          f"config.train.microbatches={micro} does not divide the {batch // (data * fsdp)} rows "
+          f"each of the {data * fsdp} data*fsdp devices holds (config.data.batch_size={batch})")
   units = tasks.task_module(config.task).tensor_units(config)
   if units is None:
     require(tensor == 1, f"config.mesh.tensor={tensor}: task {config.task!r} has no "

@@ -42,6 +42,9 @@ def validate(config, require) -> None:
   for key, choices in CHOICES.items():
     require_choice(config, key, choices)
   require_positive_ints(config, POSITIVE_INTS)
+  require(config.train.microbatches == 1,
+          f"config.train.microbatches={config.train.microbatches} must be 1 for the contrastive "
+          "task: its loss couples every image with every caption of the batch")
   d, m = config.data, config.model
   require(d.text_len >= 2, f"config.data.text_len={d.text_len} must be >= 2 (text + end token)")
   size = IMAGE_SIZE[d.name]

@@ -45,7 +45,8 @@ def usable_device_count(config, available: int) -> int:
       data, fsdp, tensor = mesh_shape(sizes, n)
     except ValueError:
       continue
-    if data * fsdp * tensor == n and config.data.batch_size % (data * fsdp) == 0 \
+    micro = config.train.get("microbatches", 1)
+    if data * fsdp * tensor == n and config.data.batch_size % (data * fsdp * micro) == 0 \
         and units % tensor == 0:
       return n
   return 1

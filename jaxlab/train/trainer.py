@@ -90,13 +90,54 @@ def restore_or_init(run: Run) -> tuple[TrainState, Optional[dict]]:
   return state, data_state
 
 
+def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int = 1, mesh=None):
+  """(mean loss, its gradient) over the batch, in `microbatches` sequential slices (gradient
+  accumulation) when > 1.
+
+  Slice j holds rows j, j + m, j + 2m, ... of the batch, so every device keeps its own rows of every
+  slice (no resharding). The summed losses and gradients of the slices are divided by the total
+  count, so the result is the whole batch's mean, as with one slice; this needs a task whose loss aux
+  is (sum over examples, count) (LM, density; not the contrastive losses, which couple the batch).
+  """
+  def summed(p, b, r):
+    _, (total, count) = task.loss(p, b, r, train=True)
+    return total, count
+
+  if microbatches == 1:
+    (loss, _), grads = jax.value_and_grad(lambda p: task.loss(p, batch, rng, train=True),
+                                          has_aux=True)(params)
+    return loss, grads
+  m = microbatches
+
+  def split(x):  # [B, ...] -> [m, B / m, ...], slice j = rows j::m
+    x = jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+    if mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(
+        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"))))
+
+  grad_fn = jax.value_and_grad(summed, has_aux=True)
+
+  def body(carry, inputs):
+    total, count, grads = carry
+    j, slice_batch = inputs
+    (t, c), g = grad_fn(params, slice_batch, jax.random.fold_in(rng, j))
+    return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (total, count, grads), _ = jax.lax.scan(
+      body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
+      (jnp.arange(m), jax.tree.map(split, batch)))
+  return total / count, jax.tree.map(lambda g: g / count, grads)
+
+
 def make_train_step(run: Run):
   task, tx = run.task, run.tx
+  microbatches = run.config.train.get("microbatches", 1)
 
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state["rng"], state["step"])
-    grad_fn = jax.value_and_grad(lambda p: task.loss(p, batch, rng, train=True), has_aux=True)
-    (loss, _), grads = grad_fn(state["params"])
+    loss, grads = loss_and_grads(task, state["params"], batch, rng, microbatches, run.mesh)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,

@@ -25,13 +25,19 @@ def single_device_run(tiny_lm_config, tmp_path_factory):
                             tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("mesh", [("8", "1", "1"), ("1", "8", "1"), ("2", "2", "2")],
-                         ids=["data8", "fsdp8", "data2_fsdp2_tensor2"])
-def test_sharded_equals_single_device(tiny_lm_config, single_device_run, tmp_path, mesh):
+@pytest.mark.parametrize("mesh,microbatches",
+                         [(("8", "1", "1"), 1), (("1", "8", "1"), 1), (("2", "2", "2"), 1),
+                          (("1", "1", "1"), 2), (("2", "2", "1"), 2)],
+                         ids=["data8", "fsdp8", "data2_fsdp2_tensor2", "one_device_2_microbatches",
+                              "data2_fsdp2_2_microbatches"])
+def test_sharded_equals_single_device(tiny_lm_config, single_device_run, tmp_path, mesh,
+                                      microbatches):
+  """...and gradient accumulation over microbatches equals the whole batch at once."""
   assert jax.device_count() == 8
   data, fsdp, tensor = mesh
   sharded = tiny_lm_config(*COMMON, f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
-                           f"--config.mesh.tensor={tensor}")
+                           f"--config.mesh.tensor={tensor}",
+                           f"--config.train.microbatches={microbatches}")
   ref_losses, ref_params = single_device_run
   losses, params = _losses_and_params(sharded, tmp_path / "sharded")
   assert len(losses) == 4
