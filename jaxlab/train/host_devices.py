@@ -23,15 +23,24 @@ def cores() -> int:
 
 
 def cpu_model() -> str:
-  """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows: for result tables."""
+  """The CPU's model name and widest vector extension (Linux /proc/cpuinfo), else what `platform`
+  knows: for result tables (VMs of one model name can differ in AVX2, which moves CPU timings)."""
+  name, flags = None, set()
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+        if line.startswith("model name") and name is None:
+          name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+          flags = set(line.split(":", 1)[1].split())
   except OSError:
     pass
-  return platform.processor() or platform.machine() or "unknown CPU"
+  if name is None:
+    return platform.processor() or platform.machine() or "unknown CPU"
+  for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX, no AVX2")):
+    if flag in flags:
+      return f"{name} ({label})"
+  return name
 
 
 def usable_device_count(config, available: int) -> int:

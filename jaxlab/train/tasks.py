@@ -1,7 +1,8 @@
 """Which task a config trains: `config.task = NAME` selects the module `jaxlab.train.NAME_task`.
 
 A task module defines
-  build(config) -> task object with init_params(rng), loss(params, batch, rng, *, train),
+  build(config) -> task object with init_params(rng), loss(params, batch, rng, *, train) -> (mean,
+      (total, count)) (with config.train.microbatches > 1 the trainer accumulates total and count),
       train_iterator(), eval_iterator() and tokens_per_batch (see train/trainer.py);
   validate(config, require) -> None: the task's own config checks (no devices needed);
       `require(condition, message)` raises ConfigError with the one-line message;

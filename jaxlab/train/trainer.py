@@ -122,12 +122,14 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
     total, count, grads = carry
     j, slice_batch = inputs
     (t, c), g = grad_fn(params, slice_batch, jax.random.fold_in(rng, j))
-    return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
+    return (total + t.astype(jnp.float32), count + jnp.asarray(c, jnp.float32),
+            jax.tree.map(jnp.add, grads, g)), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   (total, count, grads), _ = jax.lax.scan(
       body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
       (jnp.arange(m), jax.tree.map(split, batch)))
+  count = jnp.maximum(count, 1.0)  # as the tasks' own means: an all-padding batch gives 0, not NaN
   return total / count, jax.tree.map(lambda g: g / count, grads)
 
 
