@@ -99,15 +99,19 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
   count, so the result is the whole batch's mean, as with one slice; this needs a task whose loss aux
   is (sum over examples, count) (LM, density; not the contrastive losses, which couple the batch).
   """
-  def summed(p, b, r):
-    _, (total, count) = task.loss(p, b, r, train=True)
-    return total, count
-
   if microbatches == 1:
     (loss, _), grads = jax.value_and_grad(lambda p: task.loss(p, batch, rng, train=True),
                                           has_aux=True)(params)
     return loss, grads
   m = microbatches
+  for name, x in batch.items():
+    if x.shape[0] % m:
+      raise ValueError(f"microbatches={m} does not divide the batch: batch[{name!r}] has "
+                       f"{x.shape[0]} rows")
+
+  def summed(p, b, r):
+    _, (total, count) = task.loss(p, b, r, train=True)
+    return total, count
 
   def split(x):  # [B, ...] -> [m, B / m, ...], slice j = rows j::m
     x = jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
