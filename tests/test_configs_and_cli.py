@@ -29,6 +29,18 @@ def test_host_device_count_follows_the_batch():
   assert usable_device_count(config, 8) == 6  # 2 rows per device, one per microbatch
 
 
+def test_a_config_from_before_microbatches_still_validates():
+  """An older workdir's config.json has no train.microbatches: it means 1 (eval/sample keep working)."""
+  import ml_collections
+  from jaxlab.configs.validate import train_microbatches, validate
+  from jaxlab.train.host_devices import usable_device_count
+  old = load_config("lm_char_cpu", check_devices=False).to_dict()
+  del old["train"]["microbatches"]
+  config = ml_collections.ConfigDict(old)
+  validate(config, check_devices=False)
+  assert train_microbatches(config) == 1 and usable_device_count(config, 2) == 2
+
+
 def test_contrastive_task_refuses_microbatches():
   with pytest.raises(ConfigError, match="config.train.microbatches"):
     load_config("contrastive_digits", ["--config.train.microbatches=2"])

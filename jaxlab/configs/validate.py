@@ -11,8 +11,7 @@ import jax
 from jaxlab.configs import ConfigError
 
 POSITIVE_INTS = ("data.batch_size", "train.steps", "train.log_every", "train.eval_every",
-                 "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-                 "train.microbatches")
+                 "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints")
 
 
 def get(config, key: str):
@@ -21,6 +20,11 @@ def get(config, key: str):
   for part in key.split("."):
     node = node[part]
   return node
+
+
+def train_microbatches(config) -> int:
+  """config.train.microbatches, or 1 for a config written before it existed (an older workdir)."""
+  return config.train.get("microbatches", 1)
 
 
 def require(cond: bool, message: str) -> None:
@@ -46,6 +50,9 @@ def validate(config, *, check_devices: bool = True) -> None:
   require("task" in config, "config.task is missing")
   require_choice(config, "task", tasks.available_tasks())
   require_positive_ints(config, POSITIVE_INTS)
+  micro = train_microbatches(config)
+  require(isinstance(micro, int) and not isinstance(micro, bool) and micro > 0,
+          f"config.train.microbatches={micro!r} must be a positive int")
   tasks.task_module(config.task).validate(config, require)
 
   o = config.optim
@@ -77,7 +84,7 @@ def validate_mesh(config) -> None:
   require(batch % (data * fsdp) == 0,
           f"config.data.batch_size={batch} is not divisible by the mesh's data*fsdp = "
           f"{data * fsdp} devices")
-  micro = config.train.microbatches
+  micro = train_microbatches(config)
   require(batch % (data * fsdp * micro) == 0,
           f"config.train.microbatches={micro} does not divide the {batch // (data * fsdp)} rows "
           f"each of the {data * fsdp} data*fsdp devices holds (config.data.batch_size={batch})")

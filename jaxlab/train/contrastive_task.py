@@ -38,12 +38,12 @@ IMAGE_SIZE = {"digits": 8, "emoji": 32}
 
 def validate(config, require) -> None:
   """The contrastive task's config checks (see jaxlab/train/tasks.py)."""
-  from jaxlab.configs.validate import require_choice, require_positive_ints
+  from jaxlab.configs.validate import require_choice, require_positive_ints, train_microbatches
   for key, choices in CHOICES.items():
     require_choice(config, key, choices)
   require_positive_ints(config, POSITIVE_INTS)
-  require(config.train.microbatches == 1,
-          f"config.train.microbatches={config.train.microbatches} must be 1 for the contrastive "
+  require(train_microbatches(config) == 1,
+          f"config.train.microbatches={train_microbatches(config)} must be 1 for the contrastive "
           "task: its loss couples every image with every caption of the batch")
   d, m = config.data, config.model
   require(d.text_len >= 2, f"config.data.text_len={d.text_len} must be >= 2 (text + end token)")

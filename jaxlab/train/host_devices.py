@@ -46,15 +46,16 @@ def cpu_model() -> str:
 def usable_device_count(config, available: int) -> int:
   """The largest n <= available for which the config's mesh and batch split over n devices."""
   from jaxlab.train import tasks
+  from jaxlab.configs.validate import train_microbatches
   from jaxlab.train.sharding import mesh_shape
   sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  micro = train_microbatches(config)
   units = tasks.task_module(config.task).tensor_units(config) or 1
   for n in range(available, 0, -1):
     try:
       data, fsdp, tensor = mesh_shape(sizes, n)
     except ValueError:
       continue
-    micro = config.train.get("microbatches", 1)
     if data * fsdp * tensor == n and config.data.batch_size % (data * fsdp * micro) == 0 \
         and units % tensor == 0:
       return n

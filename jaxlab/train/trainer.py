@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jaxlab.configs.validate import train_microbatches
 from jaxlab.train import checkpoint as checkpoint_lib
 from jaxlab.train import optim, sharding, tasks
 from jaxlab.train.metrics import MetricsWriter
@@ -117,8 +118,9 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
     x = jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
     if mesh is None:
       return x
+    rows = sharding.batch_sharding(mesh).spec  # the batch axes, one level down
     return jax.lax.with_sharding_constraint(
-        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"))))
+        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *rows)))
 
   grad_fn = jax.value_and_grad(summed, has_aux=True)
 
@@ -139,7 +141,7 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
 
 def make_train_step(run: Run):
   task, tx = run.task, run.tx
-  microbatches = run.config.train.get("microbatches", 1)
+  microbatches = train_microbatches(run.config)
 
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state["rng"], state["step"])
