@@ -2,7 +2,8 @@
 steps) against the same model in PyTorch, timed on the same machine in the same run.
 
     python experiments/lm_char_cpu.py --data ../shared/data/tinyshakespeare/input.txt \
-        [--torch-python /path/to/python-with-torch] [--seeds 0 1 2]
+        [--torch-python /path/to/python-with-torch] [--seeds 0 1 2] \
+        [--override=--config.mesh.cpu_devices=1 ...]
 
 Writes experiments/results/lm_char_cpu.md (and .json): val loss at step 2000 (200 fixed validation
 batches), median ms/step (compilation excluded), and the ratio of the two implementations' step times.
@@ -27,22 +28,23 @@ HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
-def run_jaxlab(data: str, steps: int, seed: int) -> dict:
+def run_jaxlab(data: str, steps: int, seed: int, overrides: list[str]) -> dict:
   """One jaxlab training run, in a child process (an idle JAX runtime must not share the cores with
   the PyTorch run that follows)."""
   proc = subprocess.run([sys.executable, __file__, "--data", data, "--steps", str(steps),
-                         "--jaxlab-child-seed", str(seed)], capture_output=True, text=True)
+                         "--jaxlab-child-seed", str(seed)] + [f"--override={o}" for o in overrides],
+                        capture_output=True, text=True)
   if proc.returncode:
     raise RuntimeError("jaxlab run failed:\n" + proc.stderr[-3000:])
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _jaxlab_child(data: str, steps: int, seed: int) -> dict:
+def _jaxlab_child(data: str, steps: int, seed: int, overrides: list[str]) -> dict:
   from jaxlab.cli import load_run_config  # as `jaxlab train` does: one CPU device per core
   config = load_run_config("lm_char_cpu", [f"--config.data.path={data}",
                                            f"--config.train.steps={steps}",
                                            f"--config.seed={seed}",
-                                           "--config.train.tensorboard=False"])
+                                           "--config.train.tensorboard=False"] + overrides)
   from jaxlab.train import trainer
   from jaxlab.train.metrics import read_metrics
   with tempfile.TemporaryDirectory() as workdir:
@@ -74,15 +76,18 @@ def main():
   parser.add_argument("--torch-python", default=sys.executable)
   parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                       help="one run of each implementation per seed, alternating")
+  parser.add_argument("--override", action="append", default=[],
+                      help="a jaxlab config override for the jaxlab runs (repeatable), e.g. "
+                           "--override=--config.mesh.cpu_devices=1")
   parser.add_argument("--jaxlab-child-seed", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   data = str(pathlib.Path(args.data).resolve())
   if args.jaxlab_child_seed is not None:
-    print(json.dumps(_jaxlab_child(data, args.steps, args.jaxlab_child_seed)))
+    print(json.dumps(_jaxlab_child(data, args.steps, args.jaxlab_child_seed, args.override)))
     return
   runs = []
   for seed in args.seeds:
-    runs.append(run_jaxlab(data, args.steps, seed))
+    runs.append(run_jaxlab(data, args.steps, seed, args.override))
     print(json.dumps({k: v for k, v in runs[-1].items() if k != "val_curve"}), flush=True)
     ref = run_torch(args.torch_python, data, args.steps, seed)
     if ref:
@@ -92,15 +97,17 @@ def main():
   import jax
   device = (f"{cpu_model()}, {os.cpu_count()} cores (jax {jax.__version__} on CPU, one XLA device "
             "per core; each run in its own process)")
+  command = "python experiments/lm_char_cpu.py --data ../shared/data/tinyshakespeare/input.txt " \
+            "--torch-python <python with torch>" + "".join(f" --override={o}" for o in args.override)
   RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / "lm_char_cpu.json").write_text(json.dumps({"device": device, "runs": runs}, indent=2))
+  (RESULTS / "lm_char_cpu.json").write_text(json.dumps({"device": device, "command": command, "runs": runs},
+                                                           indent=2))
   jl = [r for r in runs if r["impl"] == "jaxlab"]
   pt = [r for r in runs if r["impl"] == "pytorch"]
   lines = [
       "# lm_char_cpu: jaxlab vs the same model in PyTorch",
       "",
-      f"Device: {device}. Command: `python experiments/lm_char_cpu.py --data "
-      f"../shared/data/tinyshakespeare/input.txt --torch-python <python with torch>`.",
+      f"Device: {device}. Command: `{command}`.",
       f"{args.steps} steps, batch 12 x 64 characters; val loss = mean over 200 fixed validation "
       "batches (jaxlab) / 200 random validation batches (PyTorch); ms/step = median, compilation "
       "excluded, data loading included.",
