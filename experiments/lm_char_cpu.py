@@ -2,13 +2,14 @@
 steps) against the same model in PyTorch, timed on the same machine in the same run.
 
     python experiments/lm_char_cpu.py --data ../shared/data/tinyshakespeare/input.txt \
-        [--torch-python /path/to/python-with-torch] [--seeds 0 1 2] \
+        [--torch-python /path/to/python-with-torch] [--nanogpt /path/to/nanoGPT] [--seeds 0 1 2] \
         [--override=--config.mesh.cpu_devices=1 ...]
 
-Writes experiments/results/lm_char_cpu.md (and .json): val loss at step 2000 (200 fixed validation
-batches), median ms/step (compilation excluded), and the ratio of the two implementations' step times.
-The PyTorch reference (experiments/torch_reference_gpt.py) runs in the interpreter given by
---torch-python (default: this one), so jaxlab's environment need not contain torch.
+Writes experiments/results/lm_char_cpu.md (and .json): val loss at step 2000 (200 validation batches),
+median ms/step (compilation excluded), and the ratio of the implementations' step times. For each seed,
+in turn: jaxlab, the plain PyTorch reference (experiments/torch_reference_gpt.py) and, given a local
+checkout with --nanogpt, nanoGPT itself (experiments/nanogpt_reference.py). The PyTorch runs use the
+interpreter given by --torch-python (default: this one), so jaxlab's environment need not contain torch.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import tempfile
 import time
 
 from jaxlab.train.host_devices import cpu_model
+from nanogpt_reference import check_checkout, run_nanogpt
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -52,10 +54,26 @@ def _jaxlab_child(data: str, steps: int, seed: int, overrides: list[str]) -> dic
     result = trainer.train(config, workdir, progress=False)
     wall = time.time() - start
     records = read_metrics(workdir)
+    full = _eval_all_windows(workdir)
+  if full["step"] != steps:
+    raise RuntimeError(f"jaxlab's last checkpoint is from step {full['step']}, not {steps}")
   step_ms = sorted(r["step_time_ms"] for r in records if "step_time_ms" in r)
   return {"impl": "jaxlab", "steps": steps, "seed": seed, "val_loss": result["val_loss"],
+          "val_loss_all_windows": full["val_loss"],
           "ms_per_step": step_ms[len(step_ms) // 2], "wall_s": wall,
           "val_curve": {r["step"]: r["val_loss"] for r in records if "val_loss" in r}}
+
+
+def _eval_all_windows(workdir: str) -> dict:
+  """`jaxlab eval` of the final checkpoint on every window of the validation split (asking for more
+  batches than the split has), the population the 200 evaluation batches are drawn from."""
+  import contextlib
+  import io
+  from jaxlab import cli
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    cli.main(["eval", workdir, "--config.train.eval_batches=100000000"])
+  return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def run_torch(python: str, data: str, steps: int, seed: int) -> dict | None:
@@ -69,11 +87,22 @@ def run_torch(python: str, data: str, steps: int, seed: int) -> dict | None:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _mean(runs: list[dict], key: str) -> float | None:
+  values = [r.get(key) for r in runs]
+  return None if None in values else sum(values) / len(values)
+
+
+def _fmt(value: float | None) -> str:
+  return "-" if value is None else f"{value:.4f}"
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--data", required=True, help="tiny shakespeare input.txt")
   parser.add_argument("--steps", type=int, default=2000)
   parser.add_argument("--torch-python", default=sys.executable)
+  parser.add_argument("--nanogpt", type=pathlib.Path, default=None,
+                      help="a local nanoGPT checkout: also run nanoGPT's own train.py (never downloaded)")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                       help="one run of each implementation per seed, alternating")
   parser.add_argument("--override", action="append", default=[],
@@ -82,6 +111,8 @@ def main():
   parser.add_argument("--jaxlab-child-seed", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   data = str(pathlib.Path(args.data).resolve())
+  if args.nanogpt:
+    check_checkout(args.nanogpt)  # before the first (long) jaxlab run
   if args.jaxlab_child_seed is not None:
     print(json.dumps(_jaxlab_child(data, args.steps, args.jaxlab_child_seed, args.override)))
     return
@@ -93,44 +124,60 @@ def main():
     if ref:
       runs.append(ref)
       print(json.dumps(ref), flush=True)
+    if args.nanogpt:
+      runs.append(run_nanogpt(args.nanogpt.resolve(), pathlib.Path(data), seed, args.steps,
+                              python=args.torch_python))
+      print(json.dumps({k: v for k, v in runs[-1].items() if k != "val_curve"}), flush=True)
 
   import jax
   device = (f"{cpu_model()}, {os.cpu_count()} cores (jax {jax.__version__} on CPU, one XLA device "
             "per core; each run in its own process)")
-  command = "python experiments/lm_char_cpu.py --data ../shared/data/tinyshakespeare/input.txt " \
-            "--torch-python <python with torch>" + "".join(f" --override={o}" for o in args.override)
+  command = ("python experiments/lm_char_cpu.py --data ../shared/data/tinyshakespeare/input.txt "
+             "--torch-python <python with torch>"
+             + (" --nanogpt <nanoGPT checkout>" if args.nanogpt else "")
+             + f" --seeds {' '.join(map(str, args.seeds))}"
+             + "".join(f" --override={o}" for o in args.override))
   RESULTS.mkdir(parents=True, exist_ok=True)
   (RESULTS / "lm_char_cpu.json").write_text(json.dumps({"device": device, "command": command, "runs": runs},
                                                            indent=2))
-  jl = [r for r in runs if r["impl"] == "jaxlab"]
-  pt = [r for r in runs if r["impl"] == "pytorch"]
+  names = {"jaxlab": "jaxlab", "pytorch": "PyTorch reference", "nanogpt": "nanoGPT"}
+  groups = {impl: [r for r in runs if r["impl"] == impl] for impl in names}
   lines = [
       "# lm_char_cpu: jaxlab vs the same model in PyTorch",
       "",
       f"Device: {device}. Command: `{command}`.",
-      f"{args.steps} steps, batch 12 x 64 characters; val loss = mean over 200 fixed validation "
-      "batches (jaxlab) / 200 random validation batches (PyTorch); ms/step = median, compilation "
-      "excluded, data loading included.",
-      "",
-      "| implementation | seed | val loss @ %d | ms/step (median) |" % args.steps,
-      "| --- | --- | --- | --- |",
+      f"{args.steps} steps, batch 12 x 64 characters. Val loss: the mean over 200 validation batches (jaxlab: "
+      "fixed; the PyTorch reference and nanoGPT: random), and over every 64-character window of the "
+      "validation split (the population those batches sample; the final checkpoint, restored). ms/step: "
+      "median, compilation excluded, data loading included.",
   ]
+  if groups["nanogpt"]:
+    commit = groups["nanogpt"][0]["commit"]
+    lines.append(f"nanoGPT is karpathy/nanoGPT at commit {commit[:12]}, unmodified, run with torch seed "
+                 "1337 + seed (seed 0 = as published) by experiments/nanogpt_reference.py.")
+  lines += ["", f"| implementation | seed | val loss @ {args.steps} (200 batches) | val loss, all windows | "
+            "ms/step (median) |", "| --- | --- | --- | --- | --- |"]
   for r in runs:
-    name = "jaxlab" if r["impl"] == "jaxlab" else f"PyTorch {r.get('torch', '')}"
-    lines.append(f"| {name} | {r['seed']} | {r['val_loss']:.4f} | {r['ms_per_step']:.1f} |")
-  for group, name in ((jl, "jaxlab"), (pt, "PyTorch")):
+    torch_version = f" (torch {r['torch']})" if "torch" in r else ""
+    lines.append(f"| {names[r['impl']]}{torch_version} | {r['seed']} | {r['val_loss']:.4f} | "
+                 f"{_fmt(r.get('val_loss_all_windows'))} | {r['ms_per_step']:.1f} |")
+  mean_ms = {}
+  for impl, group in groups.items():
     if group:
-      losses = [r["val_loss"] for r in group]
-      lines.append(f"| {name} mean of {len(group)} | | {sum(losses) / len(losses):.4f} | "
-                   f"{sum(r['ms_per_step'] for r in group) / len(group):.1f} |")
-  if jl and pt:
-    ratio = (sum(r["ms_per_step"] for r in pt) / len(pt)) / (sum(r["ms_per_step"] for r in jl) / len(jl))
-    lines += ["", f"Speed ratio (PyTorch ms/step / jaxlab ms/step, same run): **{ratio:.2f}x** "
-              "(> 1 means jaxlab is faster)."]
-  if jl:
+      mean_ms[impl] = sum(r["ms_per_step"] for r in group) / len(group)
+      lines.append(f"| {names[impl]} mean of {len(group)} | | {_mean(group, 'val_loss'):.4f} | "
+                   f"{_fmt(_mean(group, 'val_loss_all_windows'))} | {mean_ms[impl]:.1f} |")
+  for impl in ("pytorch", "nanogpt"):
+    if "jaxlab" in mean_ms and impl in mean_ms:
+      lines += ["", f"Speed ratio ({names[impl]} ms/step / jaxlab ms/step, same run): "
+                f"**{mean_ms[impl] / mean_ms['jaxlab']:.2f}x** (> 1 means jaxlab is faster)."]
+  if groups["jaxlab"]:
     lines += ["", "jaxlab val loss during training: " +
-              ", ".join(f"{s}: {v:.3f}" for s, v in sorted(jl[0]["val_curve"].items(),
+              ", ".join(f"{s}: {v:.3f}" for s, v in sorted(groups["jaxlab"][0]["val_curve"].items(),
                                                            key=lambda kv: int(kv[0])))]
+  if groups["nanogpt"]:
+    lines += ["", "nanoGPT val loss during training: " +
+              ", ".join(f"{s}: {v:.3f}" for s, v in groups["nanogpt"][0]["val_curve"].items())]
   (RESULTS / "lm_char_cpu.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 

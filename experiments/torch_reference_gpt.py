@@ -125,9 +125,16 @@ def main():
   with torch.no_grad():
     val_loss = float(np.mean([model(*get_batch("val", eval_gen)).item()
                               for _ in range(args.eval_batches)]))
+    span = torch.arange(ctx + 1)  # every window of the validation split: the population sampled above
+    total = 0.0
+    starts_all = torch.arange(len(val) - ctx)
+    for starts in starts_all.split(512):
+      windows = val[starts[:, None] + span]
+      total += model(windows[:, :-1].contiguous(), windows[:, 1:].contiguous()).item() * len(starts)
+    val_loss_all_windows = total / len(starts_all)
   print(json.dumps({"impl": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "steps": args.steps, "seed": args.seed, "ms_per_step": 1000 * float(np.median(times)),
-                    "val_loss": val_loss}))
+                    "val_loss": val_loss, "val_loss_all_windows": val_loss_all_windows}))
 
 
 if __name__ == "__main__":
