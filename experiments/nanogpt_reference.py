@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 
+HERE = pathlib.Path(__file__).resolve().parent
 NANOGPT_FILES = ("train.py", "model.py", "configurator.py", "config/train_shakespeare_char.py",
                  "data/shakespeare_char/prepare.py")
 
@@ -45,23 +46,23 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 # Runs in the copied directory after training: nanoGPT's model, restored from its step-`steps`
-# checkpoint, scored on every window of the validation split (the population its random batches sample).
+# checkpoint, scored on every window of the validation split by the PyTorch reference's all_windows_loss
+# (argv[1]: this directory, experiments/).
 _SCORE = """
-import json, numpy as np, torch
+import json, sys, numpy as np, torch
 from model import GPT, GPTConfig
+sys.path.insert(0, sys.argv[1])
+from torch_reference_gpt import all_windows_loss
 ckpt = torch.load("out/ckpt.pt", map_location="cpu", weights_only=False)
 model = GPT(GPTConfig(**ckpt["model_args"]))
 model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
 model.eval()
 val = torch.from_numpy(np.fromfile("data/shakespeare_char/val.bin", dtype=np.uint16).astype(np.int64))
-span = torch.arange(ckpt["model_args"]["block_size"] + 1)
-total, count = 0.0, 0
+ctx = ckpt["model_args"]["block_size"]
 with torch.no_grad():
-  for starts in torch.arange(len(val) - len(span) + 1).split(512):
-    windows = val[starts[:, None] + span]
-    _, loss = model(windows[:, :-1].contiguous(), windows[:, 1:].contiguous())
-    total, count = total + loss.item() * windows[:, 1:].numel(), count + windows[:, 1:].numel()
-print(json.dumps({"step": ckpt["iter_num"], "windows": len(val) - len(span) + 1, "loss": total / count}))
+  loss = all_windows_loss(lambda inputs, targets: model(inputs, targets)[1], val, ctx)
+print(json.dumps({"step": ckpt["iter_num"], "windows": len(val) - ctx, "loss": loss,
+                  "torch": torch.__version__}))
 """
 
 _EVAL_LINE = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)", re.M)
@@ -118,15 +119,13 @@ def run_nanogpt(nanogpt: pathlib.Path, data: pathlib.Path, seed: int, steps: int
                           capture_output=True, text=True)
     if proc.returncode:
       raise RuntimeError("nanoGPT's train.py failed:\n" + proc.stderr[-3000:])
-    score = subprocess.run([python, "-c", _SCORE], cwd=work, capture_output=True, text=True)
+    score = subprocess.run([python, "-c", _SCORE, str(HERE)], cwd=work, capture_output=True, text=True)
     if score.returncode:
       raise RuntimeError("scoring nanoGPT's checkpoint failed:\n" + score.stderr[-3000:])
   full = json.loads(score.stdout.strip().splitlines()[-1])
   if full["step"] != steps:
     raise RuntimeError(f"nanoGPT's last checkpoint is from step {full['step']}, not {steps}")
-  version = subprocess.run([python, "-c", "import torch; print(torch.__version__)"],
-                           capture_output=True, text=True).stdout.strip()
-  return {"impl": "nanogpt", "commit": checkout_commit(nanogpt), "torch": version,
+  return {"impl": "nanogpt", "commit": checkout_commit(nanogpt), "torch": full["torch"],
           "steps": steps, "seed": seed, "torch_seed": 1337 + seed,
           "eval_iters": eval_iters, **parse_log(proc.stdout, steps),
           "val_loss_all_windows": full["loss"], "val_windows": full["windows"]}

@@ -66,6 +66,19 @@ class GPT(nn.Module):
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
 
+def all_windows_loss(loss_of, tokens: torch.Tensor, ctx: int, chunk: int = 512) -> float:
+  """Mean next-token loss over every (ctx + 1)-token window of `tokens` (1-D int64): the population that
+  random validation batches sample. `loss_of(inputs_BT, targets_BT)` is a batch's mean loss (a float
+  tensor). Call under torch.no_grad(). Also used on nanoGPT's model (experiments/nanogpt_reference.py)."""
+  span = torch.arange(ctx + 1)
+  starts_all = torch.arange(len(tokens) - ctx)
+  total = 0.0
+  for starts in starts_all.split(chunk):
+    windows = tokens[starts[:, None] + span]
+    total += loss_of(windows[:, :-1].contiguous(), windows[:, 1:].contiguous()).item() * len(starts)
+  return total / len(starts_all)
+
+
 def lr_at(step: int, lr=1e-3, min_lr=1e-4, warmup=100, total=2000) -> float:
   if step < warmup:
     return lr * step / warmup
@@ -125,13 +138,7 @@ def main():
   with torch.no_grad():
     val_loss = float(np.mean([model(*get_batch("val", eval_gen)).item()
                               for _ in range(args.eval_batches)]))
-    span = torch.arange(ctx + 1)  # every window of the validation split: the population sampled above
-    total = 0.0
-    starts_all = torch.arange(len(val) - ctx)
-    for starts in starts_all.split(512):
-      windows = val[starts[:, None] + span]
-      total += model(windows[:, :-1].contiguous(), windows[:, 1:].contiguous()).item() * len(starts)
-    val_loss_all_windows = total / len(starts_all)
+    val_loss_all_windows = all_windows_loss(model, val, ctx)
   print(json.dumps({"impl": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "steps": args.steps, "seed": args.seed, "ms_per_step": 1000 * float(np.median(times)),
                     "val_loss": val_loss, "val_loss_all_windows": val_loss_all_windows}))
