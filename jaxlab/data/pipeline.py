@@ -56,7 +56,10 @@ def train_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int,
              .repeat()
              .batch(batch_size, drop_remainder=True, batch_fn=_to_example)
              .map(lambda b: _process_rows(b, batch_size)))
-  return iter(dataset.to_iter_dataset())
+  # Read in the calling thread: grain's default (16 threads, 500 batches ahead) costs more CPU than
+  # these windows do and competes with the train step for the cores; the train loop already reads
+  # the next batch while a step computes.
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
 def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batches: int,

@@ -274,10 +274,18 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
              desc="train")
   try:
     with run.mesh, run.rules():
+      batch = None
       for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        batch = sharding.place_batch(next(data_iter), run.mesh)
-        state, metrics = train_step(state, batch)
+        if batch is None:
+          batch = sharding.place_batch(next(data_iter), run.mesh)
+        state, metrics = train_step(state, batch)  # dispatched; runs while the next lines do
+        batch = None
+        done = step + 1
+        if done < cfg.steps and done % cfg.checkpoint_every:
+          # The next batch is read while this step computes. Not before a checkpoint: the saved
+          # iterator state must be the one after exactly `done` batches.
+          batch = sharding.place_batch(next(data_iter), run.mesh)
         loss = float(metrics["loss"])  # blocks: the step time below is real work, not dispatch
         if step > start:  # the first step of a process includes compilation
           step_times.append(time.perf_counter() - t0)
@@ -285,7 +293,6 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         if not np.isfinite(loss):
           raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopping (last good "
                                    f"checkpoint kept in {run.checkpointer.directory})")
-        done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
           record = {"train_loss": float(np.mean(losses)), "grad_norm": float(metrics["grad_norm"]),
