@@ -46,9 +46,15 @@ def _process_rows(batch: dict, batch_size: int) -> dict:
   return {k: v[start:start + per_process] for k, v in batch.items()}
 
 
-def train_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int,
-                  seed: int) -> grain.DatasetIterator:
-  """Infinite iterator of {"inputs", "targets"}: int32 [batch_size / processes, seq_len]."""
+def train_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
+                  read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+  """Infinite iterator of {"inputs", "targets"}: int32 [batch_size / processes, seq_len].
+
+  `read_options` None reads each batch in the calling thread when it is asked for: grain's default
+  (16 threads, 500 batches ahead) costs more CPU than these windows do and competes with the train
+  step for the cores, and the train loop already reads the next batch while a step computes
+  (experiments/results/lm_char_cpu_input_overlap.md).
+  """
   if batch_size % jax.process_count():
     raise ValueError(f"batch_size {batch_size} must be divisible by the {jax.process_count()} processes")
   dataset = (grain.MapDataset.source(WindowSource(tokens, seq_len))
@@ -56,10 +62,9 @@ def train_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int,
              .repeat()
              .batch(batch_size, drop_remainder=True, batch_fn=_to_example)
              .map(lambda b: _process_rows(b, batch_size)))
-  # Read in the calling thread: grain's default (16 threads, 500 batches ahead) costs more CPU than
-  # these windows do and competes with the train step for the cores; the train loop already reads
-  # the next batch while a step computes.
-  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+  if read_options is None:
+    read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return iter(dataset.to_iter_dataset(read_options))
 
 
 def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batches: int,
