@@ -164,7 +164,7 @@ def main():
   mean_ms = {}
   for impl, group in groups.items():
     if group:
-      mean_ms[impl] = sum(r["ms_per_step"] for r in group) / len(group)
+      mean_ms[impl] = _mean(group, "ms_per_step")
       lines.append(f"| {names[impl]} mean of {len(group)} | | {_mean(group, 'val_loss'):.4f} | "
                    f"{_fmt(_mean(group, 'val_loss_all_windows'))} | {mean_ms[impl]:.1f} |")
   for impl in ("pytorch", "nanogpt"):

@@ -44,12 +44,10 @@ def timed_blocks(rounds: int, block: int, data: str,
     run.checkpointer.close()
   task = run.task
 
-  def batches(read_options):
-    return pipeline.train_batches(task.corpus.train, seq_len=task.seq_len,
-                                  batch_size=task.batch_size, seed=config.seed,
-                                  read_options=read_options)
-
-  threaded, in_thread = batches(grain.ReadOptions()), batches(None)
+  in_thread = task.train_iterator()  # as the trainer reads
+  threaded = pipeline.train_batches(task.corpus.train, seq_len=task.seq_len,
+                                    batch_size=task.batch_size, seed=config.seed,
+                                    read_options=grain.ReadOptions())  # grain's default
   train_step = trainer.make_train_step(run)
 
   def fetch_then_step(data_iter):

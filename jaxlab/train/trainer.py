@@ -282,7 +282,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         state, metrics = train_step(state, batch)  # dispatched; runs while the next lines do
         batch = None
         done = step + 1
-        if done < cfg.steps and done % cfg.checkpoint_every:
+        save_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if not save_now:
           # The next batch is read while this step computes. Not before a checkpoint: the saved
           # iterator state must be the one after exactly `done` batches.
           batch = sharding.place_batch(next(data_iter), run.mesh)
@@ -313,7 +314,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
           final["val_loss"] = val_loss
           if best is not None:
             best.offer(done, val_loss, state["params"])
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if save_now:
           run.checkpointer.save(done, state, data_iter.get_state())
   finally:
     bar.close()
