@@ -88,6 +88,14 @@ def validate_mesh(config) -> None:
   require(batch % (data * fsdp * micro) == 0,
           f"config.train.microbatches={micro} does not divide the {batch // (data * fsdp)} rows "
           f"each of the {data * fsdp} data*fsdp devices holds (config.data.batch_size={batch})")
+  if jax.process_count() > 1:
+    require(data * fsdp * tensor == jax.device_count(),
+            f"config.mesh: data*fsdp*tensor = {data * fsdp * tensor} must use all "
+            f"{jax.device_count()} devices of the {jax.process_count()} processes (use -1 for one axis)")
+    require(jax.local_device_count() % tensor == 0,
+            f"config.mesh.tensor={tensor} must divide each process's {jax.local_device_count()} "
+            "devices (a tensor-parallel group stays inside one process, so that processes hold "
+            "distinct rows of the batch)")
   units = tasks.task_module(config.task).tensor_units(config)
   if units is None:
     require(tensor == 1, f"config.mesh.tensor={tensor}: task {config.task!r} has no "

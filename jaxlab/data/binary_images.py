@@ -26,6 +26,8 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from jaxlab.data import pipeline
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 UCI_NAMES = ("dna", "mushrooms", "nips")
@@ -252,10 +254,8 @@ class TrainBatches:
     if self._dynamic:
       x = binarize(x, [self._seed, self._epoch, self._index, 7])
     self._index += 1
-    per = self._batch // jax.process_count()
-    start = jax.process_index() * per
-    x = x[start:start + per].astype(np.float32)
-    return {"x": x, "weights": np.ones(len(x), np.float32)}
+    x = x.astype(np.float32)
+    return pipeline.process_rows({"x": x, "weights": np.ones(len(x), np.float32)}, self._batch)
 
   def get_state(self) -> dict:
     return {"epoch": self._epoch, "index": self._index}
@@ -270,11 +270,9 @@ def eval_batches(data: np.ndarray, *, batch_size: int, max_batches: int = 0) -> 
   count = -(-len(data) // batch_size)
   if max_batches:
     count = min(count, max_batches)
-  per = batch_size // jax.process_count()
   for i in range(count):
     x = data[i * batch_size:(i + 1) * batch_size].astype(np.float32)
     weights = np.ones(batch_size, np.float32)
     weights[len(x):] = 0.0
     x = np.concatenate([x, np.zeros((batch_size - len(x), x.shape[1]), np.float32)])
-    start = jax.process_index() * per
-    yield {"x": x[start:start + per], "weights": weights[start:start + per]}
+    yield pipeline.process_rows({"x": x, "weights": weights}, batch_size)

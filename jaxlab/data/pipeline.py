@@ -40,7 +40,9 @@ def _to_example(windows) -> dict:
   return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
 
-def _process_rows(batch: dict, batch_size: int) -> dict:
+def process_rows(batch: dict, batch_size: int) -> dict:
+  """This process's rows of a global batch of `batch_size` rows (all of them in a 1-process run):
+  the block that `sharding.place_batch` expects from it."""
   per_process = batch_size // jax.process_count()
   start = jax.process_index() * per_process
   return {k: v[start:start + per_process] for k, v in batch.items()}
@@ -61,7 +63,7 @@ def train_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: in
              .shuffle(seed=seed)
              .repeat()
              .batch(batch_size, drop_remainder=True, batch_fn=_to_example)
-             .map(lambda b: _process_rows(b, batch_size)))
+             .map(lambda b: process_rows(b, batch_size)))
   if read_options is None:
     read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   return iter(dataset.to_iter_dataset(read_options))
@@ -73,6 +75,6 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batch
   source = WindowSource(tokens, seq_len)
   dataset = (grain.MapDataset.source(source).shuffle(seed=seed)
              .batch(batch_size, drop_remainder=True, batch_fn=_to_example)
-             .map(lambda b: _process_rows(b, batch_size)))
+             .map(lambda b: process_rows(b, batch_size)))
   for i in range(min(num_batches, len(dataset))):
     yield dataset[i]

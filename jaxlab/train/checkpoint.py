@@ -3,6 +3,9 @@ data iterator's state, saved atomically (orbax writes to a temporary directory a
 
 On restore the newest checkpoint is tried first; one that cannot be read is reported, moved aside to
 WORKDIR/corrupt_checkpoints/ (never deleted, never overwritten), and the previous one is used.
+
+In a multi-process run every process saves and restores its shards of the same checkpoint; a checkpoint
+that any process cannot read counts as unreadable for all, and process 0 moves it aside.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import time
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxlab.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +53,19 @@ class Checkpointer:
     `abstract_state`: pytree of jax.ShapeDtypeStruct with shardings (restored arrays land there).
     """
     for step in reversed(self.all_steps()):
+      restored, error = None, None
       try:
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                           data=ocp.args.JsonRestore()))
-        return step, restored["state"], dict(restored["data"])
       except Exception as e:  # orbax raises many types for unreadable files
         message = str(e).splitlines()[0] if str(e) else ""
-        log.warning("checkpoint at step %d is unreadable (%s: %s); trying the previous one",
-                    step, type(e).__name__, message[:200])
-        self._quarantine(step)
+        error = f"{type(e).__name__}: {message[:200]}"
+      if _all_processes_agree(error is None):
+        return step, restored["state"], dict(restored["data"])
+      log.warning("checkpoint at step %d is unreadable (%s); trying the previous one", step,
+                  error or "in another process")
+      self._quarantine(step)
     return None
 
   def _quarantine(self, step: int) -> None:
@@ -65,15 +74,23 @@ class Checkpointer:
     source = self.directory / str(step)
     if not source.exists():
       candidates = [p for p in self.directory.iterdir() if p.name.split("_")[-1] == str(step)]
-      if not candidates:
-        return
-      source = candidates[0]
-    _move_aside(source, self.workdir, "could not be read")
+      source = candidates[0] if candidates else None
+    if source is not None and distributed.is_primary():
+      _move_aside(source, self.workdir, "could not be read")
+    distributed.barrier(f"jaxlab_quarantine_{step}")
     self._manager.reload()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True when `ok` holds in every process (a collective in a multi-process run)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 def abstract_with_shardings(abstract_tree, shardings):
@@ -134,8 +151,9 @@ class BestParams:
     """Moves the saved record aside (see the class docstring) and starts with none."""
     self._manager.wait_until_finished()
     self._manager.close()
-    if self.directory.exists():
+    if self.directory.exists() and distributed.is_primary():
       _move_aside(self.directory, self.workdir, why)
+    distributed.barrier("jaxlab_best_discard")
     self.step, self.val_loss = None, float("inf")
     self._open()
 

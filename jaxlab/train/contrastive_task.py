@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.data import caption_pairs
+from jaxlab.data import caption_pairs, pipeline
 from jaxlab.losses import contrastive
 from jaxlab.models.clip import DualEncoder, DualEncoderConfig
 from jaxlab.models.vit import VIT_POSITIONS
@@ -130,7 +130,8 @@ class ContrastiveTask:
   def train_iterator(self):
     source = _PairSource(self.train_pairs.images_NHWC, self.tokens(self.train_pairs.captions))
     dataset = (grain.MapDataset.source(source).shuffle(seed=self.config.seed).repeat()
-               .batch(self.batch_size, drop_remainder=True, batch_fn=_stack))
+               .batch(self.batch_size, drop_remainder=True, batch_fn=_stack)
+               .map(lambda b: pipeline.process_rows(b, self.batch_size)))
     return iter(dataset.to_iter_dataset())
 
   def eval_iterator(self):
@@ -139,7 +140,7 @@ class ContrastiveTask:
     dataset = (grain.MapDataset.source(source).shuffle(seed=self.config.train.eval_seed)
                .batch(self.batch_size, drop_remainder=True, batch_fn=_stack))
     for i in range(min(self.config.train.eval_batches, len(dataset))):
-      yield dataset[i]
+      yield pipeline.process_rows(dataset[i], self.batch_size)
 
   def init_params(self, rng: jax.Array):
     size = IMAGE_SIZE[self.config.data.name]

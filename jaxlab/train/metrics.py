@@ -10,14 +10,19 @@ import pathlib
 
 class MetricsWriter:
 
-  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True):
+  """`enabled=False` writes nothing (the processes other than 0 of a multi-process run)."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True, enabled: bool = True):
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self.enabled = enabled
     self._tb = None
-    if tensorboard:
+    if tensorboard and enabled:
       from tensorboardX import SummaryWriter  # imported lazily: optional for library users
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, **scalars: float) -> None:
+    if not self.enabled:
+      return
     record = {"step": int(step)}
     for k, v in scalars.items():
       v = float(v)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from jaxlab.configs.validate import train_microbatches
 from jaxlab.train import checkpoint as checkpoint_lib
-from jaxlab.train import optim, sharding, tasks
+from jaxlab.train import distributed, optim, sharding, tasks
 from jaxlab.train.metrics import MetricsWriter
 
 # TrainState is a plain dict pytree: {"step", "params", "opt_state", "rng"}.
@@ -64,7 +64,10 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
-  task = task or tasks.build_task(config)
+  if task is None:  # process 0 first: it prepares any dataset files that the others then read
+    task = tasks.build_task(config) if distributed.is_primary() else None
+    distributed.barrier("jaxlab_task_built")
+    task = task or tasks.build_task(config)
   tx = optim.make_optimizer(config.optim, config.train.steps)
   init = _init_state_fn(task, tx, config.seed)
   with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -236,6 +239,8 @@ def check_resume_config(run: Run) -> None:
 
 
 def _save_run_files(run: Run) -> None:
+  if not distributed.is_primary():
+    return
   (run.workdir / "config.json").write_text(run.config.to_json_best_effort(indent=2))
   vocab = getattr(run.task, "vocab", None)
   if vocab is not None:
@@ -259,19 +264,20 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     data_iter.set_state(data_state)
   train_step = make_train_step(run)
   eval_step = make_eval_step(run)
-  writer = MetricsWriter(run.workdir, tensorboard=cfg.tensorboard)
+  primary = distributed.is_primary()
+  writer = MetricsWriter(run.workdir, tensorboard=cfg.tensorboard, enabled=primary)
   best = None
   if cfg.get("keep_best", False):
     best = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(config))
     if start == 0 and best.step is not None:  # a fresh run: that record is from an earlier one
       best.discard("belongs to an earlier run in this workdir (training starts from step 0)")
-  if start:
+  if start and primary:
     print(f"jaxlab: resumed from step {start} in {run.workdir}", flush=True)
   final: dict = {}
   step_times: list[float] = []
   losses = []
-  bar = tqdm(total=cfg.steps, initial=start, disable=not progress, dynamic_ncols=True,
-             desc="train")
+  bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and primary),
+             dynamic_ncols=True, desc="train")
   try:
     with run.mesh, run.rules():
       batch = None
@@ -310,7 +316,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         if done % cfg.eval_every == 0 or done == cfg.steps:
           val_loss = evaluate(run, state["params"], eval_step)
           writer.write(done, val_loss=val_loss)
-          bar.write(f"step {done}: val_loss {val_loss:.4f}")
+          if primary:
+            bar.write(f"step {done}: val_loss {val_loss:.4f}")
           final["val_loss"] = val_loss
           if best is not None:
             best.offer(done, val_loss, state["params"])

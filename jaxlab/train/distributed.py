@@ -1,0 +1,73 @@
+"""Multi-process (multi-host) runs through `jax.distributed`.
+
+Every process runs the same `jaxlab train|eval|sample` command; together they see all processes' devices
+as one mesh. Each process reads only its rows of every global batch (the data pipelines slice by
+`jax.process_index()`) and `sharding.place_batch` assembles the global arrays. Files a run writes once
+(config.json, metrics, TensorBoard, printed lines) are written by process 0; orbax checkpoints are
+written by all processes together into the shared WORKDIR.
+
+    # on each of N hosts (process_id = 0 .. N-1), WORKDIR on a filesystem they share:
+    jaxlab train lm_char --workdir /shared/runs/x \
+        --coordinator HOST0:1234 --num-processes N --process-id I
+    # or where JAX detects the cluster itself (Cloud TPU pods, SLURM, Open MPI, Kubernetes):
+    jaxlab train lm_char --workdir /shared/runs/x --distributed
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+
+def wanted(*, coordinator: Optional[str], num_processes: Optional[int],
+           process_id: Optional[int], auto: bool) -> bool:
+  """Whether the command-line options ask for a multi-process run; ValueError naming the option
+  when they are incomplete or contradictory."""
+  explicit = {"--coordinator": coordinator, "--num-processes": num_processes,
+              "--process-id": process_id}
+  given = [name for name, value in explicit.items() if value is not None]
+  if auto and given:
+    raise ValueError(f"--distributed detects the cluster itself; drop {', '.join(given)} "
+                     "(or drop --distributed and give all three)")
+  if given and len(given) != len(explicit):
+    missing = [name for name in explicit if name not in given]
+    raise ValueError(f"{', '.join(given)} given without {', '.join(missing)}: a multi-process "
+                     "run needs --coordinator HOST:PORT, --num-processes N and --process-id I")
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"--num-processes={num_processes} must be >= 1")
+  if process_id is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"--process-id={process_id} must be in [0, {num_processes})")
+  if coordinator is not None and ":" not in coordinator:
+    raise ValueError(f"--coordinator={coordinator!r} must be HOST:PORT")
+  return auto or bool(given)
+
+
+def initialize(*, coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None) -> None:
+  """`jax.distributed.initialize` (before anything starts JAX's backend). All None: the cluster is
+  detected by JAX."""
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def is_primary() -> bool:
+  """True in the one process that writes run files and prints (process 0)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def host_copy(tree: Any) -> Any:
+  """The pytree's global arrays as numpy arrays on every process (a collective in a multi-process
+  run: every process must call it), for work that runs on one host's devices (sampling, reports)."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

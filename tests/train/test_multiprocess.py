@@ -1,0 +1,141 @@
+"""Multi-process runs through jax.distributed: 2 processes x 2 CPU devices (the `jaxlab` command, a
+coordinator on localhost) train the same numbers as this process on a 4-device mesh, step for step;
+they resume from a checkpoint saved by both processes, and fall back past one that is corrupt."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlab.configs import load_config
+from jaxlab.train import trainer
+from jaxlab.train.metrics import read_metrics
+
+PROCESSES = 2
+DEVICES_PER_PROCESS = 2
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _run_processes(args: list[str], timeout: int = 420) -> list[str]:
+  """`jaxlab ARGS` in PROCESSES processes of DEVICES_PER_PROCESS CPU devices each; their stdouts."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
+                      f"{DEVICES_PER_PROCESS}")  # the last count given wins
+  env["JAX_PLATFORMS"] = "cpu"
+  coordinator = f"localhost:{_free_port()}"
+  procs = [subprocess.Popen([sys.executable, "-m", "jaxlab.cli", *args, "--coordinator", coordinator,
+                             "--num-processes", str(PROCESSES), "--process-id", str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(PROCESSES)]
+  outputs = []
+  try:
+    for i, p in enumerate(procs):
+      out, err = p.communicate(timeout=timeout)
+      assert p.returncode == 0, f"process {i} failed ({p.returncode}):\n{out}\n{err[-3000:]}"
+      outputs.append(out)
+  finally:
+    for p in procs:
+      p.kill()
+  return outputs
+
+
+def _overrides(config) -> list[str]:
+  """The config as --config.K=V overrides (the same run, on the command line)."""
+  flat = trainer._flatten(json.loads(config.to_json_best_effort()))
+  return [f"--config.{k}={v}" for k, v in flat.items() if not isinstance(v, (list, dict))]
+
+
+def _by_step(workdir, key) -> dict:
+  out = {}
+  for m in read_metrics(workdir):  # a resumed run appends; the last record of a step wins
+    if key in m:
+      out[m["step"]] = m[key]
+  return out
+
+
+def test_two_processes_train_resume_and_skip_a_corrupt_checkpoint(tiny_lm_config, tmp_path):
+  # data 2 x fsdp 2: parameters and optimizer state are sharded across the two processes.
+  config = tiny_lm_config("--config.train.log_every=1", "--config.model.dropout=0.1",
+                          "--config.sample.prompt=the ",
+                          "--config.mesh.data=2", "--config.mesh.fsdp=2")
+  single = trainer.train(config, tmp_path / "single", progress=False)  # 4 of this process's devices
+  workdir = tmp_path / "multi"
+  args = ["train", "lm_char", "--workdir", str(workdir), "--no-progress", *_overrides(config)]
+  first, second = _run_processes(args)
+  assert "val_loss" in first and "sample" in first  # process 0 reports and samples ...
+  assert "jaxlab" not in second and "val_loss" not in second  # ... and only process 0 prints
+  reference = _by_step(tmp_path / "single", "train_loss")
+  assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([_by_step(workdir, "train_loss")[s] for s in reference],
+                             [reference[s] for s in reference], rtol=2e-5)
+  np.testing.assert_allclose(_by_step(workdir, "val_loss")[6], single["val_loss"], rtol=2e-5)
+
+  # Damage the newest checkpoint (steps 3 and 6 are kept): both processes skip it, process 0 moves it
+  # aside, and the run resumes from step 3 to the same numbers.
+  damaged = 0
+  for f in (workdir / "checkpoints" / "6" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+      damaged += 1
+  assert damaged
+  first, _ = _run_processes(args)
+  assert "resumed from step 3" in first and "could not be read" in first
+  assert len(list((workdir / "corrupt_checkpoints").iterdir())) == 1
+  resumed = _by_step(workdir, "train_loss")
+  np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [reference[s] for s in (4, 5, 6)],
+                             rtol=2e-5)
+
+
+def test_two_processes_contrastive_global_batch(tfds_dir, tmp_path):
+  """Each process reads its own rows: the sharded SigLIP loss over both processes' devices sees the
+  same global batch as one process does (duplicated rows would change every loss)."""
+  tiny = ["--config.model.image_width=16", "--config.model.image_layers=1",
+          "--config.model.image_heads=2", "--config.model.text_width=16",
+          "--config.model.text_layers=1", "--config.model.text_heads=2", "--config.model.embed_dim=8",
+          "--config.data.text_len=24", "--config.data.batch_size=16", "--config.model.patch=4",
+          f"--config.data.data_dir={tfds_dir}", "--config.mesh.data=4", "--config.mesh.fsdp=1",
+          "--config.train.steps=3", "--config.train.log_every=1", "--config.train.eval_every=3",
+          "--config.train.eval_batches=2", "--config.train.checkpoint_every=3",
+          "--config.train.tensorboard=False", "--config.optim.warmup_steps=1",
+          "--config.eval.batch_size=512"]
+  config = load_config("contrastive_digits", tiny)
+  single = trainer.train(config, tmp_path / "single", progress=False)
+  _run_processes(["train", "contrastive_digits", "--workdir", str(tmp_path / "multi"),
+                  "--no-progress", *tiny])
+  reference = _by_step(tmp_path / "single", "train_loss")
+  assert sorted(reference) == [1, 2, 3]
+  multi = _by_step(tmp_path / "multi", "train_loss")
+  np.testing.assert_allclose([multi[s] for s in reference], [reference[s] for s in reference],
+                             rtol=2e-5)
+  np.testing.assert_allclose(_by_step(tmp_path / "multi", "val_loss")[3], single["val_loss"],
+                             rtol=2e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--coordinator", "localhost:1"], "without --num-processes, --process-id"),
+    (["--num-processes", "2", "--process-id", "2", "--coordinator", "h:1"], "--process-id=2"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+    (["--distributed", "--process-id", "0"], "drop --process-id"),
+])
+def test_bad_process_options_are_named(args, message, capsys):
+  from jaxlab import cli
+  assert cli.main(["train", "lm_char", "--workdir", "unused", *args]) == 1
+  assert message in capsys.readouterr().err
+
+
+def test_multi_process_run_needs_a_workdir(capsys):
+  from jaxlab import cli
+  assert cli.main(["train", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "0"]) == 1
+  assert "needs --workdir" in capsys.readouterr().err
