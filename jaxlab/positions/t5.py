@@ -93,7 +93,8 @@ class T5RelativeBias(nn.Module):
   num_buckets: int = 32
   max_distance: int = 128
   bidirectional: bool = True
-  embedding_init: Callable[..., Any] = nn.initializers.normal(stddev=1.0)
+  embedding_init: Callable[..., Any] = nn.with_logical_partitioning(  # [buckets, heads]
+      nn.initializers.normal(stddev=1.0), (None, "heads"))
   param_dtype: Any = jnp.float32
 
   @nn.compact

@@ -1,5 +1,6 @@
 """The GPT: causality by gradients, cached decoding equals recomputation, GQA and positions."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +47,21 @@ def test_causality_by_gradient(position, kv_heads, extra):
     per_position = influence[t]
     assert np.all(per_position[reach[t]] > 0.0), (t, per_position)
     assert np.all(per_position[~reach[t]] == 0.0), (t, per_position)
+
+
+@pytest.mark.parametrize("extra", [dict(position=p) for p in ALL_POSITIONS] + FAMILIES
+                         + [dict(tie_embeddings=False, qk_norm=True, logit_soft_cap=30.0)])
+def test_every_parameter_has_logical_axis_names(extra):
+  """Each parameter is boxed with one logical name per axis, so the mesh rules place all of them
+  (an unnamed one would silently be replicated on every device)."""
+  boxed = tiny_gpt(**extra).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  leaves = jax.tree_util.tree_leaves_with_path(
+      boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves
+  for path, leaf in leaves:
+    name = jax.tree_util.keystr(path)
+    assert isinstance(leaf, nn.LogicallyPartitioned), f"{name} has no logical axis names"
+    assert len(leaf.names) == leaf.value.ndim, (name, leaf.names, leaf.value.shape)
 
 
 def _reach(extra, t, layers):

@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def test_known_bucket_values_default_configuration():
 def test_module_bias_is_the_table_at_end_aligned_buckets():
   m = P.T5RelativeBias(num_heads=3, num_buckets=16, max_distance=32, bidirectional=False)
   variables = m.init(jax.random.key(0), 4, 9)
-  table = np.asarray(variables["params"]["rel_embedding"])
+  table = np.asarray(nn.meta.unbox(variables["params"])["rel_embedding"])  # boxed: (None, "heads")
   assert table.shape == (16, 3)
   got = np.asarray(m.apply(variables, 4, 9))
   assert got.shape == (1, 3, 4, 9) and got.dtype == np.float32
