@@ -64,6 +64,23 @@ def test_every_parameter_has_logical_axis_names(extra):
     assert len(leaf.names) == leaf.value.ndim, (name, leaf.names, leaf.value.shape)
 
 
+def test_untied_head_is_its_own_parameter():
+  """tie_embeddings=False: logits come from a separate [width, vocab] head, not the embedding."""
+  tokens = jnp.arange(8)[None] % 11
+  tied, untied = tiny_gpt(), tiny_gpt(tie_embeddings=False)
+  p_tied = nn.meta.unbox(tied.init(jax.random.key(0), tokens)["params"])
+  p_untied = nn.meta.unbox(untied.init(jax.random.key(0), tokens)["params"])
+  assert "head" not in p_tied and p_untied["head"]["kernel"].shape == (32, 11)
+  count = lambda p: sum(x.size for x in jax.tree.leaves(p))
+  assert count(p_untied) == count(p_tied) + 32 * 11
+  # The logits move with the head kernel and not with the embedding's transpose.
+  grads = jax.grad(lambda p: untied.apply({"params": p}, tokens).sum())(p_untied)
+  assert np.abs(grads["head"]["kernel"]).sum() > 0
+  zero_head = jax.tree.map(lambda x: x, p_untied)
+  zero_head["head"]["kernel"] = jnp.zeros_like(p_untied["head"]["kernel"])
+  np.testing.assert_array_equal(untied.apply({"params": zero_head}, tokens), 0.0)
+
+
 def _reach(extra, t, layers):
   """[t, s] bool: whether input s can influence output t through `layers` attention layers, from the
   masks written out here (causal; local: s >= t - w; strided block-sparse with blocks of b: block(s)
@@ -102,7 +119,7 @@ def _apply_soft(model, params, x_onehot_BTV):
                  "rope_scaling": positions.RopeScaling(kind="yarn", factor=2.0, original_max_len=8)}),
 ] + [("rope", 2, f) for f in FAMILIES] + [
     ("learned", 4, f) for f in FAMILIES if f["attention"] != "block_sparse"] + [
-    ("rope", 2, {"qk_norm": True, "logit_soft_cap": 5.0}),
+    ("rope", 2, {"qk_norm": True, "logit_soft_cap": 5.0, "tie_embeddings": False}),
     # Dynamic NTK within its training length (beyond it: tests/layers/test_attention_layer.py).
     ("rope", 2, {"rope_scaling": positions.RopeScaling("dynamic_ntk", 2.0, original_max_len=12)}),
 ] + [("rope", 2, r) for r in RE_ROPE])
