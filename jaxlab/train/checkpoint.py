@@ -1,8 +1,11 @@
 """Checkpoints with orbax's CheckpointManager: train state (params, optimizer state, step, RNG) and the
 data iterator's state, saved atomically (orbax writes to a temporary directory and renames it).
 
-On restore the newest checkpoint is tried first; one that cannot be read is reported, moved aside to
-WORKDIR/corrupt_checkpoints/ (never deleted, never overwritten), and the previous one is used.
+On restore the newest checkpoint is tried first; one that cannot be read, or whose arrays no longer
+match the checksums saved with them (bytes damaged in place), is reported, moved aside to
+WORKDIR/corrupt_checkpoints/ (never deleted, never overwritten), and the previous one is used. When no
+checkpoint can be restored (more likely a different model than damage) nothing is moved and
+`CheckpointError` says so.
 
 In a multi-process run every process saves and restores its shards of the same checkpoint; a checkpoint
 that any process cannot read counts as unreadable for all, and process 0 moves it aside.
@@ -24,6 +27,12 @@ from jaxlab.train import distributed
 
 log = logging.getLogger(__name__)
 
+CHECKSUMS_KEY = "_jaxlab_state_checksums"  # in the "data" item, next to the data iterator's state
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in a workdir could be restored into the run's state."""
+
 
 class Checkpointer:
   """Saves and restores {"state": pytree of arrays, "data": JSON dict} under WORKDIR/checkpoints."""
@@ -40,8 +49,9 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: dict, *, force: bool = True) -> None:
+    data = {**data_state, CHECKSUMS_KEY: state_checksums(state)}
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     data=ocp.args.JsonSave(data_state)),
+                                                     data=ocp.args.JsonSave(data)),
                        force=force)
 
   def wait(self) -> None:
@@ -52,23 +62,47 @@ class Checkpointer:
 
     `abstract_state`: pytree of jax.ShapeDtypeStruct with shardings (restored arrays land there).
     """
+    failed = []  # (step, why) of the checkpoints newer than the one restored
     for step in reversed(self.all_steps()):
-      restored, error = None, None
-      try:
+      restored, error = self._restore_verified(step, abstract_state)
+      if _all_processes_agree(error is None):
+        for bad_step, why in failed:
+          log.warning("checkpoint at step %d is unreadable (%s)", bad_step, why)
+          self._quarantine(bad_step, why)
+        return step, restored["state"], restored["data"]
+      failed.append((step, error or "unreadable in another process"))
+    if failed:
+      raise CheckpointError(
+          f"none of the checkpoints in {self.directory} (steps {', '.join(str(s) for s, _ in failed)})"
+          f" could be restored into this run's state; newest: {failed[0][1]}. Nothing was moved: "
+          "if they are damaged, move them away (or use a new --workdir) to start afresh")
+    return None
+
+  def _restore_verified(self, step: int, abstract_state: Any) -> tuple[Optional[dict], Optional[str]]:
+    """({"state", "data"}, None) for a checkpoint that restores and matches its checksums, else
+    (None, why)."""
+    try:
+      with _quiet("orbax", "absl", "jax"):  # orbax logs each unreadable file at length
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                           data=ocp.args.JsonRestore()))
-      except Exception as e:  # orbax raises many types for unreadable files
-        message = str(e).splitlines()[0] if str(e) else ""
-        error = f"{type(e).__name__}: {message[:200]}"
-      if _all_processes_agree(error is None):
-        return step, restored["state"], dict(restored["data"])
-      log.warning("checkpoint at step %d is unreadable (%s); trying the previous one", step,
-                  error or "in another process")
-      self._quarantine(step)
-    return None
+    except Exception as e:  # orbax raises many types for unreadable files
+      message = (str(e).splitlines() or [""])[0].split(" See full TensorStore details")[0]
+      return None, f"{type(e).__name__}: {message[:200]}"
+    data = dict(restored["data"])
+    saved = data.pop(CHECKSUMS_KEY, None)  # None: saved before checksums existed
+    if saved is not None:
+      actual = state_checksums(restored["state"])
+      paths = [jax.tree_util.keystr(p) for p, _ in
+               jax.tree_util.tree_leaves_with_path(restored["state"])]
+      for path, want, got in zip(paths, saved, actual):
+        if want != got:
+          return None, f"the bytes of state{path} differ from what was saved (checksum)"
+      if len(saved) != len(actual):
+        return None, "the state holds a different number of arrays than was saved"
+    return {"state": restored["state"], "data": data}, None
 
-  def _quarantine(self, step: int) -> None:
+  def _quarantine(self, step: int, why: str = "") -> None:
     """Moves a bad checkpoint out of the manager's directory, keeping it for inspection."""
     self.wait()
     source = self.directory / str(step)
@@ -76,13 +110,58 @@ class Checkpointer:
       candidates = [p for p in self.directory.iterdir() if p.name.split("_")[-1] == str(step)]
       source = candidates[0] if candidates else None
     if source is not None and distributed.is_primary():
-      _move_aside(source, self.workdir, "could not be read")
+      _move_aside(source, self.workdir, f"could not be read ({why})" if why else "could not be read")
     distributed.barrier(f"jaxlab_quarantine_{step}")
     self._manager.reload()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class _quiet:
+  """Raises the named loggers to CRITICAL inside a `with` block."""
+
+  def __init__(self, *names: str):
+    self._loggers = [logging.getLogger(n) for n in names]
+
+  def __enter__(self):
+    self._levels = [lg.level for lg in self._loggers]
+    for lg in self._loggers:
+      lg.setLevel(logging.CRITICAL)
+
+  def __exit__(self, *exc):
+    for lg, level in zip(self._loggers, self._levels):
+      lg.setLevel(level)
+
+
+def state_checksums(state: Any) -> list[int]:
+  """One number per array of `state` (tree-leaf order): the sum of its elements' bit patterns as
+  unsigned ints, mod 2**32. Exact (integer sums do not depend on order), so the same for any sharding;
+  bytes changed on disk change it. Each process sums the shards it holds (replica 0 of each), then the
+  processes' sums are added (a collective in a multi-process run)."""
+  sums = []
+  for leaf in jax.tree.leaves(state):
+    total = 0
+    shards = leaf.addressable_shards if isinstance(leaf, jax.Array) else None
+    if shards is None:
+      total = _bits_sum(np.asarray(leaf))
+    else:
+      for shard in shards:
+        if shard.replica_id == 0:
+          total += _bits_sum(np.asarray(shard.data))
+    sums.append(total % 2**32)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    per_process = multihost_utils.process_allgather(np.array(sums, np.uint32))
+    sums = [int(x) % 2**32 for x in
+            np.asarray(per_process).reshape(-1, len(sums)).sum(0, dtype=np.uint64)]
+  return [int(x) for x in sums]
+
+
+def _bits_sum(a: np.ndarray) -> int:
+  a = np.ascontiguousarray(a)
+  return int(a.reshape(-1).view(f"u{a.dtype.itemsize}").sum(dtype=np.uint64)) if a.size else 0
 
 
 def _all_processes_agree(ok: bool) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 
 
@@ -19,6 +20,20 @@ class MetricsWriter:
     if tensorboard and enabled:
       from tensorboardX import SummaryWriter  # imported lazily: optional for library users
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+  def drop_after(self, step: int) -> None:
+    """Removes the records after `step` (a run resumed from the checkpoint at `step` writes them
+    again), so metrics.jsonl holds one history. Replaces the file atomically."""
+    if not self.enabled or not self.path.exists():
+      return
+    text = self.path.read_text()
+    records = read_metrics(self.path.parent)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) == len(records) and (not text or text.endswith("\n")):
+      return  # (a line cut short by a kill is dropped too: the next record would be glued to it)
+    tmp = self.path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, self.path)
 
   def write(self, step: int, **scalars: float) -> None:
     if not self.enabled:

@@ -60,7 +60,8 @@ def _init_state_fn(task, tx, seed: int) -> Callable[[], TrainState]:
 
 
 def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
-  """Mesh, task, optimizer and the sharded abstract state (eval_shape -> shardings)."""
+  """Mesh, task, optimizer and the sharded abstract state (eval_shape -> shardings). Refuses (ValueError,
+  nothing changed) a workdir whose checkpoints belong to another model/data/optimizer config."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
@@ -75,7 +76,13 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
     state_shardings = sharding.logical_shardings(boxed, mesh)
   abstract_state = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), state_shardings)
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-  return Run(config, workdir, mesh, task, tx, state_shardings, abstract_state, checkpointer)
+  run = Run(config, workdir, mesh, task, tx, state_shardings, abstract_state, checkpointer)
+  try:
+    check_resume_config(run)
+  except ValueError:
+    checkpointer.close()
+    raise
+  return run
 
 
 def init_state(run: Run) -> TrainState:
@@ -225,13 +232,20 @@ def config_fingerprint(config) -> str:
 
 def check_resume_config(run: Run) -> None:
   """Refuses to resume a workdir whose checkpoints were trained under a different model/data/optimizer
-  config (restoring them would fail or silently change the run); names the first differing key."""
+  config (restoring them would fail or silently change the run); names the first differing key. Keys
+  that the saved config.json lacks (added to jaxlab after that run) are taken to hold their defaults."""
   saved_path = run.workdir / "config.json"
-  if not saved_path.exists() or not run.checkpointer.all_steps():
+  if not run.checkpointer.all_steps():
     return
+  if not saved_path.exists():
+    raise ValueError(f"{run.workdir} holds checkpoints but no config.json, so they cannot be checked "
+                     "against this run's config; put config.json back or use a new --workdir "
+                     "(nothing was changed)")
   saved = _resume_keys(json.loads(saved_path.read_text()))
   current = _resume_keys(json.loads(run.config.to_json_best_effort()))
   for key in sorted(set(saved) | set(current)):
+    if key not in saved:  # a key added after that run was saved: its default is the old behaviour
+      continue
     if saved.get(key) != current.get(key):
       raise ValueError(f"{run.workdir} holds checkpoints trained with config.{key}="
                        f"{saved.get(key)!r}, but this run has {current.get(key)!r}; use a new "
@@ -250,11 +264,6 @@ def _save_run_files(run: Run) -> None:
 def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = True) -> dict:
   """Trains (resuming from WORKDIR's newest checkpoint when there is one); returns final metrics."""
   run = setup(config, workdir, task=task)
-  try:
-    check_resume_config(run)
-  except ValueError:
-    run.checkpointer.close()
-    raise
   _save_run_files(run)
   cfg = config.train
   state, data_state = restore_or_init(run)
@@ -273,6 +282,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
       best.discard("belongs to an earlier run in this workdir (training starts from step 0)")
   if start and primary:
     print(f"jaxlab: resumed from step {start} in {run.workdir}", flush=True)
+  writer.drop_after(start)  # records a killed run wrote after its last checkpoint
   final: dict = {}
   step_times: list[float] = []
   losses = []

@@ -115,3 +115,121 @@ def test_resuming_with_a_different_model_is_refused_and_changes_nothing(tiny_lm_
   after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
   assert before == after
   assert not (tmp_path / "corrupt_checkpoints").exists()
+
+
+def _steps(ckpt_dir):
+  return sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit())
+
+
+def test_bytes_damaged_in_place_are_caught_by_checksums(tiny_lm_config, tmp_path, capsys):
+  """Bytes overwritten inside a checkpoint's array files (same size, still decodable or not): the
+  restored state would be wrong (NaN losses on resume); its checksums catch it and step 3 is used."""
+  config = tiny_lm_config("--config.train.steps=6", "--config.train.checkpoint_every=3")
+  trainer.train(config, tmp_path, progress=False)
+  files = [f for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*")
+           if f.is_file() and "/d/" in str(f)]
+  assert files
+  biggest = max(files, key=lambda f: f.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 64] = bytes(range(64))
+  biggest.write_bytes(bytes(data))
+  run = trainer.setup(config, tmp_path)
+  step, state, _ = run.checkpointer.restore_latest(run.abstract_state)
+  run.checkpointer.close()
+  assert step == 3 and int(state["step"]) == 3
+  assert "could not be read" in capsys.readouterr().out
+
+
+def test_checksum_mismatch_alone_rejects_a_checkpoint(tiny_lm_config, tmp_path, monkeypatch, capsys):
+  """A checkpoint that orbax reads without complaint but whose arrays differ from the checksums
+  saved with it is not used."""
+  from jaxlab.train import checkpoint as ckpt
+  config = tiny_lm_config("--config.train.steps=6", "--config.train.checkpoint_every=3")
+  honest = ckpt.state_checksums
+  calls = []
+
+  def off_by_one_at_step_6(state):
+    sums = honest(state)
+    calls.append(1)
+    return [s + 1 for s in sums] if len(calls) == 2 else sums  # the second save (step 6)
+
+  monkeypatch.setattr(ckpt, "state_checksums", off_by_one_at_step_6)
+  trainer.train(config, tmp_path, progress=False)
+  monkeypatch.setattr(ckpt, "state_checksums", honest)
+  run = trainer.setup(config, tmp_path)
+  step, _, _ = run.checkpointer.restore_latest(run.abstract_state)
+  run.checkpointer.close()
+  assert step == 3
+  assert "differ from what was saved" in capsys.readouterr().out
+
+
+def test_state_checksums_are_exact_and_sharding_independent():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jaxlab.train import checkpoint as ckpt
+  x = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
+  mesh = jax.make_mesh((4, 2), ("a", "b"))
+  placed = [jax.device_put(x, NamedSharding(mesh, spec)) for spec in (P(), P("a"), P("a", "b"))]
+  sums = [ckpt.state_checksums({"w": p, "step": np.int32(3)}) for p in placed]
+  assert sums[0] == sums[1] == sums[2] == ckpt.state_checksums({"w": x, "step": np.int32(3)})
+  flipped = x.copy()
+  flipped.view(np.uint32)[5, 2] ^= 1  # one bit of one element
+  assert ckpt.state_checksums({"w": flipped, "step": np.int32(3)}) != sums[0]
+
+
+def test_no_restorable_checkpoint_moves_nothing(tiny_lm_config, tmp_path):
+  """Every checkpoint unreadable (or a state they do not fit): an error, and all of them stay."""
+  import pytest
+  from jaxlab.train.checkpoint import CheckpointError
+  config = tiny_lm_config("--config.train.steps=6", "--config.train.checkpoint_every=3")
+  trainer.train(config, tmp_path, progress=False)
+  for step in ("3", "6"):
+    for f in (tmp_path / "checkpoints" / step / "state").rglob("*"):
+      if f.is_file():
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+  with pytest.raises(CheckpointError, match="Nothing was moved"):
+    trainer.train(config, tmp_path, progress=False)
+  assert _steps(tmp_path / "checkpoints") == ["3", "6"]
+  assert not (tmp_path / "corrupt_checkpoints").exists()
+
+
+def test_eval_with_a_shape_changing_override_is_refused(tiny_lm_config, tmp_path):
+  """`jaxlab eval/sample WORKDIR --config.model.width=64` must not treat the run's good checkpoints
+  as corrupt: setup names the key and changes nothing; so does a workdir missing config.json."""
+  import pytest
+  trainer.train(tiny_lm_config(), tmp_path, progress=False)
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+  with pytest.raises(ValueError, match="config.model.width=32"):
+    trainer.setup(tiny_lm_config("--config.model.width=64"), tmp_path)
+  (tmp_path / "config.json").rename(tmp_path / "config.json.bak")
+  with pytest.raises(ValueError, match="no config.json"):
+    trainer.train(tiny_lm_config(), tmp_path, progress=False)
+  (tmp_path / "config.json.bak").rename(tmp_path / "config.json")
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_resume_rewrites_metrics_after_the_checkpoint(tiny_lm_config, tmp_path):
+  """Records a killed run wrote after its last checkpoint are dropped on resume (one history)."""
+  config = tiny_lm_config("--config.train.log_every=1", "--config.train.steps=6",
+                          "--config.train.checkpoint_every=3")
+  trainer.train(config, tmp_path, progress=False)
+  straight = read_metrics(tmp_path)
+  # As if killed after step 4's records (and mid-line), with checkpoints 3 only.
+  import shutil
+  shutil.move(str(tmp_path / "checkpoints" / "6"), str(tmp_path / "elsewhere"))
+  lines = [json.dumps(r) for r in straight if r["step"] <= 4]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "train_l')
+  trainer.train(config, tmp_path, progress=False)
+  losses = lambda records: [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in records]
+  assert losses(read_metrics(tmp_path)) == losses(straight)  # (timings differ)
+
+
+def test_a_workdir_from_before_a_config_key_existed_resumes(tiny_lm_config, tmp_path):
+  """config.json written by an older jaxlab (no model.attention_impl): resuming is not refused."""
+  config = tiny_lm_config("--config.train.steps=6", "--config.train.checkpoint_every=3")
+  trainer.train(config, tmp_path, progress=False)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  del saved["model"]["attention_impl"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  run = trainer.setup(config, tmp_path)  # would raise ValueError naming the key
+  run.checkpointer.close()

@@ -1,0 +1,41 @@
+"""Metrics sinks: TensorBoard event files hold the same scalars as metrics.jsonl; only the writing
+process writes."""
+
+import pathlib
+import struct
+
+from jaxlab.train.metrics import MetricsWriter, read_metrics
+
+
+def _tensorboard_scalars(workdir) -> list[tuple]:
+  """(step, tag, value) from the TFRecord event files (length, crc, Event proto, crc)."""
+  from tensorboardX.proto import event_pb2
+  out = []
+  for path in sorted((pathlib.Path(workdir) / "tensorboard").glob("events.out.tfevents.*")):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[i + 12:i + 12 + n])
+      out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+      i += 12 + n + 4
+  return out
+
+
+def test_tensorboard_events_match_metrics_jsonl(tmp_path):
+  writer = MetricsWriter(tmp_path, tensorboard=True)
+  writer.write(3, train_loss=1.5, val_loss=2.0)
+  writer.write(6, train_loss=1.25)
+  writer.close()
+  assert _tensorboard_scalars(tmp_path) == [(3, "train_loss", 1.5), (3, "val_loss", 2.0),
+                                            (6, "train_loss", 1.25)]
+  assert read_metrics(tmp_path) == [{"step": 3, "train_loss": 1.5, "val_loss": 2.0},
+                                    {"step": 6, "train_loss": 1.25}]
+
+
+def test_a_disabled_writer_writes_nothing(tmp_path):
+  writer = MetricsWriter(tmp_path, tensorboard=True, enabled=False)
+  writer.write(1, train_loss=1.0)
+  writer.drop_after(0)
+  writer.close()
+  assert list(tmp_path.iterdir()) == []
