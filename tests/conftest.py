@@ -55,7 +55,7 @@ def tiny_lm_config(tiny_corpus, tfds_dir):
             "--config.optim.warmup_steps=2", "--config.train.steps=6", "--config.train.log_every=2",
             "--config.train.eval_every=3", "--config.train.eval_batches=2",
             "--config.train.checkpoint_every=3", "--config.train.tensorboard=False",
-            "--config.mesh.data=1", "--config.sample.num_tokens=8"]
+            "--config.mesh.data=1", "--config.sample.num_tokens=8", "--config.sample.prompt=the "]
     return load_config("lm_char", base + list(overrides))
 
   return make

@@ -6,6 +6,8 @@ jaxlab/train/NAME_task.py, see jaxlab/train/tasks.py).
 
 from __future__ import annotations
 
+import math
+
 import jax
 
 from jaxlab.configs import ConfigError
@@ -55,18 +57,37 @@ def validate(config, *, check_devices: bool = True) -> None:
           f"config.train.microbatches={micro!r} must be a positive int")
   tasks.task_module(config.task).validate(config, require)
 
+  seed = config.seed
+  require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
+          f"config.seed={seed!r} must be an int in [0, 2**32)")
+
   o = config.optim
+  for key in ("lr", "min_lr", "b1", "b2", "eps", "weight_decay", "grad_clip"):
+    if key in o:
+      value = o[key]
+      require(isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value), f"config.optim.{key}={value!r} must be a finite number")
   require(o.lr > 0, f"config.optim.lr={o.lr} must be > 0")
   require(0 <= o.min_lr <= o.lr, f"config.optim.min_lr={o.min_lr} must be in [0, optim.lr]")
   require(0 <= o.warmup_steps < config.train.steps,
           f"config.optim.warmup_steps={o.warmup_steps} must be < config.train.steps="
           f"{config.train.steps}")
   require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "config.optim.b1 and config.optim.b2 must be in [0, 1)")
+  if "eps" in o:
+    require(o.eps > 0, f"config.optim.eps={o.eps} must be > 0")
   require(o.weight_decay >= 0, f"config.optim.weight_decay={o.weight_decay} must be >= 0")
   require(o.grad_clip >= 0, f"config.optim.grad_clip={o.grad_clip} must be >= 0 (0 = off)")
 
   require(config.mesh.cpu_devices >= 0,
           f"config.mesh.cpu_devices={config.mesh.cpu_devices} must be >= 0 (0 = auto)")
+  # With every mesh size fixed the batch split is known without the devices: say so here rather than
+  # let the CPU device chooser pick fewer devices and validate_mesh blame the mesh.
+  sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  if all(isinstance(s, int) and s >= 1 for s in sizes):
+    shards = config.mesh.data * config.mesh.fsdp
+    require(config.data.batch_size % shards == 0,
+            f"config.data.batch_size={config.data.batch_size} is not divisible by config.mesh.data"
+            f"*config.mesh.fsdp = {config.mesh.data}*{config.mesh.fsdp} = {shards}")
   if check_devices:
     validate_mesh(config)
 
@@ -96,7 +117,13 @@ def validate_mesh(config) -> None:
             f"config.mesh.tensor={tensor} must divide each process's {jax.local_device_count()} "
             "devices (a tensor-parallel group stays inside one process, so that processes hold "
             "distinct rows of the batch)")
-  units = tasks.task_module(config.task).tensor_units(config)
+  module = tasks.task_module(config.task)
+  # A task's own device-dependent checks (optional): validate_devices(config, require), run once the
+  # backend is up (e.g. the LM's config.model.attention_impl='cudnn' needs a GPU).
+  validate_devices = getattr(module, "validate_devices", None)
+  if validate_devices is not None:
+    validate_devices(config, require)
+  units = module.tensor_units(config)
   if units is None:
     require(tensor == 1, f"config.mesh.tensor={tensor}: task {config.task!r} has no "
                          "tensor-parallel axis; use 1")

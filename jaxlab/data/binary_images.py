@@ -186,7 +186,16 @@ def load_caltech(path: str = "", *, split_seed: int = 0) -> BinaryDataset:
                                           "caltech101_silhouettes_28.mat")
   if not file.is_file():
     raise FileNotFoundError(f"Caltech-101 Silhouettes file not found: {file}")
-  x = scipy.io.loadmat(file)["X"]
+  try:
+    x = np.asarray(scipy.io.loadmat(file)["X"])
+    if x.size == 0 or x.size % (28 * 28):
+      raise ValueError(f"its X array of shape {x.shape} is not 28x28 images")
+  except Exception as e:  # not a .mat file (scipy: "Unknown mat file type ..."), no X, wrong shape
+    first_line = (str(e).splitlines() or [type(e).__name__])[0]
+    detail = f"no 'X' array ({first_line})" if isinstance(e, KeyError) else first_line
+    given = "config.data.path" if path else "the default file; set config.data.path"
+    raise ValueError(f"{file} ({given}) is not a Caltech-101 Silhouettes 28x28 .mat file: "
+                     f"{detail}") from None
   images = 1.0 - x.reshape(-1, 28, 28, order="F").astype(np.float32)  # upright; object = 1
   train, valid, test = _seeded_split(_flat(images), CALTECH_SPLIT, split_seed)
   return BinaryDataset("caltech", train, valid, test, (28, 28), False,

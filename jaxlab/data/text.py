@@ -56,9 +56,14 @@ def load_corpus(data_cfg) -> Corpus:
     if not data_cfg.path:
       raise ValueError("config.data.path must name the text file(s) for data.name='text_files'")
     paths = [p for p in data_cfg.path.split(",") if p]
-    builder = text_builders.JaxlabTextFiles(
-        config=text_builders.text_files_config(paths, data_cfg.train_fraction), data_dir=data_dir,
-        file_format="array_record")
+    try:
+      files_config = text_builders.text_files_config(paths, data_cfg.train_fraction)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"config.data.path={data_cfg.path!r}: {e}") from None
+    except ValueError as e:  # empty or too short to split, not UTF-8
+      raise ValueError(f"config.data.path={data_cfg.path!r}: {e}") from None
+    builder = text_builders.JaxlabTextFiles(config=files_config, data_dir=data_dir,
+                                            file_format="array_record")
   elif name == "tiny_shakespeare":
     return _tfds_tiny_shakespeare(data_cfg, data_dir)
   else:

@@ -70,12 +70,23 @@ def text_files_config(paths, train_fraction: float = 0.9) -> TextFilesConfig:
   if not 0.0 < train_fraction < 1.0:
     raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
   digest = hashlib.sha256(repr(train_fraction).encode())
+  num_chars = 0
   for p in resolved:
     path = pathlib.Path(p)
     if not path.is_file():
       raise FileNotFoundError(f"text file not found: {p}")
+    data = path.read_bytes()
     digest.update(p.encode())
-    digest.update(path.read_bytes())
+    digest.update(data)
+    num_chars += len(_read_text(path)) if data else 0
+  # TFDS fails with a long AssertionError ("No examples were yielded") on an empty split: check first.
+  cut = int(num_chars * train_fraction)
+  if num_chars == 0:
+    raise ValueError(f"text file{'s' if len(resolved) > 1 else ''} {', '.join(resolved)} "
+                     f"{'are' if len(resolved) > 1 else 'is'} empty")
+  if cut == 0 or cut == num_chars:
+    raise ValueError(f"{', '.join(resolved)}: {num_chars} characters are too few to split "
+                     f"{train_fraction} / {1 - train_fraction:.3g} into train and validation text")
   stem = "".join(c if c.isalnum() else "_" for c in pathlib.Path(resolved[0]).stem.lower())[:24]
   return TextFilesConfig(name=f"{stem}_{digest.hexdigest()[:12]}", paths=resolved,
                          train_fraction=train_fraction, version=tfds.core.Version("1.0.0"))

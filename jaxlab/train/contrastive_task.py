@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlab.configs import ConfigError
 from jaxlab.data import caption_pairs, pipeline
 from jaxlab.losses import contrastive
 from jaxlab.models.clip import DualEncoder, DualEncoderConfig
@@ -61,6 +62,19 @@ def validate(config, require) -> None:
     require((m.text_width // m.text_heads) % 2 == 0, "config.model.text_position='rope' needs an "
                                                      "even text head dim")
   require(m.mlp_ratio > 0, f"config.model.mlp_ratio={m.mlp_ratio} must be > 0")
+  for tower in ("image", "text"):  # each tower's MLP has int(mlp_ratio * width) hidden units
+    width = m[f"{tower}_width"]
+    hidden = int(m.mlp_ratio * width) if m.mlp_ratio < float("inf") else 0
+    require(hidden >= 1, f"config.model.mlp_ratio={m.mlp_ratio} gives the {tower} tower an MLP "
+                         f"hidden size of int(mlp_ratio * config.model.{tower}_width={width}) = "
+                         f"{hidden}; it must be >= 1")
+  if d.name == "digits":
+    # The digits split is fixed (caption_pairs.digit_examples: image i of scikit-learn's 1,797 is in
+    # "test" when i % 5 == 0), so its size is known here; evaluation takes whole batches of it.
+    test_pairs = -(-1797 // 5)
+    require(d.batch_size <= test_pairs,
+            f"config.data.batch_size={d.batch_size} is more than the {test_pairs} test pairs of "
+            "config.data.name='digits', so evaluation would give no batches")
   if d.name == "emoji":
     require(bool(d.path), "config.data.path must name the emoji_captions folder (emoji.json and the "
                           "32-px sheets) for config.data.name='emoji'")
@@ -113,9 +127,10 @@ class ContrastiveTask:
     self.train_pairs = caption_pairs.load_pairs(config.data, "train")
     self.test_pairs = caption_pairs.load_pairs(config.data, "test")
     self.batch_size = config.data.batch_size
-    if len(self.train_pairs) < self.batch_size:
-      raise ValueError(f"config.data.batch_size={self.batch_size} exceeds the "
-                       f"{len(self.train_pairs)} training pairs")
+    for split, pairs in (("training", self.train_pairs), ("test", self.test_pairs)):
+      if len(pairs) < self.batch_size:  # no full batch to train on / to evaluate
+        raise ConfigError(f"config.data.batch_size={self.batch_size} exceeds the {len(pairs)} "
+                          f"{split} pairs of {config.data.name!r}")
     self.model = DualEncoder(model_config(config, self.tokenizer.size),
                              end_id=self.tokenizer.END)
     self._mesh = None

@@ -84,6 +84,12 @@ class DensityTask:
     self.data = data or binary_images.load(d.name, path=d.path, data_dir=d.data_dir,
                                            binarize_seed=d.binarize_seed, split_seed=d.split_seed,
                                            static=d.static_binarization)
+    # Evaluation pads its last batch (binary_images.eval_batches), so only training needs a full one;
+    # say so here, before anything is compiled, not when the trainer first asks for batches.
+    if len(self.data.train) < d.batch_size:
+      from jaxlab.configs import ConfigError
+      raise ConfigError(f"config.data.batch_size={d.batch_size} is more than the "
+                        f"{len(self.data.train)} training examples of config.data.name={d.name!r}")
     self.model = build_model(config.model, self.data.dim, self.data.image_shape)
     self.batch_size = d.batch_size
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlab.configs import ConfigError
 from jaxlab.data import pipeline, text
 from jaxlab.models.gpt import gpt_from_config
 
@@ -98,6 +101,13 @@ def validate(config, require) -> None:
   require(m.max_len == 0 or m.max_len >= d.seq_len,
           f"config.model.max_len={m.max_len} is shorter than config.data.seq_len={d.seq_len}")
   require(m.mlp_ratio > 0, f"config.model.mlp_ratio={m.mlp_ratio} must be > 0")
+  if m.attention != "flash":  # FLASH blocks have no MLP (see jaxlab/models/gpt.py)
+    hidden = int(m.mlp_ratio * m.width) if math.isfinite(m.mlp_ratio) else 0
+    require(hidden >= 1, f"config.model.mlp_ratio={m.mlp_ratio} gives an MLP hidden size of "
+                         f"int(mlp_ratio * config.model.width={m.width}) = {hidden}; it must be >= 1")
+  require(isinstance(m.rope_theta, (int, float)) and math.isfinite(m.rope_theta)
+          and m.rope_theta > 0, f"config.model.rope_theta={m.rope_theta!r} must be a finite "
+                                "number > 0")
   require(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout} must be in [0, 1)")
   require(0.0 < d.train_fraction < 1.0,
           f"config.data.train_fraction={d.train_fraction} must be in (0, 1)")
@@ -109,6 +119,16 @@ def validate(config, require) -> None:
   require(s.top_k >= 0, f"config.sample.top_k={s.top_k} must be >= 0 (0 = off)")
   require(0 < s.top_p <= 1, f"config.sample.top_p={s.top_p} must be in (0, 1]")
   require(s.num_tokens >= 0, f"config.sample.num_tokens={s.num_tokens} must be >= 0")
+
+
+def validate_devices(config, require) -> None:
+  """The LM's checks that need the backend (called by jaxlab.configs.validate.validate_mesh)."""
+  impl = config.model.attention_impl
+  # 'pallas' runs anywhere (Pallas interpret mode off the GPU); cuDNN exists only on a GPU.
+  if impl == "cudnn":
+    require(jax.default_backend() == "gpu",
+            f"config.model.attention_impl='cudnn' needs a GPU backend, not "
+            f"{jax.default_backend()!r}; use 'auto', 'xla' or 'blockwise'")
 
 
 def tensor_units(config) -> int:
@@ -127,10 +147,54 @@ class LMTask:
     self.config = config
     self.corpus = text.load_corpus(config.data)
     self.vocab = self.corpus.vocab
+    self._check_splits()
+    try:
+      self.check_prompt(config.sample.prompt, "config.sample.prompt")
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     self.model = gpt_from_config(config.model, self.vocab.size,
                                  max_len=config.model.max_len or config.data.seq_len)
     self.seq_len = config.data.seq_len
     self.batch_size = config.data.batch_size
+
+  def _check_splits(self) -> None:
+    """Both splits hold a window of config.data.seq_len + 1 tokens (and one start more, see
+    pipeline.WindowSource), and the validation split at least one batch of them, or the first
+    evaluation (after training) would fail."""
+    seq_len, batch = self.config.data.seq_len, self.config.data.batch_size
+    where = f"config.data.name={self.config.data.name!r}"
+    if self.config.data.path:
+      where += f", config.data.path={self.config.data.path!r}"
+    for split, tokens in (("train", self.corpus.train), ("validation", self.corpus.validation)):
+      if len(tokens) < seq_len + 2:
+        raise ConfigError(
+            f"config.data.seq_len={seq_len} needs splits of at least {seq_len + 2} tokens, but the "
+            f"{split} split has {len(tokens)} ({where}); use a shorter seq_len or more text")
+    windows = len(self.corpus.validation) - seq_len
+    if windows < batch:
+      raise ConfigError(
+          f"config.data.batch_size={batch} is more than the {windows} windows of config.data.seq_len="
+          f"{seq_len} in the validation split ({len(self.corpus.validation)} tokens, {where}), so "
+          "evaluation would give no batches; use a smaller batch_size or seq_len, or more text")
+
+  def check_prompt(self, prompt: str, what: str) -> None:
+    """Raises ValueError("{what}: ...") naming the first character of `prompt` that this task's
+    vocabulary cannot encode (an empty prompt is sampled from a newline, so that is checked then)."""
+    chars = prompt or "\n"
+    if self.vocab.alphabet is None:  # bytes: any str that UTF-8 can encode
+      try:
+        chars.encode("utf-8")
+      except UnicodeEncodeError as e:
+        raise ValueError(f"{what}: character {chars[e.start]!r} is not in the vocabulary "
+                         "(it has no UTF-8 encoding)") from None
+      return
+    known = set(self.vocab.alphabet)
+    for c in chars:
+      if c not in known:
+        empty = " (an empty prompt starts from '\\n')" if not prompt else ""
+        raise ValueError(f"{what}: character {c!r} is not in the vocabulary{empty} (the "
+                         f"{len(known)} characters of this char-level corpus; use "
+                         "config.data.vocab='byte' for any text)")
 
   @property
   def tokens_per_batch(self) -> int:

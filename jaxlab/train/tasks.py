@@ -7,7 +7,9 @@ A task module defines
   validate(config, require) -> None: the task's own config checks (no devices needed);
       `require(condition, message)` raises ConfigError with the one-line message;
   tensor_units(config) -> int | None: how many units the mesh's tensor axis must divide (LM: kv heads),
-      or None when the task has no tensor-parallel axis.
+      or None when the task has no tensor-parallel axis;
+  validate_devices(config, require) -> None (optional): checks that need JAX's backend (e.g. an
+      attention implementation this backend lacks), run after the mesh checks.
 The task object may also define `finish(params) -> str | None` (printed at the end of `jaxlab train`)
 and `sample_command(params, args) -> str` (what `jaxlab sample` prints).
 Every config of every task has the sections seed, data (with batch_size), optim, train and mesh.

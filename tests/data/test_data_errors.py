@@ -1,0 +1,42 @@
+"""Unusable data files fail with one line that names the file and config.data.path, before TFDS builds."""
+
+import ml_collections
+import pytest
+
+from jaxlab.data import binary_images, text
+
+
+def data_cfg(path, tfds_dir):
+  return ml_collections.ConfigDict(dict(name="text_files", path=str(path), data_dir=str(tfds_dir),
+                                        vocab="char", train_fraction=0.9))
+
+
+def test_empty_text_file_is_reported_in_one_line(tmp_path, tfds_dir):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  with pytest.raises(ValueError, match=r"config\.data\.path=.*empty\.txt.*is empty") as info:
+    text.load_corpus(data_cfg(empty, tfds_dir))
+  assert "\n" not in str(info.value)
+  assert not any(tfds_dir.rglob("*empty*"))  # TFDS was never asked to build it
+
+
+def test_text_too_short_to_split_is_reported(tmp_path, tfds_dir):
+  short = tmp_path / "short.txt"
+  short.write_text("a")
+  with pytest.raises(ValueError, match=r"config\.data\.path=.*short\.txt.*1 characters are too few"):
+    text.load_corpus(data_cfg(short, tfds_dir))
+
+
+def test_missing_text_file_names_the_key(tmp_path, tfds_dir):
+  with pytest.raises(FileNotFoundError, match=r"config\.data\.path=.*nope\.txt"):
+    text.load_corpus(data_cfg(tmp_path / "nope.txt", tfds_dir))
+
+
+@pytest.mark.parametrize("content", [b"this is not a mat file, just some text\n" * 8, b"x"])
+def test_caltech_non_mat_file_names_the_file_and_key(tmp_path, content):
+  bad = tmp_path / "silhouettes.txt"
+  bad.write_bytes(content)
+  with pytest.raises(ValueError, match=r"silhouettes\.txt \(config\.data\.path\) is not a "
+                                       r"Caltech-101 Silhouettes") as info:
+    binary_images.load("caltech", path=str(bad))
+  assert "\n" not in str(info.value)

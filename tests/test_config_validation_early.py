@@ -1,0 +1,88 @@
+"""Bad configs fail before anything is compiled or trained, with one line naming the key."""
+
+import jax
+import pytest
+
+from jaxlab.configs import ConfigError, load_config
+
+
+def early(name, *overrides):
+  return load_config(name, list(overrides), check_devices=False)
+
+
+@pytest.mark.parametrize("name, override, key", [
+    ("lm_char_cpu", "--config.model.mlp_ratio=0.001", "config.model.mlp_ratio"),
+    ("contrastive_digits", "--config.model.mlp_ratio=0.001", "config.model.mlp_ratio"),
+    ("lm_char_cpu", "--config.optim.lr=1e999", "config.optim.lr"),
+    ("made", "--config.optim.min_lr=1e999", "config.optim.min_lr"),
+    ("lm_char_cpu", "--config.optim.weight_decay=1e999", "config.optim.weight_decay"),
+    ("lm_char_cpu", "--config.optim.grad_clip=1e999", "config.optim.grad_clip"),
+    ("lm_char_cpu", "--config.optim.eps=-1.0", "config.optim.eps"),
+    ("made", "--config.optim.eps=0.0", "config.optim.eps"),
+    ("lm_char_cpu", "--config.seed=-5", "config.seed"),
+    ("made", "--config.seed=4294967296", "config.seed"),
+    ("lm_char_cpu", "--config.model.rope_theta=-1.0", "config.model.rope_theta"),
+    ("lm_char_cpu", "--config.model.rope_theta=1e999", "config.model.rope_theta"),
+    ("contrastive_digits", "--config.data.batch_size=400", "config.data.batch_size"),
+])
+def test_bad_values_name_the_key(name, override, key):
+  with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
+    early(name, override)
+  assert "\n" not in str(info.value)
+
+
+def test_good_edge_values_pass():
+  early("lm_char_cpu", "--config.seed=4294967295", "--config.model.mlp_ratio=0.05",
+        "--config.model.attention_impl=pallas")
+  early("lm_char_cpu", "--config.model.attention=flash", "--config.model.mlp_ratio=0.001")
+
+
+def test_batch_not_divisible_by_a_fixed_mesh_blames_the_batch():
+  with pytest.raises(ConfigError, match=r"config\.data\.batch_size=13 .*= 2$"):
+    early("lm_char_cpu", "--config.data.batch_size=13", "--config.mesh.data=2")
+  with pytest.raises(ConfigError, match=r"config\.data\.batch_size=12 .*= 8$"):
+    early("made", "--config.data.batch_size=12", "--config.mesh.data=2", "--config.mesh.fsdp=4")
+  early("lm_char_cpu", "--config.data.batch_size=13", "--config.mesh.data=-1")  # devices decide
+
+
+def test_cudnn_attention_is_refused_off_the_gpu():
+  assert jax.default_backend() == "cpu"
+  with pytest.raises(ConfigError, match=r"config\.model\.attention_impl='cudnn'"):
+    load_config("lm_char_cpu", ["--config.model.attention_impl=cudnn", "--config.mesh.data=1"])
+  load_config("lm_char_cpu", ["--config.model.attention_impl=pallas", "--config.mesh.data=1"])
+
+
+# ------------------------------------------------------------------ at task construction (data known)
+
+def test_seq_len_longer_than_the_validation_split(tiny_lm_config):
+  from jaxlab.train.lm_task import LMTask
+  with pytest.raises(ConfigError, match=r"config\.data\.seq_len=3000 .*validation split has \d+") \
+      as info:
+    LMTask(tiny_lm_config("--config.data.seq_len=3000", "--config.model.max_len=0"))
+  assert "\n" not in str(info.value)
+
+
+def test_batch_with_no_whole_validation_batch(tiny_lm_config):
+  from jaxlab.train.lm_task import LMTask
+  with pytest.raises(ConfigError, match=r"config\.data\.batch_size=4000 .*validation split"):
+    LMTask(tiny_lm_config("--config.data.batch_size=4000"))
+
+
+def test_prompt_outside_the_vocabulary(tiny_lm_config):
+  from jaxlab.train.lm_task import LMTask
+  with pytest.raises(ConfigError, match=r"^config\.sample\.prompt: character '€' is not in the "
+                                        r"vocabulary"):
+    LMTask(tiny_lm_config("--config.sample.prompt=€€"))
+  task = LMTask(tiny_lm_config("--config.sample.prompt=ROMEO:"))
+  task.check_prompt("the cat", "--prompt")
+  with pytest.raises(ValueError, match=r"^--prompt: character '€' is not in the vocabulary"):
+    task.check_prompt("cat€", "--prompt")
+  byte_task = LMTask(tiny_lm_config("--config.data.vocab=byte", "--config.sample.prompt=€€"))
+  byte_task.check_prompt("€ anything", "--prompt")
+
+
+def test_density_batch_larger_than_the_training_split():
+  from jaxlab.train.density_task import DensityTask
+  config = early("made", "--config.data.batch_size=2000", "--config.mesh.data=1")
+  with pytest.raises(ConfigError, match=r"config\.data\.batch_size=2000 .*1347 training"):
+    DensityTask(config)
