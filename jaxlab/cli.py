@@ -15,12 +15,19 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import pathlib
 import sys
 
 CONFIG_HELP = ("config name ({names}) or path to a .py file with get_config(); default: %(default)s. "
                "Override any key with --config.SECTION.KEY=VALUE.")
+OVERRIDES_EPILOG = ("Any key of the run's saved config (WORKDIR/config.json) can be overridden with "
+                    "--config.SECTION.KEY=VALUE, e.g. --config.train.eval_batches=4.")
+
+
+class UsageError(ValueError):
+  """A bad command-line flag: one line naming it (exit status 2, like argparse's errors)."""
 
 
 def _quiet_logs() -> None:
@@ -66,34 +73,79 @@ def load_run_config(name_or_path: str, overrides: list[str], args=None):
   return _ready_for_devices(load_config(name_or_path, overrides, check_devices=False), args)
 
 
-def _load_workdir_config(workdir: pathlib.Path, overrides: list[str], args=None):
-  from jaxlab.configs import ConfigError, apply_overrides
-  from jaxlab.configs.validate import validate
-  import ml_collections
+def _check_workdir(workdir: pathlib.Path, flag: str) -> None:
+  """A run directory: refuses a path that is (or lies under) an existing non-directory."""
+  for path in (workdir, *workdir.parents):
+    if path.exists() or path.is_symlink():
+      if not path.is_dir():
+        where = "is" if path == workdir else f"lies under {path}, which is"
+        raise UsageError(f"{flag} {workdir} {where} a file, not a directory")
+      return
+
+
+def _primary_by_flags(args) -> bool:
+  """Process 0, judged from the flags alone (JAX's backend must not start yet)."""
+  return args is None or not getattr(args, "process_id", None)
+
+
+def _saved_config_dict(workdir: pathlib.Path, args=None) -> dict:
+  """WORKDIR/config.json as a dict; keys that a workdir written by an older jaxlab lacks are
+  filled from today's defaults for its task (one line on stderr says which)."""
+  from jaxlab.configs import ConfigError, base_config_for_task, fill_defaults
   path = workdir / "config.json"
   if not path.is_file():
     raise ConfigError(f"{workdir} is not a jaxlab workdir (no config.json); train into it first")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    saved = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path} is not valid JSON ({e})") from None
+  if not isinstance(saved, dict):
+    raise ConfigError(f"{path} holds a JSON {type(saved).__name__}, not a config object")
+  found = base_config_for_task(saved.get("task"))
+  if found is None:  # no task, or an unknown one: validate() names it
+    return saved
+  name, base = found
+  merged, filled, unknown = fill_defaults(saved, base.to_dict())
+  if unknown:
+    raise ConfigError(f"{path} has config.{unknown[0]}, which no {saved['task']!r} config has "
+                      f"(see jaxlab/configs/{name}.py); remove it from {path.name}")
+  if filled and _primary_by_flags(args):
+    keys = ", ".join(filled)
+    if len(filled) == 1:
+      defaults = f"the default {next(iter(filled.values()))!r}"
+    else:
+      defaults = "the defaults " + ", ".join(f"{k}={v!r}" for k, v in filled.items())
+    print(f"jaxlab: {path} has no {keys} (an older jaxlab); using {defaults}", file=sys.stderr,
+          flush=True)
+  return merged
+
+
+def _load_workdir_config(workdir: pathlib.Path, overrides: list[str], args=None):
+  from jaxlab.configs import apply_overrides
+  from jaxlab.configs.validate import validate
+  import ml_collections
+  config = ml_collections.ConfigDict(_saved_config_dict(workdir, args))
   config.lock()
   apply_overrides(config, overrides)
   validate(config, check_devices=False)
   return _ready_for_devices(config, args)
 
 
-def _restore_params(config, workdir: pathlib.Path, *, best: bool = False):
-  """(run, step, params) of the newest checkpoint, or with `best` of the lowest-validation-loss one
-  that a `train.keep_best` run saved in WORKDIR/best."""
+def _restore_params(run, *, best: bool = False):
+  """(step, params) of the newest checkpoint of `run` (from trainer.setup), or with `best` of the
+  lowest-validation-loss one that a `train.keep_best` run saved in WORKDIR/best. Closes the run's
+  checkpointer."""
   from jaxlab.train import trainer
-  run = trainer.setup(config, workdir)
-  if best:
+  try:
+    restored = None if best else run.checkpointer.restore_latest(run.abstract_state)
+  finally:
     run.checkpointer.close()
-    return (run, *trainer.restore_best_params(run))
-  restored = run.checkpointer.restore_latest(run.abstract_state)
-  run.checkpointer.close()
+  if best:
+    return trainer.restore_best_params(run)
   if restored is None:
-    raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")
+    raise FileNotFoundError(f"no readable checkpoint in {run.workdir / 'checkpoints'}")
   step, state, _ = restored
-  return run, step, state["params"]
+  return step, state["params"]
 
 
 def _say(*lines) -> None:
@@ -107,6 +159,8 @@ def cmd_train(args, overrides) -> int:
   if _multi_process(args) and not args.workdir:
     raise ValueError("a multi-process run needs --workdir (one directory that every process "
                      "shares), not a fresh one per process")
+  if args.workdir:
+    _check_workdir(pathlib.Path(args.workdir), "--workdir")
   config = load_run_config(args.config, overrides, args)
   from jaxlab.train import distributed, trainer
   workdir = pathlib.Path(args.workdir) if args.workdir else _fresh_workdir(args.config)
@@ -135,20 +189,48 @@ def cmd_train(args, overrides) -> int:
 def cmd_eval(args, overrides) -> int:
   from jaxlab.train import trainer
   workdir = pathlib.Path(args.workdir)
+  _check_workdir(workdir, "WORKDIR")
   config = _load_workdir_config(workdir, overrides, args)
-  run, step, params = _restore_params(config, workdir, best=args.best)
+  run = trainer.setup(config, workdir)
+  step, params = _restore_params(run, best=args.best)
   val_loss = trainer.evaluate(run, params)
   _say(json.dumps({"step": step, "val_loss": val_loss}))
   return 0
 
 
+def _check_sample_flags(args) -> None:
+  """The sampling flags, before anything is restored or compiled (None = the config's value)."""
+  def bad(flag, value, rule):
+    raise UsageError(f"{flag} {value} {rule}")
+  if args.num_tokens is not None and args.num_tokens < 0:
+    bad("--num-tokens", args.num_tokens, "must be >= 0")
+  if args.temperature is not None and not (math.isfinite(args.temperature)
+                                           and args.temperature >= 0):
+    bad("--temperature", args.temperature, "must be a finite number >= 0 (0 = greedy)")
+  if args.top_k is not None and args.top_k < 0:
+    bad("--top-k", args.top_k, "must be >= 0 (0 = off)")
+  if args.top_p is not None and not 0 < args.top_p <= 1:
+    bad("--top-p", args.top_p, "must be in (0, 1] (1 = off)")
+
+
 def cmd_sample(args, overrides) -> int:
+  _check_sample_flags(args)
   workdir = pathlib.Path(args.workdir)
+  _check_workdir(workdir, "WORKDIR")
   config = _load_workdir_config(workdir, overrides, args)
-  run, _, params = _restore_params(config, workdir, best=args.best)
-  sample_command = getattr(run.task, "sample_command", None)
-  if sample_command is None:
-    raise ValueError(f"task {config.task!r} has no sampler")
+  from jaxlab.train import trainer
+  run = trainer.setup(config, workdir)
+  try:
+    sample_command = getattr(run.task, "sample_command", None)
+    if sample_command is None:
+      raise ValueError(f"task {config.task!r} has no sampler")
+    check_prompt = getattr(run.task, "check_prompt", None)
+    if check_prompt is not None and args.prompt is not None:
+      check_prompt(args.prompt, "--prompt")
+  except BaseException:
+    run.checkpointer.close()
+    raise
+  _, params = _restore_params(run, best=args.best)
   from jaxlab.train import distributed
   params = distributed.host_copy(params)  # every process; then one host samples
   if distributed.is_primary():
@@ -190,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   ev = sub.add_parser("eval", help="evaluate a trained workdir on its validation split",
                       description="Restore the newest checkpoint of WORKDIR and print its "
-                      "validation loss as JSON.")
-  ev.add_argument("workdir")
+                      "validation loss as JSON.", epilog=OVERRIDES_EPILOG)
+  ev.add_argument("workdir", metavar="WORKDIR", help="a directory that `jaxlab train` wrote")
   ev.add_argument("--best", action="store_true", help="the lowest-validation-loss parameters "
                   "(WORKDIR/best, saved when train.keep_best) instead of the newest checkpoint")
   _add_process_options(ev)
@@ -199,14 +281,23 @@ def build_parser() -> argparse.ArgumentParser:
 
   sa = sub.add_parser("sample", help="sample text from a trained workdir",
                       description="Restore the newest checkpoint of WORKDIR and sample text "
-                      "with a KV cache (temperature, top-k, top-p).")
-  sa.add_argument("workdir")
-  sa.add_argument("--prompt")
-  sa.add_argument("--num-tokens", type=int)
-  sa.add_argument("--temperature", type=float)
-  sa.add_argument("--top-k", type=int)
-  sa.add_argument("--top-p", type=float)
-  sa.add_argument("--seed", type=int)
+                      "with a KV cache (temperature, top-k, top-p). Each option left out takes "
+                      "the run's config.sample value (WORKDIR/config.json).",
+                      epilog=OVERRIDES_EPILOG)
+  sa.add_argument("workdir", metavar="WORKDIR", help="a directory that `jaxlab train` wrote")
+  sa.add_argument("--prompt", help="text to continue (default: config.sample.prompt)")
+  sa.add_argument("--num-tokens", type=int, metavar="N",
+                  help="tokens to generate, >= 0 (default: config.sample.num_tokens; for a "
+                  "density model, the number of samples, default config.sample.num)")
+  sa.add_argument("--temperature", type=float, metavar="T",
+                  help="softmax temperature, >= 0; 0 = greedy (default: config.sample.temperature)")
+  sa.add_argument("--top-k", type=int, metavar="K",
+                  help="sample among the K most likely tokens; 0 = off "
+                  "(default: config.sample.top_k)")
+  sa.add_argument("--top-p", type=float, metavar="P",
+                  help="nucleus sampling: the smallest set of tokens with probability >= P, "
+                  "0 < P <= 1; 1 = off (default: config.sample.top_p)")
+  sa.add_argument("--seed", type=int, help="random seed (default: config.sample.seed)")
   sa.add_argument("--best", action="store_true", help="sample from WORKDIR/best (train.keep_best)")
   _add_process_options(sa)
   sa.set_defaults(func=cmd_sample)
@@ -217,16 +308,28 @@ def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides = [a for a in argv if a.startswith("--config.")]
   rest = [a for a in argv if not a.startswith("--config.")]
+  for i, a in enumerate(argv):
+    if a.startswith("--config.") and "=" not in a:  # `--config.model.width 64`
+      value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "VALUE"
+      print(f"jaxlab: config error: override {a} needs =VALUE ({a}={value})", file=sys.stderr)
+      return 2
   parser = build_parser()
   args = parser.parse_args(rest)
   _quiet_logs()
   from jaxlab.configs import ConfigError
   try:
     return args.func(args, overrides)
+  except KeyboardInterrupt:
+    print("jaxlab: interrupted; run the same command to resume from the newest checkpoint"
+          if args.command == "train" else "jaxlab: interrupted", file=sys.stderr)
+    return 130
   except ConfigError as e:
     print(f"jaxlab: config error: {e}", file=sys.stderr)
     return 2
-  except (FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as e:
+  except UsageError as e:
+    print(f"jaxlab: error: {e}", file=sys.stderr)
+    return 2
+  except (OSError, ValueError, RuntimeError, FloatingPointError) as e:
     print(f"jaxlab: error: {e}", file=sys.stderr)
     return 1
 

@@ -174,3 +174,189 @@ def test_model_position_options_reach_the_model():
   assert model.rotary_fraction == 0.5
   c = load_config("lm_char", ["--config.model.position=alibi"], check_devices=False)
   assert gpt_from_config(c.model, 256, 128).config.rope_scaling is None
+
+
+# --- Bad command-line input: one line naming the argument/key/file, before anything is compiled. ---
+
+def _one_error_line(capsys) -> str:
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  return err[0]
+
+
+@pytest.mark.parametrize("body,expected", [
+    ("def get_config(:\n  pass\n", "SyntaxError: invalid syntax (line 1)"),
+    ("import no_such_module_for_jaxlab\n", "ModuleNotFoundError: No module named"),
+    ("def get_config():\n  raise ValueError('boom\\nmore')\n", "get_config() raised ValueError: boom"),
+    ("def get_config():\n  return None\n", "returned NoneType, not an ml_collections.ConfigDict"),
+    ("X = 1\n", "defines no get_config()"),
+])
+def test_cli_bad_config_file_is_one_line_naming_it(tmp_path, capsys, body, expected):
+  path = tmp_path / "my_cfg.py"
+  path.write_text(body)
+  assert cli.main(["train", str(path), "--workdir", str(tmp_path / "run")]) == 2
+  line = _one_error_line(capsys)
+  assert line.startswith("jaxlab: config error: ") and str(path) in line and expected in line
+  assert not (tmp_path / "run").exists()
+
+
+def test_config_file_returning_a_dict_is_converted(tmp_path):
+  from jaxlab.configs import get_config
+  path = tmp_path / "as_dict.py"
+  path.write_text("def get_config():\n  from jaxlab.configs.lm_char_cpu import get_config as g\n"
+                  "  return g().to_dict()\n")
+  config = load_config(str(path), ["--config.model.num_layers=1"], check_devices=False)
+  assert config.model.num_layers == 1 and config.task == "lm"
+  path.write_text("def get_config():\n  return {'task': 'lm', 'data': {'batch_size': 2}}\n")
+  assert type(get_config(str(path))).__name__ == "ConfigDict"
+  with pytest.raises(ConfigError, match=r"lacks keys that task 'lm' needs: config\.data\.") as e:
+    load_config(str(path), check_devices=False)
+  assert "\n" not in str(e.value)
+
+
+def test_cli_config_file_that_is_not_python(tmp_path, capsys):
+  path = tmp_path / "notes.txt"
+  path.write_text("hello\n")
+  assert cli.main(["train", str(path)]) == 2
+  line = _one_error_line(capsys)
+  assert str(path) in line and "must be a .py file with get_config()" in line
+
+
+def test_cli_override_without_equals_sign(capsys):
+  assert cli.main(["train", "lm_char", "--config.model.width", "64"]) == 2
+  assert _one_error_line(capsys) == ("jaxlab: config error: override --config.model.width needs "
+                                     "=VALUE (--config.model.width=64)")
+  assert cli.main(["train", "lm_char", "--config.model.width"]) == 2
+  assert "(--config.model.width=VALUE)" in _one_error_line(capsys)
+
+
+def test_cli_workdir_that_is_a_file(tmp_path, capsys):
+  path = tmp_path / "a_file"
+  path.write_text("keep me")
+  assert cli.main(["train", "lm_char_cpu", "--workdir", str(path), "--no-progress"]) == 2
+  line = _one_error_line(capsys)
+  assert "--workdir" in line and str(path) in line and "a file, not a directory" in line
+  assert cli.main(["train", "lm_char_cpu", "--workdir", str(path / "sub")]) == 2
+  assert f"lies under {path}" in _one_error_line(capsys)
+  for command in ("eval", "sample"):
+    assert cli.main([command, str(path)]) == 2
+    assert "WORKDIR" in _one_error_line(capsys)
+  assert path.read_text() == "keep me"
+
+
+def test_cli_os_errors_are_one_line(monkeypatch, capsys):
+  def denied(*args, **kwargs):
+    raise PermissionError(13, "Permission denied", "/nowhere/config.json")
+  monkeypatch.setattr(cli, "_load_workdir_config", denied)
+  assert cli.main(["eval", "/nowhere"]) == 1
+  line = _one_error_line(capsys)
+  assert line.startswith("jaxlab: error: ") and "Permission denied" in line
+
+
+def _handwritten_workdir(tmp_path, tiny_corpus, tfds_dir, edit=None):
+  """A workdir with only config.json (a tiny LM run on the tiny corpus) and no checkpoints."""
+  workdir = tmp_path / "old"
+  (workdir / "checkpoints").mkdir(parents=True)
+  config = json.loads(load_config("lm_char", [
+      "--config.data.name=text_files", f"--config.data.path={tiny_corpus}",
+      f"--config.data.data_dir={tfds_dir}", "--config.data.vocab=char",
+      "--config.data.seq_len=16", "--config.data.batch_size=8", "--config.model.num_layers=1",
+      "--config.model.width=32",
+      "--config.optim.warmup_steps=1", "--config.train.steps=4", "--config.mesh.data=1",
+      "--config.sample.prompt=the "],
+      check_devices=False).to_json_best_effort())
+  if edit:
+    edit(config)
+  (workdir / "config.json").write_text(json.dumps(config, indent=2))
+  return workdir
+
+
+def test_cli_workdir_config_json_that_is_not_json(tmp_path, capsys):
+  (tmp_path / "config.json").write_text('{"task": "lm"}\n}')
+  assert cli.main(["eval", str(tmp_path)]) == 2
+  line = _one_error_line(capsys)
+  assert str(tmp_path / "config.json") in line and "not valid JSON" in line
+
+
+def test_older_workdir_config_gets_todays_defaults(tmp_path, tiny_corpus, tfds_dir, capsys):
+  def drop(config):
+    del config["model"]["attention_impl"]
+  workdir = _handwritten_workdir(tmp_path, tiny_corpus, tfds_dir, drop)
+  config = cli._load_workdir_config(workdir, ["--config.train.eval_batches=3"])
+  assert config.model.attention_impl == "auto" and config.train.eval_batches == 3
+  assert config.model.width == 32 and config.data.path == str(tiny_corpus)
+  assert _one_error_line(capsys) == (f"jaxlab: {workdir / 'config.json'} has no "
+                                     "model.attention_impl (an older jaxlab); using the default "
+                                     "'auto'")
+
+
+def test_workdir_config_with_an_unknown_key(tmp_path, tiny_corpus, tfds_dir, capsys):
+  def add(config):
+    config["model"]["wobble"] = 3
+  workdir = _handwritten_workdir(tmp_path, tiny_corpus, tfds_dir, add)
+  assert cli.main(["eval", str(workdir)]) == 2
+  line = _one_error_line(capsys)
+  assert "config.model.wobble" in line and str(workdir / "config.json") in line
+
+
+@pytest.mark.parametrize("flags,flag", [
+    (["--num-tokens", "-5"], "--num-tokens"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--top-k", "-3"], "--top-k"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--top-p", "-0.1"], "--top-p"),
+    (["--top-p", "nan"], "--top-p"),
+])
+def test_cli_sample_flags_checked_first(tmp_path, capsys, flags, flag):
+  # WORKDIR does not even exist: the flags are checked before anything is read or built.
+  assert cli.main(["sample", str(tmp_path / "none"), *flags]) == 2
+  line = _one_error_line(capsys)
+  assert line.startswith(f"jaxlab: error: {flag} ")
+
+
+def test_cli_sample_checks_the_prompt_before_restoring(tmp_path, tiny_corpus, tfds_dir, capsys,
+                                                        monkeypatch):
+  from jaxlab.train import lm_task
+  workdir = _handwritten_workdir(tmp_path, tiny_corpus, tfds_dir)
+  calls = []
+  def check_prompt(self, prompt, what):
+    calls.append((prompt, what))
+    if "Z" in prompt:
+      raise ValueError(f"{what} {prompt!r} has characters outside the vocabulary")
+  monkeypatch.setattr(lm_task.LMTask, "check_prompt", check_prompt, raising=False)
+  assert cli.main(["sample", str(workdir), "--prompt", "Zz~"]) == 1
+  assert "--prompt 'Zz~' has characters outside" in _one_error_line(capsys)
+  assert calls[-1] == ("Zz~", "--prompt")
+  monkeypatch.undo()
+  assert cli.main(["sample", str(workdir), "--prompt", "the"]) == 1  # a good prompt: on to restore
+  assert "no readable checkpoint" in _one_error_line(capsys)
+  if hasattr(lm_task.LMTask, "check_prompt"):
+    assert cli.main(["sample", str(workdir), "--prompt", "Zz~"]) == 1
+    line = _one_error_line(capsys)
+    assert "--prompt" in line and "checkpoint" not in line
+
+
+def test_cli_sample_and_eval_help(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["sample", "--help"])
+  out = " ".join(capsys.readouterr().out.split())
+  for flag, key in [("--prompt", "prompt"), ("--num-tokens", "num_tokens"),
+                    ("--temperature", "temperature"), ("--top-k", "top_k"), ("--top-p", "top_p"),
+                    ("--seed", "seed")]:
+    assert flag in out and f"default: config.sample.{key}" in out
+  assert "--config.SECTION.KEY=VALUE" in out
+  with pytest.raises(SystemExit):
+    cli.main(["eval", "--help"])
+  assert "--config.SECTION.KEY=VALUE" in capsys.readouterr().out
+
+
+def test_cli_ctrl_c_is_one_line(monkeypatch, capsys):
+  def interrupted(args, overrides):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(cli, "cmd_train", interrupted)
+  assert cli.main(["train", "lm_char_cpu"]) == 130
+  assert _one_error_line(capsys) == ("jaxlab: interrupted; run the same command to resume from the "
+                                     "newest checkpoint")

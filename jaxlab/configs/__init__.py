@@ -27,23 +27,57 @@ def available_configs() -> list[str]:
                 and p.stem not in ("validate",))
 
 
+def _one_line(error: BaseException) -> str:
+  """`Type: message` on one line (a SyntaxError as `SyntaxError: msg (line N)`)."""
+  if isinstance(error, SyntaxError) and error.lineno is not None:
+    text = f"{error.msg} (line {error.lineno})"
+  else:
+    text = str(error)
+  text = " ".join(text.split())
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def get_config(name_or_path: str) -> ml_collections.ConfigDict:
-  """The (unvalidated) config named `name_or_path`."""
+  """The (unvalidated) config named `name_or_path`. A config file that does not import, has no
+  get_config(), whose get_config() raises, or returns something other than a ConfigDict (a dict is
+  converted) is a ConfigError naming the file."""
   path = pathlib.Path(name_or_path)
   if name_or_path.endswith(".py") or path.is_file():
     if not path.is_file():
       raise ConfigError(f"config file not found: {name_or_path}")
-    spec = importlib.util.spec_from_file_location(f"jaxlab_user_config_{path.stem}", path)
+    what = f"config file {name_or_path}"
+    spec = (importlib.util.spec_from_file_location(f"jaxlab_user_config_{path.stem}", path)
+            if path.suffix == ".py" else None)
+    if spec is None or spec.loader is None:
+      raise ConfigError(f"{what}: a config file must be a .py file with get_config() (or name "
+                        f"one of: {', '.join(available_configs())})")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+      spec.loader.exec_module(module)
+    except Exception as e:  # SyntaxError, ImportError, anything the file raises at import
+      raise ConfigError(f"{what}: {_one_line(e)}") from None
   else:
     if name_or_path not in available_configs():
       raise ConfigError(f"unknown config {name_or_path!r}; available: "
                         f"{', '.join(available_configs())} (or a path to a .py file)")
+    what = f"config {name_or_path!r}"
     module = importlib.import_module(f"jaxlab.configs.{name_or_path}")
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"config {name_or_path!r} defines no get_config()")
-  return module.get_config()
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"{what} defines no get_config()")
+  try:
+    config = module.get_config()
+  except Exception as e:
+    raise ConfigError(f"{what}: get_config() raised {_one_line(e)}") from None
+  if isinstance(config, dict) and not isinstance(config, ml_collections.ConfigDict):
+    try:
+      config = ml_collections.ConfigDict(config)
+    except Exception as e:
+      raise ConfigError(f"{what}: get_config() returned a dict that is not a valid config: "
+                        f"{_one_line(e)}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{what}: get_config() returned {type(config).__name__}, not an "
+                      "ml_collections.ConfigDict")
+  return config
 
 
 def _parse_value(text: str, current):
@@ -109,5 +143,62 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None 
   config = get_config(name_or_path)
   config.lock()
   apply_overrides(config, overrides or [])
-  validate(config, check_devices=check_devices)
+  try:
+    validate(config, check_devices=check_devices)
+  except (KeyError, AttributeError) as e:  # a config (file) without a key that the checks read
+    raise ConfigError(_missing_keys_message(f"config {name_or_path!r}", config, e)) from None
   return config
+
+
+def flatten(d, prefix: str = "") -> dict:
+  """{"a.b": leaf} of a nested dict or ConfigDict."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def base_config_for_task(task) -> tuple[str, ml_collections.ConfigDict] | None:
+  """(name, config) of the first built-in config (in sorted order) whose task is `task`: today's
+  defaults for that task."""
+  for name in available_configs():
+    config = get_config(name)
+    if config.get("task") == task:
+      return name, config
+  return None
+
+
+def fill_defaults(saved: dict, base: dict) -> tuple[dict, dict, list[str]]:
+  """`base` overwritten by `saved` (nested dicts): (merged, {key: default} of the keys that only
+  `base` has, [keys that only `saved` has])."""
+  merged, filled, unknown = {}, {}, []
+
+  def walk(s, b, out, prefix):
+    for k, v in b.items():
+      if k not in s:
+        out[k] = v
+        filled.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+      elif isinstance(v, dict) and isinstance(s[k], dict):
+        out[k] = {}
+        walk(s[k], v, out[k], f"{prefix}{k}.")
+      else:
+        out[k] = s[k]
+    for k, v in s.items():
+      if k not in b:
+        unknown.append(f"{prefix}{k}")
+
+  walk(saved, base, merged, "")
+  return merged, filled, unknown
+
+
+def _missing_keys_message(what: str, config, error: BaseException) -> str:
+  found = base_config_for_task(config.get("task"))
+  missing = sorted(set(flatten(found[1])) - set(flatten(config))) if found else []
+  if not missing:
+    return f"{what}: a key is missing: {_one_line(error)}"
+  shown = ", ".join(f"config.{k}" for k in missing[:5]) + (", ..." if len(missing) > 5 else "")
+  return (f"{what} lacks keys that task {config.task!r} needs: {shown} "
+          f"(see jaxlab/configs/{found[0]}.py)")
