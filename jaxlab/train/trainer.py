@@ -248,8 +248,8 @@ def check_resume_config(run: Run) -> None:
       continue
     if saved.get(key) != current.get(key):
       raise ValueError(f"{run.workdir} holds checkpoints trained with config.{key}="
-                       f"{saved.get(key)!r}, but this run has {current.get(key)!r}; use a new "
-                       "--workdir (nothing was changed)")
+                       f"{saved.get(key)!r}, but this run has {current.get(key)!r}; nothing was "
+                       "changed (train a different config into a new --workdir)")
 
 
 def _save_run_files(run: Run) -> None:
