@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jaxlab.configs import flatten
 from jaxlab.configs.validate import train_microbatches
 from jaxlab.train import checkpoint as checkpoint_lib
 from jaxlab.train import distributed, optim, sharding, tasks
@@ -208,18 +209,10 @@ def evaluate(run: Run, params, eval_step=None) -> float:
 RESUME_MUST_MATCH = ("task", "seed", "model", "data", "optim")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-  return out
-
-
 def _resume_keys(config_json: dict) -> dict:
   """The flattened config entries a checkpoint depends on (RESUME_MUST_MATCH, less data.data_dir),
   from the config as JSON."""
-  flat = _flatten({k: v for k, v in config_json.items() if k in RESUME_MUST_MATCH})
+  flat = flatten({k: v for k, v in config_json.items() if k in RESUME_MUST_MATCH})
   flat.pop("data.data_dir", None)
   return flat
 

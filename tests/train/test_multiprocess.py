@@ -1,6 +1,7 @@
 """Multi-process runs through jax.distributed: 2 processes x 2 CPU devices (the `jaxlab` command, a
 coordinator on localhost) train the same numbers as this process on a 4-device mesh, step for step;
-they resume from a checkpoint saved by both processes, and fall back past one that is corrupt."""
+they resume from a checkpoint saved by both processes, fall back past one that is corrupt, and
+evaluate together."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlab.configs import load_config
+from jaxlab.configs import flatten, load_config
 from jaxlab.train import trainer
 from jaxlab.train.metrics import read_metrics
 
@@ -53,7 +54,7 @@ def _run_processes(args: list[str], timeout: int = 420) -> list[str]:
 
 def _overrides(config) -> list[str]:
   """The config as --config.K=V overrides (the same run, on the command line)."""
-  flat = trainer._flatten(json.loads(config.to_json_best_effort()))
+  flat = flatten(json.loads(config.to_json_best_effort()))
   return [f"--config.{k}={v}" for k, v in flat.items() if not isinstance(v, (list, dict))]
 
 
@@ -96,6 +97,11 @@ def test_two_processes_train_resume_and_skip_a_corrupt_checkpoint(tiny_lm_config
   resumed = _by_step(workdir, "train_loss")
   np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [reference[s] for s in (4, 5, 6)],
                              rtol=2e-5)
+  # `jaxlab eval` across both processes: process 0 prints the same validation loss.
+  first, second = _run_processes(["eval", str(workdir)])
+  result = json.loads([line for line in first.splitlines() if line.startswith("{")][-1])
+  assert result["step"] == 6 and "val_loss" not in second
+  np.testing.assert_allclose(result["val_loss"], single["val_loss"], rtol=2e-5)
 
 
 def test_two_processes_contrastive_global_batch(tfds_dir, tmp_path):
