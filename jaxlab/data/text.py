@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -76,9 +77,24 @@ def load_corpus(data_cfg) -> Corpus:
   return Corpus(train, val, vocab, f"{builder.name}/{builder.builder_config.name}")
 
 
+TINY_SHAKESPEARE_HOST = "raw.githubusercontent.com"  # where TFDS's tiny_shakespeare downloads from
+
+
+def _reachable(host: str, timeout_s: float = 5.0) -> bool:
+  try:
+    socket.create_connection((host, 443), timeout=timeout_s).close()
+    return True
+  except OSError:
+    return False
+
+
 def _tfds_tiny_shakespeare(data_cfg, data_dir: str) -> Corpus:
   try:
     builder = tfds.builder("tiny_shakespeare", data_dir=data_dir, file_format="array_record")
+    # Offline, TFDS would retry the download for minutes before failing: fail at once instead.
+    if not builder.is_prepared() and not _reachable(TINY_SHAKESPEARE_HOST):
+      raise ConnectionError(f"not prepared in {data_dir}, and {TINY_SHAKESPEARE_HOST} is not "
+                            "reachable to download it")
     builder.download_and_prepare()
     pieces = [p for s in ("train", "validation", "test") for p in _read_split(builder, s)]
   except Exception as e:  # no network, no TensorFlow for its generator, ...

@@ -64,7 +64,6 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
   """Mesh, task, optimizer and the sharded abstract state (eval_shape -> shardings). Refuses (ValueError,
   nothing changed) a workdir whose checkpoints belong to another model/data/optimizer config."""
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   if task is None:  # process 0 first: it prepares any dataset files that the others then read
     task = tasks.build_task(config) if distributed.is_primary() else None
@@ -76,6 +75,7 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
     boxed = jax.eval_shape(init)
     state_shardings = sharding.logical_shardings(boxed, mesh)
   abstract_state = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), state_shardings)
+  workdir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to build leaves no dir
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   run = Run(config, workdir, mesh, task, tx, state_shardings, abstract_state, checkpointer)
   try:

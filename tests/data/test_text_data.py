@@ -98,3 +98,18 @@ def test_eval_batches_are_fixed():
 def test_too_short_split_is_reported():
   with pytest.raises(ValueError, match="too short"):
     pipeline.train_batches(np.arange(5, dtype=np.int32), seq_len=8, batch_size=2, seed=0)
+
+
+def test_tfds_tiny_shakespeare_offline_fails_at_once_naming_the_way_out(tfds_dir, monkeypatch):
+  """No local path and no network: one error within seconds (TFDS alone retries for minutes)."""
+  import time
+
+  def no_network(*args, **kwargs):
+    raise OSError("network is unreachable")
+
+  monkeypatch.setattr(text.socket, "create_connection", no_network)
+  start = time.perf_counter()
+  with pytest.raises(RuntimeError, match="--config.data.path=") as error:
+    text.load_corpus(data_cfg(name="tiny_shakespeare", path="", data_dir=str(tfds_dir)))
+  assert "not reachable" in str(error.value)
+  assert time.perf_counter() - start < 30

@@ -233,3 +233,12 @@ def test_a_workdir_from_before_a_config_key_existed_resumes(tiny_lm_config, tmp_
   (tmp_path / "config.json").write_text(json.dumps(saved))
   run = trainer.setup(config, tmp_path)  # would raise ValueError naming the key
   run.checkpointer.close()
+
+
+def test_a_run_that_fails_to_build_leaves_no_workdir(tiny_lm_config, tmp_path):
+  """The data cannot be loaded: the error comes before WORKDIR is created."""
+  import pytest
+  config = tiny_lm_config("--config.data.path=/nonexistent/corpus.txt")
+  with pytest.raises(FileNotFoundError, match="corpus.txt"):
+    trainer.train(config, tmp_path / "run", progress=False)
+  assert not (tmp_path / "run").exists()
