@@ -105,10 +105,7 @@ def _saved_config_dict(workdir: pathlib.Path, args=None) -> dict:
   if found is None:  # no task, or an unknown one: validate() names it
     return saved
   name, base = found
-  merged, filled, unknown = fill_defaults(saved, base.to_dict())
-  if unknown:
-    raise ConfigError(f"{path} has config.{unknown[0]}, which no {saved['task']!r} config has "
-                      f"(see jaxlab/configs/{name}.py); remove it from {path.name}")
+  merged, filled, _ = fill_defaults(saved, base.to_dict())  # keys of a user's own config are kept
   if filled and _primary_by_flags(args):
     keys = ", ".join(filled)
     if len(filled) == 1:
@@ -225,8 +222,11 @@ def cmd_sample(args, overrides) -> int:
     if sample_command is None:
       raise ValueError(f"task {config.task!r} has no sampler")
     check_prompt = getattr(run.task, "check_prompt", None)
-    if check_prompt is not None and args.prompt is not None:
-      check_prompt(args.prompt, "--prompt")
+    if check_prompt is not None:  # the prompt that will be used
+      if args.prompt is not None:
+        check_prompt(args.prompt, "--prompt")
+      else:
+        check_prompt(config.sample.prompt, "config.sample.prompt (give --prompt)")
   except BaseException:
     run.checkpointer.close()
     raise
@@ -316,6 +316,15 @@ def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(rest)
   _quiet_logs()
+  code = _run_command(args, overrides)
+  if code:  # a process of a multi-process run leaves at once (its peers then stop too)
+    from jaxlab.train import distributed
+    distributed.exit_if_multi_process(code)
+  return code
+
+
+def _run_command(args, overrides) -> int:
+  """The sub-command; an error is one line on stderr and a non-zero exit status."""
   from jaxlab.configs import ConfigError
   try:
     return args.func(args, overrides)

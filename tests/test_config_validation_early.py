@@ -72,7 +72,10 @@ def test_prompt_outside_the_vocabulary(tiny_lm_config):
   from jaxlab.train.lm_task import LMTask
   with pytest.raises(ConfigError, match=r"^config\.sample\.prompt: character '€' is not in the "
                                         r"vocabulary"):
-    LMTask(tiny_lm_config("--config.sample.prompt=€€"))
+    LMTask(tiny_lm_config("--config.sample.prompt=€€")).check_before_training()
+  # No sample at the end of training: the prompt does not matter (and eval never checks it).
+  LMTask(tiny_lm_config("--config.sample.prompt=€€", "--config.sample.num_tokens=0")
+         ).check_before_training()
   task = LMTask(tiny_lm_config("--config.sample.prompt=ROMEO:"))
   task.check_prompt("the cat", "--prompt")
   with pytest.raises(ValueError, match=r"^--prompt: character '€' is not in the vocabulary"):

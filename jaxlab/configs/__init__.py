@@ -172,8 +172,8 @@ def base_config_for_task(task) -> tuple[str, ml_collections.ConfigDict] | None:
 
 
 def fill_defaults(saved: dict, base: dict) -> tuple[dict, dict, list[str]]:
-  """`base` overwritten by `saved` (nested dicts): (merged, {key: default} of the keys that only
-  `base` has, [keys that only `saved` has])."""
+  """`base` overwritten by `saved` (nested dicts; keys only `saved` has are kept): (merged,
+  {key: default} of the keys that only `base` has, [keys that only `saved` has])."""
   merged, filled, unknown = {}, {}, []
 
   def walk(s, b, out, prefix):
@@ -187,7 +187,8 @@ def fill_defaults(saved: dict, base: dict) -> tuple[dict, dict, list[str]]:
       else:
         out[k] = s[k]
     for k, v in s.items():
-      if k not in b:
+      if k not in b:  # kept: a user's config file may carry keys of its own
+        out[k] = v
         unknown.append(f"{prefix}{k}")
 
   walk(saved, base, merged, "")

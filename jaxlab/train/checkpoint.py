@@ -7,8 +7,11 @@ WORKDIR/corrupt_checkpoints/ (never deleted, never overwritten), and the previou
 checkpoint can be restored (more likely a different model than damage) nothing is moved and
 `CheckpointError` says so.
 
-In a multi-process run every process saves and restores its shards of the same checkpoint; a checkpoint
-that any process cannot read counts as unreadable for all, and process 0 moves it aside.
+In a multi-process run every process saves and restores its shards of the same checkpoint. A checksum
+mismatch is seen alike by every process (the sums are global), so they fall back together and process 0
+moves the checkpoint aside. A checkpoint that some process cannot read stops the run with one line
+naming it (orbax's restore synchronises the processes, so a fallback taken by some of them would hang
+the others); move it aside and rerun.
 """
 
 from __future__ import annotations
@@ -64,8 +67,15 @@ class Checkpointer:
     """
     failed = []  # (step, why) of the checkpoints newer than the one restored
     for step in reversed(self.all_steps()):
-      restored, error = self._restore_verified(step, abstract_state)
-      if _all_processes_agree(error is None):
+      restored, error = self._read(step, abstract_state)
+      if error is not None and jax.process_count() > 1:
+        raise CheckpointError(
+            f"checkpoint {self.directory / str(step)} could not be read in process "
+            f"{jax.process_index()} ({error}); in a multi-process run this stops every process: "
+            "move it aside (e.g. into WORKDIR/corrupt_checkpoints/) and run the same command again")
+      if error is None:
+        error = self._verify(restored)  # the same verdict in every process
+      if error is None:
         for bad_step, why in failed:
           log.warning("checkpoint at step %d is unreadable (%s)", bad_step, why)
           self._quarantine(bad_step, why)
@@ -78,9 +88,8 @@ class Checkpointer:
           "if they are damaged, move them away (or use a new --workdir) to start afresh")
     return None
 
-  def _restore_verified(self, step: int, abstract_state: Any) -> tuple[Optional[dict], Optional[str]]:
-    """({"state", "data"}, None) for a checkpoint that restores and matches its checksums, else
-    (None, why)."""
+  def _read(self, step: int, abstract_state: Any) -> tuple[Optional[dict], Optional[str]]:
+    """({"state", "data"}, None) for a checkpoint that orbax restores, else (None, why)."""
     try:
       with _quiet("orbax", "absl", "jax"):  # orbax logs each unreadable file at length
         restored = self._manager.restore(
@@ -89,18 +98,24 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for unreadable files
       message = (str(e).splitlines() or [""])[0].split(" See full TensorStore details")[0]
       return None, f"{type(e).__name__}: {message[:200]}"
-    data = dict(restored["data"])
-    saved = data.pop(CHECKSUMS_KEY, None)  # None: saved before checksums existed
-    if saved is not None:
-      actual = state_checksums(restored["state"])
-      paths = [jax.tree_util.keystr(p) for p, _ in
-               jax.tree_util.tree_leaves_with_path(restored["state"])]
-      for path, want, got in zip(paths, saved, actual):
-        if want != got:
-          return None, f"the bytes of state{path} differ from what was saved (checksum)"
-      if len(saved) != len(actual):
-        return None, "the state holds a different number of arrays than was saved"
-    return {"state": restored["state"], "data": data}, None
+    return {"state": restored["state"], "data": dict(restored["data"])}, None
+
+  @staticmethod
+  def _verify(restored: dict) -> Optional[str]:
+    """None if the restored arrays match the checksums saved with them (popped from the data state),
+    else why not."""
+    saved = restored["data"].pop(CHECKSUMS_KEY, None)  # None: saved before checksums existed
+    if saved is None:
+      return None
+    actual = state_checksums(restored["state"])
+    if len(saved) != len(actual):
+      return "the state holds a different number of arrays than was saved"
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_leaves_with_path(restored["state"])]
+    for path, want, got in zip(paths, saved, actual):
+      if want != got:
+        return f"the bytes of state{path} differ from what was saved (checksum)"
+    return None
 
   def _quarantine(self, step: int, why: str = "") -> None:
     """Moves a bad checkpoint out of the manager's directory, keeping it for inspection."""
@@ -162,14 +177,6 @@ def state_checksums(state: Any) -> list[int]:
 def _bits_sum(a: np.ndarray) -> int:
   a = np.ascontiguousarray(a)
   return int(a.reshape(-1).view(f"u{a.dtype.itemsize}").sum(dtype=np.uint64)) if a.size else 0
-
-
-def _all_processes_agree(ok: bool) -> bool:
-  """True when `ok` holds in every process (a collective in a multi-process run)."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils
-  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 def abstract_with_shardings(abstract_tree, shardings):

@@ -64,6 +64,25 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def all_agree(ok: bool) -> bool:
+  """True when `ok` holds in every process (a collective in a multi-process run: all must call it)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def exit_if_multi_process(code: int) -> None:
+  """Ends a process of a multi-process run at once after an error (os._exit), so that it does not wait
+  at JAX's shutdown barrier for peers that may never arrive; they see it leave and stop too."""
+  if jax.distributed.is_initialized() and jax.process_count() > 1:
+    import os
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def host_copy(tree: Any) -> Any:
   """The pytree's global arrays as numpy arrays on every process (a collective in a multi-process
   run: every process must call it), for work that runs on one host's devices (sampling, reports)."""

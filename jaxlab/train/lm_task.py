@@ -148,10 +148,6 @@ class LMTask:
     self.corpus = text.load_corpus(config.data)
     self.vocab = self.corpus.vocab
     self._check_splits()
-    try:
-      self.check_prompt(config.sample.prompt, "config.sample.prompt")
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
     self.model = gpt_from_config(config.model, self.vocab.size,
                                  max_len=config.model.max_len or config.data.seq_len)
     self.seq_len = config.data.seq_len
@@ -176,6 +172,15 @@ class LMTask:
           f"config.data.batch_size={batch} is more than the {windows} windows of config.data.seq_len="
           f"{seq_len} in the validation split ({len(self.corpus.validation)} tokens, {where}), so "
           "evaluation would give no batches; use a smaller batch_size or seq_len, or more text")
+
+  def check_before_training(self) -> None:
+    """The sample that `jaxlab train` prints at the end must be possible (checked before training,
+    not found out after it): config.sample.prompt in the vocabulary, when there is a sample."""
+    if self.config.sample.num_tokens:
+      try:
+        self.check_prompt(self.config.sample.prompt, "config.sample.prompt")
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
 
   def check_prompt(self, prompt: str, what: str) -> None:
     """Raises ValueError("{what}: ...") naming the first character of `prompt` that this task's

@@ -11,15 +11,21 @@ import pathlib
 
 class MetricsWriter:
 
-  """`enabled=False` writes nothing (the processes other than 0 of a multi-process run)."""
+  """`enabled=False` writes nothing (the processes other than 0 of a multi-process run). A run resumed
+  from the checkpoint at `resume_step` first drops what a killed run wrote after it (metrics.jsonl
+  records; TensorBoard purges those steps), so both hold one history."""
 
-  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True, enabled: bool = True):
+  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True, enabled: bool = True,
+               resume_step: int | None = None):
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self.enabled = enabled
     self._tb = None
+    if resume_step is not None:
+      self.drop_after(resume_step)
     if tensorboard and enabled:
       from tensorboardX import SummaryWriter  # imported lazily: optional for library users
-      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
+                               purge_step=resume_step + 1 if resume_step else None)
 
   def drop_after(self, step: int) -> None:
     """Removes the records after `step` (a run resumed from the checkpoint at `step` writes them

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 import statistics
 import time
@@ -65,10 +66,8 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
   nothing changed) a workdir whose checkpoints belong to another model/data/optimizer config."""
   workdir = pathlib.Path(workdir)
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
-  if task is None:  # process 0 first: it prepares any dataset files that the others then read
-    task = tasks.build_task(config) if distributed.is_primary() else None
-    distributed.barrier("jaxlab_task_built")
-    task = task or tasks.build_task(config)
+  if task is None:
+    task = _build_task(config)
   tx = optim.make_optimizer(config.optim, config.train.steps)
   init = _init_state_fn(task, tx, config.seed)
   with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -83,7 +82,27 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
   except ValueError:
     checkpointer.close()
     raise
+  distributed.barrier("jaxlab_setup")  # every process has read config.json before process 0 rewrites it
   return run
+
+
+def _build_task(config):
+  """The config's task. In a multi-process run process 0 builds it first (preparing any dataset files
+  that the others then read); if it fails, every process raises (none is left waiting)."""
+  if jax.process_count() == 1:
+    return tasks.build_task(config)
+  task, error = None, None
+  if distributed.is_primary():
+    try:
+      task = tasks.build_task(config)
+    except Exception as e:  # raised below, after the others have heard
+      error = e
+  ok = distributed.all_agree(error is None)
+  if error is not None:
+    raise error
+  if not ok:
+    raise RuntimeError("process 0 could not load the data or build the model; its error says why")
+  return task or tasks.build_task(config)
 
 
 def init_state(run: Run) -> TrainState:
@@ -248,15 +267,29 @@ def check_resume_config(run: Run) -> None:
 def _save_run_files(run: Run) -> None:
   if not distributed.is_primary():
     return
-  (run.workdir / "config.json").write_text(run.config.to_json_best_effort(indent=2))
+  _write_atomically(run.workdir / "config.json", run.config.to_json_best_effort(indent=2))
   vocab = getattr(run.task, "vocab", None)
   if vocab is not None:
-    (run.workdir / "vocab.json").write_text(json.dumps(vocab.to_json()))
+    _write_atomically(run.workdir / "vocab.json", json.dumps(vocab.to_json()))
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+  """Readers see the old file or the new one, never a part (a kill mid-write loses nothing)."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
 
 def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = True) -> dict:
   """Trains (resuming from WORKDIR's newest checkpoint when there is one); returns final metrics."""
   run = setup(config, workdir, task=task)
+  check = getattr(run.task, "check_before_training", None)  # e.g. the LM's sample prompt
+  if check is not None:
+    try:
+      check()
+    except Exception:
+      run.checkpointer.close()
+      raise
   _save_run_files(run)
   cfg = config.train
   state, data_state = restore_or_init(run)
@@ -267,7 +300,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
   train_step = make_train_step(run)
   eval_step = make_eval_step(run)
   primary = distributed.is_primary()
-  writer = MetricsWriter(run.workdir, tensorboard=cfg.tensorboard, enabled=primary)
+  writer = MetricsWriter(run.workdir, tensorboard=cfg.tensorboard, enabled=primary,
+                         resume_step=start)
   best = None
   if cfg.get("keep_best", False):
     best = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(config))
@@ -275,7 +309,6 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
       best.discard("belongs to an earlier run in this workdir (training starts from step 0)")
   if start and primary:
     print(f"jaxlab: resumed from step {start} in {run.workdir}", flush=True)
-  writer.drop_after(start)  # records a killed run wrote after its last checkpoint
   final: dict = {}
   step_times: list[float] = []
   losses = []

@@ -1,7 +1,7 @@
 """Multi-process runs through jax.distributed: 2 processes x 2 CPU devices (the `jaxlab` command, a
 coordinator on localhost) train the same numbers as this process on a 4-device mesh, step for step;
-they resume from a checkpoint saved by both processes, fall back past one that is corrupt, and
-evaluate together."""
+they resume from a checkpoint saved by both processes, fall back together past one whose checksums do
+not match, stop together on one they cannot read, and evaluate together."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_processes(args: list[str], timeout: int = 420) -> list[str]:
-  """`jaxlab ARGS` in PROCESSES processes of DEVICES_PER_PROCESS CPU devices each; their stdouts."""
+def _run_processes(args: list[str], timeout: int = 420, *, expect_rc: int = 0) -> list[str]:
+  """`jaxlab ARGS` in PROCESSES processes of DEVICES_PER_PROCESS CPU devices each; their stdouts
+  (with `expect_rc` != 0: their stderrs)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
                       f"{DEVICES_PER_PROCESS}")  # the last count given wins
@@ -44,8 +45,8 @@ def _run_processes(args: list[str], timeout: int = 420) -> list[str]:
   try:
     for i, p in enumerate(procs):
       out, err = p.communicate(timeout=timeout)
-      assert p.returncode == 0, f"process {i} failed ({p.returncode}):\n{out}\n{err[-3000:]}"
-      outputs.append(out)
+      assert p.returncode == expect_rc, f"process {i}: rc {p.returncode}:\n{out}\n{err[-3000:]}"
+      outputs.append(out if expect_rc == 0 else err)
   finally:
     for p in procs:
       p.kill()
@@ -83,16 +84,15 @@ def test_two_processes_train_resume_and_skip_a_corrupt_checkpoint(tiny_lm_config
                              [reference[s] for s in reference], rtol=2e-5)
   np.testing.assert_allclose(_by_step(workdir, "val_loss")[6], single["val_loss"], rtol=2e-5)
 
-  # Damage the newest checkpoint (steps 3 and 6 are kept): both processes skip it, process 0 moves it
-  # aside, and the run resumes from step 3 to the same numbers.
-  damaged = 0
-  for f in (workdir / "checkpoints" / "6" / "state").rglob("*"):
-    if f.is_file() and f.stat().st_size:
-      f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
-      damaged += 1
-  assert damaged
+  # The newest checkpoint's arrays no longer match their saved checksums (steps 3 and 6 are kept):
+  # every process sees it, they fall back together, process 0 moves it aside, and the run resumes
+  # from step 3 to the same numbers.
+  data_file = workdir / "checkpoints" / "6" / "data" / "metadata"
+  saved = json.loads(data_file.read_text())
+  saved["_jaxlab_state_checksums"][1] += 1
+  data_file.write_text(json.dumps(saved))
   first, _ = _run_processes(args)
-  assert "resumed from step 3" in first and "could not be read" in first
+  assert "resumed from step 3" in first and "checksum" in first
   assert len(list((workdir / "corrupt_checkpoints").iterdir())) == 1
   resumed = _by_step(workdir, "train_loss")
   np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [reference[s] for s in (4, 5, 6)],
@@ -102,6 +102,14 @@ def test_two_processes_train_resume_and_skip_a_corrupt_checkpoint(tiny_lm_config
   result = json.loads([line for line in first.splitlines() if line.startswith("{")][-1])
   assert result["step"] == 6 and "val_loss" not in second
   np.testing.assert_allclose(result["val_loss"], single["val_loss"], rtol=2e-5)
+  # Files that a process cannot read: every process stops with one line naming the checkpoint (a
+  # fallback taken by some processes only would hang the others); nothing is moved.
+  for f in (workdir / "checkpoints" / "6" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+  errors = _run_processes(args, expect_rc=1)
+  assert all("checkpoints/6 could not be read in process" in e for e in errors)
+  assert (workdir / "checkpoints" / "6").is_dir()
 
 
 def test_two_processes_contrastive_global_batch(tfds_dir, tmp_path):
