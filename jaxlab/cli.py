@@ -35,6 +35,29 @@ def _quiet_logs() -> None:
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)
   logging.getLogger("absl").setLevel(logging.ERROR)
+  # A checkpoint that fails to read leaves orbax's async readers behind; their "coroutine was never
+  # awaited" / "event loop is closed" reports say nothing to a user (the one-line error does).
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+def _drop_async_leftovers() -> None:
+  """The `jaxlab` command's process only (they may also surface at exit): drops the unraisable-
+  exception reports of orbax readers left behind by an unreadable checkpoint."""
+  report = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    import asyncio
+    if asyncio.iscoroutine(unraisable.object) or "Event loop is closed" in str(unraisable.exc_value):
+      return
+    report(unraisable)
+
+  sys.unraisablehook = hook
+
+
+def console_main() -> int:
+  """The `jaxlab` console script."""
+  _drop_async_leftovers()
+  return main()
 
 
 def _fresh_workdir(config_name: str) -> pathlib.Path:
@@ -344,4 +367,4 @@ def _run_command(args, overrides) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(console_main())

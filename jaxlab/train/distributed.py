@@ -39,17 +39,56 @@ def wanted(*, coordinator: Optional[str], num_processes: Optional[int],
     raise ValueError(f"--num-processes={num_processes} must be >= 1")
   if process_id is not None and not 0 <= process_id < num_processes:
     raise ValueError(f"--process-id={process_id} must be in [0, {num_processes})")
-  if coordinator is not None and ":" not in coordinator:
-    raise ValueError(f"--coordinator={coordinator!r} must be HOST:PORT")
+  if coordinator is not None:
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ValueError(f"--coordinator={coordinator!r} must be HOST:PORT (a port in 1..65535)")
   return auto or bool(given)
 
 
 def initialize(*, coordinator: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None) -> None:
   """`jax.distributed.initialize` (before anything starts JAX's backend). All None: the cluster is
-  detected by JAX."""
-  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                             process_id=process_id)
+  detected by JAX. Process 0 first checks that the coordinator's port is free here (a port in use
+  crashes the coordination service); every process says on stderr that it is waiting for the others."""
+  import sys
+  if coordinator is not None:
+    if process_id == 0:
+      _require_free_port(int(coordinator.rpartition(":")[2]))
+    print(f"jaxlab: process {process_id} of {num_processes}: joining the others at {coordinator}",
+          file=sys.stderr, flush=True)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+  except Exception as e:
+    how = "--distributed: JAX detected no cluster here" if coordinator is None else "--coordinator"
+    message = (str(e).splitlines() or [""])[0]
+    raise RuntimeError(f"{how}: jax.distributed.initialize failed ({type(e).__name__}: {message}); "
+                       "give --coordinator HOST:PORT --num-processes N --process-id I") from None
+
+
+def _require_free_port(port: int) -> None:
+  import socket
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(("", port))
+    except OSError as e:
+      raise ValueError(f"--coordinator port {port} cannot be used on this host ({e.strerror}); "
+                       "process 0 runs the coordinator there: choose a free port") from None
+
+
+def require_same_everywhere(text: str, what: str) -> None:
+  """Raises ValueError in every process unless `text` is the same in all of them (a collective)."""
+  if jax.process_count() == 1:
+    return
+  import hashlib
+  from jax.experimental import multihost_utils
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.uint32)
+  every = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+  if not (every == every[0]).all():
+    raise ValueError(f"the processes were given different {what}; run the same command (same "
+                     "config, overrides and --workdir) in every process")
 
 
 def is_primary() -> bool:

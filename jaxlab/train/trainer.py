@@ -65,6 +65,8 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
   """Mesh, task, optimizer and the sharded abstract state (eval_shape -> shardings). Refuses (ValueError,
   nothing changed) a workdir whose checkpoints belong to another model/data/optimizer config."""
   workdir = pathlib.Path(workdir)
+  distributed.require_same_everywhere(config.to_json_best_effort() + str(workdir.absolute()),
+                                      "configs or workdirs")
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   if task is None:
     task = _build_task(config)
@@ -79,11 +81,26 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
   run = Run(config, workdir, mesh, task, tx, state_shardings, abstract_state, checkpointer)
   try:
     check_resume_config(run)
+    check_same_vocabulary(run)
   except ValueError:
     checkpointer.close()
     raise
   distributed.barrier("jaxlab_setup")  # every process has read config.json before process 0 rewrites it
   return run
+
+
+def check_same_vocabulary(run: Run) -> None:
+  """Refuses a workdir whose vocab.json differs from the task's vocabulary (the training text was
+  edited since: its checkpoints would be read with other token ids)."""
+  saved_path = run.workdir / "vocab.json"
+  vocab = getattr(run.task, "vocab", None)
+  if vocab is None or not saved_path.exists() or not run.checkpointer.all_steps():
+    return
+  saved = json.loads(saved_path.read_text())
+  if saved != json.loads(json.dumps(vocab.to_json())):
+    raise ValueError(f"the data's vocabulary differs from the one {run.workdir} was trained with "
+                     f"({saved_path.name}): the text of config.data.path changed since; nothing "
+                     "was changed (restore the text, or train into a new --workdir)")
 
 
 def _build_task(config):
@@ -273,6 +290,30 @@ def _save_run_files(run: Run) -> None:
     _write_atomically(run.workdir / "vocab.json", json.dumps(vocab.to_json()))
 
 
+def _lock_workdir(workdir: pathlib.Path):
+  """An exclusive lock on WORKDIR/.jaxlab.lock for one training run (process 0), or RuntimeError if
+  another holds it; None where there is no fcntl."""
+  if not distributed.is_primary():
+    return None
+  try:
+    import fcntl
+  except ImportError:  # not POSIX
+    return None
+  handle = open(workdir / ".jaxlab.lock", "a+")
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    handle.close()
+    raise RuntimeError(f"another `jaxlab train` is writing {workdir}; nothing was changed (wait for "
+                       "it, or use another --workdir)") from None
+  return handle
+
+
+def _unlock(handle) -> None:
+  if handle is not None:
+    handle.close()  # releases the flock
+
+
 def _write_atomically(path: pathlib.Path, text: str) -> None:
   """Readers see the old file or the new one, never a part (a kill mid-write loses nothing)."""
   tmp = path.with_name(path.name + ".tmp")
@@ -283,17 +324,27 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
 def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = True) -> dict:
   """Trains (resuming from WORKDIR's newest checkpoint when there is one); returns final metrics."""
   run = setup(config, workdir, task=task)
-  check = getattr(run.task, "check_before_training", None)  # e.g. the LM's sample prompt
-  if check is not None:
-    try:
-      check()
-    except Exception:
-      run.checkpointer.close()
-      raise
-  _save_run_files(run)
   cfg = config.train
-  state, data_state = restore_or_init(run)
-  start = int(state["step"])
+  lock = None
+  try:
+    lock = _lock_workdir(run.workdir)
+    check = getattr(run.task, "check_before_training", None)  # e.g. the LM's sample prompt
+    if check is not None:
+      check()
+    if not os.access(run.checkpointer.directory, os.W_OK):
+      raise PermissionError(f"{run.checkpointer.directory} is not writable; no checkpoint could be "
+                            "saved (nothing was changed)")
+    state, data_state = restore_or_init(run)
+    start = int(state["step"])
+    if start > cfg.steps:
+      raise ValueError(f"{run.workdir} holds a checkpoint at step {start}, beyond "
+                       f"config.train.steps={cfg.steps}; nothing was changed (give "
+                       f"--config.train.steps >= {start}, or a new --workdir)")
+    _save_run_files(run)
+  except BaseException:
+    run.checkpointer.close()
+    _unlock(lock)
+    raise
   data_iter = run.task.train_iterator()
   if data_state is not None:
     data_iter.set_state(data_state)
@@ -365,6 +416,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     try:
       run.checkpointer.close()
     finally:
+      _unlock(lock)
       if best is not None:
         best.close()
   if best is not None and best.step is not None:

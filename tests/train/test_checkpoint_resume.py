@@ -242,3 +242,37 @@ def test_a_run_that_fails_to_build_leaves_no_workdir(tiny_lm_config, tmp_path):
   with pytest.raises(FileNotFoundError, match="corpus.txt"):
     trainer.train(config, tmp_path / "run", progress=False)
   assert not (tmp_path / "run").exists()
+
+
+def test_fewer_steps_than_the_checkpoint_is_refused(tiny_lm_config, tmp_path):
+  import pytest
+  trainer.train(tiny_lm_config(), tmp_path, progress=False)  # 6 steps
+  before = (tmp_path / "config.json").read_text()
+  with pytest.raises(ValueError, match=r"step 6, beyond config.train.steps=3"):
+    trainer.train(tiny_lm_config("--config.train.steps=3"), tmp_path, progress=False)
+  assert (tmp_path / "config.json").read_text() == before
+
+
+def test_edited_training_text_is_refused(tiny_lm_config, tmp_path):
+  """The text at config.data.path changed its characters since the run: its token ids would be read
+  with another vocabulary, so resume/eval/sample refuse."""
+  import pytest
+  corpus = tmp_path / "text.txt"
+  corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+  config = tiny_lm_config(f"--config.data.path={corpus}")
+  trainer.train(config, tmp_path / "run", progress=False)
+  corpus.write_text("the quick brown fox jumps over the lazy cat! " * 200)
+  with pytest.raises(ValueError, match="vocabulary differs"):
+    trainer.setup(tiny_lm_config(f"--config.data.path={corpus}"), tmp_path / "run")
+
+
+def test_a_second_trainer_in_the_same_workdir_is_refused(tiny_lm_config, tmp_path):
+  import fcntl
+  import pytest
+  tmp_path.mkdir(exist_ok=True)
+  with open(tmp_path / ".jaxlab.lock", "a+") as held:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `jaxlab train` does
+    with pytest.raises(RuntimeError, match="another `jaxlab train` is writing"):
+      trainer.train(tiny_lm_config(), tmp_path, progress=False)
+  assert not list((tmp_path / "checkpoints").iterdir())
+  trainer.train(tiny_lm_config(), tmp_path, progress=False)  # released: it runs

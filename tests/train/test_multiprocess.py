@@ -29,7 +29,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_processes(args: list[str], timeout: int = 420, *, expect_rc: int = 0) -> list[str]:
+def _run_processes(args: list[str], timeout: int = 420, *, expect_rc: int = 0,
+                   extra: tuple = ()) -> list[str]:
   """`jaxlab ARGS` in PROCESSES processes of DEVICES_PER_PROCESS CPU devices each; their stdouts
   (with `expect_rc` != 0: their stderrs)."""
   env = dict(os.environ)
@@ -37,7 +38,9 @@ def _run_processes(args: list[str], timeout: int = 420, *, expect_rc: int = 0) -
                       f"{DEVICES_PER_PROCESS}")  # the last count given wins
   env["JAX_PLATFORMS"] = "cpu"
   coordinator = f"localhost:{_free_port()}"
-  procs = [subprocess.Popen([sys.executable, "-m", "jaxlab.cli", *args, "--coordinator", coordinator,
+  extra = list(extra) + [[]] * (PROCESSES - len(extra))  # per-process extra arguments
+  procs = [subprocess.Popen([sys.executable, "-m", "jaxlab.cli", *args, *extra[i],
+                             "--coordinator", coordinator,
                              "--num-processes", str(PROCESSES), "--process-id", str(i)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(PROCESSES)]
@@ -153,3 +156,13 @@ def test_multi_process_run_needs_a_workdir(capsys):
   from jaxlab import cli
   assert cli.main(["train", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "0"]) == 1
   assert "needs --workdir" in capsys.readouterr().err
+
+
+def test_processes_given_different_configs_stop_with_one_line(tiny_lm_config, tmp_path):
+  """A typo in one host's command (here its learning rate) must not train a silently mixed run."""
+  config = tiny_lm_config("--config.mesh.data=4", "--config.sample.prompt=the ")
+  args = ["train", "lm_char", "--workdir", str(tmp_path / "run"), "--no-progress",
+          *_overrides(config)]
+  errors = _run_processes(args, expect_rc=1, extra=([], ["--config.optim.lr=0.5"]))
+  assert all("given different configs or workdirs" in e for e in errors)
+  assert not (tmp_path / "run").exists()
