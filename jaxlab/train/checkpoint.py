@@ -208,6 +208,7 @@ class BestParams:
     self.directory = self.workdir / "best"
     self.fingerprint = fingerprint
     self.step, self.val_loss = None, float("inf")
+    self._checksums = None
     if not create and not self.directory.is_dir():
       raise FileNotFoundError(f"no best-params checkpoint in {self.directory} (train with "
                               "--config.train.keep_best=True)")
@@ -219,6 +220,7 @@ class BestParams:
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       saved_step, saved_loss = int(meta["step"]), float(meta["val_loss"])
       saved_fingerprint = meta.get("fingerprint", "")
+      self._checksums = meta.get(CHECKSUMS_KEY)  # None: saved before checksums existed
     except Exception as e:  # orbax raises many types for unreadable files
       self.discard(f"is unreadable ({type(e).__name__})")
       return
@@ -253,8 +255,10 @@ class BestParams:
     self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         meta=ocp.args.JsonSave({"step": step, "val_loss": val_loss,
-                                "fingerprint": self.fingerprint})), force=True)
+                                "fingerprint": self.fingerprint,
+                                CHECKSUMS_KEY: state_checksums(params)})), force=True)
     self.step, self.val_loss = step, val_loss
+    self._checksums = None  # just written: not re-read in this process
     return True
 
   def restore(self, abstract_params: Any) -> Any:
@@ -264,12 +268,18 @@ class BestParams:
       raise FileNotFoundError(f"no best-params checkpoint in {self.directory}")
     self._manager.wait_until_finished()
     try:
-      return self._manager.restore(self.step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_params)))["params"]
+      with _quiet("orbax", "absl", "jax"):
+        params = self._manager.restore(self.step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))["params"]
     except Exception as e:
       self.discard(f"could not be restored ({type(e).__name__})")
       raise FileNotFoundError(f"the best-params checkpoint in {self.directory} could not be read "
                               "and was moved aside") from e
+    if self._checksums is not None and state_checksums(params) != list(self._checksums):
+      self.discard("holds bytes that differ from what was saved (checksum)")
+      raise FileNotFoundError(f"the best-params checkpoint in {self.directory} was damaged (its "
+                              "checksums do not match) and was moved aside")
+    return params
 
   def close(self) -> None:
     self._manager.wait_until_finished()

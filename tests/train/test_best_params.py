@@ -93,3 +93,22 @@ def test_asking_for_a_record_that_was_never_saved_creates_nothing(tmp_path):
   with pytest.raises(FileNotFoundError, match="keep_best"):
     BestParams(tmp_path, create=False)
   assert not (tmp_path / "best").exists()
+
+
+def test_params_damaged_in_place_are_caught_by_checksums(tmp_path):
+  """Bytes of the saved parameters changed on disk, still readable: the checksums saved in its meta
+  catch it (as for the train checkpoints); the record is moved aside."""
+  import json
+  keeper = BestParams(tmp_path)
+  keeper.offer(5, 2.0, _params(1.0))
+  keeper.close()
+  meta_files = [p for p in (tmp_path / "best").rglob("metadata") if "meta" in p.parts]
+  assert len(meta_files) == 1
+  meta = json.loads(meta_files[0].read_text())
+  meta["_jaxlab_state_checksums"][0] += 1  # as if the array's bytes had changed
+  meta_files[0].write_text(json.dumps(meta))
+  keeper = BestParams(tmp_path)
+  with pytest.raises(FileNotFoundError, match="checksums do not match"):
+    keeper.restore(jax.eval_shape(lambda: _params(0.0)))
+  assert (tmp_path / "corrupt_checkpoints").is_dir()
+  keeper.close()
