@@ -186,11 +186,16 @@ def abstract_with_shardings(abstract_tree, shardings):
 
 
 def _move_aside(source: pathlib.Path, workdir: pathlib.Path, why: str) -> None:
-  """Moves a checkpoint directory to WORKDIR/corrupt_checkpoints/ (kept for inspection, never deleted)."""
+  """Moves a checkpoint directory to WORKDIR/corrupt_checkpoints/ (kept for inspection, never deleted).
+  Where WORKDIR cannot be written (e.g. `jaxlab eval` on a read-only copy) it is left in place."""
   target_dir = workdir / "corrupt_checkpoints"
-  target_dir.mkdir(parents=True, exist_ok=True)
   target = target_dir / f"{source.name}.{time.time_ns()}"
-  shutil.move(str(source), str(target))
+  try:
+    target_dir.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(source), str(target))
+  except OSError as e:
+    print(f"jaxlab: {source} {why}; left in place ({e.strerror or e})", flush=True)
+    return
   print(f"jaxlab: {source} {why}; moved to {target}", flush=True)
 
 

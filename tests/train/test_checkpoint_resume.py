@@ -276,3 +276,25 @@ def test_a_second_trainer_in_the_same_workdir_is_refused(tiny_lm_config, tmp_pat
       trainer.train(tiny_lm_config(), tmp_path, progress=False)
   assert not list((tmp_path / "checkpoints").iterdir())
   trainer.train(tiny_lm_config(), tmp_path, progress=False)  # released: it runs
+
+
+def test_a_read_only_workdir_still_falls_back(tiny_lm_config, tmp_path, monkeypatch, capsys):
+  """`jaxlab eval` on a workdir it cannot write: the damaged newest checkpoint cannot be moved aside,
+  so it is left in place and the previous one is used all the same."""
+  config = tiny_lm_config("--config.train.steps=6", "--config.train.checkpoint_every=3")
+  trainer.train(config, tmp_path, progress=False)
+  for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+
+  def read_only(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+  from jaxlab.train import checkpoint as ckpt
+  monkeypatch.setattr(ckpt.shutil, "move", read_only)
+  run = trainer.setup(config, tmp_path)
+  step, _, _ = run.checkpointer.restore_latest(run.abstract_state)
+  run.checkpointer.close()
+  assert step == 3
+  assert "left in place (Permission denied)" in capsys.readouterr().out
+  assert _steps(tmp_path / "checkpoints") == ["3", "6"]
