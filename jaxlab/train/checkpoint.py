@@ -80,7 +80,7 @@ class Checkpointer:
           log.warning("checkpoint at step %d is unreadable (%s)", bad_step, why)
           self._quarantine(bad_step, why)
         return step, restored["state"], restored["data"]
-      failed.append((step, error or "unreadable in another process"))
+      failed.append((step, error))
     if failed:
       raise CheckpointError(
           f"none of the checkpoints in {self.directory} (steps {', '.join(str(s) for s, _ in failed)})"
@@ -105,19 +105,9 @@ class Checkpointer:
     """None if the restored arrays match the checksums saved with them (popped from the data state),
     else why not."""
     saved = restored["data"].pop(CHECKSUMS_KEY, None)  # None: saved before checksums existed
-    if saved is None:
-      return None
-    actual = state_checksums(restored["state"])
-    if len(saved) != len(actual):
-      return "the state holds a different number of arrays than was saved"
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_leaves_with_path(restored["state"])]
-    for path, want, got in zip(paths, saved, actual):
-      if want != got:
-        return f"the bytes of state{path} differ from what was saved (checksum)"
-    return None
+    return None if saved is None else checksum_mismatch(saved, restored["state"], "state")
 
-  def _quarantine(self, step: int, why: str = "") -> None:
+  def _quarantine(self, step: int, why: str) -> None:
     """Moves a bad checkpoint out of the manager's directory, keeping it for inspection."""
     self.wait()
     source = self.directory / str(step)
@@ -125,7 +115,7 @@ class Checkpointer:
       candidates = [p for p in self.directory.iterdir() if p.name.split("_")[-1] == str(step)]
       source = candidates[0] if candidates else None
     if source is not None and distributed.is_primary():
-      _move_aside(source, self.workdir, f"could not be read ({why})" if why else "could not be read")
+      _move_aside(source, self.workdir, f"could not be read ({why})")
     distributed.barrier(f"jaxlab_quarantine_{step}")
     self._manager.reload()
 
@@ -172,6 +162,18 @@ def state_checksums(state: Any) -> list[int]:
     sums = [int(x) % 2**32 for x in
             np.asarray(per_process).reshape(-1, len(sums)).sum(0, dtype=np.uint64)]
   return [int(x) for x in sums]
+
+
+def checksum_mismatch(saved: list[int], tree: Any, name: str) -> Optional[str]:
+  """None if `tree`'s arrays match the `saved` state_checksums, else which array differs."""
+  actual = state_checksums(tree)
+  if len(saved) != len(actual):
+    return f"{name} holds a different number of arrays than was saved"
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  for path, want, got in zip(paths, saved, actual):
+    if want != got:
+      return f"the bytes of {name}{path} differ from what was saved (checksum)"
+  return None
 
 
 def _bits_sum(a: np.ndarray) -> int:
@@ -280,8 +282,9 @@ class BestParams:
       self.discard(f"could not be restored ({type(e).__name__})")
       raise FileNotFoundError(f"the best-params checkpoint in {self.directory} could not be read "
                               "and was moved aside") from e
-    if self._checksums is not None and state_checksums(params) != list(self._checksums):
-      self.discard("holds bytes that differ from what was saved (checksum)")
+    mismatch = self._checksums and checksum_mismatch(self._checksums, params, "params")
+    if mismatch:
+      self.discard(f"is damaged: {mismatch}")
       raise FileNotFoundError(f"the best-params checkpoint in {self.directory} was damaged (its "
                               "checksums do not match) and was moved aside")
     return params

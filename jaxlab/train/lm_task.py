@@ -186,20 +186,15 @@ class LMTask:
     """Raises ValueError("{what}: ...") naming the first character of `prompt` that this task's
     vocabulary cannot encode (an empty prompt is sampled from a newline, so that is checked then)."""
     chars = prompt or "\n"
-    if self.vocab.alphabet is None:  # bytes: any str that UTF-8 can encode
-      try:
-        chars.encode("utf-8")
-      except UnicodeEncodeError as e:
-        raise ValueError(f"{what}: character {chars[e.start]!r} is not in the vocabulary "
-                         "(it has no UTF-8 encoding)") from None
-      return
-    known = set(self.vocab.alphabet)
-    for c in chars:
-      if c not in known:
-        empty = " (an empty prompt starts from '\\n')" if not prompt else ""
-        raise ValueError(f"{what}: character {c!r} is not in the vocabulary{empty} (the "
-                         f"{len(known)} characters of this char-level corpus; use "
-                         "config.data.vocab='byte' for any text)")
+    try:
+      self.vocab.encode(chars)
+    except UnicodeEncodeError as e:  # bytes: a str that UTF-8 cannot encode
+      raise ValueError(f"{what}: character {chars[e.start]!r} is not in the vocabulary "
+                       "(it has no UTF-8 encoding)") from None
+    except ValueError as e:  # "character 'x' is not in the vocabulary"
+      empty = " (an empty prompt starts from '\\n')" if not prompt else ""
+      raise ValueError(f"{what}: {e}{empty} (the {self.vocab.size} characters of this char-level "
+                       "corpus; use config.data.vocab='byte' for any text)") from None
 
   @property
   def tokens_per_batch(self) -> int:

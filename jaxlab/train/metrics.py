@@ -33,13 +33,11 @@ class MetricsWriter:
     if not self.enabled or not self.path.exists():
       return
     text = self.path.read_text()
-    records = read_metrics(self.path.parent)
+    records = _parse_records(text)
     kept = [r for r in records if r.get("step", 0) <= step]
     if len(kept) == len(records) and (not text or text.endswith("\n")):
       return  # (a line cut short by a kill is dropped too: the next record would be glued to it)
-    tmp = self.path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, self.path)
+    write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
   def write(self, step: int, **scalars: float) -> None:
     if not self.enabled:
@@ -63,12 +61,22 @@ class MetricsWriter:
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   """The records of WORKDIR/metrics.jsonl in order; a line cut short (a killed run) is skipped."""
   path = pathlib.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return []
+  return _parse_records(path.read_text()) if path.exists() else []
+
+
+def _parse_records(text: str) -> list[dict]:
   records = []
-  for line in path.read_text().splitlines():
+  for line in text.splitlines():
     try:
       records.append(json.loads(line))
     except json.JSONDecodeError:
       continue
   return records
+
+
+def write_atomically(path: pathlib.Path, text: str) -> None:
+  """Writes a run file so that readers see the old file or the new one, never a part (a kill
+  mid-write loses nothing)."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)

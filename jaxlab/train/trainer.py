@@ -28,7 +28,7 @@ from jaxlab.configs import flatten
 from jaxlab.configs.validate import train_microbatches
 from jaxlab.train import checkpoint as checkpoint_lib
 from jaxlab.train import distributed, optim, sharding, tasks
-from jaxlab.train.metrics import MetricsWriter
+from jaxlab.train.metrics import MetricsWriter, write_atomically
 
 # TrainState is a plain dict pytree: {"step", "params", "opt_state", "rng"}.
 TrainState = dict
@@ -284,10 +284,10 @@ def check_resume_config(run: Run) -> None:
 def _save_run_files(run: Run) -> None:
   if not distributed.is_primary():
     return
-  _write_atomically(run.workdir / "config.json", run.config.to_json_best_effort(indent=2))
+  write_atomically(run.workdir / "config.json", run.config.to_json_best_effort(indent=2))
   vocab = getattr(run.task, "vocab", None)
   if vocab is not None:
-    _write_atomically(run.workdir / "vocab.json", json.dumps(vocab.to_json()))
+    write_atomically(run.workdir / "vocab.json", json.dumps(vocab.to_json()))
 
 
 def _lock_workdir(workdir: pathlib.Path):
@@ -312,13 +312,6 @@ def _lock_workdir(workdir: pathlib.Path):
 def _unlock(handle) -> None:
   if handle is not None:
     handle.close()  # releases the flock
-
-
-def _write_atomically(path: pathlib.Path, text: str) -> None:
-  """Readers see the old file or the new one, never a part (a kill mid-write loses nothing)."""
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = True) -> dict:
