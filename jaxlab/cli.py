@@ -237,6 +237,8 @@ def cmd_sample(args, overrides) -> int:
   _check_sample_flags(args)
   workdir = pathlib.Path(args.workdir)
   _check_workdir(workdir, "WORKDIR")
+  if args.speculative:
+    overrides = [*overrides, "--config.sample.speculative=True"]
   config = _load_workdir_config(workdir, overrides, args)
   from jaxlab.train import trainer
   run = trainer.setup(config, workdir)
@@ -250,6 +252,11 @@ def cmd_sample(args, overrides) -> int:
         check_prompt(args.prompt, "--prompt")
       else:
         check_prompt(config.sample.prompt, "config.sample.prompt (give --prompt)")
+    if config.get("sample", {}).get("speculative", False):
+      num_tokens = config.sample.num_tokens if args.num_tokens is None else args.num_tokens
+      run.task.check_speculative_length(
+          config.sample.prompt if args.prompt is None else args.prompt, num_tokens,
+          "config.sample.num_tokens" if args.num_tokens is None else "--num-tokens")
   except BaseException:
     run.checkpointer.close()
     raise
@@ -321,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
                   help="nucleus sampling: the smallest set of tokens with probability >= P, "
                   "0 < P <= 1; 1 = off (default: config.sample.top_p)")
   sa.add_argument("--seed", type=int, help="random seed (default: config.sample.seed)")
+  sa.add_argument("--speculative", action="store_true",
+                  help="draft with the model's extra heads (model.mtp_heads / medusa_heads) and "
+                  "verify the drafts in one pass: the same text at temperature 0, the same "
+                  "distribution otherwise (= --config.sample.speculative=True)")
   sa.add_argument("--best", action="store_true", help="sample from WORKDIR/best (train.keep_best)")
   _add_process_options(sa)
   sa.set_defaults(func=cmd_sample)

@@ -279,10 +279,14 @@ class MultiHeadAttention(nn.Module):
     """Attention against a KV cache in the "cache" collection.
 
     The cache is created by `init` with the full decoding length as T (call `model.init(..., decode=True)`
-    with an input of shape [B, max_len]). Afterwards a call with T > 1 is a prefill of an empty cache, and a
-    call with T == 1 appends one token and attends to everything cached so far.
-    rotate_in_cache (dynamic NTK): q and k arrive unrotated and are rotated here with L = cache index +
-    T, the tokens cached so far including this call's (see the module docstring).
+    with an input of shape [B, max_len]). Afterwards each call appends its T tokens at the cache index
+    (slot j holds position j) and each of them attends to the cache up to and including its own slot:
+    T > 1 on an empty cache is the prefill of a prompt, T == 1 one decoding step, and T > 1 on a
+    non-empty cache appends several tokens at once (the verification pass of speculative decoding).
+    Setting a layer's "cache_index" back (see `jaxlab.decoding.speculative`) drops the tokens after it:
+    they are masked by length and overwritten by the next call.
+    rotate_in_cache (dynamic NTK): q and k arrive unrotated and are rotated here with L = T for a
+    prefill and L = slot + 1 for each appended token (see the module docstring).
     """
     is_initialized = self.has_variable("cache", "cached_key")
     b, t, kh, h = k_BTKH.shape
@@ -295,45 +299,56 @@ class MultiHeadAttention(nn.Module):
         q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT)
       return self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT)
     i = index.value
-    lengths_B = jnp.full((b,), i + t, jnp.int32)  # tokens in the cache, this call's included
+    slots_T = i + jnp.arange(t, dtype=jnp.int32)
     if rotate_in_cache:
-      q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT, lengths_B)
+      lengths_BT = jnp.broadcast_to(jnp.where(i == 0, t, slots_T + 1), (b, t))
+      q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT, lengths_BT)
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BTKH, (0, i, 0, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BTKH, (0, i, 0, 0))
     index.value = i + t
-    if t > 1:
-      # Prefill (the cache was empty): ordinary causal attention over the prompt itself.
-      return self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT)
-    # Cache slot j holds position j (tokens are written in order from 0).
     max_len = cached_k.value.shape[1]
     kv_positions_BT = jnp.broadcast_to(jnp.arange(max_len, dtype=positions_BT.dtype), (b, max_len))
-    visible = None
-    if self.family == "local":
-      # The query sits at position i, not at the cache's end (where end alignment would put it), so
-      # the window's left edge is a segment: keys from i - window on are segment 1, older ones 0.
-      visible = jnp.arange(max_len) >= i - self.window
-    elif self.family == "block_sparse":
-      # The layout row of the query's block, spread over the keys (the layout of the cache length
-      # starts with the layout of any shorter one; see causal_block_layout).
-      bs = self.sparse_block_size
-      layout = jnp.asarray(self._sparse_layout(-(-max_len // bs)))
-      visible = jax.lax.dynamic_index_in_dim(layout, i // bs, keepdims=False)[
-          jnp.arange(max_len) // bs]
-    if visible is not None:
-      # Visible keys are segment 1, the others 0; the query is segment 1.
-      return attention.dot_product_attention(
-          q_BTNH, cached_k.value, cached_v.value, kv_lengths=lengths_B,
-          q_segment_ids=jnp.ones((b, 1), jnp.int32),
-          kv_segment_ids=jnp.broadcast_to(visible.astype(jnp.int32), (b, max_len)),
-          logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
-    if self.rerope_window:
-      return self._rerope(q_BTNH, cached_k.value, cached_v.value, positions_BT, kv_positions_BT,
-                          kv_lengths_B=lengths_B)
-    return attention.dot_product_attention(q_BTNH, cached_k.value, cached_v.value,
-                                           kv_lengths=lengths_B,
-                                           bias=self._bias(positions_BT, kv_positions_BT),
-                                           logit_soft_cap=self.logit_soft_cap,
-                                           implementation=self.implementation)
+    bias_BNTK = None if self.rerope_window else self._bias(positions_BT, kv_positions_BT)
+
+    def one_query(q_BNH, slot, position_B, bias_BNK):
+      """The query in `slot` against cache slots 0..slot (and its family's mask) -> [B, N, H]."""
+      q_B1NH, lengths_B = q_BNH[:, None], jnp.full((b,), slot + 1, jnp.int32)
+      visible = None
+      if self.family == "local":
+        # The query sits at `slot`, not at the cache's end (where end alignment would put it), so
+        # the window's left edge is a segment: keys from slot - window on are segment 1, older ones 0.
+        visible = jnp.arange(max_len) >= slot - self.window
+      elif self.family == "block_sparse":
+        # The layout row of the query's block, spread over the keys (the layout of the cache length
+        # starts with the layout of any shorter one; see causal_block_layout).
+        bs = self.sparse_block_size
+        layout = jnp.asarray(self._sparse_layout(-(-max_len // bs)))
+        visible = jax.lax.dynamic_index_in_dim(layout, slot // bs, keepdims=False)[
+            jnp.arange(max_len) // bs]
+      if visible is not None:
+        # Visible keys are segment 1, the others 0; the query is segment 1.
+        out = attention.dot_product_attention(
+            q_B1NH, cached_k.value, cached_v.value, kv_lengths=lengths_B,
+            q_segment_ids=jnp.ones((b, 1), jnp.int32),
+            kv_segment_ids=jnp.broadcast_to(visible.astype(jnp.int32), (b, max_len)),
+            logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
+      elif self.rerope_window:
+        out = self._rerope(q_B1NH, cached_k.value, cached_v.value, position_B[:, None],
+                           kv_positions_BT, kv_lengths_B=lengths_B)
+      else:
+        out = attention.dot_product_attention(
+            q_B1NH, cached_k.value, cached_v.value, kv_lengths=lengths_B,
+            bias=None if bias_BNK is None else bias_BNK[:, :, None],
+            logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
+      return out[:, 0]
+
+    if t == 1:
+      bias_BNK = None if bias_BNTK is None else bias_BNTK[:, :, 0]
+      return one_query(q_BTNH[:, 0], i, positions_BT[:, 0], bias_BNK)[:, None]
+    # Several tokens: each query against the cache up to its own slot (vectorised over queries).
+    over_queries = jax.vmap(one_query, in_axes=(1, 0, 1, None if bias_BNTK is None else 2),
+                            out_axes=1)
+    return over_queries(q_BTNH, slots_T, positions_BT, bias_BNTK)
 
   def _recurrent_linear(self, q_BTNH, k_BTKH, v_BTKH):
     """Causal linear attention while decoding: the cache holds S = sum phi(k) v^T and z = sum phi(k)

@@ -3,6 +3,19 @@
 tokens_BT -> logits_BTV. Attention goes through `jaxlab.attention.dot_product_attention`; the position
 encoding is a config string: absolute ("learned", "sinusoidal") added to the embeddings, relative
 ("rope", "xpos", "alibi", "t5") in every attention layer, or "none" (NoPE).
+
+Extra heads that predict further ahead (`all_heads=True` -> logits_BTJV, head j predicts token t+1+j;
+head 0 is the ordinary next-token head, unchanged by the extra ones):
+  * multi-token prediction (Gloeckle et al. 2024, "Better & Faster Large Language Models via
+    Multi-token Prediction", fig. 1): `mtp_heads` extra transformer blocks branch off the trunk
+    (blocks 0..L-2) beside the last block, which is head 0's; each has its own final norm and all
+    share the unembedding.
+  * Medusa (Cai et al. 2024, "Medusa: Simple LLM Inference Acceleration Framework with Multiple
+    Decoding Heads", sec. 2.1.1): `medusa_heads` residual blocks h + SiLU(W1 h + b1) on the final
+    (normed) hidden state h, W1 initialised to zero; the paper's per-head output layer starts as a
+    copy of the LM head, here the heads share it (so every head starts as head 0).
+`heads_stop_gradient` trains the extra heads on a detached trunk (Medusa-1: the next-token model is
+exactly what it would be without them). `jaxlab.decoding.speculative` uses the heads as drafters.
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.layers import MLP, FlashLayer, MultiHeadAttention
+from jaxlab.layers.dense import Dense
 
 from jaxlab import positions as positions_lib
 
@@ -42,7 +56,8 @@ class GPTConfig:
   (performer), sparse_layout / sparse_block_size / sparse_local_blocks / sparse_stride /
   sparse_num_global / sparse_num_random / sparse_seed (block_sparse, see `causal_block_layout`),
   gau_qk_dim / flash_chunk / gau_kind / gau_offset_init ("flash": each block is two FLASH layers);
-  qk_norm; logit_soft_cap (softmax); attention_impl: passed to `dot_product_attention`.
+  qk_norm; logit_soft_cap (softmax); attention_impl: passed to `dot_product_attention`;
+  mtp_heads / medusa_heads (at most one > 0) and heads_stop_gradient: the extra heads (module docstring).
   """
 
   vocab_size: int
@@ -82,10 +97,21 @@ class GPTConfig:
   attention_impl: Optional[str] = None
   activation: str = "gelu"
   use_bias: bool = False
+  mtp_heads: int = 0
+  medusa_heads: int = 0
+  heads_stop_gradient: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  @property
+  def extra_heads(self) -> int:
+    """Heads beyond the next-token head (J = 1 + extra_heads)."""
+    return self.mtp_heads + self.medusa_heads
+
   def __post_init__(self):
+    if min(self.mtp_heads, self.medusa_heads) < 0 or (self.mtp_heads and self.medusa_heads):
+      raise ValueError(f"need mtp_heads >= 0 and medusa_heads >= 0, not both > 0; got "
+                       f"mtp_heads={self.mtp_heads}, medusa_heads={self.medusa_heads}")
     if self.position not in POSITIONS:
       raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
     if self.width % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -147,11 +173,26 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
 
 
+class MedusaHead(nn.Module):
+  """h_BTD -> h + SiLU(h W1 + b1) (Cai et al. 2024, sec. 2.1.1); W1 and b1 start at zero."""
+
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_BTD: jax.Array) -> jax.Array:
+    w = Dense((h_BTD.shape[-1],), ("embed", "mlp"), use_bias=True, init_std=0.0, dtype=self.dtype,
+              param_dtype=self.param_dtype, name="res")
+    return h_BTD + jax.nn.silu(w(h_BTD))
+
+
 class GPT(nn.Module):
   """tokens_BT (int) -> logits_BTV (float32), with hyperparameters `config` (a GPTConfig).
 
   positions_BT (default 0..T-1) are explicit so that packed sequences restart and decoding continues;
   segment_ids_BT restrict attention to a segment; decode=True uses the KV cache ("cache" collection).
+  all_heads=True returns logits_BTJV from every head (J = 1 + config.extra_heads; head j predicts
+  token t+1+j), with logits_BTJV[:, :, 0] the logits_BTV of all_heads=False.
   """
 
   config: GPTConfig
@@ -159,7 +200,7 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
                segment_ids_BT: Optional[jax.Array] = None, *, train: bool = False,
-               decode: bool = False) -> jax.Array:
+               decode: bool = False, all_heads: bool = False) -> jax.Array:
     c = self.config
     if tokens_BT.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
@@ -183,18 +224,42 @@ class GPT(nn.Module):
       x_BTD = x_BTD * math.sqrt(c.width) + positions_lib.sinusoidal_embedding(
           positions_BT, c.width).astype(c.dtype)
     x_BTD = nn.Dropout(c.dropout, deterministic=not train)(x_BTD)
-    for i in range(c.num_layers):
-      x_BTD = Block(c, name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, train=train,
-                                          decode=decode)
-    x_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, "ln_final")(x_BTD)
+    block = lambda name: Block(c, name=name)
+    for i in range(c.num_layers - 1):
+      x_BTD = block(f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, train=train, decode=decode)
+    trunk_BTD = x_BTD
+    x_BTD = block(f"block_{c.num_layers - 1}")(trunk_BTD, positions_BT, segment_ids_BT,
+                                                train=train, decode=decode)
+    h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, "ln_final")(x_BTD)
+
     if c.tie_embeddings:
-      logits_BTV = embed.attend(x_BTD)
+      unembed = lambda h_BTD: embed.attend(h_BTD).astype(jnp.float32)
     else:
-      logits_BTV = nn.Dense(
+      head = nn.Dense(
           c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
           kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                   ("embed", "vocab")), name="head")(x_BTD)
-    return logits_BTV.astype(jnp.float32)
+                                                   ("embed", "vocab")), name="head")
+      unembed = lambda h_BTD: head(h_BTD).astype(jnp.float32)
+    logits_BTV = unembed(h_BTD)
+    if not all_heads and not (c.extra_heads and self.is_initializing()):
+      return logits_BTV  # (init creates every head's parameters)
+    detach = jax.lax.stop_gradient if c.heads_stop_gradient else (lambda a: a)
+    # The extra heads share the unembedding; detached, they read it as a constant.
+    table_DV = detach(nn.meta.unbox(self.variables["params"]["embed"]["embedding"]).T
+                      if c.tie_embeddings else
+                      nn.meta.unbox(self.variables["params"]["head"]["kernel"]))
+    unembed_extra = lambda h_BTD: jnp.dot(h_BTD.astype(c.dtype),
+                                          table_DV.astype(c.dtype)).astype(jnp.float32)
+    heads = [logits_BTV]
+    for j in range(1, c.mtp_heads + 1):
+      y_BTD = block(f"mtp_block_{j}")(detach(trunk_BTD), positions_BT, segment_ids_BT, train=train,
+                                      decode=decode)
+      heads.append(unembed_extra(_norm(c.use_bias, c.dtype, c.param_dtype, f"ln_mtp_{j}")(y_BTD)))
+    for j in range(1, c.medusa_heads + 1):
+      heads.append(unembed_extra(MedusaHead(c.dtype, c.param_dtype, name=f"medusa_{j}")(
+          detach(h_BTD))))
+    logits_BTJV = jnp.stack(heads, axis=2)
+    return logits_BTJV if all_heads else logits_BTV
 
 
 def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
@@ -221,7 +286,8 @@ def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
       gau_kind=model_cfg.gau_kind, gau_offset_init=model_cfg.gau_offset_init,
       attention_impl=None if model_cfg.attention_impl == "auto" else model_cfg.attention_impl,
       activation=model_cfg.activation, use_bias=model_cfg.use_bias,
-      dtype=dtypes[model_cfg.dtype]))
+      mtp_heads=model_cfg.mtp_heads, medusa_heads=model_cfg.medusa_heads,
+      heads_stop_gradient=model_cfg.heads_stop_gradient, dtype=dtypes[model_cfg.dtype]))
 
 
 def rope_scaling_from_config(model_cfg, max_len: int) -> Optional[positions_lib.RopeScaling]:

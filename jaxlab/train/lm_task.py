@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,18 @@ def next_token_loss(logits_BTV: jax.Array, targets_BT: jax.Array,
   if weights_BT is None:
     weights_BT = jnp.ones_like(ce_BT)
   return jnp.sum(ce_BT * weights_BT), jnp.sum(weights_BT)
+
+
+def heads_loss(logits_BTJV: jax.Array, targets_BT: jax.Array, decay: float) -> jax.Array:
+  """sum_j decay**j * mean_t CE(head j at t, token t + 1 + j) over the extra heads j = 1..J-1
+  (Gloeckle et al. 2024 eq. 2 with decay 1; Medusa-2's lambda_k = 0.8**k with decay 0.8).
+  targets_BT[:, t] is token t + 1, so head j at t is scored against targets_BT[:, t + j]."""
+  t = targets_BT.shape[1]
+  loss = jnp.zeros((), jnp.float32)
+  for j in range(1, logits_BTJV.shape[2]):
+    total, count = next_token_loss(logits_BTJV[:, :t - j, j], targets_BT[:, j:])
+    loss = loss + decay ** j * total / count
+  return loss
 
 
 CHOICES = {
@@ -109,6 +122,19 @@ def validate(config, require) -> None:
           and m.rope_theta > 0, f"config.model.rope_theta={m.rope_theta!r} must be a finite "
                                 "number > 0")
   require(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout} must be in [0, 1)")
+  for key in ("mtp_heads", "medusa_heads"):
+    value = m[key]
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+            f"config.model.{key}={value!r} must be an int >= 0")
+  require(not (m.mtp_heads and m.medusa_heads),
+          f"config.model.mtp_heads={m.mtp_heads} and config.model.medusa_heads={m.medusa_heads}: "
+          "use one kind of extra head (set the other to 0)")
+  extra = m.mtp_heads + m.medusa_heads
+  require(extra < d.seq_len, f"config.model.{'mtp' if m.mtp_heads else 'medusa'}_heads={extra} "
+                             f"leaves no target in a window of config.data.seq_len={d.seq_len}")
+  require(isinstance(m.heads_loss_decay, (int, float)) and math.isfinite(m.heads_loss_decay)
+          and m.heads_loss_decay > 0,
+          f"config.model.heads_loss_decay={m.heads_loss_decay!r} must be a finite number > 0")
   require(0.0 < d.train_fraction < 1.0,
           f"config.data.train_fraction={d.train_fraction} must be in (0, 1)")
   if d.name == "text_files":
@@ -119,6 +145,13 @@ def validate(config, require) -> None:
   require(s.top_k >= 0, f"config.sample.top_k={s.top_k} must be >= 0 (0 = off)")
   require(0 < s.top_p <= 1, f"config.sample.top_p={s.top_p} must be in (0, 1]")
   require(s.num_tokens >= 0, f"config.sample.num_tokens={s.num_tokens} must be >= 0")
+  if s.speculative:
+    from jaxlab.decoding.speculative import KV_CACHE_FAMILIES
+    require(extra > 0, "config.sample.speculative needs extra heads to draft with: set "
+                       "config.model.mtp_heads or config.model.medusa_heads > 0")
+    require(m.attention in KV_CACHE_FAMILIES,
+            f"config.sample.speculative needs an attention family with a KV cache "
+            f"{KV_CACHE_FAMILIES}, not config.model.attention={m.attention!r}")
 
 
 def validate_devices(config, require) -> None:
@@ -175,12 +208,28 @@ class LMTask:
 
   def check_before_training(self) -> None:
     """The sample that `jaxlab train` prints at the end must be possible (checked before training,
-    not found out after it): config.sample.prompt in the vocabulary, when there is a sample."""
-    if self.config.sample.num_tokens:
+    not found out after it): config.sample.prompt in the vocabulary, and with config.sample.speculative
+    a length the model can decode, when there is a sample."""
+    s = self.config.sample
+    if s.num_tokens:
       try:
-        self.check_prompt(self.config.sample.prompt, "config.sample.prompt")
+        self.check_prompt(s.prompt, "config.sample.prompt")
+        if s.speculative:
+          self.check_speculative_length(s.prompt, s.num_tokens, "config.sample.num_tokens")
       except ValueError as e:
         raise ConfigError(str(e)) from None
+
+  def check_speculative_length(self, prompt: str, num_tokens: int, what: str) -> None:
+    """Speculative decoding keeps every token in the KV cache (no cropping as `generate_long` does),
+    so with learned positions prompt + num_tokens + extra heads - 1 must fit the table."""
+    c = self.model.config
+    if c.position != "learned":
+      return
+    need = len(self.vocab.encode(prompt or "\n")) + num_tokens + c.extra_heads - 1
+    if need > c.max_len:
+      raise ValueError(f"{what}={num_tokens}: speculative decoding with learned positions needs "
+                       f"prompt + num_tokens + extra heads - 1 = {need} <= max_len={c.max_len}; "
+                       "sample fewer tokens or without speculative decoding")
 
   def check_prompt(self, prompt: str, what: str) -> None:
     """Raises ValueError("{what}: ...") naming the first character of `prompt` that this task's
@@ -216,11 +265,24 @@ class LMTask:
     return self.model.init({"params": rng}, tokens)["params"]
 
   def loss(self, params, batch: dict, rng: jax.Array, *, train: bool):
-    """Mean next-token cross-entropy over the batch; (loss, (sum, count))."""
+    """Mean next-token cross-entropy over the batch; (loss, (sum, count)).
+
+    With extra heads (config.model.mtp_heads / medusa_heads) the training loss adds, for each head j,
+    heads_loss_decay**j times its mean cross-entropy on the token j + 1 ahead (the last j positions of
+    a window have no such target); evaluation (train=False) scores the next-token head alone.
+    """
+    heads = self.model.config.extra_heads
     logits = self.model.apply({"params": params}, batch["inputs"], train=train,
-                              rngs={"dropout": rng})
-    total, count = next_token_loss(logits, batch["targets"])
-    return total / count, (total, count)
+                              rngs={"dropout": rng}, all_heads=bool(heads))
+    if not heads:
+      total, count = next_token_loss(logits, batch["targets"])
+      return total / count, (total, count)
+    total, count = next_token_loss(logits[:, :, 0], batch["targets"])
+    if not train:
+      return total / count, (total, count)
+    objective = total / count + heads_loss(logits, batch["targets"],
+                                           self.config.model.heads_loss_decay)
+    return objective, (objective * count, count)
 
   def finish(self, params) -> str | None:
     """The sample that `jaxlab train` prints at the end (config.sample), or None."""
@@ -228,7 +290,8 @@ class LMTask:
     if not s.num_tokens:
       return None
     text = sample_text(self, params, prompt=s.prompt, num_tokens=s.num_tokens,
-                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                       speculative=s.speculative)
     return "jaxlab: sample\n" + "-" * 60 + "\n" + text + "\n" + "-" * 60
 
   def sample_command(self, params, args) -> str:
@@ -239,14 +302,29 @@ class LMTask:
                        num_tokens=pick(args.num_tokens, s.num_tokens),
                        temperature=pick(args.temperature, s.temperature),
                        top_k=pick(args.top_k, s.top_k), top_p=pick(args.top_p, s.top_p),
-                       seed=pick(args.seed, s.seed))
+                       seed=pick(args.seed, s.seed), speculative=s.speculative)
 
 
 def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperature: float,
-                top_k: int, top_p: float, seed: int) -> str:
-  """Continues `prompt` by `num_tokens` tokens with the KV-cached sampler; returns prompt + continuation."""
-  from jaxlab.decoding.sampling import generate_long
-  ids = task.vocab.encode(prompt or "\n")
-  tokens = generate_long(task.model, params, jnp.asarray(ids)[None], jax.random.PRNGKey(seed),
-                         num_tokens=num_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+                top_k: int, top_p: float, seed: int, speculative: bool = False) -> str:
+  """Continues `prompt` by `num_tokens` tokens with the KV-cached sampler; returns prompt + continuation.
+
+  speculative: drafts with the model's extra heads (`jaxlab.decoding.speculative`; the same
+  distribution, greedy gives the same text) and says on stderr how many tokens each pass yielded.
+  """
+  ids = jnp.asarray(task.vocab.encode(prompt or "\n"))[None]
+  key = jax.random.PRNGKey(seed)
+  if speculative:
+    from jaxlab.decoding.speculative import speculative_generate
+    task.check_speculative_length(prompt, num_tokens, "num_tokens")
+    tokens, steps = speculative_generate(task.model, params, ids, key, num_tokens=num_tokens,
+                                         temperature=temperature, top_k=top_k, top_p=top_p)
+    if num_tokens > 1:
+      print(f"jaxlab: speculative decoding: {num_tokens} tokens in 1 + {int(steps)} passes "
+            f"({(num_tokens - 1) / max(int(steps), 1):.2f} tokens per pass after the first)",
+            file=sys.stderr, flush=True)
+  else:
+    from jaxlab.decoding.sampling import generate_long
+    tokens = generate_long(task.model, params, ids, key, num_tokens=num_tokens,
+                           temperature=temperature, top_k=top_k, top_p=top_p)
   return task.vocab.decode(tokens[0])

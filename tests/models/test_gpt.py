@@ -50,7 +50,8 @@ def test_causality_by_gradient(position, kv_heads, extra):
 
 
 @pytest.mark.parametrize("extra", [dict(position=p) for p in ALL_POSITIONS] + FAMILIES
-                         + [dict(tie_embeddings=False, qk_norm=True, logit_soft_cap=30.0)])
+                         + [dict(tie_embeddings=False, qk_norm=True, logit_soft_cap=30.0),
+                            dict(mtp_heads=2), dict(medusa_heads=2, tie_embeddings=False)])
 def test_every_parameter_has_logical_axis_names(extra):
   """Each parameter is boxed with one logical name per axis, so the mesh rules place all of them
   (an unnamed one would silently be replicated on every device)."""

@@ -1,0 +1,170 @@
+"""Self-speculative decoding: greedy output is exactly greedy decoding's, sampled output has exactly
+the distribution of ordinary sampling (checked against sequence probabilities computed by full
+passes), and heads that predict well make fewer passes."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.stats
+
+from jaxlab.decoding.sampling import filter_logits, generate
+from jaxlab.decoding.speculative import speculative_generate
+from jaxlab.models.gpt import GPT, GPTConfig
+from jaxlab.train.lm_task import heads_loss
+
+BASE = dict(vocab_size=7, num_layers=2, width=16, num_heads=2, num_kv_heads=1, max_len=48,
+            position="rope")
+
+
+def gpt(**kw):
+  return GPT(GPTConfig(**{**BASE, **kw}))
+
+
+def _sharp_params(model, seed=0, scale=8.0):
+  """Random parameters scaled up, so that the distributions are far from uniform and the extra heads
+  disagree with head 0 (drafts get rejected as well as accepted)."""
+  params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"])
+  params = jax.tree.map(lambda a: a * scale if a.ndim > 1 else a, params)
+  rng = np.random.default_rng(seed)
+  for name in params:
+    if name.startswith("medusa_"):
+      params[name]["res"]["kernel"] = jnp.asarray(rng.standard_normal((16, 16)), jnp.float32)
+  return params
+
+
+GREEDY = [("mtp", dict(mtp_heads=2)), ("medusa", dict(medusa_heads=3)),
+          ("medusa-learned", dict(medusa_heads=2, position="learned")),
+          ("mtp-alibi", dict(mtp_heads=3, position="alibi")),
+          ("medusa-local", dict(medusa_heads=2, attention="local", attention_window=4)),
+          ("mtp-block_sparse", dict(mtp_heads=2, attention="block_sparse", sparse_block_size=4,
+                                    sparse_layout="strided", sparse_local_blocks=1,
+                                    sparse_stride=2))]
+
+
+@pytest.mark.parametrize("name,kw", GREEDY, ids=[g[0] for g in GREEDY])
+def test_greedy_speculative_decoding_is_greedy_decoding(name, kw):
+  model = gpt(**kw)
+  params = _sharp_params(model)
+  prompt = jnp.asarray([[1, 2, 3], [4, 0, 6]])  # two rows that accept different numbers of drafts
+  want = generate(model, params, prompt, jax.random.key(0), num_tokens=30, temperature=0.0)
+  got, steps = speculative_generate(model, params, prompt, jax.random.key(0), num_tokens=30,
+                                    temperature=0.0)
+  np.testing.assert_array_equal(got, want)
+  assert 0 < int(steps) <= 29
+  one, _ = speculative_generate(model, params, prompt[:1], jax.random.key(0), num_tokens=1,
+                                temperature=0.0)
+  np.testing.assert_array_equal(one, want[:1, :4])
+
+
+def _cyclic_model(kw, steps=150):
+  """A model trained (next-token + heads loss) on the cycle 0, 1, ..., 6, 0, 1, ...: every head can
+  predict its token exactly."""
+  model = gpt(**kw)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  starts = np.arange(14)
+  seqs = jnp.asarray((starts[:, None] + np.arange(17)[None]) % 7)
+  inputs, targets = seqs[:, :-1], seqs[:, 1:]
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def step(params, opt_state):
+    def loss(p):
+      logits = model.apply({"params": p}, inputs, all_heads=True)
+      nt = optax.softmax_cross_entropy_with_integer_labels(logits[:, :, 0], targets).mean()
+      return nt + heads_loss(logits, targets, 1.0)
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  for _ in range(steps):
+    params, opt_state = step(params, opt_state)
+  return model, params
+
+
+@pytest.mark.parametrize("kw", [dict(medusa_heads=3), dict(mtp_heads=2)])
+def test_heads_that_predict_well_cut_the_passes(kw):
+  model, params = _cyclic_model(kw)
+  k = model.config.extra_heads
+  prompt = jnp.asarray([[3, 4], [0, 1]])
+  want = generate(model, params, prompt, jax.random.key(0), num_tokens=25, temperature=0.0)
+  np.testing.assert_array_equal(want[:, 2:], (np.asarray(want[:, 1:2]) + np.arange(1, 26)) % 7)
+  got, steps = speculative_generate(model, params, prompt, jax.random.key(0), num_tokens=25,
+                                    temperature=0.0)
+  np.testing.assert_array_equal(got, want)
+  assert int(steps) == -(-24 // (k + 1))  # every draft accepted: K + 1 tokens per pass
+  # Sampling at a low temperature accepts (almost) everything too.
+  _, sampled_steps = speculative_generate(model, params, prompt, jax.random.key(1), num_tokens=25,
+                                          temperature=0.5)
+  assert int(sampled_steps) <= -(-24 // (k + 1)) + 2
+
+
+def _exact_distribution(model, params, prompt, n, temperature, top_k, top_p):
+  """P(continuation) for every continuation of n tokens, from full passes (no cache)."""
+  v = model.config.vocab_size
+  conts = np.asarray(list(itertools.product(range(v), repeat=n)), np.int32)
+  seqs = jnp.concatenate([jnp.broadcast_to(prompt, (len(conts), prompt.shape[1])), conts], axis=1)
+  logits = model.apply({"params": params}, seqs)[:, prompt.shape[1] - 1:-1]  # [C, n, V]
+  flat = filter_logits(logits.reshape(-1, v) / temperature, top_k=top_k, top_p=top_p)
+  logp = jax.nn.log_softmax(flat, axis=-1).reshape(len(conts), n, v)
+  picked = jnp.take_along_axis(logp, jnp.asarray(conts)[..., None], axis=-1)[..., 0]
+  return conts, np.exp(np.asarray(picked.sum(axis=1), np.float64))
+
+
+SAMPLED = [("medusa", dict(medusa_heads=2), 1.0, 0, 1.0),
+           ("mtp-topk-topp", dict(mtp_heads=2), 0.8, 3, 0.9)]
+
+
+def _chi2_p_value(tokens_BL, conts, exact, prompt_len):
+  """Pearson's chi-square test of the continuations' counts against the exact probabilities."""
+  index = {tuple(c): i for i, c in enumerate(conts)}
+  counts = np.zeros(len(conts))
+  for row in np.asarray(tokens_BL)[:, prompt_len:]:
+    counts[index[tuple(row)]] += 1
+  expected = exact * len(tokens_BL)
+  assert np.all(counts[expected == 0] == 0)
+  seen = expected > 0
+  chi2 = ((counts[seen] - expected[seen]) ** 2 / expected[seen]).sum()
+  return scipy.stats.chi2.sf(chi2, seen.sum() - 1)
+
+
+@pytest.mark.parametrize("name,kw,temperature,top_k,top_p", SAMPLED, ids=[s[0] for s in SAMPLED])
+def test_speculative_sampling_has_the_models_distribution(name, kw, temperature, top_k, top_p):
+  """20,000 continuations of 4 tokens (vocabulary 4: up to 256 outcomes) against the exact
+  probabilities, one row at a time and as rows of one batch (one shared cache index). Drafts are
+  both accepted and rejected. (Drawing the replacement of a rejected draft from p instead of
+  max(p - q, 0) gives chi-square p-values of 0.0 here; the correct sampler gets 0.4-0.7.)"""
+  model = gpt(**{**kw, "vocab_size": 4})
+  params = _sharp_params(model, seed=3, scale=3.0)
+  prompt = jnp.asarray([[1, 2]])
+  n, draws = 4, 20_000
+  conts, exact = _exact_distribution(model, params, prompt, n, temperature, top_k, top_p)
+  one_row = jax.vmap(lambda key: speculative_generate(
+      model, params, prompt, key, num_tokens=n, temperature=temperature, top_k=top_k,
+      top_p=top_p))
+  tokens, steps = one_row(jax.random.split(jax.random.key(0), draws))
+  steps = np.asarray(steps)
+  assert steps.min() < n - 1 <= steps.max()  # some passes accepted drafts, some accepted none
+  assert _chi2_p_value(tokens[:, 0], conts, exact, 2) > 1e-3
+  batch, _ = speculative_generate(model, params, jnp.broadcast_to(prompt, (draws, 2)),
+                                  jax.random.key(1), num_tokens=n, temperature=temperature,
+                                  top_k=top_k, top_p=top_p)
+  assert _chi2_p_value(batch, conts, exact, 2) > 1e-3
+
+
+def test_speculative_decoding_refuses_what_it_cannot_do():
+  prompt = jnp.asarray([[1, 2]])
+  plain = gpt()
+  with pytest.raises(ValueError, match="extra heads"):
+    speculative_generate(plain, _sharp_params(plain), prompt, jax.random.key(0), num_tokens=4)
+  linear = gpt(medusa_heads=2, attention="linear")
+  with pytest.raises(ValueError, match="KV cache"):
+    speculative_generate(linear, _sharp_params(linear), prompt, jax.random.key(0), num_tokens=4)
+  learned = gpt(medusa_heads=2, position="learned", max_len=10)
+  with pytest.raises(ValueError, match="max_len=10"):
+    speculative_generate(learned, _sharp_params(learned), prompt, jax.random.key(0), num_tokens=8)

@@ -1,0 +1,109 @@
+"""The KV cache takes several tokens per call (speculative decoding's verification pass) and can be
+rewound: chunked appends equal the full pass (and one-token decoding), for every KV-cache family and
+cached position encoding; tokens after a rewound cache index leave no trace."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab import positions
+from jaxlab.decoding.speculative import _rewind
+from jaxlab.layers import MultiHeadAttention
+
+B, T, D, N, K, H = 2, 11, 16, 4, 2, 8
+ATOL = 2e-5
+CHUNKS = (3, 1, 4, 2, 1)  # the prefill, then appends of 1 to 4 tokens (sum T)
+
+CASES = [
+    ("rope", dict(position="rope")),
+    ("alibi", dict(position="alibi")),
+    ("t5", dict(position="t5")),
+    ("learned-none", dict(position="none")),
+    ("soft_cap", dict(position="rope", logit_soft_cap=2.0, qk_norm=True)),
+    ("local", dict(position="rope", family="local", window=3)),
+    ("block_sparse", dict(position="rope", family="block_sparse", sparse_layout="strided",
+                          sparse_block_size=2, sparse_local_blocks=1, sparse_stride=2)),
+    ("rerope", dict(position="rope", rerope_window=3)),
+    ("dynamic_ntk_within", dict(position="rope", rope_scaling=positions.RopeScaling(
+        "dynamic_ntk", 2.0, original_max_len=T))),
+]
+
+
+def _layer(**kw):
+  return MultiHeadAttention(num_heads=N, num_kv_heads=K, head_dim=H, **kw)
+
+
+def _x(seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((B, T, D)), jnp.float32)
+
+
+def _pos(start, t):
+  return jnp.broadcast_to(jnp.arange(start, start + t, dtype=jnp.int32), (B, t))
+
+
+def _params(layer, x):
+  """Parameters redrawn at O(1) scale, so that masking mistakes show far above the tolerance."""
+  params = nn.meta.unbox(layer.init(jax.random.key(0), x, _pos(0, T))["params"])
+  leaves, tree = jax.tree.flatten(params)
+  rng = np.random.default_rng(1)
+  return jax.tree.unflatten(tree, [jnp.asarray(0.4 * rng.standard_normal(a.shape) + (a.ndim == 1),
+                                               jnp.float32) for a in leaves])
+
+
+def _empty_cache(layer, x):
+  cache = layer.init(jax.random.key(0), x, _pos(0, T), decode=True)["cache"]
+  return jax.tree.map(jnp.zeros_like, cache)
+
+
+def _chunked(layer, params, x, chunks, cache=None, start=0):
+  cache = _empty_cache(layer, x) if cache is None else cache
+  outs = []
+  for size in chunks:
+    out, mut = layer.apply({"params": params, "cache": cache}, x[:, start:start + size],
+                           _pos(start, size), decode=True, mutable=["cache"])
+    outs.append(out)
+    cache, start = mut["cache"], start + size
+  return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
+def test_chunked_appends_equal_the_full_pass(name, kw):
+  layer, x = _layer(**kw), _x()
+  params = _params(layer, x)
+  full = layer.apply({"params": params}, x, _pos(0, T))
+  got, _ = _chunked(layer, params, x, CHUNKS)
+  np.testing.assert_allclose(got, full, atol=ATOL, rtol=1e-5)
+  # An append that ignored the cache (each chunk attending to itself) would be far off.
+  alone = jnp.concatenate([layer.apply({"params": params}, x[:, s:s + n], _pos(s, n))
+                           for s, n in zip(np.cumsum((0,) + CHUNKS[:-1]), CHUNKS)], axis=1)
+  assert np.abs(np.asarray(alone - full)).max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
+def test_rewound_cache_forgets_the_tokens_after_its_index(name, kw):
+  layer, x = _layer(**kw), _x()
+  params = _params(layer, x)
+  full = layer.apply({"params": params}, x, _pos(0, T))
+  junk = _x(seed=7)
+  _, cache = _chunked(layer, params, x, (4,))
+  # Four tokens that are then thrown away (rejected drafts), written after position 3.
+  _, cache = _chunked(layer, params, junk, (4,), cache=cache, start=4)
+  got, _ = _chunked(layer, params, x, (3, 4), cache=_rewind(cache, 4), start=4)
+  np.testing.assert_allclose(got, full[:, 4:], atol=ATOL, rtol=1e-5)
+  kept, _ = _chunked(layer, params, x, (3, 4), cache=cache, start=4)  # not rewound: index 8
+  assert np.abs(np.asarray(kept - full[:, 4:])).max() > 100 * ATOL
+
+
+def test_dynamic_ntk_beyond_training_length_appends_like_one_token_steps():
+  """Beyond the training length each appended token is rotated with L = its slot + 1, as when it
+  is decoded alone (the prefill keeps L = prompt length); see jaxlab/layers/attention.py."""
+  layer = _layer(position="rope", rope_scaling=positions.RopeScaling("dynamic_ntk", 2.0,
+                                                                     original_max_len=4))
+  x = _x(3)
+  params = _params(layer, x)
+  one_by_one, _ = _chunked(layer, params, x, (3,) + (1,) * (T - 3))
+  got, _ = _chunked(layer, params, x, CHUNKS)
+  np.testing.assert_allclose(got, one_by_one, atol=ATOL, rtol=1e-5)
+  assert np.abs(np.asarray(got - layer.apply({"params": params}, x, _pos(0, T)))).max() > 100 * ATOL

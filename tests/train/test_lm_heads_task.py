@@ -1,0 +1,76 @@
+"""Extra heads through the config, the LM task's loss and the command line: the training loss adds the
+heads' losses (evaluation scores the next-token head), and `jaxlab sample --speculative` gives the
+same greedy text as ordinary sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab import cli
+from jaxlab.configs import ConfigError, load_config
+from jaxlab.train import lm_task
+
+
+def test_lm_loss_adds_the_heads_and_eval_scores_only_the_next_token(tiny_lm_config):
+  config = tiny_lm_config("--config.model.medusa_heads=2", "--config.model.heads_loss_decay=0.5")
+  task = lm_task.build(config)
+  params = jax.tree.map(lambda a: a * 3.0, task.init_params(jax.random.key(0)))
+  params = jax.tree.map(lambda a: getattr(a, "value", a), params,
+                        is_leaf=lambda a: hasattr(a, "value"))
+  batch = next(iter(task.train_iterator()))
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  logits = task.model.apply({"params": params}, batch["inputs"], all_heads=True)
+  nt_sum, count = lm_task.next_token_loss(logits[:, :, 0], batch["targets"])
+  want = nt_sum / count + lm_task.heads_loss(logits, batch["targets"], 0.5)
+  train_loss, (train_sum, train_count) = task.loss(params, batch, jax.random.key(0), train=True)
+  np.testing.assert_allclose(train_loss, want, rtol=1e-6)
+  np.testing.assert_allclose(train_sum / train_count, want, rtol=1e-6)
+  eval_loss, (eval_sum, _) = task.loss(params, batch, jax.random.key(0), train=False)
+  np.testing.assert_allclose(eval_loss, nt_sum / count, rtol=1e-6)
+  np.testing.assert_allclose(eval_sum, nt_sum, rtol=1e-6)
+  assert float(train_loss) > float(eval_loss) + 0.1
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (("--config.model.mtp_heads=1", "--config.model.medusa_heads=2"), "config.model.mtp_heads=1"),
+    (("--config.model.medusa_heads=-1",), "config.model.medusa_heads"),
+    (("--config.model.mtp_heads=16",), "config.data.seq_len=16"),
+    (("--config.model.medusa_heads=1", "--config.model.heads_loss_decay=0"),
+     "config.model.heads_loss_decay"),
+    (("--config.sample.speculative=True",), "config.sample.speculative"),
+    (("--config.sample.speculative=True", "--config.model.medusa_heads=1",
+      "--config.model.attention=linear"), "config.model.attention='linear'"),
+    (("--config.sample.speculative=True", "--config.model.medusa_heads=1",
+      "--config.model.position=learned", "--config.model.max_len=20",
+      "--config.sample.num_tokens=30"), "config.sample.num_tokens=30"),
+])
+def test_bad_head_configs_name_the_key(tiny_lm_config, overrides, key):
+  with pytest.raises(ConfigError) as e:
+    config = tiny_lm_config(*overrides)
+    lm_task.build(config).check_before_training()
+  assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_trains_heads_and_samples_speculatively(tiny_corpus, tfds_dir, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  common = ["--config.data.name=text_files", f"--config.data.path={tiny_corpus}",
+            f"--config.data.data_dir={tfds_dir}", "--config.data.vocab=char",
+            "--config.data.seq_len=16", "--config.data.batch_size=8",
+            "--config.model.num_layers=1", "--config.model.width=32",
+            "--config.model.mtp_heads=2", "--config.sample.speculative=True",
+            "--config.optim.warmup_steps=1", "--config.train.steps=4", "--config.train.eval_every=4",
+            "--config.train.eval_batches=2", "--config.train.checkpoint_every=4",
+            "--config.train.tensorboard=False", "--config.mesh.data=1",
+            "--config.sample.num_tokens=20", "--config.sample.prompt=the "]
+  assert cli.main(["train", "lm_char", "--workdir", str(workdir), "--no-progress"] + common) == 0
+  captured = capsys.readouterr()
+  assert "sample" in captured.out and "speculative decoding: 20 tokens" in captured.err
+  texts = []
+  for flags in (["--config.sample.speculative=False"], ["--speculative"]):
+    assert cli.main(["sample", str(workdir), "--prompt", "cat ", "--num-tokens", "12",
+                     "--temperature", "0", *flags]) == 0
+    captured = capsys.readouterr()
+    assert ("speculative decoding: 12 tokens" in captured.err) == (flags == ["--speculative"])
+    texts.append(captured.out)
+  assert texts[0] == texts[1] and texts[0].startswith("cat ")
