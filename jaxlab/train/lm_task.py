@@ -23,6 +23,9 @@ def next_token_loss(logits_BTV: jax.Array, targets_BT: jax.Array,
   return jnp.sum(ce_BT * weights_BT), jnp.sum(weights_BT)
 
 
+HEAD_PREFIXES = ("mtp_block_", "ln_mtp_", "medusa_")  # top-level parameter names of the extra heads
+
+
 def heads_loss(logits_BTJV: jax.Array, targets_BT: jax.Array, decay: float) -> jax.Array:
   """sum_j decay**j * mean_t CE(head j at t, token t + 1 + j) over the extra heads j = 1..J-1
   (Gloeckle et al. 2024 eq. 2 with decay 1; Medusa-2's lambda_k = 0.8**k with decay 0.8).
@@ -244,6 +247,17 @@ class LMTask:
       empty = " (an empty prompt starts from '\\n')" if not prompt else ""
       raise ValueError(f"{what}: {e}{empty} (the {self.vocab.size} characters of this char-level "
                        "corpus; use config.data.vocab='byte' for any text)") from None
+
+  def clip_groups(self) -> tuple:
+    """Heads on a detached trunk (model.heads_stop_gradient) learn from their own loss alone, so
+    their gradients are clipped apart from the rest: then the next-token model trains exactly as it
+    would without them (one global norm over both would couple the two through the clip factor)."""
+    if not (self.model.config.extra_heads and self.model.config.heads_stop_gradient):
+      return ()
+    def is_head(params):
+      return {name: jax.tree.map(lambda _: name.startswith(HEAD_PREFIXES), tree)
+              for name, tree in params.items()}
+    return (is_head, lambda params: jax.tree.map(lambda h: not h, is_head(params)))
 
   @property
   def tokens_per_batch(self) -> int:

@@ -3,6 +3,8 @@ and global-norm clipping; no weight decay on norms, biases or embeddings."""
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 import jax
 import optax
 
@@ -26,12 +28,18 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
       decay_steps=max(total_steps, optim_cfg.warmup_steps + 1), end_value=optim_cfg.min_lr)
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg, total_steps: int, *,
+                   clip_groups: Sequence[Callable[[Any], Any]] = ()) -> optax.GradientTransformation:
+  """The optimizer of `config.optim`. clip_groups: masks (params -> a bool per leaf) that partition the
+  parameters; when given, each group is clipped by its own global norm. For parameters trained on
+  separate losses (extra heads on a detached trunk), whose gradients must not scale each other."""
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   parts = []
   if optim_cfg.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
+    clip = optax.clip_by_global_norm(optim_cfg.grad_clip)
+    parts.extend([optax.masked(clip, mask) for mask in clip_groups] or [clip])
   parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                            weight_decay=optim_cfg.weight_decay,
                            mask=lambda p: decay_mask(p, decay_embeddings=optim_cfg.decay_embeddings)))
   return optax.chain(*parts)
+

@@ -70,7 +70,8 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   if task is None:
     task = _build_task(config)
-  tx = optim.make_optimizer(config.optim, config.train.steps)
+  tx = optim.make_optimizer(config.optim, config.train.steps,
+                           clip_groups=getattr(task, "clip_groups", lambda: ())())
   init = _init_state_fn(task, tx, config.seed)
   with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     boxed = jax.eval_shape(init)

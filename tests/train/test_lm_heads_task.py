@@ -74,3 +74,34 @@ def test_cli_trains_heads_and_samples_speculatively(tiny_corpus, tfds_dir, tmp_p
     assert ("speculative decoding: 12 tokens" in captured.err) == (flags == ["--speculative"])
     texts.append(captured.out)
   assert texts[0] == texts[1] and texts[0].startswith("cat ")
+
+
+def test_medusa1_heads_leave_the_next_token_model_exactly_as_without_them(tiny_lm_config, tmp_path):
+  """heads_stop_gradient: same init, no gradient from the heads into the trunk, and the heads' gradients
+  clipped apart (the tiny run clips: lr 3e-2 on a 2-layer model), so the trained next-token model
+  equals the one trained without heads, step for step."""
+  from jaxlab.train import trainer
+  from jaxlab.train.metrics import read_metrics
+  common = ("--config.optim.lr=3e-2", "--config.optim.grad_clip=0.05",
+            "--config.train.checkpoint_every=6")
+  runs = {}
+  for name, extra in (("plain", ()), ("medusa1", ("--config.model.medusa_heads=2",
+                                                   "--config.model.heads_stop_gradient=True")),
+                      ("coupled", ("--config.model.medusa_heads=2",
+                                   "--config.model.heads_stop_gradient=True"))):
+    config = tiny_lm_config(*common, *extra)
+    task = lm_task.build(config)
+    if name == "coupled":  # one global norm over trunk and heads, as before the clip groups
+      task.clip_groups = lambda: ()
+    trainer.train(config, tmp_path / name, task=task, progress=False)
+    run = trainer.setup(config, tmp_path / name, task=task)
+    _, state, _ = run.checkpointer.restore_latest(run.abstract_state)
+    run.checkpointer.close()
+    runs[name] = ([r["val_loss"] for r in read_metrics(tmp_path / name) if "val_loss" in r],
+                  state["params"])
+  plain, medusa1, coupled = runs["plain"], runs["medusa1"], runs["coupled"]
+  np.testing.assert_allclose(medusa1[0], plain[0], rtol=1e-6)
+  for name in plain[1]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), medusa1[1][name],
+                 plain[1][name])
+  assert max(abs(a - b) for a, b in zip(coupled[0], plain[0])) > 1e-4

@@ -1,0 +1,231 @@
+"""Multi-token-prediction and Medusa heads on `lm_char_cpu`, and self-speculative decoding with them.
+
+    python experiments/speculative_decoding.py --data ../shared/data/tinyshakespeare/input.txt \
+        [--steps 2000] [--variants baseline medusa1 medusa2 mtp] [--out speculative_decoding]
+
+Each variant trains `lm_char_cpu` (char-level tiny shakespeare, 4 x 128, context 64, learned positions)
+with its heads, in a child process of its own, then reports:
+  * the next-token validation loss (the config's 200 batches), so the heads' effect on the model shows;
+  * each extra head's top-1 accuracy on the validation batches (head j predicts the token j + 1 ahead);
+  * decoding, batch 1, prompts of 8 characters from the validation text, 52 new tokens: tokens per
+    forward pass of speculative decoding (greedy and temperature 0.8), and ms per token of ordinary
+    cached decoding and of speculative decoding, timed in the same process (median over the prompts,
+    compilation excluded). Greedy speculative output is checked to equal greedy decoding's.
+Variants: baseline (no heads); medusa1 (3 Medusa heads on a detached trunk: the next-token model is
+exactly the baseline's); medusa2 (3 Medusa heads trained with the trunk, head j weighted 0.8**j);
+mtp (2 multi-token-prediction blocks beside the last block, trained with the trunk, equal weights).
+Writes experiments/results/<out>.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PROMPT_CHARS, NEW_TOKENS, PROMPTS = 8, 52, 24
+
+VARIANTS = {
+    "baseline": [],
+    "medusa1": ["--config.model.medusa_heads=3", "--config.model.heads_stop_gradient=True"],
+    "medusa2": ["--config.model.medusa_heads=3", "--config.model.heads_loss_decay=0.8"],
+    "mtp": ["--config.model.mtp_heads=2"],
+}
+
+
+def run_variant(name: str, args) -> dict:
+  """One variant in a child process (each run gets the cores to itself)."""
+  proc = subprocess.run([sys.executable, __file__, "--data", args.data, "--steps", str(args.steps),
+                         "--prompts", str(args.prompts), "--child", name]
+                        + [f"--override={o}" for o in args.override], capture_output=True, text=True)
+  if proc.returncode:
+    raise RuntimeError(f"variant {name} failed:\n" + proc.stderr[-3000:])
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_here(name: str, args) -> dict:
+  """One variant in this process (tests: JAX's devices are already set up)."""
+  from jaxlab.configs import load_config
+  return _train_and_measure(name, load_config("lm_char_cpu", _overrides(name, args)), args.prompts)
+
+
+def _overrides(name: str, args) -> list[str]:
+  steps = args.steps
+  return [f"--config.data.path={args.data}", f"--config.train.steps={steps}",
+          "--config.train.tensorboard=False", f"--config.optim.warmup_steps={min(100, steps // 2)}",
+          f"--config.train.eval_every={min(250, steps)}",
+          f"--config.train.checkpoint_every={min(1000, steps)}",
+          "--config.sample.num_tokens=0"] + VARIANTS[name] + list(args.override)
+
+
+def _child(name: str, args) -> dict:
+  from jaxlab.cli import load_run_config  # as `jaxlab train` does: one CPU device per core
+  return _train_and_measure(name, load_run_config("lm_char_cpu", _overrides(name, args)),
+                            args.prompts)
+
+
+def _train_and_measure(name: str, config, prompts: int) -> dict:
+  from jaxlab import cli
+  from jaxlab.train import trainer
+  from jaxlab.train.metrics import read_metrics
+  with tempfile.TemporaryDirectory() as workdir:
+    start = time.time()
+    result = trainer.train(config, workdir, progress=False)
+    train_s = time.time() - start
+    records = read_metrics(workdir)
+    run = trainer.setup(config, workdir)
+    _, params = cli._restore_params(run)
+  step_ms = sorted(r["step_time_ms"] for r in records if "step_time_ms" in r)
+  out = {"variant": name, "overrides": VARIANTS[name], "steps": config.train.steps,
+         "val_loss": result["val_loss"], "ms_per_step": step_ms[len(step_ms) // 2],
+         "train_s": train_s, "head_accuracy": _head_accuracy(run.task, params)}
+  if run.task.model.config.extra_heads:
+    out.update(_decoding(run.task, params, prompts))
+  return out
+
+
+def _head_accuracy(task, params) -> list[float]:
+  """Top-1 accuracy of head j (j = 0: next token) on the validation batches."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  @jax.jit
+  def logits_fn(inputs):
+    return task.model.apply({"params": params}, inputs, all_heads=True)
+
+  heads = 1 + task.model.config.extra_heads
+  hits, counts = np.zeros(heads), np.zeros(heads)
+  for batch in task.eval_iterator():
+    logits = np.asarray(logits_fn(jnp.asarray(batch["inputs"])))
+    targets = np.asarray(batch["targets"])
+    t = targets.shape[1]
+    for j in range(heads):
+      hits[j] += (logits[:, :t - j, j].argmax(-1) == targets[:, j:]).sum()
+      counts[j] += targets[:, j:].size
+  return [float(h / c) for h, c in zip(hits, counts)]
+
+
+def _decoding(task, params, prompts: int) -> dict:
+  """Tokens per pass and ms per token, ordinary vs speculative decoding, batch 1."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jaxlab.decoding.sampling import generate
+  from jaxlab.decoding.speculative import speculative_generate
+
+  text = np.asarray(task.corpus.validation)
+  starts = np.linspace(0, len(text) - PROMPT_CHARS - 1, prompts).astype(int)
+  model, key = task.model, jax.random.key(0)
+
+  def timed(fn, prompt):
+    start = time.perf_counter()
+    result = jax.block_until_ready(fn(prompt))
+    return result, (time.perf_counter() - start) * 1e3 / NEW_TOKENS
+
+  plain = lambda t: lambda p: generate(model, params, p, key, num_tokens=NEW_TOKENS, temperature=t)
+  spec = lambda t: lambda p: speculative_generate(model, params, p, key, num_tokens=NEW_TOKENS,
+                                                  temperature=t)
+  out = {}
+  for label, temperature in (("greedy", 0.0), ("t0.8", 0.8)):
+    fns = {"plain": plain(temperature), "speculative": spec(temperature)}
+    first = jnp.asarray(text[starts[0]:starts[0] + PROMPT_CHARS])[None]
+    for fn in fns.values():  # compile
+      jax.block_until_ready(fn(first))
+    ms = {"plain": [], "speculative": []}
+    passes, identical = [], True
+    for s in starts:
+      prompt = jnp.asarray(text[s:s + PROMPT_CHARS])[None]
+      want, t_plain = timed(fns["plain"], prompt)
+      (got, steps), t_spec = timed(fns["speculative"], prompt)
+      ms["plain"].append(t_plain)
+      ms["speculative"].append(t_spec)
+      passes.append(1 + int(steps))
+      if temperature == 0.0:
+        identical &= bool((np.asarray(got) == np.asarray(want)).all())
+    out[label] = {"tokens_per_pass": NEW_TOKENS * len(starts) / sum(passes),
+                  "ms_per_token_plain": float(np.median(ms["plain"])),
+                  "ms_per_token_speculative": float(np.median(ms["speculative"]))}
+    if temperature == 0.0:
+      out[label]["identical_to_greedy"] = identical
+  return out
+
+
+def _table(results: list[dict], device: str, steps: int, prompts: int) -> str:
+  lines = [
+      "# Multi-token prediction and Medusa heads on lm_char_cpu; self-speculative decoding",
+      "",
+      f"Device: {device}. Command: `python experiments/speculative_decoding.py --data "
+      f"../shared/data/tinyshakespeare/input.txt --steps {steps}`. Each variant trains lm_char_cpu "
+      f"(4 x 128, context 64, learned positions, {steps} steps, seed 0) in its own process.",
+      "Val loss: the next-token head on the config's 200 validation batches. Head accuracy: top-1 "
+      "on those batches, head j predicting the token j + 1 ahead. Decoding: batch 1, "
+      f"{prompts} prompts of {PROMPT_CHARS} validation characters, {NEW_TOKENS} new tokens; tokens "
+      "per pass counts the prompt's prefill as a pass; ms/token is the median over the prompts, "
+      "compilation excluded, ordinary and speculative decoding timed alternately in one process.",
+      "",
+      "| variant | val loss | ms/step (train) | head accuracy (next, +1, +2, ...) | greedy: tokens/pass | "
+      "greedy: ms/token plain / speculative (speed-up) | T=0.8: tokens/pass | T=0.8: ms/token "
+      "plain / speculative (speed-up) |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
+  for r in results:
+    acc = ", ".join(f"{a:.3f}" for a in r["head_accuracy"])
+    cells = [r["variant"], f"{r['val_loss']:.4f}", f"{r['ms_per_step']:.1f}", acc]
+    for label in ("greedy", "t0.8"):
+      d = r.get(label)
+      if d is None:
+        cells += ["-", "-"]
+        continue
+      ratio = d["ms_per_token_plain"] / d["ms_per_token_speculative"]
+      cells += [f"{d['tokens_per_pass']:.2f}",
+                f"{d['ms_per_token_plain']:.2f} / {d['ms_per_token_speculative']:.2f} "
+                f"({ratio:.2f}x)"]
+    lines.append("| " + " | ".join(cells) + " |")
+  same = [r["variant"] for r in results if r.get("greedy", {}).get("identical_to_greedy")]
+  lines += ["", "Greedy speculative output identical to greedy decoding for every prompt: "
+            + (", ".join(same) if same else "none") + "."]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--data", required=True, help="tiny shakespeare input.txt")
+  parser.add_argument("--steps", type=int, default=2000)
+  parser.add_argument("--prompts", type=int, default=PROMPTS)
+  parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+  parser.add_argument("--out", default="speculative_decoding")
+  parser.add_argument("--results", default=str(RESULTS), help="folder for the .md and .json")
+  parser.add_argument("--override", action="append", default=[],
+                      help="a config override for every variant, e.g. "
+                      "--override=--config.model.num_layers=1")
+  parser.add_argument("--in-process", action="store_true",
+                      help="train the variants in this process (tests), not one child each")
+  parser.add_argument("--child", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.child:
+    print(json.dumps(_child(args.child, args)))
+    return
+  from jaxlab.train.host_devices import cpu_model
+  device = f"{cpu_model()} (jax on CPU)"
+  results = []
+  for name in args.variants:
+    results.append((run_here if args.in_process else run_variant)(name, args))
+    print(json.dumps(results[-1]), flush=True)
+  results_dir = pathlib.Path(args.results)
+  results_dir.mkdir(parents=True, exist_ok=True)
+  (results_dir / f"{args.out}.json").write_text(
+      json.dumps({"device": device, "results": results}, indent=2) + "\n")
+  table = _table(results, device, args.steps, args.prompts)
+  (results_dir / f"{args.out}.md").write_text(table)
+  print(table)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,30 @@
+"""experiments/speculative_decoding.py trains its variants (tiny here), measures the heads and both
+decoders, and writes its table."""
+
+import json
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason=f"needs {DATA}")
+def test_tiny_run_writes_the_table(tmp_path, experiment):
+  script = experiment("speculative_decoding")
+  script.main(["--data", str(DATA), "--steps", "4", "--prompts", "2", "--in-process",
+               "--variants", "baseline", "medusa1", "--results", str(tmp_path), "--out", "tiny",
+               "--override=--config.model.num_layers=1", "--override=--config.model.width=32",
+               "--override=--config.mesh.data=1", "--override=--config.train.eval_batches=4"])
+  out = json.loads((tmp_path / "tiny.json").read_text())
+  base, medusa = out["results"]
+  assert base["variant"] == "baseline" and len(base["head_accuracy"]) == 1 and "greedy" not in base
+  assert len(medusa["head_accuracy"]) == 4 and all(0 <= a <= 1 for a in medusa["head_accuracy"])
+  # Medusa-1 heads leave the next-token model alone: the same validation loss as the baseline.
+  assert medusa["val_loss"] == pytest.approx(base["val_loss"], rel=1e-6)
+  greedy = medusa["greedy"]
+  assert greedy["identical_to_greedy"] and 1 <= greedy["tokens_per_pass"] <= 4
+  assert greedy["ms_per_token_plain"] > 0 and greedy["ms_per_token_speculative"] > 0
+  md = (tmp_path / "tiny.md").read_text()
+  assert "| medusa1 | " in md and "identical to greedy decoding for every prompt: medusa1" in md
