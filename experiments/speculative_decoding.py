@@ -1,7 +1,7 @@
 """Multi-token-prediction and Medusa heads on `lm_char_cpu`, and self-speculative decoding with them.
 
     python experiments/speculative_decoding.py --data ../shared/data/tinyshakespeare/input.txt \
-        [--steps 2000] [--variants baseline medusa1 medusa2 mtp] [--out speculative_decoding]
+        [--steps 2000] [--variants baseline medusa1 medusa_joint mtp] [--out speculative_decoding]
 
 Each variant trains `lm_char_cpu` (char-level tiny shakespeare, 4 x 128, context 64, learned positions)
 with its heads, in a child process of its own, then reports:
@@ -11,8 +11,9 @@ with its heads, in a child process of its own, then reports:
     forward pass of speculative decoding (greedy and temperature 0.8), and ms per token of ordinary
     cached decoding and of speculative decoding, timed in the same process (median over the prompts,
     compilation excluded). Greedy speculative output is checked to equal greedy decoding's.
-Variants: baseline (no heads); medusa1 (3 Medusa heads on a detached trunk: the next-token model is
-exactly the baseline's); medusa2 (3 Medusa heads trained with the trunk, head j weighted 0.8**j);
+Variants: baseline (no heads); medusa1 (3 Medusa heads on a detached trunk, head j weighted 0.8**j:
+the next-token model is exactly the baseline's); medusa_joint (the same heads trained with the trunk
+from scratch, in the spirit of Medusa-2 but without its separate head learning rate and warm-up);
 mtp (2 multi-token-prediction blocks beside the last block, trained with the trunk, equal weights).
 Writes experiments/results/<out>.md and .json.
 """
@@ -33,8 +34,9 @@ PROMPT_CHARS, NEW_TOKENS, PROMPTS = 8, 52, 24
 
 VARIANTS = {
     "baseline": [],
-    "medusa1": ["--config.model.medusa_heads=3", "--config.model.heads_stop_gradient=True"],
-    "medusa2": ["--config.model.medusa_heads=3", "--config.model.heads_loss_decay=0.8"],
+    "medusa1": ["--config.model.medusa_heads=3", "--config.model.heads_stop_gradient=True",
+                "--config.model.heads_loss_decay=0.8"],
+    "medusa_joint": ["--config.model.medusa_heads=3", "--config.model.heads_loss_decay=0.8"],
     "mtp": ["--config.model.mtp_heads=2"],
 }
 

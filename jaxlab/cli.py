@@ -140,12 +140,19 @@ def _saved_config_dict(workdir: pathlib.Path, args=None) -> dict:
   return merged
 
 
-def _load_workdir_config(workdir: pathlib.Path, overrides: list[str], args=None):
+def _load_workdir_config(workdir: pathlib.Path, overrides: list[str], args=None, *,
+                         speculative: bool = False):
+  """WORKDIR/config.json with `overrides` (and `jaxlab sample --speculative`), validated."""
   from jaxlab.configs import apply_overrides
   from jaxlab.configs.validate import validate
   import ml_collections
   config = ml_collections.ConfigDict(_saved_config_dict(workdir, args))
   config.lock()
+  if speculative:
+    if "speculative" not in config.get("sample", {}):
+      raise UsageError(f"--speculative: the {config.get('task')!r} task's sampler has no "
+                       "speculative decoding (language models with extra heads have)")
+    overrides = [*overrides, "--config.sample.speculative=True"]
   apply_overrides(config, overrides)
   validate(config, check_devices=False)
   return _ready_for_devices(config, args)
@@ -237,11 +244,12 @@ def cmd_sample(args, overrides) -> int:
   _check_sample_flags(args)
   workdir = pathlib.Path(args.workdir)
   _check_workdir(workdir, "WORKDIR")
-  if args.speculative:
-    overrides = [*overrides, "--config.sample.speculative=True"]
-  config = _load_workdir_config(workdir, overrides, args)
-  from jaxlab.train import trainer
-  run = trainer.setup(config, workdir)
+  config = _load_workdir_config(workdir, overrides, args, speculative=args.speculative)
+  from jaxlab.train import tasks, trainer
+  # A task that can sample from what the run saved (LM: vocab.json) needs no training data.
+  build_for_sampling = getattr(tasks.task_module(config.task), "build_for_sampling", None)
+  run = trainer.setup(config, workdir,
+                      task=build_for_sampling(config, workdir) if build_for_sampling else None)
   try:
     sample_command = getattr(run.task, "sample_command", None)
     if sample_command is None:
@@ -330,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
   sa.add_argument("--seed", type=int, help="random seed (default: config.sample.seed)")
   sa.add_argument("--speculative", action="store_true",
                   help="draft with the model's extra heads (model.mtp_heads / medusa_heads) and "
-                  "verify the drafts in one pass: the same text at temperature 0, the same "
-                  "distribution otherwise (= --config.sample.speculative=True)")
+                  "verify the drafts in one pass: greedy decoding's text at temperature 0 (up to "
+                  "floating-point near-ties), the same distribution otherwise "
+                  "(= --config.sample.speculative=True)")
   sa.add_argument("--best", action="store_true", help="sample from WORKDIR/best (train.keep_best)")
   _add_process_options(sa)
   sa.set_defaults(func=cmd_sample)

@@ -359,3 +359,38 @@ def test_cli_ctrl_c_is_one_line(monkeypatch, capsys):
   assert cli.main(["train", "lm_char_cpu"]) == 130
   assert _one_error_line(capsys) == ("jaxlab: interrupted; run the same command to resume from the "
                                      "newest checkpoint")
+
+
+def test_cli_sample_needs_only_the_workdir(tiny_corpus, tfds_dir, tmp_path, capsys):
+  """`jaxlab sample` reads the vocabulary from WORKDIR/vocab.json: the training text may be gone.
+  A vocab.json that jaxlab did not write is one line, and changes nothing."""
+  import shutil
+  text = tmp_path / "corpus.txt"
+  shutil.copy(tiny_corpus, text)
+  workdir = tmp_path / "run"
+  assert cli.main(["train", "lm_char", "--workdir", str(workdir), "--no-progress",
+                   "--config.data.name=text_files", f"--config.data.path={text}",
+                   f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.vocab=char",
+                   "--config.data.seq_len=16", "--config.data.batch_size=8",
+                   "--config.model.num_layers=1", "--config.model.width=32",
+                   "--config.optim.warmup_steps=1", "--config.train.steps=2",
+                   "--config.train.eval_every=2", "--config.train.eval_batches=1",
+                   "--config.train.checkpoint_every=2", "--config.train.tensorboard=False",
+                   "--config.mesh.data=1", "--config.sample.num_tokens=0"]) == 0
+  capsys.readouterr()
+  args = ["sample", str(workdir), "--prompt", "the ", "--num-tokens", "8", "--temperature", "0"]
+  assert cli.main(args) == 0
+  before = capsys.readouterr().out
+  text.unlink()
+  shutil.rmtree(tmp_path / "tfds")
+  assert cli.main(args) == 0
+  assert capsys.readouterr().out == before and before.startswith("the ")
+  saved = (workdir / "vocab.json").read_text()
+  for bad in ('{"alphabet": "aab"}', '["abc"]', '{"alphabet": 7}'):
+    (workdir / "vocab.json").write_text(bad)
+    assert cli.main(args) == 1
+    line = _one_error_line(capsys)
+    assert "vocab.json is not a vocabulary that jaxlab wrote" in line
+  (workdir / "vocab.json").write_text(saved)
+  assert cli.main(args) == 0
+  assert capsys.readouterr().out == before

@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   # self-speculative decoding (config.sample.speculative); see jaxlab/models/gpt.py.
   c.model.mtp_heads = 0  # multi-token prediction (Gloeckle et al. 2024): extra blocks for t+2, t+3..
   c.model.medusa_heads = 0  # Medusa (Cai et al. 2024): residual heads on the last hidden state
-  c.model.heads_loss_decay = 1.0  # head j's loss weight is decay**j (Medusa-2: 0.8)
+  c.model.heads_loss_decay = 1.0  # head j's loss weight is decay**j (Medusa: 0.8)
   c.model.heads_stop_gradient = False  # heads learn on a detached trunk (Medusa-1)
   c.model.dtype = "float32"  # float32 | bfloat16 | float16 (params stay float32)
 
@@ -111,5 +111,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.top_k = 0  # 0 = off
   c.sample.top_p = 0.95  # 1.0 = off
   c.sample.seed = 0
-  c.sample.speculative = False  # draft with the extra heads, verify in one pass (exact; see decoding/)
+  c.sample.speculative = False  # draft with the extra heads, verify in one pass (see decoding/)
   return c

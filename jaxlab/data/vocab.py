@@ -42,7 +42,15 @@ class Vocab:
 
   @classmethod
   def from_json(cls, d: dict) -> "Vocab":
-    return cls(alphabet=d["alphabet"])
+    """The inverse of to_json; ValueError for anything to_json does not write."""
+    expected = 'expected {"alphabet": null (bytes) or a string of distinct characters}'
+    if not isinstance(d, dict) or "alphabet" not in d:
+      raise ValueError(expected)
+    alphabet = d["alphabet"]
+    if alphabet is not None and (not isinstance(alphabet, str) or not alphabet
+                                 or len(set(alphabet)) != len(alphabet)):
+      raise ValueError(expected)
+    return cls(alphabet=alphabet)
 
 
 def make_vocab(kind: str, texts) -> Vocab:

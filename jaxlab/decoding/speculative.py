@@ -6,8 +6,9 @@ already chosen, the extra heads' logits at position n draft d_1..d_K for positio
 model runs [y, d_1, ..., d_K] in one pass (the cache takes several tokens at once; see
 `MultiHeadAttention._cached_attention`), whose next-token head gives the target distribution at every
 drafted position. Drafts are accepted from the left:
-  * temperature 0 (greedy): d_j is kept while it equals the target's argmax, so the output is exactly
-    greedy decoding's (Stern et al. 2018, "Blockwise Parallel Decoding for Deep Autoregressive
+  * temperature 0 (greedy): d_j is kept while it equals the target's argmax, so the output is greedy
+    decoding's (exactly, up to floating-point near-ties: the verification pass computes the logits of
+    K + 1 tokens at once, ordinary decoding one at a time; Stern et al. 2018, "Blockwise Parallel Decoding for Deep Autoregressive
     Models"; Cai et al. 2024, Medusa, with one candidate instead of a tree);
   * temperature > 0: speculative sampling (Leviathan et al. 2023, alg. 1; Chen et al. 2023): d_j ~ q_j
     (the head's filtered distribution) is kept with probability min(1, p_j(d_j) / q_j(d_j)), the first
@@ -28,8 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.decoding.sampling import filter_logits, init_cache
-
-KV_CACHE_FAMILIES = ("softmax", "local", "block_sparse")
+from jaxlab.layers.attention import KV_CACHE_FAMILIES
 
 
 def check_speculative(model) -> None:
@@ -71,8 +71,10 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   heads (module docstring).
 
   Returns (tokens int32 [B, P + num_tokens], steps): `steps` is the number of verification passes
-  after the prompt's prefill (ordinary cached decoding makes num_tokens - 1), so
-  (num_tokens - 1) / steps is the mean number of tokens each pass yielded.
+  after the prompt's prefill, which yields the first token (ordinary cached decoding needs one pass per
+  further token, num_tokens - 1), so (num_tokens - 1) / steps is the mean number of tokens a pass
+  yielded. With learned positions, P + num_tokens <= max_len (as for `generate`): drafts past that
+  are looked up at position max_len - 1, which changes no returned token.
   """
   check_speculative(model)
   b, p = prompt_BP.shape
@@ -80,9 +82,10 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
     raise ValueError("the prompt must hold at least one token")
   k_extra = model.config.extra_heads
   total = p + num_tokens
-  length = total + k_extra  # room for the last step's K + 1 tokens
-  if model.config.position == "learned" and length - 1 > model.config.max_len:
-    raise ValueError(f"prompt + num_tokens + extra heads - 1 = {length - 1} exceeds the learned "
+  length = total + k_extra - 1  # the last step writes up to position total - 2 + K
+  max_position = model.config.max_len - 1 if model.config.position == "learned" else None
+  if max_position is not None and total > model.config.max_len:
+    raise ValueError(f"prompt ({p}) + num_tokens ({num_tokens}) = {total} exceeds the learned "
                      f"position table (max_len={model.config.max_len})")
   greedy = temperature == 0.0
   probs = functools.partial(_probs, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -91,6 +94,8 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   def run(cache, tokens_BT, start):
     positions_BT = jnp.broadcast_to(start + jnp.arange(tokens_BT.shape[1], dtype=jnp.int32),
                                     tokens_BT.shape)
+    if max_position is not None:  # only drafts at positions >= total, whose outputs go unused
+      positions_BT = jnp.minimum(positions_BT, max_position)
     logits_BTJV, mutated = model.apply({"params": params, "cache": cache}, tokens_BT, positions_BT,
                                        decode=True, all_heads=True, mutable=["cache"])
     return logits_BTJV, mutated["cache"]
@@ -100,7 +105,7 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   key, sub = jax.random.split(key)
   y_B = (jnp.argmax(heads_BJV[:, 0], axis=-1).astype(jnp.int32) if greedy
          else _draw(sub, probs(heads_BJV[:, 0])))
-  out_BL = jnp.zeros((b, length + 1), jnp.int32)
+  out_BL = jnp.zeros((b, total + k_extra), jnp.int32)  # the last step writes up to total - 1 + K
   out_BL = out_BL.at[:, :p].set(prompt_BP).at[:, p].set(y_B)
   if num_tokens <= 1:
     return out_BL[:, :total], jnp.zeros((), jnp.int32)
@@ -120,9 +125,10 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
       keep_BK = drafts_BK == jnp.argmax(target_BTV[:, :-1], axis=-1)
     else:
       p_BTV = probs(target_BTV)
-      p_d = jnp.take_along_axis(p_BTV[:, :-1], drafts_BK[..., None], axis=-1)[..., 0]
-      q_d = jnp.take_along_axis(q_BKV, drafts_BK[..., None], axis=-1)[..., 0]
-      keep_BK = jax.random.uniform(k_accept, q_d.shape) * q_d < p_d
+      p_of_draft_BK = jnp.take_along_axis(p_BTV[:, :-1], drafts_BK[..., None], axis=-1)[..., 0]
+      q_of_draft_BK = jnp.take_along_axis(q_BKV, drafts_BK[..., None], axis=-1)[..., 0]
+      # Kept with probability min(1, p / q) (q > 0: the draft was drawn from q).
+      keep_BK = jax.random.uniform(k_accept, drafts_BK.shape) * q_of_draft_BK < p_of_draft_BK
     accepted_B = jnp.sum(jnp.cumprod(keep_BK, axis=1), axis=1)
     a = jnp.min(accepted_B)  # drafts d_1..d_a are kept in every row
     if greedy:

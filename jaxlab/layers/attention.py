@@ -48,7 +48,7 @@ from jaxlab.layers.dense import Dense
 FAMILIES = ("softmax", "local", "linear", "performer", "block_sparse")
 SPARSE_LAYOUTS = local_lib.CAUSAL_LAYOUTS
 causal_block_layout = local_lib.causal_block_layout
-_KV_CACHE_FAMILIES = ("softmax", "local", "block_sparse")
+KV_CACHE_FAMILIES = ("softmax", "local", "block_sparse")  # the others keep a recurrent state
 
 
 class MultiHeadAttention(nn.Module):
@@ -126,7 +126,7 @@ class MultiHeadAttention(nn.Module):
     if self.family not in FAMILIES:
       raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
     # Dynamic NTK with a KV cache: q and k are rotated in _cached_attention, with L from the cache.
-    rotate_in_cache = (decode and self._dynamic_ntk() and self.family in _KV_CACHE_FAMILIES
+    rotate_in_cache = (decode and self._dynamic_ntk() and self.family in KV_CACHE_FAMILIES
                    and not self.rerope_window)
     if not rotate_in_cache:
       q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT,
@@ -160,8 +160,9 @@ class MultiHeadAttention(nn.Module):
                  init_std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype,
                  name="out")(out_BTNH)
 
-  def _attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT=None):
-    """Full-sequence attention of the configured family (training, and the prefill of decoding)."""
+  def _attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT=None, bias_BNTS=None):
+    """Full-sequence attention of the configured family (training, and the prefill of decoding);
+    bias_BNTS: the ALiBi/T5 bias when already built (else built here)."""
     if self.family == "local":
       return attention.local_attention(q_BTNH, k_BTKH, v_BTKH, window=self._window(),
                                        causal=self.causal, q_segment_ids=segment_ids_BT,
@@ -189,7 +190,8 @@ class MultiHeadAttention(nn.Module):
                                            causal=self.causal)
     return attention.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, causal=self.causal, q_segment_ids=segment_ids_BT,
-        kv_segment_ids=segment_ids_BT, bias=self._bias(positions_BT, positions_BT),
+        kv_segment_ids=segment_ids_BT,
+        bias=self._bias(positions_BT, positions_BT) if bias_BNTS is None else bias_BNTS,
         logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
 
   def _rerope(self, q_BTNH, k_BTKH, v_BTKH, q_positions_BT, kv_positions_BT, *,
@@ -281,8 +283,9 @@ class MultiHeadAttention(nn.Module):
     The cache is created by `init` with the full decoding length as T (call `model.init(..., decode=True)`
     with an input of shape [B, max_len]). Afterwards each call appends its T tokens at the cache index
     (slot j holds position j) and each of them attends to the cache up to and including its own slot:
-    T > 1 on an empty cache is the prefill of a prompt, T == 1 one decoding step, and T > 1 on a
-    non-empty cache appends several tokens at once (the verification pass of speculative decoding).
+    T > 1 on an empty cache is the prefill of a prompt (computed as a full pass), T == 1 one decoding
+    step, and T > 1 on a non-empty cache appends several tokens at once (the verification pass of
+    speculative decoding). The cache keeps each key's position (for ALiBi, T5 and ReRoPE).
     Setting a layer's "cache_index" back (see `jaxlab.decoding.speculative`) drops the tokens after it:
     they are masked by length and overwritten by the next call.
     rotate_in_cache (dynamic NTK): q and k arrive unrotated and are rotated here with L = T for a
@@ -293,6 +296,8 @@ class MultiHeadAttention(nn.Module):
     cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, t, kh, h), k_BTKH.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, t, kh, h), v_BTKH.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    # The position each cached key was written with (ALiBi, T5 and ReRoPE read them).
+    cached_pos = self.variable("cache", "cached_positions", jnp.zeros, (b, t), positions_BT.dtype)
     if not is_initialized:
       # Initialisation pass: shapes only.
       if rotate_in_cache:
@@ -305,54 +310,66 @@ class MultiHeadAttention(nn.Module):
       q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT, lengths_BT)
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BTKH, (0, i, 0, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BTKH, (0, i, 0, 0))
+    cached_pos.value = jax.lax.dynamic_update_slice(cached_pos.value,
+                                                    positions_BT.astype(cached_pos.value.dtype),
+                                                    (0, i))
     index.value = i + t
-    max_len = cached_k.value.shape[1]
-    kv_positions_BT = jnp.broadcast_to(jnp.arange(max_len, dtype=positions_BT.dtype), (b, max_len))
-    bias_BNTK = None if self.rerope_window else self._bias(positions_BT, kv_positions_BT)
+    keys_BSKH, values_BSKH, kv_positions_BS = cached_k.value, cached_v.value, cached_pos.value
+    max_len = keys_BSKH.shape[1]
+    bias_BNTS = None if self.rerope_window else self._bias(positions_BT, kv_positions_BS)
 
-    def one_query(q_BNH, slot, position_B, bias_BNK):
+    def one_query(q_BNH, slot, position_B, bias_BNS):
       """The query in `slot` against cache slots 0..slot (and its family's mask) -> [B, N, H]."""
       q_B1NH, lengths_B = q_BNH[:, None], jnp.full((b,), slot + 1, jnp.int32)
-      visible = None
+      visible_S = None
       if self.family == "local":
         # The query sits at `slot`, not at the cache's end (where end alignment would put it), so
         # the window's left edge is a segment: keys from slot - window on are segment 1, older ones 0.
-        visible = jnp.arange(max_len) >= slot - self.window
+        visible_S = jnp.arange(max_len) >= slot - self.window
       elif self.family == "block_sparse":
         # The layout row of the query's block, spread over the keys (the layout of the cache length
         # starts with the layout of any shorter one; see causal_block_layout).
         bs = self.sparse_block_size
         layout = jnp.asarray(self._sparse_layout(-(-max_len // bs)))
-        visible = jax.lax.dynamic_index_in_dim(layout, slot // bs, keepdims=False)[
+        visible_S = jax.lax.dynamic_index_in_dim(layout, slot // bs, keepdims=False)[
             jnp.arange(max_len) // bs]
-      if visible is not None:
+      if visible_S is not None:
         # Visible keys are segment 1, the others 0; the query is segment 1.
         out = attention.dot_product_attention(
-            q_B1NH, cached_k.value, cached_v.value, kv_lengths=lengths_B,
+            q_B1NH, keys_BSKH, values_BSKH, kv_lengths=lengths_B,
             q_segment_ids=jnp.ones((b, 1), jnp.int32),
-            kv_segment_ids=jnp.broadcast_to(visible.astype(jnp.int32), (b, max_len)),
+            kv_segment_ids=jnp.broadcast_to(visible_S.astype(jnp.int32), (b, max_len)),
             logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
       elif self.rerope_window:
-        out = self._rerope(q_B1NH, cached_k.value, cached_v.value, position_B[:, None],
-                           kv_positions_BT, kv_lengths_B=lengths_B)
+        out = self._rerope(q_B1NH, keys_BSKH, values_BSKH, position_B[:, None], kv_positions_BS,
+                           kv_lengths_B=lengths_B)
       else:
         out = attention.dot_product_attention(
-            q_B1NH, cached_k.value, cached_v.value, kv_lengths=lengths_B,
-            bias=None if bias_BNK is None else bias_BNK[:, :, None],
+            q_B1NH, keys_BSKH, values_BSKH, kv_lengths=lengths_B,
+            bias=None if bias_BNS is None else bias_BNS[:, :, None],
             logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
       return out[:, 0]
 
     if t == 1:
-      bias_BNK = None if bias_BNTK is None else bias_BNTK[:, :, 0]
-      return one_query(q_BTNH[:, 0], i, positions_BT[:, 0], bias_BNK)[:, None]
-    # Several tokens: each query against the cache up to its own slot (vectorised over queries).
-    over_queries = jax.vmap(one_query, in_axes=(1, 0, 1, None if bias_BNTK is None else 2),
+      bias_BNS = None if bias_BNTS is None else bias_BNTS[:, :, 0]
+      return one_query(q_BTNH[:, 0], i, positions_BT[:, 0], bias_BNS)[:, None]
+    # Several tokens. On an empty cache (a prompt's prefill) they attend to each other as in a full
+    # pass, with the family's own O(T^2) attention; on a non-empty one (an append) each query attends
+    # to the cache up to its own slot, vectorised over the queries. The prefill's bias is the first
+    # T columns of the cache's (T5's is a submodule: it is called once, and not inside lax.cond).
+    prefill_bias_BNTT = None if bias_BNTS is None else bias_BNTS[..., :t]
+    over_queries = jax.vmap(one_query, in_axes=(1, 0, 1, None if bias_BNTS is None else 2),
                             out_axes=1)
-    return over_queries(q_BTNH, slots_T, positions_BT, bias_BNTK)
+    return jax.lax.cond(
+        i == 0,
+        lambda q, k, v: self._attend(q, k, v, positions_BT, bias_BNTS=prefill_bias_BNTT),
+        lambda q, k, v: over_queries(q, slots_T, positions_BT, bias_BNTS),
+        q_BTNH, k_BTKH, v_BTKH)
 
   def _recurrent_linear(self, q_BTNH, k_BTKH, v_BTKH):
     """Causal linear attention while decoding: the cache holds S = sum phi(k) v^T and z = sum phi(k)
-    (Katharopoulos et al. 2020, eq. 18-20) instead of keys and values. T > 1 is a prefill."""
+    (Katharopoulos et al. 2020, eq. 18-20) instead of keys and values. T > 1 is a prefill (of an
+    empty state: unlike the KV cache, this state takes no multi-token appends)."""
     b, t, kh, h = k_BTKH.shape
     zero = linear_lib.linear_attention_init_state(b, kh, h)
     s_var = self.variable("cache", "linear_s", lambda: zero.s)
@@ -372,7 +389,8 @@ class MultiHeadAttention(nn.Module):
 
   def _recurrent_performer(self, q_BTNH, k_BTKH, v_BTKH):
     """Causal FAVOR+ while decoding: the cache holds the running-max state (S, z, mu) of
-    `attention.performer` instead of keys and values. T > 1 is a prefill of an empty cache."""
+    `attention.performer` instead of keys and values. T > 1 is a prefill of an empty cache (this
+    state takes no multi-token appends)."""
     from jaxlab.attention import performer as performer_lib
     b, t, kh, h = k_BTKH.shape
     zero = performer_lib.performer_init_state(b, kh, h, self.num_features)

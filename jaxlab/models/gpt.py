@@ -14,8 +14,10 @@ head 0 is the ordinary next-token head, unchanged by the extra ones):
     Decoding Heads", sec. 2.1.1): `medusa_heads` residual blocks h + SiLU(W1 h + b1) on the final
     (normed) hidden state h, W1 initialised to zero; the paper's per-head output layer starts as a
     copy of the LM head, here the heads share it (so every head starts as head 0).
-`heads_stop_gradient` trains the extra heads on a detached trunk (Medusa-1: the next-token model is
-exactly what it would be without them). `jaxlab.decoding.speculative` uses the heads as drafters.
+`heads_stop_gradient` trains the extra heads on a detached trunk and a constant unembedding (Medusa-1):
+no gradient of theirs reaches the next-token model, which with the trainer's separate gradient clipping
+(`LMTask.clip_groups`) trains exactly as without them. `jaxlab.decoding.speculative` uses the heads as
+drafters.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ HEAD_PREFIXES = ("mtp_block_", "ln_mtp_", "medusa_")  # top-level parameter name
 
 def heads_loss(logits_BTJV: jax.Array, targets_BT: jax.Array, decay: float) -> jax.Array:
   """sum_j decay**j * mean_t CE(head j at t, token t + 1 + j) over the extra heads j = 1..J-1
-  (Gloeckle et al. 2024 eq. 2 with decay 1; Medusa-2's lambda_k = 0.8**k with decay 0.8).
+  (Gloeckle et al. 2024 eq. 2 with decay 1; Medusa's lambda_k = 0.8**k, Cai et al. 2024 sec. 2.2.1,
+  with decay 0.8).
   targets_BT[:, t] is token t + 1, so head j at t is scored against targets_BT[:, t + j]."""
   t = targets_BT.shape[1]
   loss = jnp.zeros((), jnp.float32)
@@ -135,9 +136,13 @@ def validate(config, require) -> None:
   extra = m.mtp_heads + m.medusa_heads
   require(extra < d.seq_len, f"config.model.{'mtp' if m.mtp_heads else 'medusa'}_heads={extra} "
                              f"leaves no target in a window of config.data.seq_len={d.seq_len}")
-  require(isinstance(m.heads_loss_decay, (int, float)) and math.isfinite(m.heads_loss_decay)
-          and m.heads_loss_decay > 0,
+  require(isinstance(m.heads_loss_decay, (int, float)) and not isinstance(m.heads_loss_decay, bool)
+          and math.isfinite(m.heads_loss_decay) and m.heads_loss_decay > 0,
           f"config.model.heads_loss_decay={m.heads_loss_decay!r} must be a finite number > 0")
+  if not extra:
+    for key, default in (("heads_loss_decay", 1.0), ("heads_stop_gradient", False)):
+      require(m[key] == default, f"config.model.{key}={m[key]!r} has no effect without extra "
+                                 "heads (config.model.mtp_heads or medusa_heads > 0)")
   require(0.0 < d.train_fraction < 1.0,
           f"config.data.train_fraction={d.train_fraction} must be in (0, 1)")
   if d.name == "text_files":
@@ -176,14 +181,37 @@ def build(config) -> "LMTask":
   return LMTask(config)
 
 
-class LMTask:
-  """Next-token prediction on a text corpus with the GPT of `config.model`."""
+def build_for_sampling(config, workdir) -> "LMTask | None":
+  """The task as `jaxlab sample` needs it: from WORKDIR/vocab.json when the run saved one, so that
+  sampling needs neither the training text (moved, or on another machine) nor the time to read it;
+  None (build it from the data) otherwise."""
+  import json
+  import pathlib
+  from jaxlab.data.vocab import Vocab
+  saved = pathlib.Path(workdir) / "vocab.json"
+  if not saved.is_file():
+    return None
+  try:
+    return LMTask(config, vocab=Vocab.from_json(json.loads(saved.read_text())))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{saved} is not a vocabulary that jaxlab wrote ({e}); nothing was changed") \
+        from None
 
-  def __init__(self, config):
+
+class LMTask:
+  """Next-token prediction on a text corpus with the GPT of `config.model`.
+
+  vocab: given (sampling from a saved run), the corpus is not read; then there are no batches.
+  """
+
+  def __init__(self, config, vocab=None):
     self.config = config
-    self.corpus = text.load_corpus(config.data)
-    self.vocab = self.corpus.vocab
-    self._check_splits()
+    if vocab is None:
+      self.corpus = text.load_corpus(config.data)
+      self.vocab = self.corpus.vocab
+      self._check_splits()
+    else:
+      self.corpus, self.vocab = None, vocab
     self.model = gpt_from_config(config.model, self.vocab.size,
                                  max_len=config.model.max_len or config.data.seq_len)
     self.seq_len = config.data.seq_len
@@ -224,15 +252,16 @@ class LMTask:
 
   def check_speculative_length(self, prompt: str, num_tokens: int, what: str) -> None:
     """Speculative decoding keeps every token in the KV cache (no cropping as `generate_long` does),
-    so with learned positions prompt + num_tokens + extra heads - 1 must fit the table."""
+    so with learned positions prompt + num_tokens must fit the position table."""
     c = self.model.config
     if c.position != "learned":
       return
-    need = len(self.vocab.encode(prompt or "\n")) + num_tokens + c.extra_heads - 1
-    if need > c.max_len:
+    prompt_len = len(self.vocab.encode(prompt or "\n"))
+    if prompt_len + num_tokens > c.max_len:
       raise ValueError(f"{what}={num_tokens}: speculative decoding with learned positions needs "
-                       f"prompt + num_tokens + extra heads - 1 = {need} <= max_len={c.max_len}; "
-                       "sample fewer tokens or without speculative decoding")
+                       f"prompt ({prompt_len} tokens) + num_tokens <= config.model.max_len="
+                       f"{c.max_len}; sample fewer tokens, or without speculative decoding (which "
+                       "crops the context)")
 
   def check_prompt(self, prompt: str, what: str) -> None:
     """Raises ValueError("{what}: ...") naming the first character of `prompt` that this task's
@@ -285,17 +314,18 @@ class LMTask:
     heads_loss_decay**j times its mean cross-entropy on the token j + 1 ahead (the last j positions of
     a window have no such target); evaluation (train=False) scores the next-token head alone.
     """
-    heads = self.model.config.extra_heads
-    logits = self.model.apply({"params": params}, batch["inputs"], train=train,
-                              rngs={"dropout": rng}, all_heads=bool(heads))
-    if not heads:
-      total, count = next_token_loss(logits, batch["targets"])
+    if not (train and self.model.config.extra_heads):
+      logits_BTV = self.model.apply({"params": params}, batch["inputs"], train=train,
+                                    rngs={"dropout": rng})
+      total, count = next_token_loss(logits_BTV, batch["targets"])
       return total / count, (total, count)
-    total, count = next_token_loss(logits[:, :, 0], batch["targets"])
-    if not train:
-      return total / count, (total, count)
-    objective = total / count + heads_loss(logits, batch["targets"],
+    logits_BTJV = self.model.apply({"params": params}, batch["inputs"], train=train,
+                                   rngs={"dropout": rng}, all_heads=True)
+    total, count = next_token_loss(logits_BTJV[:, :, 0], batch["targets"])
+    objective = total / count + heads_loss(logits_BTJV, batch["targets"],
                                            self.config.model.heads_loss_decay)
+    # (objective * count, count): gradient accumulation sums the first over microbatches and divides
+    # by the summed counts, which is the objective because every LM microbatch has the same count.
     return objective, (objective * count, count)
 
   def finish(self, params) -> str | None:
@@ -324,7 +354,8 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
   """Continues `prompt` by `num_tokens` tokens with the KV-cached sampler; returns prompt + continuation.
 
   speculative: drafts with the model's extra heads (`jaxlab.decoding.speculative`; the same
-  distribution, greedy gives the same text) and says on stderr how many tokens each pass yielded.
+  distribution; greedy gives greedy decoding's text up to near-ties) and says on stderr how many
+  tokens each pass yielded.
   """
   ids = jnp.asarray(task.vocab.encode(prompt or "\n"))[None]
   key = jax.random.PRNGKey(seed)

@@ -42,4 +42,3 @@ def make_optimizer(optim_cfg, total_steps: int, *,
                            weight_decay=optim_cfg.weight_decay,
                            mask=lambda p: decay_mask(p, decay_embeddings=optim_cfg.decay_embeddings)))
   return optax.chain(*parts)
-

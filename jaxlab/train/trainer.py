@@ -244,13 +244,20 @@ def evaluate(run: Run, params, eval_step=None) -> float:
 
 
 RESUME_MUST_MATCH = ("task", "seed", "model", "data", "optim")
+# Keys added after runs were first saved, left out while they hold the value that means "as before",
+# so that the records of older runs (WORKDIR/best's fingerprint) still match.
+ADDED_KEYS_AT_DEFAULT = {"model.mtp_heads": 0, "model.medusa_heads": 0,
+                         "model.heads_loss_decay": 1.0, "model.heads_stop_gradient": False}
 
 
 def _resume_keys(config_json: dict) -> dict:
-  """The flattened config entries a checkpoint depends on (RESUME_MUST_MATCH, less data.data_dir),
-  from the config as JSON."""
+  """The flattened config entries a checkpoint depends on (RESUME_MUST_MATCH, less data.data_dir
+  and ADDED_KEYS_AT_DEFAULT), from the config as JSON."""
   flat = flatten({k: v for k, v in config_json.items() if k in RESUME_MUST_MATCH})
   flat.pop("data.data_dir", None)
+  for key, default in ADDED_KEYS_AT_DEFAULT.items():
+    if key in flat and flat[key] == default:
+      del flat[key]
   return flat
 
 

@@ -12,6 +12,7 @@ import optax
 import pytest
 import scipy.stats
 
+from jaxlab import positions
 from jaxlab.decoding.sampling import filter_logits, generate
 from jaxlab.decoding.speculative import speculative_generate
 from jaxlab.models.gpt import GPT, GPTConfig
@@ -43,7 +44,12 @@ GREEDY = [("mtp", dict(mtp_heads=2)), ("medusa", dict(medusa_heads=3)),
           ("medusa-local", dict(medusa_heads=2, attention="local", attention_window=4)),
           ("mtp-block_sparse", dict(mtp_heads=2, attention="block_sparse", sparse_block_size=4,
                                     sparse_layout="strided", sparse_local_blocks=1,
-                                    sparse_stride=2))]
+                                    sparse_stride=2)),
+          ("medusa-t5", dict(medusa_heads=2, position="t5")),
+          ("mtp-xpos", dict(mtp_heads=1, position="xpos")),
+          ("medusa-rerope", dict(medusa_heads=2, rerope_window=4)),
+          ("medusa-dynamic_ntk", dict(medusa_heads=2, rope_scaling=positions.RopeScaling(
+              "dynamic_ntk", 2.0, original_max_len=8)))]
 
 
 @pytest.mark.parametrize("name,kw", GREEDY, ids=[g[0] for g in GREEDY])
@@ -151,10 +157,14 @@ def test_speculative_sampling_has_the_models_distribution(name, kw, temperature,
   steps = np.asarray(steps)
   assert steps.min() < n - 1 <= steps.max()  # some passes accepted drafts, some accepted none
   assert _chi2_p_value(tokens[:, 0], conts, exact, 2) > 1e-3
-  batch, _ = speculative_generate(model, params, jnp.broadcast_to(prompt, (draws, 2)),
-                                  jax.random.key(1), num_tokens=n, temperature=temperature,
-                                  top_k=top_k, top_p=top_p)
-  assert _chi2_p_value(batch, conts, exact, 2) > 1e-3
+  # Rows of a batch of 3 (one shared cache index: a step keeps the fewest drafts any row accepted).
+  rows = 3
+  three_rows = jax.vmap(lambda key: speculative_generate(
+      model, params, jnp.broadcast_to(prompt, (rows, 2)), key, num_tokens=n,
+      temperature=temperature, top_k=top_k, top_p=top_p))
+  batch, batch_steps = three_rows(jax.random.split(jax.random.key(1), draws // rows))
+  assert np.asarray(batch_steps).min() < n - 1  # some batches kept drafts in every row
+  assert _chi2_p_value(batch.reshape(-1, 2 + n), conts, exact, 2) > 1e-3
 
 
 def test_speculative_decoding_refuses_what_it_cannot_do():
@@ -166,5 +176,11 @@ def test_speculative_decoding_refuses_what_it_cannot_do():
   with pytest.raises(ValueError, match="KV cache"):
     speculative_generate(linear, _sharp_params(linear), prompt, jax.random.key(0), num_tokens=4)
   learned = gpt(medusa_heads=2, position="learned", max_len=10)
+  params = _sharp_params(learned)
   with pytest.raises(ValueError, match="max_len=10"):
-    speculative_generate(learned, _sharp_params(learned), prompt, jax.random.key(0), num_tokens=8)
+    speculative_generate(learned, params, prompt, jax.random.key(0), num_tokens=9)
+  # Up to the table's end, as ordinary decoding (drafts past it are looked up at its last row).
+  np.testing.assert_array_equal(
+      speculative_generate(learned, params, prompt, jax.random.key(0), num_tokens=8,
+                           temperature=0.0)[0],
+      generate(learned, params, prompt, jax.random.key(0), num_tokens=8, temperature=0.0))

@@ -43,7 +43,11 @@ def test_lm_loss_adds_the_heads_and_eval_scores_only_the_next_token(tiny_lm_conf
       "--config.model.attention=linear"), "config.model.attention='linear'"),
     (("--config.sample.speculative=True", "--config.model.medusa_heads=1",
       "--config.model.position=learned", "--config.model.max_len=20",
-      "--config.sample.num_tokens=30"), "config.sample.num_tokens=30"),
+      "--config.sample.num_tokens=17"), "config.sample.num_tokens=17"),
+    (("--config.model.heads_stop_gradient=True",), "config.model.heads_stop_gradient"),
+    (("--config.model.heads_loss_decay=0.8",), "config.model.heads_loss_decay"),
+    (("--config.model.medusa_heads=1", "--config.model.heads_loss_decay=True"),
+     "config.model.heads_loss_decay"),
 ])
 def test_bad_head_configs_name_the_key(tiny_lm_config, overrides, key):
   with pytest.raises(ConfigError) as e:
@@ -105,3 +109,45 @@ def test_medusa1_heads_leave_the_next_token_model_exactly_as_without_them(tiny_l
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), medusa1[1][name],
                  plain[1][name])
   assert max(abs(a - b) for a, b in zip(coupled[0], plain[0])) > 1e-4
+
+
+def test_heads_with_microbatches_equal_the_whole_batch(tiny_lm_config):
+  """Gradient accumulation over the multi-token objective: the same loss and gradient."""
+  from jaxlab.train import trainer
+  config = tiny_lm_config("--config.model.mtp_heads=2")
+  task = lm_task.build(config)
+  params = jax.tree.map(lambda a: getattr(a, "value", a), task.init_params(jax.random.key(0)),
+                        is_leaf=lambda a: hasattr(a, "value"))
+  batch = {k: jnp.asarray(v) for k, v in next(iter(task.train_iterator())).items()}
+  whole = trainer.loss_and_grads(task, params, batch, jax.random.key(0), 1)
+  parts = trainer.loss_and_grads(task, params, batch, jax.random.key(0), 4)
+  np.testing.assert_allclose(parts[0], whole[0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), parts[1], whole[1])
+  assert float(whole[0]) > float(task.loss(params, batch, jax.random.key(0), train=False)[0])
+
+
+def test_runs_saved_before_the_heads_keep_their_fingerprint(tiny_lm_config):
+  """WORKDIR/best records carry a fingerprint of the model config: the keys added for the heads do not
+  change it while they hold their defaults (an older run's best checkpoint still matches)."""
+  import json
+  import ml_collections
+  from jaxlab.train import trainer
+  config = tiny_lm_config()
+  older = json.loads(config.to_json_best_effort())
+  for key in ("mtp_heads", "medusa_heads", "heads_loss_decay", "heads_stop_gradient"):
+    del older["model"][key]
+  assert trainer.config_fingerprint(ml_collections.ConfigDict(older)) == \
+      trainer.config_fingerprint(config)
+  assert trainer.config_fingerprint(tiny_lm_config("--config.model.medusa_heads=1")) != \
+      trainer.config_fingerprint(config)
+
+
+def test_cli_speculative_on_a_task_without_it_is_one_line(tmp_path, capsys):
+  import json
+  workdir = tmp_path / "made"
+  (workdir / "checkpoints").mkdir(parents=True)
+  config = load_config("made", ["--config.mesh.data=1"], check_devices=False)
+  (workdir / "config.json").write_text(config.to_json_best_effort())
+  assert cli.main(["sample", str(workdir), "--speculative"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--speculative" in err[0] and "'density'" in err[0], err
