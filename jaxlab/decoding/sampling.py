@@ -67,7 +67,7 @@ def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens:
   cache = init_cache(model, b, total)
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
   logits, mutated = model.apply({"params": params, "cache": cache}, prompt_BP, positions,
-                                decode=True, mutable=["cache"])
+                                decode=True, prefill=True, mutable=["cache"])
   sampler = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
 
   def step(carry, i):

@@ -91,16 +91,17 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   probs = functools.partial(_probs, temperature=temperature, top_k=top_k, top_p=top_p)
   prompt_BP = prompt_BP.astype(jnp.int32)
 
-  def run(cache, tokens_BT, start):
+  def run(cache, tokens_BT, start, prefill=False):
     positions_BT = jnp.broadcast_to(start + jnp.arange(tokens_BT.shape[1], dtype=jnp.int32),
                                     tokens_BT.shape)
     if max_position is not None:  # only drafts at positions >= total, whose outputs go unused
       positions_BT = jnp.minimum(positions_BT, max_position)
     logits_BTJV, mutated = model.apply({"params": params, "cache": cache}, tokens_BT, positions_BT,
-                                       decode=True, all_heads=True, mutable=["cache"])
+                                       decode=True, prefill=prefill, all_heads=True,
+                                       mutable=["cache"])
     return logits_BTJV, mutated["cache"]
 
-  logits_BPJV, cache = run(init_cache(model, b, length), prompt_BP, 0)
+  logits_BPJV, cache = run(init_cache(model, b, length), prompt_BP, 0, prefill=True)
   heads_BJV = logits_BPJV[:, -1]
   key, sub = jax.random.split(key)
   y_B = (jnp.argmax(heads_BJV[:, 0], axis=-1).astype(jnp.int32) if greedy

@@ -103,7 +103,11 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *,
-               segment_ids_BT: Optional[jax.Array] = None, decode: bool = False) -> jax.Array:
+               segment_ids_BT: Optional[jax.Array] = None, decode: bool = False,
+               prefill: bool = False) -> jax.Array:
+    """x_BTD -> y_BTD. decode=True: against the KV cache (see _cached_attention); prefill=True (only
+    on an empty cache) computes the prompt's attention as a full pass, in the family's own O(T^2)
+    way, instead of each query against the cache (the same numbers)."""
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                        f"({self.num_kv_heads})")
@@ -152,7 +156,7 @@ class MultiHeadAttention(nn.Module):
       out_BTNH = self._recurrent_performer(q_BTNH, k_BTKH, v_BTKH)
     elif decode:
       out_BTNH = self._cached_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT,
-                                        rotate_in_cache=rotate_in_cache)
+                                        rotate_in_cache=rotate_in_cache, prefill=prefill)
     else:
       out_BTNH = self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT)
 
@@ -277,15 +281,16 @@ class MultiHeadAttention(nn.Module):
           kv_positions=kv_positions_BT)
     return None
 
-  def _cached_attention(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, *, rotate_in_cache=False):
+  def _cached_attention(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, *, rotate_in_cache=False,
+                        prefill=False):
     """Attention against a KV cache in the "cache" collection.
 
     The cache is created by `init` with the full decoding length as T (call `model.init(..., decode=True)`
     with an input of shape [B, max_len]). Afterwards each call appends its T tokens at the cache index
     (slot j holds position j) and each of them attends to the cache up to and including its own slot:
-    T > 1 on an empty cache is the prefill of a prompt (computed as a full pass), T == 1 one decoding
-    step, and T > 1 on a non-empty cache appends several tokens at once (the verification pass of
-    speculative decoding). The cache keeps each key's position (for ALiBi, T5 and ReRoPE).
+    T > 1 on an empty cache is the prefill of a prompt (with `prefill`, computed as a full pass), T == 1
+    one decoding step, and T > 1 on a non-empty cache appends several tokens at once (the verification
+    pass of speculative decoding). The cache keeps each key's position (for ALiBi, T5 and ReRoPE).
     Setting a layer's "cache_index" back (see `jaxlab.decoding.speculative`) drops the tokens after it:
     they are masked by length and overwritten by the next call.
     rotate_in_cache (dynamic NTK): q and k arrive unrotated and are rotated here with L = T for a
@@ -353,18 +358,15 @@ class MultiHeadAttention(nn.Module):
     if t == 1:
       bias_BNS = None if bias_BNTS is None else bias_BNTS[:, :, 0]
       return one_query(q_BTNH[:, 0], i, positions_BT[:, 0], bias_BNS)[:, None]
-    # Several tokens. On an empty cache (a prompt's prefill) they attend to each other as in a full
-    # pass, with the family's own O(T^2) attention; on a non-empty one (an append) each query attends
-    # to the cache up to its own slot, vectorised over the queries. The prefill's bias is the first
-    # T columns of the cache's (T5's is a submodule: it is called once, and not inside lax.cond).
-    prefill_bias_BNTT = None if bias_BNTS is None else bias_BNTS[..., :t]
+    if prefill:
+      # A prompt on an empty cache: its tokens attend to each other as in a full pass (the family's
+      # own attention, O(T^2)); the bias is the first T columns of the cache's.
+      return self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT,
+                          bias_BNTS=None if bias_BNTS is None else bias_BNTS[..., :t])
+    # Several tokens: each query against the cache up to its own slot, vectorised over the queries.
     over_queries = jax.vmap(one_query, in_axes=(1, 0, 1, None if bias_BNTS is None else 2),
                             out_axes=1)
-    return jax.lax.cond(
-        i == 0,
-        lambda q, k, v: self._attend(q, k, v, positions_BT, bias_BNTS=prefill_bias_BNTT),
-        lambda q, k, v: over_queries(q, slots_T, positions_BT, bias_BNTS),
-        q_BTNH, k_BTKH, v_BTKH)
+    return over_queries(q_BTNH, slots_T, positions_BT, bias_BNTS)
 
   def _recurrent_linear(self, q_BTNH, k_BTKH, v_BTKH):
     """Causal linear attention while decoding: the cache holds S = sum phi(k) v^T and z = sum phi(k)

@@ -128,7 +128,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, *, train: bool = False,
-               decode: bool = False):
+               decode: bool = False, prefill: bool = False):
     c = self.config
     out_std = 0.02 / math.sqrt(2 * c.num_layers)  # GPT-2's scaled residual init
     if c.attention == "flash":
@@ -148,7 +148,7 @@ class Block(nn.Module):
         rerope_leaky_k=c.rerope_leaky_k, implementation=c.attention_impl, use_bias=c.use_bias,
         out_init_std=out_std,
         dtype=c.dtype, param_dtype=c.param_dtype, name="attn")(
-            h_BTD, positions_BT, segment_ids_BT=segment_ids_BT, decode=decode)
+            h_BTD, positions_BT, segment_ids_BT=segment_ids_BT, decode=decode, prefill=prefill)
     x_BTD = x_BTD + nn.Dropout(c.dropout, deterministic=not train)(h_BTD)
     h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, "ln_mlp")(x_BTD)
     h_BTD = MLP(int(c.mlp_ratio * c.width), activation=c.activation, use_bias=c.use_bias,
@@ -192,7 +192,8 @@ class GPT(nn.Module):
   """tokens_BT (int) -> logits_BTV (float32), with hyperparameters `config` (a GPTConfig).
 
   positions_BT (default 0..T-1) are explicit so that packed sequences restart and decoding continues;
-  segment_ids_BT restrict attention to a segment; decode=True uses the KV cache ("cache" collection).
+  segment_ids_BT restrict attention to a segment; decode=True uses the KV cache ("cache" collection),
+  and prefill=True (only on an empty cache) says the tokens are a prompt, attended as a full pass.
   all_heads=True returns logits_BTJV from every head (J = 1 + config.extra_heads; head j predicts
   token t+1+j), with logits_BTJV[:, :, 0] the logits_BTV of all_heads=False.
   """
@@ -202,7 +203,7 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
                segment_ids_BT: Optional[jax.Array] = None, *, train: bool = False,
-               decode: bool = False, all_heads: bool = False) -> jax.Array:
+               decode: bool = False, prefill: bool = False, all_heads: bool = False) -> jax.Array:
     c = self.config
     if tokens_BT.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
@@ -228,10 +229,11 @@ class GPT(nn.Module):
     x_BTD = nn.Dropout(c.dropout, deterministic=not train)(x_BTD)
     block = lambda name: Block(c, name=name)
     for i in range(c.num_layers - 1):
-      x_BTD = block(f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, train=train, decode=decode)
+      x_BTD = block(f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, train=train, decode=decode,
+                                  prefill=prefill)
     trunk_BTD = x_BTD
     x_BTD = block(f"block_{c.num_layers - 1}")(trunk_BTD, positions_BT, segment_ids_BT,
-                                                train=train, decode=decode)
+                                                train=train, decode=decode, prefill=prefill)
     h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, "ln_final")(x_BTD)
 
     if c.tie_embeddings:
@@ -255,7 +257,7 @@ class GPT(nn.Module):
     heads = [logits_BTV]
     for j in range(1, c.mtp_heads + 1):
       y_BTD = block(f"mtp_block_{j}")(detach(trunk_BTD), positions_BT, segment_ids_BT, train=train,
-                                      decode=decode)
+                                      decode=decode, prefill=prefill)
       heads.append(unembed_extra(_norm(c.use_bias, c.dtype, c.param_dtype, f"ln_mtp_{j}")(y_BTD)))
     for j in range(1, c.medusa_heads + 1):
       heads.append(unembed_extra(MedusaHead(c.dtype, c.param_dtype, name=f"medusa_{j}")(

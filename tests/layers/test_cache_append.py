@@ -57,12 +57,15 @@ def _empty_cache(layer, x):
   return jax.tree.map(jnp.zeros_like, cache)
 
 
-def _chunked(layer, params, x, chunks, cache=None, start=0):
+def _chunked(layer, params, x, chunks, cache=None, start=0, prefill=False):
+  """Decodes x[:, start:] in chunks of the given sizes; prefill: the first chunk is a prompt on an
+  empty cache, attended as a full pass."""
   cache = _empty_cache(layer, x) if cache is None else cache
   outs = []
-  for size in chunks:
+  for n, size in enumerate(chunks):
     out, mut = layer.apply({"params": params, "cache": cache}, x[:, start:start + size],
-                           _pos(start, size), decode=True, mutable=["cache"])
+                           _pos(start, size), decode=True, prefill=prefill and n == 0,
+                           mutable=["cache"])
     outs.append(out)
     cache, start = mut["cache"], start + size
   return jnp.concatenate(outs, axis=1), cache
@@ -73,8 +76,9 @@ def test_chunked_appends_equal_the_full_pass(name, kw):
   layer, x = _layer(**kw), _x()
   params = _params(layer, x)
   full = layer.apply({"params": params}, x, _pos(0, T))
-  got, _ = _chunked(layer, params, x, CHUNKS)
-  np.testing.assert_allclose(got, full, atol=ATOL, rtol=1e-5)
+  for prefill in (False, True):
+    got, _ = _chunked(layer, params, x, CHUNKS, prefill=prefill)
+    np.testing.assert_allclose(got, full, atol=ATOL, rtol=1e-5)
   # An append that ignored the cache (each chunk attending to itself) would be far off.
   alone = jnp.concatenate([layer.apply({"params": params}, x[:, s:s + n], _pos(s, n))
                            for s, n in zip(np.cumsum((0,) + CHUNKS[:-1]), CHUNKS)], axis=1)
@@ -103,7 +107,8 @@ def test_dynamic_ntk_beyond_training_length_appends_like_one_token_steps():
                                                                      original_max_len=4))
   x = _x(3)
   params = _params(layer, x)
-  one_by_one, _ = _chunked(layer, params, x, (3,) + (1,) * (T - 3))
-  got, _ = _chunked(layer, params, x, CHUNKS)
-  np.testing.assert_allclose(got, one_by_one, atol=ATOL, rtol=1e-5)
+  one_by_one, _ = _chunked(layer, params, x, (3,) + (1,) * (T - 3), prefill=True)
+  for prefill in (False, True):
+    got, _ = _chunked(layer, params, x, CHUNKS, prefill=prefill)
+    np.testing.assert_allclose(got, one_by_one, atol=ATOL, rtol=1e-5)
   assert np.abs(np.asarray(got - layer.apply({"params": params}, x, _pos(0, T)))).max() > 100 * ATOL
