@@ -38,8 +38,8 @@ def _sharp_params(model, seed=0, scale=8.0):
   return params
 
 
-GREEDY = [("mtp", dict(mtp_heads=2)), ("medusa", dict(medusa_heads=3)),
-          ("medusa-learned", dict(medusa_heads=2, position="learned")),
+GREEDY = [("mtp", dict(mtp_heads=2)),
+          ("medusa-learned", dict(medusa_heads=3, position="learned")),
           ("mtp-alibi", dict(mtp_heads=3, position="alibi")),
           ("medusa-local", dict(medusa_heads=2, attention="local", attention_window=4)),
           ("mtp-block_sparse", dict(mtp_heads=2, attention="block_sparse", sparse_block_size=4,
