@@ -164,9 +164,8 @@ class MultiHeadAttention(nn.Module):
                  init_std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype,
                  name="out")(out_BTNH)
 
-  def _attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT=None, bias_BNTS=None):
-    """Full-sequence attention of the configured family (training, and the prefill of decoding);
-    bias_BNTS: the ALiBi/T5 bias when already built (else built here)."""
+  def _attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT=None):
+    """Full-sequence attention of the configured family (training, and the prefill of decoding)."""
     if self.family == "local":
       return attention.local_attention(q_BTNH, k_BTKH, v_BTKH, window=self._window(),
                                        causal=self.causal, q_segment_ids=segment_ids_BT,
@@ -194,8 +193,7 @@ class MultiHeadAttention(nn.Module):
                                            causal=self.causal)
     return attention.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, causal=self.causal, q_segment_ids=segment_ids_BT,
-        kv_segment_ids=segment_ids_BT,
-        bias=self._bias(positions_BT, positions_BT) if bias_BNTS is None else bias_BNTS,
+        kv_segment_ids=segment_ids_BT, bias=self._bias(positions_BT, positions_BT),
         logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
 
   def _rerope(self, q_BTNH, k_BTKH, v_BTKH, q_positions_BT, kv_positions_BT, *,
@@ -319,6 +317,10 @@ class MultiHeadAttention(nn.Module):
                                                     positions_BT.astype(cached_pos.value.dtype),
                                                     (0, i))
     index.value = i + t
+    if prefill:
+      # A prompt on an empty cache: its tokens attend to each other as in a full pass (the family's
+      # own attention, O(T^2)).
+      return self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT)
     keys_BSKH, values_BSKH, kv_positions_BS = cached_k.value, cached_v.value, cached_pos.value
     max_len = keys_BSKH.shape[1]
     bias_BNTS = None if self.rerope_window else self._bias(positions_BT, kv_positions_BS)
@@ -358,11 +360,6 @@ class MultiHeadAttention(nn.Module):
     if t == 1:
       bias_BNS = None if bias_BNTS is None else bias_BNTS[:, :, 0]
       return one_query(q_BTNH[:, 0], i, positions_BT[:, 0], bias_BNS)[:, None]
-    if prefill:
-      # A prompt on an empty cache: its tokens attend to each other as in a full pass (the family's
-      # own attention, O(T^2)); the bias is the first T columns of the cache's.
-      return self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT,
-                          bias_BNTS=None if bias_BNTS is None else bias_BNTS[..., :t])
     # Several tokens: each query against the cache up to its own slot, vectorised over the queries.
     over_queries = jax.vmap(one_query, in_axes=(1, 0, 1, None if bias_BNTS is None else 2),
                             out_axes=1)

@@ -38,16 +38,15 @@ def _sharp_params(model, seed=0, scale=8.0):
   return params
 
 
+# Each kind of cache path once at the model level (every family and position encoding is checked
+# chunk by chunk at the layer level, tests/layers/test_cache_append.py).
 GREEDY = [("mtp", dict(mtp_heads=2)),
           ("medusa-learned", dict(medusa_heads=3, position="learned")),
           ("mtp-alibi", dict(mtp_heads=3, position="alibi")),
-          ("medusa-local", dict(medusa_heads=2, attention="local", attention_window=4)),
+          ("medusa-t5", dict(medusa_heads=2, position="t5")),
           ("mtp-block_sparse", dict(mtp_heads=2, attention="block_sparse", sparse_block_size=4,
                                     sparse_layout="strided", sparse_local_blocks=1,
                                     sparse_stride=2)),
-          ("medusa-t5", dict(medusa_heads=2, position="t5")),
-          ("mtp-xpos", dict(mtp_heads=1, position="xpos")),
-          ("medusa-rerope", dict(medusa_heads=2, rerope_window=4)),
           ("medusa-dynamic_ntk", dict(medusa_heads=2, rope_scaling=positions.RopeScaling(
               "dynamic_ntk", 2.0, original_max_len=8)))]
 
@@ -93,9 +92,8 @@ def _cyclic_model(kw, steps=150):
   return model, params
 
 
-@pytest.mark.parametrize("kw", [dict(medusa_heads=3), dict(mtp_heads=2)])
-def test_heads_that_predict_well_cut_the_passes(kw):
-  model, params = _cyclic_model(kw)
+def test_heads_that_predict_well_cut_the_passes():
+  model, params = _cyclic_model(dict(medusa_heads=3))
   k = model.config.extra_heads
   prompt = jnp.asarray([[3, 4], [0, 1]])
   want = generate(model, params, prompt, jax.random.key(0), num_tokens=25, temperature=0.0)
@@ -141,14 +139,14 @@ def _chi2_p_value(tokens_BL, conts, exact, prompt_len):
 
 @pytest.mark.parametrize("name,kw,temperature,top_k,top_p", SAMPLED, ids=[s[0] for s in SAMPLED])
 def test_speculative_sampling_has_the_models_distribution(name, kw, temperature, top_k, top_p):
-  """20,000 continuations of 4 tokens (vocabulary 4: up to 256 outcomes) against the exact
+  """6,000 continuations of 4 tokens (vocabulary 4: up to 256 outcomes) against the exact
   probabilities, one row at a time and as rows of one batch (one shared cache index). Drafts are
-  both accepted and rejected. (Drawing the replacement of a rejected draft from p instead of
-  max(p - q, 0) gives chi-square p-values of 0.0 here; the correct sampler gets 0.4-0.7.)"""
+  both accepted and rejected. (Two wrong samplers fail this test: one drawing the replacement of a
+  rejected draft from p instead of max(p - q, 0), one ignoring a row's own kept draft in a batch.)"""
   model = gpt(**{**kw, "vocab_size": 4})
   params = _sharp_params(model, seed=3, scale=3.0)
   prompt = jnp.asarray([[1, 2]])
-  n, draws = 4, 20_000
+  n, draws = 4, 6_000
   conts, exact = _exact_distribution(model, params, prompt, n, temperature, top_k, top_p)
   one_row = jax.vmap(lambda key: speculative_generate(
       model, params, prompt, key, num_tokens=n, temperature=temperature, top_k=top_k,

@@ -121,11 +121,13 @@ def test_cached_decoding_of_all_heads_equals_the_full_pass(kw):
   params = _params(model)
   full = model.apply({"params": params}, tokens, all_heads=True)
   cache = sampling.init_cache(model, 2, 12)
+  step = jax.jit(lambda cache, x, pos, prefill: model.apply(
+      {"params": params, "cache": cache}, x, pos, decode=True, prefill=prefill, all_heads=True,
+      mutable=["cache"]), static_argnums=3)
   outs, start = [], 0
   for size in (4, 1, 3, 4):
     pos = jnp.broadcast_to(jnp.arange(start, start + size), (2, size))
-    out, mut = model.apply({"params": params, "cache": cache}, tokens[:, start:start + size], pos,
-                           decode=True, all_heads=True, mutable=["cache"])
+    out, mut = step(cache, tokens[:, start:start + size], pos, start == 0)
     outs.append(out)
     cache, start = mut["cache"], start + size
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5)
@@ -153,7 +155,7 @@ def test_heads_loss_against_a_loop(decay):
   np.testing.assert_allclose(heads_loss(logits, targets, decay),
                              _naive_heads_loss(logits, targets, decay), rtol=1e-5)
   # Its gradient reaches only the scored entries: head j's last j positions have no target.
-  grad = np.asarray(jax.grad(lambda z: heads_loss(z, targets, decay))(logits))
+  grad = np.asarray(jax.jit(jax.grad(lambda z: heads_loss(z, targets, decay)))(logits))
   assert np.all(grad[:, :, 0] == 0)
   for j in (1, 2, 3):
     assert np.all(grad[:, 7 - j:, j] == 0) and np.abs(grad[:, :7 - j, j]).min() > 0
@@ -173,8 +175,8 @@ def test_stop_gradient_heads_leave_the_trunk_gradient_alone():
       nt = optax.softmax_cross_entropy_with_integer_labels(logits[:, :, 0], targets).mean()
       return nt, nt + heads_loss(logits, targets, 1.0)
 
-    g_nt = jax.grad(lambda p: losses(p)[0])(params)
-    g_all = jax.grad(lambda p: losses(p)[1])(params)
+    g_nt = jax.jit(jax.grad(lambda p: losses(p)[0]))(params)
+    g_all = jax.jit(jax.grad(lambda p: losses(p)[1]))(params)
     for name in params:
       if name.startswith(("mtp_", "ln_mtp_", "medusa_")):
         assert max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(g_all[name])) > 0
@@ -182,8 +184,8 @@ def test_stop_gradient_heads_leave_the_trunk_gradient_alone():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), g_all[name],
                      g_nt[name])
     joint = gpt(**kw)  # without the stop: the heads' loss moves the trunk too
-    g_joint = jax.grad(lambda p: heads_loss(joint.apply({"params": p}, inputs, all_heads=True),
-                                            targets, 1.0))(params)
+    g_joint = jax.jit(jax.grad(lambda p: heads_loss(
+        joint.apply({"params": p}, inputs, all_heads=True), targets, 1.0)))(params)
     assert np.abs(np.asarray(g_joint["block_0"]["mlp"]["wi"]["kernel"])).max() > 0
 
 

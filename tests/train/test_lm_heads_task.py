@@ -13,23 +13,31 @@ from jaxlab.train import lm_task
 
 
 def test_lm_loss_adds_the_heads_and_eval_scores_only_the_next_token(tiny_lm_config):
-  config = tiny_lm_config("--config.model.medusa_heads=2", "--config.model.heads_loss_decay=0.5")
+  """The training objective is next-token + weighted heads' losses, also under gradient accumulation
+  (microbatches: the same loss and gradient); evaluation scores the next-token head alone."""
+  from jaxlab.train import trainer
+  config = tiny_lm_config("--config.model.mtp_heads=2", "--config.model.heads_loss_decay=0.5")
   task = lm_task.build(config)
   params = jax.tree.map(lambda a: a * 3.0, task.init_params(jax.random.key(0)))
   params = jax.tree.map(lambda a: getattr(a, "value", a), params,
                         is_leaf=lambda a: hasattr(a, "value"))
   batch = next(iter(task.train_iterator()))
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  logits = task.model.apply({"params": params}, batch["inputs"], all_heads=True)
+  logits = jax.jit(lambda p: task.model.apply({"params": p}, batch["inputs"], all_heads=True))(
+      params)
   nt_sum, count = lm_task.next_token_loss(logits[:, :, 0], batch["targets"])
   want = nt_sum / count + lm_task.heads_loss(logits, batch["targets"], 0.5)
-  train_loss, (train_sum, train_count) = task.loss(params, batch, jax.random.key(0), train=True)
-  np.testing.assert_allclose(train_loss, want, rtol=1e-6)
-  np.testing.assert_allclose(train_sum / train_count, want, rtol=1e-6)
-  eval_loss, (eval_sum, _) = task.loss(params, batch, jax.random.key(0), train=False)
+  grads = jax.jit(lambda m: trainer.loss_and_grads(task, params, batch, jax.random.key(0), m),
+                  static_argnums=0)
+  (whole_loss, whole_grads), (parts_loss, parts_grads) = grads(1), grads(4)
+  np.testing.assert_allclose(whole_loss, want, rtol=1e-6)
+  np.testing.assert_allclose(parts_loss, want, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), parts_grads, whole_grads)
+  eval_loss, (eval_sum, _) = jax.jit(lambda p: task.loss(p, batch, jax.random.key(0),
+                                                         train=False))(params)
   np.testing.assert_allclose(eval_loss, nt_sum / count, rtol=1e-6)
   np.testing.assert_allclose(eval_sum, nt_sum, rtol=1e-6)
-  assert float(train_loss) > float(eval_loss) + 0.1
+  assert float(whole_loss) > float(eval_loss) + 0.1
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -109,21 +117,6 @@ def test_medusa1_heads_leave_the_next_token_model_exactly_as_without_them(tiny_l
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), medusa1[1][name],
                  plain[1][name])
   assert max(abs(a - b) for a, b in zip(coupled[0], plain[0])) > 1e-4
-
-
-def test_heads_with_microbatches_equal_the_whole_batch(tiny_lm_config):
-  """Gradient accumulation over the multi-token objective: the same loss and gradient."""
-  from jaxlab.train import trainer
-  config = tiny_lm_config("--config.model.mtp_heads=2")
-  task = lm_task.build(config)
-  params = jax.tree.map(lambda a: getattr(a, "value", a), task.init_params(jax.random.key(0)),
-                        is_leaf=lambda a: hasattr(a, "value"))
-  batch = {k: jnp.asarray(v) for k, v in next(iter(task.train_iterator())).items()}
-  whole = trainer.loss_and_grads(task, params, batch, jax.random.key(0), 1)
-  parts = trainer.loss_and_grads(task, params, batch, jax.random.key(0), 4)
-  np.testing.assert_allclose(parts[0], whole[0], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), parts[1], whole[1])
-  assert float(whole[0]) > float(task.loss(params, batch, jax.random.key(0), train=False)[0])
 
 
 def test_runs_saved_before_the_heads_keep_their_fingerprint(tiny_lm_config):
