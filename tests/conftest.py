@@ -2,14 +2,31 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
-# The tests' programs are small and mostly compiled once: LLVM's optimisation level 0 makes the whole
-# suite about 30% faster on 2 cores (compilation dominates; measured 2026-12-02). Numerical comparisons
-# are unaffected: both sides of every comparison run under the same flags. Set the flag yourself
-# (e.g. =2) to test the optimised code paths.
+# Compilation dominates the suite (its programs are small and mostly compiled once), so the tests trade
+# run-time speed for compile speed: LLVM's optimisation level 0 (about 30% faster on 2 cores, measured
+# 2026-12-02) and XLA CPU's older elemental emitters instead of its fusion emitters (another ~35% on
+# tests/models/test_gpt.py + tests/layers/test_cache_append.py: 132 s against 203 s, 2026-12-03; the
+# fusion emitters run the lm_char_cpu step faster, 65 against 74 ms, so `jaxlab train` keeps them).
+# Numerical comparisons are unaffected: both sides of every comparison run under the same flags. Set
+# either flag yourself (e.g. --xla_backend_optimization_level=2) to test the optimised code paths.
+_FUSION_FLAG = "--xla_cpu_use_fusion_emitters"
+
+
+def _xla_accepts(flag: str) -> bool:
+  """XLA aborts a process on a flag it does not know (the flag may leave a later jaxlib): ask a child."""
+  env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                        capture_output=True).returncode == 0
+
+
 _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
+if _FUSION_FLAG not in _flags and _xla_accepts(f"{_FUSION_FLAG}=false"):
+  _flags += f" {_FUSION_FLAG}=false"
 os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -40,6 +57,19 @@ def tiny_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="session")
+def tiny_cli_overrides(tiny_corpus, tfds_dir):
+  """`jaxlab train lm_char` overrides for a 4-step one-layer char LM on the tiny corpus."""
+  return ["--config.data.name=text_files", f"--config.data.path={tiny_corpus}",
+          f"--config.data.data_dir={tfds_dir}", "--config.data.vocab=char",
+          "--config.data.seq_len=16", "--config.data.batch_size=8",
+          "--config.model.num_layers=1", "--config.model.width=32",
+          "--config.optim.warmup_steps=1", "--config.train.steps=4", "--config.train.eval_every=4",
+          "--config.train.eval_batches=2", "--config.train.checkpoint_every=4",
+          "--config.train.tensorboard=False", "--config.mesh.data=1",
+          "--config.sample.num_tokens=20", "--config.sample.prompt=the "]
 
 
 @pytest.fixture(scope="session")

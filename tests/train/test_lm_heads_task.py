@@ -64,17 +64,9 @@ def test_bad_head_configs_name_the_key(tiny_lm_config, overrides, key):
   assert key in str(e.value) and "\n" not in str(e.value)
 
 
-def test_cli_trains_heads_and_samples_speculatively(tiny_corpus, tfds_dir, tmp_path, capsys):
+def test_cli_trains_heads_and_samples_speculatively(tiny_cli_overrides, tmp_path, capsys):
   workdir = tmp_path / "run"
-  common = ["--config.data.name=text_files", f"--config.data.path={tiny_corpus}",
-            f"--config.data.data_dir={tfds_dir}", "--config.data.vocab=char",
-            "--config.data.seq_len=16", "--config.data.batch_size=8",
-            "--config.model.num_layers=1", "--config.model.width=32",
-            "--config.model.mtp_heads=2", "--config.sample.speculative=True",
-            "--config.optim.warmup_steps=1", "--config.train.steps=4", "--config.train.eval_every=4",
-            "--config.train.eval_batches=2", "--config.train.checkpoint_every=4",
-            "--config.train.tensorboard=False", "--config.mesh.data=1",
-            "--config.sample.num_tokens=20", "--config.sample.prompt=the "]
+  common = tiny_cli_overrides + ["--config.model.mtp_heads=2", "--config.sample.speculative=True"]
   assert cli.main(["train", "lm_char", "--workdir", str(workdir), "--no-progress"] + common) == 0
   captured = capsys.readouterr()
   assert "sample" in captured.out and "speculative decoding: 20 tokens" in captured.err
@@ -112,11 +104,18 @@ def test_medusa1_heads_leave_the_next_token_model_exactly_as_without_them(tiny_l
     runs[name] = ([r["val_loss"] for r in read_metrics(tmp_path / name) if "val_loss" in r],
                   state["params"])
   plain, medusa1, coupled = runs["plain"], runs["medusa1"], runs["coupled"]
+
+  def max_param_difference(run):
+    return max(float(jnp.max(jnp.abs(a - b))) for name in plain[1]
+               for a, b in zip(jax.tree.leaves(run[1][name]), jax.tree.leaves(plain[1][name])))
+
+  # Bit-equal under XLA CPU's fusion emitters; under the elemental ones (tests/conftest.py) the two
+  # programs round differently (the heads' ops fuse with the trunk's) and Adam's 1/sqrt(v) magnifies
+  # last-bit differences of near-zero gradients: 1.1e-5 at most, against 3.2e-2 for the coupled run.
   np.testing.assert_allclose(medusa1[0], plain[0], rtol=1e-6)
-  for name in plain[1]:
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), medusa1[1][name],
-                 plain[1][name])
+  assert max_param_difference(medusa1) < 1e-4
   assert max(abs(a - b) for a, b in zip(coupled[0], plain[0])) > 1e-4
+  assert max_param_difference(coupled) > 1e-2
 
 
 def test_runs_saved_before_the_heads_keep_their_fingerprint(tiny_lm_config):
