@@ -95,16 +95,9 @@ def test_cli_unknown_config_name(capsys):
   assert "unknown config 'no_such_config'" in capsys.readouterr().err
 
 
-def test_cli_train_eval_sample_on_a_workdir(tiny_corpus, tfds_dir, tmp_path, capsys):
+def test_cli_train_eval_sample_on_a_workdir(tiny_cli_overrides, tmp_path, capsys):
   workdir = tmp_path / "run"
-  common = ["--config.data.name=text_files", f"--config.data.path={tiny_corpus}",
-            f"--config.data.data_dir={tfds_dir}", "--config.data.vocab=char",
-            "--config.data.seq_len=16", "--config.data.batch_size=8",
-            "--config.model.num_layers=1", "--config.model.width=32",
-            "--config.optim.warmup_steps=1", "--config.train.steps=4", "--config.train.eval_every=4",
-            "--config.train.eval_batches=2", "--config.train.checkpoint_every=4",
-            "--config.train.tensorboard=False", "--config.mesh.data=1",
-            "--config.sample.num_tokens=20", "--config.sample.prompt=the "]
+  common = tiny_cli_overrides
   assert cli.main(["train", "lm_char", "--workdir", str(workdir), "--no-progress"] + common) == 0
   out = capsys.readouterr().out
   assert "val_loss" in out and "sample" in out
@@ -253,17 +246,11 @@ def test_cli_os_errors_are_one_line(monkeypatch, capsys):
   assert line.startswith("jaxlab: error: ") and "Permission denied" in line
 
 
-def _handwritten_workdir(tmp_path, tiny_corpus, tfds_dir, edit=None):
-  """A workdir with only config.json (a tiny LM run on the tiny corpus) and no checkpoints."""
+def _handwritten_workdir(tmp_path, overrides, edit=None):
+  """A workdir with only config.json (`overrides`: a tiny LM run) and no checkpoints."""
   workdir = tmp_path / "old"
   (workdir / "checkpoints").mkdir(parents=True)
-  config = json.loads(load_config("lm_char", [
-      "--config.data.name=text_files", f"--config.data.path={tiny_corpus}",
-      f"--config.data.data_dir={tfds_dir}", "--config.data.vocab=char",
-      "--config.data.seq_len=16", "--config.data.batch_size=8", "--config.model.num_layers=1",
-      "--config.model.width=32",
-      "--config.optim.warmup_steps=1", "--config.train.steps=4", "--config.mesh.data=1",
-      "--config.sample.prompt=the "],
+  config = json.loads(load_config("lm_char", overrides,
       check_devices=False).to_json_best_effort())
   if edit:
     edit(config)
@@ -278,10 +265,10 @@ def test_cli_workdir_config_json_that_is_not_json(tmp_path, capsys):
   assert str(tmp_path / "config.json") in line and "not valid JSON" in line
 
 
-def test_older_workdir_config_gets_todays_defaults(tmp_path, tiny_corpus, tfds_dir, capsys):
+def test_older_workdir_config_gets_todays_defaults(tmp_path, tiny_corpus, tiny_cli_overrides, capsys):
   def drop(config):
     del config["model"]["attention_impl"]
-  workdir = _handwritten_workdir(tmp_path, tiny_corpus, tfds_dir, drop)
+  workdir = _handwritten_workdir(tmp_path, tiny_cli_overrides, drop)
   config = cli._load_workdir_config(workdir, ["--config.train.eval_batches=3"])
   assert config.model.attention_impl == "auto" and config.train.eval_batches == 3
   assert config.model.width == 32 and config.data.path == str(tiny_corpus)
@@ -290,11 +277,11 @@ def test_older_workdir_config_gets_todays_defaults(tmp_path, tiny_corpus, tfds_d
                                      "'auto'")
 
 
-def test_workdir_config_keeps_a_key_of_its_own(tmp_path, tiny_corpus, tfds_dir):
+def test_workdir_config_keeps_a_key_of_its_own(tmp_path, tiny_cli_overrides):
   """A user's config file may carry extra keys; its workdir still loads for eval/sample."""
   def add(config):
     config["model"]["wobble"] = 3
-  workdir = _handwritten_workdir(tmp_path, tiny_corpus, tfds_dir, add)
+  workdir = _handwritten_workdir(tmp_path, tiny_cli_overrides, add)
   assert cli._load_workdir_config(workdir, []).model.wobble == 3
 
 
@@ -316,10 +303,10 @@ def test_cli_sample_flags_checked_first(tmp_path, capsys, flags, flag):
   assert line.startswith(f"jaxlab: error: {flag} ")
 
 
-def test_cli_sample_checks_the_prompt_before_restoring(tmp_path, tiny_corpus, tfds_dir, capsys,
+def test_cli_sample_checks_the_prompt_before_restoring(tmp_path, tiny_cli_overrides, capsys,
                                                         monkeypatch):
   from jaxlab.train import lm_task
-  workdir = _handwritten_workdir(tmp_path, tiny_corpus, tfds_dir)
+  workdir = _handwritten_workdir(tmp_path, tiny_cli_overrides)
   calls = []
   def check_prompt(self, prompt, what):
     calls.append((prompt, what))

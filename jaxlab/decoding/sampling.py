@@ -8,6 +8,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxlab.models.gpt import MTP_BLOCK_PREFIX
+
 
 def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
   """Sets logits outside the top-k and outside the smallest set with probability >= top_p to -inf.
@@ -42,11 +44,17 @@ def sample_token(key: jax.Array, logits_BV: jax.Array, *, temperature: float = 1
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def init_cache(model, batch_size: int, max_len: int):
-  """A zeroed KV cache for `model` (a GPT) decoding up to `max_len` tokens."""
+def init_cache(model, batch_size: int, max_len: int, *, all_heads: bool = True):
+  """A zeroed KV cache for `model` (a GPT) decoding up to `max_len` tokens.
+
+  all_heads=False leaves out the caches of the multi-token-prediction blocks, which only
+  `model.apply(..., all_heads=True)` reads.
+  """
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch_size, max_len), jnp.int32),
                          decode=True)["cache"])
+  if not all_heads:
+    shapes = {name: s for name, s in shapes.items() if not name.startswith(MTP_BLOCK_PREFIX)}
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -64,7 +72,7 @@ def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens:
   if model.config.position == "learned" and total > model.config.max_len:
     raise ValueError(f"prompt + num_tokens = {total} exceeds the learned position table "
                      f"(max_len={model.config.max_len})")
-  cache = init_cache(model, b, total)
+  cache = init_cache(model, b, total, all_heads=False)
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
   logits, mutated = model.apply({"params": params, "cache": cache}, prompt_BP, positions,
                                 decode=True, prefill=True, mutable=["cache"])

@@ -35,6 +35,9 @@ from jaxlab.layers.dense import Dense
 
 from jaxlab import positions as positions_lib
 
+# The multi-token-prediction blocks are mtp_block_1 .. mtp_block_{mtp_heads}.
+MTP_BLOCK_PREFIX = "mtp_block_"
+
 POSITIONS = ("learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none")
 
 
@@ -227,24 +230,21 @@ class GPT(nn.Module):
       x_BTD = x_BTD * math.sqrt(c.width) + positions_lib.sinusoidal_embedding(
           positions_BT, c.width).astype(c.dtype)
     x_BTD = nn.Dropout(c.dropout, deterministic=not train)(x_BTD)
-    block = lambda name: Block(c, name=name)
     for i in range(c.num_layers - 1):
-      x_BTD = block(f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, train=train, decode=decode,
-                                  prefill=prefill)
+      x_BTD = Block(c, name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, train=train,
+                                          decode=decode, prefill=prefill)
     trunk_BTD = x_BTD
-    x_BTD = block(f"block_{c.num_layers - 1}")(trunk_BTD, positions_BT, segment_ids_BT,
-                                                train=train, decode=decode, prefill=prefill)
+    x_BTD = Block(c, name=f"block_{c.num_layers - 1}")(trunk_BTD, positions_BT, segment_ids_BT,
+                                                         train=train, decode=decode, prefill=prefill)
     h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, "ln_final")(x_BTD)
-
     if c.tie_embeddings:
-      unembed = lambda h_BTD: embed.attend(h_BTD).astype(jnp.float32)
+      logits_BTV = embed.attend(h_BTD).astype(jnp.float32)
     else:
-      head = nn.Dense(
+      logits_BTV = nn.Dense(
           c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
           kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                   ("embed", "vocab")), name="head")
-      unembed = lambda h_BTD: head(h_BTD).astype(jnp.float32)
-    logits_BTV = unembed(h_BTD)
+                                                   ("embed", "vocab")), name="head")(h_BTD)
+      logits_BTV = logits_BTV.astype(jnp.float32)
     if not all_heads and not (c.extra_heads and self.is_initializing()):
       return logits_BTV  # (init creates every head's parameters)
     detach = jax.lax.stop_gradient if c.heads_stop_gradient else (lambda a: a)
@@ -256,8 +256,9 @@ class GPT(nn.Module):
                                           table_DV.astype(c.dtype)).astype(jnp.float32)
     heads = [logits_BTV]
     for j in range(1, c.mtp_heads + 1):
-      y_BTD = block(f"mtp_block_{j}")(detach(trunk_BTD), positions_BT, segment_ids_BT, train=train,
-                                      decode=decode, prefill=prefill)
+      mtp_block = Block(c, name=f"{MTP_BLOCK_PREFIX}{j}")
+      y_BTD = mtp_block(detach(trunk_BTD), positions_BT, segment_ids_BT, train=train, decode=decode,
+                        prefill=prefill)
       heads.append(unembed_extra(_norm(c.use_bias, c.dtype, c.param_dtype, f"ln_mtp_{j}")(y_BTD)))
     for j in range(1, c.medusa_heads + 1):
       heads.append(unembed_extra(MedusaHead(c.dtype, c.param_dtype, name=f"medusa_{j}")(

@@ -194,3 +194,11 @@ def test_bad_head_counts():
     gpt(mtp_heads=1, medusa_heads=1)
   with pytest.raises(ValueError, match="medusa_heads"):
     gpt(medusa_heads=-1)
+
+
+def test_plain_decoding_cache_leaves_out_the_mtp_blocks():
+  """generate() reads only the next-token blocks: its cache is that of the model without heads."""
+  with_heads = sampling.init_cache(gpt(mtp_heads=2), 2, 12, all_heads=False)
+  without = sampling.init_cache(gpt(), 2, 12)
+  assert jax.tree.structure(with_heads) == jax.tree.structure(without)
+  assert any(name.startswith("mtp_block_") for name in sampling.init_cache(gpt(mtp_heads=2), 2, 12))
