@@ -23,6 +23,7 @@ import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -143,25 +144,41 @@ class _quiet:
 def state_checksums(state: Any) -> list[int]:
   """One number per array of `state` (tree-leaf order): the sum of its elements' bit patterns as
   unsigned ints, mod 2**32. Exact (integer sums do not depend on order), so the same for any sharding;
-  bytes changed on disk change it. Each process sums the shards it holds (replica 0 of each), then the
-  processes' sums are added (a collective in a multi-process run)."""
-  sums = []
-  for leaf in jax.tree.leaves(state):
-    total = 0
-    shards = leaf.addressable_shards if isinstance(leaf, jax.Array) else None
-    if shards is None:
-      total = _bits_sum(np.asarray(leaf))
+  bytes changed on disk change it. jax.Arrays are summed where they live (one jitted reduction over the
+  global arrays: only the sums reach the host, and in a multi-process run every process gets the global
+  sums); other leaves (numpy arrays, Python numbers) on the host, with the same result."""
+  leaves = jax.tree.leaves(state)
+  sums = [None] * len(leaves)
+  by_devices = {}  # one jitted call per set of devices (a jit cannot mix arrays committed to others)
+  for i, leaf in enumerate(leaves):
+    if isinstance(leaf, jax.Array) and _summable_on_device(leaf.dtype):
+      by_devices.setdefault(frozenset(leaf.sharding.device_set), []).append(i)
     else:
-      for shard in shards:
-        if shard.replica_id == 0:
-          total += _bits_sum(np.asarray(shard.data))
-    sums.append(total % 2**32)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    per_process = multihost_utils.process_allgather(np.array(sums, np.uint32))
-    sums = [int(x) % 2**32 for x in
-            np.asarray(per_process).reshape(-1, len(sums)).sum(0, dtype=np.uint64)]
-  return [int(x) for x in sums]
+      sums[i] = _bits_sum(np.asarray(leaf)) % 2**32
+  for indices in by_devices.values():
+    for i, total in zip(indices, _device_bits_sums([leaves[i] for i in indices])):
+      sums[i] = int(np.asarray(total.addressable_data(0)))
+  return sums
+
+
+def _summable_on_device(dtype) -> bool:
+  return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+              or dtype == jnp.bool_)
+
+
+@jax.jit
+def _device_bits_sums(arrays: list[jax.Array]) -> list[jax.Array]:
+  """_bits_sum of each array mod 2**32, as uint32 scalars (uint32 addition wraps mod 2**32)."""
+  sums = []
+  for a in arrays:
+    if a.dtype == bool:
+      bits = a.astype(jnp.uint32)
+    else:
+      bits = jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{8 * a.dtype.itemsize}"))
+      if a.dtype.itemsize == 8:  # a sum mod 2**32 needs only each element's low 32 bits
+        bits = bits & 0xFFFFFFFF
+    sums.append(jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32))
+  return sums
 
 
 def checksum_mismatch(saved: list[int], tree: Any, name: str) -> Optional[str]:

@@ -4,7 +4,9 @@ checkpoint is reported, kept aside, and the previous one is used."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxlab.train import trainer
 from jaxlab.train.metrics import read_metrics
@@ -164,17 +166,22 @@ def test_checksum_mismatch_alone_rejects_a_checkpoint(tiny_lm_config, tmp_path, 
   assert "differ from what was saved" in capsys.readouterr().out
 
 
-def test_state_checksums_are_exact_and_sharding_independent():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int32", "int8", "uint32", "bool"])
+def test_state_checksums_are_exact_and_sharding_independent(dtype):
+  """Sums on the devices (jax.Arrays, any sharding) equal the host's sums of the same bytes (numpy
+  leaves, and the checksums saved by earlier versions), and one flipped bit changes them."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   from jaxlab.train import checkpoint as ckpt
-  x = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
+  rng = np.random.default_rng(0)
+  x = np.clip(rng.normal(size=(8, 6)) * 50, -120, 120).astype(jnp.dtype(dtype))
   mesh = jax.make_mesh((4, 2), ("a", "b"))
   placed = [jax.device_put(x, NamedSharding(mesh, spec)) for spec in (P(), P("a"), P("a", "b"))]
-  sums = [ckpt.state_checksums({"w": p, "step": np.int32(3)}) for p in placed]
-  assert sums[0] == sums[1] == sums[2] == ckpt.state_checksums({"w": x, "step": np.int32(3)})
+  step = jax.device_put(np.int32(-3), jax.devices()[1])  # committed to another device than "w"
+  sums = [ckpt.state_checksums({"w": p, "step": step}) for p in placed]
+  assert sums[0] == sums[1] == sums[2] == ckpt.state_checksums({"w": x, "step": np.int32(-3)})
   flipped = x.copy()
-  flipped.view(np.uint32)[5, 2] ^= 1  # one bit of one element
-  assert ckpt.state_checksums({"w": flipped, "step": np.int32(3)}) != sums[0]
+  flipped.view(f"u{x.dtype.itemsize}")[5, 2] ^= 1  # one bit of one element
+  assert ckpt.state_checksums({"w": jax.device_put(flipped), "step": step}) != sums[0]
 
 
 def test_no_restorable_checkpoint_moves_nothing(tiny_lm_config, tmp_path):
