@@ -131,15 +131,14 @@ def test_cached_decoding_equals_full_recompute(position, kv_heads, extra):
   params = model.init(jax.random.key(3), tokens)["params"]
   full_logits = model.apply({"params": params}, tokens)  # [B, P+N, V]
 
+  step = jax.jit(lambda cache, x, pos: model.apply({"params": params, "cache": cache}, x, pos,
+                                                   decode=True, mutable=["cache"]))
   cache = sampling.init_cache(model, b, p + n)
-  pos = jnp.broadcast_to(jnp.arange(p), (b, p))
-  logits, mutated = model.apply({"params": params, "cache": cache}, tokens[:, :p], pos,
-                                decode=True, mutable=["cache"])
+  logits, mutated = step(cache, tokens[:, :p], jnp.broadcast_to(jnp.arange(p), (b, p)))
   np.testing.assert_allclose(logits, full_logits[:, :p], atol=1e-5)
   cache = mutated["cache"]
   for i in range(p, p + n):
-    logits, mutated = model.apply({"params": params, "cache": cache}, tokens[:, i:i + 1],
-                                  jnp.full((b, 1), i), decode=True, mutable=["cache"])
+    logits, mutated = step(cache, tokens[:, i:i + 1], jnp.full((b, 1), i))
     cache = mutated["cache"]
     np.testing.assert_allclose(logits[:, 0], full_logits[:, i], atol=1e-5)
 
