@@ -208,9 +208,10 @@ def load_digits(*, split_seed: int = 0) -> BinaryDataset:
   from sklearn.datasets import load_digits as sk_load_digits
   x = (sk_load_digits().data >= 8).astype(np.float32)
   train, valid, test = _seeded_split(x, (1347, 225), split_seed)
+  sizes = "/".join(str(len(part)) for part in (train, valid, test))
   return BinaryDataset("digits", train, valid, test, (8, 8), False,
                        f"sklearn 8x8 digits binarised at 8/16, seeded split (seed {split_seed}) "
-                       "1347/225/225")
+                       f"{sizes}")
 
 
 def load(name: str, *, path: str = "", data_dir: str = "", binarize_seed: int = 0,

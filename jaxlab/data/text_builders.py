@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import pathlib
 import sysconfig
@@ -35,9 +36,15 @@ def _chunks(text: str) -> Iterator[str]:
 
 def _read_text(path: pathlib.Path) -> str:
   try:
-    return path.read_text(encoding="utf-8")
+    return _decode_text(path.read_bytes(), path)
   except FileNotFoundError:
     raise FileNotFoundError(f"text file not found: {path}") from None
+
+
+def _decode_text(data: bytes, path: pathlib.Path) -> str:
+  """`data` as Path.read_text(encoding="utf-8") reads it: UTF-8, universal newlines."""
+  try:
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8").read()
   except UnicodeDecodeError as e:
     raise ValueError(f"{path} is not UTF-8 text ({e})") from None
 
@@ -78,7 +85,7 @@ def text_files_config(paths, train_fraction: float = 0.9) -> TextFilesConfig:
     data = path.read_bytes()
     digest.update(p.encode())
     digest.update(data)
-    num_chars += len(_read_text(path)) if data else 0
+    num_chars += len(_decode_text(data, path))
   # TFDS fails with a long AssertionError ("No examples were yielded") on an empty split: check first.
   cut = int(num_chars * train_fraction)
   if num_chars == 0:
