@@ -73,19 +73,16 @@ def tiny_cli_overrides(tiny_corpus, tfds_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_lm_config(tiny_corpus, tfds_dir):
-  """Factory: a validated tiny LM config on the tiny corpus; overrides as '--config.a.b=v' strings."""
+def tiny_lm_config(tiny_cli_overrides):
+  """Factory: a validated tiny LM config on the tiny corpus (tiny_cli_overrides with two layers and
+  six steps); overrides as '--config.a.b=v' strings."""
   from jaxlab.configs import load_config
 
   def make(*overrides):
-    base = ["--config.data.name=text_files", f"--config.data.path={tiny_corpus}",
-            f"--config.data.data_dir={tfds_dir}", "--config.data.vocab=char",
-            "--config.data.seq_len=16", "--config.data.batch_size=8",
-            "--config.model.num_layers=2", "--config.model.width=32", "--config.model.num_heads=4",
-            "--config.optim.warmup_steps=2", "--config.train.steps=6", "--config.train.log_every=2",
-            "--config.train.eval_every=3", "--config.train.eval_batches=2",
-            "--config.train.checkpoint_every=3", "--config.train.tensorboard=False",
-            "--config.mesh.data=1", "--config.sample.num_tokens=8", "--config.sample.prompt=the "]
+    base = tiny_cli_overrides + [  # later overrides win
+        "--config.model.num_layers=2", "--config.model.num_heads=4", "--config.optim.warmup_steps=2",
+        "--config.train.steps=6", "--config.train.log_every=2", "--config.train.eval_every=3",
+        "--config.train.checkpoint_every=3", "--config.sample.num_tokens=8"]
     return load_config("lm_char", base + list(overrides))
 
   return make
