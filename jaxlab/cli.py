@@ -106,14 +106,9 @@ def _check_workdir(workdir: pathlib.Path, flag: str) -> None:
       return
 
 
-def _primary_by_flags(args) -> bool:
-  """Process 0, judged from the flags alone (JAX's backend must not start yet)."""
-  return args is None or not getattr(args, "process_id", None)
-
-
-def _saved_config_dict(workdir: pathlib.Path, args=None) -> dict:
-  """WORKDIR/config.json as a dict; keys that a workdir written by an older jaxlab lacks are
-  filled from today's defaults for its task (one line on stderr says which)."""
+def _saved_config_dict(workdir: pathlib.Path) -> tuple[dict, str | None]:
+  """(WORKDIR/config.json as a dict, a note or None): keys that a workdir written by an older jaxlab
+  lacks are filled from today's defaults for its task, and the note says which."""
   from jaxlab.configs import ConfigError, base_config_for_task, fill_defaults
   path = workdir / "config.json"
   if not path.is_file():
@@ -126,27 +121,29 @@ def _saved_config_dict(workdir: pathlib.Path, args=None) -> dict:
     raise ConfigError(f"{path} holds a JSON {type(saved).__name__}, not a config object")
   found = base_config_for_task(saved.get("task"))
   if found is None:  # no task, or an unknown one: validate() names it
-    return saved
+    return saved, None
   name, base = found
   merged, filled, _ = fill_defaults(saved, base.to_dict())  # keys of a user's own config are kept
-  if filled and _primary_by_flags(args):
-    keys = ", ".join(filled)
-    if len(filled) == 1:
-      defaults = f"the default {next(iter(filled.values()))!r}"
-    else:
-      defaults = "the defaults " + ", ".join(f"{k}={v!r}" for k, v in filled.items())
-    print(f"jaxlab: {path} has no {keys} (an older jaxlab); using {defaults}", file=sys.stderr,
-          flush=True)
-  return merged
+  if not filled:
+    return merged, None
+  if len(filled) == 1:
+    defaults = f"the default {next(iter(filled.values()))!r}"
+  else:
+    defaults = "the defaults " + ", ".join(f"{k}={v!r}" for k, v in filled.items())
+  return merged, f"jaxlab: {path} has no {', '.join(filled)} (an older jaxlab); using {defaults}"
 
 
 def _load_workdir_config(workdir: pathlib.Path, overrides: list[str], args=None, *,
                          speculative: bool = False):
-  """WORKDIR/config.json with `overrides` (and `jaxlab sample --speculative`), validated."""
+  """WORKDIR/config.json with `overrides` (and `jaxlab sample --speculative`), validated. Process 0
+  says on stderr which keys an older jaxlab's config lacked (after joining a multi-process run: with
+  --distributed, a process learns its id only then)."""
   from jaxlab.configs import apply_overrides
   from jaxlab.configs.validate import validate
+  from jaxlab.train import distributed
   import ml_collections
-  config = ml_collections.ConfigDict(_saved_config_dict(workdir, args))
+  saved, note = _saved_config_dict(workdir)
+  config = ml_collections.ConfigDict(saved)
   config.lock()
   if speculative:
     if "speculative" not in config.get("sample", {}):
@@ -155,7 +152,10 @@ def _load_workdir_config(workdir: pathlib.Path, overrides: list[str], args=None,
     overrides = [*overrides, "--config.sample.speculative=True"]
   apply_overrides(config, overrides)
   validate(config, check_devices=False)
-  return _ready_for_devices(config, args)
+  config = _ready_for_devices(config, args)
+  if note and distributed.is_primary():
+    print(note, file=sys.stderr, flush=True)
+  return config
 
 
 def _restore_params(run, *, best: bool = False):

@@ -265,7 +265,8 @@ def test_cli_workdir_config_json_that_is_not_json(tmp_path, capsys):
   assert str(tmp_path / "config.json") in line and "not valid JSON" in line
 
 
-def test_older_workdir_config_gets_todays_defaults(tmp_path, tiny_corpus, tiny_cli_overrides, capsys):
+def test_older_workdir_config_gets_todays_defaults(tmp_path, tiny_corpus, tiny_cli_overrides, capsys,
+                                                   monkeypatch):
   def drop(config):
     del config["model"]["attention_impl"]
   workdir = _handwritten_workdir(tmp_path, tiny_cli_overrides, drop)
@@ -275,6 +276,11 @@ def test_older_workdir_config_gets_todays_defaults(tmp_path, tiny_corpus, tiny_c
   assert _one_error_line(capsys) == (f"jaxlab: {workdir / 'config.json'} has no "
                                      "model.attention_impl (an older jaxlab); using the default "
                                      "'auto'")
+  # Another process of a multi-process run (it knows its id once it has joined) stays silent.
+  from jaxlab.train import distributed
+  monkeypatch.setattr(distributed, "is_primary", lambda: False)
+  assert cli._load_workdir_config(workdir, []).model.attention_impl == "auto"
+  assert capsys.readouterr().err == ""
 
 
 def test_workdir_config_keeps_a_key_of_its_own(tmp_path, tiny_cli_overrides):
