@@ -74,6 +74,9 @@ def test_overrides_are_typed():
     ("--config.optim.warmup_steps=5000", "config.optim.warmup_steps"),
     ("--config.train.microbatches=0", "config.train.microbatches"),
     (("--config.mesh.data=2", "--config.train.microbatches=3"), "config.train.microbatches"),
+    ("--config.optim.loss_scale=static", "config.optim.loss_scale"),
+    ("--config.optim.loss_scale_period=0", "config.optim.loss_scale_period"),
+    ("--config.optim.loss_scale_init=0.5", "config.optim.loss_scale_init"),
     ("--config.model", "config.model"),
 ])
 def test_bad_configs_name_the_key(override, key):

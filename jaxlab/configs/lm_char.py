@@ -81,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.1  # on matrices only: never on norms or biases
   c.optim.decay_embeddings = False  # also decay embedding tables (as GPT-2/nanoGPT do)
   c.optim.grad_clip = 1.0
+  # Dynamic loss scaling (jaxlab/train/loss_scale.py): auto = on when model.dtype is float16
+  c.optim.loss_scale = "auto"  # auto | dynamic | none
+  c.optim.loss_scale_init = 2.0**15
+  c.optim.loss_scale_period = 2000  # finite steps in a row before the scale doubles
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000

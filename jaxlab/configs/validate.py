@@ -77,6 +77,16 @@ def validate(config, *, check_devices: bool = True) -> None:
     require(o.eps > 0, f"config.optim.eps={o.eps} must be > 0")
   require(o.weight_decay >= 0, f"config.optim.weight_decay={o.weight_decay} must be >= 0")
   require(o.grad_clip >= 0, f"config.optim.grad_clip={o.grad_clip} must be >= 0 (0 = off)")
+  if "loss_scale" in o:
+    from jaxlab.train import loss_scale
+    require_choice(config, "optim.loss_scale", loss_scale.CHOICES)
+  if "loss_scale_period" in o:
+    require_positive_ints(config, ["optim.loss_scale_period"])
+  if "loss_scale_init" in o:
+    value = o.loss_scale_init
+    require(isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 1 <= value < 2.0**127, f"config.optim.loss_scale_init={value!r} must be a number "
+            "in [1, 2**127)")
 
   require(config.mesh.cpu_devices >= 0,
           f"config.mesh.cpu_devices={config.mesh.cpu_devices} must be >= 0 (0 = auto)")

@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from jaxlab.configs import flatten
 from jaxlab.configs.validate import train_microbatches
 from jaxlab.train import checkpoint as checkpoint_lib
-from jaxlab.train import distributed, optim, sharding, tasks
+from jaxlab.train import distributed, loss_scale, optim, sharding, tasks
 from jaxlab.train.metrics import MetricsWriter, write_atomically
 
-# TrainState is a plain dict pytree: {"step", "params", "opt_state", "rng"}.
+# TrainState is a plain dict pytree: {"step", "params", "opt_state", "rng"}, and "loss_scale" when the
+# loss is scaled (float16; see loss_scale.py).
 TrainState = dict
 
 
@@ -51,13 +52,16 @@ class Run:
     return nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
 
 
-def _init_state_fn(task, tx, seed: int) -> Callable[[], TrainState]:
+def _init_state_fn(task, tx, config) -> Callable[[], TrainState]:
   def init() -> TrainState:
-    rng = jax.random.PRNGKey(seed)
+    rng = jax.random.PRNGKey(config.seed)
     params_rng, dropout_rng = jax.random.split(rng)
     params = task.init_params(params_rng)  # boxed with logical axis names
-    return {"step": jnp.array(0, jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": dropout_rng}
+    state = {"step": jnp.array(0, jnp.int32), "params": params, "opt_state": tx.init(params),
+             "rng": dropout_rng}
+    if loss_scale.enabled(config):
+      state["loss_scale"] = loss_scale.init_state(config)
+    return state
   return init
 
 
@@ -72,7 +76,7 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
     task = _build_task(config)
   tx = optim.make_optimizer(config.optim, config.train.steps,
                            clip_groups=getattr(task, "clip_groups", lambda: ())())
-  init = _init_state_fn(task, tx, config.seed)
+  init = _init_state_fn(task, tx, config)
   with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     boxed = jax.eval_shape(init)
     state_shardings = sharding.logical_shardings(boxed, mesh)
@@ -125,7 +129,7 @@ def _build_task(config):
 
 def init_state(run: Run) -> TrainState:
   """Fresh state, created directly in its sharded layout (jit with out_shardings)."""
-  init = _init_state_fn(run.task, run.tx, run.config.seed)
+  init = _init_state_fn(run.task, run.tx, run.config)
   with run.mesh, run.rules():
     return jax.jit(lambda: nn.meta.unbox(init()), out_shardings=run.state_shardings)()
 
@@ -139,19 +143,26 @@ def restore_or_init(run: Run) -> tuple[TrainState, Optional[dict]]:
   return state, data_state
 
 
-def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int = 1, mesh=None):
+def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int = 1, mesh=None,
+                   scale=None):
   """(mean loss, its gradient) over the batch, in `microbatches` sequential slices (gradient
-  accumulation) when > 1.
+  accumulation) when > 1. With a jmp loss `scale`, the scaled loss is differentiated and the gradient
+  unscaled (float16; see loss_scale.py).
 
   Slice j holds rows j, j + m, j + 2m, ... of the batch, so every device keeps its own rows of every
   slice (no resharding). The summed losses and gradients of the slices are divided by the total
   count, so the result is the whole batch's mean, as with one slice; this needs a task whose loss aux
   is (sum over examples, count) (LM, density; not the contrastive losses, which couple the batch).
   """
+  scale = scale or loss_scale.no_scaling()
+
+  def scaled_loss(p):
+    loss, aux = task.loss(p, batch, rng, train=True)
+    return scale.scale(loss), loss
+
   if microbatches == 1:
-    (loss, _), grads = jax.value_and_grad(lambda p: task.loss(p, batch, rng, train=True),
-                                          has_aux=True)(params)
-    return loss, grads
+    (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params)
+    return loss, scale.unscale(grads)
   m = microbatches
   for name, x in batch.items():
     if x.shape[0] % m:
@@ -160,7 +171,7 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
 
   def summed(p, b, r):
     _, (total, count) = task.loss(p, b, r, train=True)
-    return total, count
+    return scale.scale(total), (total, count)
 
   def split(x):  # [B, ...] -> [m, B / m, ...], slice j = rows j::m
     x = jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
@@ -175,7 +186,7 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
   def body(carry, inputs):
     total, count, grads = carry
     j, slice_batch = inputs
-    (t, c), g = grad_fn(params, slice_batch, jax.random.fold_in(rng, j))
+    (_, (t, c)), g = grad_fn(params, slice_batch, jax.random.fold_in(rng, j))
     return (total + t.astype(jnp.float32), count + jnp.asarray(c, jnp.float32),
             jax.tree.map(jnp.add, grads, g)), None
 
@@ -184,21 +195,27 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
       body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
       (jnp.arange(m), jax.tree.map(split, batch)))
   count = jnp.maximum(count, 1.0)  # as the tasks' own means: an all-padding batch gives 0, not NaN
-  return total / count, jax.tree.map(lambda g: g / count, grads)
+  return total / count, jax.tree.map(lambda g: g / count, scale.unscale(grads))
 
 
 def make_train_step(run: Run):
   task, tx = run.task, run.tx
   microbatches = train_microbatches(run.config)
+  scaling, scale_period = loss_scale.enabled(run.config), loss_scale.period(run.config)
 
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state["rng"], state["step"])
-    loss, grads = loss_and_grads(task, state["params"], batch, rng, microbatches, run.mesh)
+    scale = loss_scale.scaler(state["loss_scale"], scale_period) if scaling else None
+    loss, grads = loss_and_grads(task, state["params"], batch, rng, microbatches, run.mesh, scale)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "rng": state["rng"]}
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    if scaling:  # a step whose gradients overflowed is skipped
+      new_state, scale_metrics = loss_scale.keep_finite_step(state, new_state, grads, scale)
+      metrics.update(scale_metrics)
+    return new_state, metrics
 
   batch_sharding = sharding.batch_sharding(run.mesh)
   with run.mesh, run.rules():
@@ -247,7 +264,9 @@ RESUME_MUST_MATCH = ("task", "seed", "model", "data", "optim")
 # Keys added after runs were first saved, left out while they hold the value that means "as before",
 # so that the records of older runs (WORKDIR/best's fingerprint) still match.
 ADDED_KEYS_AT_DEFAULT = {"model.mtp_heads": 0, "model.medusa_heads": 0,
-                         "model.heads_loss_decay": 1.0, "model.heads_stop_gradient": False}
+                         "model.heads_loss_decay": 1.0, "model.heads_stop_gradient": False,
+                         "optim.loss_scale": "auto", "optim.loss_scale_init": 2.0**15,
+                         "optim.loss_scale_period": 2000}
 
 
 def _resume_keys(config_json: dict) -> dict:
@@ -278,7 +297,12 @@ def check_resume_config(run: Run) -> None:
     raise ValueError(f"{run.workdir} holds checkpoints but no config.json, so they cannot be checked "
                      "against this run's config; put config.json back or use a new --workdir "
                      "(nothing was changed)")
-  saved = _resume_keys(json.loads(saved_path.read_text()))
+  saved_json = json.loads(saved_path.read_text())
+  if "loss_scale" not in saved_json.get("optim", {}) and loss_scale.enabled(run.config):
+    raise ValueError(f"{run.workdir} holds checkpoints of a run without loss scaling (saved by a "
+                     "jaxlab that had none), but this run scales the loss; nothing was changed "
+                     "(add --config.optim.loss_scale=none to resume it)")
+  saved = _resume_keys(saved_json)
   current = _resume_keys(json.loads(run.config.to_json_best_effort()))
   for key in sorted(set(saved) | set(current)):
     if key not in saved:  # a key added after that run was saved: its default is the old behaviour
@@ -364,6 +388,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
   final: dict = {}
   step_times: list[float] = []
   losses = []
+  skipped = 0  # steps skipped by loss scaling in this logging interval
   bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and primary),
              dynamic_ncols=True, desc="train")
   try:
@@ -388,14 +413,23 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         if not np.isfinite(loss):
           raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopping (last good "
                                    f"checkpoint kept in {run.checkpointer.directory})")
+        if "skipped" in metrics:
+          skipped += bool(metrics["skipped"])
+          loss_scale.check_progress(done, float(metrics["loss_scale"]), bool(metrics["skipped"]))
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
+          # The schedule counts applied updates: loss scaling's skipped steps do not advance it.
+          applied = step - (int(state["loss_scale"]["skipped"]) if "loss_scale" in state else 0)
           record = {"train_loss": float(np.mean(losses)), "grad_norm": float(metrics["grad_norm"]),
-                    "learning_rate": float(optim.learning_rate_schedule(config.optim, cfg.steps)(step))}
+                    "learning_rate": float(
+                        optim.learning_rate_schedule(config.optim, cfg.steps)(applied))}
           if step_times:
             median = statistics.median(step_times)
             record["step_time_ms"] = 1000 * median
             record["tokens_per_sec"] = run.task.tokens_per_batch / median
+          if "loss_scale" in metrics:
+            record["loss_scale"], record["skipped_steps"] = float(metrics["loss_scale"]), skipped
+            skipped = 0
           writer.write(done, **record)
           bar.set_postfix(loss=f"{record['train_loss']:.4f}",
                           tok_s=f"{record.get('tokens_per_sec', 0):.0f}")

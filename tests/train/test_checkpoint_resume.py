@@ -20,13 +20,24 @@ def _train_losses(workdir):
   return [by_step[s] for s in sorted(by_step)]
 
 
+def _by_step(workdir, key) -> dict:
+  return {m["step"]: m[key] for m in read_metrics(workdir) if key in m}  # the last record wins
+
+
 def _params(result):
   return jax.device_get(result["state"]["params"])
 
 
-def test_resume_gives_identical_losses_and_params(tiny_lm_config, tmp_path):
+# float16 with dynamic loss scaling: a first scale of 2**24 overflows at first, and the scale then
+# doubles every 2 finite steps, so the run skips steps on both sides of the restart.
+FLOAT16 = ("--config.model.dtype=float16", "--config.optim.loss_scale_init=16777216",
+           "--config.optim.loss_scale_period=2")
+
+
+@pytest.mark.parametrize("extra", [(), FLOAT16], ids=["float32", "float16_loss_scaling"])
+def test_resume_gives_identical_losses_and_params(tiny_lm_config, tmp_path, extra):
   common = ["--config.train.log_every=1", "--config.train.checkpoint_every=10",
-            "--config.model.dropout=0.1"]  # dropout makes the RNG part of what must resume
+            "--config.model.dropout=0.1", *extra]  # dropout makes the RNG part of what must resume
   straight = trainer.train(tiny_lm_config(*common, "--config.train.steps=20"), tmp_path / "a",
                            progress=False)
   # First half: the same 20-step run, stopped right after its checkpoint at step 10 (as if killed);
@@ -37,6 +48,13 @@ def test_resume_gives_identical_losses_and_params(tiny_lm_config, tmp_path):
                           progress=False)
   assert _train_losses(tmp_path / "a") == _train_losses(tmp_path / "b")
   jax.tree.map(np.testing.assert_array_equal, _params(straight), _params(resumed))
+  if extra:  # the loss scale resumed too: the same scales and skipped steps, step for step
+    scales = _by_step(tmp_path / "a", "loss_scale")
+    skipped = _by_step(tmp_path / "a", "skipped_steps")
+    assert sorted(scales) == list(range(1, 21))
+    assert _by_step(tmp_path / "b", "loss_scale") == scales
+    assert _by_step(tmp_path / "b", "skipped_steps") == skipped
+    assert sum(skipped[s] for s in range(1, 11)) and sum(skipped[s] for s in range(11, 21)), skipped
 
 
 def _run_until(config, workdir, stop_after):

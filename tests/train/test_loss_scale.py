@@ -1,0 +1,120 @@
+"""Dynamic loss scaling for float16 (jaxlab/train/loss_scale.py): without it the float16 backward pass
+of a small loss flushes every gradient to zero, with it the gradients are float32's (bfloat16 needs
+none); a step that overflows is skipped and the scale halves, and finite steps make it grow again."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.configs import load_config
+from jaxlab.train import loss_scale, sharding, trainer
+
+
+class _ScaledDown:
+  """A task whose loss is the LM loss times `factor` (gradients that small underflow in float16)."""
+
+  def __init__(self, task, factor):
+    self.task, self.factor = task, factor
+
+  def loss(self, params, batch, rng, *, train):
+    loss, aux = self.task.loss(params, batch, rng, train=train)
+    return loss * self.factor, aux
+
+
+def _flat(tree) -> np.ndarray:
+  return np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(tree)])
+
+
+def test_float16_gradients_vanish_without_loss_scaling_and_match_float32_with_it(tiny_lm_config,
+                                                                                 tmp_path):
+  grads = {}
+  for dtype in ("float32", "float16", "bfloat16"):
+    run = trainer.setup(tiny_lm_config(f"--config.model.dtype={dtype}", "--config.model.num_layers=1"),
+                        tmp_path / dtype)
+    run.checkpointer.close()
+    params = trainer.init_state(run)["params"]  # float32 parameters, the same for every dtype
+    batch = next(run.task.train_iterator())
+    task = _ScaledDown(run.task, 2.0**-20)  # d loss / d logit ~ 2**-28, below float16's 2**-24
+    for scaled in (False, True) if dtype == "float16" else (False,):
+      scale = loss_scale.scaler({"scale": jnp.float32(2.0**15), "counter": jnp.int32(0)}, 2000)
+      _, g = jax.jit(lambda p, s: trainer.loss_and_grads(task, p, batch, jax.random.key(0), scale=s))(
+          params, scale if scaled else None)
+      grads[dtype, scaled] = _flat(g)
+  reference = grads["float32", False]
+  assert np.all(np.isfinite(reference)) and np.abs(reference).max() > 0
+  assert np.all(grads["float16", False] == 0)  # everything flushed to zero
+  error = np.linalg.norm(grads["float16", True] - reference) / np.linalg.norm(reference)
+  assert error < 2e-2, error
+  # bfloat16 has float32's exponent range: the same tiny gradients survive unscaled (to its precision).
+  error = np.linalg.norm(grads["bfloat16", False] - reference) / np.linalg.norm(reference)
+  assert error < 5e-2, error
+
+
+def test_an_overflowing_step_is_skipped_then_the_scale_grows_again(tiny_lm_config, tmp_path):
+  # 1e30 makes the float16 backward overflow; finite steps double the scale every 2 steps.
+  config = tiny_lm_config("--config.model.dtype=float16", "--config.optim.loss_scale_init=1e30",
+                          "--config.optim.loss_scale_period=2")
+  run = trainer.setup(config, tmp_path)
+  run.checkpointer.close()
+  step = trainer.make_train_step(run)
+  batch = sharding.place_batch(next(run.task.train_iterator()), run.mesh)
+  state = trainer.init_state(run)
+  before = jax.device_get({"params": state["params"], "opt_state": state["opt_state"]})
+  with run.mesh, run.rules():
+    state, metrics = step(state, batch)
+  assert bool(metrics["skipped"]) and float(metrics["loss_scale"]) == np.float32(1e30)
+  assert np.isfinite(float(metrics["loss"]))  # the forward pass is float32 at the loss
+  after = jax.device_get({"params": state["params"], "opt_state": state["opt_state"]})
+  jax.tree.map(np.testing.assert_array_equal, after, before)  # the update was not applied
+  assert int(state["step"]) == 1
+  assert jax.device_get(state["loss_scale"]) == {"scale": np.float32(1e30) / 2, "counter": 0,
+                                                 "skipped": 1}
+
+  # A representable scale: two finite steps apply their updates and double it.
+  state["loss_scale"] = {**state["loss_scale"], "scale": jnp.float32(1024.0)}
+  with run.mesh, run.rules():
+    for _ in range(2):
+      state, metrics = step(state, batch)
+      assert not bool(metrics["skipped"])
+  assert jax.device_get(state["loss_scale"]) == {"scale": 2048.0, "counter": 0, "skipped": 1}
+  assert np.abs(_flat(jax.device_get(state["params"])) - _flat(before["params"])).max() > 0
+
+
+@pytest.mark.parametrize("dtype,choice,expected", [
+    ("float16", "auto", True), ("bfloat16", "auto", False), ("float32", "auto", False),
+    ("float16", "none", False), ("float32", "dynamic", True),
+])
+def test_auto_scales_float16_only(dtype, choice, expected):
+  config = load_config("lm_char", [f"--config.model.dtype={dtype}",
+                                   f"--config.optim.loss_scale={choice}"])
+  assert loss_scale.enabled(config) is expected
+  assert not loss_scale.enabled(load_config("contrastive_digits", []))  # no float16 option
+
+
+def test_a_run_that_overflows_at_scale_one_stops_with_one_line():
+  loss_scale.check_progress(7, 2.0, skipped=True)  # the scale can still fall: carry on
+  loss_scale.check_progress(7, 1.0, skipped=False)
+  with pytest.raises(FloatingPointError, match="step 7: the float16 gradients overflow even at "
+                                               "loss scale 1"):
+    loss_scale.check_progress(7, 1.0, skipped=True)
+
+
+def test_a_float16_workdir_from_before_loss_scaling_is_refused_not_misread(tiny_lm_config, tmp_path):
+  """Its checkpoints hold no loss scale: resuming it with scaling on would not restore; one line."""
+  import json
+  trainer.train(tiny_lm_config("--config.model.dtype=float16", "--config.optim.loss_scale=none",
+                               "--config.train.steps=2", "--config.optim.warmup_steps=1"),
+                tmp_path, progress=False)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  for key in ("loss_scale", "loss_scale_init", "loss_scale_period"):
+    del saved["optim"][key]  # as written by a jaxlab without loss scaling
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match="without loss scaling .* --config.optim.loss_scale=none"):
+    trainer.setup(tiny_lm_config("--config.model.dtype=float16", "--config.train.steps=2",
+                                 "--config.optim.warmup_steps=1"), tmp_path)
+  run = trainer.setup(tiny_lm_config("--config.model.dtype=float16", "--config.train.steps=2",
+                                     "--config.optim.warmup_steps=1",
+                                     "--config.optim.loss_scale=none"), tmp_path)
+  assert run.checkpointer.restore_latest(run.abstract_state)[0] == 2
+  run.checkpointer.close()
