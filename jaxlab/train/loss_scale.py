@@ -7,6 +7,10 @@ gradients are not finite (the scaled backward overflowed float16's 65504) is ski
 optimizer state stay as they were, and S halves (never below 1). After `period` finite steps in a row
 S doubles. bfloat16 has float32's exponent range and needs none of this.
 
+With gradient accumulation (`train.microbatches` > 1) the differentiated quantity is each slice's
+summed loss rather than the batch mean, so the scale settles lower, by about the batch's number of
+examples (tokens); the dynamics find it in the first few (skipped) steps.
+
 The scale is part of the train state, and so of every checkpoint: {"scale": f32[], "counter": i32[]
 (finite steps since S last changed), "skipped": i32[] (steps skipped so far)}. The optimizer's own
 step count (and with it the learning-rate schedule) advances only on applied steps.

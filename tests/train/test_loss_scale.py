@@ -18,8 +18,8 @@ class _ScaledDown:
     self.task, self.factor = task, factor
 
   def loss(self, params, batch, rng, *, train):
-    loss, aux = self.task.loss(params, batch, rng, train=train)
-    return loss * self.factor, aux
+    loss, (total, count) = self.task.loss(params, batch, rng, train=train)
+    return loss * self.factor, (total * self.factor, count)  # accumulation differentiates the total
 
 
 def _flat(tree) -> np.ndarray:
@@ -36,19 +36,19 @@ def test_float16_gradients_vanish_without_loss_scaling_and_match_float32_with_it
     params = trainer.init_state(run)["params"]  # float32 parameters, the same for every dtype
     batch = next(run.task.train_iterator())
     task = _ScaledDown(run.task, 2.0**-20)  # d loss / d logit ~ 2**-28, below float16's 2**-24
-    for scaled in (False, True) if dtype == "float16" else (False,):
-      scale = loss_scale.scaler({"scale": jnp.float32(2.0**15), "counter": jnp.int32(0)}, 2000)
-      _, g = jax.jit(lambda p, s: trainer.loss_and_grads(task, p, batch, jax.random.key(0), scale=s))(
-          params, scale if scaled else None)
-      grads[dtype, scaled] = _flat(g)
-  reference = grads["float32", False]
+    scale = loss_scale.scaler({"scale": jnp.float32(2.0**15), "counter": jnp.int32(0)}, 2000)
+    # (scaled, microbatches): also through gradient accumulation's path
+    for scaled, micro in ((False, 1), (True, 1), (True, 2)) if dtype == "float16" else ((False, 1),):
+      _, g = jax.jit(lambda p, s: trainer.loss_and_grads(task, p, batch, jax.random.key(0), micro,
+                                                         scale=s))(params, scale if scaled else None)
+      grads[dtype, scaled, micro] = _flat(g)
+  reference = grads["float32", False, 1]
   assert np.all(np.isfinite(reference)) and np.abs(reference).max() > 0
-  assert np.all(grads["float16", False] == 0)  # everything flushed to zero
-  error = np.linalg.norm(grads["float16", True] - reference) / np.linalg.norm(reference)
-  assert error < 2e-2, error
+  error = lambda key: np.linalg.norm(grads[key] - reference) / np.linalg.norm(reference)
+  assert np.all(grads["float16", False, 1] == 0)  # everything flushed to zero
+  assert error(("float16", True, 1)) < 2e-2 and error(("float16", True, 2)) < 2e-2
   # bfloat16 has float32's exponent range: the same tiny gradients survive unscaled (to its precision).
-  error = np.linalg.norm(grads["bfloat16", False] - reference) / np.linalg.norm(reference)
-  assert error < 5e-2, error
+  assert error(("bfloat16", False, 1)) < 5e-2
 
 
 def test_an_overflowing_step_is_skipped_then_the_scale_grows_again(tiny_lm_config, tmp_path):
