@@ -154,10 +154,11 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
   count, so the result is the whole batch's mean, as with one slice; this needs a task whose loss aux
   is (sum over examples, count) (LM, density; not the contrastive losses, which couple the batch).
   """
-  scale = scale or loss_scale.no_scaling()
+  if scale is None:
+    scale = loss_scale.no_scaling()
 
   def scaled_loss(p):
-    loss, aux = task.loss(p, batch, rng, train=True)
+    loss, _ = task.loss(p, batch, rng, train=True)
     return scale.scale(loss), loss
 
   if microbatches == 1:
