@@ -1,9 +1,10 @@
-"""`jaxlab train|eval|sample`: the command line.
+"""`jaxlab train|eval|sample|bench`: the command line.
 
     jaxlab train                                   # default config (lm_char) in a fresh runs/ dir
     jaxlab train lm_char_cpu --config.data.path=input.txt --config.model.num_layers=4 --workdir runs/x
     jaxlab eval runs/x
     jaxlab sample runs/x --prompt "ROMEO:" --num-tokens 200
+    jaxlab bench lm_char_cpu --steps 50           # train-step time and memory, nothing trained
     jaxlab train lm_char --workdir /shared/x --coordinator host0:1234 --num-processes 2 --process-id 0
 
 Multi-process runs: jaxlab/train/distributed.py.
@@ -276,6 +277,17 @@ def cmd_sample(args, overrides) -> int:
   return 0
 
 
+def cmd_bench(args, overrides) -> int:
+  if args.steps < 1 or args.warmup < 0:
+    raise UsageError(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
+  config = load_run_config(args.config, overrides)
+  from jaxlab.train import bench
+  result = bench.benchmark(config, steps=args.steps, warmup=args.warmup)
+  print(json.dumps({"config": args.config, **result}) if args.json
+        else bench.format_table(args.config, result), flush=True)
+  return 0
+
+
 def _add_process_options(parser: argparse.ArgumentParser) -> None:
   group = parser.add_argument_group(
       "multi-process runs", "Run the same command in every process (one per host, usually) with a "
@@ -294,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="jaxlab", description="Train, evaluate and sample jaxlab models.",
       epilog="Config keys are overridden with --config.SECTION.KEY=VALUE after the sub-command.")
-  sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample}")
+  sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,bench}")
   sub.required = True
 
   train = sub.add_parser("train", help="train a config (resumes if WORKDIR has a checkpoint)",
@@ -344,6 +356,19 @@ def build_parser() -> argparse.ArgumentParser:
   sa.add_argument("--best", action="store_true", help="sample from WORKDIR/best (train.keep_best)")
   _add_process_options(sa)
   sa.set_defaults(func=cmd_sample)
+
+  be = sub.add_parser("bench", help="time a config's train step on this machine (nothing is trained)",
+                      description="Build a config's run as `jaxlab train` does (in a temporary "
+                      "workdir, removed afterwards), compile its train step, and time STEPS steps "
+                      "on batches read beforehand. Prints the compile time, the step time (median, "
+                      "p10, p90; data loading timed apart), tokens/s and XLA's memory estimate.")
+  be.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
+                  help=CONFIG_HELP.format(names=", ".join(available_configs())))
+  be.add_argument("--steps", type=int, default=20, metavar="N", help="timed steps (default: 20)")
+  be.add_argument("--warmup", type=int, default=2, metavar="W",
+                  help="untimed steps after compilation (default: 2)")
+  be.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+  be.set_defaults(func=cmd_bench)
   return parser
 
 

@@ -153,7 +153,7 @@ def test_cli_eval_on_a_non_workdir(tmp_path, capsys):
 def test_console_script_help():
   out = subprocess.run([sys.executable, "-m", "jaxlab.cli", "--help"], capture_output=True,
                        text=True, check=True).stdout
-  assert "train" in out and "eval" in out and "sample" in out
+  assert "train" in out and "eval" in out and "sample" in out and "bench" in out
   out = subprocess.run([sys.executable, "-m", "jaxlab.cli", "train", "--help"],
                        capture_output=True, text=True, check=True).stdout
   assert "lm_char_cpu" in out and "--workdir" in out
