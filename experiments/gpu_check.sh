@@ -11,6 +11,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp}"
 pip install --quiet --no-deps -e . 2>&1 | tail -n 2
+# Pure-Python dependencies the device's own environment may lack (jmp, for the trainer's loss scaling):
+# bring their wheels with `pip download --no-deps jmp -d wheels/` and carry wheels/ to the device.
+if ls wheels/*.whl > /dev/null 2>&1; then pip install --quiet --no-deps wheels/*.whl; fi
 python -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/gpu_check.log"
 # tests/conftest.py defaults JAX_PLATFORMS to cpu; the GPU-only tests skip unless it names cuda.
 JAX_PLATFORMS=cuda timeout 240 python -m pytest -q -p no:cacheprovider -rs \
