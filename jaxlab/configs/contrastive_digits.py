@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.text_position = "learned"  # learned | rope
   c.model.mlp_ratio = 2.0
   c.model.embed_dim = 64
+  c.model.dtype = "float32"  # float32 | bfloat16 | float16 compute (params, embeddings, loss: float32)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
@@ -52,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.05
   c.optim.decay_embeddings = False
   c.optim.grad_clip = 1.0
+  # Dynamic loss scaling (jaxlab/train/loss_scale.py): auto = on when model.dtype is float16
+  c.optim.loss_scale = "auto"  # auto | dynamic | none
+  c.optim.loss_scale_init = 2.0**15
+  c.optim.loss_scale_period = 2000  # finite steps in a row before the scale doubles
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 600

@@ -30,6 +30,7 @@ CHOICES = {
     "model.loss_impl": ("sharded", "dense"),
     "model.image_position": VIT_POSITIONS,
     "model.text_position": ("learned", "rope"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
 }
 POSITIVE_INTS = ("data.text_len", "model.patch", "model.image_width", "model.image_layers",
                  "model.image_heads", "model.text_width", "model.text_layers", "model.text_heads",
@@ -98,7 +99,7 @@ def model_config(config, vocab_size: int) -> DualEncoderConfig:
       image_width=m.image_width, image_layers=m.image_layers, image_heads=m.image_heads,
       image_position=m.image_position, text_width=m.text_width, text_layers=m.text_layers,
       text_heads=m.text_heads, text_position=m.text_position, mlp_ratio=m.mlp_ratio,
-      embed_dim=m.embed_dim, loss=m.loss)
+      embed_dim=m.embed_dim, loss=m.loss, dtype=jnp.dtype(m.dtype))
 
 
 class _PairSource:

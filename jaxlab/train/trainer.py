@@ -268,14 +268,17 @@ ADDED_KEYS_AT_DEFAULT = {"model.mtp_heads": 0, "model.medusa_heads": 0,
                          "model.heads_loss_decay": 1.0, "model.heads_stop_gradient": False,
                          "optim.loss_scale": "auto", "optim.loss_scale_init": 2.0**15,
                          "optim.loss_scale_period": 2000}
+# The same, for keys that only some tasks gained later (the LM has had model.dtype from the start).
+ADDED_TASK_KEYS_AT_DEFAULT = {"contrastive": {"model.dtype": "float32"}}
 
 
 def _resume_keys(config_json: dict) -> dict:
   """The flattened config entries a checkpoint depends on (RESUME_MUST_MATCH, less data.data_dir
-  and ADDED_KEYS_AT_DEFAULT), from the config as JSON."""
+  and the ADDED_..._KEYS_AT_DEFAULT at their defaults), from the config as JSON."""
   flat = flatten({k: v for k, v in config_json.items() if k in RESUME_MUST_MATCH})
   flat.pop("data.data_dir", None)
-  for key, default in ADDED_KEYS_AT_DEFAULT.items():
+  added = {**ADDED_KEYS_AT_DEFAULT, **ADDED_TASK_KEYS_AT_DEFAULT.get(config_json.get("task"), {})}
+  for key, default in added.items():
     if key in flat and flat[key] == default:
       del flat[key]
   return flat

@@ -112,3 +112,28 @@ def test_params_damaged_in_place_are_caught_by_checksums(tmp_path):
     keeper.restore(jax.eval_shape(lambda: _params(0.0)))
   assert (tmp_path / "corrupt_checkpoints").is_dir()
   keeper.close()
+
+
+@pytest.mark.parametrize("name,added", [
+    ("lm_char", ("model.mtp_heads", "model.medusa_heads", "model.heads_loss_decay",
+                 "model.heads_stop_gradient", "optim.loss_scale", "optim.loss_scale_init",
+                 "optim.loss_scale_period")),
+    ("contrastive_digits", ("model.dtype", "optim.loss_scale", "optim.loss_scale_init",
+                            "optim.loss_scale_period")),
+])
+def test_keys_added_later_keep_older_runs_fingerprints(name, added):
+  """A WORKDIR/best record matches its run by a fingerprint of the config: keys added to jaxlab after
+  the run was saved, at their defaults, leave it as it was; any other value changes it."""
+  import json
+  import ml_collections
+  from jaxlab.configs import load_config
+  from jaxlab.train import trainer
+  config = load_config(name, [])
+  older = json.loads(config.to_json_best_effort())
+  for key in added:
+    section, leaf = key.split(".")
+    del older[section][leaf]
+  assert trainer.config_fingerprint(ml_collections.ConfigDict(older)) == \
+      trainer.config_fingerprint(config)
+  changed = load_config(name, ["--config.model.dtype=bfloat16", "--config.optim.loss_scale=none"])
+  assert trainer.config_fingerprint(changed) != trainer.config_fingerprint(config)

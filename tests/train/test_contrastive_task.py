@@ -72,3 +72,33 @@ def test_config_errors_name_the_key(override, key):
   with pytest.raises(ConfigError) as err:
     load_config("contrastive_digits", [override], check_devices=False)
   assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_mixed_precision_towers_give_float32_embeddings_and_float32s_loss(tfds_dir):
+  """model.dtype: the towers compute in bfloat16/float16 from the same float32 parameters; the
+  embeddings (and so the loss) are float32, and the loss is float32's to low precision. float16
+  turns on loss scaling (auto)."""
+  import dataclasses
+  from jaxlab.train import loss_scale
+  config = load_config("contrastive_digits", TINY + [f"--config.data.data_dir={tfds_dir}",
+                                                     "--config.model.loss_impl=dense"])
+  task = ct.build(config)
+  params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x),
+                                  task.init_params(jax.random.PRNGKey(0)),
+                                  is_leaf=lambda x: hasattr(x, "value"))
+  batch = next(task.train_iterator())
+  losses = {}
+  for dtype in ("float32", "bfloat16", "float16"):
+    override = load_config("contrastive_digits", TINY + [f"--config.model.dtype={dtype}"])
+    assert loss_scale.enabled(override) is (dtype == "float16")
+    model_config = ct.model_config(override, task.tokenizer.size)
+    assert model_config == dataclasses.replace(task.model.config, dtype=np.dtype(dtype))
+    task.model = task.model.clone(config=model_config)  # the task of that config, same data
+    image_NE, text_NE = jax.eval_shape(
+        lambda p, b: task.model.apply({"params": p}, b["images"], b["tokens"]), params, batch)
+    assert image_NE.dtype == text_NE.dtype == np.float32
+    losses[dtype] = float(jax.jit(lambda p, b: task.loss(p, b, jax.random.PRNGKey(0),
+                                                           train=False)[0])(params, batch))
+  assert losses["bfloat16"] != losses["float32"] != losses["float16"]  # they did compute in them
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
+  np.testing.assert_allclose(losses["float16"], losses["float32"], rtol=5e-3)

@@ -118,22 +118,6 @@ def test_medusa1_heads_leave_the_next_token_model_exactly_as_without_them(tiny_l
   assert max_param_difference(coupled) > 1e-2
 
 
-def test_runs_saved_before_the_heads_keep_their_fingerprint(tiny_lm_config):
-  """WORKDIR/best records carry a fingerprint of the model config: the keys added for the heads do not
-  change it while they hold their defaults (an older run's best checkpoint still matches)."""
-  import json
-  import ml_collections
-  from jaxlab.train import trainer
-  config = tiny_lm_config()
-  older = json.loads(config.to_json_best_effort())
-  for key in ("mtp_heads", "medusa_heads", "heads_loss_decay", "heads_stop_gradient"):
-    del older["model"][key]
-  assert trainer.config_fingerprint(ml_collections.ConfigDict(older)) == \
-      trainer.config_fingerprint(config)
-  assert trainer.config_fingerprint(tiny_lm_config("--config.model.medusa_heads=1")) != \
-      trainer.config_fingerprint(config)
-
-
 def test_cli_speculative_on_a_task_without_it_is_one_line(tmp_path, capsys):
   import json
   workdir = tmp_path / "made"

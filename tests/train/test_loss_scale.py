@@ -89,7 +89,7 @@ def test_auto_scales_float16_only(dtype, choice, expected):
   config = load_config("lm_char", [f"--config.model.dtype={dtype}",
                                    f"--config.optim.loss_scale={choice}"])
   assert loss_scale.enabled(config) is expected
-  assert not loss_scale.enabled(load_config("contrastive_digits", []))  # no float16 option
+  assert not loss_scale.enabled(load_config("contrastive_digits", []))  # float32 by default
 
 
 def test_a_run_that_overflows_at_scale_one_stops_with_one_line():
