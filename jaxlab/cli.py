@@ -124,6 +124,9 @@ def _saved_config_dict(workdir: pathlib.Path) -> tuple[dict, str | None]:
   if found is None:  # no task, or an unknown one: validate() names it
     return saved, None
   name, base = found
+  if isinstance(saved.get("optim"), dict) and "loss_scale" not in saved["optim"] \
+      and "loss_scale" in base.optim:  # written before loss scaling existed: that run had none
+    saved = {**saved, "optim": {**saved["optim"], "loss_scale": "none"}}
   merged, filled, _ = fill_defaults(saved, base.to_dict())  # keys of a user's own config are kept
   if not filled:
     return merged, None

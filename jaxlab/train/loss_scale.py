@@ -7,9 +7,8 @@ gradients are not finite (the scaled backward overflowed float16's 65504) is ski
 optimizer state stay as they were, and S halves (never below 1). After `period` finite steps in a row
 S doubles. bfloat16 has float32's exponent range and needs none of this.
 
-With gradient accumulation (`train.microbatches` > 1) the differentiated quantity is each slice's
-summed loss rather than the batch mean, so the scale settles lower, by about the batch's number of
-examples (tokens); the dynamics find it in the first few (skipped) steps.
+With gradient accumulation (`train.microbatches` > 1) each slice differentiates S times its own mean
+loss, and its gradient is weighted back by its count, so S means the same as without slices.
 
 The scale is part of the train state, and so of every checkpoint: {"scale": f32[], "counter": i32[]
 (finite steps since S last changed), "skipped": i32[] (steps skipped so far)}. The optimizer's own
@@ -30,9 +29,13 @@ INITIAL_SCALE = 2.0**15
 DEFAULT_PERIOD = 2000
 
 
+KEYS = ("optim.loss_scale", "optim.loss_scale_init", "optim.loss_scale_period")
+
+
 def enabled(config) -> bool:
-  """Whether the train step scales the loss (see the module docstring)."""
-  choice = config.optim.get("loss_scale", "none")
+  """Whether the train step scales the loss (see the module docstring). `config`: a ConfigDict or the
+  dict of a saved config.json; one written before loss scaling existed (no optim.loss_scale) had none."""
+  choice = config["optim"].get("loss_scale", "none")
   if choice == "auto":
     model = config.get("model", None)
     return model is not None and model.get("dtype", "float32") == "float16"

@@ -154,7 +154,8 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
   count, so the result is the whole batch's mean, as with one slice; this needs a task whose loss aux
   is (sum over examples, count) (LM, density; not the contrastive losses, which couple the batch).
   """
-  if scale is None:
+  scaled = scale is not None
+  if not scaled:
     scale = loss_scale.no_scaling()
 
   def scaled_loss(p):
@@ -170,9 +171,12 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
       raise ValueError(f"microbatches={m} does not divide the batch: batch[{name!r}] has "
                        f"{x.shape[0]} rows")
 
+  def weight(count):  # a scaled slice differentiates its mean, so S means what it means above
+    return jnp.maximum(jnp.asarray(count, jnp.float32), 1.0) if scaled else 1.0
+
   def summed(p, b, r):
     _, (total, count) = task.loss(p, b, r, train=True)
-    return scale.scale(total), (total, count)
+    return scale.scale(total / jax.lax.stop_gradient(weight(count))), (total, count)
 
   def split(x):  # [B, ...] -> [m, B / m, ...], slice j = rows j::m
     x = jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
@@ -188,6 +192,7 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
     total, count, grads = carry
     j, slice_batch = inputs
     (_, (t, c)), g = grad_fn(params, slice_batch, jax.random.fold_in(rng, j))
+    g = jax.tree.map(lambda x: x * weight(c), scale.unscale(g))  # the slice sum's gradient
     return (total + t.astype(jnp.float32), count + jnp.asarray(c, jnp.float32),
             jax.tree.map(jnp.add, grads, g)), None
 
@@ -196,7 +201,7 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
       body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
       (jnp.arange(m), jax.tree.map(split, batch)))
   count = jnp.maximum(count, 1.0)  # as the tasks' own means: an all-padding batch gives 0, not NaN
-  return total / count, jax.tree.map(lambda g: g / count, scale.unscale(grads))
+  return total / count, jax.tree.map(lambda g: g / count, grads)
 
 
 def make_train_step(run: Run):
@@ -264,19 +269,25 @@ def evaluate(run: Run, params, eval_step=None) -> float:
 RESUME_MUST_MATCH = ("task", "seed", "model", "data", "optim")
 # Keys added after runs were first saved, left out while they hold the value that means "as before",
 # so that the records of older runs (WORKDIR/best's fingerprint) still match.
+# (The loss-scaling keys are handled by _resume_keys itself: what matters is whether a run scales.)
 ADDED_KEYS_AT_DEFAULT = {"model.mtp_heads": 0, "model.medusa_heads": 0,
-                         "model.heads_loss_decay": 1.0, "model.heads_stop_gradient": False,
-                         "optim.loss_scale": "auto", "optim.loss_scale_init": 2.0**15,
-                         "optim.loss_scale_period": 2000}
+                         "model.heads_loss_decay": 1.0, "model.heads_stop_gradient": False}
 # The same, for keys that only some tasks gained later (the LM has had model.dtype from the start).
 ADDED_TASK_KEYS_AT_DEFAULT = {"contrastive": {"model.dtype": "float32"}}
 
 
 def _resume_keys(config_json: dict) -> dict:
   """The flattened config entries a checkpoint depends on (RESUME_MUST_MATCH, less data.data_dir
-  and the ADDED_..._KEYS_AT_DEFAULT at their defaults), from the config as JSON."""
+  and the ADDED_..._KEYS_AT_DEFAULT at their defaults), from the config as JSON. The loss-scaling
+  keys count only for a run that scales (then as "dynamic", however it was asked for): a run without
+  it checkpoints the same state as one saved before loss scaling existed."""
   flat = flatten({k: v for k, v in config_json.items() if k in RESUME_MUST_MATCH})
   flat.pop("data.data_dir", None)
+  if "optim" in config_json and loss_scale.enabled(config_json):
+    flat["optim.loss_scale"] = "dynamic"
+  else:
+    for key in loss_scale.KEYS:
+      flat.pop(key, None)
   added = {**ADDED_KEYS_AT_DEFAULT, **ADDED_TASK_KEYS_AT_DEFAULT.get(config_json.get("task"), {})}
   for key, default in added.items():
     if key in flat and flat[key] == default:
@@ -302,19 +313,26 @@ def check_resume_config(run: Run) -> None:
                      "against this run's config; put config.json back or use a new --workdir "
                      "(nothing was changed)")
   saved_json = json.loads(saved_path.read_text())
-  if "loss_scale" not in saved_json.get("optim", {}) and loss_scale.enabled(run.config):
-    raise ValueError(f"{run.workdir} holds checkpoints of a run without loss scaling (saved by a "
-                     "jaxlab that had none), but this run scales the loss; nothing was changed "
-                     "(add --config.optim.loss_scale=none to resume it)")
+  scaled = "optim" in saved_json and loss_scale.enabled(saved_json)
+  if scaled != loss_scale.enabled(run.config):  # the checkpoints' state has (or lacks) the scale
+    choice = saved_json.get("optim", {}).get("loss_scale", "none (saved before loss scaling existed)")
+    dtype = saved_json.get("model", {}).get("dtype", "float32")
+    raise ValueError(
+        f"{run.workdir} holds checkpoints of a run {'with' if scaled else 'without'} loss scaling "
+        f"(config.optim.loss_scale={choice!r}, config.model.dtype={dtype!r}), but this run "
+        f"{'has none' if scaled else 'scales the loss'}; nothing was changed (give "
+        f"--config.optim.loss_scale={'dynamic' if scaled else 'none'} to use them, or a new --workdir)")
   saved = _resume_keys(saved_json)
   current = _resume_keys(json.loads(run.config.to_json_best_effort()))
+  saved_raw, current_raw = flatten(saved_json), flatten(json.loads(run.config.to_json_best_effort()))
   for key in sorted(set(saved) | set(current)):
-    if key not in saved:  # a key added after that run was saved: its default is the old behaviour
+    if key not in saved_raw:  # added after that run was saved: its default is the old behaviour
       continue
-    if saved.get(key) != current.get(key):
-      raise ValueError(f"{run.workdir} holds checkpoints trained with config.{key}="
-                       f"{saved.get(key)!r}, but this run has {current.get(key)!r}; nothing was "
-                       "changed (train a different config into a new --workdir)")
+    was, now = saved.get(key, saved_raw[key]), current.get(key, current_raw.get(key))
+    if was != now:
+      raise ValueError(f"{run.workdir} holds checkpoints trained with config.{key}={was!r}, but "
+                       f"this run has {now!r}; nothing was changed (train a different config into "
+                       "a new --workdir)")
 
 
 def _save_run_files(run: Run) -> None:

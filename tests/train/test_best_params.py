@@ -135,5 +135,12 @@ def test_keys_added_later_keep_older_runs_fingerprints(name, added):
     del older[section][leaf]
   assert trainer.config_fingerprint(ml_collections.ConfigDict(older)) == \
       trainer.config_fingerprint(config)
-  changed = load_config(name, ["--config.model.dtype=bfloat16", "--config.optim.loss_scale=none"])
-  assert trainer.config_fingerprint(changed) != trainer.config_fingerprint(config)
+  # Loss scaling counts as on or off (auto on float32 = none = as before; auto on float16 = dynamic).
+  fingerprint = lambda *overrides: trainer.config_fingerprint(load_config(name, list(overrides)))
+  assert fingerprint("--config.optim.loss_scale=none") == fingerprint()
+  assert fingerprint("--config.optim.loss_scale=dynamic") != fingerprint()
+  assert fingerprint("--config.model.dtype=float16") == fingerprint(
+      "--config.model.dtype=float16", "--config.optim.loss_scale=dynamic")
+  assert fingerprint("--config.model.dtype=bfloat16") != fingerprint()
+  if name == "lm_char":
+    assert fingerprint("--config.model.medusa_heads=1") != fingerprint()

@@ -28,13 +28,14 @@ def _flat(tree) -> np.ndarray:
 
 def test_float16_gradients_vanish_without_loss_scaling_and_match_float32_with_it(tiny_lm_config,
                                                                                  tmp_path):
-  grads = {}
+  grads, runs = {}, {}
   for dtype in ("float32", "float16", "bfloat16"):
     run = trainer.setup(tiny_lm_config(f"--config.model.dtype={dtype}", "--config.model.num_layers=1"),
                         tmp_path / dtype)
     run.checkpointer.close()
     params = trainer.init_state(run)["params"]  # float32 parameters, the same for every dtype
     batch = next(run.task.train_iterator())
+    runs[dtype] = run
     task = _ScaledDown(run.task, 2.0**-20)  # d loss / d logit ~ 2**-28, below float16's 2**-24
     scale = loss_scale.scaler({"scale": jnp.float32(2.0**15), "counter": jnp.int32(0)}, 2000)
     # (scaled, microbatches): also through gradient accumulation's path
@@ -47,6 +48,11 @@ def test_float16_gradients_vanish_without_loss_scaling_and_match_float32_with_it
   error = lambda key: np.linalg.norm(grads[key] - reference) / np.linalg.norm(reference)
   assert np.all(grads["float16", False, 1] == 0)  # everything flushed to zero
   assert error(("float16", True, 1)) < 2e-2 and error(("float16", True, 2)) < 2e-2
+  # The plain loss at the same S: finite with and without slices (S scales each slice's mean).
+  for micro in (1, 2):
+    _, g = jax.jit(lambda p, s: trainer.loss_and_grads(runs["float16"].task, p, batch, jax.random.key(0),
+                                                       micro, scale=s))(params, scale)
+    assert np.all(np.isfinite(_flat(g))), micro
   # bfloat16 has float32's exponent range: the same tiny gradients survive unscaled (to its precision).
   assert error(("bfloat16", False, 1)) < 5e-2
 
@@ -100,21 +106,29 @@ def test_a_run_that_overflows_at_scale_one_stops_with_one_line():
     loss_scale.check_progress(7, 1.0, skipped=True)
 
 
-def test_a_float16_workdir_from_before_loss_scaling_is_refused_not_misread(tiny_lm_config, tmp_path):
-  """Its checkpoints hold no loss scale: resuming it with scaling on would not restore; one line."""
+def test_switching_loss_scaling_on_a_workdir_is_refused_and_older_workdirs_read_as_unscaled(
+    tiny_lm_config, tmp_path):
+  """The checkpoints of a scaled run hold the scale, an unscaled run's do not: resuming across that
+  is one line naming config.optim.loss_scale. A float16 workdir saved before loss scaling existed is
+  an unscaled one, for train and for eval/sample alike."""
   import json
-  trainer.train(tiny_lm_config("--config.model.dtype=float16", "--config.optim.loss_scale=none",
-                               "--config.train.steps=2", "--config.optim.warmup_steps=1"),
-                tmp_path, progress=False)
-  saved = json.loads((tmp_path / "config.json").read_text())
+  from jaxlab import cli
+  fp16 = ("--config.model.dtype=float16", "--config.train.steps=2", "--config.optim.warmup_steps=1")
+  trainer.train(tiny_lm_config(*fp16), tmp_path, progress=False)  # auto: scaled
+  with pytest.raises(ValueError, match="with loss scaling .* --config.optim.loss_scale=dynamic"):
+    trainer.setup(tiny_lm_config(*fp16, "--config.optim.loss_scale=none"), tmp_path)
+  trainer.setup(tiny_lm_config(*fp16, "--config.optim.loss_scale=dynamic"), tmp_path).checkpointer.close()
+
+  trainer.train(tiny_lm_config(*fp16, "--config.optim.loss_scale=none"), tmp_path / "old",
+                progress=False)
+  saved = json.loads((tmp_path / "old" / "config.json").read_text())
   for key in ("loss_scale", "loss_scale_init", "loss_scale_period"):
     del saved["optim"][key]  # as written by a jaxlab without loss scaling
-  (tmp_path / "config.json").write_text(json.dumps(saved))
+  (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
   with pytest.raises(ValueError, match="without loss scaling .* --config.optim.loss_scale=none"):
-    trainer.setup(tiny_lm_config("--config.model.dtype=float16", "--config.train.steps=2",
-                                 "--config.optim.warmup_steps=1"), tmp_path)
-  run = trainer.setup(tiny_lm_config("--config.model.dtype=float16", "--config.train.steps=2",
-                                     "--config.optim.warmup_steps=1",
-                                     "--config.optim.loss_scale=none"), tmp_path)
+    trainer.setup(tiny_lm_config(*fp16), tmp_path / "old")
+  run = trainer.setup(tiny_lm_config(*fp16, "--config.optim.loss_scale=none"), tmp_path / "old")
   assert run.checkpointer.restore_latest(run.abstract_state)[0] == 2
   run.checkpointer.close()
+  config = cli._load_workdir_config(tmp_path / "old", [])  # what eval and sample read
+  assert config.optim.loss_scale == "none" and not loss_scale.enabled(config)
