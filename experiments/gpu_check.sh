@@ -20,4 +20,10 @@ JAX_PLATFORMS=cuda timeout 240 python -m pytest -q -p no:cacheprovider -rs \
   tests/attention/test_flash_mosaic_gpu.py::test_on_hopper_matches_xla tests/attention/test_cudnn.py \
   2>&1 | tail -n 30 | tee -a "$out/gpu_check.log"
 timeout 300 python experiments/bench_flash.py --repeats 10 2>&1 | tail -n 60 | tee -a "$out/gpu_check.log"
+# Mixed precision: the train step of a mid-sized GPT in each compute dtype (float16 with loss scaling).
+for dtype in float32 bfloat16 float16; do
+  timeout 150 jaxlab bench lm_char --config.model.dtype=$dtype --config.model.width=512 \
+    --config.model.num_layers=8 --config.model.num_heads=8 --config.data.batch_size=32 --steps 30 \
+    --json 2>&1 | tail -n 1 | tee -a "$out/gpu_check.log"
+done
 cp experiments/results/flash_*.md experiments/results/flash_*.json "$out/" 2>/dev/null || true
