@@ -2,9 +2,10 @@
 # The device checks of issue 6 in one command, for a session that is lent an NVIDIA Hopper GPU (which
 # already has a CUDA build of jax/flax/optax/orbax/chex): install jaxlab without deps, run the GPU-only
 # tests (Mosaic GPU kernel, portable kernel, cuDNN pass-through: values and gradients against "xla"),
-# then the speed table. Results land in experiments/results/flash_<device>.md; the log in $OUT if set.
+# then the speed table, then `jaxlab bench` in float32 / bfloat16 / float16. Results land in
+# experiments/results/flash_<device>.md; the log (with the bench JSON lines) in $OUT if set.
 #
-#   bash experiments/gpu_check.sh            # about 6-8 minutes on an H100/H200
+#   bash experiments/gpu_check.sh            # about 7-10 minutes on an H100/H200 (not yet run)
 #
 # If the Hopper tests pass, set MOSAIC_GPU_BY_DEFAULT = True in jaxlab/attention/flash/__init__.py.
 set -uo pipefail
