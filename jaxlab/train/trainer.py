@@ -322,9 +322,9 @@ def check_resume_config(run: Run) -> None:
         f"(config.optim.loss_scale={choice!r}, config.model.dtype={dtype!r}), but this run "
         f"{'has none' if scaled else 'scales the loss'}; nothing was changed (give "
         f"--config.optim.loss_scale={'dynamic' if scaled else 'none'} to use them, or a new --workdir)")
-  saved = _resume_keys(saved_json)
-  current = _resume_keys(json.loads(run.config.to_json_best_effort()))
-  saved_raw, current_raw = flatten(saved_json), flatten(json.loads(run.config.to_json_best_effort()))
+  current_json = json.loads(run.config.to_json_best_effort())
+  saved, current = _resume_keys(saved_json), _resume_keys(current_json)
+  saved_raw, current_raw = flatten(saved_json), flatten(current_json)
   for key in sorted(set(saved) | set(current)):
     if key not in saved_raw:  # added after that run was saved: its default is the old behaviour
       continue
@@ -436,8 +436,9 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
           raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopping (last good "
                                    f"checkpoint kept in {run.checkpointer.directory})")
         if "skipped" in metrics:
-          skipped += bool(metrics["skipped"])
-          loss_scale.check_progress(done, float(metrics["loss_scale"]), bool(metrics["skipped"]))
+          step_skipped = bool(metrics["skipped"])
+          skipped += step_skipped
+          loss_scale.check_progress(done, float(metrics["loss_scale"]), step_skipped)
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
           # The schedule counts applied updates: loss scaling's skipped steps do not advance it.
