@@ -7,10 +7,13 @@ Each variant trains `lm_char_cpu` (char-level tiny shakespeare, 4 x 128, context
 with its heads, in a child process of its own, then reports:
   * the next-token validation loss (the config's 200 batches), so the heads' effect on the model shows;
   * each extra head's top-1 accuracy on the validation batches (head j predicts the token j + 1 ahead);
+  * how often the right token is each extra head's rank-r candidate (r < 8), from which Medusa's
+    sparse tree of TREE_NODES candidates is built (`DraftTree.from_accuracies`);
   * decoding, batch 1, prompts of 8 characters from the validation text, 52 new tokens: tokens per
-    forward pass of speculative decoding (greedy and temperature 0.8), and ms per token of ordinary
-    cached decoding and of speculative decoding, timed in the same process (median over the prompts,
-    compilation excluded). Greedy speculative output is checked to equal greedy decoding's.
+    forward pass of speculative decoding with one candidate per head (a chain) and with that tree
+    (greedy and temperature 0.8), and ms per token of ordinary cached decoding and of both
+    speculative decoders, timed in the same process (median over the prompts, compilation
+    excluded). Greedy speculative output is checked to equal greedy decoding's.
 Variants: baseline (no heads); medusa1 (3 Medusa heads on a detached trunk, head j weighted 0.8**j:
 the next-token model is exactly the baseline's); medusa_joint (the same heads trained with the trunk
 from scratch, in the spirit of Medusa-2 but without its separate head learning rate and warm-up);
@@ -31,6 +34,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PROMPT_CHARS, NEW_TOKENS, PROMPTS = 8, 52, 24
+RANKS, TREE_NODES = 8, 16
 
 VARIANTS = {
     "baseline": [],
@@ -86,14 +90,20 @@ def _train_and_measure(name: str, config, prompts: int) -> dict:
   step_ms = sorted(r["step_time_ms"] for r in records if "step_time_ms" in r)
   out = {"variant": name, "overrides": VARIANTS[name], "steps": config.train.steps,
          "val_loss": result["val_loss"], "ms_per_step": step_ms[len(step_ms) // 2],
-         "train_s": train_s, "head_accuracy": _head_accuracy(run.task, params)}
+         "train_s": train_s}
+  out["head_accuracy"], out["rank_accuracy"] = _head_accuracy(run.task, params)
   if run.task.model.config.extra_heads:
-    out.update(_decoding(run.task, params, prompts))
+    from jaxlab.decoding.draft_tree import DraftTree
+    tree = DraftTree.from_accuracies(out["rank_accuracy"], TREE_NODES)
+    out["tree"] = {"paths": [list(p) for p in tree.paths],
+                   "expected_accepted": tree.expected_accepted(out["rank_accuracy"])}
+    out.update(_decoding(run.task, params, prompts, tree))
   return out
 
 
-def _head_accuracy(task, params) -> list[float]:
-  """Top-1 accuracy of head j (j = 0: next token) on the validation batches."""
+def _head_accuracy(task, params) -> tuple[list[float], list[list[float]]]:
+  """Top-1 accuracy of head j (j = 0: next token) on the validation batches, and for each extra head
+  how often the right token is its rank-r candidate (r < RANKS): [extra heads][RANKS]."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -103,19 +113,24 @@ def _head_accuracy(task, params) -> list[float]:
     return task.model.apply({"params": params}, inputs, all_heads=True)
 
   heads = 1 + task.model.config.extra_heads
-  hits, counts = np.zeros(heads), np.zeros(heads)
+  hits, counts = np.zeros((heads, RANKS)), np.zeros(heads)
   for batch in task.eval_iterator():
     logits = np.asarray(logits_fn(jnp.asarray(batch["inputs"])))
     targets = np.asarray(batch["targets"])
     t = targets.shape[1]
     for j in range(heads):
-      hits[j] += (logits[:, :t - j, j].argmax(-1) == targets[:, j:]).sum()
+      head = logits[:, :t - j, j]
+      target_logit = np.take_along_axis(head, targets[:, j:, None], axis=-1)
+      rank = (head > target_logit).sum(-1)  # 0: the head's most likely token
+      hits[j] += np.bincount(rank.ravel(), minlength=head.shape[-1])[:RANKS]
       counts[j] += targets[:, j:].size
-  return [float(h / c) for h, c in zip(hits, counts)]
+  accuracy = hits / counts[:, None]
+  return [float(a) for a in accuracy[:, 0]], accuracy[1:].tolist()
 
 
-def _decoding(task, params, prompts: int) -> dict:
-  """Tokens per pass and ms per token, ordinary vs speculative decoding, batch 1."""
+def _decoding(task, params, prompts: int, tree) -> dict:
+  """Tokens per pass and ms per token, ordinary vs speculative decoding (a chain, and `tree`),
+  batch 1."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -132,30 +147,34 @@ def _decoding(task, params, prompts: int) -> dict:
     return result, (time.perf_counter() - start) * 1e3 / NEW_TOKENS
 
   plain = lambda t: lambda p: generate(model, params, p, key, num_tokens=NEW_TOKENS, temperature=t)
-  spec = lambda t: lambda p: speculative_generate(model, params, p, key, num_tokens=NEW_TOKENS,
-                                                  temperature=t)
+  spec = lambda t, tree: lambda p: speculative_generate(
+      model, params, p, key, num_tokens=NEW_TOKENS, temperature=t, tree=tree)
   out = {}
   for label, temperature in (("greedy", 0.0), ("t0.8", 0.8)):
-    fns = {"plain": plain(temperature), "speculative": spec(temperature)}
+    fns = {"plain": plain(temperature), "chain": spec(temperature, None),
+           "tree": spec(temperature, tree)}
     first = jnp.asarray(text[starts[0]:starts[0] + PROMPT_CHARS])[None]
     for fn in fns.values():  # compile
       jax.block_until_ready(fn(first))
-    ms = {"plain": [], "speculative": []}
-    passes, identical = [], True
+    ms = {name: [] for name in fns}
+    passes = {"chain": [], "tree": []}
+    identical = {"chain": True, "tree": True}
     for s in starts:
       prompt = jnp.asarray(text[s:s + PROMPT_CHARS])[None]
       want, t_plain = timed(fns["plain"], prompt)
-      (got, steps), t_spec = timed(fns["speculative"], prompt)
       ms["plain"].append(t_plain)
-      ms["speculative"].append(t_spec)
-      passes.append(1 + int(steps))
+      for name in ("chain", "tree"):
+        (got, steps), t_spec = timed(fns[name], prompt)
+        ms[name].append(t_spec)
+        passes[name].append(1 + int(steps))
+        if temperature == 0.0:
+          identical[name] &= bool((np.asarray(got) == np.asarray(want)).all())
+    out[label] = {"ms_per_token_plain": float(np.median(ms["plain"]))}
+    for name in ("chain", "tree"):
+      out[label][name] = {"tokens_per_pass": NEW_TOKENS * len(starts) / sum(passes[name]),
+                          "ms_per_token": float(np.median(ms[name]))}
       if temperature == 0.0:
-        identical &= bool((np.asarray(got) == np.asarray(want)).all())
-    out[label] = {"tokens_per_pass": NEW_TOKENS * len(starts) / sum(passes),
-                  "ms_per_token_plain": float(np.median(ms["plain"])),
-                  "ms_per_token_speculative": float(np.median(ms["speculative"]))}
-    if temperature == 0.0:
-      out[label]["identical_to_greedy"] = identical
+        out[label][name]["identical_to_greedy"] = identical[name]
   return out
 
 
@@ -167,32 +186,52 @@ def _table(results: list[dict], device: str, steps: int, prompts: int) -> str:
       f"../shared/data/tinyshakespeare/input.txt --steps {steps}`. Each variant trains lm_char_cpu "
       f"(4 x 128, context 64, learned positions, {steps} steps, seed 0) in its own process.",
       "Val loss: the next-token head on the config's 200 validation batches. Head accuracy: top-1 "
-      "on those batches, head j predicting the token j + 1 ahead. Decoding: batch 1, "
-      f"{prompts} prompts of {PROMPT_CHARS} validation characters, {NEW_TOKENS} new tokens; tokens "
-      "per pass counts the prompt's prefill as a pass; ms/token is the median over the prompts, "
-      "compilation excluded, ordinary and speculative decoding timed alternately in one process.",
+      "on those batches, head j predicting the token j + 1 ahead.",
       "",
-      "| variant | val loss | ms/step (train) | head accuracy (next, +1, +2, ...) | greedy: tokens/pass | "
-      "greedy: ms/token plain / speculative (speed-up) | T=0.8: tokens/pass | T=0.8: ms/token "
-      "plain / speculative (speed-up) |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- |",
+      "| variant | val loss | ms/step (train) | head accuracy (next, +1, +2, ...) |",
+      "| --- | --- | --- | --- |",
   ]
   for r in results:
     acc = ", ".join(f"{a:.3f}" for a in r["head_accuracy"])
-    cells = [r["variant"], f"{r['val_loss']:.4f}", f"{r['ms_per_step']:.1f}", acc]
-    for label in ("greedy", "t0.8"):
-      d = r.get(label)
-      if d is None:
-        cells += ["-", "-"]
-        continue
-      ratio = d["ms_per_token_plain"] / d["ms_per_token_speculative"]
-      cells += [f"{d['tokens_per_pass']:.2f}",
-                f"{d['ms_per_token_plain']:.2f} / {d['ms_per_token_speculative']:.2f} "
-                f"({ratio:.2f}x)"]
-    lines.append("| " + " | ".join(cells) + " |")
-  same = [r["variant"] for r in results if r.get("greedy", {}).get("identical_to_greedy")]
+    lines.append(f"| {r['variant']} | {r['val_loss']:.4f} | {r['ms_per_step']:.1f} | {acc} |")
+  lines += [
+      "",
+      f"Decoding: batch 1, {prompts} prompts of {PROMPT_CHARS} validation characters, {NEW_TOKENS} "
+      "new tokens. Drafts: one candidate per head (chain), or Medusa's sparse tree of "
+      f"{TREE_NODES} candidates chosen from each head's rank accuracies on the validation batches "
+      "(expected accepted drafts per pass in brackets, if the heads erred independently; at T=0.8 "
+      "rank r is the (r+1)-th independent draw, so the tree fits greedy drafting best). Tokens per "
+      "pass count the prompt's prefill as a pass; ms/token is the median over the prompts, "
+      "compilation excluded, ordinary and speculative decoding timed alternately in one process; "
+      "speed-up = ordinary / speculative.",
+      "",
+      "| variant | drafts | greedy: tokens/pass | greedy: ms/token (speed-up) | T=0.8: tokens/pass | "
+      "T=0.8: ms/token (speed-up) |",
+      "| --- | --- | --- | --- | --- | --- |",
+  ]
+  for r in results:
+    if "greedy" not in r:
+      continue
+    plain = [f"{r[label]['ms_per_token_plain']:.2f}" for label in ("greedy", "t0.8")]
+    lines.append(f"| {r['variant']} | none (ordinary decoding) | 1 | {plain[0]} | 1 | {plain[1]} |")
+    for name in ("chain", "tree"):
+      drafts = (f"chain of {len(r['head_accuracy']) - 1}" if name == "chain" else
+                f"tree of {len(r['tree']['paths'])} ({r['tree']['expected_accepted']:.2f})")
+      cells = [r["variant"], drafts]
+      for label in ("greedy", "t0.8"):
+        d = r[label][name]
+        ratio = r[label]["ms_per_token_plain"] / d["ms_per_token"]
+        cells += [f"{d['tokens_per_pass']:.2f}", f"{d['ms_per_token']:.2f} ({ratio:.2f}x)"]
+      lines.append("| " + " | ".join(cells) + " |")
+  same = [f"{r['variant']} ({name})" for r in results for name in ("chain", "tree")
+          if r.get("greedy", {}).get(name, {}).get("identical_to_greedy")]
   lines += ["", "Greedy speculative output identical to greedy decoding for every prompt: "
             + (", ".join(same) if same else "none") + "."]
+  trees = [r for r in results if "tree" in r]
+  if trees:
+    lines += ["", "Trees (rank paths, `DraftTree.paths`):"]
+    lines += [f"- {r['variant']}: " + " ".join(",".join(map(str, p)) for p in r["tree"]["paths"])
+              for r in trees]
   return "\n".join(lines) + "\n"
 
 

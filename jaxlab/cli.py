@@ -248,7 +248,10 @@ def cmd_sample(args, overrides) -> int:
   _check_sample_flags(args)
   workdir = pathlib.Path(args.workdir)
   _check_workdir(workdir, "WORKDIR")
-  config = _load_workdir_config(workdir, overrides, args, speculative=args.speculative)
+  if args.draft_tree is not None:
+    overrides = [*overrides, f"--config.sample.draft_tree={args.draft_tree}"]
+  config = _load_workdir_config(workdir, overrides, args,
+                                speculative=args.speculative or args.draft_tree is not None)
   from jaxlab.train import tasks, trainer
   # A task that can sample from what the run saved (LM: vocab.json) needs no training data.
   build_for_sampling = getattr(tasks.task_module(config.task), "build_for_sampling", None)
@@ -266,7 +269,7 @@ def cmd_sample(args, overrides) -> int:
         check_prompt(config.sample.prompt, "config.sample.prompt (give --prompt)")
     if config.get("sample", {}).get("speculative", False):
       num_tokens = config.sample.num_tokens if args.num_tokens is None else args.num_tokens
-      run.task.check_speculative_length(
+      run.task.check_speculative(
           config.sample.prompt if args.prompt is None else args.prompt, num_tokens,
           "config.sample.num_tokens" if args.num_tokens is None else "--num-tokens")
   except BaseException:
@@ -356,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                   "verify the drafts in one pass: greedy decoding's text at temperature 0 (up to "
                   "floating-point near-ties), the same distribution otherwise "
                   "(= --config.sample.speculative=True)")
+  sa.add_argument("--draft-tree", metavar="W1,W2,..",
+                  help="speculative decoding with a tree of drafts verified in one pass (tree "
+                  "attention): the top W1 tokens of extra head 1, under each the top W2 of head 2, "
+                  "...; implies --speculative (= --config.sample.draft_tree=W1,W2,..)")
   sa.add_argument("--best", action="store_true", help="sample from WORKDIR/best (train.keep_best)")
   _add_process_options(sa)
   sa.set_defaults(func=cmd_sample)

@@ -116,4 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.top_p = 0.95  # 1.0 = off
   c.sample.seed = 0
   c.sample.speculative = False  # draft with the extra heads, verify in one pass (see decoding/)
+  # speculative: "" = one candidate per extra head (a chain); "3,2,1" = a tree of the top 3 of head 1
+  # x the top 2 of head 2 x the top 1 of head 3 (tree attention; softmax family)
+  c.sample.draft_tree = ""
   return c

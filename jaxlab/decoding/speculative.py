@@ -2,38 +2,47 @@
 tokens and one cached forward pass verifies them all.
 
 Each step, with the tokens up to position n in the KV cache and the next token y (position n+1)
-already chosen, the extra heads' logits at position n draft d_1..d_K for positions n+2..n+1+K. The
-model runs [y, d_1, ..., d_K] in one pass (the cache takes several tokens at once; see
-`MultiHeadAttention._cached_attention`), whose next-token head gives the target distribution at every
-drafted position. Drafts are accepted from the left:
-  * temperature 0 (greedy): d_j is kept while it equals the target's argmax, so the output is greedy
-    decoding's (exactly, up to floating-point near-ties: the verification pass computes the logits of
-    K + 1 tokens at once, ordinary decoding one at a time; Stern et al. 2018, "Blockwise Parallel Decoding for Deep Autoregressive
-    Models"; Cai et al. 2024, Medusa, with one candidate instead of a tree);
-  * temperature > 0: speculative sampling (Leviathan et al. 2023, alg. 1; Chen et al. 2023): d_j ~ q_j
-    (the head's filtered distribution) is kept with probability min(1, p_j(d_j) / q_j(d_j)), the first
-    rejected one is replaced by a draw from norm(max(p_j - q_j, 0)), and when all are kept the next
-    token is drawn from p. The output has exactly the distribution of ordinary sampling with the same
-    temperature / top-k / top-p.
-The first token after the accepted ones (the replacement, or the target's own choice) becomes the next
-y, so every step yields 1 to K + 1 tokens for one forward pass. Rows of a batch share one cache index:
-each step keeps the fewest tokens any row accepted (for a row that accepted more, its next accepted
-draft is its next y), which keeps every row exact.
+already chosen, the extra heads' logits at position n draft candidates for positions n+2..n+1+K: one
+per head (a chain d_1..d_K), or a `DraftTree` of them (head d's candidates at depth d; Medusa's tree,
+Cai et al. 2024 sec. 2.1.2). The model runs [y, candidates...] in one pass (the cache takes several
+tokens at once, and a tree's candidates each see only their ancestors: `append_mask_TT`, see
+`MultiHeadAttention._cached_attention`), whose next-token head gives the target distribution after
+every candidate. Candidates are accepted from the root:
+  * temperature 0 (greedy): a node is kept while it equals the target's argmax after its parent (the
+    candidates of a node are the heads' top-ranked tokens, so at most one child matches), so the
+    output is greedy decoding's (exactly, up to floating-point near-ties: the verification pass
+    computes the logits of many tokens at once, ordinary decoding one at a time; Stern et al. 2018,
+    "Blockwise Parallel Decoding for Deep Autoregressive Models"; Cai et al. 2024, Medusa);
+  * temperature > 0: speculative sampling (Leviathan et al. 2023, alg. 1; Chen et al. 2023), down a
+    tree multi-step speculative sampling (Miao et al. 2024, SpecInfer): every node is an independent
+    draw from its head's filtered distribution q; at a kept node with target p its children are
+    tried in turn, each kept with probability min(1, p(c) / q(c)), and after a rejection p becomes
+    norm(max(p - q, 0)); when no child is kept the next token is drawn from that p (or from the
+    target when the path reaches a leaf). The output has exactly the distribution of ordinary
+    sampling with the same temperature / top-k / top-p.
+The first token after the accepted path becomes the next y, so every step yields 1 to depth + 1
+tokens for one forward pass; a tree's accepted path is moved to consecutive cache slots. Rows of a
+batch share one cache index: each step keeps the fewest tokens any row accepted (for a row that
+accepted more, its next accepted node is its next y), which keeps every row exact.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from jaxlab.decoding.draft_tree import DraftTree
 from jaxlab.decoding.sampling import filter_logits, init_cache
 from jaxlab.layers.attention import KV_CACHE_FAMILIES
 
 
-def check_speculative(model) -> None:
-  """Raises ValueError unless `model` (a GPT) has extra heads and a KV cache that can be rewound."""
+def check_speculative(model, tree: Optional[DraftTree] = None) -> None:
+  """Raises ValueError unless `model` (a GPT) has extra heads and a KV cache that can be rewound, and
+  `tree` (if any) fits: depth <= its extra heads, and a tree that is not a chain needs the softmax
+  family without ReRoPE (its tree mask)."""
   c = model.config
   if not c.extra_heads:
     raise ValueError("speculative decoding needs a model with extra heads (mtp_heads or medusa_heads "
@@ -41,6 +50,20 @@ def check_speculative(model) -> None:
   if c.attention not in KV_CACHE_FAMILIES:
     raise ValueError(f"speculative decoding needs an attention family with a KV cache "
                      f"{KV_CACHE_FAMILIES}, not {c.attention!r} (its recurrent state cannot be rewound)")
+  if tree is None:
+    return
+  if tree.depth > c.extra_heads:
+    raise ValueError(f"the draft tree is {tree.depth} deep, but the model has {c.extra_heads} extra "
+                     "heads to draft with (one per depth)")
+  if not tree.is_chain and (c.attention != "softmax" or c.rerope_window):
+    raise ValueError("a draft tree with branches needs the softmax attention family without ReRoPE "
+                     f"(tree attention masks the cache); got attention={c.attention!r}"
+                     + (f", rerope_window={c.rerope_window}" if c.rerope_window else "")
+                     + "; a chain (one candidate per depth) works with any KV-cache family")
+
+
+def greedy_ranks_fit(tree: DraftTree, vocab_size: int) -> bool:
+  return tree.max_rank < vocab_size
 
 
 def _probs(logits_XV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -63,12 +86,90 @@ def _rewind(cache, index: jax.Array):
   return jax.tree_util.tree_map_with_path(set_index, cache)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p"))
+def _keep_path(cache, start: jax.Array, path_BP: jax.Array, block: int):
+  """Moves each row's accepted path of a tree pass to consecutive slots: the KV cache slots
+  start + path_BP[:, j] (block indices within the `block` slots from `start`) go to start + j, in
+  every layer (keys, values and their positions)."""
+  def keep(path, leaf):
+    if getattr(path[-1], "key", None) not in ("cached_key", "cached_value", "cached_positions"):
+      return leaf
+    window = jax.lax.dynamic_slice_in_dim(leaf, start, block, axis=1)
+    index = jnp.broadcast_to(path_BP.reshape(path_BP.shape + (1,) * (leaf.ndim - 2)),
+                             path_BP.shape + leaf.shape[2:])
+    kept = jnp.take_along_axis(window, index.astype(jnp.int32), axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(leaf, kept, start, axis=1)
+  return jax.tree_util.tree_map_with_path(keep, cache)
+
+
+def _rows(x_BT, index_B):
+  """x_BT[b, index_B[b]] for every row (x_BT may have trailing axes)."""
+  return jnp.take_along_axis(x_BT, index_B.reshape((-1,) + (1,) * (x_BT.ndim - 1)), axis=1)[:, 0]
+
+
+def _accept_greedy(tree: DraftTree, tokens_BT, target_BTV):
+  """The longest path whose every node is the target's argmax after its parent -> (path_BP, depth_B):
+  path_BP[:, d] the block index of the accepted node at depth d (0: the root; 0 past the path)."""
+  argmax_BT = jnp.argmax(target_BTV, axis=-1).astype(jnp.int32)
+  correct_BT = (tokens_BT == argmax_BT[:, tree.parent_T]).at[:, 0].set(True)
+  ok_BT = jnp.all(jnp.where(jnp.asarray(tree.ancestors_TT)[None], correct_BT[:, None, :], True),
+                  axis=-1)
+  # Siblings are distinct tokens, so at most one node per depth is ok.
+  at_depth_BDT = ok_BT[:, None, :] & (jnp.asarray(tree.depth_T)[None, None, :] ==
+                                      jnp.arange(tree.depth + 1)[None, :, None])
+  path_BP = jnp.argmax(at_depth_BDT, axis=-1).astype(jnp.int32)
+  depth_B = jnp.sum(jnp.any(at_depth_BDT[:, 1:], axis=-1), axis=-1).astype(jnp.int32)
+  return path_BP, depth_B
+
+
+def _accept_sampled(tree: DraftTree, tokens_BT, p_BTV, q_BDV, key):
+  """Multi-step speculative sampling down the tree (SpecInfer, Miao et al. 2024, alg. 2; Leviathan
+  et al. 2023 for one child): at an accepted node with target p, its children c_1, c_2, ...
+  (independent draws from the depth's draft q) are tried in rank order, c kept with probability
+  min(1, p(c) / q(c)); after a rejection p becomes norm(max(p - q, 0)). The first kept child is the
+  next node (with its own target); when none is kept, the next token is drawn from the last p.
+  Returns (path_BP, depth_B, next_B): next_B the token after the path (drawn; used for rows whose
+  path is the batch's shortest)."""
+  b = tokens_BT.shape[0]
+  children_TC = jnp.asarray(tree.children_TC)
+  keys = jax.random.split(key, tree.depth * children_TC.shape[1] + 1)
+  node_B = jnp.zeros((b,), jnp.int32)
+  alive_B = jnp.ones((b,), bool)
+  p_BV = p_BTV[:, 0]
+  path = [node_B]
+  for d in range(1, tree.depth + 1):
+    q_BV = q_BDV[:, d - 1]
+    child_BC = children_TC[node_B]
+    moved_B = jnp.zeros((b,), bool)
+    for c in range(children_TC.shape[1]):
+      child_B = child_BC[:, c]
+      token_B = _rows(tokens_BT, jnp.maximum(child_B, 0))
+      p_tok_B = _rows(p_BV, token_B)
+      q_tok_B = _rows(q_BV, token_B)
+      trying_B = alive_B & ~moved_B & (child_B >= 0)
+      u_B = jax.random.uniform(keys[(d - 1) * children_TC.shape[1] + c], (b,))
+      kept_B = trying_B & (u_B * q_tok_B < p_tok_B)  # q(token) > 0: it was drawn from q
+      residual_BV = jnp.maximum(p_BV - q_BV, 0.0)
+      mass_B1 = jnp.sum(residual_BV, axis=-1, keepdims=True)
+      residual_BV = jnp.where(mass_B1 > 0, residual_BV / jnp.where(mass_B1 > 0, mass_B1, 1.0), p_BV)
+      p_BV = jnp.where((trying_B & ~kept_B)[:, None], residual_BV, p_BV)
+      node_B = jnp.where(kept_B, child_B, node_B)
+      moved_B = moved_B | kept_B
+    p_BV = jnp.where(moved_B[:, None], _rows(p_BTV, node_B), p_BV)
+    path.append(jnp.where(moved_B, node_B, 0))
+    alive_B = moved_B
+  path_BP = jnp.stack(path, axis=1)
+  depth_B = jnp.sum(path_BP[:, 1:] > 0, axis=1).astype(jnp.int32)
+  return path_BP, depth_B, _draw(keys[-1], p_BV)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p",
+                                             "tree"))
 def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens: int,
-                         temperature: float = 1.0, top_k: int = 0,
-                         top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                         tree: Optional[DraftTree] = None) -> tuple[jax.Array, jax.Array]:
   """Continues prompt_BP (int [B, P], P >= 1) by `num_tokens` tokens, drafting with the model's K extra
-  heads (module docstring).
+  heads (module docstring): one candidate per head (tree=None, a chain) or a DraftTree of candidates
+  (depth <= K) verified in one pass with tree attention.
 
   Returns (tokens int32 [B, P + num_tokens], steps): `steps` is the number of verification passes
   after the prompt's prefill, which yields the first token (ordinary cached decoding needs one pass per
@@ -76,13 +177,17 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   yielded. With learned positions, P + num_tokens <= max_len (as for `generate`): drafts past that
   are looked up at position max_len - 1, which changes no returned token.
   """
-  check_speculative(model)
+  check_speculative(model, tree)
   b, p = prompt_BP.shape
   if p < 1:
     raise ValueError("the prompt must hold at least one token")
-  k_extra = model.config.extra_heads
+  tree = tree or DraftTree.chain(model.config.extra_heads)
+  if not greedy_ranks_fit(tree, model.config.vocab_size):
+    raise ValueError(f"the draft tree has rank {tree.max_rank}, beyond the vocabulary "
+                     f"({model.config.vocab_size} tokens)")
+  depth, block = tree.depth, tree.size + 1
   total = p + num_tokens
-  length = total + k_extra - 1  # the last step writes up to position total - 2 + K
+  length = total + block - 2  # the last step writes up to slot total - 2 + (block - 1)
   max_position = model.config.max_len - 1 if model.config.position == "learned" else None
   if max_position is not None and total > model.config.max_len:
     raise ValueError(f"prompt ({p}) + num_tokens ({num_tokens}) = {total} exceeds the learned "
@@ -90,62 +195,62 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   greedy = temperature == 0.0
   probs = functools.partial(_probs, temperature=temperature, top_k=top_k, top_p=top_p)
   prompt_BP = prompt_BP.astype(jnp.int32)
+  append_mask_TT = None if tree.is_chain else jnp.asarray(tree.ancestors_TT)
 
-  def run(cache, tokens_BT, start, prefill=False):
-    positions_BT = jnp.broadcast_to(start + jnp.arange(tokens_BT.shape[1], dtype=jnp.int32),
-                                    tokens_BT.shape)
+  def run(cache, tokens_BT, positions_BT, prefill=False):
     if max_position is not None:  # only drafts at positions >= total, whose outputs go unused
       positions_BT = jnp.minimum(positions_BT, max_position)
     logits_BTJV, mutated = model.apply({"params": params, "cache": cache}, tokens_BT, positions_BT,
                                        decode=True, prefill=prefill, all_heads=True,
+                                       append_mask_TT=None if prefill else append_mask_TT,
                                        mutable=["cache"])
     return logits_BTJV, mutated["cache"]
 
-  logits_BPJV, cache = run(init_cache(model, b, length), prompt_BP, 0, prefill=True)
+  prompt_positions_BP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+  logits_BPJV, cache = run(init_cache(model, b, length), prompt_BP, prompt_positions_BP,
+                           prefill=True)
   heads_BJV = logits_BPJV[:, -1]
   key, sub = jax.random.split(key)
   y_B = (jnp.argmax(heads_BJV[:, 0], axis=-1).astype(jnp.int32) if greedy
          else _draw(sub, probs(heads_BJV[:, 0])))
-  out_BL = jnp.zeros((b, total + k_extra), jnp.int32)  # the last step writes up to total - 1 + K
+  out_BL = jnp.zeros((b, total + depth), jnp.int32)  # the last step writes up to total - 1 + depth
   out_BL = out_BL.at[:, :p].set(prompt_BP).at[:, p].set(y_B)
   if num_tokens <= 1:
     return out_BL[:, :total], jnp.zeros((), jnp.int32)
+  node_depth_M, node_rank_M = tree.depth_T[1:] - 1, tree.rank_T[1:]
 
   def step(state):
     cache, heads_BJV, y_B, out_BL, n, key, steps = state  # tokens 0..n cached; y_B is token n + 1
-    key, k_draft, k_accept, k_next = jax.random.split(key, 4)
+    key, k_draft, k_accept = jax.random.split(key, 3)
+    if greedy:  # node (.., r) at depth d: head d's (r+1)-th most likely token
+      ranked_BDR = jax.lax.top_k(heads_BJV[:, 1:depth + 1], tree.max_rank + 1)[1]
+      drafts_BM = ranked_BDR[:, node_depth_M, node_rank_M].astype(jnp.int32)
+    else:  # every node an independent draw from its depth's head
+      q_BDV = probs(heads_BJV[:, 1:depth + 1])
+      drafts_BM = _draw(k_draft, q_BDV[:, node_depth_M])
+    x_BT = jnp.concatenate([y_B[:, None], drafts_BM], axis=1)  # y, then the nodes
+    positions_BT = jnp.broadcast_to(n + 1 + jnp.asarray(tree.depth_T), x_BT.shape)
+    logits_BTJV, cache = run(cache, x_BT, positions_BT)
+    target_BTV = logits_BTJV[:, :, 0]  # the next-token logits after each node
     if greedy:
-      drafts_BK = jnp.argmax(heads_BJV[:, 1:], axis=-1).astype(jnp.int32)
+      path_BP, accepted_B = _accept_greedy(tree, x_BT, target_BTV)
     else:
-      q_BKV = probs(heads_BJV[:, 1:])
-      drafts_BK = _draw(k_draft, q_BKV)
-    x_BT = jnp.concatenate([y_B[:, None], drafts_BK], axis=1)  # positions n+1 .. n+1+K
-    logits_BTJV, cache = run(cache, x_BT, n + 1)
-    target_BTV = logits_BTJV[:, :, 0]  # index i: the next-token logits after position n+1+i
+      path_BP, accepted_B, drawn_B = _accept_sampled(tree, x_BT, probs(target_BTV), q_BDV,
+                                                     k_accept)
+    a = jnp.min(accepted_B)  # every row keeps the first a nodes of its path
+    last_B = _rows(path_BP, jnp.broadcast_to(a, (b,)))  # the a-th node (the root if a == 0)
+    path_tokens_BP = jnp.take_along_axis(x_BT, path_BP, axis=1)
     if greedy:
-      keep_BK = drafts_BK == jnp.argmax(target_BTV[:, :-1], axis=-1)
-    else:
-      p_BTV = probs(target_BTV)
-      p_of_draft_BK = jnp.take_along_axis(p_BTV[:, :-1], drafts_BK[..., None], axis=-1)[..., 0]
-      q_of_draft_BK = jnp.take_along_axis(q_BKV, drafts_BK[..., None], axis=-1)[..., 0]
-      # Kept with probability min(1, p / q) (q > 0: the draft was drawn from q).
-      keep_BK = jax.random.uniform(k_accept, drafts_BK.shape) * q_of_draft_BK < p_of_draft_BK
-    accepted_B = jnp.sum(jnp.cumprod(keep_BK, axis=1), axis=1)
-    a = jnp.min(accepted_B)  # drafts d_1..d_a are kept in every row
-    if greedy:
-      next_B = jnp.argmax(target_BTV[:, a], axis=-1).astype(jnp.int32)
-    else:
-      p_BV = p_BTV[:, a]
-      q_BV = jnp.where(a < k_extra, q_BKV[:, jnp.minimum(a, k_extra - 1)], 0.0)
-      residual_BV = jnp.maximum(p_BV - q_BV, 0.0)
-      mass_B1 = jnp.sum(residual_BV, axis=-1, keepdims=True)
-      residual_BV = jnp.where(mass_B1 > 0, residual_BV / jnp.where(mass_B1 > 0, mass_B1, 1.0), p_BV)
-      own_draft_B = drafts_BK[:, jnp.minimum(a, k_extra - 1)]
-      next_B = jnp.where(accepted_B > a, own_draft_B, _draw(k_next, residual_BV))
-    out_BL = jax.lax.dynamic_update_slice(out_BL, x_BT, (0, n + 1))
+      next_B = jnp.argmax(_rows(target_BTV, last_B), axis=-1).astype(jnp.int32)
+    else:  # a row whose path goes on takes its own next node
+      own_B = _rows(path_tokens_BP, jnp.broadcast_to(jnp.minimum(a + 1, depth), (b,)))
+      next_B = jnp.where(accepted_B > a, own_B, drawn_B)
+    out_BL = jax.lax.dynamic_update_slice(out_BL, path_tokens_BP, (0, n + 1))
     out_BL = jax.lax.dynamic_update_slice(out_BL, next_B[:, None], (0, n + 2 + a))
+    if not tree.is_chain:
+      cache = _keep_path(cache, n + 1, path_BP, block)
     n = n + 1 + a
-    return (_rewind(cache, n + 1), logits_BTJV[:, a], next_B, out_BL, n, key, steps + 1)
+    return (_rewind(cache, n + 1), _rows(logits_BTJV, last_B), next_B, out_BL, n, key, steps + 1)
 
   state = (cache, heads_BJV, y_B, out_BL, jnp.asarray(p - 1, jnp.int32), key,
            jnp.zeros((), jnp.int32))

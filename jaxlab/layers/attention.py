@@ -104,10 +104,12 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *,
                segment_ids_BT: Optional[jax.Array] = None, decode: bool = False,
-               prefill: bool = False) -> jax.Array:
+               prefill: bool = False, append_mask_TT: Optional[jax.Array] = None) -> jax.Array:
     """x_BTD -> y_BTD. decode=True: against the KV cache (see _cached_attention); prefill=True (only
     on an empty cache) computes the prompt's attention as a full pass, in the family's own O(T^2)
-    way, instead of each query against the cache (the same numbers)."""
+    way, instead of each query against the cache (the same numbers). append_mask_TT (bool [T, T],
+    decode only, softmax family): which of the appended tokens each appended token sees (default:
+    itself and those before it; a tree of drafts passes ancestors-or-self)."""
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                        f"({self.num_kv_heads})")
@@ -150,13 +152,20 @@ class MultiHeadAttention(nn.Module):
     if self.family != "softmax" and self.position in ("alibi", "t5"):
       raise ValueError(f"position={self.position!r} adds a logit bias, which the {self.family!r} "
                        "family does not take")
+    if append_mask_TT is not None and (not decode or prefill or self.family != "softmax"
+                                       or self.rerope_window):
+      raise ValueError("append_mask_TT applies to appends to a KV cache (decode=True, no prefill) "
+                       f"in the softmax family without ReRoPE; got decode={decode}, "
+                       f"prefill={prefill}, family={self.family!r}, "
+                       f"rerope_window={self.rerope_window}")
     if decode and self.family == "linear":
       out_BTNH = self._recurrent_linear(q_BTNH, k_BTKH, v_BTKH)
     elif decode and self.family == "performer":
       out_BTNH = self._recurrent_performer(q_BTNH, k_BTKH, v_BTKH)
     elif decode:
       out_BTNH = self._cached_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT,
-                                        rotate_in_cache=rotate_in_cache, prefill=prefill)
+                                        rotate_in_cache=rotate_in_cache, prefill=prefill,
+                                        append_mask_TT=append_mask_TT)
     else:
       out_BTNH = self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT)
 
@@ -280,7 +289,7 @@ class MultiHeadAttention(nn.Module):
     return None
 
   def _cached_attention(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, *, rotate_in_cache=False,
-                        prefill=False):
+                        prefill=False, append_mask_TT=None):
     """Attention against a KV cache in the "cache" collection.
 
     The cache is created by `init` with the full decoding length as T (call `model.init(..., decode=True)`
@@ -293,6 +302,10 @@ class MultiHeadAttention(nn.Module):
     they are masked by length and overwritten by the next call.
     rotate_in_cache (dynamic NTK): q and k arrive unrotated and are rotated here with L = T for a
     prefill and L = slot + 1 for each appended token (see the module docstring).
+    append_mask_TT (bool [T, T]): appended token i sees the cache before the append and the appended
+    tokens j with append_mask_TT[i, j] (j <= i); for a tree of drafts (Medusa's tree attention, Cai et
+    al. 2024 sec. 2.1.2) its ancestors and itself, whose positions (not slots) then give the rotation
+    and dynamic NTK's L = position + 1.
     """
     is_initialized = self.has_variable("cache", "cached_key")
     b, t, kh, h = k_BTKH.shape
@@ -309,7 +322,8 @@ class MultiHeadAttention(nn.Module):
     i = index.value
     slots_T = i + jnp.arange(t, dtype=jnp.int32)
     if rotate_in_cache:
-      lengths_BT = jnp.broadcast_to(jnp.where(i == 0, t, slots_T + 1), (b, t))
+      appended_L = slots_T + 1 if append_mask_TT is None else positions_BT + 1
+      lengths_BT = jnp.broadcast_to(jnp.where(i == 0, t, appended_L), (b, t))
       q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT, lengths_BT)
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BTKH, (0, i, 0, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BTKH, (0, i, 0, 0))
@@ -325,10 +339,14 @@ class MultiHeadAttention(nn.Module):
     max_len = keys_BSKH.shape[1]
     bias_BNTS = None if self.rerope_window else self._bias(positions_BT, kv_positions_BS)
 
-    def one_query(q_BNH, slot, position_B, bias_BNS):
-      """The query in `slot` against cache slots 0..slot (and its family's mask) -> [B, N, H]."""
+    def one_query(q_BNH, slot, position_B, bias_BNS, append_row_T=None):
+      """The query in `slot` against cache slots 0..slot (and its family's mask; append_row_T: which
+      appended tokens it sees) -> [B, N, H]."""
       q_B1NH, lengths_B = q_BNH[:, None], jnp.full((b,), slot + 1, jnp.int32)
       visible_S = None
+      if append_row_T is not None:
+        offset_S = jnp.arange(max_len) - i  # slot - the append's first slot
+        visible_S = (offset_S < 0) | append_row_T[jnp.clip(offset_S, 0, t - 1)]
       if self.family == "local":
         # The query sits at `slot`, not at the cache's end (where end alignment would put it), so
         # the window's left edge is a segment: keys from slot - window on are segment 1, older ones 0.
@@ -340,30 +358,32 @@ class MultiHeadAttention(nn.Module):
         layout = jnp.asarray(self._sparse_layout(-(-max_len // bs)))
         visible_S = jax.lax.dynamic_index_in_dim(layout, slot // bs, keepdims=False)[
             jnp.arange(max_len) // bs]
-      if visible_S is not None:
-        # Visible keys are segment 1, the others 0; the query is segment 1.
-        out = attention.dot_product_attention(
-            q_B1NH, keys_BSKH, values_BSKH, kv_lengths=lengths_B,
-            q_segment_ids=jnp.ones((b, 1), jnp.int32),
-            kv_segment_ids=jnp.broadcast_to(visible_S.astype(jnp.int32), (b, max_len)),
-            logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
-      elif self.rerope_window:
-        out = self._rerope(q_B1NH, keys_BSKH, values_BSKH, position_B[:, None], kv_positions_BS,
-                           kv_lengths_B=lengths_B)
-      else:
-        out = attention.dot_product_attention(
-            q_B1NH, keys_BSKH, values_BSKH, kv_lengths=lengths_B,
-            bias=None if bias_BNS is None else bias_BNS[:, :, None],
-            logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
+      if self.rerope_window:
+        return self._rerope(q_B1NH, keys_BSKH, values_BSKH, position_B[:, None], kv_positions_BS,
+                            kv_lengths_B=lengths_B)[:, 0]
+      # Visible keys are segment 1, the others 0; the query is segment 1.
+      out = attention.dot_product_attention(
+          q_B1NH, keys_BSKH, values_BSKH, kv_lengths=lengths_B,
+          q_segment_ids=None if visible_S is None else jnp.ones((b, 1), jnp.int32),
+          kv_segment_ids=None if visible_S is None else jnp.broadcast_to(
+              visible_S.astype(jnp.int32), (b, max_len)),
+          bias=None if bias_BNS is None else bias_BNS[:, :, None],
+          logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
       return out[:, 0]
 
     if t == 1:
       bias_BNS = None if bias_BNTS is None else bias_BNTS[:, :, 0]
       return one_query(q_BTNH[:, 0], i, positions_BT[:, 0], bias_BNS)[:, None]
     # Several tokens: each query against the cache up to its own slot, vectorised over the queries.
-    over_queries = jax.vmap(one_query, in_axes=(1, 0, 1, None if bias_BNTS is None else 2),
+    if append_mask_TT is not None:
+      append_mask_TT = jnp.asarray(append_mask_TT, bool)
+      if append_mask_TT.shape != (t, t):
+        raise ValueError(f"append_mask_TT must be [T, T] = [{t}, {t}] for the {t} appended tokens, "
+                         f"got shape {append_mask_TT.shape}")
+    over_queries = jax.vmap(one_query, in_axes=(1, 0, 1, None if bias_BNTS is None else 2,
+                                                None if append_mask_TT is None else 0),
                             out_axes=1)
-    return over_queries(q_BTNH, slots_T, positions_BT, bias_BNTS)
+    return over_queries(q_BTNH, slots_T, positions_BT, bias_BNTS, append_mask_TT)
 
   def _recurrent_linear(self, q_BTNH, k_BTKH, v_BTKH):
     """Causal linear attention while decoding: the cache holds S = sum phi(k) v^T and z = sum phi(k)

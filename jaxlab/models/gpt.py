@@ -131,10 +131,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, *, train: bool = False,
-               decode: bool = False, prefill: bool = False):
+               decode: bool = False, prefill: bool = False, append_mask_TT=None):
     c = self.config
     out_std = 0.02 / math.sqrt(2 * c.num_layers)  # GPT-2's scaled residual init
     if c.attention == "flash":
+      if append_mask_TT is not None:
+        raise ValueError("append_mask_TT (a tree of drafts) needs the softmax family, not 'flash'")
       return self._flash_block(x_BTD, positions_BT, segment_ids_BT, train, decode, out_std)
     h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, "ln_attn")(x_BTD)
     h_BTD = MultiHeadAttention(
@@ -151,7 +153,8 @@ class Block(nn.Module):
         rerope_leaky_k=c.rerope_leaky_k, implementation=c.attention_impl, use_bias=c.use_bias,
         out_init_std=out_std,
         dtype=c.dtype, param_dtype=c.param_dtype, name="attn")(
-            h_BTD, positions_BT, segment_ids_BT=segment_ids_BT, decode=decode, prefill=prefill)
+            h_BTD, positions_BT, segment_ids_BT=segment_ids_BT, decode=decode, prefill=prefill,
+            append_mask_TT=append_mask_TT)
     x_BTD = x_BTD + nn.Dropout(c.dropout, deterministic=not train)(h_BTD)
     h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, "ln_mlp")(x_BTD)
     h_BTD = MLP(int(c.mlp_ratio * c.width), activation=c.activation, use_bias=c.use_bias,
@@ -197,6 +200,8 @@ class GPT(nn.Module):
   positions_BT (default 0..T-1) are explicit so that packed sequences restart and decoding continues;
   segment_ids_BT restrict attention to a segment; decode=True uses the KV cache ("cache" collection),
   and prefill=True (only on an empty cache) says the tokens are a prompt, attended as a full pass.
+  append_mask_TT (bool [T, T], decode only): which of the T appended tokens each one sees (default
+  causal; a tree of drafts passes ancestors-or-self, see `jaxlab.decoding.speculative`).
   all_heads=True returns logits_BTJV from every head (J = 1 + config.extra_heads; head j predicts
   token t+1+j), with logits_BTJV[:, :, 0] the logits_BTV of all_heads=False.
   """
@@ -206,7 +211,8 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
                segment_ids_BT: Optional[jax.Array] = None, *, train: bool = False,
-               decode: bool = False, prefill: bool = False, all_heads: bool = False) -> jax.Array:
+               decode: bool = False, prefill: bool = False, all_heads: bool = False,
+               append_mask_TT: Optional[jax.Array] = None) -> jax.Array:
     c = self.config
     if tokens_BT.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
@@ -232,10 +238,12 @@ class GPT(nn.Module):
     x_BTD = nn.Dropout(c.dropout, deterministic=not train)(x_BTD)
     for i in range(c.num_layers - 1):
       x_BTD = Block(c, name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, train=train,
-                                          decode=decode, prefill=prefill)
+                                          decode=decode, prefill=prefill,
+                                          append_mask_TT=append_mask_TT)
     trunk_BTD = x_BTD
     x_BTD = Block(c, name=f"block_{c.num_layers - 1}")(trunk_BTD, positions_BT, segment_ids_BT,
-                                                         train=train, decode=decode, prefill=prefill)
+                                                         train=train, decode=decode, prefill=prefill,
+                                                         append_mask_TT=append_mask_TT)
     h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, "ln_final")(x_BTD)
     if c.tie_embeddings:
       logits_BTV = embed.attend(h_BTD).astype(jnp.float32)
@@ -258,7 +266,7 @@ class GPT(nn.Module):
     for j in range(1, c.mtp_heads + 1):
       mtp_block = Block(c, name=f"{MTP_BLOCK_PREFIX}{j}")
       y_BTD = mtp_block(detach(trunk_BTD), positions_BT, segment_ids_BT, train=train, decode=decode,
-                        prefill=prefill)
+                        prefill=prefill, append_mask_TT=append_mask_TT)
       heads.append(unembed_extra(_norm(c.use_bias, c.dtype, c.param_dtype, f"ln_mtp_{j}")(y_BTD)))
     for j in range(1, c.medusa_heads + 1):
       heads.append(unembed_extra(MedusaHead(c.dtype, c.param_dtype, name=f"medusa_{j}")(

@@ -160,6 +160,20 @@ def validate(config, require) -> None:
     require(m.attention in KV_CACHE_FAMILIES,
             f"config.sample.speculative needs an attention family with a KV cache "
             f"{KV_CACHE_FAMILIES}, not config.model.attention={m.attention!r}")
+  if s.draft_tree:
+    require(s.speculative, f"config.sample.draft_tree={s.draft_tree!r} needs "
+                           "config.sample.speculative=True (it is the speculative drafts' tree)")
+    from jaxlab.decoding.draft_tree import DraftTree
+    try:
+      tree = DraftTree.parse(s.draft_tree)
+    except ValueError as e:
+      require(False, f"config.sample.draft_tree: {e}")
+    require(tree.depth <= extra,
+            f"config.sample.draft_tree={s.draft_tree!r} is {tree.depth} deep, more than the "
+            f"{extra} extra heads (config.model.mtp_heads / medusa_heads) that draft its depths")
+    require(tree.is_chain or (m.attention == "softmax" and not m.rerope_window),
+            f"config.sample.draft_tree={s.draft_tree!r} branches, which needs tree attention: "
+            "config.model.attention='softmax' without rerope_window")
 
 
 def validate_devices(config, require) -> None:
@@ -246,14 +260,25 @@ class LMTask:
       try:
         self.check_prompt(s.prompt, "config.sample.prompt")
         if s.speculative:
-          self.check_speculative_length(s.prompt, s.num_tokens, "config.sample.num_tokens")
+          self.check_speculative(s.prompt, s.num_tokens, "config.sample.num_tokens")
       except ValueError as e:
         raise ConfigError(str(e)) from None
 
-  def check_speculative_length(self, prompt: str, num_tokens: int, what: str) -> None:
+  def draft_tree(self):
+    """config.sample.draft_tree as a DraftTree, or None (a chain)."""
+    from jaxlab.decoding.draft_tree import DraftTree
+    spec = self.config.sample.get("draft_tree", "")
+    return DraftTree.parse(spec) if spec else None
+
+  def check_speculative(self, prompt: str, num_tokens: int, what: str) -> None:
     """Speculative decoding keeps every token in the KV cache (no cropping as `generate_long` does),
-    so with learned positions prompt + num_tokens must fit the position table."""
+    so with learned positions prompt + num_tokens must fit the position table; a draft tree's widths
+    must fit the vocabulary (greedy drafts the heads' top-ranked distinct tokens)."""
     c = self.model.config
+    tree = self.draft_tree()
+    if tree is not None and tree.max_rank >= c.vocab_size:
+      raise ValueError(f"config.sample.draft_tree={self.config.sample.draft_tree!r}: a width of "
+                       f"{tree.max_rank + 1} is more than the vocabulary ({c.vocab_size} tokens)")
     if c.position != "learned":
       return
     prompt_len = len(self.vocab.encode(prompt or "\n"))
@@ -361,12 +386,15 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
   key = jax.random.PRNGKey(seed)
   if speculative:
     from jaxlab.decoding.speculative import speculative_generate
-    task.check_speculative_length(prompt, num_tokens, "num_tokens")
+    task.check_speculative(prompt, num_tokens, "num_tokens")
+    tree = task.draft_tree()
     tokens, steps = speculative_generate(task.model, params, ids, key, num_tokens=num_tokens,
-                                         temperature=temperature, top_k=top_k, top_p=top_p)
+                                         temperature=temperature, top_k=top_k, top_p=top_p,
+                                         tree=tree)
     if num_tokens > 1:
-      print(f"jaxlab: speculative decoding: {num_tokens} tokens in 1 + {int(steps)} passes "
-            f"({(num_tokens - 1) / max(int(steps), 1):.2f} tokens per pass after the first)",
+      drafts = f"a tree of {tree.size} candidates" if tree else "one candidate per head"
+      print(f"jaxlab: speculative decoding ({drafts}): {num_tokens} tokens in 1 + {int(steps)} "
+            f"passes ({(num_tokens - 1) / max(int(steps), 1):.2f} tokens per pass after the first)",
             file=sys.stderr, flush=True)
   else:
     from jaxlab.decoding.sampling import generate_long

@@ -13,6 +13,7 @@ import pytest
 import scipy.stats
 
 from jaxlab import positions
+from jaxlab.decoding.draft_tree import DraftTree
 from jaxlab.decoding.sampling import filter_logits, generate
 from jaxlab.decoding.speculative import speculative_generate
 from jaxlab.models.gpt import GPT, GPTConfig
@@ -64,6 +65,12 @@ def test_greedy_speculative_decoding_is_greedy_decoding(name, kw):
   one, _ = speculative_generate(model, params, prompt[:1], jax.random.key(0), num_tokens=1,
                                 temperature=0.0)
   np.testing.assert_array_equal(one, want[:1, :4])
+  if model.config.attention == "softmax":  # a tree of candidates (tree attention), too
+    tree = DraftTree.product((3, 2)[:model.config.extra_heads])
+    got_tree, tree_steps = speculative_generate(model, params, prompt, jax.random.key(0),
+                                                num_tokens=30, temperature=0.0, tree=tree)
+    np.testing.assert_array_equal(got_tree, want)
+    assert int(tree_steps) <= int(steps)  # (for these parameters: more candidates, fewer passes)
 
 
 def _cyclic_model(kw, steps=150):
@@ -106,6 +113,12 @@ def test_heads_that_predict_well_cut_the_passes():
   _, sampled_steps = speculative_generate(model, params, prompt, jax.random.key(1), num_tokens=25,
                                           temperature=0.5)
   assert int(sampled_steps) <= -(-24 // (k + 1)) + 2
+  # A tree whose first candidates are right: the same output and passes.
+  got_tree, tree_steps = speculative_generate(model, params, prompt, jax.random.key(0),
+                                              num_tokens=25, temperature=0.0,
+                                              tree=DraftTree.product((2, 2, 1)))
+  np.testing.assert_array_equal(got_tree, want)
+  assert int(tree_steps) == int(steps)
 
 
 def _exact_distribution(model, params, prompt, n, temperature, top_k, top_p):
@@ -120,8 +133,10 @@ def _exact_distribution(model, params, prompt, n, temperature, top_k, top_p):
   return conts, np.exp(np.asarray(picked.sum(axis=1), np.float64))
 
 
-SAMPLED = [("medusa", dict(medusa_heads=2), 1.0, 0, 1.0),
-           ("mtp-topk-topp", dict(mtp_heads=2), 0.8, 3, 0.9)]
+# The second draws from a tree (multi-step speculative sampling: up to 3 candidates per node).
+SAMPLED = [("medusa", dict(medusa_heads=2), 1.0, 0, 1.0, None),
+           ("mtp-topk-topp-tree", dict(mtp_heads=2), 0.8, 3, 0.9,
+            DraftTree(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0))))]
 
 
 def _chi2_p_value(tokens_BL, conts, exact, prompt_len):
@@ -137,12 +152,15 @@ def _chi2_p_value(tokens_BL, conts, exact, prompt_len):
   return scipy.stats.chi2.sf(chi2, seen.sum() - 1)
 
 
-@pytest.mark.parametrize("name,kw,temperature,top_k,top_p", SAMPLED, ids=[s[0] for s in SAMPLED])
-def test_speculative_sampling_has_the_models_distribution(name, kw, temperature, top_k, top_p):
+@pytest.mark.parametrize("name,kw,temperature,top_k,top_p,tree", SAMPLED,
+                         ids=[s[0] for s in SAMPLED])
+def test_speculative_sampling_has_the_models_distribution(name, kw, temperature, top_k, top_p,
+                                                          tree):
   """6,000 continuations of 4 tokens (vocabulary 4: up to 256 outcomes) against the exact
   probabilities, one row at a time and as rows of one batch (one shared cache index). Drafts are
-  both accepted and rejected. (Two wrong samplers fail this test: one drawing the replacement of a
-  rejected draft from p instead of max(p - q, 0), one ignoring a row's own kept draft in a batch.)"""
+  both accepted and rejected. (Wrong samplers fail this test: one drawing the replacement of a
+  rejected draft from p instead of max(p - q, 0), one ignoring a row's own kept draft in a batch,
+  one trying a node's next candidate against p instead of the residual.)"""
   model = gpt(**{**kw, "vocab_size": 4})
   params = _sharp_params(model, seed=3, scale=3.0)
   prompt = jnp.asarray([[1, 2]])
@@ -150,7 +168,7 @@ def test_speculative_sampling_has_the_models_distribution(name, kw, temperature,
   conts, exact = _exact_distribution(model, params, prompt, n, temperature, top_k, top_p)
   one_row = jax.vmap(lambda key: speculative_generate(
       model, params, prompt, key, num_tokens=n, temperature=temperature, top_k=top_k,
-      top_p=top_p))
+      top_p=top_p, tree=tree))
   tokens, steps = one_row(jax.random.split(jax.random.key(0), draws))
   steps = np.asarray(steps)
   assert steps.min() < n - 1 <= steps.max()  # some passes accepted drafts, some accepted none
@@ -159,7 +177,7 @@ def test_speculative_sampling_has_the_models_distribution(name, kw, temperature,
   rows = 3
   three_rows = jax.vmap(lambda key: speculative_generate(
       model, params, jnp.broadcast_to(prompt, (rows, 2)), key, num_tokens=n,
-      temperature=temperature, top_k=top_k, top_p=top_p))
+      temperature=temperature, top_k=top_k, top_p=top_p, tree=tree))
   batch, batch_steps = three_rows(jax.random.split(jax.random.key(1), draws // rows))
   assert np.asarray(batch_steps).min() < n - 1  # some batches kept drafts in every row
   assert _chi2_p_value(batch.reshape(-1, 2 + n), conts, exact, 2) > 1e-3
@@ -173,6 +191,17 @@ def test_speculative_decoding_refuses_what_it_cannot_do():
   linear = gpt(medusa_heads=2, attention="linear")
   with pytest.raises(ValueError, match="KV cache"):
     speculative_generate(linear, _sharp_params(linear), prompt, jax.random.key(0), num_tokens=4)
+  medusa = gpt(medusa_heads=2)
+  with pytest.raises(ValueError, match="3 deep, but the model has 2 extra heads"):
+    speculative_generate(medusa, _sharp_params(medusa), prompt, jax.random.key(0), num_tokens=4,
+                         tree=DraftTree.chain(3))
+  with pytest.raises(ValueError, match="beyond the vocabulary"):
+    speculative_generate(medusa, _sharp_params(medusa), prompt, jax.random.key(0), num_tokens=4,
+                         tree=DraftTree.product((8,)))
+  local = gpt(medusa_heads=2, attention="local", attention_window=3)
+  with pytest.raises(ValueError, match="softmax attention family"):
+    speculative_generate(local, _sharp_params(local), prompt, jax.random.key(0), num_tokens=4,
+                         tree=DraftTree.product((2,)))
   learned = gpt(medusa_heads=2, position="learned", max_len=10)
   params = _sharp_params(learned)
   with pytest.raises(ValueError, match="max_len=10"):

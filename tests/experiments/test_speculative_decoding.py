@@ -23,8 +23,15 @@ def test_tiny_run_writes_the_table(tmp_path, experiment):
   assert len(medusa["head_accuracy"]) == 4 and all(0 <= a <= 1 for a in medusa["head_accuracy"])
   # Medusa-1 heads leave the next-token model alone: the same validation loss as the baseline.
   assert medusa["val_loss"] == pytest.approx(base["val_loss"], rel=1e-6)
+  ranks = medusa["rank_accuracy"]  # [3 heads][8 ranks], the first of them the top-1 accuracy
+  assert len(ranks) == 3 and all(len(r) == 8 for r in ranks) and all(sum(r) <= 1 for r in ranks)
+  assert [r[0] for r in ranks] == pytest.approx(medusa["head_accuracy"][1:])
+  assert len(medusa["tree"]["paths"]) == 16
   greedy = medusa["greedy"]
-  assert greedy["identical_to_greedy"] and 1 <= greedy["tokens_per_pass"] <= 4
-  assert greedy["ms_per_token_plain"] > 0 and greedy["ms_per_token_speculative"] > 0
+  assert greedy["ms_per_token_plain"] > 0
+  for name in ("chain", "tree"):
+    assert greedy[name]["identical_to_greedy"] and 1 <= greedy[name]["tokens_per_pass"] <= 4
+    assert greedy[name]["ms_per_token"] > 0 and medusa["t0.8"][name]["ms_per_token"] > 0
   md = (tmp_path / "tiny.md").read_text()
-  assert "| medusa1 | " in md and "identical to greedy decoding for every prompt: medusa1" in md
+  assert "| medusa1 | tree of 16 (" in md
+  assert "identical to greedy decoding for every prompt: medusa1 (chain), medusa1 (tree)" in md

@@ -56,6 +56,17 @@ def test_lm_loss_adds_the_heads_and_eval_scores_only_the_next_token(tiny_lm_conf
     (("--config.model.heads_loss_decay=0.8",), "config.model.heads_loss_decay"),
     (("--config.model.medusa_heads=1", "--config.model.heads_loss_decay=True"),
      "config.model.heads_loss_decay"),
+    (("--config.model.medusa_heads=2", "--config.sample.draft_tree=2,2"),
+     "config.sample.speculative=True"),
+    (("--config.model.medusa_heads=2", "--config.sample.speculative=True",
+      "--config.sample.draft_tree=2,x"), "config.sample.draft_tree"),
+    (("--config.model.medusa_heads=2", "--config.sample.speculative=True",
+      "--config.sample.draft_tree=2,2,2"), "config.sample.draft_tree='2,2,2' is 3 deep"),
+    (("--config.model.medusa_heads=2", "--config.sample.speculative=True",
+      "--config.model.attention=local", "--config.sample.draft_tree=2,1"),
+     "config.sample.draft_tree='2,1' branches"),
+    (("--config.model.medusa_heads=1", "--config.sample.speculative=True",
+      "--config.sample.draft_tree=999"), "config.sample.draft_tree='999'"),
 ])
 def test_bad_head_configs_name_the_key(tiny_lm_config, overrides, key):
   with pytest.raises(ConfigError) as e:
@@ -69,15 +80,25 @@ def test_cli_trains_heads_and_samples_speculatively(tiny_cli_overrides, tmp_path
   common = tiny_cli_overrides + ["--config.model.mtp_heads=2", "--config.sample.speculative=True"]
   assert cli.main(["train", "lm_char", "--workdir", str(workdir), "--no-progress"] + common) == 0
   captured = capsys.readouterr()
-  assert "sample" in captured.out and "speculative decoding: 20 tokens" in captured.err
+  assert "sample" in captured.out and "(one candidate per head): 20 tokens" in captured.err
   texts = []
   for flags in (["--config.sample.speculative=False"], ["--speculative"]):
     assert cli.main(["sample", str(workdir), "--prompt", "cat ", "--num-tokens", "12",
                      "--temperature", "0", *flags]) == 0
     captured = capsys.readouterr()
-    assert ("speculative decoding: 12 tokens" in captured.err) == (flags == ["--speculative"])
+    assert ("speculative decoding (one candidate per head): 12 tokens" in captured.err) == (
+        flags == ["--speculative"])
     texts.append(captured.out)
   assert texts[0] == texts[1] and texts[0].startswith("cat ")
+  # A tree of drafts (--draft-tree implies --speculative): greedy decoding's text again.
+  assert cli.main(["sample", str(workdir), "--prompt", "cat ", "--num-tokens", "12",
+                   "--temperature", "0", "--draft-tree", "3,2"]) == 0
+  captured = capsys.readouterr()
+  assert "speculative decoding (a tree of 9 candidates): 12 tokens" in captured.err
+  assert captured.out == texts[0]
+  assert cli.main(["sample", str(workdir), "--draft-tree", "3,2,2"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "config.sample.draft_tree='3,2,2' is 3 deep" in err[0], err
 
 
 def test_medusa1_heads_leave_the_next_token_model_exactly_as_without_them(tiny_lm_config, tmp_path):

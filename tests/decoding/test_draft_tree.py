@@ -1,0 +1,135 @@
+"""Draft trees: their structure, Medusa's best-first sparse tree, and tree attention: one cached pass
+over a tree of candidates gives every node the logits of a full pass over its own path."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab import positions
+from jaxlab.decoding.draft_tree import DraftTree
+from jaxlab.decoding.sampling import init_cache
+from jaxlab.decoding.speculative import _keep_path, _rewind
+from jaxlab.models.gpt import GPT, GPTConfig
+
+
+def test_product_tree_structure():
+  tree = DraftTree.product((2, 3))
+  assert tree.size == 2 + 6 and tree.depth == 2 and not tree.is_chain and tree.max_rank == 2
+  assert tree.paths[:3] == ((0,), (1,), (0, 0))  # by depth, then ranks
+  np.testing.assert_array_equal(tree.depth_T, [0, 1, 1, 2, 2, 2, 2, 2, 2])
+  np.testing.assert_array_equal(tree.parent_T, [0, 0, 0, 1, 1, 1, 2, 2, 2])
+  np.testing.assert_array_equal(tree.rank_T, [0, 0, 1, 0, 1, 2, 0, 1, 2])
+  np.testing.assert_array_equal(tree.children_TC[:3], [[1, 2, -1], [3, 4, 5], [6, 7, 8]])
+  assert np.all(tree.children_TC[3:] == -1)
+  anc = tree.ancestors_TT
+  # Node (1, 2) (block index 8) sees the root, (1,) and itself; (0,) sees the root and itself.
+  np.testing.assert_array_equal(np.flatnonzero(anc[8]), [0, 2, 8])
+  np.testing.assert_array_equal(np.flatnonzero(anc[1]), [0, 1])
+  assert np.all(np.tril(anc) == anc)  # an ancestor comes before its descendants
+  assert DraftTree.parse("2,3") == tree and hash(DraftTree.parse("2,3")) == hash(tree)
+  assert DraftTree(tuple(reversed(tree.paths))) == tree  # order of the nodes given is irrelevant
+
+
+def test_chain_is_the_tree_with_one_candidate_per_depth():
+  chain = DraftTree.chain(3)
+  assert chain.is_chain and chain == DraftTree.product((1, 1, 1)) and chain.size == 3
+  np.testing.assert_array_equal(chain.ancestors_TT, np.tril(np.ones((4, 4), bool)))
+  assert not DraftTree(((0,), (1,))).is_chain and not DraftTree(((0,), (0, 1))).is_chain
+
+
+@pytest.mark.parametrize("paths,match", [
+    ((), "at least one node"),
+    (((0,), (0, 0), (0, 0)), "distinct"),
+    (((0,), (1, 0)), r"no parent \(1,\)"),
+    (((0,), (-1,)), "ranks"),
+    (((),), "non-empty"),
+    (((0.5,),), "ranks"),
+])
+def test_bad_trees_are_refused(paths, match):
+  with pytest.raises(ValueError, match=match):
+    DraftTree(paths)
+
+
+@pytest.mark.parametrize("spec", ["", "3,x", "2,0", "-1"])
+def test_bad_tree_specs_are_refused(spec):
+  with pytest.raises(ValueError, match="draft tree"):
+    DraftTree.parse(spec)
+
+
+def test_sparse_tree_holds_the_likeliest_nodes():
+  accuracy = np.asarray([[0.6, 0.3], [0.5, 0.25], [0.4, 0.1]])
+  tree = DraftTree.from_accuracies(accuracy, 6)
+  full = DraftTree.product((2, 2, 2))
+  prob = {p: np.prod([accuracy[d, r] for d, r in enumerate(p)]) for p in full.paths}
+  best = sorted(prob.values(), reverse=True)[:6]
+  np.testing.assert_allclose(sorted((prob[p] for p in tree.paths), reverse=True), best)
+  assert tree.expected_accepted(accuracy) == pytest.approx(sum(best))
+  assert (0,) in tree.paths and (0, 0) in tree.paths and (0, 0, 0) in tree.paths
+  # No prefix-closed tree of 6 nodes from the full one expects more (every 6-subset checked).
+  closed = [s for s in itertools.combinations(full.paths, 6)
+            if all(len(p) == 1 or p[:-1] in s for p in s)]
+  assert max(sum(prob[p] for p in s) for s in closed) == pytest.approx(sum(best))
+  with pytest.raises(ValueError, match="accuracy_DR"):
+    DraftTree.from_accuracies([0.5, 0.2], 3)
+
+
+# Tree attention at the model level: every position encoding whose cache path differs, and MTP
+# blocks (which have caches of their own).
+CASES = [("rope", dict(medusa_heads=2)),
+         ("alibi-mtp", dict(mtp_heads=2, position="alibi")),
+         ("t5", dict(medusa_heads=2, position="t5")),
+         ("learned", dict(medusa_heads=2, position="learned")),
+         ("xpos-qknorm", dict(mtp_heads=1, position="xpos", qk_norm=True)),
+         ("dynamic_ntk", dict(medusa_heads=2, rope_scaling=positions.RopeScaling(
+             "dynamic_ntk", 2.0, original_max_len=4)))]
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
+def test_tree_pass_gives_each_node_the_logits_of_its_own_path(name, kw):
+  model = GPT(GPTConfig(**{**dict(vocab_size=11, num_layers=2, width=16, num_heads=2,
+                                  num_kv_heads=1, max_len=24), **kw}))
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  rng = np.random.default_rng(0)
+  prompt = jnp.asarray(rng.integers(0, 11, (2, 6)), jnp.int32)
+  tree = DraftTree(((0,), (1,), (2,), (0, 0), (0, 1), (2, 0), (0, 0, 0), (2, 0, 0)))
+  nodes = jnp.asarray(rng.integers(0, 11, (2, tree.size + 1)), jnp.int32)  # root + candidates
+  positions_BT = jnp.broadcast_to(6 + jnp.asarray(tree.depth_T), nodes.shape)
+  cache = init_cache(model, 2, 6 + tree.size + 1)
+  apply = lambda cache, x, pos, **kw: model.apply({"params": params, "cache": cache}, x, pos,
+                                                  decode=True, all_heads=True, mutable=["cache"],
+                                                  **kw)
+  _, mutated = apply(cache, prompt, jnp.broadcast_to(jnp.arange(6), (2, 6)), prefill=True)
+  tree_logits, after = apply(mutated["cache"], nodes, positions_BT,
+                             append_mask_TT=jnp.asarray(tree.ancestors_TT))
+  for i in range(tree.size + 1):
+    path = np.flatnonzero(tree.ancestors_TT[i])  # root .. node i
+    full = model.apply({"params": params}, jnp.concatenate([prompt, nodes[:, path]], axis=1),
+                       all_heads=True)
+    np.testing.assert_allclose(tree_logits[:, i], full[:, -1], atol=2e-5, rtol=2e-5,
+                               err_msg=f"node {i}")
+  # Keeping the path root -> (2,) -> (2, 0) (block indices 0, 3, 6) in row 0 and root -> (0,) in
+  # row 1, then decoding one more token, equals the full pass over that path.
+  path_BP = jnp.asarray([[0, 3, 6, 8], [0, 1, 0, 0]], jnp.int32)
+  kept = _rewind(_keep_path(after["cache"], jnp.asarray(6), path_BP, tree.size + 1), 6 + 3)
+  nxt = jnp.asarray([[5], [7]], jnp.int32)
+  step_logits, _ = apply(kept, nxt, jnp.full((2, 1), 9, jnp.int32))
+  full = model.apply({"params": params}, jnp.concatenate(
+      [prompt[:1], nodes[:1, np.asarray([0, 3, 6])], nxt[:1]], axis=1), all_heads=True)
+  np.testing.assert_allclose(step_logits[0, 0], full[0, -1], atol=2e-5, rtol=2e-5)
+
+
+def test_append_mask_is_refused_where_it_does_not_apply():
+  mask = jnp.tril(jnp.ones((3, 3), bool))
+  local = GPT(GPTConfig(vocab_size=5, num_layers=1, width=8, num_heads=2, num_kv_heads=2,
+                        max_len=8, attention="local", attention_window=2))
+  params = local.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
+  cache = init_cache(local, 1, 8, all_heads=False)
+  with pytest.raises(ValueError, match="softmax family"):
+    local.apply({"params": params, "cache": cache}, jnp.zeros((1, 3), jnp.int32), decode=True,
+                append_mask_TT=mask, mutable=["cache"])
+  with pytest.raises(ValueError, match="decode=False"):
+    local.apply({"params": params}, jnp.zeros((1, 3), jnp.int32), append_mask_TT=mask)
