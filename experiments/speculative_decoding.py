@@ -129,8 +129,9 @@ def _head_accuracy(task, params) -> tuple[list[float], list[list[float]]]:
 
 
 def _decoding(task, params, prompts: int, tree) -> dict:
-  """Tokens per pass and ms per token, ordinary vs speculative decoding (a chain, and `tree`),
-  batch 1."""
+  """Tokens per pass and ms per token, ordinary vs speculative decoding (a chain, and `tree`; at T=0.8
+  also with typical acceptance), batch 1; at T=0.8 the mean log-probability per new token of each
+  decoder's text under the model's T=0.8 distribution (typical acceptance is not exact: it shows)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -139,42 +140,64 @@ def _decoding(task, params, prompts: int, tree) -> dict:
 
   text = np.asarray(task.corpus.validation)
   starts = np.linspace(0, len(text) - PROMPT_CHARS - 1, prompts).astype(int)
-  model, key = task.model, jax.random.key(0)
+  model = task.model
 
-  def timed(fn, prompt):
+  def timed(fn, prompt, key):
     start = time.perf_counter()
-    result = jax.block_until_ready(fn(prompt))
+    result = jax.block_until_ready(fn(prompt, key))
     return result, (time.perf_counter() - start) * 1e3 / NEW_TOKENS
 
-  plain = lambda t: lambda p: generate(model, params, p, key, num_tokens=NEW_TOKENS, temperature=t)
-  spec = lambda t, tree: lambda p: speculative_generate(
-      model, params, p, key, num_tokens=NEW_TOKENS, temperature=t, tree=tree)
+  @jax.jit
+  def mean_logp(tokens_BL, temperature):
+    logits = model.apply({"params": params}, tokens_BL[:, :-1])[:, PROMPT_CHARS - 1:]
+    logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+    return jnp.take_along_axis(logp, tokens_BL[:, PROMPT_CHARS:, None], axis=-1).mean()
+
+  def plain(t):
+    return lambda p, k: (generate(model, params, p, k, num_tokens=NEW_TOKENS, temperature=t), None)
+
+  def spec(t, tree, acceptance="exact"):
+    return lambda p, k: speculative_generate(model, params, p, k, num_tokens=NEW_TOKENS,
+                                             temperature=t, tree=tree, acceptance=acceptance)
+
   out = {}
   for label, temperature in (("greedy", 0.0), ("t0.8", 0.8)):
     fns = {"plain": plain(temperature), "chain": spec(temperature, None),
            "tree": spec(temperature, tree)}
+    if temperature > 0:
+      fns.update(chain_typical=spec(temperature, None, "typical"),
+                 tree_typical=spec(temperature, tree, "typical"))
     first = jnp.asarray(text[starts[0]:starts[0] + PROMPT_CHARS])[None]
     for fn in fns.values():  # compile
-      jax.block_until_ready(fn(first))
+      jax.block_until_ready(fn(first, jax.random.key(0)))
     ms = {name: [] for name in fns}
-    passes = {"chain": [], "tree": []}
+    passes = {name: [] for name in fns if name != "plain"}
+    logps = {name: [] for name in fns}
     identical = {"chain": True, "tree": True}
-    for s in starts:
-      prompt = jnp.asarray(text[s:s + PROMPT_CHARS])[None]
-      want, t_plain = timed(fns["plain"], prompt)
+    for i, s in enumerate(starts):
+      prompt, key = jnp.asarray(text[s:s + PROMPT_CHARS])[None], jax.random.key(i)
+      (want, _), t_plain = timed(fns["plain"], prompt, key)
       ms["plain"].append(t_plain)
-      for name in ("chain", "tree"):
-        (got, steps), t_spec = timed(fns[name], prompt)
+      if temperature > 0:
+        logps["plain"].append(float(mean_logp(want, temperature)))
+      for name in passes:
+        (got, steps), t_spec = timed(fns[name], prompt, key)
         ms[name].append(t_spec)
         passes[name].append(1 + int(steps))
         if temperature == 0.0:
           identical[name] &= bool((np.asarray(got) == np.asarray(want)).all())
+        else:
+          logps[name].append(float(mean_logp(got, temperature)))
     out[label] = {"ms_per_token_plain": float(np.median(ms["plain"]))}
-    for name in ("chain", "tree"):
+    if temperature > 0:
+      out[label]["logp_plain"] = float(np.mean(logps["plain"]))
+    for name in passes:
       out[label][name] = {"tokens_per_pass": NEW_TOKENS * len(starts) / sum(passes[name]),
                           "ms_per_token": float(np.median(ms[name]))}
       if temperature == 0.0:
         out[label][name]["identical_to_greedy"] = identical[name]
+      else:
+        out[label][name]["logp"] = float(np.mean(logps[name]))
   return out
 
 
@@ -199,29 +222,37 @@ def _table(results: list[dict], device: str, steps: int, prompts: int) -> str:
       f"Decoding: batch 1, {prompts} prompts of {PROMPT_CHARS} validation characters, {NEW_TOKENS} "
       "new tokens. Drafts: one candidate per head (chain), or Medusa's sparse tree of "
       f"{TREE_NODES} candidates chosen from each head's rank accuracies on the validation batches "
-      "(expected accepted drafts per pass in brackets, if the heads erred independently; at T=0.8 "
-      "rank r is the (r+1)-th independent draw, so the tree fits greedy drafting best). Tokens per "
-      "pass count the prompt's prefill as a pass; ms/token is the median over the prompts, "
-      "compilation excluded, ordinary and speculative decoding timed alternately in one process; "
-      "speed-up = ordinary / speculative.",
+      "(expected accepted drafts per pass in brackets, if the heads erred independently; with exact "
+      "sampling rank r is the (r+1)-th independent draw, so the tree fits greedy drafting best). "
+      "Acceptance at T=0.8: exact (speculative sampling, the model's distribution) or typical "
+      "(Medusa-2, epsilon 0.09, delta 0.3: not exact). Tokens per pass count the prompt's prefill "
+      "as a pass; ms/token is the median over the prompts, compilation excluded, all decoders timed "
+      "in turn on each prompt in one process; speed-up = ordinary / speculative. log p: the mean "
+      "log-probability per new token of the sampled text under the model at T=0.8 (ordinary "
+      "sampling's expectation is minus the entropy; a decoder that favours likely tokens scores "
+      "higher).",
       "",
-      "| variant | drafts | greedy: tokens/pass | greedy: ms/token (speed-up) | T=0.8: tokens/pass | "
-      "T=0.8: ms/token (speed-up) |",
-      "| --- | --- | --- | --- | --- | --- |",
+      "| variant | drafts | greedy: tokens/pass | greedy: ms/token (speed-up) | T=0.8 exact: "
+      "tokens/pass | T=0.8 exact: ms/token (speed-up) | T=0.8 exact: log p | T=0.8 typical: "
+      "tokens/pass | T=0.8 typical: ms/token (speed-up) | T=0.8 typical: log p |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for r in results:
     if "greedy" not in r:
       continue
-    plain = [f"{r[label]['ms_per_token_plain']:.2f}" for label in ("greedy", "t0.8")]
-    lines.append(f"| {r['variant']} | none (ordinary decoding) | 1 | {plain[0]} | 1 | {plain[1]} |")
+    g, t = r["greedy"], r["t0.8"]
+    lines.append(f"| {r['variant']} | none (ordinary decoding) | 1 | {g['ms_per_token_plain']:.2f} "
+                 f"| 1 | {t['ms_per_token_plain']:.2f} | {t['logp_plain']:.3f} | - | - | - |")
     for name in ("chain", "tree"):
       drafts = (f"chain of {len(r['head_accuracy']) - 1}" if name == "chain" else
                 f"tree of {len(r['tree']['paths'])} ({r['tree']['expected_accepted']:.2f})")
       cells = [r["variant"], drafts]
-      for label in ("greedy", "t0.8"):
-        d = r[label][name]
+      for label, key in (("greedy", name), ("t0.8", name), ("t0.8", f"{name}_typical")):
+        d = r[label][key]
         ratio = r[label]["ms_per_token_plain"] / d["ms_per_token"]
         cells += [f"{d['tokens_per_pass']:.2f}", f"{d['ms_per_token']:.2f} ({ratio:.2f}x)"]
+        if "logp" in d:
+          cells.append(f"{d['logp']:.3f}")
       lines.append("| " + " | ".join(cells) + " |")
   same = [f"{r['variant']} ({name})" for r in results for name in ("chain", "tree")
           if r.get("greedy", {}).get(name, {}).get("identical_to_greedy")]

@@ -119,4 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
   # speculative: "" = one candidate per extra head (a chain); "3,2,1" = a tree of the top 3 of head 1
   # x the top 2 of head 2 x the top 1 of head 3 (tree attention; softmax family)
   c.sample.draft_tree = ""
+  # speculative: "exact" (greedy decoding / the model's distribution) or "typical" (temperature > 0:
+  # Medusa-2's typical acceptance, keeps p(x) > min(epsilon, delta * exp(-entropy)); not exact)
+  c.sample.acceptance = "exact"
+  c.sample.typical_epsilon = 0.09
+  c.sample.typical_delta = 0.3
   return c

@@ -20,6 +20,13 @@ every candidate. Candidates are accepted from the root:
     norm(max(p - q, 0)); when no child is kept the next token is drawn from that p (or from the
     target when the path reaches a leaf). The output has exactly the distribution of ordinary
     sampling with the same temperature / top-k / top-p.
+  * temperature > 0 with acceptance="typical": Medusa-2's typical acceptance (Cai et al. 2024, sec.
+    2.3.1), an approximation that trades exactness for longer accepted paths: the candidates are the
+    heads' top-ranked tokens (as for greedy), a node x under parent u is plausible when
+    p_u(x) > min(epsilon, delta * exp(-H(p_u))) (p_u the target after u, H its entropy), the deepest
+    node whose whole path is plausible is kept (the first in rank order among equals), and the next
+    token is drawn from the target after it. Not the model's distribution: tokens the model finds
+    plausible but unlikely are kept more often than sampling would keep them.
 The first token after the accepted path becomes the next y, so every step yields 1 to depth + 1
 tokens for one forward pass; a tree's accepted path is moved to consecutive cache slots. Rows of a
 batch share one cache index: each step keeps the fewest tokens any row accepted (for a row that
@@ -121,6 +128,25 @@ def _accept_greedy(tree: DraftTree, tokens_BT, target_BTV):
   return path_BP, depth_B
 
 
+def _accept_typical(tree: DraftTree, tokens_BT, p_BTV, epsilon: float, delta: float):
+  """Typical acceptance (module docstring) -> (path_BP, depth_B) as `_accept_greedy`."""
+  logp_BTV = jnp.log(jnp.where(p_BTV > 0, p_BTV, 1.0))
+  entropy_BT = -jnp.sum(p_BTV * logp_BTV, axis=-1)
+  threshold_BT = jnp.minimum(epsilon, delta * jnp.exp(-entropy_BT))
+  parent_T = jnp.asarray(tree.parent_T)
+  p_node_BT = jnp.take_along_axis(p_BTV[:, parent_T], tokens_BT[..., None], axis=-1)[..., 0]
+  plausible_BT = (p_node_BT > threshold_BT[:, parent_T]).at[:, 0].set(True)
+  ancestors_TT = jnp.asarray(tree.ancestors_TT)
+  ok_BT = jnp.all(jnp.where(ancestors_TT[None], plausible_BT[:, None, :], True), axis=-1)
+  depth_T = jnp.asarray(tree.depth_T)
+  chosen_B = jnp.argmax(jnp.where(ok_BT, depth_T, -1), axis=-1)  # the first of the deepest
+  on_path_BT = ancestors_TT[chosen_B]
+  path_BP = jnp.argmax(on_path_BT[:, None, :] & (depth_T[None, None, :] ==
+                                                 jnp.arange(tree.depth + 1)[None, :, None]),
+                       axis=-1).astype(jnp.int32)
+  return path_BP, depth_T[chosen_B].astype(jnp.int32)
+
+
 def _accept_sampled(tree: DraftTree, tokens_BT, p_BTV, q_BDV, key):
   """Multi-step speculative sampling down the tree (SpecInfer, Miao et al. 2024, alg. 2; Leviathan
   et al. 2023 for one child): at an accepted node with target p, its children c_1, c_2, ...
@@ -162,14 +188,22 @@ def _accept_sampled(tree: DraftTree, tokens_BT, p_BTV, q_BDV, key):
   return path_BP, depth_B, _draw(keys[-1], p_BV)
 
 
+ACCEPTANCE = ("exact", "typical")
+
+
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p",
-                                             "tree"))
+                                             "tree", "acceptance", "typical_epsilon",
+                                             "typical_delta"))
 def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens: int,
                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                         tree: Optional[DraftTree] = None) -> tuple[jax.Array, jax.Array]:
+                         tree: Optional[DraftTree] = None, acceptance: str = "exact",
+                         typical_epsilon: float = 0.09,
+                         typical_delta: float = 0.3) -> tuple[jax.Array, jax.Array]:
   """Continues prompt_BP (int [B, P], P >= 1) by `num_tokens` tokens, drafting with the model's K extra
   heads (module docstring): one candidate per head (tree=None, a chain) or a DraftTree of candidates
-  (depth <= K) verified in one pass with tree attention.
+  (depth <= K) verified in one pass with tree attention. acceptance="exact" (greedy decoding at
+  temperature 0, else speculative sampling: the model's distribution) or "typical" (temperature > 0:
+  Medusa's typical acceptance with thresholds typical_epsilon and typical_delta, not exact).
 
   Returns (tokens int32 [B, P + num_tokens], steps): `steps` is the number of verification passes
   after the prompt's prefill, which yields the first token (ordinary cached decoding needs one pass per
@@ -193,6 +227,13 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
     raise ValueError(f"prompt ({p}) + num_tokens ({num_tokens}) = {total} exceeds the learned "
                      f"position table (max_len={model.config.max_len})")
   greedy = temperature == 0.0
+  if acceptance not in ACCEPTANCE:
+    raise ValueError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
+  typical = acceptance == "typical"
+  if typical and (greedy or not typical_epsilon >= 0 or not typical_delta >= 0):
+    raise ValueError("typical acceptance needs temperature > 0 (at 0, greedy acceptance is exact) "
+                     f"and thresholds >= 0; got temperature={temperature}, "
+                     f"typical_epsilon={typical_epsilon}, typical_delta={typical_delta}")
   probs = functools.partial(_probs, temperature=temperature, top_k=top_k, top_p=top_p)
   prompt_BP = prompt_BP.astype(jnp.int32)
   append_mask_TT = None if tree.is_chain else jnp.asarray(tree.ancestors_TT)
@@ -222,7 +263,7 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   def step(state):
     cache, heads_BJV, y_B, out_BL, n, key, steps = state  # tokens 0..n cached; y_B is token n + 1
     key, k_draft, k_accept = jax.random.split(key, 3)
-    if greedy:  # node (.., r) at depth d: head d's (r+1)-th most likely token
+    if greedy or typical:  # node (.., r) at depth d: head d's (r+1)-th most likely token
       ranked_BDR = jax.lax.top_k(heads_BJV[:, 1:depth + 1], tree.max_rank + 1)[1]
       drafts_BM = ranked_BDR[:, node_depth_M, node_rank_M].astype(jnp.int32)
     else:  # every node an independent draw from its depth's head
@@ -234,6 +275,10 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
     target_BTV = logits_BTJV[:, :, 0]  # the next-token logits after each node
     if greedy:
       path_BP, accepted_B = _accept_greedy(tree, x_BT, target_BTV)
+    elif typical:
+      p_BTV = probs(target_BTV)
+      path_BP, accepted_B = _accept_typical(tree, x_BT, p_BTV, typical_epsilon, typical_delta)
+      drawn_B = _draw(k_accept, _rows(p_BTV, _rows(path_BP, accepted_B)))
     else:
       path_BP, accepted_B, drawn_B = _accept_sampled(tree, x_BT, probs(target_BTV), q_BDV,
                                                      k_accept)

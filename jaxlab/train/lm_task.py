@@ -174,6 +174,16 @@ def validate(config, require) -> None:
     require(tree.is_chain or (m.attention == "softmax" and not m.rerope_window),
             f"config.sample.draft_tree={s.draft_tree!r} branches, which needs tree attention: "
             "config.model.attention='softmax' without rerope_window")
+  from jaxlab.decoding.speculative import ACCEPTANCE
+  require(s.acceptance in ACCEPTANCE,
+          f"config.sample.acceptance={s.acceptance!r} must be one of {ACCEPTANCE}")
+  if s.acceptance == "typical":
+    require(s.speculative, "config.sample.acceptance='typical' needs config.sample.speculative=True")
+    require(s.temperature > 0, "config.sample.acceptance='typical' needs config.sample.temperature "
+                               "> 0 (at 0 speculative decoding is greedy decoding, exactly)")
+    for key in ("typical_epsilon", "typical_delta"):
+      require(math.isfinite(s[key]) and s[key] >= 0,
+              f"config.sample.{key}={s[key]!r} must be a finite number >= 0")
 
 
 def validate_devices(config, require) -> None:
@@ -387,12 +397,16 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
   if speculative:
     from jaxlab.decoding.speculative import speculative_generate
     task.check_speculative(prompt, num_tokens, "num_tokens")
-    tree = task.draft_tree()
+    tree, s = task.draft_tree(), task.config.sample
+    acceptance = s.get("acceptance", "exact") if temperature > 0 else "exact"
     tokens, steps = speculative_generate(task.model, params, ids, key, num_tokens=num_tokens,
                                          temperature=temperature, top_k=top_k, top_p=top_p,
-                                         tree=tree)
+                                         tree=tree, acceptance=acceptance,
+                                         typical_epsilon=s.get("typical_epsilon", 0.09),
+                                         typical_delta=s.get("typical_delta", 0.3))
     if num_tokens > 1:
       drafts = f"a tree of {tree.size} candidates" if tree else "one candidate per head"
+      drafts += ", typical acceptance" if acceptance == "typical" else ""
       print(f"jaxlab: speculative decoding ({drafts}): {num_tokens} tokens in 1 + {int(steps)} "
             f"passes ({(num_tokens - 1) / max(int(steps), 1):.2f} tokens per pass after the first)",
             file=sys.stderr, flush=True)

@@ -211,3 +211,49 @@ def test_speculative_decoding_refuses_what_it_cannot_do():
       speculative_generate(learned, params, prompt, jax.random.key(0), num_tokens=8,
                            temperature=0.0)[0],
       generate(learned, params, prompt, jax.random.key(0), num_tokens=8, temperature=0.0))
+
+
+def test_typical_acceptance_keeps_the_deepest_plausible_path():
+  """Medusa-2's rule on hand-made targets (tree: top 2 x top 2; plausible here: p > 0.2)."""
+  from jaxlab.decoding.speculative import _accept_typical
+  tree = DraftTree.product((2, 2))  # block indices: 1 (0,), 2 (1,), 3 (0,0), 4 (0,1), 5 (1,0), 6 (1,1)
+  p = np.full((2, 7, 4), 0.25, np.float32)
+  tokens = np.asarray([[0, 0, 1, 0, 2, 0, 3], [0, 0, 1, 1, 2, 0, 3]], np.int32)
+  # Row 0: (0,) is implausible (0.1), so its plausible child (0,0) is not kept; (1,) -> (1,1).
+  p[0, 0] = [0.1, 0.5, 0.2, 0.2]
+  p[0, 1] = [0.7, 0.1, 0.1, 0.1]
+  p[0, 2] = [0.05, 0.05, 0.3, 0.6]
+  # Row 1: (0,) -> (0,1) and (1,) -> (1,0) are both plausible paths: the first in rank order wins.
+  p[1, 0] = [0.3, 0.3, 0.2, 0.2]
+  p[1, 1] = [0.1, 0.1, 0.7, 0.1]
+  p[1, 2] = [0.7, 0.1, 0.1, 0.1]
+  path, depth = _accept_typical(tree, jnp.asarray(tokens), jnp.asarray(p), 0.2, 1e9)
+  np.testing.assert_array_equal(path, [[0, 2, 6], [0, 1, 4]])
+  np.testing.assert_array_equal(depth, [2, 2])
+  # The entropy term: threshold min(1, 0.8 exp(-H)) is 0.2 for a uniform target, 0.31 for a peaked one.
+  chain = DraftTree.chain(1)
+  target = jnp.asarray([[[0.25] * 4, [0.25] * 4], [[0.7, 0.1, 0.1, 0.1], [0.25] * 4]])
+  for token, want in ((0, [1, 1]), (1, [1, 0])):
+    _, depth = _accept_typical(chain, jnp.asarray([[9, token], [9, token]]), target, 1.0, 0.8)
+    np.testing.assert_array_equal(depth, want)
+
+
+def test_typical_acceptance_thresholds_at_their_extremes():
+  model = gpt(medusa_heads=2)
+  params = _sharp_params(model)
+  prompt = jnp.asarray([[1, 2, 3]])
+  run = lambda **kw: speculative_generate(model, params, prompt, jax.random.key(0), num_tokens=30,
+                                          temperature=1.0, tree=DraftTree.product((2, 2)),
+                                          acceptance="typical", **kw)
+  # Threshold 0: every candidate with p > 0 is plausible, so every pass keeps a whole path.
+  _, steps = run(typical_epsilon=0.0, typical_delta=0.0)
+  assert int(steps) == -(-29 // 3)
+  # Threshold 1: nothing is, so every pass yields one token (ordinary sampling).
+  _, steps = run(typical_epsilon=1.0, typical_delta=1e9)
+  assert int(steps) == 29
+  with pytest.raises(ValueError, match="temperature > 0"):
+    speculative_generate(model, params, prompt, jax.random.key(0), num_tokens=4,
+                         temperature=0.0, acceptance="typical")
+  with pytest.raises(ValueError, match="acceptance must be one of"):
+    speculative_generate(model, params, prompt, jax.random.key(0), num_tokens=4,
+                         acceptance="lenient")

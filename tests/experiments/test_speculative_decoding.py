@@ -32,6 +32,9 @@ def test_tiny_run_writes_the_table(tmp_path, experiment):
   for name in ("chain", "tree"):
     assert greedy[name]["identical_to_greedy"] and 1 <= greedy[name]["tokens_per_pass"] <= 4
     assert greedy[name]["ms_per_token"] > 0 and medusa["t0.8"][name]["ms_per_token"] > 0
+    for acceptance in (name, f"{name}_typical"):
+      assert 1 <= medusa["t0.8"][acceptance]["tokens_per_pass"] <= 4
+      assert medusa["t0.8"][acceptance]["logp"] < 0
   md = (tmp_path / "tiny.md").read_text()
   assert "| medusa1 | tree of 16 (" in md
   assert "identical to greedy decoding for every prompt: medusa1 (chain), medusa1 (tree)" in md

@@ -67,6 +67,15 @@ def test_lm_loss_adds_the_heads_and_eval_scores_only_the_next_token(tiny_lm_conf
      "config.sample.draft_tree='2,1' branches"),
     (("--config.model.medusa_heads=1", "--config.sample.speculative=True",
       "--config.sample.draft_tree=999"), "config.sample.draft_tree='999'"),
+    (("--config.sample.acceptance=lenient",), "config.sample.acceptance='lenient'"),
+    (("--config.model.medusa_heads=1", "--config.sample.acceptance=typical"),
+     "config.sample.speculative=True"),
+    (("--config.model.medusa_heads=1", "--config.sample.speculative=True",
+      "--config.sample.acceptance=typical", "--config.sample.temperature=0"),
+     "config.sample.temperature"),
+    (("--config.model.medusa_heads=1", "--config.sample.speculative=True",
+      "--config.sample.acceptance=typical", "--config.sample.typical_delta=-1"),
+     "config.sample.typical_delta"),
 ])
 def test_bad_head_configs_name_the_key(tiny_lm_config, overrides, key):
   with pytest.raises(ConfigError) as e:
@@ -96,6 +105,9 @@ def test_cli_trains_heads_and_samples_speculatively(tiny_cli_overrides, tmp_path
   captured = capsys.readouterr()
   assert "speculative decoding (a tree of 9 candidates): 12 tokens" in captured.err
   assert captured.out == texts[0]
+  assert cli.main(["sample", str(workdir), "--num-tokens", "12", "--draft-tree", "3,2",
+                   "--config.sample.acceptance=typical"]) == 0
+  assert "(a tree of 9 candidates, typical acceptance): 12 tokens" in capsys.readouterr().err
   assert cli.main(["sample", str(workdir), "--draft-tree", "3,2,2"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "config.sample.draft_tree='3,2,2' is 3 deep" in err[0], err
