@@ -138,8 +138,9 @@ def _saved_config_dict(workdir: pathlib.Path) -> tuple[dict, str | None]:
 
 
 def _load_workdir_config(workdir: pathlib.Path, overrides: list[str], args=None, *,
-                         speculative: bool = False):
-  """WORKDIR/config.json with `overrides` (and `jaxlab sample --speculative`), validated. Process 0
+                         speculative: str | None = None):
+  """WORKDIR/config.json with `overrides` (and speculative decoding, asked for by the flag named
+  `speculative`: `jaxlab sample --speculative` or `--draft-tree`), validated. Process 0
   says on stderr which keys an older jaxlab's config lacked (after joining a multi-process run: with
   --distributed, a process learns its id only then)."""
   from jaxlab.configs import apply_overrides
@@ -151,7 +152,7 @@ def _load_workdir_config(workdir: pathlib.Path, overrides: list[str], args=None,
   config.lock()
   if speculative:
     if "speculative" not in config.get("sample", {}):
-      raise UsageError(f"--speculative: the {config.get('task')!r} task's sampler has no "
+      raise UsageError(f"{speculative}: the {config.get('task')!r} task's sampler has no "
                        "speculative decoding (language models with extra heads have)")
     overrides = [*overrides, "--config.sample.speculative=True"]
   apply_overrides(config, overrides)
@@ -251,7 +252,8 @@ def cmd_sample(args, overrides) -> int:
   if args.draft_tree is not None:
     overrides = [*overrides, f"--config.sample.draft_tree={args.draft_tree}"]
   config = _load_workdir_config(workdir, overrides, args,
-                                speculative=args.speculative or args.draft_tree is not None)
+                                speculative="--draft-tree" if args.draft_tree is not None
+                                else "--speculative" if args.speculative else None)
   from jaxlab.train import tasks, trainer
   # A task that can sample from what the run saved (LM: vocab.json) needs no training data.
   build_for_sampling = getattr(tasks.task_module(config.task), "build_for_sampling", None)
@@ -361,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "(= --config.sample.speculative=True)")
   sa.add_argument("--draft-tree", metavar="W1,W2,..",
                   help="speculative decoding with a tree of drafts verified in one pass (tree "
-                  "attention): the top W1 tokens of extra head 1, under each the top W2 of head 2, "
-                  "...; implies --speculative (= --config.sample.draft_tree=W1,W2,..)")
+                  "attention): W1 candidates of extra head 1, under each W2 of head 2, ... (at "
+                  "temperature 0 the heads' top-ranked tokens, otherwise independent draws); "
+                  "implies --speculative (= --config.sample.draft_tree=W1,W2,..)")
   sa.add_argument("--best", action="store_true", help="sample from WORKDIR/best (train.keep_best)")
   _add_process_options(sa)
   sa.set_defaults(func=cmd_sample)

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+MAX_NODES = 256  # DraftTree.parse's limit (Medusa's published trees have up to about 64 nodes)
+
 
 @dataclasses.dataclass(frozen=True)
 class DraftTree:
@@ -69,12 +71,18 @@ class DraftTree:
                      for p in itertools.product(*(range(w) for w in widths[:d]))))
 
   @classmethod
-  def parse(cls, spec: str) -> "DraftTree":
-    """"3,2,1" -> product((3, 2, 1)); the form of config.sample.draft_tree."""
+  def parse(cls, spec: str, max_nodes: int = MAX_NODES) -> "DraftTree":
+    """"3,2,1" -> product((3, 2, 1)); the form of config.sample.draft_tree. More than max_nodes
+    nodes is refused before any is built (each node is a token of every verification pass)."""
     try:
       widths = tuple(int(w) for w in spec.split(","))
     except ValueError:
       raise ValueError(f"a draft tree is widths per depth like '3,2,1', got {spec!r}") from None
+    if widths and all(w >= 1 for w in widths):
+      nodes = sum(int(np.prod(widths[:d], dtype=object)) for d in range(1, len(widths) + 1))
+      if nodes > max_nodes:
+        raise ValueError(f"the draft tree {spec!r} has {nodes} nodes, more than {max_nodes} "
+                         "(each is a token of every verification pass)")
     return cls.product(widths)
 
   @classmethod
@@ -82,8 +90,8 @@ class DraftTree:
     """The num_nodes nodes of largest estimated acceptance probability (Medusa's sparse tree, Cai et
     al. 2024 sec. 2.1.2 / app. C): accuracy_DR[d][r] = how often depth d+1's rank-r candidate is the
     right token (e.g. its top-k accuracy on held-out text); a node's probability is the product along
-    its path, and the sum over the tree is its expected number of accepted tokens per pass (with
-    independent heads). A child is never likelier than its parent, so best-first search gives a
+    its path, and the sum over the tree is its expected number of accepted drafts per verification
+    pass with greedy acceptance (if the heads erred independently). A child is never likelier than its parent, so best-first search gives a
     prefix-closed tree."""
     acc = np.asarray(accuracy_DR, np.float64)
     if acc.ndim != 2 or acc.size == 0 or np.any(acc < 0) or np.any(acc > 1):

@@ -62,9 +62,12 @@ def check_speculative(model, tree: Optional[DraftTree] = None) -> None:
   if tree.depth > c.extra_heads:
     raise ValueError(f"the draft tree is {tree.depth} deep, but the model has {c.extra_heads} extra "
                      "heads to draft with (one per depth)")
-  if not tree.is_chain and (c.attention != "softmax" or c.rerope_window):
+  if not tree.is_chain and (c.attention != "softmax" or c.rerope_window
+                            or c.attention_impl == "cudnn"):
     raise ValueError("a draft tree with branches needs the softmax attention family without ReRoPE "
-                     f"(tree attention masks the cache); got attention={c.attention!r}"
+                     "and an implementation that takes segment masks, not 'cudnn' (tree attention "
+                     f"masks the cache); got attention={c.attention!r}, "
+                     f"attention_impl={c.attention_impl!r}"
                      + (f", rerope_window={c.rerope_window}" if c.rerope_window else "")
                      + "; a chain (one candidate per depth) works with any KV-cache family")
 

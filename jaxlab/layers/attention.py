@@ -17,7 +17,8 @@ Dynamic NTK ("dynamic_ntk" rope scaling) follows the current length L. In a full
 max position + 1, or with segment ids each packed segment's own max position + 1 (so packed rows equal
 separate runs). Decoding follows the Hugging Face convention: a prefill of P tokens rotates them all
 with L = P, each later token is rotated with L = its cache index + 1 (passed as `seq_len`; the
-recurrent families use position + 1, the same for ordinary decoding), and cached keys keep the
+recurrent families, and the candidates of a draft tree, use position + 1, the same for ordinary
+decoding), and cached keys keep the
 rotation they were cached with. So cached decoding equals the full pass while the length stays within
 the training length, and beyond it equals a full pass in which token s is rotated with its own
 L_s = max(P, s + 1), NOT the full pass with L = T for every token (exact equality with that is
@@ -294,7 +295,8 @@ class MultiHeadAttention(nn.Module):
 
     The cache is created by `init` with the full decoding length as T (call `model.init(..., decode=True)`
     with an input of shape [B, max_len]). Afterwards each call appends its T tokens at the cache index
-    (slot j holds position j) and each of them attends to the cache up to and including its own slot:
+    (slot j holds position j, except for the candidates of a draft tree until their accepted path is
+    moved into place) and each of them attends to the cache up to and including its own slot:
     T > 1 on an empty cache is the prefill of a prompt (with `prefill`, computed as a full pass), T == 1
     one decoding step, and T > 1 on a non-empty cache appends several tokens at once (the verification
     pass of speculative decoding). The cache keeps each key's position (for ALiBi, T5 and ReRoPE).

@@ -171,9 +171,11 @@ def validate(config, require) -> None:
     require(tree.depth <= extra,
             f"config.sample.draft_tree={s.draft_tree!r} is {tree.depth} deep, more than the "
             f"{extra} extra heads (config.model.mtp_heads / medusa_heads) that draft its depths")
-    require(tree.is_chain or (m.attention == "softmax" and not m.rerope_window),
+    require(tree.is_chain or (m.attention == "softmax" and not m.rerope_window
+                              and m.attention_impl != "cudnn"),
             f"config.sample.draft_tree={s.draft_tree!r} branches, which needs tree attention: "
-            "config.model.attention='softmax' without rerope_window")
+            "config.model.attention='softmax' without rerope_window, and an attention_impl that "
+            "takes segment masks (not 'cudnn')")
   from jaxlab.decoding.speculative import ACCEPTANCE
   require(s.acceptance in ACCEPTANCE,
           f"config.sample.acceptance={s.acceptance!r} must be one of {ACCEPTANCE}")

@@ -54,7 +54,7 @@ def test_bad_trees_are_refused(paths, match):
     DraftTree(paths)
 
 
-@pytest.mark.parametrize("spec", ["", "3,x", "2,0", "-1"])
+@pytest.mark.parametrize("spec", ["", "3,x", "2,0", "-1", "1000,1000,1000"])
 def test_bad_tree_specs_are_refused(spec):
   with pytest.raises(ValueError, match="draft tree"):
     DraftTree.parse(spec)
@@ -79,20 +79,27 @@ def test_sparse_tree_holds_the_likeliest_nodes():
 
 # Tree attention at the model level: every position encoding whose cache path differs, and MTP
 # blocks (which have caches of their own).
-CASES = [("rope", dict(medusa_heads=2)),
+CASES = [("rope", dict(medusa_heads=2, position="rope")),
          ("alibi-mtp", dict(mtp_heads=2, position="alibi")),
          ("t5", dict(medusa_heads=2, position="t5")),
          ("learned", dict(medusa_heads=2, position="learned")),
          ("xpos-qknorm", dict(mtp_heads=1, position="xpos", qk_norm=True)),
-         ("dynamic_ntk", dict(medusa_heads=2, rope_scaling=positions.RopeScaling(
-             "dynamic_ntk", 2.0, original_max_len=4)))]
+         # (theta 10: the length changes the low frequencies enough to show at these positions)
+         ("dynamic_ntk", dict(medusa_heads=2, position="rope", rope_theta=10.0,
+                              rope_scaling=positions.RopeScaling("dynamic_ntk", 2.0,
+                                                                 original_max_len=4)))]
 
 
 @pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
 def test_tree_pass_gives_each_node_the_logits_of_its_own_path(name, kw):
+  """Each node's logits (every head) equal those of a full pass over prompt + its path; with dynamic
+  NTK past the training length (where a cache cannot equal a full pass by design, see
+  jaxlab/layers/attention.py) those of ordinary one-token cached decoding along the path."""
   model = GPT(GPTConfig(**{**dict(vocab_size=11, num_layers=2, width=16, num_heads=2,
                                   num_kv_heads=1, max_len=24), **kw}))
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  # Scaled up from the 0.02 init, so that attention is far from uniform and positions matter.
+  params = jax.tree.map(lambda a: a * 8.0 if a.ndim > 1 else a, params)
   rng = np.random.default_rng(0)
   prompt = jnp.asarray(rng.integers(0, 11, (2, 6)), jnp.int32)
   tree = DraftTree(((0,), (1,), (2,), (0, 0), (0, 1), (2, 0), (0, 0, 0), (2, 0, 0)))
@@ -105,21 +112,33 @@ def test_tree_pass_gives_each_node_the_logits_of_its_own_path(name, kw):
   _, mutated = apply(cache, prompt, jnp.broadcast_to(jnp.arange(6), (2, 6)), prefill=True)
   tree_logits, after = apply(mutated["cache"], nodes, positions_BT,
                              append_mask_TT=jnp.asarray(tree.ancestors_TT))
+  one_token = name == "dynamic_ntk"
+
+  def reference(tokens_BL):
+    """The logits after the last of tokens_BL (prompt + a path)."""
+    if not one_token:
+      return model.apply({"params": params}, tokens_BL, all_heads=True)[:, -1]
+    logits, cache = apply(init_cache(model, 2, tokens_BL.shape[1]), tokens_BL[:, :6],
+                          jnp.broadcast_to(jnp.arange(6), (2, 6)), prefill=True)
+    cache = cache["cache"]
+    for j in range(6, tokens_BL.shape[1]):
+      logits, cache = apply(cache, tokens_BL[:, j:j + 1], jnp.full((2, 1), j, jnp.int32))
+      cache = cache["cache"]
+    return logits[:, -1]
+
   for i in range(tree.size + 1):
     path = np.flatnonzero(tree.ancestors_TT[i])  # root .. node i
-    full = model.apply({"params": params}, jnp.concatenate([prompt, nodes[:, path]], axis=1),
-                       all_heads=True)
-    np.testing.assert_allclose(tree_logits[:, i], full[:, -1], atol=2e-5, rtol=2e-5,
-                               err_msg=f"node {i}")
-  # Keeping the path root -> (2,) -> (2, 0) (block indices 0, 3, 6) in row 0 and root -> (0,) in
-  # row 1, then decoding one more token, equals the full pass over that path.
+    want = reference(jnp.concatenate([prompt, nodes[:, path]], axis=1))
+    np.testing.assert_allclose(tree_logits[:, i], want, atol=2e-5, rtol=2e-5, err_msg=f"node {i}")
+  # Keeping the path root -> (2,) -> (2, 0) (block indices 0, 3, 6) in row 0 (row 1 keeps another
+  # path, root -> (0,), whose tail the shared rewind leaves stale; row 0 is checked), then decoding
+  # one more token, equals the reference over that path.
   path_BP = jnp.asarray([[0, 3, 6, 8], [0, 1, 0, 0]], jnp.int32)
   kept = _rewind(_keep_path(after["cache"], jnp.asarray(6), path_BP, tree.size + 1), 6 + 3)
   nxt = jnp.asarray([[5], [7]], jnp.int32)
   step_logits, _ = apply(kept, nxt, jnp.full((2, 1), 9, jnp.int32))
-  full = model.apply({"params": params}, jnp.concatenate(
-      [prompt[:1], nodes[:1, np.asarray([0, 3, 6])], nxt[:1]], axis=1), all_heads=True)
-  np.testing.assert_allclose(step_logits[0, 0], full[0, -1], atol=2e-5, rtol=2e-5)
+  want = reference(jnp.concatenate([prompt, nodes[:, np.asarray([0, 3, 6])], nxt], axis=1))
+  np.testing.assert_allclose(step_logits[0, 0], want[0], atol=2e-5, rtol=2e-5)
 
 
 def test_append_mask_is_refused_where_it_does_not_apply():
@@ -133,3 +152,10 @@ def test_append_mask_is_refused_where_it_does_not_apply():
                 append_mask_TT=mask, mutable=["cache"])
   with pytest.raises(ValueError, match="decode=False"):
     local.apply({"params": params}, jnp.zeros((1, 3), jnp.int32), append_mask_TT=mask)
+  rerope = GPT(GPTConfig(vocab_size=5, num_layers=1, width=8, num_heads=2, num_kv_heads=2,
+                         max_len=8, position="rope", rerope_window=2))
+  params = rerope.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
+  cache = init_cache(rerope, 1, 8, all_heads=False)
+  with pytest.raises(ValueError, match="rerope_window=2"):
+    rerope.apply({"params": params, "cache": cache}, jnp.zeros((1, 3), jnp.int32), decode=True,
+                 append_mask_TT=mask, mutable=["cache"])

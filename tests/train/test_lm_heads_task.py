@@ -66,10 +66,15 @@ def test_lm_loss_adds_the_heads_and_eval_scores_only_the_next_token(tiny_lm_conf
       "--config.model.attention=local", "--config.sample.draft_tree=2,1"),
      "config.sample.draft_tree='2,1' branches"),
     (("--config.model.medusa_heads=1", "--config.sample.speculative=True",
-      "--config.sample.draft_tree=999"), "config.sample.draft_tree='999'"),
+      "--config.sample.draft_tree=200"), "config.sample.draft_tree='200': a width of 200"),
     (("--config.sample.acceptance=lenient",), "config.sample.acceptance='lenient'"),
     (("--config.model.medusa_heads=1", "--config.sample.acceptance=typical"),
      "config.sample.speculative=True"),
+    (("--config.model.medusa_heads=2", "--config.sample.speculative=True",
+      "--config.sample.draft_tree=1000,1000,1000"), "config.sample.draft_tree: the draft tree"),
+    (("--config.model.medusa_heads=2", "--config.sample.speculative=True",
+      "--config.model.attention_impl=cudnn", "--config.sample.draft_tree=2"),
+     "config.sample.draft_tree='2' branches"),
     (("--config.model.medusa_heads=1", "--config.sample.speculative=True",
       "--config.sample.acceptance=typical", "--config.sample.temperature=0"),
      "config.sample.temperature"),
@@ -157,6 +162,7 @@ def test_cli_speculative_on_a_task_without_it_is_one_line(tmp_path, capsys):
   (workdir / "checkpoints").mkdir(parents=True)
   config = load_config("made", ["--config.mesh.data=1"], check_devices=False)
   (workdir / "config.json").write_text(config.to_json_best_effort())
-  assert cli.main(["sample", str(workdir), "--speculative"]) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "--speculative" in err[0] and "'density'" in err[0], err
+  for flags in (["--speculative"], ["--draft-tree", "2,2"]):
+    assert cli.main(["sample", str(workdir), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"error: {flags[0]}: " in err[0] and "'density'" in err[0], err
