@@ -260,8 +260,9 @@ def _table(results: list[dict], device: str, steps: int, prompts: int) -> str:
             + (", ".join(same) if same else "none") + "."]
   trees = [r for r in results if "tree" in r]
   if trees:
-    lines += ["", "Trees (rank paths, `DraftTree.paths`):"]
-    lines += [f"- {r['variant']}: " + " ".join(",".join(map(str, p)) for p in r["tree"]["paths"])
+    lines += ["", "Trees (`--draft-tree` / config.sample.draft_tree takes them as they stand):"]
+    lines += [f"- {r['variant']}: `paths: " + " ".join(",".join(map(str, p))
+                                                     for p in r["tree"]["paths"]) + "`"
               for r in trees]
   return "\n".join(lines) + "\n"
 

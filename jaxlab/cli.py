@@ -364,8 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
   sa.add_argument("--draft-tree", metavar="W1,W2,..",
                   help="speculative decoding with a tree of drafts verified in one pass (tree "
                   "attention): W1 candidates of extra head 1, under each W2 of head 2, ... (at "
-                  "temperature 0 the heads' top-ranked tokens, otherwise independent draws); "
-                  "implies --speculative (= --config.sample.draft_tree=W1,W2,..)")
+                  "temperature 0 the heads' top-ranked tokens, otherwise independent draws), or "
+                  "'paths: 0 1 0,0 ..' (nodes as rank paths); implies --speculative "
+                  "(= --config.sample.draft_tree=...)")
   sa.add_argument("--best", action="store_true", help="sample from WORKDIR/best (train.keep_best)")
   _add_process_options(sa)
   sa.set_defaults(func=cmd_sample)

@@ -118,7 +118,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.speculative = False  # draft with the extra heads, verify in one pass (see decoding/)
   # speculative: "" = one candidate per extra head (a chain); "3,2,1" = a tree: 3 candidates of head 1,
   # under each 2 of head 2, under each 1 of head 3 (greedy and typical acceptance: the heads' top-ranked
-  # tokens; exact sampling: independent draws); tree attention, softmax family, at most 256 nodes
+  # tokens; exact sampling: independent draws); or nodes as rank paths, "paths: 0 1 0,0" (e.g. a
+  # sparse tree from experiments/speculative_decoding.py); tree attention, softmax family, <= 256 nodes
   c.sample.draft_tree = ""
   # speculative: "exact" (greedy decoding / the model's distribution) or "typical" (temperature > 0:
   # Medusa-2's typical acceptance, keeps p(x) > min(epsilon, delta * exp(-entropy)); not exact)

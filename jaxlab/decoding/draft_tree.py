@@ -72,8 +72,21 @@ class DraftTree:
 
   @classmethod
   def parse(cls, spec: str, max_nodes: int = MAX_NODES) -> "DraftTree":
-    """"3,2,1" -> product((3, 2, 1)); the form of config.sample.draft_tree. More than max_nodes
-    nodes is refused before any is built (each node is a token of every verification pass)."""
+    """The forms of config.sample.draft_tree: widths per depth, "3,2,1" -> product((3, 2, 1)), or
+    nodes, "paths: 0 1 0,0 0,1" -> DraftTree(((0,), (1,), (0, 0), (0, 1))) (`spec` of a tree, e.g.
+    a sparse tree from `from_accuracies`). More than max_nodes nodes is refused before any is built
+    (each node is a token of every verification pass)."""
+    if spec.strip().startswith("paths:"):
+      try:
+        paths = tuple(tuple(int(r) for r in node.split(","))
+                      for node in spec.strip()[len("paths:"):].split())
+      except ValueError:
+        raise ValueError(f"a draft tree given by paths is 'paths: 0 1 0,0 ...' (ranks joined by "
+                         f"commas, nodes by spaces), got {spec!r}") from None
+      if len(paths) > max_nodes:
+        raise ValueError(f"the draft tree {spec!r} has {len(paths)} nodes, more than {max_nodes} "
+                         "(each is a token of every verification pass)")
+      return cls(paths)
     try:
       widths = tuple(int(w) for w in spec.split(","))
     except ValueError:
@@ -108,6 +121,11 @@ class DraftTree:
         for r in range(ranks):
           heapq.heappush(frontier, (neg_p * acc[len(path), r], path + (r,)))
     return cls(tuple(chosen))
+
+  @property
+  def spec(self) -> str:
+    """The "paths: ..." form that `parse` reads back."""
+    return "paths: " + " ".join(",".join(map(str, p)) for p in self.paths)
 
   @property
   def size(self) -> int:

@@ -72,10 +72,6 @@ def check_speculative(model, tree: Optional[DraftTree] = None) -> None:
                      + "; a chain (one candidate per depth) works with any KV-cache family")
 
 
-def greedy_ranks_fit(tree: DraftTree, vocab_size: int) -> bool:
-  return tree.max_rank < vocab_size
-
-
 def _probs(logits_XV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
   """The sampling distribution of `sample_token`: softmax of filtered logits / temperature."""
   shape = logits_XV.shape
@@ -219,7 +215,7 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   if p < 1:
     raise ValueError("the prompt must hold at least one token")
   tree = tree or DraftTree.chain(model.config.extra_heads)
-  if not greedy_ranks_fit(tree, model.config.vocab_size):
+  if tree.max_rank >= model.config.vocab_size:  # greedy drafts distinct top-ranked tokens
     raise ValueError(f"the draft tree has rank {tree.max_rank}, beyond the vocabulary "
                      f"({model.config.vocab_size} tokens)")
   depth, block = tree.depth, tree.size + 1

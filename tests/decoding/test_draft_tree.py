@@ -32,6 +32,8 @@ def test_product_tree_structure():
   assert np.all(np.tril(anc) == anc)  # an ancestor comes before its descendants
   assert DraftTree.parse("2,3") == tree and hash(DraftTree.parse("2,3")) == hash(tree)
   assert DraftTree(tuple(reversed(tree.paths))) == tree  # order of the nodes given is irrelevant
+  assert tree.spec == "paths: 0 1 0,0 0,1 0,2 1,0 1,1 1,2" and DraftTree.parse(tree.spec) == tree
+  assert DraftTree.parse("paths: 0 2 0,0").paths == ((0,), (2,), (0, 0))
 
 
 def test_chain_is_the_tree_with_one_candidate_per_depth():
@@ -54,7 +56,8 @@ def test_bad_trees_are_refused(paths, match):
     DraftTree(paths)
 
 
-@pytest.mark.parametrize("spec", ["", "3,x", "2,0", "-1", "1000,1000,1000"])
+@pytest.mark.parametrize("spec", ["", "3,x", "2,0", "-1", "1000,1000,1000", "paths: 0 x",
+                                  "paths:", "paths: 0 1,0", "paths: " + " ".join(map(str, range(300)))])
 def test_bad_tree_specs_are_refused(spec):
   with pytest.raises(ValueError, match="draft tree"):
     DraftTree.parse(spec)

@@ -110,6 +110,10 @@ def test_cli_trains_heads_and_samples_speculatively(tiny_cli_overrides, tmp_path
   captured = capsys.readouterr()
   assert "speculative decoding (a tree of 9 candidates): 12 tokens" in captured.err
   assert captured.out == texts[0]
+  assert cli.main(["sample", str(workdir), "--prompt", "cat ", "--num-tokens", "12",
+                   "--temperature", "0", "--draft-tree", "paths: 0 1 0,0"]) == 0
+  captured = capsys.readouterr()
+  assert "(a tree of 3 candidates)" in captured.err and captured.out == texts[0]
   assert cli.main(["sample", str(workdir), "--num-tokens", "12", "--draft-tree", "3,2",
                    "--config.sample.acceptance=typical"]) == 0
   assert "(a tree of 9 candidates, typical acceptance): 12 tokens" in capsys.readouterr().err
