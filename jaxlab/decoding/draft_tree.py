@@ -101,11 +101,11 @@ class DraftTree:
   @classmethod
   def from_accuracies(cls, accuracy_DR, num_nodes: int) -> "DraftTree":
     """The num_nodes nodes of largest estimated acceptance probability (Medusa's sparse tree, Cai et
-    al. 2024 sec. 2.1.2 / app. C): accuracy_DR[d][r] = how often depth d+1's rank-r candidate is the
-    right token (e.g. its top-k accuracy on held-out text); a node's probability is the product along
-    its path, and the sum over the tree is its expected number of accepted drafts per verification
-    pass with greedy acceptance (if the heads erred independently). A child is never likelier than its parent, so best-first search gives a
-    prefix-closed tree."""
+    al. 2024 sec. 2.1.2 / app. C): accuracy_DR[d][r] = how often head d+1's rank-r token is the
+    right one (on held-out text); a node's probability is the product along its path, and the sum
+    over the tree is its expected number of accepted drafts per verification pass with greedy
+    acceptance (if the heads erred independently). A child is never likelier than its parent, so
+    best-first search gives a prefix-closed tree."""
     acc = np.asarray(accuracy_DR, np.float64)
     if acc.ndim != 2 or acc.size == 0 or np.any(acc < 0) or np.any(acc > 1):
       raise ValueError(f"accuracy_DR must be [depths, ranks] probabilities, got shape {acc.shape}")
