@@ -8,9 +8,12 @@ with its heads, in a child process of its own, then reports:
   * the next-token validation loss (the config's 200 batches), so the heads' effect on the model shows;
   * each extra head's top-1 accuracy on the validation batches (head j predicts the token j + 1 ahead);
   * how often the right token is each extra head's rank-r candidate (r < 8), from which Medusa's
-    sparse tree of TREE_NODES candidates is built (`DraftTree.from_accuracies`);
+    sparse tree of TREE_NODES candidates is built (`DraftTree.from_accuracies`: per-head rates
+    multiplied, as if the heads erred independently), and a second tree of TREE_NODES from how often
+    each rank path is right as a whole (`DraftTree.from_rank_paths`: the heads' errors as they
+    co-occur), both on the validation batches;
   * decoding, batch 1, prompts of 8 characters from the validation text, 52 new tokens: tokens per
-    forward pass of speculative decoding with one candidate per head (a chain) and with that tree
+    forward pass of speculative decoding with one candidate per head (a chain) and with those trees
     (greedy and temperature 0.8), and ms per token of ordinary cached decoding and of both
     speculative decoders, timed in the same process (median over the prompts, compilation
     excluded). Greedy speculative output is checked to equal greedy decoding's.
@@ -91,19 +94,24 @@ def _train_and_measure(name: str, config, prompts: int) -> dict:
   out = {"variant": name, "overrides": VARIANTS[name], "steps": config.train.steps,
          "val_loss": result["val_loss"], "ms_per_step": step_ms[len(step_ms) // 2],
          "train_s": train_s}
-  out["head_accuracy"], out["rank_accuracy"] = _head_accuracy(run.task, params)
+  out["head_accuracy"], out["rank_accuracy"], ranks_ND = _head_accuracy(run.task, params)
   if run.task.model.config.extra_heads:
     from jaxlab.decoding.draft_tree import DraftTree
-    tree = DraftTree.from_accuracies(out["rank_accuracy"], TREE_NODES)
-    out["tree"] = {"paths": [list(p) for p in tree.paths],
-                   "expected_accepted": tree.expected_accepted(out["rank_accuracy"])}
-    out.update(_decoding(run.task, params, prompts, tree))
+    trees = {"tree": DraftTree.from_accuracies(out["rank_accuracy"], TREE_NODES),
+             "tree_joint": DraftTree.from_rank_paths(ranks_ND, TREE_NODES, max_rank=RANKS)}
+    out["trees"] = {name: {"paths": [list(p) for p in tree.paths],
+                           "right_per_position": tree.frequency_sum(ranks_ND)}
+                    for name, tree in trees.items()}
+    out["trees"]["tree"]["independent_estimate"] = trees["tree"].expected_accepted(
+        out["rank_accuracy"])
+    out.update(_decoding(run.task, params, prompts, trees))
   return out
 
 
-def _head_accuracy(task, params) -> tuple[list[float], list[list[float]]]:
-  """Top-1 accuracy of head j (j = 0: next token) on the validation batches, and for each extra head
-  how often the right token is its rank-r candidate (r < RANKS): [extra heads][RANKS]."""
+def _head_accuracy(task, params):
+  """Top-1 accuracy of head j (j = 0: next token) on the validation batches, for each extra head how
+  often the right token is its rank-r candidate (r < RANKS): [extra heads][RANKS], and the ranks of
+  the right tokens, ranks_ND [positions, extra heads] (positions where every head has a target)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -114,6 +122,7 @@ def _head_accuracy(task, params) -> tuple[list[float], list[list[float]]]:
 
   heads = 1 + task.model.config.extra_heads
   hits, counts = np.zeros((heads, RANKS)), np.zeros(heads)
+  rank_rows = []
   for batch in task.eval_iterator():
     logits = np.asarray(logits_fn(jnp.asarray(batch["inputs"])))
     targets = np.asarray(batch["targets"])
@@ -124,13 +133,17 @@ def _head_accuracy(task, params) -> tuple[list[float], list[list[float]]]:
       rank = (head > target_logit).sum(-1)  # 0: the head's most likely token
       hits[j] += np.bincount(rank.ravel(), minlength=head.shape[-1])[:RANKS]
       counts[j] += targets[:, j:].size
+      if j:
+        rank_rows.append(rank[:, :t - heads + 1].reshape(-1))
   accuracy = hits / counts[:, None]
-  return [float(a) for a in accuracy[:, 0]], accuracy[1:].tolist()
+  ranks_ND = (np.stack([np.concatenate(rank_rows[j::heads - 1]) for j in range(heads - 1)], axis=1)
+              if heads > 1 else np.zeros((0, 0), np.int64))
+  return [float(a) for a in accuracy[:, 0]], accuracy[1:].tolist(), ranks_ND
 
 
-def _decoding(task, params, prompts: int, tree) -> dict:
-  """Tokens per pass and ms per token, ordinary vs speculative decoding (a chain, and `tree`; at T=0.8
-  also with typical acceptance), batch 1; at T=0.8 the mean log-probability per new token of each
+def _decoding(task, params, prompts: int, trees: dict) -> dict:
+  """Tokens per pass and ms per token, ordinary vs speculative decoding (a chain, and each of `trees`;
+  at T=0.8 also with typical acceptance), batch 1; at T=0.8 the mean log-probability per new token of each
   decoder's text under the model's T=0.8 distribution (typical acceptance is not exact: it shows)."""
   import jax
   import jax.numpy as jnp
@@ -162,18 +175,19 @@ def _decoding(task, params, prompts: int, tree) -> dict:
 
   out = {}
   for label, temperature in (("greedy", 0.0), ("t0.8", 0.8)):
-    fns = {"plain": plain(temperature), "chain": spec(temperature, None),
-           "tree": spec(temperature, tree)}
+    drafts = {"chain": None, **trees}
+    fns = {"plain": plain(temperature),
+           **{name: spec(temperature, tree) for name, tree in drafts.items()}}
     if temperature > 0:
-      fns.update(chain_typical=spec(temperature, None, "typical"),
-                 tree_typical=spec(temperature, tree, "typical"))
+      fns.update({f"{name}_typical": spec(temperature, tree, "typical")
+                  for name, tree in drafts.items()})
     first = jnp.asarray(text[starts[0]:starts[0] + PROMPT_CHARS])[None]
     for fn in fns.values():  # compile
       jax.block_until_ready(fn(first, jax.random.key(0)))
     ms = {name: [] for name in fns}
     passes = {name: [] for name in fns if name != "plain"}
     logps = {name: [] for name in fns}
-    identical = {"chain": True, "tree": True}
+    identical = {name: True for name in drafts}
     for i, s in enumerate(starts):
       prompt, key = jnp.asarray(text[s:s + PROMPT_CHARS])[None], jax.random.key(i)
       (want, _), t_plain = timed(fns["plain"], prompt, key)
@@ -220,10 +234,13 @@ def _table(results: list[dict], device: str, steps: int, prompts: int) -> str:
   lines += [
       "",
       f"Decoding: batch 1, {prompts} prompts of {PROMPT_CHARS} validation characters, {NEW_TOKENS} "
-      "new tokens. Drafts: one candidate per head (chain), or Medusa's sparse tree of "
-      f"{TREE_NODES} candidates chosen from each head's rank accuracies on the validation batches "
-      "(expected accepted drafts per pass in brackets, if the heads erred independently; with exact "
-      "sampling rank r is the (r+1)-th independent draw, so the tree fits greedy drafting best). "
+      "new tokens. Drafts: one candidate per head (chain), or a sparse tree of "
+      f"{TREE_NODES} candidates chosen on the validation batches either from each head's rank "
+      "accuracies multiplied (Medusa's way, `from_accuracies`: 'rates') or from how often each rank "
+      "path is right as a whole (`from_rank_paths`: 'joint'); in brackets the tree's nodes right "
+      "per validation position (greedy drafts accepted per pass, if the model's choices were the "
+      "text's), and for 'rates' first the estimate that assumes independent heads. With exact "
+      "sampling rank r is the (r+1)-th independent draw, so the trees fit greedy drafting best. "
       "Acceptance at T=0.8: exact (speculative sampling, the model's distribution) or typical "
       "(Medusa-2, epsilon 0.09, delta 0.3: not exact). Tokens per pass count the prompt's prefill "
       "as a pass; ms/token is the median over the prompts, compilation excluded, all decoders timed "
@@ -237,15 +254,22 @@ def _table(results: list[dict], device: str, steps: int, prompts: int) -> str:
       "tokens/pass | T=0.8 typical: ms/token (speed-up) | T=0.8 typical: log p |",
       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
+  names = ("chain", "tree", "tree_joint")
   for r in results:
     if "greedy" not in r:
       continue
     g, t = r["greedy"], r["t0.8"]
     lines.append(f"| {r['variant']} | none (ordinary decoding) | 1 | {g['ms_per_token_plain']:.2f} "
                  f"| 1 | {t['ms_per_token_plain']:.2f} | {t['logp_plain']:.3f} | - | - | - |")
-    for name in ("chain", "tree"):
-      drafts = (f"chain of {len(r['head_accuracy']) - 1}" if name == "chain" else
-                f"tree of {len(r['tree']['paths'])} ({r['tree']['expected_accepted']:.2f})")
+    for name in names:
+      if name == "chain":
+        drafts = f"chain of {len(r['head_accuracy']) - 1}"
+      else:
+        tree = r["trees"][name]
+        right = f"{tree['right_per_position']:.2f}"
+        if "independent_estimate" in tree:
+          right = f"{tree['independent_estimate']:.2f} / {right}"
+        drafts = f"tree of {len(tree['paths'])}, {'joint' if name.endswith('joint') else 'rates'} ({right})"
       cells = [r["variant"], drafts]
       for label, key in (("greedy", name), ("t0.8", name), ("t0.8", f"{name}_typical")):
         d = r[label][key]
@@ -254,16 +278,17 @@ def _table(results: list[dict], device: str, steps: int, prompts: int) -> str:
         if "logp" in d:
           cells.append(f"{d['logp']:.3f}")
       lines.append("| " + " | ".join(cells) + " |")
-  same = [f"{r['variant']} ({name})" for r in results for name in ("chain", "tree")
+  same = [f"{r['variant']} ({name})" for r in results for name in names
           if r.get("greedy", {}).get(name, {}).get("identical_to_greedy")]
   lines += ["", "Greedy speculative output identical to greedy decoding for every prompt: "
             + (", ".join(same) if same else "none") + "."]
-  trees = [r for r in results if "tree" in r]
-  if trees:
+  with_trees = [r for r in results if "trees" in r]
+  if with_trees:
     lines += ["", "Trees (`--draft-tree` / config.sample.draft_tree takes them as they stand):"]
-    lines += [f"- {r['variant']}: `paths: " + " ".join(",".join(map(str, p))
-                                                     for p in r["tree"]["paths"]) + "`"
-              for r in trees]
+    for r in with_trees:
+      for name, tree in r["trees"].items():
+        lines.append(f"- {r['variant']}, {'joint' if name.endswith('joint') else 'rates'}: `paths: "
+                     + " ".join(",".join(map(str, p)) for p in tree["paths"]) + "`")
   return "\n".join(lines) + "\n"
 
 

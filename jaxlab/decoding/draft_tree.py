@@ -122,6 +122,39 @@ class DraftTree:
           heapq.heappush(frontier, (neg_p * acc[len(path), r], path + (r,)))
     return cls(tuple(chosen))
 
+  @classmethod
+  def from_rank_paths(cls, ranks_ND, num_nodes: int, max_rank: int = 16) -> "DraftTree":
+    """The num_nodes nodes most often right on data, with the heads' errors as they co-occur (unlike
+    `from_accuracies`, which multiplies per-head rates): ranks_ND[i, d] = the rank of the right token
+    in head d+1's logits at position i (0 = its most likely token). A node (r_1, .., r_d) is right at
+    i when ranks_ND[i, :d] == (r_1, .., r_d); the nodes right most often are kept (a parent is right
+    whenever its child is, and comes first among equals, so the tree is prefix-closed), and
+    `frequency_sum` of the tree is then its mean number of accepted drafts per greedy pass on that
+    data. Ranks >= max_rank are never drafted. Fewer than num_nodes nodes if fewer are ever right."""
+    ranks = np.asarray(ranks_ND)
+    if ranks.ndim != 2 or ranks.shape[0] == 0 or ranks.shape[1] == 0 or not np.issubdtype(
+        ranks.dtype, np.integer) or np.any(ranks < 0):
+      raise ValueError(f"ranks_ND must be [positions, heads] ints >= 0, got shape {ranks.shape} "
+                       f"and dtype {ranks.dtype}")
+    if num_nodes < 1:
+      raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+    counts: dict = {}
+    for row in ranks.tolist():
+      for d in range(1, len(row) + 1):
+        if row[d - 1] >= max_rank:
+          break
+        counts[tuple(row[:d])] = counts.get(tuple(row[:d]), 0) + 1
+    best = sorted(counts, key=lambda p: (-counts[p], len(p), p))[:num_nodes]
+    if not best:
+      raise ValueError(f"no head's right token ranks below max_rank={max_rank} anywhere in ranks_ND")
+    return cls(tuple(best))
+
+  def frequency_sum(self, ranks_ND) -> float:
+    """Mean over the positions of ranks_ND (see from_rank_paths) of how many nodes are right."""
+    ranks = np.asarray(ranks_ND)
+    return float(sum(np.mean(np.all(ranks[:, :len(p)] == np.asarray(p), axis=1))
+                     for p in self.paths if len(p) <= ranks.shape[1]))
+
   @property
   def spec(self) -> str:
     """The "paths: ..." form that `parse` reads back."""

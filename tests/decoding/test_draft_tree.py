@@ -162,3 +162,21 @@ def test_append_mask_is_refused_where_it_does_not_apply():
   with pytest.raises(ValueError, match="rerope_window=2"):
     rerope.apply({"params": params, "cache": cache}, jnp.zeros((1, 3), jnp.int32), decode=True,
                  append_mask_TT=mask, mutable=["cache"])
+
+
+def test_tree_from_rank_paths_keeps_the_nodes_most_often_right():
+  # Heads that are right together: whenever head 1's top token is right, so is head 2's.
+  ranks = np.asarray([[0, 0]] * 6 + [[1, 5]] * 4)
+  tree = DraftTree.from_rank_paths(ranks, 2)
+  assert tree.paths == ((0,), (0, 0))  # right 6 and 6 times; (1,) 4 times
+  assert tree.frequency_sum(ranks) == pytest.approx(1.2)
+  # Per-head rates multiplied (from_accuracies: (1,) 0.4 > (0, 0) 0.6 x 0.6) pick a worse tree here.
+  independent = DraftTree.from_accuracies([[0.6, 0.4], [0.6, 0.0]], 2)
+  assert independent.paths == ((0,), (1,)) and independent.frequency_sum(ranks) == pytest.approx(1.0)
+  # A child never comes before its parent, even at equal counts; ranks >= max_rank are not drafted.
+  assert DraftTree.from_rank_paths(np.asarray([[4, 0]] * 2), 1).paths == ((4,),)
+  assert DraftTree.from_rank_paths(ranks, 20, max_rank=2).paths == ((0,), (1,), (0, 0))
+  with pytest.raises(ValueError, match="ranks_ND"):
+    DraftTree.from_rank_paths(np.zeros((3,), int), 2)
+  with pytest.raises(ValueError, match="max_rank=1"):
+    DraftTree.from_rank_paths(np.asarray([[2, 0]]), 2, max_rank=1)

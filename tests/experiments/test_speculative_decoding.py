@@ -26,15 +26,19 @@ def test_tiny_run_writes_the_table(tmp_path, experiment):
   ranks = medusa["rank_accuracy"]  # [3 heads][8 ranks], the first of them the top-1 accuracy
   assert len(ranks) == 3 and all(len(r) == 8 for r in ranks) and all(sum(r) <= 1 for r in ranks)
   assert [r[0] for r in ranks] == pytest.approx(medusa["head_accuracy"][1:])
-  assert len(medusa["tree"]["paths"]) == 16
+  trees = medusa["trees"]
+  assert len(trees["tree"]["paths"]) == 16 and 1 <= len(trees["tree_joint"]["paths"]) <= 16
+  # The joint tree holds the nodes most often right, so at least as many are right per position.
+  assert trees["tree_joint"]["right_per_position"] >= trees["tree"]["right_per_position"] - 1e-9
   greedy = medusa["greedy"]
   assert greedy["ms_per_token_plain"] > 0
-  for name in ("chain", "tree"):
+  for name in ("chain", "tree", "tree_joint"):
     assert greedy[name]["identical_to_greedy"] and 1 <= greedy[name]["tokens_per_pass"] <= 4
     assert greedy[name]["ms_per_token"] > 0 and medusa["t0.8"][name]["ms_per_token"] > 0
     for acceptance in (name, f"{name}_typical"):
       assert 1 <= medusa["t0.8"][acceptance]["tokens_per_pass"] <= 4
       assert medusa["t0.8"][acceptance]["logp"] < 0
   md = (tmp_path / "tiny.md").read_text()
-  assert "| medusa1 | tree of 16 (" in md
-  assert "identical to greedy decoding for every prompt: medusa1 (chain), medusa1 (tree)" in md
+  assert "| medusa1 | tree of 16, rates (" in md and "| medusa1 | tree of " in md
+  assert ("identical to greedy decoding for every prompt: medusa1 (chain), medusa1 (tree), "
+          "medusa1 (tree_joint)") in md and "- medusa1, joint: `paths: " in md
