@@ -38,6 +38,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PROMPT_CHARS, NEW_TOKENS, PROMPTS = 8, 52, 24
 RANKS, TREE_NODES = 8, 16
+TREE_LABELS = {"tree": "rates", "tree_joint": "joint"}  # how each sparse tree was chosen
 
 VARIANTS = {
     "baseline": [],
@@ -142,9 +143,10 @@ def _head_accuracy(task, params):
 
 
 def _decoding(task, params, prompts: int, trees: dict) -> dict:
-  """Tokens per pass and ms per token, ordinary vs speculative decoding (a chain, and each of `trees`;
-  at T=0.8 also with typical acceptance), batch 1; at T=0.8 the mean log-probability per new token of each
-  decoder's text under the model's T=0.8 distribution (typical acceptance is not exact: it shows)."""
+  """Tokens per pass and ms per token, ordinary vs speculative decoding (a chain, and each of
+  `trees`; at T=0.8 also with typical acceptance), batch 1; at T=0.8 the mean log-probability per new
+  token of each decoder's text under the model's T=0.8 distribution (typical acceptance is not
+  exact: it shows)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -254,7 +256,7 @@ def _table(results: list[dict], device: str, steps: int, prompts: int) -> str:
       "tokens/pass | T=0.8 typical: ms/token (speed-up) | T=0.8 typical: log p |",
       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
-  names = ("chain", "tree", "tree_joint")
+  names = ("chain", *TREE_LABELS)
   for r in results:
     if "greedy" not in r:
       continue
@@ -269,7 +271,7 @@ def _table(results: list[dict], device: str, steps: int, prompts: int) -> str:
         right = f"{tree['right_per_position']:.2f}"
         if "independent_estimate" in tree:
           right = f"{tree['independent_estimate']:.2f} / {right}"
-        drafts = f"tree of {len(tree['paths'])}, {'joint' if name.endswith('joint') else 'rates'} ({right})"
+        drafts = f"tree of {len(tree['paths'])}, {TREE_LABELS[name]} ({right})"
       cells = [r["variant"], drafts]
       for label, key in (("greedy", name), ("t0.8", name), ("t0.8", f"{name}_typical")):
         d = r[label][key]
@@ -287,7 +289,7 @@ def _table(results: list[dict], device: str, steps: int, prompts: int) -> str:
     lines += ["", "Trees (`--draft-tree` / config.sample.draft_tree takes them as they stand):"]
     for r in with_trees:
       for name, tree in r["trees"].items():
-        lines.append(f"- {r['variant']}, {'joint' if name.endswith('joint') else 'rates'}: `paths: "
+        lines.append(f"- {r['variant']}, {TREE_LABELS[name]}: `paths: "
                      + " ".join(",".join(map(str, p)) for p in tree["paths"]) + "`")
   return "\n".join(lines) + "\n"
 

@@ -83,20 +83,19 @@ class DraftTree:
       except ValueError:
         raise ValueError(f"a draft tree given by paths is 'paths: 0 1 0,0 ...' (ranks joined by "
                          f"commas, nodes by spaces), got {spec!r}") from None
-      if len(paths) > max_nodes:
-        raise ValueError(f"the draft tree {spec!r} has {len(paths)} nodes, more than {max_nodes} "
-                         "(each is a token of every verification pass)")
-      return cls(paths)
-    try:
-      widths = tuple(int(w) for w in spec.split(","))
-    except ValueError:
-      raise ValueError(f"a draft tree is widths per depth like '3,2,1', got {spec!r}") from None
-    if widths and all(w >= 1 for w in widths):
-      nodes = sum(int(np.prod(widths[:d], dtype=object)) for d in range(1, len(widths) + 1))
-      if nodes > max_nodes:
-        raise ValueError(f"the draft tree {spec!r} has {nodes} nodes, more than {max_nodes} "
-                         "(each is a token of every verification pass)")
-    return cls.product(widths)
+      nodes, build = len(paths), lambda: cls(paths)
+    else:
+      try:
+        widths = tuple(int(w) for w in spec.split(","))
+      except ValueError:
+        raise ValueError(f"a draft tree is widths per depth like '3,2,1', got {spec!r}") from None
+      nodes = (sum(int(np.prod(widths[:d], dtype=object)) for d in range(1, len(widths) + 1))
+               if all(w >= 1 for w in widths) else 0)  # (product() refuses widths < 1)
+      build = lambda: cls.product(widths)
+    if nodes > max_nodes:
+      raise ValueError(f"the draft tree {spec!r} has {nodes} nodes, more than {max_nodes} "
+                       "(each is a token of every verification pass)")
+    return build()
 
   @classmethod
   def from_accuracies(cls, accuracy_DR, num_nodes: int) -> "DraftTree":

@@ -62,14 +62,21 @@ def check_speculative(model, tree: Optional[DraftTree] = None) -> None:
   if tree.depth > c.extra_heads:
     raise ValueError(f"the draft tree is {tree.depth} deep, but the model has {c.extra_heads} extra "
                      "heads to draft with (one per depth)")
-  if not tree.is_chain and (c.attention != "softmax" or c.rerope_window
-                            or c.attention_impl == "cudnn"):
+  if not tree.is_chain and not tree_attention_supported(c.attention, c.rerope_window,
+                                                        c.attention_impl):
     raise ValueError("a draft tree with branches needs the softmax attention family without ReRoPE "
                      "and an implementation that takes segment masks, not 'cudnn' (tree attention "
                      f"masks the cache); got attention={c.attention!r}, "
                      f"attention_impl={c.attention_impl!r}"
                      + (f", rerope_window={c.rerope_window}" if c.rerope_window else "")
                      + "; a chain (one candidate per depth) works with any KV-cache family")
+
+
+def tree_attention_supported(attention: str, rerope_window: int, attention_impl) -> bool:
+  """Whether a draft tree with branches can be verified: tree attention masks the cache per query
+  (`append_mask_TT`), which needs the softmax family without ReRoPE and an attention implementation
+  that takes segment masks (not cuDNN's)."""
+  return attention == "softmax" and not rerope_window and attention_impl != "cudnn"
 
 
 def _probs(logits_XV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -112,38 +119,35 @@ def _rows(x_BT, index_B):
   return jnp.take_along_axis(x_BT, index_B.reshape((-1,) + (1,) * (x_BT.ndim - 1)), axis=1)[:, 0]
 
 
-def _accept_greedy(tree: DraftTree, tokens_BT, target_BTV):
-  """The longest path whose every node is the target's argmax after its parent -> (path_BP, depth_B):
-  path_BP[:, d] the block index of the accepted node at depth d (0: the root; 0 past the path)."""
-  argmax_BT = jnp.argmax(target_BTV, axis=-1).astype(jnp.int32)
-  correct_BT = (tokens_BT == argmax_BT[:, tree.parent_T]).at[:, 0].set(True)
-  ok_BT = jnp.all(jnp.where(jnp.asarray(tree.ancestors_TT)[None], correct_BT[:, None, :], True),
+def _deepest_good_path(tree: DraftTree, good_BT):
+  """The deepest node whose path from the root is good all the way (the first in rank order among
+  equals; the root counts as good) -> (path_BP, depth_B): path_BP[:, d] the block index of its
+  ancestor at depth d (0: the root; 0 past the path), depth_B its depth."""
+  ancestors_TT = jnp.asarray(tree.ancestors_TT)
+  depth_T = jnp.asarray(tree.depth_T)
+  ok_BT = jnp.all(jnp.where(ancestors_TT[None], good_BT.at[:, 0].set(True)[:, None, :], True),
                   axis=-1)
-  # Siblings are distinct tokens, so at most one node per depth is ok.
-  at_depth_BDT = ok_BT[:, None, :] & (jnp.asarray(tree.depth_T)[None, None, :] ==
-                                      jnp.arange(tree.depth + 1)[None, :, None])
-  path_BP = jnp.argmax(at_depth_BDT, axis=-1).astype(jnp.int32)
-  depth_B = jnp.sum(jnp.any(at_depth_BDT[:, 1:], axis=-1), axis=-1).astype(jnp.int32)
-  return path_BP, depth_B
+  chosen_B = jnp.argmax(jnp.where(ok_BT, depth_T, -1), axis=-1)
+  path_BP = jnp.argmax(ancestors_TT[chosen_B][:, None, :] & (
+      depth_T[None, None, :] == jnp.arange(tree.depth + 1)[None, :, None]), axis=-1)
+  return path_BP.astype(jnp.int32), depth_T[chosen_B].astype(jnp.int32)
+
+
+def _accept_greedy(tree: DraftTree, tokens_BT, target_BTV):
+  """The longest path whose every node is the target's argmax after its parent (siblings are distinct
+  tokens, so there is one) -> (path_BP, depth_B) as `_deepest_good_path`."""
+  argmax_BT = jnp.argmax(target_BTV, axis=-1).astype(jnp.int32)
+  return _deepest_good_path(tree, tokens_BT == argmax_BT[:, tree.parent_T])
 
 
 def _accept_typical(tree: DraftTree, tokens_BT, p_BTV, epsilon: float, delta: float):
-  """Typical acceptance (module docstring) -> (path_BP, depth_B) as `_accept_greedy`."""
+  """Typical acceptance (module docstring) -> (path_BP, depth_B) as `_deepest_good_path`."""
   logp_BTV = jnp.log(jnp.where(p_BTV > 0, p_BTV, 1.0))
   entropy_BT = -jnp.sum(p_BTV * logp_BTV, axis=-1)
   threshold_BT = jnp.minimum(epsilon, delta * jnp.exp(-entropy_BT))
   parent_T = jnp.asarray(tree.parent_T)
   p_node_BT = jnp.take_along_axis(p_BTV[:, parent_T], tokens_BT[..., None], axis=-1)[..., 0]
-  plausible_BT = (p_node_BT > threshold_BT[:, parent_T]).at[:, 0].set(True)
-  ancestors_TT = jnp.asarray(tree.ancestors_TT)
-  ok_BT = jnp.all(jnp.where(ancestors_TT[None], plausible_BT[:, None, :], True), axis=-1)
-  depth_T = jnp.asarray(tree.depth_T)
-  chosen_B = jnp.argmax(jnp.where(ok_BT, depth_T, -1), axis=-1)  # the first of the deepest
-  on_path_BT = ancestors_TT[chosen_B]
-  path_BP = jnp.argmax(on_path_BT[:, None, :] & (depth_T[None, None, :] ==
-                                                 jnp.arange(tree.depth + 1)[None, :, None]),
-                       axis=-1).astype(jnp.int32)
-  return path_BP, depth_T[chosen_B].astype(jnp.int32)
+  return _deepest_good_path(tree, p_node_BT > threshold_BT[:, parent_T])
 
 
 def _accept_sampled(tree: DraftTree, tokens_BT, p_BTV, q_BDV, key):
@@ -282,12 +286,12 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
       path_BP, accepted_B, drawn_B = _accept_sampled(tree, x_BT, probs(target_BTV), q_BDV,
                                                      k_accept)
     a = jnp.min(accepted_B)  # every row keeps the first a nodes of its path
-    last_B = _rows(path_BP, jnp.broadcast_to(a, (b,)))  # the a-th node (the root if a == 0)
+    last_B = path_BP[:, a]  # the a-th node (the root if a == 0)
     path_tokens_BP = jnp.take_along_axis(x_BT, path_BP, axis=1)
     if greedy:
       next_B = jnp.argmax(_rows(target_BTV, last_B), axis=-1).astype(jnp.int32)
     else:  # a row whose path goes on takes its own next node
-      own_B = _rows(path_tokens_BP, jnp.broadcast_to(jnp.minimum(a + 1, depth), (b,)))
+      own_B = path_tokens_BP[:, jnp.minimum(a + 1, depth)]
       next_B = jnp.where(accepted_B > a, own_B, drawn_B)
     out_BL = jax.lax.dynamic_update_slice(out_BL, path_tokens_BP, (0, n + 1))
     out_BL = jax.lax.dynamic_update_slice(out_BL, next_B[:, None], (0, n + 2 + a))

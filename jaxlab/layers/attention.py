@@ -311,6 +311,11 @@ class MultiHeadAttention(nn.Module):
     """
     is_initialized = self.has_variable("cache", "cached_key")
     b, t, kh, h = k_BTKH.shape
+    if append_mask_TT is not None:
+      append_mask_TT = jnp.asarray(append_mask_TT, bool)
+      if append_mask_TT.shape != (t, t):
+        raise ValueError(f"append_mask_TT must be [T, T] = [{t}, {t}] for the {t} appended tokens, "
+                         f"got shape {append_mask_TT.shape}")
     cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, t, kh, h), k_BTKH.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, t, kh, h), v_BTKH.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
@@ -377,11 +382,6 @@ class MultiHeadAttention(nn.Module):
       bias_BNS = None if bias_BNTS is None else bias_BNTS[:, :, 0]
       return one_query(q_BTNH[:, 0], i, positions_BT[:, 0], bias_BNS)[:, None]
     # Several tokens: each query against the cache up to its own slot, vectorised over the queries.
-    if append_mask_TT is not None:
-      append_mask_TT = jnp.asarray(append_mask_TT, bool)
-      if append_mask_TT.shape != (t, t):
-        raise ValueError(f"append_mask_TT must be [T, T] = [{t}, {t}] for the {t} appended tokens, "
-                         f"got shape {append_mask_TT.shape}")
     over_queries = jax.vmap(one_query, in_axes=(1, 0, 1, None if bias_BNTS is None else 2,
                                                 None if append_mask_TT is None else 0),
                             out_axes=1)

@@ -171,8 +171,9 @@ def validate(config, require) -> None:
     require(tree.depth <= extra,
             f"config.sample.draft_tree={s.draft_tree!r} is {tree.depth} deep, more than the "
             f"{extra} extra heads (config.model.mtp_heads / medusa_heads) that draft its depths")
-    require(tree.is_chain or (m.attention == "softmax" and not m.rerope_window
-                              and m.attention_impl != "cudnn"),
+    from jaxlab.decoding.speculative import tree_attention_supported
+    require(tree.is_chain or tree_attention_supported(m.attention, m.rerope_window,
+                                                      m.attention_impl),
             f"config.sample.draft_tree={s.draft_tree!r} branches, which needs tree attention: "
             "config.model.attention='softmax' without rerope_window, and an attention_impl that "
             "takes segment masks (not 'cudnn')")
@@ -279,7 +280,7 @@ class LMTask:
   def draft_tree(self):
     """config.sample.draft_tree as a DraftTree, or None (a chain)."""
     from jaxlab.decoding.draft_tree import DraftTree
-    spec = self.config.sample.get("draft_tree", "")
+    spec = self.config.sample.draft_tree
     return DraftTree.parse(spec) if spec else None
 
   def check_speculative(self, prompt: str, num_tokens: int, what: str) -> None:
@@ -400,12 +401,12 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
     from jaxlab.decoding.speculative import speculative_generate
     task.check_speculative(prompt, num_tokens, "num_tokens")
     tree, s = task.draft_tree(), task.config.sample
-    acceptance = s.get("acceptance", "exact") if temperature > 0 else "exact"
+    acceptance = s.acceptance if temperature > 0 else "exact"
     tokens, steps = speculative_generate(task.model, params, ids, key, num_tokens=num_tokens,
                                          temperature=temperature, top_k=top_k, top_p=top_p,
                                          tree=tree, acceptance=acceptance,
-                                         typical_epsilon=s.get("typical_epsilon", 0.09),
-                                         typical_delta=s.get("typical_delta", 0.3))
+                                         typical_epsilon=s.typical_epsilon,
+                                         typical_delta=s.typical_delta)
     if num_tokens > 1:
       drafts = f"a tree of {tree.size} candidates" if tree else "one candidate per head"
       drafts += ", typical acceptance" if acceptance == "typical" else ""

@@ -144,24 +144,20 @@ def test_tree_pass_gives_each_node_the_logits_of_its_own_path(name, kw):
   np.testing.assert_allclose(step_logits[0, 0], want[0], atol=2e-5, rtol=2e-5)
 
 
-def test_append_mask_is_refused_where_it_does_not_apply():
+@pytest.mark.parametrize("kw,match", [
+    (dict(attention="local", attention_window=2), "softmax family"),
+    (dict(position="rope", rerope_window=2), "rerope_window=2")])
+def test_append_mask_is_refused_where_it_does_not_apply(kw, match):
   mask = jnp.tril(jnp.ones((3, 3), bool))
-  local = GPT(GPTConfig(vocab_size=5, num_layers=1, width=8, num_heads=2, num_kv_heads=2,
-                        max_len=8, attention="local", attention_window=2))
-  params = local.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
-  cache = init_cache(local, 1, 8, all_heads=False)
-  with pytest.raises(ValueError, match="softmax family"):
-    local.apply({"params": params, "cache": cache}, jnp.zeros((1, 3), jnp.int32), decode=True,
+  model = GPT(GPTConfig(vocab_size=5, num_layers=1, width=8, num_heads=2, num_kv_heads=2,
+                        max_len=8, **kw))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
+  cache = init_cache(model, 1, 8, all_heads=False)
+  with pytest.raises(ValueError, match=match):
+    model.apply({"params": params, "cache": cache}, jnp.zeros((1, 3), jnp.int32), decode=True,
                 append_mask_TT=mask, mutable=["cache"])
   with pytest.raises(ValueError, match="decode=False"):
-    local.apply({"params": params}, jnp.zeros((1, 3), jnp.int32), append_mask_TT=mask)
-  rerope = GPT(GPTConfig(vocab_size=5, num_layers=1, width=8, num_heads=2, num_kv_heads=2,
-                         max_len=8, position="rope", rerope_window=2))
-  params = rerope.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
-  cache = init_cache(rerope, 1, 8, all_heads=False)
-  with pytest.raises(ValueError, match="rerope_window=2"):
-    rerope.apply({"params": params, "cache": cache}, jnp.zeros((1, 3), jnp.int32), decode=True,
-                 append_mask_TT=mask, mutable=["cache"])
+    model.apply({"params": params}, jnp.zeros((1, 3), jnp.int32), append_mask_TT=mask)
 
 
 def test_tree_from_rank_paths_keeps_the_nodes_most_often_right():
