@@ -34,8 +34,9 @@ KEYS = ("optim.loss_scale", "optim.loss_scale_init", "optim.loss_scale_period")
 
 def enabled(config) -> bool:
   """Whether the train step scales the loss (see the module docstring). `config`: a ConfigDict or the
-  dict of a saved config.json; one written before loss scaling existed (no optim.loss_scale) had none."""
-  choice = config["optim"].get("loss_scale", "none")
+  dict of a saved config.json; one written before loss scaling existed (no optim.loss_scale) had none,
+  and so has one without an optim section."""
+  choice = config.get("optim", {}).get("loss_scale", "none")
   if choice == "auto":
     model = config.get("model", None)
     return model is not None and model.get("dtype", "float32") == "float16"

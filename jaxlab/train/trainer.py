@@ -283,7 +283,7 @@ def _resume_keys(config_json: dict) -> dict:
   it checkpoints the same state as one saved before loss scaling existed."""
   flat = flatten({k: v for k, v in config_json.items() if k in RESUME_MUST_MATCH})
   flat.pop("data.data_dir", None)
-  if "optim" in config_json and loss_scale.enabled(config_json):
+  if loss_scale.enabled(config_json):
     flat["optim.loss_scale"] = "dynamic"
   else:
     for key in loss_scale.KEYS:
@@ -313,7 +313,7 @@ def check_resume_config(run: Run) -> None:
                      "against this run's config; put config.json back or use a new --workdir "
                      "(nothing was changed)")
   saved_json = json.loads(saved_path.read_text())
-  scaled = "optim" in saved_json and loss_scale.enabled(saved_json)
+  scaled = loss_scale.enabled(saved_json)
   if scaled != loss_scale.enabled(run.config):  # the checkpoints' state has (or lacks) the scale
     choice = saved_json.get("optim", {}).get("loss_scale", "none (saved before loss scaling existed)")
     dtype = saved_json.get("model", {}).get("dtype", "float32")
