@@ -27,6 +27,7 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxlab.data.local_info import LocalDatasetInfo
 from jaxlab.data.text_builders import default_data_dir
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -157,7 +158,7 @@ def emoji_examples(root: pathlib.Path):
 
 
 def _pair_info(builder, description: str, shape) -> tfds.core.DatasetInfo:
-  return tfds.core.DatasetInfo(
+  return LocalDatasetInfo(
       builder=builder, description=description,
       features=tfds.features.FeaturesDict({
           "image": tfds.features.Tensor(shape=shape, dtype=np.uint8),

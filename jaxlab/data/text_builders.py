@@ -24,6 +24,8 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
+from jaxlab.data.local_info import LocalDatasetInfo
+
 CHUNK_CHARS = 1 << 18
 STDLIB_EXCLUDED_DIRS = ("site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
                         "tkinter", "turtledemo", "ensurepip")
@@ -57,7 +59,7 @@ def _alphabet(texts) -> str:
 
 
 def _info(builder, description: str) -> tfds.core.DatasetInfo:
-  return tfds.core.DatasetInfo(
+  return LocalDatasetInfo(
       builder=builder, description=description,
       features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
       metadata=tfds.core.MetadataDict(), disable_shuffling=True)

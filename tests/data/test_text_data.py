@@ -30,6 +30,18 @@ def test_text_files_split_and_vocab(tiny_corpus, tfds_dir):
   assert byte_corpus.vocab.size == 256 and len(byte_corpus.train) == cut
 
 
+def test_building_a_dataset_leaves_no_temporary_directories(tiny_corpus, tfds_dir, tmp_path,
+                                                            monkeypatch):
+  # TFDS's builder looks up pre-computed metadata in its GCS bucket (off by default) through a fresh
+  # temporary directory that it never removes; jaxlab's builders skip the lookup.
+  import tempfile
+  temp_root = tmp_path / "temp_root"
+  temp_root.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+  text.load_corpus(data_cfg(path=str(tiny_corpus), data_dir=str(tfds_dir)))
+  assert list(temp_root.iterdir()) == []
+
+
 def test_python_stdlib_corpus_is_deterministic_and_split_by_file(tfds_dir):
   cfg = data_cfg(name="python_stdlib", data_dir=str(tfds_dir), vocab="byte")
   a = text.load_corpus(cfg)
