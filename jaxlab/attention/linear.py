@@ -126,26 +126,35 @@ def linear_attention_from_features(phi_q: jax.Array, phi_k: jax.Array, v: jax.Ar
   pq_c = jnp.moveaxis(pq.reshape(b, nc, c, kh, g, m), 1, 0)
   pk_c = jnp.moveaxis(pk.reshape(b, nc, c, kh, m), 1, 0)
   v_c = jnp.moveaxis(vf.reshape(b, nc, c, kh, h), 1, 0)
-  tril = jnp.tril(jnp.ones((c, c), bool))
-
   def body(carry, xs):
     s, z = carry  # [B, K, M, H], [B, K, M]
     q_i, k_i, v_i = xs
-    scores = jnp.einsum("bckgm,bskm->bkgcs", q_i, k_i, preferred_element_type=f32)
-    scores = jnp.where(tril, scores, 0.0)
-    num = (jnp.einsum("bkgcs,bskh->bckgh", scores, v_i, preferred_element_type=f32) +
-           jnp.einsum("bckgm,bkmh->bckgh", q_i, s, preferred_element_type=f32))
-    den = (jnp.moveaxis(jnp.sum(scores, axis=-1), -1, 1) +
-           jnp.einsum("bckgm,bkm->bckg", q_i, z, preferred_element_type=f32))
-    out = num / (den[..., None] + eps)
-    s = s + jnp.einsum("bskm,bskh->bkmh", k_i, v_i, preferred_element_type=f32)
-    z = z + jnp.sum(k_i, axis=1)
+    out, s, z = causal_chunk(q_i, k_i, v_i, s, z, eps)
     return (s, z), out
 
   init = (jnp.zeros((b, kh, m, h), f32), jnp.zeros((b, kh, m), f32))
   _, out = lax.scan(body, init, (pq_c, pk_c, v_c))  # [nc, B, C, K, G, H]
   out = jnp.moveaxis(out, 0, 1).reshape(b, tp, n, h)
   return out[:, :t]
+
+
+def causal_chunk(phi_q_CKGM, phi_k_CKM, v_CKH, s_KMH, z_KM, eps: float):
+  """One chunk of causal linear attention (Katharopoulos et al. 2020, eq. 9, chunked; leading batch
+  axis B on every argument): queries see the state (S, z) of the earlier chunks and the chunk's keys up
+  to their own position. Features phi_q [B, C, K, G, M] (G query heads per K/V head), phi_k [B, C, K, M],
+  v [B, C, K, H], S [B, K, M, H], z [B, K, M], all float32.
+  Returns (out [B, C, K, G, H], S and z with the chunk added)."""
+  f32 = jnp.float32
+  c = phi_q_CKGM.shape[1]
+  scores = jnp.einsum("bckgm,bskm->bkgcs", phi_q_CKGM, phi_k_CKM, preferred_element_type=f32)
+  scores = jnp.where(jnp.tril(jnp.ones((c, c), bool)), scores, 0.0)
+  num = (jnp.einsum("bkgcs,bskh->bckgh", scores, v_CKH, preferred_element_type=f32) +
+         jnp.einsum("bckgm,bkmh->bckgh", phi_q_CKGM, s_KMH, preferred_element_type=f32))
+  den = (jnp.moveaxis(jnp.sum(scores, axis=-1), -1, 1) +
+         jnp.einsum("bckgm,bkm->bckg", phi_q_CKGM, z_KM, preferred_element_type=f32))
+  out = num / (den[..., None] + eps)
+  s_KMH = s_KMH + jnp.einsum("bskm,bskh->bkmh", phi_k_CKM, v_CKH, preferred_element_type=f32)
+  return out, s_KMH, z_KM + jnp.sum(phi_k_CKM, axis=1)
 
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,

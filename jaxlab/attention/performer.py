@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxlab.attention.linear import linear_attention_from_features
+from jaxlab.attention.linear import causal_chunk, linear_attention_from_features
 from jaxlab.attention.softmax import check_qkv
 
 
@@ -159,7 +159,6 @@ def _causal_running_max(phi_q, a_k, v, chunk_size: int, eps: float):
   ak = jnp.pad(a_k, [(0, 0), (0, pad), (0, 0), (0, 0)], constant_values=-jnp.inf)
   vf = jnp.pad(v.astype(f32), [(0, 0), (0, pad), (0, 0), (0, 0)])
   chunks = lambda x: jnp.moveaxis(x.reshape(b, nc, c, *x.shape[2:]), 1, 0)
-  tril = jnp.tril(jnp.ones((c, c), bool))
   scale = m ** -0.5
 
   def body(carry, xs):
@@ -169,15 +168,7 @@ def _causal_running_max(phi_q, a_k, v, chunk_size: int, eps: float):
     decay = jnp.exp(mu - mu_new)  # 0 on the first chunk (mu = -inf)
     s, z = s * decay[..., None, None], z * decay[..., None]
     k_i = (jnp.exp(a_i - mu_new[:, None, :, None]) + eps) * scale  # padded keys: eps, masked below
-    scores = jnp.einsum("bckgm,bskm->bkgcs", q_i, k_i, preferred_element_type=f32)
-    scores = jnp.where(tril, scores, 0.0)
-    num = (jnp.einsum("bkgcs,bskh->bckgh", scores, v_i, preferred_element_type=f32) +
-           jnp.einsum("bckgm,bkmh->bckgh", q_i, s, preferred_element_type=f32))
-    den = (jnp.moveaxis(jnp.sum(scores, axis=-1), -1, 1) +
-           jnp.einsum("bckgm,bkm->bckg", q_i, z, preferred_element_type=f32))
-    out = num / (den[..., None] + eps)
-    s = s + jnp.einsum("bskm,bskh->bkmh", k_i, v_i, preferred_element_type=f32)
-    z = z + jnp.sum(k_i, axis=1)
+    out, s, z = causal_chunk(q_i, k_i, v_i, s, z, eps)
     return (s, z, mu_new), out
 
   init = (jnp.zeros((b, kh, m, h), f32), jnp.zeros((b, kh, m), f32),
