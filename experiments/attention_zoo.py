@@ -119,12 +119,14 @@ def quality(data: str, family: str, steps: int, eval_batches: int = 0) -> dict:
   return result
 
 
-def plot(rows, path):
+def plot(rows, path, names=None):
+  """Time and working memory against sequence length, one line per family (`names`: which, in this
+  order; default FAMILIES), written to `path`."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for name in FAMILIES:
+  for name in names or FAMILIES:
     pts = [r for r in rows if r["family"] == name]
     if not pts:
       continue

@@ -64,25 +64,6 @@ def measure(name: str, fn, length: int, repeats: int) -> dict:
           "temp_mib": temp / 2 ** 20}
 
 
-def plot(rows, names, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for name in names:
-    pts = [r for r in rows if r["family"] == name]
-    xs = [r["length"] for r in pts]
-    axes[0].loglog(xs, [r["ms"] for r in pts], "o-", label=name)
-    axes[1].loglog(xs, [max(r["temp_mib"], 1e-3) for r in pts], "o-", label=name)
-  axes[0].set(xlabel="sequence length", ylabel="forward+backward ms", title="time")
-  axes[1].set(xlabel="sequence length", ylabel="XLA temp MiB", title="working memory")
-  axes[0].legend(fontsize=8)
-  for ax in axes:
-    ax.grid(True, which="both", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="lengths 256 and 1024 only")
@@ -98,13 +79,13 @@ def main():
   wall = time.time() - start
 
   import jax
-  from attention_zoo import cpu_name
+  from attention_zoo import cpu_name, plot
   device = f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
   RESULTS.mkdir(parents=True, exist_ok=True)
   stem = "gau_flash_quick" if args.quick else "gau_flash"
   (RESULTS / f"{stem}.json").write_text(json.dumps(
       {"device": device, "wall_s": wall, "s": S, "e": E, "chunk": CHUNK, "speed": rows}, indent=2))
-  plot(rows, list(families), RESULTS / f"{stem}.png")
+  plot(rows, RESULTS / f"{stem}.png", names=list(families))
   get = lambda name, t: next(r for r in rows if r["family"] == name and r["length"] == t)
   ref = "softmax (xla), reference"
   lines = [f"# GAU and FLASH ({'quick' if args.quick else 'full'})", "",
