@@ -138,21 +138,39 @@ def linear_attention_from_features(phi_q: jax.Array, phi_k: jax.Array, v: jax.Ar
   return out[:, :t]
 
 
-def causal_chunk(phi_q_CKGM, phi_k_CKM, v_CKH, s_KMH, z_KM, eps: float):
+def causal_chunk(phi_q_CKGM, phi_k_CKM, v_CKH, s_KMH, z_KM, eps: float, *, shift_CK=None,
+                 state_shift_K=None):
   """One chunk of causal linear attention (Katharopoulos et al. 2020, eq. 9, chunked; leading batch
   axis B on every argument): queries see the state (S, z) of the earlier chunks and the chunk's keys up
   to their own position. Features phi_q [B, C, K, G, M] (G query heads per K/V head), phi_k [B, C, K, M],
   v [B, C, K, H], S [B, K, M, H], z [B, K, M], all float32.
+
+  shift_CK [B, C, K] (non-decreasing along C; with state_shift_K [B, K], the state's, <= shift_CK):
+  key j's features are relative to exp(shift[j]) and the state's to exp(state_shift), so query t
+  weighs key j by exp(shift[j] - shift[t]) <= 1 and the state by exp(state_shift - shift[t]) (causal
+  FAVOR+'s running max, `jaxlab.attention.performer`); the returned state is relative to shift[-1].
   Returns (out [B, C, K, G, H], S and z with the chunk added)."""
   f32 = jnp.float32
   c = phi_q_CKGM.shape[1]
+  tril = jnp.tril(jnp.ones((c, c), bool))
   scores = jnp.einsum("bckgm,bskm->bkgcs", phi_q_CKGM, phi_k_CKM, preferred_element_type=f32)
-  scores = jnp.where(jnp.tril(jnp.ones((c, c), bool)), scores, 0.0)
+  q_state_CKGM, end_weight_CK, state_weight_K = phi_q_CKGM, None, None
+  if shift_CK is not None:
+    shift_KC = jnp.moveaxis(shift_CK, 1, 2)
+    log_weight_KTS = shift_KC[:, :, None, :] - shift_KC[:, :, :, None]  # shift[s] - shift[t]
+    scores = scores * jnp.exp(jnp.where(tril, log_weight_KTS, 0.0))[:, :, None]
+    q_state_CKGM = phi_q_CKGM * jnp.exp(state_shift_K[:, None] - shift_CK)[..., None, None]
+    end_weight_CK = jnp.exp(shift_CK - shift_CK[:, -1:])
+    state_weight_K = jnp.exp(state_shift_K - shift_CK[:, -1])
+  scores = jnp.where(tril, scores, 0.0)
   num = (jnp.einsum("bkgcs,bskh->bckgh", scores, v_CKH, preferred_element_type=f32) +
-         jnp.einsum("bckgm,bkmh->bckgh", phi_q_CKGM, s_KMH, preferred_element_type=f32))
+         jnp.einsum("bckgm,bkmh->bckgh", q_state_CKGM, s_KMH, preferred_element_type=f32))
   den = (jnp.moveaxis(jnp.sum(scores, axis=-1), -1, 1) +
-         jnp.einsum("bckgm,bkm->bckg", phi_q_CKGM, z_KM, preferred_element_type=f32))
+         jnp.einsum("bckgm,bkm->bckg", q_state_CKGM, z_KM, preferred_element_type=f32))
   out = num / (den[..., None] + eps)
+  if shift_CK is not None:  # the state, relative to the chunk's last shift
+    phi_k_CKM = phi_k_CKM * end_weight_CK[..., None]
+    s_KMH, z_KM = s_KMH * state_weight_K[..., None, None], z_KM * state_weight_K[..., None]
   s_KMH = s_KMH + jnp.einsum("bskm,bskh->bkmh", phi_k_CKM, v_CKH, preferred_element_type=f32)
   return out, s_KMH, z_KM + jnp.sum(phi_k_CKM, axis=1)
 

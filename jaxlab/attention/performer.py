@@ -18,17 +18,20 @@ Numerical stabilisation: the exponent is shifted before exp.
   * keys, non-causal: by one max over features AND positions (per batch and head), as in the authors'
     implementation. A key's factor cancels only if it is the same for every key j summed over; a
     per-key shift would reweight the keys.
-  * keys, causal: by the RUNNING max mu over the keys seen so far (per batch and head), so that no
-    output depends on a later key in value either (a global max would let one large future key make
-    earlier keys underflow). The prefix-sum state is rescaled by exp(mu_old - mu_new) whenever mu
-    grows; all keys that a query sums over then carry the same factor, which cancels. In the chunked
-    form mu advances once per chunk (the max up to the end of the chunk), so a key can still influence
-    the underflow of earlier keys of its own chunk; the one-token step (`performer_attention_step`,
-    for decoding) advances it per token.
-  The shifts are constants for differentiation (stop_gradient), which is exact since they cancel.
+  * keys, causal: by the RUNNING max mu_j over the keys 0..j (per batch and head), so that no output
+    depends on a later key in value either (a global max would let one large future key make earlier
+    keys underflow). Key j's feature is taken relative to mu_j and rescaled by exp(mu_j - mu_t) <= 1
+    for query t; all keys that a query sums over then carry the same factor exp(-mu_t), which cancels.
+    The chunked form applies these factors per (query, key) pair inside a chunk and carries the state
+    relative to the last key's mu (`linear.causal_chunk`'s shift), so it computes exactly what the
+    one-token step (`performer_attention_step`, for decoding) computes, whatever the chunk size (to
+    float rounding; tested).
   Then `eps` is added to every feature (keeps phi strictly positive, so the normaliser is never 0); in
   the causal form a key's eps is relative to the running max when the key was added, i.e. rescaled with
-  the state like the rest of its feature.
+  the state like the rest of its feature. (An earlier version shifted each chunk by its own max, with
+  which a later key of the same chunk moved earlier outputs through this floor.)
+  The shifts are constants for differentiation (stop_gradient): exact for the exponentials, whose
+  shifts cancel, and a negligible approximation for the eps floor, which is relative to them.
 
 Shapes (the jaxlab attention contract): q: [B, Tq, N, H]; k, v: [B, Tk, K, H], N % K == 0 (GQA by
 grouping query heads; K/V never repeated); projection: [M, H] shared by all heads; output [B, Tq, N, H] in
@@ -164,12 +167,11 @@ def _causal_running_max(phi_q, a_k, v, chunk_size: int, eps: float):
   def body(carry, xs):
     s, z, mu = carry  # [B, K, M, H], [B, K, M], [B, K]
     q_i, a_i, v_i = xs
-    mu_new = jnp.maximum(mu, lax.stop_gradient(jnp.max(a_i, axis=(1, 3))))
-    decay = jnp.exp(mu - mu_new)  # 0 on the first chunk (mu = -inf)
-    s, z = s * decay[..., None, None], z * decay[..., None]
-    k_i = (jnp.exp(a_i - mu_new[:, None, :, None]) + eps) * scale  # padded keys: eps, masked below
-    out, s, z = causal_chunk(q_i, k_i, v_i, s, z, eps)
-    return (s, z, mu_new), out
+    # The running max at every key of the chunk (padded keys, a = -inf, leave it as it was).
+    mu_CK = lax.cummax(jnp.maximum(lax.stop_gradient(jnp.max(a_i, axis=3)), mu[:, None]), axis=1)
+    k_i = (jnp.exp(a_i - mu_CK[..., None]) + eps) * scale  # padded keys: eps, masked below
+    out, s, z = causal_chunk(q_i, k_i, v_i, s, z, eps, shift_CK=mu_CK, state_shift_K=mu)
+    return (s, z, mu_CK[:, -1]), out
 
   init = (jnp.zeros((b, kh, m, h), f32), jnp.zeros((b, kh, m), f32),
           jnp.full((b, kh), -jnp.inf, f32))
@@ -185,7 +187,7 @@ def performer_prefill(q: jax.Array, k: jax.Array, v: jax.Array, *, projection: j
   """Causal FAVOR+ over a prompt, and the decoding state after it: (out [B, T, N, H], state).
 
   `performer_attention_step` continues from the state as if the prompt had been decoded token by token
-  (up to the per-chunk versus per-token shift's eps effects, see the module docstring).
+  (the same state, to float rounding).
   """
   b, tq, tk, n, kh, h = check_qkv(q, k, v)
   if tq != tk:
@@ -217,8 +219,7 @@ def performer_attention_step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, sta
                              ) -> tuple[jax.Array, PerformerState]:
   """One causal decoding step: q_t [B, 1, N, H], k_t/v_t [B, 1, K, H] -> (out [B, 1, N, H], state).
 
-  Equals `performer_attention(..., causal=True)` at that position (to float rounding and eps effects
-  of the per-chunk shift there).
+  Equals `performer_attention(..., causal=True)` at that position (to float rounding).
   """
   b, one, n, h = q_t.shape
   check_qkv(q_t, k_t, v_t)
