@@ -52,10 +52,6 @@ def _cdiv(x: int, m: int) -> int:
   return -(-x // m)
 
 
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
 def _check_scale(scale, h: int) -> float:
   if scale is None:
     return h ** -0.5
@@ -124,7 +120,7 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: Tuple[i
     raise ValueError(f"window must be a pair (left, right) of ints >= 0, got {window!r}")
   left, right = window
   for name, value in (("left", left), ("right", right)):
-    if not _is_int(value) or value < 0:
+    if not masks_lib.is_int(value) or value < 0:
       raise ValueError(f"window {name} must be an int >= 0, got {value!r}")
   left, right = int(left), int(right)
   causal = bool(causal)
@@ -132,7 +128,7 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: Tuple[i
     right = 0
   if block_size is None:
     block_size = max(_ROUND, _round_up(max(left, right), _ROUND))
-  elif not _is_int(block_size) or block_size <= 0:
+  elif not masks_lib.is_int(block_size) or block_size <= 0:
     raise ValueError(f"block_size must be a positive int, got {block_size!r}")
   scale = _check_scale(scale, h)
   # Validates segment ids / lengths (shapes, dtypes) and fills a missing segment-id array.
@@ -216,7 +212,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, layout,
   from jaxlab.attention.softmax import check_qkv
 
   bsz, tq, tk, n, kh, h = check_qkv(q, k, v)
-  if not _is_int(block_size) or block_size <= 0:
+  if not masks_lib.is_int(block_size) or block_size <= 0:
     raise ValueError(f"block_size must be a positive int, got {block_size!r}")
   b = int(block_size)
   nq, nk = _cdiv(tq, b), _cdiv(tk, b)
@@ -252,14 +248,14 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, layout,
 
 
 def _check_count(name: str, value) -> int:
-  if not _is_int(value) or value < 0:
+  if not masks_lib.is_int(value) or value < 0:
     raise ValueError(f"{name} must be an int >= 0, got {value!r}")
   return int(value)
 
 
 def block_layout_from_window(num_blocks: int, left_blocks: int, right_blocks: int) -> np.ndarray:
   """Banded layout [num_blocks, num_blocks]: block i sees blocks i - left_blocks .. i + right_blocks."""
-  if not _is_int(num_blocks) or num_blocks <= 0:
+  if not masks_lib.is_int(num_blocks) or num_blocks <= 0:
     raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
   left_blocks = _check_count("left_blocks", left_blocks)
   right_blocks = _check_count("right_blocks", right_blocks)
@@ -275,11 +271,11 @@ def strided_layout(num_blocks: int, *, local_blocks: int, stride: int,
   Block i sees the `local_blocks` blocks up to and including itself (i - local_blocks + 1 .. i), and
   every "summary" block j with j % stride == stride - 1; if causal, only blocks j <= i.
   """
-  if not _is_int(num_blocks) or num_blocks <= 0:
+  if not masks_lib.is_int(num_blocks) or num_blocks <= 0:
     raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
-  if not _is_int(local_blocks) or local_blocks <= 0:
+  if not masks_lib.is_int(local_blocks) or local_blocks <= 0:
     raise ValueError(f"local_blocks must be a positive int, got {local_blocks!r}")
-  if not _is_int(stride) or stride <= 0:
+  if not masks_lib.is_int(stride) or stride <= 0:
     raise ValueError(f"stride must be a positive int, got {stride!r}")
   i = np.arange(num_blocks)[:, None]
   j = np.arange(num_blocks)[None, :]
@@ -301,7 +297,7 @@ def bigbird_layout(num_blocks: int, *, window: Union[int, Sequence[int]] = 1, nu
   * random: every non-global row additionally sees `num_random` blocks drawn without replacement from
     those it does not see yet (fewer if not enough remain), from a NumPy generator seeded by `seed`.
   """
-  if _is_int(window):
+  if masks_lib.is_int(window):
     window = (int(window), int(window))
   if not (isinstance(window, (tuple, list)) and len(window) == 2):
     raise ValueError(f"window must be an int >= 0 or a pair (left, right), got {window!r}")

@@ -16,8 +16,14 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Window = Optional[Tuple[Optional[int], Optional[int]]]
+
+
+def is_int(x) -> bool:
+  """A static integer (Python or NumPy; not a bool)."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _check_window(window: Window) -> Window:
@@ -27,9 +33,9 @@ def _check_window(window: Window) -> Window:
     raise ValueError(f"window must be None or a pair (left, right), got {window!r}")
   left, right = window
   for name, value in (("left", left), ("right", right)):
-    if value is not None and (not isinstance(value, int) or value < 0):
+    if value is not None and (not is_int(value) or value < 0):
       raise ValueError(f"window {name} must be None or an int >= 0, got {value!r}")
-  return (left, right)
+  return tuple(None if value is None else int(value) for value in (left, right))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -177,8 +177,19 @@ def test_bad_mask_arguments():
                                     kv_segment_ids=jnp.zeros((2, 4), jnp.int32))
   with pytest.raises(ValueError, match="window"):
     attention.dot_product_attention(q, q, q, window=(1,))
+  with pytest.raises(ValueError, match="window left"):
+    attention.dot_product_attention(q, q, q, window=(True, 0))
   with pytest.raises(ValueError, match="bias"):
     attention.dot_product_attention(q, q, q, bias=jnp.zeros((3, 1, 4, 4)))
+
+
+def test_window_takes_numpy_integers_as_local_attention_does():
+  x = jax.random.normal(jax.random.key(0), (1, 9, 2, 8))
+  numpy_window = (np.int64(2), np.int32(0))
+  want = attention.dot_product_attention(x, x, x, window=(2, 0))
+  np.testing.assert_array_equal(attention.dot_product_attention(x, x, x, window=numpy_window), want)
+  np.testing.assert_allclose(attention.local_attention(x, x, x, window=numpy_window), want,
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_more_queries_than_keys_causal_rows_before_the_keys_are_zero():
