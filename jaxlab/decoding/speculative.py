@@ -1,7 +1,9 @@
 """Self-speculative decoding: a GPT's own extra heads (multi-token prediction or Medusa) draft the next
 tokens and one cached forward pass verifies them all.
 
-Each step, with the tokens up to position n in the KV cache and the next token y (position n+1)
+Each step, with the tokens up to position n in the decoding state (a KV cache, or linear attention's
+and Performer's recurrent state, which can be rewound too: `MultiHeadAttention._recurrent`; chains
+only) and the next token y (position n+1)
 already chosen, the extra heads' logits at position n draft candidates for positions n+2..n+1+K: one
 per head (a chain d_1..d_K), or a `DraftTree` of them (head d's candidates at depth d; Medusa's tree,
 Cai et al. 2024 sec. 2.1.2). The model runs [y, candidates...] in one pass (the cache takes several
@@ -43,20 +45,32 @@ import jax.numpy as jnp
 
 from jaxlab.decoding.draft_tree import DraftTree
 from jaxlab.decoding.sampling import filter_logits, init_cache
-from jaxlab.layers.attention import KV_CACHE_FAMILIES
+from jaxlab.layers.attention import (KV_CACHE_FAMILIES, RECURRENT_APPEND_LIMIT,
+                                    RECURRENT_FAMILIES)
+
+# Attention families whose decoding state takes several tokens per call and can be rewound: a KV
+# cache, or the recurrent state of linear attention / Performer (which keeps the state before its last
+# append). FLASH's chunk state cannot.
+SPECULATIVE_FAMILIES = KV_CACHE_FAMILIES + RECURRENT_FAMILIES
 
 
 def check_speculative(model, tree: Optional[DraftTree] = None) -> None:
-  """Raises ValueError unless `model` (a GPT) has extra heads and a KV cache that can be rewound, and
-  `tree` (if any) fits: depth <= its extra heads, and a tree that is not a chain needs the softmax
-  family without ReRoPE (its tree mask)."""
+  """Raises ValueError unless `model` (a GPT) has extra heads and a decoding state that can be
+  rewound (SPECULATIVE_FAMILIES), and `tree` (default: a chain over every extra head) fits: depth <=
+  its extra heads, a tree that is not a chain needs the softmax family without ReRoPE (its tree
+  mask), and a recurrent state takes at most RECURRENT_APPEND_LIMIT tokens per pass."""
   c = model.config
   if not c.extra_heads:
     raise ValueError("speculative decoding needs a model with extra heads (mtp_heads or medusa_heads "
                      "> 0); this one has only the next-token head")
-  if c.attention not in KV_CACHE_FAMILIES:
-    raise ValueError(f"speculative decoding needs an attention family with a KV cache "
-                     f"{KV_CACHE_FAMILIES}, not {c.attention!r} (its recurrent state cannot be rewound)")
+  if c.attention not in SPECULATIVE_FAMILIES:
+    raise ValueError(f"speculative decoding needs an attention family whose decoding state can be "
+                     f"rewound {SPECULATIVE_FAMILIES}, not {c.attention!r} (FLASH's chunk state "
+                     "cannot)")
+  size = c.extra_heads if tree is None else tree.size
+  if c.attention in RECURRENT_FAMILIES and size + 1 > RECURRENT_APPEND_LIMIT:
+    raise ValueError(f"a pass of {size} drafts + 1 token is more than the {c.attention!r} family's "
+                     f"recurrent state takes per call ({RECURRENT_APPEND_LIMIT} tokens)")
   if tree is None:
     return
   if tree.depth > c.extra_heads:
@@ -69,7 +83,8 @@ def check_speculative(model, tree: Optional[DraftTree] = None) -> None:
                      f"masks the cache); got attention={c.attention!r}, "
                      f"attention_impl={c.attention_impl!r}"
                      + (f", rerope_window={c.rerope_window}" if c.rerope_window else "")
-                     + "; a chain (one candidate per depth) works with any KV-cache family")
+                     + "; a chain (one candidate per depth) works with every family of "
+                     f"{SPECULATIVE_FAMILIES}")
 
 
 def tree_attention_supported(attention: str, rerope_window: int, attention_impl) -> bool:

@@ -34,6 +34,7 @@ Position encodings handled here (the model adds absolute ones to the embeddings)
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -49,7 +50,9 @@ from jaxlab.layers.dense import Dense
 FAMILIES = ("softmax", "local", "linear", "performer", "block_sparse")
 SPARSE_LAYOUTS = local_lib.CAUSAL_LAYOUTS
 causal_block_layout = local_lib.causal_block_layout
-KV_CACHE_FAMILIES = ("softmax", "local", "block_sparse")  # the others keep a recurrent state
+KV_CACHE_FAMILIES = ("softmax", "local", "block_sparse")
+RECURRENT_FAMILIES = ("linear", "performer")  # decode with a recurrent state instead of a KV cache
+RECURRENT_APPEND_LIMIT = 16  # tokens per decoding call after the prefill (a chain of drafts + 1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -159,10 +162,8 @@ class MultiHeadAttention(nn.Module):
                        f"in the softmax family without ReRoPE; got decode={decode}, "
                        f"prefill={prefill}, family={self.family!r}, "
                        f"rerope_window={self.rerope_window}")
-    if decode and self.family == "linear":
-      out_BTNH = self._recurrent_linear(q_BTNH, k_BTKH, v_BTKH)
-    elif decode and self.family == "performer":
-      out_BTNH = self._recurrent_performer(q_BTNH, k_BTKH, v_BTKH)
+    if decode and self.family in RECURRENT_FAMILIES:
+      out_BTNH = self._recurrent(q_BTNH, k_BTKH, v_BTKH, prefill=prefill)
     elif decode:
       out_BTNH = self._cached_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT,
                                         rotate_in_cache=rotate_in_cache, prefill=prefill,
@@ -387,43 +388,77 @@ class MultiHeadAttention(nn.Module):
                             out_axes=1)
     return over_queries(q_BTNH, slots_T, positions_BT, bias_BNTS, append_mask_TT)
 
-  def _recurrent_linear(self, q_BTNH, k_BTKH, v_BTKH):
-    """Causal linear attention while decoding: the cache holds S = sum phi(k) v^T and z = sum phi(k)
-    (Katharopoulos et al. 2020, eq. 18-20) instead of keys and values. T > 1 is a prefill (of an
-    empty state: unlike the KV cache, this state takes no multi-token appends)."""
+  def _recurrent(self, q_BTNH, k_BTKH, v_BTKH, *, prefill: bool):
+    """Causal linear attention or FAVOR+ while decoding: the cache holds the recurrent state (the
+    prefix sums S and z of `attention.linear` / `attention.performer`, Katharopoulos et al. 2020,
+    eq. 18-20) instead of keys and values. prefill: the prompt on an empty state, as a full causal
+    pass. Otherwise the T tokens (1 <= T <= RECURRENT_APPEND_LIMIT) are appended one step at a time,
+    each seeing the state and the tokens before it, and the cache keeps what a rewind needs: the state
+    before the append and the appended keys and values. Setting "cache_index" back (speculative
+    decoding's rejected drafts, `jaxlab.decoding.speculative`) to i, within the last append, makes the
+    next call start from the state after token i - 1: the state before the append advanced by the
+    kept tokens."""
     b, t, kh, h = k_BTKH.shape
-    zero = linear_lib.linear_attention_init_state(b, kh, h)
-    s_var = self.variable("cache", "linear_s", lambda: zero.s)
-    z_var = self.variable("cache", "linear_z", lambda: zero.z)
-    if t == 1:
-      out, state = linear_lib.linear_attention_step(
-          q_BTNH, k_BTKH, v_BTKH, linear_lib.LinearAttentionState(s_var.value, z_var.value),
-          feature_map=self.feature_map)
-    else:
-      out = self._attend(q_BTNH, k_BTKH, v_BTKH, None)
-      phi_k = linear_lib.get_feature_map(self.feature_map)(k_BTKH.astype(jnp.float32))
-      state = linear_lib.LinearAttentionState(
-          s_var.value + jnp.einsum("btkm,btkh->bkmh", phi_k, v_BTKH.astype(jnp.float32)),
-          z_var.value + phi_k.sum(axis=1))
-    s_var.value, z_var.value = state.s, state.z
-    return out
+    if self.family == "linear":
+      empty = linear_lib.linear_attention_init_state(b, kh, h)
+      step = functools.partial(linear_lib.linear_attention_step, feature_map=self.feature_map)
 
-  def _recurrent_performer(self, q_BTNH, k_BTKH, v_BTKH):
-    """Causal FAVOR+ while decoding: the cache holds the running-max state (S, z, mu) of
-    `attention.performer` instead of keys and values. T > 1 is a prefill of an empty cache (this
-    state takes no multi-token appends)."""
-    from jaxlab.attention import performer as performer_lib
-    b, t, kh, h = k_BTKH.shape
-    zero = performer_lib.performer_init_state(b, kh, h, self.num_features)
-    s_var = self.variable("cache", "performer_s", lambda: zero.s)
-    z_var = self.variable("cache", "performer_z", lambda: zero.z)
-    mu_var = self.variable("cache", "performer_mu", lambda: zero.mu)
-    projection = self._performer_projection()
-    state = performer_lib.PerformerState(s_var.value, z_var.value, mu_var.value)
-    if t == 1:
-      out, state = performer_lib.performer_attention_step(q_BTNH, k_BTKH, v_BTKH, state,
-                                                          projection=projection)
+      def whole(q, k, v):
+        phi_k = linear_lib.get_feature_map(self.feature_map)(k.astype(jnp.float32))
+        return self._attend(q, k, v, None), linear_lib.LinearAttentionState(
+            jnp.einsum("btkm,btkh->bkmh", phi_k, v.astype(jnp.float32)), phi_k.sum(axis=1))
     else:
-      out, state = performer_lib.performer_prefill(q_BTNH, k_BTKH, v_BTKH, projection=projection)
-    s_var.value, z_var.value, mu_var.value = state
-    return out
+      from jaxlab.attention import performer as performer_lib
+      projection = self._performer_projection()
+      empty = performer_lib.performer_init_state(b, kh, h, self.num_features)
+      step = functools.partial(performer_lib.performer_attention_step, projection=projection)
+      whole = functools.partial(performer_lib.performer_prefill, projection=projection)
+    is_initialized = self.has_variable("cache", "state")
+    state = self.variable("cache", "state", lambda: empty)
+    before = self.variable("cache", "state_before_append", lambda: empty)
+    limit = RECURRENT_APPEND_LIMIT
+    keys = self.variable("cache", "appended_keys", jnp.zeros, (b, limit, kh, h), k_BTKH.dtype)
+    values = self.variable("cache", "appended_values", jnp.zeros, (b, limit, kh, h), v_BTKH.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    start = self.variable("cache", "append_start", lambda: jnp.array(0, jnp.int32))
+    length = self.variable("cache", "append_length", lambda: jnp.array(0, jnp.int32))
+    if not is_initialized:  # initialisation pass: shapes only
+      return self._attend(q_BTNH, k_BTKH, v_BTKH, None)
+    i = index.value
+    if prefill:
+      out, state.value = whole(q_BTNH, k_BTKH, v_BTKH)
+      before.value, start.value, length.value, index.value = state.value, i + t, 0, i + t
+      return out
+    if t > limit:
+      raise ValueError(f"a recurrent ({self.family}) decoding state takes at most {limit} tokens "
+                       f"per call, got {t}; a prompt is a prefill (prefill=True)")
+    one_query_BKH = jnp.zeros((b, 1, kh, h), q_BTNH.dtype)  # folding needs no output
+
+    def advance(state_, k_BKH, v_BKH):
+      return step(one_query_BKH, k_BKH[:, None], v_BKH[:, None], state_)[1]
+
+    def refold():  # the state before the append, advanced by its first i - start tokens
+      def body(state_, xs):
+        j, k_BKH, v_BKH = xs
+        return jax.tree.map(functools.partial(jnp.where, j < i - start.value),
+                            advance(state_, k_BKH, v_BKH), state_), None
+      xs = (jnp.arange(limit), jnp.moveaxis(keys.value, 1, 0), jnp.moveaxis(values.value, 1, 0))
+      return jax.lax.scan(body, before.value, xs)[0]
+
+    current = jax.lax.cond(i == start.value + length.value, lambda: state.value, refold)
+    # A zero-filled cache (`jaxlab.decoding.sampling.init_cache`) is the empty state (Performer's
+    # running max starts at -inf, not 0).
+    current = jax.tree.map(lambda a, e: jnp.where(i == 0, e, a), current, empty)
+
+    def body(state_, xs):
+      q_BNH, k_BKH, v_BKH = xs
+      out_B1NH, state_ = step(q_BNH[:, None], k_BKH[:, None], v_BKH[:, None], state_)
+      return state_, out_B1NH[:, 0]
+
+    final, out_TBNH = jax.lax.scan(body, current, tuple(jnp.moveaxis(x, 1, 0)
+                                                        for x in (q_BTNH, k_BTKH, v_BTKH)))
+    before.value, state.value = current, final
+    keys.value = jax.lax.dynamic_update_slice_in_dim(keys.value, k_BTKH, 0, axis=1)
+    values.value = jax.lax.dynamic_update_slice_in_dim(values.value, v_BTKH, 0, axis=1)
+    start.value, length.value, index.value = i, jnp.asarray(t, jnp.int32), i + t
+    return jnp.moveaxis(out_TBNH, 0, 1)

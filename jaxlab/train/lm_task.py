@@ -154,12 +154,12 @@ def validate(config, require) -> None:
   require(0 < s.top_p <= 1, f"config.sample.top_p={s.top_p} must be in (0, 1]")
   require(s.num_tokens >= 0, f"config.sample.num_tokens={s.num_tokens} must be >= 0")
   if s.speculative:
-    from jaxlab.decoding.speculative import KV_CACHE_FAMILIES
+    from jaxlab.decoding.speculative import SPECULATIVE_FAMILIES
     require(extra > 0, "config.sample.speculative needs extra heads to draft with: set "
                        "config.model.mtp_heads or config.model.medusa_heads > 0")
-    require(m.attention in KV_CACHE_FAMILIES,
-            f"config.sample.speculative needs an attention family with a KV cache "
-            f"{KV_CACHE_FAMILIES}, not config.model.attention={m.attention!r}")
+    require(m.attention in SPECULATIVE_FAMILIES,
+            f"config.sample.speculative needs an attention family whose decoding state can be "
+            f"rewound {SPECULATIVE_FAMILIES}, not config.model.attention={m.attention!r}")
   if s.draft_tree:
     require(s.speculative, f"config.sample.draft_tree={s.draft_tree!r} needs "
                            "config.sample.speculative=True (it is the speculative drafts' tree)")

@@ -49,7 +49,10 @@ GREEDY = [("mtp", dict(mtp_heads=2)),
                                     sparse_layout="strided", sparse_local_blocks=1,
                                     sparse_stride=2)),
           ("medusa-dynamic_ntk", dict(medusa_heads=2, rope_scaling=positions.RopeScaling(
-              "dynamic_ntk", 2.0, original_max_len=8)))]
+              "dynamic_ntk", 2.0, original_max_len=8))),
+          # Recurrent states (no KV cache): rewound by refolding the kept tokens.
+          ("mtp-linear", dict(mtp_heads=2, attention="linear")),
+          ("medusa-performer", dict(medusa_heads=3, attention="performer", num_features=16))]
 
 
 @pytest.mark.parametrize("name,kw", GREEDY, ids=[g[0] for g in GREEDY])
@@ -188,9 +191,13 @@ def test_speculative_decoding_refuses_what_it_cannot_do():
   plain = gpt()
   with pytest.raises(ValueError, match="extra heads"):
     speculative_generate(plain, _sharp_params(plain), prompt, jax.random.key(0), num_tokens=4)
+  flash = gpt(medusa_heads=2, attention="flash")
+  with pytest.raises(ValueError, match="FLASH's chunk state"):
+    speculative_generate(flash, _sharp_params(flash), prompt, jax.random.key(0), num_tokens=4)
   linear = gpt(medusa_heads=2, attention="linear")
-  with pytest.raises(ValueError, match="KV cache"):
-    speculative_generate(linear, _sharp_params(linear), prompt, jax.random.key(0), num_tokens=4)
+  with pytest.raises(ValueError, match="tree attention"):
+    speculative_generate(linear, _sharp_params(linear), prompt, jax.random.key(0), num_tokens=4,
+                         tree=DraftTree.product((2,)))
   medusa = gpt(medusa_heads=2)
   with pytest.raises(ValueError, match="3 deep, but the model has 2 extra heads"):
     speculative_generate(medusa, _sharp_params(medusa), prompt, jax.random.key(0), num_tokens=4,

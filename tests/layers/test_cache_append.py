@@ -1,6 +1,7 @@
 """The KV cache takes several tokens per call (speculative decoding's verification pass) and can be
 rewound: chunked appends equal the full pass (and one-token decoding), for every KV-cache family and
-cached position encoding; tokens after a rewound cache index leave no trace."""
+cached position encoding, and for the recurrent states of linear attention and Performer; tokens after
+a rewound cache index leave no trace."""
 
 import flax.linen as nn
 import jax
@@ -26,6 +27,9 @@ CASES = [
     ("block_sparse", dict(position="rope", family="block_sparse", sparse_layout="strided",
                           sparse_block_size=2, sparse_local_blocks=1, sparse_stride=2)),
     ("rerope", dict(position="rope", rerope_window=3)),
+    # Recurrent states (no KV cache): the state before the last append and its keys/values.
+    ("linear", dict(position="rope", family="linear")),
+    ("performer", dict(position="rope", family="performer", num_features=16)),
 ]
 SPARE = 5  # the cache is longer than what is written into it (as in speculative decoding)
 
@@ -85,7 +89,8 @@ def test_chunked_appends_equal_the_full_pass(name, kw):
   assert np.abs(np.asarray(alone - full)).max() > 100 * ATOL
 
 
-REWIND_CASES = [c for c in CASES if c[0] in ("rope", "t5", "local", "block_sparse", "rerope")]
+REWIND_CASES = [c for c in CASES if c[0] in ("rope", "t5", "local", "block_sparse", "rerope",
+                                              "linear", "performer")]
 
 
 @pytest.mark.parametrize("name,kw", REWIND_CASES, ids=[c[0] for c in REWIND_CASES])
@@ -115,3 +120,21 @@ def test_dynamic_ntk_beyond_training_length_appends_like_one_token_steps():
     got, _ = _chunked(layer, params, x, CHUNKS, prefill=prefill)
     np.testing.assert_allclose(got, one_by_one, atol=ATOL, rtol=1e-5)
   assert np.abs(np.asarray(got - layer.apply({"params": params}, x, _pos(0, T)))).max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("name,kw", REWIND_CASES, ids=[c[0] for c in REWIND_CASES])
+def test_rewind_into_an_append_keeps_its_first_tokens(name, kw):
+  """As after a verification pass that accepted some drafts: of an append of x[4:6] + two junk tokens,
+  the rewind to 6 keeps x[4:6]; decoding goes on as if the junk had never been seen."""
+  layer, x = _layer(**kw), _x()
+  params = _params(layer, x)
+  full = layer.apply({"params": params}, x, _pos(0, T))
+  _, cache = _chunked(layer, params, x, (4,), prefill=True)
+  drafts = jnp.concatenate([x[:, 4:6], _x(seed=7)[:, 6:8]], axis=1)
+  appended, cache = _chunked(layer, params, jnp.concatenate([x[:, :4], drafts], axis=1), (4,),
+                             cache=cache, start=4)
+  np.testing.assert_allclose(appended[:, :2], full[:, 4:6], atol=ATOL, rtol=1e-5)
+  got, _ = _chunked(layer, params, x, (2, 3), cache=_rewind(cache, 6), start=6)
+  np.testing.assert_allclose(got, full[:, 6:], atol=ATOL, rtol=1e-5)
+  kept, _ = _chunked(layer, params, x, (2, 3), cache=cache, start=6)  # not rewound
+  assert np.abs(np.asarray(kept - full[:, 6:])).max() > 100 * ATOL

@@ -48,7 +48,7 @@ def test_lm_loss_adds_the_heads_and_eval_scores_only_the_next_token(tiny_lm_conf
      "config.model.heads_loss_decay"),
     (("--config.sample.speculative=True",), "config.sample.speculative"),
     (("--config.sample.speculative=True", "--config.model.medusa_heads=1",
-      "--config.model.attention=linear"), "config.model.attention='linear'"),
+      "--config.model.attention=flash"), "config.model.attention='flash'"),
     (("--config.sample.speculative=True", "--config.model.medusa_heads=1",
       "--config.model.position=learned", "--config.model.max_len=20",
       "--config.sample.num_tokens=17"), "config.sample.num_tokens=17"),
