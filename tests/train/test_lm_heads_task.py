@@ -153,8 +153,9 @@ def test_medusa1_heads_leave_the_next_token_model_exactly_as_without_them(tiny_l
 
   # Bit-equal under XLA CPU's fusion emitters; under the elemental ones (tests/conftest.py) the two
   # programs round differently (the heads' ops fuse with the trunk's) and Adam's 1/sqrt(v) magnifies
-  # last-bit differences of near-zero gradients: 1.1e-5 at most, against 3.2e-2 for the coupled run.
-  np.testing.assert_allclose(medusa1[0], plain[0], rtol=1e-6)
+  # last-bit differences of near-zero gradients: parameters 1.1e-5 apart at most, against 3.2e-2 for
+  # the coupled run; val losses 4.3e-6 apart on an AVX-512 machine (2026-12-04), against 8e-4.
+  np.testing.assert_allclose(medusa1[0], plain[0], rtol=2e-5)
   assert max_param_difference(medusa1) < 1e-4
   assert max(abs(a - b) for a, b in zip(coupled[0], plain[0])) > 1e-4
   assert max_param_difference(coupled) > 1e-2
