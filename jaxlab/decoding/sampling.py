@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxlab.layers.attention import REWIND_VARIABLES
 from jaxlab.models.gpt import MTP_BLOCK_PREFIX
 
 
@@ -44,18 +45,30 @@ def sample_token(key: jax.Array, logits_BV: jax.Array, *, temperature: float = 1
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def init_cache(model, batch_size: int, max_len: int, *, all_heads: bool = True):
+def init_cache(model, batch_size: int, max_len: int, *, all_heads: bool = True,
+               rewindable: bool = True):
   """A zeroed KV cache for `model` (a GPT) decoding up to `max_len` tokens.
 
   all_heads=False leaves out the caches of the multi-token-prediction blocks, which only
-  `model.apply(..., all_heads=True)` reads.
+  `model.apply(..., all_heads=True)` reads. rewindable=False leaves out what linear attention's and
+  Performer's recurrent state keeps only to be rewound (REWIND_VARIABLES; speculative decoding needs
+  them, ordinary decoding then skips their bookkeeping). A KV cache is rewindable either way.
   """
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch_size, max_len), jnp.int32),
                          decode=True)["cache"])
   if not all_heads:
     shapes = {name: s for name, s in shapes.items() if not name.startswith(MTP_BLOCK_PREFIX)}
+  if not rewindable:
+    shapes = _without(shapes, REWIND_VARIABLES)
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _without(tree, names):
+  """The nested dict `tree` without the entries called one of `names`, at any depth."""
+  if not isinstance(tree, dict):
+    return tree
+  return {key: _without(value, names) for key, value in tree.items() if key not in names}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p"))
@@ -72,7 +85,7 @@ def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens:
   if model.config.position == "learned" and total > model.config.max_len:
     raise ValueError(f"prompt + num_tokens = {total} exceeds the learned position table "
                      f"(max_len={model.config.max_len})")
-  cache = init_cache(model, b, total, all_heads=False)
+  cache = init_cache(model, b, total, all_heads=False, rewindable=False)
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
   logits, mutated = model.apply({"params": params, "cache": cache}, prompt_BP, positions,
                                 decode=True, prefill=True, mutable=["cache"])

@@ -53,6 +53,9 @@ causal_block_layout = local_lib.causal_block_layout
 KV_CACHE_FAMILIES = ("softmax", "local", "block_sparse")
 RECURRENT_FAMILIES = ("linear", "performer")  # decode with a recurrent state instead of a KV cache
 RECURRENT_APPEND_LIMIT = 16  # tokens per decoding call after the prefill (a chain of drafts + 1)
+# The cache entries a recurrent layer keeps only to be rewound (see MultiHeadAttention._recurrent).
+REWIND_VARIABLES = ("state_before_append", "appended_keys", "appended_values", "append_start",
+                    "append_length")
 
 
 class MultiHeadAttention(nn.Module):
@@ -139,8 +142,10 @@ class MultiHeadAttention(nn.Module):
     rotate_in_cache = (decode and self._dynamic_ntk() and self.family in KV_CACHE_FAMILIES
                    and not self.rerope_window)
     if not rotate_in_cache:
-      q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT,
-                                    self._seq_len(positions_BT, segment_ids_BT))
+      seq_len = self._seq_len(positions_BT, segment_ids_BT)
+      if decode and not prefill and self.family in RECURRENT_FAMILIES:
+        seq_len = positions_BT + 1  # each appended token as if decoded alone (see above)
+      q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT, seq_len)
     if self.logn_train_len:  # a per-query scalar: commutes with the rotation
       q_BTNH = q_BTNH * positions_lib.logn_scale(positions_BT, self.logn_train_len)[
           :, :, None, None].astype(q_BTNH.dtype)
@@ -393,11 +398,15 @@ class MultiHeadAttention(nn.Module):
     prefix sums S and z of `attention.linear` / `attention.performer`, Katharopoulos et al. 2020,
     eq. 18-20) instead of keys and values. prefill: the prompt on an empty state, as a full causal
     pass. Otherwise the T tokens (1 <= T <= RECURRENT_APPEND_LIMIT) are appended one step at a time,
-    each seeing the state and the tokens before it, and the cache keeps what a rewind needs: the state
-    before the append and the appended keys and values. Setting "cache_index" back (speculative
-    decoding's rejected drafts, `jaxlab.decoding.speculative`) to i, within the last append, makes the
-    next call start from the state after token i - 1: the state before the append advanced by the
-    kept tokens."""
+    each seeing the state and the tokens before it.
+
+    Rewinding (speculative decoding's rejected drafts): a cache that holds REWIND_VARIABLES (`init`
+    creates them; `jaxlab.decoding.sampling.init_cache(..., rewindable=False)` leaves them out, and
+    ordinary decoding then skips their bookkeeping) also keeps the state before the last append and the
+    appended keys and values. Setting "cache_index" back to i within the last append (start <= i <=
+    start + T) makes the next call start from the state after token i - 1: the state before the
+    append advanced by the kept tokens. The state cannot go back further: a cache_index outside the
+    last append makes every output NaN rather than silently wrong."""
     b, t, kh, h = k_BTKH.shape
     if self.family == "linear":
       empty = linear_lib.linear_attention_init_state(b, kh, h)
@@ -414,51 +423,64 @@ class MultiHeadAttention(nn.Module):
       step = functools.partial(performer_lib.performer_attention_step, projection=projection)
       whole = functools.partial(performer_lib.performer_prefill, projection=projection)
     is_initialized = self.has_variable("cache", "state")
+    rewindable = not is_initialized or self.has_variable("cache", "state_before_append")
     state = self.variable("cache", "state", lambda: empty)
-    before = self.variable("cache", "state_before_append", lambda: empty)
-    limit = RECURRENT_APPEND_LIMIT
-    keys = self.variable("cache", "appended_keys", jnp.zeros, (b, limit, kh, h), k_BTKH.dtype)
-    values = self.variable("cache", "appended_values", jnp.zeros, (b, limit, kh, h), v_BTKH.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-    start = self.variable("cache", "append_start", lambda: jnp.array(0, jnp.int32))
-    length = self.variable("cache", "append_length", lambda: jnp.array(0, jnp.int32))
+    limit = RECURRENT_APPEND_LIMIT
+    if rewindable:
+      before = self.variable("cache", "state_before_append", lambda: empty)
+      keys = self.variable("cache", "appended_keys", jnp.zeros, (b, limit, kh, h), k_BTKH.dtype)
+      values = self.variable("cache", "appended_values", jnp.zeros, (b, limit, kh, h),
+                             v_BTKH.dtype)
+      start = self.variable("cache", "append_start", lambda: jnp.array(0, jnp.int32))
+      length = self.variable("cache", "append_length", lambda: jnp.array(0, jnp.int32))
     if not is_initialized:  # initialisation pass: shapes only
       return self._attend(q_BTNH, k_BTKH, v_BTKH, None)
     i = index.value
     if prefill:
       out, state.value = whole(q_BTNH, k_BTKH, v_BTKH)
-      before.value, start.value, length.value, index.value = state.value, i + t, 0, i + t
+      index.value = i + t
+      if rewindable:  # nothing to rewind into: the prefill is not an append
+        before.value, start.value, length.value = state.value, i + t, jnp.zeros((), jnp.int32)
       return out
     if t > limit:
       raise ValueError(f"a recurrent ({self.family}) decoding state takes at most {limit} tokens "
                        f"per call, got {t}; a prompt is a prefill (prefill=True)")
-    one_query_BKH = jnp.zeros((b, 1, kh, h), q_BTNH.dtype)  # folding needs no output
+    # A zero-filled cache (`init_cache`) at index 0 is the empty state (Performer's running max starts
+    # at -inf, not 0).
+    at_start = lambda state_: jax.tree.map(lambda a, e: jnp.where(i == 0, e, a), state_, empty)
+    if rewindable:
+      one_query_BKH = jnp.zeros((b, 1, kh, h), q_BTNH.dtype)  # folding needs no output
 
-    def advance(state_, k_BKH, v_BKH):
-      return step(one_query_BKH, k_BKH[:, None], v_BKH[:, None], state_)[1]
+      def refold():  # the state before the append, advanced by its first i - start tokens
+        kept = i - start.value
 
-    def refold():  # the state before the append, advanced by its first i - start tokens
-      def body(state_, xs):
-        j, k_BKH, v_BKH = xs
-        return jax.tree.map(functools.partial(jnp.where, j < i - start.value),
-                            advance(state_, k_BKH, v_BKH), state_), None
-      xs = (jnp.arange(limit), jnp.moveaxis(keys.value, 1, 0), jnp.moveaxis(values.value, 1, 0))
-      return jax.lax.scan(body, before.value, xs)[0]
+        def body(state_, xs):
+          j, k_BKH, v_BKH = xs
+          advanced = step(one_query_BKH, k_BKH[:, None], v_BKH[:, None], state_)[1]
+          return jax.tree.map(functools.partial(jnp.where, j < kept), advanced, state_), None
 
-    current = jax.lax.cond(i == start.value + length.value, lambda: state.value, refold)
-    # A zero-filled cache (`jaxlab.decoding.sampling.init_cache`) is the empty state (Performer's
-    # running max starts at -inf, not 0).
-    current = jax.tree.map(lambda a, e: jnp.where(i == 0, e, a), current, empty)
+        xs = (jnp.arange(limit), jnp.moveaxis(keys.value, 1, 0), jnp.moveaxis(values.value, 1, 0))
+        folded = jax.lax.scan(body, before.value, xs)[0]
+        outside = (kept < 0) | (kept > length.value)  # not a rewind into the last append
+        return at_start(jax.tree.map(lambda a: jnp.where(outside, jnp.nan, a), folded))
+
+      current = jax.lax.cond((i == start.value + length.value) & (i > 0), lambda: state.value,
+                             refold)
+    else:
+      current = at_start(state.value)
 
     def body(state_, xs):
       q_BNH, k_BKH, v_BKH = xs
       out_B1NH, state_ = step(q_BNH[:, None], k_BKH[:, None], v_BKH[:, None], state_)
       return state_, out_B1NH[:, 0]
 
-    final, out_TBNH = jax.lax.scan(body, current, tuple(jnp.moveaxis(x, 1, 0)
-                                                        for x in (q_BTNH, k_BTKH, v_BTKH)))
-    before.value, state.value = current, final
-    keys.value = jax.lax.dynamic_update_slice_in_dim(keys.value, k_BTKH, 0, axis=1)
-    values.value = jax.lax.dynamic_update_slice_in_dim(values.value, v_BTKH, 0, axis=1)
-    start.value, length.value, index.value = i, jnp.asarray(t, jnp.int32), i + t
+    state.value, out_TBNH = jax.lax.scan(body, current, tuple(jnp.moveaxis(x, 1, 0)
+                                                              for x in (q_BTNH, k_BTKH, v_BTKH)))
+    index.value = i + t
+    if rewindable:
+      before.value = current
+      keys.value = jax.lax.dynamic_update_slice_in_dim(keys.value, k_BTKH, 0, axis=1)
+      values.value = jax.lax.dynamic_update_slice_in_dim(values.value, v_BTKH, 0, axis=1)
+      start.value, length.value = i, jnp.asarray(t, jnp.int32)
     return jnp.moveaxis(out_TBNH, 0, 1)

@@ -48,11 +48,11 @@ GREEDY = [("mtp", dict(mtp_heads=2)),
           ("mtp-block_sparse", dict(mtp_heads=2, attention="block_sparse", sparse_block_size=4,
                                     sparse_layout="strided", sparse_local_blocks=1,
                                     sparse_stride=2)),
-          ("medusa-dynamic_ntk", dict(medusa_heads=2, rope_scaling=positions.RopeScaling(
+          ("mtp-dynamic_ntk", dict(mtp_heads=2, rope_scaling=positions.RopeScaling(
               "dynamic_ntk", 2.0, original_max_len=8))),
           # Recurrent states (no KV cache): rewound by refolding the kept tokens.
           ("mtp-linear", dict(mtp_heads=2, attention="linear")),
-          ("medusa-performer", dict(medusa_heads=3, attention="performer", num_features=16))]
+          ("mtp-performer", dict(mtp_heads=2, attention="performer", num_features=16))]
 
 
 @pytest.mark.parametrize("name,kw", GREEDY, ids=[g[0] for g in GREEDY])
@@ -64,7 +64,7 @@ def test_greedy_speculative_decoding_is_greedy_decoding(name, kw):
   got, steps = speculative_generate(model, params, prompt, jax.random.key(0), num_tokens=30,
                                     temperature=0.0)
   np.testing.assert_array_equal(got, want)
-  assert 0 < int(steps) <= 29
+  assert 0 < int(steps) < 29  # some drafts were kept (and the cache or state rewound past others)
   one, _ = speculative_generate(model, params, prompt[:1], jax.random.key(0), num_tokens=1,
                                 temperature=0.0)
   np.testing.assert_array_equal(one, want[:1, :4])

@@ -108,11 +108,13 @@ def test_rewound_cache_forgets_the_tokens_after_its_index(name, kw):
   assert np.abs(np.asarray(kept - full[:, 4:])).max() > 100 * ATOL
 
 
-def test_dynamic_ntk_beyond_training_length_appends_like_one_token_steps():
-  """Beyond the training length each appended token is rotated with L = its slot + 1, as when it
-  is decoded alone (the prefill keeps L = prompt length); see jaxlab/layers/attention.py."""
-  layer = _layer(position="rope", rope_scaling=positions.RopeScaling("dynamic_ntk", 2.0,
-                                                                     original_max_len=4))
+@pytest.mark.parametrize("family", ["softmax", "linear", "performer"])
+def test_dynamic_ntk_beyond_training_length_appends_like_one_token_steps(family):
+  """Beyond the training length each appended token is rotated with L = its slot + 1 (the recurrent
+  families: position + 1), as when it is decoded alone (the prefill keeps L = prompt length); see
+  jaxlab/layers/attention.py."""
+  layer = _layer(position="rope", family=family, num_features=16,
+                 rope_scaling=positions.RopeScaling("dynamic_ntk", 2.0, original_max_len=4))
   x = _x(3)
   params = _params(layer, x)
   one_by_one, _ = _chunked(layer, params, x, (3,) + (1,) * (T - 3), prefill=True)
@@ -138,3 +140,37 @@ def test_rewind_into_an_append_keeps_its_first_tokens(name, kw):
   np.testing.assert_allclose(got, full[:, 6:], atol=ATOL, rtol=1e-5)
   kept, _ = _chunked(layer, params, x, (2, 3), cache=cache, start=6)  # not rewound
   assert np.abs(np.asarray(kept - full[:, 6:])).max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("family", ["linear", "performer"])
+def test_recurrent_state_without_its_rewind_entries_decodes_the_same(family):
+  """init_cache(..., rewindable=False) leaves out what only a rewind needs; appends give the same."""
+  from jaxlab.decoding.sampling import _without
+  from jaxlab.layers.attention import REWIND_VARIABLES
+  layer, x = _layer(position="rope", family=family, num_features=16), _x()
+  params = _params(layer, x)
+  full = layer.apply({"params": params}, x, _pos(0, T))
+  lean = _without(_empty_cache(layer, x), REWIND_VARIABLES)
+  assert set(lean) == {"state", "cache_index"}
+  for prefill in (False, True):
+    got, cache = _chunked(layer, params, x, CHUNKS, cache=lean, prefill=prefill)
+    np.testing.assert_allclose(got, full, atol=ATOL, rtol=1e-5)
+    assert set(cache) == {"state", "cache_index"}
+
+
+@pytest.mark.parametrize("family", ["linear", "performer"])
+def test_recurrent_state_refuses_a_rewind_outside_its_last_append(family):
+  """The state keeps only the last append: rewinding into the prefill or into an earlier append
+  cannot be honoured, and every output is NaN rather than silently wrong (a rewind to 0 is the empty
+  state and is fine)."""
+  layer, x = _layer(position="rope", family=family, num_features=16), _x()
+  params = _params(layer, x)
+  full = layer.apply({"params": params}, x, _pos(0, T))
+  _, prefilled = _chunked(layer, params, x, (5,), prefill=True)
+  into_prefill, _ = _chunked(layer, params, x, (2,), cache=_rewind(prefilled, 3), start=3)
+  assert np.all(np.isnan(np.asarray(into_prefill)))
+  _, cache = _chunked(layer, params, x, (2, 2), cache=prefilled, start=5)  # appends 5..6, 7..8
+  earlier, _ = _chunked(layer, params, x, (2,), cache=_rewind(cache, 6), start=6)
+  assert np.all(np.isnan(np.asarray(earlier)))
+  again, _ = _chunked(layer, params, x, (3,), cache=_rewind(cache, 0), start=0)
+  np.testing.assert_allclose(again, full[:, :3], atol=ATOL, rtol=1e-5)
