@@ -126,6 +126,7 @@ def linear_attention_from_features(phi_q: jax.Array, phi_k: jax.Array, v: jax.Ar
   pq_c = jnp.moveaxis(pq.reshape(b, nc, c, kh, g, m), 1, 0)
   pk_c = jnp.moveaxis(pk.reshape(b, nc, c, kh, m), 1, 0)
   v_c = jnp.moveaxis(vf.reshape(b, nc, c, kh, h), 1, 0)
+
   def body(carry, xs):
     s, z = carry  # [B, K, M, H], [B, K, M]
     q_i, k_i, v_i = xs
@@ -150,8 +151,18 @@ def causal_chunk(phi_q_CKGM, phi_k_CKM, v_CKH, s_KMH, z_KM, eps: float, *, shift
   weighs key j by exp(shift[j] - shift[t]) <= 1 and the state by exp(state_shift - shift[t]) (causal
   FAVOR+'s running max, `jaxlab.attention.performer`); the returned state is relative to shift[-1].
   Returns (out [B, C, K, G, H], S and z with the chunk added)."""
+  b, c, kh, _, m = phi_q_CKGM.shape
+  h = v_CKH.shape[-1]
+  expected = {"phi_k": (phi_k_CKM, (b, c, kh, m)), "v": (v_CKH, (b, c, kh, h)),
+              "s": (s_KMH, (b, kh, m, h)), "z": (z_KM, (b, kh, m))}
+  if shift_CK is not None:
+    expected.update(shift=(shift_CK, (b, c, kh)), state_shift=(state_shift_K, (b, kh)))
+  for name, (array, shape) in expected.items():
+    if array is None or array.shape != shape:
+      raise ValueError(f"causal_chunk: {name} must have shape {shape} (from phi_q "
+                       f"{phi_q_CKGM.shape} and v {v_CKH.shape}), got "
+                       f"{None if array is None else array.shape}")
   f32 = jnp.float32
-  c = phi_q_CKGM.shape[1]
   tril = jnp.tril(jnp.ones((c, c), bool))
   scores = jnp.einsum("bckgm,bskm->bkgcs", phi_q_CKGM, phi_k_CKM, preferred_element_type=f32)
   q_state_CKGM, end_weight_CK, state_weight_K = phi_q_CKGM, None, None

@@ -160,3 +160,16 @@ def test_causal_memory_is_linear_in_length():
   assert 1.8 * small <= large <= 2.2 * small, (small, large)
   assert large <= 1024 * 1024 // 8, large
   assert biggest(lambda q, k, v: naive_jnp(q, k, v, True, "elu+1"), 1024) >= 1024 * 1024
+
+
+def test_causal_chunk_names_a_misshapen_argument():
+  from jaxlab.attention.linear import causal_chunk
+  b, c, k, g, m, h = 2, 4, 2, 3, 5, 6
+  args = [jnp.ones((b, c, k, g, m)), jnp.ones((b, c, k, m)), jnp.ones((b, c, k, h)),
+          jnp.ones((b, k, m, h)), jnp.ones((b, k, m))]
+  out, s, z = causal_chunk(*args, 1e-6)
+  assert out.shape == (b, c, k, g, h) and s.shape == (b, k, m, h) and z.shape == (b, k, m)
+  with pytest.raises(ValueError, match=r"causal_chunk: z must have shape \(2, 2, 5\)"):
+    causal_chunk(*args[:4], jnp.ones((b, k, m + 1)), 1e-6)
+  with pytest.raises(ValueError, match="causal_chunk: state_shift"):
+    causal_chunk(*args, 1e-6, shift_CK=jnp.zeros((b, c, k)))
