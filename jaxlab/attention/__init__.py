@@ -4,7 +4,8 @@ from jaxlab.attention.masks import AttentionMask, make_mask
 from jaxlab.attention.blockwise import blockwise_attention
 from jaxlab.attention.flash import flash_attention
 from jaxlab.attention.linear import (LinearAttentionState, linear_attention,
-                                     linear_attention_init_state, linear_attention_step)
+                                     linear_attention_init_state, linear_attention_prefill,
+                                     linear_attention_step)
 from jaxlab.attention.performer import orthogonal_gaussian_features, performer_attention
 from jaxlab.attention.local import (bigbird_layout, block_layout_from_window, block_sparse_attention,
                                     causal_block_layout, local_attention, strided_layout)
@@ -17,7 +18,8 @@ __all__ = ["AttentionMask", "make_mask", "dot_product_attention", "xla_attention
            "blockwise_attention", "flash_attention", "choose_implementation", "local_attention",
            "block_sparse_attention", "block_layout_from_window", "strided_layout", "bigbird_layout",
            "causal_block_layout",
-           "linear_attention", "linear_attention_init_state", "linear_attention_step",
+           "linear_attention", "linear_attention_init_state", "linear_attention_prefill",
+           "linear_attention_step",
            "LinearAttentionState", "performer_attention", "orthogonal_gaussian_features", "swin",
            "gau_attention", "mixed_chunk_attention", "scale_offset", "FlashDecodeState",
            "flash_init_state", "flash_prefill_state", "flash_step"]

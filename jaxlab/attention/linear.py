@@ -10,7 +10,8 @@ linear attention" (arXiv:2006.16236). With a feature map phi >= 0 replacing exp(
   running state (S [M, H], z [M]) carried by `lax.scan`. Any length: the tail is zero-padded, and
   padded keys have phi = 0 (the features are padded, not the raw keys), so they contribute nothing;
 * recurrent decoding (eq. 18-20): `linear_attention_init_state` and `linear_attention_step`, one token
-  at a time with the state (S [B, K, M, H], z [B, K, M]).
+  at a time with the state (S [B, K, M, H], z [B, K, M]); `linear_attention_prefill` runs the causal
+  form over a prompt and returns the state after it.
 
 Shapes (the jaxlab attention contract): q: [B, Tq, N, H]; k, v: [B, Tk, K, H] with N % K == 0
 (GQA/MQA: query heads grouped as [B, T, K, G, H], G = N // K; K/V are never repeated). Output
@@ -115,7 +116,15 @@ def linear_attention_from_features(phi_q: jax.Array, phi_k: jax.Array, v: jax.Ar
 
   if tq != tk:
     raise ValueError(f"causal linear attention needs Tq == Tk, got Tq={tq}, Tk={tk}")
-  t = tq
+  return _causal_scan(pq, pk, vf, chunk_size, eps)[0]
+
+
+def _causal_scan(pq, pk, vf, chunk_size: int, eps: float):
+  """The chunked causal form over pq [B, T, K, G, M], pk [B, T, K, M], vf [B, T, K, H] (float32) ->
+  (out [B, T, K*G, H], the state (S, z) after the last token)."""
+  b, t, kh, g, m = pq.shape
+  n, h = kh * g, vf.shape[-1]
+  f32 = jnp.float32
   c = min(chunk_size, t)
   nc = -(-t // c)
   tp = nc * c
@@ -134,9 +143,9 @@ def linear_attention_from_features(phi_q: jax.Array, phi_k: jax.Array, v: jax.Ar
     return (s, z), out
 
   init = (jnp.zeros((b, kh, m, h), f32), jnp.zeros((b, kh, m), f32))
-  _, out = lax.scan(body, init, (pq_c, pk_c, v_c))  # [nc, B, C, K, G, H]
+  state, out = lax.scan(body, init, (pq_c, pk_c, v_c))  # [nc, B, C, K, G, H]
   out = jnp.moveaxis(out, 0, 1).reshape(b, tp, n, h)
-  return out[:, :t]
+  return out[:, :t], state
 
 
 def causal_chunk(phi_q_CKGM, phi_k_CKM, v_CKH, s_KMH, z_KM, eps: float, *, shift_CK=None,
@@ -210,6 +219,23 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   out = linear_attention_from_features(phi(q.astype(f32)), phi(k.astype(f32)), v, causal=causal,
                                        chunk_size=chunk_size, eps=eps)
   return out.astype(q.dtype)
+
+
+def linear_attention_prefill(q: jax.Array, k: jax.Array, v: jax.Array, *, feature_map: str = "elu+1",
+                             chunk_size: int = 64, eps: float = 1e-6
+                             ) -> tuple[jax.Array, "LinearAttentionState"]:
+  """Causal linear attention over a prompt, and the decoding state after it: (out [B, T, N, H] in q's
+  dtype, state). `linear_attention_step` continues from the state as if the prompt had been decoded
+  token by token (the same state, to float rounding); the features are computed once for both."""
+  b, tq, tk, n, kh, h = check_qkv(q, k, v)
+  if tq != tk:
+    raise ValueError(f"prefill needs Tq == Tk, got Tq={tq}, Tk={tk}")
+  phi = get_feature_map(feature_map)
+  f32 = jnp.float32
+  phi_q, phi_k = phi(q.astype(f32)), phi(k.astype(f32))
+  out, (s, z) = _causal_scan(phi_q.reshape(b, tq, kh, n // kh, phi_q.shape[-1]), phi_k,
+                             v.astype(f32), _check_chunk(chunk_size), eps)
+  return out.astype(q.dtype), LinearAttentionState(s, z)
 
 
 class LinearAttentionState(NamedTuple):

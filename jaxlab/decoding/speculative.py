@@ -221,7 +221,8 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   heads (module docstring): one candidate per head (tree=None, a chain) or a DraftTree of candidates
   (depth <= K) verified in one pass with tree attention. acceptance="exact" (greedy decoding at
   temperature 0, else speculative sampling: the model's distribution) or "typical" (temperature > 0:
-  Medusa's typical acceptance with thresholds typical_epsilon and typical_delta, not exact).
+  Medusa's typical acceptance with thresholds typical_epsilon and typical_delta, not exact; the
+  defaults are those of Medusa's `medusa_generate`, posterior_threshold 0.09 and posterior_alpha 0.3).
 
   Returns (tokens int32 [B, P + num_tokens], steps): `steps` is the number of verification passes
   after the prompt's prefill, which yields the first token (ordinary cached decoding needs one pass per

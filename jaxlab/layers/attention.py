@@ -411,11 +411,7 @@ class MultiHeadAttention(nn.Module):
     if self.family == "linear":
       empty = linear_lib.linear_attention_init_state(b, kh, h)
       step = functools.partial(linear_lib.linear_attention_step, feature_map=self.feature_map)
-
-      def whole(q, k, v):
-        phi_k = linear_lib.get_feature_map(self.feature_map)(k.astype(jnp.float32))
-        return self._attend(q, k, v, None), linear_lib.LinearAttentionState(
-            jnp.einsum("btkm,btkh->bkmh", phi_k, v.astype(jnp.float32)), phi_k.sum(axis=1))
+      whole = functools.partial(linear_lib.linear_attention_prefill, feature_map=self.feature_map)
     else:
       from jaxlab.attention import performer as performer_lib
       projection = self._performer_projection()

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from attention_test_utils import naive_feature_attention
 
 from jaxlab.attention.linear import (linear_attention, linear_attention_init_state,
-                                     linear_attention_step)
+                                     linear_attention_prefill, linear_attention_step)
 
 EPS = 1e-6
 # One compile per configuration instead of op-by-op dispatch (keeps the file fast on one core).
@@ -107,6 +107,25 @@ def test_recurrent_step_matches_causal(name):
   for t in range(7):
     out, state = step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], state)
     np.testing.assert_allclose(out[:, 0], full[:, t], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["elu+1", "exp"])
+def test_prefill_state_continues_like_step_by_step_decoding(name):
+  q, k, v = make(8, t=10, n=4, kh=2)
+  full = la(q, k, v, causal=True, feature_map=name, chunk_size=3)
+  out, state = linear_attention_prefill(q[:, :7], k[:, :7], v[:, :7], feature_map=name, chunk_size=3)
+  np.testing.assert_allclose(out, full[:, :7], rtol=1e-5, atol=1e-6)
+  step = jax.jit(lambda *a: linear_attention_step(*a, feature_map=name))
+  step_state = linear_attention_init_state(2, 2, 8)
+  for t in range(7):
+    step_state = step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], step_state)[1]
+  for a, b in zip(state, step_state):  # the same state, to float rounding
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for t in range(7, 10):
+    got, state = step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], state)
+    np.testing.assert_allclose(got[:, 0], full[:, t], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="Tq == Tk"):
+    linear_attention_prefill(q[:, :3], k, v)
 
 
 @pytest.mark.parametrize("chunk", [2, 5])
