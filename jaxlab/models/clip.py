@@ -1,5 +1,5 @@
-"""Dual encoder for CLIP / SigLIP (Radford et al. 2021; Zhai et al. 2023): a ViT image tower and a
-causal text Transformer pooled at the end token, each followed by a linear projection to a shared
+"""Dual encoder for CLIP / SigLIP (Radford et al. 2021; Zhai et al. 2023): a ViT or Swin image tower and
+a causal text Transformer pooled at the end token, each followed by a linear projection to a shared
 space and L2-normalised. The module also owns the loss's learnable scalars:
   loss="clip":   log_scale (log 1/temperature), init log(1/0.07), clamped at log 100 inside the loss;
   loss="siglip": log_temperature t' = log 10 and bias b = -10 (SigLIP sec. 3.2).
@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.losses import contrastive
+from jaxlab.models.swin import Swin
 from jaxlab.models.vit import ViT, EncoderBlock, layer_norm
 
 LOSSES = ("clip", "siglip")
+IMAGE_ENCODERS = ("vit", "swin")
 TEXT_POSITIONS = ("learned", "rope")
 
 
@@ -27,7 +29,12 @@ TEXT_POSITIONS = ("learned", "rope")
 class DualEncoderConfig:
   """Hyperparameters of both towers (hashable).
 
-  image: patch, image_width, image_layers, image_heads, image_position (ViT);
+  image: image_encoder ("vit" | "swin"), patch, image_width, image_layers, image_heads;
+    ViT: image_layers blocks of width image_width, image_position;
+    Swin (`jaxlab.models.swin`): image_stages stages of image_layers blocks each, windows of
+    image_window patches, the first stage image_width wide with image_heads heads, each later stage
+    twice as wide with twice the heads (features image_width * 2^(image_stages - 1)); positions are
+    its relative position bias (image_position is not used);
   text: vocab_size, text_len (max tokens, end token included), text_width, text_layers, text_heads,
   text_position ("learned" table or "rope" in every attention layer);
   embed_dim: size of the shared space; loss: "clip" | "siglip" (which scalars exist).
@@ -40,6 +47,9 @@ class DualEncoderConfig:
   image_layers: int = 2
   image_heads: int = 4
   image_position: str = "sincos2d"
+  image_encoder: str = "vit"
+  image_window: int = 4
+  image_stages: int = 2
   text_width: int = 64
   text_layers: int = 2
   text_heads: int = 4
@@ -52,12 +62,21 @@ class DualEncoderConfig:
   def __post_init__(self):
     if self.loss not in LOSSES:
       raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+    if self.image_encoder not in IMAGE_ENCODERS:
+      raise ValueError(f"image_encoder must be one of {IMAGE_ENCODERS}, got {self.image_encoder!r}")
     if self.text_position not in TEXT_POSITIONS:
       raise ValueError(f"text_position must be one of {TEXT_POSITIONS}, got {self.text_position!r}")
     for name in ("image", "text"):
       width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
       if width % heads:
         raise ValueError(f"{name}_heads={heads} must divide {name}_width={width}")
+
+  @property
+  def image_features(self) -> int:
+    """Width of the image tower's pooled features."""
+    if self.image_encoder == "swin":
+      return self.image_width * 2 ** (self.image_stages - 1)
+    return self.image_width
 
 
 def end_positions(tokens_BT: jax.Array, end_id: int) -> jax.Array:
@@ -117,14 +136,19 @@ class DualEncoder(nn.Module):
 
   def setup(self):
     c = self.config
-    self.image_tower = ViT(patch=c.patch, width=c.image_width, num_layers=c.image_layers,
-                           num_heads=c.image_heads, mlp_ratio=c.mlp_ratio, position=c.image_position,
-                           dtype=c.dtype)
+    if c.image_encoder == "swin":
+      self.image_tower = Swin(patch=c.patch, width=c.image_width, depth=c.image_layers,
+                              num_heads=c.image_heads, window=c.image_window,
+                              num_stages=c.image_stages, mlp_ratio=c.mlp_ratio, dtype=c.dtype)
+    else:
+      self.image_tower = ViT(patch=c.patch, width=c.image_width, num_layers=c.image_layers,
+                             num_heads=c.image_heads, mlp_ratio=c.mlp_ratio,
+                             position=c.image_position, dtype=c.dtype)
     self.text_tower = TextEncoder(c, end_id=self.end_id)
     proj = lambda width: nn.Dense(c.embed_dim, use_bias=False, dtype=c.dtype,
                                   kernel_init=nn.with_logical_partitioning(
                                       nn.initializers.normal(1 / math.sqrt(width)), ("embed", None)))
-    self.image_proj = proj(c.image_width)
+    self.image_proj = proj(c.image_features)
     self.text_proj = proj(c.text_width)
     scalar = lambda value: nn.with_logical_partitioning(nn.initializers.constant(value), ())
     if c.loss == "clip":

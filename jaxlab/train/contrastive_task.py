@@ -20,7 +20,8 @@ import numpy as np
 from jaxlab.configs import ConfigError
 from jaxlab.data import caption_pairs, pipeline
 from jaxlab.losses import contrastive
-from jaxlab.models.clip import DualEncoder, DualEncoderConfig
+from jaxlab.models.clip import IMAGE_ENCODERS, DualEncoder, DualEncoderConfig
+from jaxlab.models.swin import check_swin_geometry
 from jaxlab.models.vit import VIT_POSITIONS
 
 BATCH_AXES = ("data", "fsdp")
@@ -28,12 +29,13 @@ CHOICES = {
     "data.name": ("digits", "emoji"),
     "model.loss": ("clip", "siglip"),
     "model.loss_impl": ("sharded", "dense"),
+    "model.image_encoder": IMAGE_ENCODERS,
     "model.image_position": VIT_POSITIONS,
     "model.text_position": ("learned", "rope"),
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
 POSITIVE_INTS = ("data.text_len", "model.patch", "model.image_width", "model.image_layers",
-                 "model.image_heads", "model.text_width", "model.text_layers", "model.text_heads",
+                 "model.image_heads", "model.image_window", "model.image_stages", "model.text_width", "model.text_layers", "model.text_heads",
                  "model.embed_dim", "eval.batch_size")
 IMAGE_SIZE = {"digits": 8, "emoji": 32}
 
@@ -56,7 +58,12 @@ def validate(config, require) -> None:
     width, heads = m[f"{tower}_width"], m[f"{tower}_heads"]
     require(width % heads == 0, f"config.model.{tower}_heads={heads} does not divide "
                                 f"config.model.{tower}_width={width}")
-  if m.image_position == "sincos2d":
+  if m.image_encoder == "swin":
+    problem = check_swin_geometry(size, m.patch, m.image_window, m.image_stages)
+    require(problem is None, f"config.model.image_encoder='swin' (config.model.patch={m.patch}, "
+                             f"image_window={m.image_window}, image_stages={m.image_stages}) on the "
+                             f"{size}-px images of config.data.name={d.name!r}: {problem}")
+  elif m.image_position == "sincos2d":
     require(m.image_width % 4 == 0, f"config.model.image_width={m.image_width} must be divisible "
                                     "by 4 for image_position='sincos2d'")
   if m.text_position == "rope":
@@ -97,7 +104,8 @@ def model_config(config, vocab_size: int) -> DualEncoderConfig:
   return DualEncoderConfig(
       vocab_size=vocab_size, text_len=config.data.text_len, patch=m.patch,
       image_width=m.image_width, image_layers=m.image_layers, image_heads=m.image_heads,
-      image_position=m.image_position, text_width=m.text_width, text_layers=m.text_layers,
+      image_position=m.image_position, image_encoder=m.image_encoder, image_window=m.image_window,
+      image_stages=m.image_stages, text_width=m.text_width, text_layers=m.text_layers,
       text_heads=m.text_heads, text_position=m.text_position, mlp_ratio=m.mlp_ratio,
       embed_dim=m.embed_dim, loss=m.loss, dtype=jnp.dtype(m.dtype))
 

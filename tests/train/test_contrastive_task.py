@@ -18,12 +18,18 @@ TINY = ["--config.model.image_width=16", "--config.model.image_layers=1", "--con
         "--config.model.patch=4", "--config.eval.batch_size=512"]
 
 
-@pytest.mark.parametrize("loss", ["siglip", "clip"])
-def test_sharded_task_loss_equals_dense(tfds_dir, loss):
-  """Chunked SigLIP / all-gathered CLIP inside the task's loss on a data 4 x fsdp 2 mesh."""
-  config = load_config("contrastive_digits", TINY + [f"--config.data.data_dir={tfds_dir}",
-                                                     f"--config.model.loss={loss}",
-                                                     "--config.mesh.data=4", "--config.mesh.fsdp=2"])
+SWIN = ["--config.model.image_encoder=swin", "--config.model.patch=1", "--config.model.image_window=4",
+        "--config.model.image_stages=2", "--config.model.image_layers=2"]
+
+
+@pytest.mark.parametrize("loss,tower", [("siglip", []), ("clip", []), ("siglip", SWIN)])
+def test_sharded_task_loss_equals_dense(tfds_dir, loss, tower):
+  """Chunked SigLIP / all-gathered CLIP inside the task's loss on a data 4 x fsdp 2 mesh (with the ViT
+  tower, and with the Swin tower, whose parameters fsdp shards too)."""
+  config = load_config("contrastive_digits", TINY + tower + [f"--config.data.data_dir={tfds_dir}",
+                                                             f"--config.model.loss={loss}",
+                                                             "--config.mesh.data=4",
+                                                             "--config.mesh.fsdp=2"])
   task = ct.build(config)
   params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x),
                                   task.init_params(jax.random.PRNGKey(0)),
@@ -40,7 +46,7 @@ def test_sharded_task_loss_equals_dense(tfds_dir, loss):
   np.testing.assert_allclose(v_sharded, v_dense, rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(g_sharded), jax.tree_util.tree_leaves(g_dense)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  if loss == "siglip":
+  if loss == "siglip" and not tower:
     report = task.finish(params)  # the zero-shot table (untrained: near chance, but complete)
     assert "zero_shot_accuracy" in report and "text_to_image_R@5" in report
 
@@ -72,6 +78,20 @@ def test_config_errors_name_the_key(override, key):
   with pytest.raises(ConfigError) as err:
     load_config("contrastive_digits", [override], check_devices=False)
   assert key in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,problem", [
+    (["--config.model.image_window=3"], "window=3 does not divide stage 0's 4x4 map"),
+    (["--config.model.patch=1", "--config.model.image_stages=5"], "stage 4 would merge an odd 1x1"),
+    (["--config.model.image_stages=0"], "config.model.image_stages=0 must be a positive int"),
+])
+def test_swin_geometry_errors_name_the_keys(overrides, problem):
+  with pytest.raises(ConfigError) as err:
+    load_config("contrastive_digits", ["--config.model.image_encoder=swin"] + overrides,
+                check_devices=False)
+  assert problem in str(err.value) and "\n" not in str(err.value)
+  if "positive" not in problem:
+    assert "config.model.image_encoder='swin'" in str(err.value)
 
 
 def test_mixed_precision_towers_give_float32_embeddings_and_float32s_loss(tfds_dir):
