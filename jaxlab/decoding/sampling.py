@@ -13,35 +13,55 @@ from jaxlab.models.gpt import MTP_BLOCK_PREFIX
 
 
 def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-  """Sets logits outside the top-k and outside the smallest set with probability >= top_p to -inf.
+  """Sets logits outside the top-k and outside the nucleus to the dtype's lowest value.
 
-  top_k=0 and top_p=1.0 switch the filters off. The most likely token always survives.
+  Top-k keeps exactly the k most likely tokens; top-p then keeps the smallest set of the most likely
+  tokens whose probability (renormalised after top-k) is >= top_p (Holtzman et al. 2020): a token is
+  kept while the mass of the tokens ranked before it is < top_p. Ties between equal logits are ranked
+  by token id (the lower id first), so both sets have exactly that size even with tied logits (as in
+  low-precision logits). top_k=0 and top_p=1.0 switch the filters off. The most likely token always
+  survives.
   """
   if logits_BV.ndim != 2:
     raise ValueError(f"logits must be [batch, vocab], got shape {logits_BV.shape}")
   if top_k < 0 or not 0.0 < top_p <= 1.0:
     raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+  vocab = logits_BV.shape[-1]
+  if not (top_k and top_k < vocab) and top_p >= 1.0:
+    return logits_BV
   neg_inf = jnp.finfo(logits_BV.dtype).min
-  if top_k and top_k < logits_BV.shape[-1]:
-    kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-    logits_BV = jnp.where(logits_BV < kth, neg_inf, logits_BV)
+  # rank_BV: each token's place in the order of decreasing logit, ties by token id (stable sort).
+  order_BV = jnp.argsort(-logits_BV, axis=-1, stable=True)
+  rank_BV = jnp.argsort(order_BV, axis=-1)
+  keep_BV = jnp.ones(logits_BV.shape, bool)
+  if top_k and top_k < vocab:
+    keep_BV = rank_BV < top_k
   if top_p < 1.0:
-    sorted_desc = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    # Keep a sorted token if the mass strictly before it is < top_p.
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p
-    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    logits_BV = jnp.where(logits_BV < threshold, neg_inf, logits_BV)
-  return logits_BV
+    sorted_BV = jnp.take_along_axis(jnp.where(keep_BV, logits_BV, neg_inf), order_BV, axis=-1)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    kept_B1 = jnp.sum(mass_before_BV < top_p, axis=-1, keepdims=True)  # a prefix of the order
+    keep_BV = keep_BV & (rank_BV < kept_B1)
+  return jnp.where(keep_BV, logits_BV, neg_inf)
+
+
+def scale_logits(logits_BV: jax.Array, temperature: float) -> jax.Array:
+  """float32 logits / temperature (> 0), computed relative to each row's maximum, so that a tiny
+  temperature sends the other tokens to -inf instead of overflowing (or, below float32's normal
+  range, dividing by a flushed zero): the most likely tokens keep logit 0, the limit of T -> 0."""
+  if not temperature > 0.0:
+    raise ValueError(f"temperature must be > 0 here (0 is greedy decoding), got {temperature}")
+  logits_BV = logits_BV.astype(jnp.float32)
+  shifted_BV = logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)
+  return jnp.where(shifted_BV == 0.0, 0.0, shifted_BV / temperature)
 
 
 def sample_token(key: jax.Array, logits_BV: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0) -> jax.Array:
-  """One token id per row, int32 [B]; temperature 0 is greedy (argmax)."""
+  """One token id per row, int32 [B]; temperature 0 is greedy (argmax), a negative one is refused."""
   if temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits_BV = filter_logits(logits_BV.astype(jnp.float32) / temperature, top_k=top_k, top_p=top_p)
+  logits_BV = filter_logits(scale_logits(logits_BV, temperature), top_k=top_k, top_p=top_p)
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
@@ -106,19 +126,23 @@ def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens:
 
 def generate_long(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens: int,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-  """Like `generate`, but for a model with a learned position table of `max_len` it may go past max_len:
-  it decodes with the KV cache up to max_len tokens, then conditions each further token on the last
-  max_len - 1 tokens (a full forward pass per token; the context is cropped as in GPT-2 sampling)."""
-  limit = model.config.max_len if model.config.position == "learned" else None
+  """Like `generate` (-> int32 [B, P + num_tokens], the whole prompt first), but a model with a learned
+  position table of `max_len` may go past it: while the sequence fits the table, tokens are decoded
+  with the KV cache; after that each further token is conditioned on the last max_len tokens (a full
+  forward pass per token; the context is cropped as in GPT-2 / nanoGPT sampling). A prompt longer than
+  max_len is cropped the same way for the model, and returned whole."""
   prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
-  if limit is not None and prompt_BP.shape[1] > limit - 1:
-    prompt_BP = prompt_BP[:, -(limit - 1):]
-  first = num_tokens if limit is None else min(num_tokens, limit - prompt_BP.shape[1])
-  key, sub = jax.random.split(key)
-  tokens = generate(model, params, prompt_BP, sub, num_tokens=first, temperature=temperature,
+  if model.config.position != "learned":
+    return generate(model, params, prompt_BP, key, num_tokens=num_tokens, temperature=temperature,
                     top_k=top_k, top_p=top_p)
-  remaining = num_tokens - first
-  if remaining <= 0:
+  limit = model.config.max_len
+  first = max(0, min(num_tokens, limit - prompt_BP.shape[1]))  # cached, inside the table
+  key, sub = jax.random.split(key)
+  tokens = prompt_BP
+  if first:
+    tokens = generate(model, params, prompt_BP, sub, num_tokens=first, temperature=temperature,
+                      top_k=top_k, top_p=top_p)
+  if num_tokens == first:
     return tokens
 
   @jax.jit
@@ -127,8 +151,8 @@ def generate_long(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_to
     return sample_token(key, logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p)
 
   out = [tokens]
-  window = tokens[:, -(limit - 1):]
-  for _ in range(remaining):
+  window = tokens[:, -limit:]
+  for _ in range(num_tokens - first):
     key, sub = jax.random.split(key)
     token = next_token(window, sub)[:, None]
     out.append(token)

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.decoding.draft_tree import DraftTree
-from jaxlab.decoding.sampling import filter_logits, init_cache
+from jaxlab.decoding.sampling import filter_logits, init_cache, scale_logits
 from jaxlab.layers.attention import (KV_CACHE_FAMILIES, RECURRENT_APPEND_LIMIT,
                                     RECURRENT_FAMILIES)
 
@@ -97,8 +97,8 @@ def tree_attention_supported(attention: str, rerope_window: int, attention_impl)
 def _probs(logits_XV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
   """The sampling distribution of `sample_token`: softmax of filtered logits / temperature."""
   shape = logits_XV.shape
-  flat = filter_logits(logits_XV.reshape(-1, shape[-1]).astype(jnp.float32) / temperature,
-                       top_k=top_k, top_p=top_p)
+  flat = filter_logits(scale_logits(logits_XV.reshape(-1, shape[-1]), temperature), top_k=top_k,
+                       top_p=top_p)
   return jax.nn.softmax(flat, axis=-1).reshape(shape)
 
 

@@ -43,6 +43,33 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
   assert int(sample_token(keys[0], logits, temperature=0.0)[0]) == 0
 
 
+def test_filters_keep_exactly_k_and_the_smallest_nucleus_with_tied_logits():
+  """Ties are ranked by token id: top-k keeps k tokens and top-p the smallest set with mass >= p,
+  however many tokens share the logit at the cut (the NumPy reference ranks the same way)."""
+  tied = np.array([np.log([0.5, 0.25, 0.25, 1e-9, 1e-9]), np.log([0.2] * 5)], np.float32)
+  for top_k, top_p, kept in ((0, 0.55, [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]),
+                             (2, 1.0, [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]),
+                             (0, 0.1, [[1, 0, 0, 0, 0], [1, 0, 0, 0, 0]]),
+                             (4, 0.7, [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])):
+    got = np.asarray(filter_logits(jnp.asarray(tied), top_k=top_k, top_p=top_p)) > -1e30
+    np.testing.assert_array_equal(got, np.array(kept, bool), err_msg=f"top_k={top_k} top_p={top_p}")
+    np.testing.assert_array_equal(got, np.isfinite(numpy_filter(tied, top_k, top_p)))
+  # bfloat16-rounded logits over a large vocabulary tie often; the nucleus is still the smallest.
+  logits = jax.random.normal(jax.random.key(2), (8, 4096)).astype(jnp.bfloat16).astype(jnp.float32)
+  got = np.asarray(filter_logits(logits, top_p=0.9)) > -1e30
+  np.testing.assert_array_equal(got, np.isfinite(numpy_filter(np.asarray(logits), 0, 0.9)))
+
+
+def test_tiny_temperatures_approach_greedy_and_negative_ones_are_refused():
+  logits = jnp.array([[-2.0, -1.0, -3.0], [5.0, 1e30, -1e30]])
+  for temperature in (1e-3, 1e-20, 1e-38, 1e-45):
+    for top_p in (1.0, 0.9):
+      draws = sample_token(jax.random.key(0), logits, temperature=temperature, top_p=top_p)
+      np.testing.assert_array_equal(draws, [1, 1], err_msg=f"T={temperature}, top_p={top_p}")
+  with pytest.raises(ValueError, match="temperature"):
+    sample_token(jax.random.key(0), logits, temperature=-1.0)
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match="top_p"):
     filter_logits(jnp.zeros((1, 3)), top_p=0.0)

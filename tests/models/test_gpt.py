@@ -156,17 +156,22 @@ def test_generate_greedy_matches_argmax_of_full_forward():
   np.testing.assert_array_equal(out, seq)
 
 
-def test_generate_long_goes_past_learned_table():
+@pytest.mark.parametrize("prompt_len", [3, 8, 11])
+def test_generate_long_goes_past_learned_table(prompt_len):
+  """Greedy generate_long == argmax of a full pass over the last max_len tokens at every step, for a
+  prompt shorter than, as long as, and longer than the table (returned whole)."""
   model = tiny_gpt(position="learned", max_len=8)
-  prompt = jnp.array([[1, 2, 3]])
-  params = model.init(jax.random.key(5), prompt)["params"]
+  prompt = jnp.arange(1, 1 + prompt_len)[None] % model.config.vocab_size
+  params = model.init(jax.random.key(5), prompt[:, :8])["params"]
   out = sampling.generate_long(model, params, prompt, jax.random.key(0), num_tokens=12,
                                temperature=0.0)
-  assert out.shape == (1, 15)
-  # Past the table, each token is the argmax given the last max_len - 1 tokens.
-  window = out[:, 14 - 7:14]
-  nxt = jnp.argmax(model.apply({"params": params}, window)[:, -1], axis=-1)
-  assert int(nxt[0]) == int(out[0, 14])
+  assert out.shape == (1, prompt_len + 12)
+  np.testing.assert_array_equal(out[:, :prompt_len], prompt)
+  forward = jax.jit(lambda window: jnp.argmax(model.apply({"params": params}, window)[:, -1], -1))
+  seq = prompt
+  for _ in range(12):
+    seq = jnp.concatenate([seq, forward(seq[:, -8:])[:, None]], axis=1)
+  np.testing.assert_array_equal(out, seq)
 
 
 def test_bad_token_shape_and_config_are_reported():
