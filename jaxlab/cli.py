@@ -110,7 +110,7 @@ def _check_workdir(workdir: pathlib.Path, flag: str) -> None:
 def _saved_config_dict(workdir: pathlib.Path) -> tuple[dict, str | None]:
   """(WORKDIR/config.json as a dict, a note or None): keys that a workdir written by an older jaxlab
   lacks are filled from today's defaults for its task, and the note says which."""
-  from jaxlab.configs import ConfigError, base_config_for_task, fill_defaults
+  from jaxlab.configs import ConfigError, with_task_defaults
   path = workdir / "config.json"
   if not path.is_file():
     raise ConfigError(f"{workdir} is not a jaxlab workdir (no config.json); train into it first")
@@ -120,14 +120,7 @@ def _saved_config_dict(workdir: pathlib.Path) -> tuple[dict, str | None]:
     raise ConfigError(f"{path} is not valid JSON ({e})") from None
   if not isinstance(saved, dict):
     raise ConfigError(f"{path} holds a JSON {type(saved).__name__}, not a config object")
-  found = base_config_for_task(saved.get("task"))
-  if found is None:  # no task, or an unknown one: validate() names it
-    return saved, None
-  name, base = found
-  if isinstance(saved.get("optim"), dict) and "loss_scale" not in saved["optim"] \
-      and "loss_scale" in base.optim:  # written before loss scaling existed: that run had none
-    saved = {**saved, "optim": {**saved["optim"], "loss_scale": "none"}}
-  merged, filled, _ = fill_defaults(saved, base.to_dict())  # keys of a user's own config are kept
+  merged, filled = with_task_defaults(saved)  # no task, or an unknown one: validate() names it
   if not filled:
     return merged, None
   if len(filled) == 1:

@@ -171,6 +171,22 @@ def base_config_for_task(task) -> tuple[str, ml_collections.ConfigDict] | None:
   return None
 
 
+def with_task_defaults(saved: dict) -> tuple[dict, dict]:
+  """A saved config (as a dict, e.g. WORKDIR/config.json) with the keys it lacks, added to jaxlab after
+  it was written, at today's defaults for its task: (merged, {key: default filled in}). A config saved
+  before loss scaling existed gets optim.loss_scale="none" (that run had none). A config without a
+  known task comes back as it is."""
+  found = base_config_for_task(saved.get("task"))
+  if found is None:
+    return saved, {}
+  base = found[1]
+  if isinstance(saved.get("optim"), dict) and "loss_scale" not in saved["optim"] \
+      and "loss_scale" in base.optim:
+    saved = {**saved, "optim": {**saved["optim"], "loss_scale": "none"}}
+  merged, filled, _ = fill_defaults(saved, base.to_dict())  # keys of a user's own config are kept
+  return merged, filled
+
+
 def fill_defaults(saved: dict, base: dict) -> tuple[dict, dict, list[str]]:
   """`base` overwritten by `saved` (nested dicts; keys only `saved` has are kept): (merged,
   {key: default} of the keys that only `base` has, [keys that only `saved` has])."""

@@ -1,5 +1,6 @@
 """optax optimizer from `config.optim`: AdamW (Loshchilov & Hutter 2019) with linear warmup, cosine decay
-and global-norm clipping; no weight decay on norms, biases or embeddings."""
+and global-norm clipping; weight decay on weight matrices only (`decay_mask`): not on norms, biases,
+scales, offsets or embedding and position tables."""
 
 from __future__ import annotations
 
@@ -8,16 +9,26 @@ from typing import Any, Callable, Sequence
 import jax
 import optax
 
-EMBEDDING_NAMES = ("embedding", "pos_embed")
+# Weight decay is decided by a parameter's name, never by its rank (a qkv bias is [N, 3, H], GAU's
+# per-dimension scale and offset are [4, E], position-bias tables are 2-D):
+WEIGHT_NAMES = ("kernel", "w", "v", "weight")  # + "kernel_<i>": weight matrices / conv kernels
+# Lookup tables (token and position embeddings, T5's and Swin's relative-position bias tables): decayed
+# only with decay_embeddings (Swin's and T5's code never decay their tables).
+EMBEDDING_NAMES = ("embedding", "pos_embed", "rel_embedding", "relative_position_bias_table")
+
+
+def is_weight_name(name: str) -> bool:
+  return name in WEIGHT_NAMES or (name.startswith("kernel_") and name[len("kernel_"):].isdigit())
 
 
 def decay_mask(params, *, decay_embeddings: bool = False):
-  """True for the leaves that get weight decay: matrices (ndim >= 2), so never norms or biases;
-  embedding tables only if `decay_embeddings` (GPT-2/nanoGPT-style training decays them too)."""
+  """True for the leaves that get weight decay: weight matrices and kernels (leaves named as in
+  WEIGHT_NAMES), and the lookup tables of EMBEDDING_NAMES only if `decay_embeddings` (GPT-2/nanoGPT
+  -style training decays them too). Everything else (biases of any rank, norm scales, GAU's scales and
+  offsets, FLASH's relative bias, the loss's scalars) is never decayed."""
   def keep(path, leaf):
-    names = [getattr(p, "key", getattr(p, "name", str(p))) for p in path]
-    is_embedding = any(n in EMBEDDING_NAMES for n in names)
-    return leaf.ndim >= 2 and (decay_embeddings or not is_embedding)
+    name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+    return is_weight_name(name) or (decay_embeddings and name in EMBEDDING_NAMES)
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -119,7 +119,9 @@ def test_params_damaged_in_place_are_caught_by_checksums(tmp_path):
                  "model.heads_stop_gradient", "optim.loss_scale", "optim.loss_scale_init",
                  "optim.loss_scale_period")),
     ("contrastive_digits", ("model.dtype", "optim.loss_scale", "optim.loss_scale_init",
-                            "optim.loss_scale_period")),
+                            "optim.loss_scale_period", "model.image_encoder", "model.image_window",
+                            "model.image_stages")),
+    ("made", ("data.static_binarization",)),
 ])
 def test_keys_added_later_keep_older_runs_fingerprints(name, added):
   """A WORKDIR/best record matches its run by a fingerprint of the config: keys added to jaxlab after
@@ -128,15 +130,20 @@ def test_keys_added_later_keep_older_runs_fingerprints(name, added):
   import ml_collections
   from jaxlab.configs import load_config
   from jaxlab.train import trainer
-  config = load_config(name, [])
+  config = load_config(name, [], check_devices=False)
   older = json.loads(config.to_json_best_effort())
   for key in added:
     section, leaf = key.split(".")
     del older[section][leaf]
   assert trainer.config_fingerprint(ml_collections.ConfigDict(older)) == \
       trainer.config_fingerprint(config)
+  fingerprint = lambda *overrides: trainer.config_fingerprint(load_config(name, list(overrides),
+                                                                          check_devices=False))
+  if name == "made":  # no model.dtype, no loss scaling
+    assert fingerprint("--config.data.name=mnist", "--config.data.static_binarization=True") != \
+        fingerprint("--config.data.name=mnist")
+    return
   # Loss scaling counts as on or off (auto on float32 = none = as before; auto on float16 = dynamic).
-  fingerprint = lambda *overrides: trainer.config_fingerprint(load_config(name, list(overrides)))
   assert fingerprint("--config.optim.loss_scale=none") == fingerprint()
   assert fingerprint("--config.optim.loss_scale=dynamic") != fingerprint()
   assert fingerprint("--config.model.dtype=float16") == fingerprint(
@@ -144,3 +151,28 @@ def test_keys_added_later_keep_older_runs_fingerprints(name, added):
   assert fingerprint("--config.model.dtype=bfloat16") != fingerprint()
   if name == "lm_char":
     assert fingerprint("--config.model.medusa_heads=1") != fingerprint()
+
+
+def test_every_key_added_since_fingerprints_began_is_registered():
+  """The fingerprint of a WORKDIR/best record covers the config keys of RESUME_MUST_MATCH. Keys that
+  configs gain later must be registered in trainer.ADDED_(TASK_)KEYS_AT_DEFAULT, at the value that
+  means "as before", or every older record stops matching its run. fingerprint_keys.json holds the
+  keys the fingerprint covered when it was introduced (commit 49c8e89); a key in neither fails here."""
+  import json
+  import pathlib
+  from jaxlab.configs import available_configs, flatten, load_config
+  from jaxlab.train import loss_scale, trainer
+  known = json.loads((pathlib.Path(__file__).parent / "fingerprint_keys.json").read_text())
+  assert sorted(known) == sorted(available_configs())
+  for name in available_configs():
+    config = json.loads(load_config(name, [], check_devices=False).to_json_best_effort())
+    flat = flatten({k: v for k, v in config.items() if k in trainer.RESUME_MUST_MATCH})
+    added = {**trainer.ADDED_KEYS_AT_DEFAULT,
+             **trainer.ADDED_TASK_KEYS_AT_DEFAULT.get(config["task"], {})}
+    unregistered = set(flat) - set(known[name]) - set(added) - set(loss_scale.KEYS) - {"data.data_dir"}
+    assert not unregistered, (f"{name}: config keys {sorted(unregistered)} are new since WORKDIR/best "
+                              "fingerprints began; add them to trainer.ADDED_TASK_KEYS_AT_DEFAULT "
+                              "at the value that means 'as before'")
+    for key, default in added.items():
+      if key in flat:
+        assert flat[key] == default, (name, key)

@@ -258,6 +258,14 @@ def test_a_workdir_from_before_a_config_key_existed_resumes(tiny_lm_config, tmp_
   (tmp_path / "config.json").write_text(json.dumps(saved))
   run = trainer.setup(config, tmp_path)  # would raise ValueError naming the key
   run.checkpointer.close()
+  # The missing key held its default in that run: a resume that sets it otherwise is refused.
+  import pytest
+  other = tiny_lm_config("--config.train.steps=6", "--config.train.checkpoint_every=3",
+                         "--config.model.attention_impl=blockwise")
+  with pytest.raises(ValueError, match=r"config.model.attention_impl='auto', but this run has "
+                                       "'blockwise'"):
+    trainer.setup(other, tmp_path)
+  assert "attention_impl" not in json.loads((tmp_path / "config.json").read_text())["model"]
 
 
 def test_a_run_that_fails_to_build_leaves_no_workdir(tiny_lm_config, tmp_path):

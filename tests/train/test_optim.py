@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from jaxlab.train import optim
 
@@ -18,6 +19,34 @@ def test_decay_mask():
   assert not mask["embed"]["embedding"] and not mask["pos_embed"]
   mask = optim.decay_mask(params, decay_embeddings=True)
   assert mask["embed"]["embedding"] and mask["pos_embed"] and not mask["block_0"]["ln_attn"]["scale"]
+
+
+@pytest.mark.parametrize("config,overrides", [
+    ("lm_char", ["--config.model.use_bias=True", "--config.model.position=t5"]),
+    ("lm_char", ["--config.model.attention=flash", "--config.model.medusa_heads=1"]),
+    ("contrastive_digits", ["--config.model.image_encoder=swin"]),
+    ("made", []), ("nade", []), ("fvsbn", []), ("pixelcnn", [])])
+def test_decay_mask_on_every_model_decays_weights_only(config, overrides):
+  """Every parameter of the real models, by its role: multi-dimensional biases (qkv [N, 3, H]), GAU's
+  [4, E] scales and offsets and the relative-position tables of T5 and Swin are not decayed."""
+  import flax.linen as nn
+  import jax
+  from jaxlab.configs import load_config
+  from jaxlab.train import tasks
+  task = tasks.build_task(load_config(config, overrides + ["--config.mesh.data=1"],
+                                      check_devices=False))
+  params = nn.meta.unbox(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
+  for decay_embeddings in (False, True):
+    mask = optim.decay_mask(params, decay_embeddings=decay_embeddings)
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    for (path, leaf), decayed in zip(flat, jax.tree_util.tree_leaves(mask)):
+      name = path[-1].key
+      table = name in ("embedding", "pos_embed", "rel_embedding", "relative_position_bias_table")
+      weight = name in ("kernel", "w", "v", "weight") or name.startswith("kernel_")
+      assert decayed == (weight or (decay_embeddings and table)), (jax.tree_util.keystr(path),
+                                                                  leaf.shape)
+      if leaf.ndim >= 2 and not weight and not table:  # what the rank rule got wrong
+        assert name in ("bias", "gamma", "beta"), jax.tree_util.keystr(path)
 
 
 def test_weight_decay_changes_only_masked_leaves():
