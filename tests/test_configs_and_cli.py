@@ -78,6 +78,9 @@ def test_overrides_are_typed():
     ("--config.optim.loss_scale_period=0", "config.optim.loss_scale_period"),
     ("--config.optim.loss_scale_init=0.5", "config.optim.loss_scale_init"),
     ("--config.model", "config.model"),
+    ("--config.train.eval_seed=-1", "config.train.eval_seed"),
+    ("--config.sample.seed=18446744073709551616", "config.sample.seed"),
+    ("--config.model.feature_seed=4294967296", "config.model.feature_seed"),
 ])
 def test_bad_configs_name_the_key(override, key):
   overrides = list(override) if isinstance(override, tuple) else [override]

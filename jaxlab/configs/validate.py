@@ -10,7 +10,7 @@ import math
 
 import jax
 
-from jaxlab.configs import ConfigError
+from jaxlab.configs import ConfigError, flatten
 
 POSITIVE_INTS = ("data.batch_size", "train.steps", "train.log_every", "train.eval_every",
                  "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints")
@@ -48,6 +48,15 @@ def require_positive_ints(config, keys) -> None:
 
 
 def validate(config, *, check_devices: bool = True) -> None:
+  """Every check of the config (ConfigError, one line, on the first failure)."""
+  try:
+    _validate(config, check_devices)
+  except TypeError as e:  # a value of a type no check expected (e.g. a tuple of strings for ints)
+    raise ConfigError(f"a config value has the wrong type for its key ({e}); compare the overrides "
+                      "with the config's defaults") from None
+
+
+def _validate(config, check_devices: bool) -> None:
   from jaxlab.train import tasks
   require("task" in config, "config.task is missing")
   require_choice(config, "task", tasks.available_tasks())
@@ -57,9 +66,10 @@ def validate(config, *, check_devices: bool = True) -> None:
           f"config.train.microbatches={micro!r} must be a positive int")
   tasks.task_module(config.task).validate(config, require)
 
-  seed = config.seed
-  require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
-          f"config.seed={seed!r} must be an int in [0, 2**32)")
+  for key, seed in flatten(config.to_dict()).items():  # config.seed, train.eval_seed, sample.seed, ...
+    if key.rsplit(".", 1)[-1] == "seed" or key.endswith("_seed"):
+      require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
+              f"config.{key}={seed!r} must be an int in [0, 2**32)")
 
   o = config.optim
   for key in ("lr", "min_lr", "b1", "b2", "eps", "weight_decay", "grad_clip"):

@@ -132,6 +132,10 @@ def stdlib_files(root: str | None = None) -> list[pathlib.Path]:
       continue
     files.append(path)
   if not files:
+    if root:
+      raise FileNotFoundError(f"config.data.path={root!r}: no .py files found there (with "
+                              "config.data.name='python_stdlib' it names a directory of Python "
+                              "sources; a text file is read with config.data.name='text_files')")
     raise FileNotFoundError(f"no .py files found under {base}")
   return files
 

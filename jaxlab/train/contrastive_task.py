@@ -86,9 +86,11 @@ def validate(config, require) -> None:
   if d.name == "emoji":
     require(bool(d.path), "config.data.path must name the emoji_captions folder (emoji.json and the "
                           "32-px sheets) for config.data.name='emoji'")
-  require(tuple(config.eval.recall_at) == tuple(sorted(set(config.eval.recall_at))) and
-          all(k >= 1 for k in config.eval.recall_at),
-          f"config.eval.recall_at={tuple(config.eval.recall_at)} must be increasing ints >= 1")
+  recall_at = config.eval.recall_at
+  require(isinstance(recall_at, (tuple, list)) and len(recall_at) > 0
+          and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in recall_at)
+          and list(recall_at) == sorted(set(recall_at)),
+          f"config.eval.recall_at={recall_at!r} must be increasing ints >= 1")
 
 
 def tensor_units(config) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import statistics
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -80,6 +81,7 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
   with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     boxed = jax.eval_shape(init)
     state_shardings = sharding.logical_shardings(boxed, mesh)
+  sharding.check_divisible(nn.meta.unbox(boxed), state_shardings)
   abstract_state = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), state_shardings)
   workdir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to build leaves no dir
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
@@ -375,6 +377,23 @@ def _unlock(handle) -> None:
     handle.close()  # releases the flock
 
 
+def _schedule_change_note(run: Run, start: int) -> Optional[str]:
+  """A resumed run whose config.train.steps differs from the saved run's keeps training, but its
+  learning-rate schedule (warmup + cosine over train.steps) is another one from here on: one line
+  saying so, with the learning rate at the resumed step under each, or None."""
+  saved_path = run.workdir / "config.json"
+  if not start or not saved_path.exists():
+    return None
+  was = json.loads(saved_path.read_text()).get("train", {}).get("steps")
+  now = run.config.train.steps
+  if not isinstance(was, int) or was == now:
+    return None
+  lr = lambda steps: float(optim.learning_rate_schedule(run.config.optim, steps)(start))
+  return (f"jaxlab: config.train.steps changed from {was} to {now} since the checkpoints: the "
+          f"learning-rate schedule now runs over {now} steps (at step {start}: lr {lr(was):.3g} "
+          f"under the old schedule, {lr(now):.3g} under the new one)")
+
+
 def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = True) -> dict:
   """Trains (resuming from WORKDIR's newest checkpoint when there is one); returns final metrics."""
   run = setup(config, workdir, task=task)
@@ -394,6 +413,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
       raise ValueError(f"{run.workdir} holds a checkpoint at step {start}, beyond "
                        f"config.train.steps={cfg.steps}; nothing was changed (give "
                        f"--config.train.steps >= {start}, or a new --workdir)")
+    schedule_note = _schedule_change_note(run, start)
     _save_run_files(run)
   except BaseException:
     run.checkpointer.close()
@@ -414,6 +434,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
       best.discard("belongs to an earlier run in this workdir (training starts from step 0)")
   if start and primary:
     print(f"jaxlab: resumed from step {start} in {run.workdir}", flush=True)
+    if schedule_note:
+      print(schedule_note, file=sys.stderr, flush=True)
   final: dict = {}
   step_times: list[float] = []
   losses = []
@@ -465,6 +487,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
                           tok_s=f"{record.get('tokens_per_sec', 0):.0f}")
           final.update(record)
           step_times, losses = [], []
+        if save_now:  # before evaluating: an evaluation that fails loses no trained steps
+          run.checkpointer.save(done, state, data_iter.get_state())
         if done % cfg.eval_every == 0 or done == cfg.steps:
           val_loss = evaluate(run, state["params"], eval_step)
           writer.write(done, val_loss=val_loss)
@@ -473,8 +497,6 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
           final["val_loss"] = val_loss
           if best is not None:
             best.offer(done, val_loss, state["params"])
-        if save_now:
-          run.checkpointer.save(done, state, data_iter.get_state())
   finally:
     bar.close()
     writer.close()

@@ -331,3 +331,28 @@ def test_a_read_only_workdir_still_falls_back(tiny_lm_config, tmp_path, monkeypa
   assert step == 3
   assert "left in place (Permission denied)" in capsys.readouterr().out
   assert _steps(tmp_path / "checkpoints") == ["3", "6"]
+
+
+def test_a_longer_run_resumed_says_its_schedule_changed(tiny_lm_config, tmp_path, capsys):
+  trainer.train(tiny_lm_config(), tmp_path, progress=False)  # 6 steps
+  capsys.readouterr()
+  trainer.train(tiny_lm_config("--config.train.steps=12"), tmp_path, progress=False)
+  err = capsys.readouterr().err
+  assert "config.train.steps changed from 6 to 12 since the checkpoints" in err
+  trainer.train(tiny_lm_config("--config.train.steps=12"), tmp_path, progress=False)  # nothing to do
+  assert "changed" not in capsys.readouterr().err
+
+
+def test_an_evaluation_that_fails_keeps_the_checkpoint_of_its_step(tiny_lm_config, tmp_path,
+                                                                    monkeypatch):
+  """Checkpoint and evaluation fall on step 3: the checkpoint is written first, so the steps trained
+  before a failing evaluation are not lost."""
+  import pytest
+
+  def failing(*args, **kwargs):
+    raise RuntimeError("evaluation failed")
+
+  monkeypatch.setattr(trainer, "evaluate", failing)
+  with pytest.raises(RuntimeError, match="evaluation failed"):
+    trainer.train(tiny_lm_config(), tmp_path, progress=False)
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3]

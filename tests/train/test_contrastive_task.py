@@ -73,6 +73,8 @@ def test_zero_shot_accuracy_and_recall_by_hand():
     ("--config.data.text_len=1", "config.data.text_len"),
     ("--config.data.name=emoji", "config.data.path"),
     ("--config.eval.recall_at=(5, 1)", "config.eval.recall_at"),
+    ("--config.eval.recall_at=(1.5,)", "config.eval.recall_at"),
+    ("--config.eval.recall_at=(1, 'a')", "config.eval.recall_at"),
 ])
 def test_config_errors_name_the_key(override, key):
   with pytest.raises(ConfigError) as err:

@@ -54,3 +54,23 @@ def test_parameters_are_actually_sharded(tiny_lm_config, tmp_path):
   assert len(kernel.sharding.device_set) == 8
   shard_shapes = {s.data.shape for s in kernel.addressable_shards}
   assert shard_shapes == {(32 // 8, 128)}
+
+
+def test_a_mesh_axis_that_does_not_divide_a_parameter_is_named_before_anything_is_written(
+    tiny_lm_config, tmp_path):
+  """tensor=8 over the tiny corpus's vocabulary (not a multiple of 8), fsdp=8 over width 36: one line
+  naming the mesh key, the parameter and its shape; no workdir is created."""
+  import pytest
+  from jaxlab.train import trainer
+  cases = [(("--config.mesh.data=1", "--config.mesh.tensor=8", "--config.model.num_heads=8"),
+            r"config.mesh.tensor=8 does not divide dimension 0 \(size (\d+)\) of "
+            r"params/embed/embedding"),
+           (("--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.model.width=36",
+             "--config.model.num_heads=3"),
+            r"config.mesh.fsdp=8 does not divide dimension \d \(size (36)\) of params/")]
+  import re
+  for overrides, message in cases:
+    with pytest.raises(ValueError, match=message) as e:
+      trainer.setup(tiny_lm_config(*overrides), tmp_path / "run")
+    assert "\n" not in str(e.value) and int(re.search(message, str(e.value)).group(1)) % 8
+    assert not (tmp_path / "run").exists()
