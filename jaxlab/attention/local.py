@@ -266,10 +266,13 @@ def block_layout_from_window(num_blocks: int, left_blocks: int, right_blocks: in
 
 def strided_layout(num_blocks: int, *, local_blocks: int, stride: int,
                    causal: bool = True) -> np.ndarray:
-  """The "fixed" sparse-transformer pattern of Child et al. 2019 (sec. 4.2), at block granularity.
+  """A variant of the "fixed" sparse-transformer pattern of Child et al. 2019 (sec. 4.2), at block
+  granularity: the paper's summary columns (its A^(2) with c = 1 block: every block j with
+  j % stride == stride - 1) with a sliding local window instead of the paper's aligned groups.
 
-  Block i sees the `local_blocks` blocks up to and including itself (i - local_blocks + 1 .. i), and
-  every "summary" block j with j % stride == stride - 1; if causal, only blocks j <= i.
+  Block i sees the `local_blocks` blocks up to and including itself (i - local_blocks + 1 .. i; the
+  paper's A^(1) is instead the blocks of i's own group, j // stride == i // stride, which sees fewer
+  blocks early in a group), and every summary block; if causal, only blocks j <= i.
   """
   if not masks_lib.is_int(num_blocks) or num_blocks <= 0:
     raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
@@ -325,7 +328,8 @@ def causal_block_layout(kind: str, num_blocks: int, *, local_blocks: int, stride
 
   Query block i sees key block j <= i iff:
     "window":  i - j < local_blocks (its own block and the local_blocks - 1 before it);
-    "strided": the window, or j % stride == stride - 1 (Child et al. 2019, "fixed" pattern);
+    "strided": the window, or j % stride == stride - 1 (after Child et al. 2019's "fixed" pattern,
+      with a sliding window for its aligned groups; see strided_layout);
     "bigbird": the window, or j < num_global (global blocks), or one of `num_random` blocks drawn
       without replacement among the earlier blocks it does not see yet (Zaheer et al. 2020, made
       causal), from a NumPy generator seeded by (seed, i).

@@ -61,11 +61,17 @@ def test_equal_positions_give_plain_rope_and_dtypes_are_kept():
 
 
 def test_decoding_one_query_against_cached_keys():
+  """A KV cache holds each key as it was scaled at its own step (one call per token); the last query's
+  logits against those cached keys equal the full pass's last row."""
   q, k = _x(6), _x(7)
   pos = np.broadcast_to(np.arange(T), (B, T))
   q_full, k_full = P.apply_xpos(q, k, pos, pos)
-  q_last, _ = P.apply_xpos(q[:, -1:], k, pos[:, -1:], pos)
-  np.testing.assert_allclose(np.asarray(q_last), np.asarray(q_full)[:, -1:], rtol=1e-6)
+  cached_k = np.concatenate([np.asarray(P.apply_xpos(q[:, t:t + 1], k[:, t:t + 1], pos[:, t:t + 1],
+                                                     pos[:, t:t + 1])[1]) for t in range(T)], axis=1)
+  q_last, _ = P.apply_xpos(q[:, -1:], k[:, -1:], pos[:, -1:], pos[:, -1:])
+  logits = lambda q_, k_: np.einsum("bqnh,bknh->bnqk", np.asarray(q_), np.asarray(k_))
+  np.testing.assert_allclose(logits(q_last, cached_k), logits(q_full, k_full)[:, :, -1:],
+                             rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kw, match", [({"scale_base": 0}, "scale_base"), ({"gamma": -1.0}, "gamma"),
