@@ -9,7 +9,8 @@ comparison, sec. 2: one GAU has about half a block's parameters). See MODELS for
 
 Writes experiments/results/gau_flash_lm.md (+ .json): validation loss (nats/char, 16 fixed batches of
 the last 10% of the text), parameters and median ms/step (compilation excluded), per model. All models:
-width 128, context 128, batch 8, RoPE, AdamW (lr 3e-3, 50 warmup steps, cosine decay), seed 0.
+width 128, context 128, batch 8, RoPE, AdamW (lr 3e-3, 50 warmup steps, cosine decay; weight decay
+0.1 on weight matrices only, `jaxlab.train.optim.decay_mask`, as jaxlab's trainer), seed 0.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jaxlab.train import optim
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -88,7 +91,8 @@ def train(kind: str, data: np.ndarray, vocab: int, steps: int, layer_options: tu
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, CONTEXT), jnp.int32))["params"])
   warmup = min(50, steps // 4)
   schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup, steps, 3e-4)
-  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1))
+  opt = optax.chain(optax.clip_by_global_norm(1.0),
+                    optax.adamw(schedule, weight_decay=0.1, mask=optim.decay_mask))
   opt_state = opt.init(params)
 
   def loss_fn(params, seq):
@@ -143,7 +147,8 @@ def main():
            f"Device: {device}. Command: `nice -n 10 python experiments/gau_flash_lm.py --data "
            f"../shared/data/tinyshakespeare/input.txt --steps {args.steps}` ({wall:.0f} s).", "",
            f"Char-level tiny shakespeare, width {WIDTH}, context {CONTEXT}, batch {BATCH}, "
-           f"{args.steps} steps, RoPE, AdamW; val loss in nats/char on 16 fixed batches.", "",
+           f"{args.steps} steps, RoPE, AdamW (weight decay 0.1 on weight matrices only); val loss in "
+           "nats/char on 16 fixed batches.", "",
            "| model | params | val loss | ms/step (ratio to transformer) |", "| --- | --- | --- | --- |"]
   base = rows[0]["ms_per_step"]
   for r in rows:

@@ -162,7 +162,8 @@ def _restore_params(run, *, best: bool = False):
   checkpointer."""
   from jaxlab.train import trainer
   try:
-    restored = None if best else run.checkpointer.restore_latest(run.abstract_state)
+    restored = None if best else run.checkpointer.restore_latest(run.abstract_state,
+                                                                 move_aside=False)
   finally:
     run.checkpointer.close()
   if best:

@@ -61,10 +61,15 @@ class Checkpointer:
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
-  def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
+  def restore_latest(self, abstract_state: Any, *, move_aside: bool = True
+                     ) -> Optional[tuple[int, Any, dict]]:
     """Returns (step, state, data_state) from the newest readable checkpoint, or None if there is none.
 
     `abstract_state`: pytree of jax.ShapeDtypeStruct with shardings (restored arrays land there).
+    Unreadable newer checkpoints are moved into WORKDIR/corrupt_checkpoints/ once an older one has
+    restored (training, which writes the next ones); move_aside=False (`jaxlab eval` / `sample`, which
+    may run beside a training run that is writing or deleting checkpoints) only warns and changes
+    nothing.
     """
     failed = []  # (step, why) of the checkpoints newer than the one restored
     for step in reversed(self.all_steps()):
@@ -78,8 +83,10 @@ class Checkpointer:
         error = self._verify(restored)  # the same verdict in every process
       if error is None:
         for bad_step, why in failed:
-          log.warning("checkpoint at step %d is unreadable (%s)", bad_step, why)
-          self._quarantine(bad_step, why)
+          log.warning("checkpoint at step %d is unreadable (%s)%s", bad_step, why,
+                      "" if move_aside else "; left in place, read step %d" % step)
+          if move_aside:
+            self._quarantine(bad_step, why)
         return step, restored["state"], restored["data"]
       failed.append((step, error))
     if failed:

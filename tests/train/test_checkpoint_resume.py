@@ -94,6 +94,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_lm_config, tmp_pa
       f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3])
       damaged += 1
   assert damaged
+  # Read-only (jaxlab eval / sample, perhaps beside a training run): step 3, and nothing moves.
+  from jaxlab import cli
+  assert cli.main(["eval", str(tmp_path)]) == 0
+  assert '"step": 3' in capsys.readouterr().out
+  assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ["3", "6"]
+  assert not (tmp_path / "corrupt_checkpoints").exists()
   run = trainer.setup(config, tmp_path)
   step, state, data_state = run.checkpointer.restore_latest(run.abstract_state)
   run.checkpointer.close()

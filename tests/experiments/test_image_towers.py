@@ -1,0 +1,23 @@
+"""experiments/image_towers.py: the summary and table from fake runs (the real runs are minutes each)."""
+
+import math
+
+
+def test_summary_means_over_seeds_and_table_ratios(experiment):
+  script = experiment("image_towers")
+  runs = []
+  for tower, base, ms in (("vit", 0.80, 30.0), ("swin-p2-w2", 0.90, 45.0)):
+    for seed, delta in ((0, 0.01), (1, -0.01)):
+      runs.append({"tower": tower, "seed": seed, "val_loss": 3.5 + delta,
+                   "zero_shot_accuracy": base + delta, "image_to_text_R@1": base,
+                   "text_to_image_R@1": 1.0, "image_params": 1000, "step_time_ms": ms + seed,
+                   "wall_s": 1.0})
+  rows = script.summarise(runs)
+  assert [r["tower"] for r in rows] == ["vit", "swin-p2-w2"]
+  assert math.isclose(rows[1]["zero_shot_accuracy"], 0.90)
+  assert math.isclose(rows[1]["zero_shot_accuracy_sd"], math.sqrt(2) * 0.01)
+  assert rows[0]["step_time_ms"] == 30.5
+  table = script.render({"device": "cpu", "command": "x", "steps": 600, "seeds": [0, 1],
+                         "rows": rows, "wall_min": 1.0})
+  assert "| swin-p2-w2 | 1,000 | 3.500 +- 0.014 | 0.900 +- 0.014 |" in table
+  assert "45.5 (1.49x) |" in table
