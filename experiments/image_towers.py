@@ -1,13 +1,16 @@
 """ViT against Swin as the image tower of the dual encoder, by one config flag
 (`--config.model.image_encoder=vit|swin`), on the embedded 8x8 digits of `contrastive_digits`.
 
-    python experiments/image_towers.py [--seeds 0,1,2] [--steps 600] [--quick] [--out DIR]
+    python experiments/image_towers.py [--seeds 0,1,2] [--steps 600] [--towers a,b] [--merge]
+                                       [--quick] [--out DIR]
 
 Each (tower, seed) trains `jaxlab train contrastive_digits` as the CLI does (SigLIP, chunked over the
 CPU devices, 600 steps, batch 64), in this process, one after another, and reports the validation
 loss, zero-shot accuracy and recall@1 on the 360 held-out digits (`ContrastiveTask.zero_shot_metrics`),
 the image tower's parameter count and the median step time (compilation excluded). Towers:
   * vit: patch 2 (a 4x4 grid), 2 blocks of width 64, 2-D sin-cos positions (the config's default);
+  * vit-rope2d: the same ViT with axial 2-D RoPE in every attention layer instead of sin-cos
+    embeddings (`image_position=rope2d`);
   * swin-p2-w2: patch 2, windows of 2x2 patches shifted by 1, then patch merging to a 2x2 map;
     2 stages of 2 blocks, widths 64 and 128 (same tokens as the ViT);
   * swin-p2-w2-narrow: the same with widths 32 and 64 (about the ViT's parameter count; the wide
@@ -37,6 +40,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 TOWERS = {
     "vit": [],
+    "vit-rope2d": ["--config.model.image_position=rope2d"],
     "swin-p2-w2": ["--config.model.image_encoder=swin", "--config.model.patch=2",
                    "--config.model.image_window=2"],
     "swin-p2-w2-narrow": ["--config.model.image_encoder=swin", "--config.model.patch=2",
@@ -112,6 +116,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--steps", type=int, default=600)
   parser.add_argument("--towers", type=lambda t: t.split(","), default=list(TOWERS))
   parser.add_argument("--quick", action="store_true", help="30 steps, seed 0 (a smoke run)")
+  parser.add_argument("--merge", action="store_true",
+                      help="keep the other towers' runs of an existing results file (same settings)")
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args(argv)
   if args.quick:
@@ -127,7 +133,20 @@ def main(argv=None) -> dict:
       for seed in args.seeds:
         runs.append(run_one(tower, seed, args.steps, pathlib.Path(tmp) / f"{tower}_{seed}"))
         print(json.dumps(runs[-1]), flush=True)
+  name = "image_towers_quick" if args.quick else "image_towers"
+  out_dir = pathlib.Path(args.out)
+  previous = out_dir / f"{name}.json"
+  if args.merge and previous.is_file():
+    old = json.loads(previous.read_text())
+    if (old["steps"], old["seeds"]) != (args.steps, args.seeds):
+      raise SystemExit(f"--merge: {previous} has steps {old['steps']} and seeds {old['seeds']}")
+    runs = [r for r in old["runs"] if r["tower"] not in args.towers] + runs
+    start -= 60 * old["wall_min"]  # the wall time of every run in the file
   command = "python experiments/image_towers.py" + (" --quick" if args.quick else "")
+  if args.merge:
+    command += f" --towers {','.join(args.towers)} --merge"
+    if previous.is_file():
+      command = f"{json.loads(previous.read_text())['command']}`, then `{command}"
   from jaxlab.train.host_devices import cpu_model
   d = jax.devices()[0]
   device = (f"{cpu_model()}, {os.cpu_count()} cores as {jax.device_count()} CPU devices"
@@ -135,8 +154,6 @@ def main(argv=None) -> dict:
   out = {"device": f"{device}, jax {jax.__version__}",
          "command": command, "steps": args.steps, "seeds": args.seeds, "runs": runs,
          "rows": summarise(runs), "wall_min": (time.perf_counter() - start) / 60}
-  name = "image_towers_quick" if args.quick else "image_towers"
-  out_dir = pathlib.Path(args.out)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / f"{name}.json").write_text(json.dumps(out, indent=1))
   (out_dir / f"{name}.md").write_text(render(out))

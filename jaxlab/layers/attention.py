@@ -26,7 +26,9 @@ impossible with a cache by design: in a full pass beyond the training length eve
 depends on the total length T).
 
 Position encodings handled here (the model adds absolute ones to the embeddings):
-  "rope" / "xpos" rotate (and for xPos scale) q and k; "alibi" / "t5" add a bias to the logits
+  "rope" / "xpos" rotate (and for xPos scale) q and k; "rope2d" rotates them by axial 2-D RoPE
+  (`positions.apply_rope_2d`) with positions [B, T, 2] (row, col) of image patches (no decoding);
+  "alibi" / "t5" add a bias to the logits
   (softmax family only). "rope" with rerope_window > 0 is (leaky) ReRoPE (Su 2023): q and k stay
   unrotated and the logits come from `positions.rerope_attention` (materialised, by construction; the
   KV cache then holds unrotated keys).
@@ -64,7 +66,8 @@ class MultiHeadAttention(nn.Module):
   Attributes:
     num_heads, num_kv_heads, head_dim: N, K, H.
     causal: causal self-attention.
-    position: "rope"/"xpos" rotate q and k, "alibi"/"t5" add a logit bias; others: handled by the model.
+    position: "rope"/"xpos" rotate q and k ("rope2d": axial 2-D RoPE over positions [B, T, 2]),
+      "alibi"/"t5" add a logit bias; others: handled by the model.
     rope_theta, rope_scaling, rotary_fraction: RoPE base, context extension (PI/NTK/YaRN...) and
       the fraction of head_dim rotated. YaRN's attention temperature is applied to q and k here;
       dynamic NTK's length is per row, per packed segment, or the cache length (module docstring).
@@ -121,6 +124,14 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                        f"({self.num_kv_heads})")
     b, t, _ = x_BTD.shape
+    if (self.position == "rope2d") != (jnp.ndim(positions_BT) == 3):
+      raise ValueError(f"positions_BT must be [B, T, 2] (row, col) for position='rope2d' and [B, T] "
+                       f"otherwise; got shape {jnp.shape(positions_BT)} for "
+                       f"position={self.position!r}")
+    if self.position == "rope2d" and (decode or self.rope_scaling is not None
+                                      or self.logn_train_len or self.rerope_window):
+      raise ValueError("position='rope2d' is for image patches: no decoding, rope_scaling, "
+                       "logn scaling or ReRoPE")
     k_heads, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
     # One fused projection; per kv head: its `group` query heads, then its key, then its value, so
     # that sharding the kv-head axis keeps every group (and its K/V) on one device.
@@ -278,6 +289,10 @@ class MultiHeadAttention(nn.Module):
         # YaRN sec. 3.4: logits scaled by 1/t with sqrt(1/t) = 0.1 ln(s) + 1, on q and k.
         temperature = positions_lib.yarn_attention_factor(self.rope_scaling.factor)
         q_BTNH, k_BTKH = q_BTNH * temperature, k_BTKH * temperature
+    elif self.position == "rope2d":
+      rotate = functools.partial(positions_lib.apply_rope_2d, positions=positions_BT,
+                                 theta=self.rope_theta, rotary_fraction=self.rotary_fraction)
+      q_BTNH, k_BTKH = rotate(q_BTNH), rotate(k_BTKH)
     elif self.position == "xpos":
       q_BTNH, k_BTKH = positions_lib.apply_xpos(q_BTNH, k_BTKH, positions_BT, positions_BT,
                                                 theta=self.rope_theta)

@@ -6,7 +6,8 @@ position encoding -> pre-norm Transformer blocks -> LayerNorm -> mean over patch
 SigLIP's and Beyer et al. 2022's plain ViT baselines) -> features_BD.
 Position encodings: "sincos2d" (fixed; half of the width encodes the patch row and half the column
 with `jaxlab.positions.sinusoidal_embedding`, as MAE and the plain-ViT baselines do), "learned"
-(one vector per patch), or "none".
+(one vector per patch), "rope2d" (no absolute encoding; axial 2-D RoPE on q and k in every attention
+layer, Heo et al. 2024, so the logits depend on the patches' (row, col) offset), or "none".
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jaxlab import positions as positions_lib
 from jaxlab.layers import MLP, MultiHeadAttention
 from jaxlab.layers.dense import Dense
 
-VIT_POSITIONS = ("sincos2d", "learned", "none")
+VIT_POSITIONS = ("sincos2d", "learned", "rope2d", "none")
 
 
 def layer_norm(name: str) -> nn.LayerNorm:
@@ -37,7 +38,7 @@ class EncoderBlock(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   causal: bool = False
-  position: str = "none"  # "rope": rotary attention over positions_BT (text); else none here
+  position: str = "none"  # "rope" (text, positions_BT [B, T]) or "rope2d" (patches, [B, T, 2])
   num_layers: int = 1  # for the scaled residual init 0.02 / sqrt(2 * num_layers)
   dtype: Any = jnp.float32
 
@@ -106,8 +107,12 @@ class ViT(nn.Module):
           nn.initializers.normal(0.02), (None, "embed")), (t, self.width))
       x_BTD = x_BTD + table[None].astype(self.dtype)
     positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+    if self.position == "rope2d":  # (row, col) of each patch, row-major as patchify
+      grid_w = w // self.patch
+      positions_BT = jnp.stack([positions_BT // grid_w, positions_BT % grid_w], axis=-1)
     for i in range(self.num_layers):
       x_BTD = EncoderBlock(self.num_heads, self.mlp_ratio, causal=False,
+                           position="rope2d" if self.position == "rope2d" else "none",
                            num_layers=self.num_layers, dtype=self.dtype,
                            name=f"block_{i}")(x_BTD, positions_BT)
     return jnp.mean(layer_norm("ln_final")(x_BTD), axis=1)

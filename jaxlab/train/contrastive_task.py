@@ -66,6 +66,10 @@ def validate(config, require) -> None:
   elif m.image_position == "sincos2d":
     require(m.image_width % 4 == 0, f"config.model.image_width={m.image_width} must be divisible "
                                     "by 4 for image_position='sincos2d'")
+  elif m.image_position == "rope2d":
+    require((m.image_width // m.image_heads) % 4 == 0,
+            f"config.model.image_position='rope2d' needs an image head dim divisible by 4; "
+            f"image_width/image_heads = {m.image_width // m.image_heads}")
   if m.text_position == "rope":
     require((m.text_width // m.text_heads) % 2 == 0, "config.model.text_position='rope' needs an "
                                                      "even text head dim")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,18 +40,38 @@ def test_sincos_2d_formula():
 
 def test_vit_without_positions_is_patch_permutation_invariant():
   """Mean pooling + no position encoding: reordering whole patches must not change the features;
-  with sincos2d positions it must."""
+  with sincos2d or rope2d positions it must (weights scaled up, so that attention is far from the
+  uniform weighting of a fresh init, where rope2d's rotations barely show)."""
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 1)), jnp.float32)
   # Swap the top-left and bottom-right 4x4 patches.
   y = x.at[:, :4, :4].set(x[:, 4:, 4:]).at[:, 4:, 4:].set(x[:, :4, :4])
-  for position, invariant in (("none", True), ("sincos2d", False)):
+  for position, invariant in (("none", True), ("sincos2d", False), ("rope2d", False)):
     vit = ViT(patch=4, width=16, num_layers=1, num_heads=2, position=position)
-    params = vit.init(jax.random.PRNGKey(0), x)
+    params = jax.tree.map(lambda p: 10 * p, nn.unbox(vit.init(jax.random.PRNGKey(0), x)))
     apply = jax.jit(vit.apply)
     fx, fy = apply(params, x), apply(params, y)
     assert fx.shape == (2, 16)
-    assert np.allclose(fx, fy, atol=1e-5) == invariant
+    assert np.allclose(fx, fy, atol=1e-4) == invariant, position
+
+
+def test_rope2d_attention_depends_only_on_patch_offsets():
+  """Axial 2-D RoPE in the attention layer: moving every patch by the same (row, col) offset leaves the
+  output unchanged (logits depend on offsets only), while moving one patch changes it; positions must
+  be [B, T, 2] for it and [B, T] otherwise."""
+  from jaxlab.layers import MultiHeadAttention
+  layer = MultiHeadAttention(num_heads=2, num_kv_heads=2, head_dim=8, causal=False,
+                             position="rope2d")
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 6, 16)), jnp.float32)
+  rows, cols = np.divmod(np.arange(6), 3)
+  pos = jnp.asarray(np.stack([rows, cols], -1)[None])
+  params = jax.tree.map(lambda p: 30 * p, nn.unbox(layer.init(jax.random.key(0), x, pos)))
+  apply = jax.jit(layer.apply)
+  base = apply(params, x, pos)
+  np.testing.assert_allclose(apply(params, x, pos + jnp.array([3, 5])), base, atol=1e-5)
+  assert not np.allclose(apply(params, x, pos.at[0, 0].set(jnp.array([1, 2]))), base, atol=1e-3)
+  with pytest.raises(ValueError, match=r"\[B, T, 2\]"):
+    layer.apply(params, x, pos[..., 0])
 
 
 def _config(**kw):
