@@ -79,6 +79,8 @@ def test_overrides_are_typed():
     ("--config.optim.loss_scale_init=0.5", "config.optim.loss_scale_init"),
     ("--config.model", "config.model"),
     ("--config.train.eval_seed=-1", "config.train.eval_seed"),
+    ("--config.optim.warmup_steps=True", "config.optim.warmup_steps"),
+    ("--config.sample.top_k=True", "config.sample.top_k"),
     (("--config.model.position=xpos", "--config.model.dtype=float16", "--config.data.seq_len=4096"),
      "config.model.dtype='float16'"),
     ("--config.sample.seed=18446744073709551616", "config.sample.seed"),

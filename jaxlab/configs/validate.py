@@ -47,6 +47,20 @@ def require_positive_ints(config, keys) -> None:
             f"config.{key}={value!r} must be a positive int")
 
 
+def _require_no_bools_for_ints(config) -> None:
+  """A bool where the task's built-in config has an int (True passes for 1 in Python: an override
+  like --config.optim.warmup_steps=True is a mistake)."""
+  from jaxlab.configs import base_config_for_task
+  found = base_config_for_task(config.get("task"))
+  if found is None:
+    return
+  defaults = flatten(found[1].to_dict())
+  for key, value in flatten(config.to_dict()).items():
+    default = defaults.get(key)
+    if isinstance(value, bool) and isinstance(default, int) and not isinstance(default, bool):
+      raise ConfigError(f"config.{key}={value!r} must be an int, not a bool")
+
+
 def validate(config, *, check_devices: bool = True) -> None:
   """Every check of the config (ConfigError, one line, on the first failure)."""
   try:
@@ -66,6 +80,7 @@ def _validate(config, check_devices: bool) -> None:
           f"config.train.microbatches={micro!r} must be a positive int")
   tasks.task_module(config.task).validate(config, require)
 
+  _require_no_bools_for_ints(config)
   for key, seed in flatten(config.to_dict()).items():  # config.seed, train.eval_seed, sample.seed, ...
     if key.rsplit(".", 1)[-1] == "seed" or key.endswith("_seed"):
       require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
