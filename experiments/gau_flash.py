@@ -64,10 +64,12 @@ def measure(name: str, fn, length: int, repeats: int) -> dict:
           "temp_mib": temp / 2 ** 20}
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="lengths 256 and 1024 only")
-  args = parser.parse_args()
+  parser.add_argument("--out", default=str(RESULTS), help="results directory")
+  args = parser.parse_args(argv)
+  out = pathlib.Path(args.out)
   lengths = [256, 1024] if args.quick else [256, 1024, 4096, 16384]
   families = _families()
   start = time.time()
@@ -79,13 +81,14 @@ def main():
   wall = time.time() - start
 
   import jax
-  from attention_zoo import cpu_name, plot
-  device = f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
-  RESULTS.mkdir(parents=True, exist_ok=True)
+  from attention_zoo import plot
+  from jaxlab.train.host_devices import cpu_model
+  device = f"{cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
+  out.mkdir(parents=True, exist_ok=True)
   stem = "gau_flash_quick" if args.quick else "gau_flash"
-  (RESULTS / f"{stem}.json").write_text(json.dumps(
+  (out / f"{stem}.json").write_text(json.dumps(
       {"device": device, "wall_s": wall, "s": S, "e": E, "chunk": CHUNK, "speed": rows}, indent=2))
-  plot(rows, RESULTS / f"{stem}.png", names=list(families))
+  plot(rows, out / f"{stem}.png", names=list(families))
   get = lambda name, t: next(r for r in rows if r["family"] == name and r["length"] == t)
   ref = "softmax (xla), reference"
   lines = [f"# GAU and FLASH ({'quick' if args.quick else 'full'})", "",
@@ -113,7 +116,7 @@ def main():
             f"{get(ref, hi)['temp_mib'] / max(get(flash, hi)['temp_mib'], 1e-9):.0f}x less working "
             f"memory and is {get(ref, hi)['ms'] / get(flash, hi)['ms']:.1f}x faster than softmax (xla).",
             "", f"![plot]({stem}.png)"]
-  (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+  (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 
 

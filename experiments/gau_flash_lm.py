@@ -121,11 +121,13 @@ def train(kind: str, data: np.ndarray, vocab: int, steps: int, layer_options: tu
           "ms_per_step": 1000 * statistics.median(times)}
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--data", required=True, help="tiny shakespeare input.txt (any text file)")
   parser.add_argument("--steps", type=int, default=500)
-  args = parser.parse_args()
+  parser.add_argument("--out", default=str(RESULTS), help="results directory")
+  args = parser.parse_args(argv)
+  out = pathlib.Path(args.out)
   text = pathlib.Path(args.data).read_text()
   chars = sorted(set(text))
   lookup = {c: i for i, c in enumerate(chars)}
@@ -138,10 +140,10 @@ def main():
     print(json.dumps(rows[-1]), flush=True)
   wall = time.time() - start
 
-  from attention_zoo import cpu_name
-  device = f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / "gau_flash_lm.json").write_text(json.dumps(
+  from jaxlab.train.host_devices import cpu_model
+  device = f"{cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "gau_flash_lm.json").write_text(json.dumps(
       {"device": device, "wall_s": wall, "rows": rows}, indent=2))
   lines = ["# GAU and FLASH as LM layers (standalone tiny LM)", "",
            f"Device: {device}. Command: `nice -n 10 python experiments/gau_flash_lm.py --data "
@@ -154,7 +156,7 @@ def main():
   for r in rows:
     lines.append(f"| {r['name']} | {r['params']:,} | {r['val_loss']:.4f} | "
                  f"{r['ms_per_step']:.1f} ({r['ms_per_step'] / base:.2f}x) |")
-  (RESULTS / "gau_flash_lm.md").write_text("\n".join(lines) + "\n")
+  (out / "gau_flash_lm.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 
 

@@ -1,0 +1,22 @@
+"""experiments/gau_flash.py (--quick) and gau_flash_lm.py (a few steps) run end to end and write their
+tables (both once failed at their last line: an import of a helper that had moved)."""
+
+import json
+
+
+def test_gau_flash_quick_writes_its_table(tmp_path, experiment):
+  experiment("gau_flash").main(["--quick", "--out", str(tmp_path)])
+  out = json.loads((tmp_path / "gau_flash_quick.json").read_text())
+  assert out["device"] and {r["length"] for r in out["speed"]} == {256, 1024}
+  assert "| FLASH mixed chunk" in (tmp_path / "gau_flash_quick.md").read_text()
+
+
+def test_gau_flash_lm_writes_its_table(tmp_path, experiment):
+  text = tmp_path / "text.txt"
+  text.write_text("to be or not to be, that is the question. " * 200)
+  script = experiment("gau_flash_lm")
+  script.main(["--data", str(text), "--steps", "2", "--out", str(tmp_path)])
+  rows = json.loads((tmp_path / "gau_flash_lm.json").read_text())["rows"]
+  assert [r["name"] for r in rows] == list(script.MODELS)
+  assert all(r["val_loss"] > 0 for r in rows)
+  assert "| transformer" in (tmp_path / "gau_flash_lm.md").read_text()
