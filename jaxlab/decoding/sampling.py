@@ -30,13 +30,16 @@ def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -
   if not (top_k and top_k < vocab) and top_p >= 1.0:
     return logits_BV
   neg_inf = jnp.finfo(logits_BV.dtype).min
-  # rank_BV: each token's place in the order of decreasing logit, ties by token id (stable sort).
-  order_BV = jnp.argsort(-logits_BV, axis=-1, stable=True)
-  rank_BV = jnp.argsort(order_BV, axis=-1)
+  rows_B1 = jnp.arange(logits_BV.shape[0])[:, None]
   keep_BV = jnp.ones(logits_BV.shape, bool)
-  if top_k and top_k < vocab:
-    keep_BV = rank_BV < top_k
+  if top_k and top_k < vocab:  # lax.top_k ranks equal values by index, the lower first
+    top_BK = jax.lax.top_k(logits_BV, top_k)[1]
+    keep_BV = jnp.zeros(logits_BV.shape, bool).at[rows_B1, top_BK].set(True)
   if top_p < 1.0:
+    # The order of decreasing logit (ties by token id: a stable sort) and each token's rank in it.
+    order_BV = jnp.argsort(jnp.where(keep_BV, -logits_BV, jnp.inf), axis=-1, stable=True)
+    rank_BV = jnp.zeros(order_BV.shape, jnp.int32).at[rows_B1, order_BV].set(
+        jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), order_BV.shape))
     sorted_BV = jnp.take_along_axis(jnp.where(keep_BV, logits_BV, neg_inf), order_BV, axis=-1)
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
