@@ -11,7 +11,8 @@ import optax
 
 # Weight decay is decided by a parameter's name, never by its rank (a qkv bias is [N, 3, H], GAU's
 # per-dimension scale and offset are [4, E], position-bias tables are 2-D):
-WEIGHT_NAMES = ("kernel", "w", "v", "weight")  # + "kernel_<i>": weight matrices / conv kernels
+# + "kernel_<i>": weight matrices / conv kernels ("direct": MADE's input-to-output connections).
+WEIGHT_NAMES = ("kernel", "w", "v", "weight", "direct")
 # Lookup tables (token and position embeddings, T5's and Swin's relative-position bias tables): decayed
 # only with decay_embeddings (Swin's and T5's code never decay their tables).
 EMBEDDING_NAMES = ("embedding", "pos_embed", "rel_embedding", "relative_position_bias_table")

@@ -331,7 +331,7 @@ def check_resume_config(run: Run) -> None:
         f"(config.optim.loss_scale={choice!r}, config.model.dtype={dtype!r}), but this run "
         f"{'has none' if scaled else 'scales the loss'}; nothing was changed (give "
         f"--config.optim.loss_scale={'dynamic' if scaled else 'none'} to use them, or a new --workdir)")
-  current_json = json.loads(run.config.to_json_best_effort())
+  current_json = with_task_defaults(json.loads(run.config.to_json_best_effort()))[0]
   saved, current = _resume_keys(saved_json), _resume_keys(current_json)
   saved_raw, current_raw = flatten(saved_json), flatten(current_json)
   for key in sorted(set(saved) | set(current)):

@@ -255,6 +255,19 @@ def test_resume_rewrites_metrics_after_the_checkpoint(tiny_lm_config, tmp_path):
   assert losses(read_metrics(tmp_path)) == losses(straight)  # (timings differ)
 
 
+def test_a_config_without_an_optional_key_resumes_its_own_run(tiny_lm_config, tmp_path):
+  """A config file that leaves out a key the run can do without (it holds its default) resumes the
+  run it wrote: both sides are compared with the task's defaults filled in."""
+  import ml_collections
+  config = tiny_lm_config("--config.train.steps=6", "--config.train.checkpoint_every=3")
+  trimmed = config.to_dict()
+  del trimmed["model"]["rope_scaling_factor"]
+  trimmed = ml_collections.ConfigDict(trimmed)
+  trainer.train(trimmed, tmp_path, progress=False)
+  run = trainer.setup(trimmed, tmp_path)  # was refused: "rope_scaling_factor=1.0, but ... None"
+  run.checkpointer.close()
+
+
 def test_a_workdir_from_before_a_config_key_existed_resumes(tiny_lm_config, tmp_path):
   """config.json written by an older jaxlab (no model.attention_impl): resuming is not refused."""
   config = tiny_lm_config("--config.train.steps=6", "--config.train.checkpoint_every=3")

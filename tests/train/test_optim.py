@@ -25,7 +25,7 @@ def test_decay_mask():
     ("lm_char", ["--config.model.use_bias=True", "--config.model.position=t5"]),
     ("lm_char", ["--config.model.attention=flash", "--config.model.medusa_heads=1"]),
     ("contrastive_digits", ["--config.model.image_encoder=swin"]),
-    ("made", []), ("nade", []), ("fvsbn", []), ("pixelcnn", [])])
+    ("made", ["--config.model.direct=True"]), ("nade", []), ("fvsbn", []), ("pixelcnn", [])])
 def test_decay_mask_on_every_model_decays_weights_only(config, overrides):
   """Every parameter of the real models, by its role: multi-dimensional biases (qkv [N, 3, H]), GAU's
   [4, E] scales and offsets and the relative-position tables of T5 and Swin are not decayed."""
@@ -42,11 +42,13 @@ def test_decay_mask_on_every_model_decays_weights_only(config, overrides):
     for (path, leaf), decayed in zip(flat, jax.tree_util.tree_leaves(mask)):
       name = path[-1].key
       table = name in ("embedding", "pos_embed", "rel_embedding", "relative_position_bias_table")
-      weight = name in ("kernel", "w", "v", "weight") or name.startswith("kernel_")
+      weight = name in ("kernel", "w", "v", "weight", "direct") or name.startswith("kernel_")
       assert decayed == (weight or (decay_embeddings and table)), (jax.tree_util.keystr(path),
                                                                   leaf.shape)
       if leaf.ndim >= 2 and not weight and not table:  # what the rank rule got wrong
         assert name in ("bias", "gamma", "beta"), jax.tree_util.keystr(path)
+      if leaf.ndim == 2 and name not in ("gamma", "beta") and not table:  # every 2-D weight counts
+        assert weight, jax.tree_util.keystr(path)
 
 
 def test_weight_decay_changes_only_masked_leaves():
