@@ -21,3 +21,15 @@ def test_summary_means_over_seeds_and_table_ratios(experiment):
                          "rows": rows, "wall_min": 1.0})
   assert "| swin-p2-w2 | 1,000 | 3.500 +- 0.014 | 0.900 +- 0.014 |" in table
   assert "45.5 (1.49x) |" in table
+
+
+def test_every_tower_is_a_valid_contrastive_digits_config(experiment):
+  """The overrides of each tower load and validate (geometry included) and build the tower they name."""
+  from jaxlab.configs import load_config
+  from jaxlab.train import contrastive_task
+  script = experiment("image_towers")
+  for tower, overrides in script.TOWERS.items():
+    config = load_config("contrastive_digits", overrides, check_devices=False)
+    model = contrastive_task.model_config(config, vocab_size=50)
+    assert model.image_encoder == ("swin" if tower.startswith("swin") else "vit"), tower
+    assert (model.image_position == "rope2d") == (tower == "vit-rope2d"), tower
