@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.image_heads = 4
   c.model.image_encoder = "vit"  # vit | swin (jaxlab/models/swin.py)
   c.model.image_position = "sincos2d"  # vit: sincos2d | learned | rope2d | none (swin: its bias)
+  c.model.image_rope_theta = 100.0  # rope2d: RoPE's base (RoPE-ViT's for images; text uses 10000)
   c.model.image_window = 4  # swin: window side in patches (a map no larger is one window)
   c.model.image_stages = 2  # swin: stages (each later one merges 2x2 patches, twice the width)
   c.model.text_width = 64

@@ -30,7 +30,8 @@ class DualEncoderConfig:
   """Hyperparameters of both towers (hashable).
 
   image: image_encoder ("vit" | "swin"), patch, image_width, image_layers, image_heads;
-    ViT: image_layers blocks of width image_width, image_position;
+    ViT: image_layers blocks of width image_width, image_position (with "rope2d", base
+      image_rope_theta);
     Swin (`jaxlab.models.swin`): image_stages stages of image_layers blocks each, windows of
     image_window patches, the first stage image_width wide with image_heads heads, each later stage
     twice as wide with twice the heads (features image_width * 2^(image_stages - 1)); positions are
@@ -47,6 +48,7 @@ class DualEncoderConfig:
   image_layers: int = 2
   image_heads: int = 4
   image_position: str = "sincos2d"
+  image_rope_theta: float = 100.0
   image_encoder: str = "vit"
   image_window: int = 4
   image_stages: int = 2
@@ -143,7 +145,8 @@ class DualEncoder(nn.Module):
     else:
       self.image_tower = ViT(patch=c.patch, width=c.image_width, num_layers=c.image_layers,
                              num_heads=c.image_heads, mlp_ratio=c.mlp_ratio,
-                             position=c.image_position, dtype=c.dtype)
+                             position=c.image_position, rope_theta=c.image_rope_theta,
+                             dtype=c.dtype)
     self.text_tower = TextEncoder(c, end_id=self.end_id)
     proj = lambda width: nn.Dense(c.embed_dim, use_bias=False, dtype=c.dtype,
                                   kernel_init=nn.with_logical_partitioning(

@@ -7,7 +7,8 @@ SigLIP's and Beyer et al. 2022's plain ViT baselines) -> features_BD.
 Position encodings: "sincos2d" (fixed; half of the width encodes the patch row and half the column
 with `jaxlab.positions.sinusoidal_embedding`, as MAE and the plain-ViT baselines do), "learned"
 (one vector per patch), "rope2d" (no absolute encoding; axial 2-D RoPE on q and k in every attention
-layer, Heo et al. 2024, so the logits depend on the patches' (row, col) offset), or "none".
+layer, Heo et al. 2024, so the logits depend on the patches' (row, col) offset; base `rope_theta`,
+100 as in their code for images, whose positions are small), or "none".
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class EncoderBlock(nn.Module):
   mlp_ratio: float = 4.0
   causal: bool = False
   position: str = "none"  # "rope" (text, positions_BT [B, T]) or "rope2d" (patches, [B, T, 2])
+  rope_theta: float = 10000.0
   num_layers: int = 1  # for the scaled residual init 0.02 / sqrt(2 * num_layers)
   dtype: Any = jnp.float32
 
@@ -48,7 +50,8 @@ class EncoderBlock(nn.Module):
     out_std = 0.02 / math.sqrt(2 * self.num_layers)
     h_BTD = MultiHeadAttention(num_heads=self.num_heads, num_kv_heads=self.num_heads,
                                head_dim=width // self.num_heads, causal=self.causal,
-                               position=self.position, out_init_std=out_std, use_bias=True,
+                               position=self.position, rope_theta=self.rope_theta,
+                               out_init_std=out_std, use_bias=True,
                                dtype=self.dtype, name="attn")(layer_norm("ln_attn")(x_BTD),
                                                               positions_BT)
     x_BTD = x_BTD + h_BTD
@@ -85,6 +88,7 @@ class ViT(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   position: str = "sincos2d"
+  rope_theta: float = 100.0  # "rope2d" only
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -113,6 +117,7 @@ class ViT(nn.Module):
     for i in range(self.num_layers):
       x_BTD = EncoderBlock(self.num_heads, self.mlp_ratio, causal=False,
                            position="rope2d" if self.position == "rope2d" else "none",
+                           rope_theta=self.rope_theta,
                            num_layers=self.num_layers, dtype=self.dtype,
                            name=f"block_{i}")(x_BTD, positions_BT)
     return jnp.mean(layer_norm("ln_final")(x_BTD), axis=1)

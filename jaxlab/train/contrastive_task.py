@@ -67,6 +67,7 @@ def validate(config, require) -> None:
     require(m.image_width % 4 == 0, f"config.model.image_width={m.image_width} must be divisible "
                                     "by 4 for image_position='sincos2d'")
   elif m.image_position == "rope2d":
+    require(m.image_rope_theta > 1, f"config.model.image_rope_theta={m.image_rope_theta} must be > 1")
     require((m.image_width // m.image_heads) % 4 == 0,
             f"config.model.image_position='rope2d' needs an image head dim divisible by 4; "
             f"image_width/image_heads = {m.image_width // m.image_heads}")
@@ -110,7 +111,8 @@ def model_config(config, vocab_size: int) -> DualEncoderConfig:
   return DualEncoderConfig(
       vocab_size=vocab_size, text_len=config.data.text_len, patch=m.patch,
       image_width=m.image_width, image_layers=m.image_layers, image_heads=m.image_heads,
-      image_position=m.image_position, image_encoder=m.image_encoder, image_window=m.image_window,
+      image_position=m.image_position, image_rope_theta=m.image_rope_theta,
+      image_encoder=m.image_encoder, image_window=m.image_window,
       image_stages=m.image_stages, text_width=m.text_width, text_layers=m.text_layers,
       text_heads=m.text_heads, text_position=m.text_position, mlp_ratio=m.mlp_ratio,
       embed_dim=m.embed_dim, loss=m.loss, dtype=jnp.dtype(m.dtype))

@@ -120,7 +120,7 @@ def test_params_damaged_in_place_are_caught_by_checksums(tmp_path):
                  "optim.loss_scale_period")),
     ("contrastive_digits", ("model.dtype", "optim.loss_scale", "optim.loss_scale_init",
                             "optim.loss_scale_period", "model.image_encoder", "model.image_window",
-                            "model.image_stages")),
+                            "model.image_stages", "model.image_rope_theta")),
     ("made", ("data.static_binarization",)),
 ])
 def test_keys_added_later_keep_older_runs_fingerprints(name, added):
