@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0
   c.model.rope_scaling = "none"  # none | linear (PI) | ntk | dynamic_ntk | yarn
   c.model.rope_scaling_factor = 1.0
-  c.model.rope_train_len = 0  # training context for scaling and log-n; 0 = data.seq_len
+  c.model.rope_train_len = 0  # training context for scaling and log-n; 0 = the model's max_len
   c.model.rotary_fraction = 1.0  # partial rotary: fraction of head_dim rotated
   c.model.rerope_window = 0  # > 0 (position rope): (leaky) ReRoPE with this window, e.g. at eval
   c.model.rerope_leaky_k = 0.0  # leaky ReRoPE's k (> 1); 0 = plain ReRoPE

@@ -207,8 +207,9 @@ class FlashLayer(nn.Module):
     if t == 1:
       out, state = gau_lib.flash_step(qq, qk, lq, lk, v, gau_lib.FlashDecodeState(
           *(var.value for var in cache)), **opts)
-    else:
-      out = full()
+    else:  # a prefill, which needs an empty cache: several tokens appended to a non-empty one
+      # (which the chunk state cannot take) make the outputs NaN rather than silently wrong
+      out = jnp.where(cache[-1].value == 0, full(), jnp.nan)
       state = gau_lib.flash_prefill_state(qk, lk, v, chunk_size=self.chunk_size,
                                           linear_scale=self.linear_scale)
     for var, value in zip(cache, state):

@@ -107,6 +107,11 @@ def validate(config, require) -> None:
     require(m.position not in ("alibi", "t5") and not m.logit_soft_cap,
             f"config.model.attention_impl='pallas' takes no logit bias (position={m.position!r}) "
             f"and no logit_soft_cap ({m.logit_soft_cap}); use 'auto', which falls back")
+  if m.attention_impl == "cudnn":  # cuDNN takes causal, length and bias masks only
+    require(not m.logit_soft_cap and m.attention in ("softmax", "linear", "performer", "flash"),
+            f"config.model.attention_impl='cudnn' takes no logit_soft_cap ({m.logit_soft_cap}) and "
+            f"not config.model.attention={m.attention!r} (its cached decoding masks the cache by "
+            "segments); use 'auto'")
   if m.attention == "local":
     require(m.attention_window >= 1,
             f"config.model.attention_window={m.attention_window} must be >= 1")

@@ -109,6 +109,9 @@ def test_flash_layer_decoding_equals_forward(kind, prefill):
     y, new = step(new["cache"], x[:, p:p + 1], pos[:, p:p + 1])
     got.append(y)
   np.testing.assert_allclose(jnp.concatenate(got, axis=1), want, rtol=1e-4, atol=1e-5)
+  # Several tokens on a non-empty cache: the chunk state cannot take them, so NaN, not wrong numbers.
+  y, _ = step(new["cache"], x[:, :2], pos[:, :2] + T)
+  assert np.isnan(np.asarray(y)).all()
 
 
 @pytest.mark.parametrize("which", ["gau", "flash"])
