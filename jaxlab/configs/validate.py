@@ -47,15 +47,15 @@ def require_positive_ints(config, keys) -> None:
             f"config.{key}={value!r} must be a positive int")
 
 
-def _require_no_bools_for_ints(config) -> None:
+def _require_no_bools_for_ints(config, flat: dict) -> None:
   """A bool where the task's built-in config has an int (True passes for 1 in Python: an override
-  like --config.optim.warmup_steps=True is a mistake)."""
+  like --config.optim.warmup_steps=True is a mistake). flat: the config, flattened."""
   from jaxlab.configs import base_config_for_task
   found = base_config_for_task(config.get("task"))
   if found is None:
     return
   defaults = flatten(found[1].to_dict())
-  for key, value in flatten(config.to_dict()).items():
+  for key, value in flat.items():
     default = defaults.get(key)
     if isinstance(value, bool) and isinstance(default, int) and not isinstance(default, bool):
       raise ConfigError(f"config.{key}={value!r} must be an int, not a bool")
@@ -80,8 +80,9 @@ def _validate(config, check_devices: bool) -> None:
           f"config.train.microbatches={micro!r} must be a positive int")
   tasks.task_module(config.task).validate(config, require)
 
-  _require_no_bools_for_ints(config)
-  for key, seed in flatten(config.to_dict()).items():  # config.seed, train.eval_seed, sample.seed, ...
+  flat = flatten(config.to_dict())
+  _require_no_bools_for_ints(config, flat)
+  for key, seed in flat.items():  # config.seed, train.eval_seed, sample.seed, ...
     if key.rsplit(".", 1)[-1] == "seed" or key.endswith("_seed"):
       require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
               f"config.{key}={seed!r} must be an int in [0, 2**32)")

@@ -35,8 +35,8 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
 POSITIVE_INTS = ("data.text_len", "model.patch", "model.image_width", "model.image_layers",
-                 "model.image_heads", "model.image_window", "model.image_stages", "model.text_width", "model.text_layers", "model.text_heads",
-                 "model.embed_dim", "eval.batch_size")
+                 "model.image_heads", "model.image_window", "model.image_stages", "model.text_width",
+                 "model.text_layers", "model.text_heads", "model.embed_dim", "eval.batch_size")
 IMAGE_SIZE = {"digits": 8, "emoji": 32}
 
 

@@ -72,7 +72,7 @@ def check_divisible(abstract_tree, shardings) -> None:
   """Raises ValueError (one line) when a mesh axis does not divide an array dimension it shards, naming
   the array (parameters before optimizer state), the dimension and the config key of the mesh axis;
   JAX would stop at initialisation with a message about tiling factors instead."""
-  problems = []
+  problems = []  # (not a parameter, message)
   leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
   for (path, leaf), named in zip(leaves, jax.tree_util.tree_leaves(shardings)):
     for dim, axes in enumerate(named.spec):
@@ -81,12 +81,12 @@ def check_divisible(abstract_tree, shardings) -> None:
       if parts > 1 and leaf.shape[dim] % parts:
         keys = "*".join(f"config.mesh.{a}={named.mesh.shape[a]}" for a in axes)
         name = jax.tree_util.keystr(path, simple=True, separator="/")
-        problems.append(f"{keys} does not divide dimension {dim} (size {leaf.shape[dim]}) of "
-                        f"{name} {tuple(leaf.shape)}; choose mesh sizes that divide it (or "
-                        "change the model's sizes)")
-  params_first = sorted(problems, key=lambda p: " of params/" not in p)
-  if params_first:
-    raise ValueError(params_first[0])
+        problems.append((getattr(path[0], "key", None) != "params",
+                         f"{keys} does not divide dimension {dim} (size {leaf.shape[dim]}) of "
+                         f"{name} {tuple(leaf.shape)}; choose mesh sizes that divide it (or "
+                         "change the model's sizes)"))
+  if problems:
+    raise ValueError(min(problems, key=lambda problem: problem[0])[1])  # parameters first
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
