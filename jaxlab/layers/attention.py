@@ -116,7 +116,7 @@ class MultiHeadAttention(nn.Module):
                segment_ids_BT: Optional[jax.Array] = None, decode: bool = False,
                prefill: bool = False, append_mask_TT: Optional[jax.Array] = None) -> jax.Array:
     """x_BTD -> y_BTD. decode=True: against the KV cache (see _cached_attention); prefill=True (only
-    on an empty cache) computes the prompt's attention as a full pass, in the family's own O(T^2)
+    on an empty cache; on one that holds tokens the outputs are NaN) computes the prompt's attention as a full pass, in the family's own O(T^2)
     way, instead of each query against the cache (the same numbers; except with dynamic NTK in the
     recurrent families, where a first call without prefill is an append, each token rotated with
     L = position + 1, and a prefill uses L = T as the full pass does). append_mask_TT (bool [T, T],
@@ -363,8 +363,9 @@ class MultiHeadAttention(nn.Module):
     index.value = i + t
     if prefill:
       # A prompt on an empty cache: its tokens attend to each other as in a full pass (the family's
-      # own attention, O(T^2)).
-      return self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT)
+      # own attention, O(T^2)). On a non-empty cache that pass would not see the cached tokens: the
+      # outputs are NaN rather than silently wrong (the index is traced, so this cannot raise).
+      return jnp.where(i == 0, self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT), jnp.nan)
     keys_BSKH, values_BSKH, kv_positions_BS = cached_k.value, cached_v.value, cached_pos.value
     max_len = keys_BSKH.shape[1]
     bias_BNTS = None if self.rerope_window else self._bias(positions_BT, kv_positions_BS)
@@ -450,8 +451,9 @@ class MultiHeadAttention(nn.Module):
     if not is_initialized:  # initialisation pass: shapes only
       return self._attend(q_BTNH, k_BTKH, v_BTKH, None)
     i = index.value
-    if prefill:
+    if prefill:  # on an empty state only: one that holds tokens gives NaN (see _cached_attention)
       out, state.value = whole(q_BTNH, k_BTKH, v_BTKH)
+      out = jnp.where(i == 0, out, jnp.nan)
       index.value = i + t
       if rewindable:  # nothing to rewind into: the prefill is not an append
         before.value, start.value, length.value = state.value, i + t, jnp.zeros((), jnp.int32)

@@ -199,7 +199,8 @@ class GPT(nn.Module):
 
   positions_BT (default 0..T-1) are explicit so that packed sequences restart and decoding continues;
   segment_ids_BT restrict attention to a segment; decode=True uses the KV cache ("cache" collection),
-  and prefill=True (only on an empty cache) says the tokens are a prompt, attended as a full pass.
+  and prefill=True (only on an empty cache, else NaN) says the tokens are a prompt, attended as a
+  full pass.
   append_mask_TT (bool [T, T], decode only): which of the T appended tokens each one sees (default
   causal; a tree of drafts passes ancestors-or-self, see `jaxlab.decoding.speculative`).
   all_heads=True returns logits_BTJV from every head (J = 1 + config.extra_heads; head j predicts

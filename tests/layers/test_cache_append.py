@@ -89,6 +89,20 @@ def test_chunked_appends_equal_the_full_pass(name, kw):
   assert np.abs(np.asarray(alone - full)).max() > 100 * ATOL
 
 
+@pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
+def test_prefill_on_a_cache_that_holds_tokens_gives_nan(name, kw):
+  """prefill=True computes a full pass over the new tokens only, so on a non-empty cache it would
+  ignore the cached ones: every output is NaN (the index is traced and cannot raise)."""
+  layer, x = _layer(**kw), _x()
+  params = _params(layer, x)
+  _, cache = _chunked(layer, params, x, (3,), prefill=True)
+  again, _ = _chunked(layer, params, x, (4,), cache=cache, start=3, prefill=True)
+  assert np.all(np.isnan(np.asarray(again)))
+  first, _ = _chunked(layer, params, x, (3,), cache=_rewind(cache, 0), prefill=True)
+  np.testing.assert_allclose(first, layer.apply({"params": params}, x[:, :3], _pos(0, 3)),
+                             atol=ATOL, rtol=1e-5)
+
+
 REWIND_CASES = [c for c in CASES if c[0] in ("rope", "t5", "local", "block_sparse", "rerope",
                                               "linear", "performer")]
 
