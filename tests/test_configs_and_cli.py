@@ -65,6 +65,10 @@ def test_overrides_are_typed():
     (("--config.model.position=alibi", "--config.model.rope_scaling=yarn"),
      "config.model.rope_scaling"),
     ("--config.model.rotary_fraction=0", "config.model.rotary_fraction"),
+    (("--config.model.width=48", "--config.model.num_heads=8", "--config.model.rotary_fraction=0.5"),
+     "config.model.rotary_fraction"),  # int(6 * 0.5) = 3 rotary dims
+    (("--config.model.attention=flash", "--config.model.rotary_fraction=0.5"),
+     "rotary_fraction"),
     (("--config.model.attention=linear", "--config.model.logit_soft_cap=30"),
      "config.model.logit_soft_cap"),
     (("--config.model.attention=local", "--config.model.position=alibi"), "config.model.position"),

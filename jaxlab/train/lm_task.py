@@ -93,8 +93,10 @@ def validate(config, require) -> None:
     require(m.position in ("rope", "learned", "sinusoidal", "none"),
             f"config.model.position={m.position!r} is not available with config.model.attention="
             "'flash' (rope, learned, sinusoidal or none)")
-    require(m.rope_scaling == "none" and not m.logn_scaling and not m.qk_norm,
-            "config.model.attention='flash' takes no rope_scaling, logn_scaling or qk_norm")
+    require(m.rope_scaling == "none" and not m.logn_scaling and not m.qk_norm
+            and m.rotary_fraction == 1.0,
+            "config.model.attention='flash' takes no rope_scaling, logn_scaling, qk_norm or "
+            "rotary_fraction < 1")
   if m.attention != "softmax":
     require(m.position not in ("alibi", "t5"),
             f"config.model.position={m.position!r} adds a logit bias, which "
@@ -129,6 +131,11 @@ def validate(config, require) -> None:
           f"config.model.rerope_leaky_k={m.rerope_leaky_k} must be 0 (ReRoPE) or > 1 (leaky)")
   require(0.0 < m.rotary_fraction <= 1.0,
           f"config.model.rotary_fraction={m.rotary_fraction} must be in (0, 1]")
+  if m.position == "rope" and m.attention != "flash":
+    rotary_dims = int(head_dim * m.rotary_fraction)
+    require(rotary_dims >= 2 and rotary_dims % 2 == 0,
+            f"config.model.rotary_fraction={m.rotary_fraction} rotates int(head_dim {head_dim} * "
+            f"{m.rotary_fraction}) = {rotary_dims} dims; RoPE needs an even number >= 2")
   require(m.rope_train_len >= 0, f"config.model.rope_train_len={m.rope_train_len} must be >= 0")
   require(m.max_len == 0 or m.max_len >= d.seq_len,
           f"config.model.max_len={m.max_len} is shorter than config.data.seq_len={d.seq_len}")
