@@ -82,7 +82,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_li
     [B, Tq, N, H] in q's dtype; rows that see no key are exactly zero (and get zero gradients).
   """
   # Imported here, not at module level, so that softmax.py may import this module at its top.
-  from jaxlab.attention.softmax import check_qkv
+  from jaxlab.attention.softmax import check_bias, check_qkv
 
   b, tq, tk, n, kh, h = check_qkv(q, k, v)
   block_q = _check_block("block_q", block_q)
@@ -110,14 +110,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_li
 
   bias4 = None
   if bias is not None:
-    bias = jnp.asarray(bias)
-    if bias.ndim > 4:
-      raise ValueError(f"bias must broadcast to [B, N, Tq, Tk] = {(b, n, tq, tk)}, got {bias.shape}")
-    bias4 = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-    for dim, (have, want) in enumerate(zip(bias4.shape, (b, n, tq, tk))):
-      if have not in (1, want):
-        raise ValueError(f"bias of shape {bias.shape} does not broadcast to [B, N, Tq, Tk] = "
-                         f"{(b, n, tq, tk)}")
+    bias4 = check_bias(bias, b, n, tq, tk)
     pads = [(0, 0), (0, 0), (0, tqp - tq if bias4.shape[2] > 1 else 0),
             (0, tkp - tk if bias4.shape[3] > 1 else 0)]
     if any(p[1] for p in pads):

@@ -82,8 +82,9 @@ class AttentionMask:
   def block(self, q_idx: jax.Array, k_idx: jax.Array) -> Optional[jax.Array]:
     """Evaluates the mask on query indices `q_idx` [tq] and key indices `k_idx` [tk].
 
-    Returns a boolean array broadcastable to [B, 1, tq, tk] (True = may attend), or None if nothing is
-    masked. Indices may run past the true lengths (padded tiles): those positions are masked out.
+    Returns a boolean array broadcastable to [B, 1, tq, tk] (True = may attend; always an array, see
+    `full` for None when nothing is masked). Indices may run past the true lengths (padded tiles):
+    those positions are masked out.
     """
     q_idx = q_idx[:, None]
     k_idx = k_idx[None, :]
@@ -138,6 +139,10 @@ def make_mask(q_len: int, kv_len: int, batch: int, *, causal: bool = False, wind
       kv_segment_ids = q_segment_ids
     else:
       raise ValueError("q_segment_ids and kv_segment_ids must be given together when Tq != Tk")
+  # NumPy inputs become jax arrays here: they are indexed by traced indices under jit.
+  as_array = lambda x: None if x is None else jnp.asarray(x)
+  q_segment_ids, kv_segment_ids = as_array(q_segment_ids), as_array(kv_segment_ids)
+  q_lengths, kv_lengths = as_array(q_lengths), as_array(kv_lengths)
   for name, ids, length in (("q_segment_ids", q_segment_ids, q_len),
                             ("kv_segment_ids", kv_segment_ids, kv_len)):
     if ids is not None:

@@ -7,6 +7,7 @@ never by repeating K/V in memory.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
@@ -39,14 +40,40 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, 
   return b, tq, tk, n, kh, h
 
 
-def _big_negative(dtype) -> float:
-  return -0.7 * float(jnp.finfo(dtype).max)
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # a masked logit (as in blockwise and the kernels)
+
+
+def check_bias(bias: jax.Array, b: int, n: int, tq: int, tk: int) -> jax.Array:
+  """bias (at most 4-D; each right-aligned dimension 1 or [B, N, Tq, Tk]'s) -> 4-D bias."""
+  bias = jnp.asarray(bias)
+  target = (b, n, tq, tk)
+  if bias.ndim > 4 or any(have not in (1, want)
+                          for have, want in zip(bias.shape[::-1], target[::-1])):
+    raise ValueError(f"bias of shape {bias.shape} does not broadcast to [B, N, Tq, Tk] = {target}")
+  return bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+
+
+def masked_softmax(logits: jax.Array, valid: Optional[jax.Array]) -> jax.Array:
+  """Softmax over the last axis of float32 logits, 0 where `valid` (broadcastable bool) is False.
+  A logit at or below the masked value (-0.7 * float32 max; a bias of -inf or finfo.min, i.e. an
+  additive mask) counts as masked: a row with no visible key, or with only such logits, gives zeros and
+  zero gradients, as blockwise and the kernels do (a plain softmax would put the row's weight on the
+  masked keys, or give NaN)."""
+  if valid is not None:
+    logits = jnp.where(valid, logits, _NEG)
+  row_max = jnp.maximum(jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)), _NEG)
+  p = jnp.exp(logits - row_max)
+  if valid is not None:
+    p = jnp.where(valid, p, 0.0)
+  total = jnp.sum(p, axis=-1, keepdims=True)
+  return p / jnp.where(total > 0, total, 1.0)
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.AttentionMask, *,
                   bias: Optional[jax.Array] = None, scale: float,
                   soft_cap: Optional[float] = None) -> jax.Array:
-  """Reference attention: materialises the [B, N, Tq, Tk] logits. Rows with no visible key give zeros."""
+  """Reference attention: materialises the [B, N, Tq, Tk] logits. Rows with no visible key (or whose
+  visible keys all have a -inf bias) give zeros."""
   b, tq, tk, n, kh, h = check_qkv(q, k, v)
   g = n // kh
   q_grouped = q.reshape(b, tq, kh, g, h)
@@ -57,13 +84,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.Atte
     logits = logits + bias.astype(jnp.float32)
   if soft_cap is not None:
     logits = soft_cap * jnp.tanh(logits / soft_cap)
-  valid = mask.full()
-  if valid is not None:
-    logits = jnp.where(valid, logits, _big_negative(jnp.float32))
-  probs = jax.nn.softmax(logits, axis=-1)
-  if valid is not None and mask.may_have_empty_rows:
-    # A row with no visible key would otherwise be uniform over masked keys.
-    probs = probs * jnp.any(valid, axis=-1, keepdims=True)
+  probs = masked_softmax(logits, mask.full())
   probs = probs.reshape(b, kh, g, tq, tk).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, tq, n, h).astype(q.dtype)
@@ -99,34 +120,35 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
     q_segment_ids, kv_segment_ids: [B, Tq], [B, Tk] ints; attend only within a segment (packing).
     q_lengths, kv_lengths: [B] ints; tokens at or past the length are padding.
     window: (left, right) sliding window in key coordinates; None = unlimited.
-    bias: broadcastable to [B, N, Tq, Tk], added to the logits (ALiBi, T5).
-    scale: logit scale, default 1/sqrt(H).
-    logit_soft_cap: if given, logits (after scale and bias) become c * tanh(logits / c)
+    bias: broadcastable to [B, N, Tq, Tk] (at most 4-D), added to the logits (ALiBi, T5); -inf
+      entries are allowed (an additive mask).
+    scale: logit scale, default 1/sqrt(H). A traced scale (a learned temperature) is exact in "xla";
+      the other implementations fold it into q first (q * scale in q's dtype).
+    logit_soft_cap: if given (finite, > 0), logits (after scale and bias) become c * tanh(logits / c)
       (Gemma 2; Bello et al. 2017).
     implementation: None (best available) | "xla" | "blockwise" | "pallas" | "cudnn". None picks
-      "pallas" on a GPU when `jaxlab.attention.flash.supports` the inputs (no bias or soft cap, head_dim
-      64/128/256), else `choose_implementation(Tq, Tk)`. "pallas" runs the Pallas kernels compiled on a
-      GPU and in (slow, exact) interpret mode elsewhere.
+      "pallas" on a GPU or TPU when `jaxlab.attention.flash.supports` the inputs (no bias or soft cap,
+      16-bit dtypes, the head dims it lists), else `choose_implementation(Tq, Tk)`. "pallas" runs the
+      Pallas kernels compiled on a GPU/TPU and in (slow, exact) interpret mode elsewhere.
 
   Returns:
-    [B, Tq, N, H] in q's dtype. Rows that see no key are zeros.
+    [B, Tq, N, H] in q's dtype. Rows that see no key (or whose visible keys all have a -inf bias) are
+    zeros; so is the whole output when Tq or Tk is 0.
   """
   b, tq, tk, n, kh, h = check_qkv(q, k, v)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   if bias is not None:
-    try:
-      jnp.broadcast_shapes(bias.shape, (b, n, tq, tk))
-    except ValueError:
-      raise ValueError(f"bias of shape {bias.shape} does not broadcast to [B, N, Tq, Tk] = "
-                       f"{(b, n, tq, tk)}") from None
+    bias = check_bias(bias, b, n, tq, tk)
   mask = masks_lib.make_mask(tq, tk, b, causal=causal, window=window, q_segment_ids=q_segment_ids,
                              kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
                              kv_lengths=kv_lengths)
   if scale is None:
     scale = h ** -0.5
-  if logit_soft_cap is not None and not logit_soft_cap > 0:
-    raise ValueError(f"logit_soft_cap must be > 0 or None, got {logit_soft_cap!r}")
+  if logit_soft_cap is not None and not (logit_soft_cap > 0 and math.isfinite(logit_soft_cap)):
+    raise ValueError(f"logit_soft_cap must be a finite number > 0, or None; got {logit_soft_cap!r}")
+  if tq == 0 or tk == 0:  # nothing to attend (xla would agree; the tiled ones cannot tile it)
+    return jnp.zeros((b, tq, n, h), q.dtype)
   if implementation is None:
     from jaxlab.attention import flash
     if flash.supports(q, k, v, bias=bias, soft_cap=logit_soft_cap)[0]:
@@ -135,6 +157,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
       implementation = choose_implementation(tq, tk)
   if implementation == "xla":
     return xla_attention(q, k, v, mask, bias=bias, scale=scale, soft_cap=logit_soft_cap)
+  try:
+    scale = float(scale)
+  except (TypeError, jax.errors.ConcretizationTypeError):  # traced: the tiled ones take a static scale
+    q, scale = (q * scale).astype(q.dtype), 1.0
   if implementation == "blockwise":
     from jaxlab.attention.blockwise import blockwise_attention
     return blockwise_attention(q, k, v, mask, bias=bias, scale=scale, soft_cap=logit_soft_cap)

@@ -118,18 +118,13 @@ def rerope_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
   materialised ([B, N, Tq, Tk] float32), which ReRoPE needs by construction (module docstring).
   """
   from jaxlab.attention import masks as masks_lib
-  from jaxlab.attention.softmax import check_qkv
+  from jaxlab.attention.softmax import check_qkv, masked_softmax
   b, tq, tk, n, kh, h = check_qkv(q, k, v)
   mask = masks_lib.make_mask(tq, tk, b, causal=causal, q_segment_ids=q_segment_ids,
                              kv_segment_ids=kv_segment_ids, kv_lengths=kv_lengths)
   logits = rerope_logits(q, k, q_positions, k_positions, window=window, leaky_k=leaky_k,
                          theta=theta, scale=scale, bidirectional=not causal)
-  valid = mask.full()
-  if valid is not None:
-    logits = jnp.where(valid, logits, -1e30)
-  probs = jax.nn.softmax(logits, axis=-1)
-  if valid is not None and mask.may_have_empty_rows:
-    probs = probs * jnp.any(valid, axis=-1, keepdims=True)
+  probs = masked_softmax(logits, mask.full())
   g = n // kh
   probs = probs.reshape(b, kh, g, tq, tk).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)

@@ -106,15 +106,20 @@ def _segment_ids(mask: masks_lib.AttentionMask, b: int, tqp: int, tkp: int):
   """Segment ids [B, Tqp], [B, Tkp] int32 that encode segments, valid lengths and padding, or None.
 
   A query at or past q_length (or in the padding) gets id -1, a key at or past kv_length gets -2, so
-  they never match; elsewhere the user's segment ids (or 0).
+  they never match; elsewhere the user's segment ids (or 0), with negative ids moved down by 2 on both
+  sides (one-to-one, so equal ids stay equal) so that no user id meets a fill value. Ids are taken as
+  int32 (ids below -2**31 + 2 would wrap).
   """
   if (mask.q_segment_ids is None and mask.q_lengths is None and mask.kv_lengths is None):
     return None, None
 
   def ids(seg, lengths, t, tp, fill):
     pos = jnp.arange(tp)[None, :]
+    if seg is not None:
+      seg = seg.astype(jnp.int32)
+      seg = jnp.where(seg < 0, seg - 2, seg)
     out = jnp.zeros((b, tp), jnp.int32) if seg is None else jnp.pad(
-        seg.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=fill)
+        seg, ((0, 0), (0, tp - t)), constant_values=fill)
     limit = t if lengths is None else jnp.minimum(lengths.astype(jnp.int32), t)[:, None]
     return jnp.where(pos < limit, out, fill)
 

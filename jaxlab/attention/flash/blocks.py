@@ -1,8 +1,8 @@
 """Block sizes for the Pallas flash-attention kernels, one table per backend, chosen by shape.
 
 A block size is the number of query rows (block_q) or key/value rows (block_k) one kernel program holds
-in registers/shared memory at a time. The table below is the single place where they are set; the kernels
-clip them to the (padded) sequence lengths so that tiny inputs stay tiny.
+in registers/shared memory at a time. The table below is the single place where they are set;
+`choose_blocks` clips them to the (padded) sequence lengths so that tiny inputs stay tiny.
 
 The GPU rows are the usual FlashAttention-2 choices for the Triton-lowered Pallas kernel on A100/H100
 (Dao 2023, sec. 3.3; the JAX Pallas GPU reference kernel): larger head_dim leaves less shared memory for

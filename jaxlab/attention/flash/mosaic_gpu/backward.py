@@ -23,10 +23,6 @@ that contribute nothing (padding, rows that saw no key) get a huge lse so their 
 * head_dim 64 and 128 (`BWD_HEAD_DIMS`). head_dim 256 falls back to the portable (Triton) kernels,
   decided statically: the dK and dV float32 accumulators of a 64-key warpgroup alone would take 256 of
   the 232 registers per thread.
-Interpret mode swaps the same four constructs as in the forward. The backward kernels were lowered for
-* head_dim 64 and 128 (`BWD_HEAD_DIMS`). head_dim 256 falls back to the portable (Triton) kernels,
-  decided statically: the dK and dV float32 accumulators of a 64-key warpgroup alone would take 256 of
-  the 232 registers per thread.
 Interpret mode swaps the same four constructs as the forward (`common.py`). The backward kernels were
 lowered for CUDA and checked in interpret mode only; register allocation (spills) and speed are
 unchecked on GPU.

@@ -1,0 +1,128 @@
+"""Edge inputs of `dot_product_attention` that every implementation must treat alike: negative segment
+ids with lengths, an additive -inf bias, a traced scale, empty sequences, NumPy mask arrays, and the
+arguments it refuses (bias shapes, an infinite soft cap)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.attention import dot_product_attention
+
+IMPLEMENTATIONS = ("xla", "blockwise", "pallas")  # pallas: the portable kernel in interpret mode
+
+
+def _qkv(b=2, tq=8, tk=8, n=2, kh=1, h=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32)
+               for shape in ((b, tq, n, h), (b, tk, kh, h), (b, tk, kh, h)))
+
+
+def _naive(q, k, v, visible_BTS, bias_BNTS=None):
+  """float64 NumPy: softmax over the visible keys; a logit below -1e38 (a bias of -inf or float32's
+  min: an additive mask) counts as hidden; a row that sees no key is 0."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  g = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+  logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  if bias_BNTS is not None:
+    logits = logits + np.asarray(bias_BNTS, np.float64)
+  visible = np.broadcast_to(np.asarray(visible_BTS)[:, None], logits.shape) & (logits > -1e38)
+  logits = np.where(visible, logits, -np.inf)
+  row_max = np.max(logits, axis=-1, keepdims=True)
+  p = np.where(visible, np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0)), 0.0)
+  total = p.sum(-1, keepdims=True)
+  return np.einsum("bnts,bsnh->btnh", p / np.where(total > 0, total, 1.0), v)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("ids", [-1, -2])
+def test_negative_segment_ids_with_lengths(implementation, ids):
+  """The kernels fold lengths into fill ids -1 (queries) and -2 (keys): user ids equal to them must
+  not make padded queries or keys visible."""
+  q, k, v = _qkv()
+  seg = jnp.asarray([[0, 0, 0, 0, 0, ids, ids, ids], [ids] * 8], jnp.int32)
+  q_lengths, kv_lengths = jnp.asarray([5, 8]), jnp.asarray([8, 4])
+  out = dot_product_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_lengths=q_lengths,
+                              kv_lengths=kv_lengths, implementation=implementation)
+  pos = np.arange(8)
+  visible = ((np.asarray(seg)[:, :, None] == np.asarray(seg)[:, None, :])
+             & (pos[None, :, None] < np.asarray(q_lengths)[:, None, None])
+             & (pos[None, None, :] < np.asarray(kv_lengths)[:, None, None]))
+  np.testing.assert_allclose(out, _naive(q, k, v, visible), atol=2e-5)
+  assert np.all(np.asarray(out)[0, 5:] == 0)  # queries past q_length see nothing
+
+
+@pytest.mark.parametrize("implementation", ("xla", "blockwise"))
+@pytest.mark.parametrize("fill", [-np.inf, float(np.finfo(np.float32).min)])
+def test_an_additive_minus_inf_bias_never_reveals_masked_keys(implementation, fill):
+  """A bias that hides every key a causal row may see: the row is 0 (not the mean of future keys), and
+  a batch row whose keys are all biased away gives 0 and finite gradients (not NaN)."""
+  q, k, v = _qkv(b=2, tq=4, tk=4, n=1)
+  bias = jnp.zeros((2, 1, 4, 4)).at[:, :, :, 0].set(fill).at[1].set(fill)
+  causal = np.tril(np.ones((4, 4), bool))[None].repeat(2, 0)
+
+  def f(q, k, v, bias):
+    return dot_product_attention(q, k, v, causal=True, bias=bias, implementation=implementation)
+
+  out = f(q, k, v, bias)
+  np.testing.assert_allclose(out, _naive(q, k, v, causal, bias), atol=2e-5)
+  assert np.all(np.asarray(out)[0, 0] == 0) and np.all(np.asarray(out)[1] == 0)
+  grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3))(q, k, v, bias)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+  row0_dv = jax.grad(lambda v: jnp.sum(f(q, k, v, bias)[0, 0]))(v)
+  assert np.all(np.asarray(row0_dv) == 0)  # row 0 leans on no value (not on future keys)
+  no_mask = dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+  assert np.all(np.isfinite(np.asarray(no_mask))) and np.all(np.asarray(no_mask)[1] == 0)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_traced_scale_works_in_every_implementation(implementation):
+  """A learned temperature: a traced scale gives the same values and scale-gradient as "xla"."""
+  q, k, v = _qkv()
+
+  def f(scale, implementation):
+    return jnp.sum(dot_product_attention(q, k, v, causal=True, scale=scale,
+                                         implementation=implementation) ** 2)
+
+  value, grad = jax.jit(jax.value_and_grad(f), static_argnums=1)(0.3, implementation)
+  ref_value, ref_grad = jax.value_and_grad(f)(0.3, "xla")
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-4)
+  assert abs(float(grad)) > 1e-3
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("tq,tk", [(0, 5), (5, 0), (0, 0)])
+def test_empty_sequences_give_empty_or_zero_outputs(implementation, tq, tk):
+  q, k, v = _qkv(tq=tq, tk=tk)
+  out = dot_product_attention(q, k, v, implementation=implementation)
+  assert out.shape == (2, tq, 2, 16) and np.all(np.asarray(out) == 0)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_numpy_mask_arrays_under_jit(implementation):
+  q, k, v = _qkv()
+  seg = np.array([[0] * 4 + [1] * 4, [0] * 8], np.int32)
+  lengths = np.array([8, 6], np.int32)
+  got = jax.jit(lambda q, k, v: dot_product_attention(
+      q, k, v, q_segment_ids=seg, kv_segment_ids=seg, kv_lengths=lengths,
+      implementation=implementation))(q, k, v)
+  visible = (seg[:, :, None] == seg[:, None, :]) & (np.arange(8)[None, None] < lengths[:, None, None])
+  np.testing.assert_allclose(got, _naive(q, k, v, visible), atol=2e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", [(1, 2, 2, 1, 8), (2, 2, 3, 8)])
+def test_bias_shapes_that_only_broadcast_the_other_way_are_refused(implementation, shape):
+  """A 5-D bias, or a [B, N, 3, Tk] bias for one query, broadcasts with [B, N, Tq, Tk] but not to it."""
+  q, k, v = _qkv(tq=1)
+  with pytest.raises(ValueError, match=r"bias of shape .* does not broadcast to \[B, N, Tq, Tk\]"):
+    dot_product_attention(q, k, v, bias=jnp.zeros(shape), implementation=implementation)
+
+
+@pytest.mark.parametrize("cap", [float("inf"), float("nan"), 0.0, -1.0])
+def test_a_soft_cap_must_be_finite_and_positive(cap):
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match="logit_soft_cap must be a finite number > 0"):
+    dot_product_attention(q, k, v, logit_soft_cap=cap)
