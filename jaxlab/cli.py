@@ -76,8 +76,9 @@ def _ready_for_devices(config, args=None):
   before JAX starts its backend), then runs the device-dependent checks."""
   from jaxlab.configs.validate import validate_mesh
   from jaxlab.train import distributed, host_devices
-  host_devices.configure(config)
-  if args is not None and _multi_process(args):
+  multi = args is not None and _multi_process(args)
+  host_devices.configure(config, processes=(args.num_processes if multi else 1))
+  if multi:
     distributed.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
                            process_id=args.process_id)
   validate_mesh(config)

@@ -29,6 +29,28 @@ def test_host_device_count_follows_the_batch():
   assert usable_device_count(config, 8) == 6  # 2 rows per device, one per microbatch
 
 
+def test_host_device_count_of_a_multi_process_run_counts_every_process(monkeypatch):
+  """P processes: each process's count n is chosen for a mesh of n * P devices (it was chosen as if
+  one host were the whole mesh, so the README's 2-host command failed validation)."""
+  from jaxlab.train import host_devices
+  config = load_config("lm_char", check_devices=False)  # batch 16, data -1
+  assert host_devices.usable_device_count(config, 16, processes=2) == 8  # 2 x 8 = 16 rows
+  assert host_devices.usable_device_count(config, 16, processes=1) == 16
+  config = load_config("lm_char", ["--config.mesh.data=2", "--config.mesh.fsdp=2"],
+                       check_devices=False)
+  assert host_devices.usable_device_count(config, 2, processes=2) == 2  # 2 x 2 = data 2 x fsdp 2
+  config = load_config("lm_char_cpu", ["--config.mesh.tensor=2"], check_devices=False)  # batch 12
+  # 3 per process would make data 3 x tensor 2, but a tensor group would span two processes
+  assert host_devices.usable_device_count(config, 3, processes=2) == 2
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setattr(host_devices, "cores", lambda: 16)
+  assert host_devices.configure(load_config("lm_char", check_devices=False), processes=2) == 8
+  assert "--xla_force_host_platform_device_count=8" in host_devices.os.environ["XLA_FLAGS"]
+  monkeypatch.delenv("XLA_FLAGS")
+  assert host_devices.configure(load_config("lm_char", check_devices=False), processes=None) == 1
+  assert "XLA_FLAGS" not in host_devices.os.environ  # --distributed: one device per process
+
+
 def test_a_config_from_before_microbatches_still_validates():
   """An older workdir's config.json has no train.microbatches: it means 1 (eval/sample keep working)."""
   import ml_collections

@@ -146,6 +146,12 @@ def validate_mesh(config) -> None:
           f"config.train.microbatches={micro} does not divide the {batch // (data * fsdp)} rows "
           f"each of the {data * fsdp} data*fsdp devices holds (config.data.batch_size={batch})")
   if jax.process_count() > 1:
+    from jaxlab.train import distributed
+    counts = distributed.local_device_counts()
+    require(len(set(counts)) == 1,
+            f"config.mesh.cpu_devices: the processes have different numbers of devices {counts}, "
+            "so they cannot hold equal shares of the batch; give every process as many (on CPU, "
+            "set config.mesh.cpu_devices)")
     require(data * fsdp * tensor == jax.device_count(),
             f"config.mesh: data*fsdp*tensor = {data * fsdp * tensor} must use all "
             f"{jax.device_count()} devices of the {jax.process_count()} processes (use -1 for one axis)")

@@ -152,6 +152,12 @@ class ContrastiveTask:
                              end_id=self.tokenizer.END)
     self._mesh = None
 
+  def data_fingerprint(self) -> str:
+    from jaxlab.train.distributed import fingerprint
+    return fingerprint(*(part for pairs in (self.train_pairs, self.test_pairs)
+                         for part in (pairs.images_NHWC, "\n".join(pairs.captions), pairs.labels_N,
+                                      pairs.groups_N, "\n".join(pairs.class_names))))
+
   def tokens(self, captions) -> np.ndarray:
     return self.tokenizer.encode(captions, self.config.data.text_len)
 

@@ -97,6 +97,10 @@ class DensityTask:
   def tokens_per_batch(self) -> int:
     return self.batch_size  # "tokens" = examples
 
+  def data_fingerprint(self) -> str:
+    from jaxlab.train.distributed import fingerprint
+    return fingerprint(self.data.train, self.data.valid, self.data.test)
+
   def train_iterator(self):
     return binary_images.TrainBatches(self.data.train, batch_size=self.batch_size,
                                       seed=self.config.seed, dynamic=self.data.dynamic)

@@ -78,7 +78,10 @@ def _require_free_port(port: int) -> None:
                        "process 0 runs the coordinator there: choose a free port") from None
 
 
-def require_same_everywhere(text: str, what: str) -> None:
+SAME_COMMAND = "run the same command (same config, overrides and --workdir) in every process"
+
+
+def require_same_everywhere(text: str, what: str, advice: str = SAME_COMMAND) -> None:
   """Raises ValueError in every process unless `text` is the same in all of them (a collective)."""
   if jax.process_count() == 1:
     return
@@ -87,8 +90,30 @@ def require_same_everywhere(text: str, what: str) -> None:
   digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.uint32)
   every = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
   if not (every == every[0]).all():
-    raise ValueError(f"the processes were given different {what}; run the same command (same "
-                     "config, overrides and --workdir) in every process")
+    raise ValueError(f"the processes were given different {what}; {advice}")
+
+
+def fingerprint(*parts: Any) -> str:
+  """A sha256 hex digest of NumPy arrays (dtype, shape and bytes) and strings, in order."""
+  import hashlib
+  digest = hashlib.sha256()
+  for part in parts:
+    if isinstance(part, str):
+      digest.update(b"s" + part.encode())
+    else:
+      a = np.ascontiguousarray(part)
+      digest.update(f"a{a.dtype.str}{a.shape}".encode())
+      digest.update(a.tobytes())
+  return digest.hexdigest()
+
+
+def local_device_counts() -> list[int]:
+  """Every process's device count, in process order (from the global device list: no collective,
+  since JAX's all-gathers need equal counts)."""
+  counts = [0] * jax.process_count()
+  for device in jax.devices():
+    counts[device.process_index] += 1
+  return counts
 
 
 def is_primary() -> bool:

@@ -4,13 +4,17 @@ One XLA CPU device spreads each small op over all cores, and for models of the s
 CPU the synchronisation costs more than it buys; one device per core with data parallelism over the
 mesh was 1.3x faster for `lm_char_cpu` on 2 cores (experiments/results/lm_char_cpu.md). The device
 count must be fixed before JAX starts its CPU backend, so the command line calls `configure` first.
-It has no effect on GPU/TPU backends, and none if XLA_FLAGS already sets the count.
+It has no effect on GPU/TPU backends, and none if XLA_FLAGS already sets the count. In a run of P
+processes (--num-processes) the mesh spans every process's devices, so the count per process is
+chosen for a mesh of P times as many; with --distributed (P unknown until JAX has joined the cluster)
+each process keeps one CPU device unless config.mesh.cpu_devices says otherwise.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+from typing import Optional
 
 FLAG = "--xla_force_host_platform_device_count"
 
@@ -43,8 +47,9 @@ def cpu_model() -> str:
   return name
 
 
-def usable_device_count(config, available: int) -> int:
-  """The largest n <= available for which the config's mesh and batch split over n devices."""
+def usable_device_count(config, available: int, processes: int = 1) -> int:
+  """The largest n <= available for which the config's mesh and batch split over the n devices of
+  each of `processes` processes (a tensor-parallel group stays inside one process)."""
   from jaxlab.train import tasks
   from jaxlab.configs.validate import train_microbatches
   from jaxlab.train.sharding import mesh_shape
@@ -52,22 +57,25 @@ def usable_device_count(config, available: int) -> int:
   micro = train_microbatches(config)
   units = tasks.task_module(config.task).tensor_units(config) or 1
   for n in range(available, 0, -1):
+    total = n * processes
     try:
-      data, fsdp, tensor = mesh_shape(sizes, n)
+      data, fsdp, tensor = mesh_shape(sizes, total)
     except ValueError:
       continue
-    if data * fsdp * tensor == n and config.data.batch_size % (data * fsdp * micro) == 0 \
-        and units % tensor == 0:
+    if data * fsdp * tensor == total and config.data.batch_size % (data * fsdp * micro) == 0 \
+        and units % tensor == 0 and n % tensor == 0:
       return n
   return 1
 
 
-def configure(config) -> int:
-  """Sets XLA_FLAGS for `config.mesh.cpu_devices` host devices (0 = as many as usable); returns it."""
+def configure(config, processes: Optional[int] = 1) -> int:
+  """Sets XLA_FLAGS for `config.mesh.cpu_devices` host devices (0 = as many as usable in each of
+  `processes` processes; None = a multi-process run of unknown size: 1); returns the count."""
   flags = os.environ.get("XLA_FLAGS", "")
   if FLAG in flags:
     return int(flags.split(FLAG + "=")[1].split()[0])
-  n = config.mesh.cpu_devices or usable_device_count(config, cores())
+  n = config.mesh.cpu_devices or (1 if processes is None else
+                                  usable_device_count(config, cores(), processes))
   if n > 1:
     os.environ["XLA_FLAGS"] = f"{flags} {FLAG}={n}".strip()
   return n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -270,6 +271,13 @@ class LMTask:
                                  max_len=config.model.max_len or config.data.seq_len)
     self.seq_len = config.data.seq_len
     self.batch_size = config.data.batch_size
+
+  def data_fingerprint(self) -> str:
+    from jaxlab.train.distributed import fingerprint
+    vocab = json.dumps(self.vocab.to_json())
+    if self.corpus is None:
+      return fingerprint(vocab)
+    return fingerprint(vocab, self.corpus.train, self.corpus.validation)
 
   def _check_splits(self) -> None:
     """Both splits hold a window of config.data.seq_len + 1 tokens (and one start more, see

@@ -75,6 +75,11 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   if task is None:
     task = _build_task(config)
+  if jax.process_count() > 1:  # each process read its own files: same config, but the same data?
+    distributed.require_same_everywhere(
+        task.data_fingerprint(), "data (the same config read other files or other dataset builds)",
+        "every process must read the same data: put config.data.path (or the dataset files) and "
+        "config.data.data_dir on a filesystem they share, or give each an identical copy")
   tx = optim.make_optimizer(config.optim, config.train.steps,
                            clip_groups=getattr(task, "clip_groups", lambda: ())())
   init = _init_state_fn(task, tx, config)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,19 +31,24 @@ def _free_port() -> int:
 
 
 def _run_processes(args: list[str], timeout: int = 420, *, expect_rc: int = 0,
-                   extra: tuple = ()) -> list[str]:
-  """`jaxlab ARGS` in PROCESSES processes of DEVICES_PER_PROCESS CPU devices each; their stdouts
+                   extra: tuple = (), devices: tuple = (DEVICES_PER_PROCESS,) * PROCESSES,
+                   cwds: tuple = (None,) * PROCESSES) -> list[str]:
+  """`jaxlab ARGS` in PROCESSES processes of `devices` CPU devices each (run in `cwds`); their stdouts
   (with `expect_rc` != 0: their stderrs)."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
-                      f"{DEVICES_PER_PROCESS}")  # the last count given wins
-  env["JAX_PLATFORMS"] = "cpu"
+  def env(count):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
+                        f"{count}")  # the last count given wins
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
   coordinator = f"localhost:{_free_port()}"
   extra = list(extra) + [[]] * (PROCESSES - len(extra))  # per-process extra arguments
   procs = [subprocess.Popen([sys.executable, "-m", "jaxlab.cli", *args, *extra[i],
                              "--coordinator", coordinator,
                              "--num-processes", str(PROCESSES), "--process-id", str(i)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env(devices[i]), cwd=cwds[i], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
            for i in range(PROCESSES)]
   outputs = []
   try:
@@ -166,3 +172,33 @@ def test_processes_given_different_configs_stop_with_one_line(tiny_lm_config, tm
   errors = _run_processes(args, expect_rc=1, extra=([], ["--config.optim.lr=0.5"]))
   assert all("given different configs or workdirs" in e for e in errors)
   assert not (tmp_path / "run").exists()
+
+
+def test_processes_that_read_different_data_stop_with_one_line(tiny_lm_config, tiny_corpus,
+                                                               tmp_path):
+  """The same command, but each host's relative config.data.path holds other text (as two hosts with
+  their own copies, or other Python installs for the stdlib corpus, would): refused, not trained."""
+  cwds = [tmp_path / "host0", tmp_path / "host1"]
+  for i, cwd in enumerate(cwds):
+    cwd.mkdir()
+    shutil.copy(tiny_corpus, cwd / "corpus.txt")
+  with open(cwds[1] / "corpus.txt", "a") as f:
+    f.write("the end\n")  # characters the corpus has: the vocabulary alone would not tell
+  config = tiny_lm_config("--config.mesh.data=4", "--config.sample.prompt=the ",
+                          "--config.data.path=corpus.txt", "--config.data.data_dir=tfds")
+  args = ["train", "lm_char", "--workdir", str(tmp_path / "run"), "--no-progress",
+          *_overrides(config)]
+  errors = _run_processes(args, expect_rc=1, cwds=tuple(cwds))
+  assert all("given different data" in e for e in errors), errors
+  assert not (tmp_path / "run").exists()
+
+
+def test_processes_with_different_device_counts_stop_with_one_line(tiny_lm_config, tmp_path):
+  """1 + 3 CPU devices: the mesh would fit the 4, but the processes cannot hold equal shares of the
+  batch (it failed inside JAX at the first batch)."""
+  config = tiny_lm_config("--config.mesh.data=-1", "--config.sample.prompt=the ")
+  args = ["train", "lm_char", "--workdir", str(tmp_path / "run"), "--no-progress",
+          *_overrides(config)]
+  errors = _run_processes(args, expect_rc=2, devices=(1, 3))  # a config error
+  assert all("config.mesh.cpu_devices: the processes have different numbers of devices [1, 3]" in e
+             for e in errors), errors
