@@ -51,7 +51,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.keep_best = True  # also keep the lowest-val-loss params in WORKDIR/best (model selection)
   # gradient accumulation: each device's rows in this many sequential slices (same maths, less
-  # memory; on CPU a smaller working set can also be faster)
+  # memory; on CPU a smaller working set can also be faster). Randomness (MADE's mask-set draw) is drawn per
+  # slice, so a stochastic loss's gradient equals the whole batch's in expectation only.
   c.train.microbatches = 1
   c.train.tensorboard = False
 

@@ -96,7 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.keep_best = False  # also keep the lowest-val-loss params in WORKDIR/best (model selection)
   # gradient accumulation: each device's rows in this many sequential slices (same maths, less
-  # memory; on CPU a smaller working set can also be faster)
+  # memory; on CPU a smaller working set can also be faster). Randomness (dropout) is drawn per
+  # slice, so a stochastic loss's gradient equals the whole batch's in expectation only.
   c.train.microbatches = 1
   c.train.tensorboard = True
 

@@ -466,9 +466,13 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         if step > start:  # the first step of a process includes compilation
           step_times.append(time.perf_counter() - t0)
         losses.append(loss)
-        if not np.isfinite(loss):
-          raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopping (last good "
-                                   f"checkpoint kept in {run.checkpointer.directory})")
+        # Without loss scaling a non-finite gradient is applied (loss scaling skips that step), so
+        # it stops the run here, before the state it made can be checkpointed.
+        grad_norm = float(metrics["grad_norm"]) if "skipped" not in metrics else 0.0
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+          what = f"loss is {loss}" if not np.isfinite(loss) else f"gradient norm is {grad_norm}"
+          raise FloatingPointError(f"{what} at step {step + 1}; stopping (last good checkpoint "
+                                   f"kept in {run.checkpointer.directory})")
         if "skipped" in metrics:
           step_skipped = bool(metrics["skipped"])
           skipped += step_skipped

@@ -132,3 +132,31 @@ def test_switching_loss_scaling_on_a_workdir_is_refused_and_older_workdirs_read_
   run.checkpointer.close()
   config = cli._load_workdir_config(tmp_path / "old", [])  # what eval and sample read
   assert config.optim.loss_scale == "none" and not loss_scale.enabled(config)
+
+
+class _NaNGradients:
+  """The LM loss plus 0 * sqrt(0): the same value, NaN gradients (a backward pass that overflows
+  while the forward pass does not)."""
+
+  def __init__(self, task):
+    self.task = task
+
+  def __getattr__(self, name):
+    return getattr(self.task, name)
+
+  def loss(self, params, batch, rng, *, train):
+    loss, aux = self.task.loss(params, batch, rng, train=train)
+    w = jax.tree.leaves(params)[0]
+    return loss + 0.0 * jnp.sqrt(jnp.sum(0.0 * w)), aux
+
+
+def test_unscaled_non_finite_gradients_stop_the_run_before_they_are_checkpointed(tiny_lm_config,
+                                                                                  tmp_path):
+  """Without loss scaling a NaN gradient is applied; the run stops at that step, and its state is not
+  saved (it was checkpointed, and only the next step's loss stopped the run)."""
+  from jaxlab.train import tasks
+  config = tiny_lm_config("--config.train.checkpoint_every=1", "--config.optim.loss_scale=none")
+  task = _NaNGradients(tasks.build_task(config))
+  with pytest.raises(FloatingPointError, match="gradient norm is nan at step 1; stopping"):
+    trainer.train(config, tmp_path, task=task, progress=False)
+  assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
