@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import os
 import pathlib
 
 import ml_collections
@@ -132,9 +133,30 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
   return config
 
 
+def absolute_data_path(path: str, task: str | None) -> str:
+  """config.data.path made absolute against the working directory ("" stays ""; the LM's
+  comma-separated files each), so that a saved config reads the same files from anywhere."""
+  if not isinstance(path, str) or not path:
+    return path
+  parts = path.split(",") if task == "lm" else [path]
+  return ",".join(os.path.abspath(os.path.expanduser(p)) if p else p for p in parts)
+
+
+def resolve_data_paths(config) -> None:
+  """config.data.path and config.data.data_dir made absolute in place (see absolute_data_path)."""
+  data = config.get("data")
+  if data is None:
+    return
+  if "path" in data:
+    data.path = absolute_data_path(data.path, config.get("task"))
+  if isinstance(data.get("data_dir"), str) and data.data_dir:
+    data.data_dir = os.path.abspath(os.path.expanduser(data.data_dir))
+
+
 def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, *,
                 check_devices: bool = True):
-  """Config by name/path, with overrides applied, validated and locked.
+  """Config by name/path, with overrides applied, data paths made absolute (a run's saved config
+  reads the same files from any working directory), validated and locked.
 
   check_devices=False skips the checks that need JAX's devices (the mesh), so that a caller can still
   choose the host device count before JAX starts (see jaxlab.train.host_devices).
@@ -143,6 +165,7 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None 
   config = get_config(name_or_path)
   config.lock()
   apply_overrides(config, overrides or [])
+  resolve_data_paths(config)
   try:
     validate(config, check_devices=check_devices)
   except (KeyError, AttributeError) as e:  # a config (file) without a key that the checks read

@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"  # digits | emoji
-  c.data.path = ""  # emoji: the folder with emoji.json and the 32-px sheets
+  c.data.path = ""  # emoji: the folder with emoji.json and the 32-px sheets ("" = ../shared/data/...)
   c.data.data_dir = ""  # TFDS data_dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.text_len = 40  # caption tokens, end token included (longer captions are cut)
   c.data.batch_size = 64  # global batch: all of it gives each example its negatives

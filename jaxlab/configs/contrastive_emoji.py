@@ -1,6 +1,6 @@
 """Contrastive image-text pre-training on emoji (Twemoji + Noto, 32x32) with their Unicode names.
 
-    jaxlab train contrastive_emoji --config.data.path=../shared/data/emoji_captions
+    jaxlab train contrastive_emoji    # data: ../shared/data/emoji_captions beside the checkout
 
 The emoji of about 10% of the base emoji (with all their skin-tone variants) are held out, so test
 captions are unseen; both vendors' drawings of an emoji are two views of its caption. At the end
@@ -18,7 +18,7 @@ from jaxlab.configs import contrastive_digits
 def get_config():
   c = contrastive_digits.get_config()
   c.data.name = "emoji"
-  c.data.path = "../shared/data/emoji_captions"
+  c.data.path = ""  # "" = ../shared/data/emoji_captions beside the checkout
   c.data.text_len = 96
   c.data.batch_size = 128
   c.model.patch = 4

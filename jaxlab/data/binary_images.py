@@ -27,9 +27,8 @@ import jax
 import numpy as np
 
 from jaxlab.data import pipeline
+from jaxlab.data.local_info import REPO_ROOT, SHARED_DATA
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 UCI_NAMES = ("dna", "mushrooms", "nips")
 NAMES = ("digits", "mnist", "binarized_mnist", "caltech", *UCI_NAMES)
 CALTECH_SPLIT = (4100, 2264, 2307)

@@ -27,7 +27,7 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxlab.data.local_info import LocalDatasetInfo
+from jaxlab.data.local_info import SHARED_DATA, LocalDatasetInfo
 from jaxlab.data.text_builders import default_data_dir
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -258,7 +258,8 @@ def builder_for(data_cfg) -> tfds.core.DatasetBuilder:
   if data_cfg.name == "digits":
     return JaxlabDigitCaptions(data_dir=data_dir, file_format="array_record")
   if data_cfg.name == "emoji":
-    return JaxlabEmojiCaptions(config=emoji_config(data_cfg.path), data_dir=data_dir,
+    root = data_cfg.path or str(SHARED_DATA / "emoji_captions")
+    return JaxlabEmojiCaptions(config=emoji_config(root), data_dir=data_dir,
                                file_format="array_record")
   raise ValueError(f"data name must be 'digits' or 'emoji', got {data_cfg.name!r}")
 

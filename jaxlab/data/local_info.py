@@ -1,6 +1,12 @@
-"""DatasetInfo for jaxlab's builders, whose data is always local."""
+"""DatasetInfo for jaxlab's builders, whose data is always local, and where the local data lives."""
+
+import pathlib
 
 import tensorflow_datasets as tfds
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+# The datasets beside a checkout (../shared/data): the default of configs whose data.path is "".
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 class LocalDatasetInfo(tfds.core.DatasetInfo):

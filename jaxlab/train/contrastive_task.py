@@ -88,9 +88,6 @@ def validate(config, require) -> None:
     require(d.batch_size <= test_pairs,
             f"config.data.batch_size={d.batch_size} is more than the {test_pairs} test pairs of "
             "config.data.name='digits', so evaluation would give no batches")
-  if d.name == "emoji":
-    require(bool(d.path), "config.data.path must name the emoji_captions folder (emoji.json and the "
-                          "32-px sheets) for config.data.name='emoji'")
   recall_at = config.eval.recall_at
   require(isinstance(recall_at, (tuple, list)) and len(recall_at) > 0
           and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in recall_at)

@@ -272,12 +272,12 @@ class LMTask:
     self.seq_len = config.data.seq_len
     self.batch_size = config.data.batch_size
 
-  def data_fingerprint(self) -> str:
+  def data_fingerprint(self) -> str | None:
+    """A digest of the token streams and vocabulary; None when built for sampling (no corpus)."""
     from jaxlab.train.distributed import fingerprint
-    vocab = json.dumps(self.vocab.to_json())
     if self.corpus is None:
-      return fingerprint(vocab)
-    return fingerprint(vocab, self.corpus.train, self.corpus.validation)
+      return None
+    return fingerprint(json.dumps(self.vocab.to_json()), self.corpus.train, self.corpus.validation)
 
   def _check_splits(self) -> None:
     """Both splits hold a window of config.data.seq_len + 1 tokens (and one start more, see

@@ -10,8 +10,9 @@ A task module defines
       or None when the task has no tensor-parallel axis;
   validate_devices(config, require) -> None (optional): checks that need JAX's backend (e.g. an
       attention implementation this backend lacks), run after the mesh checks.
-The task object also defines data_fingerprint() -> str (a digest of the data it trains and evaluates
-on, which the processes of a multi-process run compare) and may define `finish(params) -> str | None` (printed at the end of `jaxlab train`),
+The task object also defines data_fingerprint() -> str | None (a digest of the data it trains and
+evaluates on, or None when it holds none, e.g. an LM built for sampling: kept in
+WORKDIR/data_fingerprint.txt, and compared across the processes of a multi-process run) and may define `finish(params) -> str | None` (printed at the end of `jaxlab train`),
 `sample_command(params, args) -> str` (what `jaxlab sample` prints) and `clip_groups()` -> masks of
 parameter groups that gradient clipping treats separately (see train/optim.py).
 Every config of every task has the sections seed, data (with batch_size), optim, train and mesh.

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxlab.configs import flatten, with_task_defaults
+from jaxlab.configs import absolute_data_path, flatten, with_task_defaults
 from jaxlab.configs.validate import train_microbatches
 from jaxlab.train import checkpoint as checkpoint_lib
 from jaxlab.train import distributed, loss_scale, optim, sharding, tasks
@@ -48,6 +48,7 @@ class Run:
   state_shardings: Any
   abstract_state: Any
   checkpointer: checkpoint_lib.Checkpointer
+  data_digest: Optional[str] = None  # the task's data_fingerprint() (None: it holds no data)
 
   def rules(self):
     return nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
@@ -75,9 +76,10 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   if task is None:
     task = _build_task(config)
+  data_digest = task.data_fingerprint()
   if jax.process_count() > 1:  # each process read its own files: same config, but the same data?
     distributed.require_same_everywhere(
-        task.data_fingerprint(), "data (the same config read other files or other dataset builds)",
+        str(data_digest), "data (the same config read other files or other dataset builds)",
         "every process must read the same data: put config.data.path (or the dataset files) and "
         "config.data.data_dir on a filesystem they share, or give each an identical copy")
   tx = optim.make_optimizer(config.optim, config.train.steps,
@@ -90,10 +92,12 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
   abstract_state = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), state_shardings)
   workdir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to build leaves no dir
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-  run = Run(config, workdir, mesh, task, tx, state_shardings, abstract_state, checkpointer)
+  run = Run(config, workdir, mesh, task, tx, state_shardings, abstract_state, checkpointer,
+            data_digest)
   try:
     check_resume_config(run)
     check_same_vocabulary(run)
+    check_same_data(run)
   except ValueError:
     checkpointer.close()
     raise
@@ -113,6 +117,25 @@ def check_same_vocabulary(run: Run) -> None:
     raise ValueError(f"the data's vocabulary differs from the one {run.workdir} was trained with "
                      f"({saved_path.name}): the text of config.data.path changed since; nothing "
                      "was changed (restore the text, or train into a new --workdir)")
+
+
+DATA_FINGERPRINT = "data_fingerprint.txt"
+
+
+def check_same_data(run: Run) -> None:
+  """Refuses a workdir whose checkpoints were trained on other data than the task now reads (the text
+  or dataset files were edited in place: a resume would not see the batches it would have seen, and
+  an evaluation would score other data). A task without data (sampling) or a workdir from before the
+  digest was kept: nothing to compare."""
+  saved_path, digest = run.workdir / DATA_FINGERPRINT, run.data_digest
+  if digest is None or not saved_path.exists() or not run.checkpointer.all_steps():
+    return
+  saved = saved_path.read_text().strip()
+  if saved != digest:
+    raise ValueError(f"the data differs from the data {run.workdir} was trained on (digest "
+                     f"{digest[:12]}, saved {saved[:12]} in {DATA_FINGERPRINT}): the files of "
+                     "config.data.path (or the dataset) changed since; nothing was changed (restore "
+                     "them, or train into a new --workdir)")
 
 
 def _build_task(config):
@@ -296,6 +319,8 @@ def _resume_keys(config_json: dict) -> dict:
   it checkpoints the same state as one saved before loss scaling existed."""
   flat = flatten({k: v for k, v in config_json.items() if k in RESUME_MUST_MATCH})
   flat.pop("data.data_dir", None)
+  if "data.path" in flat:  # runs saved before paths were made absolute hold them as typed
+    flat["data.path"] = absolute_data_path(flat["data.path"], config_json.get("task"))
   if loss_scale.enabled(config_json):
     flat["optim.loss_scale"] = "dynamic"
   else:
@@ -356,6 +381,8 @@ def _save_run_files(run: Run) -> None:
   vocab = getattr(run.task, "vocab", None)
   if vocab is not None:
     write_atomically(run.workdir / "vocab.json", json.dumps(vocab.to_json()))
+  if run.data_digest is not None:
+    write_atomically(run.workdir / DATA_FINGERPRINT, run.data_digest + "\n")
 
 
 def _lock_workdir(workdir: pathlib.Path):

@@ -42,6 +42,17 @@ def test_digit_pairs(tmp_path):
 
 
 @pytest.mark.skipif(not EMOJI.is_dir(), reason="../shared/data/emoji_captions is not present")
+def test_emoji_default_path_is_the_shared_folder_beside_the_checkout(tmp_path, monkeypatch):
+  """contrastive_emoji's data.path "" is the shared folder beside the checkout, from any working
+  directory (it was "../shared/..." relative to where the command ran)."""
+  from jaxlab.configs import load_config
+  monkeypatch.chdir(tmp_path)
+  config = load_config("contrastive_emoji", check_devices=False)
+  assert config.data.path == ""
+  assert cp.builder_for(config.data).builder_config.root == str(EMOJI)
+
+
+@pytest.mark.skipif(not EMOJI.is_dir(), reason="../shared/data/emoji_captions is not present")
 def test_emoji_source_split_and_pixels():
   from PIL import Image
   entries = cp.emoji_entries(EMOJI)

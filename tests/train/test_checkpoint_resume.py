@@ -318,6 +318,52 @@ def test_edited_training_text_is_refused(tiny_lm_config, tmp_path):
     trainer.setup(tiny_lm_config(f"--config.data.path={corpus}"), tmp_path / "run")
 
 
+def test_training_text_edited_within_its_alphabet_is_refused(tiny_lm_config, tmp_path):
+  """The same characters in another order: the vocabulary matches, but a resume would not see the
+  batches it would have seen and an evaluation would score other text: refused by the data's digest
+  (WORKDIR/data_fingerprint.txt); sampling, which reads no data, still works."""
+  import pytest
+  corpus = tmp_path / "text.txt"
+  corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+  config = tiny_lm_config(f"--config.data.path={corpus}")
+  trainer.train(config, tmp_path / "run", progress=False)
+  assert (tmp_path / "run" / "data_fingerprint.txt").read_text().strip() == \
+      trainer.tasks.build_task(config).data_fingerprint()
+  corpus.write_text("the lazy dog jumps over the quick brown fox. " * 200)
+  with pytest.raises(ValueError, match="the data differs from the data .* was trained on"):
+    trainer.setup(tiny_lm_config(f"--config.data.path={corpus}"), tmp_path / "run")
+  from jaxlab.train import lm_task
+  sampler = lm_task.build_for_sampling(config, tmp_path / "run")
+  trainer.setup(config, tmp_path / "run", task=sampler).checkpointer.close()
+
+
+def test_a_relative_data_path_is_saved_absolute_and_older_relative_ones_still_resume(
+    tiny_lm_config, tiny_corpus, tmp_path, monkeypatch):
+  """config.data.path as typed relative to the working directory is saved absolute, so `jaxlab eval`
+  from elsewhere reads the same file; a run saved before (the path as typed) resumes from the same
+  directory, whichever way the path is given now."""
+  import json
+  import shutil
+  from jaxlab.configs import load_config
+  shutil.copy(tiny_corpus, tmp_path / "corpus.txt")
+  monkeypatch.chdir(tmp_path)
+  config = tiny_lm_config("--config.data.path=corpus.txt", "--config.data.data_dir=tfds")
+  assert config.data.path == str(tmp_path / "corpus.txt")
+  assert config.data.data_dir == str(tmp_path / "tfds")
+  trainer.train(config, tmp_path / "run", progress=False)
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["data"]["path"] == str(tmp_path / "corpus.txt")
+  saved["data"]["path"] = "corpus.txt"  # as an older jaxlab saved it
+  (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+  trainer.setup(tiny_lm_config("--config.data.path=corpus.txt", "--config.data.data_dir=tfds",
+                               "--config.train.steps=8"), tmp_path / "run").checkpointer.close()
+  other = tmp_path / "elsewhere"
+  other.mkdir()
+  monkeypatch.chdir(other)
+  assert load_config("lm_char", [f"--config.data.path={tmp_path / 'corpus.txt'},b.txt"],
+                     check_devices=False).data.path == f"{tmp_path / 'corpus.txt'},{other / 'b.txt'}"
+
+
 def test_a_second_trainer_in_the_same_workdir_is_refused(tiny_lm_config, tmp_path):
   import fcntl
   import pytest

@@ -71,7 +71,6 @@ def test_zero_shot_accuracy_and_recall_by_hand():
     ("--config.model.loss=triplet", "config.model.loss"),
     ("--config.model.text_heads=5", "config.model.text_heads"),
     ("--config.data.text_len=1", "config.data.text_len"),
-    ("--config.data.name=emoji", "config.data.path"),
     ("--config.eval.recall_at=(5, 1)", "config.eval.recall_at"),
     ("--config.eval.recall_at=(1.5,)", "config.eval.recall_at"),
     ("--config.eval.recall_at=(1, 'a')", "config.eval.recall_at"),

@@ -32,9 +32,10 @@ def _free_port() -> int:
 
 def _run_processes(args: list[str], timeout: int = 420, *, expect_rc: int = 0,
                    extra: tuple = (), devices: tuple = (DEVICES_PER_PROCESS,) * PROCESSES,
-                   cwds: tuple = (None,) * PROCESSES) -> list[str]:
-  """`jaxlab ARGS` in PROCESSES processes of `devices` CPU devices each (run in `cwds`); their stdouts
-  (with `expect_rc` != 0: their stderrs)."""
+                   cwds: tuple = (None,) * PROCESSES, entry: tuple = ()) -> list[str]:
+  """`jaxlab ARGS` in PROCESSES processes of `devices` CPU devices each (run in `cwds`; `entry`: a
+  process's python -c program in place of `-m jaxlab.cli`); their stdouts (with `expect_rc` != 0:
+  their stderrs)."""
   def env(count):
     env = dict(os.environ)
     env["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
@@ -44,7 +45,9 @@ def _run_processes(args: list[str], timeout: int = 420, *, expect_rc: int = 0,
 
   coordinator = f"localhost:{_free_port()}"
   extra = list(extra) + [[]] * (PROCESSES - len(extra))  # per-process extra arguments
-  procs = [subprocess.Popen([sys.executable, "-m", "jaxlab.cli", *args, *extra[i],
+  entry = list(entry) + [None] * (PROCESSES - len(entry))
+  procs = [subprocess.Popen([sys.executable, *(["-c", entry[i]] if entry[i] else ["-m", "jaxlab.cli"]),
+                             *args, *extra[i],
                              "--coordinator", coordinator,
                              "--num-processes", str(PROCESSES), "--process-id", str(i)],
                             env=env(devices[i]), cwd=cwds[i], stdout=subprocess.PIPE,
@@ -174,23 +177,41 @@ def test_processes_given_different_configs_stop_with_one_line(tiny_lm_config, tm
   assert not (tmp_path / "run").exists()
 
 
-def test_processes_that_read_different_data_stop_with_one_line(tiny_lm_config, tiny_corpus,
-                                                               tmp_path):
-  """The same command, but each host's relative config.data.path holds other text (as two hosts with
-  their own copies, or other Python installs for the stdlib corpus, would): refused, not trained."""
-  cwds = [tmp_path / "host0", tmp_path / "host1"]
-  for i, cwd in enumerate(cwds):
-    cwd.mkdir()
-    shutil.copy(tiny_corpus, cwd / "corpus.txt")
-  with open(cwds[1] / "corpus.txt", "a") as f:
-    f.write("the end\n")  # characters the corpus has: the vocabulary alone would not tell
-  config = tiny_lm_config("--config.mesh.data=4", "--config.sample.prompt=the ",
-                          "--config.data.path=corpus.txt", "--config.data.data_dir=tfds")
+# Process 1 reads other data under the same config (as hosts with their own copies of a file, or other
+# Python installs for the stdlib corpus, would): simulated by changing its task's data digest.
+OTHER_DATA = """import sys
+from jaxlab.train import lm_task
+digest = lm_task.LMTask.data_fingerprint
+lm_task.LMTask.data_fingerprint = lambda self: digest(self) + "-other"
+from jaxlab import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_processes_that_read_different_data_stop_with_one_line(tiny_lm_config, tmp_path):
+  config = tiny_lm_config("--config.mesh.data=4", "--config.sample.prompt=the ")
   args = ["train", "lm_char", "--workdir", str(tmp_path / "run"), "--no-progress",
           *_overrides(config)]
-  errors = _run_processes(args, expect_rc=1, cwds=tuple(cwds))
+  errors = _run_processes(args, expect_rc=1, entry=(None, OTHER_DATA))
   assert all("given different data" in e for e in errors), errors
   assert not (tmp_path / "run").exists()
+
+
+def test_a_relative_data_path_means_each_process_s_own_file_and_is_refused(tiny_lm_config,
+                                                                           tiny_corpus, tmp_path):
+  """The same relative config.data.path in two working directories names two files: the saved
+  (absolute) configs differ, so the processes stop before reading anything twice."""
+  cwds = [tmp_path / "host0", tmp_path / "host1"]
+  for cwd in cwds:
+    cwd.mkdir()
+    shutil.copy(tiny_corpus, cwd / "corpus.txt")
+  overrides = [o for o in _overrides(tiny_lm_config("--config.mesh.data=4",
+                                                    "--config.sample.prompt=the "))
+               if not o.startswith(("--config.data.path=", "--config.data.data_dir="))]
+  args = ["train", "lm_char", "--workdir", str(tmp_path / "run"), "--no-progress", *overrides,
+          "--config.data.path=corpus.txt", "--config.data.data_dir=tfds"]
+  errors = _run_processes(args, expect_rc=1, cwds=tuple(cwds))
+  assert all("given different configs or workdirs" in e for e in errors), errors
 
 
 def test_processes_with_different_device_counts_stop_with_one_line(tiny_lm_config, tmp_path):
