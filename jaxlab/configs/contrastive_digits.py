@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_seed = 1234
   c.train.checkpoint_every = 300
   c.train.keep_checkpoints = 2
-  c.train.keep_best = False  # also keep the lowest-val-loss params in WORKDIR/best (model selection)
+  c.train.keep_best = False  # must stay False: val_loss here is the test split's (no validation split)
   # must stay 1: the contrastive loss couples every pair in the batch
   c.train.microbatches = 1
   c.train.tensorboard = True

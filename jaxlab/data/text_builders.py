@@ -150,12 +150,15 @@ class StdlibConfig(tfds.core.BuilderConfig):
 
 
 def stdlib_config(root: str | None = None) -> StdlibConfig:
+  """Named by the root's folder name and a digest of its absolute path and each file's relative path,
+  size and modification time, so that an edited source tree (or another one of the same name) gets
+  its own build rather than an earlier one's cache."""
   files = stdlib_files(root)
   base = pathlib.Path(root or sysconfig.get_paths()["stdlib"])
-  digest = hashlib.sha256()
+  digest = hashlib.sha256(str(base.resolve()).encode())
   for f in files:
     stat = f.stat()
-    digest.update(f"{f.relative_to(base)}:{stat.st_size}".encode())
+    digest.update(f"{f.relative_to(base)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
   version = "".join(c for c in base.name if c.isalnum())
   return StdlibConfig(name=f"{version}_{digest.hexdigest()[:12]}", root=str(base),
                       version=tfds.core.Version("1.0.0"))

@@ -88,6 +88,9 @@ def validate(config, require) -> None:
     require(d.batch_size <= test_pairs,
             f"config.data.batch_size={d.batch_size} is more than the {test_pairs} test pairs of "
             "config.data.name='digits', so evaluation would give no batches")
+  require(not config.train.keep_best,
+          "config.train.keep_best=True would choose parameters by the loss on the held-out test "
+          "pairs (the caption datasets have no validation split; val_loss is measured on test)")
   recall_at = config.eval.recall_at
   require(isinstance(recall_at, (tuple, list)) and len(recall_at) > 0
           and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in recall_at)
@@ -170,7 +173,8 @@ class ContrastiveTask:
     return iter(dataset.to_iter_dataset())
 
   def eval_iterator(self):
-    """Fixed test batches (seeded order), at most config.train.eval_batches of them."""
+    """Fixed test batches (seeded order), at most config.train.eval_batches of them: the logged
+    val_loss is the held-out test split's, for watching training only (nothing is chosen by it)."""
     source = _PairSource(self.test_pairs.images_NHWC, self.tokens(self.test_pairs.captions))
     dataset = (grain.MapDataset.source(source).shuffle(seed=self.config.train.eval_seed)
                .batch(self.batch_size, drop_remainder=True, batch_fn=_stack))

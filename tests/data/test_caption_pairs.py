@@ -59,8 +59,7 @@ def test_emoji_source_split_and_pixels():
   assert len(entries) == 3786
   assert len(cp.emoji_categories(entries)) == 10
   test_bases = {e["base"] for e in entries if cp.is_test_emoji(e["base"])}
-  train_bases = {e["base"] for e in entries if not cp.is_test_emoji(e["base"])}
-  assert not test_bases & train_bases and 0.05 < len(test_bases) / 1911 < 0.15
+  assert 0.05 < len(test_bases) / len({e["base"] for e in entries}) < 0.15
   skin = [e for e in entries if "skin tone" in e["caption"]]
   assert len(skin) == 1875
   # One cell against a direct crop: composite of RGBA over white.

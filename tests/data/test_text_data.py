@@ -1,5 +1,6 @@
 """TFDS text builders (array_record, no TensorFlow), vocabularies and the grain window pipeline."""
 
+import os
 import pathlib
 import sysconfig
 
@@ -42,17 +43,53 @@ def test_building_a_dataset_leaves_no_temporary_directories(tiny_corpus, tfds_di
   assert list(temp_root.iterdir()) == []
 
 
-def test_python_stdlib_corpus_is_deterministic_and_split_by_file(tfds_dir):
+def test_python_stdlib_corpus_is_split_by_file(tfds_dir):
+  """The default corpus: every file is in exactly the split its path hashes to."""
   cfg = data_cfg(name="python_stdlib", data_dir=str(tfds_dir), vocab="byte")
   a = text.load_corpus(cfg)
-  b = text.load_corpus(cfg)
-  np.testing.assert_array_equal(a.train, b.train)
+  train, validation = a.vocab.decode(a.train), a.vocab.decode(a.validation)
   base = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  val_files = [f for f in text_builders.stdlib_files()
-               if text_builders.is_validation_file(str(f.relative_to(base)))]
+  files = text_builders.stdlib_files()
+  val_files = [f for f in files if text_builders.is_validation_file(str(f.relative_to(base)))]
   assert 0.05 < len(a.validation) / (len(a.train) + len(a.validation)) < 0.2
-  assert len(a.train) > 1_000_000
-  assert val_files
+  assert len(a.train) > 1_000_000 and val_files
+  big = lambda fs: [f.read_bytes().decode("utf-8", errors="replace") for f in fs
+                    if f.stat().st_size > 2000][:5]  # whole files long enough to be unique
+  for source in big(val_files):
+    assert source in validation and source not in train
+  for source in big([f for f in files if f not in val_files]):
+    assert source in train and source not in validation
+
+
+def _python_tree(root, sources):
+  for name, source in sources.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text(source)
+
+
+def test_a_python_source_tree_is_deterministic_split_by_file_and_rebuilt_when_edited(tmp_path):
+  """data.path = a source tree: the same arrays from two separate builds, each file in the split its
+  path hashes to, and an edit that keeps a file's size is read (it was served from the old build)."""
+  names = [f"pkg/m{i}.py" for i in range(40)]
+  val = [n for n in names if text_builders.is_validation_file(n)]
+  assert val and len(val) < len(names)
+  root = tmp_path / "src"
+  _python_tree(root, {n: f"# {n}\nvalue_{i} = {i * 7919}\n" for i, n in enumerate(names)})
+  cfg = lambda d: data_cfg(name="python_stdlib", path=str(root), data_dir=str(tmp_path / d),
+                           vocab="byte")
+  a, b = text.load_corpus(cfg("one")), text.load_corpus(cfg("two"))
+  np.testing.assert_array_equal(a.train, b.train)
+  np.testing.assert_array_equal(a.validation, b.validation)
+  train, validation = a.vocab.decode(a.train), a.vocab.decode(a.validation)
+  for n in names:
+    assert (f"# {n}\n" in validation) == (n in val) and (f"# {n}\n" in train) == (n not in val)
+  first = root / names[0]
+  edited = first.read_text().replace("value_0", "VALUE_0")
+  mtime = first.stat().st_mtime_ns
+  first.write_text(edited)  # same size
+  os.utime(first, ns=(mtime + 10**9, mtime + 10**9))  # later, even where timestamps are coarse
+  again = text.load_corpus(cfg("one"))
+  assert "VALUE_0" in again.vocab.decode(np.concatenate([again.train, again.validation]))
 
 
 def test_shared_tiny_shakespeare_split_matches_the_usual_one(tfds_dir):
@@ -96,6 +133,32 @@ def test_windows_are_deterministic_and_resumable():
     np.testing.assert_array_equal(next(again)["inputs"], want)
   other_seed = pipeline.train_batches(tokens, seq_len=8, batch_size=4, seed=4)
   assert not np.array_equal(next(other_seed)["inputs"], first[0]["inputs"])
+
+
+def test_windows_are_the_source_s_and_resume_across_epochs():
+  """Each row is tokens[s : s + seq_len + 1] split into inputs and targets; an epoch visits every
+  start once; a state saved just before an epoch boundary resumes to the same batches after it."""
+  tokens = (np.arange(44, dtype=np.int32) * 7) % 101  # not a range: a window must come from the source
+  seq_len, batch = 8, 4
+  starts = len(tokens) - seq_len  # windows of seq_len + 1 tokens
+  it = pipeline.train_batches(tokens, seq_len=seq_len, batch_size=batch, seed=5)
+  seen, batches = [], []
+  for i in range(2 * starts // batch + 2):
+    b = next(it)
+    batches.append(b["inputs"])
+    for row_in, row_tg in zip(b["inputs"], b["targets"]):
+      s = int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(tokens, seq_len) ==
+                              row_in).all(axis=1))[0])
+      np.testing.assert_array_equal(row_tg, tokens[s + 1:s + seq_len + 1])
+      seen.append(s)
+    if i == starts // batch - 1:
+      state = it.get_state()  # the last batch of the first epoch (starts // batch of them)
+  assert sorted(seen[:starts // batch * batch]) == sorted(set(seen[:starts // batch * batch]))
+  assert set(seen) == set(range(starts))
+  again = pipeline.train_batches(tokens, seq_len=seq_len, batch_size=batch, seed=5)
+  again.set_state(state)
+  for want in batches[starts // batch:]:
+    np.testing.assert_array_equal(next(again)["inputs"], want)
 
 
 def test_eval_batches_are_fixed():
