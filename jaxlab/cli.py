@@ -23,8 +23,10 @@ import sys
 
 CONFIG_HELP = ("config name ({names}) or path to a .py file with get_config(); default: %(default)s. "
                "Override any key with --config.SECTION.KEY=VALUE.")
-OVERRIDES_EPILOG = ("Any key of the run's saved config (WORKDIR/config.json) can be overridden with "
-                    "--config.SECTION.KEY=VALUE, e.g. --config.train.eval_batches=4.")
+OVERRIDES_EPILOG = ("Keys of the run's saved config (WORKDIR/config.json) can be overridden with "
+                    "--config.SECTION.KEY=VALUE, e.g. --config.train.eval_batches=4, except those "
+                    "of the sections the checkpoints depend on (task, seed, model, data, optim), "
+                    "which must keep their saved values.")
 
 
 class UsageError(ValueError):
@@ -238,6 +240,8 @@ def _check_sample_flags(args) -> None:
     bad("--top-k", args.top_k, "must be >= 0 (0 = off)")
   if args.top_p is not None and not 0 < args.top_p <= 1:
     bad("--top-p", args.top_p, "must be in (0, 1] (1 = off)")
+  if args.seed is not None and not 0 <= args.seed < 2**32:
+    bad("--seed", args.seed, "must be an int in [0, 2**32) (as config.sample.seed)")
 
 
 def cmd_sample(args, overrides) -> int:
@@ -250,6 +254,14 @@ def cmd_sample(args, overrides) -> int:
                                 speculative="--draft-tree" if args.draft_tree is not None
                                 else "--speculative" if args.speculative else None)
   from jaxlab.train import tasks, trainer
+  if "prompt" not in config.get("sample", {}):  # not a language model: no text flags
+    text_flags = [flag for flag, value in (("--prompt", args.prompt),
+                                           ("--temperature", args.temperature),
+                                           ("--top-k", args.top_k), ("--top-p", args.top_p))
+                  if value is not None]
+    if text_flags:
+      raise UsageError(f"{text_flags[0]}: the {config.get('task')!r} task's sampler takes only "
+                       "--num-tokens (samples) and --seed")
   # A task that can sample from what the run saved (LM: vocab.json) needs no training data.
   build_for_sampling = getattr(tasks.task_module(config.task), "build_for_sampling", None)
   run = trainer.setup(config, workdir,

@@ -84,6 +84,14 @@ def test_prompt_outside_the_vocabulary(tiny_lm_config):
   byte_task.check_prompt("€ anything", "--prompt")
 
 
+def test_a_prompt_outside_the_vocabulary_leaves_no_workdir(tiny_lm_config, tmp_path):
+  """`jaxlab train` refuses it before the workdir exists (a fresh runs/NAME-STAMP each time, before)."""
+  from jaxlab.train import trainer
+  with pytest.raises(ConfigError, match="config.sample.prompt"):
+    trainer.train(tiny_lm_config("--config.sample.prompt=€€"), tmp_path / "run", progress=False)
+  assert not (tmp_path / "run").exists()
+
+
 def test_density_batch_larger_than_the_training_split():
   from jaxlab.train.density_task import DensityTask
   config = early("made", "--config.data.batch_size=2000", "--config.mesh.data=1")

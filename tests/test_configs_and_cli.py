@@ -68,6 +68,15 @@ def test_contrastive_task_refuses_microbatches():
     load_config("contrastive_digits", ["--config.train.microbatches=2"])
 
 
+def test_tuple_overrides():
+  """A scalar for a tuple key is a one-element tuple; bools are not ints inside a tuple either."""
+  load = lambda *o: load_config("made", list(o), check_devices=False)
+  assert load("--config.model.hidden=500").model.hidden == (500,)
+  assert load("--config.model.hidden=(64, 32)").model.hidden == (64, 32)
+  with pytest.raises(ConfigError, match=r"config\.model\.hidden: expected ints"):
+    load("--config.model.hidden=(True,)")
+
+
 def test_overrides_are_typed():
   c = load_config("lm_char", ["--config.model.num_layers=2", "--config.optim.lr=1",
                               "--config.model.position=learned", "--config.train.tensorboard=false",
@@ -97,6 +106,7 @@ def test_overrides_are_typed():
     ("--config.data.batch_size=0", "config.data.batch_size"),
     ("--config.mesh.data=16", "config.mesh"),
     ("--config.mesh.data=3", "config.data.batch_size"),
+    ("--config.mesh.tensor=3", "config.mesh.tensor=3 must divide"),  # 4 kv heads
     ("--config.optim.warmup_steps=5000", "config.optim.warmup_steps"),
     ("--config.train.microbatches=0", "config.train.microbatches"),
     (("--config.mesh.data=2", "--config.train.microbatches=3"), "config.train.microbatches"),
@@ -111,9 +121,12 @@ def test_overrides_are_typed():
     (("--config.model.attention_impl=cudnn", "--config.model.attention=local"),
      "config.model.attention_impl='cudnn'"),
     ("--config.sample.top_k=True", "config.sample.top_k"),
+    ("--config.sample.temperature=1e999", "config.sample.temperature"),
     (("--config.model.position=xpos", "--config.model.dtype=float16", "--config.data.seq_len=4096"),
      "config.model.dtype='float16'"),
     ("--config.sample.seed=18446744073709551616", "config.sample.seed"),
+    (("--config.optim.warmup_steps=3000000000", "--config.train.steps=6000000000"),
+     "must be < 2**31"),
     ("--config.model.feature_seed=4294967296", "config.model.feature_seed"),
 ])
 def test_bad_configs_name_the_key(override, key):
@@ -174,6 +187,13 @@ def test_cli_eval_and_sample_best_params_of_a_density_run(tmp_path, capsys):
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 30
   assert cli.main(["sample", str(workdir), "--best"]) == 0
   assert capsys.readouterr().out.strip()
+  assert cli.main(["sample", str(workdir), "--num-tokens", "2"]) == 0  # two 8x8 images
+  images = capsys.readouterr().out.strip().split("\n\n")
+  assert len(images) == 2 and all(len(image.splitlines()) == 8 for image in images)
+  assert cli.main(["sample", str(workdir), "--num-tokens", "0"]) == 0  # none (it gave 16)
+  assert capsys.readouterr().out.strip() == ""
+  assert cli.main(["sample", str(workdir), "--temperature", "5"]) == 2  # a language model's flag
+  assert "--temperature: the 'density' task's sampler takes only" in capsys.readouterr().err
   plain = tmp_path / "plain"
   assert cli.main(["train", "made", "--workdir", str(plain), "--no-progress",
                    "--config.train.keep_best=False"] + common) == 0
@@ -341,6 +361,8 @@ def test_workdir_config_keeps_a_key_of_its_own(tmp_path, tiny_cli_overrides):
     (["--top-p", "1.5"], "--top-p"),
     (["--top-p", "-0.1"], "--top-p"),
     (["--top-p", "nan"], "--top-p"),
+    (["--seed", "-5"], "--seed"),
+    (["--seed", str(2**32)], "--seed"),
 ])
 def test_cli_sample_flags_checked_first(tmp_path, capsys, flags, flag):
   # WORKDIR does not even exist: the flags are checked before anything is read or built.

@@ -98,7 +98,12 @@ def _parse_value(text: str, current):
     raise ValueError(f"expected {type(current).__name__}, got {text!r}") from None
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
-  if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+  if isinstance(current, (list, tuple)):
+    if not isinstance(value, (list, tuple)):
+      value = (value,)  # --config.model.hidden=500 means (500,)
+    elements = {type(v) for v in current}
+    if elements and all(t is int for t in elements) and any(isinstance(v, bool) for v in value):
+      raise ValueError(f"expected ints, got {text!r}")
     return type(current)(value)
   if current is not None and not isinstance(value, type(current)):
     raise ValueError(f"expected {type(current).__name__}, got {text!r}")

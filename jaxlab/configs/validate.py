@@ -82,6 +82,10 @@ def _validate(config, check_devices: bool) -> None:
 
   flat = flatten(config.to_dict())
   _require_no_bools_for_ints(config, flat)
+  for key, value in flat.items():  # step counts and intervals: int32 step counters
+    if key in POSITIVE_INTS or key.endswith(("_steps", "_every")):
+      require(not isinstance(value, int) or value < 2**31,
+              f"config.{key}={value!r} must be < 2**31 (steps are counted in int32)")
   for key, seed in flat.items():  # config.seed, train.eval_seed, sample.seed, ...
     if key.rsplit(".", 1)[-1] == "seed" or key.endswith("_seed"):
       require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
@@ -119,6 +123,13 @@ def _validate(config, check_devices: bool) -> None:
   # With every mesh size fixed the batch split is known without the devices: say so here rather than
   # let the CPU device chooser pick fewer devices and validate_mesh blame the mesh.
   sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  tensor = config.mesh.tensor
+  if isinstance(tensor, int) and tensor > 1:  # a fixed tensor size is checked without the devices
+    units = tasks.task_module(config.task).tensor_units(config)
+    require(units is not None, f"config.mesh.tensor={tensor}: task {config.task!r} has no "
+                               "tensor-parallel axis; use 1")
+    require(units % tensor == 0, f"config.mesh.tensor={tensor} must divide the task's "
+                                 f"{units} tensor-parallel units (LM: kv heads)")
   if all(isinstance(s, int) and s >= 1 for s in sizes):
     shards = config.mesh.data * config.mesh.fsdp
     require(config.data.batch_size % shards == 0,

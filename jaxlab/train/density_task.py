@@ -155,7 +155,7 @@ class DensityTask:
   def sample_command(self, params, args) -> str:
     """`jaxlab sample WORKDIR [--seed S] [--num-tokens N]`: N samples (default config.sample.num)
     drawn exactly, printed as text (# = 1)."""
-    n = args.num_tokens or self.config.sample.num
+    n = self.config.sample.num if args.num_tokens is None else args.num_tokens
     seed = self.config.sample.seed if args.seed is None else args.seed
     x = self.samples(params, n, seed)
     if self.data.image_shape is None:

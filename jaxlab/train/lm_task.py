@@ -172,7 +172,8 @@ def validate(config, require) -> None:
     require(bool(d.path), "config.data.path must name the text file(s) for config.data.name="
                           "'text_files'")
   s = config.sample
-  require(s.temperature >= 0, f"config.sample.temperature={s.temperature} must be >= 0")
+  require(math.isfinite(s.temperature) and s.temperature >= 0,
+          f"config.sample.temperature={s.temperature} must be a finite number >= 0 (0 = greedy)")
   require(s.top_k >= 0, f"config.sample.top_k={s.top_k} must be >= 0 (0 = off)")
   require(0 < s.top_p <= 1, f"config.sample.top_p={s.top_p} must be in (0, 1]")
   require(s.num_tokens >= 0, f"config.sample.num_tokens={s.num_tokens} must be >= 0")

@@ -428,14 +428,16 @@ def _schedule_change_note(run: Run, start: int) -> Optional[str]:
 
 def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = True) -> dict:
   """Trains (resuming from WORKDIR's newest checkpoint when there is one); returns final metrics."""
+  if task is None:
+    task = _build_task(config)
+  check = getattr(task, "check_before_training", None)  # e.g. the LM's sample prompt
+  if check is not None:
+    check()  # before setup creates the workdir: a refused config leaves nothing behind
   run = setup(config, workdir, task=task)
   cfg = config.train
   lock = None
   try:
     lock = _lock_workdir(run.workdir)
-    check = getattr(run.task, "check_before_training", None)  # e.g. the LM's sample prompt
-    if check is not None:
-      check()
     if not os.access(run.checkpointer.directory, os.W_OK):
       raise PermissionError(f"{run.checkpointer.directory} is not writable; no checkpoint could be "
                             "saved (nothing was changed)")
