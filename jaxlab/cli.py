@@ -64,13 +64,34 @@ def console_main() -> int:
 
 
 def _fresh_workdir(config_name: str) -> pathlib.Path:
+  """A new runs/NAME-STAMP[-i], created here (atomically: two runs started in the same second get
+  two directories); `cmd_train` removes it again if training fails before writing anything."""
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   stem = pathlib.Path(config_name).stem
   base = pathlib.Path("runs") / f"{stem}-{stamp}"
   path, i = base, 1
-  while path.exists():
-    path, i = pathlib.Path(f"{base}-{i}"), i + 1
-  return path
+  base.parent.mkdir(parents=True, exist_ok=True)
+  while True:
+    try:
+      path.mkdir()
+      return path
+    except FileExistsError:
+      path, i = pathlib.Path(f"{base}-{i}"), i + 1
+
+
+def _check_train_workdir(workdir: pathlib.Path) -> None:
+  """Refuses to train into a directory that holds files but is no jaxlab workdir (its config.json,
+  metrics.jsonl would be overwritten)."""
+  if not workdir.is_dir() or not any(workdir.iterdir()):
+    return
+  try:
+    saved = json.loads((workdir / "config.json").read_text())
+    ours = isinstance(saved, dict) and "task" in saved
+  except (OSError, ValueError):
+    ours = False
+  if not ours and not (workdir / "checkpoints").is_dir():
+    raise UsageError(f"--workdir {workdir} holds files but is not a jaxlab workdir (no config.json "
+                     "of a run, no checkpoints/); train into a new or empty directory")
 
 
 def _ready_for_devices(config, args=None):
@@ -190,11 +211,20 @@ def cmd_train(args, overrides) -> int:
                      "shares), not a fresh one per process")
   if args.workdir:
     _check_workdir(pathlib.Path(args.workdir), "--workdir")
+    _check_train_workdir(pathlib.Path(args.workdir))
   config = load_run_config(args.config, overrides, args)
   from jaxlab.train import distributed, trainer
   workdir = pathlib.Path(args.workdir) if args.workdir else _fresh_workdir(args.config)
   _say(f"jaxlab: training {args.config} in {workdir}")
-  result = trainer.train(config, workdir, progress=not args.no_progress)
+  try:
+    result = trainer.train(config, workdir, progress=not args.no_progress)
+  except BaseException:
+    if not args.workdir:
+      try:
+        workdir.rmdir()  # the fresh directory, if nothing was written into it
+      except OSError:
+        pass
+    raise
   run = result["run"]
   _say(f"jaxlab: step {result['step']}: val_loss {result.get('val_loss', float('nan')):.4f}"
        + (f", {result['step_time_ms']:.1f} ms/step" if "step_time_ms" in result else ""))

@@ -137,6 +137,26 @@ def test_bad_configs_name_the_key(override, key):
   assert key in message and "\n" not in message
 
 
+def test_fresh_workdirs_are_distinct_and_a_failed_run_leaves_none(tmp_path, monkeypatch,
+                                                                  tiny_cli_overrides, capsys):
+  monkeypatch.chdir(tmp_path)
+  a, b = cli._fresh_workdir("lm_char"), cli._fresh_workdir("lm_char")  # the same second
+  assert a != b and a.is_dir() and b.is_dir()
+  a.rmdir(), b.rmdir()
+  assert cli.main(["train", *tiny_cli_overrides, "--config.sample.prompt=€€"]) == 2
+  assert "config.sample.prompt" in capsys.readouterr().err
+  assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_cli_train_refuses_a_directory_that_is_not_a_workdir(tmp_path, tiny_cli_overrides,
+                                                             capsys):
+  (tmp_path / "config.json").write_text('{"my": "settings"}')
+  assert cli.main(["train", "--workdir", str(tmp_path), *tiny_cli_overrides]) == 2
+  assert "is not a jaxlab workdir" in capsys.readouterr().err
+  assert (tmp_path / "config.json").read_text() == '{"my": "settings"}'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
 def test_cli_reports_config_errors_in_one_line(capsys):
   assert cli.main(["train", "--config.model.num_heads=7"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
