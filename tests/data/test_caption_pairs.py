@@ -49,7 +49,7 @@ def test_emoji_default_path_is_the_shared_folder_beside_the_checkout(tmp_path, m
   monkeypatch.chdir(tmp_path)
   config = load_config("contrastive_emoji", check_devices=False)
   assert config.data.path == ""
-  assert cp.builder_for(config.data).builder_config.root == str(EMOJI)
+  assert cp.builder_for(config.data).builder_config.root == str(EMOJI.resolve())
 
 
 @pytest.mark.skipif(not EMOJI.is_dir(), reason="../shared/data/emoji_captions is not present")
