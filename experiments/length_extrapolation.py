@@ -108,6 +108,8 @@ def score(model, params, tokens, *, length: int, stride: int, num_scored: int, s
   import numpy as np
   import optax
 
+  if sliding and length < stride:
+    raise ValueError(f"a sliding window of {length} tokens cannot score its last {stride}")
   step = stride if sliding else length
   starts = list(range(0, len(tokens) - length - 1, step))
   needed = -(-num_scored // (stride if sliding else length))
@@ -283,14 +285,23 @@ def main(argv=None):
   parser.add_argument("--encodings", type=lambda t: t.split(","), default=None,
                       help=f"comma-separated subset of {','.join(ENCODINGS)}")
   parser.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",")], default=None)
-  parser.add_argument("--variants", type=lambda t: t.split(","), default=None,
-                      help="comma-separated RoPE variant names to evaluate (default: all)")
+  parser.add_argument("--variants", type=lambda t: [v.strip() for v in t.split(";")], default=None,
+                      help="semicolon-separated RoPE variant names to evaluate (names hold commas; "
+                      "default: all)")
   parser.add_argument("--merge", action="store_true",
                       help="replace only these encodings' results in an existing results file")
   parser.add_argument("--out", default=str(RESULTS), help="results directory")
   args = parser.parse_args(argv)
   if args.encodings and set(args.encodings) - set(ENCODINGS):
     parser.error(f"--encodings must be a subset of {','.join(ENCODINGS)}")
+  s = settings(args.quick)
+  known = rope_variants(s["rerope_window"])
+  if args.variants and set(args.variants) - set(known):
+    parser.error(f"--variants: unknown {sorted(set(args.variants) - set(known))}; the variants are "
+                 f"{'; '.join(known)}")
+  if args.lengths and min(args.lengths) < s["stride"]:
+    parser.error(f"--lengths must be >= the sliding stride {s['stride']} (a window scores its last "
+                 f"{s['stride']} tokens)")
   out = run(args)
   print((pathlib.Path(args.out) / ("length_extrapolation_quick.md" if args.quick else
                                    "length_extrapolation.md")).read_text())

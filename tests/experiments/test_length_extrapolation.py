@@ -14,9 +14,10 @@ DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 def test_quick_run_writes_tables_and_scaling_is_the_identity_at_the_training_length(tmp_path,
                                                                                     experiment):
   script = experiment("length_extrapolation")
-  variants = ["rope + PI", "rope + dynamic NTK", "rope + YaRN", "rope + ReRoPE(w=16) + log-n"]
+  variants = ["rope + PI", "rope + dynamic NTK", "rope + YaRN", "rope + ReRoPE(w=16) + log-n",
+              "rope + leaky ReRoPE(w=16, k=16)"]  # a name with a comma
   script.main(["--quick", "--encodings", "rope,learned", "--steps", "15", "--lengths", "32,64",
-               "--variants", ",".join(variants), "--data", str(DATA), "--out", str(tmp_path)])
+               "--variants", "; ".join(variants), "--data", str(DATA), "--out", str(tmp_path)])
   out = json.loads((tmp_path / "length_extrapolation_quick.json").read_text())
   rows = {(r["model"], r["length"], r["mode"]): r for r in out["rows"]}
   models = ["rope", "learned"] + variants
@@ -72,3 +73,16 @@ def test_eval_models_are_plain_rope_up_to_the_training_length_and_differ_beyond(
   diff = np.abs(np.asarray(long.apply({"params": params}, tokens) - plain.apply({"params": params},
                                                                                 tokens)))
   assert diff[:, 40:].max() > 1e-5, variant
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--variants", "rope + PIE"], "unknown"),
+    (["--lengths", "8,32"], "must be >= the sliding stride"),
+])
+def test_bad_variants_and_lengths_are_refused(flags, message, experiment, capsys):
+  """An unknown variant was skipped silently; a length below the stride counted targets it never
+  scored (uniform logits gave half of log V)."""
+  script = experiment("length_extrapolation")
+  with pytest.raises(SystemExit):
+    script.main(["--quick", *flags])
+  assert message in capsys.readouterr().err
