@@ -187,6 +187,19 @@ def _logged_step_times(workdir: pathlib.Path) -> tuple[float | None, float]:
   return statistics.median(by_step.values()), total_ms / 1000
 
 
+def git_commit() -> str | None:
+  """The checkout's commit (with "+" when it has uncommitted changes), for each row's record."""
+  import subprocess
+  try:
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                           capture_output=True, text=True).stdout.strip()
+    return rev + ("+" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
 def write_tables(rows, device, wall_s, path_md, path_json, quick, budget):
   lines = [f"# Binary density estimation ({'quick' if quick else 'CPU-budget runs'})", "",
            f"Device: {device}. Total wall time {wall_s / 60:.1f} min (all runs below, including "
@@ -216,6 +229,11 @@ def write_tables(rows, device, wall_s, path_md, path_json, quick, budget):
             "select on validation NLL too, by early stopping). The UCI and Caltech MADE rows use "
             "direct input->output connections, as the MADE paper's runs; their 1-mask ones also "
             "weight decay 0.5 (see the plan in binary_density.py)."]
+  other = [f"{r['dataset']}:{r['model']} ({'budget ' + str(r['budget']) if 'budget' in r else 'not recorded'})"
+           for r in rows if r.get("budget") != budget or r.get("extra")]
+  if other:
+    lines.append(f"Rows kept from runs with other settings than this run's budget {budget} (a re-run "
+                 f"with --only replaces only its own rows): {', '.join(other)}.")
   if any(r.get("selected_step") is None for r in rows):
     lines.append("Rows with an empty `selected` are earlier runs, made before selection existed: "
                  "their test NLL is of the final parameters.")
@@ -267,6 +285,7 @@ def main(argv=None) -> int:
     workroot = pathlib.Path(args.workroot or tmp)
     for dataset_name, label, overrides, steps in runs:
       row = run_one(dataset_name, label, overrides, steps, cache, workroot, out, args.quick)
+      row.update(budget=args.budget, extra=args.extra, commit=git_commit())
       rows.append(row)
       order = {(d, m): i for i, (d, m, _, _) in enumerate(plan(args.quick, args.budget, args.steps))}
       merged = sorted(earlier + rows, key=lambda r: order.get((r["dataset"], r["model"]), 1 << 30))
