@@ -519,8 +519,16 @@ def gaps(rows, protocol) -> list[dict]:
     d = r1(s) - r1(c)
     se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
     out.append({"batch": batch, "clip": mean_r1(c)[0], "siglip": mean_r1(s)[0],
-                "gap": float(d.mean()), "se": se, "clip_lr_at_top": c["lr"] == max(c["lr_grid"])})
+                "gap": float(d.mean()), "se": se, "clip_lr_at_top": c["lr"] == max(c["lr_grid"]),
+                "seeds": len(d)})
   return out
+
+
+def _p_beyond_two_se(seeds: int) -> float:
+  """P(|t| > 2) for a t distribution with seeds - 1 degrees of freedom (a mean of paired differences
+  over that many seeds crossing 2 standard errors by chance)."""
+  from scipy import stats
+  return float(2 * stats.t.sf(2.0, max(seeds - 1, 1)))
 
 
 def verdict(g: list[dict]) -> dict:
@@ -542,6 +550,7 @@ def verdict(g: list[dict]) -> dict:
           "small_gap": small_gap, "large_abs": large_abs, "small_sig": small_sig,
           "small_clip": small_clip, "converge": converge, "holds": bool(small_sig and converge),
           "n_sig": sum(label(x).startswith("SigLIP ahead") for x in g),
+          "seeds": min(x["seeds"] for x in g), "p_cross": _p_beyond_two_se(min(x["seeds"] for x in g)),
           "n_clip": sum(label(x) == "CLIP ahead" for x in g), "n": len(g)}
 
 
@@ -570,9 +579,10 @@ def interpretation(rows, tier_b_rows, baseline=None) -> list[str]:
         f"standard error of the paired per-seed differences): {v['parts']}. At B <= 32 {small_text} (mean gap "
         f"{v['small_gap'] * 100:+.1f}); at B >= 512 the mean |gap| is {v['large_abs'] * 100:.1f}, "
         f"{'smaller' if v['converge'] else 'not smaller'} than at small batch. SigLIP clearly ahead "
-        f"in {v['n_sig']} of {v['n']} batches, CLIP clearly ahead in {v['n_clip']} (with "
-        f"{v['n']} comparisons at 2 s.e. over few seeds, one or two "
-        f"crossings are expected by chance alone). Mean R@1 vs batch: "
+        f"in {v['n_sig']} of {v['n']} batches, CLIP clearly ahead in {v['n_clip']} (chance alone "
+        f"gives {v['n'] * v['p_cross']:.1f} of {v['n']} with {v['seeds']} seeds: a 2 s.e. crossing "
+        f"has probability {v['p_cross']:.2f} under a t distribution with {v['seeds'] - 1} degrees "
+        f"of freedom). Mean R@1 vs batch: "
         f"{trend(rows, protocol, 'clip')}; {trend(rows, protocol, 'siglip')}. The paper's pattern "
         f"(sigmoid clearly ahead at small batch, converging as the batch grows) "
         f"**{'holds' if v['holds'] else 'holds only weakly (in direction, within a few s.e.)' if v['partial'] else 'does not hold'}** in this protocol.")

@@ -290,11 +290,12 @@ def cmd_sample(args, overrides) -> int:
                                            ("--top-k", args.top_k), ("--top-p", args.top_p))
                   if value is not None]
     if text_flags:
-      raise UsageError(f"{text_flags[0]}: the {config.get('task')!r} task's sampler takes only "
-                       "--num-tokens (samples) and --seed")
+      raise UsageError(f"{text_flags[0]} is for language-model runs; this run's task is "
+                       f"{config.get('task')!r} (its sampler, if any, takes --num-tokens and --seed)")
   # A task that can sample from what the run saved (LM: vocab.json) needs no training data.
   build_for_sampling = getattr(tasks.task_module(config.task), "build_for_sampling", None)
-  run = trainer.setup(config, workdir,
+  # Samples do not depend on the training data: a workdir whose data changed still samples.
+  run = trainer.setup(config, workdir, check_data=False,
                       task=build_for_sampling(config, workdir) if build_for_sampling else None)
   try:
     sample_command = getattr(run.task, "sample_command", None)

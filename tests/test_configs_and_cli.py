@@ -213,7 +213,8 @@ def test_cli_eval_and_sample_best_params_of_a_density_run(tmp_path, capsys):
   assert cli.main(["sample", str(workdir), "--num-tokens", "0"]) == 0  # none (it gave 16)
   assert capsys.readouterr().out.strip() == ""
   assert cli.main(["sample", str(workdir), "--temperature", "5"]) == 2  # a language model's flag
-  assert "--temperature: the 'density' task's sampler takes only" in capsys.readouterr().err
+  assert "--temperature is for language-model runs; this run's task is 'density'" in \
+      capsys.readouterr().err
   plain = tmp_path / "plain"
   assert cli.main(["train", "made", "--workdir", str(plain), "--no-progress",
                    "--config.train.keep_best=False"] + common) == 0

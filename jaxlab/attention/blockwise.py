@@ -208,9 +208,10 @@ def _tile_logits(static, mask, qb, kb, bias, qs, ks):
   s = jnp.einsum("bqkgh,bskh->bkgqs", qb, kb, preferred_element_type=jnp.float32) * static.scale
   if bias is not None:
     s = s + _bias_tile(bias, qs, ks, bq, bk, kb.shape[2])
-  if static.soft_cap is not None:
-    s = static.soft_cap * jnp.tanh(s / static.soft_cap)
   valid = mask.block(qs + jnp.arange(bq), ks + jnp.arange(bk))[:, :, None]  # [B|1, 1, 1, bq, bk]
+  if static.soft_cap is not None:
+    valid = valid & (s > _NEG)  # a -inf / finfo.min bias masks; the cap would make it -c
+    s = static.soft_cap * jnp.tanh(s / static.soft_cap)
   return jnp.where(valid, s, _NEG), valid
 
 

@@ -82,9 +82,12 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.Atte
   logits = logits.reshape(b, n, tq, tk)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
+  valid = mask.full()
   if soft_cap is not None:
+    hidden = logits <= _NEG  # a -inf / finfo.min bias masks; the cap would turn it into -c
+    valid = ~hidden if valid is None else valid & ~hidden
     logits = soft_cap * jnp.tanh(logits / soft_cap)
-  probs = masked_softmax(logits, mask.full())
+  probs = masked_softmax(logits, valid)
   probs = probs.reshape(b, kh, g, tq, tk).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, tq, n, h).astype(q.dtype)

@@ -140,11 +140,18 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
 
 def absolute_data_path(path: str, task: str | None) -> str:
   """config.data.path made absolute against the working directory ("" stays ""; the LM's
-  comma-separated files each), so that a saved config reads the same files from anywhere."""
+  comma-separated files each; a URL such as gs://... is left as it is), so that a saved config reads
+  the same files from anywhere."""
   if not isinstance(path, str) or not path:
     return path
   parts = path.split(",") if task == "lm" else [path]
-  return ",".join(os.path.abspath(os.path.expanduser(p)) if p else p for p in parts)
+  return ",".join(_absolute(p) for p in parts)
+
+
+def _absolute(path: str) -> str:
+  if not path or "://" in path:
+    return path
+  return os.path.abspath(os.path.expanduser(path))
 
 
 def resolve_data_paths(config) -> None:
@@ -155,7 +162,7 @@ def resolve_data_paths(config) -> None:
   if "path" in data:
     data.path = absolute_data_path(data.path, config.get("task"))
   if isinstance(data.get("data_dir"), str) and data.data_dir:
-    data.data_dir = os.path.abspath(os.path.expanduser(data.data_dir))
+    data.data_dir = _absolute(data.data_dir)
 
 
 def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, *,

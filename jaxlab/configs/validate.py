@@ -83,7 +83,7 @@ def _validate(config, check_devices: bool) -> None:
   flat = flatten(config.to_dict())
   _require_no_bools_for_ints(config, flat)
   for key, value in flat.items():  # step counts and intervals: int32 step counters
-    if key in POSITIVE_INTS or key.endswith(("_steps", "_every")):
+    if key.endswith(("steps", "_every")):
       require(not isinstance(value, int) or value < 2**31,
               f"config.{key}={value!r} must be < 2**31 (steps are counted in int32)")
   for key, seed in flat.items():  # config.seed, train.eval_seed, sample.seed, ...
@@ -144,6 +144,13 @@ def validate_mesh(config) -> None:
   from jaxlab.train import tasks
   from jaxlab.train.sharding import mesh_shape
   sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  if jax.process_count() > 1:  # first: every other check below reads the global count
+    from jaxlab.train import distributed
+    counts = distributed.local_device_counts()
+    require(len(set(counts)) == 1,
+            f"config.mesh.cpu_devices: the processes have different numbers of devices {counts}, "
+            "so they cannot hold equal shares of the batch; give every process as many (on CPU, "
+            "set config.mesh.cpu_devices)")
   try:
     data, fsdp, tensor = mesh_shape(sizes, jax.device_count())
   except ValueError as e:
@@ -157,12 +164,6 @@ def validate_mesh(config) -> None:
           f"config.train.microbatches={micro} does not divide the {batch // (data * fsdp)} rows "
           f"each of the {data * fsdp} data*fsdp devices holds (config.data.batch_size={batch})")
   if jax.process_count() > 1:
-    from jaxlab.train import distributed
-    counts = distributed.local_device_counts()
-    require(len(set(counts)) == 1,
-            f"config.mesh.cpu_devices: the processes have different numbers of devices {counts}, "
-            "so they cannot hold equal shares of the batch; give every process as many (on CPU, "
-            "set config.mesh.cpu_devices)")
     require(data * fsdp * tensor == jax.device_count(),
             f"config.mesh: data*fsdp*tensor = {data * fsdp * tensor} must use all "
             f"{jax.device_count()} devices of the {jax.process_count()} processes (use -1 for one axis)")

@@ -232,9 +232,12 @@ class BestParams:
 
   `fingerprint` names the run's model/data/optimizer config: a record saved under another one (or one
   that cannot be read) is moved to WORKDIR/corrupt_checkpoints/ rather than trusted or deleted.
+  `also_accept`: fingerprints of the same config written otherwise (e.g. the workdir's config.json
+  with a data path saved as typed, before paths were made absolute).
   """
 
-  def __init__(self, workdir: str | pathlib.Path, *, fingerprint: str = "", create: bool = True):
+  def __init__(self, workdir: str | pathlib.Path, *, fingerprint: str = "", create: bool = True,
+               also_accept: tuple = ()):
     self.workdir = pathlib.Path(workdir)
     self.directory = self.workdir / "best"
     self.fingerprint = fingerprint
@@ -255,7 +258,7 @@ class BestParams:
     except Exception as e:  # orbax raises many types for unreadable files
       self.discard(f"is unreadable ({type(e).__name__})")
       return
-    if fingerprint and saved_fingerprint != fingerprint:
+    if fingerprint and saved_fingerprint not in (fingerprint, *filter(None, also_accept)):
       self.discard("was saved under a different model/data/optimizer config")
       return
     self.step, self.val_loss = saved_step, saved_loss

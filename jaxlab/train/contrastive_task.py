@@ -90,7 +90,8 @@ def validate(config, require) -> None:
             "config.data.name='digits', so evaluation would give no batches")
   require(not config.train.keep_best,
           "config.train.keep_best=True would choose parameters by the loss on the held-out test "
-          "pairs (the caption datasets have no validation split; val_loss is measured on test)")
+          "pairs (the caption datasets have no validation split; val_loss is measured on test); "
+          "give --config.train.keep_best=False (also to eval or sample an older run saved with it)")
   recall_at = config.eval.recall_at
   require(isinstance(recall_at, (tuple, list)) and len(recall_at) > 0
           and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in recall_at)

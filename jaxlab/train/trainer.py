@@ -49,6 +49,9 @@ class Run:
   abstract_state: Any
   checkpointer: checkpoint_lib.Checkpointer
   data_digest: Optional[str] = None  # the task's data_fingerprint() (None: it holds no data)
+  # config_fingerprint of the workdir's config.json as found (before this run rewrites it): records
+  # saved under it stay valid once check_resume_config has accepted this config
+  saved_fingerprint: Optional[str] = None
 
   def rules(self):
     return nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
@@ -67,21 +70,39 @@ def _init_state_fn(task, tx, config) -> Callable[[], TrainState]:
   return init
 
 
-def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
-  """Mesh, task, optimizer and the sharded abstract state (eval_shape -> shardings). Refuses (ValueError,
-  nothing changed) a workdir whose checkpoints belong to another model/data/optimizer config."""
-  workdir = pathlib.Path(workdir)
+def _same_run_everywhere(config, workdir: pathlib.Path) -> None:
+  """In a multi-process run, every process was given the same config and workdir (a collective)."""
   distributed.require_same_everywhere(config.to_json_best_effort() + str(workdir.absolute()),
                                       "configs or workdirs")
+
+
+def _same_data_everywhere(task) -> Optional[str]:
+  """The task's data digest (None: a task without data, or one that defines no data_fingerprint);
+  in a multi-process run, the same in every process (a collective): each process read its own files."""
+  digest = getattr(task, "data_fingerprint", lambda: None)()
+  if jax.process_count() > 1:
+    distributed.require_same_everywhere(
+        str(digest), "data (the same config read other files or other dataset builds)",
+        "every process must read the same data: put config.data.path (or the dataset files) and "
+        "config.data.data_dir on a filesystem they share, or give each an identical copy")
+  return digest
+
+
+_UNSET = object()
+
+
+def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = True,
+          data_digest=_UNSET) -> Run:
+  """Mesh, task, optimizer and the sharded abstract state (eval_shape -> shardings). Refuses (ValueError,
+  nothing changed) a workdir whose checkpoints belong to another model/data/optimizer config, or (with
+  `check_data`) were trained on other data. data_digest: the task's, when the caller has it."""
+  workdir = pathlib.Path(workdir)
+  _same_run_everywhere(config, workdir)
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   if task is None:
     task = _build_task(config)
-  data_digest = task.data_fingerprint()
-  if jax.process_count() > 1:  # each process read its own files: same config, but the same data?
-    distributed.require_same_everywhere(
-        str(data_digest), "data (the same config read other files or other dataset builds)",
-        "every process must read the same data: put config.data.path (or the dataset files) and "
-        "config.data.data_dir on a filesystem they share, or give each an identical copy")
+  if data_digest is _UNSET:
+    data_digest = _same_data_everywhere(task)
   tx = optim.make_optimizer(config.optim, config.train.steps,
                            clip_groups=getattr(task, "clip_groups", lambda: ())())
   init = _init_state_fn(task, tx, config)
@@ -93,11 +114,12 @@ def setup(config, workdir: str | pathlib.Path, *, task=None) -> Run:
   workdir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to build leaves no dir
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   run = Run(config, workdir, mesh, task, tx, state_shardings, abstract_state, checkpointer,
-            data_digest)
+            data_digest, _saved_fingerprint(workdir))
   try:
     check_resume_config(run)
     check_same_vocabulary(run)
-    check_same_data(run)
+    if check_data:
+      check_same_data(run)
   except ValueError:
     checkpointer.close()
     raise
@@ -276,6 +298,7 @@ def restore_best_params(run: Run) -> tuple[int, Any]:
   """(step, params) of the lowest-validation-loss parameters a `train.keep_best` run saved, in the
   run's sharding; FileNotFoundError if there is no readable record."""
   keeper = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(run.config),
+                                     also_accept=(run.saved_fingerprint,),
                                      create=False)
   try:
     return keeper.step, keeper.restore(run.abstract_state["params"])
@@ -312,15 +335,15 @@ ADDED_TASK_KEYS_AT_DEFAULT = {
 }
 
 
-def _resume_keys(config_json: dict) -> dict:
+def _resume_keys(config_json: dict, *, resolve_paths: bool = True) -> dict:
   """The flattened config entries a checkpoint depends on (RESUME_MUST_MATCH, less data.data_dir
   and the ADDED_..._KEYS_AT_DEFAULT at their defaults), from the config as JSON. The loss-scaling
   keys count only for a run that scales (then as "dynamic", however it was asked for): a run without
   it checkpoints the same state as one saved before loss scaling existed."""
   flat = flatten({k: v for k, v in config_json.items() if k in RESUME_MUST_MATCH})
   flat.pop("data.data_dir", None)
-  if "data.path" in flat:  # runs saved before paths were made absolute hold them as typed
-    flat["data.path"] = absolute_data_path(flat["data.path"], config_json.get("task"))
+  if resolve_paths and "data.path" in flat:  # runs saved before paths were absolute: as typed
+    flat["data.path"] = _comparable_data_path(flat, config_json.get("task"))
   if loss_scale.enabled(config_json):
     flat["optim.loss_scale"] = "dynamic"
   else:
@@ -333,10 +356,36 @@ def _resume_keys(config_json: dict) -> dict:
   return flat
 
 
+def _comparable_data_path(flat: dict, task) -> str:
+  """data.path as the file it names: absolute, symlinks resolved, and the emoji default ("") as the
+  shared folder it means (contrastive_emoji once saved that folder as a relative path)."""
+  path = flat["data.path"]
+  if task == "contrastive" and flat.get("data.name") == "emoji" and not path:
+    from jaxlab.data.local_info import SHARED_DATA
+    path = str(SHARED_DATA / "emoji_captions")
+  if not isinstance(path, str) or not path:
+    return path
+  parts = absolute_data_path(path, task).split(",") if task == "lm" else [absolute_data_path(path, task)]
+  return ",".join(p if not p or "://" in p else os.path.realpath(p) for p in parts)
+
+
 def config_fingerprint(config) -> str:
-  """A short hash of `_resume_keys`: which model/data/optimizer a saved record belongs to."""
-  blob = json.dumps(_resume_keys(json.loads(config.to_json_best_effort())), sort_keys=True)
+  """A short hash of `_resume_keys` (data.path as given): which model/data/optimizer a saved record
+  (WORKDIR/best) belongs to."""
+  return _fingerprint_of(json.loads(config.to_json_best_effort()))
+
+
+def _fingerprint_of(config_json: dict) -> str:
+  blob = json.dumps(_resume_keys(config_json, resolve_paths=False), sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _saved_fingerprint(workdir: pathlib.Path) -> Optional[str]:
+  """config_fingerprint of WORKDIR/config.json (None if there is none or it cannot be read)."""
+  try:
+    return _fingerprint_of(json.loads((workdir / "config.json").read_text()))
+  except (OSError, ValueError, TypeError, AttributeError):
+    return None
 
 
 def check_resume_config(run: Run) -> None:
@@ -428,12 +477,14 @@ def _schedule_change_note(run: Run, start: int) -> Optional[str]:
 
 def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = True) -> dict:
   """Trains (resuming from WORKDIR's newest checkpoint when there is one); returns final metrics."""
+  _same_run_everywhere(config, pathlib.Path(workdir))  # before any process reads data
   if task is None:
     task = _build_task(config)
+  data_digest = _same_data_everywhere(task)
   check = getattr(task, "check_before_training", None)  # e.g. the LM's sample prompt
   if check is not None:
     check()  # before setup creates the workdir: a refused config leaves nothing behind
-  run = setup(config, workdir, task=task)
+  run = setup(config, workdir, task=task, data_digest=data_digest)
   cfg = config.train
   lock = None
   try:
@@ -463,7 +514,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
                          resume_step=start)
   best = None
   if cfg.get("keep_best", False):
-    best = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(config))
+    best = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(config),
+                                     also_accept=(run.saved_fingerprint,))
     if start == 0 and best.step is not None:  # a fresh run: that record is from an earlier one
       best.discard("belongs to an earlier run in this workdir (training starts from step 0)")
   if start and primary:

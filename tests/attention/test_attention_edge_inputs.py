@@ -76,6 +76,20 @@ def test_an_additive_minus_inf_bias_never_reveals_masked_keys(implementation, fi
   assert np.all(np.isfinite(np.asarray(no_mask))) and np.all(np.asarray(no_mask)[1] == 0)
 
 
+@pytest.mark.parametrize("implementation", ("xla", "blockwise"))
+def test_a_minus_inf_bias_masks_under_a_soft_cap_too(implementation):
+  """The cap c * tanh(x / c) would turn -inf into -c (keys it should hide keep weight): a causal mask
+  written as a -inf bias equals causal=True, with the cap as without."""
+  q, k, v = _qkv(b=2, tq=5, tk=5, n=2)
+  causal_bias = jnp.where(np.tril(np.ones((5, 5), bool)), 0.0, -jnp.inf)
+  kw = dict(logit_soft_cap=5.0, implementation=implementation)
+  np.testing.assert_allclose(dot_product_attention(q, k, v, bias=causal_bias, **kw),
+                             dot_product_attention(q, k, v, causal=True, **kw), atol=1e-6)
+  hidden_row = jnp.zeros((5, 5)).at[2].set(-jnp.inf)  # query 2 sees nothing
+  out = dot_product_attention(q, k, v, bias=hidden_row, **kw)
+  assert np.all(np.asarray(out)[:, 2] == 0)
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_a_traced_scale_works_in_every_implementation(implementation):
   """A learned temperature: a traced scale gives the same values and scale-gradient as "xla"."""

@@ -364,6 +364,43 @@ def test_a_relative_data_path_is_saved_absolute_and_older_relative_ones_still_re
                      check_devices=False).data.path == f"{tmp_path / 'corpus.txt'},{other / 'b.txt'}"
 
 
+def test_an_older_run_with_a_relative_path_keeps_its_best_record(tiny_lm_config, tiny_corpus,
+                                                                 tmp_path, monkeypatch):
+  """A keep_best run saved before paths were made absolute (config.json and WORKDIR/best's
+  fingerprint hold the path as typed): resuming it with the path resolved keeps its best record (it
+  was moved aside as "another config"), and --best still restores it."""
+  import shutil
+  shutil.copy(tiny_corpus, tmp_path / "corpus.txt")
+  monkeypatch.chdir(tmp_path)
+  flags = ("--config.data.path=corpus.txt", "--config.data.data_dir=tfds",
+           "--config.train.keep_best=True")
+  old = tiny_lm_config(*flags)
+  with old.unlocked():
+    old.data.path = "corpus.txt"  # as an older jaxlab kept it
+  trainer.train(old, tmp_path / "run", progress=False)
+  newer = tiny_lm_config(*flags, "--config.train.steps=9")
+  result = trainer.train(newer, tmp_path / "run", progress=False)
+  assert not (tmp_path / "run" / "corrupt_checkpoints").exists()
+  assert result["best_step"] in (3, 6, 9)
+  run = trainer.setup(tiny_lm_config(*flags, "--config.train.steps=9"), tmp_path / "run")
+  run.checkpointer.close()
+  step, _ = trainer.restore_best_params(run)
+  assert step == result["best_step"]
+
+
+def test_a_task_without_data_fingerprint_still_trains(tiny_lm_config, tmp_path):
+  """data_fingerprint is optional for a task passed in by a library caller (nothing to compare)."""
+  inner = trainer.tasks.build_task(tiny_lm_config())
+
+  class Minimal:  # the task interface of jaxlab/train/tasks.py, without the optional methods
+    tokens_per_batch = inner.tokens_per_batch
+    init_params, loss = inner.init_params, inner.loss
+    train_iterator, eval_iterator = inner.train_iterator, inner.eval_iterator
+
+  result = trainer.train(tiny_lm_config(), tmp_path, task=Minimal(), progress=False)
+  assert result["step"] == 6 and not (tmp_path / "data_fingerprint.txt").exists()
+
+
 def test_a_second_trainer_in_the_same_workdir_is_refused(tiny_lm_config, tmp_path):
   import fcntl
   import pytest
