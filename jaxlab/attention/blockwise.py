@@ -40,7 +40,7 @@ from jaxlab.attention import masks as masks_lib
 
 # Finite stand-in for -inf (as in the reference): the running max starts here and masked logits are set
 # here, so differences of two such values are 0 rather than NaN (-inf - -inf).
-_NEG = -0.7 * float(np.finfo(np.float32).max)
+_NEG = masks_lib.MASKED_LOGIT
 # Block sizes are clipped to the lengths rounded up to this multiple, so tiny inputs stay tiny.
 _ROUND = 8
 

@@ -53,15 +53,11 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlab.positions import _checks
 from jaxlab.positions.logn import logn_scale
 
 KINDS = ("relu2", "softmax")
-
-# Finite stand-in for -inf for masked softmax logits (as in softmax.py): keeps gradients finite.
-_NEG = -0.7 * float(np.finfo(np.float32).max)
 
 
 def _check_kind(kind) -> str:
@@ -124,10 +120,8 @@ def _weights(logits: jax.Array, valid: Optional[jax.Array], kind: str) -> jax.Ar
   if kind == "relu2":
     w = jnp.square(jax.nn.relu(logits))
     return w if valid is None else jnp.where(valid, w, 0.0)
-  if valid is None:
-    return jax.nn.softmax(logits, axis=-1)
-  w = jax.nn.softmax(jnp.where(valid, logits, _NEG), axis=-1)
-  return w * jnp.any(valid, axis=-1, keepdims=True)
+  from jaxlab.attention.softmax import masked_softmax
+  return masked_softmax(logits, valid)
 
 
 def _bias_grouped(bias, b: int, kh: int, g: int, rows: int, cols: int, name: str) -> jax.Array:

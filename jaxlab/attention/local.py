@@ -38,9 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlab.attention import masks as masks_lib
-
-# Finite stand-in for -inf, as in softmax.py/blockwise.py: masked logits are set here.
-_NEG = -0.7 * float(np.finfo(np.float32).max)
 _ROUND = 8
 
 
@@ -68,13 +65,10 @@ def _band_softmax(qg: jax.Array, kg: jax.Array, vg: jax.Array, valid: jax.Array,
   qg: [B, nq, b, K, G, H]; kg, vg: [B, nq, S, K, H]; valid: bool broadcastable to [B, nq, b, S].
   Returns [B, nq, b, K, G, H] in out_dtype; rows with no valid key are zeros.
   """
+  from jaxlab.attention.softmax import masked_softmax
   s = jnp.einsum("bnqkgh,bnskh->bnkgqs", qg, kg, preferred_element_type=jnp.float32) * scale
   valid = valid[:, :, None, None]  # [B|1, nq, 1, 1, b, S]
-  s = jnp.where(valid, s, _NEG)
-  m = jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
-  p = jnp.where(valid, jnp.exp(s - m), 0.0)
-  l = p.sum(axis=-1, keepdims=True)
-  probs = (p / jnp.where(l > 0, l, 1.0)).astype(vg.dtype)
+  probs = masked_softmax(s, valid).astype(vg.dtype)
   out = jnp.einsum("bnkgqs,bnskh->bnqkgh", probs, vg, preferred_element_type=jnp.float32)
   return out.astype(out_dtype)
 

@@ -20,6 +20,10 @@ import numpy as np
 
 Window = Optional[Tuple[Optional[int], Optional[int]]]
 
+# A masked logit: a finite stand-in for -inf (keeps gradients and the online-softmax rescaling
+# finite); every implementation masks with it, and treats logits at or below it as masked.
+MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
+
 
 def is_int(x) -> bool:
   """A static integer (Python or NumPy; not a bool)."""
@@ -70,14 +74,6 @@ class AttentionMask:
   def is_trivial(self) -> bool:
     return (not self.causal and self.window is None and self.q_segment_ids is None
             and self.kv_segment_ids is None and self.q_lengths is None and self.kv_lengths is None)
-
-  @property
-  def may_have_empty_rows(self) -> bool:
-    """False when every query provably sees at least one key: causal/window masks keep the query's own
-    position i + Tk - Tq, which exists when Tq <= Tk; segment ids and lengths can empty a row."""
-    return (self.q_segment_ids is not None or self.kv_segment_ids is not None
-            or self.q_lengths is not None or self.kv_lengths is not None
-            or ((self.causal or self.window is not None) and self.q_len > self.kv_len))
 
   def block(self, q_idx: jax.Array, k_idx: jax.Array) -> Optional[jax.Array]:
     """Evaluates the mask on query indices `q_idx` [tq] and key indices `k_idx` [tk].

@@ -40,7 +40,7 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, 
   return b, tq, tk, n, kh, h
 
 
-_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # a masked logit (as in blockwise and the kernels)
+_NEG = masks_lib.MASKED_LOGIT
 
 
 def check_bias(bias: jax.Array, b: int, n: int, tq: int, tk: int) -> jax.Array:

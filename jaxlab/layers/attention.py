@@ -116,10 +116,11 @@ class MultiHeadAttention(nn.Module):
                segment_ids_BT: Optional[jax.Array] = None, decode: bool = False,
                prefill: bool = False, append_mask_TT: Optional[jax.Array] = None) -> jax.Array:
     """x_BTD -> y_BTD. decode=True: against the KV cache (see _cached_attention); prefill=True (only
-    on an empty cache; on one that holds tokens the outputs are NaN) computes the prompt's attention as a full pass, in the family's own O(T^2)
-    way, instead of each query against the cache (the same numbers; except with dynamic NTK in the
-    recurrent families, where a first call without prefill is an append, each token rotated with
-    L = position + 1, and a prefill uses L = T as the full pass does). append_mask_TT (bool [T, T],
+    on an empty cache; on one that holds tokens the outputs are NaN) computes the prompt's attention
+    as a full pass, in the family's own O(T^2) way, instead of each query against the cache (the
+    same numbers; except with dynamic NTK in the recurrent families, where a first call without
+    prefill is an append, each token rotated with L = position + 1, and a prefill uses L = T as the
+    full pass does). append_mask_TT (bool [T, T],
     decode only, softmax family): which of the appended tokens each appended token sees (default:
     itself and those before it; a tree of drafts passes ancestors-or-self)."""
     if self.num_heads % self.num_kv_heads:

@@ -115,15 +115,11 @@ def test_local_matches_reference(case):
 
 @dataclasses.dataclass(frozen=True)
 class _DenseMask:
-  """Duck-types the two members of `AttentionMask` that `xla_attention` uses, for an arbitrary grid."""
+  """Duck-types the member of `AttentionMask` that `xla_attention` uses, for an arbitrary grid."""
   grid: np.ndarray  # [Tq, Tk] bool
 
   def full(self):
     return jnp.asarray(self.grid)[None, None]
-
-  @property
-  def may_have_empty_rows(self):
-    return True
 
 
 def _dense_grid(layout, bs, tq, tk, causal):

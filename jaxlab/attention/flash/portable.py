@@ -36,14 +36,13 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxlab.attention import masks as masks_lib
 
 # Finite stand-in for -inf, as in blockwise.py: exp(_NEG - m) underflows to 0 and _NEG - _NEG is 0, not NaN.
-_NEG = -0.7 * float(np.finfo(np.float32).max)
+_NEG = masks_lib.MASKED_LOGIT
 
 
 @dataclasses.dataclass(frozen=True)
