@@ -95,17 +95,13 @@ def quality(data: str, family: str, steps: int, eval_batches: int = 0) -> dict:
           "from jaxlab.cli import load_run_config\n"
           "c = load_run_config('lm_char_cpu', sys.argv[1:])\n"
           "from jaxlab.train import trainer\n"
-          "from jaxlab.train.metrics import read_metrics\n"
-          "import statistics\n"
+          "from jaxlab.train.metrics import median_step_time_ms\n"
           "with tempfile.TemporaryDirectory() as d:\n"
           "  r = trainer.train(c, d, progress=False)\n"
           "  import jax\n"
           "  params = sum(x.size for x in jax.tree.leaves(r['state']['params']))\n"
-          "  # the median over the logged intervals (the final record is the last interval's alone)\n"
-          "  times = [m['step_time_ms'] for m in read_metrics(d) if 'step_time_ms' in m]\n"
-          "print(json.dumps({'val_loss': r['val_loss'],\n"
-          "                  'ms_per_step': statistics.median(times) if times else None,\n"
-          "                  'params': int(params)}))\n")
+          "  ms = median_step_time_ms(d)  # over all logged intervals, not the last one's\n"
+          "print(json.dumps({'val_loss': r['val_loss'], 'ms_per_step': ms, 'params': int(params)}))\n")
   args = [f"--config.data.path={data}", f"--config.train.steps={steps}",
           f"--config.optim.warmup_steps={min(100, steps // 10)}",
           f"--config.train.eval_every={steps}", "--config.train.tensorboard=False"] + overrides

@@ -501,9 +501,14 @@ def cell(rows, protocol, loss, batch):
                and r["batch"] == batch), None)
 
 
+def seed_r1(r) -> np.ndarray:
+  """The mean of the two R@1s, per seed."""
+  return np.array([(m["i2t_R@1"] + m["t2i_R@1"]) / 2 for m in r["per_seed"]])
+
+
 def mean_r1(r) -> tuple[float, float]:
   """Mean of the two R@1s per seed -> (mean, sd) over seeds."""
-  v = np.array([(m["i2t_R@1"] + m["t2i_R@1"]) / 2 for m in r["per_seed"]])
+  v = seed_r1(r)
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
@@ -515,8 +520,7 @@ def gaps(rows, protocol) -> list[dict]:
     c, s = cell(rows, protocol, "clip", batch), cell(rows, protocol, "siglip", batch)
     if c is None or s is None:
       continue
-    r1 = lambda r: np.array([(m["i2t_R@1"] + m["t2i_R@1"]) / 2 for m in r["per_seed"]])
-    d = r1(s) - r1(c)
+    d = seed_r1(s) - seed_r1(c)
     se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
     out.append({"batch": batch, "clip": mean_r1(c)[0], "siglip": mean_r1(s)[0],
                 "gap": float(d.mean()), "se": se, "clip_lr_at_top": c["lr"] == max(c["lr_grid"]),
@@ -533,6 +537,7 @@ def _p_beyond_two_se(seeds: int) -> float:
 
 def verdict(g: list[dict]) -> dict:
   """What the SigLIP - CLIP gaps of one protocol show: per-batch labels and the paper's two claims."""
+  seeds = min(x["seeds"] for x in g)
   label = lambda x: ("SigLIP ahead" + (", CLIP's rate at the grid's top" if x.get("clip_lr_at_top")
                                        else "") if x["gap"] > 2 * x["se"] else "CLIP ahead"
                      if x["gap"] < -2 * x["se"] else "within 2 s.e.")
@@ -550,7 +555,7 @@ def verdict(g: list[dict]) -> dict:
           "small_gap": small_gap, "large_abs": large_abs, "small_sig": small_sig,
           "small_clip": small_clip, "converge": converge, "holds": bool(small_sig and converge),
           "n_sig": sum(label(x).startswith("SigLIP ahead") for x in g),
-          "seeds": min(x["seeds"] for x in g), "p_cross": _p_beyond_two_se(min(x["seeds"] for x in g)),
+          "seeds": seeds, "p_cross": _p_beyond_two_se(seeds),
           "n_clip": sum(label(x) == "CLIP ahead" for x in g), "n": len(g)}
 
 

@@ -55,6 +55,7 @@ def run_one(tower: str, seed: int, steps: int, workdir: pathlib.Path) -> dict:
   import jax
   from jaxlab.configs import load_config
   from jaxlab.train import trainer
+  from jaxlab.train.metrics import median_step_time_ms
   overrides = TOWERS[tower] + [f"--config.seed={seed}", f"--config.train.steps={steps}",
                                f"--config.train.eval_every={steps}",
                                f"--config.train.checkpoint_every={steps}",
@@ -69,15 +70,7 @@ def run_one(tower: str, seed: int, steps: int, workdir: pathlib.Path) -> dict:
   return {"tower": tower, "seed": seed, "val_loss": float(result["val_loss"]),
           **{k: float(metrics[k]) for k in METRICS[1:]},
           "image_params": int(sum(x.size for x in jax.tree_util.tree_leaves(params["image_tower"]))),
-          "step_time_ms": median_step_time_ms(workdir), "wall_s": time.perf_counter() - start}
-
-
-def median_step_time_ms(workdir) -> float:
-  """The median of the run's logged step times (each a logging interval's median; the trainer's
-  final record holds the last interval's alone)."""
-  from jaxlab.train.metrics import read_metrics
-  times = [r["step_time_ms"] for r in read_metrics(workdir) if "step_time_ms" in r]
-  return float(statistics.median(times))
+          "step_time_ms": float(median_step_time_ms(workdir)), "wall_s": time.perf_counter() - start}
 
 
 def summarise(runs: list[dict]) -> list[dict]:

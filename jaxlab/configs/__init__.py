@@ -138,20 +138,21 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
   return config
 
 
-def absolute_data_path(path: str, task: str | None) -> str:
+def absolute_data_path(path: str, task: str | None, *, resolve_links: bool = False) -> str:
   """config.data.path made absolute against the working directory ("" stays ""; the LM's
   comma-separated files each; a URL such as gs://... is left as it is), so that a saved config reads
-  the same files from anywhere."""
+  the same files from anywhere. resolve_links: symlinks resolved too (to compare two paths)."""
   if not isinstance(path, str) or not path:
     return path
   parts = path.split(",") if task == "lm" else [path]
-  return ",".join(_absolute(p) for p in parts)
+  return ",".join(_absolute(p, resolve_links) for p in parts)
 
 
-def _absolute(path: str) -> str:
+def _absolute(path: str, resolve_links: bool = False) -> str:
   if not path or "://" in path:
     return path
-  return os.path.abspath(os.path.expanduser(path))
+  path = os.path.abspath(os.path.expanduser(path))
+  return os.path.realpath(path) if resolve_links else path
 
 
 def resolve_data_paths(config) -> None:

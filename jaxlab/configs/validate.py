@@ -123,13 +123,8 @@ def _validate(config, check_devices: bool) -> None:
   # With every mesh size fixed the batch split is known without the devices: say so here rather than
   # let the CPU device chooser pick fewer devices and validate_mesh blame the mesh.
   sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  tensor = config.mesh.tensor
-  if isinstance(tensor, int) and tensor > 1:  # a fixed tensor size is checked without the devices
-    units = tasks.task_module(config.task).tensor_units(config)
-    require(units is not None, f"config.mesh.tensor={tensor}: task {config.task!r} has no "
-                               "tensor-parallel axis; use 1")
-    require(units % tensor == 0, f"config.mesh.tensor={tensor} must divide the task's "
-                                 f"{units} tensor-parallel units (LM: kv heads)")
+  if isinstance(config.mesh.tensor, int) and config.mesh.tensor > 1:  # fixed: no devices needed
+    _require_tensor_units(config, config.mesh.tensor)
   if all(isinstance(s, int) and s >= 1 for s in sizes):
     shards = config.mesh.data * config.mesh.fsdp
     require(config.data.batch_size % shards == 0,
@@ -137,6 +132,18 @@ def _validate(config, check_devices: bool) -> None:
             f"*config.mesh.fsdp = {config.mesh.data}*{config.mesh.fsdp} = {shards}")
   if check_devices:
     validate_mesh(config)
+
+
+def _require_tensor_units(config, tensor: int) -> None:
+  """The mesh's tensor size divides the task's tensor-parallel units (1 if it has none)."""
+  from jaxlab.train import tasks
+  units = tasks.task_module(config.task).tensor_units(config)
+  if units is None:
+    require(tensor == 1, f"config.mesh.tensor={tensor}: task {config.task!r} has no "
+                         "tensor-parallel axis; use 1")
+  else:
+    require(units % tensor == 0, f"config.mesh.tensor={tensor} must divide the task's "
+                                 f"{units} tensor-parallel units (LM: kv heads)")
 
 
 def validate_mesh(config) -> None:
@@ -177,10 +184,4 @@ def validate_mesh(config) -> None:
   validate_devices = getattr(module, "validate_devices", None)
   if validate_devices is not None:
     validate_devices(config, require)
-  units = module.tensor_units(config)
-  if units is None:
-    require(tensor == 1, f"config.mesh.tensor={tensor}: task {config.task!r} has no "
-                         "tensor-parallel axis; use 1")
-  else:
-    require(units % tensor == 0, f"config.mesh.tensor={tensor} must divide the task's "
-                                 f"{units} tensor-parallel units (LM: kv heads)")
+  _require_tensor_units(config, tensor)

@@ -64,6 +64,14 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   return _parse_records(path.read_text()) if path.exists() else []
 
 
+def median_step_time_ms(workdir: str | pathlib.Path) -> float | None:
+  """The median of a run's logged `step_time_ms` (each a logging interval's median; the trainer's
+  final record holds the last interval's alone); None if none was logged."""
+  import statistics
+  times = [r["step_time_ms"] for r in read_metrics(workdir) if "step_time_ms" in r]
+  return statistics.median(times) if times else None
+
+
 def _parse_records(text: str) -> list[dict]:
   records = []
   for line in text.splitlines():

@@ -363,10 +363,7 @@ def _comparable_data_path(flat: dict, task) -> str:
   if task == "contrastive" and flat.get("data.name") == "emoji" and not path:
     from jaxlab.data.local_info import SHARED_DATA
     path = str(SHARED_DATA / "emoji_captions")
-  if not isinstance(path, str) or not path:
-    return path
-  parts = absolute_data_path(path, task).split(",") if task == "lm" else [absolute_data_path(path, task)]
-  return ",".join(p if not p or "://" in p else os.path.realpath(p) for p in parts)
+  return absolute_data_path(path, task, resolve_links=True)
 
 
 def config_fingerprint(config) -> str:

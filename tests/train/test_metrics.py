@@ -4,7 +4,7 @@ process writes."""
 import pathlib
 import struct
 
-from jaxlab.train.metrics import MetricsWriter, read_metrics
+from jaxlab.train.metrics import MetricsWriter, median_step_time_ms, read_metrics
 
 
 def _tensorboard_scalars(workdir) -> list[tuple]:
@@ -39,3 +39,14 @@ def test_a_disabled_writer_writes_nothing(tmp_path):
   writer.drop_after(0)
   writer.close()
   assert list(tmp_path.iterdir()) == []
+
+
+def test_median_step_time_is_over_every_logged_interval(tmp_path):
+  """Not the last interval's alone (the final record), which the experiments once reported."""
+  assert median_step_time_ms(tmp_path) is None
+  w = MetricsWriter(tmp_path, tensorboard=False)
+  for step, ms in ((10, 30.0), (20, 10.0), (30, 20.0), (40, 50.0)):
+    w.write(step, train_loss=1.0, step_time_ms=ms)
+  w.write(40, val_loss=2.0)
+  w.close()
+  assert median_step_time_ms(tmp_path) == 25.0
