@@ -136,14 +136,29 @@ def all_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
-def exit_if_multi_process(code: int) -> None:
+def exit_if_multi_process(code: int, *, wait_for_peers_s: float = 10.0) -> None:
   """Ends a process of a multi-process run at once after an error (os._exit), so that it does not wait
-  at JAX's shutdown barrier for peers that may never arrive; they see it leave and stop too."""
+  at JAX's shutdown barrier for peers that may never arrive; they see it leave and stop too.
+
+  An error that every process finds (a config error, unequal device counts) should end every process
+  with its own message, not with a crash of those still talking to the coordination service that
+  process 0 hosts. So each process first waits up to `wait_for_peers_s` at a key-value barrier (no
+  devices involved) for the others to leave too, and process 0 leaves last."""
   if jax.distributed.is_initialized() and jax.process_count() > 1:
     import os
     import sys
+    import time
     sys.stdout.flush()
     sys.stderr.flush()
+    from jax._src import distributed as jax_distributed  # the client's barrier has no public API
+    client = jax_distributed.global_state.client
+    try:
+      client.wait_at_barrier("jaxlab_exit_after_error", int(wait_for_peers_s * 1000))
+    except Exception:  # a peer is still busy (the error was this process's alone) or already gone
+      pass
+    else:
+      if is_primary():
+        time.sleep(1.0)  # the others' os._exit follows the barrier at once
     os._exit(code)
 
 

@@ -227,3 +227,26 @@ def test_processes_with_different_device_counts_stop_with_one_line(devices, tiny
   errors = _run_processes(args, expect_rc=2, devices=devices)  # a config error
   assert all("config.mesh.cpu_devices: the processes have different numbers of devices "
              f"{list(devices)}" in e for e in errors), errors
+
+
+# Process 1 reaches the device-count check 3 s after process 0 (a slower host).
+SLOW_PEER = """import sys, time
+from jaxlab.train import distributed
+counts = distributed.local_device_counts
+def slow_counts():
+  time.sleep(3)
+  return counts()
+distributed.local_device_counts = slow_counts
+from jaxlab import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_slower_process_still_stops_with_its_own_line(tiny_lm_config, tmp_path):
+  """Process 0 hosts the coordination service: had it left at once after finding the error, the
+  slower process would crash (SIGABRT) on the lost coordinator instead of naming the error."""
+  config = tiny_lm_config("--config.mesh.data=-1", "--config.sample.prompt=the ")
+  args = ["train", "lm_char", "--workdir", str(tmp_path / "run"), "--no-progress",
+          *_overrides(config)]
+  errors = _run_processes(args, expect_rc=2, devices=(1, 2), entry=(None, SLOW_PEER))
+  assert all("the processes have different numbers of devices [1, 2]" in e for e in errors), errors
