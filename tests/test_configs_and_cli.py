@@ -100,6 +100,9 @@ def test_overrides_are_typed():
      "config.model.rotary_fraction"),  # int(6 * 0.5) = 3 rotary dims
     (("--config.model.attention=flash", "--config.model.rotary_fraction=0.5"),
      "rotary_fraction"),
+    (("--config.model.position=xpos", "--config.model.rotary_fraction=0.5"),
+     "config.model.rotary_fraction"),  # xPos rotates every dim: the fraction was ignored
+    ("--config.model.rerope_leaky_k=4", "config.model.rerope_leaky_k"),  # no ReRoPE window
     (("--config.model.attention=linear", "--config.model.logit_soft_cap=30"),
      "config.model.logit_soft_cap"),
     (("--config.model.attention=local", "--config.model.position=alibi"), "config.model.position"),

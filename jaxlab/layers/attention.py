@@ -50,6 +50,8 @@ from jaxlab.attention import local as local_lib
 from jaxlab.layers.dense import Dense
 
 FAMILIES = ("softmax", "local", "linear", "performer", "block_sparse")
+# "rope", "rope2d", "xpos", "alibi", "t5" act inside the layer; the absolute ones are the model's.
+LAYER_POSITIONS = ("rope", "rope2d", "xpos", "alibi", "t5", "learned", "sinusoidal", "none")
 SPARSE_LAYOUTS = local_lib.CAUSAL_LAYOUTS
 causal_block_layout = local_lib.causal_block_layout
 KV_CACHE_FAMILIES = ("softmax", "local", "block_sparse")
@@ -87,7 +89,9 @@ class MultiHeadAttention(nn.Module):
   rope_theta: float = 10000.0
   rope_scaling: Optional[positions_lib.RopeScaling] = None
   rotary_fraction: float = 1.0
-  logn_train_len: int = 0  # > 0: scale queries by max(1, log n / log train_len) (log-n scaling)
+  # > 0: scale queries by max(1, log n / log train_len), n = position + 1 (log-n scaling, causal only;
+  # with a local window too, n is the position as in Qwen's logn_attn, not the visible key count)
+  logn_train_len: int = 0
   qk_norm: bool = False  # RMS-normalise q and k per head (learned scale) before positions
   logit_soft_cap: Optional[float] = None  # softmax family: logits -> c * tanh(logits / c)
   rerope_window: int = 0  # > 0 with position="rope": (leaky) ReRoPE with this window
@@ -126,6 +130,7 @@ class MultiHeadAttention(nn.Module):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                        f"({self.num_kv_heads})")
+    self._check_positions()
     b, t, _ = x_BTD.shape
     if (self.position == "rope2d") != (jnp.ndim(positions_BT) == 3):
       raise ValueError(f"positions_BT must be [B, T, 2] (row, col) for position='rope2d' and [B, T] "
@@ -259,6 +264,23 @@ class MultiHeadAttention(nn.Module):
                                stride=self.sparse_stride, num_global=self.sparse_num_global,
                                num_random=self.sparse_num_random, seed=self.sparse_seed)
 
+  def _check_positions(self) -> None:
+    """ValueError for an unknown position or a setting that the chosen position would ignore."""
+    if self.position not in LAYER_POSITIONS:
+      raise ValueError(f"position must be one of {LAYER_POSITIONS}, got {self.position!r}")
+    if self.rope_scaling is not None and self.position != "rope":
+      raise ValueError(f"rope_scaling applies to position='rope', not {self.position!r}")
+    if self.rotary_fraction != 1.0 and self.position not in ("rope", "rope2d"):
+      raise ValueError(f"rotary_fraction={self.rotary_fraction} applies to position='rope' or "
+                       f"'rope2d', not {self.position!r}")
+    if self.rerope_window and self.rope_scaling is not None:
+      raise ValueError("rerope_window takes no rope_scaling (ReRoPE rotates by its own window)")
+    if self.rerope_leaky_k is not None and not self.rerope_window:
+      raise ValueError(f"rerope_leaky_k={self.rerope_leaky_k} needs rerope_window > 0")
+    if self.logn_train_len and not self.causal:
+      raise ValueError("logn_train_len scales query t by log(t + 1) / log(train_len), the keys a "
+                       "causal query sees; it needs causal=True")
+
   def _dynamic_ntk(self) -> bool:
     return (self.position == "rope" and self.rope_scaling is not None
             and positions_lib.as_rope_scaling(self.rope_scaling).kind == "dynamic_ntk")
@@ -288,9 +310,10 @@ class MultiHeadAttention(nn.Module):
     if self.position == "rope":
       q_BTNH = self._rope(q_BTNH, positions_BT, seq_len)
       k_BTKH = self._rope(k_BTKH, positions_BT, seq_len)
-      if self.rope_scaling is not None and self.rope_scaling.kind == "yarn":
+      scaling = positions_lib.as_rope_scaling(self.rope_scaling)
+      if scaling is not None and scaling.kind == "yarn":
         # YaRN sec. 3.4: logits scaled by 1/t with sqrt(1/t) = 0.1 ln(s) + 1, on q and k.
-        temperature = positions_lib.yarn_attention_factor(self.rope_scaling.factor)
+        temperature = positions_lib.yarn_attention_factor(scaling.factor)
         q_BTNH, k_BTKH = q_BTNH * temperature, k_BTKH * temperature
     elif self.position == "rope2d":
       rotate = functools.partial(positions_lib.apply_rope_2d, positions=positions_BT,

@@ -34,6 +34,7 @@ from jaxlab.layers import MLP, FlashLayer, MultiHeadAttention
 from jaxlab.layers.dense import Dense
 
 from jaxlab import positions as positions_lib
+from jaxlab.positions.learned import lookup_positions
 
 # The multi-token-prediction blocks are mtp_block_1 .. mtp_block_{mtp_heads}.
 MTP_BLOCK_PREFIX = "mtp_block_"
@@ -230,7 +231,8 @@ class GPT(nn.Module):
                          nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                       (None, "embed")),
                          (c.max_len, c.width), c.param_dtype)
-      x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(c.dtype)
+      # Positions outside the table: ValueError when concrete, NaN rows under jit (never a wrap).
+      x_BTD = x_BTD + lookup_positions(table, positions_BT).astype(c.dtype)
     elif c.position == "sinusoidal":
       # Vaswani et al. 2017 sec. 3.4: token embeddings times sqrt(D) before the (unit-amplitude)
       # sinusoids are added; without it the fixed position signal swamps 0.02-scale embeddings.

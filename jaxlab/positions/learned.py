@@ -48,18 +48,27 @@ class LearnedPositionEmbedding(nn.Module):
   def __call__(self, positions: jax.Array) -> jax.Array:
     max_len = _checks.positive_int(self.max_len, "max_len")
     dim = _checks.positive_int(self.dim, "dim")
-    if self.out_of_range not in OUT_OF_RANGE:
-      raise ValueError(f"out_of_range must be one of {OUT_OF_RANGE}, got {self.out_of_range!r}")
-    pos = _checks.int_array(positions, "positions")
-    if pos.ndim != 2:
-      raise ValueError(f"positions must be [batch, length], got shape {tuple(pos.shape)}")
-    if not _checks.is_traced(positions) and pos.size:
-      lo, hi = int(np.min(np.asarray(pos))), int(np.max(np.asarray(pos)))
-      if lo < 0 or hi >= max_len:
-        raise ValueError(f"positions must lie in [0, max_len={max_len}), got values in [{lo}, {hi}]")
     table = self.param("embedding", self.embedding_init, (max_len, dim), self.param_dtype)
-    out = jnp.take(table, jnp.clip(pos, 0, max_len - 1), axis=0)
-    if self.out_of_range == "nan":
-      valid = (pos >= 0) & (pos < max_len)
-      out = jnp.where(valid[..., None], out, jnp.nan)
-    return out.astype(self.dtype or self.param_dtype)
+    return lookup_positions(table, positions, self.out_of_range).astype(
+        self.dtype or self.param_dtype)
+
+
+def lookup_positions(table: jax.Array, positions: jax.Array, out_of_range: str = "nan") -> jax.Array:
+  """Rows of a position table [max_len, dim] at integer positions [B, T] -> [B, T, dim], with
+  LearnedPositionEmbedding's rules for positions outside [0, max_len) (ValueError when concrete;
+  NaN rows or clipped when traced)."""
+  if out_of_range not in OUT_OF_RANGE:
+    raise ValueError(f"out_of_range must be one of {OUT_OF_RANGE}, got {out_of_range!r}")
+  max_len = table.shape[0]
+  pos = _checks.int_array(positions, "positions")
+  if pos.ndim != 2:
+    raise ValueError(f"positions must be [batch, length], got shape {tuple(pos.shape)}")
+  if not _checks.is_traced(positions) and pos.size:
+    lo, hi = int(np.min(np.asarray(pos))), int(np.max(np.asarray(pos)))
+    if lo < 0 or hi >= max_len:
+      raise ValueError(f"positions must lie in [0, max_len={max_len}), got values in [{lo}, {hi}]")
+  out = jnp.take(table, jnp.clip(pos, 0, max_len - 1), axis=0)
+  if out_of_range == "nan":
+    valid = (pos >= 0) & (pos < max_len)
+    out = jnp.where(valid[..., None], out, jnp.nan)
+  return out

@@ -130,8 +130,13 @@ def validate(config, require) -> None:
             "rope_scaling='none', rotary_fraction=1, attention='softmax' and no logit_soft_cap")
   require(m.rerope_leaky_k == 0 or m.rerope_leaky_k > 1,
           f"config.model.rerope_leaky_k={m.rerope_leaky_k} must be 0 (ReRoPE) or > 1 (leaky)")
+  require(m.rerope_leaky_k == 0 or m.rerope_window > 0,
+          f"config.model.rerope_leaky_k={m.rerope_leaky_k} needs config.model.rerope_window > 0")
   require(0.0 < m.rotary_fraction <= 1.0,
           f"config.model.rotary_fraction={m.rotary_fraction} must be in (0, 1]")
+  require(m.rotary_fraction == 1.0 or m.position == "rope",
+          f"config.model.rotary_fraction={m.rotary_fraction} applies to position='rope', not "
+          f"{m.position!r}")
   if m.position == "rope" and m.attention != "flash":
     rotary_dims = int(head_dim * m.rotary_fraction)
     require(rotary_dims >= 2 and rotary_dims % 2 == 0,

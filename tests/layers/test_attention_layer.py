@@ -244,3 +244,32 @@ def test_block_sparse_rejects_segment_ids():
   layer = _layer(family="block_sparse", sparse_block_size=2)
   with pytest.raises(ValueError, match="segment ids"):
     layer.init(jax.random.key(0), _x(), _positions(), segment_ids_BT=jnp.zeros((B, T), jnp.int32))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(position="RoPE"), "position must be one of"),  # was silently no position at all
+    (dict(position="xpos", rope_scaling=positions.RopeScaling("linear", 2.0)), "rope_scaling"),
+    (dict(position="alibi", rope_scaling={"kind": "ntk", "factor": 2.0}), "rope_scaling"),
+    (dict(position="xpos", rotary_fraction=0.5), "rotary_fraction"),
+    (dict(rerope_window=4, rope_scaling=positions.RopeScaling("linear", 2.0)), "rerope_window"),
+    (dict(rerope_leaky_k=4.0), "rerope_leaky_k"),
+    (dict(logn_train_len=4, causal=False), "causal"),
+])
+def test_settings_the_position_would_ignore_are_refused(kw, match):
+  layer = MultiHeadAttention(num_heads=N, num_kv_heads=K, head_dim=H,
+                             **{"position": "rope", **kw})
+  with pytest.raises(ValueError, match=match):
+    layer.init(jax.random.key(0), _x(), _positions())
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn", "dynamic_ntk"])
+def test_rope_scaling_as_a_dict_equals_the_dataclass(kind):
+  """Flax stores a dict attribute as a FrozenDict: the layer converts it (it read .kind and failed)."""
+  fields = {"kind": kind, "factor": 2.0, "original_max_len": 4}
+  x, pos = _x(), _positions()
+  by_class = _layer(rope_scaling=positions.RopeScaling(**fields))
+  params = _redraw(by_class.init(jax.random.key(0), x, pos))
+  want = by_class.apply(params, x, pos)
+  got = _layer(rope_scaling=dict(fields)).apply(params, x, pos)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert np.abs(np.asarray(want - _layer().apply(params, x, pos))).max() > 1e-3  # scaling acts

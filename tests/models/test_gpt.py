@@ -184,6 +184,20 @@ def test_bad_token_shape_and_config_are_reported():
     tiny_gpt(num_kv_heads=3)
 
 
+def test_positions_outside_the_learned_table_never_wrap():
+  """-1 read the table's last row and max_len and beyond gave NaN only by accident of the gather."""
+  model = tiny_gpt(max_len=8)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  with pytest.raises(ValueError, match=r"positions must lie in \[0, max_len=8\)"):
+    model.apply(params, tokens, positions_BT=jnp.asarray([[-1, 0, 1, 2]]))
+  apply = jax.jit(model.apply)
+  assert np.isfinite(np.asarray(apply(params, tokens, positions_BT=jnp.asarray([[4, 5, 6, 7]])))).all()
+  for outside in (-1, 8):  # traced: a NaN row (the loss shows it) instead of another row's vector
+    logits = apply(params, tokens, positions_BT=jnp.asarray([[0, 1, 2, outside]]))
+    assert np.isnan(np.asarray(logits)[0, 3]).all()
+
+
 @pytest.mark.parametrize("position", ALL_POSITIONS)
 def test_packed_sequences_equal_separate_runs(position):
   """Two sequences packed in one row (segment ids, positions restarting at 0) give the logits that

@@ -143,7 +143,16 @@ def test_jit_with_scaling_dataclass_and_traced_positions():
   x, pos = _x(16), _pos(2)
   eager = P.apply_rope(x, pos, scaling=sc, rotary_fraction=0.5)
   np.testing.assert_allclose(np.asarray(f(x, pos)), np.asarray(eager), rtol=1e-6, atol=1e-6)
-  assert sc == P.as_rope_scaling({"type": "yarn", "factor": 8, "original_max_position_embeddings": 4})
+  assert sc == P.as_rope_scaling({"kind": "yarn", "factor": 8, "original_max_len": 4})
+
+
+def test_a_hugging_face_yarn_dict_gets_the_released_code_s_ramp():
+  """HF's YaRN uses the released code's ramp: a dict in HF's keys loads its checkpoints right."""
+  hf = {"rope_type": "yarn", "factor": 8, "original_max_position_embeddings": 4}
+  assert P.as_rope_scaling(hf) == P.RopeScaling("yarn", 8.0, original_max_len=4,
+                                                yarn_ramp="reference")
+  assert P.as_rope_scaling({**hf, "yarn_ramp": "paper"}).yarn_ramp == "paper"
+  assert P.as_rope_scaling({"kind": "yarn", "factor": 8, "original_max_len": 4}).yarn_ramp == "paper"
 
 
 _Z3, _Z4 = np.zeros((2, 3, 1, 8), np.float32), np.zeros((2, 3), np.float32)
