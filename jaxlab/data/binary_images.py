@@ -4,8 +4,9 @@ Silhouettes 28x28 and scikit-learn's 8x8 digits, with the binarisation protocol 
 Protocols:
 - MNIST: train on the first 50,000 training images, binarised again for every batch (dynamic:
   x ~ Bernoulli(grey / 255), fresh each epoch); validation = the last 10,000 training images and test =
-  the 10,000 test images, each binarised once with a fixed seed (`binarize_seed`). TFDS's
-  `binarized_mnist` (Larochelle's static binarisation, 50k/10k/10k) is used as is when it is prepared.
+  the 10,000 test images, each binarised once with a fixed seed (`binarize_seed`).
+- binarized_mnist (a data set of its own name): TFDS's `binarized_mnist`, Larochelle's static
+  binarisation with its 50k/10k/10k split, used as is when it is prepared.
 - UCI (dna, mushrooms, nips): the fixed train/valid/test splits of Larochelle & Murray (2011).
 - Caltech-101 Silhouettes 28x28: the full 8,671-image file, object = 1, split by a seeded permutation
   into 4100/2264/2307 (the sizes of Marlin's split1, which is not the same split).

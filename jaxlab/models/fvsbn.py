@@ -1,6 +1,7 @@
 """FVSBN, the fully visible sigmoid belief net (Neal 1992; Frey 1998): a logistic regression per dimension.
 
-p(x_d = 1 | x_<d) = sigmoid(b_d + sum_{j<d} W_jd x_j), the data's own order. D^2/2 + D effective parameters.
+p(x_d = 1 | x_<d) = sigmoid(b_d + sum_{j<d} W_jd x_j), the data's own order: D(D+1)/2 effective
+parameters (D^2 + D stored).
 """
 
 from __future__ import annotations

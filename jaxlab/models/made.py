@@ -23,12 +23,12 @@ from jaxlab.losses.likelihood import (ancestral_sample, bernoulli_log_prob, chec
                                       log_mean_exp)
 
 
-def made_masks(dim: int, hidden: Sequence[int], num_masks: int, *, seed: int = 0,
-               order_agnostic: bool = True, connectivity_agnostic: bool = True):
-  """The fixed set of K mask sets, as numpy arrays.
+def made_degrees(dim: int, hidden: Sequence[int], num_masks: int, *, seed: int = 0,
+                 order_agnostic: bool = True, connectivity_agnostic: bool = True):
+  """The fixed set of K mask sets as degrees (integer numpy arrays; masks follow by comparison).
 
-  Returns (orders_KD, masks, direct_KDD): orders_KD[k] lists the dimensions in generation order;
-  masks[l] is float [K, in_l, out_l] for each hidden layer and the output layer; direct_KDD[k][j, d].
+  Returns (orders_KD, input_degrees_KD, hidden_degrees): orders_KD[k] lists the dimensions in
+  generation order, input_degrees_KD[k][d] = m0(d) in 1..D, hidden_degrees[l] is [K, hidden[l]].
   Mask set 0 uses the natural order (0..D-1); further ones a random order if `order_agnostic`.
   Hidden degrees are random per mask set if `connectivity_agnostic`, else evenly spread.
   """
@@ -39,24 +39,48 @@ def made_masks(dim: int, hidden: Sequence[int], num_masks: int, *, seed: int = 0
   if any(h < 1 for h in hidden):
     raise ValueError(f"hidden sizes must be positive, got {tuple(hidden)}")
   rng = np.random.default_rng(seed)
-  orders, layer_masks, directs = [], [[] for _ in range(len(hidden) + 1)], []
+  orders, inputs, hiddens = [], [], [[] for _ in hidden]
   for k in range(num_masks):
     order = rng.permutation(dim) if (order_agnostic and k > 0) else np.arange(dim)
-    m0 = np.empty(dim, np.int64)
+    m0 = np.empty(dim, np.int32)
     m0[order] = np.arange(1, dim + 1)
-    prev = m0
+    low = int(m0.min())
     for l, h in enumerate(hidden):
-      low = int(prev.min())
       if connectivity_agnostic:
         deg = rng.integers(low, dim, size=h)  # uniform on {low, ..., D-1}
       else:
         deg = low + np.arange(h) % (dim - low)
-      layer_masks[l].append((deg[None, :] >= prev[:, None]).astype(np.float32))
-      prev = deg
-    layer_masks[-1].append((m0[None, :] > prev[:, None]).astype(np.float32))
-    directs.append((m0[None, :] > m0[:, None]).astype(np.float32))
+      hiddens[l].append(deg.astype(np.int32))
+      low = int(deg.min())
     orders.append(order)
-  return (np.stack(orders), [np.stack(m) for m in layer_masks], np.stack(directs))
+    inputs.append(m0)
+  return np.stack(orders), np.stack(inputs), [np.stack(h) for h in hiddens]
+
+
+def masks_from_degrees(input_degrees_D, hidden_degrees):
+  """One mask set's masks from its degrees (numpy or jax arrays, e.g. under a trace): a bool
+  [in_l, out_l] per hidden layer and the output layer (eq. 12-13), and the direct mask [D, D]."""
+  masks, prev = [], input_degrees_D
+  for deg in hidden_degrees:
+    masks.append(deg[None, :] >= prev[:, None])
+    prev = deg
+  masks.append(input_degrees_D[None, :] > prev[:, None])
+  return masks, input_degrees_D[None, :] > input_degrees_D[:, None]
+
+
+def made_masks(dim: int, hidden: Sequence[int], num_masks: int, *, seed: int = 0,
+               order_agnostic: bool = True, connectivity_agnostic: bool = True):
+  """The fixed set of K mask sets, as numpy arrays (what MADE builds from `made_degrees`).
+
+  Returns (orders_KD, masks, direct_KDD): orders_KD[k] lists the dimensions in generation order;
+  masks[l] is float [K, in_l, out_l] for each hidden layer and the output layer; direct_KDD[k][j, d].
+  """
+  orders, inputs, hiddens = made_degrees(dim, hidden, num_masks, seed=seed,
+                                         order_agnostic=order_agnostic,
+                                         connectivity_agnostic=connectivity_agnostic)
+  sets = [masks_from_degrees(inputs[k], [h[k] for h in hiddens]) for k in range(num_masks)]
+  masks = [np.stack([m[l] for m, _ in sets]).astype(np.float32) for l in range(len(hidden) + 1)]
+  return orders, masks, np.stack([d for _, d in sets]).astype(np.float32)
 
 
 def made_logits(x_BD: jax.Array, kernels, biases, masks, direct_DD: jax.Array | None = None,
@@ -84,12 +108,14 @@ class MADE(nn.Module):
   mask_seed: int = 0
 
   def setup(self):
-    orders, masks, direct = made_masks(self.dim, tuple(self.hidden), self.num_masks,
-                                       seed=self.mask_seed, order_agnostic=self.order_agnostic,
-                                       connectivity_agnostic=self.connectivity_agnostic)
+    # Degrees, not masks, are the program's constants: K x (D + sum(hidden)) int32 instead of
+    # K dense [in, out] masks (at K=32, 8000 hidden units: 9 GiB of constants in the HLO).
+    orders, inputs, hiddens = made_degrees(self.dim, tuple(self.hidden), self.num_masks,
+                                           seed=self.mask_seed, order_agnostic=self.order_agnostic,
+                                           connectivity_agnostic=self.connectivity_agnostic)
     self.orders = jnp.asarray(orders)
-    self.masks = [jnp.asarray(m) for m in masks]
-    self.direct_masks = jnp.asarray(direct)
+    self.input_degrees = jnp.asarray(inputs)
+    self.hidden_degrees = [jnp.asarray(h) for h in hiddens]
     sizes = (self.dim, *self.hidden, self.dim)
     self.kernels = [self.param(f"kernel_{l}", nn.initializers.lecun_normal(), (a, b))
                     for l, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
@@ -101,15 +127,16 @@ class MADE(nn.Module):
   def _logits_fn(self):
     """(x_BD, k) -> logits under mask set k, as a pure closure over the parameters (safe to use under
     jax transforms: every variable is read here, outside them)."""
-    kernels, biases, masks = list(self.kernels), list(self.biases), list(self.masks)
+    kernels, biases = list(self.kernels), list(self.biases)
     direct = self.direct_kernel if self.direct else None
-    direct_masks = self.direct_masks
+    inputs, hiddens = self.input_degrees, list(self.hidden_degrees)
 
     def logits(x_BD, k):
-      mk = [m[k] for m in masks]
+      masks, direct_mask = masks_from_degrees(inputs[k], [h[k] for h in hiddens])
+      masks = [m.astype(w.dtype) for m, w in zip(masks, kernels)]
       if direct is None:
-        return made_logits(x_BD, kernels, biases, mk)
-      return made_logits(x_BD, kernels, biases, mk, direct, direct_masks[k])
+        return made_logits(x_BD, kernels, biases, masks)
+      return made_logits(x_BD, kernels, biases, masks, direct, direct_mask.astype(direct.dtype))
     return logits
 
   def _logits(self, x_BD: jax.Array, mask_index) -> jax.Array:
@@ -136,5 +163,13 @@ class MADE(nn.Module):
     key_k, key_x = jax.random.split(key)
     k_N = jax.random.randint(key_k, (n,), 0, self.num_masks)
     logits = self._logits_fn()
-    one = lambda x_D, k: logits(x_D[None], k)[0]
-    return ancestral_sample(lambda x_ND: jax.vmap(one)(x_ND, k_N), key_x, self.orders[k_N])
+
+    if self.num_masks == 1:
+      return ancestral_sample(lambda x_ND: logits(x_ND, 0), key_x, self.orders[k_N])
+    # Each sample under its own mask set: a masked copy of every kernel per sample, so the samples
+    # go through in chunks that bound those copies to ~2**26 numbers (256 MiB in float32).
+    weights = sum(int(np.prod(w.shape)) for w in self.kernels)
+    chunk = int(max(1, min(n, 2**26 // weights)))
+    one = lambda x_D_k: logits(x_D_k[0][None], x_D_k[1])[0]
+    return ancestral_sample(lambda x_ND: jax.lax.map(one, (x_ND, k_N), batch_size=chunk), key_x,
+                            self.orders[k_N])

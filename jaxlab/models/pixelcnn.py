@@ -110,6 +110,8 @@ class PixelCNN(_ImageModel):
   @nn.compact
   def network(self, x_BHW1: jax.Array) -> jax.Array:
     k = self.first_kernel
+    if k < 3 or k % 2 == 0:  # mask A on a 1x1 kernel is all zeros: the model would see no pixel
+      raise ValueError(f"first_kernel must be odd and >= 3, got {k}")
     h = Conv(2 * self.channels, (k, k), _same(k), raster_mask(k, "A"))(x_BHW1)
     for _ in range(self.num_layers):
       r = Conv(self.channels, (1, 1))(jax.nn.relu(h))
