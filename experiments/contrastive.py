@@ -46,8 +46,10 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+if __name__ == "__main__" or "--xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""):  # 8 fake CPU devices, before JAX starts (an importer's own count stays)
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TQDM_DISABLE", "1")
 

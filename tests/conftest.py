@@ -1,9 +1,12 @@
 """Every test sees 8 fake CPU devices, so mesh and sharding tests run anywhere."""
 
+import atexit
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 # Compilation dominates the suite (its programs are small and mostly compiled once), so the tests trade
 # run-time speed for compile speed: LLVM's optimisation level 0 (about 30% faster on 2 cores, measured
@@ -30,6 +33,11 @@ if _FUSION_FLAG not in _flags and _xla_accepts(f"{_FUSION_FLAG}=false"):
 os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Each pytest process (an xdist worker) and its children prepare TFDS data in a folder of their own:
+# two workers building one dataset into the shared ~/tensorflow_datasets at once collided.
+_TFDS_DATA_DIR = tempfile.mkdtemp(prefix="jaxlab-tests-tfds-")
+os.environ["TFDS_DATA_DIR"] = _TFDS_DATA_DIR
+atexit.register(shutil.rmtree, _TFDS_DATA_DIR, True)
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 

@@ -191,8 +191,13 @@ class JaxlabPythonStdlib(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-  """Writes the array_record files once (a later call reuses them)."""
-  builder.download_and_prepare()
+  """Writes the array_record files once (a later call reuses them). Another process preparing the
+  same dataset at the same moment wins the final rename; this one then reads its files."""
+  try:
+    builder.download_and_prepare()
+  except FileExistsError:
+    if not builder.is_prepared():
+      raise
   return builder
 
 

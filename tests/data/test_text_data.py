@@ -188,3 +188,22 @@ def test_tfds_tiny_shakespeare_offline_fails_at_once_naming_the_way_out(tfds_dir
     text.load_corpus(data_cfg(name="tiny_shakespeare", path="", data_dir=str(tfds_dir)))
   assert "not reachable" in str(error.value)
   assert time.perf_counter() - start < 30
+
+
+def test_prepare_reads_the_files_another_process_just_finished():
+  """Two processes preparing one dataset: the later rename fails with FileExistsError; the dataset
+  is there all the same, so that process goes on (any other failure still raises)."""
+  class Racing:
+    def __init__(self, prepared):
+      self.prepared = prepared
+
+    def download_and_prepare(self):
+      raise FileExistsError("Cannot rename ...incomplete...: 1.0.0 already exists")
+
+    def is_prepared(self):
+      return self.prepared
+
+  racing = Racing(prepared=True)
+  assert text_builders.prepare(racing) is racing
+  with pytest.raises(FileExistsError):
+    text_builders.prepare(Racing(prepared=False))

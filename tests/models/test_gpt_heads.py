@@ -181,8 +181,8 @@ def test_stop_gradient_heads_leave_the_trunk_gradient_alone():
       if name.startswith(("mtp_", "ln_mtp_", "medusa_")):
         assert max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(g_all[name])) > 0
       else:
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), g_all[name],
-                     g_nt[name])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(
+            a, b, atol=1e-7 + 1e-6 * np.abs(b).max()), g_all[name], g_nt[name])
     joint = gpt(**kw)  # without the stop: the heads' loss moves the trunk too
     g_joint = jax.jit(jax.grad(lambda p: heads_loss(
         joint.apply({"params": p}, inputs, all_heads=True), targets, 1.0)))(params)

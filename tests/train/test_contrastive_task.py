@@ -43,9 +43,10 @@ def test_sharded_task_loss_equals_dense(tfds_dir, loss, tower):
   (v_sharded, g_sharded) = value_grad(task)(params, placed)
   config.model.loss_impl = "dense"
   (v_dense, g_dense) = value_grad(task)(params, batch)
-  np.testing.assert_allclose(v_sharded, v_dense, rtol=1e-5)
+  np.testing.assert_allclose(v_sharded, v_dense, rtol=3e-5)
   for a, b in zip(jax.tree_util.tree_leaves(g_sharded), jax.tree_util.tree_leaves(g_dense)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # relative to each leaf's scale: the sharded sums round differently with the core count
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
   if loss == "siglip" and not tower:
     report = task.finish(params)  # the zero-shot table (untrained: near chance, but complete)
     assert "zero_shot_accuracy" in report and "text_to_image_R@5" in report

@@ -32,7 +32,12 @@ def test_lm_loss_adds_the_heads_and_eval_scores_only_the_next_token(tiny_lm_conf
   (whole_loss, whole_grads), (parts_loss, parts_grads) = grads(1), grads(4)
   np.testing.assert_allclose(whole_loss, want, rtol=1e-6)
   np.testing.assert_allclose(parts_loss, want, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), parts_grads, whole_grads)
+  # Float32 sums in another order (4 slices): within 1e-5 of each leaf's largest entry; a wrong
+  # weighting of the slices is off by O(1) of it. (An absolute 1e-6 used 78% of its margin here,
+  # and rounding moves with the core count.)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-5 * np.abs(b).max()),
+               parts_grads, whole_grads)
   eval_loss, (eval_sum, _) = jax.jit(lambda p: task.loss(p, batch, jax.random.key(0),
                                                          train=False))(params)
   np.testing.assert_allclose(eval_loss, nt_sum / count, rtol=1e-6)

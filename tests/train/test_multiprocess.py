@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -30,6 +31,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+_PORT_TAKEN = "cannot be used on this host"  # process 0's error for a coordinator port in use
+
+
 def _run_processes(args: list[str], timeout: int = 420, *, expect_rc: int = 0,
                    extra: tuple = (), devices: tuple = (DEVICES_PER_PROCESS,) * PROCESSES,
                    cwds: tuple = (None,) * PROCESSES, entry: tuple = ()) -> list[str]:
@@ -43,25 +47,44 @@ def _run_processes(args: list[str], timeout: int = 420, *, expect_rc: int = 0,
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
-  coordinator = f"localhost:{_free_port()}"
   extra = list(extra) + [[]] * (PROCESSES - len(extra))  # per-process extra arguments
   entry = list(entry) + [None] * (PROCESSES - len(entry))
-  procs = [subprocess.Popen([sys.executable, *(["-c", entry[i]] if entry[i] else ["-m", "jaxlab.cli"]),
-                             *args, *extra[i],
-                             "--coordinator", coordinator,
-                             "--num-processes", str(PROCESSES), "--process-id", str(i)],
-                            env=env(devices[i]), cwd=cwds[i], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-           for i in range(PROCESSES)]
+
+  def run_once():
+    """(rc, stdout, stderr) of each process. Output goes to files, not pipes: a process blocked on
+    a full pipe while its peer waits for it at a collective would hang both."""
+    coordinator = f"localhost:{_free_port()}"
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(PROCESSES)]
+    procs = [subprocess.Popen(
+        [sys.executable, *(["-c", entry[i]] if entry[i] else ["-m", "jaxlab.cli"]), *args,
+         *extra[i], "--coordinator", coordinator, "--num-processes", str(PROCESSES),
+         "--process-id", str(i)],
+        env=env(devices[i]), cwd=cwds[i], stdout=files[i][0], stderr=files[i][1], text=True)
+        for i in range(PROCESSES)]
+    try:
+      for i, p in enumerate(procs):
+        p.wait(timeout=timeout)
+        files[0][1].seek(0)
+        if i == 0 and p.returncode and _PORT_TAKEN in files[0][1].read():
+          break  # the others would wait for a coordinator that never started: killed below
+    finally:
+      for p in procs:
+        p.kill()
+    results = []
+    for p, (out, err) in zip(procs, files):
+      out.seek(0), err.seek(0)
+      results.append((p.returncode, out.read(), err.read()))
+      out.close(), err.close()
+    return results
+
+  for attempt in range(3):  # the free port was taken before process 0 bound it: another port
+    results = run_once()
+    if _PORT_TAKEN not in results[0][2]:
+      break
   outputs = []
-  try:
-    for i, p in enumerate(procs):
-      out, err = p.communicate(timeout=timeout)
-      assert p.returncode == expect_rc, f"process {i}: rc {p.returncode}:\n{out}\n{err[-3000:]}"
-      outputs.append(out if expect_rc == 0 else err)
-  finally:
-    for p in procs:
-      p.kill()
+  for i, (rc, out, err) in enumerate(results):
+    assert rc == expect_rc, f"process {i}: rc {rc}:\n{out}\n{err[-3000:]}"
+    outputs.append(out if expect_rc == 0 else err)
   return outputs
 
 
