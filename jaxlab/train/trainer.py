@@ -95,9 +95,11 @@ def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = 
           data_digest=_UNSET) -> Run:
   """Mesh, task, optimizer and the sharded abstract state (eval_shape -> shardings). Refuses (ValueError,
   nothing changed) a workdir whose checkpoints belong to another model/data/optimizer config, or (with
-  `check_data`) were trained on other data. data_digest: the task's, when the caller has it."""
+  `check_data`) were trained on other data. data_digest: the task's, when the caller has it (`train`,
+  which has then also checked that every process runs the same config and workdir)."""
   workdir = pathlib.Path(workdir)
-  _same_run_everywhere(config, workdir)
+  if data_digest is _UNSET:
+    _same_run_everywhere(config, workdir)
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   if task is None:
     task = _build_task(config)
