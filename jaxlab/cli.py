@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(rest)
   _quiet_logs()
   code = _run_command(args, overrides)
-  if code:  # a process of a multi-process run leaves at once (its peers then stop too)
+  if code:  # a process of a multi-process run leaves without JAX's shutdown (see exit_if_multi_process)
     from jaxlab.train import distributed
     distributed.exit_if_multi_process(code)
   return code

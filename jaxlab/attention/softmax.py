@@ -131,7 +131,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
       (Gemma 2; Bello et al. 2017).
     implementation: None (best available) | "xla" | "blockwise" | "pallas" | "cudnn". None picks
       "pallas" on a GPU or TPU when `jaxlab.attention.flash.supports` the inputs (no bias or soft cap,
-      16-bit dtypes, the head dims it lists), else `choose_implementation(Tq, Tk)`. "pallas" runs the
+      the dtypes and head dims it lists), else `choose_implementation(Tq, Tk)`. "pallas" runs the
       Pallas kernels compiled on a GPU/TPU and in (slow, exact) interpret mode elsewhere.
 
   Returns:

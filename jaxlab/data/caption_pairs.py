@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxlab.data.local_info import SHARED_DATA, LocalDatasetInfo
-from jaxlab.data.text_builders import default_data_dir
+from jaxlab.data.text_builders import default_data_dir, prepare
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = ("a handwritten {name}", "the digit {digit}", "an 8x8 scan of the number {name}",
@@ -268,8 +268,7 @@ def load_pairs(data_cfg, split: str) -> PairSet:
   """Builds the dataset of `data_cfg.name` once under data_cfg.data_dir and reads `split` as arrays."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-  builder = builder_for(data_cfg)
-  builder.download_and_prepare()
+  builder = prepare(builder_for(data_cfg))
   source = builder.as_data_source(split=split)
   rows = [source[i] for i in range(len(source))]
   images = np.stack([r["image"] for r in rows]).astype(np.float32)

@@ -95,7 +95,7 @@ def _tfds_tiny_shakespeare(data_cfg, data_dir: str) -> Corpus:
     if not builder.is_prepared() and not _reachable(TINY_SHAKESPEARE_HOST):
       raise ConnectionError(f"not prepared in {data_dir}, and {TINY_SHAKESPEARE_HOST} is not "
                             "reachable to download it")
-    builder.download_and_prepare()
+    text_builders.prepare(builder)
     pieces = [p for s in ("train", "validation", "test") for p in _read_split(builder, s)]
   except Exception as e:  # no network, no TensorFlow for its generator, ...
     logging.debug("TFDS tiny_shakespeare failed", exc_info=True)

@@ -69,7 +69,8 @@ class MultiHeadAttention(nn.Module):
     num_heads, num_kv_heads, head_dim: N, K, H.
     causal: causal self-attention.
     position: "rope"/"xpos" rotate q and k ("rope2d": axial 2-D RoPE over positions [B, T, 2]),
-      "alibi"/"t5" add a logit bias; others: handled by the model.
+      "alibi"/"t5" add a logit bias; "learned"/"sinusoidal"/"none": handled by the model (nothing
+      here); any other name is refused.
     rope_theta, rope_scaling, rotary_fraction: RoPE base, context extension (PI/NTK/YaRN...) and
       the fraction of head_dim rotated. YaRN's attention temperature is applied to q and k here;
       dynamic NTK's length is per row, per packed segment, or the cache length (module docstring).

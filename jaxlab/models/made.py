@@ -23,6 +23,9 @@ from jaxlab.losses.likelihood import (ancestral_sample, bernoulli_log_prob, chec
                                       log_mean_exp)
 
 
+SAMPLE_CHUNK_WEIGHTS = 2**26  # MADE.sample with K > 1: masked weights per chunk (256 MiB in float32)
+
+
 def made_degrees(dim: int, hidden: Sequence[int], num_masks: int, *, seed: int = 0,
                  order_agnostic: bool = True, connectivity_agnostic: bool = True):
   """The fixed set of K mask sets as degrees (integer numpy arrays; masks follow by comparison).
@@ -167,9 +170,10 @@ class MADE(nn.Module):
     if self.num_masks == 1:
       return ancestral_sample(lambda x_ND: logits(x_ND, 0), key_x, self.orders[k_N])
     # Each sample under its own mask set: a masked copy of every kernel per sample, so the samples
-    # go through in chunks that bound those copies to ~2**26 numbers (256 MiB in float32).
-    weights = sum(int(np.prod(w.shape)) for w in self.kernels)
-    chunk = int(max(1, min(n, 2**26 // weights)))
+    # go through in chunks of about SAMPLE_CHUNK_WEIGHTS masked weights (each copy also holds its
+    # mask for a while: peak a small multiple of that).
+    weights = sum(int(np.prod(w.shape)) for w in self.kernels) + self.direct * self.dim ** 2
+    chunk = int(max(1, min(n, SAMPLE_CHUNK_WEIGHTS // weights)))
     one = lambda x_D_k: logits(x_D_k[0][None], x_D_k[1])[0]
     return ancestral_sample(lambda x_ND: jax.lax.map(one, (x_ND, k_N), batch_size=chunk), key_x,
                             self.orders[k_N])

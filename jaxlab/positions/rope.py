@@ -82,8 +82,8 @@ class RopeScaling:
 
   A dict is accepted wherever a RopeScaling is, e.g. {"kind": "yarn", "factor": 4, "original_max_len":
   4096}; Hugging Face keys "type"/"rope_type", "original_max_position_embeddings" and kind names
-  "dynamic" are understood, and a dict written with Hugging Face's keys gets yarn_ramp="reference"
-  unless it says otherwise (HF's YaRN is the released code's ramp). Unknown keys raise ValueError.
+  "dynamic" are understood, and a dict whose kind is given as "type"/"rope_type" (a Hugging Face
+  rope_scaling) gets yarn_ramp="reference" unless it says otherwise (HF's YaRN is the released code's). Unknown keys raise ValueError.
   """
 
   kind: str
@@ -137,7 +137,7 @@ def as_rope_scaling(scaling: ScalingLike) -> Optional[RopeScaling]:
       kwargs[key] = value
     if "kind" not in kwargs or "factor" not in kwargs:
       raise ValueError(f"scaling needs at least 'kind' and 'factor', got {dict(scaling)}")
-    if set(scaling) & set(_KEY_ALIASES) and "yarn_ramp" not in kwargs:
+    if {"type", "rope_type"} & set(scaling) and "yarn_ramp" not in kwargs:
       kwargs["yarn_ramp"] = "reference"  # a Hugging Face config: its checkpoints used HF's ramp
     return RopeScaling(**kwargs)
   raise ValueError(f"scaling must be None, a RopeScaling or a dict, got {type(scaling).__name__}")

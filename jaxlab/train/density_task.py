@@ -58,9 +58,10 @@ def validate(config, require) -> None:
     require(config.data.name in ("digits", "mnist", "binarized_mnist", "caltech"),
             f"config.data.name={config.data.name!r} is not image data, which "
             f"config.model.name={m.name!r} needs")
-    require(m.first_kernel % 2 == 1 and m.first_kernel >= 3,
-            f"config.model.first_kernel={m.first_kernel} must be odd and >= 3 (a 1x1 first layer "
-            "sees no earlier pixel)")
+    require(m.first_kernel % 2 == 1, f"config.model.first_kernel={m.first_kernel} must be odd")
+    require(m.name != "pixelcnn" or m.first_kernel >= 3,
+            f"config.model.first_kernel={m.first_kernel}: PixelCNN's first (mask A) layer needs "
+            ">= 3 (a 1x1 one sees no earlier pixel)")
   if m.name != "made":
     require(m.num_masks == 1, f"config.model.num_masks={m.num_masks} applies to MADE only")
   require(not config.data.static_binarization or config.data.name == "mnist",

@@ -150,16 +150,16 @@ def exit_if_multi_process(code: int, *, wait_for_peers_s: float = 10.0) -> None:
     import time
     sys.stdout.flush()
     sys.stderr.flush()
-    from jax._src import distributed as jax_distributed  # the client's barrier has no public API
-    client = jax_distributed.global_state.client
-    try:
-      client.wait_at_barrier("jaxlab_exit_after_error", int(wait_for_peers_s * 1000))
-    except Exception:  # a peer is still busy (the error was this process's alone) or already gone
-      pass
-    else:
+    try:  # os._exit in any case, even on Ctrl-C here (JAX's atexit shutdown would wait for peers)
+      from jax._src import distributed as jax_distributed  # the barrier has no public API
+      jax_distributed.global_state.client.wait_at_barrier("jaxlab_exit_after_error",
+                                                          int(wait_for_peers_s * 1000))
       if is_primary():
         time.sleep(1.0)  # the others' os._exit follows the barrier at once
-    os._exit(code)
+    except Exception:  # a peer is still busy (the error was this process's alone) or already gone
+      pass
+    finally:
+      os._exit(code)
 
 
 def host_copy(tree: Any) -> Any:

@@ -92,13 +92,14 @@ _UNSET = object()
 
 
 def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = True,
-          data_digest=_UNSET) -> Run:
+          data_digest=_UNSET, same_run_checked: bool = False) -> Run:
   """Mesh, task, optimizer and the sharded abstract state (eval_shape -> shardings). Refuses (ValueError,
   nothing changed) a workdir whose checkpoints belong to another model/data/optimizer config, or (with
-  `check_data`) were trained on other data. data_digest: the task's, when the caller has it (`train`,
-  which has then also checked that every process runs the same config and workdir)."""
+  `check_data`) were trained on other data. data_digest: the task's, when the caller has it;
+  same_run_checked: the caller (`train`) has checked that every process runs the same config and
+  workdir."""
   workdir = pathlib.Path(workdir)
-  if data_digest is _UNSET:
+  if not same_run_checked:
     _same_run_everywhere(config, workdir)
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   if task is None:
@@ -483,7 +484,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
   check = getattr(task, "check_before_training", None)  # e.g. the LM's sample prompt
   if check is not None:
     check()  # before setup creates the workdir: a refused config leaves nothing behind
-  run = setup(config, workdir, task=task, data_digest=data_digest)
+  run = setup(config, workdir, task=task, data_digest=data_digest, same_run_checked=True)
   cfg = config.train
   lock = None
   try:

@@ -153,6 +153,9 @@ def test_a_hugging_face_yarn_dict_gets_the_released_code_s_ramp():
                                                 yarn_ramp="reference")
   assert P.as_rope_scaling({**hf, "yarn_ramp": "paper"}).yarn_ramp == "paper"
   assert P.as_rope_scaling({"kind": "yarn", "factor": 8, "original_max_len": 4}).yarn_ramp == "paper"
+  # only the kind's HF spelling marks an HF config (a jaxlab dict may borrow HF's length key)
+  mixed = {"kind": "yarn", "factor": 8, "original_max_position_embeddings": 4}
+  assert P.as_rope_scaling(mixed).yarn_ramp == "paper"
 
 
 _Z3, _Z4 = np.zeros((2, 3, 1, 8), np.float32), np.zeros((2, 3), np.float32)

@@ -67,15 +67,16 @@ def _run_processes(args: list[str], timeout: int = 420, *, expect_rc: int = 0,
         files[0][1].seek(0)
         if i == 0 and p.returncode and _PORT_TAKEN in files[0][1].read():
           break  # the others would wait for a coordinator that never started: killed below
+      results = []
+      for p, (out, err) in zip(procs, files):
+        out.seek(0), err.seek(0)
+        results.append((p.returncode, out.read(), err.read()))
+      return results
     finally:
       for p in procs:
         p.kill()
-    results = []
-    for p, (out, err) in zip(procs, files):
-      out.seek(0), err.seek(0)
-      results.append((p.returncode, out.read(), err.read()))
-      out.close(), err.close()
-    return results
+      for out, err in files:
+        out.close(), err.close()
 
   for attempt in range(3):  # the free port was taken before process 0 bound it: another port
     results = run_once()
