@@ -224,7 +224,8 @@ def write_tables(rows, device, wall_s, path_md, path_json, quick, budget):
             "without re-checking the PDF here (verify before citing). made_k32 = MADE with 32 "
             "order/connectivity-agnostic mask sets, test NLL = log-mean-exp over the 32 (quick mode: 4).",
             "", "Model selection: full runs evaluate the validation NLL 10 times (MNIST, and FVSBN on "
-            "mnist-static), 20 times (NADE and MADE on mnist-static) or 50 times (UCI, Caltech) and keep the best parameters "
+            "mnist-static), 20 times (NADE and MADE on mnist-static) or 50 times (UCI, Caltech) "
+            "and keep the best parameters "
             "(`train.keep_best`); the test NLL is of those, taken at the `selected` step (the papers "
             "select on validation NLL too, by early stopping). The UCI and Caltech MADE rows use "
             "direct input->output connections, as the MADE paper's runs; their 1-mask ones also "

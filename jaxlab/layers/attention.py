@@ -174,9 +174,10 @@ class MultiHeadAttention(nn.Module):
     if self.family != "softmax" and self.logit_soft_cap is not None:
       raise ValueError(f"logit_soft_cap applies to the softmax family, not {self.family!r}")
     if self.rerope_window and (self.position != "rope" or self.family != "softmax"
-                               or self.logit_soft_cap is not None or self.rotary_fraction != 1.0):
-      raise ValueError("rerope_window needs position='rope' with full rotary, the softmax family "
-                       f"and no logit_soft_cap; got position={self.position!r}, "
+                               or self.logit_soft_cap is not None or self.rotary_fraction != 1.0
+                               or self.rope_scaling is not None):
+      raise ValueError("rerope_window needs position='rope' with full rotary and no rope_scaling, "
+                       f"the softmax family and no logit_soft_cap; got position={self.position!r}, "
                        f"family={self.family!r}")
     if self.family != "softmax" and self.position in ("alibi", "t5"):
       raise ValueError(f"position={self.position!r} adds a logit bias, which the {self.family!r} "
@@ -274,17 +275,19 @@ class MultiHeadAttention(nn.Module):
     if self.rotary_fraction != 1.0 and self.position not in ("rope", "rope2d"):
       raise ValueError(f"rotary_fraction={self.rotary_fraction} applies to position='rope' or "
                        f"'rope2d', not {self.position!r}")
-    if self.rerope_window and self.rope_scaling is not None:
-      raise ValueError("rerope_window takes no rope_scaling (ReRoPE rotates by its own window)")
     if self.rerope_leaky_k is not None and not self.rerope_window:
       raise ValueError(f"rerope_leaky_k={self.rerope_leaky_k} needs rerope_window > 0")
     if self.logn_train_len and not self.causal:
       raise ValueError("logn_train_len scales query t by log(t + 1) / log(train_len), the keys a "
                        "causal query sees; it needs causal=True")
 
+  def _scaling(self) -> Optional[positions_lib.RopeScaling]:
+    """rope_scaling as a RopeScaling (Flax holds a dict given here as a FrozenDict)."""
+    return positions_lib.as_rope_scaling(self.rope_scaling)
+
   def _dynamic_ntk(self) -> bool:
-    return (self.position == "rope" and self.rope_scaling is not None
-            and positions_lib.as_rope_scaling(self.rope_scaling).kind == "dynamic_ntk")
+    scaling = self._scaling()
+    return self.position == "rope" and scaling is not None and scaling.kind == "dynamic_ntk"
 
   def _seq_len(self, positions_BT, segment_ids_BT) -> Optional[jax.Array]:
     """Dynamic NTK's length L for a full pass: None (the row's max position + 1) or, with segment
@@ -311,7 +314,7 @@ class MultiHeadAttention(nn.Module):
     if self.position == "rope":
       q_BTNH = self._rope(q_BTNH, positions_BT, seq_len)
       k_BTKH = self._rope(k_BTKH, positions_BT, seq_len)
-      scaling = positions_lib.as_rope_scaling(self.rope_scaling)
+      scaling = self._scaling()
       if scaling is not None and scaling.kind == "yarn":
         # YaRN sec. 3.4: logits scaled by 1/t with sqrt(1/t) = 0.1 ln(s) + 1, on q and k.
         temperature = positions_lib.yarn_attention_factor(scaling.factor)

@@ -83,7 +83,8 @@ class RopeScaling:
   A dict is accepted wherever a RopeScaling is, e.g. {"kind": "yarn", "factor": 4, "original_max_len":
   4096}; Hugging Face keys "type"/"rope_type", "original_max_position_embeddings" and kind names
   "dynamic" are understood, and a dict whose kind is given as "type"/"rope_type" (a Hugging Face
-  rope_scaling) gets yarn_ramp="reference" unless it says otherwise (HF's YaRN is the released code's). Unknown keys raise ValueError.
+  rope_scaling) gets yarn_ramp="reference" unless it says otherwise (HF's YaRN is the released
+  code's). Unknown keys raise ValueError.
   """
 
   kind: str
