@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # The GPU checks of the flash-attention kernels in one command, for a machine with an NVIDIA GPU whose
 # Python already has a CUDA build of jax, flax and optax (jaxlab itself is put on PYTHONPATH, not
-# installed). Within a deadline (first argument, seconds, default 560) it runs, each step time-limited:
+# installed). Within a deadline (seconds, default 560) it runs, each step time-limited:
 #   1. a smoke run of the Mosaic GPU (Hopper) kernels, forward and backward, head_dim 64/128/256, with
-#      ptxas' register and spill report where this jaxlib prints it (MOSAIC_GPU_DUMP_PTXAS);
-#   2. the GPU-only tests of the portable (Triton) kernel, the GPT's default dispatch and cuDNN;
-#   3. the GPU-only tests of the Mosaic GPU kernel (when step 1 passed: a hung kernel stops nothing else);
-#   4. experiments/bench_flash.py with the time left (it writes its table after every row).
-# Logs and results go to $OUT (or /tmp/gpu_check): gpu_check.log, smoke.log, gpu_errors.jsonl (largest
-# errors per test case) and flash_<device>.md/.json (also in experiments/results/).
+#      ptxas' register and spill report (MOSAIC_GPU_DUMP_PTXAS);
+#   2. (MODE all or tests) the GPU-only tests: the Mosaic GPU kernel (when step 1 passed: a hung kernel
+#      stops nothing else), the GPT's default dispatch, cuDNN, the portable (Triton) kernel;
+#   3. (MODE all or bench) experiments/bench_flash.py with the time left (it writes its table after
+#      every row; with MODE all, step 2 leaves it 200 s).
+# Logs and results go to $OUT (or /tmp/gpu_check): gpu_check.log, smoke.log, pytest.log, bench.log,
+# gpu_errors.jsonl (largest errors per test case) and flash_<device>.md/.json (also in
+# experiments/results/).
 #
-#   bash experiments/gpu_check.sh [DEADLINE_S]
+#   bash experiments/gpu_check.sh [DEADLINE_S] [all|tests|bench]
+#   BENCH_ARGS="--head-dims 64 --lengths 16384 2048" bash experiments/gpu_check.sh 560 bench
+#
+# Measured on an H200 (2026-12-04, jax 0.11.2): the smoke run takes ~35 s, each test case ~10-30 s
+# (compiling for the GPU is most of it), the bench ~32 s per (head_dim, length) pair.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 deadline=$((start + ${1:-560}))
+mode=${2:-all}
 left() { echo $((deadline - $(date +%s))); }
 out="${OUT:-/tmp/gpu_check}"
 mkdir -p "$out"
@@ -64,31 +71,39 @@ grep -E "SMOKE|[Rr]egisters|spill|Error|error" "$out/smoke.log" | head -n 40 | t
 mosaic_ok=0
 grep -q "SMOKE OK" "$out/smoke.log" && mosaic_ok=1
 
-pytest_gpu() {  # $1: seconds; the rest: test ids
-  local limit=$1; shift
-  timeout -k 10 "$limit" "$py" -m pytest -q -p no:cacheprovider -rfEs --durations=8 "$@" 2>&1 | tail -n 45
-}
-echo "== 2. portable kernel, GPT dispatch, cuDNN tests ($(left) s left)" | tee -a "$log"
-pytest_gpu 200 tests/attention/test_flash_gpu.py::test_portable_kernel_bf16 \
-  tests/attention/test_flash_gpu.py::test_portable_kernel_other_dtypes tests/models/test_gpt_gpu.py \
-  tests/attention/test_cudnn.py | tee -a "$log"
-if [ "$mosaic_ok" = 1 ]; then
-  echo "== 3. Mosaic GPU kernel tests ($(left) s left)" | tee -a "$log"
-  pytest_gpu 150 tests/attention/test_flash_gpu.py::test_mosaic_gpu_kernel_bf16 \
-    tests/attention/test_flash_gpu.py::test_mosaic_gpu_kernel_fp16 \
-    "tests/attention/test_flash_mosaic_gpu.py::test_on_hopper_matches_xla" | tee -a "$log"
-  impls="mosaic_gpu portable cudnn xla"
-else
-  echo "== 3. skipped: the Mosaic GPU smoke run failed (smoke.log)" | tee -a "$log"
-  impls="portable cudnn xla"
+if [ "$mode" != bench ]; then
+  tests=()
+  if [ "$mosaic_ok" = 1 ]; then
+    tests+=(tests/attention/test_flash_gpu.py::test_mosaic_gpu_kernel_bf16
+            tests/attention/test_flash_gpu.py::test_mosaic_gpu_kernel_fp16
+            "tests/attention/test_flash_mosaic_gpu.py::test_on_hopper_matches_xla")
+  else
+    echo "== the Mosaic GPU smoke run failed (smoke.log): its tests are left out" | tee -a "$log"
+  fi
+  tests+=(tests/models/test_gpt_gpu.py tests/attention/test_cudnn.py
+          tests/attention/test_flash_gpu.py::test_portable_kernel_bf16
+          tests/attention/test_flash_gpu.py::test_portable_kernel_other_dtypes)
+  limit=$(( $(left) - $([ "$mode" = all ] && echo 200 || echo 10) ))
+  [ "$limit" -lt 30 ] && limit=30
+  echo "== 2. GPU tests, at most $limit s ($(left) s left)" | tee -a "$log"
+  # No GEMM autotuning in the tests (it lengthens every compile; the default tilings give the same
+  # numbers up to rounding), if this XLA knows the flag (an unknown flag aborts XLA).
+  flags="${XLA_FLAGS:-}"
+  XLA_FLAGS="$flags --xla_gpu_autotune_level=0" "$py" -c "import jax; jax.devices()" > /dev/null 2>&1 \
+    && flags="$flags --xla_gpu_autotune_level=0"
+  XLA_FLAGS="$flags" timeout -k 10 "$limit" "$py" -m pytest -v -p no:cacheprovider -rfEs \
+    --durations=10 "${tests[@]}" > "$out/pytest.log" 2>&1
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$out/pytest.log" | tail -n 80 | tee -a "$log"
 fi
+[ "$mosaic_ok" = 1 ] && impls="mosaic_gpu portable cudnn xla" || impls="portable cudnn xla"
 
 remaining=$(left)
-echo "== 4. bench_flash ($remaining s left)" | tee -a "$log"
-if [ "$remaining" -gt 60 ]; then
-  timeout -k 10 "$remaining" "$py" experiments/bench_flash.py --impls $impls --head-dims 128 64 \
-    --lengths 8192 1024 4096 16384 2048 --repeats 10 --budget-s $((remaining - 75)) \
-    > "$out/bench.log" 2>&1
+echo "== 3. bench_flash ($remaining s left)" | tee -a "$log"
+if [ "$mode" != tests ] && [ "$remaining" -gt 60 ]; then
+  # BENCH_ARGS: which shapes, in the order of measurement.
+  timeout -k 10 "$remaining" "$py" experiments/bench_flash.py --impls $impls --repeats 10 \
+    ${BENCH_ARGS:---head-dims 128 64 --lengths 8192 1024 4096 16384 2048} \
+    --budget-s $((remaining - 75)) > "$out/bench.log" 2>&1
   grep -v '^{' "$out/bench.log" | tail -n 40 | tee -a "$log"
 fi
 cp experiments/results/flash_*.md experiments/results/flash_*.json "$out/" 2>/dev/null

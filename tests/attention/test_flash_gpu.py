@@ -76,22 +76,23 @@ def _check(kernel, case, dtype):
   q, k, v, ct = _inputs(len(name) + h, b, tq, tk, n, kh, h, dtype)
   arrays = _mask_arrays(kind, b, tq, tk)
 
-  def value_and_grads(impl, q, k, v, ct, arrays):
-    mask = make_mask(tq, tk, b, **static_mask, **arrays)
-    if impl == "xla":
-      fn = lambda q, k, v: xla_attention(q, k, v, mask, scale=SCALE)
-    else:
-      fn = lambda q, k, v: flash_attention(q, k, v, mask, scale=SCALE, kernel=impl)
+  def value_and_grads(fn, q, k, v, ct):
     out, vjp = jax.vjp(fn, q, k, v)
     return (out,) + vjp(ct)
 
-  run = jax.jit(value_and_grads, static_argnums=0)
-  text = run.lower(kernel, q, k, v, ct, arrays).as_text()
+  @jax.jit  # one program per case: compiling is most of a case's time on a GPU
+  def run(q, k, v, ct, arrays):
+    mask = make_mask(tq, tk, b, **static_mask, **arrays)
+    ours = lambda q, k, v: flash_attention(q, k, v, mask, scale=SCALE, kernel=kernel)
+    xla = lambda q, k, v: xla_attention(q, k, v, mask, scale=SCALE)
+    up = lambda x: x.astype(jnp.float32)
+    plain = xla_attention(up(q), up(k), up(v), make_mask(tq, tk, b), scale=SCALE)
+    return (value_and_grads(ours, q, k, v, ct), value_and_grads(xla, up(q), up(k), up(v), up(ct)),
+            value_and_grads(xla, q, k, v, ct), plain)
+
+  text = run.lower(q, k, v, ct, arrays).as_text()
   assert KERNEL_MARK[kernel] in text, f"the {kernel} kernel is not in the lowered program"
-  got = run(kernel, q, k, v, ct, arrays)
-  up = lambda x: x.astype(jnp.float32)
-  want = run("xla", up(q), up(k), up(v), up(ct), arrays)
-  low = run("xla", q, k, v, ct, arrays)
+  got, want, low, plain = run(q, k, v, ct, arrays)
   tol = TOL[dtype]
   errors = {}
   for gname, g, w, r, x in zip(("out", "dq", "dk", "dv"), got, want, low, (q, q, k, v)):
@@ -109,8 +110,6 @@ def _check(kernel, case, dtype):
       np.testing.assert_array_equal(np.asarray(g[1], np.float32), 0.0, err_msg=gname)
   # The comparison can fail: the unmasked result is far from the masked one.
   if static_mask or arrays:
-    plain = jax.jit(lambda q, k, v: xla_attention(q, k, v, make_mask(tq, tk, b), scale=SCALE))(
-        up(q), up(k), up(v))
     assert np.abs(np.asarray(plain) - np.asarray(want[0])).max() > 10 * tol
   report = os.environ.get("JAXLAB_GPU_ERRORS")
   if report:
