@@ -186,6 +186,8 @@ def _cudnn_attention(q, k, v, mask: masks_lib.AttentionMask, *, bias, scale):
     raise ValueError("implementation='cudnn' supports causal, kv_lengths and bias masks only here")
   if mask.causal and mask.q_len != mask.kv_len:
     raise ValueError("implementation='cudnn' needs Tq == Tk for causal masks")
+  if bias is not None:
+    bias = bias.astype(q.dtype)  # cuDNN takes the bias in the inputs' dtype (it computes in it)
   return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=mask.causal,
                                       key_value_seq_lengths=mask.kv_lengths,
                                       implementation="cudnn")

@@ -225,7 +225,7 @@ class SwinAttention(nn.Module):
         ((2 * self.window - 1) ** 2, self.num_heads), self.param_dtype)
     out = window_attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
                            window=self.window, shift=self.shift,
-                           rel_bias_table=table.astype(self.dtype),
+                           rel_bias_table=table,  # added to float32 logits: kept in param_dtype
                            implementation=self.implementation)
     return Dense((c,), ("heads", "kv", "embed"), in_dims=2, use_bias=self.use_bias,
                  init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -274,3 +274,30 @@ def test_bad_shapes_name_the_argument():
     swin.SwinAttention(num_heads=3, window=4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 8)))
   with pytest.raises(ValueError, match="x: height"):
     swin.SwinAttention(num_heads=2, window=4).init(jax.random.key(0), jnp.zeros((1, 8, 6, 8)))
+
+
+def test_bias_table_enters_in_param_dtype_under_bfloat16_compute():
+  """With dtype=bfloat16 the relative-position bias is added to the float32 logits at its own precision:
+  a table near 64 (bfloat16 spacing 0.5 there) with offsets of up to 0.4 would lose them if it were
+  cast to the compute dtype. q = 0 makes the logits the bias alone; x, v and the projections are small
+  integers, exact in bfloat16, so only the output's rounding separates the two dtypes."""
+  c = 8
+  x = jnp.asarray(np.random.default_rng(0).integers(-4, 5, (B, H, W, c)), jnp.float32)
+  mod = lambda dtype: swin.SwinAttention(num_heads=N, window=WIN, dtype=dtype)
+  params = jax.jit(mod(jnp.float32).init)(jax.random.key(5), x)["params"]
+  p = jax.tree.map(lambda a: getattr(a, "value", a), params, is_leaf=lambda a: hasattr(a, "value"))
+  kernel = np.zeros(p["qkv"]["kernel"].shape, np.float32)  # [c, 3, N, c//N]: q = k = 0, v = x
+  kernel[:, 2] = np.eye(c, dtype=np.float32).reshape(c, N, c // N)
+  p["qkv"]["kernel"], p["qkv"]["bias"] = jnp.asarray(kernel), jnp.zeros_like(p["qkv"]["bias"])
+  p["out"]["kernel"] = jnp.asarray(np.eye(c, dtype=np.float32).reshape(N, c // N, c))
+  p["out"]["bias"] = jnp.zeros_like(p["out"]["bias"])
+  table = p["relative_position_bias_table"]
+  p["relative_position_bias_table"] = 64.0 + jax.random.uniform(jax.random.key(7), table.shape) * 0.4
+  y32 = jax.jit(mod(jnp.float32).apply)({"params": p}, x)
+  y16 = jax.jit(mod(jnp.bfloat16).apply)({"params": p}, x)
+  assert y16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=3e-2, rtol=1e-2)
+  # The same check fails with the table rounded to bfloat16 (the offsets then vanish).
+  p16 = dict(p, relative_position_bias_table=p["relative_position_bias_table"].astype(jnp.bfloat16))
+  y_rounded = jax.jit(mod(jnp.float32).apply)({"params": p16}, x)
+  assert np.abs(np.asarray(y_rounded) - np.asarray(y32)).max() > 0.1
