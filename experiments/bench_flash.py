@@ -5,8 +5,8 @@
 
 For head_dim 64 and 128, sequence lengths 1k..16k at a fixed token count (batch = tokens / length),
 causal and not, forward and forward+backward, it times (jitted, bfloat16, heads = --width / head_dim;
-the median time per call over at most --repeats samples, each of enough back-to-back calls to last
-2 ms, after a warm-up):
+the median time per call over 3 to --repeats samples (about 1 s of them), each of enough back-to-back
+calls to last about 5 ms, after a warm-up):
   * "pallas": `jaxlab.attention.dot_product_attention(implementation="pallas")` (the default dispatch:
     the portable kernel until `flash.MOSAIC_GPU_BY_DEFAULT` is set, then the Mosaic GPU one on Hopper),
   * "mosaic_gpu": `jaxlab.attention.flash_attention(kernel="mosaic_gpu")` (Hopper: wgmma, TMA K/V
@@ -20,7 +20,8 @@ ratio to cuDNN, and the best jaxlab kernel as a fraction of the GPU's dense bf16
 default from the device name). Goals (issue 6): forward >= 1.0x cuDNN, forward+backward >= 0.8x cuDNN,
 forward >= 60% of peak at 8k, head_dim 128. The table is rewritten after every row, and --budget-s
 stops starting new (head_dim, length) pairs after that many seconds (the order of --head-dims and
---lengths is the order of measurement), so a run cut short still leaves its rows.
+--lengths is the order of measurement), so a run cut short still leaves its rows. Rows measured by
+an earlier run on the same kind of device are kept unless this run measures the same shape again.
 
 Writes experiments/results/flash_<device>.md and .json. With --dry-run (or without a GPU) nothing is
 timed: the shapes are shrunk, the kernel runs in interpret mode, its output is checked against XLA, and
@@ -42,7 +43,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from NVIDIA's data sheets (SXM parts).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0}
+# (GH200 first: the device name is matched by substring, and "H200" is in "GH200".)
+PEAK_BF16_TFLOPS = {"GH200": 989.0, "H100": 989.0, "H200": 989.0, "H800": 989.0}
 
 
 def cpu_description() -> str:
@@ -89,7 +91,7 @@ def time_fn(fn, args, repeats, max_seconds=1.0):
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
   once = max(time.perf_counter() - start, 1e-6)
-  inner = min(50, max(1, int(0.002 / once) + 1))
+  inner = min(50, max(1, int(0.005 / once) + 1))
   repeats = max(3, min(repeats, int(max_seconds / (inner * once))))
   times = []
   for _ in range(repeats):
@@ -115,6 +117,8 @@ def main():
   parser.add_argument("--dry-run", action="store_true",
                       help="tiny shapes, interpret mode, correctness only; no timings")
   args = parser.parse_args()
+  if not args.budget_s > 0:
+    parser.error(f"--budget-s must be > 0, got {args.budget_s}")
 
   import jax
   import jax.numpy as jnp
@@ -138,6 +142,11 @@ def main():
   print(f"device: {device}; jax {jax.__version__}" + ("; DRY RUN (no timings)" if dry else ""))
 
   rows, checks = [], []
+  # Rows of earlier runs on this kind of device are kept unless re-measured (same head_dim, length,
+  # causal, mode), so runs of a few shapes each build one table.
+  earlier = RESULTS / f"flash_{slug}.json"
+  kept = [] if dry or not earlier.exists() else json.loads(earlier.read_text())["rows"]
+  measured_on = f"{time.strftime('%Y-%m-%d')}, jax {jax.__version__}"
   start = time.time()
   skipped = 0
   for d in head_dims:
@@ -152,7 +161,7 @@ def main():
       for causal in (False, True):
         for mode in ("fwd", "fwd+bwd"):
           row = {"head_dim": d, "length": t, "batch": b, "heads": n, "causal": causal, "mode": mode,
-                 "tflops": {}, "errors": {}}
+                 "measured": measured_on, "tflops": {}, "errors": {}}
           for impl in impls:
             if dry and impl == "mosaic_gpu" and mode != "fwd":
               row["tflops"][impl] = None
@@ -175,11 +184,11 @@ def main():
               row["errors"][impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
           rows.append(row)
           print(json.dumps(row), flush=True)
-          write_results(rows, checks, impls, dry, slug, device, peak, tokens, width,
+          write_results(with_kept(rows, kept), checks, impls, dry, slug, device, peak, tokens, width,
                         time.time() - start, skipped, args.budget_s)
   wall = time.time() - start
-  print(write_results(rows, checks, impls, dry, slug, device, peak, tokens, width, wall, skipped,
-                      args.budget_s))
+  print(write_results(with_kept(rows, kept), checks, impls, dry, slug, device, peak, tokens, width,
+                      wall, skipped, args.budget_s))
   print(f"wrote {RESULTS / f'flash_{slug}.md'}")
   if dry:
     errors = [e for r in rows for e in r["errors"].values()]
@@ -191,6 +200,13 @@ def main():
 OURS = ("pallas", "mosaic_gpu", "portable")  # jaxlab's kernels; the others are references
 
 
+def with_kept(rows, kept):
+  """This run's rows, plus the earlier runs' rows for shapes this run has not measured."""
+  key = lambda r: (r["head_dim"], r["length"], r["causal"], r["mode"])
+  new = {key(r) for r in rows}
+  return [r for r in kept if key(r) not in new] + rows
+
+
 def write_results(rows, checks, impls, dry, slug, device, peak, tokens, width, wall, skipped, budget_s):
   """Writes flash_<slug>.md and .json from the rows measured so far; returns the Markdown table."""
   import jax
@@ -198,24 +214,29 @@ def write_results(rows, checks, impls, dry, slug, device, peak, tokens, width, w
   def fmt(x, spec=".0f"):
     return "" if x is None else format(x, spec)
 
+  impls = list(impls) + [i for r in rows for i in r["tflops"] if i not in impls]  # earlier runs' too
+  impls = list(dict.fromkeys(impls))
   ours = [i for i in impls if i in OURS]
   ratio = lambda r, i: (None if r["tflops"].get(i) is None or r["tflops"].get("cudnn") is None
                         else r["tflops"][i] / r["tflops"]["cudnn"])
   best = lambda r: max((r["tflops"][i] for i in ours if r["tflops"].get(i) is not None), default=None)
   header = ("| head_dim | length | batch | causal | mode | " + " | ".join(f"{i} TFLOP/s" for i in impls)
-            + "".join(f" | {i} / cuDNN" for i in ours) + " | best jaxlab % of peak |")
+            + "".join(f" | {i} / cuDNN" for i in ours) + " | best jaxlab % of peak | measured |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   order = lambda r: (r["head_dim"], r["length"], r["causal"], r["mode"])
   for r in sorted(rows, key=order):
     frac = None if best(r) is None or peak is None else 100 * best(r) / peak
     lines.append(f"| {r['head_dim']} | {r['length']} | {r['batch']} | {r['causal']} | {r['mode']} | "
                  + " | ".join(fmt(r["tflops"].get(i)) for i in impls)
-                 + "".join(f" | {fmt(ratio(r, i), '.2f')}" for i in ours) + f" | {fmt(frac)} |")
+                 + "".join(f" | {fmt(ratio(r, i), '.2f')}" for i in ours)
+                 + f" | {fmt(frac)} | {r.get('measured', '')} |")
   table = "\n".join(lines)
 
   md = [f"# Flash attention: jaxlab Pallas kernels vs cuDNN vs XLA ({slug})", "",
         f"Device: {device}. jax {jax.__version__}. bfloat16 inputs, {tokens} tokens per call "
-        f"(batch = tokens / length), heads = {width} / head_dim. Wall time {wall:.0f} s. Each cell: "
+        f"(batch = tokens / length), heads = {width} / head_dim. Wall time of the last run {wall:.0f} s; "
+        "rows of earlier runs on this device kind are kept where the last run did not re-measure "
+        "them (see the measured column). Each cell: "
         "median time per call, calls run back to back between synchronisations. \"pallas\" is "
         "`dot_product_attention(implementation=\"pallas\")` (the default dispatch), \"mosaic_gpu\" "
         "and \"portable\" `flash_attention(kernel=...)`.", ""]

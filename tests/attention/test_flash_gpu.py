@@ -11,8 +11,9 @@ is covered: causal with Tq < Tk and Tq > Tk (rows that see no key), separate q/k
 row with kv_length 0, sliding and one-sided windows, GQA and MQA, head_dim 64/128/256. Values and
 dQ/dK/dV are compared with float32 "xla" on the same (rounded) inputs: the largest error must stay
 within a bound per dtype (relative to the reference's largest value) or within twice the error of
-"xla" itself run in the same dtype. The lowered program is checked to hold the kernel asked for (a
-silent fallback to XLA would pass the numerical comparison).
+"xla" itself run in the same dtype; query rows that see no key must give exact zeros. The lowered
+program must call the kernels asked for, forward, dQ and dK/dV (a silent fallback to XLA or to the
+other kernel would pass the numerical comparison).
 
 With JAXLAB_GPU_ERRORS=FILE each case appends its largest errors to FILE (one JSON object per line).
 """
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.attention import flash
-from jaxlab.attention.flash import flash_attention
+from jaxlab.attention.flash import flash_attention, mosaic_gpu
 from jaxlab.attention.masks import make_mask
 from jaxlab.attention.softmax import xla_attention
 
@@ -36,8 +37,17 @@ SCALE = 0.37
 # Bounds (absolute and relative) against float32 "xla". float32 runs IEEE matmuls here (the suite sets
 # jax_default_matmul_precision="highest"; with the default precision Triton takes TF32, as XLA does).
 TOL = {jnp.float32: 2e-4, jnp.bfloat16: 5e-2, jnp.float16: 1e-2}
-# The lowered program's trace of each kernel.
-KERNEL_MARK = {"portable": "__gpu$xla.gpu.triton", "mosaic_gpu": "mosaic_gpu"}
+# Custom-call targets of the two kernels in a lowered program (matched with their "@", so a file path
+# or function name that merely contains "mosaic_gpu" does not count).
+TRITON_CALL, MOSAIC_CALL = "@__gpu$xla.gpu.triton", "@mosaic_gpu_v2"
+
+
+def kernel_calls(kernel: str, h: int) -> dict:
+  """{call target: count} of one forward + backward: forward, dQ and dK/dV kernels."""
+  if kernel == "portable":
+    return {TRITON_CALL: 3, MOSAIC_CALL: 0}
+  mosaic_backward = h in mosaic_gpu.BWD_HEAD_DIMS  # head_dim 256: portable dQ and dK/dV
+  return {MOSAIC_CALL: 3 if mosaic_backward else 1, TRITON_CALL: 0 if mosaic_backward else 2}
 
 
 def _inputs(seed, b, tq, tk, n, kh, h, dtype):
@@ -90,9 +100,11 @@ def _check(kernel, case, dtype):
     return (value_and_grads(ours, q, k, v, ct), value_and_grads(xla, up(q), up(k), up(v), up(ct)),
             value_and_grads(xla, q, k, v, ct), plain)
 
-  text = run.lower(q, k, v, ct, arrays).as_text()
-  assert KERNEL_MARK[kernel] in text, f"the {kernel} kernel is not in the lowered program"
-  got, want, low, plain = run(q, k, v, ct, arrays)
+  lowered = run.lower(q, k, v, ct, arrays)
+  text = lowered.as_text()
+  for target, count in kernel_calls(kernel, h).items():
+    assert text.count(target) == count, f"{kernel}: {text.count(target)} calls of {target}, not {count}"
+  got, want, low, plain = lowered.compile()(q, k, v, ct, arrays)
   tol = TOL[dtype]
   errors = {}
   for gname, g, w, r, x in zip(("out", "dq", "dk", "dv"), got, want, low, (q, q, k, v)):
@@ -105,8 +117,14 @@ def _check(kernel, case, dtype):
     # misses by (float32: XLA's run is the reference itself, so only the first applies).
     bound = max(tol * max(1.0, float(np.max(np.abs(w32)))), 2.0 * err_xla)
     assert err <= bound, f"{kernel} {name} {gname}: max |error| {err:.3g} > bound {bound:.3g}"
-  if kind == "lengths":  # the batch row with no valid key: zeros out, zero gradients
-    for gname, g in zip(("out", "dq", "dk", "dv"), got):
+  # Query rows that see no key (the reference gives them exact zeros) get exact zeros and no gradient.
+  empty = np.all(np.asarray(want[0]) == 0.0, axis=-1)  # [B, Tq, N]
+  if "empty" in name or kind in ("segments", "lengths"):
+    assert empty.any(), "the case was built to have query rows that see no key"
+  for gname, g in zip(("out", "dq"), got[:2]):
+    np.testing.assert_array_equal(np.asarray(g, np.float32)[empty], 0.0, err_msg=gname)
+  if kind == "lengths":  # the batch row with no valid key: no gradient reaches its keys either
+    for gname, g in zip(("dk", "dv"), got[2:]):
       np.testing.assert_array_equal(np.asarray(g[1], np.float32), 0.0, err_msg=gname)
   # The comparison can fail: the unmasked result is far from the masked one.
   if static_mask or arrays:

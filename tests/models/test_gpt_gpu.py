@@ -23,8 +23,12 @@ def _model(impl, dtype):
                        max_len=200, position="rope", attention_impl=impl, dtype=dtype))
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
-def test_default_dispatch_trains_with_the_pallas_kernel(dtype, tol):
+# (dtype, first-loss rtol, gradient tolerance x each leaf's largest |value|, trajectory rtol = atol).
+# bfloat16, measured in interpret mode on CPU: first losses 4e-6 apart, gradients 0.8% of a leaf's
+# largest value, 30-step losses 0.015 apart.
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol,curve_tol", [(jnp.float32, 1e-4, 1e-3, 1e-3),
+                                                               (jnp.bfloat16, 1e-3, 3e-2, 5e-2)])
+def test_default_dispatch_trains_with_the_pallas_kernel(dtype, loss_tol, grad_tol, curve_tol):
   # A learnable stream: each row counts up by a fixed stride modulo the vocabulary.
   tokens = (jnp.arange(190)[None, :] * jnp.array([[3], [5], [7], [11]]) + 1) % 65
   params = _model("xla", dtype).init(jax.random.key(1), tokens[:, :-1])["params"]
@@ -35,14 +39,14 @@ def test_default_dispatch_trains_with_the_pallas_kernel(dtype, tol):
         logits.astype(jnp.float32), tokens[:, 1:]).mean()
 
   grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
-  has_kernel = lambda text: "__gpu$xla.gpu.triton" in text or "mosaic_gpu" in text
+  has_kernel = lambda text: "@__gpu$xla.gpu.triton" in text or "@mosaic_gpu_v2" in text
   assert has_kernel(grad.lower(params, None).as_text()), "the default dispatch did not pick Pallas"
   assert not has_kernel(grad.lower(params, "xla").as_text())
   (loss, g), (loss_ref, g_ref) = grad(params, None), grad(params, "xla")
-  np.testing.assert_allclose(loss, loss_ref, rtol=tol)
+  np.testing.assert_allclose(loss, loss_ref, rtol=loss_tol)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     scale = float(jnp.max(jnp.abs(b.astype(jnp.float32)))) + 1e-6
-    assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) <= 10 * tol * scale
+    assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) <= grad_tol * scale
 
   opt = optax.adamw(1e-3)
 
@@ -60,4 +64,4 @@ def test_default_dispatch_trains_with_the_pallas_kernel(dtype, tol):
 
   ours, ref = train(None), train("xla")
   assert ours[-1] < ours[0] - 0.3  # it learns
-  np.testing.assert_allclose(ours, ref, rtol=10 * tol, atol=10 * tol)
+  np.testing.assert_allclose(ours, ref, rtol=curve_tol, atol=curve_tol)

@@ -11,7 +11,7 @@ shapes, Shah et al. 2024): block_q = 64 rows per compute warpgroup times two war
 multiple of 64, num_stages the depth of the TMA K/V ring; they fit the 227 KiB of shared memory per CTA
 (checked when the kernel is lowered). The TPU rows follow the (8, 128) Mosaic tiling. All are starting
 points, NOT tuned on hardware: the GPU rows ran once on an H200 (experiments/results/flash_H200.md,
-Mosaic GPU 0.82-0.88x cuDNN's forward at 4k-8k, head_dim 128) with no time left to tune them, the TPU
+Mosaic GPU 0.81-0.88x cuDNN's forward at 4k-8k, head_dim 128) with no time left to tune them, the TPU
 rows never; tune them with `experiments/bench_flash.py` on the target device.
 """
 
