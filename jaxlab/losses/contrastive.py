@@ -23,6 +23,7 @@ from typing import Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
@@ -42,10 +43,11 @@ AxisNames = Union[str, Sequence[str]]
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||_2, eps) along `axis`."""
+  """x / max(||x||_2, eps) along `axis`; a zero row gives zeros and a finite gradient (rsqrt of the
+  clamped squared norm: sqrt's gradient at 0 would be inf, and inf * 0 = NaN)."""
   x = jnp.asarray(x)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True))
-  return (x / jnp.maximum(norm, eps)).astype(x.dtype)
+  sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True)
+  return (x * lax.rsqrt(jnp.maximum(sq, eps * eps))).astype(x.dtype)
 
 
 def _check_pair(a, b, name_a: str, name_b: str) -> tuple[jax.Array, jax.Array]:
@@ -107,8 +109,10 @@ def clip_logit_scale(log_scale: jax.Array, max_log_scale: float = CLIP_MAX_LOG_S
   """exp(min(log_scale, max_log_scale)): CLIP's multiplier of the cosine similarities (<= 100).
 
   At or past the clamp, the gradient with respect to log_scale keeps only its part that lowers
-  log_scale (as for a parameter clipped in place after each step, as OpenCLIP does): an optimiser
-  cannot push it further up, and a parameter that sits at the bound can still come back down.
+  log_scale: a parameter that sits at the bound can still come back down, and gradients that push it
+  up are not accumulated. This alone does not keep the parameter at the bound (an optimiser's momentum
+  can still carry it past): the trainer also clips it in place after each step, as OpenCLIP does
+  (`ContrastiveTask.upper_bounds`, `train.optim.clip_above`).
   """
   return jnp.exp(_clamp_max(log_scale, float(max_log_scale)))
 

@@ -197,6 +197,10 @@ class ContrastiveTask:
       self._mesh = sharding.make_mesh((m.data, m.fsdp, m.tensor))
     return self._mesh
 
+  def upper_bounds(self) -> dict:
+    """CLIP's log logit scale is clipped in place after each step at log 100 (Radford et al. 2021)."""
+    return {"log_scale": contrastive.CLIP_MAX_LOG_SCALE} if self.config.model.loss == "clip" else {}
+
   def contrastive_loss(self, params, image_BE, text_BE) -> jax.Array:
     """The configured loss on embeddings; sharded over the batch axes when they span > 1 device."""
     c = self.config.model
@@ -295,23 +299,35 @@ def zero_shot_accuracy(image_NE: np.ndarray, prompt_CTE: np.ndarray, labels_N: n
   if image_NE.ndim != 2 or prompt_CTE.ndim != 3 or image_NE.shape[1] != prompt_CTE.shape[2]:
     raise ValueError(f"image_NE [N, E] and prompt_CTE [C, T, E] disagree: {image_NE.shape}, "
                      f"{prompt_CTE.shape}")
+  labels_N = np.asarray(labels_N)
+  if labels_N.shape != (image_NE.shape[0],):
+    raise ValueError(f"labels_N must hold one class per image, shape ({image_NE.shape[0]},), got "
+                     f"{labels_N.shape}")
   class_CE = prompt_CTE.mean(axis=1)
   class_CE /= np.linalg.norm(class_CE, axis=1, keepdims=True)
   predicted = np.argmax(image_NE @ class_CE.T, axis=1)
-  return float(np.mean(predicted == np.asarray(labels_N)))
+  return float(np.mean(predicted == labels_N))
 
 
 def recall_at_k(query_QE: np.ndarray, candidate_CE: np.ndarray, query_groups_Q: np.ndarray,
                 candidate_groups_C: np.ndarray, k: int) -> float:
   """Fraction of queries with a candidate of the same group among their k most similar candidates."""
   query_QE, candidate_CE = np.asarray(query_QE), np.asarray(candidate_CE)
+  query_groups_Q, candidate_groups_C = np.asarray(query_groups_Q), np.asarray(candidate_groups_C)
+  for name, x in (("query_QE", query_QE), ("candidate_CE", candidate_CE)):
+    if x.ndim != 2:
+      raise ValueError(f"{name} must be [count, dim], got shape {x.shape}")
   if query_QE.shape[1] != candidate_CE.shape[1]:
     raise ValueError(f"query_QE and candidate_CE have different dims: {query_QE.shape[1]} vs "
                      f"{candidate_CE.shape[1]}")
+  for name, groups, n in (("query_groups_Q", query_groups_Q, query_QE.shape[0]),
+                          ("candidate_groups_C", candidate_groups_C, candidate_CE.shape[0])):
+    if groups.shape != (n,):
+      raise ValueError(f"{name} must hold one group per row, shape ({n},), got {groups.shape}")
   if not 1 <= k:
     raise ValueError(f"k must be >= 1, got {k}")
   scores_QC = query_QE @ candidate_CE.T
   k = min(k, scores_QC.shape[1])
   top_QK = np.argsort(-scores_QC, axis=1, kind="stable")[:, :k]
-  hits = np.asarray(candidate_groups_C)[top_QK] == np.asarray(query_groups_Q)[:, None]
+  hits = candidate_groups_C[top_QK] == query_groups_Q[:, None]
   return float(np.mean(np.any(hits, axis=1)))

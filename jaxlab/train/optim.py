@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 # Weight decay is decided by a parameter's name, never by its rank (a qkv bias is [N, 3, H], GAU's
@@ -28,9 +29,33 @@ def decay_mask(params, *, decay_embeddings: bool = False):
   -style training decays them too). Everything else (biases of any rank, norm scales, GAU's scales and
   offsets, FLASH's relative bias, the loss's scalars) is never decayed."""
   def keep(path, leaf):
-    name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+    name = leaf_name(path)
     return is_weight_name(name) or (decay_embeddings and name in EMBEDDING_NAMES)
   return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def leaf_name(path) -> str:
+  return str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+
+
+def clip_above(tx: optax.GradientTransformation, bounds: dict[str, float]) -> optax.GradientTransformation:
+  """`tx`, then every parameter leaf named in `bounds` kept at or below its bound after the update: the
+  in-place clamp after each step that OpenCLIP applies to CLIP's logit scale, so no optimiser momentum
+  carries the parameter past it. The state is `tx`'s own (checkpoints are unchanged)."""
+  if not bounds:
+    return tx
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("clip_above needs the parameters in update()")
+    updates, state = tx.update(updates, state, params)
+
+    def project(path, u, p):
+      bound = bounds.get(leaf_name(path))
+      return u if bound is None else jnp.minimum(p + u, bound) - p
+    return jax.tree_util.tree_map_with_path(project, updates, params), state
+
+  return optax.GradientTransformation(tx.init, update)
 
 
 def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -41,10 +66,12 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(optim_cfg, total_steps: int, *,
-                   clip_groups: Sequence[Callable[[Any], Any]] = ()) -> optax.GradientTransformation:
+                   clip_groups: Sequence[Callable[[Any], Any]] = (),
+                   upper_bounds: dict[str, float] | None = None) -> optax.GradientTransformation:
   """The optimizer of `config.optim`. clip_groups: masks (params -> a bool per leaf) that partition the
   parameters; when given, each group is clipped by its own global norm. For parameters trained on
-  separate losses (extra heads on a detached trunk), whose gradients must not scale each other."""
+  separate losses (extra heads on a detached trunk), whose gradients must not scale each other.
+  upper_bounds: leaf name -> the largest value that parameter may take after a step (`clip_above`)."""
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   parts = []
   if optim_cfg.grad_clip > 0:
@@ -53,4 +80,4 @@ def make_optimizer(optim_cfg, total_steps: int, *,
   parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                            weight_decay=optim_cfg.weight_decay,
                            mask=lambda p: decay_mask(p, decay_embeddings=optim_cfg.decay_embeddings)))
-  return optax.chain(*parts)
+  return clip_above(optax.chain(*parts), dict(upper_bounds or {}))

@@ -107,7 +107,8 @@ def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = 
   if data_digest is _UNSET:
     data_digest = _same_data_everywhere(task)
   tx = optim.make_optimizer(config.optim, config.train.steps,
-                           clip_groups=getattr(task, "clip_groups", lambda: ())())
+                           clip_groups=getattr(task, "clip_groups", lambda: ())(),
+                           upper_bounds=getattr(task, "upper_bounds", lambda: {})())
   init = _init_state_fn(task, tx, config)
   with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     boxed = jax.eval_shape(init)

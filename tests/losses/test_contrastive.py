@@ -204,3 +204,16 @@ def test_bad_inputs_name_the_argument(pair):
     C.infonce_loss(img, txt, temperature=0.0)
   with pytest.raises(ValueError, match="score must be"):
     C.infonce_loss(img, txt, score="euclid")
+
+
+def test_l2_normalize_zero_row_has_zeros_and_a_finite_gradient():
+  """A zero embedding row stays zero and does not turn every shared weight's gradient into NaN."""
+  x = jnp.array([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]])
+  y = C.l2_normalize(x)
+  np.testing.assert_array_equal(y[0], 0.0)
+  np.testing.assert_allclose(y[1], [0.6, 0.8, 0.0], rtol=1e-6)
+  g = jax.grad(lambda x: jnp.sum(C.l2_normalize(x) * jnp.arange(6.0).reshape(2, 3)))(x)
+  assert np.isfinite(np.asarray(g)).all()
+  # The non-zero row's gradient is the projection's: (I - y y^T) c / ||x||.
+  c, y1 = np.arange(3.0, 6.0), np.array([0.6, 0.8, 0.0])
+  np.testing.assert_allclose(g[1], (c - y1 * (y1 @ c)) / 5.0, rtol=1e-5)

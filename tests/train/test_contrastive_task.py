@@ -40,8 +40,13 @@ def test_sharded_task_loss_equals_dense(tfds_dir, loss, tower):
   assert placed["images"].sharding.spec == P(("data", "fsdp"))
   value_grad = lambda t: jax.jit(jax.value_and_grad(
       lambda p, b: t.loss(p, b, jax.random.PRNGKey(0), train=True)[0]))
+  # The sharded path is the one taken: its collective is in the program (the dense loss under jit on a
+  # placed batch gives the same numbers, so the comparison alone would not show it).
+  collective = "collective_permute" if loss == "siglip" else "all_gather"
+  assert collective in value_grad(task).lower(params, placed).as_text()
   (v_sharded, g_sharded) = value_grad(task)(params, placed)
   config.model.loss_impl = "dense"
+  assert collective not in value_grad(task).lower(params, batch).as_text()
   (v_dense, g_dense) = value_grad(task)(params, batch)
   np.testing.assert_allclose(v_sharded, v_dense, rtol=3e-5)
   for a, b in zip(jax.tree_util.tree_leaves(g_sharded), jax.tree_util.tree_leaves(g_dense)):
@@ -125,3 +130,49 @@ def test_mixed_precision_towers_give_float32_embeddings_and_float32s_loss(tfds_d
   assert losses["bfloat16"] != losses["float32"] != losses["float16"]  # they did compute in them
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
   np.testing.assert_allclose(losses["float16"], losses["float32"], rtol=5e-3)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_trainer_optimizer_clips_clip_log_scale_in_place(tfds_dir, tmp_path, loss):
+  """The trainer's optimizer for CLIP keeps log_scale at or below log 100 after a step that pushes it
+  up, whatever Adam's step (OpenCLIP's clamp_ after each step); SigLIP's parameters are not bounded."""
+  from jaxlab.losses import contrastive
+  from jaxlab.train import trainer
+  config = load_config("contrastive_digits", TINY + [f"--config.data.data_dir={tfds_dir}",
+                                                     f"--config.model.loss={loss}",
+                                                     "--config.optim.lr=1.0"])
+  run = trainer.setup(config, tmp_path / "run")
+  try:
+    params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x),
+                                    run.task.init_params(jax.random.PRNGKey(0)),
+                                    is_leaf=lambda x: hasattr(x, "value"))
+    bound = contrastive.CLIP_MAX_LOG_SCALE
+    name = "log_scale" if loss == "clip" else "log_temperature"
+    params[name] = jax.numpy.float32(bound - 1e-3)
+    grads = jax.tree_util.tree_map(jax.numpy.zeros_like, params)
+    grads[name] = jax.numpy.float32(-1.0)  # descent pushes the parameter up
+    state = run.tx.init(params)
+    for _ in range(3):
+      updates, state = run.tx.update(grads, state, params)
+      params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+    if loss == "clip":
+      assert float(params[name]) == pytest.approx(bound)
+    else:
+      assert float(params[name]) > bound  # only CLIP's scale has a bound
+  finally:
+    run.checkpointer.close()
+
+
+def test_metric_inputs_of_the_wrong_length_are_named():
+  """A labels or groups array that would broadcast (length 1) or not line up is refused by name."""
+  e = np.eye(3)
+  image_NE, prompt_CTE = np.array([e[0], e[1], e[2], e[0]]), np.stack([e[None, c] for c in range(3)])
+  for labels in ([0], [0, 1, 2]):
+    with pytest.raises(ValueError, match="labels_N"):
+      ct.zero_shot_accuracy(image_NE, prompt_CTE, labels)
+  with pytest.raises(ValueError, match="query_groups_Q"):
+    ct.recall_at_k(image_NE, e, [0], [0, 1, 2], k=1)
+  with pytest.raises(ValueError, match="candidate_groups_C"):
+    ct.recall_at_k(image_NE, e, [0, 1, 2, 0], [0, 1], k=1)
+  with pytest.raises(ValueError, match="query_QE"):
+    ct.recall_at_k(e[0], e, [0], [0, 1, 2], k=1)

@@ -1,5 +1,6 @@
 """Weight decay reaches matrices only (and embeddings only when asked); the schedule's shape."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -73,3 +74,36 @@ def test_schedule_warmup_then_cosine_to_min():
   s = optim.learning_rate_schedule(cfg, 2000)
   np.testing.assert_allclose([s(0), s(50), s(100), s(1050), s(2000), s(3000)],
                              [0.0, 5e-4, 1e-3, 5.5e-4, 1e-4, 1e-4], rtol=1e-5, atol=1e-9)
+
+
+def test_clip_above_keeps_a_parameter_at_its_bound_under_momentum():
+  """CLIP's logit scale clipped in place after each step (OpenCLIP's clamp_): Adam's momentum, built
+  up while the gradient pushed it up, carries the plain parameter past the bound; clip_above keeps it
+  there, lets it come down as soon as the gradient turns, touches no other leaf and keeps the state
+  of the optimizer it wraps (checkpoints unchanged)."""
+  bound = float(np.log(5.0))
+  inner = optax.adam(0.05)
+  tx = optim.clip_above(inner, {"log_scale": bound})
+  params = {"log_scale": jnp.float32(1.0), "w": jnp.ones(3)}
+  assert jax.tree.structure(tx.init(params)) == jax.tree.structure(inner.init(params))
+
+  def run(tx, steps_up=30, steps_down=20):
+    p, state, trace = params, tx.init(params), []
+    for i in range(steps_up + steps_down):
+      sign = -1.0 if i < steps_up else 1.0  # descent on +log_scale (up), then on -log_scale (down)
+      grads = {"log_scale": jnp.float32(sign), "w": jnp.full(3, 0.5)}
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+      trace.append((float(p["log_scale"]), np.asarray(p["w"])))
+    return trace
+
+  plain, clipped = run(inner), run(tx)
+  assert max(t[0] for t in plain) > bound + 0.3  # momentum overshoots without the clamp
+  assert max(t[0] for t in clipped) <= bound + 1e-6
+  assert clipped[29][0] == pytest.approx(bound)
+  # Once the gradient turns, Adam's first moment changes sign after ~7 steps (0.9**k < 1/2): the clipped
+  # parameter then leaves the bound at once, the plain one first walks back its overshoot.
+  first_below = next(i for i, t in enumerate(clipped) if i >= 30 and t[0] < bound - 1e-6)
+  assert first_below <= 38 and plain[first_below][0] > bound + 0.5 and plain[-1][0] > bound
+  for (_, w_plain), (_, w_clipped) in zip(plain, clipped):
+    np.testing.assert_array_equal(w_plain, w_clipped)
