@@ -62,6 +62,8 @@ def scale_logits(logits_BV: jax.Array, temperature: float) -> jax.Array:
 def sample_token(key: jax.Array, logits_BV: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0) -> jax.Array:
   """One token id per row, int32 [B]; temperature 0 is greedy (argmax), a negative one is refused."""
+  if jnp.ndim(logits_BV) != 2:
+    raise ValueError(f"logits_BV must be [batch, vocab], got shape {jnp.shape(logits_BV)}")
   if temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = filter_logits(scale_logits(logits_BV, temperature), top_k=top_k, top_p=top_p)
@@ -94,6 +96,19 @@ def _without(tree, names):
   return {key: _without(value, names) for key, value in tree.items() if key not in names}
 
 
+def check_prompt(prompt_BP, num_tokens: int) -> tuple[int, int]:
+  """(B, P) of an int [B, P] prompt with P >= 1; ValueError naming the argument otherwise, or when
+  num_tokens < 0."""
+  if jnp.ndim(prompt_BP) != 2:
+    raise ValueError(f"prompt_BP must be [batch, prompt length], got shape {jnp.shape(prompt_BP)}")
+  b, p = jnp.shape(prompt_BP)
+  if p < 1:
+    raise ValueError("the prompt must hold at least one token")
+  if num_tokens < 0:
+    raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+  return b, p
+
+
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p"))
 def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -101,9 +116,7 @@ def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens:
 
   The prompt is run once (prefill); each new token then costs one cached step.
   """
-  b, p = prompt_BP.shape
-  if p < 1:
-    raise ValueError("the prompt must hold at least one token")
+  b, p = check_prompt(prompt_BP, num_tokens)
   total = p + num_tokens
   if model.config.position == "learned" and total > model.config.max_len:
     raise ValueError(f"prompt + num_tokens = {total} exceeds the learned position table "
@@ -135,6 +148,7 @@ def generate_long(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_to
   forward pass per token; the context is cropped as in GPT-2 / nanoGPT sampling). A prompt longer than
   max_len is cropped the same way for the model, and returned whole."""
   prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
+  check_prompt(prompt_BP, num_tokens)
   if model.config.position != "learned":
     return generate(model, params, prompt_BP, key, num_tokens=num_tokens, temperature=temperature,
                     top_k=top_k, top_p=top_p)

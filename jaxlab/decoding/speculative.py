@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.decoding.draft_tree import DraftTree
-from jaxlab.decoding.sampling import filter_logits, init_cache, scale_logits
+from jaxlab.decoding.sampling import check_prompt, filter_logits, init_cache, scale_logits
 from jaxlab.layers.attention import (KV_CACHE_FAMILIES, RECURRENT_APPEND_LIMIT,
                                     RECURRENT_FAMILIES)
 
@@ -231,9 +231,7 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   are looked up at position max_len - 1, which changes no returned token.
   """
   check_speculative(model, tree)
-  b, p = prompt_BP.shape
-  if p < 1:
-    raise ValueError("the prompt must hold at least one token")
+  b, p = check_prompt(prompt_BP, num_tokens)
   tree = tree or DraftTree.chain(model.config.extra_heads)
   if tree.max_rank >= model.config.vocab_size:  # greedy drafts distinct top-ranked tokens
     raise ValueError(f"the draft tree has rank {tree.max_rank}, beyond the vocabulary "

@@ -188,3 +188,25 @@ def test_recurrent_state_refuses_a_rewind_outside_its_last_append(family):
   assert np.all(np.isnan(np.asarray(earlier)))
   again, _ = _chunked(layer, params, x, (3,), cache=_rewind(cache, 0), start=0)
   np.testing.assert_allclose(again, full[:, :3], atol=ATOL, rtol=1e-5)
+
+
+KV_CASES = [c for c in CASES if c[0] not in ("linear", "performer")]  # recurrent states have no end
+
+
+@pytest.mark.parametrize("name,kw", KV_CASES, ids=[c[0] for c in KV_CASES])
+def test_writing_past_the_cache_end_gives_nan(name, kw):
+  """A KV cache of T + SPARE slots: appends that fit equal the full pass; the append that would run
+  past the last slot (dynamic_update_slice would clamp it onto the last slots) gives NaN, not
+  silently wrong outputs."""
+  layer, x = _layer(**kw), _x()
+  params = _params(layer, x)
+  fits = T + SPARE
+  x_long = jnp.concatenate([x, x[:, :SPARE + 1]], axis=1)  # one token more than the cache holds
+  out, cache = _chunked(layer, params, x_long, (fits - 2, 2), cache=_empty_cache(layer, x))
+  assert np.isfinite(np.asarray(out)).all()
+  over, _ = _chunked(layer, params, x_long, (1,), cache=cache, start=fits)
+  assert np.all(np.isnan(np.asarray(over)))
+  # Also when one multi-token append crosses the end.
+  _, cache = _chunked(layer, params, x_long, (fits - 2,), cache=_empty_cache(layer, x))
+  across, _ = _chunked(layer, params, x_long, (3,), cache=cache, start=fits - 2)
+  assert np.all(np.isnan(np.asarray(across)))
