@@ -234,9 +234,9 @@ def write_results(rows, checks, impls, dry, slug, device, peak, tokens, width, w
 
   md = [f"# Flash attention: jaxlab Pallas kernels vs cuDNN vs XLA ({slug})", "",
         f"Device: {device}. jax {jax.__version__}. bfloat16 inputs, {tokens} tokens per call "
-        f"(batch = tokens / length), heads = {width} / head_dim. Wall time of the last run {wall:.0f} s; "
-        "rows of earlier runs on this device kind are kept where the last run did not re-measure "
-        "them (see the measured column). Each cell: "
+        f"(batch = tokens / length), heads = {width} / head_dim. Wall time of the last run {wall:.0f} s"
+        + ("" if dry else "; rows of earlier runs on this device kind are kept where the last run did "
+           "not re-measure them (see the measured column)") + ". Each cell: "
         "median time per call, calls run back to back between synchronisations. \"pallas\" is "
         "`dot_product_attention(implementation=\"pallas\")` (the default dispatch), \"mosaic_gpu\" "
         "and \"portable\" `flash_attention(kernel=...)`.", ""]
@@ -244,11 +244,11 @@ def write_results(rows, checks, impls, dry, slug, device, peak, tokens, width, w
     md += [f"**Stopped at the time budget ({budget_s:.0f} s): {skipped} (head_dim, length) pairs were "
            "not measured.**", ""]
   if dry:
-    md += ["**No GPU was available when this file was written: every timing cell is empty on purpose "
-           "(not measured, not guessed).** This is a `--dry-run` on the machine above: tiny shapes, the "
-           "Pallas kernel in interpret mode, each output (forward) or gradient (forward+backward) "
-           "compared with XLA's. Run `python experiments/bench_flash.py` on an H100/H200 to fill the "
-           "table; it then writes `flash_H100.md` / `flash_H200.md`.", ""]
+    md += ["**A `--dry-run` (no GPU): every timing cell is empty on purpose (not measured, not "
+           "guessed).** Tiny shapes on the machine above, the Pallas kernels in interpret mode, each "
+           "output (forward) or gradient (forward+backward) compared with XLA's. The GPU timings are "
+           "written by `python experiments/bench_flash.py` on an H100/H200, to `flash_H100.md` / "
+           "`flash_H200.md`.", ""]
   md += [table, ""]
   if dry:
     for impl in ("pallas", "mosaic_gpu"):
