@@ -103,7 +103,9 @@ def plan(quick: bool, budget: float, steps: int | None):
 def device_name() -> str:
   import jax
   from jaxlab.train.host_devices import cpu_model
-  return (f"{jax.devices()[0].platform.upper()} x{jax.device_count()} ({cpu_model()}, "
+  device = jax.devices()[0]
+  kind = "" if device.platform == "cpu" else f" {device.device_kind}"  # e.g. "NVIDIA H200"
+  return (f"{device.platform.upper()} x{jax.device_count()}{kind} ({cpu_model()}, "
           f"{len(os.sched_getaffinity(0))} cores available)")
 
 

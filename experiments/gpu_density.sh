@@ -9,8 +9,9 @@
 # the wheels into /tmp/site, times 20 steps of each model with `jaxlab bench`, gives each model the
 # steps that fit in its share of the time left (at most 20,000; on a CPU, evaluation took over half of
 # a share), trains both (ten evaluations, the
-# best checkpoint's test NLL reported, as in the CPU rows) and leaves binary_density.md/.json and the
-# two sample grids in $OUT (also in experiments/results/ there; bring them back into the tree).
+# best checkpoint's test NLL reported, as in the CPU rows) and leaves a table of these two rows alone
+# (binary_density.md/.json, labelled with this machine) and the two sample grids in $OUT/results/ (bring
+# them into experiments/results/ under names of their own: binary_density.md's CPU rows stay as they are).
 #
 #   bash experiments/gpu_density.sh [DEADLINE_S]
 #   DENSITY_ARGS="--config.model.channels=8 --config.model.num_layers=1" bash experiments/gpu_density.sh 120
@@ -24,6 +25,8 @@ left() { echo $((start + deadline_s - $(date +%s))); }
 out="${OUT:-/tmp/gpu_density}"
 mkdir -p "$out"
 log="$out/gpu_density.log"
+results="$out/results"  # a table of its own: binary_density.py --only keeps the rows of the table it writes into
+mkdir -p "$results"
 py=$(command -v python3 || command -v python)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 stack="import tensorflow_datasets, grain, ml_collections, jmp, tensorboardX"
@@ -35,7 +38,8 @@ if ! "$py" -c "$stack" > /dev/null 2>&1; then  # the data stack is missing: inst
 fi
 if [ ! -d ../shared/data/mnist ]; then  # the configs' default data folder is ../shared beside the checkout
   [ -d shared/data/mnist ] || { echo "no MNIST: run experiments/device_payload.sh" | tee -a "$log"; exit 2; }
-  [ -e ../shared ] || ln -s "$PWD/shared" ../shared
+  [ -e ../shared ] || ln -s "$PWD/shared" ../shared \
+    || { echo "cannot link ../shared to shared/ (read-only parent?)" | tee -a "$log"; exit 2; }
 fi
 "$py" -c "$stack; import jaxlab.cli, jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tail -n 3 \
   | tee -a "$log"
@@ -60,8 +64,6 @@ for model in pixelcnn gated_pixelcnn; do
   n=$("$py" -c "print(max(100, min(20000, int($share * 0.4 * 1000 / ${steps[$model]}) // 100 * 100)))")
   echo "== $model: $n steps ($(left) s left)" | tee -a "$log"
   timeout -k 10 "$(left)" "$py" experiments/binary_density.py --only "mnist:$model" --steps "$n" \
-    --extra="$paper" 2>&1 | tail -n 25 | tee -a "$log"
+    --out "$results" --extra="$paper" 2>&1 | tail -n 25 | tee -a "$log"
 done
-cp experiments/results/binary_density.md experiments/results/binary_density.json "$out/" 2>/dev/null
-find experiments/results -name 'binary_density_mnist_*pixelcnn.png' -newer "$log" -exec cp {} "$out/" \;
 echo "== done in $(( $(date +%s) - start )) s" | tee -a "$log"

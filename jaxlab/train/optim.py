@@ -51,6 +51,8 @@ def clip_above(tx: optax.GradientTransformation, bounds: dict[str, float]) -> op
     updates, state = tx.update(updates, state, params)
 
     def project(path, u, p):
+      if len(path) > 1 and getattr(path[-1], "name", None) == "value":  # a boxed (partitioned) leaf
+        path = path[:-1]
       bound = bounds.get(leaf_name(path))
       return u if bound is None else jnp.minimum(p + u, bound) - p
     return jax.tree_util.tree_map_with_path(project, updates, params), state

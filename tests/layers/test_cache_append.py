@@ -195,9 +195,9 @@ KV_CASES = [c for c in CASES if c[0] not in ("linear", "performer")]  # recurren
 
 @pytest.mark.parametrize("name,kw", KV_CASES, ids=[c[0] for c in KV_CASES])
 def test_writing_past_the_cache_end_gives_nan(name, kw):
-  """A KV cache of T + SPARE slots: appends that fit equal the full pass; the append that would run
-  past the last slot (dynamic_update_slice would clamp it onto the last slots) gives NaN, not
-  silently wrong outputs."""
+  """A KV cache of T + SPARE slots: appends that fill it exactly stay finite (that they equal the full
+  pass is test_chunked_appends_equal_the_full_pass); the append that would run past the last slot
+  (dynamic_update_slice would clamp it onto the last slots) gives NaN, not silently wrong outputs."""
   layer, x = _layer(**kw), _x()
   params = _params(layer, x)
   fits = T + SPARE

@@ -107,3 +107,15 @@ def test_clip_above_keeps_a_parameter_at_its_bound_under_momentum():
   assert first_below <= 38 and plain[first_below][0] > bound + 0.5 and plain[-1][0] > bound
   for (_, w_plain), (_, w_clipped) in zip(plain, clipped):
     np.testing.assert_array_equal(w_plain, w_clipped)
+
+
+def test_clip_above_sees_through_boxed_parameters():
+  """Parameters still boxed with their logical axis names (flax's LogicallyPartitioned) are bounded too."""
+  import flax.linen as nn
+  tx = optim.clip_above(optax.sgd(1.0), {"log_scale": 1.0})
+  box = lambda x, names: nn.LogicallyPartitioned(jnp.asarray(x, jnp.float32), names)
+  params = {"log_scale": box(0.5, ()), "w": box([1.0, 1.0], ("embed",))}
+  grads = {"log_scale": box(-3.0, ()), "w": box([1.0, 1.0], ("embed",))}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(updates["log_scale"].value) == 0.5  # 0.5 + 3.0 clipped to 1.0
+  np.testing.assert_array_equal(updates["w"].value, [-1.0, -1.0])
