@@ -1,6 +1,25 @@
-"""Helpers shared by the attention tests: jaxpr inspection and a plain feature-kernel reference."""
+"""Helpers shared by the attention tests: random inputs, segment ids, jaxpr inspection and a plain
+feature-kernel reference."""
 
+import jax.numpy as jnp
 import numpy as np
+
+
+def qkv_inputs(seed, b, tq, tk, n, kh, h, dtype=jnp.float32):
+  """q [B, Tq, N, H], k and v [B, Tk, K, H] and an output cotangent [B, Tq, N, H]: standard normals
+  drawn in float32 from numpy's generator `seed`, then cast to dtype."""
+  rng = np.random.default_rng(seed)
+  normal = lambda shape: jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
+  return normal((b, tq, n, h)), normal((b, tk, kh, h)), normal((b, tk, kh, h)), normal((b, tq, n, h))
+
+
+def segment_ids(b, t, cuts, offset=0):
+  """int32 [B, T]: row r starts at `offset` and its id goes up by one at each position of cuts[r]."""
+  ids = np.full((b, t), offset, np.int32)
+  for row in range(b):
+    for c in cuts[row]:
+      ids[row, c:] += 1
+  return jnp.asarray(ids)
 
 
 def max_intermediate_size(jaxpr) -> int:

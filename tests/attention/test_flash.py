@@ -19,7 +19,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from attention_test_utils import max_intermediate_size
+from attention_test_utils import max_intermediate_size, qkv_inputs, segment_ids
 
 from jaxlab.attention import dot_product_attention, flash
 from jaxlab.attention.flash import flash_attention, portable
@@ -29,31 +29,17 @@ from jaxlab.attention.softmax import xla_attention
 SCALE = 0.37  # not 1/sqrt(H), so a dropped or doubled scale shows
 
 
-def _inputs(seed, b, tq, tk, n, kh, h, dtype=jnp.float32):
-  rng = np.random.default_rng(seed)
-  normal = lambda shape: jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
-  return normal((b, tq, n, h)), normal((b, tk, kh, h)), normal((b, tk, kh, h)), normal((b, tq, n, h))
-
-
-def _segments(b, t, cuts, seed):
-  ids = np.zeros((b, t), np.int32)
-  for r in range(b):
-    for c in cuts[r]:
-      ids[r, c:] += 1
-  return jnp.asarray(ids + seed)
-
-
 def _mask_arrays(kind, b, tq, tk):
   if kind is None:
     return {}
   if kind == "segments":  # separate q and kv ids (Tq != Tk), one id present on one side only
-    return dict(q_segment_ids=_segments(b, tq, [[5], [3, 8]], seed=0),
-                kv_segment_ids=_segments(b, tk, [[12, 20], [6, 17]], seed=0))
+    return dict(q_segment_ids=segment_ids(b, tq, [[5], [3, 8]]),
+                kv_segment_ids=segment_ids(b, tk, [[12, 20], [6, 17]]))
   if kind == "lengths":
     return dict(q_lengths=jnp.array([9, 13], jnp.int32), kv_lengths=jnp.array([17, 0], jnp.int32))
   if kind == "all":
-    return dict(q_segment_ids=_segments(b, tq, [[4], [9]], seed=0),
-                kv_segment_ids=_segments(b, tk, [[21], [25]], seed=0),
+    return dict(q_segment_ids=segment_ids(b, tq, [[4], [9]]),
+                kv_segment_ids=segment_ids(b, tk, [[21], [25]]),
                 q_lengths=jnp.array([13, 11], jnp.int32), kv_lengths=jnp.array([27, 29], jnp.int32))
   raise ValueError(kind)
 
@@ -96,7 +82,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_values_and_gradients_match_reference(case):
   name, b, tq, tk, n, kh, h, static_mask, kind, block = case
-  q, k, v, ct = _inputs(len(name), b, tq, tk, n, kh, h)
+  q, k, v, ct = qkv_inputs(len(name), b, tq, tk, n, kh, h)
   (out, *grads), (ref, *ref_grads) = _both(q, k, v, ct, static_mask, _mask_arrays(kind, b, tq, tk),
                                            block)
   assert out.shape == q.shape and out.dtype == q.dtype
@@ -110,7 +96,7 @@ def test_values_and_gradients_match_reference(case):
 def test_rows_that_see_no_key_are_exact_zeros():
   """Causal with Tq > Tk: the first Tq - Tk queries precede every key; kv_length 0 empties a batch row."""
   b, tq, tk, n, kh, h = 2, 21, 9, 2, 1, 16
-  q, k, v, ct = _inputs(5, b, tq, tk, n, kh, h)
+  q, k, v, ct = qkv_inputs(5, b, tq, tk, n, kh, h)
   arrays = dict(kv_lengths=jnp.array([9, 0], jnp.int32))
   (out, dq, dk, dv), _ = _both(q, k, v, ct, dict(causal=True), arrays, (8, 8))
   np.testing.assert_array_equal(out[0, :tq - tk], 0.0)
@@ -131,7 +117,7 @@ DTYPE_TOL = {jnp.bfloat16: 3e-2, jnp.float16: 4e-3}
                          ids=["bf16_h64", "fp16_h128"])
 def test_low_precision_inputs(dtype, h):
   b, tq, tk, n, kh = 1, 19, 27, 4, 2
-  q, k, v, ct = _inputs(13, b, tq, tk, n, kh, h, dtype)
+  q, k, v, ct = qkv_inputs(13, b, tq, tk, n, kh, h, dtype)
   static_mask = dict(causal=True, window=(11, None))
   arrays = _mask_arrays("all", 2, tq, tk)
   arrays = {key: value[:1] for key, value in arrays.items()}
@@ -149,8 +135,8 @@ def test_public_entry_point_and_dispatch():
   """`dot_product_attention(implementation="pallas")` equals xla; CPU default is unchanged; GPU default
   picks pallas only for what the kernel serves."""
   b, t, n, h = 1, 11, 2, 16
-  q, k, v, _ = _inputs(3, b, t, t, n, n, h)
-  seg = _segments(b, t, [[6]], seed=1)
+  q, k, v, _ = qkv_inputs(3, b, t, t, n, n, h)
+  seg = segment_ids(b, t, [[6]], offset=1)
   kw = dict(causal=True, q_segment_ids=seg, kv_segment_ids=seg, scale=SCALE)
   both = jax.jit(lambda q, k, v: [dot_product_attention(q, k, v, implementation=impl, **kw)
                                   for impl in ("pallas", "xla")])
@@ -287,10 +273,10 @@ def test_tpu_kernels_in_tpu_interpret_mode():
   GQA (2 query heads per kv head), odd Tq != Tk, causal + window + separate segment ids + lengths at
   once (float32)."""
   b, tq, tk, n, kh, h = 2, 13, 21, 2, 1, 16
-  q, k, v, ct = _inputs(17, b, tq, tk, n, kh, h)
+  q, k, v, ct = qkv_inputs(17, b, tq, tk, n, kh, h)
   static_mask = dict(causal=True, window=(7, None))
-  arrays = dict(q_segment_ids=_segments(b, tq, [[4], [9]], seed=0),
-                kv_segment_ids=_segments(b, tk, [[12], [17]], seed=0),
+  arrays = dict(q_segment_ids=segment_ids(b, tq, [[4], [9]]),
+                kv_segment_ids=segment_ids(b, tk, [[12], [17]]),
                 kv_lengths=jnp.array([21, 15], jnp.int32))
   (out, *grads), (ref, *ref_grads) = _both(q, k, v, ct, static_mask, arrays, (8, 8), kernel="tpu")
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)

@@ -26,6 +26,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from attention_test_utils import qkv_inputs, segment_ids
+
 from jaxlab.attention import flash
 from jaxlab.attention.flash import flash_attention, mosaic_gpu
 from jaxlab.attention.masks import make_mask
@@ -50,32 +52,18 @@ def kernel_calls(kernel: str, h: int) -> dict:
   return {MOSAIC_CALL: 3 if mosaic_backward else 1, TRITON_CALL: 0 if mosaic_backward else 2}
 
 
-def _inputs(seed, b, tq, tk, n, kh, h, dtype):
-  rng = np.random.default_rng(seed)
-  normal = lambda shape: jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
-  return normal((b, tq, n, h)), normal((b, tk, kh, h)), normal((b, tk, kh, h)), normal((b, tq, n, h))
-
-
-def _ids(b, t, cuts):
-  ids = np.zeros((b, t), np.int32)
-  for row, row_cuts in enumerate(cuts):
-    for c in row_cuts:
-      ids[row, c:] += 1
-  return jnp.asarray(ids)
-
-
 def _mask_arrays(kind, b, tq, tk):
   if kind is None:
     return {}
   if kind == "segments":  # separate q and kv ids; segment 2 of row 1 has queries but no keys
-    return dict(q_segment_ids=_ids(b, tq, [[tq // 3], [tq // 5, tq // 2]][:b]),
-                kv_segment_ids=_ids(b, tk, [[tk // 3], [tk // 5, tk]][:b]))
+    return dict(q_segment_ids=segment_ids(b, tq, [[tq // 3], [tq // 5, tq // 2]][:b]),
+                kv_segment_ids=segment_ids(b, tk, [[tk // 3], [tk // 5, tk]][:b]))
   if kind == "lengths":  # row 1 has no valid key at all
     return dict(q_lengths=jnp.array([tq - 7, tq], jnp.int32)[:b],
                 kv_lengths=jnp.array([tk - 40, 0], jnp.int32)[:b])
   if kind == "all":
-    return dict(q_segment_ids=_ids(b, tq, [[tq // 2], [tq // 4]][:b]),
-                kv_segment_ids=_ids(b, tk, [[tk // 2], [tk // 4]][:b]),
+    return dict(q_segment_ids=segment_ids(b, tq, [[tq // 2], [tq // 4]][:b]),
+                kv_segment_ids=segment_ids(b, tk, [[tk // 2], [tk // 4]][:b]),
                 q_lengths=jnp.array([tq - 3, tq - 60], jnp.int32)[:b],
                 kv_lengths=jnp.array([tk - 11, tk], jnp.int32)[:b])
   raise ValueError(kind)
@@ -83,7 +71,7 @@ def _mask_arrays(kind, b, tq, tk):
 
 def _check(kernel, case, dtype):
   name, b, tq, tk, n, kh, h, static_mask, kind = case
-  q, k, v, ct = _inputs(len(name) + h, b, tq, tk, n, kh, h, dtype)
+  q, k, v, ct = qkv_inputs(len(name) + h, b, tq, tk, n, kh, h, dtype)
   arrays = _mask_arrays(kind, b, tq, tk)
 
   def value_and_grads(fn, q, k, v, ct):

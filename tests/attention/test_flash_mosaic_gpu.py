@@ -27,6 +27,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from attention_test_utils import qkv_inputs
+
 from jaxlab.attention import dot_product_attention, flash
 from jaxlab.attention.flash import flash_attention, mosaic_gpu, portable
 from jaxlab.attention.flash.portable import _NEG
@@ -40,12 +42,6 @@ DTYPE_TOL = {jnp.bfloat16: 3e-2, jnp.float16: 4e-3}
 GRAD_TOL = {jnp.bfloat16: 5e-2, jnp.float16: 1e-2}
 SLOW = os.environ.get("JAXLAB_SLOW_TESTS") == "1"
 slow = pytest.mark.skipif(not SLOW, reason="Mosaic GPU interpret mode is slow; set JAXLAB_SLOW_TESTS=1")
-
-
-def _inputs(seed, b, tq, tk, n, kh, h, dtype):
-  rng = np.random.default_rng(seed)
-  normal = lambda shape: jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
-  return normal((b, tq, n, h)), normal((b, tk, kh, h)), normal((b, tk, kh, h)), normal((b, tq, n, h))
 
 
 def _segments(b, t, cut):
@@ -243,7 +239,7 @@ def _check(case, grads):
   custom_vjp's rules (the Mosaic forward's residuals -> the Mosaic dQ and dK/dV kernels, or the
   portable ones at head_dim 256) against xla's gradients."""
   b, tq, tk, n, kh, h, dtype, static_mask, seg_cuts, block = case
-  q, k, v, ct = _inputs(tq + tk, b, tq, tk, n, kh, h, dtype)
+  q, k, v, ct = qkv_inputs(tq + tk, b, tq, tk, n, kh, h, dtype)
   arrays = {}
   if seg_cuts:
     arrays = dict(q_segment_ids=_segments(b, tq, seg_cuts[0]),
@@ -386,7 +382,7 @@ def test_on_hopper_matches_xla(h, dtype, causal, monkeypatch):
   # Checks the dispatch as it will be once the kernel is the Hopper default (MOSAIC_GPU_BY_DEFAULT).
   monkeypatch.setattr(flash, "MOSAIC_GPU_BY_DEFAULT", True)
   b, t, n, kh = 2, 2048, 8, 2
-  q, k, v, ct = _inputs(h, b, t, t, n, kh, h, dtype)
+  q, k, v, ct = qkv_inputs(h, b, t, t, n, kh, h, dtype)
   seg = _segments(b, t, 700)
   kw = dict(causal=causal, q_segment_ids=seg, kv_segment_ids=seg, scale=h ** -0.5)
 
