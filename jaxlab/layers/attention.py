@@ -430,20 +430,18 @@ class MultiHeadAttention(nn.Module):
           logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
       return out[:, 0]
 
-    # Writing past the cache's end: dynamic_update_slice clamps its start, so the last slots would be
-    # overwritten and the keys garbled; the outputs are NaN rather than silently wrong (the index is
-    # traced, so this cannot raise).
-    overflow = i + t > max_len
     if t == 1:
       bias_BNS = None if bias_BNTS is None else bias_BNTS[:, :, 0]
       out = one_query(q_BTNH[:, 0], i, positions_BT[:, 0], bias_BNS)[:, None]
-      return jnp.where(overflow, jnp.nan, out)
-    # Several tokens: each query against the cache up to its own slot, vectorised over the queries.
-    over_queries = jax.vmap(one_query, in_axes=(1, 0, 1, None if bias_BNTS is None else 2,
-                                                None if append_mask_TT is None else 0),
-                            out_axes=1)
-    out = over_queries(q_BTNH, slots_T, positions_BT, bias_BNTS, append_mask_TT)
-    return jnp.where(overflow, jnp.nan, out)
+    else:  # several tokens: each query against the cache up to its own slot, vectorised over them
+      over_queries = jax.vmap(one_query, in_axes=(1, 0, 1, None if bias_BNTS is None else 2,
+                                                  None if append_mask_TT is None else 0),
+                              out_axes=1)
+      out = over_queries(q_BTNH, slots_T, positions_BT, bias_BNTS, append_mask_TT)
+    # Writing past the cache's end: dynamic_update_slice clamps its start, so the last slots would be
+    # overwritten and the keys garbled; the outputs are NaN rather than silently wrong (the index is
+    # traced, so this cannot raise).
+    return jnp.where(i + t > max_len, jnp.nan, out)
 
   def _recurrent(self, q_BTNH, k_BTKH, v_BTKH, *, prefill: bool):
     """Causal linear attention or FAVOR+ while decoding: the cache holds the recurrent state (the

@@ -35,6 +35,10 @@ def decay_mask(params, *, decay_embeddings: bool = False):
 
 
 def leaf_name(path) -> str:
+  """The name of a parameter leaf at `path` (a pytree key path); a leaf still boxed with its logical axis
+  names (flax's LogicallyPartitioned, whose array sits at `.value`) is named by its box's key."""
+  if len(path) > 1 and getattr(path[-1], "name", None) == "value":
+    path = path[:-1]
   return str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
 
 
@@ -51,8 +55,6 @@ def clip_above(tx: optax.GradientTransformation, bounds: dict[str, float]) -> op
     updates, state = tx.update(updates, state, params)
 
     def project(path, u, p):
-      if len(path) > 1 and getattr(path[-1], "name", None) == "value":  # a boxed (partitioned) leaf
-        path = path[:-1]
       bound = bounds.get(leaf_name(path))
       return u if bound is None else jnp.minimum(p + u, bound) - p
     return jax.tree_util.tree_map_with_path(project, updates, params), state
