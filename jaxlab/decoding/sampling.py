@@ -96,17 +96,20 @@ def _without(tree, names):
   return {key: _without(value, names) for key, value in tree.items() if key not in names}
 
 
-def check_prompt(prompt_BP, num_tokens: int) -> tuple[int, int]:
-  """(B, P) of an int [B, P] prompt with P >= 1; ValueError naming the argument otherwise, or when
-  num_tokens < 0."""
-  if jnp.ndim(prompt_BP) != 2:
-    raise ValueError(f"prompt_BP must be [batch, prompt length], got shape {jnp.shape(prompt_BP)}")
-  b, p = jnp.shape(prompt_BP)
+def check_prompt(prompt_BP, num_tokens: int) -> tuple[jax.Array, int, int]:
+  """(prompt as an array, B, P) of an integer [B, P] prompt with P >= 1 (an array or nested lists);
+  ValueError naming the argument otherwise, or when num_tokens < 0."""
+  prompt_BP = jnp.asarray(prompt_BP)
+  if prompt_BP.ndim != 2:
+    raise ValueError(f"prompt_BP must be [batch, prompt length], got shape {prompt_BP.shape}")
+  if not jnp.issubdtype(prompt_BP.dtype, jnp.integer):
+    raise ValueError(f"prompt_BP must hold integer token ids, got dtype {prompt_BP.dtype}")
+  b, p = prompt_BP.shape
   if p < 1:
     raise ValueError("the prompt must hold at least one token")
   if num_tokens < 0:
     raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-  return b, p
+  return prompt_BP, b, p
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p"))
@@ -116,7 +119,7 @@ def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens:
 
   The prompt is run once (prefill); each new token then costs one cached step.
   """
-  b, p = check_prompt(prompt_BP, num_tokens)
+  prompt_BP, b, p = check_prompt(prompt_BP, num_tokens)
   total = p + num_tokens
   if model.config.position == "learned" and total > model.config.max_len:
     raise ValueError(f"prompt + num_tokens = {total} exceeds the learned position table "
@@ -147,8 +150,7 @@ def generate_long(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_to
   with the KV cache; after that each further token is conditioned on the last max_len tokens (a full
   forward pass per token; the context is cropped as in GPT-2 / nanoGPT sampling). A prompt longer than
   max_len is cropped the same way for the model, and returned whole."""
-  prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
-  check_prompt(prompt_BP, num_tokens)
+  prompt_BP = check_prompt(prompt_BP, num_tokens)[0].astype(jnp.int32)
   if model.config.position != "learned":
     return generate(model, params, prompt_BP, key, num_tokens=num_tokens, temperature=temperature,
                     top_k=top_k, top_p=top_p)

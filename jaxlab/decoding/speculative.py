@@ -231,7 +231,7 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   are looked up at position max_len - 1, which changes no returned token.
   """
   check_speculative(model, tree)
-  b, p = check_prompt(prompt_BP, num_tokens)
+  prompt_BP, b, p = check_prompt(prompt_BP, num_tokens)
   tree = tree or DraftTree.chain(model.config.extra_heads)
   if tree.max_rank >= model.config.vocab_size:  # greedy drafts distinct top-ranked tokens
     raise ValueError(f"the draft tree has rank {tree.max_rank}, beyond the vocabulary "

@@ -4,6 +4,7 @@ passes), and heads that predict well make fewer passes."""
 
 import itertools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -235,6 +236,14 @@ def test_decoding_arguments_are_checked_by_name():
       fn(model, params, jnp.asarray([1, 2]), jax.random.key(0), num_tokens=2)
     with pytest.raises(ValueError, match="num_tokens must be >= 0"):
       fn(model, params, jnp.asarray([[1, 2]]), jax.random.key(0), num_tokens=-1)
+    with pytest.raises(ValueError, match="prompt_BP must hold integer token ids"):
+      fn(model, params, jnp.asarray([[1.0, 2.0]]), jax.random.key(0), num_tokens=2)
+  # Nested Python lists are prompts too: the same tokens as the array.
+  for fn in (generate, speculative_generate):
+    from_list = fn(model, params, [[1, 2]], jax.random.key(0), num_tokens=3, temperature=0.0)
+    from_array = fn(model, params, jnp.asarray([[1, 2]]), jax.random.key(0), num_tokens=3,
+                    temperature=0.0)
+    chex.assert_trees_all_equal(from_list, from_array)
   with pytest.raises(ValueError, match="logits_BV"):
     sample_token(jax.random.key(0), jnp.zeros(4), temperature=0.0)
 
