@@ -104,6 +104,19 @@ class DensityTask:
     from jaxlab.train.distributed import fingerprint
     return fingerprint(self.data.train, self.data.valid, self.data.test)
 
+  def structure_fingerprint(self) -> str | None:
+    """MADE: a digest of its mask sets (orders and degrees, drawn from config.model.mask_seed by
+    NumPy), kept in the workdir so that a NumPy drawing other masks cannot resume it; else None."""
+    m = self.config.model
+    if m.name != "made":
+      return None
+    from jaxlab.models.made import made_degrees
+    from jaxlab.train.distributed import fingerprint
+    orders, inputs, hiddens = made_degrees(
+        self.data.dim, tuple(m.hidden), m.num_masks, seed=m.mask_seed,
+        order_agnostic=m.order_agnostic, connectivity_agnostic=m.connectivity_agnostic)
+    return fingerprint(orders, inputs, *hiddens)
+
   def train_iterator(self):
     return binary_images.TrainBatches(self.data.train, batch_size=self.batch_size,
                                       seed=self.config.seed, dynamic=self.data.dynamic)

@@ -122,6 +122,7 @@ def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = 
   try:
     check_resume_config(run)
     check_same_vocabulary(run)
+    check_same_model_structure(run)
     if check_data:
       check_same_data(run)
   except ValueError:
@@ -162,6 +163,31 @@ def check_same_data(run: Run) -> None:
                      f"{digest[:12]}, saved {saved[:12]} in {DATA_FINGERPRINT}): the files of "
                      "config.data.path (or the dataset) changed since; nothing was changed (restore "
                      "them, or train into a new --workdir)")
+
+
+MODEL_FINGERPRINT = "model_fingerprint.txt"
+
+
+def _structure_digest(task) -> Optional[str]:
+  """The task's digest of what its model builds outside the parameters (MADE's masks), or None."""
+  return getattr(task, "structure_fingerprint", lambda: None)()
+
+
+def check_same_model_structure(run: Run) -> None:
+  """Refuses a workdir whose checkpoints were trained with other fixed, non-parameter structure than
+  the model builds now: MADE's masks are drawn again from config.model.mask_seed by NumPy's random
+  stream, which NumPy does not promise to keep across versions; other masks would pair the saved
+  weights with other connectivity, silently. A workdir from before the digest was kept: nothing to
+  compare."""
+  saved_path, digest = run.workdir / MODEL_FINGERPRINT, _structure_digest(run.task)
+  if digest is None or not saved_path.exists() or not run.checkpointer.all_steps():
+    return
+  saved = saved_path.read_text().strip()
+  if saved != digest:
+    raise ValueError(f"the model's fixed structure (MADE's masks from config.model.mask_seed) "
+                     f"differs from the one {run.workdir} was trained with (digest {digest[:12]}, "
+                     f"saved {saved[:12]} in {MODEL_FINGERPRINT}): this NumPy draws other masks "
+                     "from the seed; nothing was changed (use the NumPy version that trained it)")
 
 
 def _build_task(config):
@@ -433,6 +459,9 @@ def _save_run_files(run: Run) -> None:
     write_atomically(run.workdir / "vocab.json", json.dumps(vocab.to_json()))
   if run.data_digest is not None:
     write_atomically(run.workdir / DATA_FINGERPRINT, run.data_digest + "\n")
+  structure_digest = _structure_digest(run.task)
+  if structure_digest is not None:
+    write_atomically(run.workdir / MODEL_FINGERPRINT, structure_digest + "\n")
 
 
 def _lock_workdir(workdir: pathlib.Path):

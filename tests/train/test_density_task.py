@@ -103,6 +103,26 @@ def test_keep_best_saves_the_lowest_validation_loss_params_and_survives_a_resume
   np.testing.assert_allclose(task.nll(best, data.valid), vals[best_step], rtol=1e-5)
 
 
+def test_a_workdir_trained_with_other_made_masks_is_refused(tmp_path, monkeypatch):
+  """MADE's masks are drawn from config.model.mask_seed by NumPy's random stream, which NumPy may
+  change between versions: a run whose masks come out differently must not resume (or evaluate) the
+  saved weights with them."""
+  data = _tiny_data()
+  config = load_config("made", ["--config.data.batch_size=16", "--config.train.steps=5",
+                                "--config.train.eval_every=5", "--config.train.checkpoint_every=5",
+                                "--config.train.log_every=5", "--config.optim.warmup_steps=1",
+                                "--config.model.hidden=(32,)", "--config.model.num_masks=2",
+                                "--config.eval.batch_size=8"], check_devices=False)
+  trainer.train(config, tmp_path, task=DensityTask(config, data=data), progress=False)
+  saved = (tmp_path / trainer.MODEL_FINGERPRINT).read_text()
+  trainer.setup(config, tmp_path, task=DensityTask(config, data=data)).checkpointer.close()  # same
+  draw = np.random.default_rng
+  monkeypatch.setattr(np.random, "default_rng", lambda seed: draw(seed + 1))  # "another NumPy"
+  with pytest.raises(ValueError, match="MADE's masks from config.model.mask_seed"):
+    trainer.setup(config, tmp_path, task=DensityTask(config, data=data))
+  assert (tmp_path / trainer.MODEL_FINGERPRINT).read_text() == saved  # nothing was changed
+
+
 def test_a_fresh_run_moves_an_earlier_best_record_aside(tmp_path, capsys):
   """Training from step 0 in a workdir whose checkpoints are gone must not inherit WORKDIR/best of the
   earlier run (its record could beat every new evaluation): it is moved to corrupt_checkpoints/."""
