@@ -1,0 +1,27 @@
+"""experiments/default_jobs.py --quick runs `jaxlab train` in a fresh process and reads back its
+metrics and its final report."""
+
+import json
+import math
+
+import pytest
+
+
+def test_quick_run_of_the_default_job_reads_its_metrics_and_sample(tmp_path, experiment):
+  script = experiment("default_jobs")
+  script.main(["--quick", "--jobs", "lm", "--out", str(tmp_path)])
+  out = json.loads((tmp_path / "default_jobs_quick.json").read_text())
+  (row,) = out["rows"]
+  assert row["job"] == "lm" and row["steps"] == 6
+  # byte-level: ln 256 = 5.55 nats at the start; 6 steps already learn the byte frequencies
+  assert math.isfinite(row["val_loss"]) and row["val_loss"] < 5.0, row["val_loss"]
+  assert row["step_time_ms"] > 0 and row["wall_s"] > 0
+  assert row["report"].startswith(f"jaxlab: step 6: val_loss {row['val_loss']:.4f}")
+  assert "jaxlab: sample" in row["report"] and "zero_shot_accuracy" not in row
+  table = (tmp_path / "default_jobs_quick.md").read_text()
+  assert out["device"] in table and f"| 6 | {row['val_loss']:.4f} | - |" in table
+
+
+def test_unknown_jobs_are_refused_by_name(experiment):
+  with pytest.raises(SystemExit):
+    experiment("default_jobs").main(["--jobs", "lm,imagenet"])
