@@ -396,27 +396,37 @@ class MultiHeadAttention(nn.Module):
       return jnp.where(i == 0, self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT), jnp.nan)
     keys_BSKH, values_BSKH, kv_positions_BS = cached_k.value, cached_v.value, cached_pos.value
     max_len = keys_BSKH.shape[1]
+    first_slot = 0  # the cache slot of keys_BSKH[:, 0]
+    if self.family == "local" and self.window + t < max_len:
+      # Only the slots i - window .. i + t - 1 can be seen by the appended queries: attention (and
+      # ALiBi/T5 bias) reads that span, O(window + T) per call rather than O(max_len).
+      span = self.window + t
+      first_slot = jnp.clip(i - self.window, 0, max_len - span)
+      keys_BSKH, values_BSKH, kv_positions_BS = (
+          jax.lax.dynamic_slice_in_dim(a, first_slot, span, axis=1)
+          for a in (keys_BSKH, values_BSKH, kv_positions_BS))
+    slots_S = first_slot + jnp.arange(keys_BSKH.shape[1])  # the cache slot of each key read
     bias_BNTS = None if self.rerope_window else self._bias(positions_BT, kv_positions_BS)
 
     def one_query(q_BNH, slot, position_B, bias_BNS, append_row_T=None):
       """The query in `slot` against cache slots 0..slot (and its family's mask; append_row_T: which
       appended tokens it sees) -> [B, N, H]."""
-      q_B1NH, lengths_B = q_BNH[:, None], jnp.full((b,), slot + 1, jnp.int32)
+      q_B1NH, lengths_B = q_BNH[:, None], jnp.full((b,), slot + 1 - first_slot, jnp.int32)
       visible_S = None
       if append_row_T is not None:
-        offset_S = jnp.arange(max_len) - i  # slot - the append's first slot
+        offset_S = slots_S - i  # slot - the append's first slot
         visible_S = (offset_S < 0) | append_row_T[jnp.clip(offset_S, 0, t - 1)]
       if self.family == "local":
-        # The query sits at `slot`, not at the cache's end (where end alignment would put it), so
-        # the window's left edge is a segment: keys from slot - window on are segment 1, older ones 0.
-        visible_S = jnp.arange(max_len) >= slot - self.window
+        # The query sits at `slot`, not at the end of the keys read (where end alignment would put
+        # it), so the window's left edge is a segment: keys from slot - window on are segment 1,
+        # older ones 0.
+        visible_S = slots_S >= slot - self.window
       elif self.family == "block_sparse":
         # The layout row of the query's block, spread over the keys (the layout of the cache length
         # starts with the layout of any shorter one; see causal_block_layout).
         bs = self.sparse_block_size
         layout = jnp.asarray(self._sparse_layout(-(-max_len // bs)))
-        visible_S = jax.lax.dynamic_index_in_dim(layout, slot // bs, keepdims=False)[
-            jnp.arange(max_len) // bs]
+        visible_S = jax.lax.dynamic_index_in_dim(layout, slot // bs, keepdims=False)[slots_S // bs]
       if self.rerope_window:
         return self._rerope(q_B1NH, keys_BSKH, values_BSKH, position_B[:, None], kv_positions_BS,
                             kv_lengths_B=lengths_B)[:, 0]
@@ -425,7 +435,7 @@ class MultiHeadAttention(nn.Module):
           q_B1NH, keys_BSKH, values_BSKH, kv_lengths=lengths_B,
           q_segment_ids=None if visible_S is None else jnp.ones((b, 1), jnp.int32),
           kv_segment_ids=None if visible_S is None else jnp.broadcast_to(
-              visible_S.astype(jnp.int32), (b, max_len)),
+              visible_S.astype(jnp.int32), (b, slots_S.shape[0])),
           bias=None if bias_BNS is None else bias_BNS[:, :, None],
           logit_soft_cap=self.logit_soft_cap, implementation=self.implementation)
       return out[:, 0]
