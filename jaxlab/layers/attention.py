@@ -15,11 +15,10 @@ the query's position, so it equals the full pass).
 
 Dynamic NTK ("dynamic_ntk" rope scaling) follows the current length L. In a full pass L is the row's
 max position + 1, or with segment ids each packed segment's own max position + 1 (so packed rows equal
-separate runs). Decoding follows the Hugging Face convention: a prefill of P tokens rotates them all
-with L = P, each later token is rotated with L = its cache index + 1 (passed as `seq_len`; the
-recurrent families, and the candidates of a draft tree, use position + 1, the same for ordinary
-decoding), and cached keys keep the
-rotation they were cached with. So cached decoding equals the full pass while the length stays within
+separate runs). Decoding follows the Hugging Face convention: a prefill rotates its tokens with the
+full pass's L (P for positions 0..P-1), each later token is rotated with L = its position + 1
+(passed as `seq_len`; Hugging Face uses the cache index + 1, the same when positions are cache
+slots), and cached keys keep the rotation they were cached with. So cached decoding equals the full pass while the length stays within
 the training length, and beyond it equals a full pass in which token s is rotated with its own
 L_s = max(P, s + 1), NOT the full pass with L = T for every token (exact equality with that is
 impossible with a cache by design: in a full pass beyond the training length every hidden state
@@ -90,6 +89,10 @@ class MultiHeadAttention(nn.Module):
   rope_theta: float = 10000.0
   rope_scaling: Optional[positions_lib.RopeScaling] = None
   rotary_fraction: float = 1.0
+  # position="xpos": the position whose scale is 1 (`positions.apply_xpos`'s `center`; it cancels in
+  # the logits). float32 holds the scales for |position - xpos_center| up to ~36k, so a model whose
+  # positions run to L does best with L // 2 (the GPT's choice: max_len // 2).
+  xpos_center: int = 0
   # > 0: scale queries by max(1, log n / log train_len), n = position + 1 (log-n scaling, causal only;
   # with a local window too, n is the position as in Qwen's logn_attn, not the visible key count)
   logn_train_len: int = 0
@@ -325,7 +328,7 @@ class MultiHeadAttention(nn.Module):
       q_BTNH, k_BTKH = rotate(q_BTNH), rotate(k_BTKH)
     elif self.position == "xpos":
       q_BTNH, k_BTKH = positions_lib.apply_xpos(q_BTNH, k_BTKH, positions_BT, positions_BT,
-                                                theta=self.rope_theta)
+                                                theta=self.rope_theta, center=self.xpos_center)
     return q_BTNH, k_BTKH
 
   def _bias(self, q_positions_BT, kv_positions_BT) -> Optional[jax.Array]:
@@ -353,8 +356,8 @@ class MultiHeadAttention(nn.Module):
     pass of speculative decoding). The cache keeps each key's position (for ALiBi, T5 and ReRoPE).
     Setting a layer's "cache_index" back (see `jaxlab.decoding.speculative`) drops the tokens after it:
     they are masked by length and overwritten by the next call.
-    rotate_in_cache (dynamic NTK): q and k arrive unrotated and are rotated here with L = T for a
-    prefill and L = slot + 1 for each appended token (see the module docstring).
+    rotate_in_cache (dynamic NTK): q and k arrive unrotated and are rotated here with L = the max
+    position + 1 for a prefill and L = position + 1 for each appended token (module docstring).
     append_mask_TT (bool [T, T]): appended token i sees the cache before the append and the appended
     tokens j with append_mask_TT[i, j] (j <= i); for a tree of drafts (Medusa's tree attention, Cai et
     al. 2024 sec. 2.1.2) its ancestors and itself, whose positions (not slots) then give the rotation
@@ -379,9 +382,9 @@ class MultiHeadAttention(nn.Module):
       return self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT)
     i = index.value
     slots_T = i + jnp.arange(t, dtype=jnp.int32)
-    if rotate_in_cache:
-      appended_L = slots_T + 1 if append_mask_TT is None else positions_BT + 1
-      lengths_BT = jnp.broadcast_to(jnp.where(i == 0, t, appended_L), (b, t))
+    if rotate_in_cache:  # L from positions, as in the full pass (module docstring)
+      prefill_L_B1 = jnp.max(positions_BT, axis=1, keepdims=True) + 1
+      lengths_BT = jnp.where(i == 0, jnp.broadcast_to(prefill_L_B1, (b, t)), positions_BT + 1)
       q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT, lengths_BT)
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BTKH, (0, i, 0, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BTKH, (0, i, 0, 0))

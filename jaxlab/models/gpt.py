@@ -54,10 +54,10 @@ class GPTConfig:
   """Hyperparameters of the GPT (hashable, so modules and jit can hold it).
 
   vocab_size, num_layers, width (D), num_heads (N), num_kv_heads (K; N % K == 0), max_len (size of a
-  learned position table), mlp_ratio, dropout; position: one of POSITIONS, with rope_theta,
-  rope_scaling (RoPE context extension), rotary_fraction and logn_train_len (> 0: log-n query
-  scaling) and rerope_window / rerope_leaky_k ((leaky) ReRoPE) as in `MultiHeadAttention`; tie_embeddings: the output projection is the transposed token
-  embedding; attention: the family ("softmax" | "local" | "linear" | "performer" | "block_sparse" |
+  learned position table; xPos's scales are centred on max_len // 2), mlp_ratio, dropout; position:
+  one of POSITIONS, with rope_theta, rope_scaling (RoPE context extension), rotary_fraction and
+  logn_train_len (> 0: log-n query scaling) and rerope_window / rerope_leaky_k ((leaky) ReRoPE) as
+  in `MultiHeadAttention`; tie_embeddings: the output projection is the transposed token embedding; attention: the family ("softmax" | "local" | "linear" | "performer" | "block_sparse" |
   "flash") with attention_window (local), feature_map (linear), num_features and feature_seed
   (performer), sparse_layout / sparse_block_size / sparse_local_blocks / sparse_stride /
   sparse_num_global / sparse_num_random / sparse_seed (block_sparse, see `causal_block_layout`),
@@ -120,6 +120,16 @@ class GPTConfig:
                        f"mtp_heads={self.mtp_heads}, medusa_heads={self.medusa_heads}")
     if self.position not in POSITIONS:
       raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+    if self.attention == "flash":  # FLASH layers take RoPE's theta and nothing else of the position
+      ignored = [f"{name}={value!r}" for name, value, default in (
+          ("rope_scaling", self.rope_scaling, None), ("rotary_fraction", self.rotary_fraction, 1.0),
+          ("logn_train_len", self.logn_train_len, 0), ("rerope_window", self.rerope_window, 0),
+          ("qk_norm", self.qk_norm, False), ("logit_soft_cap", self.logit_soft_cap, None))
+          if value != default]
+      if self.position not in ("rope", "learned", "sinusoidal", "none") or ignored:
+        raise ValueError("attention='flash' takes position 'rope', 'learned', 'sinusoidal' or "
+                         f"'none' and no other position or attention setting; got "
+                         f"position={self.position!r}" + "".join(f", {x}" for x in ignored))
     if self.width % self.num_heads or self.num_heads % self.num_kv_heads:
       raise ValueError(f"need num_heads | width and num_kv_heads | num_heads, got width={self.width}, "
                        f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}")
@@ -144,7 +154,8 @@ class Block(nn.Module):
         num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.width // c.num_heads,
         causal=True, position=c.position, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
         rotary_fraction=c.rotary_fraction, logn_train_len=c.logn_train_len,
-        family=c.attention, window=c.attention_window, feature_map=c.feature_map,
+        xpos_center=c.max_len // 2, family=c.attention, window=c.attention_window,
+        feature_map=c.feature_map,
         num_features=c.num_features, feature_seed=c.feature_seed,
         sparse_layout=c.sparse_layout, sparse_block_size=c.sparse_block_size,
         sparse_local_blocks=c.sparse_local_blocks, sparse_stride=c.sparse_stride,

@@ -67,13 +67,17 @@ def positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
 
 
 def real_array(value: Any, name: str) -> jax.Array:
-  """`value` as a jax array of a real (int or float) dtype."""
+  """`value` (positions or lengths) as a jax array of an integer or >= 32-bit floating dtype: a 16-bit
+  float holds integers exactly only up to 256 (bfloat16) or 2048 (float16), so it is refused."""
   try:
     arr = jnp.asarray(value)
   except TypeError as e:
     raise ValueError(f"{name} must be an array, got {type(value).__name__}") from e
   if not (jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)):
     raise ValueError(f"{name} must have an integer or floating dtype, got {arr.dtype}")
+  if jnp.issubdtype(arr.dtype, jnp.floating) and arr.dtype.itemsize < 4:
+    raise ValueError(f"{name} must be integers or float32, got {arr.dtype}, which rounds positions "
+                     "(bfloat16 from 256 on, float16 from 2048 on)")
   return arr
 
 

@@ -53,9 +53,11 @@ CHOICES = {
     "model.activation": ("gelu", "gelu_tanh", "relu", "silu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
-# xPos's key factor zeta_0^(-n/512) (zeta_0 = 2/7) reaches float16's maximum 65504 at n ~ 4.5k; keys
-# with entries of a few units overflow sooner, so float16 runs keep to half of that.
+# xPos's key factor zeta_0^(-(n - c)/512) (zeta_0 = 2/7; the GPT centres c = max_len // 2) reaches
+# float16's maximum 65504 at |n - c| ~ 4.5k; keys with entries of a few units overflow sooner, so
+# float16 runs keep well inside that.
 XPOS_FLOAT16_MAX_LEN = 2048
+XPOS_MAX_LEN = 65536  # float32 / bfloat16: |n - max_len // 2| <= 32k (overflow at ~36k)
 POSITIVE_INTS = ("data.seq_len", "model.num_layers", "model.width", "model.num_heads",
                  "model.num_features", "model.gau_qk_dim", "model.flash_chunk",
                  "model.sparse_block_size", "model.sparse_local_blocks", "model.sparse_stride")
@@ -85,6 +87,12 @@ def validate(config, require) -> None:
             f"n by zeta^(-n/512), which leaves float16's range past ~4k positions; positions up to "
             f"{length} need config.model.dtype='bfloat16' or 'float32' (float16 keeps "
             f"config.model.max_len or data.seq_len <= {XPOS_FLOAT16_MAX_LEN})")
+  if m.position == "xpos" and m.dtype != "float16":
+    length = m.max_len or d.seq_len
+    require(length <= XPOS_MAX_LEN,
+            f"config.model.position='xpos' scales keys at position n by zeta^(-(n - c)/512) with "
+            f"c = max_len // 2, which leaves {m.dtype}'s range past |n - c| ~ 36k; config.model."
+            f"max_len or data.seq_len = {length} must be <= {XPOS_MAX_LEN}")
   if m.rope_scaling != "none":
     require(m.position == "rope", f"config.model.rope_scaling={m.rope_scaling!r} needs "
                                   f"config.model.position='rope', not {m.position!r}")

@@ -119,18 +119,19 @@ def test_layer_equals_explicit_computation(name, layer_kw, explicit_kw):
 # Dynamic NTK under the KV cache.
 
 
-def _decode(layer, params, x, prompt_len):
-  """Prefill of prompt_len tokens, then one token per call; outputs [B, T, D]."""
+def _decode(layer, params, x, prompt_len, offset=0):
+  """Prefill of prompt_len tokens, then one token per call, at positions offset, offset + 1, ...;
+  outputs [B, T, D]."""
   t = x.shape[1]
   cache = layer.init(jax.random.key(0), x, _positions(t), decode=True)["cache"]
   cache = jax.tree.map(jnp.zeros_like, cache)
   outs = []
   out, mut = layer.apply({"params": params, "cache": cache}, x[:, :prompt_len],
-                         _positions(prompt_len), decode=True, mutable=["cache"])
+                         _positions(prompt_len) + offset, decode=True, mutable=["cache"])
   outs.append(out)
   for i in range(prompt_len, t):
     out, mut = layer.apply({"params": params, "cache": mut["cache"]}, x[:, i:i + 1],
-                           jnp.full((B, 1), i, jnp.int32), decode=True, mutable=["cache"])
+                           jnp.full((B, 1), offset + i, jnp.int32), decode=True, mutable=["cache"])
     outs.append(out)
   return jnp.concatenate(outs, axis=1)
 
@@ -156,6 +157,12 @@ def test_dynamic_ntk_cached_decoding_within_and_beyond_the_training_length():
   assert np.abs(np.asarray(cached - naive)[:, :p]).max() > 100 * ATOL
   full = beyond.apply({"params": params}, x, _positions())
   assert np.abs(np.asarray(cached - full)).max() > 100 * ATOL
+  # L follows the positions, not the cache slots (as in the full pass): a stream continued at
+  # position 100 is beyond the training length from its first token.
+  for layer, offset in ((within, 100), (beyond, 100)):
+    lengths = np.broadcast_to(np.maximum(offset + p, offset + np.arange(T) + 1), (B, T))
+    want = _explicit(params, x, _positions() + offset, scaling=layer.rope_scaling, seq_len=lengths)
+    np.testing.assert_allclose(_decode(layer, params, x, p, offset), want, atol=ATOL, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,3 +280,19 @@ def test_rope_scaling_as_a_dict_equals_the_dataclass(kind):
   got = _layer(rope_scaling=dict(fields)).apply(params, x, pos)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert np.abs(np.asarray(want - _layer().apply(params, x, pos))).max() > 1e-3  # scaling acts
+
+
+def test_xpos_center_keeps_far_positions_finite_and_cancels_in_the_logits():
+  """xPos scales keys by zeta^(-(n - c)/512): at n ~ 40k with c = 0 they pass float32's range (NaN
+  outputs); centred at c = 40000 the same window gives exactly the outputs of positions 0.. with
+  c = 0 (xPos logits depend on m - n only, and the centre cancels)."""
+  x = _x()
+  near, far = _positions(), _positions() + 40_000
+  xpos = lambda center: MultiHeadAttention(num_heads=N, num_kv_heads=K, head_dim=H, position="xpos",
+                                           xpos_center=center)
+  params = _init(xpos(0), x, near)
+  reference = xpos(0).apply({"params": params}, x, near)
+  assert np.isnan(np.asarray(xpos(0).apply({"params": params}, x, far))).any()  # the failure it fixes
+  # (float32 RoPE angles of ~4e4 radians are good to ~2e-3: measured 3e-4 apart)
+  np.testing.assert_allclose(xpos(40_000).apply({"params": params}, x, far), reference, atol=1e-3)
+  np.testing.assert_allclose(xpos(17).apply({"params": params}, x, near), reference, atol=ATOL)

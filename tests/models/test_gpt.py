@@ -184,6 +184,16 @@ def test_bad_token_shape_and_config_are_reported():
     tiny_gpt(num_kv_heads=3)
 
 
+def test_xpos_model_centres_its_scales_on_half_max_len():
+  """A 64k-position xPos GPT at positions ~40k: uncentred, the key scales zeta^(-n/512) pass float32's
+  range there (NaN logits); the GPT centres them on max_len // 2."""
+  model = tiny_gpt(position="xpos", max_len=65536)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  logits = model.apply(params, tokens, positions_BT=jnp.arange(40_000, 40_004)[None])
+  assert np.isfinite(np.asarray(logits)).all()
+
+
 def test_positions_outside_the_learned_table_never_wrap():
   """-1 read the table's last row and max_len and beyond gave NaN only by accident of the gather."""
   model = tiny_gpt(max_len=8)
@@ -260,3 +270,13 @@ def test_rerope_is_plain_rope_within_its_window_and_differs_beyond():
   # at init, so small but far above float noise).
   np.testing.assert_allclose(short[:, :5], plain[:, :5], atol=1e-6)
   assert np.abs(np.asarray(short[:, 5:] - plain[:, 5:])).max() > 2e-5
+
+
+@pytest.mark.parametrize("setting", [dict(position="xpos"), dict(position="alibi"),
+                                     dict(position="rope", rotary_fraction=0.5),
+                                     dict(position="rope", logn_train_len=8),
+                                     dict(position="rope", rerope_window=3)])
+def test_flash_blocks_refuse_position_settings_they_would_ignore(setting):
+  """FLASH layers take RoPE (its theta) or no position in attention; anything else was dropped."""
+  with pytest.raises(ValueError, match="attention='flash' takes"):
+    tiny_gpt(attention="flash", gau_qk_dim=8, flash_chunk=4, **setting)

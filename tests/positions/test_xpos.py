@@ -48,6 +48,28 @@ def test_decay_factor_per_pair_matches_the_formula():
                              rtol=1e-5)
 
 
+def test_each_rotary_pair_decays_with_its_own_zeta():
+  """Pair i (dims i and i + H/2, rotate-half) of the logit is RoPE's times zeta_i^((m - n)/s): a head
+  of several pairs, so that giving the pairs each other's zeta fails."""
+  q, k = _x(12, (1, 5, 1, H)), _x(13, (1, 5, 1, H))
+  pos = np.array([[0, 7, 19, 30, 44]])
+  gamma, s = 0.4, 8.0
+  got = _logits(*P.apply_xpos(q, k, pos, pos, scale_base=s, gamma=gamma))
+  q_r, k_r = (np.asarray(a, np.float64) for a in (P.apply_rope(q, pos), P.apply_rope(k, pos)))
+  per_dim = np.einsum("bqnh,bknh->bnqkh", q_r, k_r)
+  per_pair = per_dim[..., :H // 2] + per_dim[..., H // 2:]  # [b, n, q, k, H/2]
+  zeta = (2 * np.arange(H // 2) / H + gamma) / (1 + gamma)
+  decay = zeta ** ((pos[0][:, None, None] - pos[0][None, :, None]) / s)  # [q, k, H/2]
+  np.testing.assert_allclose(got, (per_pair * decay).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_scale_is_measured_from_the_center():
+  pos, s, gamma, c = np.array([[0, 5, 40, 90]]), 16.0, 0.4, 30.0
+  zeta = (2 * np.arange(H // 2) / H + gamma) / (1 + gamma)
+  np.testing.assert_allclose(np.asarray(P.xpos_scale(pos, H, scale_base=s, center=c)),
+                             zeta ** ((pos[..., None] - c) / s), rtol=1e-5)
+
+
 def test_equal_positions_give_plain_rope_and_dtypes_are_kept():
   q, k = _x(4), _x(5)
   pos = np.broadcast_to(np.arange(T) + 3, (B, T))
