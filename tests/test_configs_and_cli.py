@@ -128,6 +128,7 @@ def test_overrides_are_typed():
     (("--config.model.position=xpos", "--config.model.dtype=float16", "--config.data.seq_len=4096"),
      "config.model.dtype='float16'"),
     (("--config.model.position=xpos", "--config.model.max_len=100000"), "must be <= 65536"),
+    ("--config.data.train_fraction=0.5", "has no effect on config.data.name='python_stdlib'"),
     ("--config.sample.seed=18446744073709551616", "config.sample.seed"),
     (("--config.optim.warmup_steps=3000000000", "--config.train.steps=6000000000"),
      "must be < 2**31"),

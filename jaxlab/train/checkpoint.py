@@ -1,9 +1,10 @@
 """Checkpoints with orbax's CheckpointManager: train state (params, optimizer state, step, RNG) and the
 data iterator's state, saved atomically (orbax writes to a temporary directory and renames it).
 
-On restore the newest checkpoint is tried first; one that cannot be read, or whose arrays no longer
-match the checksums saved with them (bytes damaged in place), is reported, moved aside to
-WORKDIR/corrupt_checkpoints/ (never deleted, never overwritten), and the previous one is used. When no
+On restore the newest checkpoint is tried first; one that cannot be read, or whose arrays or data
+state no longer match the checksums and digest saved with them (bytes damaged in place), is
+reported, moved aside to WORKDIR/corrupt_checkpoints/ (never deleted, never overwritten), and the
+previous one is used. When no
 checkpoint can be restored (more likely a different model than damage) nothing is moved and
 `CheckpointError` says so.
 
@@ -32,6 +33,7 @@ from jaxlab.train import distributed
 log = logging.getLogger(__name__)
 
 CHECKSUMS_KEY = "_jaxlab_state_checksums"  # in the "data" item, next to the data iterator's state
+DATA_DIGEST_KEY = "_jaxlab_data_digest"  # a digest of the rest of the "data" item
 
 
 class CheckpointError(RuntimeError):
@@ -53,7 +55,8 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: dict, *, force: bool = True) -> None:
-    data = {**data_state, CHECKSUMS_KEY: state_checksums(state)}
+    data = {**data_state, DATA_DIGEST_KEY: data_digest(data_state),
+            CHECKSUMS_KEY: state_checksums(state)}
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      data=ocp.args.JsonSave(data)),
                        force=force)
@@ -110,9 +113,12 @@ class Checkpointer:
 
   @staticmethod
   def _verify(restored: dict) -> Optional[str]:
-    """None if the restored arrays match the checksums saved with them (popped from the data state),
-    else why not."""
+    """None if the restored arrays and data state match the checksum and digest saved with them
+    (popped from the data state), else why not."""
     saved = restored["data"].pop(CHECKSUMS_KEY, None)  # None: saved before checksums existed
+    saved_digest = restored["data"].pop(DATA_DIGEST_KEY, None)  # None: saved before digests existed
+    if saved_digest is not None and saved_digest != data_digest(restored["data"]):
+      return "the saved data-iterator state does not match its digest (damaged in place)"
     return None if saved is None else checksum_mismatch(saved, restored["state"], "state")
 
   def _quarantine(self, step: int, why: str) -> None:
@@ -146,6 +152,13 @@ class _quiet:
   def __exit__(self, *exc):
     for lg, level in zip(self._loggers, self._levels):
       lg.setLevel(level)
+
+
+def data_digest(data_state: dict) -> str:
+  """sha256 of the JSON data state (key order ignored; JSON round trips keep every value)."""
+  import hashlib
+  import json
+  return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
 
 
 def state_checksums(state: Any) -> list[int]:

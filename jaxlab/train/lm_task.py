@@ -181,6 +181,10 @@ def validate(config, require) -> None:
                                  "heads (config.model.mtp_heads or medusa_heads > 0)")
   require(0.0 < d.train_fraction < 1.0,
           f"config.data.train_fraction={d.train_fraction} must be in (0, 1)")
+  if d.name == "python_stdlib":
+    require(d.train_fraction == 0.9, f"config.data.train_fraction={d.train_fraction} has no effect "
+                                     "on config.data.name='python_stdlib', which splits by file "
+                                     "(crc32 of the path % 10 == 0: validation); keep 0.9")
   if d.name == "text_files":
     require(bool(d.path), "config.data.path must name the text file(s) for config.data.name="
                           "'text_files'")

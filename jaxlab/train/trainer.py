@@ -29,7 +29,7 @@ from jaxlab.configs import absolute_data_path, flatten, with_task_defaults
 from jaxlab.configs.validate import train_microbatches
 from jaxlab.train import checkpoint as checkpoint_lib
 from jaxlab.train import distributed, loss_scale, optim, sharding, tasks
-from jaxlab.train.metrics import MetricsWriter, write_atomically
+from jaxlab.train.metrics import MetricsWriter, read_metrics, write_atomically
 
 # TrainState is a plain dict pytree: {"step", "params", "opt_state", "rng"}, and "loss_scale" when the
 # loss is scaled (float16; see loss_scale.py).
@@ -505,6 +505,17 @@ def _schedule_change_note(run: Run, start: int) -> Optional[str]:
           f"under the old schedule, {lr(now):.3g} under the new one)")
 
 
+# In a checkpoint's data state: the train losses (and loss-scaling skips) of the logging interval
+# that the checkpoint cut into, so that a resumed run logs the interval's mean over all of its steps.
+OPEN_INTERVAL_KEY = "_jaxlab_open_log_interval"
+
+
+def _logged_val_loss(workdir: pathlib.Path, step: int) -> Optional[float]:
+  """The val_loss metrics.jsonl holds for `step`, or None."""
+  values = [r["val_loss"] for r in read_metrics(workdir) if r.get("step") == step and "val_loss" in r]
+  return float(values[-1]) if values else None
+
+
 def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = True) -> dict:
   """Trains (resuming from WORKDIR's newest checkpoint when there is one); returns final metrics."""
   _same_run_everywhere(config, pathlib.Path(workdir))  # before any process reads data
@@ -535,7 +546,9 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     _unlock(lock)
     raise
   data_iter = run.task.train_iterator()
+  open_interval = {"losses": [], "skipped": 0}  # the logging interval a checkpoint cut into
   if data_state is not None:
+    open_interval = data_state.pop(OPEN_INTERVAL_KEY, open_interval)
     data_iter.set_state(data_state)
   train_step = make_train_step(run)
   eval_step = make_eval_step(run)
@@ -554,17 +567,38 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
       print(schedule_note, file=sys.stderr, flush=True)
   final: dict = {}
   step_times: list[float] = []
-  losses = []
-  skipped = 0  # steps skipped by loss scaling in this logging interval
+  losses = list(open_interval["losses"])  # this logging interval's, from its start (a resume too)
+  skipped = int(open_interval["skipped"])  # steps skipped by loss scaling in this interval
   bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and primary),
              dynamic_ncols=True, desc="train")
+  is_eval_step = lambda s: s % cfg.eval_every == 0 or s == cfg.steps
+
+  def evaluate_and_record(step: int, params) -> None:
+    val_loss = evaluate(run, params, eval_step)
+    writer.write(step, val_loss=val_loss)
+    if primary:
+      bar.write(f"step {step}: val_loss {val_loss:.4f}")
+    final["val_loss"] = val_loss
+    if best is not None:
+      best.offer(step, val_loss, params)
+
   try:
     with run.mesh, run.rules():
+      if start and is_eval_step(start):
+        # A run stopped between saving this checkpoint and evaluating it (or recording the best
+        # parameters) finishes that evaluation now; otherwise it reports the one on record.
+        logged = _logged_val_loss(run.workdir, start)
+        if not distributed.all_agree(logged is not None):
+          evaluate_and_record(start, state["params"])
+        else:
+          final["val_loss"] = logged
+          if best is not None:
+            best.offer(start, logged, state["params"])
       batch = None
       for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        if batch is None:
+        if batch is None:  # after a checkpoint (nothing read ahead): not part of the step's time
           batch = sharding.place_batch(next(data_iter), run.mesh)
+        t0 = time.perf_counter()
         state, metrics = train_step(state, batch)  # dispatched; runs while the next lines do
         batch = None
         done = step + 1
@@ -608,15 +642,10 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
           final.update(record)
           step_times, losses = [], []
         if save_now:  # before evaluating: an evaluation that fails loses no trained steps
-          run.checkpointer.save(done, state, data_iter.get_state())
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-          val_loss = evaluate(run, state["params"], eval_step)
-          writer.write(done, val_loss=val_loss)
-          if primary:
-            bar.write(f"step {done}: val_loss {val_loss:.4f}")
-          final["val_loss"] = val_loss
-          if best is not None:
-            best.offer(done, val_loss, state["params"])
+          run.checkpointer.save(done, state, {
+              **data_iter.get_state(), OPEN_INTERVAL_KEY: {"losses": losses, "skipped": skipped}})
+        if is_eval_step(done):
+          evaluate_and_record(done, state["params"])
   finally:
     bar.close()
     writer.close()

@@ -34,9 +34,22 @@ FLOAT16 = ("--config.model.dtype=float16", "--config.optim.loss_scale_init=16777
            "--config.optim.loss_scale_period=2")
 
 
+TIMING = ("step_time_ms", "tokens_per_sec")
+
+
+def _records(workdir) -> list[dict]:
+  """metrics.jsonl as written, in order, without the timing fields."""
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(workdir)]
+
+
 @pytest.mark.parametrize("extra", [(), FLOAT16], ids=["float32", "float16_loss_scaling"])
 def test_resume_gives_identical_losses_and_params(tiny_lm_config, tmp_path, extra):
-  common = ["--config.train.log_every=1", "--config.train.checkpoint_every=10",
+  """Stopped right after its checkpoint at step 10, which is also an evaluation step (the evaluation
+  not yet run) and in the middle of a logging interval (log_every=4), the resumed run writes the very
+  records of the straight run: the step-10 evaluation, the interval 9-12's mean loss, the best
+  parameters at the same step."""
+  common = ["--config.train.log_every=4", "--config.train.checkpoint_every=10",
+            "--config.train.eval_every=5", "--config.train.keep_best=True",
             "--config.model.dropout=0.1", *extra]  # dropout makes the RNG part of what must resume
   straight = trainer.train(tiny_lm_config(*common, "--config.train.steps=20"), tmp_path / "a",
                            progress=False)
@@ -44,17 +57,23 @@ def test_resume_gives_identical_losses_and_params(tiny_lm_config, tmp_path, extr
   # then a new run with fresh objects resumes from the workdir.
   assert _run_until(tiny_lm_config(*common, "--config.train.steps=20"), tmp_path / "b",
                     stop_after=10) == 10
+  assert 10 not in _by_step(tmp_path / "b", "val_loss")
   resumed = trainer.train(tiny_lm_config(*common, "--config.train.steps=20"), tmp_path / "b",
                           progress=False)
-  assert _train_losses(tmp_path / "a") == _train_losses(tmp_path / "b")
+  assert _records(tmp_path / "a") == _records(tmp_path / "b")
+  assert sorted(_by_step(tmp_path / "a", "val_loss")) == [5, 10, 15, 20]
+  assert sorted(_by_step(tmp_path / "a", "train_loss")) == [4, 8, 12, 16, 20]
   jax.tree.map(np.testing.assert_array_equal, _params(straight), _params(resumed))
-  if extra:  # the loss scale resumed too: the same scales and skipped steps, step for step
-    scales = _by_step(tmp_path / "a", "loss_scale")
+  assert (straight["best_step"], straight["best_val_loss"]) == (resumed["best_step"],
+                                                               resumed["best_val_loss"])
+  if extra:  # the loss scale resumed too: the same scales and skipped steps, record for record
     skipped = _by_step(tmp_path / "a", "skipped_steps")
-    assert sorted(scales) == list(range(1, 21))
-    assert _by_step(tmp_path / "b", "loss_scale") == scales
-    assert _by_step(tmp_path / "b", "skipped_steps") == skipped
-    assert sum(skipped[s] for s in range(1, 11)) and sum(skipped[s] for s in range(11, 21)), skipped
+    assert sum(skipped[s] for s in (4, 8)) and sum(skipped[s] for s in (12, 16, 20)), skipped
+  # The same command once more: nothing to train; it reports the val_loss on record, not NaN.
+  again = trainer.train(tiny_lm_config(*common, "--config.train.steps=20"), tmp_path / "b",
+                        progress=False)
+  assert again["val_loss"] == straight["val_loss"]
+  assert _records(tmp_path / "a") == _records(tmp_path / "b")
 
 
 def _run_until(config, workdir, stop_after):
@@ -111,15 +130,36 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_lm_config, tmp_pa
   assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ["3"]
 
 
-def test_run_files_written(tiny_lm_config, tmp_path):
-  trainer.train(tiny_lm_config(), tmp_path, progress=False)
+def test_run_files_written(tiny_lm_config, tmp_path, monkeypatch):
+  """config.json and metrics.jsonl; the step time leaves out the first step of the process (where
+  compilation happens: here it is made 1.5 s slower) and tokens/s is the batch's tokens over it."""
+  import time
+  make = trainer.make_train_step
+  first = []
+
+  def slow_first_step(run):
+    step = make(run)
+
+    def timed(state, batch):
+      if not first:
+        first.append(1)
+        time.sleep(1.5)
+      return step(state, batch)
+    return timed
+
+  monkeypatch.setattr(trainer, "make_train_step", slow_first_step)
+  result = trainer.train(tiny_lm_config(), tmp_path, progress=False)
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["model"]["width"] == 32
   records = read_metrics(tmp_path)
   assert all("step" in r for r in records)
   assert any("val_loss" in r for r in records)
   timing = [r for r in records if "step_time_ms" in r]
-  assert timing and all(r["step_time_ms"] > 0 and r["tokens_per_sec"] > 0 for r in timing)
+  assert [r["step"] for r in timing] == [2, 4, 6]  # log_every=2: the first interval's step 2 only
+  tokens = result["run"].task.tokens_per_batch
+  for r in timing:
+    assert 0 < r["step_time_ms"] < 1000, r
+    np.testing.assert_allclose(r["tokens_per_sec"], tokens / (r["step_time_ms"] / 1000), rtol=1e-6)
 
 
 def test_read_metrics_skips_a_line_cut_short_by_a_kill(tmp_path):
@@ -165,6 +205,28 @@ def test_bytes_damaged_in_place_are_caught_by_checksums(tiny_lm_config, tmp_path
   run.checkpointer.close()
   assert step == 3 and int(state["step"]) == 3
   assert "could not be read" in capsys.readouterr().out
+
+
+def test_a_damaged_data_iterator_state_is_caught_by_its_digest(tiny_lm_config, tmp_path, capsys):
+  """The data item (the iterator's position, the open logging interval) is JSON that orbax reads
+  whatever it says: one digit changed in place would shift every later batch. Its digest catches it
+  and step 3 is used."""
+  config = tiny_lm_config("--config.train.steps=6", "--config.train.checkpoint_every=3")
+  trainer.train(config, tmp_path, progress=False)
+  changed = 0
+  for f in (tmp_path / "checkpoints" / "6" / "data").rglob("*"):
+    if f.is_file() and '"_jaxlab_data_digest"' in f.read_text():
+      data = json.loads(f.read_text())
+      key = next(k for k, v in data.items() if not k.startswith("_jaxlab") and isinstance(v, int))
+      data[key] += 1
+      f.write_text(json.dumps(data))
+      changed += 1
+  assert changed == 1
+  run = trainer.setup(config, tmp_path)
+  step, state, _ = run.checkpointer.restore_latest(run.abstract_state)
+  run.checkpointer.close()
+  assert step == 3 and int(state["step"]) == 3
+  assert "does not match its digest" in capsys.readouterr().out
 
 
 def test_checksum_mismatch_alone_rejects_a_checkpoint(tiny_lm_config, tmp_path, monkeypatch, capsys):
