@@ -25,10 +25,11 @@ Feature maps (`feature_map=`), all elementwise over head_dim so M = H, all >= 0:
   "elu+1": elu(x) + 1 (the paper's choice; strictly positive).
   "relu":  max(x, 0). Can be all-zero for a row; the normaliser is then 0 and `eps` makes that row's
            output 0 instead of NaN.
-  "exp":   exp(x - max_d x_d), the max taken per row (per batch, position, head) and treated as a
-           constant (stop_gradient). For queries the row factor cancels between numerator and
-           denominator; for keys it is part of the feature map's definition (the kernel becomes
-           sum_d exp(q_d - max q) exp(k_d - max k)), which keeps every feature in (0, 1].
+  "exp":   exp(x - max_d x_d), the max taken per row (per batch, position, head), which keeps every
+           feature in (0, 1]. For queries the row factor cancels between numerator and denominator;
+           for keys it is part of the feature map's definition (the kernel becomes
+           sum_d exp(q_d - max q) exp(k_d - max k)), so the max is differentiated like the rest
+           (with a constant max the keys' gradient was wrong at each row's largest entry).
 
 The public core `linear_attention_from_features` takes already featurised q/k (any feature count M), so
 that other kernels (e.g. the Performer's random features, `jaxlab.attention.performer`) reuse it.
@@ -56,7 +57,7 @@ def _relu(x):
 
 
 def _exp(x):
-  return jnp.exp(x - lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+  return jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
 
 
 _MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {

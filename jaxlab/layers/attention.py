@@ -55,6 +55,11 @@ SPARSE_LAYOUTS = local_lib.CAUSAL_LAYOUTS
 causal_block_layout = local_lib.causal_block_layout
 KV_CACHE_FAMILIES = ("softmax", "local", "block_sparse")
 RECURRENT_FAMILIES = ("linear", "performer")  # decode with a recurrent state instead of a KV cache
+# The options that only one family reads; another family refuses them unless left at the default.
+FAMILY_OPTIONS = {
+    "local": ("window",), "linear": ("feature_map",), "performer": ("num_features", "feature_seed"),
+    "block_sparse": ("sparse_layout", "sparse_block_size", "sparse_local_blocks", "sparse_stride",
+                     "sparse_num_global", "sparse_num_random", "sparse_seed")}
 RECURRENT_APPEND_LIMIT = 16  # tokens per decoding call after the prefill (a chain of drafts + 1)
 # The cache entries a recurrent layer keeps only to be rewound (see MultiHeadAttention._recurrent).
 REWIND_VARIABLES = ("state_before_append", "appended_keys", "appended_values", "append_start",
@@ -161,6 +166,10 @@ class MultiHeadAttention(nn.Module):
       q_BTNH, k_BTKH = norm("q_norm")(q_BTNH), norm("k_norm")(k_BTKH)
     if self.family not in FAMILIES:
       raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+    self._check_family_options()
+    if decode and not self.causal:
+      raise ValueError("decode=True needs causal=True: a KV cache (or recurrent state) holds only "
+                       "the tokens before each query, while a causal=False layer attends both ways")
     # Dynamic NTK with a KV cache: q and k are rotated in _cached_attention, with L from the cache.
     rotate_in_cache = (decode and self._dynamic_ntk() and self.family in KV_CACHE_FAMILIES
                    and not self.rerope_window)
@@ -203,6 +212,18 @@ class MultiHeadAttention(nn.Module):
     return Dense((x_BTD.shape[-1],), ("heads", "kv", "embed"), in_dims=2, use_bias=self.use_bias,
                  init_std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype,
                  name="out")(out_BTNH)
+
+  def _check_family_options(self) -> None:
+    """Refuses an option of another family than `family` set away from its default (it would be
+    ignored: window=2 with the softmax family is full attention)."""
+    fields = type(self).__dataclass_fields__
+    for family, names in FAMILY_OPTIONS.items():
+      if family == self.family:
+        continue
+      for name in names:
+        if getattr(self, name) != fields[name].default:
+          raise ValueError(f"{name}={getattr(self, name)!r} applies to the {family!r} family, "
+                           f"not {self.family!r}")
 
   def _attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT=None):
     """Full-sequence attention of the configured family (training, and the prefill of decoding)."""

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from jaxlab.layers import MLP, FlashLayer, MultiHeadAttention
 from jaxlab.layers.dense import Dense
+from jaxlab.layers.attention import FAMILY_OPTIONS
 
 from jaxlab import positions as positions_lib
 from jaxlab.positions.learned import lookup_positions
@@ -154,13 +155,9 @@ class Block(nn.Module):
         num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.width // c.num_heads,
         causal=True, position=c.position, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
         rotary_fraction=c.rotary_fraction, logn_train_len=c.logn_train_len,
-        xpos_center=c.max_len // 2, family=c.attention, window=c.attention_window,
-        feature_map=c.feature_map,
-        num_features=c.num_features, feature_seed=c.feature_seed,
-        sparse_layout=c.sparse_layout, sparse_block_size=c.sparse_block_size,
-        sparse_local_blocks=c.sparse_local_blocks, sparse_stride=c.sparse_stride,
-        sparse_num_global=c.sparse_num_global, sparse_num_random=c.sparse_num_random,
-        sparse_seed=c.sparse_seed,
+        xpos_center=c.max_len // 2, family=c.attention,
+        **{name: getattr(c, "attention_window" if name == "window" else name)  # its own family's
+           for name in FAMILY_OPTIONS.get(c.attention, ())},
         qk_norm=c.qk_norm, logit_soft_cap=c.logit_soft_cap, rerope_window=c.rerope_window,
         rerope_leaky_k=c.rerope_leaky_k, implementation=c.attention_impl, use_bias=c.use_bias,
         out_init_std=out_std,

@@ -296,3 +296,27 @@ def test_xpos_center_keeps_far_positions_finite_and_cancels_in_the_logits():
   # (float32 RoPE angles of ~4e4 radians are good to ~2e-3: measured 3e-4 apart)
   np.testing.assert_allclose(xpos(40_000).apply({"params": params}, x, far), reference, atol=1e-3)
   np.testing.assert_allclose(xpos(17).apply({"params": params}, x, near), reference, atol=ATOL)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(window=2), "window=2 applies to the 'local' family, not 'softmax'"),
+    (dict(feature_map="relu"), "feature_map='relu' applies to the 'linear' family"),
+    (dict(num_features=7), "num_features=7 applies to the 'performer' family"),
+    (dict(sparse_block_size=0), "sparse_block_size=0 applies to the 'block_sparse' family"),
+    (dict(family="linear", window=4), "window=4 applies to the 'local' family, not 'linear'"),
+])
+def test_options_of_another_family_are_refused(kw, match):
+  """Before, each was accepted and had no effect (window=2 gave full softmax attention)."""
+  x = _x()
+  with pytest.raises(ValueError, match=match):
+    _layer(**kw).init(jax.random.key(0), x, _positions())
+
+
+@pytest.mark.parametrize("family", ["softmax", "local", "linear"])
+def test_decoding_a_bidirectional_layer_is_refused(family):
+  """A cache sees only earlier tokens: decoding a causal=False layer gave causal outputs that
+  differed from its full pass."""
+  layer = _layer(causal=False, family=family, **(dict(window=2) if family == "local" else {}))
+  x = _x()
+  with pytest.raises(ValueError, match="decode=True needs causal=True"):
+    layer.init(jax.random.key(0), x, _positions(), decode=True)

@@ -38,6 +38,10 @@ def _layer(**kw):
   return MultiHeadAttention(num_heads=N, num_kv_heads=K, head_dim=H, **kw)
 
 
+def _features(family):
+  return dict(num_features=16) if family == "performer" else {}
+
+
 def _x(seed=0):
   return jnp.asarray(np.random.default_rng(seed).standard_normal((B, T, D)), jnp.float32)
 
@@ -124,10 +128,9 @@ def test_rewound_cache_forgets_the_tokens_after_its_index(name, kw):
 
 @pytest.mark.parametrize("family", ["softmax", "linear", "performer"])
 def test_dynamic_ntk_beyond_training_length_appends_like_one_token_steps(family):
-  """Beyond the training length each appended token is rotated with L = its slot + 1 (the recurrent
-  families: position + 1), as when it is decoded alone (the prefill keeps L = prompt length); see
-  jaxlab/layers/attention.py."""
-  layer = _layer(position="rope", family=family, num_features=16,
+  """Beyond the training length each appended token is rotated with L = its position + 1, as when
+  it is decoded alone (the prefill keeps L = prompt length); see jaxlab/layers/attention.py."""
+  layer = _layer(position="rope", family=family, **_features(family),
                  rope_scaling=positions.RopeScaling("dynamic_ntk", 2.0, original_max_len=4))
   x = _x(3)
   params = _params(layer, x)
@@ -161,7 +164,7 @@ def test_recurrent_state_without_its_rewind_entries_decodes_the_same(family):
   """init_cache(..., rewindable=False) leaves out what only a rewind needs; appends give the same."""
   from jaxlab.decoding.sampling import _without
   from jaxlab.layers.attention import REWIND_VARIABLES
-  layer, x = _layer(position="rope", family=family, num_features=16), _x()
+  layer, x = _layer(position="rope", family=family, **_features(family)), _x()
   params = _params(layer, x)
   full = layer.apply({"params": params}, x, _pos(0, T))
   lean = _without(_empty_cache(layer, x), REWIND_VARIABLES)
@@ -177,7 +180,7 @@ def test_recurrent_state_refuses_a_rewind_outside_its_last_append(family):
   """The state keeps only the last append: rewinding into the prefill or into an earlier append
   cannot be honoured, and every output is NaN rather than silently wrong (a rewind to 0 is the empty
   state and is fine)."""
-  layer, x = _layer(position="rope", family=family, num_features=16), _x()
+  layer, x = _layer(position="rope", family=family, **_features(family)), _x()
   params = _params(layer, x)
   full = layer.apply({"params": params}, x, _pos(0, T))
   _, prefilled = _chunked(layer, params, x, (5,), prefill=True)
