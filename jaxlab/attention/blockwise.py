@@ -82,9 +82,10 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_li
     [B, Tq, N, H] in q's dtype; rows that see no key are exactly zero (and get zero gradients).
   """
   # Imported here, not at module level, so that softmax.py may import this module at its top.
-  from jaxlab.attention.softmax import check_bias, check_qkv
+  from jaxlab.attention.softmax import check_bias, check_qkv, check_soft_cap
 
   b, tq, tk, n, kh, h = check_qkv(q, k, v)
+  check_soft_cap(soft_cap)
   block_q = _check_block("block_q", block_q)
   block_k = _check_block("block_k", block_k)
   if not isinstance(mask, masks_lib.AttentionMask):
@@ -181,10 +182,11 @@ def _block_ranges(static: _Static, nq: int, nk: int):
 
 def _bias_tile(bias, qs, ks, bq, bk, kh):
   """The bias for one tile, shaped to broadcast against logits [B, K, G, bq, bk]."""
+  from jaxlab.attention.softmax import float32_bias
   bb, nb, tqb, tkb = bias.shape
   tile = lax.dynamic_slice(bias, (0, 0, qs if tqb > 1 else 0, ks if tkb > 1 else 0),
                            (bb, nb, bq if tqb > 1 else 1, bk if tkb > 1 else 1))
-  tile = tile.astype(jnp.float32)
+  tile = float32_bias(tile)
   if nb == 1:
     return tile[:, :, None]  # [Bb, 1, 1, tq', tk']
   return tile.reshape(bb, kh, nb // kh, tile.shape[2], tile.shape[3])

@@ -145,7 +145,8 @@ def gau_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Fa
     q: [B, Tq, N, S] queries (e.g. `scale_offset(z, gamma, beta)[:, :, 0:1]`).
     k: [B, Tk, K, S] keys. v: [B, Tk, K, E] values (GAU's V = silu(X W_v), E = e). N % K == 0.
     causal: query i sees keys j <= i + (Tk - Tq) (aligned at the end, as in the attention contract).
-    kind: "relu2": A = relu(scale * q.k + b)^2 ([G2]), default scale 1/Tk (the paper's 1/n);
+    kind: "relu2": A = relu(scale * q.k + b)^2 ([G2]), default scale 1/n (the paper's), n = Tk or,
+      with kv_mask, the row's number of visible keys (so padding a batch changes no real token);
       "softmax": A = softmax(m_i * scale * q.k + b) over visible keys, default scale 1/sqrt(S).
     scale: logit multiplier (a static float); None = the default above. When decoding relu2 with a
       KV cache, pass the training value (1/T) explicitly.
@@ -164,8 +165,9 @@ def gau_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Fa
     raise ValueError(f"logn_train_len applies to kind='softmax', not {kind!r}")
   if logn_train_len:
     _checks.positive_int(logn_train_len, "logn_train_len", minimum=2)
+  per_row_n = scale is None and kind == "relu2" and kv_mask is not None  # 1/n from the mask below
   if scale is None:
-    scale = 1.0 / tk if kind == "relu2" else 1.0 / math.sqrt(s)
+    scale = 1.0 if per_row_n else 1.0 / tk if kind == "relu2" else 1.0 / math.sqrt(s)
   f32 = jnp.float32
   logits = jnp.einsum("btkgs,bjks->bkgtj", q.reshape(b, tq, kh, g, s).astype(f32), k.astype(f32),
                       preferred_element_type=f32) * scale  # [B, K, G, Tq, Tk]
@@ -177,6 +179,9 @@ def gau_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Fa
       raise ValueError(f"kv_mask must be [B, Tk] = {(b, tk)}, got shape {jnp.shape(kv_mask)}")
     keys = jnp.asarray(kv_mask, bool)[:, None, None, None, :]
     valid = keys if valid is None else valid & keys
+    if per_row_n:
+      n_B = jnp.maximum(jnp.sum(keys, axis=-1, keepdims=True, dtype=jnp.int32), 1)
+      logits = logits / n_B.astype(f32)
   if logn_train_len:
     if valid is None:
       count = jnp.full((1, 1, 1, tq, 1), tk, jnp.int32)

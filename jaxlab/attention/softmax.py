@@ -43,6 +43,23 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, 
 _NEG = masks_lib.MASKED_LOGIT
 
 
+def check_soft_cap(soft_cap, name: str = "soft_cap") -> None:
+  """A logit soft cap is None or a finite number > 0 (0 gives uniform weights, < 0 flips the
+  logits, inf NaN); ValueError naming the argument otherwise. It may be traced (then unchecked)."""
+  if soft_cap is None or isinstance(soft_cap, jax.core.Tracer):
+    return
+  if isinstance(soft_cap, bool) or not (soft_cap > 0 and math.isfinite(soft_cap)):
+    raise ValueError(f"{name} must be a finite number > 0, or None; got {soft_cap!r}")
+
+
+def float32_bias(bias: jax.Array) -> jax.Array:
+  """bias in float32 for the logits. A float16 bias at or below float16's finfo.min (-65504, how an
+  additive mask is written in float16, which cannot hold the masked value) becomes -inf: masked."""
+  if bias.dtype == jnp.float16:
+    return jnp.where(bias <= jnp.finfo(jnp.float16).min, -jnp.inf, bias.astype(jnp.float32))
+  return bias.astype(jnp.float32)
+
+
 def check_bias(bias: jax.Array, b: int, n: int, tq: int, tk: int) -> jax.Array:
   """bias (at most 4-D; each right-aligned dimension 1 or [B, N, Tq, Tk]'s) -> 4-D bias."""
   bias = jnp.asarray(bias)
@@ -56,7 +73,7 @@ def check_bias(bias: jax.Array, b: int, n: int, tq: int, tk: int) -> jax.Array:
 def masked_softmax(logits: jax.Array, valid: Optional[jax.Array]) -> jax.Array:
   """Softmax over the last axis of float32 logits, 0 where `valid` (broadcastable bool) is False.
   A logit at or below the masked value (-0.7 * float32 max; a bias of -inf or finfo.min, i.e. an
-  additive mask) counts as masked: a row with no visible key, or with only such logits, gives zeros and
+  additive mask, float16's too, see `float32_bias`) counts as masked: a row with no visible key, or with only such logits, gives zeros and
   zero gradients, as blockwise and the kernels do (a plain softmax would put the row's weight on the
   masked keys, or give NaN)."""
   if valid is not None:
@@ -75,13 +92,14 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.Atte
   """Reference attention: materialises the [B, N, Tq, Tk] logits. Rows with no visible key (or whose
   visible keys all have a -inf bias) give zeros."""
   b, tq, tk, n, kh, h = check_qkv(q, k, v)
+  check_soft_cap(soft_cap)
   g = n // kh
   q_grouped = q.reshape(b, tq, kh, g, h)
   logits = jnp.einsum("btkgh,bskh->bkgts", q_grouped, k,
                       preferred_element_type=jnp.float32) * scale
   logits = logits.reshape(b, n, tq, tk)
   if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
+    logits = logits + float32_bias(bias)
   valid = mask.full()
   if soft_cap is not None:
     hidden = logits <= _NEG  # a -inf / finfo.min bias masks; the cap would turn it into -c
@@ -148,8 +166,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
                              kv_lengths=kv_lengths)
   if scale is None:
     scale = h ** -0.5
-  if logit_soft_cap is not None and not (logit_soft_cap > 0 and math.isfinite(logit_soft_cap)):
-    raise ValueError(f"logit_soft_cap must be a finite number > 0, or None; got {logit_soft_cap!r}")
+  check_soft_cap(logit_soft_cap, "logit_soft_cap")
   if tq == 0 or tk == 0:  # nothing to attend (xla would agree; the tiled ones cannot tile it)
     return jnp.zeros((b, tq, n, h), q.dtype)
   if implementation is None:

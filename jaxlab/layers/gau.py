@@ -82,7 +82,8 @@ class GatedAttentionUnit(nn.Module):
   Attributes:
     expansion_dim: e (the paper: 2 * width). qk_dim: s (the paper: 128).
     causal: causal self-attention.
-    kind: "relu2" (A = relu(scale q.k)^2, scale = 1/T unless `scale` is given) or "softmax"
+    kind: "relu2" (A = relu(scale q.k)^2, scale = 1/T, or with kv_mask_BT 1/(the row's unmasked
+      tokens), unless `scale` is given) or "softmax"
       (scale 1/sqrt(s), optional log-n factor with logn_train_len > 0).
     scale: logit multiplier; None = the `gau_attention` default. The relu2 default depends on the
       input length T: set it (e.g. 1/train_len) for a layer that must behave the same at other lengths.

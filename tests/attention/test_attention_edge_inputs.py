@@ -77,6 +77,27 @@ def test_an_additive_minus_inf_bias_never_reveals_masked_keys(implementation, fi
 
 
 @pytest.mark.parametrize("implementation", ("xla", "blockwise"))
+def test_a_float16_additive_mask_masks_like_minus_inf(implementation):
+  """float16 cannot hold -inf-like masks but its finfo.min (-65504), the usual fp16 additive mask:
+  the same outputs and gradients as a -inf bias, a fully hidden row 0 (not attention over it)."""
+  q, k, v = _qkv(b=2, tq=4, tk=4, n=1)
+  hide = np.zeros((2, 1, 4, 4), bool)
+  hide[:, :, :, 0] = True
+  hide[1] = True
+  as_inf = jnp.where(hide, -jnp.inf, 0.0)
+  as_fp16 = jnp.where(hide, float(np.finfo(np.float16).min), 0.0).astype(jnp.float16)
+  f = lambda q, k, v, bias: jnp.sum(dot_product_attention(q, k, v, bias=bias,
+                                                          implementation=implementation) ** 2)
+  out = dot_product_attention(q, k, v, bias=as_fp16, implementation=implementation)
+  np.testing.assert_allclose(out, dot_product_attention(q, k, v, bias=as_inf,
+                                                        implementation=implementation), atol=1e-6)
+  assert np.all(np.asarray(out)[1] == 0)
+  for got, want in zip(jax.grad(f, argnums=(0, 1, 2))(q, k, v, as_fp16),
+                       jax.grad(f, argnums=(0, 1, 2))(q, k, v, as_inf)):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ("xla", "blockwise"))
 def test_a_minus_inf_bias_masks_under_a_soft_cap_too(implementation):
   """The cap c * tanh(x / c) would turn -inf into -c (keys it should hide keep weight): a causal mask
   written as a -inf bias equals causal=True, with the cap as without."""
@@ -140,3 +161,10 @@ def test_a_soft_cap_must_be_finite_and_positive(cap):
   q, k, v = _qkv()
   with pytest.raises(ValueError, match="logit_soft_cap must be a finite number > 0"):
     dot_product_attention(q, k, v, logit_soft_cap=cap)
+  # The exported implementations check it too (0 gave uniform weights, -1 flipped the logits).
+  from jaxlab.attention import masks
+  from jaxlab.attention.blockwise import blockwise_attention
+  from jaxlab.attention.softmax import xla_attention
+  for fn in (blockwise_attention, xla_attention):
+    with pytest.raises(ValueError, match="soft_cap must be a finite number > 0"):
+      fn(q, k, v, masks.make_mask(q.shape[1], k.shape[1], q.shape[0]), scale=0.5, soft_cap=cap)

@@ -177,6 +177,20 @@ def test_gau_cross_lengths_and_padding(kind):
   assert np.all(np.asarray(g[0])[0, 0] == 0.0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["relu2", "softmax"])
+def test_padding_masked_by_kv_mask_changes_no_real_token(causal, kind):
+  """Default scales: a batch padded to 11 keys with the padding masked gives each row's real tokens
+  their unpadded outputs (relu2's 1/n counts the row's visible keys, not the padded length)."""
+  q, k, v = qkv(4, b=2, tq=11)
+  real = [7, 11]
+  kv_mask = np.arange(11)[None, :] < np.asarray(real)[:, None]
+  padded = gau(q, k, v, causal=causal, kind=kind, kv_mask=jnp.asarray(kv_mask))
+  for row, n in enumerate(real):
+    alone = gau(q[row:row + 1, :n], k[row:row + 1, :n], v[row:row + 1, :n], causal=causal, kind=kind)
+    np.testing.assert_allclose(padded[row:row + 1, :n], alone, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("causal,kind,logn", [(True, "relu2", 0), (False, "relu2", 0),
                                               (True, "softmax", 4)])
 def test_gau_gradients_match_naive(causal, kind, logn):
