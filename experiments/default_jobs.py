@@ -47,7 +47,7 @@ def run_job(name: str, workdir: pathlib.Path, extra: list[str]) -> dict:
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   evals = [r for r in records if "val_loss" in r]
   times = [r["step_time_ms"] for r in records if "step_time_ms" in r]
-  row = {"job": name, "command": "jaxlab train " + " ".join(JOBS[name] + extra),
+  row = {"job": name, "command": " ".join(["jaxlab train", *JOBS[name], *extra]),
          "steps": records[-1]["step"], "val_loss": evals[-1]["val_loss"],
          "step_time_ms": statistics.median(times) if times else None, "wall_s": wall_s,
          "report": report_of(proc.stdout)}
