@@ -149,16 +149,24 @@ def check_same_vocabulary(run: Run) -> None:
 DATA_FINGERPRINT = "data_fingerprint.txt"
 
 
+def _differing_saved_digest(run: Run, filename: str, digest: Optional[str]) -> Optional[str]:
+  """The digest kept in WORKDIR/filename when it differs from `digest`; None when they agree or
+  there is nothing to compare (no digest, none kept, or no checkpoint yet)."""
+  saved_path = run.workdir / filename
+  if digest is None or not saved_path.exists() or not run.checkpointer.all_steps():
+    return None
+  saved = saved_path.read_text().strip()
+  return saved if saved != digest else None
+
+
 def check_same_data(run: Run) -> None:
   """Refuses a workdir whose checkpoints were trained on other data than the task now reads (the text
   or dataset files were edited in place: a resume would not see the batches it would have seen, and
   an evaluation would score other data). A task without data (sampling) or a workdir from before the
   digest was kept: nothing to compare."""
-  saved_path, digest = run.workdir / DATA_FINGERPRINT, run.data_digest
-  if digest is None or not saved_path.exists() or not run.checkpointer.all_steps():
-    return
-  saved = saved_path.read_text().strip()
-  if saved != digest:
+  digest = run.data_digest
+  saved = _differing_saved_digest(run, DATA_FINGERPRINT, digest)
+  if saved is not None:
     raise ValueError(f"the data differs from the data {run.workdir} was trained on (digest "
                      f"{digest[:12]}, saved {saved[:12]} in {DATA_FINGERPRINT}): the files of "
                      "config.data.path (or the dataset) changed since; nothing was changed (restore "
@@ -179,11 +187,9 @@ def check_same_model_structure(run: Run) -> None:
   stream, which NumPy does not promise to keep across versions; other masks would pair the saved
   weights with other connectivity, silently. A workdir from before the digest was kept: nothing to
   compare."""
-  saved_path, digest = run.workdir / MODEL_FINGERPRINT, _structure_digest(run.task)
-  if digest is None or not saved_path.exists() or not run.checkpointer.all_steps():
-    return
-  saved = saved_path.read_text().strip()
-  if saved != digest:
+  digest = _structure_digest(run.task)
+  saved = _differing_saved_digest(run, MODEL_FINGERPRINT, digest)
+  if saved is not None:
     raise ValueError(f"the model's fixed structure (MADE's masks from config.model.mask_seed) "
                      f"differs from the one {run.workdir} was trained with (digest {digest[:12]}, "
                      f"saved {saved[:12]} in {MODEL_FINGERPRINT}): this NumPy draws other masks "
