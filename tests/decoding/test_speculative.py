@@ -50,6 +50,8 @@ GREEDY = [("mtp", dict(mtp_heads=2)),
           ("mtp-block_sparse", dict(mtp_heads=2, attention="block_sparse", sparse_block_size=4,
                                     sparse_layout="strided", sparse_local_blocks=1,
                                     sparse_stride=2)),
+          # The local family reads a window + T span of its cache per call.
+          ("mtp-local", dict(mtp_heads=2, attention="local", attention_window=3)),
           ("mtp-dynamic_ntk", dict(mtp_heads=2, rope_scaling=positions.RopeScaling(
               "dynamic_ntk", 2.0, original_max_len=8))),
           # Recurrent states (no KV cache): rewound by refolding the kept tokens.
