@@ -8,7 +8,7 @@ causal and not, forward and forward+backward, it times (jitted, bfloat16, heads 
 the median time per call over 3 to --repeats samples (about 1 s of them), each of enough back-to-back
 calls to last about 5 ms, after a warm-up):
   * "pallas": `jaxlab.attention.dot_product_attention(implementation="pallas")` (the default dispatch:
-    the portable kernel until `flash.MOSAIC_GPU_BY_DEFAULT` is set, then the Mosaic GPU one on Hopper),
+    the Mosaic GPU kernel on Hopper, `flash.MOSAIC_GPU_BY_DEFAULT`, else the portable one),
   * "mosaic_gpu": `jaxlab.attention.flash_attention(kernel="mosaic_gpu")` (Hopper: wgmma, TMA K/V
     ring, warp specialisation; dQ and dK/dV kernels too for head_dim 64/128),
   * "portable": `jaxlab.attention.flash_attention(kernel="portable")` (Triton-lowered Pallas),

@@ -379,7 +379,8 @@ def test_bad_arguments_are_named():
 @pytest.mark.parametrize("h,dtype,causal", [(128, jnp.bfloat16, True), (64, jnp.float16, False),
                                             (256, jnp.bfloat16, True)])
 def test_on_hopper_matches_xla(h, dtype, causal, monkeypatch):
-  # Checks the dispatch as it will be once the kernel is the Hopper default (MOSAIC_GPU_BY_DEFAULT).
+  # Checks the Hopper default dispatch (MOSAIC_GPU_BY_DEFAULT; set here too, so that the test keeps
+  # checking the kernel if the default is ever switched off again).
   monkeypatch.setattr(flash, "MOSAIC_GPU_BY_DEFAULT", True)
   b, t, n, kh = 2, 2048, 8, 2
   q, k, v, ct = qkv_inputs(h, b, t, t, n, kh, h, dtype)

@@ -11,11 +11,10 @@ Where the kernels run:
     warpgroups; FlashAttention-3, Shah et al. 2024), and so are its dQ and dK/dV backward kernels for
     head_dim 64/128 (head_dim 256 uses the portable (Triton) backward kernels). Checked by lowering for
     CUDA and in Mosaic GPU interpret mode on CPU, and on an H200 (experiments/results/gpu_check_H200.md:
-    compiled at every head_dim, bf16 values and gradients match "xla" for dense/GQA/MQA, causal and
-    window cases; segment ids, lengths and float16 not yet run there), so it is not yet the default
-    (`MOSAIC_GPU_BY_DEFAULT`).
-  * Every CUDA GPU by default, and float32 on Hopper: compiled through Pallas' Triton lowering (the
-    portable path).
+    every GPU test passed, bf16 and fp16 values and gradients against "xla" under every mask; 1.1-2.5x
+    the portable kernel's speed), so it is the default there (`MOSAIC_GPU_BY_DEFAULT`).
+  * Other CUDA GPUs, and float32 (or other head dims) on Hopper: compiled through Pallas' Triton
+    lowering (the portable path).
   * CPU (and any backend with `interpret=True`): Pallas interpret mode, exact but slow; used by the tests
     (`kernel="mosaic_gpu"` uses Mosaic GPU interpret mode).
   * TPU: the Mosaic TPU kernels of `tpu.py` (grid-pipelined, VMEM scratch accumulators); on CPU they run
@@ -37,11 +36,10 @@ from jaxlab.attention.flash.blocks import (GPU_HEAD_DIMS, MOSAIC_GPU_HEAD_DIMS, 
 
 KERNELS = ("portable", "tpu", "mosaic_gpu")
 
-# Whether kernel=None picks the Mosaic GPU kernel on a Hopper GPU. False until all of its GPU tests
-# (tests/attention/test_flash_gpu.py, test_flash_mosaic_gpu.py::test_on_hopper_matches_xla) have passed on
-# real hardware: on an H200 (2026-12-04) it compiled, ran 1.5-2.4x the portable kernel's speed, and passed
-# the bf16 cases without segment ids or lengths; the rest ran out of device time.
-MOSAIC_GPU_BY_DEFAULT = False
+# Whether kernel=None picks the Mosaic GPU kernel on a Hopper GPU (for the inputs it serves). True since
+# all of its GPU tests (tests/attention/test_flash_gpu.py, test_flash_mosaic_gpu.py::
+# test_on_hopper_matches_xla) passed on an H200 (2026-12-04, experiments/results/gpu_check_H200.md).
+MOSAIC_GPU_BY_DEFAULT = True
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -145,8 +143,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
     interpret: run the kernels in interpret mode (default: True unless the backend is a GPU or TPU);
       False compiles them (Triton for the portable kernel, Mosaic for the TPU kernel).
     kernel: "portable" (Triton-lowered on GPU), "mosaic_gpu" (Hopper forward and backward) or
-      "tpu" (Mosaic TPU); default "tpu" on a TPU backend, else "portable" ("mosaic_gpu" on a Hopper
-      GPU when `supports_mosaic_gpu` the inputs, once MOSAIC_GPU_BY_DEFAULT is True).
+      "tpu" (Mosaic TPU); default "tpu" on a TPU backend, "mosaic_gpu" on a Hopper GPU when
+      `supports_mosaic_gpu` the inputs (MOSAIC_GPU_BY_DEFAULT), else "portable".
 
   Returns:
     [B, Tq, N, H] in q's dtype; rows that see no key are zeros (with zero gradients).
