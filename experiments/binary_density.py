@@ -134,11 +134,15 @@ def run_one(dataset_name, label, overrides, steps, data_cache, workroot, out_dir
   config_name, extra = MODEL_CONFIG[label]
   with config.unlocked():
     config.mesh.data = usable_device_count(config, jax.device_count())
-  if dataset_name not in data_cache:
+  d = config.data  # every data setting, so that an --extra override of it is the one trained on
+  data_key = (data_name, d.path, d.data_dir, d.binarize_seed, d.split_seed, d.static_binarization)
+  if data_key not in data_cache:
     from jaxlab.data import binary_images
-    data_cache[dataset_name] = binary_images.load(data_name,
-                                                  static=config.data.static_binarization)
-  data = data_cache[dataset_name]
+    data_cache[data_key] = binary_images.load(data_name, path=d.path, data_dir=d.data_dir,
+                                              binarize_seed=d.binarize_seed,
+                                              split_seed=d.split_seed,
+                                              static=d.static_binarization)
+  data = data_cache[data_key]
   task = DensityTask(config, data=data)
   workdir = workroot / f"{dataset_name}-{label}"
   result = trainer.train(config, workdir, task=task, progress=False)

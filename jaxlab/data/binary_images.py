@@ -48,6 +48,18 @@ class BinaryDataset:
   dynamic: bool
   note: str
 
+  def __post_init__(self):
+    """Refuses data that is not binary (e.g. 0/255 pixels), which the models would score as log p > 0."""
+    for split in ("train", "valid", "test"):
+      x = getattr(self, split)
+      if split == "train" and self.dynamic:
+        ok, want = bool(((x >= 0) & (x <= 1)).all()), "probabilities in [0, 1]"
+      else:
+        ok, want = bool(((x == 0) | (x == 1)).all()), "0/1 values"
+      if not ok:
+        raise ValueError(f"{self.name}: the {split} split must hold {want}; got values in "
+                         f"[{x.min()}, {x.max()}]")
+
   @property
   def dim(self) -> int:
     return self.train.shape[1]

@@ -132,6 +132,11 @@ class GatedPixelCNN(_ImageModel):
 
   @nn.compact
   def network(self, x_BHW1: jax.Array) -> jax.Array:
+    if self.first_kernel < 3 or self.first_kernel % 2 == 0:
+      # 1x1: the first horizontal (type A) mask is all zeros and the current row is never seen.
+      raise ValueError(f"first_kernel must be odd and >= 3, got {self.first_kernel}")
+    if self.kernel < 1 or self.kernel % 2 == 0:
+      raise ValueError(f"kernel must be odd and >= 1, got {self.kernel}")
     v = h = x_BHW1
     c = self.channels
     for layer in range(self.num_layers):

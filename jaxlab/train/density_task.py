@@ -59,11 +59,18 @@ def validate(config, require) -> None:
             f"config.data.name={config.data.name!r} is not image data, which "
             f"config.model.name={m.name!r} needs")
     require(m.first_kernel % 2 == 1, f"config.model.first_kernel={m.first_kernel} must be odd")
-    require(m.name != "pixelcnn" or m.first_kernel >= 3,
-            f"config.model.first_kernel={m.first_kernel}: PixelCNN's first (mask A) layer needs "
-            ">= 3 (a 1x1 one sees no earlier pixel)")
+    require(m.first_kernel >= 3,
+            f"config.model.first_kernel={m.first_kernel}: the first (mask A) layer needs >= 3 (a 1x1 "
+            "one sees no earlier pixel; in the gated PixelCNN no pixel of the current row)")
   if m.name != "made":
     require(m.num_masks == 1, f"config.model.num_masks={m.num_masks} applies to MADE only")
+    for key, default in (("direct", False), ("order_agnostic", True),
+                         ("connectivity_agnostic", True)):
+      require(m[key] == default, f"config.model.{key}={m[key]!r} applies to MADE only")
+  else:
+    require(m.num_masks == 1 or m.order_agnostic or m.connectivity_agnostic,
+            f"config.model.num_masks={m.num_masks} with order_agnostic and connectivity_agnostic "
+            "both False gives identical mask sets (K times the cost, no ensemble)")
   require(not config.data.static_binarization or config.data.name == "mnist",
           f"config.data.static_binarization=True applies to mnist only (config.data.name="
           f"{config.data.name!r} is binary already)")

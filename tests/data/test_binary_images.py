@@ -47,6 +47,10 @@ def test_dynamic_binarisation_is_fresh_each_epoch_and_resumes_exactly():
   fresh = bi.TrainBatches(p, batch_size=10, seed=3, dynamic=True)
   fresh.set_state(state)
   np.testing.assert_array_equal(next(fresh)["x"], expected)
+  # Within an epoch each batch draws its own noise (the rows here are all alike, so a noise seed
+  # shared by the batches of an epoch would give them equal pixels).
+  halves = bi.TrainBatches(p, batch_size=5, seed=3, dynamic=True)
+  assert not np.array_equal(next(halves)["x"], next(halves)["x"])
   # static data is passed through unchanged (a permutation of the rows)
   static = (np.arange(40).reshape(8, 5) % 2).astype(np.float32)
   rows = next(bi.TrainBatches(static, batch_size=8, seed=0, dynamic=False))["x"]
@@ -126,3 +130,13 @@ def test_shared_mnist_static_protocol_binarises_the_training_images_once():
   assert "binarised once" in static.note.split(";")[0]
   with pytest.raises(ValueError, match="mnist only"):
     bi.load("dna", static=True)
+
+
+def test_data_that_is_not_binary_is_refused():
+  """0/255 pixels would be scored as log p > 0 by every model."""
+  ones = np.ones((4, 3), np.float32)
+  with pytest.raises(ValueError, match="the valid split must hold 0/1 values"):
+    bi.BinaryDataset("x", ones, 255 * ones, ones, None, False, "")
+  with pytest.raises(ValueError, match="the train split must hold probabilities"):
+    bi.BinaryDataset("x", 2 * ones, ones, ones, None, True, "")
+  bi.BinaryDataset("x", 0.5 * ones, ones, 0 * ones, None, True, "")  # grey training data, dynamic

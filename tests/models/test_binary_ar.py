@@ -213,6 +213,15 @@ def test_nade_rejects_a_bad_chunk():
                 chunk=0)
 
 
+@pytest.mark.parametrize("cls", [PixelCNN, GatedPixelCNN])
+def test_pixelcnns_refuse_a_first_kernel_that_sees_nothing(cls):
+  """A 1x1 first (type A) layer: PixelCNN's sees no pixel at all, the gated one's horizontal stack
+  none of the current row (it trained, silently worse, before)."""
+  model = cls((3, 3), channels=2, num_layers=1, first_kernel=1)
+  with pytest.raises(ValueError, match="first_kernel must be odd and >= 3"):
+    model.init(jax.random.key(0), jnp.zeros((1, 9)))
+
+
 def test_fvsbn_is_one_logistic_regression_per_dimension():
   model = FVSBN(5)
   variables = _init(model, 5)
