@@ -146,7 +146,8 @@ def gau_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Fa
     k: [B, Tk, K, S] keys. v: [B, Tk, K, E] values (GAU's V = silu(X W_v), E = e). N % K == 0.
     causal: query i sees keys j <= i + (Tk - Tq) (aligned at the end, as in the attention contract).
     kind: "relu2": A = relu(scale * q.k + b)^2 ([G2]), default scale 1/n (the paper's), n = Tk or,
-      with kv_mask, the row's number of visible keys (so padding a batch changes no real token);
+      with kv_mask, the batch row's number of unmasked keys (causality aside; so padding a batch
+      changes no real token);
       "softmax": A = softmax(m_i * scale * q.k + b) over visible keys, default scale 1/sqrt(S).
     scale: logit multiplier (a static float); None = the default above. When decoding relu2 with a
       KV cache, pass the training value (1/T) explicitly.

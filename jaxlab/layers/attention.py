@@ -77,7 +77,8 @@ class MultiHeadAttention(nn.Module):
       here); any other name is refused.
     rope_theta, rope_scaling, rotary_fraction: RoPE base, context extension (PI/NTK/YaRN...) and
       the fraction of head_dim rotated. YaRN's attention temperature is applied to q and k here;
-      dynamic NTK's length is per row, per packed segment, or the cache length (module docstring).
+      dynamic NTK's length is per row, per packed segment, or from the decoded positions (module
+      docstring).
     family: one of FAMILIES, with window ("local"), feature_map ("linear"), num_features and
       feature_seed ("performer"), sparse_* ("block_sparse": layout kind, block size b and the
       arguments of `causal_block_layout`).
@@ -170,7 +171,7 @@ class MultiHeadAttention(nn.Module):
     if decode and not self.causal:
       raise ValueError("decode=True needs causal=True: a KV cache (or recurrent state) holds only "
                        "the tokens before each query, while a causal=False layer attends both ways")
-    # Dynamic NTK with a KV cache: q and k are rotated in _cached_attention, with L from the cache.
+    # Dynamic NTK with a KV cache: q and k are rotated in _cached_attention (L from the positions).
     rotate_in_cache = (decode and self._dynamic_ntk() and self.family in KV_CACHE_FAMILIES
                    and not self.rerope_window)
     if not rotate_in_cache:
@@ -422,8 +423,8 @@ class MultiHeadAttention(nn.Module):
     max_len = keys_BSKH.shape[1]
     first_slot = 0  # the cache slot of keys_BSKH[:, 0]
     if self.family == "local" and self.window + t < max_len:
-      # Only the slots i - window .. i + t - 1 can be seen by the appended queries: attention (and
-      # ALiBi/T5 bias) reads that span, O(window + T) per call rather than O(max_len).
+      # Only the slots i - window .. i + t - 1 can be seen by the appended queries: attention reads
+      # that span, O(window + T) per call rather than O(max_len).
       span = self.window + t
       first_slot = jnp.clip(i - self.window, 0, max_len - span)
       keys_BSKH, values_BSKH, kv_positions_BS = (
@@ -433,8 +434,9 @@ class MultiHeadAttention(nn.Module):
     bias_BNTS = None if self.rerope_window else self._bias(positions_BT, kv_positions_BS)
 
     def one_query(q_BNH, slot, position_B, bias_BNS, append_row_T=None):
-      """The query in `slot` against cache slots 0..slot (and its family's mask; append_row_T: which
-      appended tokens it sees) -> [B, N, H]."""
+      """The query in `slot` against the cache slots read (first_slot..slot, the local family's
+      span, else 0..slot) and its family's mask (append_row_T: which appended tokens it sees) ->
+      [B, N, H]."""
       q_B1NH, lengths_B = q_BNH[:, None], jnp.full((b,), slot + 1 - first_slot, jnp.int32)
       visible_S = None
       if append_row_T is not None:

@@ -17,6 +17,7 @@ the others); move it aside and rerun.
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import shutil
@@ -55,6 +56,9 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: dict, *, force: bool = True) -> None:
+    # A private copy: orbax writes the JSON in the background, after the caller may have changed
+    # its own lists (the digest would then not match what was written).
+    data_state = json.loads(json.dumps(data_state))
     data = {**data_state, DATA_DIGEST_KEY: data_digest(data_state),
             CHECKSUMS_KEY: state_checksums(state)}
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -157,7 +161,6 @@ class _quiet:
 def data_digest(data_state: dict) -> str:
   """sha256 of the JSON data state (key order ignored; JSON round trips keep every value)."""
   import hashlib
-  import json
   return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
 
 

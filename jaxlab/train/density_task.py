@@ -122,7 +122,8 @@ class DensityTask:
     orders, inputs, hiddens = made_degrees(
         self.data.dim, tuple(m.hidden), m.num_masks, seed=m.mask_seed,
         order_agnostic=m.order_agnostic, connectivity_agnostic=m.connectivity_agnostic)
-    return fingerprint(orders, inputs, *hiddens)
+    # int64 throughout: the same masks give the same digest whatever NumPy's default integer is
+    return fingerprint(*(np.asarray(a, np.int64) for a in (orders, inputs, *hiddens)))
 
   def train_iterator(self):
     return binary_images.TrainBatches(self.data.train, batch_size=self.batch_size,

@@ -649,7 +649,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
           step_times, losses = [], []
         if save_now:  # before evaluating: an evaluation that fails loses no trained steps
           run.checkpointer.save(done, state, {
-              **data_iter.get_state(), OPEN_INTERVAL_KEY: {"losses": losses, "skipped": skipped}})
+              **data_iter.get_state(),
+              OPEN_INTERVAL_KEY: {"losses": list(losses), "skipped": skipped}})
         if is_eval_step(done):
           evaluate_and_record(done, state["params"])
   finally:

@@ -148,6 +148,15 @@ def test_run_files_written(tiny_lm_config, tmp_path, monkeypatch):
     return timed
 
   monkeypatch.setattr(trainer, "make_train_step", slow_first_step)
+  # The batch read after the checkpoint at step 3 (nothing is read ahead before a checkpoint) is
+  # made 2.5 s slow too: reading data is not the step's time.
+  from jaxlab.train.lm_task import LMTask
+  make_iterator = LMTask.train_iterator
+
+  def slow_fourth_read(task):
+    return _SlowRead(make_iterator(task), slow_call=4, seconds=2.5)
+
+  monkeypatch.setattr(LMTask, "train_iterator", slow_fourth_read)
   result = trainer.train(tiny_lm_config(), tmp_path, progress=False)
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["model"]["width"] == 32
@@ -160,6 +169,50 @@ def test_run_files_written(tiny_lm_config, tmp_path, monkeypatch):
   for r in timing:
     assert 0 < r["step_time_ms"] < 1000, r
     np.testing.assert_allclose(r["tokens_per_sec"], tokens / (r["step_time_ms"] / 1000), rtol=1e-6)
+
+
+class _SlowRead:
+  """A train iterator whose `slow_call`-th batch takes `seconds` longer to read."""
+
+  def __init__(self, inner, *, slow_call, seconds):
+    self.inner, self.slow_call, self.seconds, self.calls = inner, slow_call, seconds, 0
+
+  def __next__(self):
+    import time
+    self.calls += 1
+    if self.calls == self.slow_call:
+      time.sleep(self.seconds)
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def test_a_checkpoint_saves_its_data_state_as_it_was_at_the_save(tmp_path, monkeypatch):
+  """orbax writes the JSON item in the background: a list the caller changes after save() (the
+  trainer's open logging interval) must not leak into the checkpoint, nor break its digest."""
+  import orbax.checkpoint as ocp
+  from jaxlab.train import checkpoint as ckpt
+  handed = []
+  real = ocp.args.JsonSave
+
+  def recording(item):
+    handed.append(item)
+    return real(item)
+
+  monkeypatch.setattr(ocp.args, "JsonSave", recording)
+  checkpointer = ckpt.Checkpointer(tmp_path)
+  losses = [1.0, 2.0]
+  checkpointer.save(1, {"w": jnp.ones(3)}, {"next_index": 5, "interval": {"losses": losses}})
+  losses.append(3.0)  # the training loop goes on
+  checkpointer.wait()
+  assert handed[0]["interval"]["losses"] == [1.0, 2.0]
+  step, _, data = checkpointer.restore_latest({"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+  checkpointer.close()
+  assert step == 1 and data == {"next_index": 5, "interval": {"losses": [1.0, 2.0]}}
 
 
 def test_read_metrics_skips_a_line_cut_short_by_a_kill(tmp_path):
