@@ -131,9 +131,20 @@ class GPTConfig:
         raise ValueError("attention='flash' takes position 'rope', 'learned', 'sinusoidal' or "
                          f"'none' and no other position or attention setting; got "
                          f"position={self.position!r}" + "".join(f", {x}" for x in ignored))
+    defaults = type(self).__dataclass_fields__
+    for family, names in FAMILY_OPTIONS.items():  # another family's options would be dropped
+      for name in (_gpt_option(n) for n in names):
+        if family != self.attention and getattr(self, name) != defaults[name].default:
+          raise ValueError(f"{name}={getattr(self, name)!r} applies to attention={family!r}, not "
+                           f"{self.attention!r}")
     if self.width % self.num_heads or self.num_heads % self.num_kv_heads:
       raise ValueError(f"need num_heads | width and num_kv_heads | num_heads, got width={self.width}, "
                        f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}")
+
+
+def _gpt_option(layer_option: str) -> str:
+  """GPTConfig's name for a MultiHeadAttention family option."""
+  return "attention_window" if layer_option == "window" else layer_option
 
 
 class Block(nn.Module):
@@ -156,8 +167,7 @@ class Block(nn.Module):
         causal=True, position=c.position, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
         rotary_fraction=c.rotary_fraction, logn_train_len=c.logn_train_len,
         xpos_center=c.max_len // 2, family=c.attention,
-        **{name: getattr(c, "attention_window" if name == "window" else name)  # its own family's
-           for name in FAMILY_OPTIONS.get(c.attention, ())},
+        **{name: getattr(c, _gpt_option(name)) for name in FAMILY_OPTIONS.get(c.attention, ())},
         qk_norm=c.qk_norm, logit_soft_cap=c.logit_soft_cap, rerope_window=c.rerope_window,
         rerope_leaky_k=c.rerope_leaky_k, implementation=c.attention_impl, use_bias=c.use_bias,
         out_init_std=out_std,
@@ -300,12 +310,9 @@ def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
       tie_embeddings=model_cfg.tie_embeddings, attention=model_cfg.attention,
       qk_norm=model_cfg.qk_norm, logit_soft_cap=model_cfg.logit_soft_cap or None,
       rerope_window=model_cfg.rerope_window, rerope_leaky_k=model_cfg.rerope_leaky_k or None,
-      attention_window=model_cfg.attention_window, feature_map=model_cfg.feature_map,
-      num_features=model_cfg.num_features, feature_seed=model_cfg.feature_seed,
-      sparse_layout=model_cfg.sparse_layout, sparse_block_size=model_cfg.sparse_block_size,
-      sparse_local_blocks=model_cfg.sparse_local_blocks, sparse_stride=model_cfg.sparse_stride,
-      sparse_num_global=model_cfg.sparse_num_global, sparse_num_random=model_cfg.sparse_num_random,
-      sparse_seed=model_cfg.sparse_seed,
+      # The options of the chosen attention family only (the config holds every family's).
+      **{_gpt_option(name): model_cfg[_gpt_option(name)]
+         for name in FAMILY_OPTIONS.get(model_cfg.attention, ())},
       gau_qk_dim=model_cfg.gau_qk_dim, flash_chunk=model_cfg.flash_chunk,
       gau_kind=model_cfg.gau_kind, gau_offset_init=model_cfg.gau_offset_init,
       attention_impl=None if model_cfg.attention_impl == "auto" else model_cfg.attention_impl,

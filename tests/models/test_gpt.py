@@ -280,3 +280,13 @@ def test_flash_blocks_refuse_position_settings_they_would_ignore(setting):
   """FLASH layers take RoPE (its theta) or no position in attention; anything else was dropped."""
   with pytest.raises(ValueError, match="attention='flash' takes"):
     tiny_gpt(attention="flash", gau_qk_dim=8, flash_chunk=4, **setting)
+
+
+def test_options_of_another_attention_family_are_refused():
+  """attention_window=2 with softmax attention was full attention, silently."""
+  with pytest.raises(ValueError, match="attention_window=2 applies to attention='local', not "
+                                       "'softmax'"):
+    tiny_gpt(attention_window=2)
+  with pytest.raises(ValueError, match="num_features=8 applies to attention='performer'"):
+    tiny_gpt(attention="linear", num_features=8)
+  tiny_gpt(attention="local", attention_window=2)  # its own family's: fine
