@@ -10,7 +10,8 @@ loss, zero-shot accuracy and recall@1 on the 360 held-out digits (`ContrastiveTa
 the image tower's parameter count and the median step time (compilation excluded). Towers:
   * vit: patch 2 (a 4x4 grid), 2 blocks of width 64, 2-D sin-cos positions (the config's default);
   * vit-rope2d: the same ViT with axial 2-D RoPE in every attention layer instead of sin-cos
-    embeddings (`image_position=rope2d`);
+    embeddings (`image_position=rope2d`, RoPE-ViT's base 100 for images);
+  * vit-rope2d-theta10000: the same with the text RoPE's base 10000;
   * swin-p2-w2: patch 2, windows of 2x2 patches shifted by 1, then patch merging to a 2x2 map;
     2 stages of 2 blocks, widths 64 and 128 (same tokens as the ViT);
   * swin-p2-w2-narrow: the same with widths 32 and 64 (about the ViT's parameter count; the wide
@@ -41,6 +42,8 @@ RESULTS = HERE / "results"
 TOWERS = {
     "vit": [],
     "vit-rope2d": ["--config.model.image_position=rope2d"],
+    "vit-rope2d-theta10000": ["--config.model.image_position=rope2d",
+                              "--config.model.image_rope_theta=10000"],
     "swin-p2-w2": ["--config.model.image_encoder=swin", "--config.model.patch=2",
                    "--config.model.image_window=2"],
     "swin-p2-w2-narrow": ["--config.model.image_encoder=swin", "--config.model.patch=2",

@@ -32,4 +32,5 @@ def test_every_tower_is_a_valid_contrastive_digits_config(experiment):
     config = load_config("contrastive_digits", overrides, check_devices=False)
     model = contrastive_task.model_config(config, vocab_size=50)
     assert model.image_encoder == ("swin" if tower.startswith("swin") else "vit"), tower
-    assert (model.image_position == "rope2d") == (tower == "vit-rope2d"), tower
+    assert (model.image_position == "rope2d") == tower.startswith("vit-rope2d"), tower
+    assert model.image_rope_theta == (10000.0 if tower.endswith("theta10000") else 100.0), tower
