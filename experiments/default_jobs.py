@@ -20,7 +20,6 @@ import json
 import os
 import pathlib
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,12 +43,12 @@ def run_job(name: str, workdir: pathlib.Path, extra: list[str]) -> dict:
   if proc.returncode:
     raise RuntimeError(f"`jaxlab train {' '.join(args)}` exited with {proc.returncode}:\n"
                        f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  from jaxlab.train.metrics import median_step_time_ms, read_metrics
+  records = read_metrics(workdir)
   evals = [r for r in records if "val_loss" in r]
-  times = [r["step_time_ms"] for r in records if "step_time_ms" in r]
   row = {"job": name, "command": " ".join(["jaxlab train", *JOBS[name], *extra]),
          "steps": records[-1]["step"], "val_loss": evals[-1]["val_loss"],
-         "step_time_ms": statistics.median(times) if times else None, "wall_s": wall_s,
+         "step_time_ms": median_step_time_ms(workdir), "wall_s": wall_s,
          "report": report_of(proc.stdout)}
   zero_shot = re.search(r"zero_shot_accuracy\s+([0-9.]+)", proc.stdout)
   if zero_shot:

@@ -73,9 +73,9 @@ def check_bias(bias: jax.Array, b: int, n: int, tq: int, tk: int) -> jax.Array:
 def masked_softmax(logits: jax.Array, valid: Optional[jax.Array]) -> jax.Array:
   """Softmax over the last axis of float32 logits, 0 where `valid` (broadcastable bool) is False.
   A logit at or below the masked value (-0.7 * float32 max; a bias of -inf or finfo.min, i.e. an
-  additive mask, float16's too, see `float32_bias`) counts as masked: a row with no visible key, or with only such logits, gives zeros and
-  zero gradients, as blockwise and the kernels do (a plain softmax would put the row's weight on the
-  masked keys, or give NaN)."""
+  additive mask, float16's too, see `float32_bias`) counts as masked: a row with no visible key, or
+  with only such logits, gives zeros and zero gradients, as blockwise and the kernels do (a plain
+  softmax would put the row's weight on the masked keys, or give NaN)."""
   if valid is not None:
     logits = jnp.where(valid, logits, _NEG)
   row_max = jnp.maximum(jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)), _NEG)

@@ -40,6 +40,14 @@ def require_choice(config, key: str, choices) -> None:
   require(value in choices, f"config.{key}={value!r} must be one of {', '.join(choices)}")
 
 
+def require_defaults(config, defaults: dict, why: str) -> None:
+  """Each key of `defaults` ("section.key") keeps its value there; else one line naming the key and
+  `why` (e.g. "applies to MADE only")."""
+  for key, default in defaults.items():
+    value = get(config, key)
+    require(value == default, f"config.{key}={value!r} {why}")
+
+
 def require_positive_ints(config, keys) -> None:
   for key in keys:
     value = get(config, key)

@@ -36,7 +36,7 @@ Position encodings handled here (the model adds absolute ones to the embeddings)
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -60,6 +60,21 @@ FAMILY_OPTIONS = {
     "local": ("window",), "linear": ("feature_map",), "performer": ("num_features", "feature_seed"),
     "block_sparse": ("sparse_layout", "sparse_block_size", "sparse_local_blocks", "sparse_stride",
                      "sparse_num_global", "sparse_num_random", "sparse_seed")}
+
+
+def foreign_family_option(options, family: str, rename: Callable[[str], str] = lambda name: name
+                          ) -> Optional[tuple[str, Any, str]]:
+  """The first FAMILY_OPTIONS entry of another family than `family` that the dataclass `options`
+  (the layer, or a config naming the options by `rename`) sets away from its default, as (name,
+  value, that family); None when there is none."""
+  fields = type(options).__dataclass_fields__
+  for other, names in FAMILY_OPTIONS.items():
+    if other == family:
+      continue
+    for name in map(rename, names):
+      if getattr(options, name) != fields[name].default:
+        return name, getattr(options, name), other
+  return None
 RECURRENT_APPEND_LIMIT = 16  # tokens per decoding call after the prefill (a chain of drafts + 1)
 # The cache entries a recurrent layer keeps only to be rewound (see MultiHeadAttention._recurrent).
 REWIND_VARIABLES = ("state_before_append", "appended_keys", "appended_values", "append_start",
@@ -217,14 +232,10 @@ class MultiHeadAttention(nn.Module):
   def _check_family_options(self) -> None:
     """Refuses an option of another family than `family` set away from its default (it would be
     ignored: window=2 with the softmax family is full attention)."""
-    fields = type(self).__dataclass_fields__
-    for family, names in FAMILY_OPTIONS.items():
-      if family == self.family:
-        continue
-      for name in names:
-        if getattr(self, name) != fields[name].default:
-          raise ValueError(f"{name}={getattr(self, name)!r} applies to the {family!r} family, "
-                           f"not {self.family!r}")
+    found = foreign_family_option(self, self.family)
+    if found is not None:
+      name, value, family = found
+      raise ValueError(f"{name}={value!r} applies to the {family!r} family, not {self.family!r}")
 
   def _attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT=None):
     """Full-sequence attention of the configured family (training, and the prefill of decoding)."""

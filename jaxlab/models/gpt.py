@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jaxlab.layers import MLP, FlashLayer, MultiHeadAttention
 from jaxlab.layers.dense import Dense
-from jaxlab.layers.attention import FAMILY_OPTIONS
+from jaxlab.layers.attention import FAMILY_OPTIONS, foreign_family_option
 
 from jaxlab import positions as positions_lib
 from jaxlab.positions.learned import lookup_positions
@@ -58,7 +58,8 @@ class GPTConfig:
   learned position table; xPos's scales are centred on max_len // 2), mlp_ratio, dropout; position:
   one of POSITIONS, with rope_theta, rope_scaling (RoPE context extension), rotary_fraction and
   logn_train_len (> 0: log-n query scaling) and rerope_window / rerope_leaky_k ((leaky) ReRoPE) as
-  in `MultiHeadAttention`; tie_embeddings: the output projection is the transposed token embedding; attention: the family ("softmax" | "local" | "linear" | "performer" | "block_sparse" |
+  in `MultiHeadAttention`; tie_embeddings: the output projection is the transposed token embedding;
+  attention: the family ("softmax" | "local" | "linear" | "performer" | "block_sparse" |
   "flash") with attention_window (local), feature_map (linear), num_features and feature_seed
   (performer), sparse_layout / sparse_block_size / sparse_local_blocks / sparse_stride /
   sparse_num_global / sparse_num_random / sparse_seed (block_sparse, see `causal_block_layout`),
@@ -131,12 +132,10 @@ class GPTConfig:
         raise ValueError("attention='flash' takes position 'rope', 'learned', 'sinusoidal' or "
                          f"'none' and no other position or attention setting; got "
                          f"position={self.position!r}" + "".join(f", {x}" for x in ignored))
-    defaults = type(self).__dataclass_fields__
-    for family, names in FAMILY_OPTIONS.items():  # another family's options would be dropped
-      for name in (_gpt_option(n) for n in names):
-        if family != self.attention and getattr(self, name) != defaults[name].default:
-          raise ValueError(f"{name}={getattr(self, name)!r} applies to attention={family!r}, not "
-                           f"{self.attention!r}")
+    found = foreign_family_option(self, self.attention, _gpt_option)  # it would be dropped
+    if found is not None:
+      name, value, family = found
+      raise ValueError(f"{name}={value!r} applies to attention={family!r}, not {self.attention!r}")
     if self.width % self.num_heads or self.num_heads % self.num_kv_heads:
       raise ValueError(f"need num_heads | width and num_kv_heads | num_heads, got width={self.width}, "
                        f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}")

@@ -76,6 +76,12 @@ def _same(k: int):
 class _ImageModel(nn.Module):
   """log_prob / sample over flat raster-order vectors for the image networks below."""
 
+  def _check_first_kernel(self) -> None:
+    # Mask A on a 1x1 kernel is all zeros: PixelCNN would see no pixel, the gated one's horizontal
+    # stack no pixel of the current row.
+    if self.first_kernel < 3 or self.first_kernel % 2 == 0:
+      raise ValueError(f"first_kernel must be odd and >= 3, got {self.first_kernel}")
+
   def _image(self, x_BD: jax.Array) -> jax.Array:
     h, w = self.image_shape
     x_BD = check_binary_batch(x_BD, "x", h * w)
@@ -109,9 +115,8 @@ class PixelCNN(_ImageModel):
 
   @nn.compact
   def network(self, x_BHW1: jax.Array) -> jax.Array:
+    self._check_first_kernel()
     k = self.first_kernel
-    if k < 3 or k % 2 == 0:  # mask A on a 1x1 kernel is all zeros: the model would see no pixel
-      raise ValueError(f"first_kernel must be odd and >= 3, got {k}")
     h = Conv(2 * self.channels, (k, k), _same(k), raster_mask(k, "A"))(x_BHW1)
     for _ in range(self.num_layers):
       r = Conv(self.channels, (1, 1))(jax.nn.relu(h))
@@ -132,9 +137,7 @@ class GatedPixelCNN(_ImageModel):
 
   @nn.compact
   def network(self, x_BHW1: jax.Array) -> jax.Array:
-    if self.first_kernel < 3 or self.first_kernel % 2 == 0:
-      # 1x1: the first horizontal (type A) mask is all zeros and the current row is never seen.
-      raise ValueError(f"first_kernel must be odd and >= 3, got {self.first_kernel}")
+    self._check_first_kernel()
     if self.kernel < 1 or self.kernel % 2 == 0:
       raise ValueError(f"kernel must be odd and >= 1, got {self.kernel}")
     v = h = x_BHW1

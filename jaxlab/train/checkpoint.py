@@ -4,9 +4,8 @@ data iterator's state, saved atomically (orbax writes to a temporary directory a
 On restore the newest checkpoint is tried first; one that cannot be read, or whose arrays or data
 state no longer match the checksums and digest saved with them (bytes damaged in place), is
 reported, moved aside to WORKDIR/corrupt_checkpoints/ (never deleted, never overwritten), and the
-previous one is used. When no
-checkpoint can be restored (more likely a different model than damage) nothing is moved and
-`CheckpointError` says so.
+previous one is used. When no checkpoint can be restored (more likely a different model than
+damage) nothing is moved and `CheckpointError` says so.
 
 In a multi-process run every process saves and restores its shards of the same checkpoint. A checksum
 mismatch is seen alike by every process (the sums are global), so they fall back together and process 0

@@ -43,7 +43,7 @@ def build_model(model_cfg, dim: int, image_shape):
 
 def validate(config, require) -> None:
   """The density task's config checks (see jaxlab/train/tasks.py)."""
-  from jaxlab.configs.validate import require_choice, require_positive_ints
+  from jaxlab.configs.validate import require_choice, require_defaults, require_positive_ints
   require_choice(config, "data.name", binary_images.NAMES)
   require_choice(config, "model.name", MODELS)
   require_positive_ints(config, ("model.num_masks", "model.channels", "model.num_layers",
@@ -64,9 +64,8 @@ def validate(config, require) -> None:
             "one sees no earlier pixel; in the gated PixelCNN no pixel of the current row)")
   if m.name != "made":
     require(m.num_masks == 1, f"config.model.num_masks={m.num_masks} applies to MADE only")
-    for key, default in (("direct", False), ("order_agnostic", True),
-                         ("connectivity_agnostic", True)):
-      require(m[key] == default, f"config.model.{key}={m[key]!r} applies to MADE only")
+    require_defaults(config, {"model.direct": False, "model.order_agnostic": True,
+                              "model.connectivity_agnostic": True}, "applies to MADE only")
   else:
     require(m.num_masks == 1 or m.order_agnostic or m.connectivity_agnostic,
             f"config.model.num_masks={m.num_masks} with order_agnostic and connectivity_agnostic "

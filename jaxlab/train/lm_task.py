@@ -65,7 +65,7 @@ POSITIVE_INTS = ("data.seq_len", "model.num_layers", "model.width", "model.num_h
 
 def validate(config, require) -> None:
   """The LM's config checks (see jaxlab/train/tasks.py)."""
-  from jaxlab.configs.validate import require_choice, require_positive_ints
+  from jaxlab.configs.validate import require_choice, require_defaults, require_positive_ints
   for key, choices in CHOICES.items():
     require_choice(config, key, choices)
   require_positive_ints(config, POSITIVE_INTS)
@@ -80,19 +80,18 @@ def validate(config, require) -> None:
   if m.position in ("rope", "xpos"):
     require(head_dim % 2 == 0, f"config.model.position={m.position!r} needs an even head_dim; "
                                f"width/num_heads = {head_dim}")
+  xpos_length = m.max_len or d.seq_len  # the positions xPos scales run to about this
   if m.position == "xpos" and m.dtype == "float16":
-    length = m.max_len or d.seq_len
-    require(length <= XPOS_FLOAT16_MAX_LEN,
+    require(xpos_length <= XPOS_FLOAT16_MAX_LEN,
             f"config.model.position='xpos' with config.model.dtype='float16' scales keys at position "
             f"n by zeta^(-n/512), which leaves float16's range past ~4k positions; positions up to "
-            f"{length} need config.model.dtype='bfloat16' or 'float32' (float16 keeps "
+            f"{xpos_length} need config.model.dtype='bfloat16' or 'float32' (float16 keeps "
             f"config.model.max_len or data.seq_len <= {XPOS_FLOAT16_MAX_LEN})")
-  if m.position == "xpos" and m.dtype != "float16":
-    length = m.max_len or d.seq_len
-    require(length <= XPOS_MAX_LEN,
+  elif m.position == "xpos":
+    require(xpos_length <= XPOS_MAX_LEN,
             f"config.model.position='xpos' scales keys at position n by zeta^(-(n - c)/512) with "
             f"c = max_len // 2, which leaves {m.dtype}'s range past |n - c| ~ 36k; config.model."
-            f"max_len or data.seq_len = {length} must be <= {XPOS_MAX_LEN}")
+            f"max_len or data.seq_len = {xpos_length} must be <= {XPOS_MAX_LEN}")
   if m.rope_scaling != "none":
     require(m.position == "rope", f"config.model.rope_scaling={m.rope_scaling!r} needs "
                                   f"config.model.position='rope', not {m.position!r}")
@@ -176,9 +175,9 @@ def validate(config, require) -> None:
           and math.isfinite(m.heads_loss_decay) and m.heads_loss_decay > 0,
           f"config.model.heads_loss_decay={m.heads_loss_decay!r} must be a finite number > 0")
   if not extra:
-    for key, default in (("heads_loss_decay", 1.0), ("heads_stop_gradient", False)):
-      require(m[key] == default, f"config.model.{key}={m[key]!r} has no effect without extra "
-                                 "heads (config.model.mtp_heads or medusa_heads > 0)")
+    require_defaults(config, {"model.heads_loss_decay": 1.0, "model.heads_stop_gradient": False},
+                     "has no effect without extra heads (config.model.mtp_heads or medusa_heads "
+                     "> 0)")
   require(0.0 < d.train_fraction < 1.0,
           f"config.data.train_fraction={d.train_fraction} must be in (0, 1)")
   if d.name == "python_stdlib":

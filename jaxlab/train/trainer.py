@@ -650,7 +650,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         if save_now:  # before evaluating: an evaluation that fails loses no trained steps
           run.checkpointer.save(done, state, {
               **data_iter.get_state(),
-              OPEN_INTERVAL_KEY: {"losses": list(losses), "skipped": skipped}})
+              OPEN_INTERVAL_KEY: {"losses": losses, "skipped": skipped}})  # save() copies it
         if is_eval_step(done):
           evaluate_and_record(done, state["params"])
   finally:
