@@ -34,28 +34,48 @@ def decay_mask(params, *, decay_embeddings: bool = False):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def leaf_name(path) -> str:
-  """The name of a parameter leaf at `path` (a pytree key path); a leaf still boxed with its logical axis
-  names (flax's LogicallyPartitioned, whose array sits at `.value`) is named by its box's key."""
+def _unboxed_keys(path) -> list[str]:
+  """The keys of a pytree key path as strings; a leaf still boxed with its logical axis names (flax's
+  LogicallyPartitioned, whose array sits at `.value`) ends at its box's key."""
   if len(path) > 1 and getattr(path[-1], "name", None) == "value":
     path = path[:-1]
-  return str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
+def leaf_name(path) -> str:
+  """The name of a parameter leaf at `path` (its last key, seen through a logical-axis box)."""
+  return _unboxed_keys(path)[-1]
+
+
+def leaf_path(path) -> str:
+  """The '/'-joined keys of a parameter leaf from the root of the tree, e.g. 'image/proj/kernel'."""
+  return "/".join(_unboxed_keys(path))
 
 
 def clip_above(tx: optax.GradientTransformation, bounds: dict[str, float]) -> optax.GradientTransformation:
-  """`tx`, then every parameter leaf named in `bounds` kept at or below its bound after the update: the
-  in-place clamp after each step that OpenCLIP applies to CLIP's logit scale, so no optimiser momentum
-  carries the parameter past it. The state is `tx`'s own (checkpoints are unchanged)."""
+  """`tx`, then every parameter leaf whose path from the root (`leaf_path`: 'log_scale' at the top level,
+  'a/b/w' deeper) is a key of `bounds` kept at or below its bound after the update: the in-place clamp
+  after each step that OpenCLIP applies to CLIP's logit scale, so no optimiser momentum carries the
+  parameter past it. A leaf of the same name elsewhere in the tree is not touched. The state is `tx`'s
+  own (checkpoints are unchanged). ValueError on the first update if a key names no leaf."""
   if not bounds:
     return tx
+
+  def check_bounds_name_leaves(params):
+    paths = {leaf_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    missing = sorted(set(bounds) - paths)
+    if missing:
+      raise ValueError(f"clip_above: bounds name no parameter: {missing} (paths are '/'-joined from the "
+                       f"root, e.g. {sorted(paths)[:3]})")
 
   def update(updates, state, params=None):
     if params is None:
       raise ValueError("clip_above needs the parameters in update()")
+    check_bounds_name_leaves(params)
     updates, state = tx.update(updates, state, params)
 
     def project(path, u, p):
-      bound = bounds.get(leaf_name(path))
+      bound = bounds.get(leaf_path(path))
       return u if bound is None else jnp.minimum(p + u, bound) - p
     return jax.tree_util.tree_map_with_path(project, updates, params), state
 
@@ -75,7 +95,8 @@ def make_optimizer(optim_cfg, total_steps: int, *,
   """The optimizer of `config.optim`. clip_groups: masks (params -> a bool per leaf) that partition the
   parameters; when given, each group is clipped by its own global norm. For parameters trained on
   separate losses (extra heads on a detached trunk), whose gradients must not scale each other.
-  upper_bounds: leaf name -> the largest value that parameter may take after a step (`clip_above`)."""
+  upper_bounds: leaf path ('/'-joined from the root) -> the largest value that parameter may take after
+  a step (`clip_above`)."""
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   parts = []
   if optim_cfg.grad_clip > 0:

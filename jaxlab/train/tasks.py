@@ -14,7 +14,7 @@ The task object also defines data_fingerprint() -> str | None (a digest of the d
 evaluates on, or None when it holds none, e.g. an LM built for sampling: kept in
 WORKDIR/data_fingerprint.txt, and compared across the processes of a multi-process run) and may define `finish(params) -> str | None` (printed at the end of `jaxlab train`),
 `sample_command(params, args) -> str` (what `jaxlab sample` prints) and `clip_groups()` -> masks of
-parameter groups that gradient clipping treats separately, and `upper_bounds()` -> {parameter name:
+parameter groups that gradient clipping treats separately, and `upper_bounds()` -> {parameter path:
 largest value after a step} (see train/optim.py).
 Every config of every task has the sections seed, data (with batch_size), optim, train and mesh.
 """

@@ -119,3 +119,19 @@ def test_clip_above_sees_through_boxed_parameters():
   updates, _ = tx.update(grads, tx.init(params), params)
   assert float(updates["log_scale"].value) == 0.5  # 0.5 + 3.0 clipped to 1.0
   np.testing.assert_array_equal(updates["w"].value, [-1.0, -1.0])
+
+
+def test_clip_above_matches_the_whole_path_and_refuses_unknown_names():
+  """A bound on the top-level 'log_scale' leaves a deeper leaf of the same name alone, a '/'-joined path
+  bounds a nested leaf, and a bound that names no parameter is an error rather than a silent no-op."""
+  params = {"log_scale": jnp.float32(0.5), "tower": {"log_scale": jnp.float32(0.5)}}
+  grads = {"log_scale": jnp.float32(-3.0), "tower": {"log_scale": jnp.float32(-3.0)}}
+  top = optim.clip_above(optax.sgd(1.0), {"log_scale": 1.0})
+  updates, _ = top.update(grads, top.init(params), params)
+  assert float(updates["log_scale"]) == 0.5 and float(updates["tower"]["log_scale"]) == 3.0
+  nested = optim.clip_above(optax.sgd(1.0), {"tower/log_scale": 1.0})
+  updates, _ = nested.update(grads, nested.init(params), params)
+  assert float(updates["log_scale"]) == 3.0 and float(updates["tower"]["log_scale"]) == 0.5
+  typo = optim.clip_above(optax.sgd(1.0), {"log_scle": 1.0})
+  with pytest.raises(ValueError, match="log_scle"):
+    typo.update(grads, typo.init(params), params)
