@@ -74,6 +74,7 @@ sys.path.insert(0, str(ROOT))
 
 from jaxlab.data import caption_pairs  # noqa: E402
 from jaxlab.losses import contrastive  # noqa: E402
+from jaxlab.train import optim  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 EMOJI = ROOT.parent / "shared" / "data" / "emoji_captions"
@@ -261,8 +262,10 @@ def sample_batch(key, images_of_CV, count_C, batch: int):
   return caption_B, images_of_CV[caption_B, which_B]
 
 
-def make_optimizer(weight_decay: float):
-  decay_mask = lambda params: jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
+def make_optimizer(weight_decay: float, decay_mask=None):
+  """Adam (b2 0.98) with decoupled weight decay on the leaves of `decay_mask` (default: every leaf of
+  rank >= 2, i.e. tier A's w1 and w2, not b1 or the loss scalars: the library's rule for these towers)."""
+  decay_mask = decay_mask or (lambda params: jax.tree_util.tree_map(lambda x: x.ndim >= 2, params))
   return optax.chain(optax.scale_by_adam(b2=0.98), optax.add_decayed_weights(weight_decay, decay_mask))
 
 
@@ -408,7 +411,9 @@ def tier_b(s: Settings, train: Split, test: Split, prompts, log, rows: list) -> 
       params = model.init(jax.random.PRNGKey(0), train_images[:2], train_tokens[:2])["params"]
       params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
                                       is_leaf=lambda x: hasattr(x, "value"))
-      tx = make_optimizer(s.weight_decay)
+      # The trainer's rule (jaxlab.train.optim.decay_mask): weight matrices only; no decay of the
+      # token, patch-position or text-position tables, norms, biases or the loss's scalars.
+      tx = make_optimizer(s.weight_decay, optim.decay_mask)
       steps = s.tier_b_steps
 
       @jax.jit
@@ -728,7 +733,8 @@ def write_results(out: pathlib.Path, stem: str, s: Settings, rows, tier_b_rows, 
            "",
            f"**Tier B** (check): `jaxlab.models.clip.DualEncoder` (ViT patch 4 on 16x16 images, char "
            "Transformer, width 64, 2 + 2 layers, embed 64), batches "
-           f"{list(s.tier_b_batches)}, {s.tier_b_steps} steps, lr {s.tier_b_lr} (not tuned), seed 1.",
+           f"{list(s.tier_b_batches)}, {s.tier_b_steps} steps, lr {s.tier_b_lr} (not tuned), seed 1; the "
+           "same Adam, weight decay on weight matrices only (`jaxlab.train.optim.decay_mask`).",
            ""]
   for protocol, title in (("examples", "Tier A, protocol (1): same examples seen"),
                           ("steps", "Tier A, protocol (2): same number of steps")):
@@ -835,6 +841,27 @@ def plot(path: pathlib.Path, rows) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def rerun_tier_b(out: pathlib.Path, stem: str, args, argv, log) -> dict:
+  """Tier B again with the settings of <out>/<stem>.json, its tier A and memory rows kept; the command
+  and wall time recorded are the original run's plus this one's."""
+  saved = json.loads((out / f"{stem}.json").read_text())
+  if not saved["complete"]:
+    raise SystemExit(f"{out / stem}.json is from an unfinished run; run the whole sweep instead")
+  s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["settings"].items()})
+  t0 = time.perf_counter()
+  train, _, test, prompts, _ = load_emoji(args.data_dir, args.emoji)
+  tier_b_rows = []
+  tier_b(s, train, test, prompts, log, tier_b_rows)
+  cmd = (f"{saved['command']}`, then tier B re-run by `python experiments/contrastive.py "
+         f"{' '.join(argv)}")
+  write_results(out, stem, s, saved["tier_a"], tier_b_rows, saved["memory"], saved["majority_baseline"],
+                saved["counts"], None, saved["wall_seconds"] + time.perf_counter() - t0, True,
+                device=saved["device"] if saved["device"] == device_description() else
+                f"{saved['device']} (tier B re-run on {device_description()})", cmd=cmd)
+  log(f"wrote {out / (stem + '.md')}")
+  return json.loads((out / f"{stem}.json").read_text())
+
+
 def main(argv=None) -> dict:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -848,6 +875,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--emoji", type=str, default=str(EMOJI), help="emoji_captions folder")
   parser.add_argument("--data-dir", type=str, default="", help="TFDS data_dir for the built pairs")
   parser.add_argument("--out", type=str, default=str(RESULTS))
+  parser.add_argument("--tier-b-only", action="store_true",
+                      help="re-run tier B only, keeping tier A and memory from <out>/<stem>.json")
   parser.add_argument("--report-only", action="store_true",
                       help="re-render <out>/<stem>.md and .png from <out>/<stem>.json (no training)")
   args = parser.parse_args(argv)
@@ -871,6 +900,8 @@ def main(argv=None) -> dict:
   log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
   log(f"device: {device_description()}")
 
+  if args.tier_b_only:
+    return rerun_tier_b(out, stem, args, argv, log)
   memory = memory_rows(s.memory_batches, 128)
   log("memory measured")
   train, val, test, prompts, _ = load_emoji(args.data_dir, args.emoji)

@@ -77,6 +77,13 @@ def test_quick_run_writes_the_whole_report(tmp_path, experiment):
   assert "re-rendered from contrastive_quick.json" in md2
   assert md2.split("## Design")[1] == md.split("## Design")[1]  # same tables and reading
   assert json.loads((tmp_path / "contrastive_quick.json").read_text())["wall_seconds"] > 0
+  rerun = script.main(["--quick", "--tier-b-only", "--emoji", str(EMOJI), "--data-dir",
+                       str(tmp_path / "tfds"), "--out", str(tmp_path)])  # tier A and memory kept
+  assert rerun["tier_a"] == out["tier_a"] and rerun["memory"] == out["memory"] and rerun["complete"]
+  assert {r["loss"] for r in rerun["tier_b"]} == {"clip", "siglip"}
+  assert rerun["wall_seconds"] > out["wall_seconds"]
+  assert "then tier B re-run by `python experiments/contrastive.py --quick --tier-b-only" in (
+      tmp_path / "contrastive_quick.md").read_text()
   try:
     import matplotlib  # noqa: F401
   except ImportError:
