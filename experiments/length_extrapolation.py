@@ -14,7 +14,8 @@ next-character accuracy, at each context L in two ways (Press et al. 2022, ALiBi
   * non-overlapping: the text cut into windows of L tokens, every token scored (a token's context is its
     position in its window, so the mean mixes short and long contexts);
   * sliding: windows of L tokens with stride S = 64, only the last S tokens of each window scored (every
-    scored token sees at least L - S tokens of context).
+    scored token sees at least L - S tokens of context); the same tokens at every L (from position
+    max(L) - S of the split on), so the columns differ only in context.
 Without retraining, the RoPE model is also evaluated with PI (linear), NTK-aware, dynamic NTK and YaRN
 scaling at factor L / 128, log-n query scaling (Su 2023; Chiang & Cholak 2022), NTK + log-n, and ReRoPE /
 leaky ReRoPE (Su 2023, window 64) with and without log-n. The learned table has 128 rows, so the learned
@@ -97,11 +98,13 @@ def eval_model(config, vocab_size: int, train_len: int, variant: dict, length: i
 
 
 def score(model, params, tokens, *, length: int, stride: int, num_scored: int, sliding: bool,
-          batch_tokens: int = 8192) -> tuple[float, float, int]:
+          first_scored: int = 0, batch_tokens: int = 8192) -> tuple[float, float, int]:
   """(mean loss in nats, next-token accuracy, scored tokens) over windows of `length` tokens.
 
-  Non-overlapping: consecutive windows, every prediction scored. Sliding: windows start every `stride`
-  tokens and only their last `stride` predictions are scored.
+  Non-overlapping: consecutive windows from the start, every prediction scored. Sliding: windows start
+  every `stride` tokens and only their last `stride` predictions are scored, those made at input
+  positions first_scored, first_scored + 1, ...: the same targets at every length (first_scored must be
+  >= length - stride, so that the first window starts inside the text).
   """
   import jax
   import jax.numpy as jnp
@@ -110,8 +113,12 @@ def score(model, params, tokens, *, length: int, stride: int, num_scored: int, s
 
   if sliding and length < stride:
     raise ValueError(f"a sliding window of {length} tokens cannot score its last {stride}")
+  if sliding and first_scored < length - stride:
+    raise ValueError(f"first_scored={first_scored} leaves a window of {length} tokens less than "
+                     f"{length - stride} tokens of context before it")
   step = stride if sliding else length
-  starts = list(range(0, len(tokens) - length - 1, step))
+  first_start = first_scored - (length - stride) if sliding else 0
+  starts = list(range(first_start, len(tokens) - length - 1, step))
   needed = -(-num_scored // (stride if sliding else length))
   starts = starts[:needed]
   if not starts:
@@ -153,8 +160,11 @@ def run(args) -> dict:
   corpus = text.load_corpus(first.data)
   val = np.asarray(corpus.validation)
   device = f"{cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
-  out = {"device": device, "settings": dict(s, steps=steps, lengths=lengths), "models": [],
-         "rows": []}
+  # Sliding windows score the same characters at every L: from max(L) - stride on, where the longest
+  # window starts at the text's first character.
+  out = {"device": device, "settings": dict(s, steps=steps, lengths=lengths,
+                                            sliding_first_scored=max(lengths) - s["stride"]),
+         "models": [], "rows": []}
   previous = pathlib.Path(args.out) / f"length_extrapolation{'_quick' if args.quick else ''}.json"
   earlier_seconds = 0.0
   if args.merge and previous.is_file():  # keep the other encodings' results from an earlier run
@@ -193,7 +203,7 @@ def run(args) -> dict:
             t1 = time.time()
             loss, acc, count = score(model, params, val, length=length, stride=s["stride"],
                                      num_scored=s["sliding_tokens"] if sliding else s["eval_tokens"],
-                                     sliding=sliding)
+                                     sliding=sliding, first_scored=max(lengths) - s["stride"])
             row.update(loss=loss, accuracy=acc, scored=count, seconds=time.time() - t1)
           out["rows"].append(row)
           print(json.dumps(row), flush=True)
@@ -226,7 +236,12 @@ def write(out: dict, quick: bool, results: pathlib.Path = RESULTS) -> None:
            f"heads; trained at context {s['train_len']} for {s['steps']} steps, batch {s['batch']}. "
            f"Validation split: non-overlapping windows over {s['eval_tokens']} characters; sliding "
            f"windows with stride {s['stride']} scoring the last {s['stride']} characters of each, "
-           f"{s['sliding_tokens']} characters scored. Cells: loss (nats/char) / next-char accuracy.",
+           + (f"the same {s['sliding_tokens']} characters at every L (from character "
+              f"{s['sliding_first_scored']} of the split on, so each has at least L - {s['stride']} "
+              "characters of context)" if "sliding_first_scored" in s else
+              f"{s['sliding_tokens']} characters scored from the split's start (so a different set "
+              "at each L: an earlier protocol)")
+           + ". Cells: loss (nats/char) / next-char accuracy.",
            ""] + ([out["note"], ""] if out.get("note") else [])
   for mode in ("non-overlapping", "sliding"):
     lines += [f"## {mode}", "", "| model | " + " | ".join(f"L={t}" for t in lengths) + " |",

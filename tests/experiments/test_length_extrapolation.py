@@ -86,3 +86,29 @@ def test_bad_variants_and_lengths_are_refused(flags, message, experiment, capsys
   with pytest.raises(SystemExit):
     script.main(["--quick", *flags])
   assert message in capsys.readouterr().err
+
+
+def test_sliding_windows_score_the_same_targets_at_every_length(experiment):
+  """The sliding columns differ only in context: with a model whose logits depend on nothing but the
+  current input token, every window length gives the same loss and count (scoring from the text's
+  start, a longer window scored later characters); a start that leaves too little context is refused."""
+  import jax
+  import numpy as np
+  script = experiment("length_extrapolation")
+
+  class CurrentTokenModel:
+    def apply(self, variables, inputs_BT):
+      return 3.0 * jax.nn.one_hot(inputs_BT, 7)
+
+  tokens = np.random.default_rng(0).integers(0, 7, 400)
+  results = [script.score(CurrentTokenModel(), {}, tokens, length=length, stride=16, num_scored=96,
+                          sliding=True, first_scored=112, batch_tokens=64)
+             for length in (16, 32, 128)]
+  assert results[0][2] == 96 and all(r == pytest.approx(results[0], rel=1e-6) for r in results)
+  scored_from_start = [script.score(CurrentTokenModel(), {}, tokens, length=length, stride=16,
+                                    num_scored=96, sliding=True, first_scored=length - 16)[0]
+                       for length in (16, 128)]
+  assert scored_from_start[0] != pytest.approx(scored_from_start[1], rel=1e-6)
+  with pytest.raises(ValueError, match="context"):
+    script.score(CurrentTokenModel(), {}, tokens, length=128, stride=16, num_scored=96, sliding=True,
+                 first_scored=100)
