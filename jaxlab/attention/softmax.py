@@ -148,8 +148,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
     logit_soft_cap: if given (finite, > 0), logits (after scale and bias) become c * tanh(logits / c)
       (Gemma 2; Bello et al. 2017).
     implementation: None (best available) | "xla" | "blockwise" | "pallas" | "cudnn". None picks
-      "pallas" on a GPU or TPU when `jaxlab.attention.flash.supports` the inputs (no bias or soft cap,
-      the dtypes and head dims it lists), else `choose_implementation(Tq, Tk)`. "pallas" runs the
+      "pallas" on a GPU or TPU when `jaxlab.attention.flash.supports` the inputs (no bias, a static
+      soft cap, the dtypes and head dims it lists), else `choose_implementation(Tq, Tk)`. "pallas" runs the
       Pallas kernels compiled on a GPU/TPU and in (slow, exact) interpret mode elsewhere.
 
   Returns:
@@ -184,15 +184,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
   if implementation == "blockwise":
     from jaxlab.attention.blockwise import blockwise_attention
     return blockwise_attention(q, k, v, mask, bias=bias, scale=scale, soft_cap=logit_soft_cap)
-  if logit_soft_cap is not None:
-    raise ValueError(f"implementation={implementation!r} does not take logit_soft_cap")
   if implementation == "cudnn":
+    if logit_soft_cap is not None:
+      raise ValueError("implementation='cudnn' does not take logit_soft_cap")
     return _cudnn_attention(q, k, v, mask, bias=bias, scale=scale)
   # implementation == "pallas"
   if bias is not None:
     raise ValueError("implementation='pallas' does not take bias; use 'xla' or 'blockwise'")
   from jaxlab.attention.flash import flash_attention
-  return flash_attention(q, k, v, mask, scale=scale)
+  return flash_attention(q, k, v, mask, scale=scale, soft_cap=logit_soft_cap)
 
 
 def _cudnn_attention(q, k, v, mask: masks_lib.AttentionMask, *, bias, scale):

@@ -44,7 +44,8 @@ def _mask_arrays(kind, b, tq, tk):
   raise ValueError(kind)
 
 
-def _both(q, k, v, ct, static_mask, arrays, block, ref_dtypes=(None,), kernel="portable"):
+def _both(q, k, v, ct, static_mask, arrays, block, ref_dtypes=(None,), kernel="portable",
+          soft_cap=None):
   """[(out, dq, dk, dv) of pallas, then the same of xla for each of ref_dtypes (None = q's dtype)]."""
   b, tq = q.shape[:2]
   tk = k.shape[1]
@@ -53,8 +54,9 @@ def _both(q, k, v, ct, static_mask, arrays, block, ref_dtypes=(None,), kernel="p
   def run(q, k, v, ct, arrays):
     mask = make_mask(tq, tk, b, **static_mask, **arrays)
     pallas = lambda q, k, v: flash_attention(q, k, v, mask, scale=SCALE, block_q=block[0],
-                                             block_k=block[1], interpret=True, kernel=kernel)
-    xla = lambda q, k, v: xla_attention(q, k, v, mask, scale=SCALE)
+                                             block_k=block[1], interpret=True, kernel=kernel,
+                                             soft_cap=soft_cap)
+    xla = lambda q, k, v: xla_attention(q, k, v, mask, scale=SCALE, soft_cap=soft_cap)
     results = []
     runs = [(pallas, (q, k, v, ct))] + [
         (xla, tuple(x.astype(dtype or x.dtype) for x in (q, k, v, ct))) for dtype in ref_dtypes]
@@ -91,6 +93,24 @@ def test_values_and_gradients_match_reference(case):
     assert g.shape == x.shape and g.dtype == x.dtype, gname
     assert np.isfinite(np.asarray(g)).all(), gname
     np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-5, err_msg=gname)
+
+
+@pytest.mark.parametrize("kernel", ["portable", "tpu"])
+def test_logit_soft_cap_values_and_gradients_match_reference(kernel):
+  """Gemma 2's soft cap c * tanh(s / c) in the forward and its derivative 1 - tanh^2 in both backward
+  kernels, with GQA, causal and segments; c = 1 saturates most logits (their sd is ~1.5 here), so a
+  dropped cap or a missing derivative moves every output and gradient."""
+  b, tq, tk, n, kh, h = 2, 13, 21, 4, 2, 16
+  q, k, v, ct = qkv_inputs(23, b, tq, tk, n, kh, h)
+  arrays = dict(q_segment_ids=segment_ids(b, tq, [[4], [9]]),
+                kv_segment_ids=segment_ids(b, tk, [[12], [17]]))
+  (out, *grads), (ref, *ref_grads) = _both(q, k, v, ct, dict(causal=True), arrays, (8, 8),
+                                           kernel=kernel, soft_cap=1.0)
+  (uncapped, *_), = _both(q, k, v, ct, dict(causal=True), arrays, (8, 8), ref_dtypes=())
+  assert np.abs(np.asarray(uncapped - out)).max() > 1e-2  # the cap matters at these logits
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=name)
 
 
 def test_rows_that_see_no_key_are_exact_zeros():
@@ -143,15 +163,28 @@ def test_public_entry_point_and_dispatch():
   np.testing.assert_allclose(*both(q, k, v), atol=2e-5)
   with pytest.raises(ValueError, match="bias"):
     dot_product_attention(q, k, v, bias=jnp.zeros((t, t)), implementation="pallas")
+  capped = jax.jit(lambda q, k, v: [dot_product_attention(q, k, v, implementation=impl,
+                                                          logit_soft_cap=0.5, **kw)
+                                    for impl in ("pallas", "xla")])
+  np.testing.assert_allclose(*capped(q, k, v), atol=2e-5)
+  with pytest.raises(ValueError, match="static"):  # the kernel's cap is compiled in
+    jax.jit(lambda c: flash_attention(q, k, v, make_mask(t, t, b), scale=SCALE, soft_cap=c))(0.5)
   with pytest.raises(ValueError, match="logit_soft_cap"):
-    dot_product_attention(q, k, v, logit_soft_cap=5.0, implementation="pallas")
+    dot_product_attention(q, k, v, logit_soft_cap=5.0, implementation="cudnn")
   spec = lambda hd, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((1, 8, 2, hd), dtype)
   assert flash.supports(spec(128), spec(128), spec(128), backend="gpu")[0]
   assert not flash.supports(spec(128), spec(128), spec(128), backend="cpu")[0]
   assert flash.supports(spec(128), spec(128), spec(128), backend="tpu")[0]
   assert not flash.supports(spec(80), spec(80), spec(80), backend="gpu")[0]
   assert not flash.supports(spec(64), spec(64), spec(64), bias=1.0, backend="gpu")[0]
-  assert not flash.supports(spec(64), spec(64), spec(64), soft_cap=5.0, backend="gpu")[0]
+  assert flash.supports(spec(64), spec(64), spec(64), soft_cap=5.0, backend="gpu")[0]
+  seen = []
+  jax.jit(lambda c: seen.append(flash.supports(spec(64), spec(64), spec(64), soft_cap=c,
+                                               backend="gpu")) or c)(5.0)
+  assert seen[0][0] is False and "traced" in seen[0][1]
+  assert flash.supports_mosaic_gpu(spec(64), spec(64), spec(64), check_device=False)[0]
+  assert not flash.supports_mosaic_gpu(spec(64), spec(64), spec(64), soft_cap=5.0,
+                                       check_device=False)[0]
   if jax.default_backend() == "cpu":  # CPU default is unchanged: the traced program holds no kernel
     jaxpr = jax.make_jaxpr(lambda q, k, v: dot_product_attention(q, k, v, causal=True))(q, k, v)
     assert "pallas_call" not in str(jaxpr)
@@ -226,8 +259,8 @@ def test_no_quadratic_intermediate():
 
 @pytest.mark.parametrize("h,dtype", [(64, jnp.bfloat16), (128, jnp.float16), (256, jnp.float32)])
 def test_gpu_kernels_lower_through_triton(h, dtype):
-  """Forward + backward with every mask feature, lowered for CUDA on this CPU machine: every kernel op
-  has a Triton lowering. Not compiled or run (that needs a GPU)."""
+  """Forward + backward with every mask feature and a logit soft cap, lowered for CUDA on this CPU
+  machine: every kernel op has a Triton lowering. Not compiled or run (that needs a GPU)."""
   b, t, n, kh = 1, 300, 4, 2
   qs = jax.ShapeDtypeStruct((b, t, n, h), dtype)
   ks = jax.ShapeDtypeStruct((b, t, kh, h), dtype)
@@ -236,7 +269,7 @@ def test_gpu_kernels_lower_through_triton(h, dtype):
   def f(q, k, v, seg):
     mask = make_mask(t, t, b, causal=True, window=(100, None), q_segment_ids=seg, kv_segment_ids=seg)
     out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, mask, scale=h ** -0.5,
-                                                       interpret=False), q, k, v)
+                                                       interpret=False, soft_cap=30.0), q, k, v)
     return out, vjp(out)
 
   text = jax.jit(f).trace(qs, ks, ks, seg).lower(lowering_platforms=("cuda",)).as_text()
@@ -263,6 +296,7 @@ def test_gpt_runs_pallas_attention_when_configured():
 def test_lm_config_accepts_pallas_and_names_the_key_when_it_cannot():
   from jaxlab.configs import ConfigError, load_config
   load_config("lm_char", ["--config.model.attention_impl=pallas"])
+  load_config("lm_char", ["--config.model.attention_impl=pallas", "--config.model.logit_soft_cap=30"])
   with pytest.raises(ConfigError) as e:
     load_config("lm_char", ["--config.model.attention_impl=pallas", "--config.model.position=alibi"])
   assert "config.model.attention_impl" in str(e.value) and "\n" not in str(e.value)
@@ -298,8 +332,8 @@ def tpu_info_for_cpu(monkeypatch):
 
 @pytest.mark.parametrize("h,dtype", [(64, jnp.bfloat16), (128, jnp.float32), (256, jnp.bfloat16)])
 def test_tpu_kernels_lower_through_mosaic(tpu_info_for_cpu, h, dtype):
-  """Forward + backward with every mask feature, lowered for TPU (Mosaic checks block shapes against
-  the (8, 128) tiling at this stage): not compiled or run."""
+  """Forward + backward with every mask feature and a logit soft cap, lowered for TPU (Mosaic checks
+  block shapes against the (8, 128) tiling at this stage): not compiled or run."""
   b, t, n, kh = 1, 300, 4, 2
   qs = jax.ShapeDtypeStruct((b, t, n, h), dtype)
   ks = jax.ShapeDtypeStruct((b, t, kh, h), dtype)
@@ -308,7 +342,8 @@ def test_tpu_kernels_lower_through_mosaic(tpu_info_for_cpu, h, dtype):
   def f(q, k, v, seg):
     mask = make_mask(t, t, b, causal=True, window=(100, None), q_segment_ids=seg, kv_segment_ids=seg)
     out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, mask, scale=h ** -0.5,
-                                                       interpret=False, kernel="tpu"), q, k, v)
+                                                       interpret=False, kernel="tpu",
+                                                       soft_cap=30.0), q, k, v)
     return out, vjp(out)
 
   text = jax.jit(f).trace(qs, ks, ks, seg).lower(lowering_platforms=("tpu",)).as_text()

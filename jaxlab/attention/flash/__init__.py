@@ -58,8 +58,8 @@ def supports(q: jax.Array, k: jax.Array, v: jax.Array, *, bias=None, soft_cap=No
     return False, f"no compiled Pallas flash kernel for backend {backend!r} (interpret mode only)"
   if bias is not None:
     return False, "bias is not supported by the Pallas kernel"
-  if soft_cap is not None:
-    return False, "logit_soft_cap is not supported by the Pallas kernel"
+  if soft_cap is not None and isinstance(soft_cap, jax.core.Tracer):
+    return False, "a traced logit_soft_cap is not supported by the Pallas kernel (it is static)"
   if q.dtype not in _DTYPES:
     return False, f"dtype {q.dtype} is not one of float32, bfloat16, float16"
   head_dims = GPU_HEAD_DIMS if backend == "gpu" else TPU_HEAD_DIMS
@@ -96,6 +96,8 @@ def supports_mosaic_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, bias=None, 
     return False, f"dtypes {q.dtype}, {k.dtype}, {v.dtype} are not all bfloat16 or all float16"
   if q.shape[-1] not in MOSAIC_GPU_HEAD_DIMS:
     return False, f"head_dim {q.shape[-1]} is not one of {MOSAIC_GPU_HEAD_DIMS}"
+  if soft_cap is not None:
+    return False, "logit_soft_cap is not supported by the Mosaic GPU kernel (the portable one has it)"
   return True, ""
 
 
@@ -130,7 +132,8 @@ def _segment_ids(mask: masks_lib.AttentionMask, b: int, tqp: int, tkp: int):
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.AttentionMask, *,
                     scale: float, block_q: Optional[int] = None, block_k: Optional[int] = None,
-                    interpret: Optional[bool] = None, kernel: Optional[str] = None) -> jax.Array:
+                    interpret: Optional[bool] = None, kernel: Optional[str] = None,
+                    soft_cap: Optional[float] = None) -> jax.Array:
   """Softmax attention with the Pallas FlashAttention-2 kernels; same result as `xla_attention`.
 
   Args:
@@ -145,11 +148,13 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
     kernel: "portable" (Triton-lowered on GPU), "mosaic_gpu" (Hopper forward and backward) or
       "tpu" (Mosaic TPU); default "tpu" on a TPU backend, "mosaic_gpu" on a Hopper GPU when
       `supports_mosaic_gpu` the inputs (MOSAIC_GPU_BY_DEFAULT), else "portable".
+    soft_cap: logit soft cap c (static Python float > 0) or None: logits (after scale) become
+      c * tanh(logits / c), as in `xla_attention` (Gemma 2). The portable and TPU kernels only.
 
   Returns:
     [B, Tq, N, H] in q's dtype; rows that see no key are zeros (with zero gradients).
   """
-  from jaxlab.attention.softmax import check_qkv
+  from jaxlab.attention.softmax import check_qkv, check_soft_cap
 
   b, tq, tk, n, kh, h = check_qkv(q, k, v)
   if q.dtype not in _DTYPES:
@@ -162,11 +167,18 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
     scale = float(scale)
   except (TypeError, jax.errors.ConcretizationTypeError):
     raise ValueError(f"scale must be a static Python float, got {scale!r}") from None
+  check_soft_cap(soft_cap)
+  if soft_cap is not None:
+    try:
+      soft_cap = float(soft_cap)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+      raise ValueError(f"soft_cap must be a static Python float for the Pallas kernel, got "
+                       f"{soft_cap!r}") from None
   if kernel is None:
     if jax.default_backend() == "tpu":
       kernel = "tpu"
     elif (MOSAIC_GPU_BY_DEFAULT and jax.default_backend() == "gpu"
-          and supports_mosaic_gpu(q, k, v)[0]):
+          and supports_mosaic_gpu(q, k, v, soft_cap=soft_cap)[0]):
       kernel = "mosaic_gpu"
     else:
       kernel = "portable"
@@ -176,7 +188,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
   if interpret is None:
     interpret = jax.default_backend() not in ("gpu", "tpu")
   if kernel == "mosaic_gpu":  # 16-bit and its head dims even in interpret mode (same kernel code)
-    ok, reason = supports_mosaic_gpu(q, k, v, check_device=False)
+    ok, reason = supports_mosaic_gpu(q, k, v, soft_cap=soft_cap, check_device=False)
     if not ok:
       raise ValueError(f"kernel='mosaic_gpu' does not serve these inputs: {reason}")
   elif not interpret:
@@ -196,7 +208,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
   q_seg, kv_seg = _segment_ids(mask, b, tqp, tkp)
   cfg = portable.KernelConfig(
       q_len=tq, kv_len=tk, causal=mask.causal, window=mask.window, has_segments=q_seg is not None,
-      scale=scale, block_q=bq, block_k=bk, interpret=bool(interpret),
+      scale=scale, soft_cap=soft_cap, block_q=bq, block_k=bk, interpret=bool(interpret),
       num_warps=None if interpret or kernel != "portable" else blocks.num_warps,
       num_stages=(blocks.num_stages if kernel == "mosaic_gpu"  # its K/V ring depth, also interpreted
                   else None if interpret else blocks.num_stages))

@@ -14,6 +14,8 @@ the public wrapper in `jaxlab.attention.flash` transposes from the contract's [B
   O = acc / l and the row logsumexp lse = m + log l (float32) for the backward.
 * dQ, grid (B, N, Tq/bq): recomputes P = exp(S - lse) tile by tile; dS = P * (dP - D) with
   D = rowsum(dO * O); dQ = scale * dS K.
+* Logit soft cap (Gemma 2; `KernelConfig.soft_cap` = c): S = c * tanh(scale * Q K^T / c) in every
+  pass, and the backward multiplies dS by the cap's derivative 1 - (S / c)^2 (`scores`, `uncap`).
 * dK/dV, grid (B, K, Tk/bk): one key/value block per program, a loop over the query heads of its group
   (GQA) and over the query blocks that can see it; dV = P^T dO, dK = scale * dS^T Q.
 
@@ -59,6 +61,7 @@ class KernelConfig:
   interpret: bool
   num_warps: Optional[int] = None
   num_stages: Optional[int] = None
+  soft_cap: Optional[float] = None  # logits c * tanh(s / c) (Gemma 2), or None
 
   @property
   def offset(self) -> int:
@@ -132,6 +135,18 @@ def _tile_valid(cfg: KernelConfig, q_start, k_start, q_seg, k_seg):
   return valid
 
 
+def scores(cfg: KernelConfig, q, k):
+  """The tile's logits [bq, bk] float32: scale * q k^T, soft-capped to c * tanh(. / c) if cfg.soft_cap."""
+  s = _dot_nt(q, k) * cfg.scale
+  return s if cfg.soft_cap is None else cfg.soft_cap * jnp.tanh(s / cfg.soft_cap)
+
+
+def uncap(cfg: KernelConfig, s, ds):
+  """dL/d(scale * q k^T) from dL/ds for logits s of `scores`: the soft cap's derivative 1 - tanh^2,
+  with tanh = s / c (the identity without a cap)."""
+  return ds if cfg.soft_cap is None else ds * (1.0 - jnp.square(s / cfg.soft_cap))
+
+
 def _dot_nt(a, b):
   """a [m, h] @ b[n, h]^T -> [m, n] float32."""
   return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -166,7 +181,7 @@ def _fwd_kernel(*refs, cfg: KernelConfig, nk: int):
     v = v_ref[pl.ds(ks, bk), :]
     k_seg = kseg_ref[pl.ds(ks, bk)] if cfg.has_segments else None
     valid = _tile_valid(cfg, i * bq, ks, q_seg, k_seg)
-    s = jnp.where(valid, _dot_nt(q, k) * cfg.scale, _NEG)
+    s = jnp.where(valid, scores(cfg, q, k), _NEG)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp(m - m_new)
     p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
@@ -239,8 +254,9 @@ def _dq_kernel(*refs, cfg: KernelConfig, nk: int):
     v = v_ref[pl.ds(ks, bk), :]
     k_seg = kseg_ref[pl.ds(ks, bk)] if cfg.has_segments else None
     valid = _tile_valid(cfg, i * bq, ks, q_seg, k_seg)
-    p = jnp.where(valid, jnp.exp(_dot_nt(q, k) * cfg.scale - lse[:, None]), 0.0)
-    ds = p * (_dot_nt(do, v) - delta[:, None])
+    s = scores(cfg, q, k)
+    p = jnp.where(valid, jnp.exp(s - lse[:, None]), 0.0)
+    ds = uncap(cfg, s, p * (_dot_nt(do, v) - delta[:, None]))
     return dq + _dot(ds.astype(k.dtype), k)
 
   lo, hi = kv_block_range(cfg, i, nk)
@@ -301,9 +317,10 @@ def _dkdv_kernel(*refs, cfg: KernelConfig, nq: int, groups: int):
       delta = delta_ref[gi, pl.ds(qs, bq)]
       q_seg = qseg_ref[pl.ds(qs, bq)] if cfg.has_segments else None
       valid = _tile_valid(cfg, qs, ks, q_seg, k_seg)
-      p = jnp.where(valid, jnp.exp(_dot_nt(q, k) * cfg.scale - lse[:, None]), 0.0)  # [bq, bk]
+      s = scores(cfg, q, k)
+      p = jnp.where(valid, jnp.exp(s - lse[:, None]), 0.0)  # [bq, bk]
       dv = dv + _dot_tn(p.astype(do.dtype), do)
-      ds = p * (_dot_nt(do, v) - delta[:, None])
+      ds = uncap(cfg, s, p * (_dot_nt(do, v) - delta[:, None]))
       dk = dk + _dot_tn(ds.astype(q.dtype), q)
       return dk, dv
     return lax.fori_loop(lo, hi, body, carry)

@@ -24,7 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxlab.attention.flash.portable import (_NEG, KernelConfig, _dot, _dot_nt, _dot_tn,
-                                              _tile_valid, kv_block_range, q_block_range)
+                                              _tile_valid, kv_block_range, q_block_range, scores,
+                                              uncap)
 
 
 def _interpret(cfg: KernelConfig):
@@ -71,7 +72,7 @@ def _fwd_kernel(*refs, cfg: KernelConfig, nk: int):
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     segs = (qseg_ref[...], kseg_ref[...]) if cfg.has_segments else (None, None)
     valid = _tile_valid(cfg, i * cfg.block_q, j * cfg.block_k, *segs)
-    s = jnp.where(valid, _dot_nt(q, k) * cfg.scale, _NEG)
+    s = jnp.where(valid, scores(cfg, q, k), _NEG)
     m = m_scr[...]
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
     alpha = jnp.exp(m - m_new)
@@ -142,8 +143,9 @@ def _dq_kernel(*refs, cfg: KernelConfig, nk: int):
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     segs = (qseg_ref[...], kseg_ref[...]) if cfg.has_segments else (None, None)
     valid = _tile_valid(cfg, i * cfg.block_q, j * cfg.block_k, *segs)
-    p = jnp.where(valid, jnp.exp(_dot_nt(q, k) * cfg.scale - lse_ref[...]), 0.0)
-    ds = p * (_dot_nt(do, v) - delta_ref[...])
+    s = scores(cfg, q, k)
+    p = jnp.where(valid, jnp.exp(s - lse_ref[...]), 0.0)
+    ds = uncap(cfg, s, p * (_dot_nt(do, v) - delta_ref[...]))
     dq_scr[...] += _dot(ds.astype(k.dtype), k)
 
   @pl.when(j == nk - 1)
@@ -205,9 +207,10 @@ def _dkdv_kernel(*refs, cfg: KernelConfig, nq: int, groups: int):
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     segs = (qseg_ref[...], kseg_ref[...]) if cfg.has_segments else (None, None)
     valid = _tile_valid(cfg, i * cfg.block_q, j * cfg.block_k, *segs)
-    p = jnp.where(valid, jnp.exp(_dot_nt(q, k) * cfg.scale - lse_ref[...]), 0.0)
+    s = scores(cfg, q, k)
+    p = jnp.where(valid, jnp.exp(s - lse_ref[...]), 0.0)
     dv_scr[...] += _dot_tn(p.astype(do.dtype), do)
-    ds = p * (_dot_nt(do, v) - delta_ref[...])
+    ds = uncap(cfg, s, p * (_dot_nt(do, v) - delta_ref[...]))
     dk_scr[...] += _dot_tn(ds.astype(q.dtype), q)
 
   @pl.when((gi == groups - 1) & (i == nq - 1))
