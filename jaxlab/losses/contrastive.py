@@ -69,15 +69,36 @@ def _check_pair(a, b, name_a: str, name_b: str) -> tuple[jax.Array, jax.Array]:
   return a, b
 
 
-def _check_normalized(x: jax.Array, name: str, atol: float = 1e-3) -> None:
-  """Raises if a concrete x has a row whose L2 norm is not 1 (within atol); no-op under tracing."""
+def _check_normalized(x: jax.Array, name: str) -> None:
+  """Raises if a concrete x has a row whose L2 norm is not 1 or not finite; no-op under tracing.
+  The tolerance is 1e-3, or a 16-bit float x's machine epsilon if larger (rounding each entry of a
+  normalised row to bfloat16 moves its norm by up to eps / 2 ~ 4e-3)."""
   if isinstance(x, jax.core.Tracer):
     return
+  atol = max(1e-3, float(jnp.finfo(x.dtype).eps)) if x.dtype.itemsize <= 2 else 1e-3
   norms = np.linalg.norm(np.asarray(x, np.float64), axis=-1)
+  if not np.isfinite(norms).all():
+    raise ValueError(f"{name} has rows that are not finite (NaN or inf)")
   worst = float(np.max(np.abs(norms - 1.0))) if norms.size else 0.0
   if worst > atol:
     raise ValueError(f"{name} must be L2-normalised along its last axis (row norms differ from 1 by "
                      f"up to {worst:.3g}); apply l2_normalize first")
+
+
+def _check_text_ids(text_ids_B, batch: int) -> jax.Array | None:
+  """None, or int [B] caption identities; ValueError naming text_ids_B otherwise."""
+  if text_ids_B is None:
+    return None
+  text_ids_B = jnp.asarray(text_ids_B)
+  if text_ids_B.shape != (batch,) or not jnp.issubdtype(text_ids_B.dtype, jnp.integer):
+    raise ValueError(f"text_ids_B must be an int array of shape ({batch},) (one caption id per pair), "
+                     f"got {text_ids_B.dtype}{list(text_ids_B.shape)}")
+  return text_ids_B.astype(jnp.int32)
+
+
+def _not_negative(ids_row, ids_col, row_index, col_index):
+  """True where pair (row, col) is no negative: another pair with the same caption id. [r, c] bool."""
+  return (ids_row[:, None] == ids_col[None, :]) & (row_index[:, None] != col_index[None, :])
 
 
 def _check_scalar(x, name: str) -> jax.Array:
@@ -189,24 +210,32 @@ def nt_xent_loss(z1_BD: jax.Array, z2_BD: jax.Array, *, temperature: float = 0.5
 
 
 def clip_loss(image_BD: jax.Array, text_BD: jax.Array, log_scale: jax.Array, *,
-              max_log_scale: float = CLIP_MAX_LOG_SCALE) -> jax.Array:
+              max_log_scale: float = CLIP_MAX_LOG_SCALE, text_ids_B: jax.Array | None = None
+              ) -> jax.Array:
   """CLIP's symmetric InfoNCE (Radford et al. 2021, Figure 3) on one device; a float32 scalar.
 
   image_BD, text_BD: L2-normalised embeddings (row i of each is a pair). log_scale: learnable scalar
   log(1/temperature), clamped at max_log_scale (= log 100) by `clip_logit_scale`.
   logits = s * I T^T; L = (CE(logits, diag) over rows + CE(logits^T, diag) over rows) / 2, each a mean.
+  text_ids_B: optional int caption id per pair; pairs i != j with the same id (the same caption twice
+  in a batch) are left out of each other's softmax, as they are no negatives. Without it every
+  off-diagonal pair is a negative, as in the paper.
   """
   image_BD, text_BD = _check_pair(image_BD, text_BD, "image_BD", "text_BD")
   _check_normalized(image_BD, "image_BD")
   _check_normalized(text_BD, "text_BD")
+  text_ids_B = _check_text_ids(text_ids_B, image_BD.shape[0])
   scale = clip_logit_scale(_check_scalar(log_scale, "log_scale"), max_log_scale)
   logits_BB = scale * (image_BD.astype(jnp.float32) @ text_BD.astype(jnp.float32).T)
+  if text_ids_B is not None:
+    rows = jnp.arange(image_BD.shape[0])
+    logits_BB = jnp.where(_not_negative(text_ids_B, text_ids_B, rows, rows), -jnp.inf, logits_BB)
   image_to_text = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits_BB, axis=1)))
   text_to_image = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits_BB, axis=0)))
   return 0.5 * (image_to_text + text_to_image)
 
 
-def _clip_local(image_bD, text_bD, log_scale, *, axes, global_batch, max_log_scale):
+def _clip_local(image_bD, text_bD, log_scale, ids_b, *, axes, global_batch, max_log_scale):
   """Per-device body: local rows against the all-gathered other modality; returns the global loss."""
   b = image_bD.shape[0]
   scale = clip_logit_scale(log_scale, max_log_scale)
@@ -216,6 +245,11 @@ def _clip_local(image_bD, text_bD, log_scale, *, axes, global_batch, max_log_sca
   labels_b = offset + jnp.arange(b)
   logits_i2t_bB = scale * (image_bD @ all_text_BD.T)
   logits_t2i_bB = scale * (text_bD @ all_image_BD.T)
+  if ids_b is not None:
+    all_ids_B = jax.lax.all_gather(ids_b, axes, tiled=True)
+    hidden_bB = _not_negative(ids_b, all_ids_B, labels_b, jnp.arange(global_batch))
+    logits_i2t_bB = jnp.where(hidden_bB, -jnp.inf, logits_i2t_bB)
+    logits_t2i_bB = jnp.where(hidden_bB, -jnp.inf, logits_t2i_bB)
   pick = lambda logits: jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels_b[:, None],
                                             axis=1)
   local_sum = -(jnp.sum(pick(logits_i2t_bB)) + jnp.sum(pick(logits_t2i_bB)))
@@ -224,99 +258,114 @@ def _clip_local(image_bD, text_bD, log_scale, *, axes, global_batch, max_log_sca
 
 def clip_loss_all_gather(image_BD: jax.Array, text_BD: jax.Array, log_scale: jax.Array, *,
                          mesh: Mesh, axis_names: AxisNames = ("data",),
-                         max_log_scale: float = CLIP_MAX_LOG_SCALE) -> jax.Array:
+                         max_log_scale: float = CLIP_MAX_LOG_SCALE,
+                         text_ids_B: jax.Array | None = None) -> jax.Array:
   """`clip_loss` with the batch split over `axis_names` of `mesh`; negatives from the global batch.
 
   Each device holds B/P rows of each modality, all-gathers both modalities ([B, D] each, not [B, B])
   and computes its B/P rows of the image->text and text->image cross-entropies against all B
   candidates (the usual "local loss + gather with gradient" of open_clip). Under `shard_map` the
   gather's transpose is a reduce-scatter, so every embedding gets the gradient of the global loss.
-  Peak per device: two [B/P, B] logit blocks.
+  Peak per device: two [B/P, B] logit blocks. text_ids_B: as in `clip_loss` (all-gathered too).
   """
   image_BD, text_BD = _check_pair(image_BD, text_BD, "image_BD", "text_BD")
   _check_normalized(image_BD, "image_BD")
   _check_normalized(text_BD, "text_BD")
+  text_ids_B = _check_text_ids(text_ids_B, image_BD.shape[0])
   log_scale = _check_scalar(log_scale, "log_scale")
   axes = _axes(axis_names)
   _check_divisible(image_BD.shape[0], _num_shards(mesh, axes), "image_BD")
-  body = lambda i, t, s: _clip_local(i.astype(jnp.float32), t.astype(jnp.float32), s, axes=axes,
-                                     global_batch=image_BD.shape[0], max_log_scale=max_log_scale)
-  return jax.shard_map(body, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=P())(
-      image_BD, text_BD, log_scale)
+  body = lambda i, t, s, ids: _clip_local(i.astype(jnp.float32), t.astype(jnp.float32), s, ids,
+                                          axes=axes, global_batch=image_BD.shape[0],
+                                          max_log_scale=max_log_scale)
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(axes), P(axes), P(), P(axes)), out_specs=P())(
+      image_BD, text_BD, log_scale, text_ids_B)
 
 
 # ----------------------------------------------------------------------------- SigLIP
 
 
 def siglip_loss(image_BD: jax.Array, text_BD: jax.Array, log_temperature: jax.Array,
-                bias: jax.Array) -> jax.Array:
+                bias: jax.Array, *, text_ids_B: jax.Array | None = None) -> jax.Array:
   """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, eq. 1 / Algorithm 1) on one device; a scalar.
 
   logits_ij = exp(t') <x_i, y_j> + b, z_ij = +1 if i == j else -1;
   L = -1/B sum_i sum_j log sigmoid(z_ij logits_ij)   (normalised by the batch size, as in the paper).
   image_BD, text_BD: L2-normalised embeddings. log_temperature t' (init log 10), bias b (init -10).
+  text_ids_B: optional int caption id per pair; pairs i != j with the same id are left out of the sum
+  (no negatives; the normalisation stays 1/B).
   """
   image_BD, text_BD = _check_pair(image_BD, text_BD, "image_BD", "text_BD")
   _check_normalized(image_BD, "image_BD")
   _check_normalized(text_BD, "text_BD")
+  text_ids_B = _check_text_ids(text_ids_B, image_BD.shape[0])
   t = jnp.exp(_check_scalar(log_temperature, "log_temperature"))
   bias = _check_scalar(bias, "bias")
-  b = image_BD.shape[0]
-  logits_BB = t * (image_BD.astype(jnp.float32) @ text_BD.astype(jnp.float32).T) + bias
-  z_BB = 2.0 * jnp.eye(b, dtype=jnp.float32) - 1.0
-  return -jnp.sum(jax.nn.log_sigmoid(z_BB * logits_BB)) / b
+  rows = jnp.arange(image_BD.shape[0])
+  return _siglip_block(image_BD.astype(jnp.float32), text_BD.astype(jnp.float32), t, bias,
+                       rows, rows, text_ids_B, text_ids_B) / image_BD.shape[0]
 
 
-def _siglip_block(image_bD, text_bD, t, bias, positive: bool):
-  """Sum over one [b, b] block of -log sigmoid(z * logits); positives on the diagonal iff `positive`."""
-  logits_bb = t * (image_bD @ text_bD.T) + bias
-  if positive:
-    z_bb = 2.0 * jnp.eye(image_bD.shape[0], dtype=jnp.float32) - 1.0
-  else:
-    z_bb = -jnp.ones_like(logits_bb)
-  return -jnp.sum(jax.nn.log_sigmoid(z_bb * logits_bb))
+def _siglip_block(image_bD, text_bD, t, bias, image_rows, text_rows, image_ids, text_ids):
+  """Sum over one block of -log sigmoid(z * logits): z = +1 where the global row indices
+  (image_rows [r], text_rows [c]) agree, else -1; pairs of other rows with equal ids (if given) left out."""
+  logits_rc = t * (image_bD @ text_bD.T) + bias
+  z_rc = jnp.where(image_rows[:, None] == text_rows[None, :], 1.0, -1.0)
+  terms_rc = -jax.nn.log_sigmoid(z_rc * logits_rc)
+  if image_ids is not None:
+    terms_rc = jnp.where(_not_negative(image_ids, text_ids, image_rows, text_rows), 0.0, terms_rc)
+  return jnp.sum(terms_rc)
 
 
-def _siglip_ring(image_bD, text_bD, log_temperature, bias, *, axes, num_shards, global_batch):
+def _siglip_ring(image_bD, text_bD, log_temperature, bias, ids_b, *, axes, num_shards,
+                 global_batch):
   """Per-device body of the chunked loss: own block (with positives), then P - 1 ring steps."""
   t = jnp.exp(log_temperature)
-  total = _siglip_block(image_bD, text_bD, t, bias, positive=True)
-  # Device k sends its current text block to k + 1 (any fixed cyclic shift visits every block once).
+  b = image_bD.shape[0]
+  rows_b = jax.lax.axis_index(axes) * b + jnp.arange(b)  # global row indices of the local pairs
+  total = _siglip_block(image_bD, text_bD, t, bias, rows_b, rows_b, ids_b, ids_b)
+  # Device k sends its current text block (with its rows and ids) to k + 1 (any fixed cyclic shift
+  # visits every block once).
   perm = [(k, (k + 1) % num_shards) for k in range(num_shards)]
   # Recomputed in the backward pass, so only the [b, D] text blocks are saved, never P logit blocks.
-  negatives = jax.checkpoint(lambda i, tx, tt, bb: _siglip_block(i, tx, tt, bb, positive=False))
+  block = jax.checkpoint(lambda i, tx, tt, bb, tr, ti: _siglip_block(i, tx, tt, bb, rows_b, tr,
+                                                                     ids_b, ti))
 
   def step(carry, _):
-    acc, text_block = carry
-    text_block = jax.lax.ppermute(text_block, axes, perm)
-    return (acc + negatives(image_bD, text_block, t, bias), text_block), None
+    acc, text_block, text_rows, text_ids = carry
+    text_block, text_rows, text_ids = jax.lax.ppermute((text_block, text_rows, text_ids), axes, perm)
+    return (acc + block(image_bD, text_block, t, bias, text_rows, text_ids), text_block, text_rows,
+            text_ids), None
 
   if num_shards > 1:
-    (total, _), _ = jax.lax.scan(step, (total, text_bD), None, length=num_shards - 1)
+    (total, *_), _ = jax.lax.scan(step, (total, text_bD, rows_b, ids_b), None,
+                                  length=num_shards - 1)
   return jax.lax.psum(total, axes) / global_batch
 
 
 def siglip_loss_chunked(image_BD: jax.Array, text_BD: jax.Array, log_temperature: jax.Array,
-                        bias: jax.Array, *, mesh: Mesh,
-                        axis_names: AxisNames = ("data",)) -> jax.Array:
+                        bias: jax.Array, *, mesh: Mesh, axis_names: AxisNames = ("data",),
+                        text_ids_B: jax.Array | None = None) -> jax.Array:
   """`siglip_loss` with the batch split over `axis_names` of `mesh`, never forming the [B, B] matrix.
 
   Zhai et al. 2023, sec. 3.3 ("efficient chunked implementation"): device k keeps its B/P images and
   computes the block against its own texts (the positives), then P - 1 times passes its current
   text block to its ring neighbour with `ppermute` and adds the negatives-only block against the
   block it received. Each device holds one [B/P, B/P] block at a time (the blocks are recomputed in
-  the backward pass); the partial sums are psum-med and divided by the global B.
+  the backward pass); the partial sums are psum-med and divided by the global B. text_ids_B: as in
+  `siglip_loss` (the ids travel round the ring with their text block).
   """
   image_BD, text_BD = _check_pair(image_BD, text_BD, "image_BD", "text_BD")
   _check_normalized(image_BD, "image_BD")
   _check_normalized(text_BD, "text_BD")
+  text_ids_B = _check_text_ids(text_ids_B, image_BD.shape[0])
   log_temperature = _check_scalar(log_temperature, "log_temperature")
   bias = _check_scalar(bias, "bias")
   axes = _axes(axis_names)
   shards = _num_shards(mesh, axes)
   _check_divisible(image_BD.shape[0], shards, "image_BD")
-  body = lambda i, tx, lt, bb: _siglip_ring(i.astype(jnp.float32), tx.astype(jnp.float32), lt, bb,
-                                            axes=axes, num_shards=shards,
-                                            global_batch=image_BD.shape[0])
-  return jax.shard_map(body, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())(
-      image_BD, text_BD, log_temperature, bias)
+  body = lambda i, tx, lt, bb, ids: _siglip_ring(i.astype(jnp.float32), tx.astype(jnp.float32), lt,
+                                                 bb, ids, axes=axes, num_shards=shards,
+                                                 global_batch=image_BD.shape[0])
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(axes), P(axes), P(), P(), P(axes)),
+                       out_specs=P())(image_BD, text_BD, log_temperature, bias, text_ids_B)

@@ -120,16 +120,21 @@ def model_config(config, vocab_size: int) -> DualEncoderConfig:
 
 
 class _PairSource:
-  """grain random-access source over a PairSet: {"images", "tokens"} per example."""
+  """grain random-access source over a PairSet: {"images", "tokens", "caption_ids"} per example;
+  caption_ids number the distinct token rows, so the loss can tell two pairs of one caption apart
+  from a negative."""
 
   def __init__(self, images, tokens):
     self._images, self._tokens = images, tokens
+    _, self._caption_ids = np.unique(tokens, axis=0, return_inverse=True)
+    self._caption_ids = self._caption_ids.reshape(-1).astype(np.int32)
 
   def __len__(self) -> int:
     return len(self._images)
 
   def __getitem__(self, i: int) -> dict:
-    return {"images": self._images[i], "tokens": self._tokens[i]}
+    return {"images": self._images[i], "tokens": self._tokens[i],
+            "caption_ids": self._caption_ids[i]}
 
 
 def _stack(examples) -> dict:
@@ -201,26 +206,31 @@ class ContrastiveTask:
     """CLIP's log logit scale is clipped in place after each step at log 100 (Radford et al. 2021)."""
     return {"log_scale": contrastive.CLIP_MAX_LOG_SCALE} if self.config.model.loss == "clip" else {}
 
-  def contrastive_loss(self, params, image_BE, text_BE) -> jax.Array:
-    """The configured loss on embeddings; sharded over the batch axes when they span > 1 device."""
+  def contrastive_loss(self, params, image_BE, text_BE, caption_ids_B=None) -> jax.Array:
+    """The configured loss on embeddings; sharded over the batch axes when they span > 1 device.
+    caption_ids_B: pairs that share a caption are no negatives of each other (see the losses)."""
     c = self.config.model
     mesh = self.mesh() if c.loss_impl == "sharded" else None
     shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+    ids = dict(text_ids_B=caption_ids_B)
     if c.loss == "clip":
       if shards > 1:
         return contrastive.clip_loss_all_gather(image_BE, text_BE, params["log_scale"], mesh=mesh,
-                                                axis_names=BATCH_AXES)
-      return contrastive.clip_loss(image_BE, text_BE, params["log_scale"])
+                                                axis_names=BATCH_AXES, **ids)
+      return contrastive.clip_loss(image_BE, text_BE, params["log_scale"], **ids)
     if shards > 1:
       return contrastive.siglip_loss_chunked(image_BE, text_BE, params["log_temperature"],
-                                             params["bias"], mesh=mesh, axis_names=BATCH_AXES)
-    return contrastive.siglip_loss(image_BE, text_BE, params["log_temperature"], params["bias"])
+                                             params["bias"], mesh=mesh, axis_names=BATCH_AXES, **ids)
+    return contrastive.siglip_loss(image_BE, text_BE, params["log_temperature"], params["bias"],
+                                   **ids)
 
   def loss(self, params, batch: dict, rng: jax.Array, *, train: bool):
-    """Contrastive loss of the batch; (loss, (loss * B, B)) so that eval averages per example."""
+    """Contrastive loss of the batch; (loss, (loss * B, B)) so that eval averages per example.
+    Pairs of the batch that share a caption (digits has 60 captions for 1,437 training images; the
+    two vendor images of an emoji share theirs) are not each other's negatives."""
     del rng, train  # no dropout
     image_BE, text_BE = self.model.apply({"params": params}, batch["images"], batch["tokens"])
-    value = self.contrastive_loss(params, image_BE, text_BE)
+    value = self.contrastive_loss(params, image_BE, text_BE, batch.get("caption_ids"))
     b = batch["images"].shape[0]
     return value, (value * b, jnp.asarray(b, jnp.float32))
 

@@ -24,19 +24,31 @@ def _log_softmax(x, axis):
   return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
 
 
-def np_clip(img, txt, log_scale):
+# Caption ids of 16 pairs: 3 is shared by rows 0, 5 and 9, 7 by rows 2 and 15, the rest are distinct.
+DUP_IDS = np.array([3, 1, 7, 4, 5, 3, 6, 8, 9, 3, 10, 11, 12, 13, 14, 7], np.int32)
+
+
+def np_clip(img, txt, log_scale, ids=None):
+  """ids: pairs i != j with ids[i] == ids[j] are dropped from each other's softmax (no negatives)."""
   s = math.exp(min(log_scale, math.log(100)))
   logits = s * img @ txt.T
   b = len(img)
+  if ids is not None:
+    for i in range(b):
+      for j in range(b):
+        if i != j and ids[i] == ids[j]:
+          logits[i, j] = -np.inf
   i2t = -np.mean([_log_softmax(logits[i], 0)[i] for i in range(b)])
   t2i = -np.mean([_log_softmax(logits[:, j], 0)[j] for j in range(b)])
   return 0.5 * (i2t + t2i)
 
 
-def np_siglip(img, txt, log_t, bias):
+def np_siglip(img, txt, log_t, bias, ids=None):
   total = 0.0
   for i in range(len(img)):
     for j in range(len(txt)):
+      if ids is not None and i != j and ids[i] == ids[j]:
+        continue  # the same caption twice: no negative
       z = 1.0 if i == j else -1.0
       logit = math.exp(log_t) * float(img[i] @ txt[j]) + bias
       total += math.log1p(math.exp(-z * logit))  # -log sigmoid(z * logit)
@@ -84,6 +96,33 @@ def test_values_match_numpy(pair):
                              np_infonce(q, k, 0.7, cosine=False), rtol=1e-5)
   np.testing.assert_allclose(C.nt_xent_loss(f32(q), f32(k), temperature=0.5),
                              np_nt_xent(q, k, 0.5), rtol=1e-5)
+
+
+def test_shared_captions_are_no_negatives(pair):
+  """With text_ids_B, two pairs of one caption leave each other's softmax (CLIP) and sum (SigLIP),
+  as in the NumPy references; distinct ids change nothing; and the loss no longer depends on how the
+  duplicate pairs' image and text embeddings score against each other."""
+  img, txt = pair
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  ids = jnp.asarray(DUP_IDS)
+  np.testing.assert_allclose(C.clip_loss(f32(img), f32(txt), 2.5, text_ids_B=ids),
+                             np_clip(img, txt, 2.5, DUP_IDS), rtol=1e-5)
+  np.testing.assert_allclose(C.siglip_loss(f32(img), f32(txt), 1.3, -2.0, text_ids_B=ids),
+                             np_siglip(img, txt, 1.3, -2.0, DUP_IDS), rtol=1e-5)
+  assert not np.isclose(np_clip(img, txt, 2.5, DUP_IDS), np_clip(img, txt, 2.5), rtol=1e-3)
+  distinct = jnp.arange(16, dtype=jnp.int32)
+  np.testing.assert_allclose(C.clip_loss(f32(img), f32(txt), 2.5, text_ids_B=distinct),
+                             C.clip_loss(f32(img), f32(txt), 2.5), rtol=1e-6)
+  np.testing.assert_allclose(C.siglip_loss(f32(img), f32(txt), 1.3, -2.0, text_ids_B=distinct),
+                             C.siglip_loss(f32(img), f32(txt), 1.3, -2.0), rtol=1e-6)
+  # Image 0 has no term against texts 5 and 9 (its caption again): its gradient sums over the others.
+  grad_img = jax.grad(lambda i: C.siglip_loss(i, f32(txt), 1.3, -2.0, text_ids_B=ids))(f32(img))
+  t = np.exp(1.3)
+  expected_row0 = sum((1.0 / (1.0 + np.exp(-(t * img[0] @ txt[j] - 2.0))) - (j == 0)) * t * txt[j]
+                      for j in range(16) if j == 0 or DUP_IDS[j] != DUP_IDS[0]) / 16
+  np.testing.assert_allclose(grad_img[0], expected_row0, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="text_ids_B must be an int array of shape \\(16,\\)"):
+    C.clip_loss(f32(img), f32(txt), 2.5, text_ids_B=jnp.zeros(8, jnp.int32))
 
 
 def test_gradients_match_numpy_finite_differences(pair):
@@ -148,16 +187,20 @@ def _mesh(shape=(4, 2, 1)):
   return jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
 
 
-@pytest.mark.parametrize("axes", [("data",), ("data", "fsdp")])
-def test_sharded_equal_dense_in_value_and_gradient(axes):
+@pytest.mark.parametrize("axes,with_ids", [(("data",), False), (("data", "fsdp"), False),
+                                           (("data", "fsdp"), True)])
+def test_sharded_equal_dense_in_value_and_gradient(axes, with_ids):
+  """With caption ids, duplicates sit on the same shard and on different shards (ring and gather)."""
   rng = np.random.default_rng(4)
   img, txt = (jnp.asarray(_unit(rng, 32, 8), jnp.float32) for _ in range(2))
   mesh = _mesh() if axes == ("data", "fsdp") else _mesh((8, 1, 1))
-  clip_dense = lambda i, t, s: C.clip_loss(i, t, s)
-  clip_sharded = jax.jit(lambda i, t, s: C.clip_loss_all_gather(i, t, s, mesh=mesh, axis_names=axes))
-  sig_dense = lambda i, t, lt, b: C.siglip_loss(i, t, lt, b)
+  ids = dict(text_ids_B=jnp.asarray(np.concatenate([DUP_IDS, DUP_IDS[::-1] + 2]))) if with_ids else {}
+  clip_dense = lambda i, t, s: C.clip_loss(i, t, s, **ids)
+  clip_sharded = jax.jit(lambda i, t, s: C.clip_loss_all_gather(i, t, s, mesh=mesh, axis_names=axes,
+                                                                **ids))
+  sig_dense = lambda i, t, lt, b: C.siglip_loss(i, t, lt, b, **ids)
   sig_sharded = jax.jit(lambda i, t, lt, b: C.siglip_loss_chunked(i, t, lt, b, mesh=mesh,
-                                                                  axis_names=axes))
+                                                                  axis_names=axes, **ids))
   for dense, sharded, scalars in ((clip_dense, clip_sharded, (2.3,)),
                                   (sig_dense, sig_sharded, (1.7, -4.0))):
     args = (img, txt) + tuple(jnp.float32(s) for s in scalars)
@@ -200,10 +243,24 @@ def test_bad_inputs_name_the_argument(pair):
     C.siglip_loss_chunked(img[:12], txt[:12], 1.0, -1.0, mesh=_mesh((8, 1, 1)))
   with pytest.raises(ValueError, match="axis_names: mesh has no axis 'batch'"):
     C.clip_loss_all_gather(img, txt, 1.0, mesh=_mesh((8, 1, 1)), axis_names="batch")
+  with pytest.raises(ValueError, match="image_BD has rows that are not finite"):
+    C.clip_loss(img.at[2].set(jnp.nan), txt, 1.0)
   with pytest.raises(ValueError, match="temperature must be > 0"):
     C.infonce_loss(img, txt, temperature=0.0)
   with pytest.raises(ValueError, match="score must be"):
     C.infonce_loss(img, txt, score="euclid")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_embeddings_from_l2_normalize_are_accepted(dtype):
+  """bfloat16 rounding moves a normalised row's norm by up to ~2e-3; the check allows for it and still
+  refuses rows that are clearly not normalised."""
+  rng = np.random.default_rng(7)
+  x = C.l2_normalize(jnp.asarray(rng.normal(size=(256, 64)), dtype))
+  C.clip_loss(x, x, 1.0)
+  C.siglip_loss(x, x, 1.0, -1.0)
+  with pytest.raises(ValueError, match="L2-normalised"):
+    C.clip_loss((x * 1.05).astype(dtype), x, 1.0)
 
 
 def test_l2_normalize_zero_row_has_zeros_and_a_finite_gradient():

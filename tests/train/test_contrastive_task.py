@@ -57,11 +57,53 @@ def test_sharded_task_loss_equals_dense(tfds_dir, loss, tower):
     assert "zero_shot_accuracy" in report and "text_to_image_R@5" in report
 
 
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_batches_pair_each_image_with_its_caption_and_shared_captions_are_no_negatives(tfds_dir,
+                                                                                       loss):
+  """Row r of a batch is image n of the split with caption n's tokens (train and eval batches);
+  caption_ids are equal exactly where the token rows are; and the task's loss leaves pairs of one
+  caption out of each other's negatives (digits: 60 captions, so a batch of 32 repeats some)."""
+  from jaxlab.losses import contrastive
+  config = load_config("contrastive_digits", TINY + [f"--config.data.data_dir={tfds_dir}",
+                                                     f"--config.model.loss={loss}",
+                                                     "--config.model.loss_impl=dense"])
+  task = ct.build(config)
+  for pairs, batch in ((task.train_pairs, next(task.train_iterator())),
+                       (task.test_pairs, next(task.eval_iterator()))):
+    tokens_N = task.tokens(pairs.captions)
+    for r in range(len(batch["images"])):
+      same_image = np.flatnonzero((pairs.images_NHWC == batch["images"][r]).all(axis=(1, 2, 3)))
+      assert any((tokens_N[n] == batch["tokens"][r]).all() for n in same_image), r
+    same_tokens = (batch["tokens"][:, None] == batch["tokens"][None]).all(-1)
+    np.testing.assert_array_equal(batch["caption_ids"][:, None] == batch["caption_ids"][None],
+                                  same_tokens)
+  assert (same_tokens.sum() - len(same_tokens)) > 0  # the eval batch does repeat captions
+  params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x),
+                                  task.init_params(jax.random.PRNGKey(0)),
+                                  is_leaf=lambda x: hasattr(x, "value"))
+  if loss == "siglip":  # at the init bias -10 a negative's term is ~5e-5: make them count
+    params = {**params, "bias": np.float32(0.0)}
+  image_BE, text_BE = task.model.apply({"params": params}, batch["images"], batch["tokens"])
+  scalars = ([params["log_scale"]] if loss == "clip" else
+             [params["log_temperature"], params["bias"]])
+  fn = contrastive.clip_loss if loss == "clip" else contrastive.siglip_loss
+  with_ids = fn(image_BE, text_BE, *scalars, text_ids_B=batch["caption_ids"])
+  value = task.loss(params, batch, jax.random.PRNGKey(0), train=False)[0]
+  np.testing.assert_allclose(value, with_ids, rtol=1e-6)
+  assert not np.isclose(value, fn(image_BE, text_BE, *scalars), rtol=1e-3)
+
+
 def test_zero_shot_accuracy_and_recall_by_hand():
   e = np.eye(3)
   image_NE = np.array([e[0], e[1], e[2], e[0]])
   prompt_CTE = np.stack([np.stack([e[c], e[c]]) for c in range(3)])
   assert ct.zero_shot_accuracy(image_NE, prompt_CTE, [0, 1, 2, 1]) == 0.75
+  # Classes are compared by direction: class 0's prompts average to 3 e0, class 1's to e1; the image
+  # (0.4, 0.6) is closer in angle to e1, though its dot product with 3 e0 is larger.
+  image = np.array([[0.4, 0.6, 0.0]]) / np.linalg.norm([0.4, 0.6])
+  prompts = np.stack([np.stack([3 * e[0], 3 * e[0]]), np.stack([e[1], e[1]]),
+                      np.stack([e[2], e[2]])])
+  assert ct.zero_shot_accuracy(image, prompts, [1]) == 1.0
   # Text candidates: groups 10, 11, 12 embedded on axes 0, 1, 2. Image 3 (axis 0) belongs to group 11.
   groups_img = np.array([10, 11, 12, 11])
   text_CE, groups_txt = np.array([e[0], e[1], e[2] - 0.1 * e[0]]), np.array([10, 11, 12])
