@@ -7,6 +7,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlab.layers.attention import REWIND_VARIABLES
 from jaxlab.models.gpt import MTP_BLOCK_PREFIX
@@ -30,6 +31,10 @@ def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -
   if not (top_k and top_k < vocab) and top_p >= 1.0:
     return logits_BV
   neg_inf = jnp.finfo(logits_BV.dtype).min
+  out_dtype = logits_BV.dtype
+  # The nucleus's softmax and running sum in float32: in float16 the sum stalls below top_p (so nothing
+  # was cut), in bfloat16 the kept mass could fall short of it.
+  logits_BV = logits_BV.astype(jnp.promote_types(logits_BV.dtype, jnp.float32))
   rows_B1 = jnp.arange(logits_BV.shape[0])[:, None]
   keep_BV = jnp.ones(logits_BV.shape, bool)
   if top_k and top_k < vocab:  # lax.top_k ranks equal values by index, the lower first
@@ -45,7 +50,7 @@ def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -
     mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
     kept_B1 = jnp.sum(mass_before_BV < top_p, axis=-1, keepdims=True)  # a prefix of the order
     keep_BV = keep_BV & (rank_BV < kept_B1)
-  return jnp.where(keep_BV, logits_BV, neg_inf)
+  return jnp.where(keep_BV, logits_BV, neg_inf).astype(out_dtype)
 
 
 def scale_logits(logits_BV: jax.Array, temperature: float) -> jax.Array:
@@ -64,6 +69,8 @@ def sample_token(key: jax.Array, logits_BV: jax.Array, *, temperature: float = 1
   """One token id per row, int32 [B]; temperature 0 is greedy (argmax), a negative one is refused."""
   if jnp.ndim(logits_BV) != 2:
     raise ValueError(f"logits_BV must be [batch, vocab], got shape {jnp.shape(logits_BV)}")
+  if top_k < 0 or not 0.0 < top_p <= 1.0:
+    raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
   if temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = filter_logits(scale_logits(logits_BV, temperature), top_k=top_k, top_p=top_p)
@@ -112,6 +119,29 @@ def check_prompt(prompt_BP, num_tokens: int) -> tuple[jax.Array, int, int]:
   return prompt_BP, b, p
 
 
+def check_prompt_ids(prompt_BP, vocab_size: int) -> None:
+  """ValueError naming prompt_BP if a concrete prompt holds a token id outside [0, vocab_size): the
+  embedding lookup would give NaN (id >= V) or silently another token's row (a negative id wraps).
+  A traced prompt (generation inside the caller's own jit) cannot be checked here."""
+  if isinstance(prompt_BP, jax.core.Tracer):
+    return
+  ids = np.asarray(prompt_BP)
+  if ids.size and np.issubdtype(ids.dtype, np.integer) and (ids.min() < 0 or ids.max() >= vocab_size):
+    raise ValueError(f"prompt_BP holds token ids outside [0, {vocab_size}) (the model's vocabulary): "
+                     f"min {ids.min()}, max {ids.max()}")
+
+
+def checks_prompt_ids(generate_fn):
+  """Decorator for a jitted fn(model, params, prompt_BP, ...): checks the prompt's ids against
+  model.config.vocab_size before the call (inside jit they are traced)."""
+  @functools.wraps(generate_fn)
+  def checked(model, params, prompt_BP, *args, **kwargs):
+    check_prompt_ids(prompt_BP, model.config.vocab_size)
+    return generate_fn(model, params, prompt_BP, *args, **kwargs)
+  return checked
+
+
+@checks_prompt_ids
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p"))
 def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -151,6 +181,7 @@ def generate_long(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_to
   forward pass per token; the context is cropped as in GPT-2 / nanoGPT sampling). A prompt longer than
   max_len is cropped the same way for the model, and returned whole."""
   prompt_BP = check_prompt(prompt_BP, num_tokens)[0].astype(jnp.int32)
+  check_prompt_ids(prompt_BP, model.config.vocab_size)
   if model.config.position != "learned":
     return generate(model, params, prompt_BP, key, num_tokens=num_tokens, temperature=temperature,
                     top_k=top_k, top_p=top_p)

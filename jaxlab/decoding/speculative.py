@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.decoding.draft_tree import DraftTree
-from jaxlab.decoding.sampling import check_prompt, filter_logits, init_cache, scale_logits
+from jaxlab.decoding.sampling import (check_prompt, checks_prompt_ids, filter_logits, init_cache,
+                                     scale_logits)
 from jaxlab.layers.attention import (KV_CACHE_FAMILIES, RECURRENT_APPEND_LIMIT,
                                     RECURRENT_FAMILIES)
 
@@ -209,6 +210,7 @@ def _accept_sampled(tree: DraftTree, tokens_BT, p_BTV, q_BDV, key):
 ACCEPTANCE = ("exact", "typical")
 
 
+@checks_prompt_ids
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p",
                                              "tree", "acceptance", "typical_epsilon",
                                              "typical_delta"))

@@ -62,6 +62,21 @@ FAMILY_OPTIONS = {
                      "sparse_num_global", "sparse_num_random", "sparse_seed")}
 
 
+def cache_exists(module: nn.Module, name: str) -> bool:
+  """Whether `module` decodes against an existing "cache" variable `name`: False in `init` (which
+  creates the cache), True in `apply` when the cache holds it. A decoding `apply` without it raises:
+  Flax would create a fresh, empty cache as long as the call itself, and the layer would decode with
+  no history (e.g. a cache from `init_cache(all_heads=False)` read with all_heads=True)."""
+  if module.is_initializing():
+    return False
+  if not module.has_variable("cache", name):
+    where = "/".join(module.scope.path) if module.scope is not None else type(module).__name__
+    raise ValueError(f"{where}: decode=True needs this layer's KV cache "
+                     f"(cache variable {name!r}), and the cache passed has none: build it with "
+                     "jaxlab.decoding.init_cache (all_heads=True to decode the extra heads too)")
+  return True
+
+
 def foreign_family_option(options, family: str, rename: Callable[[str], str] = lambda name: name
                           ) -> Optional[tuple[str, Any, str]]:
   """The first FAMILY_OPTIONS entry of another family than `family` that the dataclass `options`
@@ -216,6 +231,9 @@ class MultiHeadAttention(nn.Module):
                        f"in the softmax family without ReRoPE; got decode={decode}, "
                        f"prefill={prefill}, family={self.family!r}, "
                        f"rerope_window={self.rerope_window}")
+    if decode and segment_ids_BT is not None:
+      raise ValueError("segment_ids_BT do not apply with decode=True (the KV cache holds one "
+                       "sequence per batch row); decode each segment as its own row")
     if decode and self.family in RECURRENT_FAMILIES:
       out_BTNH = self._recurrent(q_BTNH, k_BTKH, v_BTKH, prefill=prefill)
     elif decode:
@@ -396,7 +414,7 @@ class MultiHeadAttention(nn.Module):
     al. 2024 sec. 2.1.2) its ancestors and itself, whose positions (not slots) then give the rotation
     and dynamic NTK's L = position + 1.
     """
-    is_initialized = self.has_variable("cache", "cached_key")
+    is_initialized = cache_exists(self, "cached_key")
     b, t, kh, h = k_BTKH.shape
     if append_mask_TT is not None:
       append_mask_TT = jnp.asarray(append_mask_TT, bool)
@@ -515,7 +533,7 @@ class MultiHeadAttention(nn.Module):
       empty = performer_lib.performer_init_state(b, kh, h, self.num_features)
       step = functools.partial(performer_lib.performer_attention_step, projection=projection)
       whole = functools.partial(performer_lib.performer_prefill, projection=projection)
-    is_initialized = self.has_variable("cache", "state")
+    is_initialized = cache_exists(self, "state")
     rewindable = not is_initialized or self.has_variable("cache", "state_before_append")
     state = self.variable("cache", "state", lambda: empty)
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from jaxlab import positions as positions_lib
 from jaxlab.attention import gau as gau_lib
+from jaxlab.layers.attention import cache_exists
 from jaxlab.layers.dense import Dense
 
 POSITIONS = ("none", "rope")
@@ -199,7 +200,7 @@ class FlashLayer(nn.Module):
 
   def _decode(self, qq, qk, lq, lk, v, full, opts):
     """Causal FLASH against the decoding state in the "cache" collection (see the class docstring)."""
-    is_initialized = self.has_variable("cache", "linear")
+    is_initialized = cache_exists(self, "linear")
     b, t, kh, s = qk.shape
     zero = gau_lib.flash_init_state(b, kh, s, v.shape[-1], self.chunk_size, qk.dtype)
     cache = [self.variable("cache", name, lambda x=x: x) for name, x in zip(zero._fields, zero)]

@@ -75,3 +75,35 @@ def test_bad_arguments():
     filter_logits(jnp.zeros((1, 3)), top_p=0.0)
   with pytest.raises(ValueError, match="logits must be"):
     filter_logits(jnp.zeros((3,)))
+
+
+def test_the_nucleus_boundary_and_16_bit_logits():
+  """A token is kept while the mass before it is < top_p: at probabilities [.5, .25, .25] and
+  top_p = 0.75 the third token is cut (the mass before it is exactly 0.75). 16-bit logits get the
+  float32 nucleus (in float16 the running sum stalled below 0.9 and nothing was cut)."""
+  logits = jnp.log(jnp.array([[0.5, 0.25, 0.25]]))
+  kept = np.asarray(filter_logits(logits, top_p=0.75)) > -1e30
+  np.testing.assert_array_equal(kept, [[True, True, False]])
+  wide = jax.random.normal(jax.random.key(3), (4, 4096)) * 2.0
+  for dtype in (jnp.float16, jnp.bfloat16):
+    low = wide.astype(dtype)
+    got = filter_logits(low, top_p=0.9)
+    assert got.dtype == dtype
+    want = filter_logits(low.astype(jnp.float32), top_p=0.9) > -1e30
+    np.testing.assert_array_equal(np.asarray(got) > np.finfo(dtype).min, want)
+    assert not np.asarray(want).all()
+
+
+def test_prompt_ids_outside_the_vocabulary_and_bad_filters_at_temperature_0_are_refused():
+  from jaxlab.decoding.sampling import generate, generate_long
+  from jaxlab.models.gpt import GPT, GPTConfig
+  model = GPT(GPTConfig(vocab_size=11, num_layers=1, width=16, num_heads=2, num_kv_heads=2,
+                        max_len=16))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  for prompt in ([[1, 2, 11]], [[1, -3, 2]]):
+    for fn in (generate, generate_long):
+      with pytest.raises(ValueError, match="prompt_BP holds token ids outside \\[0, 11\\)"):
+        fn(model, params, prompt, jax.random.key(0), num_tokens=2)
+  assert generate(model, params, [[1, 2, 10]], jax.random.key(0), num_tokens=2).shape == (1, 5)
+  with pytest.raises(ValueError, match="top_p"):
+    sample_token(jax.random.key(0), jnp.zeros((1, 3)), temperature=0.0, top_p=5.0)

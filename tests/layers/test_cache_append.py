@@ -213,3 +213,18 @@ def test_writing_past_the_cache_end_gives_nan(name, kw):
   _, cache = _chunked(layer, params, x_long, (fits - 2,), cache=_empty_cache(layer, x))
   across, _ = _chunked(layer, params, x_long, (3,), cache=cache, start=fits - 2)
   assert np.all(np.isnan(np.asarray(across)))
+
+
+@pytest.mark.parametrize("name,kw", [CASES[0], CASES[8]], ids=["kv_cache", "recurrent"])
+def test_decoding_without_the_layers_cache_and_with_segment_ids_is_refused(name, kw):
+  """Decoding needs the cache that init built: without it, Flax would create an empty one as long
+  as the call and the layer would decode with no history. Segment ids were dropped silently in
+  decoding (the cache holds one sequence per row)."""
+  layer, x = _layer(**kw), _x()
+  params = _params(layer, x)
+  with pytest.raises(ValueError, match="needs this layer's KV cache"):
+    layer.apply({"params": params}, x[:, :1], _pos(0, 1), decode=True, mutable=["cache"])
+  segments = jnp.zeros((B, 2), jnp.int32)
+  with pytest.raises(ValueError, match="segment_ids_BT do not apply with decode=True"):
+    layer.apply({"params": params, "cache": _empty_cache(layer, x)}, x[:, :2], _pos(0, 2),
+                segment_ids_BT=segments, decode=True, mutable=["cache"])

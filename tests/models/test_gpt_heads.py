@@ -202,3 +202,16 @@ def test_plain_decoding_cache_leaves_out_the_mtp_blocks():
   without = sampling.init_cache(gpt(), 2, 12)
   assert jax.tree.structure(with_heads) == jax.tree.structure(without)
   assert any(name.startswith("mtp_block_") for name in sampling.init_cache(gpt(mtp_heads=2), 2, 12))
+
+
+def test_a_cache_without_the_mtp_blocks_is_refused_when_decoding_all_heads():
+  """init_cache(all_heads=False) read with all_heads=True: the MTP blocks would have decoded against
+  fresh empty caches (no history) without an error."""
+  model = gpt(mtp_heads=2)
+  tokens = jnp.zeros((2, 3), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  cache = sampling.init_cache(model, 2, 12, all_heads=False)
+  positions = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (2, 3))
+  with pytest.raises(ValueError, match="mtp_block_1/attn: .*all_heads=True"):
+    model.apply({"params": params, "cache": cache}, tokens, positions, decode=True, all_heads=True,
+                mutable=["cache"])
