@@ -79,10 +79,11 @@ def test_tuple_overrides():
 
 def test_overrides_are_typed():
   c = load_config("lm_char", ["--config.model.num_layers=2", "--config.optim.lr=1",
-                              "--config.model.position=learned", "--config.train.tensorboard=false",
+                              "--config.model.position=xpos", "--config.train.tensorboard=false",
                               "--config.model.rope_theta=500000"])
   assert c.model.num_layers == 2 and c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
-  assert c.model.position == "learned" and c.train.tensorboard is False
+  assert c.model.position == "xpos" and c.train.tensorboard is False
+  assert c.model.rope_theta == 500000.0
 
 
 @pytest.mark.parametrize("override,key", [
@@ -291,6 +292,36 @@ def test_config_file_returning_a_dict_is_converted(tmp_path):
   with pytest.raises(ConfigError, match=r"lacks keys that task 'lm' needs: config\.data\.") as e:
     load_config(str(path), check_devices=False)
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("edit,expected", [
+    ("c['model']['use_bias'] = 'no'", "config.model.use_bias: expected bool, got 'no'"),
+    ("c['model']['dropout'] = '0.1'", "config.model.dropout: expected float, got '0.1'"),
+    ("c['model']['num_layers'] = 2.0", "config.model.num_layers: expected int, got 2.0"),
+    ("c['model']['num_layers'] = True", "config.model.num_layers: expected int, got True"),
+    ("c['model']['num_layer'] = 8", "unknown config key config.model.num_layer (did you mean "
+                                    "config.model.num_layers?)"),
+    ("c['train']['step'] = 5", "unknown config key config.train.step (did you mean "
+                               "config.train.steps?)"),
+    ("del c['model']['use_bias']", "lacks keys that task 'lm' needs: config.model.use_bias"),
+    ("del c['seed']", "lacks keys that task 'lm' needs: config.seed"),
+])
+def test_config_file_keys_and_types_are_those_of_the_task(tmp_path, capsys, edit, expected):
+  """A config file (here one returning a dict, which skips ConfigDict's own type checks) with a typo,
+  a missing key or a value of the wrong type: one line naming the key, before anything is built."""
+  path = tmp_path / "edited.py"
+  path.write_text("def get_config():\n  from jaxlab.configs.lm_char_cpu import get_config as g\n"
+                  f"  c = g().to_dict()\n  {edit}\n  return c\n")
+  assert cli.main(["train", str(path), "--workdir", str(tmp_path / "run")]) == 2
+  line = _one_error_line(capsys)
+  assert line.startswith("jaxlab: config error: ") and expected in line, line
+  assert not (tmp_path / "run").exists()
+
+
+def test_built_in_configs_have_their_tasks_keys_and_types():
+  from jaxlab.configs import available_configs, check_keys_and_types, get_config
+  for name in available_configs():
+    check_keys_and_types(get_config(name), name)
 
 
 def test_cli_config_file_that_is_not_python(tmp_path, capsys):

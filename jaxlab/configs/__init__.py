@@ -176,6 +176,7 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None 
   """
   from jaxlab.configs.validate import validate
   config = get_config(name_or_path)
+  check_keys_and_types(config, f"config {name_or_path!r}")
   config.lock()
   apply_overrides(config, overrides or [])
   resolve_data_paths(config)
@@ -245,6 +246,50 @@ def fill_defaults(saved: dict, base: dict) -> tuple[dict, dict, list[str]]:
 
   walk(saved, base, merged, "")
   return merged, filled, unknown
+
+
+def _type_problem(value, default) -> str | None:
+  """Why `value` cannot stand where the task's default is `default` (None if it can): the rule of
+  the command-line overrides (an int is a float too; a bool is no int; a list or tuple for either)."""
+  if default is None:
+    return None
+  if isinstance(default, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(default, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(default, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  elif isinstance(default, (list, tuple)):
+    ok = isinstance(value, (list, tuple))
+  else:
+    ok = isinstance(value, type(default))
+  return None if ok else f"expected {type(default).__name__}, got {value!r}"
+
+
+def check_keys_and_types(config, what: str) -> None:
+  """A config (e.g. from a user's file, maybe written as a dict) against today's defaults of its task:
+  a key the task lacks (a typo), a key it needs, or a value of another type than the default's is a
+  ConfigError naming the key. A config of no known task is left to `validate`, which names the task."""
+  import difflib
+  found = base_config_for_task(config.get("task"))
+  if found is None:
+    return
+  base, given = flatten(found[1]), flatten(config)
+  for key in given:
+    if key not in base:
+      close = difflib.get_close_matches(key, list(base), n=1)
+      hint = f" (did you mean config.{close[0]}?)" if close else ""
+      raise ConfigError(f"{what}: unknown config key config.{key}{hint}; task {config.task!r} "
+                        f"has the keys of jaxlab/configs/{found[0]}.py")
+  missing = sorted(set(base) - set(given))
+  if missing:
+    shown = ", ".join(f"config.{k}" for k in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    raise ConfigError(f"{what} lacks keys that task {config.task!r} needs: {shown} "
+                      f"(see jaxlab/configs/{found[0]}.py)")
+  for key, value in given.items():
+    problem = _type_problem(value, base[key])
+    if problem:
+      raise ConfigError(f"config.{key}: {problem} (in {what})")
 
 
 def _missing_keys_message(what: str, config, error: BaseException) -> str:

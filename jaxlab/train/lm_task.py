@@ -160,6 +160,11 @@ def validate(config, require) -> None:
   require(isinstance(m.rope_theta, (int, float)) and math.isfinite(m.rope_theta)
           and m.rope_theta > 0, f"config.model.rope_theta={m.rope_theta!r} must be a finite "
                                 "number > 0")
+  _refuse_unused_model_options(m, require)
+  if m.attention == "flash" and m.position == "rope":
+    require(m.gau_qk_dim >= 2 and m.gau_qk_dim % 2 == 0,
+            f"config.model.gau_qk_dim={m.gau_qk_dim} must be even (and >= 2) for "
+            "config.model.position='rope': FLASH rotates its shared Z in pairs")
   require(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout} must be in [0, 1)")
   for key in ("mtp_heads", "medusa_heads"):
     value = m[key]
@@ -232,6 +237,31 @@ def validate(config, require) -> None:
     for key in ("typical_epsilon", "typical_delta"):
       require(math.isfinite(s[key]) and s[key] >= 0,
               f"config.sample.{key}={s[key]!r} must be a finite number >= 0")
+
+
+# Options that only one attention family reads (config.model's names), and what reads rope_theta.
+FLASH_OPTIONS = ("gau_qk_dim", "flash_chunk", "gau_kind", "gau_offset_init")
+ROPE_THETA_POSITIONS = ("rope", "xpos")
+
+
+def _refuse_unused_model_options(m, require) -> None:
+  """An option of another attention family than config.model.attention, or rope_theta without a
+  position that rotates, set away from its default: it would be dropped (gpt_from_config passes the
+  chosen family's options only), so config.model.attention_window=2 with softmax trained full
+  attention without a word."""
+  from jaxlab.configs import base_config_for_task
+  from jaxlab.layers.attention import FAMILY_OPTIONS
+  from jaxlab.models.gpt import _gpt_option
+  defaults = base_config_for_task("lm")[1].model
+  owners = {**{_gpt_option(name): family for family, names in FAMILY_OPTIONS.items()
+               for name in names}, **{name: "flash" for name in FLASH_OPTIONS}}
+  for key, family in owners.items():
+    require(family == m.attention or m[key] == defaults[key],
+            f"config.model.{key}={m[key]!r} applies to config.model.attention={family!r}, not "
+            f"{m.attention!r} (it would be ignored); leave it at {defaults[key]!r}")
+  require(m.position in ROPE_THETA_POSITIONS or m.rope_theta == defaults.rope_theta,
+          f"config.model.rope_theta={m.rope_theta!r} applies to config.model.position in "
+          f"{ROPE_THETA_POSITIONS}, not {m.position!r} (it would be ignored)")
 
 
 def validate_devices(config, require) -> None:

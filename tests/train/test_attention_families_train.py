@@ -9,14 +9,19 @@ import pytest
 from jaxlab.train import trainer
 
 
-@pytest.mark.parametrize("family", ["local", "linear", "performer", "flash", "block_sparse"])
+# Each family's own options (another family's, set away from the default, is a config error).
+FAMILY_OVERRIDES = {
+    "local": ["--config.model.attention_window=4"], "linear": [],
+    "performer": ["--config.model.num_features=16"],
+    "flash": ["--config.model.gau_qk_dim=16", "--config.model.flash_chunk=8"],
+    "block_sparse": ["--config.model.sparse_layout=bigbird", "--config.model.sparse_block_size=4"]}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_OVERRIDES))
 def test_lm_trains_and_samples_with_each_family(family, tiny_lm_config, tmp_path):
-  config = tiny_lm_config(f"--config.model.attention={family}", "--config.model.attention_window=4",
-                          "--config.model.sparse_layout=bigbird", "--config.model.sparse_block_size=4",
-                          "--config.model.num_features=16", "--config.train.steps=12",
-                          "--config.model.gau_qk_dim=16", "--config.model.flash_chunk=8",
-                          "--config.train.eval_every=12", "--config.optim.lr=0.01",
-                          "--config.sample.prompt=the ")
+  config = tiny_lm_config(f"--config.model.attention={family}", *FAMILY_OVERRIDES[family],
+                          "--config.train.steps=12", "--config.train.eval_every=12",
+                          "--config.optim.lr=0.01", "--config.sample.prompt=the ")
   result = trainer.train(config, tmp_path, progress=False)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_losses = [r["train_loss"] for r in records if "train_loss" in r]
@@ -37,3 +42,20 @@ def test_block_sparse_options_are_validated(override, key, tiny_lm_config):
   from jaxlab.configs import ConfigError
   with pytest.raises(ConfigError, match=re.escape(key)):
     tiny_lm_config("--config.model.attention=block_sparse", override)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["--config.model.attention_window=2"], "config.model.attention_window=2 applies to "
+                                            "config.model.attention='local', not 'softmax'"),
+    (["--config.model.attention=linear", "--config.model.num_features=8"], "config.model.num_features"),
+    (["--config.model.gau_qk_dim=32"], "config.model.gau_qk_dim"),
+    (["--config.model.position=learned", "--config.model.rope_theta=500"], "config.model.rope_theta"),
+    (["--config.model.attention=flash", "--config.model.gau_qk_dim=3"], "config.model.gau_qk_dim=3 "
+                                                                        "must be even"),
+])
+def test_options_that_would_be_ignored_are_refused(overrides, key, tiny_lm_config):
+  """gpt_from_config passes the chosen family's options only: another family's, or rope_theta
+  without a rotating position, trained the default model without a word."""
+  from jaxlab.configs import ConfigError
+  with pytest.raises(ConfigError, match=re.escape(key)):
+    tiny_lm_config(*overrides)
