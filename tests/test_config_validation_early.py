@@ -23,6 +23,8 @@ def early(name, *overrides):
     ("made", "--config.seed=4294967296", "config.seed"),
     ("lm_char_cpu", "--config.model.rope_theta=-1.0", "config.model.rope_theta"),
     ("lm_char_cpu", "--config.model.rope_theta=1e999", "config.model.rope_theta"),
+    ("lm_char", "--config.model.logit_soft_cap=1e400", "config.model.logit_soft_cap"),  # inf passed
+    ("lm_char", "--config.model.rope_scaling_factor=1e400", "config.model.rope_scaling_factor"),
     ("contrastive_digits", "--config.data.batch_size=400", "config.data.batch_size"),
 ])
 def test_bad_values_name_the_key(name, override, key):

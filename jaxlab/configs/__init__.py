@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import math
 import os
 import pathlib
 
@@ -98,6 +99,8 @@ def _parse_value(text: str, current):
     raise ValueError(f"expected {type(current).__name__}, got {text!r}") from None
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
+  if isinstance(value, float) and not math.isfinite(value):  # 1e400 parses as inf
+    raise ValueError(f"expected a finite number, got {text!r}")
   if isinstance(current, (list, tuple)):
     if not isinstance(value, (list, tuple)):
       value = (value,)  # --config.model.hidden=500 means (500,)

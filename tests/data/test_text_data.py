@@ -92,6 +92,21 @@ def test_a_python_source_tree_is_deterministic_split_by_file_and_rebuilt_when_ed
   assert "VALUE_0" in again.vocab.decode(np.concatenate([again.train, again.validation]))
 
 
+def test_a_file_of_several_chunks_reads_back_in_order(tfds_dir, tmp_path):
+  """Files are stored in CHUNK_CHARS pieces: the split must join them in file order (TFDS shuffles
+  examples unless told not to), so the train and validation text are the file's own."""
+  rng = np.random.default_rng(0)
+  words = ["".join(rng.choice(list("abcdefghij"), size=rng.integers(1, 9))) for _ in range(200)]
+  raw = " ".join(f"{i}:{words[i % 200]}" for i in range(3 * text_builders.CHUNK_CHARS // 8))
+  assert len(raw) > 2 * text_builders.CHUNK_CHARS  # three chunks at least
+  path = tmp_path / "long.txt"
+  path.write_text(raw)
+  corpus = text.load_corpus(data_cfg(path=str(path), data_dir=str(tfds_dir)))
+  cut = int(len(raw) * 0.9)
+  assert corpus.vocab.decode(corpus.train) == raw[:cut]
+  assert corpus.vocab.decode(corpus.validation) == raw[cut:]
+
+
 def test_shared_tiny_shakespeare_split_matches_the_usual_one(tfds_dir):
   from conftest import SHARED_DATA
   path = SHARED_DATA / "tinyshakespeare" / "input.txt"
@@ -168,6 +183,13 @@ def test_eval_batches_are_fixed():
   assert len(a) == 3
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["inputs"], y["inputs"])
+  # The seed chooses the windows (a shuffled sample of the split, not its first windows in order).
+  c = list(pipeline.eval_batches(tokens, seq_len=8, batch_size=4, num_batches=3, seed=1))
+  assert not all(np.array_equal(x["inputs"], z["inputs"]) for x, z in zip(a, c))
+  starts = np.concatenate([x["inputs"][:, 0] for x in a])
+  assert not np.array_equal(starts, np.sort(starts))
+  np.testing.assert_array_equal(np.concatenate([x["targets"] for x in a]),
+                                np.concatenate([x["inputs"] for x in a]) + 1)
 
 
 def test_too_short_split_is_reported():
