@@ -173,6 +173,14 @@ def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens:
   return jnp.concatenate([prompt_BP.astype(jnp.int32), tokens.T], axis=1)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k", "top_p"))
+def _next_token_full_pass(model, params, window_BT, key, *, temperature, top_k, top_p):
+  """The next token after window_BT by a full forward pass (compiled once per model and settings,
+  with the parameters as an argument, not baked into the program)."""
+  logits = model.apply({"params": params}, window_BT)
+  return sample_token(key, logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p)
+
+
 def generate_long(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens: int,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
   """Like `generate` (-> int32 [B, P + num_tokens], the whole prompt first), but a model with a learned
@@ -195,16 +203,12 @@ def generate_long(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_to
   if num_tokens == first:
     return tokens
 
-  @jax.jit
-  def next_token(window_BT, key):
-    logits = model.apply({"params": params}, window_BT)
-    return sample_token(key, logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p)
-
   out = [tokens]
   window = tokens[:, -limit:]
   for _ in range(num_tokens - first):
     key, sub = jax.random.split(key)
-    token = next_token(window, sub)[:, None]
+    token = _next_token_full_pass(model, params, window, sub, temperature=temperature, top_k=top_k,
+                                  top_p=top_p)[:, None]
     out.append(token)
     window = jnp.concatenate([window[:, 1:], token], axis=1)
   return jnp.concatenate(out, axis=1)
