@@ -301,6 +301,8 @@ def test_config_file_returning_a_dict_is_converted(tmp_path):
     ("c['model']['num_layers'] = True", "config.model.num_layers: expected int, got True"),
     ("c['model']['num_layer'] = 8", "unknown config key config.model.num_layer (did you mean "
                                     "config.model.num_layers?)"),
+    ("c['optim']['weight_decy'] = 0.0", "unknown config key config.optim.weight_decy (did you mean "
+                                        "config.optim.weight_decay?)"),
     ("c['train']['step'] = 5", "unknown config key config.train.step (did you mean "
                                "config.train.steps?)"),
     ("del c['model']['use_bias']", "lacks keys that task 'lm' needs: config.model.use_bias"),
@@ -401,11 +403,44 @@ def test_older_workdir_config_gets_todays_defaults(tmp_path, tiny_corpus, tiny_c
 
 
 def test_workdir_config_keeps_a_key_of_its_own(tmp_path, tiny_cli_overrides):
-  """A user's config file may carry extra keys; its workdir still loads for eval/sample."""
+  """A user's config file may carry extra keys (ones that are no typo of the task's); it loads, and
+  its workdir still loads for eval/sample."""
   def add(config):
     config["model"]["wobble"] = 3
   workdir = _handwritten_workdir(tmp_path, tiny_cli_overrides, add)
   assert cli._load_workdir_config(workdir, []).model.wobble == 3
+  path = tmp_path / "own_keys.py"
+  path.write_text("def get_config():\n  from jaxlab.configs.lm_char_cpu import get_config as g\n"
+                  "  c = g()\n  c.model.wobble = 3\n  c.notes = 'mine'\n  return c\n")
+  config = load_config(str(path), check_devices=False)
+  assert config.model.wobble == 3 and config.notes == "mine"
+
+
+def test_config_file_without_the_keys_read_with_a_default_loads(tmp_path):
+  """Keys added later and read with a default (loss scaling, microbatches, keep_best) may be absent
+  from a config file written before them."""
+  from jaxlab.configs import OPTIONAL_KEYS
+  path = tmp_path / "older.py"
+  path.write_text("def get_config():\n  from jaxlab.configs.lm_char_cpu import get_config as g\n"
+                  "  c = g().to_dict()\n  for key in ('loss_scale', 'loss_scale_period', "
+                  "'loss_scale_init'):\n    del c['optim'][key]\n  del c['train']['microbatches']\n"
+                  "  del c['train']['keep_best']\n  return c\n")
+  assert {"optim.loss_scale", "train.microbatches", "train.keep_best"} <= set(OPTIONAL_KEYS)
+  config = load_config(str(path), check_devices=False)
+  assert "microbatches" not in config.train
+
+
+def test_a_workdir_saved_with_another_familys_option_still_loads(tmp_path, tiny_cli_overrides):
+  """attention_window with softmax is refused for a new run (it would be ignored), but a workdir an
+  older jaxlab saved that way trained full attention and still evaluates, samples and resumes."""
+  def add(config):
+    config["model"]["attention_window"] = 32
+  workdir = _handwritten_workdir(tmp_path, tiny_cli_overrides, add)
+  config = cli._load_workdir_config(workdir, [])
+  assert config.model.attention == "softmax" and config.model.attention_window == 32
+  with pytest.raises(ConfigError, match="config.model.attention_window=32 applies to"):
+    load_config("lm_char", tiny_cli_overrides + ["--config.model.attention_window=32"],
+                check_devices=False)
 
 
 @pytest.mark.parametrize("flags,flag", [

@@ -184,7 +184,7 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None 
   apply_overrides(config, overrides or [])
   resolve_data_paths(config)
   try:
-    validate(config, check_devices=check_devices)
+    validate(config, check_devices=check_devices, new_run=True)
   except (KeyError, AttributeError) as e:  # a config (file) without a key that the checks read
     raise ConfigError(_missing_keys_message(f"config {name_or_path!r}", config, e)) from None
   return config
@@ -269,28 +269,44 @@ def _type_problem(value, default) -> str | None:
   return None if ok else f"expected {type(default).__name__}, got {value!r}"
 
 
+# Keys that the code reads with a default (configs written before they existed still run).
+OPTIONAL_KEYS = ("optim.loss_scale", "optim.loss_scale_period", "optim.loss_scale_init",
+                 "train.microbatches", "train.keep_best", "sample.speculative")
+
+
+def _misspelt(key: str, known) -> str | None:
+  """The known key that `key` (not known) is most likely a typo of: same section, a leaf name at
+  least 80% alike (num_layer -> num_layers); None for a key that is simply a user's own."""
+  import difflib
+  section, _, leaf = key.rpartition(".")
+  leaves = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == section]
+  close = difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.8)
+  return f"{section}.{close[0]}" if close and section else (close[0] if close else None)
+
+
 def check_keys_and_types(config, what: str) -> None:
   """A config (e.g. from a user's file, maybe written as a dict) against today's defaults of its task:
-  a key the task lacks (a typo), a key it needs, or a value of another type than the default's is a
-  ConfigError naming the key. A config of no known task is left to `validate`, which names the task."""
-  import difflib
+  a key that looks like a typo of one of the task's keys, a key the task needs (but OPTIONAL_KEYS), or
+  a value of another type than the default's is a ConfigError naming the key. Other keys of the
+  file's own are kept (with_task_defaults keeps them too). A config of no known task is left to
+  `validate`, which names the task."""
   found = base_config_for_task(config.get("task"))
   if found is None:
     return
   base, given = flatten(found[1]), flatten(config)
   for key in given:
     if key not in base:
-      close = difflib.get_close_matches(key, list(base), n=1)
-      hint = f" (did you mean config.{close[0]}?)" if close else ""
-      raise ConfigError(f"{what}: unknown config key config.{key}{hint}; task {config.task!r} "
-                        f"has the keys of jaxlab/configs/{found[0]}.py")
-  missing = sorted(set(base) - set(given))
+      typo_of = _misspelt(key, base)
+      if typo_of is not None:
+        raise ConfigError(f"{what}: unknown config key config.{key} (did you mean "
+                          f"config.{typo_of}?)")
+  missing = sorted(set(base) - set(given) - set(OPTIONAL_KEYS))
   if missing:
     shown = ", ".join(f"config.{k}" for k in missing[:5]) + (", ..." if len(missing) > 5 else "")
     raise ConfigError(f"{what} lacks keys that task {config.task!r} needs: {shown} "
                       f"(see jaxlab/configs/{found[0]}.py)")
   for key, value in given.items():
-    problem = _type_problem(value, base[key])
+    problem = _type_problem(value, base[key]) if key in base else None
     if problem:
       raise ConfigError(f"config.{key}: {problem} (in {what})")
 

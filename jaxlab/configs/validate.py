@@ -69,10 +69,17 @@ def _require_no_bools_for_ints(config, flat: dict) -> None:
       raise ConfigError(f"config.{key}={value!r} must be an int, not a bool")
 
 
-def validate(config, *, check_devices: bool = True) -> None:
-  """Every check of the config (ConfigError, one line, on the first failure)."""
+def validate(config, *, check_devices: bool = True, new_run: bool = False) -> None:
+  """Every check of the config (ConfigError, one line, on the first failure). new_run: also the task's
+  `validate_new_run` checks, for a config about to start a run (settings that a saved workdir may
+  hold from an older jaxlab, and that its checkpoints depend on, are refused only there)."""
   try:
     _validate(config, check_devices)
+    if new_run:
+      from jaxlab.train import tasks
+      check_new = getattr(tasks.task_module(config.task), "validate_new_run", None)
+      if check_new is not None:
+        check_new(config, require)
   except TypeError as e:  # a value of a type no check expected (e.g. a tuple of strings for ints)
     raise ConfigError(f"a config value has the wrong type for its key ({e}); compare the overrides "
                       "with the config's defaults") from None

@@ -160,7 +160,6 @@ def validate(config, require) -> None:
   require(isinstance(m.rope_theta, (int, float)) and math.isfinite(m.rope_theta)
           and m.rope_theta > 0, f"config.model.rope_theta={m.rope_theta!r} must be a finite "
                                 "number > 0")
-  _refuse_unused_model_options(m, require)
   if m.attention == "flash" and m.position == "rope":
     require(m.gau_qk_dim >= 2 and m.gau_qk_dim % 2 == 0,
             f"config.model.gau_qk_dim={m.gau_qk_dim} must be even (and >= 2) for "
@@ -244,15 +243,17 @@ FLASH_OPTIONS = ("gau_qk_dim", "flash_chunk", "gau_kind", "gau_offset_init")
 ROPE_THETA_POSITIONS = ("rope", "xpos")
 
 
-def _refuse_unused_model_options(m, require) -> None:
-  """An option of another attention family than config.model.attention, or rope_theta without a
-  position that rotates, set away from its default: it would be dropped (gpt_from_config passes the
+def validate_new_run(config, require) -> None:
+  """Checks for a config about to start a run, not for a saved workdir's (see configs.validate):
+  an option of another attention family than config.model.attention, or rope_theta without a
+  position that rotates, set away from its default would be dropped (gpt_from_config passes the
   chosen family's options only), so config.model.attention_window=2 with softmax trained full
-  attention without a word."""
-  from jaxlab.configs import base_config_for_task
+  attention without a word. A workdir saved that way by an older jaxlab still evaluates, samples and
+  resumes (its model is the one it trained)."""
+  from jaxlab.configs.lm_char import get_config as lm_defaults
   from jaxlab.layers.attention import FAMILY_OPTIONS
   from jaxlab.models.gpt import _gpt_option
-  defaults = base_config_for_task("lm")[1].model
+  m, defaults = config.model, lm_defaults().model
   owners = {**{_gpt_option(name): family for family, names in FAMILY_OPTIONS.items()
                for name in names}, **{name: "flash" for name in FLASH_OPTIONS}}
   for key, family in owners.items():

@@ -9,7 +9,9 @@ A task module defines
   tensor_units(config) -> int | None: how many units the mesh's tensor axis must divide (LM: kv heads),
       or None when the task has no tensor-parallel axis;
   validate_devices(config, require) -> None (optional): checks that need JAX's backend (e.g. an
-      attention implementation this backend lacks), run after the mesh checks.
+      attention implementation this backend lacks), run after the mesh checks;
+  validate_new_run(config, require) -> None (optional): checks for a config about to start a run
+      only (`load_config`), not for a saved workdir's, which may hold what an older jaxlab allowed.
 The task object also defines data_fingerprint() -> str | None (a digest of the data it trains and
 evaluates on, or None when it holds none, e.g. an LM built for sampling: kept in
 WORKDIR/data_fingerprint.txt, and compared across the processes of a multi-process run) and may define `finish(params) -> str | None` (printed at the end of `jaxlab train`),
