@@ -876,7 +876,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--data-dir", type=str, default="", help="TFDS data_dir for the built pairs")
   parser.add_argument("--out", type=str, default=str(RESULTS))
   parser.add_argument("--tier-b-only", action="store_true",
-                      help="re-run tier B only, keeping tier A and memory from <out>/<stem>.json")
+                      help="re-run tier B only, keeping tier A and memory from <out>/<stem>.json "
+                      "(with that file's settings: the other settings flags are ignored)")
   parser.add_argument("--report-only", action="store_true",
                       help="re-render <out>/<stem>.md and .png from <out>/<stem>.json (no training)")
   args = parser.parse_args(argv)

@@ -138,6 +138,9 @@ def checks_prompt_ids(generate_fn):
   def checked(model, params, prompt_BP, *args, **kwargs):
     check_prompt_ids(prompt_BP, model.config.vocab_size)
     return generate_fn(model, params, prompt_BP, *args, **kwargs)
+  for name in ("lower", "trace", "eval_shape"):  # the jitted function's own (unchecked) entry points
+    if hasattr(generate_fn, name):
+      setattr(checked, name, getattr(generate_fn, name))
   return checked
 
 
@@ -188,8 +191,9 @@ def generate_long(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_to
   with the KV cache; after that each further token is conditioned on the last max_len tokens (a full
   forward pass per token; the context is cropped as in GPT-2 / nanoGPT sampling). A prompt longer than
   max_len is cropped the same way for the model, and returned whole."""
-  prompt_BP = check_prompt(prompt_BP, num_tokens)[0].astype(jnp.int32)
-  check_prompt_ids(prompt_BP, model.config.vocab_size)
+  prompt_BP = check_prompt(prompt_BP, num_tokens)[0]
+  check_prompt_ids(prompt_BP, model.config.vocab_size)  # before the cast: int64 ids could wrap
+  prompt_BP = prompt_BP.astype(jnp.int32)
   if model.config.position != "learned":
     return generate(model, params, prompt_BP, key, num_tokens=num_tokens, temperature=temperature,
                     top_k=top_k, top_p=top_p)
