@@ -126,8 +126,13 @@ def _take(ids: Optional[jax.Array], idx: jax.Array, fill: int) -> jax.Array:
 
 def make_mask(q_len: int, kv_len: int, batch: int, *, causal: bool = False, window: Window = None,
               q_segment_ids=None, kv_segment_ids=None, q_lengths=None, kv_lengths=None) -> AttentionMask:
-  """Validates a mask description against the shapes it will be applied to."""
+  """Validates a mask description against the shapes it will be applied to. A window side larger
+  than Tq + Tk is stored as Tq + Tk (the same mask: positions are int32, and a "huge" side such as
+  2**31 - 1 would overflow i + right)."""
+  q_len, kv_len = int(q_len), int(kv_len)  # NumPy ints too: they are static in every kernel
   window = _check_window(window)
+  if window is not None:
+    window = tuple(None if side is None else min(side, q_len + kv_len) for side in window)
   if (q_segment_ids is None) != (kv_segment_ids is None):
     if q_segment_ids is None and q_len == kv_len:
       q_segment_ids = kv_segment_ids

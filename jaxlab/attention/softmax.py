@@ -169,12 +169,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
   check_soft_cap(logit_soft_cap, "logit_soft_cap")
   if tq == 0 or tk == 0:  # nothing to attend (xla would agree; the tiled ones cannot tile it)
     return jnp.zeros((b, tq, n, h), q.dtype)
+  traced_cap = isinstance(logit_soft_cap, jax.core.Tracer)
   if implementation is None:
     from jaxlab.attention import flash
     if flash.supports(q, k, v, bias=bias, soft_cap=logit_soft_cap)[0]:
       implementation = "pallas"
+    elif traced_cap:  # the tiled implementations compile the cap in; xla takes it as an array
+      implementation = "xla"
     else:
       implementation = choose_implementation(tq, tk)
+  if traced_cap and implementation != "xla":
+    raise ValueError(f"implementation={implementation!r} needs a static logit_soft_cap (a Python "
+                     "float); a traced one works with 'xla' (or implementation=None)")
   if implementation == "xla":
     return xla_attention(q, k, v, mask, bias=bias, scale=scale, soft_cap=logit_soft_cap)
   try:

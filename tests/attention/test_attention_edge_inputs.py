@@ -168,3 +168,52 @@ def test_a_soft_cap_must_be_finite_and_positive(cap):
   for fn in (blockwise_attention, xla_attention):
     with pytest.raises(ValueError, match="soft_cap must be a finite number > 0"):
       fn(q, k, v, masks.make_mask(q.shape[1], k.shape[1], q.shape[0]), scale=0.5, soft_cap=cap)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_segment_ids_at_the_int32_extremes_stay_distinct(implementation):
+  """Ids -2**31 + 1 and 2**31 - 1 are different segments: the Pallas kernels renumber ids by rank
+  (they shifted negative ids down by 2, which wrapped the first onto the second)."""
+  q, k, v = _qkv()
+  lo, hi = -2**31 + 1, 2**31 - 1
+  seg = jnp.asarray([[lo] * 4 + [hi] * 4, [hi, lo] * 4], jnp.int32)
+  visible = np.asarray(seg)[:, :, None] == np.asarray(seg)[:, None, :]
+  got = dot_product_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
+                              implementation=implementation)
+  np.testing.assert_allclose(got, _naive(q, k, v, visible), atol=2e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_window_side_past_every_distance_means_unbounded(implementation):
+  """window=(0, 2**31 - 1), a natural 'unbounded', overflowed i + right in int32 (blockwise's gradients
+  came out inf); any side >= Tq + Tk is the same mask as None, in value and gradient."""
+  q, k, v = _qkv(tq=6, tk=9)
+  for huge, same in (((0, 2**31 - 1), (0, None)), ((2**31 - 1, 0), (None, 0))):
+    def loss(window):
+      return lambda q, k, v: jnp.sum(jnp.sin(dot_product_attention(
+          q, k, v, window=window, implementation=implementation)))
+    got = jax.value_and_grad(loss(huge), argnums=(0, 1, 2))(q, k, v)
+    want = jax.value_and_grad(loss(same), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_numpy_integer_lengths_and_a_traced_soft_cap_at_long_lengths(monkeypatch):
+  """make_mask takes NumPy ints for Tq, Tk (blockwise read them as arrays and crashed); a traced
+  soft cap goes to xla even where the automatic choice would tile (the tiled ones compile the cap in)."""
+  from jaxlab.attention import softmax
+  from jaxlab.attention.blockwise import blockwise_attention
+  from jaxlab.attention.masks import make_mask
+  q, k, v = _qkv(tq=5, tk=5)
+  mask = make_mask(np.int64(5), np.int64(5), 2, causal=True)
+  assert type(mask.q_len) is int
+  np.testing.assert_allclose(blockwise_attention(q, k, v, mask, scale=0.25),
+                             softmax.xla_attention(q, k, v, mask, scale=0.25), atol=2e-6)
+  monkeypatch.setattr(softmax, "choose_implementation", lambda tq, tk: "blockwise")
+  capped = jax.jit(lambda q, c: dot_product_attention(q, k, v, causal=True, logit_soft_cap=c))
+  np.testing.assert_allclose(capped(q, 1.5), dot_product_attention(q, k, v, causal=True,
+                                                                   logit_soft_cap=1.5,
+                                                                   implementation="xla"), atol=2e-6)
+  with pytest.raises(ValueError, match="static logit_soft_cap"):
+    jax.jit(lambda q, c: dot_product_attention(q, k, v, logit_soft_cap=c,
+                                               implementation="blockwise"))(q, 1.5)

@@ -109,25 +109,42 @@ def _segment_ids(mask: masks_lib.AttentionMask, b: int, tqp: int, tkp: int):
   """Segment ids [B, Tqp], [B, Tkp] int32 that encode segments, valid lengths and padding, or None.
 
   A query at or past q_length (or in the padding) gets id -1, a key at or past kv_length gets -2, so
-  they never match; elsewhere the user's segment ids (or 0), with negative ids moved down by 2 on both
-  sides (one-to-one, so equal ids stay equal) so that no user id meets a fill value. Ids are taken as
-  int32 (ids below -2**31 + 2 would wrap).
+  they never match; elsewhere the user's segment ids (or 0), renumbered per batch row by their rank
+  among the row's q and kv ids (`_dense_ranks`: equal ids stay equal, distinct ones distinct, all in
+  [0, Tq + Tk)), so ids of any integer dtype and size fit the kernels' int32 without wrapping.
   """
   if (mask.q_segment_ids is None and mask.q_lengths is None and mask.kv_lengths is None):
     return None, None
+  q_ids, kv_ids = mask.q_segment_ids, mask.kv_segment_ids
+  if q_ids is not None:
+    q_ids, kv_ids = _dense_ranks(q_ids, kv_ids)
 
   def ids(seg, lengths, t, tp, fill):
     pos = jnp.arange(tp)[None, :]
-    if seg is not None:
-      seg = seg.astype(jnp.int32)
-      seg = jnp.where(seg < 0, seg - 2, seg)
     out = jnp.zeros((b, tp), jnp.int32) if seg is None else jnp.pad(
         seg, ((0, 0), (0, tp - t)), constant_values=fill)
     limit = t if lengths is None else jnp.minimum(lengths.astype(jnp.int32), t)[:, None]
     return jnp.where(pos < limit, out, fill)
 
-  return (ids(mask.q_segment_ids, mask.q_lengths, mask.q_len, tqp, -1),
-          ids(mask.kv_segment_ids, mask.kv_lengths, mask.kv_len, tkp, -2))
+  return (ids(q_ids, mask.q_lengths, mask.q_len, tqp, -1),
+          ids(kv_ids, mask.kv_lengths, mask.kv_len, tkp, -2))
+
+
+def _dense_ranks(q_ids, kv_ids):
+  """Per batch row, each id of q_ids [B, Tq] and kv_ids [B, Tk] replaced by the number of distinct
+  smaller ids in the row's q and kv ids together: int32 in [0, Tq + Tk), equal exactly where the
+  ids were (compared in their own dtype)."""
+  tq = q_ids.shape[1]
+  common = jnp.promote_types(q_ids.dtype, kv_ids.dtype)
+  both = jnp.concatenate([q_ids.astype(common), kv_ids.astype(common)], axis=1)  # [B, Tq + Tk]
+  order = jnp.argsort(both, axis=1, stable=True)
+  sorted_ids = jnp.take_along_axis(both, order, axis=1)
+  new_group = jnp.concatenate([jnp.zeros_like(sorted_ids[:, :1], dtype=jnp.int32),
+                               (sorted_ids[:, 1:] != sorted_ids[:, :-1]).astype(jnp.int32)], axis=1)
+  rank_sorted = jnp.cumsum(new_group, axis=1, dtype=jnp.int32)
+  rows = jnp.arange(both.shape[0])[:, None]
+  ranks = jnp.zeros(both.shape, jnp.int32).at[rows, order].set(rank_sorted)
+  return ranks[:, :tq], ranks[:, tq:]
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.AttentionMask, *,
