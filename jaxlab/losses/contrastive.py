@@ -50,8 +50,10 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   return (x * lax.rsqrt(jnp.maximum(sq, eps * eps))).astype(x.dtype)
 
 
-def _check_pair(a, b, name_a: str, name_b: str) -> tuple[jax.Array, jax.Array]:
-  """Both [B, D] float arrays with the same B and D; ValueError naming the argument otherwise."""
+def _check_pair(a, b, name_a: str, name_b: str, same_dim: bool = True
+                ) -> tuple[jax.Array, jax.Array]:
+  """Both [B, D] float arrays with the same B (and D, with same_dim); ValueError naming the argument
+  otherwise."""
   a, b = jnp.asarray(a), jnp.asarray(b)
   for x, name in ((a, name_a), (b, name_b)):
     if x.ndim != 2:
@@ -61,7 +63,7 @@ def _check_pair(a, b, name_a: str, name_b: str) -> tuple[jax.Array, jax.Array]:
   if a.shape[0] != b.shape[0]:
     raise ValueError(f"{name_a} and {name_b} must have the same batch size (row i of each is a "
                      f"positive pair), got {a.shape[0]} and {b.shape[0]}")
-  if a.shape[1] != b.shape[1]:
+  if same_dim and a.shape[1] != b.shape[1]:
     raise ValueError(f"{name_a} and {name_b} must have the same embedding dim, got {a.shape[1]} and "
                      f"{b.shape[1]}")
   if a.shape[0] < 1:
@@ -176,7 +178,9 @@ def infonce_loss(queries_BD: jax.Array, keys_BD: jax.Array, *, temperature: floa
   f = `score`: "cosine", "dot", or any callable (q_BD, k_BD) -> scores [B, B] (e.g. CPC's bilinear
   q W k^T with W bound in). Row i of keys is the positive of query i; the other rows are negatives.
   """
-  queries_BD, keys_BD = _check_pair(queries_BD, keys_BD, "queries_BD", "keys_BD")
+  # A callable score may compare sides of different widths (CPC's bilinear q W k^T, W [Dq, Dk]).
+  queries_BD, keys_BD = _check_pair(queries_BD, keys_BD, "queries_BD", "keys_BD",
+                                    same_dim=not callable(score))
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
   scores_BB = _score_fn(score)(queries_BD, keys_BD)

@@ -50,6 +50,8 @@ def validate(config, require) -> None:
           f"config.train.microbatches={train_microbatches(config)} must be 1 for the contrastive "
           "task: its loss couples every image with every caption of the batch")
   d, m = config.data, config.model
+  require(d.batch_size >= 2, f"config.data.batch_size={d.batch_size} must be >= 2: a contrastive "
+                             "batch of one pair has no negatives (the loss would be 0)")
   require(d.text_len >= 2, f"config.data.text_len={d.text_len} must be >= 2 (text + end token)")
   size = IMAGE_SIZE[d.name]
   require(size % m.patch == 0, f"config.model.patch={m.patch} must divide the {size}-px images of "

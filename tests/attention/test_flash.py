@@ -274,6 +274,12 @@ def test_gpu_kernels_lower_through_triton(h, dtype):
 
   text = jax.jit(f).trace(qs, ks, ks, seg).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
+  mask = make_mask(t, t, b)
+  for blocks in ((24, 64), (64, 8)):  # Triton's tl.dot needs power-of-two tiles of at least 16
+    with pytest.raises(ValueError, match="power of two >= 16"):
+      jax.jit(lambda q, k, v: flash_attention(q, k, v, mask, scale=1.0, interpret=False,
+                                              block_q=blocks[0], block_k=blocks[1])
+              ).trace(qs, ks, ks).lower(lowering_platforms=("cuda",))
 
 
 def test_gpt_runs_pallas_attention_when_configured():

@@ -154,6 +154,13 @@ def test_infonce_custom_score_and_invariances(pair):
   bilinear = C.infonce_loss(q, k, temperature=1.0, score=lambda a, b: a @ w @ b.T)
   np.testing.assert_allclose(bilinear, np_infonce(np.asarray(q @ w), np.asarray(k), 1.0, cosine=False),
                              rtol=1e-5)
+  # CPC's bilinear score between sides of different widths (context 8, future 5).
+  w85 = w[:, :5]
+  wide = C.infonce_loss(q, k[:, :5], temperature=1.0, score=lambda a, b: a @ w85 @ b.T)
+  np.testing.assert_allclose(wide, np_infonce(np.asarray(q @ w85), np.asarray(k[:, :5]), 1.0,
+                                              cosine=False), rtol=1e-5)
+  with pytest.raises(ValueError, match="same embedding dim"):
+    C.infonce_loss(q, k[:, :5])
   # Permuting the pairs together changes nothing; permuting one side breaks the pairing.
   perm = np.random.default_rng(3).permutation(16)
   np.testing.assert_allclose(C.clip_loss(q[perm], k[perm], 2.0), C.clip_loss(q, k, 2.0), rtol=1e-6)

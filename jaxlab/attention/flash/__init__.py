@@ -221,6 +221,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
       raise ValueError(f"{name} must be a positive int or None, got {value!r}")
   bq = block_q or blocks.block_q
   bk = block_k or blocks.block_k
+  if not interpret and kernel == "portable" and target == "gpu":
+    for name, value in (("block_q", bq), ("block_k", bk)):
+      if value < 16 or value & (value - 1):  # Triton's tl.dot: power-of-two tiles of at least 16
+        raise ValueError(f"{name}={value}: the compiled GPU kernel needs a power of two >= 16")
   tqp, tkp = _round_up(tq, bq), _round_up(tk, bk)
   q_seg, kv_seg = _segment_ids(mask, b, tqp, tkp)
   cfg = portable.KernelConfig(
