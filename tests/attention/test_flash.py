@@ -282,14 +282,16 @@ def test_gpu_kernels_lower_through_triton(h, dtype):
               ).trace(qs, ks, ks).lower(lowering_platforms=("cuda",))
 
 
-def test_gpt_runs_pallas_attention_when_configured():
-  """The LM with attention_impl="pallas" (rope, GQA, causal) runs the kernel and gives the xla model's
-  logits (the kernel's gradients are tested above, with the same mask and GQA)."""
+@pytest.mark.parametrize("soft_cap", [None, 0.7])
+def test_gpt_runs_pallas_attention_when_configured(soft_cap):
+  """The LM with attention_impl="pallas" (rope, GQA, causal, with and without a logit soft cap) runs
+  the kernel and gives the xla model's logits (the kernel's gradients are tested above, with the same
+  mask and GQA)."""
   from jaxlab.models.gpt import GPT, GPTConfig
 
   def model(impl):
     return GPT(GPTConfig(vocab_size=11, num_layers=1, width=32, num_heads=2, num_kv_heads=1,
-                         max_len=16, position="rope", attention_impl=impl))
+                         max_len=16, position="rope", attention_impl=impl, logit_soft_cap=soft_cap))
 
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 13)), jnp.int32)
   params = model("xla").init(jax.random.key(0), tokens)
