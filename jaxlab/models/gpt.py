@@ -215,7 +215,8 @@ class MedusaHead(nn.Module):
 class GPT(nn.Module):
   """tokens_BT (int) -> logits_BTV (float32), with hyperparameters `config` (a GPTConfig).
 
-  positions_BT (default 0..T-1) are explicit so that packed sequences restart and decoding continues;
+  positions_BT (default 0..T-1; required when decoding after a prefill) are explicit so that packed
+  sequences restart and decoding continues;
   segment_ids_BT restrict attention to a segment; decode=True uses the KV cache ("cache" collection),
   and prefill=True (only on an empty cache, else NaN) says the tokens are a prompt, attended as a
   full pass.
@@ -237,6 +238,9 @@ class GPT(nn.Module):
       raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
     b, t = tokens_BT.shape
     if positions_BT is None:
+      if decode and not prefill and not self.is_initializing():
+        raise ValueError("decode=True needs positions_BT (the positions of the tokens after those in "
+                         "the cache; 0..T-1 would restart them); only a prefill may leave them out")
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     embed = nn.Embed(
         c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,

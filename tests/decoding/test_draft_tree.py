@@ -154,8 +154,8 @@ def test_append_mask_is_refused_where_it_does_not_apply(kw, match):
   params = model.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
   cache = init_cache(model, 1, 8, all_heads=False)
   with pytest.raises(ValueError, match=match):
-    model.apply({"params": params, "cache": cache}, jnp.zeros((1, 3), jnp.int32), decode=True,
-                append_mask_TT=mask, mutable=["cache"])
+    model.apply({"params": params, "cache": cache}, jnp.zeros((1, 3), jnp.int32),
+                jnp.arange(3)[None], decode=True, append_mask_TT=mask, mutable=["cache"])
   with pytest.raises(ValueError, match="decode=False"):
     model.apply({"params": params}, jnp.zeros((1, 3), jnp.int32), append_mask_TT=mask)
 

@@ -215,3 +215,16 @@ def test_a_cache_without_the_mtp_blocks_is_refused_when_decoding_all_heads():
   with pytest.raises(ValueError, match="mtp_block_1/attn: .*all_heads=True"):
     model.apply({"params": params, "cache": cache}, tokens, positions, decode=True, all_heads=True,
                 mutable=["cache"])
+
+
+def test_decoding_after_the_prefill_needs_positions():
+  """Positions left out while decoding would restart at 0 (RoPE, learned tables) without an error."""
+  model = gpt()
+  tokens = jnp.zeros((2, 3), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  cache = sampling.init_cache(model, 2, 12)
+  _, mutated = model.apply({"params": params, "cache": cache}, tokens, decode=True, prefill=True,
+                           mutable=["cache"])  # a prefill may default to 0..T-1
+  with pytest.raises(ValueError, match="decode=True needs positions_BT"):
+    model.apply({"params": params, "cache": mutated["cache"]}, tokens[:, :1], decode=True,
+                mutable=["cache"])
