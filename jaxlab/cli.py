@@ -114,11 +114,20 @@ def _multi_process(args) -> bool:
                             process_id=args.process_id, auto=args.distributed)
 
 
-def load_run_config(name_or_path: str, overrides: list[str], args=None):
-  """A config to run in this process: validated, with the host's CPU devices configured (and, when
-  `args` asks for it, the multi-process run joined)."""
+def load_run_config(name_or_path: str, overrides: list[str], args=None, *, resuming: bool = False):
+  """A config to run in this process: validated (as a new run's unless `resuming` a run with
+  checkpoints), with the host's CPU devices configured (and, when `args` asks for it, the
+  multi-process run joined)."""
   from jaxlab.configs import load_config
-  return _ready_for_devices(load_config(name_or_path, overrides, check_devices=False), args)
+  return _ready_for_devices(load_config(name_or_path, overrides, check_devices=False,
+                                        new_run=not resuming), args)
+
+
+def _has_checkpoints(workdir: pathlib.Path) -> bool:
+  """Whether `jaxlab train` into `workdir` resumes: it holds a checkpoint (the resume then requires
+  the saved model section, so a setting an older jaxlab allowed there is the run's own)."""
+  checkpoints = workdir / "checkpoints"
+  return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
 
 
 def _check_workdir(workdir: pathlib.Path, flag: str) -> None:
@@ -212,7 +221,8 @@ def cmd_train(args, overrides) -> int:
   if args.workdir:
     _check_workdir(pathlib.Path(args.workdir), "--workdir")
     _check_train_workdir(pathlib.Path(args.workdir))
-  config = load_run_config(args.config, overrides, args)
+  config = load_run_config(args.config, overrides, args,
+                           resuming=bool(args.workdir) and _has_checkpoints(pathlib.Path(args.workdir)))
   from jaxlab.train import distributed, trainer
   workdir = pathlib.Path(args.workdir) if args.workdir else _fresh_workdir(args.config)
   _say(f"jaxlab: training {args.config} in {workdir}")

@@ -430,6 +430,26 @@ def test_config_file_without_the_keys_read_with_a_default_loads(tmp_path):
   assert "microbatches" not in config.train
 
 
+def test_a_run_saved_with_another_familys_option_resumes(tmp_path, tiny_cli_overrides, capsys):
+  """A run an older jaxlab trained with attention_window set beside softmax (ignored, so full
+  attention) resumes with its own config: the new-run check is skipped when the workdir holds a
+  checkpoint (the resume requires the saved model section anyway); a fresh workdir still refuses it."""
+  workdir = tmp_path / "old_run"
+  assert cli.main(["train", "lm_char", "--workdir", str(workdir), "--no-progress",
+                   *tiny_cli_overrides]) == 0
+  saved = json.loads((workdir / "config.json").read_text())
+  saved["model"]["attention_window"] = 32  # as an older jaxlab saved it
+  (workdir / "config.json").write_text(json.dumps(saved))
+  again = tiny_cli_overrides + ["--config.model.attention_window=32", "--config.train.steps=6",
+                                "--config.train.eval_every=6", "--config.train.checkpoint_every=6"]
+  capsys.readouterr()
+  assert cli.main(["train", "lm_char", "--workdir", str(workdir), "--no-progress", *again]) == 0
+  assert "step 6:" in capsys.readouterr().out
+  assert cli.main(["train", "lm_char", "--workdir", str(tmp_path / "new"), "--no-progress",
+                   *again]) == 2
+  assert "config.model.attention_window=32 applies to" in _one_error_line(capsys)
+
+
 def test_a_workdir_saved_with_another_familys_option_still_loads(tmp_path, tiny_cli_overrides):
   """attention_window with softmax is refused for a new run (it would be ignored), but a workdir an
   older jaxlab saved that way trained full attention and still evaluates, samples and resumes."""

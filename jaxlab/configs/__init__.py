@@ -170,9 +170,11 @@ def resolve_data_paths(config) -> None:
 
 
 def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, *,
-                check_devices: bool = True):
+                check_devices: bool = True, new_run: bool = True):
   """Config by name/path, with overrides applied, data paths made absolute (a run's saved config
-  reads the same files from any working directory), validated and locked.
+  reads the same files from any working directory), validated and locked. new_run=False (resuming a
+  run that has checkpoints, whose model section must then equal the saved one) skips the checks only
+  a new run gets (the tasks' validate_new_run).
 
   check_devices=False skips the checks that need JAX's devices (the mesh), so that a caller can still
   choose the host device count before JAX starts (see jaxlab.train.host_devices).
@@ -184,7 +186,7 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None 
   apply_overrides(config, overrides or [])
   resolve_data_paths(config)
   try:
-    validate(config, check_devices=check_devices, new_run=True)
+    validate(config, check_devices=check_devices, new_run=new_run)
   except (KeyError, AttributeError) as e:  # a config (file) without a key that the checks read
     raise ConfigError(_missing_keys_message(f"config {name_or_path!r}", config, e)) from None
   return config
