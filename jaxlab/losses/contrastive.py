@@ -103,6 +103,13 @@ def _not_negative(ids_row, ids_col, row_index, col_index):
   return (ids_row[:, None] == ids_col[None, :]) & (row_index[:, None] != col_index[None, :])
 
 
+def _check_temperature(temperature) -> None:
+  """temperature > 0 when it is concrete; a traced one (a learnable or scheduled temperature under jit)
+  cannot be checked here."""
+  if not isinstance(temperature, jax.core.Tracer) and not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
 def _check_scalar(x, name: str) -> jax.Array:
   x = jnp.asarray(x, jnp.float32)
   if x.ndim != 0:
@@ -181,8 +188,7 @@ def infonce_loss(queries_BD: jax.Array, keys_BD: jax.Array, *, temperature: floa
   # A callable score may compare sides of different widths (CPC's bilinear q W k^T, W [Dq, Dk]).
   queries_BD, keys_BD = _check_pair(queries_BD, keys_BD, "queries_BD", "keys_BD",
                                     same_dim=not callable(score))
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}")
+  _check_temperature(temperature)
   scores_BB = _score_fn(score)(queries_BD, keys_BD)
   b = queries_BD.shape[0]
   if scores_BB.shape != (b, b):
@@ -199,8 +205,7 @@ def nt_xent_loss(z1_BD: jax.Array, z2_BD: jax.Array, *, temperature: float = 0.5
   remaining 2B - 2 views are negatives (itself excluded). The loss is the mean over all 2B views.
   """
   z1_BD, z2_BD = _check_pair(z1_BD, z2_BD, "z1_BD", "z2_BD")
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}")
+  _check_temperature(temperature)
   b = z1_BD.shape[0]
   z_ND = l2_normalize(jnp.concatenate([z1_BD, z2_BD]).astype(jnp.float32))  # N = 2B
   logits_NN = (z_ND @ z_ND.T) / temperature

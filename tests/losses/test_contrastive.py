@@ -154,6 +154,10 @@ def test_infonce_custom_score_and_invariances(pair):
   bilinear = C.infonce_loss(q, k, temperature=1.0, score=lambda a, b: a @ w @ b.T)
   np.testing.assert_allclose(bilinear, np_infonce(np.asarray(q @ w), np.asarray(k), 1.0, cosine=False),
                              rtol=1e-5)
+  # A traced temperature (learned or scheduled, under jit) is taken as it is.
+  for loss in (C.infonce_loss, C.nt_xent_loss):
+    np.testing.assert_allclose(jax.jit(lambda t: loss(q, k, temperature=t))(0.3),
+                               loss(q, k, temperature=0.3), rtol=1e-6)
   # CPC's bilinear score between sides of different widths (context 8, future 5).
   w85 = w[:, :5]
   wide = C.infonce_loss(q, k[:, :5], temperature=1.0, score=lambda a, b: a @ w85 @ b.T)
