@@ -54,6 +54,18 @@ def test_parameters_are_actually_sharded(tiny_lm_config, tmp_path):
   assert len(kernel.sharding.device_set) == 8
   shard_shapes = {s.data.shape for s in kernel.addressable_shards}
   assert shard_shapes == {(32 // 8, 128)}
+  # Adam's moments are sharded like the parameters they belong to (replicated moments would cost
+  # every device the whole optimizer state under fsdp).
+  params_by_path = {jax.tree_util.keystr(path): leaf for path, leaf in
+                    jax.tree_util.tree_flatten_with_path(state["params"])[0]}
+  moments = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]:
+    key = jax.tree_util.keystr(path)
+    owner = next((p for p in params_by_path if key.endswith(p)), None)
+    if owner is not None and leaf.shape == params_by_path[owner].shape and leaf.ndim:
+      moments += 1
+      assert leaf.sharding.is_equivalent_to(params_by_path[owner].sharding, leaf.ndim), key
+  assert moments >= 2 * len(params_by_path)  # mu and nu of every parameter
 
 
 def test_a_mesh_axis_that_does_not_divide_a_parameter_is_named_before_anything_is_written(
