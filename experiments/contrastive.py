@@ -551,13 +551,20 @@ def verdict(g: list[dict]) -> dict:
   small = [x for x in g if x["batch"] <= 32] or g[:1]
   large = [x for x in g if x["batch"] >= 512] or g[-1:]
   small_gap = float(np.mean([x["gap"] for x in small]))
+  large_gap = float(np.mean([x["gap"] for x in large]))
   large_abs = float(np.mean([abs(x["gap"]) for x in large]))
   small_sig = all(x["gap"] > 2 * x["se"] for x in small)
   small_clip = all(x["gap"] < -2 * x["se"] for x in small)
-  converge = large_abs < abs(small_gap)
+  # A gap that changes sign, with the other loss clearly ahead at large batch, reverses: not convergence.
+  n_large_against = sum((x["gap"] < -2 * x["se"]) if small_gap > 0 else (x["gap"] > 2 * x["se"])
+                        for x in large)
+  reverses = bool(small_gap * large_gap < 0 and n_large_against >= 1)
+  converge = large_abs < abs(small_gap) and not reverses
   n_small_sig = sum(x["gap"] > 2 * x["se"] for x in small)
-  partial = bool(small_gap > 0 and n_small_sig >= 1 and converge and not small_sig)
-  return {"partial": partial, "n_small_sig": n_small_sig, "n_small": len(small), "parts": ", ".join(f"B={x['batch']}: {x['gap'] * 100:+.1f} +- {x['se'] * 100:.1f} "
+  small_partial = bool(small_gap > 0 and n_small_sig >= 1 and not small_sig)
+  partial = bool(small_partial and converge)
+  return {"partial": partial, "small_partial": small_partial, "n_small_sig": n_small_sig, "n_small": len(small), "reverses": reverses,
+          "large_gap": large_gap, "n_large_against": n_large_against, "n_large": len(large), "parts": ", ".join(f"B={x['batch']}: {x['gap'] * 100:+.1f} +- {x['se'] * 100:.1f} "
                              f"({label(x)})" for x in g),
           "small_gap": small_gap, "large_abs": large_abs, "small_sig": small_sig,
           "small_clip": small_clip, "converge": converge, "holds": bool(small_sig and converge),
@@ -585,12 +592,16 @@ def interpretation(rows, tier_b_rows, baseline=None) -> list[str]:
     small_text = ("SigLIP is clearly ahead" if v["small_sig"] else "CLIP is clearly ahead"
                   if v["small_clip"] else
                   f"SigLIP is ahead, but beyond 2 s.e. in only {v['n_small_sig']} of {v['n_small']} "
-                  "batches" if v["partial"] else "neither loss is clearly ahead")
+                  "batches" if v["small_partial"] else "neither loss is clearly ahead")
     lines.append(
         f"- **Protocol: {name}.** SigLIP minus CLIP, mean of I->T and T->I R@1 in points (+- one "
         f"standard error of the paired per-seed differences): {v['parts']}. At B <= 32 {small_text} (mean gap "
-        f"{v['small_gap'] * 100:+.1f}); at B >= 512 the mean |gap| is {v['large_abs'] * 100:.1f}, "
-        f"{'smaller' if v['converge'] else 'not smaller'} than at small batch. SigLIP clearly ahead "
+        f"{v['small_gap'] * 100:+.1f}); at B >= 512 the mean gap is {v['large_gap'] * 100:+.1f} "
+        f"(mean |gap| {v['large_abs'] * 100:.1f}), "
+        + (f"the other sign, with the other loss beyond 2 s.e. in {v['n_large_against']} of "
+           f"{v['n_large']} batches: the gap reverses rather than closing. " if v["reverses"] else
+           f"{'smaller' if v['converge'] else 'not smaller'} than at small batch. ")
+        + f"SigLIP clearly ahead "
         f"in {v['n_sig']} of {v['n']} batches, CLIP clearly ahead in {v['n_clip']} (chance alone "
         f"gives {v['n'] * v['p_cross']:.1f} of {v['n']} with {v['seeds']} seeds: a 2 s.e. crossing "
         f"has probability {v['p_cross']:.2f} under a t distribution with {v['seeds'] - 1} degrees "
@@ -664,6 +675,10 @@ def interpretation(rows, tier_b_rows, baseline=None) -> list[str]:
         why.append(f"with {n}, SigLIP leads at B <= 32 by {v['small_gap'] * 100:+.1f} points on average "
                    f"(beyond 2 s.e. in {v['n_small_sig']} of {v['n_small']} batches) and the gap "
                    "shrinks at large batch: the paper's direction, but a small and fragile effect")
+      elif v["reverses"]:
+        why.append(f"with {n}, the gap changes sign: {v['small_gap'] * 100:+.1f} points at B <= 32 "
+                   f"and {v['large_gap'] * 100:+.1f} at B >= 512, the other loss beyond 2 s.e. in "
+                   f"{v['n_large_against']} of {v['n_large']} large batches")
       elif v["small_sig"]:
         why.append(f"with {n}, SigLIP is ahead at small batch but the gap does not shrink at large batch")
       elif v["small_clip"]:
