@@ -49,6 +49,10 @@ def test_host_device_count_of_a_multi_process_run_counts_every_process(monkeypat
   monkeypatch.delenv("XLA_FLAGS")
   assert host_devices.configure(load_config("lm_char", check_devices=False), processes=None) == 1
   assert "XLA_FLAGS" not in host_devices.os.environ  # --distributed: one device per process
+  # A flag already set is left alone, and its count read as XLA reads it (the last one wins).
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
+                                  "--xla_force_host_platform_device_count=4")
+  assert host_devices.configure(load_config("lm_char", check_devices=False)) == 4
 
 
 def test_a_config_from_before_microbatches_still_validates():

@@ -72,8 +72,8 @@ def configure(config, processes: Optional[int] = 1) -> int:
   """Sets XLA_FLAGS for `config.mesh.cpu_devices` host devices (0 = as many as usable in each of
   `processes` processes; None = a multi-process run of unknown size: 1); returns the count."""
   flags = os.environ.get("XLA_FLAGS", "")
-  if FLAG in flags:
-    return int(flags.split(FLAG + "=")[1].split()[0])
+  if FLAG in flags:  # XLA takes the last occurrence of a repeated flag
+    return int(flags.split(FLAG + "=")[-1].split()[0])
   n = config.mesh.cpu_devices or (1 if processes is None else
                                   usable_device_count(config, cores(), processes))
   if n > 1:

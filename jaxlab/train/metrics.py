@@ -25,7 +25,7 @@ class MetricsWriter:
     if tensorboard and enabled:
       from tensorboardX import SummaryWriter  # imported lazily: optional for library users
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
-                               purge_step=resume_step + 1 if resume_step else None)
+                               purge_step=None if resume_step is None else resume_step + 1)
 
   def drop_after(self, step: int) -> None:
     """Removes the records after `step` (a run resumed from the checkpoint at `step` writes them

@@ -50,3 +50,28 @@ def test_median_step_time_is_over_every_logged_interval(tmp_path):
   w.write(40, val_loss=2.0)
   w.close()
   assert median_step_time_ms(tmp_path) == 25.0
+
+
+def test_a_fresh_start_hides_an_earlier_runs_tensorboard_events(tmp_path):
+  """A run that died before its first checkpoint, then started again from step 0 in the same workdir:
+  metrics.jsonl loses its records and TensorBoard is told to purge its events from step 1 on (it was
+  told nothing, so both histories showed)."""
+  from tensorboardX.proto import event_pb2
+  first = MetricsWriter(tmp_path, tensorboard=True)
+  first.write(3, train_loss=1.5)
+  first.close()
+  again = MetricsWriter(tmp_path, tensorboard=True, resume_step=0)
+  again.write(3, train_loss=1.25)
+  again.close()
+  assert read_metrics(tmp_path) == [{"step": 3, "train_loss": 1.25}]
+  starts = []
+  for path in sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*")):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[i + 12:i + 12 + n])
+      if event.session_log.status == event_pb2.SessionLog.START:
+        starts.append(event.step)
+      i += 12 + n + 4
+  assert starts == [1]
