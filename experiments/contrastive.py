@@ -700,11 +700,15 @@ def interpretation(rows, tier_b_rows, baseline=None) -> list[str]:
   return lines
 
 
+def _saved_settings(saved: dict) -> Settings:
+  """The Settings a saved .json was made with (JSON turned its tuples into lists)."""
+  return Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["settings"].items()})
+
+
 def rerender(out: pathlib.Path, stem: str) -> dict:
   """Writes the .md and .png again from the .json of a finished run (its device, command, time)."""
   saved = json.loads((out / f"{stem}.json").read_text())
-  write_results(out, stem, Settings(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in saved["settings"].items()}),
+  write_results(out, stem, _saved_settings(saved),
                 saved["tier_a"], saved["tier_b"], saved["memory"], saved["majority_baseline"],
                 saved["counts"], None, saved["wall_seconds"], saved["complete"],
                 device=saved["device"], cmd=saved["command"], rerendered=True)
@@ -862,7 +866,7 @@ def rerun_tier_b(out: pathlib.Path, stem: str, args, argv, log) -> dict:
   saved = json.loads((out / f"{stem}.json").read_text())
   if not saved["complete"]:
     raise SystemExit(f"{out / stem}.json is from an unfinished run; run the whole sweep instead")
-  s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["settings"].items()})
+  s = _saved_settings(saved)
   t0 = time.perf_counter()
   train, _, test, prompts, _ = load_emoji(args.data_dir, args.emoji)
   tier_b_rows = []

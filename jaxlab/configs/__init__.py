@@ -304,9 +304,7 @@ def check_keys_and_types(config, what: str) -> None:
                           f"config.{typo_of}?)")
   missing = sorted(set(base) - set(given) - set(OPTIONAL_KEYS))
   if missing:
-    shown = ", ".join(f"config.{k}" for k in missing[:5]) + (", ..." if len(missing) > 5 else "")
-    raise ConfigError(f"{what} lacks keys that task {config.task!r} needs: {shown} "
-                      f"(see jaxlab/configs/{found[0]}.py)")
+    raise ConfigError(_lacks_keys(what, config.task, missing, found[0]))
   for key, value in given.items():
     problem = _type_problem(value, base[key]) if key in base else None
     if problem:
@@ -318,6 +316,10 @@ def _missing_keys_message(what: str, config, error: BaseException) -> str:
   missing = sorted(set(flatten(found[1])) - set(flatten(config))) if found else []
   if not missing:
     return f"{what}: a key is missing: {_one_line(error)}"
+  return _lacks_keys(what, config.task, missing, found[0])
+
+
+def _lacks_keys(what: str, task: str, missing: list[str], base_name: str) -> str:
+  """One line naming (the first five of) the keys `missing` that task `task` needs."""
   shown = ", ".join(f"config.{k}" for k in missing[:5]) + (", ..." if len(missing) > 5 else "")
-  return (f"{what} lacks keys that task {config.task!r} needs: {shown} "
-          f"(see jaxlab/configs/{found[0]}.py)")
+  return f"{what} lacks keys that task {task!r} needs: {shown} (see jaxlab/configs/{base_name}.py)"

@@ -25,8 +25,7 @@ def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -
   """
   if logits_BV.ndim != 2:
     raise ValueError(f"logits must be [batch, vocab], got shape {logits_BV.shape}")
-  if top_k < 0 or not 0.0 < top_p <= 1.0:
-    raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+  _check_filters(top_k, top_p)
   vocab = logits_BV.shape[-1]
   if not (top_k and top_k < vocab) and top_p >= 1.0:
     return logits_BV
@@ -53,6 +52,11 @@ def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -
   return jnp.where(keep_BV, logits_BV, neg_inf).astype(out_dtype)
 
 
+def _check_filters(top_k: int, top_p: float) -> None:
+  if top_k < 0 or not 0.0 < top_p <= 1.0:
+    raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+
+
 def scale_logits(logits_BV: jax.Array, temperature: float) -> jax.Array:
   """float32 logits / temperature (> 0), computed relative to each row's maximum, so that a tiny
   temperature sends the other tokens to -inf instead of overflowing (or, below float32's normal
@@ -69,8 +73,7 @@ def sample_token(key: jax.Array, logits_BV: jax.Array, *, temperature: float = 1
   """One token id per row, int32 [B]; temperature 0 is greedy (argmax), a negative one is refused."""
   if jnp.ndim(logits_BV) != 2:
     raise ValueError(f"logits_BV must be [batch, vocab], got shape {jnp.shape(logits_BV)}")
-  if top_k < 0 or not 0.0 < top_p <= 1.0:
-    raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+  _check_filters(top_k, top_p)  # at temperature 0 too, where no filter runs
   if temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = filter_logits(scale_logits(logits_BV, temperature), top_k=top_k, top_p=top_p)
@@ -192,18 +195,20 @@ def generate_long(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_to
   forward pass per token; the context is cropped as in GPT-2 / nanoGPT sampling). A prompt longer than
   max_len is cropped the same way for the model, and returned whole."""
   prompt_BP = check_prompt(prompt_BP, num_tokens)[0]
-  check_prompt_ids(prompt_BP, model.config.vocab_size)  # before the cast: int64 ids could wrap
+  # Checked once, before the cast (int64 ids could wrap); `generate.__wrapped__` (the jitted
+  # function itself) below does not check again.
+  check_prompt_ids(prompt_BP, model.config.vocab_size)
   prompt_BP = prompt_BP.astype(jnp.int32)
   if model.config.position != "learned":
-    return generate(model, params, prompt_BP, key, num_tokens=num_tokens, temperature=temperature,
-                    top_k=top_k, top_p=top_p)
+    return generate.__wrapped__(model, params, prompt_BP, key, num_tokens=num_tokens,
+                                temperature=temperature, top_k=top_k, top_p=top_p)
   limit = model.config.max_len
   first = max(0, min(num_tokens, limit - prompt_BP.shape[1]))  # cached, inside the table
   key, sub = jax.random.split(key)
   tokens = prompt_BP
   if first:
-    tokens = generate(model, params, prompt_BP, sub, num_tokens=first, temperature=temperature,
-                      top_k=top_k, top_p=top_p)
+    tokens = generate.__wrapped__(model, params, prompt_BP, sub, num_tokens=first,
+                                  temperature=temperature, top_k=top_k, top_p=top_p)
   if num_tokens == first:
     return tokens
 

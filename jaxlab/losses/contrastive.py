@@ -98,6 +98,15 @@ def _check_text_ids(text_ids_B, batch: int) -> jax.Array | None:
   return text_ids_B.astype(jnp.int32)
 
 
+def _check_image_text(image_BD, text_BD, text_ids_B):
+  """(image_BD, text_BD, text_ids_B) of the image-text losses, checked: a [B, D] pair, each row
+  L2-normalised, and None or B int caption ids."""
+  image_BD, text_BD = _check_pair(image_BD, text_BD, "image_BD", "text_BD")
+  _check_normalized(image_BD, "image_BD")
+  _check_normalized(text_BD, "text_BD")
+  return image_BD, text_BD, _check_text_ids(text_ids_B, image_BD.shape[0])
+
+
 def _not_negative(ids_row, ids_col, row_index, col_index):
   """True where pair (row, col) is no negative: another pair with the same caption id. [r, c] bool."""
   return (ids_row[:, None] == ids_col[None, :]) & (row_index[:, None] != col_index[None, :])
@@ -230,10 +239,7 @@ def clip_loss(image_BD: jax.Array, text_BD: jax.Array, log_scale: jax.Array, *,
   in a batch) are left out of each other's softmax, as they are no negatives. Without it every
   off-diagonal pair is a negative, as in the paper.
   """
-  image_BD, text_BD = _check_pair(image_BD, text_BD, "image_BD", "text_BD")
-  _check_normalized(image_BD, "image_BD")
-  _check_normalized(text_BD, "text_BD")
-  text_ids_B = _check_text_ids(text_ids_B, image_BD.shape[0])
+  image_BD, text_BD, text_ids_B = _check_image_text(image_BD, text_BD, text_ids_B)
   scale = clip_logit_scale(_check_scalar(log_scale, "log_scale"), max_log_scale)
   logits_BB = scale * (image_BD.astype(jnp.float32) @ text_BD.astype(jnp.float32).T)
   if text_ids_B is not None:
@@ -277,10 +283,7 @@ def clip_loss_all_gather(image_BD: jax.Array, text_BD: jax.Array, log_scale: jax
   gather's transpose is a reduce-scatter, so every embedding gets the gradient of the global loss.
   Peak per device: two [B/P, B] logit blocks. text_ids_B: as in `clip_loss` (all-gathered too).
   """
-  image_BD, text_BD = _check_pair(image_BD, text_BD, "image_BD", "text_BD")
-  _check_normalized(image_BD, "image_BD")
-  _check_normalized(text_BD, "text_BD")
-  text_ids_B = _check_text_ids(text_ids_B, image_BD.shape[0])
+  image_BD, text_BD, text_ids_B = _check_image_text(image_BD, text_BD, text_ids_B)
   log_scale = _check_scalar(log_scale, "log_scale")
   axes = _axes(axis_names)
   _check_divisible(image_BD.shape[0], _num_shards(mesh, axes), "image_BD")
@@ -304,10 +307,7 @@ def siglip_loss(image_BD: jax.Array, text_BD: jax.Array, log_temperature: jax.Ar
   text_ids_B: optional int caption id per pair; pairs i != j with the same id are left out of the sum
   (no negatives; the normalisation stays 1/B).
   """
-  image_BD, text_BD = _check_pair(image_BD, text_BD, "image_BD", "text_BD")
-  _check_normalized(image_BD, "image_BD")
-  _check_normalized(text_BD, "text_BD")
-  text_ids_B = _check_text_ids(text_ids_B, image_BD.shape[0])
+  image_BD, text_BD, text_ids_B = _check_image_text(image_BD, text_BD, text_ids_B)
   t = jnp.exp(_check_scalar(log_temperature, "log_temperature"))
   bias = _check_scalar(bias, "bias")
   rows = jnp.arange(image_BD.shape[0])
@@ -364,10 +364,7 @@ def siglip_loss_chunked(image_BD: jax.Array, text_BD: jax.Array, log_temperature
   the backward pass); the partial sums are psum-med and divided by the global B. text_ids_B: as in
   `siglip_loss` (the ids travel round the ring with their text block).
   """
-  image_BD, text_BD = _check_pair(image_BD, text_BD, "image_BD", "text_BD")
-  _check_normalized(image_BD, "image_BD")
-  _check_normalized(text_BD, "text_BD")
-  text_ids_B = _check_text_ids(text_ids_B, image_BD.shape[0])
+  image_BD, text_BD, text_ids_B = _check_image_text(image_BD, text_BD, text_ids_B)
   log_temperature = _check_scalar(log_temperature, "log_temperature")
   bias = _check_scalar(bias, "bias")
   axes = _axes(axis_names)

@@ -101,6 +101,15 @@ def supports_mosaic_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, bias=None, 
   return True, ""
 
 
+def _static_float(value, name: str) -> float:
+  """`value` as a Python float (it is compiled into the kernels); ValueError naming it if traced."""
+  try:
+    return float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise ValueError(f"{name} must be a static Python float for the Pallas kernel, got "
+                     f"{value!r}") from None
+
+
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
@@ -180,17 +189,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
     raise TypeError(f"mask must be an AttentionMask (see masks.make_mask), got {type(mask).__name__}")
   if (mask.q_len, mask.kv_len) != (tq, tk):
     raise ValueError(f"mask is for (Tq, Tk) = {(mask.q_len, mask.kv_len)} but q and k give {(tq, tk)}")
-  try:
-    scale = float(scale)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    raise ValueError(f"scale must be a static Python float, got {scale!r}") from None
+  scale = _static_float(scale, "scale")
   check_soft_cap(soft_cap)
   if soft_cap is not None:
-    try:
-      soft_cap = float(soft_cap)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-      raise ValueError(f"soft_cap must be a static Python float for the Pallas kernel, got "
-                       f"{soft_cap!r}") from None
+    soft_cap = _static_float(soft_cap, "soft_cap")
   if kernel is None:
     if jax.default_backend() == "tpu":
       kernel = "tpu"
