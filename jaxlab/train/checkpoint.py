@@ -249,6 +249,10 @@ class BestParams:
   that cannot be read) is moved to WORKDIR/corrupt_checkpoints/ rather than trusted or deleted.
   `also_accept`: fingerprints of the same config written otherwise (e.g. the workdir's config.json
   with a data path saved as typed, before paths were made absolute).
+
+  The record's directory number is a slot, not the training step (that is in its metadata): a new
+  record takes a slot above the last one, and orbax removes the old one only after the new one is
+  committed, so a kill at any moment leaves one whole record.
   """
 
   def __init__(self, workdir: str | pathlib.Path, *, fingerprint: str = "", create: bool = True,
@@ -258,15 +262,16 @@ class BestParams:
     self.fingerprint = fingerprint
     self.step, self.val_loss = None, float("inf")
     self._checksums = None
+    self._slot = None  # the orbax step number the record is saved under
     if not create and not self.directory.is_dir():
       raise FileNotFoundError(f"no best-params checkpoint in {self.directory} (train with "
                               "--config.train.keep_best=True)")
     self._open()
-    step = self._manager.latest_step()
-    if step is None:
+    slot = self._manager.latest_step()
+    if slot is None:
       return
     try:
-      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      meta = self._manager.restore(slot, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       saved_step, saved_loss = int(meta["step"]), float(meta["val_loss"])
       saved_fingerprint = meta.get("fingerprint", "")
       self._checksums = meta.get(CHECKSUMS_KEY)  # None: saved before checksums existed
@@ -276,7 +281,7 @@ class BestParams:
     if fingerprint and saved_fingerprint not in (fingerprint, *filter(None, also_accept)):
       self.discard("was saved under a different model/data/optimizer config")
       return
-    self.step, self.val_loss = saved_step, saved_loss
+    self.step, self.val_loss, self._slot = saved_step, saved_loss, slot
 
   def _open(self) -> None:
     self._manager = ocp.CheckpointManager(
@@ -291,22 +296,25 @@ class BestParams:
     if self.directory.exists() and distributed.is_primary():
       _move_aside(self.directory, self.workdir, why)
     distributed.barrier("jaxlab_best_discard")
-    self.step, self.val_loss = None, float("inf")
+    self.step, self.val_loss, self._slot = None, float("inf"), None
     self._open()
 
   def offer(self, step: int, val_loss: float, params: Any) -> bool:
     """Saves `params` if `val_loss` beats the best so far; returns whether it did. A step evaluated
-    again after a resume replaces its own earlier record."""
+    again after a resume replaces its own earlier record, which is kept until the new one is
+    committed."""
     if not val_loss < self.val_loss:
       return False
-    if step in self._manager.all_steps():
-      self._manager.delete(step)
-    self._manager.save(step, args=ocp.args.Composite(
+    # The slot is the step itself when it is past the last slot (directory names read as steps),
+    # else the next free number: saving under an existing or a lower number would delete first or
+    # have orbax drop the new record as the oldest.
+    slot = step if self._slot is None or step > self._slot else self._slot + 1
+    self._manager.save(slot, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         meta=ocp.args.JsonSave({"step": step, "val_loss": val_loss,
                                 "fingerprint": self.fingerprint,
                                 CHECKSUMS_KEY: state_checksums(params)})), force=True)
-    self.step, self.val_loss = step, val_loss
+    self.step, self.val_loss, self._slot = step, val_loss, slot
     self._checksums = None  # just written: not re-read in this process
     return True
 
@@ -318,7 +326,7 @@ class BestParams:
     self._manager.wait_until_finished()
     try:
       with _quiet("orbax", "absl", "jax"):
-        params = self._manager.restore(self.step, args=ocp.args.Composite(
+        params = self._manager.restore(self._slot, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params)))["params"]
     except Exception as e:
       self.discard(f"could not be restored ({type(e).__name__})")

@@ -45,6 +45,36 @@ def test_a_step_replayed_after_a_resume_replaces_its_own_record(tmp_path):
   keeper.close()
 
 
+
+def test_a_failed_replacement_leaves_the_earlier_record_whole(tmp_path):
+  """The earlier record is removed only after its replacement is committed: a save that dies
+  half-way (here: parameters orbax cannot write) loses nothing."""
+  keeper = BestParams(tmp_path)
+  keeper.offer(800, 1.0, _params(1.0))
+  keeper.close()
+  keeper = BestParams(tmp_path)
+  keeper.val_loss = float("inf")  # the replayed step 800 evaluates lower
+  with pytest.raises(Exception):
+    keeper.offer(800, 0.5, {"w": object()})
+  keeper = BestParams(tmp_path)
+  assert (keeper.step, keeper.val_loss) == (800, 1.0)
+  np.testing.assert_array_equal(_restore(keeper)["w"], 1.0)
+  keeper.close()
+
+
+def test_a_lower_step_replayed_with_a_lower_loss_is_kept(tmp_path):
+  """Best at step 800; the run resumed from 600 and step 700 now evaluates lower (a nondeterministic
+  device): the new record replaces the other one."""
+  keeper = BestParams(tmp_path)
+  keeper.offer(800, 1.0, _params(1.0))
+  assert keeper.offer(700, 0.9, _params(2.0))
+  keeper.close()
+  keeper = BestParams(tmp_path)
+  assert (keeper.step, keeper.val_loss) == (700, 0.9)
+  np.testing.assert_array_equal(_restore(keeper)["w"], 2.0)
+  assert len([p for p in (tmp_path / "best").iterdir() if p.name.isdigit()]) == 1
+  keeper.close()
+
 def _corrupt(tmp_path, item):
   """Overwrites every file of one item ('meta' or 'params') of the saved record with garbage."""
   files = [p for p in (tmp_path / "best").rglob("*") if p.is_file() and item in p.parts]
