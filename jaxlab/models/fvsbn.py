@@ -29,8 +29,9 @@ class FVSBN(nn.Module):
   dim: int
 
   def setup(self):
-    self.weight = self.param("weight", nn.initializers.zeros, (self.dim, self.dim))
-    self.bias = self.param("bias", nn.initializers.zeros, (self.dim,))
+    zeros = lambda axes: nn.with_logical_partitioning(nn.initializers.zeros, axes)
+    self.weight = self.param("weight", zeros(("embed", None)), (self.dim, self.dim))
+    self.bias = self.param("bias", zeros(("embed",)), (self.dim,))
 
   def __call__(self, x_BD: jax.Array) -> jax.Array:
     """Conditional logits [B, D]."""

@@ -120,12 +120,19 @@ class MADE(nn.Module):
     self.input_degrees = jnp.asarray(inputs)
     self.hidden_degrees = [jnp.asarray(h) for h in hiddens]
     sizes = (self.dim, *self.hidden, self.dim)
-    self.kernels = [self.param(f"kernel_{l}", nn.initializers.lecun_normal(), (a, b))
+    # Logical axes: pixels "embed", hidden units "mlp" (a hidden-to-hidden kernel names only its
+    # output side, as one mesh axis cannot shard two dimensions of an array).
+    axes = ("embed", *(["mlp"] * len(self.hidden)), "embed")
+    boxed = lambda init, names: nn.with_logical_partitioning(init, names)
+    self.kernels = [self.param(f"kernel_{l}", boxed(nn.initializers.lecun_normal(),
+                                                    (axes[l] if axes[l] != axes[l + 1] else None,
+                                                     axes[l + 1])), (a, b))
                     for l, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
-    self.biases = [self.param(f"bias_{l}", nn.initializers.zeros, (b,))
+    self.biases = [self.param(f"bias_{l}", boxed(nn.initializers.zeros, (axes[l + 1],)), (b,))
                    for l, b in enumerate(sizes[1:])]
     if self.direct:
-      self.direct_kernel = self.param("direct", nn.initializers.zeros, (self.dim, self.dim))
+      self.direct_kernel = self.param("direct", boxed(nn.initializers.zeros, ("embed", None)),
+                                      (self.dim, self.dim))
 
   def _logits_fn(self):
     """(x_BD, k) -> logits under mask set k, as a pure closure over the parameters (safe to use under

@@ -157,11 +157,12 @@ class NADE(nn.Module):
   hidden: int = 500
 
   def setup(self):
-    init = nn.initializers.normal(stddev=0.01)
+    init = nn.with_logical_partitioning(nn.initializers.normal(stddev=0.01), ("embed", "mlp"))
+    zeros = lambda axes: nn.with_logical_partitioning(nn.initializers.zeros, axes)
     self.w = self.param("w", init, (self.dim, self.hidden))
-    self.c = self.param("c", nn.initializers.zeros, (self.hidden,))
+    self.c = self.param("c", zeros(("mlp",)), (self.hidden,))
     self.v = self.param("v", init, (self.dim, self.hidden))
-    self.b = self.param("b", nn.initializers.zeros, (self.dim,))
+    self.b = self.param("b", zeros(("embed",)), (self.dim,))
 
   def __call__(self, x_BD: jax.Array) -> jax.Array:
     """Conditional logits [B, D]."""

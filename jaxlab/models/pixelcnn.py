@@ -51,21 +51,25 @@ def shift_down(x_BHWC: jax.Array) -> jax.Array:
 
 
 class Conv(nn.Module):
-  """Convolution with an explicit kernel shape, padding and optional fixed 0/1 mask over (kh, kw)."""
+  """Convolution with an explicit kernel shape, padding and optional fixed 0/1 mask over (kh, kw).
+  The output channels have the logical axis `out_axis` ("embed": fsdp shards them)."""
 
   features: int
   kernel_shape: tuple[int, int]
   padding: tuple = ((0, 0), (0, 0))
   mask: np.ndarray | None = None
+  out_axis: str | None = "embed"
 
   @nn.compact
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
     kh, kw = self.kernel_shape
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+    boxed = lambda init, names: nn.with_logical_partitioning(init, names)
+    kernel = self.param("kernel", boxed(nn.initializers.lecun_normal(),
+                                        (None, None, None, self.out_axis)),
                         (kh, kw, x_BHWC.shape[-1], self.features))
     if self.mask is not None:
       kernel = kernel * jnp.asarray(self.mask)[:, :, None, None]
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    bias = self.param("bias", boxed(nn.initializers.zeros, (self.out_axis,)), (self.features,))
     return conv2d(x_BHWC, kernel, self.padding) + bias
 
 
@@ -123,7 +127,7 @@ class PixelCNN(_ImageModel):
       r = Conv(self.channels, (3, 3), _same(3), raster_mask(3, "B"))(jax.nn.relu(r))
       h = h + Conv(2 * self.channels, (1, 1))(jax.nn.relu(r))
     h = Conv(self.channels, (1, 1))(jax.nn.relu(h))
-    return Conv(1, (1, 1))(jax.nn.relu(h))[..., 0]
+    return Conv(1, (1, 1), out_axis=None)(jax.nn.relu(h))[..., 0]
 
 
 class GatedPixelCNN(_ImageModel):
@@ -156,4 +160,4 @@ class GatedPixelCNN(_ImageModel):
       out = Conv(c, (1, 1))(gated)
       h = out if layer == 0 else h + out
     h = Conv(c, (1, 1))(jax.nn.relu(h))
-    return Conv(1, (1, 1))(jax.nn.relu(h))[..., 0]
+    return Conv(1, (1, 1), out_axis=None)(jax.nn.relu(h))[..., 0]

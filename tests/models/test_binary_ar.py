@@ -4,6 +4,7 @@ D-network definition, MADE's ensemble."""
 
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,8 @@ from jaxlab.models.pixelcnn import GatedPixelCNN, PixelCNN, raster_mask
 
 def _init(model, dim, seed=0, scale=1.0):
   """Parameters with every entry random (zero-initialised weights would hide structure)."""
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(seed), jnp.zeros((1, dim)))["params"]
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(seed),
+                                        jnp.zeros((1, dim)))["params"])  # drop logical axis boxes
   leaves, tree = jax.tree.flatten(shapes)
   rng = np.random.default_rng(seed + 1)
   leaves = [jnp.asarray(scale * rng.standard_normal(l.shape), l.dtype) for l in leaves]
