@@ -10,10 +10,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_binary_batch(x, name: str = "x", dim: int | None = None) -> jax.Array:
-  """x as a float array of shape [B, D] (D = dim when given); ValueError naming `name` otherwise."""
+  """x as a float array of shape [B, D] (D = dim when given) whose entries are 0 or 1; ValueError
+  naming `name` otherwise. The values are checked when x is concrete (not under a jax transform):
+  a grey level or 255 would be scored as if it were a likelihood (x * l - softplus(l) grows without
+  bound in x)."""
   x = jnp.asarray(x)
   if x.ndim != 2:
     raise ValueError(f"{name} must have shape [batch, dim], got shape {x.shape}")
@@ -22,7 +26,21 @@ def check_binary_batch(x, name: str = "x", dim: int | None = None) -> jax.Array:
   if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
           or x.dtype == jnp.bool_):
     raise ValueError(f"{name} must be a binary (bool/int/float) array, got dtype {x.dtype}")
+  check_binary_values(x, name)
   return x.astype(jnp.result_type(float)) if not jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
+def check_binary_values(x, name: str = "x") -> None:
+  """ValueError naming `name` unless every entry of x (numpy or jax array) is 0 or 1; skipped for
+  a traced x or one this process does not hold whole."""
+  if isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True):
+    return
+  x = np.asarray(x)  # in NumPy: jnp ops here would be traced when x is a constant inside a jit
+  bad = ~((x == 0) | (x == 1))
+  count = int(bad.sum())
+  if count:
+    raise ValueError(f"{name} must hold only 0 and 1: {count} entries do not (the first is "
+                     f"{x[bad][0].item()!r})")
 
 
 def bernoulli_log_prob(x_BD: jax.Array, logits_BD: jax.Array) -> jax.Array:

@@ -33,7 +33,9 @@ def made_degrees(dim: int, hidden: Sequence[int], num_masks: int, *, seed: int =
   Returns (orders_KD, input_degrees_KD, hidden_degrees): orders_KD[k] lists the dimensions in
   generation order, input_degrees_KD[k][d] = m0(d) in 1..D, hidden_degrees[l] is [K, hidden[l]].
   Mask set 0 uses the natural order (0..D-1); further ones a random order if `order_agnostic`.
-  Hidden degrees are random per mask set if `connectivity_agnostic`, else evenly spread.
+  Hidden degrees are random per mask set if `connectivity_agnostic`, else evenly spread over
+  {low, ..., D-1} including both ends (low: the previous layer's smallest degree), so a layer
+  narrower than D still lets the late inputs reach the outputs.
   """
   if dim < 2:
     raise ValueError(f"dim must be >= 2 for MADE, got {dim}")
@@ -52,7 +54,7 @@ def made_degrees(dim: int, hidden: Sequence[int], num_masks: int, *, seed: int =
       if connectivity_agnostic:
         deg = rng.integers(low, dim, size=h)  # uniform on {low, ..., D-1}
       else:
-        deg = low + np.arange(h) % (dim - low)
+        deg = np.round(np.linspace(low, dim - 1, h)).astype(np.int64)
       hiddens[l].append(deg.astype(np.int32))
       low = int(deg.min())
     orders.append(order)
@@ -150,7 +152,20 @@ class MADE(nn.Module):
     return logits
 
   def _logits(self, x_BD: jax.Array, mask_index) -> jax.Array:
-    return self._logits_fn()(x_BD, mask_index)
+    return self._logits_fn()(x_BD, self._checked_mask_index(mask_index))
+
+  def _checked_mask_index(self, mask_index):
+    """A concrete mask index must be one of 0..K-1 (indexing would clamp 5 to K-1 and wrap -1);
+    a traced one (the trainer's randint over [0, K)) passes as it is."""
+    if isinstance(mask_index, jax.core.Tracer):
+      return mask_index
+    value = np.asarray(mask_index)
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+      raise ValueError(f"mask_index must be an integer scalar, got {mask_index!r}")
+    if not 0 <= int(value) < self.num_masks:
+      raise ValueError(f"mask_index={int(value)} is not one of the {self.num_masks} mask sets "
+                       f"(0..{self.num_masks - 1})")
+    return mask_index
 
   def __call__(self, x_BD: jax.Array, mask_index=0) -> jax.Array:
     """Conditional logits [B, D] under mask set `mask_index` (an int or int scalar array)."""

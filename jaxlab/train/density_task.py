@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlab.data import binary_images
+from jaxlab.losses.likelihood import check_binary_values
 
 MODELS = ("fvsbn", "nade", "made", "pixelcnn", "gated_pixelcnn")
 IMAGE_MODELS = ("pixelcnn", "gated_pixelcnn")
@@ -152,6 +153,7 @@ class DensityTask:
 
   def nll(self, params, split: np.ndarray) -> float:
     """Mean NLL in nats over every example of a fixed split (the test-time evaluation)."""
+    check_binary_values(split, "split")  # the model's own check does not see values under jit
     fn = jax.jit(lambda p, x: -self.log_prob(p, x))
     total, n = 0.0, 0
     for batch in binary_images.eval_batches(split, batch_size=self.config.eval.batch_size):

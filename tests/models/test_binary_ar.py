@@ -274,3 +274,47 @@ def test_made_samples_in_chunks_are_the_samples_in_one_pass(monkeypatch):
   monkeypatch.setattr(made_lib, "SAMPLE_CHUNK_WEIGHTS", 3 * weights)
   np.testing.assert_array_equal(draw(), whole)
   assert len({tuple(row) for row in whole}) > 1
+
+
+@pytest.mark.parametrize("dim,hidden", [(10, (4,)), (784, (500,)), (30, (6, 40)), (8, (20,))])
+def test_made_fixed_degrees_let_every_input_reach_an_output(dim, hidden):
+  """connectivity_agnostic=False spreads the hidden degrees over {low, ..., D-1}: every input but the
+  last in the order reaches some output through the network (with degrees 1..H, as before, a layer
+  of 500 under D=784 left inputs 500..782 connected to nothing)."""
+  _, masks, _ = made_masks(dim, hidden, 1, connectivity_agnostic=False)
+  reach = masks[0][0]
+  for m in masks[1:]:
+    reach = (reach @ m[0]) > 0
+  orders, _, _ = made_masks(dim, hidden, 1)
+  last = orders[0][-1]
+  reached = reach.any(axis=1)
+  assert reached[np.arange(dim) != last].all(), np.flatnonzero(~reached)
+  assert not reached[last]
+
+
+def test_made_refuses_a_mask_index_that_is_not_a_mask_set():
+  model = MADE(6, hidden=(7,), num_masks=3)
+  variables = _init(model, 6)
+  x = jnp.zeros((2, 6))
+  for bad in (3, 5, -1):
+    with pytest.raises(ValueError, match=f"mask_index={bad} is not one of the 3 mask sets"):
+      model.apply(variables, x, bad, method=model.log_prob)
+  with pytest.raises(ValueError, match="mask_index must be an integer scalar"):
+    model.apply(variables, x, 1.0)
+  fn = jax.jit(lambda k: model.apply(variables, x, k, method=model.log_prob))
+  np.testing.assert_allclose(fn(2), model.apply(variables, x, 2, method=model.log_prob), rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: FVSBN(4), lambda: NADE(4, 3), lambda: MADE(4, (5,)),
+                                  lambda: PixelCNN((2, 2), 2, 1, 3)])
+def test_values_other_than_zero_and_one_are_refused(make):
+  """Grey levels or 0/255 pixels would be scored as likelihoods (x * l - softplus(l) is unbounded
+  in x): a concrete batch with such values is refused, naming x."""
+  model = make()
+  variables = _init(model, 4)
+  for bad in (np.array([[0.0, 1.0, 255.0, 0.0]]), np.array([[0.5, 1.0, 0.0, 0.0]]),
+              np.array([[2, 0, 0, 0]])):
+    with pytest.raises(ValueError, match="x must hold only 0 and 1: 1 entries do not"):
+      model.apply(variables, bad, method=model.log_prob)
+  ok = np.array([[0, 1, 1, 0]], bool)
+  assert np.isfinite(model.apply(variables, ok, method=model.log_prob)).all()

@@ -222,3 +222,14 @@ def test_every_planned_run_has_a_valid_config(tmp_path):
     exp.main(["--only", "dna:fvsbn,dna:made", "--extra=--config.model.direkt=True",
               "--out", str(tmp_path), "--workroot", str(tmp_path / "runs")])
   assert not list(tmp_path.glob("binary_density*"))  # nothing trained, no table written
+
+
+def test_nll_refuses_a_split_that_is_not_binary():
+  config = load_config("made", ["--config.model.hidden=(8,)", "--config.data.batch_size=16"],
+                       check_devices=False)
+  task = DensityTask(config, data=_tiny_data())
+  params = task.init_params(jax.random.PRNGKey(0))
+  grey = _tiny_data().valid * 0.5
+  with pytest.raises(ValueError, match="split must hold only 0 and 1"):
+    task.nll(params, grey)
+  assert np.isfinite(task.nll(params, _tiny_data().valid))
