@@ -9,7 +9,6 @@ it, which keeps the attention entropy roughly constant as the context grows.
 
 from __future__ import annotations
 
-import numbers
 from typing import Union
 
 import jax
@@ -21,13 +20,14 @@ from jaxlab.positions import _checks
 def logn_scale(q_len_or_positions: Union[int, jax.Array], train_len: int) -> jax.Array:
   """Per-query multiplier max(1, log(n) / log(train_len)), n = position + 1; float32.
 
-  q_len_or_positions: an int Tq (positions 0 .. Tq-1; returns [Tq]) or positions of any shape,
-    typically [B, Tq] (returns the same shape). Positions below 0 are treated as 0 (n = 1).
+  q_len_or_positions: a Python int Tq (positions 0 .. Tq-1; returns [Tq]) or positions of any
+    shape, typically [B, Tq] (returns the same shape); any array, NumPy and jax scalars included,
+    holds positions (one rule whatever the scalar's type). Positions below 0 count as 0 (n = 1).
   train_len: training context length L >= 2.
   Use: q = q * logn_scale(positions, L)[..., None, None] for q [B, Tq, N, H] (Qwen scales q).
   """
   train_len = _checks.positive_int(train_len, "train_len", minimum=2)
-  if isinstance(q_len_or_positions, numbers.Integral) and not isinstance(q_len_or_positions, bool):
+  if isinstance(q_len_or_positions, int) and not isinstance(q_len_or_positions, bool):
     q_len = _checks.positive_int(q_len_or_positions, "q_len_or_positions", minimum=0)
     pos = jnp.arange(q_len, dtype=jnp.float32)
   else:

@@ -203,7 +203,7 @@ def _rotary_dim(head_dim: int, rotary_fraction: Any) -> int:
     raise ValueError(f"rotary_fraction must be a number in (0, 1], got {rotary_fraction!r}") from e
   if frac is None or not 0.0 < frac <= 1.0:
     raise ValueError(f"rotary_fraction must be a static number in (0, 1], got {rotary_fraction!r}")
-  r = int(head_dim * frac)
+  r = int(head_dim * frac + 1e-9)  # int() as Hugging Face, but 100 * 0.58 = 57.999... counts as 58
   if r < 2 or r % 2:
     raise ValueError(f"rotary_fraction * head_dim must give an even number of rotary dims >= 2, got "
                      f"int({head_dim} * {frac}) = {r}")

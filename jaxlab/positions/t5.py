@@ -39,10 +39,13 @@ def _check_buckets(num_buckets: int, max_distance: int, bidirectional: bool) -> 
 def t5_relative_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int = 32,
                        max_distance: int = 128) -> jax.Array:
   """Bucket ids (int32, same shape) of integer relative positions (key - query); see module doc."""
-  rel = _checks.int_array(relative_position, "relative_position").astype(jnp.int32)
+  rel = _checks.int_array(relative_position, "relative_position")
   if not isinstance(bidirectional, bool):
     raise ValueError(f"bidirectional must be a bool, got {bidirectional!r}")
   nb = _check_buckets(num_buckets, max_distance, bidirectional)
+  # Every |offset| >= max_distance is in a last bucket: clipping first keeps int64 offsets (x64) from
+  # wrapping in the int32 cast and -INT32_MIN from overflowing, and changes no bucket.
+  rel = jnp.clip(rel, -(int(max_distance) + 1), int(max_distance) + 1).astype(jnp.int32)
   return _bucket_jit(rel, bidirectional, nb, int(max_distance))
 
 

@@ -17,8 +17,9 @@ sequences choose center near the middle of the positions used, to keep zeta^(+-(
 inside float32 range (with c = 0 and scale_base = 512, zeta_0^(n/512) underflows float32 only past
 n ~ 35k, since zeta_0 = 2/7 for gamma = 0.4). The outputs have the inputs' dtype: in float16 the key
 factor zeta_0^(-(n - c)/512) passes float16's maximum (65504) at n - c ~ 4.5k, sooner for keys with
-large entries (inf logits, then NaN), so float16 is for |n - c| up to ~2k (the GPT's config refuses
-longer float16 xPos runs); bfloat16 has float32's range.
+large entries (inf logits, then NaN), so float16 is for |n - c| up to ~2k (the LM task's config
+check, jaxlab.train.lm_task.validate, refuses longer float16 xPos runs; a GPT built directly is not
+checked); bfloat16 has float32's range.
 """
 
 from __future__ import annotations

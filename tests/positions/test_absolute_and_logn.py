@@ -1,6 +1,7 @@
 """Sinusoidal and learned absolute embeddings, and log-n query scaling."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,6 +65,10 @@ def test_logn_scale():
   got = np.asarray(P.logn_scale(pos, 8))
   np.testing.assert_allclose(got, np.maximum(1, np.log(pos + 1) / np.log(8)), rtol=1e-6)
   assert got[0, 3] == pytest.approx(2.0, rel=1e-6)  # log 64 / log 8
+  # A scalar array is a position whatever its type (np.int64(63) was read as a length 63).
+  for scalar in (np.int64(63), np.int32(63), jnp.int32(63), np.array(63)):
+    assert np.asarray(P.logn_scale(scalar, 8)).shape == ()
+    assert float(P.logn_scale(scalar, 8)) == pytest.approx(2.0, rel=1e-6)
   with pytest.raises(ValueError, match="train_len"):
     P.logn_scale(4, 1)
   with pytest.raises(ValueError, match="q_len_or_positions"):

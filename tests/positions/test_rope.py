@@ -88,6 +88,15 @@ def test_partial_rotary_passes_through_the_tail():
   assert np.abs(out[..., :4] - x[..., :4]).max() > 1e-2
 
 
+
+def test_rotary_fraction_that_rounds_below_a_whole_number_counts_as_it():
+  """100 * 0.58 is 57.99999999999999 in floating point: 58 rotary dims, not an odd 57 (refused)."""
+  x = _x(12, shape=(1, 3, 1, 100))
+  pos = np.array([[0, 5000, 20000]])  # the last pair turns slowly: far positions show it
+  out = np.asarray(P.apply_rope(x, pos, rotary_fraction=0.58))
+  np.testing.assert_array_equal(out[..., 58:], x[..., 58:])
+  assert np.abs(out[..., 56:58] - x[..., 56:58]).max() > 1e-3
+
 def test_rope_2d_factorises_into_row_and_column_rope():
   x = _x(8, shape=(B, T, N, 16))
   rng = np.random.default_rng(9)

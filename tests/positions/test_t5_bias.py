@@ -52,6 +52,19 @@ def test_known_bucket_values_default_configuration():
   assert [b(r, False) for r in (5, 0, -1, -15, -16, -32, -10_000)] == [0, 0, 1, 15, 16, 21, 31]
 
 
+
+def test_extreme_offsets_fall_in_the_last_buckets():
+  """int32's minimum and (with x64) offsets beyond int32 are the farthest buckets: they wrapped in the
+  int32 cast or overflowed on negation (-2**31 went to bucket 16 bidirectional, 0 causal)."""
+  b = lambda r, bi: np.asarray(P.t5_relative_bucket(r, bidirectional=bi)).tolist()
+  extremes = np.array([np.iinfo(np.int32).min, -2**31 + 1, np.iinfo(np.int32).max], np.int32)
+  assert b(extremes, True) == [15, 15, 31]
+  assert b(extremes, False) == [31, 31, 0]
+  with jax.enable_x64(True):
+    far = np.array([-2**32, -2**32 - 5, 2**32 + 3], np.int64)
+    assert b(far, True) == [15, 15, 31]
+    assert b(far, False) == [31, 31, 0]
+
 def test_module_bias_is_the_table_at_end_aligned_buckets():
   m = P.T5RelativeBias(num_heads=3, num_buckets=16, max_distance=32, bidirectional=False)
   variables = m.init(jax.random.key(0), 4, 9)
