@@ -126,7 +126,7 @@ def _causal_scan(pq, pk, vf, chunk_size: int, eps: float):
   b, t, kh, g, m = pq.shape
   n, h = kh * g, vf.shape[-1]
   f32 = jnp.float32
-  c = min(chunk_size, t)
+  c = max(1, min(chunk_size, t))  # T = 0: no chunks, not a division by zero
   nc = -(-t // c)
   tp = nc * c
   if tp != t:

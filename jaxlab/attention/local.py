@@ -116,7 +116,8 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: Tuple[i
   for name, value in (("left", left), ("right", right)):
     if not masks_lib.is_int(value) or value < 0:
       raise ValueError(f"window {name} must be an int >= 0, got {value!r}")
-  left, right = int(left), int(right)
+  # A side past T is the same mask; limiting it keeps qi + right inside int32 (2**31-1 wrapped).
+  left, right = min(int(left), tq), min(int(right), tq)
   causal = bool(causal)
   if causal:
     right = 0
@@ -130,6 +131,8 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: Tuple[i
                              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                              q_lengths=q_lengths, kv_lengths=kv_lengths)
 
+  if t == 0:
+    return jnp.zeros(q.shape, q.dtype)
   b = min(int(block_size), _round_up(t, _ROUND))
   nblk = _cdiv(t, b)
   tp = nblk * b

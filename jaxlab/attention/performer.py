@@ -155,7 +155,7 @@ def _causal_running_max(phi_q, a_k, v, chunk_size: int, eps: float):
   f32 = jnp.float32
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  c = min(chunk_size, t)
+  c = max(1, min(chunk_size, t))  # T = 0: no chunks, not a division by zero
   nc = -(-t // c)
   pad = nc * c - t
   pq = jnp.pad(phi_q.reshape(b, t, kh, g, m), [(0, 0), (0, pad), (0, 0), (0, 0), (0, 0)])

@@ -57,7 +57,7 @@ KV_CACHE_FAMILIES = ("softmax", "local", "block_sparse")
 RECURRENT_FAMILIES = ("linear", "performer")  # decode with a recurrent state instead of a KV cache
 # The options that only one family reads; another family refuses them unless left at the default.
 FAMILY_OPTIONS = {
-    "local": ("window",), "linear": ("feature_map",), "performer": ("num_features", "feature_seed"),
+    "softmax": ("implementation",), "local": ("window",), "linear": ("feature_map",), "performer": ("num_features", "feature_seed"),
     "block_sparse": ("sparse_layout", "sparse_block_size", "sparse_local_blocks", "sparse_stride",
                      "sparse_num_global", "sparse_num_random", "sparse_seed")}
 
@@ -112,7 +112,8 @@ class MultiHeadAttention(nn.Module):
     family: one of FAMILIES, with window ("local"), feature_map ("linear"), num_features and
       feature_seed ("performer"), sparse_* ("block_sparse": layout kind, block size b and the
       arguments of `causal_block_layout`).
-    implementation: passed to `attention.dot_product_attention`.
+    implementation: passed to `attention.dot_product_attention` (the softmax family's option:
+      refused with another family, which would ignore it).
     use_bias: biases in the projections.
     out_init_std: init std of the output projection (GPT-2 scales it by 1/sqrt(2 * layers)).
   """

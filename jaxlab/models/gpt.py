@@ -143,7 +143,8 @@ class GPTConfig:
 
 def _gpt_option(layer_option: str) -> str:
   """GPTConfig's name for a MultiHeadAttention family option."""
-  return "attention_window" if layer_option == "window" else layer_option
+  return {"window": "attention_window", "implementation": "attention_impl"}.get(layer_option,
+                                                                                layer_option)
 
 
 class Block(nn.Module):
@@ -168,7 +169,7 @@ class Block(nn.Module):
         xpos_center=c.max_len // 2, family=c.attention,
         **{name: getattr(c, _gpt_option(name)) for name in FAMILY_OPTIONS.get(c.attention, ())},
         qk_norm=c.qk_norm, logit_soft_cap=c.logit_soft_cap, rerope_window=c.rerope_window,
-        rerope_leaky_k=c.rerope_leaky_k, implementation=c.attention_impl, use_bias=c.use_bias,
+        rerope_leaky_k=c.rerope_leaky_k, use_bias=c.use_bias,
         out_init_std=out_std,
         dtype=c.dtype, param_dtype=c.param_dtype, name="attn")(
             h_BTD, positions_BT, segment_ids_BT=segment_ids_BT, decode=decode, prefill=prefill,
@@ -302,6 +303,11 @@ class GPT(nn.Module):
 def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
   """Builds the GPT from `config.model` (see jaxlab/configs/lm_char.py)."""
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  # The options of the chosen attention family only (the config holds every family's).
+  family_options = {_gpt_option(name): model_cfg[_gpt_option(name)]
+                    for name in FAMILY_OPTIONS.get(model_cfg.attention, ())}
+  if family_options.get("attention_impl") == "auto":
+    family_options["attention_impl"] = None  # dot_product_attention's own choice
   return GPT(GPTConfig(
       vocab_size=vocab_size, num_layers=model_cfg.num_layers, width=model_cfg.width,
       num_heads=model_cfg.num_heads, num_kv_heads=model_cfg.num_kv_heads or model_cfg.num_heads,
@@ -313,12 +319,9 @@ def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
       tie_embeddings=model_cfg.tie_embeddings, attention=model_cfg.attention,
       qk_norm=model_cfg.qk_norm, logit_soft_cap=model_cfg.logit_soft_cap or None,
       rerope_window=model_cfg.rerope_window, rerope_leaky_k=model_cfg.rerope_leaky_k or None,
-      # The options of the chosen attention family only (the config holds every family's).
-      **{_gpt_option(name): model_cfg[_gpt_option(name)]
-         for name in FAMILY_OPTIONS.get(model_cfg.attention, ())},
+      **family_options,
       gau_qk_dim=model_cfg.gau_qk_dim, flash_chunk=model_cfg.flash_chunk,
       gau_kind=model_cfg.gau_kind, gau_offset_init=model_cfg.gau_offset_init,
-      attention_impl=None if model_cfg.attention_impl == "auto" else model_cfg.attention_impl,
       activation=model_cfg.activation, use_bias=model_cfg.use_bias,
       mtp_heads=model_cfg.mtp_heads, medusa_heads=model_cfg.medusa_heads,
       heads_stop_gradient=model_cfg.heads_stop_gradient, dtype=dtypes[model_cfg.dtype]))

@@ -217,3 +217,17 @@ def test_numpy_integer_lengths_and_a_traced_soft_cap_at_long_lengths(monkeypatch
   with pytest.raises(ValueError, match="static logit_soft_cap"):
     jax.jit(lambda q, c: dot_product_attention(q, k, v, logit_soft_cap=c,
                                                implementation="blockwise"))(q, 1.5)
+
+
+@pytest.mark.parametrize("name", ["linear", "performer", "local"])
+def test_the_causal_linear_time_families_take_empty_sequences(name):
+  """T = 0 gave ZeroDivisionError (a chunk or block of size min(size, T) = 0); now [B, 0, N, H], as
+  dot_product_attention and the non-causal forms give."""
+  from jaxlab import attention
+  q, k, v = _qkv(tq=0, tk=0)
+  call = {"linear": lambda: attention.linear_attention(q, k, v, causal=True),
+          "performer": lambda: attention.performer_attention(q, k, v, causal=True,
+                                                             key=jax.random.key(0)),
+          "local": lambda: attention.local_attention(q, k, v, window=(2, 0))}[name]
+  out = call()
+  assert out.shape == q.shape and out.dtype == q.dtype

@@ -87,6 +87,9 @@ LOCAL_CASES = [
     ("gqa_causal_segments", 2, 29, 4, 2, 8, (6, 0), True, 8, "kv_segments_only"),
     ("mqa_lengths", 2, 29, 4, 1, 16, (3, 3), False, 5, "lengths"),
     ("window_wider_than_t", 1, 13, 2, 1, 8, (40, 40), False, None, None),
+    # int32's maximum as "unbounded": i + right wrapped, and rows 1.. saw no key (zeros)
+    ("right_side_int32_max", 1, 12, 2, 1, 8, (0, 2**31 - 1), False, 4, None),
+    ("both_sides_int32_max", 1, 12, 2, 1, 8, (2**31 - 1, 2**31 - 1), False, None, "segments"),
 ]
 
 

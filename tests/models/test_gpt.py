@@ -289,4 +289,8 @@ def test_options_of_another_attention_family_are_refused():
     tiny_gpt(attention_window=2)
   with pytest.raises(ValueError, match="num_features=8 applies to attention='performer'"):
     tiny_gpt(attention="linear", num_features=8)
+  with pytest.raises(ValueError, match="attention_impl='xla' applies to attention='softmax', not "
+                                       "'linear'"):
+    tiny_gpt(attention="linear", attention_impl="xla")  # the kernel choice was dropped
   tiny_gpt(attention="local", attention_window=2)  # its own family's: fine
+  tiny_gpt(attention_impl="blockwise")
