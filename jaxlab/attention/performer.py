@@ -228,8 +228,11 @@ def performer_attention_step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, sta
   _check_projection(projection, h)
   m = projection.shape[0]
   kh = k_t.shape[2]
-  if state.s.shape != (b, kh, m, h):
-    raise ValueError(f"state.s has shape {state.s.shape}, expected [B, K, M, H] = {(b, kh, m, h)}")
+  for name, got, want, axes in (("s", state.s.shape, (b, kh, m, h), "[B, K, M, H]"),
+                                 ("z", state.z.shape, (b, kh, m), "[B, K, M]"),
+                                 ("mu", state.mu.shape, (b, kh), "[B, K]")):
+    if tuple(got) != want:  # a [B] mu with B == K would broadcast over the wrong axis
+      raise ValueError(f"state.{name} has shape {tuple(got)}, expected {axes} = {want}")
   f32 = jnp.float32
   a = lax.stop_gradient(key_exponents(k_t, projection))[:, 0]  # [B, K, M]
   mu_new = jnp.maximum(state.mu, jnp.max(a, axis=-1))

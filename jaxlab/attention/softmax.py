@@ -37,6 +37,8 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, 
     if x.dtype != q.dtype:
       raise ValueError(f"{name} dtype {x.dtype} does not match q dtype {q.dtype}; q, k and v must "
                        "share one dtype")
+  if not jnp.issubdtype(q.dtype, jnp.floating):  # outputs have q's dtype: ints would be truncated
+    raise ValueError(f"q, k and v must have a floating dtype, got {q.dtype}")
   return b, tq, tk, n, kh, h
 
 

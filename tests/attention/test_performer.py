@@ -260,6 +260,19 @@ def test_step_by_step_decoding_equals_the_causal_form():
   np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("part,shape", [("s", (2, 2, 16, 4)), ("z", (2, 2, 8)), ("mu", (2,)),
+                                        ("mu", (2, 1))])
+def test_a_decoding_state_of_the_wrong_shape_is_refused(part, shape):
+  """Only state.s was checked: a [B] mu with B == K broadcast over the heads axis."""
+  from jaxlab.attention.performer import performer_attention_step, performer_init_state
+  q, k, v = make(5, b=2, t=1, n=4, kh=2, h=8)
+  w = orthogonal_gaussian_features(jax.random.key(6), 16, 8)
+  state = performer_init_state(2, 2, 8, 16)
+  state = state._replace(**{part: jnp.zeros(shape, jnp.float32)})
+  with pytest.raises(ValueError, match=f"state.{part} has shape"):
+    performer_attention_step(q, k, v, state, projection=w)
+
 def test_prefill_state_continues_like_step_by_step_decoding():
   from jaxlab.attention.performer import (performer_attention_step, performer_init_state,
                                           performer_prefill)

@@ -306,3 +306,16 @@ def test_automatic_choice_runs_blockwise_for_long_sequences(monkeypatch):
   assert calls == [1]  # not called again
   assert "while" not in _primitives(short)
   assert max_intermediate_size(short) >= (tq - 1) * tk
+
+
+def test_integer_inputs_are_refused_by_every_attention_kind():
+  """Outputs take q's dtype: integer q, k, v were computed in float and truncated back to ints."""
+  from jaxlab.attention import linear_attention, local_attention
+  q = k = v = jnp.ones((1, 4, 2, 8), jnp.int32)
+  match = "q, k and v must have a floating dtype, got int32"
+  for call in (lambda: attention.dot_product_attention(q, k, v),
+               lambda: linear_attention(q, k, v, causal=True),
+               lambda: performer_attention(q, k, v, key=jax.random.key(0), num_features=4),
+               lambda: local_attention(q, k, v, window=(1, 0))):
+    with pytest.raises(ValueError, match=match):
+      call()
