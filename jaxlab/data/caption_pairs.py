@@ -198,7 +198,8 @@ class EmojiConfig(tfds.core.BuilderConfig):
 
 
 def emoji_config(root: str) -> EmojiConfig:
-  """A builder config named by the files' sizes and the head of emoji.json's hash."""
+  """A builder config named by a hash of the files' bytes (sheets included: an edit that kept a
+  sheet's size reused the old build), so changed files get their own build."""
   base = pathlib.Path(root).expanduser().resolve()
   digest = hashlib.sha256()
   for name in EMOJI_FILES:
@@ -206,8 +207,8 @@ def emoji_config(root: str) -> EmojiConfig:
     if not f.is_file():
       raise FileNotFoundError(f"emoji_captions: {f} not found (config.data.path should name the "
                               "folder with emoji.json and the 32-px sheets)")
-    digest.update(f"{name}:{f.stat().st_size}".encode())
-  digest.update((base / "emoji.json").read_bytes())
+    digest.update(f"{name}:{f.stat().st_size}:".encode())
+    digest.update(f.read_bytes())
   return EmojiConfig(name=f"emoji_{digest.hexdigest()[:12]}", root=str(base),
                      version=tfds.core.Version("1.0.0"))
 

@@ -82,6 +82,8 @@ def text_files_config(paths, train_fraction: float = 0.9) -> TextFilesConfig:
   num_chars = 0
   for p in resolved:
     path = pathlib.Path(p)
+    if path.is_dir():
+      raise ValueError(f"{p} is a directory; text_files reads text files (comma-separated paths)")
     if not path.is_file():
       raise FileNotFoundError(f"text file not found: {p}")
     data = path.read_bytes()
@@ -155,6 +157,14 @@ def stdlib_config(root: str | None = None) -> StdlibConfig:
   its own build rather than an earlier one's cache."""
   files = stdlib_files(root)
   base = pathlib.Path(root or sysconfig.get_paths()["stdlib"])
+  # TFDS fails with a long AssertionError on an empty split: a small tree can put every file in one.
+  num_val = sum(is_validation_file(str(f.relative_to(base))) for f in files)
+  if num_val in (0, len(files)):
+    where = f"config.data.path={root!r}" if root else str(base)
+    raise ValueError(f"{where}: all {len(files)} .py files fall in the "
+                     f"{'training' if num_val == 0 else 'validation'} split (a file is in "
+                     "validation when crc32 of its relative path % 10 == 0); the tree needs files "
+                     "in both")
   digest = hashlib.sha256(str(base.resolve()).encode())
   for f in files:
     stat = f.stat()
@@ -179,7 +189,8 @@ class JaxlabPythonStdlib(tfds.core.GeneratorBasedBuilder):
     for f in stdlib_files(self.builder_config.root):
       text = f.read_bytes().decode("utf-8", errors="replace")
       docs.append((str(f.relative_to(base)), text))
-    self.info.metadata["alphabet"] = _alphabet(t for _, t in docs)
+    # "\n": text.load_corpus joins the files with a blank line, which a file may not contain
+    self.info.metadata["alphabet"] = _alphabet([*(t for _, t in docs), "\n"])
     train = [d for d in docs if not is_validation_file(d[0])]
     val = [d for d in docs if is_validation_file(d[0])]
     return {"train": self._generate_examples(train), "validation": self._generate_examples(val)}

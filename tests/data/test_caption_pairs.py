@@ -106,3 +106,18 @@ def test_emoji_pairs_end_to_end_through_load_pairs(tmp_path):
   assert len(train.class_names) == 10 and train.class_names == test.class_names
   assert train.class_names[int(train.labels_N[0])] == entries[int(train.groups_N[0])]["category"]
   assert cp.class_prompts(test)[0] == ["activities", "an emoji of activities"]
+
+
+@pytest.mark.skipif(not EMOJI.is_dir(), reason="../shared/data/emoji_captions is not present")
+def test_an_edited_sheet_of_the_same_size_gets_its_own_build(tmp_path):
+  """The config name hashed emoji.json's bytes but only the sheets' sizes: an edit that kept a
+  sheet's size was served the old build."""
+  import shutil
+  for name in cp.EMOJI_FILES:
+    shutil.copy(EMOJI / name, tmp_path / name)
+  before = cp.emoji_config(str(tmp_path)).name
+  sheet = tmp_path / cp.EMOJI_FILES[1]
+  data = bytearray(sheet.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  sheet.write_bytes(bytes(data))
+  assert cp.emoji_config(str(tmp_path)).name != before

@@ -32,6 +32,43 @@ def test_missing_text_file_names_the_key(tmp_path, tfds_dir):
     text.load_corpus(data_cfg(tmp_path / "nope.txt", tfds_dir))
 
 
+
+def test_a_directory_given_as_a_text_file_is_named_as_one(tmp_path, tfds_dir):
+  """It was reported as 'text file not found' although the path exists."""
+  (tmp_path / "texts").mkdir()
+  (tmp_path / "texts" / "a.txt").write_text("some text\n" * 20)
+  with pytest.raises(ValueError, match=r"config\.data\.path=.*texts.*is a directory; text_files "
+                                       r"reads text files"):
+    text.load_corpus(data_cfg(tmp_path / "texts", tfds_dir))
+
+
+def stdlib_cfg(root, tfds_dir):
+  return ml_collections.ConfigDict(dict(name="python_stdlib", path=str(root), data_dir=str(tfds_dir),
+                                        vocab="char", train_fraction=0.9))
+
+
+@pytest.mark.parametrize("names,split", [(("a.py", "b.py", "c.py"), "training"), (("v.py",),
+                                                                                   "validation")])
+def test_a_source_tree_whose_files_all_fall_in_one_split_is_refused(tmp_path, tfds_dir, names,
+                                                                     split):
+  """crc32 puts a.py, b.py, c.py in training and v.py in validation: TFDS failed with an
+  AssertionError about an empty split that named no key."""
+  for name in names:
+    (tmp_path / name).write_text("x = 1\n" * 30)
+  with pytest.raises(ValueError, match=rf"config\.data\.path=.*all {len(names)} \.py files fall in "
+                                       rf"the {split} split") as info:
+    text.load_corpus(stdlib_cfg(tmp_path, tfds_dir))
+  assert "\n" not in str(info.value)
+
+
+def test_sources_without_a_newline_load(tmp_path, tfds_dir):
+  """The files are joined by a blank line, which was missing from a vocabulary built from sources
+  that have no newline ("character '\\n' is not in the vocabulary")."""
+  for name in ("a.py", "b.py", "v.py"):
+    (tmp_path / name).write_text("x=1;" * 40)
+  corpus = text.load_corpus(stdlib_cfg(tmp_path, tfds_dir))
+  assert "\n" in corpus.vocab.decode(corpus.train)
+
 @pytest.mark.parametrize("content", [b"this is not a mat file, just some text\n" * 8, b"x"])
 def test_caltech_non_mat_file_names_the_file_and_key(tmp_path, content):
   bad = tmp_path / "silhouettes.txt"
