@@ -14,7 +14,7 @@ the image tower's parameter count and the median step time (compilation excluded
   * vit-rope2d-theta10000: the same with the text RoPE's base 10000;
   * swin-p2-w2: patch 2, windows of 2x2 patches shifted by 1, then patch merging to a 2x2 map;
     2 stages of 2 blocks, widths 64 and 128 (same tokens as the ViT);
-  * swin-p2-w2-narrow: the same with widths 32 and 64 (about the ViT's parameter count; the wide
+  * swin-p2-w2-narrow: the same with widths 32 and 64 (1.4x the ViT's image parameters; the wide
     Swin has ~5x the ViT's image parameters, its second stage being twice as wide);
   * swin-p1-w4: patch 1 (an 8x8 grid), windows of 4x4 shifted by 2, then a 4x4 map (one window).
 Writes <out>/image_towers.{md,json} (image_towers_quick.* with --quick: 30 steps, one seed).
@@ -28,7 +28,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TQDM_DISABLE", "1")
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
-                             f"{min(os.cpu_count() or 1, 8)}").strip()
+                             f"{min(len(os.sched_getaffinity(0)), 8)}").strip()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -58,6 +58,7 @@ def run_one(tower: str, seed: int, steps: int, workdir: pathlib.Path) -> dict:
   import jax
   from jaxlab.configs import load_config
   from jaxlab.train import trainer
+  from jaxlab.train.host_devices import usable_device_count
   from jaxlab.train.metrics import median_step_time_ms
   overrides = TOWERS[tower] + [f"--config.seed={seed}", f"--config.train.steps={steps}",
                                f"--config.train.eval_every={steps}",
@@ -65,7 +66,9 @@ def run_one(tower: str, seed: int, steps: int, workdir: pathlib.Path) -> dict:
                                f"--config.train.log_every={min(50, steps)}",
                                f"--config.optim.warmup_steps={min(50, steps // 2)}",
                                "--config.train.tensorboard=False"]
-  config = load_config("contrastive_digits", overrides)
+  config = load_config("contrastive_digits", overrides, check_devices=False)
+  with config.unlocked():  # as `jaxlab train` does: the most devices the batch splits over
+    config.mesh.data = usable_device_count(config, jax.device_count())
   start = time.perf_counter()
   result = trainer.train(config, workdir, progress=False)
   params = result["state"]["params"]
@@ -153,7 +156,7 @@ def main(argv=None) -> dict:
       command = f"{json.loads(previous.read_text())['command']}`, then `{command}"
   from jaxlab.train.host_devices import cpu_model
   d = jax.devices()[0]
-  device = (f"{cpu_model()}, {os.cpu_count()} cores as {jax.device_count()} CPU devices"
+  device = (f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores as {jax.device_count()} CPU devices"
             if d.platform == "cpu" else f"{jax.device_count()} x {d.device_kind}")
   out = {"device": f"{device}, jax {jax.__version__}",
          "command": command, "steps": args.steps, "seeds": args.seeds, "runs": runs,

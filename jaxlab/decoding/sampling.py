@@ -7,9 +7,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlab.layers.attention import REWIND_VARIABLES
+from jaxlab.layers.token_ids import check_token_ids
 from jaxlab.models.gpt import MTP_BLOCK_PREFIX
 
 
@@ -123,15 +123,9 @@ def check_prompt(prompt_BP, num_tokens: int) -> tuple[jax.Array, int, int]:
 
 
 def check_prompt_ids(prompt_BP, vocab_size: int) -> None:
-  """ValueError naming prompt_BP if a concrete prompt holds a token id outside [0, vocab_size): the
-  embedding lookup would give NaN (id >= V) or silently another token's row (a negative id wraps).
-  A traced prompt (generation inside the caller's own jit) cannot be checked here."""
-  if isinstance(prompt_BP, jax.core.Tracer):
-    return
-  ids = np.asarray(prompt_BP)
-  if ids.size and np.issubdtype(ids.dtype, np.integer) and (ids.min() < 0 or ids.max() >= vocab_size):
-    raise ValueError(f"prompt_BP holds token ids outside [0, {vocab_size}) (the model's vocabulary): "
-                     f"min {ids.min()}, max {ids.max()}")
+  """ValueError naming prompt_BP if a concrete prompt holds a token id outside [0, vocab_size) (see
+  check_token_ids). A traced prompt (generation inside the caller's own jit) is not checked here."""
+  check_token_ids(prompt_BP, vocab_size, "prompt_BP")
 
 
 def checks_prompt_ids(generate_fn):

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlab.layers.token_ids import check_token_ids
 from jaxlab.losses import contrastive
 from jaxlab.models.swin import Swin
 from jaxlab.models.vit import ViT, EncoderBlock, layer_norm
@@ -105,8 +106,9 @@ class TextEncoder(nn.Module):
       raise ValueError(f"tokens_BT must be an int [batch, length] array, got {tokens_BT.dtype} "
                        f"{tuple(tokens_BT.shape)}")
     b, t = tokens_BT.shape
-    if t > c.text_len:
-      raise ValueError(f"tokens_BT has length {t} > text_len={c.text_len}")
+    if not 0 < t <= c.text_len:
+      raise ValueError(f"tokens_BT has length {t}; it must be in 1..text_len={c.text_len}")
+    check_token_ids(tokens_BT, c.vocab_size, "tokens_BT")
     embed = nn.Embed(c.vocab_size, c.text_width, dtype=c.dtype, name="token_embed",
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                  ("vocab", "embed")))

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jaxlab.layers import MLP, FlashLayer, MultiHeadAttention
 from jaxlab.layers.dense import Dense
 from jaxlab.layers.attention import FAMILY_OPTIONS, foreign_family_option
+from jaxlab.layers.token_ids import check_token_ids
 
 from jaxlab import positions as positions_lib
 from jaxlab.positions.learned import lookup_positions
@@ -237,6 +238,7 @@ class GPT(nn.Module):
     c = self.config
     if tokens_BT.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
+    check_token_ids(tokens_BT, c.vocab_size, "tokens_BT")
     b, t = tokens_BT.shape
     if positions_BT is None:
       if decode and not prefill and not self.is_initializing():

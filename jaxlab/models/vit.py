@@ -47,6 +47,8 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
     width = x_BTD.shape[-1]
+    if self.num_heads < 1 or width % self.num_heads:  # head_dim = width // heads would drop the rest
+      raise ValueError(f"num_heads={self.num_heads} must divide the width {width}")
     out_std = 0.02 / math.sqrt(2 * self.num_layers)
     h_BTD = MultiHeadAttention(num_heads=self.num_heads, num_kv_heads=self.num_heads,
                                head_dim=width // self.num_heads, causal=self.causal,

@@ -88,8 +88,17 @@ def test_text_encoder_pools_at_the_end_token(text_position):
   params = enc.init(jax.random.PRNGKey(0), tokens)
   apply = jax.jit(enc.apply)
   base = apply(params, tokens)
-  after_end = tokens.at[0, 5].set(9).at[1, 7].set(3)  # padding after the end token changes
+  after_end = tokens.at[0, 4].set(9).at[1, 6].set(3)  # the slot right after the end token changes
   np.testing.assert_allclose(apply(params, after_end), base, atol=1e-6)
+  # Pooling one slot off passed the lines above (a causal state never sees later slots): moving the
+  # pad token's embedding must change nothing, moving the end token's must change every row.
+  def shifted_row(row):
+    table = params["params"]["token_embed"]["embedding"]  # boxed with its logical axes
+    moved = table.replace(value=table.value.at[row].add(1.0))
+    return {**params, "params": {**params["params"], "token_embed": {"embedding": moved}}}
+  np.testing.assert_allclose(apply(shifted_row(0), tokens), base, atol=1e-6)
+  moved = np.abs(np.asarray(apply(shifted_row(1), tokens)) - np.asarray(base)).max(axis=-1)
+  assert (moved > 1e-4).all(), moved
   before_end = tokens.at[0, 1].set(9)
   assert not np.allclose(apply(params, before_end)[0], base[0], atol=1e-4)
   np.testing.assert_allclose(apply(params, before_end)[1], base[1], atol=1e-6)  # rows independent
@@ -121,6 +130,21 @@ def test_config_errors_name_the_field():
     _config(loss="triplet")
   with pytest.raises(ValueError, match="image_heads=3 must divide image_width=16"):
     _config(image_heads=3)
-  with pytest.raises(ValueError, match="tokens_BT has length 12 > text_len=10"):
-    enc = TextEncoder(_config())
+  enc = TextEncoder(_config())
+  with pytest.raises(ValueError, match=r"tokens_BT has length 12; it must be in 1\.\.text_len=10"):
     enc.init(jax.random.PRNGKey(0), jnp.ones((1, 12), jnp.int32))
+  with pytest.raises(ValueError, match=r"tokens_BT has length 0"):  # was an argmax error
+    enc.init(jax.random.PRNGKey(0), jnp.ones((1, 0), jnp.int32))
+  # An id >= vocab_size gave NaN features, a negative one another token's (the lookup wraps).
+  params = enc.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))
+  for bad in (20, -1):
+    with pytest.raises(ValueError, match=r"tokens_BT holds token ids outside \[0, 20\)"):
+      enc.apply(params, jnp.array([[5, bad, 1, 0]], jnp.int32))
+
+
+def test_vit_heads_must_divide_the_width():
+  """width 20 with 3 heads built an 18-wide attention (head_dim = 20 // 3), silently."""
+  from jaxlab.models.vit import ViT
+  vit = ViT(width=20, num_heads=3, num_layers=1, patch=4)
+  with pytest.raises(ValueError, match="num_heads=3 must divide the width 20"):
+    vit.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))

@@ -182,6 +182,10 @@ def test_bad_token_shape_and_config_are_reported():
     tiny_gpt(position="rotary")
   with pytest.raises(ValueError, match="num_kv_heads"):
     tiny_gpt(num_kv_heads=3)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  for bad in (model.config.vocab_size, -1):  # NaN logits, or another token's row
+    with pytest.raises(ValueError, match=r"tokens_BT holds token ids outside \[0, "):
+      model.apply(params, jnp.array([[1, bad, 2]], jnp.int32))
 
 
 def test_xpos_model_centres_its_scales_on_half_max_len():
