@@ -106,10 +106,11 @@ class DraftTree:
     acceptance (if the heads erred independently). A child is never likelier than its parent, so
     best-first search gives a prefix-closed tree."""
     acc = np.asarray(accuracy_DR, np.float64)
-    if acc.ndim != 2 or acc.size == 0 or np.any(acc < 0) or np.any(acc > 1):
-      raise ValueError(f"accuracy_DR must be [depths, ranks] probabilities, got shape {acc.shape}")
-    if num_nodes < 1:
-      raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+    if acc.ndim != 2 or acc.size == 0 or not np.all((acc >= 0) & (acc <= 1)):  # NaN fails too
+      raise ValueError(f"accuracy_DR must be [depths, ranks] probabilities in [0, 1], got shape "
+                       f"{acc.shape}" + (" with NaN" if np.isnan(acc).any() else ""))
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, (int, np.integer)) or num_nodes < 1:
+      raise ValueError(f"num_nodes must be an int >= 1, got {num_nodes!r}")
     depth, ranks = acc.shape
     chosen, frontier = [], [(-acc[0, r], (r,)) for r in range(ranks)]
     heapq.heapify(frontier)

@@ -25,7 +25,7 @@ def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -
   """
   if logits_BV.ndim != 2:
     raise ValueError(f"logits must be [batch, vocab], got shape {logits_BV.shape}")
-  _check_filters(top_k, top_p)
+  check_filters(top_k, top_p)
   vocab = logits_BV.shape[-1]
   if not (top_k and top_k < vocab) and top_p >= 1.0:
     return logits_BV
@@ -52,7 +52,8 @@ def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -
   return jnp.where(keep_BV, logits_BV, neg_inf).astype(out_dtype)
 
 
-def _check_filters(top_k: int, top_p: float) -> None:
+def check_filters(top_k: int, top_p: float) -> None:
+  """top_k >= 0 and 0 < top_p <= 1 (checked at temperature 0 too, where no filter runs)."""
   if top_k < 0 or not 0.0 < top_p <= 1.0:
     raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
 
@@ -73,7 +74,7 @@ def sample_token(key: jax.Array, logits_BV: jax.Array, *, temperature: float = 1
   """One token id per row, int32 [B]; temperature 0 is greedy (argmax), a negative one is refused."""
   if jnp.ndim(logits_BV) != 2:
     raise ValueError(f"logits_BV must be [batch, vocab], got shape {jnp.shape(logits_BV)}")
-  _check_filters(top_k, top_p)  # at temperature 0 too, where no filter runs
+  check_filters(top_k, top_p)  # at temperature 0 too, where no filter runs
   if temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = filter_logits(scale_logits(logits_BV, temperature), top_k=top_k, top_p=top_p)
@@ -117,6 +118,8 @@ def check_prompt(prompt_BP, num_tokens: int) -> tuple[jax.Array, int, int]:
   b, p = prompt_BP.shape
   if p < 1:
     raise ValueError("the prompt must hold at least one token")
+  if b < 1:
+    raise ValueError(f"prompt_BP must hold at least one row, got shape {prompt_BP.shape}")
   if num_tokens < 0:
     raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
   return prompt_BP, b, p

@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.decoding.draft_tree import DraftTree
-from jaxlab.decoding.sampling import (check_prompt, checks_prompt_ids, filter_logits, init_cache,
-                                     scale_logits)
+from jaxlab.decoding.sampling import (check_filters, check_prompt, checks_prompt_ids,
+                                     filter_logits, init_cache, scale_logits)
 from jaxlab.layers.attention import (KV_CACHE_FAMILIES, RECURRENT_APPEND_LIMIT,
                                     RECURRENT_FAMILIES)
 
@@ -234,6 +234,7 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   """
   check_speculative(model, tree)
   prompt_BP, b, p = check_prompt(prompt_BP, num_tokens)
+  check_filters(top_k, top_p)
   tree = tree or DraftTree.chain(model.config.extra_heads)
   if tree.max_rank >= model.config.vocab_size:  # greedy drafts distinct top-ranked tokens
     raise ValueError(f"the draft tree has rank {tree.max_rank}, beyond the vocabulary "

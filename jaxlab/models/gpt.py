@@ -29,6 +29,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlab.layers import MLP, FlashLayer, MultiHeadAttention
 from jaxlab.layers.dense import Dense
@@ -118,6 +119,10 @@ class GPTConfig:
     return self.mtp_heads + self.medusa_heads
 
   def __post_init__(self):
+    for name in ("mtp_heads", "medusa_heads"):  # 2.5 failed later in range(), True counted as 1
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int, got {value!r}")
     if min(self.mtp_heads, self.medusa_heads) < 0 or (self.mtp_heads and self.medusa_heads):
       raise ValueError(f"need mtp_heads >= 0 and medusa_heads >= 0, not both > 0; got "
                        f"mtp_heads={self.mtp_heads}, medusa_heads={self.medusa_heads}")

@@ -474,9 +474,9 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
                 top_k: int, top_p: float, seed: int, speculative: bool = False) -> str:
   """Continues `prompt` by `num_tokens` tokens with the KV-cached sampler; returns prompt + continuation.
 
-  speculative: drafts with the model's extra heads (`jaxlab.decoding.speculative`; the same
-  distribution; greedy gives greedy decoding's text up to near-ties) and says on stderr how many
-  tokens each pass yielded.
+  speculative: drafts with the model's extra heads (`jaxlab.decoding.speculative`; with
+  config.sample.acceptance='exact' the same distribution, and greedy gives greedy decoding's text
+  up to near-ties; 'typical' is not exact) and says on stderr how many tokens each pass yielded.
   """
   ids = jnp.asarray(task.vocab.encode(prompt or "\n"))[None]
   key = jax.random.PRNGKey(seed)

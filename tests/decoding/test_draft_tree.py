@@ -78,6 +78,11 @@ def test_sparse_tree_holds_the_likeliest_nodes():
   assert max(sum(prob[p] for p in s) for s in closed) == pytest.approx(sum(best))
   with pytest.raises(ValueError, match="accuracy_DR"):
     DraftTree.from_accuracies([0.5, 0.2], 3)
+  with pytest.raises(ValueError, match="accuracy_DR .* with NaN"):  # a tree was built from NaN
+    DraftTree.from_accuracies([[np.nan, 0.5], [0.5, 0.2]], 3)
+  for bad in (2.5, True, 0):
+    with pytest.raises(ValueError, match="num_nodes must be an int >= 1"):
+      DraftTree.from_accuracies(accuracy, bad)
 
 
 # Tree attention at the model level: every position encoding whose cache path differs, and MTP

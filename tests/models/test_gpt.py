@@ -182,6 +182,9 @@ def test_bad_token_shape_and_config_are_reported():
     tiny_gpt(position="rotary")
   with pytest.raises(ValueError, match="num_kv_heads"):
     tiny_gpt(num_kv_heads=3)
+  for name, bad in (("medusa_heads", 2.5), ("mtp_heads", True)):
+    with pytest.raises(ValueError, match=f"{name} must be an int"):
+      tiny_gpt(**{name: bad})
   params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   for bad in (model.config.vocab_size, -1):  # NaN logits, or another token's row
     with pytest.raises(ValueError, match=r"tokens_BT holds token ids outside \[0, "):
