@@ -175,7 +175,8 @@ class ContrastiveTask:
 
   def train_iterator(self):
     source = _PairSource(self.train_pairs.images_NHWC, self.tokens(self.train_pairs.captions))
-    dataset = (grain.MapDataset.source(source).shuffle(seed=self.config.seed).repeat()
+    dataset = (grain.MapDataset.source(source).shuffle(seed=pipeline.epoch_shuffle_seed(
+        self.config.seed)).repeat()
                .batch(self.batch_size, drop_remainder=True, batch_fn=_stack)
                .map(lambda b: pipeline.process_rows(b, self.batch_size)))
     return iter(dataset.to_iter_dataset())
