@@ -79,6 +79,17 @@ def test_tuple_overrides():
   assert load("--config.model.hidden=(64, 32)").model.hidden == (64, 32)
   with pytest.raises(ConfigError, match=r"config\.model\.hidden: expected ints"):
     load("--config.model.hidden=(True,)")
+  with pytest.raises(ConfigError, match=r"config\.model\.hidden: expected ints"):
+    load("--config.model.hidden=(64, 32.5)")  # was kept as a float inside the int tuple
+  with pytest.raises(ConfigError, match=r"config\.model\.num_layers: expected int, got True"):
+    load("--config.model.num_layers=True")  # a bool is an int to isinstance: it was taken as 1
+  with pytest.raises(ConfigError, match=r"config\.model\.hidden: expected finite numbers"):
+    load("--config.model.hidden=(1e400,)")
+  from jaxlab.configs import check_keys_and_types, get_config
+  config = get_config("made")
+  config.model.hidden = (64, 32.5)  # a config file's tuple follows the same rule
+  with pytest.raises(ConfigError, match=r"config\.model\.hidden: expected ints, got \(64, 32\.5\)"):
+    check_keys_and_types(config, "a file")
 
 
 def test_overrides_are_typed():
@@ -303,6 +314,7 @@ def test_config_file_returning_a_dict_is_converted(tmp_path):
     ("c['model']['dropout'] = '0.1'", "config.model.dropout: expected float, got '0.1'"),
     ("c['model']['num_layers'] = 2.0", "config.model.num_layers: expected int, got 2.0"),
     ("c['model']['num_layers'] = True", "config.model.num_layers: expected int, got True"),
+    ("c['optim']['lr'] = float('inf')", "config.optim.lr: expected a finite number, got inf"),
     ("c['model']['num_layer'] = 8", "unknown config key config.model.num_layer (did you mean "
                                     "config.model.num_layers?)"),
     ("c['optim']['weight_decy'] = 0.0", "unknown config key config.optim.weight_decy (did you mean "

@@ -83,7 +83,8 @@ def get_config(name_or_path: str) -> ml_collections.ConfigDict:
 
 
 def _parse_value(text: str, current):
-  """Parses an override's text into the type of the value it replaces."""
+  """Parses an override's text into the type of the value it replaces (the rule of _type_problem:
+  an int stands for a float, a scalar for a one-element tuple)."""
   if isinstance(current, bool):
     lowered = text.lower()
     if lowered in ("true", "1", "yes"):
@@ -97,20 +98,14 @@ def _parse_value(text: str, current):
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     raise ValueError(f"expected {type(current).__name__}, got {text!r}") from None
-  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+  if isinstance(current, (list, tuple)) and not isinstance(value, (list, tuple)):
+    value = (value,)  # --config.model.hidden=500 means (500,)
+  problem = _type_problem(value, current)
+  if problem:
+    raise ValueError(problem)
+  if isinstance(current, float) and isinstance(value, int):
     value = float(value)
-  if isinstance(value, float) and not math.isfinite(value):  # 1e400 parses as inf
-    raise ValueError(f"expected a finite number, got {text!r}")
-  if isinstance(current, (list, tuple)):
-    if not isinstance(value, (list, tuple)):
-      value = (value,)  # --config.model.hidden=500 means (500,)
-    elements = {type(v) for v in current}
-    if elements and all(t is int for t in elements) and any(isinstance(v, bool) for v in value):
-      raise ValueError(f"expected ints, got {text!r}")
-    return type(current)(value)
-  if current is not None and not isinstance(value, type(current)):
-    raise ValueError(f"expected {type(current).__name__}, got {text!r}")
-  return value
+  return type(current)(value) if isinstance(current, (list, tuple)) else value
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
@@ -254,10 +249,14 @@ def fill_defaults(saved: dict, base: dict) -> tuple[dict, dict, list[str]]:
 
 
 def _type_problem(value, default) -> str | None:
-  """Why `value` cannot stand where the task's default is `default` (None if it can): the rule of
-  the command-line overrides (an int is a float too; a bool is no int; a list or tuple for either)."""
+  """Why `value` cannot stand where the task's default is `default` (None if it can), for overrides
+  and config files alike: an int is a float too, a bool is no int, numbers are finite, a list or
+  tuple for either, whose elements follow the rule of the default's elements when those share a
+  type (ints stay ints: (64, 32.5) or (True,) is no tuple of ints)."""
   if default is None:
     return None
+  if isinstance(value, float) and not math.isfinite(value):  # 1e400 parses as inf
+    return f"expected a finite number, got {value!r}"
   if isinstance(default, bool):
     ok = isinstance(value, bool)
   elif isinstance(default, int):
@@ -265,7 +264,13 @@ def _type_problem(value, default) -> str | None:
   elif isinstance(default, float):
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
   elif isinstance(default, (list, tuple)):
-    ok = isinstance(value, (list, tuple))
+    if not isinstance(value, (list, tuple)):
+      return f"expected {type(default).__name__}, got {value!r}"
+    if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+      return f"expected finite numbers, got {value!r}"
+    if len({type(d) for d in default}) == 1 and any(_type_problem(v, default[0]) for v in value):
+      return f"expected {type(default[0]).__name__}s, got {value!r}"
+    return None
   else:
     ok = isinstance(value, type(default))
   return None if ok else f"expected {type(default).__name__}, got {value!r}"
