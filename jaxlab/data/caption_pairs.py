@@ -269,7 +269,7 @@ def load_pairs(data_cfg, split: str) -> PairSet:
   """Builds the dataset of `data_cfg.name` once under data_cfg.data_dir and reads `split` as arrays."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-  builder = prepare(builder_for(data_cfg))
+  builder = prepare(builder_for(data_cfg), data_cfg.data_dir)
   source = builder.as_data_source(split=split)
   rows = [source[i] for i in range(len(source))]
   images = np.stack([r["image"] for r in rows]).astype(np.float32)

@@ -69,7 +69,7 @@ def load_corpus(data_cfg) -> Corpus:
     return _tfds_tiny_shakespeare(data_cfg, data_dir)
   else:
     raise ValueError(f"config.data.name must be one of {DATASETS}, got {name!r}")
-  text_builders.prepare(builder)
+  text_builders.prepare(builder, data_cfg.data_dir)
   alphabet = builder.info.metadata["alphabet"]
   vocab = Vocab(alphabet if data_cfg.vocab == "char" else None)
   train = _tokens(vocab, _read_split(builder, "train"), sep)
@@ -95,7 +95,7 @@ def _tfds_tiny_shakespeare(data_cfg, data_dir: str) -> Corpus:
     if not builder.is_prepared() and not _reachable(TINY_SHAKESPEARE_HOST):
       raise ConnectionError(f"not prepared in {data_dir}, and {TINY_SHAKESPEARE_HOST} is not "
                             "reachable to download it")
-    text_builders.prepare(builder)
+    text_builders.prepare(builder, data_cfg.data_dir)
     pieces = [p for s in ("train", "validation", "test") for p in _read_split(builder, s)]
   except Exception as e:  # no network, no TensorFlow for its generator, ...
     logging.debug("TFDS tiny_shakespeare failed", exc_info=True)

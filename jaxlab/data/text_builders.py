@@ -201,14 +201,25 @@ class JaxlabPythonStdlib(tfds.core.GeneratorBasedBuilder):
       yield i, {"text": text}
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+def prepare(builder: tfds.core.DatasetBuilder, data_dir: str = "") -> tfds.core.DatasetBuilder:
   """Writes the array_record files once (a later call reuses them). Another process preparing the
-  same dataset at the same moment wins the final rename; this one then reads its files."""
+  same dataset at the same moment wins the final rename; this one then reads its files.
+
+  data_dir: config.data.data_dir as given; an OS error on a path under the folder the builds go to
+  names that key (TFDS's own message names only the path)."""
   try:
     builder.download_and_prepare()
   except FileExistsError:
     if not builder.is_prepared():
       raise
+  except OSError as e:
+    root = os.path.abspath(default_data_dir(data_dir))
+    where = os.path.abspath(str(e.filename)) if e.filename else ""
+    if where == root or where.startswith(root + os.sep) or root.startswith(where + os.sep):
+      shown = f"{data_dir!r}" if data_dir else f"'' (that is {root})"
+      raise type(e)(e.errno, f"config.data.data_dir={shown} cannot hold the dataset builds: "
+                             f"{e.strerror}", e.filename) from None
+    raise
   return builder
 
 

@@ -77,3 +77,14 @@ def test_caltech_non_mat_file_names_the_file_and_key(tmp_path, content):
                                        r"Caltech-101 Silhouettes") as info:
     binary_images.load("caltech", path=str(bad))
   assert "\n" not in str(info.value)
+
+
+def test_a_data_dir_that_cannot_hold_builds_names_the_key(tmp_path):
+  """TFDS's error named only the path ('[Errno 20] Not a directory')."""
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("some text to split\n" * 20)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  with pytest.raises(OSError, match=r"config\.data\.data_dir='.*a_file/sub' cannot hold the dataset "
+                                    r"builds: Not a directory"):
+    text.load_corpus(data_cfg(corpus, blocker / "sub"))
