@@ -477,11 +477,15 @@ def test_a_workdir_saved_with_another_familys_option_still_loads(tmp_path, tiny_
   with pytest.raises(ConfigError, match="config.model.attention_window=32 applies to"):
     load_config("lm_char", tiny_cli_overrides + ["--config.model.attention_window=32"],
                 check_devices=False)
-  with pytest.raises(ConfigError, match="config.model.attention_impl='xla' applies to "
-                                        "config.model.attention='softmax', not 'local'"):
-    load_config("lm_char", tiny_cli_overrides + ["--config.model.attention=local",
+  with pytest.raises(ConfigError, match=r"config.model.attention_impl='xla' applies to "
+                                        r"config.model.attention=one of \('softmax', 'local', "
+                                        r"'block_sparse'\), not 'performer'"):
+    load_config("lm_char", tiny_cli_overrides + ["--config.model.attention=performer",
                                                  "--config.model.attention_impl=xla"],
                 check_devices=False)
+  load_config("lm_char", tiny_cli_overrides + ["--config.model.attention=local",  # its decoding's
+                                               "--config.model.attention_impl=xla"],
+              check_devices=False)
 
 
 @pytest.mark.parametrize("flags,flag", [

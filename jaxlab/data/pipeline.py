@@ -50,6 +50,23 @@ def epoch_shuffle_seed(seed: int) -> int:
   return (int(seed) * 0x9E3779B1) % 2**32
 
 
+# The seeded training streams' version, saved with the iterator state: 1 shuffled with the run seed
+# itself (before 2026-12-04), 2 with epoch_shuffle_seed(seed).
+STREAM_VERSION = 2
+
+
+def check_stream_version(saved_version: int, seed: int, workdir) -> None:
+  """Refuses to resume a training stream saved under another STREAM_VERSION when the two orders
+  differ for `seed` (they agree for seed 0): the saved position in the epoch would index another
+  permutation, repeating some windows and skipping others."""
+  if saved_version == STREAM_VERSION or epoch_shuffle_seed(seed) == int(seed) % 2**32:
+    return
+  raise ValueError(f"{workdir} was trained with jaxlab's earlier training stream (shuffled with the "
+                   f"run seed itself, not a hash of it), which differs for config.seed={seed}: "
+                   "resuming would repeat and skip windows of the current epoch; nothing was "
+                   "changed (finish it with the jaxlab that started it, or use a new --workdir)")
+
+
 def process_rows(batch: dict, batch_size: int) -> dict:
   """This process's rows of a global batch of `batch_size` rows (all of them in a 1-process run):
   the block that `sharding.place_batch` expects from it."""

@@ -55,11 +55,14 @@ SPARSE_LAYOUTS = local_lib.CAUSAL_LAYOUTS
 causal_block_layout = local_lib.causal_block_layout
 KV_CACHE_FAMILIES = ("softmax", "local", "block_sparse")
 RECURRENT_FAMILIES = ("linear", "performer")  # decode with a recurrent state instead of a KV cache
-# The options that only one family reads; another family refuses them unless left at the default.
+# The options that only some families read; another family refuses them unless left at the default.
+# `implementation` picks dot_product_attention's kernel: softmax's, and the KV-cache families'
+# cached decoding (local and block-sparse decode through it).
 FAMILY_OPTIONS = {
-    "softmax": ("implementation",), "local": ("window",), "linear": ("feature_map",), "performer": ("num_features", "feature_seed"),
+    "softmax": ("implementation",), "local": ("window", "implementation"),
+    "linear": ("feature_map",), "performer": ("num_features", "feature_seed"),
     "block_sparse": ("sparse_layout", "sparse_block_size", "sparse_local_blocks", "sparse_stride",
-                     "sparse_num_global", "sparse_num_random", "sparse_seed")}
+                     "sparse_num_global", "sparse_num_random", "sparse_seed", "implementation")}
 
 
 def cache_exists(module: nn.Module, name: str) -> bool:
@@ -83,12 +86,11 @@ def foreign_family_option(options, family: str, rename: Callable[[str], str] = l
   (the layer, or a config naming the options by `rename`) sets away from its default, as (name,
   value, that family); None when there is none."""
   fields = type(options).__dataclass_fields__
+  own = set(FAMILY_OPTIONS.get(family, ()))
   for other, names in FAMILY_OPTIONS.items():
-    if other == family:
-      continue
-    for name in map(rename, names):
-      if getattr(options, name) != fields[name].default:
-        return name, getattr(options, name), other
+    for name in names:
+      if name not in own and getattr(options, rename(name)) != fields[rename(name)].default:
+        return rename(name), getattr(options, rename(name)), other
   return None
 RECURRENT_APPEND_LIMIT = 16  # tokens per decoding call after the prefill (a chain of drafts + 1)
 # The cache entries a recurrent layer keeps only to be rewound (see MultiHeadAttention._recurrent).
@@ -112,8 +114,8 @@ class MultiHeadAttention(nn.Module):
     family: one of FAMILIES, with window ("local"), feature_map ("linear"), num_features and
       feature_seed ("performer"), sparse_* ("block_sparse": layout kind, block size b and the
       arguments of `causal_block_layout`).
-    implementation: passed to `attention.dot_product_attention` (the softmax family's option:
-      refused with another family, which would ignore it).
+    implementation: passed to `attention.dot_product_attention` (softmax, and the cached decoding
+      of local and block_sparse; refused with another family, which would ignore it).
     use_bias: biases in the projections.
     out_init_std: init std of the output projection (GPT-2 scales it by 1/sqrt(2 * layers)).
   """

@@ -35,7 +35,7 @@ def check_binary_values(x, name: str = "x") -> None:
   a traced x or one this process does not hold whole."""
   if isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True):
     return
-  x = np.asarray(x)  # in NumPy: jnp ops here would be traced when x is a constant inside a jit
+  x = np.asarray(x)  # NumPy, not jnp: jnp ops on a constant inside a jit would give tracers
   bad = ~((x == 0) | (x == 1))
   count = int(bad.sum())
   if count:

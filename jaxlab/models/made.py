@@ -33,9 +33,10 @@ def made_degrees(dim: int, hidden: Sequence[int], num_masks: int, *, seed: int =
   Returns (orders_KD, input_degrees_KD, hidden_degrees): orders_KD[k] lists the dimensions in
   generation order, input_degrees_KD[k][d] = m0(d) in 1..D, hidden_degrees[l] is [K, hidden[l]].
   Mask set 0 uses the natural order (0..D-1); further ones a random order if `order_agnostic`.
-  Hidden degrees are random per mask set if `connectivity_agnostic`, else evenly spread over
-  {low, ..., D-1} including both ends (low: the previous layer's smallest degree), so a layer
-  narrower than D still lets the late inputs reach the outputs.
+  Hidden degrees are random per mask set if `connectivity_agnostic`, else every degree of
+  {low, ..., D-1} in turn (low: the previous layer's smallest degree) when the layer has at least
+  that many units, and for a narrower layer degrees spread over the range including both ends (so
+  the late inputs still reach the outputs; before 2026-12-04 they took low..low+H-1).
   """
   if dim < 2:
     raise ValueError(f"dim must be >= 2 for MADE, got {dim}")
@@ -54,7 +55,9 @@ def made_degrees(dim: int, hidden: Sequence[int], num_masks: int, *, seed: int =
       if connectivity_agnostic:
         deg = rng.integers(low, dim, size=h)  # uniform on {low, ..., D-1}
       else:
-        deg = np.round(np.linspace(low, dim - 1, h)).astype(np.int64)
+        span = dim - low
+        deg = (low + np.arange(h) % span if h >= span
+               else np.round(np.linspace(low, dim - 1, h)).astype(np.int64))
       hiddens[l].append(deg.astype(np.int32))
       low = int(deg.min())
     orders.append(order)

@@ -203,10 +203,13 @@ def _rotary_dim(head_dim: int, rotary_fraction: Any) -> int:
     raise ValueError(f"rotary_fraction must be a number in (0, 1], got {rotary_fraction!r}") from e
   if frac is None or not 0.0 < frac <= 1.0:
     raise ValueError(f"rotary_fraction must be a static number in (0, 1], got {rotary_fraction!r}")
-  r = int(head_dim * frac + 1e-9)  # int() as Hugging Face, but 100 * 0.58 = 57.999... counts as 58
+  dims = head_dim * frac
+  r = int(dims)  # as Hugging Face; but an odd result a hair below an even number is that number
+  if r % 2 and abs(dims - round(dims)) < 1e-9:  # (100 * 0.58 = 57.999...: 58, not 57)
+    r = round(dims)
   if r < 2 or r % 2:
     raise ValueError(f"rotary_fraction * head_dim must give an even number of rotary dims >= 2, got "
-                     f"int({head_dim} * {frac}) = {r}")
+                     f"{head_dim} * {frac} -> {r}")
   return r
 
 

@@ -45,7 +45,9 @@ def t5_relative_bucket(relative_position: jax.Array, *, bidirectional: bool, num
   nb = _check_buckets(num_buckets, max_distance, bidirectional)
   # Every |offset| >= max_distance is in a last bucket: clipping first keeps int64 offsets (x64) from
   # wrapping in the int32 cast and -INT32_MIN from overflowing, and changes no bucket.
-  rel = jnp.clip(rel, -(int(max_distance) + 1), int(max_distance) + 1).astype(jnp.int32)
+  far = int(max_distance) + 1
+  rel = (jnp.minimum(rel, far) if jnp.issubdtype(rel.dtype, jnp.unsignedinteger)  # -far would wrap
+         else jnp.clip(rel, -far, far)).astype(jnp.int32)
   return _bucket_jit(rel, bidirectional, nb, int(max_distance))
 
 

@@ -146,6 +146,8 @@ def _stack(examples) -> dict:
 class ContrastiveTask:
   """Image-text pairs, the dual encoder and a CLIP/SigLIP loss (global-batch negatives)."""
 
+  train_stream_version = pipeline.STREAM_VERSION  # saved with the iterator state, checked on resume
+
   def __init__(self, config):
     self.config = config
     self.tokenizer = caption_pairs.CharTokenizer()

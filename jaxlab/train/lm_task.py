@@ -254,11 +254,14 @@ def validate_new_run(config, require) -> None:
   from jaxlab.layers.attention import FAMILY_OPTIONS
   from jaxlab.models.gpt import _gpt_option
   m, defaults = config.model, lm_defaults().model
-  owners = {**{_gpt_option(name): family for family, names in FAMILY_OPTIONS.items()
-               for name in names}, **{name: "flash" for name in FLASH_OPTIONS}}
-  for key, family in owners.items():
-    require(family == m.attention or m[key] == defaults[key],
-            f"config.model.{key}={m[key]!r} applies to config.model.attention={family!r}, not "
+  owners: dict = {name: ["flash"] for name in FLASH_OPTIONS}  # key -> the families that read it
+  for family, names in FAMILY_OPTIONS.items():
+    for name in names:
+      owners.setdefault(_gpt_option(name), []).append(family)
+  for key, families in owners.items():
+    which = repr(families[0]) if len(families) == 1 else f"one of {tuple(families)}"
+    require(m.attention in families or m[key] == defaults[key],
+            f"config.model.{key}={m[key]!r} applies to config.model.attention={which}, not "
             f"{m.attention!r} (it would be ignored); leave it at {defaults[key]!r}")
   require(m.position in ROPE_THETA_POSITIONS or m.rope_theta == defaults.rope_theta,
           f"config.model.rope_theta={m.rope_theta!r} applies to config.model.position in "
@@ -306,6 +309,8 @@ class LMTask:
 
   vocab: given (sampling from a saved run), the corpus is not read; then there are no batches.
   """
+
+  train_stream_version = pipeline.STREAM_VERSION  # saved with the iterator state, checked on resume
 
   def __init__(self, config, vocab=None):
     self.config = config

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from jaxlab.configs import absolute_data_path, flatten, with_task_defaults
 from jaxlab.configs.validate import train_microbatches
+from jaxlab.data import pipeline
 from jaxlab.train import checkpoint as checkpoint_lib
 from jaxlab.train import distributed, loss_scale, optim, sharding, tasks
 from jaxlab.train.metrics import MetricsWriter, read_metrics, write_atomically
@@ -193,7 +194,9 @@ def check_same_model_structure(run: Run) -> None:
     raise ValueError(f"the model's fixed structure (MADE's masks from config.model.mask_seed) "
                      f"differs from the one {run.workdir} was trained with (digest {digest[:12]}, "
                      f"saved {saved[:12]} in {MODEL_FINGERPRINT}): this NumPy draws other masks "
-                     "from the seed; nothing was changed (use the NumPy version that trained it)")
+                     "from the seed, or (config.model.connectivity_agnostic=False with a hidden "
+                     "layer narrower than the data) the run predates jaxlab's fixed-degree rule of "
+                     "2026-12-04; nothing was changed (use the NumPy and jaxlab that trained it)")
 
 
 def _build_task(config):
@@ -514,6 +517,7 @@ def _schedule_change_note(run: Run, start: int) -> Optional[str]:
 # In a checkpoint's data state: the train losses (and loss-scaling skips) of the logging interval
 # that the checkpoint cut into, so that a resumed run logs the interval's mean over all of its steps.
 OPEN_INTERVAL_KEY = "_jaxlab_open_log_interval"
+STREAM_KEY = "_jaxlab_stream_version"  # tasks with a `train_stream_version` (pipeline.STREAM_VERSION)
 
 
 def _logged_val_loss(workdir: pathlib.Path, step: int) -> Optional[float]:
@@ -540,6 +544,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
       raise PermissionError(f"{run.checkpointer.directory} is not writable; no checkpoint could be "
                             "saved (nothing was changed)")
     state, data_state = restore_or_init(run)
+    if data_state is not None and getattr(run.task, "train_stream_version", None) is not None:
+      pipeline.check_stream_version(data_state.get(STREAM_KEY, 1), config.seed, run.workdir)
     start = int(state["step"])
     if start > cfg.steps:
       raise ValueError(f"{run.workdir} holds a checkpoint at step {start}, beyond "
@@ -553,8 +559,10 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     raise
   data_iter = run.task.train_iterator()
   open_interval = {"losses": [], "skipped": 0}  # the logging interval a checkpoint cut into
+  stream_version = getattr(run.task, "train_stream_version", None)
   if data_state is not None:
     open_interval = data_state.pop(OPEN_INTERVAL_KEY, open_interval)
+    data_state.pop(STREAM_KEY, None)  # checked before training (above)
     data_iter.set_state(data_state)
   train_step = make_train_step(run)
   eval_step = make_eval_step(run)
@@ -650,6 +658,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         if save_now:  # before evaluating: an evaluation that fails loses no trained steps
           run.checkpointer.save(done, state, {
               **data_iter.get_state(),
+              **({} if stream_version is None else {STREAM_KEY: stream_version}),
               OPEN_INTERVAL_KEY: {"losses": losses, "skipped": skipped}})  # save() copies it
         if is_eval_step(done):
           evaluate_and_record(done, state["params"])

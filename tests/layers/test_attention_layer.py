@@ -304,8 +304,8 @@ def test_xpos_center_keeps_far_positions_finite_and_cancels_in_the_logits():
     (dict(num_features=7), "num_features=7 applies to the 'performer' family"),
     (dict(sparse_block_size=0), "sparse_block_size=0 applies to the 'block_sparse' family"),
     (dict(family="linear", window=4), "window=4 applies to the 'local' family, not 'linear'"),
-    (dict(family="local", window=2, implementation="pallas"),
-     "implementation='pallas' applies to the 'softmax' family, not 'local'"),
+    (dict(family="linear", implementation="pallas"),
+     "implementation='pallas' applies to the 'softmax' family, not 'linear'"),
     (dict(family="performer", implementation="xla"), "implementation='xla' applies to the 'softmax'"),
 ])
 def test_options_of_another_family_are_refused(kw, match):

@@ -282,6 +282,10 @@ def test_made_fixed_degrees_let_every_input_reach_an_output(dim, hidden):
   last in the order reaches some output through the network (with degrees 1..H, as before, a layer
   of 500 under D=784 left inputs 500..782 connected to nothing)."""
   _, masks, _ = made_masks(dim, hidden, 1, connectivity_agnostic=False)
+  if dim == 8:  # a layer at least as wide as the range keeps the earlier rule (saved masks match)
+    from jaxlab.models.made import made_degrees
+    np.testing.assert_array_equal(made_degrees(dim, hidden, 1, connectivity_agnostic=False)[2][0][0],
+                                  1 + np.arange(hidden[0]) % (dim - 1))
   reach = masks[0][0]
   for m in masks[1:]:
     reach = (reach @ m[0]) > 0

@@ -300,4 +300,5 @@ def test_options_of_another_attention_family_are_refused():
                                        "'linear'"):
     tiny_gpt(attention="linear", attention_impl="xla")  # the kernel choice was dropped
   tiny_gpt(attention="local", attention_window=2)  # its own family's: fine
+  tiny_gpt(attention="local", attention_window=2, attention_impl="blockwise")  # its cached decoding's
   tiny_gpt(attention_impl="blockwise")

@@ -90,7 +90,10 @@ def test_partial_rotary_passes_through_the_tail():
 
 
 def test_rotary_fraction_that_rounds_below_a_whole_number_counts_as_it():
-  """100 * 0.58 is 57.99999999999999 in floating point: 58 rotary dims, not an odd 57 (refused)."""
+  """100 * 0.58 is 57.99999999999999 in floating point: 58 rotary dims, not an odd 57 (refused);
+  100 * 0.57 = 56.99999999999999 stays int()'s 56, as in Hugging Face."""
+  from jaxlab.positions.rope import _rotary_dim
+  assert (_rotary_dim(100, 0.57), _rotary_dim(100, 0.58), _rotary_dim(80, 0.4)) == (56, 58, 32)
   x = _x(12, shape=(1, 3, 1, 100))
   pos = np.array([[0, 5000, 20000]])  # the last pair turns slowly: far positions show it
   out = np.asarray(P.apply_rope(x, pos, rotary_fraction=0.58))

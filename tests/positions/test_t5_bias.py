@@ -60,6 +60,10 @@ def test_extreme_offsets_fall_in_the_last_buckets():
   extremes = np.array([np.iinfo(np.int32).min, -2**31 + 1, np.iinfo(np.int32).max], np.int32)
   assert b(extremes, True) == [15, 15, 31]
   assert b(extremes, False) == [31, 31, 0]
+  # Unsigned offsets (keys at or after the query): clipping at -(max_distance + 1) wrapped for them
+  # and sent every offset to the last bucket.
+  assert b(np.arange(5, dtype=np.uint32), True) == [0, 17, 18, 19, 20]
+  assert b(np.array([3, 2**32 - 1], np.uint32), True) == [19, 31]
   with jax.enable_x64(True):
     far = np.array([-2**32, -2**32 - 5, 2**32 + 3], np.int64)
     assert b(far, True) == [15, 15, 31]

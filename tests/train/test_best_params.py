@@ -47,8 +47,9 @@ def test_a_step_replayed_after_a_resume_replaces_its_own_record(tmp_path):
 
 
 def test_a_failed_replacement_leaves_the_earlier_record_whole(tmp_path):
-  """The earlier record is removed only after its replacement is committed: a save that dies
-  half-way (here: parameters orbax cannot write) loses nothing."""
+  """A replacement that fails to save (here: parameters that cannot be checksummed or written)
+  loses nothing: the earlier record was deleted before the new one was written. (That orbax removes
+  the old slot only after committing the new one is orbax's own order, CheckpointManager._finalize.)"""
   keeper = BestParams(tmp_path)
   keeper.offer(800, 1.0, _params(1.0))
   keeper.close()

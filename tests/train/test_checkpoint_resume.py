@@ -573,3 +573,25 @@ def test_an_evaluation_that_fails_keeps_the_checkpoint_of_its_step(tiny_lm_confi
   with pytest.raises(RuntimeError, match="evaluation failed"):
     trainer.train(tiny_lm_config(), tmp_path, progress=False)
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3]
+
+
+def test_a_run_saved_with_the_earlier_training_stream(tiny_lm_config, tmp_path, monkeypatch):
+  """Before 2026-12-04 grain shuffled with the run seed itself; the iterator's saved position would
+  index another permutation now. A seed whose order changed is refused (nothing written); seed 0,
+  whose order is the same, resumes."""
+  import pytest
+  from jaxlab.train.lm_task import LMTask
+  monkeypatch.setattr(LMTask, "train_stream_version", None)  # saves no version, as jaxlab did
+  trainer.train(tiny_lm_config("--config.seed=1", "--config.train.steps=3"), tmp_path / "s1",
+                progress=False)
+  trainer.train(tiny_lm_config("--config.train.steps=3"), tmp_path / "s0", progress=False)
+  monkeypatch.undo()
+  before = (tmp_path / "s1" / "config.json").read_text()
+  with pytest.raises(ValueError, match=r"earlier training stream .* config.seed=1: resuming would "
+                                       r"repeat and skip windows"):
+    trainer.train(tiny_lm_config("--config.seed=1"), tmp_path / "s1", progress=False)
+  assert (tmp_path / "s1" / "config.json").read_text() == before
+  assert trainer.train(tiny_lm_config(), tmp_path / "s0", progress=False)["val_loss"] > 0
+  saved = [json.loads(f.read_text()) for f in (tmp_path / "s0" / "checkpoints" / "6" / "data").rglob("*")
+           if f.is_file() and '"_jaxlab_data_digest"' in f.read_text()]
+  assert saved[0][trainer.STREAM_KEY] == 2  # a checkpoint written now carries the version
