@@ -196,7 +196,7 @@ def test_bad_arguments_are_named():
     flash_attention(q, q, q, make_mask(4, 4, 1), scale=1.0, block_q=0)
   with pytest.raises(ValueError, match="mask"):
     flash_attention(q, q, q, make_mask(5, 4, 1), scale=1.0)
-  with pytest.raises(ValueError, match="q must be"):
+  with pytest.raises(ValueError, match="must have a floating dtype"):
     flash_attention(q.astype(jnp.int32), q.astype(jnp.int32), q.astype(jnp.int32),
                     make_mask(4, 4, 1), scale=1.0)
   with pytest.raises(ValueError, match="head_dim"):
@@ -237,6 +237,19 @@ def test_block_ranges_skip_exactly_the_hidden_tiles(tq, tk, causal, window, bq, 
   np.testing.assert_array_equal(kv_visits, tile_visible)
   np.testing.assert_array_equal(q_visits, tile_visible)
   assert not tile_visible.all()  # the case does have tiles to skip
+  # The blockwise (plain XLA) path bounds its scans the same way: every visible tile, no other.
+  from jaxlab.attention import blockwise
+  static = blockwise._Static(make_mask(tq, tk, 1, causal=causal, window=window), 1.0, bq, bk)
+  kv_range, q_range = blockwise._block_ranges(static, nq, nk)
+  kv_visits[:], q_visits[:] = False, False
+  for i in range(nq):
+    lo, hi = kv_range(i)
+    kv_visits[i, int(lo):int(hi)] = True
+  for j in range(nk):
+    lo, hi = q_range(j)
+    q_visits[int(lo):int(hi), j] = True
+  np.testing.assert_array_equal(kv_visits, tile_visible)
+  np.testing.assert_array_equal(q_visits, tile_visible)
 
 
 def test_no_quadratic_intermediate():

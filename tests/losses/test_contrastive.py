@@ -185,6 +185,9 @@ def test_clip_temperature_clamp(pair):
   grad_low = jax.grad(lambda a, b, s: C.clip_loss(a, b, s, max_log_scale=low), argnums=2)
   assert float(grad_low(img, img, low - 0.1)) < -1e-3  # below the bound: the plain gradient
   assert float(grad_low(img, img, 3.0)) == 0.0
+  # Exactly at the bound too: clip_above leaves a clamped parameter there, so this is its usual state
+  # (a gradient that let x == hi through passed the lines above).
+  assert float(grad_low(img, img, jnp.float32(low))) == 0.0
   # These random pairs want a smaller scale (positive gradient): past the clamp that gradient still
   # flows, equal to the gradient at the bound, so the parameter can come back down.
   g_at_max = float(grad_scale(img, txt, math.log(100)))

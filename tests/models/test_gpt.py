@@ -144,10 +144,13 @@ def test_cached_decoding_equals_full_recompute(position, kv_heads, extra):
 
 
 def test_generate_greedy_matches_argmax_of_full_forward():
+  """At O(1) weights (the 0.02 init's greedy output ignored positions: decoding at position p + 1
+  instead of p passed), so each generated token depends on where it is."""
   model = tiny_gpt(position="rope")
   prompt = jnp.array([[1, 2, 3]])
-  params = model.init(jax.random.key(4), prompt)["params"]
+  params = jax.tree.map(lambda x: 30.0 * x, model.init(jax.random.key(4), prompt)["params"])
   out = sampling.generate(model, params, prompt, jax.random.key(0), num_tokens=6, temperature=0.0)
+  assert len(set(np.asarray(out[0, 3:]).tolist())) > 2  # not a constant continuation
   seq = prompt
   full_forward = jax.jit(lambda seq: model.apply({"params": params}, seq))  # not op by op
   for _ in range(6):

@@ -68,6 +68,24 @@ def test_parameters_are_actually_sharded(tiny_lm_config, tmp_path):
   assert moments >= 2 * len(params_by_path)  # mu and nu of every parameter
 
 
+
+def test_the_tensor_axis_shards_heads_mlp_and_vocab(tiny_lm_config, tmp_path):
+  """Megatron-style: the MLP's hidden units, the attention heads and the vocabulary over `tensor`
+  (the equality tests cannot see a rule that stopped sharding: numbers do not change)."""
+  from jaxlab.data import text
+  config = tiny_lm_config("--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2")
+  if text.load_corpus(config.data).vocab.size % 2:
+    pytest.skip("the tiny corpus's vocabulary is odd")
+  run = trainer.setup(config, tmp_path)
+  specs = {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.sharding.spec)
+           for path, leaf in jax.tree_util.tree_leaves_with_path(run.abstract_state["params"])}
+  run.checkpointer.close()
+  assert specs["block_0/mlp/wi/kernel"] == ("fsdp", "tensor")
+  assert specs["block_0/mlp/wo/kernel"] == ("tensor", "fsdp")
+  assert specs["block_0/attn/qkv/kernel"][:2] == ("fsdp", "tensor")
+  assert specs["block_0/attn/out/kernel"][0] == "tensor"
+  assert specs["embed/embedding"] == ("tensor", "fsdp")
+
 def test_a_mesh_axis_that_does_not_divide_a_parameter_is_named_before_anything_is_written(
     tiny_lm_config, tmp_path):
   """tensor=8 over the tiny corpus's vocabulary (not a multiple of 8), fsdp=8 over width 36: one line
