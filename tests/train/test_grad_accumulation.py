@@ -38,3 +38,28 @@ def test_microbatches_equal_the_whole_batch(microbatches):
 def test_microbatches_must_divide_the_batch():
   with pytest.raises(ValueError, match="microbatches=4"):
     loss_and_grads(WeightedRegression(), {"w": jnp.zeros(3)}, _batch(6), jax.random.key(1), 4)
+
+
+class NoisyRows:
+  """A loss that draws one uniform per row from its key: its gradient shows which rows each slice
+  held and which key it drew with."""
+
+  def loss(self, params, batch, rng, *, train):
+    del train
+    noise_B = jax.random.uniform(rng, batch["x"].shape[:1])
+    total = jnp.sum(batch["weights"] * noise_B * batch["x"][:, 0]) * params["w"][0]
+    count = jnp.sum(batch["weights"])
+    return total / count, (total, count)
+
+
+def test_slices_are_strided_rows_each_with_its_own_key():
+  """Slice j holds rows j, j + m, ... (each device keeps its rows: no resharding) and draws with
+  fold_in(key, j): contiguous slices, or one key for every slice (the same dropout masks), passed
+  the equality test above, whose loss ignores its key."""
+  m, rng, batch = 3, jax.random.key(1), _batch(12)
+  _, grads = loss_and_grads(NoisyRows(), {"w": jnp.ones(3)}, batch, rng, m)
+  x0, weights = np.asarray(batch["x"][:, 0]), np.asarray(batch["weights"])
+  noise = [np.asarray(jax.random.uniform(jax.random.fold_in(rng, j), (12 // m,))) for j in range(m)]
+  expected = sum(np.sum(weights[j::m] * noise[j] * x0[j::m]) for j in range(m)) / weights.sum()
+  np.testing.assert_allclose(grads["w"][0], expected, rtol=1e-5)
+  assert not np.allclose(noise[0], noise[1])
