@@ -250,6 +250,10 @@ class BestParams:
   `also_accept`: fingerprints of the same config written otherwise (e.g. the workdir's config.json
   with a data path saved as typed, before paths were made absolute).
 
+  create=False (eval / sample) reads only: a record that cannot be used raises FileNotFoundError and
+  stays where it is (a training run may be replacing it at that moment; moving it aside took a valid
+  record away from that run).
+
   The record's directory number is a slot, not the training step (that is in its metadata): a new
   record takes a slot above the last one, and orbax removes the old one only after the new one is
   committed, so a kill at any moment leaves one whole record.
@@ -260,6 +264,7 @@ class BestParams:
     self.workdir = pathlib.Path(workdir)
     self.directory = self.workdir / "best"
     self.fingerprint = fingerprint
+    self._read_only = not create
     self.step, self.val_loss = None, float("inf")
     self._checksums = None
     self._slot = None  # the orbax step number the record is saved under
@@ -267,21 +272,26 @@ class BestParams:
       raise FileNotFoundError(f"no best-params checkpoint in {self.directory} (train with "
                               "--config.train.keep_best=True)")
     self._open()
-    slot = self._manager.latest_step()
-    if slot is None:
-      return
     try:
-      meta = self._manager.restore(slot, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      saved_step, saved_loss = int(meta["step"]), float(meta["val_loss"])
-      saved_fingerprint = meta.get("fingerprint", "")
-      self._checksums = meta.get(CHECKSUMS_KEY)  # None: saved before checksums existed
-    except Exception as e:  # orbax raises many types for unreadable files
-      self.discard(f"is unreadable ({type(e).__name__})")
-      return
-    if fingerprint and saved_fingerprint not in (fingerprint, *filter(None, also_accept)):
-      self.discard("was saved under a different model/data/optimizer config")
-      return
-    self.step, self.val_loss, self._slot = saved_step, saved_loss, slot
+      slot = self._manager.latest_step()
+      if slot is None:
+        return
+      try:
+        meta = self._manager.restore(
+            slot, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved_step, saved_loss = int(meta["step"]), float(meta["val_loss"])
+        saved_fingerprint = meta.get("fingerprint", "")
+        self._checksums = meta.get(CHECKSUMS_KEY)  # None: saved before checksums existed
+      except Exception as e:  # orbax raises many types for unreadable files
+        self.discard(f"is unreadable ({type(e).__name__})")
+        return
+      if fingerprint and saved_fingerprint not in (fingerprint, *filter(None, also_accept)):
+        self.discard("was saved under a different model/data/optimizer config")
+        return
+      self.step, self.val_loss, self._slot = saved_step, saved_loss, slot
+    except FileNotFoundError:  # read-only: the record was refused (and left as it is)
+      self._manager.close()
+      raise
 
   def _open(self) -> None:
     self._manager = ocp.CheckpointManager(
@@ -290,7 +300,11 @@ class BestParams:
         item_names=("params", "meta"))
 
   def discard(self, why: str) -> None:
-    """Moves the saved record aside (see the class docstring) and starts with none."""
+    """Moves the saved record aside (see the class docstring) and starts with none; read-only, raises
+    FileNotFoundError instead and changes nothing."""
+    if self._read_only:
+      raise FileNotFoundError(f"the best-params record in {self.directory} {why}; nothing was "
+                              "changed (a jaxlab train of this workdir moves such a record aside)")
     self._manager.wait_until_finished()
     self._manager.close()
     if self.directory.exists() and distributed.is_primary():
@@ -320,7 +334,7 @@ class BestParams:
 
   def restore(self, abstract_params: Any) -> Any:
     """The saved parameters (pytree of jax.ShapeDtypeStruct with shardings -> arrays). An unreadable
-    record is moved aside and FileNotFoundError raised."""
+    record is moved aside (read-only: left where it is) and FileNotFoundError raised."""
     if self.step is None:
       raise FileNotFoundError(f"no best-params checkpoint in {self.directory}")
     self._manager.wait_until_finished()

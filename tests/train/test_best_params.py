@@ -207,3 +207,24 @@ def test_every_key_added_since_fingerprints_began_is_registered():
     for key, default in added.items():
       if key in flat:
         assert flat[key] == default, (name, key)
+
+
+def test_reading_for_eval_or_sample_never_moves_a_record(tmp_path):
+  """create=False (jaxlab eval/sample --best) refuses a record it cannot use and leaves it: moving it
+  aside took a valid record from a training run that was replacing it, or from a workdir whose
+  config.json had been edited."""
+  keeper = BestParams(tmp_path, fingerprint="model-a")
+  keeper.offer(5, 2.0, _params(1.0))
+  keeper.close()
+  with pytest.raises(FileNotFoundError, match="different model/data/optimizer config; nothing was "
+                                              "changed"):
+    BestParams(tmp_path, fingerprint="model-b", create=False)
+  _corrupt(tmp_path, "params")
+  reader = BestParams(tmp_path, fingerprint="model-a", create=False)
+  with pytest.raises(FileNotFoundError, match="could not be restored .*nothing was changed"):
+    reader.restore(jax.eval_shape(lambda: _params(0.0)))
+  reader.close()
+  assert not (tmp_path / "corrupt_checkpoints").exists()
+  reader = BestParams(tmp_path, fingerprint="model-a", create=False)
+  assert reader.step == 5
+  reader.close()
