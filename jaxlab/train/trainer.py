@@ -436,7 +436,15 @@ def check_resume_config(run: Run) -> None:
     raise ValueError(f"{run.workdir} holds checkpoints but no config.json, so they cannot be checked "
                      "against this run's config; put config.json back or use a new --workdir "
                      "(nothing was changed)")
-  saved_json = with_task_defaults(json.loads(saved_path.read_text()))[0]
+  try:
+    saved_dict = json.loads(saved_path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{saved_path} is not valid JSON ({e}), so the checkpoints cannot be checked "
+                     "against this run's config; nothing was changed") from None
+  if not isinstance(saved_dict, dict):
+    raise ValueError(f"{saved_path} holds a JSON {type(saved_dict).__name__}, not a config object; "
+                     "nothing was changed")
+  saved_json = with_task_defaults(saved_dict)[0]
   scaled = loss_scale.enabled(saved_json)
   if scaled != loss_scale.enabled(run.config):  # the checkpoints' state has (or lacks) the scale
     choice = saved_json.get("optim", {}).get("loss_scale", "none (saved before loss scaling existed)")

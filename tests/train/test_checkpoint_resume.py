@@ -595,3 +595,13 @@ def test_a_run_saved_with_the_earlier_training_stream(tiny_lm_config, tmp_path, 
   saved = [json.loads(f.read_text()) for f in (tmp_path / "s0" / "checkpoints" / "6" / "data").rglob("*")
            if f.is_file() and '"_jaxlab_data_digest"' in f.read_text()]
   assert saved[0][trainer.STREAM_KEY] == 2  # a checkpoint written now carries the version
+
+
+def test_a_damaged_config_json_beside_checkpoints_is_named(tiny_lm_config, tmp_path):
+  """It gave JSON's bare message ('Expecting property name ...: line 1 column 2'), naming no file."""
+  import pytest
+  trainer.train(tiny_lm_config("--config.train.steps=3"), tmp_path, progress=False)
+  (tmp_path / "config.json").write_text("{bad")
+  with pytest.raises(ValueError, match=r"config\.json is not valid JSON .*nothing was changed"):
+    trainer.train(tiny_lm_config(), tmp_path, progress=False)
+  assert (tmp_path / "config.json").read_text() == "{bad"
