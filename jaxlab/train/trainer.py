@@ -551,6 +551,11 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     if not os.access(run.checkpointer.directory, os.W_OK):
       raise PermissionError(f"{run.checkpointer.directory} is not writable; no checkpoint could be "
                             "saved (nothing was changed)")
+    best_dir = run.workdir / "best"  # orbax's background save there hung for minutes, then failed
+    if cfg.get("keep_best", False) and best_dir.exists() and not (
+        best_dir.is_dir() and os.access(best_dir, os.W_OK)):
+      raise PermissionError(f"{best_dir} is not a writable folder; the best-params record "
+                            "(config.train.keep_best) could not be saved (nothing was changed)")
     state, data_state = restore_or_init(run)
     if data_state is not None and getattr(run.task, "train_stream_version", None) is not None:
       pipeline.check_stream_version(data_state.get(STREAM_KEY, 1), config.seed, run.workdir)

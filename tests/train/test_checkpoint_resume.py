@@ -605,3 +605,25 @@ def test_a_damaged_config_json_beside_checkpoints_is_named(tiny_lm_config, tmp_p
   with pytest.raises(ValueError, match=r"config\.json is not valid JSON .*nothing was changed"):
     trainer.train(tiny_lm_config(), tmp_path, progress=False)
   assert (tmp_path / "config.json").read_text() == "{bad"
+
+
+def test_a_best_record_folder_that_cannot_be_written_is_refused_first(tiny_lm_config, tmp_path,
+                                                                       monkeypatch):
+  """A read-only best/ (or a file there) let training run, then orbax's background save failed and
+  waited minutes on its barriers; now one line before any step, nothing changed."""
+  import os
+  import pathlib
+  import pytest
+  config = tiny_lm_config("--config.train.steps=3", "--config.train.keep_best=True")
+  trainer.train(config, tmp_path / "ro", progress=False)
+  real_access = os.access
+  monkeypatch.setattr(os, "access", lambda path, mode: (
+      False if pathlib.Path(path).name == "best" and mode == os.W_OK else real_access(path, mode)))
+  with pytest.raises(PermissionError, match=r"best is not a writable folder; the best-params record"):
+    trainer.train(tiny_lm_config("--config.train.keep_best=True"), tmp_path / "ro", progress=False)
+  monkeypatch.undo()
+  (tmp_path / "file").mkdir()
+  (tmp_path / "file" / "best").write_text("not a folder")
+  with pytest.raises(PermissionError, match="not a writable folder"):
+    trainer.train(config, tmp_path / "file", progress=False)
+  assert (tmp_path / "file" / "best").read_text() == "not a folder"
