@@ -143,16 +143,11 @@ def _check_workdir(workdir: pathlib.Path, flag: str) -> None:
 def _saved_config_dict(workdir: pathlib.Path) -> tuple[dict, str | None]:
   """(WORKDIR/config.json as a dict, a note or None): keys that a workdir written by an older jaxlab
   lacks are filled from today's defaults for its task, and the note says which."""
-  from jaxlab.configs import ConfigError, with_task_defaults
+  from jaxlab.configs import ConfigError, read_config_json, with_task_defaults
   path = workdir / "config.json"
   if not path.is_file():
     raise ConfigError(f"{workdir} is not a jaxlab workdir (no config.json); train into it first")
-  try:
-    saved = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConfigError(f"{path} is not valid JSON ({e})") from None
-  if not isinstance(saved, dict):
-    raise ConfigError(f"{path} holds a JSON {type(saved).__name__}, not a config object")
+  saved = read_config_json(path)
   merged, filled = with_task_defaults(saved)  # no task, or an unknown one: validate() names it
   if not filled:
     return merged, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import json
 import math
 import os
 import pathlib
@@ -134,6 +135,19 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     except (ValueError, TypeError) as e:
       raise ConfigError(f"config.{key}: {e}") from None
   return config
+
+
+def read_config_json(path) -> dict:
+  """A workdir's config.json as a dict; ConfigError naming the file when it is not valid JSON or
+  not a JSON object."""
+  path = pathlib.Path(path)
+  try:
+    saved = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path} is not valid JSON ({e})") from None
+  if not isinstance(saved, dict):
+    raise ConfigError(f"{path} holds a JSON {type(saved).__name__}, not a config object")
+  return saved
 
 
 def absolute_data_path(path: str, task: str | None, *, resolve_links: bool = False) -> str:

@@ -88,9 +88,9 @@ def foreign_family_option(options, family: str, rename: Callable[[str], str] = l
   fields = type(options).__dataclass_fields__
   own = set(FAMILY_OPTIONS.get(family, ()))
   for other, names in FAMILY_OPTIONS.items():
-    for name in names:
-      if name not in own and getattr(options, rename(name)) != fields[rename(name)].default:
-        return rename(name), getattr(options, rename(name)), other
+    for key in (rename(name) for name in names if name not in own):
+      if getattr(options, key) != fields[key].default:
+        return key, getattr(options, key), other
   return None
 RECURRENT_APPEND_LIMIT = 16  # tokens per decoding call after the prefill (a chain of drafts + 1)
 # The cache entries a recurrent layer keeps only to be rewound (see MultiHeadAttention._recurrent).

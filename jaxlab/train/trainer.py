@@ -25,7 +25,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxlab.configs import absolute_data_path, flatten, with_task_defaults
+from jaxlab.configs import (ConfigError, absolute_data_path, flatten, read_config_json,
+                            with_task_defaults)
 from jaxlab.configs.validate import train_microbatches
 from jaxlab.data import pipeline
 from jaxlab.train import checkpoint as checkpoint_lib
@@ -437,13 +438,10 @@ def check_resume_config(run: Run) -> None:
                      "against this run's config; put config.json back or use a new --workdir "
                      "(nothing was changed)")
   try:
-    saved_dict = json.loads(saved_path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{saved_path} is not valid JSON ({e}), so the checkpoints cannot be checked "
-                     "against this run's config; nothing was changed") from None
-  if not isinstance(saved_dict, dict):
-    raise ValueError(f"{saved_path} holds a JSON {type(saved_dict).__name__}, not a config object; "
-                     "nothing was changed")
+    saved_dict = read_config_json(saved_path)
+  except ConfigError as e:
+    raise ValueError(f"{e}, so the checkpoints cannot be checked against this run's config; "
+                     "nothing was changed") from None
   saved_json = with_task_defaults(saved_dict)[0]
   scaled = loss_scale.enabled(saved_json)
   if scaled != loss_scale.enabled(run.config):  # the checkpoints' state has (or lacks) the scale
@@ -545,6 +543,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     check()  # before setup creates the workdir: a refused config leaves nothing behind
   run = setup(config, workdir, task=task, data_digest=data_digest, same_run_checked=True)
   cfg = config.train
+  stream_version = getattr(run.task, "train_stream_version", None)
   lock = None
   try:
     lock = _lock_workdir(run.workdir)
@@ -557,7 +556,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
       raise PermissionError(f"{best_dir} is not a writable folder; the best-params record "
                             "(config.train.keep_best) could not be saved (nothing was changed)")
     state, data_state = restore_or_init(run)
-    if data_state is not None and getattr(run.task, "train_stream_version", None) is not None:
+    if data_state is not None and stream_version is not None:
       pipeline.check_stream_version(data_state.get(STREAM_KEY, 1), config.seed, run.workdir)
     start = int(state["step"])
     if start > cfg.steps:
@@ -572,7 +571,6 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     raise
   data_iter = run.task.train_iterator()
   open_interval = {"losses": [], "skipped": 0}  # the logging interval a checkpoint cut into
-  stream_version = getattr(run.task, "train_stream_version", None)
   if data_state is not None:
     open_interval = data_state.pop(OPEN_INTERVAL_KEY, open_interval)
     data_state.pop(STREAM_KEY, None)  # checked before training (above)
