@@ -96,6 +96,31 @@ def tiny_lm_config(tiny_cli_overrides):
   return make
 
 
+@pytest.fixture
+def as_saved_before_configs_were_recorded():
+  """f(workdir): rewrites each checkpoint's data item without the run's config (trainer.CONFIG_KEY),
+  as a jaxlab before it recorded them saved it (its digest recomputed); those checkpoints are checked
+  against WORKDIR/config.json, so tests of older workdirs edit that file."""
+  import json
+  from jaxlab.train import checkpoint, trainer
+
+  def rewrite(workdir: pathlib.Path) -> None:
+    steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    rewritten = 0
+    for f in (workdir / "checkpoints").rglob("*"):
+      if f.is_file() and checkpoint.DATA_DIGEST_KEY in f.read_text(errors="replace"):
+        data = json.loads(f.read_text())
+        del data[trainer.CONFIG_KEY]
+        rest = {k: v for k, v in data.items()
+                if k not in (checkpoint.DATA_DIGEST_KEY, checkpoint.CHECKSUMS_KEY)}
+        data[checkpoint.DATA_DIGEST_KEY] = checkpoint.data_digest(rest)
+        f.write_text(json.dumps(data))
+        rewritten += 1
+    assert rewritten == len(steps) > 0
+
+  return rewrite
+
+
 def load_experiment(name: str):
   """experiments/<name>.py as a fresh module (registered in sys.modules: dataclasses look it up)."""
   import importlib.util

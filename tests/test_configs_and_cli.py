@@ -446,13 +446,15 @@ def test_config_file_without_the_keys_read_with_a_default_loads(tmp_path):
   assert "microbatches" not in config.train
 
 
-def test_a_run_saved_with_another_familys_option_resumes(tmp_path, tiny_cli_overrides, capsys):
+def test_a_run_saved_with_another_familys_option_resumes(tmp_path, tiny_cli_overrides, capsys,
+                                                        as_saved_before_configs_were_recorded):
   """A run an older jaxlab trained with attention_window set beside softmax (ignored, so full
   attention) resumes with its own config: the new-run check is skipped when the workdir holds a
   checkpoint (the resume requires the saved model section anyway); a fresh workdir still refuses it."""
   workdir = tmp_path / "old_run"
   assert cli.main(["train", "lm_char", "--workdir", str(workdir), "--no-progress",
                    *tiny_cli_overrides]) == 0
+  as_saved_before_configs_were_recorded(workdir)
   saved = json.loads((workdir / "config.json").read_text())
   saved["model"]["attention_window"] = 32  # as an older jaxlab saved it
   (workdir / "config.json").write_text(json.dumps(saved))

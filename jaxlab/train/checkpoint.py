@@ -102,6 +102,21 @@ class Checkpointer:
           "if they are damaged, move them away (or use a new --workdir) to start afresh")
     return None
 
+  def read_data(self, step: int) -> Optional[dict]:
+    """The data item of checkpoint `step` alone (no arrays are read), without the checksums and
+    digest, or None when it cannot be read or does not match its digest."""
+    try:
+      with _quiet("orbax", "absl", "jax"):
+        data = dict(self._manager.restore(
+            step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
+    except Exception:  # orbax raises many types for unreadable files
+      return None
+    data.pop(CHECKSUMS_KEY, None)
+    saved_digest = data.pop(DATA_DIGEST_KEY, None)
+    if saved_digest is not None and saved_digest != data_digest(data):
+      return None
+    return data
+
   def _read(self, step: int, abstract_state: Any) -> tuple[Optional[dict], Optional[str]]:
     """({"state", "data"}, None) for a checkpoint that orbax restores, else (None, why)."""
     try:

@@ -51,9 +51,12 @@ class Run:
   abstract_state: Any
   checkpointer: checkpoint_lib.Checkpointer
   data_digest: Optional[str] = None  # the task's data_fingerprint() (None: it holds no data)
-  # config_fingerprint of the workdir's config.json as found (before this run rewrites it): records
-  # saved under it stay valid once check_resume_config has accepted this config
+  # config_fingerprint of the config the checkpoints were saved under (recorded in them, or for older
+  # checkpoints the workdir's config.json as found): records saved under it stay valid once
+  # check_resume_config has accepted this config
   saved_fingerprint: Optional[str] = None
+  # (step, config as JSON) of each checkpoint that records its run's config (CONFIG_KEY), newest first
+  recorded_configs: tuple = ()
 
   def rules(self):
     return nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
@@ -119,8 +122,10 @@ def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = 
   abstract_state = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), state_shardings)
   workdir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to build leaves no dir
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+  recorded = _recorded_configs(checkpointer)
+  saved_fingerprint = _fingerprint_of(recorded[0][1]) if recorded else _saved_fingerprint(workdir)
   run = Run(config, workdir, mesh, task, tx, state_shardings, abstract_state, checkpointer,
-            data_digest, _saved_fingerprint(workdir))
+            data_digest, saved_fingerprint, recorded)
   try:
     check_resume_config(run)
     check_same_vocabulary(run)
@@ -417,6 +422,17 @@ def _fingerprint_of(config_json: dict) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _recorded_configs(checkpointer: checkpoint_lib.Checkpointer) -> tuple:
+  """(step, config as JSON) of each checkpoint whose data item records its run's config and reads
+  whole, newest first (checkpoints saved before configs were recorded have none)."""
+  found = []
+  for step in reversed(checkpointer.all_steps()):
+    data = checkpointer.read_data(step)
+    if data is not None and isinstance(data.get(CONFIG_KEY), dict):
+      found.append((step, data[CONFIG_KEY]))
+  return tuple(found)
+
+
 def _saved_fingerprint(workdir: pathlib.Path) -> Optional[str]:
   """config_fingerprint of WORKDIR/config.json (None if there is none or it cannot be read)."""
   try:
@@ -427,11 +443,17 @@ def _saved_fingerprint(workdir: pathlib.Path) -> Optional[str]:
 
 def check_resume_config(run: Run) -> None:
   """Refuses to resume a workdir whose checkpoints were trained under a different model/data/optimizer
-  config (restoring them would fail or silently change the run); names the first differing key. Keys
-  that the saved config.json lacks (added to jaxlab after that run) are taken to hold their defaults,
-  so a resume that sets one of them otherwise is refused too."""
+  config (restoring them would fail or silently change the run); names the first differing key. The
+  config each checkpoint recorded is what counts (WORKDIR/config.json may have been edited since);
+  checkpoints saved before configs were recorded are checked against config.json. Keys that the saved
+  config lacks (added to jaxlab after that run) are taken to hold their defaults, so a resume that
+  sets one of them otherwise is refused too."""
   saved_path = run.workdir / "config.json"
   if not run.checkpointer.all_steps():
+    return
+  if run.recorded_configs:
+    for step, recorded in run.recorded_configs:
+      _refuse_another_config(run, recorded, f"recorded in checkpoint {step}")
     return
   if not saved_path.exists():
     raise ValueError(f"{run.workdir} holds checkpoints but no config.json, so they cannot be checked "
@@ -442,14 +464,21 @@ def check_resume_config(run: Run) -> None:
   except ConfigError as e:
     raise ValueError(f"{e}, so the checkpoints cannot be checked against this run's config; "
                      "nothing was changed") from None
+  _refuse_another_config(run, saved_dict, f"from {saved_path}")
+
+
+def _refuse_another_config(run: Run, saved_dict: dict, source: str) -> None:
+  """ValueError naming the first key (of RESUME_MUST_MATCH) where this run's config differs from
+  `saved_dict`, the config checkpoints were saved under; `source` says where it was read."""
   saved_json = with_task_defaults(saved_dict)[0]
   scaled = loss_scale.enabled(saved_json)
   if scaled != loss_scale.enabled(run.config):  # the checkpoints' state has (or lacks) the scale
     choice = saved_json.get("optim", {}).get("loss_scale", "none (saved before loss scaling existed)")
     dtype = saved_json.get("model", {}).get("dtype", "float32")
     raise ValueError(
-        f"{run.workdir} holds checkpoints of a run {'with' if scaled else 'without'} loss scaling "
-        f"(config.optim.loss_scale={choice!r}, config.model.dtype={dtype!r}), but this run "
+        f"{run.workdir} holds checkpoints of a run {'with' if scaled else 'without'} loss scaling ("
+        f"{source}: "
+        f"config.optim.loss_scale={choice!r}, config.model.dtype={dtype!r}), but this run "
         f"{'has none' if scaled else 'scales the loss'}; nothing was changed (give "
         f"--config.optim.loss_scale={'dynamic' if scaled else 'none'} to use them, or a new --workdir)")
   current_json = with_task_defaults(json.loads(run.config.to_json_best_effort()))[0]
@@ -460,9 +489,24 @@ def check_resume_config(run: Run) -> None:
       continue
     was, now = saved.get(key, saved_raw[key]), current.get(key, current_raw.get(key))
     if was != now:
-      raise ValueError(f"{run.workdir} holds checkpoints trained with config.{key}={was!r}, but "
-                       f"this run has {now!r}; nothing was changed (train a different config into "
-                       "a new --workdir)")
+      raise ValueError(f"{run.workdir} holds checkpoints trained with config.{key}={was!r} ("
+                       f"{source}), but this run has {now!r}{_edited_note(run, key, was)}; "
+                       "nothing was changed (train a different config into a new --workdir)")
+
+
+def _edited_note(run: Run, key: str, recorded) -> str:
+  """When the checkpoints recorded their config and WORKDIR/config.json now says otherwise at `key`
+  (edited after they were saved): a note saying so, else ""."""
+  if not run.recorded_configs:
+    return ""
+  try:
+    saved = _resume_keys(with_task_defaults(read_config_json(run.workdir / "config.json"))[0])
+  except (ConfigError, OSError, TypeError, ValueError, AttributeError):
+    return ""
+  if key not in saved or saved[key] == recorded:
+    return ""
+  return (f" (the workdir's config.json says {saved[key]!r}: it was edited after the checkpoints "
+          "were saved, which record their own)")
 
 
 def _save_run_files(run: Run) -> None:
@@ -508,9 +552,14 @@ def _schedule_change_note(run: Run, start: int) -> Optional[str]:
   learning-rate schedule (warmup + cosine over train.steps) is another one from here on: one line
   saying so, with the learning rate at the resumed step under each, or None."""
   saved_path = run.workdir / "config.json"
-  if not start or not saved_path.exists():
+  if not start:
     return None
-  was = json.loads(saved_path.read_text()).get("train", {}).get("steps")
+  if run.recorded_configs:
+    was = run.recorded_configs[0][1].get("train", {}).get("steps")
+  elif saved_path.exists():
+    was = json.loads(saved_path.read_text()).get("train", {}).get("steps")
+  else:
+    return None
   now = run.config.train.steps
   if not isinstance(was, int) or was == now:
     return None
@@ -524,6 +573,7 @@ def _schedule_change_note(run: Run, start: int) -> Optional[str]:
 # that the checkpoint cut into, so that a resumed run logs the interval's mean over all of its steps.
 OPEN_INTERVAL_KEY = "_jaxlab_open_log_interval"
 STREAM_KEY = "_jaxlab_stream_version"  # tasks with a `train_stream_version` (pipeline.STREAM_VERSION)
+CONFIG_KEY = "_jaxlab_config"  # the run's whole config (JSON): what check_resume_config compares with
 
 
 def _logged_val_loss(workdir: pathlib.Path, step: int) -> Optional[float]:
@@ -574,9 +624,11 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
   if data_state is not None:
     open_interval = data_state.pop(OPEN_INTERVAL_KEY, open_interval)
     data_state.pop(STREAM_KEY, None)  # checked before training (above)
+    data_state.pop(CONFIG_KEY, None)  # checked by setup
     data_iter.set_state(data_state)
   train_step = make_train_step(run)
   eval_step = make_eval_step(run)
+  config_json = json.loads(config.to_json_best_effort())
   primary = distributed.is_primary()
   writer = MetricsWriter(run.workdir, tensorboard=cfg.tensorboard, enabled=primary,
                          resume_step=start)
@@ -670,6 +722,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
           run.checkpointer.save(done, state, {
               **data_iter.get_state(),
               **({} if stream_version is None else {STREAM_KEY: stream_version}),
+              CONFIG_KEY: config_json,
               OPEN_INTERVAL_KEY: {"losses": losses, "skipped": skipped}})  # save() copies it
         if is_eval_step(done):
           evaluate_and_record(done, state["params"])

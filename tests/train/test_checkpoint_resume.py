@@ -339,11 +339,13 @@ def test_no_restorable_checkpoint_moves_nothing(tiny_lm_config, tmp_path):
   assert not (tmp_path / "corrupt_checkpoints").exists()
 
 
-def test_eval_with_a_shape_changing_override_is_refused(tiny_lm_config, tmp_path):
+def test_eval_with_a_shape_changing_override_is_refused(tiny_lm_config, tmp_path, as_saved_before_configs_were_recorded):
   """`jaxlab eval/sample WORKDIR --config.model.width=64` must not treat the run's good checkpoints
-  as corrupt: setup names the key and changes nothing; so does a workdir missing config.json."""
+  as corrupt: setup names the key and changes nothing; so does a workdir missing config.json whose
+  checkpoints do not record their config (saved by an older jaxlab)."""
   import pytest
   trainer.train(tiny_lm_config(), tmp_path, progress=False)
+  as_saved_before_configs_were_recorded(tmp_path)
   before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
   with pytest.raises(ValueError, match="config.model.width=32"):
     trainer.setup(tiny_lm_config("--config.model.width=64"), tmp_path)
@@ -352,6 +354,50 @@ def test_eval_with_a_shape_changing_override_is_refused(tiny_lm_config, tmp_path
     trainer.train(tiny_lm_config(), tmp_path, progress=False)
   (tmp_path / "config.json.bak").rename(tmp_path / "config.json")
   assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_checkpoints_record_their_config_and_an_edited_config_json_is_not_trusted(
+    tiny_lm_config, tmp_path, capsys):
+  """The resume check compared the run's config with WORKDIR/config.json only, so after an edit
+  there (optim.lr) a resume with the edited value went on from checkpoints trained under another
+  optimizer, and the run's own command was refused. Each checkpoint now records its run's config:
+  the edited command is refused naming the key and the edit, the original one resumes (and writes
+  config.json again), and so does a run whose config.json is gone."""
+  config = tiny_lm_config("--config.train.steps=3")
+  trainer.train(config, tmp_path, progress=False)
+  run = trainer.setup(config, tmp_path)
+  run.checkpointer.close()
+  assert [s for s, _ in run.recorded_configs] == [3]
+  assert run.recorded_configs[0][1]["optim"]["lr"] == config.optim.lr
+  saved = json.loads((tmp_path / "config.json").read_text())
+  saved["optim"]["lr"] = 0.5
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match=rf"config.optim.lr={config.optim.lr!r} \(recorded in "
+                                       r"checkpoint 3\), but this run has 0.5 \(the workdir's "
+                                       r"config.json says 0.5: it was edited"):
+    trainer.train(tiny_lm_config("--config.train.steps=6", "--config.optim.lr=0.5"), tmp_path,
+                  progress=False)
+  from jaxlab import cli  # jaxlab eval reads config.json: refused the same way
+  assert cli.main(["eval", str(tmp_path)]) == 1
+  assert "it was edited after the checkpoints were saved" in capsys.readouterr().err
+  result = trainer.train(tiny_lm_config("--config.train.steps=6"), tmp_path, progress=False)
+  assert result["step"] == 6
+  assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == config.optim.lr
+  (tmp_path / "config.json").unlink()
+  result = trainer.train(tiny_lm_config("--config.train.steps=9"), tmp_path, progress=False)
+  assert result["step"] == 9 and (tmp_path / "config.json").exists()
+
+
+def test_the_schedule_note_reads_the_recorded_config(tiny_lm_config, tmp_path, capsys):
+  """config.train.steps of the run that saved the checkpoints comes from the checkpoint, not from a
+  config.json edited since."""
+  trainer.train(tiny_lm_config("--config.train.steps=3"), tmp_path, progress=False)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  saved["train"]["steps"] = 6
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  capsys.readouterr()
+  trainer.train(tiny_lm_config("--config.train.steps=6"), tmp_path, progress=False)
+  assert "config.train.steps changed from 3 to 6" in capsys.readouterr().err
 
 
 def test_resume_rewrites_metrics_after_the_checkpoint(tiny_lm_config, tmp_path):
@@ -383,10 +429,11 @@ def test_a_config_without_an_optional_key_resumes_its_own_run(tiny_lm_config, tm
   run.checkpointer.close()
 
 
-def test_a_workdir_from_before_a_config_key_existed_resumes(tiny_lm_config, tmp_path):
+def test_a_workdir_from_before_a_config_key_existed_resumes(tiny_lm_config, tmp_path, as_saved_before_configs_were_recorded):
   """config.json written by an older jaxlab (no model.attention_impl): resuming is not refused."""
   config = tiny_lm_config("--config.train.steps=6", "--config.train.checkpoint_every=3")
   trainer.train(config, tmp_path, progress=False)
+  as_saved_before_configs_were_recorded(tmp_path)
   saved = json.loads((tmp_path / "config.json").read_text())
   del saved["model"]["attention_impl"]
   (tmp_path / "config.json").write_text(json.dumps(saved))
@@ -396,8 +443,8 @@ def test_a_workdir_from_before_a_config_key_existed_resumes(tiny_lm_config, tmp_
   import pytest
   other = tiny_lm_config("--config.train.steps=6", "--config.train.checkpoint_every=3",
                          "--config.model.attention_impl=blockwise")
-  with pytest.raises(ValueError, match=r"config.model.attention_impl='auto', but this run has "
-                                       "'blockwise'"):
+  with pytest.raises(ValueError, match=r"config.model.attention_impl='auto' \(from .*config.json\), "
+                                       "but this run has 'blockwise'"):
     trainer.setup(other, tmp_path)
   assert "attention_impl" not in json.loads((tmp_path / "config.json").read_text())["model"]
 
@@ -453,7 +500,7 @@ def test_training_text_edited_within_its_alphabet_is_refused(tiny_lm_config, tmp
 
 
 def test_a_relative_data_path_is_saved_absolute_and_older_relative_ones_still_resume(
-    tiny_lm_config, tiny_corpus, tmp_path, monkeypatch):
+    tiny_lm_config, tiny_corpus, tmp_path, monkeypatch, as_saved_before_configs_were_recorded):
   """config.data.path as typed relative to the working directory is saved absolute, so `jaxlab eval`
   from elsewhere reads the same file; a run saved before (the path as typed) resumes from the same
   directory, whichever way the path is given now."""
@@ -466,6 +513,7 @@ def test_a_relative_data_path_is_saved_absolute_and_older_relative_ones_still_re
   assert config.data.path == str(tmp_path / "corpus.txt")
   assert config.data.data_dir == str(tmp_path / "tfds")
   trainer.train(config, tmp_path / "run", progress=False)
+  as_saved_before_configs_were_recorded(tmp_path / "run")
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["data"]["path"] == str(tmp_path / "corpus.txt")
   saved["data"]["path"] = "corpus.txt"  # as an older jaxlab saved it
@@ -597,10 +645,11 @@ def test_a_run_saved_with_the_earlier_training_stream(tiny_lm_config, tmp_path, 
   assert saved[0][trainer.STREAM_KEY] == 2  # a checkpoint written now carries the version
 
 
-def test_a_damaged_config_json_beside_checkpoints_is_named(tiny_lm_config, tmp_path):
+def test_a_damaged_config_json_beside_checkpoints_is_named(tiny_lm_config, tmp_path, as_saved_before_configs_were_recorded):
   """It gave JSON's bare message ('Expecting property name ...: line 1 column 2'), naming no file."""
   import pytest
   trainer.train(tiny_lm_config("--config.train.steps=3"), tmp_path, progress=False)
+  as_saved_before_configs_were_recorded(tmp_path)
   (tmp_path / "config.json").write_text("{bad")
   with pytest.raises(ValueError, match=r"config\.json is not valid JSON .*nothing was changed"):
     trainer.train(tiny_lm_config(), tmp_path, progress=False)

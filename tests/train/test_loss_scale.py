@@ -107,7 +107,7 @@ def test_a_run_that_overflows_at_scale_one_stops_with_one_line():
 
 
 def test_switching_loss_scaling_on_a_workdir_is_refused_and_older_workdirs_read_as_unscaled(
-    tiny_lm_config, tmp_path):
+    tiny_lm_config, tmp_path, as_saved_before_configs_were_recorded):
   """The checkpoints of a scaled run hold the scale, an unscaled run's do not: resuming across that
   is one line naming config.optim.loss_scale. A float16 workdir saved before loss scaling existed is
   an unscaled one, for train and for eval/sample alike."""
@@ -121,6 +121,7 @@ def test_switching_loss_scaling_on_a_workdir_is_refused_and_older_workdirs_read_
 
   trainer.train(tiny_lm_config(*fp16, "--config.optim.loss_scale=none"), tmp_path / "old",
                 progress=False)
+  as_saved_before_configs_were_recorded(tmp_path / "old")
   saved = json.loads((tmp_path / "old" / "config.json").read_text())
   for key in ("loss_scale", "loss_scale_init", "loss_scale_period"):
     del saved["optim"][key]  # as written by a jaxlab without loss scaling
