@@ -41,6 +41,19 @@ def _quiet_logs() -> None:
   # A checkpoint that fails to read leaves orbax's async readers behind; their "coroutine was never
   # awaited" / "event loop is closed" reports say nothing to a user (the one-line error does).
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  # A background save that fails (a full disk) is logged by each of orbax's threads with its
+  # traceback, hundreds of lines; the checkpointer raises it as one line (CheckpointSaveError).
+  logging.getLogger("absl").addFilter(_not_a_background_save_failure)
+
+
+_BACKGROUND_SAVE_FAILURES = ("_SignalingThread.run() raised an exception",
+                             "in background save thread", "Save Finalize thread")
+
+
+def _not_a_background_save_failure(record: logging.LogRecord) -> bool:
+  """A logging filter: False for orbax's reports of a failed background save."""
+  message = str(record.msg)
+  return not ("orbax" in record.pathname and any(m in message for m in _BACKGROUND_SAVE_FAILURES))
 
 
 def _drop_async_leftovers() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import re
 import shutil
 import time
 from typing import Any, Optional
@@ -30,7 +31,6 @@ import orbax.checkpoint as ocp
 
 from jaxlab.train import distributed
 
-log = logging.getLogger(__name__)
 
 CHECKSUMS_KEY = "_jaxlab_state_checksums"  # in the "data" item, next to the data iterator's state
 DATA_DIGEST_KEY = "_jaxlab_data_digest"  # a digest of the rest of the "data" item
@@ -40,7 +40,76 @@ class CheckpointError(RuntimeError):
   """No checkpoint in a workdir could be restored into the run's state."""
 
 
-class Checkpointer:
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (a full disk, a folder made read-only); the ones committed
+  before it are intact (orbax writes each into a temporary folder and renames it when whole)."""
+
+
+def _cause(error: BaseException) -> str:
+  """The operating system's reason inside an orbax/TensorStore error ("No space left on device"),
+  else the error's first line."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  text = str(error)
+  found = re.search(r"([A-Z][A-Za-z ]+?) \[os_error_code='?\d+'?\]", text)
+  if found:
+    return found.group(1)
+  return f"{type(error).__name__}: {(text.splitlines() or [''])[0][:200]}"
+
+
+def _committed_steps(directory: pathlib.Path) -> list[int]:
+  try:
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  except OSError:
+    return []
+
+
+class _BackgroundSaves:
+  """orbax saves in the background; a failure surfaces at the next save, wait or close. Here it
+  becomes one CheckpointSaveError line (after which close() is quiet)."""
+
+  _manager: ocp.CheckpointManager
+  _pending = None  # what the save not yet waited for writes (for the message)
+  _failed = False
+
+  def _failure_message(self, pending, cause: str) -> str:
+    raise NotImplementedError
+
+  def _save(self, pending, step: int, args) -> None:
+    self.wait()  # a failure of the previous save stops here, named
+    self._pending = pending
+    try:
+      self._manager.save(step, args=args, force=True)
+    except Exception as e:  # orbax raises many types; its synchronous part can fail too
+      self._save_failed(e)
+
+  def wait(self) -> None:
+    """Waits for the background save; CheckpointSaveError (one line) if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      self._save_failed(e)
+    self._pending = None
+
+  def _save_failed(self, error: BaseException) -> None:
+    self._failed = True
+    pending, self._pending = self._pending, None
+    raise CheckpointSaveError(self._failure_message(pending, _cause(error))) from None
+
+  def close(self) -> None:
+    """Waits for the last save (CheckpointSaveError if it failed) and closes."""
+    try:
+      if not self._failed:
+        self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:
+        if not self._failed:  # else: the failure was reported when it surfaced
+          raise
+
+
+class Checkpointer(_BackgroundSaves):
   """Saves and restores {"state": pytree of arrays, "data": JSON dict} under WORKDIR/checkpoints."""
 
   def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 3):
@@ -54,18 +123,22 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: dict, *, force: bool = True) -> None:
+  def save(self, step: int, state: Any, data_state: dict) -> None:
     # A private copy: orbax writes the JSON in the background, after the caller may have changed
     # its own lists (the digest would then not match what was written).
     data_state = json.loads(json.dumps(data_state))
     data = {**data_state, DATA_DIGEST_KEY: data_digest(data_state),
             CHECKSUMS_KEY: state_checksums(state)}
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     data=ocp.args.JsonSave(data)),
-                       force=force)
+    self._save(step, step, ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                              data=ocp.args.JsonSave(data)))
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+  def _failure_message(self, step, cause: str) -> str:
+    kept = _committed_steps(self.directory)
+    return (f"checkpoint {step} could not be written in {self.directory} ({cause}); "
+            + (f"the checkpoints before it are intact (steps {', '.join(map(str, kept))}): make "
+               "room (or make the folder writable) and run the same command to resume from step "
+               f"{kept[-1]}" if kept else "no checkpoint of this run was written: make room (or "
+               "make the folder writable) and run the same command again"))
 
   def restore_latest(self, abstract_state: Any, *, move_aside: bool = True
                      ) -> Optional[tuple[int, Any, dict]]:
@@ -88,11 +161,12 @@ class Checkpointer:
       if error is None:
         error = self._verify(restored)  # the same verdict in every process
       if error is None:
-        for bad_step, why in failed:
-          log.warning("checkpoint at step %d is unreadable (%s)%s", bad_step, why,
-                      "" if move_aside else "; left in place, read step %d" % step)
+        for bad_step, why in failed:  # one line each (the move says where it went)
           if move_aside:
             self._quarantine(bad_step, why)
+          elif distributed.is_primary():
+            print(f"jaxlab: {self.directory / str(bad_step)} could not be read ({why}); left in "
+                  f"place, read step {step}", flush=True)
         return step, restored["state"], restored["data"]
       failed.append((step, error))
     if failed:
@@ -151,9 +225,6 @@ class Checkpointer:
     distributed.barrier(f"jaxlab_quarantine_{step}")
     self._manager.reload()
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
 
 
 class _quiet:
@@ -255,7 +326,7 @@ def _move_aside(source: pathlib.Path, workdir: pathlib.Path, why: str) -> None:
   print(f"jaxlab: {source} {why}; moved to {target}", flush=True)
 
 
-class BestParams:
+class BestParams(_BackgroundSaves):
   """The parameters with the lowest validation loss so far, under WORKDIR/best (one orbax checkpoint,
   written atomically like the others): model selection on validation data, as the density papers do.
   Training never reads it, so a run with or without it follows the same steps.
@@ -320,7 +391,7 @@ class BestParams:
     if self._read_only:
       raise FileNotFoundError(f"the best-params record in {self.directory} {why}; nothing was "
                               "changed (a jaxlab train of this workdir moves such a record aside)")
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
     if self.directory.exists() and distributed.is_primary():
       _move_aside(self.directory, self.workdir, why)
@@ -338,11 +409,11 @@ class BestParams:
     # else the next free number: saving under an existing or a lower number would delete first or
     # have orbax drop the new record as the oldest.
     slot = step if self._slot is None or step > self._slot else self._slot + 1
-    self._manager.save(slot, args=ocp.args.Composite(
+    self._save(step, slot, ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         meta=ocp.args.JsonSave({"step": step, "val_loss": val_loss,
                                 "fingerprint": self.fingerprint,
-                                CHECKSUMS_KEY: state_checksums(params)})), force=True)
+                                CHECKSUMS_KEY: state_checksums(params)})))
     self.step, self.val_loss, self._slot = step, val_loss, slot
     self._checksums = None  # just written: not re-read in this process
     return True
@@ -352,7 +423,7 @@ class BestParams:
     record is moved aside (read-only: left where it is) and FileNotFoundError raised."""
     if self.step is None:
       raise FileNotFoundError(f"no best-params checkpoint in {self.directory}")
-    self._manager.wait_until_finished()
+    self.wait()
     try:
       with _quiet("orbax", "absl", "jax"):
         params = self._manager.restore(self._slot, args=ocp.args.Composite(
@@ -368,6 +439,7 @@ class BestParams:
                               "checksums do not match) and was moved aside")
     return params
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+  def _failure_message(self, step, cause: str) -> str:
+    return (f"the best-params record of step {step} could not be written in {self.directory} "
+            f"({cause}); the record before it is intact: make room (or make the folder writable) "
+            "and run the same command to resume")

@@ -532,7 +532,12 @@ def _lock_workdir(workdir: pathlib.Path):
     import fcntl
   except ImportError:  # not POSIX
     return None
-  handle = open(workdir / ".jaxlab.lock", "a+")
+  try:
+    handle = open(workdir / ".jaxlab.lock", "a+")
+  except OSError as e:
+    raise PermissionError(f"{workdir} is not writable ({e.strerror or e}: {workdir / '.jaxlab.lock'}"
+                          "); a training run writes its checkpoints and metrics there (nothing was "
+                          "changed)") from None
   try:
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:

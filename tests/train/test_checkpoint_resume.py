@@ -2,6 +2,7 @@
 checkpoint is reported, kept aside, and the previous one is used."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -115,8 +116,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_lm_config, tmp_pa
   assert damaged
   # Read-only (jaxlab eval / sample, perhaps beside a training run): step 3, and nothing moves.
   from jaxlab import cli
+  capsys.readouterr()
   assert cli.main(["eval", str(tmp_path)]) == 0
-  assert '"step": 3' in capsys.readouterr().out
+  out, err = capsys.readouterr()
+  assert '"step": 3' in out
+  reports = [line for line in (out + err).splitlines() if "could not be read" in line]
+  assert len(reports) == 1 and "left in place, read step 3" in reports[0], out + err  # once
   assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ["3", "6"]
   assert not (tmp_path / "corrupt_checkpoints").exists()
   run = trainer.setup(config, tmp_path)
@@ -124,7 +129,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_lm_config, tmp_pa
   run.checkpointer.close()
   assert step == 3 and int(state["step"]) == 3
   assert data_state  # the iterator position came back too
-  assert "could not be read" in capsys.readouterr().out
+  out, err = capsys.readouterr()
+  reports = [line for line in (out + err).splitlines() if "could not be read" in line]
+  assert len(reports) == 1 and "moved to" in reports[0], out + err  # once (it was also a WARNING)
   kept = list((tmp_path / "corrupt_checkpoints").iterdir())
   assert len(kept) == 1 and kept[0].name.startswith("6.")
   assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ["3"]
@@ -676,3 +683,93 @@ def test_a_best_record_folder_that_cannot_be_written_is_refused_first(tiny_lm_co
   with pytest.raises(PermissionError, match="not a writable folder"):
     trainer.train(config, tmp_path / "file", progress=False)
   assert (tmp_path / "file" / "best").read_text() == "not a folder"
+
+
+def _fail_background_save(monkeypatch, folder: str, step: int):
+  """orbax's save of `step` under a manager of WORKDIR/`folder` fails in the background, as on a
+  full disk: nothing is written, and the next wait raises TensorStore's error."""
+  import orbax.checkpoint as ocp
+  real_save, real_wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+  failing = []
+
+  def save(self, at, *args, **kwargs):
+    if at == step and pathlib.Path(self.directory).name == folder:
+      failing.append(self)
+      return True
+    return real_save(self, at, *args, **kwargs)
+
+  def wait(self):
+    if self in failing:
+      failing.remove(self)
+      raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database: Failed '
+                       "to write 4096 bytes to file 8: No space left on device [os_error_code='28']")
+    return real_wait(self)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait)
+
+
+def test_a_failed_background_save_is_one_line_and_the_run_resumes_to_the_same_numbers(
+    tiny_lm_config, tmp_path, monkeypatch):
+  """A full disk made orbax's background save fail: it surfaced a checkpoint later as hundreds of
+  log lines and a bare TensorStore error. Now one line names the checkpoint, the cause and the
+  intact steps, and a rerun resumes to the straight run's numbers."""
+  from jaxlab.train.checkpoint import CheckpointSaveError
+  config = tiny_lm_config("--config.train.steps=9")  # checkpoints at 3, 6 and 9
+  straight = trainer.train(config, tmp_path / "straight", progress=False)
+  _fail_background_save(monkeypatch, "checkpoints", 6)
+  with pytest.raises(CheckpointSaveError, match=r"^checkpoint 6 could not be written in .*"
+                                                r"checkpoints \(No space left on device\); the "
+                                                r"checkpoints before it are intact \(steps 3\): .*"
+                                                r"resume from step 3$"):
+    trainer.train(config, tmp_path / "run", progress=False)
+  monkeypatch.undo()
+  assert _steps(tmp_path / "run" / "checkpoints") == ["3"]
+  resumed = trainer.train(config, tmp_path / "run", progress=False)
+  assert _train_losses(tmp_path / "run") == _train_losses(tmp_path / "straight")
+  jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(straight))
+
+
+def test_a_failed_best_record_save_is_one_line(tiny_lm_config, tmp_path, monkeypatch):
+  from jaxlab.train.checkpoint import CheckpointSaveError
+  config = tiny_lm_config("--config.train.steps=9", "--config.train.keep_best=True")
+  _fail_background_save(monkeypatch, "best", 6)
+  with pytest.raises(CheckpointSaveError, match=r"^the best-params record of step 6 could not be "
+                                                r"written in .*best \(No space left on device\); "
+                                                r"the record before it is intact"):
+    trainer.train(config, tmp_path, progress=False)
+
+
+def test_the_cli_drops_orbax_reports_of_a_failed_background_save():
+  """Each orbax thread logged the failure with its traceback (hundreds of lines, 2026-12-04); the
+  `jaxlab` command filters those records (the error is raised as one line) and keeps others."""
+  import logging
+  from jaxlab import cli
+  record = lambda path, msg: logging.LogRecord("absl", logging.ERROR, path, 1, msg, None, None)
+  orbax = "/venv/site-packages/orbax/checkpoint/_src/futures/future.py"
+  assert not cli._not_a_background_save_failure(record(
+      orbax, "[process=0][thread=array_type_handler] _SignalingThread.run() raised an exception: x"))
+  assert not cli._not_a_background_save_failure(record(
+      orbax, "[process=0][wait_until_finished] Save Finalize thread (save_finalize) failed."))
+  assert cli._not_a_background_save_failure(record(orbax, "another orbax error"))
+  assert cli._not_a_background_save_failure(record("/x/mine.py", "Save Finalize thread failed"))
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(tiny_lm_config, tmp_path, monkeypatch):
+  """It was the bare `[Errno 13] Permission denied: '.../.jaxlab.lock'`."""
+  import builtins
+  config = tiny_lm_config("--config.train.steps=3")
+  trainer.train(config, tmp_path, progress=False)
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+
+  def read_only(path, *args, **kwargs):
+    if pathlib.Path(path).name == ".jaxlab.lock":
+      raise PermissionError(13, "Permission denied", str(path))
+    return builtins.open(path, *args, **kwargs)
+
+  monkeypatch.setattr(trainer, "open", read_only, raising=False)
+  with pytest.raises(PermissionError, match=rf"^{tmp_path} is not writable \(Permission denied: "
+                                            r".*\.jaxlab\.lock\); a training run writes .*nothing "
+                                            r"was changed"):
+    trainer.train(tiny_lm_config("--config.train.steps=6"), tmp_path, progress=False)
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
