@@ -72,7 +72,8 @@ def _check_pair(a, b, name_a: str, name_b: str, same_dim: bool = True
 
 
 def _check_normalized(x: jax.Array, name: str) -> None:
-  """Raises if a concrete x has a row whose L2 norm is not 1 or not finite; no-op under tracing.
+  """Raises if a concrete x has a row whose L2 norm is neither 1 nor 0 (l2_normalize maps a zero row
+  to zeros), or is not finite; no-op under tracing (nothing is checked under jit).
   The tolerance is 1e-3, or a 16-bit float x's machine epsilon if larger (rounding each entry of a
   normalised row to bfloat16 moves its norm by up to eps / 2 ~ 4e-3)."""
   if isinstance(x, jax.core.Tracer):
@@ -81,7 +82,8 @@ def _check_normalized(x: jax.Array, name: str) -> None:
   norms = np.linalg.norm(np.asarray(x, np.float64), axis=-1)
   if not np.isfinite(norms).all():
     raise ValueError(f"{name} has rows that are not finite (NaN or inf)")
-  worst = float(np.max(np.abs(norms - 1.0))) if norms.size else 0.0
+  off = np.where(norms <= atol, 0.0, np.abs(norms - 1.0))  # a zero row: l2_normalize's output too
+  worst = float(np.max(off)) if norms.size else 0.0
   if worst > atol:
     raise ValueError(f"{name} must be L2-normalised along its last axis (row norms differ from 1 by "
                      f"up to {worst:.3g}); apply l2_normalize first")
@@ -179,10 +181,13 @@ def _check_divisible(batch: int, shards: int, name: str) -> None:
 def _score_fn(score: Union[str, ScoreFn]) -> ScoreFn:
   if callable(score):
     return score
+  # In float32 whatever the inputs' dtype: a float16 dot product overflows past 65504, and bfloat16
+  # rounds scores of a few hundred to steps of 2-4 before the temperature divides them.
+  f32 = lambda x: x.astype(jnp.float32)
   if score == "dot":
-    return lambda q, k: q @ k.T
+    return lambda q, k: f32(q) @ f32(k).T
   if score == "cosine":
-    return lambda q, k: l2_normalize(q) @ l2_normalize(k).T
+    return lambda q, k: l2_normalize(f32(q)) @ l2_normalize(f32(k)).T
   raise ValueError(f"score must be 'dot', 'cosine' or a callable (q_BD, k_BD) -> [B, B], got {score!r}")
 
 
@@ -191,8 +196,9 @@ def infonce_loss(queries_BD: jax.Array, keys_BD: jax.Array, *, temperature: floa
   """InfoNCE / CPC (van den Oord et al. 2018, eq. 4) with in-batch negatives; a float32 scalar.
 
   L = -1/B sum_i log( exp(f(q_i, k_i)/tau) / sum_j exp(f(q_i, k_j)/tau) ),
-  f = `score`: "cosine", "dot", or any callable (q_BD, k_BD) -> scores [B, B] (e.g. CPC's bilinear
-  q W k^T with W bound in). Row i of keys is the positive of query i; the other rows are negatives.
+  f = `score`: "cosine", "dot" (both computed in float32), or any callable (q_BD, k_BD) -> scores
+  [B, B] (e.g. CPC's bilinear q W k^T with W bound in; it gets the inputs in their own dtype). Row i
+  of keys is the positive of query i; the other rows are negatives.
   """
   # A callable score may compare sides of different widths (CPC's bilinear q W k^T, W [Dq, Dk]).
   queries_BD, keys_BD = _check_pair(queries_BD, keys_BD, "queries_BD", "keys_BD",
