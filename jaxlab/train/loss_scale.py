@@ -80,11 +80,20 @@ def no_scaling() -> jmp.NoOpLossScale:
   return jmp.NoOpLossScale()
 
 
-def check_progress(step: int, loss_scale: float, skipped: bool) -> None:
-  """Raises FloatingPointError once a step overflows even at the smallest scale (1): every further
-  step would be skipped, and the run would stall without saying so."""
-  if skipped and loss_scale <= 1.0:
+# Consecutive steps skipped at the smallest scale after which a run stops.
+OVERFLOWS_AT_SCALE_ONE = 10
+
+
+def check_progress(step: int, loss_scale: float, skipped: bool, streak: int = 0) -> int:
+  """The number of consecutive steps skipped at the smallest scale (1), this one included, given
+  `streak` up to the previous step. At scale 1 the scale stays 1 and the next finite step is applied,
+  so a passing spike costs one step; FloatingPointError once OVERFLOWS_AT_SCALE_ONE steps in a row
+  overflow there (the run would otherwise stall without saying so)."""
+  streak = streak + 1 if skipped and loss_scale <= 1.0 else 0
+  if streak >= OVERFLOWS_AT_SCALE_ONE:
     raise FloatingPointError(
-        f"step {step}: the float16 gradients overflow even at loss scale 1, so every step is "
-        "skipped; train in bfloat16 or float32 (config.model.dtype), or lower config.optim.lr")
+        f"step {step}: the float16 gradients overflowed even at loss scale 1 in {streak} steps in "
+        "a row, which were all skipped; train in bfloat16 or float32 (config.model.dtype), or lower "
+        "config.optim.lr")
+  return streak
 

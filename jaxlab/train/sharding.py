@@ -63,9 +63,37 @@ def make_mesh(sizes: Sequence[int], devices=None) -> Mesh:
 
 
 def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
-  """NamedShardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes."""
+  """NamedShardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes. Refuses
+  (ValueError) a logical name the rules do not know and an array with two names on one mesh axis:
+  flax leaves the first unsharded and drops the second's sharding, silently."""
   specs = nn.get_partition_spec(abstract_tree)
+  check_logical_names(specs, rules)
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def check_logical_names(specs, rules=LOGICAL_AXIS_RULES) -> None:
+  """ValueError naming the array when its logical axis names (a pytree of PartitionSpecs of names)
+  are not all rule names, or two of them map to one mesh axis."""
+  known = dict(rules)
+  for path, spec in jax.tree_util.tree_leaves_with_path(
+      specs, is_leaf=lambda x: isinstance(x, P)):
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    used = {}
+    names = [n for part in spec for n in (part if isinstance(part, tuple) else (part,))]
+    for logical in names:
+      if logical is None:
+        continue
+      if logical not in known:
+        raise ValueError(f"{name} names the logical axis {logical!r}, which no rule of "
+                         f"jaxlab.train.sharding.LOGICAL_AXIS_RULES maps (known: "
+                         f"{', '.join(sorted(known))}); it would be left unsharded")
+      targets = known[logical]
+      for mesh_axis in ((targets,) if isinstance(targets, str) else tuple(targets or ())):
+        if mesh_axis in used:
+          raise ValueError(f"{name} maps both of its logical axes {used[mesh_axis]!r} and "
+                           f"{logical!r} to the mesh axis {mesh_axis!r}; the second would be "
+                           "left unsharded")
+        used[mesh_axis] = logical
 
 
 def check_divisible(abstract_tree, shardings) -> None:

@@ -651,6 +651,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
   step_times: list[float] = []
   losses = list(open_interval["losses"])  # this logging interval's, from its start (a resume too)
   skipped = int(open_interval["skipped"])  # steps skipped by loss scaling in this interval
+  overflow_streak = 0  # consecutive steps skipped at loss scale 1 (loss_scale.check_progress)
   bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and primary),
              dynamic_ncols=True, desc="train")
   is_eval_step = lambda s: s % cfg.eval_every == 0 or s == cfg.steps
@@ -703,7 +704,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         if "skipped" in metrics:
           step_skipped = bool(metrics["skipped"])
           skipped += step_skipped
-          loss_scale.check_progress(done, float(metrics["loss_scale"]), step_skipped)
+          overflow_streak = loss_scale.check_progress(done, float(metrics["loss_scale"]),
+                                                      step_skipped, overflow_streak)
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
           # The schedule counts applied updates: loss scaling's skipped steps do not advance it.

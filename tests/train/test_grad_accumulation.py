@@ -25,12 +25,19 @@ def _batch(rows):
           "weights": jnp.arange(rows, dtype=jnp.float32) % 3}  # unequal counts per slice
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("microbatches", [2, 3, 6])
-def test_microbatches_equal_the_whole_batch(microbatches):
+def test_microbatches_equal_the_whole_batch(microbatches, scaled):
+  """Slice counts differ (m = 3: 0, 2 and 4 weighted rows). With a loss scale (float16 training)
+  each slice's mean is scaled and re-weighted by its count: that branch had no test with uneven
+  counts (the LM's slices all count alike), and a mean of slice means passed."""
+  from jaxlab.train import loss_scale
+  scale = (loss_scale.scaler({"scale": jnp.float32(1024.0), "counter": jnp.int32(0)}, 2000)
+           if scaled else None)
   task, params, batch = WeightedRegression(), {"w": jnp.array([0.3, -0.2, 0.5])}, _batch(6)
   loss, grads = loss_and_grads(task, params, batch, jax.random.key(1))
   loss_m, grads_m = jax.jit(lambda p, b: loss_and_grads(task, p, b, jax.random.key(1),
-                                                        microbatches))(params, batch)
+                                                        microbatches, scale=scale))(params, batch)
   np.testing.assert_allclose(loss_m, loss, rtol=1e-6)
   np.testing.assert_allclose(grads_m["w"], grads["w"], rtol=1e-5)
 

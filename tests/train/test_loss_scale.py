@@ -99,11 +99,18 @@ def test_auto_scales_float16_only(dtype, choice, expected):
 
 
 def test_a_run_that_overflows_at_scale_one_stops_with_one_line():
-  loss_scale.check_progress(7, 2.0, skipped=True)  # the scale can still fall: carry on
-  loss_scale.check_progress(7, 1.0, skipped=False)
-  with pytest.raises(FloatingPointError, match="step 7: the float16 gradients overflow even at "
-                                               "loss scale 1"):
-    loss_scale.check_progress(7, 1.0, skipped=True)
+  assert loss_scale.check_progress(7, 2.0, skipped=True) == 0  # the scale can still fall: carry on
+  assert loss_scale.check_progress(7, 1.0, skipped=False) == 0
+  # One overflow at scale 1 is survivable (the scale stays 1, the next finite step is applied): it
+  # stopped the run. A finite step ends the streak.
+  assert loss_scale.check_progress(7, 1.0, skipped=True) == 1
+  streak = 0
+  for step in range(loss_scale.OVERFLOWS_AT_SCALE_ONE - 1):
+    streak = loss_scale.check_progress(step, 1.0, skipped=True, streak=streak)
+  assert loss_scale.check_progress(9, 1.0, skipped=False, streak=streak) == 0
+  with pytest.raises(FloatingPointError, match="step 12: the float16 gradients overflowed even at "
+                                               "loss scale 1 in 10 steps in a row"):
+    loss_scale.check_progress(12, 1.0, skipped=True, streak=streak)
 
 
 def test_switching_loss_scaling_on_a_workdir_is_refused_and_older_workdirs_read_as_unscaled(

@@ -104,3 +104,19 @@ def test_a_mesh_axis_that_does_not_divide_a_parameter_is_named_before_anything_i
       trainer.setup(tiny_lm_config(*overrides), tmp_path / "run")
     assert "\n" not in str(e.value) and int(re.search(message, str(e.value)).group(1)) % 8
     assert not (tmp_path / "run").exists()
+
+
+def test_unknown_or_colliding_logical_axis_names_are_refused():
+  """flax leaves a logical name without a rule unsharded, and of two names on one mesh axis shards
+  only the first, silently: a typo ('mpl') would replicate a weight that fsdp/tensor should split."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from jaxlab.train import sharding
+  mesh = sharding.make_mesh((2, 2, 2))
+  box = lambda names: {"layer": {"kernel": nn.LogicallyPartitioned(jnp.zeros((4, 4)), names)}}
+  sharding.logical_shardings(box(("embed", "mlp")), mesh)
+  with pytest.raises(ValueError, match=r"layer/kernel names the logical axis 'mpl', which no rule"):
+    sharding.logical_shardings(box(("embed", "mpl")), mesh)
+  with pytest.raises(ValueError, match=r"layer/kernel maps both of its logical axes 'heads' and "
+                                       r"'mlp' to the mesh axis 'tensor'"):
+    sharding.logical_shardings(box(("heads", "mlp")), mesh)
