@@ -119,6 +119,15 @@ class GPTConfig:
     return self.mtp_heads + self.medusa_heads
 
   def __post_init__(self):
+    for name in ("num_layers", "num_heads", "num_kv_heads", "width", "vocab_size", "max_len"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+    if self.attention != "flash" and int(self.mlp_ratio * self.width) < 1:
+      raise ValueError(f"mlp_ratio * width must give an MLP at least 1 wide, got mlp_ratio="
+                       f"{self.mlp_ratio!r}, width={self.width}")
     for name in ("mtp_heads", "medusa_heads"):  # 2.5 failed later in range(), True counted as 1
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -250,6 +259,9 @@ class GPT(nn.Module):
         raise ValueError("decode=True needs positions_BT (the positions of the tokens after those in "
                          "the cache; 0..T-1 would restart them); only a prefill may leave them out")
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if jnp.shape(positions_BT) != (b, t):  # "none" ignored them, "learned" failed to broadcast
+      raise ValueError(f"positions_BT must have the shape of tokens_BT {(b, t)}, got "
+                       f"{jnp.shape(positions_BT)}")
     embed = nn.Embed(
         c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),

@@ -194,6 +194,53 @@ def test_bad_token_shape_and_config_are_reported():
       model.apply(params, jnp.array([[1, bad, 2]], jnp.int32))
 
 
+def test_sizes_dropout_and_positions_shape_are_checked():
+  """Direct API users got ZeroDivisionError / "math domain error" for zero or negative sizes, a
+  0-wide MLP or dropout 1.5 were accepted, and positions of another shape were ignored ("none") or
+  failed to broadcast ("learned")."""
+  for name, bad in (("num_layers", 0), ("num_layers", -1), ("num_heads", 0), ("num_kv_heads", 0),
+                    ("width", 0), ("num_layers", 2.0)):
+    with pytest.raises(ValueError, match=rf"{name} must be an int >= 1, got {bad!r}"):
+      tiny_gpt(**{name: bad})
+  with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
+    tiny_gpt(dropout=1.5)
+  with pytest.raises(ValueError, match="mlp_ratio \\* width must give an MLP at least 1 wide"):
+    tiny_gpt(mlp_ratio=0.0)
+  tokens = jnp.zeros((2, 6), jnp.int32)
+  for position in ("none", "learned"):
+    model = tiny_gpt(position=position)
+    params = model.init(jax.random.key(0), tokens)
+    for bad in (jnp.zeros((2, 5), jnp.int32), jnp.zeros((6,), jnp.int32)):
+      with pytest.raises(ValueError, match=r"positions_BT must have the shape of tokens_BT \(2, 6\)"):
+        model.apply(params, tokens, bad)
+
+
+def test_residual_projections_start_at_gpt2_scale():
+  """GPT-2 (Radford et al. 2019, sec. 2.3): the projections into the residual stream (attention
+  output, MLP output) start with std 0.02 / sqrt(2L); the others with 0.02."""
+  layers = 8
+  model = tiny_gpt(num_layers=layers, width=64, num_heads=4, num_kv_heads=4, mlp_ratio=8.0)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  residual = [v for k, v in flat.items() if k.endswith(("attn/out/kernel", "mlp/wo/kernel"))]
+  others = [v for k, v in flat.items() if k.endswith(("qkv/kernel", "mlp/wi/kernel"))]
+  assert len(residual) == 2 * layers and len(others) == 2 * layers, sorted(flat)
+  np.testing.assert_allclose(np.std(np.concatenate([v.ravel() for v in residual])),
+                             0.02 / np.sqrt(2 * layers), rtol=0.05)
+  np.testing.assert_allclose(np.std(np.concatenate([v.ravel() for v in others])), 0.02, rtol=0.05)
+
+
+def test_dropout_runs_in_training_only():
+  model = tiny_gpt(dropout=0.5)
+  tokens = jnp.array([[1, 2, 3, 4, 5, 6]], jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  run = lambda key, train: model.apply(params, tokens, train=train, rngs={"dropout": key})
+  np.testing.assert_array_equal(run(jax.random.key(1), False), run(jax.random.key(2), False))
+  np.testing.assert_array_equal(run(jax.random.key(1), False), model.apply(params, tokens))
+  assert not np.allclose(run(jax.random.key(1), True), run(jax.random.key(2), True))
+
+
 def test_xpos_model_centres_its_scales_on_half_max_len():
   """A 64k-position xPos GPT at positions ~40k: uncentred, the key scales zeta^(-n/512) pass float32's
   range there (NaN logits); the GPT centres them on max_len // 2."""
