@@ -41,6 +41,12 @@ atexit.register(shutil.rmtree, _TFDS_DATA_DIR, True)
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 
+
+def pytest_unconfigure(config):
+  """Removes this process's TFDS folder: pytest-xdist workers leave without running atexit hooks
+  (each run left a few MiB in the temporary directory)."""
+  shutil.rmtree(_TFDS_DATA_DIR, ignore_errors=True)
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import numpy as np  # noqa: E402
