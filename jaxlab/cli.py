@@ -268,7 +268,7 @@ def cmd_eval(args, overrides) -> int:
   workdir = pathlib.Path(args.workdir)
   _check_workdir(workdir, "WORKDIR")
   config = _load_workdir_config(workdir, overrides, args)
-  run = trainer.setup(config, workdir)
+  run = trainer.setup(config, workdir, reading=True)
   step, params = _restore_params(run, best=args.best)
   val_loss = trainer.evaluate(run, params)
   _say(json.dumps({"step": step, "val_loss": val_loss}))
@@ -313,7 +313,7 @@ def cmd_sample(args, overrides) -> int:
   # A task that can sample from what the run saved (LM: vocab.json) needs no training data.
   build_for_sampling = getattr(tasks.task_module(config.task), "build_for_sampling", None)
   # Samples do not depend on the training data: a workdir whose data changed still samples.
-  run = trainer.setup(config, workdir, check_data=False,
+  run = trainer.setup(config, workdir, check_data=False, reading=True,
                       task=build_for_sampling(config, workdir) if build_for_sampling else None)
   try:
     sample_command = getattr(run.task, "sample_command", None)

@@ -57,6 +57,7 @@ class Run:
   saved_fingerprint: Optional[str] = None
   # (step, config as JSON) of each checkpoint that records its run's config (CONFIG_KEY), newest first
   recorded_configs: tuple = ()
+  reading: bool = False  # eval / sample: READING_MAY_CHANGE keys may differ from the checkpoints'
 
   def rules(self):
     return nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
@@ -97,12 +98,13 @@ _UNSET = object()
 
 
 def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = True,
-          data_digest=_UNSET, same_run_checked: bool = False) -> Run:
+          data_digest=_UNSET, same_run_checked: bool = False, reading: bool = False) -> Run:
   """Mesh, task, optimizer and the sharded abstract state (eval_shape -> shardings). Refuses (ValueError,
   nothing changed) a workdir whose checkpoints belong to another model/data/optimizer config, or (with
   `check_data`) were trained on other data. data_digest: the task's, when the caller has it;
   same_run_checked: the caller (`train`) has checked that every process runs the same config and
-  workdir."""
+  workdir. reading: for `jaxlab eval` / `sample`, which may change what only the training stream
+  depends on (READING_MAY_CHANGE)."""
   workdir = pathlib.Path(workdir)
   if not same_run_checked:
     _same_run_everywhere(config, workdir)
@@ -125,7 +127,7 @@ def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = 
   recorded = _recorded_configs(checkpointer)
   saved_fingerprint = _fingerprint_of(recorded[0][1]) if recorded else _saved_fingerprint(workdir)
   run = Run(config, workdir, mesh, task, tx, state_shardings, abstract_state, checkpointer,
-            data_digest, saved_fingerprint, recorded)
+            data_digest, saved_fingerprint, recorded, reading)
   try:
     check_resume_config(run)
     check_same_vocabulary(run)
@@ -365,6 +367,9 @@ def evaluate(run: Run, params, eval_step=None) -> float:
 
 
 RESUME_MUST_MATCH = ("task", "seed", "model", "data", "optim")
+# Keys of RESUME_MUST_MATCH that `jaxlab eval` / `sample` may set otherwise: they shape the training
+# stream only, not the saved arrays (eval with another batch size scores other windows: it was asked).
+READING_MAY_CHANGE = ("data.batch_size",)
 # Keys added after runs were first saved, left out while they hold the value that means "as before",
 # so that the records of older runs (WORKDIR/best's fingerprint) still match. Every key added to a
 # config section of RESUME_MUST_MATCH must be listed here (tests/train/fingerprint_keys.json holds the
@@ -487,11 +492,16 @@ def _refuse_another_config(run: Run, saved_dict: dict, source: str) -> None:
   for key in sorted(set(saved) | set(current)):
     if key not in saved_raw:  # a key of this run's own config file that the saved run lacks
       continue
+    if run.reading and key in READING_MAY_CHANGE:
+      continue
     was, now = saved.get(key, saved_raw[key]), current.get(key, current_raw.get(key))
     if was != now:
       raise ValueError(f"{run.workdir} holds checkpoints trained with config.{key}={was!r} ("
                        f"{source}), but this run has {now!r}{_edited_note(run, key, was)}; "
-                       "nothing was changed (train a different config into a new --workdir)")
+                       "nothing was changed (" + (
+                           f"of the model, data and optimizer keys, only {', '.join(READING_MAY_CHANGE)}"
+                           " may be overridden here" if run.reading else
+                           "train a different config into a new --workdir") + ")")
 
 
 def _edited_note(run: Run, key: str, recorded) -> str:

@@ -773,3 +773,18 @@ def test_a_workdir_that_cannot_be_written_is_one_line(tiny_lm_config, tmp_path, 
                                             r"was changed"):
     trainer.train(tiny_lm_config("--config.train.steps=6"), tmp_path, progress=False)
   assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_eval_may_change_the_batch_size_only(tiny_lm_config, tmp_path, capsys):
+  """`jaxlab eval WORKDIR --config.data.batch_size=N` was refused as a different run (the batch
+  size shapes the training stream, not the saved arrays); a resume still may not change it."""
+  from jaxlab import cli
+  trainer.train(tiny_lm_config(), tmp_path, progress=False)
+  capsys.readouterr()
+  assert cli.main(["eval", str(tmp_path), "--config.data.batch_size=2"]) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6
+  assert cli.main(["eval", str(tmp_path), "--config.data.seq_len=8"]) == 1
+  assert "only data.batch_size may be overridden here" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="config.data.batch_size=.*train a different config"):
+    trainer.train(tiny_lm_config("--config.data.batch_size=2", "--config.train.steps=9"), tmp_path,
+                  progress=False)
