@@ -26,7 +26,7 @@ CONFIG_HELP = ("config name ({names}) or path to a .py file with get_config(); d
 OVERRIDES_EPILOG = ("Keys of the run's saved config (WORKDIR/config.json) can be overridden with "
                     "--config.SECTION.KEY=VALUE, e.g. --config.train.eval_batches=4, except those "
                     "of the sections the checkpoints depend on (task, seed, model, data, optim), "
-                    "which must keep their saved values.")
+                    "which must keep their saved values (data.batch_size may change).")
 
 
 class UsageError(ValueError):
