@@ -82,7 +82,7 @@ def _check_normalized(x: jax.Array, name: str) -> None:
   norms = np.linalg.norm(np.asarray(x, np.float64), axis=-1)
   if not np.isfinite(norms).all():
     raise ValueError(f"{name} has rows that are not finite (NaN or inf)")
-  off = np.where(norms <= atol, 0.0, np.abs(norms - 1.0))  # a zero row: l2_normalize's output too
+  off = np.where(norms == 0.0, 0.0, np.abs(norms - 1.0))  # a zero row: l2_normalize's output too
   worst = float(np.max(off)) if norms.size else 0.0
   if worst > atol:
     raise ValueError(f"{name} must be L2-normalised along its last axis (row norms differ from 1 by "

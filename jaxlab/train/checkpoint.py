@@ -45,16 +45,18 @@ class CheckpointSaveError(RuntimeError):
   before it are intact (orbax writes each into a temporary folder and renames it when whole)."""
 
 
-def _cause(error: BaseException) -> str:
-  """The operating system's reason inside an orbax/TensorStore error ("No space left on device"),
-  else the error's first line."""
-  if isinstance(error, OSError) and error.strerror:
-    return error.strerror
+def _os_cause(error: BaseException) -> Optional[str]:
+  """The operating system's reason for an orbax/TensorStore write error ("No space left on device"),
+  or None when the error is not the file system's (a bug or a misuse: raised as it is)."""
+  if isinstance(error, OSError):
+    return error.strerror or str(error)
   text = str(error)
   found = re.search(r"([A-Z][A-Za-z ]+?) \[os_error_code='?\d+'?\]", text)
   if found:
     return found.group(1)
-  return f"{type(error).__name__}: {(text.splitlines() or [''])[0][:200]}"
+  if text.startswith(("RESOURCE_EXHAUSTED", "PERMISSION_DENIED")):
+    return (text.splitlines() or [""])[0][:200]
+  return None
 
 
 def _committed_steps(directory: pathlib.Path) -> list[int]:
@@ -92,9 +94,14 @@ class _BackgroundSaves:
     self._pending = None
 
   def _save_failed(self, error: BaseException) -> None:
+    """Called in an `except` block: the file system's errors become one line; others are raised
+    as they are."""
     self._failed = True
     pending, self._pending = self._pending, None
-    raise CheckpointSaveError(self._failure_message(pending, _cause(error))) from None
+    cause = _os_cause(error)
+    if cause is None:
+      raise error
+    raise CheckpointSaveError(self._failure_message(pending, cause)) from None
 
   def close(self) -> None:
     """Waits for the last save (CheckpointSaveError if it failed) and closes."""
@@ -133,7 +140,7 @@ class Checkpointer(_BackgroundSaves):
                                               data=ocp.args.JsonSave(data)))
 
   def _failure_message(self, step, cause: str) -> str:
-    kept = _committed_steps(self.directory)
+    kept = [s for s in _committed_steps(self.directory) if step is None or s < step]
     return (f"checkpoint {step} could not be written in {self.directory} ({cause}); "
             + (f"the checkpoints before it are intact (steps {', '.join(map(str, kept))}): make "
                "room (or make the folder writable) and run the same command to resume from step "
@@ -409,7 +416,7 @@ class BestParams(_BackgroundSaves):
     # else the next free number: saving under an existing or a lower number would delete first or
     # have orbax drop the new record as the oldest.
     slot = step if self._slot is None or step > self._slot else self._slot + 1
-    self._save(step, slot, ocp.args.Composite(
+    self._save((step, self._slot is not None), slot, ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         meta=ocp.args.JsonSave({"step": step, "val_loss": val_loss,
                                 "fingerprint": self.fingerprint,
@@ -439,7 +446,9 @@ class BestParams(_BackgroundSaves):
                               "checksums do not match) and was moved aside")
     return params
 
-  def _failure_message(self, step, cause: str) -> str:
+  def _failure_message(self, pending, cause: str) -> str:
+    step, had_record = pending if pending is not None else (None, False)
     return (f"the best-params record of step {step} could not be written in {self.directory} "
-            f"({cause}); the record before it is intact: make room (or make the folder writable) "
-            "and run the same command to resume")
+            f"({cause}); " + ("the record before it is intact" if had_record else
+                              "there was no earlier record") +
+            ": make room (or make the folder writable) and run the same command to resume")

@@ -65,7 +65,8 @@ def make_mesh(sizes: Sequence[int], devices=None) -> Mesh:
 def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
   """NamedShardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes. Refuses
   (ValueError) a logical name the rules do not know and an array with two names on one mesh axis:
-  flax leaves the first unsharded and drops the second's sharding, silently."""
+  flax leaves an unknown name's dimension unsharded, and of two names on one mesh axis it shards
+  only the first, silently."""
   specs = nn.get_partition_spec(abstract_tree)
   check_logical_names(specs, rules)
   return nn.logical_to_mesh_sharding(specs, mesh, rules)

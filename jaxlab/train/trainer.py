@@ -125,6 +125,10 @@ def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = 
   workdir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to build leaves no dir
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   recorded = _recorded_configs(checkpointer)
+  distributed.require_same_everywhere(  # each process read the checkpoints' data items itself
+      json.dumps(recorded, sort_keys=True), "views of the checkpoints' recorded configs",
+      "a process could not read a checkpoint's data item; check that every process sees the "
+      "same workdir")
   saved_fingerprint = _fingerprint_of(recorded[0][1]) if recorded else _saved_fingerprint(workdir)
   run = Run(config, workdir, mesh, task, tx, state_shardings, abstract_state, checkpointer,
             data_digest, saved_fingerprint, recorded, reading)
@@ -492,6 +496,8 @@ def _refuse_another_config(run: Run, saved_dict: dict, source: str) -> None:
   for key in sorted(set(saved) | set(current)):
     if key not in saved_raw:  # a key of this run's own config file that the saved run lacks
       continue
+    if key == "data.path" and (run.workdir / DATA_FINGERPRINT).is_file():
+      continue  # moved or copied data: check_same_data compares the content itself
     if run.reading and key in READING_MAY_CHANGE:
       continue
     was, now = saved.get(key, saved_raw[key]), current.get(key, current_raw.get(key))
@@ -591,6 +597,39 @@ STREAM_KEY = "_jaxlab_stream_version"  # tasks with a `train_stream_version` (pi
 CONFIG_KEY = "_jaxlab_config"  # the run's whole config (JSON): what check_resume_config compares with
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every floating-point array of `tree` is finite (one boolean scalar)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def _close_savers(savers, lock, failure: Optional[BaseException]) -> None:
+  """Closes the checkpointer and the best-params keeper (waiting for their last saves) and releases
+  the workdir lock, whatever fails. When `failure` already stops the run, a save that failed too is
+  printed on stderr beside it instead of replacing it; otherwise the first save error is raised,
+  naming the second."""
+  errors = []
+  for saver in savers:
+    if saver is None:
+      continue
+    try:
+      saver.close()
+    except Exception as e:  # noqa: BLE001  (each saver must be closed)
+      errors.append(e)
+  _unlock(lock)
+  if not errors:
+    return
+  if failure is not None:
+    for e in errors:
+      print(f"jaxlab: also: {e}", file=sys.stderr, flush=True)
+    return
+  if len(errors) > 1:
+    raise checkpoint_lib.CheckpointSaveError(f"{errors[0]}; also: {errors[1]}") from None
+  raise errors[0]
+
+
 def _logged_val_loss(workdir: pathlib.Path, step: int) -> Optional[float]:
   """The val_loss metrics.jsonl holds for `step`, or None."""
   values = [r["val_loss"] for r in read_metrics(workdir) if r.get("step") == step and "val_loss" in r]
@@ -648,6 +687,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
   writer = MetricsWriter(run.workdir, tensorboard=cfg.tensorboard, enabled=primary,
                          resume_step=start)
   best = None
+  failure = None  # what stopped the loop, if anything (a failed final save must not replace it)
   if cfg.get("keep_best", False):
     best = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(config),
                                      also_accept=(run.saved_fingerprint,))
@@ -669,6 +709,11 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
   def evaluate_and_record(step: int, params) -> None:
     val_loss = evaluate(run, params, eval_step)
     writer.write(step, val_loss=val_loss)
+    if not np.isfinite(val_loss):  # e.g. parameters blown up by the last update (finite, huge)
+      raise FloatingPointError(
+          f"the validation loss is {val_loss} at step {step}; stopping (checkpoint {step} in "
+          f"{run.checkpointer.directory} holds the parameters that gave it, any earlier ones are "
+          "kept; lower config.optim.lr?)")
     if primary:
       bar.write(f"step {step}: val_loss {val_loss:.4f}")
     final["val_loss"] = val_loss
@@ -736,6 +781,13 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
           final.update(record)
           step_times, losses = [], []
         if save_now:  # before evaluating: an evaluation that fails loses no trained steps
+          # The guard above checks the loss and gradient the update came from, not the update:
+          # an overflowing one (a huge lr) made NaN parameters that were saved, and the run ended 0.
+          if not bool(_all_finite(state["params"])):
+            raise FloatingPointError(
+                f"the parameters are not finite after step {done} (the update overflowed; lower "
+                f"config.optim.lr?); stopping before saving them (last good checkpoint kept in "
+                f"{run.checkpointer.directory})")
           run.checkpointer.save(done, state, {
               **data_iter.get_state(),
               **({} if stream_version is None else {STREAM_KEY: stream_version}),
@@ -743,15 +795,13 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
               OPEN_INTERVAL_KEY: {"losses": losses, "skipped": skipped}})  # save() copies it
         if is_eval_step(done):
           evaluate_and_record(done, state["params"])
+  except BaseException as e:
+    failure = e
+    raise
   finally:
     bar.close()
     writer.close()
-    try:
-      run.checkpointer.close()
-    finally:
-      _unlock(lock)
-      if best is not None:
-        best.close()
+    _close_savers((run.checkpointer, best), lock, failure)
   if best is not None and best.step is not None:
     final["best_step"], final["best_val_loss"] = best.step, best.val_loss
   final["step"] = int(state["step"])

@@ -300,6 +300,8 @@ def test_a_zero_row_from_l2_normalize_is_accepted_eagerly_as_under_jit():
   C.siglip_loss(img, txt, 1.0, -1.0)
   with pytest.raises(ValueError, match="L2-normalised"):
     C.clip_loss(img.at[0, 0].set(0.5), txt, 1.0)
+  with pytest.raises(ValueError, match="L2-normalised"):  # small rows never normalised: refused
+    C.clip_loss(img.at[0, 0].set(1e-4), txt, 1.0)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])

@@ -788,3 +788,101 @@ def test_eval_may_change_the_batch_size_only(tiny_lm_config, tmp_path, capsys):
   with pytest.raises(ValueError, match="config.data.batch_size=.*train a different config"):
     trainer.train(tiny_lm_config("--config.data.batch_size=2", "--config.train.steps=9"), tmp_path,
                   progress=False)
+
+
+def test_a_failed_final_save_does_not_hide_what_stopped_the_run(tiny_lm_config, tmp_path,
+                                                                  monkeypatch, capsys):
+  """An evaluation failed while checkpoint 3's background save was failing too: the save error,
+  raised while closing, replaced the evaluation's ("make room and run the same command")."""
+  _fail_background_save(monkeypatch, "checkpoints", 3)
+  monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: (_ for _ in ()).throw(
+      FloatingPointError("the evaluation broke")))
+  with pytest.raises(FloatingPointError, match="the evaluation broke"):
+    trainer.train(tiny_lm_config(), tmp_path, progress=False)
+  assert "jaxlab: also: checkpoint 3 could not be written" in capsys.readouterr().err
+
+
+def test_both_final_saves_failing_name_the_checkpoint_first(tiny_lm_config, tmp_path, monkeypatch):
+  """On a full disk the last checkpoint and the best record fail together: the best record's error
+  replaced the checkpoint's, which says from which step a rerun resumes."""
+  from jaxlab.train.checkpoint import CheckpointSaveError
+  import orbax.checkpoint as ocp
+  real_save, real_wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+  failing = []
+
+  def save(self, at, *args, **kwargs):
+    if at == 6 and pathlib.Path(self.directory).name in ("checkpoints", "best"):
+      failing.append(self)
+      return True
+    return real_save(self, at, *args, **kwargs)
+
+  def wait(self):
+    if self in failing:
+      failing.remove(self)
+      raise OSError(28, "No space left on device")
+    return real_wait(self)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait)
+  with pytest.raises(CheckpointSaveError, match=r"^checkpoint 6 could not be written .* resume "
+                                                r"from step 3; also: the best-params record of "
+                                                r"step 6 could not be written"):
+    trainer.train(tiny_lm_config("--config.train.keep_best=True"), tmp_path, progress=False)
+
+
+def test_save_errors_that_are_not_the_file_systems_are_raised_as_they_are(tmp_path):
+  """Every orbax error became "could not be written ... make room" (a step saved twice, too), and
+  the failed step counted itself among the intact ones."""
+  import orbax.checkpoint as ocp
+  from jaxlab.train import checkpoint
+  keeper = checkpoint.Checkpointer(tmp_path)
+  state = {"w": jnp.ones(3)}
+  keeper.save(1, state, {})
+  keeper.wait()
+  with pytest.raises(ocp.checkpoint_manager.StepAlreadyExistsError):
+    keeper.save(1, state, {})
+  keeper.close()
+  assert "steps 1, 2" not in keeper._failure_message(2, "x") and "(steps 1)" in \
+      keeper._failure_message(2, "x")
+  assert "(steps 1)" not in keeper._failure_message(1, "x")
+
+
+def test_a_failed_first_best_record_says_there_was_none(tiny_lm_config, tmp_path, monkeypatch):
+  from jaxlab.train.checkpoint import CheckpointSaveError
+  _fail_background_save(monkeypatch, "best", 3)
+  with pytest.raises(CheckpointSaveError, match=r"best-params record of step 3 .* there was no "
+                                                r"earlier record"):
+    trainer.train(tiny_lm_config("--config.train.keep_best=True"), tmp_path, progress=False)
+
+
+def test_moved_data_with_the_same_content_still_resumes_and_evaluates(tiny_lm_config, tiny_corpus,
+                                                                       tmp_path, capsys):
+  """The checkpoints record data.path, but the data's digest (data_fingerprint.txt) is what
+  matters: a corpus moved elsewhere (or a workdir copied to another machine) still evaluates and
+  resumes; other content is still refused."""
+  import shutil
+  from jaxlab import cli
+  corpus = tmp_path / "corpus.txt"
+  shutil.copy(tiny_corpus, corpus)
+  trainer.train(tiny_lm_config(f"--config.data.path={corpus}"), tmp_path / "run", progress=False)
+  moved = tmp_path / "moved.txt"
+  corpus.rename(moved)
+  capsys.readouterr()
+  assert cli.main(["eval", str(tmp_path / "run"), f"--config.data.path={moved}"]) == 0
+  result = trainer.train(tiny_lm_config(f"--config.data.path={moved}", "--config.train.steps=9"),
+                         tmp_path / "run", progress=False)
+  assert result["step"] == 9
+  moved.write_text(moved.read_text()[::-1])
+  with pytest.raises(ValueError, match="the data differs from the data"):
+    trainer.setup(tiny_lm_config(f"--config.data.path={moved}"), tmp_path / "run")
+
+
+def test_parameters_that_blow_up_stop_the_run_with_one_line(tiny_lm_config, tmp_path):
+  """lr = 1e30: the last update made parameters ~1e30 (finite), the validation loss was NaN, and the
+  run ended with exit status 0; non-finite parameters are not saved at all."""
+  with pytest.raises(FloatingPointError, match=r"the validation loss is nan at step 2; stopping"):
+    trainer.train(tiny_lm_config("--config.optim.lr=1e30", "--config.train.steps=2",
+                                 "--config.optim.warmup_steps=1", "--config.train.eval_every=2",
+                                 "--config.train.checkpoint_every=2"), tmp_path, progress=False)
+  assert bool(trainer._all_finite({"a": jnp.ones(2), "i": jnp.arange(2)}))
+  assert not bool(trainer._all_finite({"a": jnp.array([1.0, jnp.inf]), "b": jnp.ones(2)}))
