@@ -119,6 +119,9 @@ def test_overrides_are_typed():
     (("--config.model.position=xpos", "--config.model.rotary_fraction=0.5"),
      "config.model.rotary_fraction"),  # xPos rotates every dim: the fraction was ignored
     ("--config.model.rerope_leaky_k=4", "config.model.rerope_leaky_k"),  # no ReRoPE window
+    ("--config.model.rope_scaling_factor=4.0", "config.model.rope_scaling_factor"),  # ignored
+    ("--config.model.rope_train_len=32", "config.model.rope_train_len"),  # ignored
+    ("--config.mesh.cpu_devices=100000", "config.mesh.cpu_devices"),  # XLA segfaulted
     (("--config.model.attention=linear", "--config.model.logit_soft_cap=30"),
      "config.model.logit_soft_cap"),
     (("--config.model.attention=local", "--config.model.position=alibi"), "config.model.position"),

@@ -16,6 +16,9 @@ POSITIVE_INTS = ("data.batch_size", "train.steps", "train.log_every", "train.eva
                  "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints")
 
 
+
+MAX_CPU_DEVICES = 1024  # host devices per process (config.mesh.cpu_devices)
+
 def get(config, key: str):
   """config["a"]["b"] for key "a.b"."""
   node = config
@@ -135,6 +138,9 @@ def _validate(config, check_devices: bool) -> None:
 
   require(config.mesh.cpu_devices >= 0,
           f"config.mesh.cpu_devices={config.mesh.cpu_devices} must be >= 0 (0 = auto)")
+  require(config.mesh.cpu_devices <= MAX_CPU_DEVICES,  # 100,000 crashed XLA (a segfault, no message)
+          f"config.mesh.cpu_devices={config.mesh.cpu_devices} must be <= {MAX_CPU_DEVICES} (XLA "
+          "devices per process on CPU; one per core is the useful number)")
   # With every mesh size fixed the batch split is known without the devices: say so here rather than
   # let the CPU device chooser pick fewer devices and validate_mesh blame the mesh.
   sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)

@@ -3,9 +3,9 @@ needs, without training it.
 
 The run is built exactly as `jaxlab train` builds it (mesh, sharded initialisation, the same jitted
 step), in a temporary workdir that is removed afterwards. The step is compiled ahead of time (timed
-apart), then run `steps` times on batches read beforehand (kept on the host, each placed on the
-devices just before its step), so the step time excludes data loading (timed apart too: reading and
-placing one batch). Memory is XLA's compile-time estimate for the step
+apart), then run `steps` times, each batch read and placed on the devices before its step starts
+(one batch at a time: `--steps` of any size holds one on the host), so the step time excludes data
+loading (timed apart too: reading and placing one batch). Memory is XLA's compile-time estimate for the step
 (the train state it holds, and its temporaries), and on GPU/TPU the device's peak in use as well.
 """
 
@@ -47,24 +47,22 @@ def benchmark(config, *, steps: int = 20, warmup: int = 2) -> dict:
 
 def _time_run(run, steps: int, warmup: int) -> dict:
   data_iter = run.task.train_iterator()
-  read_times, host_batches = [], []
-  for _ in range(warmup + steps):  # read beforehand, kept on the host
-    t0 = time.perf_counter()
-    host_batches.append(next(data_iter))
-    read_times.append(time.perf_counter() - t0)
   state = trainer.init_state(run)
   parameters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   train_step = trainer.make_train_step(run)
   with run.mesh, run.rules():
-    batch = sharding.place_batch(host_batches[0], run.mesh)
+    t0 = time.perf_counter()
+    batch = jax.block_until_ready(sharding.place_batch(next(data_iter), run.mesh))
+    first_batch_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    batch_times, step_times = [], []
-    for i, host_batch in enumerate(host_batches):
-      t0 = time.perf_counter()
-      batch = jax.block_until_ready(sharding.place_batch(host_batch, run.mesh))
-      batch_times.append(read_times[i] + time.perf_counter() - t0)  # read + placed on the devices
+    batch_times, step_times = [first_batch_s], []
+    for i in range(warmup + steps):
+      if i:  # read + placed on the devices, before the step's clock starts
+        t0 = time.perf_counter()
+        batch = jax.block_until_ready(sharding.place_batch(next(data_iter), run.mesh))
+        batch_times.append(time.perf_counter() - t0)
       t0 = time.perf_counter()
       state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics["loss"])

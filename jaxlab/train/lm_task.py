@@ -266,6 +266,13 @@ def validate_new_run(config, require) -> None:
   require(m.position in ROPE_THETA_POSITIONS or m.rope_theta == defaults.rope_theta,
           f"config.model.rope_theta={m.rope_theta!r} applies to config.model.position in "
           f"{ROPE_THETA_POSITIONS}, not {m.position!r} (it would be ignored)")
+  require(m.rope_scaling != "none" or m.rope_scaling_factor == defaults.rope_scaling_factor,
+          f"config.model.rope_scaling_factor={m.rope_scaling_factor!r} applies to a "
+          "config.model.rope_scaling other than 'none' (it would be ignored)")
+  require(m.rope_scaling != "none" or m.logn_scaling
+          or m.rope_train_len == defaults.rope_train_len,
+          f"config.model.rope_train_len={m.rope_train_len!r} applies to config.model.rope_scaling "
+          "or config.model.logn_scaling, and neither is set (it would be ignored)")
 
 
 def validate_devices(config, require) -> None:
