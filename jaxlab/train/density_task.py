@@ -77,6 +77,46 @@ def validate(config, require) -> None:
   require(config.eval.batch_size > 0, f"config.eval.batch_size={config.eval.batch_size} must be > 0")
 
 
+# The keys each model, and each dataset, reads (others keep base_config's values: validate_new_run).
+MODEL_KEYS = {"fvsbn": (), "nade": ("hidden",), "made": ("hidden", "mask_seed"),
+              "pixelcnn": ("channels", "num_layers", "first_kernel"),
+              "gated_pixelcnn": ("channels", "num_layers", "first_kernel")}
+OPTIONAL_MODEL_KEYS = ("hidden", "mask_seed", "channels", "num_layers", "first_kernel")
+DATA_KEYS = {"digits": ("split_seed",), "mnist": ("path", "data_dir", "binarize_seed"),
+             "binarized_mnist": ("data_dir",), "caltech": ("path", "split_seed")}
+OPTIONAL_DATA_KEYS = ("path", "data_dir", "binarize_seed", "split_seed")
+
+
+def validate_new_run(config, require) -> None:
+  """Checks for a config about to start a run (a saved workdir may hold what an older jaxlab
+  allowed): options the chosen model or dataset does not read must keep their defaults (MADE's
+  hidden sizes given to a PixelCNN, a data.path given to digits were ignored without a word), and
+  sample.grid_path must name a .png file (it failed after training)."""
+  from jaxlab.configs._density import base_config
+  m, d = config.model, config.data
+  defaults = base_config(m.name if m.name in MODEL_KEYS else "made")
+  for key in OPTIONAL_MODEL_KEYS:
+    if key not in MODEL_KEYS.get(m.name, OPTIONAL_MODEL_KEYS):
+      value, default = m[key], defaults.model[key]
+      require(tuple(value) == tuple(default) if isinstance(default, tuple) else value == default,
+              f"config.model.{key}={value!r} applies to config.model.name in "
+              f"{tuple(n for n, keys in MODEL_KEYS.items() if key in keys)}, not {m.name!r} (it "
+              f"would be ignored); leave it at {default!r}")
+  read = DATA_KEYS.get(d.name, ("path",) if d.name in binary_images.UCI_NAMES else OPTIONAL_DATA_KEYS)
+  for key in OPTIONAL_DATA_KEYS:
+    if key not in read:
+      require(d[key] == defaults.data[key],
+              f"config.data.{key}={d[key]!r} is not read for config.data.name={d.name!r} (it "
+              f"would be ignored); leave it at {defaults.data[key]!r}")
+  grid = str(config.sample.grid_path)
+  if grid:
+    require(grid.lower().endswith(".png"),
+            f"config.sample.grid_path={grid!r} must name a .png file (the grid of samples written "
+            "at the end of training)")
+    require(not pathlib.Path(grid).is_dir(),
+            f"config.sample.grid_path={grid!r} is a folder; give a .png file name")
+
+
 def tensor_units(config) -> None:
   return None  # data parallel only
 

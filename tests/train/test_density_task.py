@@ -4,6 +4,7 @@ loss equals a direct per-example NLL), MADE's per-step mask draw, and the experi
 import importlib.util
 import json
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -50,14 +51,21 @@ def _tiny_data():
                                      "tiny test data")
 
 
+def _model_flags(model: str, **values) -> list[str]:
+  """--config.model.KEY=VALUE for the keys `model` reads (a new run refuses the others)."""
+  from jaxlab.train.density_task import MODEL_KEYS
+  return [f"--config.model.{k}={v}" for k, v in values.items()
+          if k not in MODEL_KEYS["pixelcnn"] + MODEL_KEYS["made"] or k in MODEL_KEYS[model]]
+
+
 @pytest.mark.parametrize("model", ["made"])  # the PixelCNNs train in the --quick test below
 def test_trains_and_validation_loss_is_the_mean_nll(tmp_path, model):
   config = load_config("pixelcnn" if "pixelcnn" in model else "made", [
       f"--config.model.name={model}", "--config.data.batch_size=16", "--config.train.steps=40",
       "--config.train.eval_every=40", "--config.train.checkpoint_every=40",
       "--config.train.log_every=20", "--config.optim.warmup_steps=5", "--config.optim.lr=0.01",
-      "--config.model.hidden=(32,)", "--config.model.channels=8", "--config.model.num_layers=1",
-      "--config.model.first_kernel=3", "--config.eval.batch_size=8",
+      *_model_flags(model, hidden="(32,)", channels=8, num_layers=1, first_kernel=3),
+      "--config.eval.batch_size=8",
       *(["--config.model.num_masks=3"] if model == "made" else [])])
   data = _tiny_data()
   task = DensityTask(config, data=data)
@@ -97,9 +105,9 @@ def test_sharded_training_equals_single_device_step_for_step(tmp_path, model):
   common = [f"--config.model.name={model}", "--config.data.batch_size=16", "--config.train.steps=3",
             "--config.train.eval_every=3", "--config.train.checkpoint_every=3",
             "--config.train.log_every=1", "--config.optim.warmup_steps=1", "--config.optim.lr=0.01",
-            "--config.model.hidden=(8, 8)" if model == "made" else "--config.model.hidden=(8,)",
-            "--config.model.channels=4", "--config.model.num_layers=1",
-            "--config.model.first_kernel=3", "--config.eval.batch_size=8",
+            *_model_flags(model, hidden="(8, 8)" if model == "made" else "(8,)", channels=4,
+                          num_layers=1, first_kernel=3),
+            "--config.eval.batch_size=8",
             "--config.train.keep_best=False"]
   runs = {}
   for name, mesh in (("single", (1, 1, 1)), ("sharded", (4, 2, 1))):
@@ -233,3 +241,22 @@ def test_nll_refuses_a_split_that_is_not_binary():
   with pytest.raises(ValueError, match="split must hold only 0 and 1"):
     task.nll(params, grey)
   assert np.isfinite(task.nll(params, _tiny_data().valid))
+
+
+@pytest.mark.parametrize("name,overrides,key", [
+    ("made", ["--config.model.channels=8"], "config.model.channels=8 applies to"),
+    ("nade", ["--config.model.num_layers=9"], "config.model.num_layers=9 applies to"),
+    ("pixelcnn", ["--config.model.hidden=(7,)"], "config.model.hidden=(7,) applies to"),
+    ("fvsbn", ["--config.model.mask_seed=3"], "config.model.mask_seed=3 applies to"),
+    ("made", ["--config.data.path=/nonexistent"], "config.data.path='/nonexistent' is not read"),
+    ("made", ["--config.data.binarize_seed=5"], "config.data.binarize_seed=5 is not read"),
+    ("made", ["--config.sample.grid_path=/tmp"], "config.sample.grid_path='/tmp' must name a .png"),
+])
+def test_options_the_model_or_data_do_not_read_are_refused_for_a_new_run(name, overrides, key):
+  """They were trained without a word (ignored), and a grid_path that is a folder failed after
+  training with PIL's "unknown file extension"."""
+  from jaxlab.configs import ConfigError
+  with pytest.raises(ConfigError, match=re.escape(key)):
+    load_config(name, overrides, check_devices=False)
+  load_config("made", ["--config.data.name=mnist", "--config.data.binarize_seed=5",
+                       "--config.sample.grid_path=/tmp/g.png"], check_devices=False)  # read
