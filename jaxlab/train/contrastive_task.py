@@ -40,6 +40,28 @@ POSITIVE_INTS = ("data.text_len", "model.patch", "model.image_width", "model.ima
 IMAGE_SIZE = {"digits": 8, "emoji": 32}
 
 
+# Image-tower options read by one encoder (or position) only: a new run keeps the others at their
+# defaults (contrastive_digits', which contrastive_emoji shares), see validate_new_run.
+ENCODER_KEYS = {"vit": ("image_position", "image_rope_theta"), "swin": ("image_window",
+                                                                        "image_stages")}
+
+
+def validate_new_run(config, require) -> None:
+  """Checks for a config about to start a run (a saved workdir may hold what an older jaxlab
+  allowed): the image options of the other encoder, and image_rope_theta without rope2d, were
+  ignored without a word."""
+  from jaxlab.configs.contrastive_digits import get_config as defaults_config
+  m, defaults = config.model, defaults_config().model
+  for encoder, keys in ENCODER_KEYS.items():
+    for key in keys:
+      require(m.image_encoder == encoder or m[key] == defaults[key],
+              f"config.model.{key}={m[key]!r} applies to config.model.image_encoder={encoder!r}, "
+              f"not {m.image_encoder!r} (it would be ignored); leave it at {defaults[key]!r}")
+  require(m.image_position == "rope2d" or m.image_rope_theta == defaults.image_rope_theta,
+          f"config.model.image_rope_theta={m.image_rope_theta!r} applies to config.model."
+          f"image_position='rope2d', not {m.image_position!r} (it would be ignored)")
+
+
 def validate(config, require) -> None:
   """The contrastive task's config checks (see jaxlab/train/tasks.py)."""
   from jaxlab.configs.validate import require_choice, require_positive_ints, train_microbatches

@@ -3,8 +3,11 @@ zero-shot metrics against hand-computed cases, and config checks that name the k
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
+
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -242,3 +245,21 @@ def test_sharded_training_equals_single_device_step_for_step(tfds_dir, tmp_path,
   assert len(losses) == 3 and losses[-1] != losses[0]
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), params, ref_params)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["--config.model.image_rope_theta=5.0"], "config.model.image_rope_theta=5.0 applies to"),
+    (["--config.model.image_window=2"], "config.model.image_window=2 applies to"),
+    (["--config.model.image_stages=5"], "config.model.image_stages=5 applies to"),
+    (["--config.model.image_encoder=swin", "--config.model.image_position=rope2d"],
+     "config.model.image_position='rope2d' applies to config.model.image_encoder='vit'"),
+])
+def test_image_options_of_the_other_encoder_are_refused_for_a_new_run(overrides, key):
+  """They trained without a word (ignored): Swin's window with the ViT, the ViT's positions with
+  Swin, a RoPE base without rope2d."""
+  from jaxlab.configs import ConfigError
+  with pytest.raises(ConfigError, match=re.escape(key)):
+    load_config("contrastive_digits", overrides, check_devices=False)
+  load_config("contrastive_digits", ["--config.model.image_position=rope2d",
+                                     "--config.model.image_rope_theta=5.0"], check_devices=False)
+
