@@ -155,20 +155,30 @@ def _check_workdir(workdir: pathlib.Path, flag: str) -> None:
 
 def _saved_config_dict(workdir: pathlib.Path) -> tuple[dict, str | None]:
   """(WORKDIR/config.json as a dict, a note or None): keys that a workdir written by an older jaxlab
-  lacks are filled from today's defaults for its task, and the note says which."""
-  from jaxlab.configs import ConfigError, read_config_json, with_task_defaults
+  lacks are filled from today's defaults for its task, and the note says which (and which keys it
+  holds that nothing reads); a section that is not an object is a ConfigError naming it."""
+  from jaxlab.configs import (ConfigError, read_config_json, saved_config_problems,
+                              with_task_defaults)
   path = workdir / "config.json"
   if not path.is_file():
     raise ConfigError(f"{workdir} is not a jaxlab workdir (no config.json); train into it first")
   saved = read_config_json(path)
+  bad_section, unknown = saved_config_problems(saved)
+  if bad_section is not None:
+    raise ConfigError(f"{path}: {bad_section!r} must be a section (a JSON object), got "
+                      f"{json.dumps(saved[bad_section])[:40]}")
   merged, filled = with_task_defaults(saved)  # no task, or an unknown one: validate() names it
-  if not filled:
-    return merged, None
-  if len(filled) == 1:
-    defaults = f"the default {next(iter(filled.values()))!r}"
-  else:
-    defaults = "the defaults " + ", ".join(f"{k}={v!r}" for k, v in filled.items())
-  return merged, f"jaxlab: {path} has no {', '.join(filled)} (an older jaxlab); using {defaults}"
+  notes = []
+  if unknown:
+    notes.append(f"jaxlab: {path} has keys this jaxlab does not read (a typo or an edit?), "
+                 f"ignored: {', '.join(unknown)}")
+  if filled:
+    if len(filled) == 1:
+      defaults = f"the default {next(iter(filled.values()))!r}"
+    else:
+      defaults = "the defaults " + ", ".join(f"{k}={v!r}" for k, v in filled.items())
+    notes.append(f"jaxlab: {path} has no {', '.join(filled)} (an older jaxlab); using {defaults}")
+  return merged, "\n".join(notes) or None
 
 
 def _load_workdir_config(workdir: pathlib.Path, overrides: list[str], args=None, *,

@@ -591,3 +591,21 @@ def test_cli_sample_needs_only_the_workdir(tiny_corpus, tfds_dir, tmp_path, caps
   (workdir / "vocab.json").write_text(saved)
   assert cli.main(args) == 0
   assert capsys.readouterr().out == before
+
+
+def test_workdir_config_json_with_a_typo_or_a_null_section(tmp_path, tiny_cli_overrides, capsys):
+  """A misspelt key in WORKDIR/config.json was read by nothing without a word; "model": null gave
+  "a config value has the wrong type for its key ('NoneType' object is not subscriptable)"."""
+  def typo(config):
+    config["model"]["num_layer"] = 3
+  workdir = _handwritten_workdir(tmp_path, tiny_cli_overrides, typo)
+  cli._load_workdir_config(workdir, [])
+  assert _one_error_line(capsys) == (f"jaxlab: {workdir / 'config.json'} has keys this jaxlab does "
+                                     "not read (a typo or an edit?), ignored: model.num_layer")
+
+  def null(config):
+    config["model"] = None
+  workdir = _handwritten_workdir(tmp_path / "null", tiny_cli_overrides, null)
+  with pytest.raises(ConfigError, match=r"config.json: 'model' must be a section \(a JSON object\), "
+                                        r"got null"):
+    cli._load_workdir_config(workdir, [])

@@ -238,6 +238,20 @@ def with_task_defaults(saved: dict) -> tuple[dict, dict]:
   return merged, filled
 
 
+def saved_config_problems(saved: dict) -> tuple[str | None, list[str]]:
+  """For a saved config (a dict, e.g. WORKDIR/config.json) of a known task: (the first section
+  that is not a JSON object, e.g. "model": null, or None; the keys today's defaults lack: typos or
+  hand edits, which nothing reads)."""
+  found = base_config_for_task(saved.get("task"))
+  if found is None:
+    return None, []
+  base = found[1].to_dict()
+  for key, value in base.items():
+    if isinstance(value, dict) and key in saved and not isinstance(saved[key], dict):
+      return key, []
+  return None, fill_defaults(saved, base)[2]
+
+
 def fill_defaults(saved: dict, base: dict) -> tuple[dict, dict, list[str]]:
   """`base` overwritten by `saved` (nested dicts; keys only `saved` has are kept): (merged,
   {key: default} of the keys that only `base` has, [keys that only `saved` has])."""
