@@ -153,6 +153,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
       "pallas" on a GPU or TPU when `jaxlab.attention.flash.supports` the inputs (no bias, a static
       soft cap, the dtypes and head dims it lists), else `choose_implementation(Tq, Tk)`. "pallas" runs the
       Pallas kernels compiled on a GPU/TPU and in (slow, exact) interpret mode elsewhere.
+      "pallas" and "blockwise" define their gradients as custom VJPs: reverse mode only (jax.grad,
+      jax.vjp); forward mode (jax.jvp, jacfwd, hessian) needs "xla", which None picks only on a CPU
+      and for short inputs.
 
   Returns:
     [B, Tq, N, H] in q's dtype. Rows that see no key (or whose visible keys all have a -inf bias) are

@@ -372,6 +372,22 @@ def test_bad_arguments_are_named():
     flash_attention(q16, q16, q16, mask, scale=1.0, kernel="mosaic_gpu", block_k=96, interpret=True)
 
 
+def test_explicit_tiles_the_mosaic_kernel_refuses_go_to_the_portable_kernel(monkeypatch):
+  """On a Hopper GPU (simulated: the choice only, interpret mode) the default kernel choice took the
+  Mosaic kernel whatever the tiles, so block_q=32, which works on an A100, raised there."""
+  monkeypatch.setattr(flash, "is_hopper", lambda device=None: True)
+  monkeypatch.setattr(flash, "MOSAIC_GPU_BY_DEFAULT", True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  q, k, v, _ = qkv_inputs(0, 1, 40, 40, 2, 2, 64, jnp.bfloat16)
+  mask = make_mask(40, 40, 1, causal=True)
+  with pytest.raises(ValueError, match="block_q must be 64 or 128"):  # asked for Mosaic: refused
+    flash_attention(q, k, v, mask, scale=0.125, block_q=32, kernel="mosaic_gpu", interpret=True)
+  out = flash_attention(q, k, v, mask, scale=0.125, block_q=32, block_k=16, interpret=True)
+  want = xla_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                       mask=mask, scale=0.125)
+  np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Real Hopper GPU.
 
