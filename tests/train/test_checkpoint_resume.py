@@ -685,15 +685,17 @@ def test_a_best_record_folder_that_cannot_be_written_is_refused_first(tiny_lm_co
   assert (tmp_path / "file" / "best").read_text() == "not a folder"
 
 
-def _fail_background_save(monkeypatch, folder: str, step: int):
-  """orbax's save of `step` under a manager of WORKDIR/`folder` fails in the background, as on a
-  full disk: nothing is written, and the next wait raises TensorStore's error."""
+def _fail_background_save(monkeypatch, folder, step: int, error=None):
+  """orbax's save of `step` under a manager of WORKDIR/`folder` (a name or a tuple of names) fails
+  in the background, as on a full disk: nothing is written, and the next wait raises `error`
+  (default: TensorStore's error)."""
+  folders = (folder,) if isinstance(folder, str) else tuple(folder)
   import orbax.checkpoint as ocp
   real_save, real_wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
   failing = []
 
   def save(self, at, *args, **kwargs):
-    if at == step and pathlib.Path(self.directory).name == folder:
+    if at == step and pathlib.Path(self.directory).name in folders:
       failing.append(self)
       return True
     return real_save(self, at, *args, **kwargs)
@@ -701,8 +703,9 @@ def _fail_background_save(monkeypatch, folder: str, step: int):
   def wait(self):
     if self in failing:
       failing.remove(self)
-      raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database: Failed '
-                       "to write 4096 bytes to file 8: No space left on device [os_error_code='28']")
+      raise error or ValueError(
+          'RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database: Failed to write 4096 '
+          "bytes to file 8: No space left on device [os_error_code='28']")
     return real_wait(self)
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)
@@ -806,24 +809,8 @@ def test_both_final_saves_failing_name_the_checkpoint_first(tiny_lm_config, tmp_
   """On a full disk the last checkpoint and the best record fail together: the best record's error
   replaced the checkpoint's, which says from which step a rerun resumes."""
   from jaxlab.train.checkpoint import CheckpointSaveError
-  import orbax.checkpoint as ocp
-  real_save, real_wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
-  failing = []
-
-  def save(self, at, *args, **kwargs):
-    if at == 6 and pathlib.Path(self.directory).name in ("checkpoints", "best"):
-      failing.append(self)
-      return True
-    return real_save(self, at, *args, **kwargs)
-
-  def wait(self):
-    if self in failing:
-      failing.remove(self)
-      raise OSError(28, "No space left on device")
-    return real_wait(self)
-
-  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
-  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait)
+  _fail_background_save(monkeypatch, ("checkpoints", "best"), 6,
+                        OSError(28, "No space left on device"))
   with pytest.raises(CheckpointSaveError, match=r"^checkpoint 6 could not be written .* resume "
                                                 r"from step 3; also: the best-params record of "
                                                 r"step 6 could not be written"):
