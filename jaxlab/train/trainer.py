@@ -125,14 +125,14 @@ def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = 
   workdir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to build leaves no dir
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   recorded = _recorded_configs(checkpointer)
-  distributed.require_same_everywhere(  # each process read the checkpoints' data items itself
-      json.dumps(recorded, sort_keys=True), "views of the checkpoints' recorded configs",
-      "a process could not read a checkpoint's data item; check that every process sees the "
-      "same workdir")
   saved_fingerprint = _fingerprint_of(recorded[0][1]) if recorded else _saved_fingerprint(workdir)
   run = Run(config, workdir, mesh, task, tx, state_shardings, abstract_state, checkpointer,
             data_digest, saved_fingerprint, recorded, reading)
   try:
+    distributed.require_same_everywhere(  # each process read the checkpoints' data items itself
+        json.dumps(recorded, sort_keys=True), "views of the checkpoints' recorded configs",
+        "a process could not read a checkpoint's data item; check that every process sees the "
+        "same workdir")
     check_resume_config(run)
     check_same_vocabulary(run)
     check_same_model_structure(run)
@@ -568,7 +568,7 @@ def _unlock(handle) -> None:
     handle.close()  # releases the flock
 
 
-def _schedule_change_note(run: Run, start: int) -> Optional[str]:
+def _schedule_change_note(run: Run, start: int, applied: int) -> Optional[str]:
   """A resumed run whose config.train.steps differs from the saved run's keeps training, but its
   learning-rate schedule (warmup + cosine over train.steps) is another one from here on: one line
   saying so, with the learning rate at the resumed step under each, or None."""
@@ -584,7 +584,8 @@ def _schedule_change_note(run: Run, start: int) -> Optional[str]:
   now = run.config.train.steps
   if not isinstance(was, int) or was == now:
     return None
-  lr = lambda steps: float(optim.learning_rate_schedule(run.config.optim, steps)(start))
+  # The schedule counts applied updates (loss scaling's skipped steps do not advance it).
+  lr = lambda steps: float(optim.learning_rate_schedule(run.config.optim, steps)(applied))
   return (f"jaxlab: config.train.steps changed from {was} to {now} since the checkpoints: the "
           f"learning-rate schedule now runs over {now} steps (at step {start}: lr {lr(was):.3g} "
           f"under the old schedule, {lr(now):.3g} under the new one)")
@@ -667,7 +668,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
       raise ValueError(f"{run.workdir} holds a checkpoint at step {start}, beyond "
                        f"config.train.steps={cfg.steps}; nothing was changed (give "
                        f"--config.train.steps >= {start}, or a new --workdir)")
-    schedule_note = _schedule_change_note(run, start)
+    skipped_so_far = int(state["loss_scale"]["skipped"]) if "loss_scale" in state else 0
+    schedule_note = _schedule_change_note(run, start, start - skipped_so_far)
     _save_run_files(run)
   except BaseException:
     run.checkpointer.close()

@@ -873,3 +873,23 @@ def test_parameters_that_blow_up_stop_the_run_with_one_line(tiny_lm_config, tmp_
                                  "--config.train.checkpoint_every=2"), tmp_path, progress=False)
   assert bool(trainer._all_finite({"a": jnp.ones(2), "i": jnp.arange(2)}))
   assert not bool(trainer._all_finite({"a": jnp.array([1.0, jnp.inf]), "b": jnp.ones(2)}))
+
+
+def test_the_schedule_note_counts_applied_updates(tiny_lm_config, tmp_path, capsys):
+  """A float16 run skips steps whose gradients overflow, and its schedule counts applied updates
+  only: the note quoted the learning rates at the step number instead."""
+  from jaxlab.train import optim
+  config = tiny_lm_config(*FLOAT16, "--config.train.steps=3")
+  trainer.train(config, tmp_path, progress=False)
+  run = trainer.setup(config, tmp_path)
+  _, state, _ = run.checkpointer.restore_latest(run.abstract_state)
+  run.checkpointer.close()
+  skipped = int(state["loss_scale"]["skipped"])
+  assert skipped > 0
+  capsys.readouterr()
+  longer = tiny_lm_config(*FLOAT16, "--config.train.steps=6")
+  trainer.train(longer, tmp_path, progress=False)
+  lr = lambda steps: float(optim.learning_rate_schedule(longer.optim, steps)(3 - skipped))
+  assert lr(3) != float(optim.learning_rate_schedule(longer.optim, 3)(3))
+  assert (f"at step 3: lr {lr(3):.3g} under the old schedule, {lr(6):.3g} under the new one"
+          in capsys.readouterr().err)
