@@ -198,8 +198,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
       kernel = "tpu"
     elif (MOSAIC_GPU_BY_DEFAULT and jax.default_backend() == "gpu"
           and supports_mosaic_gpu(q, k, v, soft_cap=soft_cap)[0]
-          and block_q in (None, 64, 128)  # tiles the Mosaic kernel takes; other explicit ones: the
-          and (block_k is None or (block_k % 64 == 0 and 64 <= block_k <= 256))):  # portable kernel
+          # explicit tiles the Mosaic kernel does not take go to the portable kernel
+          and mosaic_gpu.tile_problem(block_q or mosaic_gpu.WG_ROWS, block_k or 64) is None):
       kernel = "mosaic_gpu"
     else:
       kernel = "portable"

@@ -15,11 +15,12 @@ they divide the same padded lengths.
 
 from jaxlab.attention.flash.mosaic_gpu.backward import (BWD_HEAD_DIMS, BWD_TILE, backward_dkdv,
                                                         backward_dq, dkdv_block_k, serves_backward)
-from jaxlab.attention.flash.mosaic_gpu.common import DTYPES, HEAD_DIMS, WG_ROWS, check_inputs
+from jaxlab.attention.flash.mosaic_gpu.common import (DTYPES, HEAD_DIMS, WG_ROWS, check_inputs,
+                                                      tile_problem)
 from jaxlab.attention.flash.mosaic_gpu.forward import forward
 from jaxlab.attention.flash.mosaic_gpu.ranges import (cta_kv_range, cta_q_range, wg_kv_ranges,
                                                       wg_q_ranges)
 
 __all__ = ["BWD_HEAD_DIMS", "BWD_TILE", "DTYPES", "HEAD_DIMS", "WG_ROWS", "backward_dkdv", "backward_dq",
            "check_inputs", "cta_kv_range", "cta_q_range", "dkdv_block_k", "forward", "serves_backward",
-           "wg_kv_ranges", "wg_q_ranges"]
+           "tile_problem", "wg_kv_ranges", "wg_q_ranges"]

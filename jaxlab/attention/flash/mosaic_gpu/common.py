@@ -31,6 +31,16 @@ _LN2 = math.log(2.0)
 # ----------------------------------------------------------------------------------------------------
 # Static checks.
 
+def tile_problem(block_q: int, block_k: int):
+  """Why the Mosaic GPU kernel cannot take these tiles (a message), or None if it can."""
+  if block_q not in (WG_ROWS, 2 * WG_ROWS):
+    return (f"block_q must be 64 or 128 for the Mosaic GPU kernel (64 rows per compute "
+            f"warpgroup), got {block_q}")
+  if block_k % 64 or not 64 <= block_k <= 256:
+    return f"block_k must be 64, 128, 192 or 256 for the Mosaic GPU kernel, got {block_k}"
+  return None
+
+
 def check_inputs(cfg: KernelConfig, q, k, v):
   """Raise ValueError naming the argument if the Mosaic GPU kernel cannot serve these inputs."""
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -42,12 +52,9 @@ def check_inputs(cfg: KernelConfig, q, k, v):
   h = q.shape[-1]
   if h not in HEAD_DIMS:
     raise ValueError(f"head_dim must be one of {HEAD_DIMS} for the Mosaic GPU kernel, got {h}")
-  if cfg.block_q not in (WG_ROWS, 2 * WG_ROWS):
-    raise ValueError(f"block_q must be 64 or 128 for the Mosaic GPU kernel (64 rows per compute "
-                     f"warpgroup), got {cfg.block_q}")
-  if cfg.block_k % 64 or not 64 <= cfg.block_k <= 256:
-    raise ValueError(f"block_k must be 64, 128, 192 or 256 for the Mosaic GPU kernel, got "
-                     f"{cfg.block_k}")
+  problem = tile_problem(cfg.block_q, cfg.block_k)
+  if problem:
+    raise ValueError(problem)
   if q.shape[2] % cfg.block_q or k.shape[2] % cfg.block_k:
     raise ValueError(f"padded lengths {q.shape[2]}, {k.shape[2]} must be multiples of block_q "
                      f"{cfg.block_q} and block_k {cfg.block_k}")
