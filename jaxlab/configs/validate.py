@@ -15,9 +15,8 @@ from jaxlab.configs import ConfigError, flatten
 POSITIVE_INTS = ("data.batch_size", "train.steps", "train.log_every", "train.eval_every",
                  "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints")
 
-
-
 MAX_CPU_DEVICES = 1024  # host devices per process (config.mesh.cpu_devices)
+
 
 def get(config, key: str):
   """config["a"]["b"] for key "a.b"."""

@@ -192,11 +192,8 @@ class Checkpointer(_BackgroundSaves):
             step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
     except Exception:  # orbax raises many types for unreadable files
       return None
-    data.pop(CHECKSUMS_KEY, None)
-    saved_digest = data.pop(DATA_DIGEST_KEY, None)
-    if saved_digest is not None and saved_digest != data_digest(data):
-      return None
-    return data
+    _, damaged = _pop_saved_sums(data)
+    return None if damaged else data
 
   def _read(self, step: int, abstract_state: Any) -> tuple[Optional[dict], Optional[str]]:
     """({"state", "data"}, None) for a checkpoint that orbax restores, else (None, why)."""
@@ -214,9 +211,8 @@ class Checkpointer(_BackgroundSaves):
   def _verify(restored: dict) -> Optional[str]:
     """None if the restored arrays and data state match the checksum and digest saved with them
     (popped from the data state), else why not."""
-    saved = restored["data"].pop(CHECKSUMS_KEY, None)  # None: saved before checksums existed
-    saved_digest = restored["data"].pop(DATA_DIGEST_KEY, None)  # None: saved before digests existed
-    if saved_digest is not None and saved_digest != data_digest(restored["data"]):
+    saved, damaged = _pop_saved_sums(restored["data"])
+    if damaged:
       return "the saved data-iterator state does not match its digest (damaged in place)"
     return None if saved is None else checksum_mismatch(saved, restored["state"], "state")
 
@@ -233,7 +229,6 @@ class Checkpointer(_BackgroundSaves):
     self._manager.reload()
 
 
-
 class _quiet:
   """Raises the named loggers to CRITICAL inside a `with` block."""
 
@@ -248,6 +243,14 @@ class _quiet:
   def __exit__(self, *exc):
     for lg, level in zip(self._loggers, self._levels):
       lg.setLevel(level)
+
+
+def _pop_saved_sums(data: dict) -> tuple[Optional[list], bool]:
+  """Pops the state checksums and the digest from a restored data item: (the checksums, None if it
+  was saved before they existed; whether the rest no longer matches its digest)."""
+  checksums = data.pop(CHECKSUMS_KEY, None)
+  saved_digest = data.pop(DATA_DIGEST_KEY, None)  # None: saved before digests existed
+  return checksums, saved_digest is not None and saved_digest != data_digest(data)
 
 
 def data_digest(data_state: dict) -> str:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import jmp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
@@ -598,12 +599,8 @@ STREAM_KEY = "_jaxlab_stream_version"  # tasks with a `train_stream_version` (pi
 CONFIG_KEY = "_jaxlab_config"  # the run's whole config (JSON): what check_resume_config compares with
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  """Whether every floating-point array of `tree` is finite (one boolean scalar)."""
-  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.floating)]
-  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+# Whether every array of a tree is finite (one boolean scalar); loss scaling uses the same test.
+_all_finite = jax.jit(jmp.all_finite)
 
 
 def _close_savers(savers, lock, failure: Optional[BaseException]) -> None:
@@ -671,9 +668,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     skipped_so_far = int(state["loss_scale"]["skipped"]) if "loss_scale" in state else 0
     schedule_note = _schedule_change_note(run, start, start - skipped_so_far)
     _save_run_files(run)
-  except BaseException:
-    run.checkpointer.close()
-    _unlock(lock)
+  except BaseException as e:
+    _close_savers((run.checkpointer,), lock, e)
     raise
   data_iter = run.task.train_iterator()
   open_interval = {"losses": [], "skipped": 0}  # the logging interval a checkpoint cut into
