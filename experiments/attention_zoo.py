@@ -9,7 +9,8 @@ temporary buffer size (`memory_analysis().temp_size_in_bytes`: the working set b
 outputs), time = median wall time of the jitted forward+backward. Swin windows are left out: they are
 non-causal attention over 2-D feature maps, not a sequence family. Part 2: `lm_char_cpu` with
 `--config.model.attention=...` for a fixed number of steps, val loss on the fixed validation batches,
-and each model's parameter count (the FLASH model has two GAU-style layers per block, not the same LM).
+and each model's parameter count (the GAU and FLASH models have two gated attention units per block
+and no MLP, not the same LM).
 
 The script checks what the issue requires of part 1 and exits non-zero if it does not hold: at the
 longest length blockwise softmax needs >= 10x less working memory than "xla", and the linear-memory
@@ -23,7 +24,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -31,6 +31,8 @@ from jaxlab.train.host_devices import cpu_model
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+import lm_runs  # noqa: E402  (experiments/lm_runs.py)
 
 FAMILIES = {
     "softmax (xla)": lambda a, q, k, v: a.dot_product_attention(q, k, v, causal=True,
@@ -61,6 +63,7 @@ LM_FAMILIES = {"softmax": [],
                                 "--config.model.sparse_block_size=8",
                                 "--config.model.sparse_local_blocks=2",
                                 "--config.model.sparse_stride=4"],
+               "gau": ["--config.model.attention=gau", "--config.model.gau_offset_init=0.5"],
                "flash": ["--config.model.attention=flash", "--config.model.gau_offset_init=0.5"],
                "flash (C=16)": ["--config.model.attention=flash", "--config.model.gau_offset_init=0.5",
                                 "--config.model.flash_chunk=16"]}
@@ -90,32 +93,13 @@ def measure(name: str, length: int, repeats: int) -> dict:
 
 def quality(data: str, family: str, steps: int, eval_batches: int = 0) -> dict:
   """Trains the lm_char_cpu model with one family in a child process (clean CPU devices)."""
-  overrides = LM_FAMILIES[family]
-  code = ("import json, sys, tempfile\n"
-          "from jaxlab.cli import load_run_config\n"
-          "c = load_run_config('lm_char_cpu', sys.argv[1:])\n"
-          "from jaxlab.train import trainer\n"
-          "from jaxlab.train.metrics import median_step_time_ms\n"
-          "with tempfile.TemporaryDirectory() as d:\n"
-          "  r = trainer.train(c, d, progress=False)\n"
-          "  import jax\n"
-          "  params = sum(x.size for x in jax.tree.leaves(r['state']['params']))\n"
-          "  ms = median_step_time_ms(d)  # over all logged intervals, not the last one's\n"
-          "print(json.dumps({'val_loss': r['val_loss'], 'ms_per_step': ms, 'params': int(params)}))\n")
   args = [f"--config.data.path={data}", f"--config.train.steps={steps}",
           f"--config.optim.warmup_steps={min(100, steps // 10)}",
-          f"--config.train.eval_every={steps}", "--config.train.tensorboard=False"] + overrides
+          f"--config.train.eval_every={steps}", "--config.train.tensorboard=False"]
+  args += LM_FAMILIES[family]
   if eval_batches:
     args.append(f"--config.train.eval_batches={eval_batches}")
-  # The child picks its own CPU device count (one per core, as `jaxlab train` does), even when this
-  # process runs with forced fake devices (the test suite's 8).
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
-  proc = subprocess.run([sys.executable, "-c", code] + args, capture_output=True, text=True, env=env)
-  if proc.returncode:
-    raise RuntimeError(proc.stderr[-3000:])
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = lm_runs.train_lm("lm_char_cpu", args)
   result.update(family=family, steps=steps)
   return result
 

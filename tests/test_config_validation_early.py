@@ -37,6 +37,9 @@ def test_good_edge_values_pass():
   early("lm_char_cpu", "--config.seed=4294967295", "--config.model.mlp_ratio=0.05",
         "--config.model.attention_impl=pallas")
   early("lm_char_cpu", "--config.model.attention=flash", "--config.model.mlp_ratio=0.001")
+  early("lm_char_cpu", "--config.model.attention=gau", "--config.model.mlp_ratio=0.001")
+  early("lm_char_cpu", "--config.model.attention=gau", "--config.model.gau_kind=softmax",
+        "--config.model.logn_scaling=True")
 
 
 def test_batch_not_divisible_by_a_fixed_mesh_blames_the_batch():

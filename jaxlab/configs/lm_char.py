@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.logn_scaling = False  # scale queries by max(1, log n / log rope_train_len)
   c.model.max_len = 0  # 0 = data.seq_len
   c.model.tie_embeddings = True
-  c.model.attention = "softmax"  # softmax | local | linear | performer | block_sparse | flash
+  c.model.attention = "softmax"  # softmax | local | linear | performer | block_sparse | gau | flash
   c.model.attention_window = 64  # local: tokens before each query that it sees
   c.model.sparse_layout = "window"  # block_sparse (causal): window | strided | bigbird
   c.model.sparse_block_size = 16  # block_sparse: block size (tokens)
@@ -55,10 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.feature_map = "elu+1"  # linear: elu+1 | relu | exp
   c.model.num_features = 64  # performer: random features per layer
   c.model.feature_seed = 0  # performer: seed of the (fixed) features; another seed = a redraw
-  c.model.gau_qk_dim = 64  # flash: shared Z dimension s (each block = two FLASH layers, e = 2*width)
+  # gau / flash: each block = two gated attention units (GAU, or FLASH's), e = 2 * width, no MLP
+  c.model.gau_qk_dim = 64  # gau, flash: shared Z dimension s
   c.model.flash_chunk = 64  # flash: chunk size C (quadratic inside, linear across chunks)
-  c.model.gau_kind = "relu2"  # flash: relu2 (the paper) | softmax, in-chunk attention
-  c.model.gau_offset_init = 0.0  # flash: initial per-dim offsets beta (the paper: 0)
+  c.model.gau_kind = "relu2"  # gau, flash: relu2 (the paper; gau: x 1/max_len) | softmax
+  c.model.gau_offset_init = 0.0  # gau, flash: initial per-dim offsets beta (the paper: 0)
   c.model.qk_norm = False  # RMS-normalise q and k per head
   c.model.logit_soft_cap = 0.0  # softmax: > 0 caps logits as c * tanh(logits / c); 0 = off
   c.model.attention_impl = "auto"  # softmax: auto | xla | blockwise | pallas | cudnn

@@ -50,9 +50,9 @@ from jaxlab.layers.attention import (KV_CACHE_FAMILIES, RECURRENT_APPEND_LIMIT,
                                     RECURRENT_FAMILIES)
 
 # Attention families whose decoding state takes several tokens per call and can be rewound: a KV
-# cache, or the recurrent state of linear attention / Performer (which keeps the state before its last
-# append). FLASH's chunk state cannot.
-SPECULATIVE_FAMILIES = KV_CACHE_FAMILIES + RECURRENT_FAMILIES
+# cache (GAU's too), or the recurrent state of linear attention / Performer (which keeps the state
+# before its last append). FLASH's chunk state cannot.
+SPECULATIVE_FAMILIES = KV_CACHE_FAMILIES + ("gau",) + RECURRENT_FAMILIES
 
 
 def check_speculative(model, tree: Optional[DraftTree] = None) -> None:

@@ -95,6 +95,14 @@ class GatedAttentionUnit(nn.Module):
       against 2.0 for softmax attention); offset_init=0.5 (positive logits from the start) or
       kind="softmax" train normally. FlashLayer's linear part has no such dead zone.
   Quadratic in T (it is the paper's GAU; `FlashLayer` is the linear-time form).
+
+  Decoding (causal only): call with `decode=True`. `init(..., decode=True)` with an input of the full
+  decoding length L creates the "cache" collection: the rotated keys [B, L, 1, s] and values
+  [B, L, 1, e] of the tokens so far and "cache_index" (the next free slot). Each call then appends its
+  T tokens there, and each attends to the slots up to its own (a prompt on an empty cache, one token,
+  or several on a non-empty one as in speculative decoding; setting "cache_index" back drops the
+  tokens after it). It reproduces the full causal pass when the relu2 `scale` is fixed (None would
+  mean 1/(tokens so far) at each step instead of 1/T), so decoding refuses relu2 without one.
   """
 
   expansion_dim: int
@@ -114,19 +122,58 @@ class GatedAttentionUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, positions_BT: Optional[jax.Array] = None, *,
-               kv_mask_BT: Optional[jax.Array] = None) -> jax.Array:
-    """x_BTD [B, T, D] -> [B, T, D]. kv_mask_BT: [B, T] bool, False tokens are not attended to."""
+               kv_mask_BT: Optional[jax.Array] = None, decode: bool = False) -> jax.Array:
+    """x_BTD [B, T, D] -> [B, T, D]. kv_mask_BT: [B, T] bool, False tokens are not attended to.
+    decode=True: against the KV cache (see the class docstring)."""
     _check_common(self, positions_BT, x_BTD)
+    if decode:
+      if not self.causal:
+        raise ValueError("decode=True needs causal=True (non-causal GAU sees the whole sequence)")
+      if kv_mask_BT is not None:
+        raise ValueError("kv_mask_BT does not apply with decode=True (the cache masks its own "
+                         "unfilled slots)")
+      if self.kind == "relu2" and self.scale is None:
+        raise ValueError("decode=True with kind='relu2' needs a fixed `scale` (the training "
+                         "length's 1/T): the default 1/T would change with every decoding step")
     u_BTE, v_BTE, qk_BT2S = _GauProjections(self.expansion_dim, self.qk_dim, 2, self.offset_init,
                                             self.use_bias, self.init_std, self.dtype,
                                             self.param_dtype, name="proj")(x_BTD)
     qk_BT2S = _rotate(self, qk_BT2S, positions_BT)
-    a_BT1E = gau_lib.gau_attention(qk_BT2S[:, :, 0:1], qk_BT2S[:, :, 1:2], v_BTE[:, :, None],
-                                   causal=self.causal, kind=self.kind, scale=self.scale,
-                                   kv_mask=kv_mask_BT, logn_train_len=self.logn_train_len)
+    q_BT1S, k_BT1S, v_BT1E = qk_BT2S[:, :, 0:1], qk_BT2S[:, :, 1:2], v_BTE[:, :, None]
+    attend = lambda q, k, v, kv_mask, causal: gau_lib.gau_attention(
+        q, k, v, causal=causal, kind=self.kind, scale=self.scale, kv_mask=kv_mask,
+        logn_train_len=self.logn_train_len)
+    if decode:
+      a_BT1E = self._cached_attention(q_BT1S, k_BT1S, v_BT1E, attend)
+    else:
+      a_BT1E = attend(q_BT1S, k_BT1S, v_BT1E, kv_mask_BT, self.causal)
     return Dense((x_BTD.shape[-1],), ("mlp", "embed"), use_bias=self.use_bias,
                  init_std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype,
                  name="out")(u_BTE * a_BT1E[:, :, 0])
+
+  def _cached_attention(self, q_BT1S, k_BT1S, v_BT1E, attend):
+    """Appends k and v at "cache_index"; appended token i attends to the cache slots <= index + i."""
+    is_initialized = cache_exists(self, "cached_key")
+    b, t = k_BT1S.shape[:2]
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BT1S.shape, k_BT1S.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BT1E.shape, v_BT1E.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not is_initialized:  # initialisation pass: the cache's shapes only (L = this input's T)
+      return attend(q_BT1S, k_BT1S, v_BT1E, None, True)
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BT1S.astype(cached_k.value.dtype),
+                                                  (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BT1E.astype(cached_v.value.dtype),
+                                                  (0, i, 0, 0))
+    index.value = i + t
+    slots_L = jnp.arange(cached_k.value.shape[1])
+
+    def one_query(q_B11S, last_slot):
+      kv_mask_BL = jnp.broadcast_to(slots_L <= last_slot, (b, slots_L.shape[0]))
+      return attend(q_B11S, cached_k.value, cached_v.value, kv_mask_BL, False)
+
+    a_TB11E = jax.vmap(one_query, in_axes=(1, 0))(q_BT1S[:, :, None], i + jnp.arange(t))
+    return jnp.moveaxis(a_TB11E[:, :, 0], 0, 1)
 
 
 class FlashLayer(nn.Module):

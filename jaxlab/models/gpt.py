@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.layers import MLP, FlashLayer, MultiHeadAttention
+from jaxlab.layers import MLP, FlashLayer, GatedAttentionUnit, MultiHeadAttention
 from jaxlab.layers.dense import Dense
 from jaxlab.layers.attention import FAMILY_OPTIONS, foreign_family_option
 from jaxlab.layers.token_ids import check_token_ids
@@ -43,6 +43,8 @@ from jaxlab.positions.learned import lookup_positions
 MTP_BLOCK_PREFIX = "mtp_block_"
 
 POSITIONS = ("learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none")
+# Families whose blocks are two gated attention units (no MLP; Hua et al. 2022).
+GAU_FAMILIES = ("gau", "flash")
 
 
 def _norm(use_bias: bool, dtype, param_dtype, name: str) -> nn.LayerNorm:
@@ -62,10 +64,13 @@ class GPTConfig:
   logn_train_len (> 0: log-n query scaling) and rerope_window / rerope_leaky_k ((leaky) ReRoPE) as
   in `MultiHeadAttention`; tie_embeddings: the output projection is the transposed token embedding;
   attention: the family ("softmax" | "local" | "linear" | "performer" | "block_sparse" |
-  "flash") with attention_window (local), feature_map (linear), num_features and feature_seed
+  "gau" | "flash") with attention_window (local), feature_map (linear), num_features and feature_seed
   (performer), sparse_layout / sparse_block_size / sparse_local_blocks / sparse_stride /
   sparse_num_global / sparse_num_random / sparse_seed (block_sparse, see `causal_block_layout`),
-  gau_qk_dim / flash_chunk / gau_kind / gau_offset_init ("flash": each block is two FLASH layers);
+  gau_qk_dim / gau_kind / gau_offset_init ("gau": each block is two gated attention units, "flash":
+  two FLASH layers, with flash_chunk; "gau" with gau_kind="relu2" scales its logits by 1/max_len, the
+  paper's 1/T at the training length, fixed so that cached decoding equals the full pass; with
+  gau_kind="softmax" it takes logn_train_len);
   qk_norm; logit_soft_cap (softmax); attention_impl: passed to `dot_product_attention`;
   mtp_heads / medusa_heads (at most one > 0) and heads_stop_gradient: the extra heads (module docstring).
   """
@@ -125,7 +130,7 @@ class GPTConfig:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-    if self.attention != "flash" and int(self.mlp_ratio * self.width) < 1:
+    if self.attention not in GAU_FAMILIES and int(self.mlp_ratio * self.width) < 1:
       raise ValueError(f"mlp_ratio * width must give an MLP at least 1 wide, got mlp_ratio="
                        f"{self.mlp_ratio!r}, width={self.width}")
     for name in ("mtp_heads", "medusa_heads"):  # 2.5 failed later in range(), True counted as 1
@@ -137,15 +142,19 @@ class GPTConfig:
                        f"mtp_heads={self.mtp_heads}, medusa_heads={self.medusa_heads}")
     if self.position not in POSITIONS:
       raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
-    if self.attention == "flash":  # FLASH layers take RoPE's theta and nothing else of the position
+    if self.attention in GAU_FAMILIES:  # GAU/FLASH layers take RoPE's theta, and GAU softmax log-n
+      logn_default = self.logn_train_len if (self.attention, self.gau_kind) == ("gau",
+                                                                               "softmax") else 0
       ignored = [f"{name}={value!r}" for name, value, default in (
           ("rope_scaling", self.rope_scaling, None), ("rotary_fraction", self.rotary_fraction, 1.0),
-          ("logn_train_len", self.logn_train_len, 0), ("rerope_window", self.rerope_window, 0),
+          ("logn_train_len", self.logn_train_len, logn_default),
+          ("rerope_window", self.rerope_window, 0),
           ("qk_norm", self.qk_norm, False), ("logit_soft_cap", self.logit_soft_cap, None))
           if value != default]
       if self.position not in ("rope", "learned", "sinusoidal", "none") or ignored:
-        raise ValueError("attention='flash' takes position 'rope', 'learned', 'sinusoidal' or "
-                         f"'none' and no other position or attention setting; got "
+        raise ValueError(f"attention={self.attention!r} takes position 'rope', 'learned', "
+                         "'sinusoidal' or 'none' and no other position or attention setting "
+                         "(but logn_train_len with attention='gau', gau_kind='softmax'); got "
                          f"position={self.position!r}" + "".join(f", {x}" for x in ignored))
     found = foreign_family_option(self, self.attention, _gpt_option)  # it would be dropped
     if found is not None:
@@ -172,10 +181,11 @@ class Block(nn.Module):
                decode: bool = False, prefill: bool = False, append_mask_TT=None):
     c = self.config
     out_std = 0.02 / math.sqrt(2 * c.num_layers)  # GPT-2's scaled residual init
-    if c.attention == "flash":
+    if c.attention in GAU_FAMILIES:
       if append_mask_TT is not None:
-        raise ValueError("append_mask_TT (a tree of drafts) needs the softmax family, not 'flash'")
-      return self._flash_block(x_BTD, positions_BT, segment_ids_BT, train, decode, out_std)
+        raise ValueError(f"append_mask_TT (a tree of drafts) needs the softmax family, not "
+                         f"{c.attention!r}")
+      return self._gau_block(x_BTD, positions_BT, segment_ids_BT, train, decode, out_std)
     h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, "ln_attn")(x_BTD)
     h_BTD = MultiHeadAttention(
         num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.width // c.num_heads,
@@ -196,21 +206,27 @@ class Block(nn.Module):
     x_BTD = x_BTD + nn.Dropout(c.dropout, deterministic=not train)(h_BTD)
     return nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
 
-  def _flash_block(self, x_BTD, positions_BT, segment_ids_BT, train, decode, out_std):
-    """FLASH (Hua et al. 2022): two pre-norm residual FLASH layers (gated attention units with mixed
-    chunk attention, expansion 2 * width) replace attention + MLP, about the same parameters."""
+  def _gau_block(self, x_BTD, positions_BT, segment_ids_BT, train, decode, out_std):
+    """GAU / FLASH (Hua et al. 2022): two pre-norm residual gated attention units (expansion
+    2 * width; FLASH's with mixed chunk attention) replace attention + MLP, about the same
+    parameters (the paper's comparison, sec. 2)."""
     c = self.config
     if segment_ids_BT is not None:
-      raise ValueError("attention='flash' does not support segment ids (packed sequences)")
+      raise ValueError(f"attention={c.attention!r} does not support segment ids (packed sequences)")
+    common = dict(qk_dim=c.gau_qk_dim, causal=True, kind=c.gau_kind,
+                  position="rope" if c.position == "rope" else "none", rope_theta=c.rope_theta,
+                  offset_init=c.gau_offset_init, use_bias=c.use_bias, out_init_std=out_std,
+                  dtype=c.dtype, param_dtype=c.param_dtype)
     for i in range(2):
-      h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, f"ln_flash_{i}")(x_BTD)
-      h_BTD = FlashLayer(2 * c.width, qk_dim=c.gau_qk_dim, chunk_size=c.flash_chunk, causal=True,
-                         kind=c.gau_kind, relative_bias=True,
-                         position="rope" if c.position == "rope" else "none",
-                         rope_theta=c.rope_theta, offset_init=c.gau_offset_init,
-                         use_bias=c.use_bias, out_init_std=out_std, dtype=c.dtype,
-                         param_dtype=c.param_dtype, name=f"flash_{i}")(
-                             h_BTD, positions_BT, decode=decode)
+      h_BTD = _norm(c.use_bias, c.dtype, c.param_dtype, f"ln_{c.attention}_{i}")(x_BTD)
+      if c.attention == "flash":
+        layer = FlashLayer(2 * c.width, chunk_size=c.flash_chunk, relative_bias=True,
+                           name=f"flash_{i}", **common)
+      else:
+        layer = GatedAttentionUnit(2 * c.width, scale=1.0 / c.max_len if c.gau_kind == "relu2"
+                                   else None, logn_train_len=c.logn_train_len, name=f"gau_{i}",
+                                   **common)
+      h_BTD = layer(h_BTD, positions_BT, decode=decode)
       x_BTD = x_BTD + nn.Dropout(c.dropout, deterministic=not train)(h_BTD)
     return nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
 

@@ -12,7 +12,7 @@ import optax
 
 from jaxlab.configs import ConfigError
 from jaxlab.data import pipeline, text
-from jaxlab.models.gpt import gpt_from_config
+from jaxlab.models.gpt import GAU_FAMILIES, gpt_from_config
 
 
 def next_token_loss(logits_BTV: jax.Array, targets_BT: jax.Array,
@@ -45,7 +45,8 @@ CHOICES = {
     "data.vocab": ("char", "byte"),
     "model.position": ("learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"),
     "model.rope_scaling": ("none", "linear", "ntk", "dynamic_ntk", "yarn"),
-    "model.attention": ("softmax", "local", "linear", "performer", "block_sparse", "flash"),
+    "model.attention": ("softmax", "local", "linear", "performer", "block_sparse", "gau",
+                        "flash"),
     "model.sparse_layout": ("window", "strided", "bigbird"),
     "model.gau_kind": ("relu2", "softmax"),
     "model.feature_map": ("elu+1", "relu", "exp"),
@@ -97,14 +98,17 @@ def validate(config, require) -> None:
                                   f"config.model.position='rope', not {m.position!r}")
     require(m.rope_scaling_factor >= 1.0, f"config.model.rope_scaling_factor="
                                           f"{m.rope_scaling_factor} must be >= 1")
-  if m.attention == "flash":
+  if m.attention in GAU_FAMILIES:
     require(m.position in ("rope", "learned", "sinusoidal", "none"),
             f"config.model.position={m.position!r} is not available with config.model.attention="
-            "'flash' (rope, learned, sinusoidal or none)")
-    require(m.rope_scaling == "none" and not m.logn_scaling and not m.qk_norm
-            and m.rotary_fraction == 1.0,
-            "config.model.attention='flash' takes no rope_scaling, logn_scaling, qk_norm or "
+            f"{m.attention!r} (rope, learned, sinusoidal or none)")
+    require(m.rope_scaling == "none" and not m.qk_norm and m.rotary_fraction == 1.0,
+            f"config.model.attention={m.attention!r} takes no rope_scaling, qk_norm or "
             "rotary_fraction < 1")
+    require(not m.logn_scaling or (m.attention, m.gau_kind) == ("gau", "softmax"),
+            f"config.model.logn_scaling applies to config.model.attention='gau' with "
+            f"gau_kind='softmax' (relu^2 weights do not normalise), not attention={m.attention!r}, "
+            f"gau_kind={m.gau_kind!r}")
   if m.attention != "softmax":
     require(m.position not in ("alibi", "t5"),
             f"config.model.position={m.position!r} adds a logit bias, which "
@@ -144,7 +148,7 @@ def validate(config, require) -> None:
   require(m.rotary_fraction == 1.0 or m.position == "rope",
           f"config.model.rotary_fraction={m.rotary_fraction} applies to position='rope', not "
           f"{m.position!r}")
-  if m.position == "rope" and m.attention != "flash":
+  if m.position == "rope" and m.attention not in GAU_FAMILIES:
     rotary_dims = int(head_dim * m.rotary_fraction)
     require(rotary_dims >= 2 and rotary_dims % 2 == 0,
             f"config.model.rotary_fraction={m.rotary_fraction} rotates int(head_dim {head_dim} * "
@@ -153,17 +157,17 @@ def validate(config, require) -> None:
   require(m.max_len == 0 or m.max_len >= d.seq_len,
           f"config.model.max_len={m.max_len} is shorter than config.data.seq_len={d.seq_len}")
   require(m.mlp_ratio > 0, f"config.model.mlp_ratio={m.mlp_ratio} must be > 0")
-  if m.attention != "flash":  # FLASH blocks have no MLP (see jaxlab/models/gpt.py)
+  if m.attention not in GAU_FAMILIES:  # GAU/FLASH blocks have no MLP (see jaxlab/models/gpt.py)
     hidden = int(m.mlp_ratio * m.width) if math.isfinite(m.mlp_ratio) else 0
     require(hidden >= 1, f"config.model.mlp_ratio={m.mlp_ratio} gives an MLP hidden size of "
                          f"int(mlp_ratio * config.model.width={m.width}) = {hidden}; it must be >= 1")
   require(isinstance(m.rope_theta, (int, float)) and math.isfinite(m.rope_theta)
           and m.rope_theta > 0, f"config.model.rope_theta={m.rope_theta!r} must be a finite "
                                 "number > 0")
-  if m.attention == "flash" and m.position == "rope":
+  if m.attention in GAU_FAMILIES and m.position == "rope":
     require(m.gau_qk_dim >= 2 and m.gau_qk_dim % 2 == 0,
             f"config.model.gau_qk_dim={m.gau_qk_dim} must be even (and >= 2) for "
-            "config.model.position='rope': FLASH rotates its shared Z in pairs")
+            f"config.model.position='rope': {m.attention!r} rotates its shared Z in pairs")
   require(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout} must be in [0, 1)")
   for key in ("mtp_heads", "medusa_heads"):
     value = m[key]
@@ -238,8 +242,9 @@ def validate(config, require) -> None:
               f"config.sample.{key}={s[key]!r} must be a finite number >= 0")
 
 
-# Options that only one attention family reads (config.model's names), and what reads rope_theta.
-FLASH_OPTIONS = ("gau_qk_dim", "flash_chunk", "gau_kind", "gau_offset_init")
+# Options that only some attention families read (config.model's names), and what reads rope_theta.
+GAU_OPTIONS = {"gau_qk_dim": GAU_FAMILIES, "gau_kind": GAU_FAMILIES,
+               "gau_offset_init": GAU_FAMILIES, "flash_chunk": ("flash",)}
 ROPE_THETA_POSITIONS = ("rope", "xpos")
 
 
@@ -254,7 +259,7 @@ def validate_new_run(config, require) -> None:
   from jaxlab.layers.attention import FAMILY_OPTIONS
   from jaxlab.models.gpt import _gpt_option
   m, defaults = config.model, lm_defaults().model
-  owners: dict = {name: ["flash"] for name in FLASH_OPTIONS}  # key -> the families that read it
+  owners = {name: list(families) for name, families in GAU_OPTIONS.items()}  # key -> readers
   for family, names in FAMILY_OPTIONS.items():
     for name in names:
       owners.setdefault(_gpt_option(name), []).append(family)

@@ -54,6 +54,8 @@ GREEDY = [("mtp", dict(mtp_heads=2)),
           ("mtp-local", dict(mtp_heads=2, attention="local", attention_window=3)),
           ("mtp-dynamic_ntk", dict(mtp_heads=2, rope_scaling=positions.RopeScaling(
               "dynamic_ntk", 2.0, original_max_len=8))),
+          # Gated attention units (two per block) with their own KV cache.
+          ("mtp-gau", dict(mtp_heads=2, attention="gau", gau_qk_dim=8)),
           # Recurrent states (no KV cache): rewound by refolding the kept tokens.
           ("mtp-linear", dict(mtp_heads=2, attention="linear")),
           ("mtp-performer", dict(mtp_heads=2, attention="performer", num_features=16))]

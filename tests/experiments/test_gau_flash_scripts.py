@@ -13,12 +13,14 @@ def test_gau_flash_quick_writes_its_table(tmp_path, experiment):
 
 def test_gau_flash_lm_writes_its_table(tmp_path, experiment):
   text = tmp_path / "text.txt"
-  text.write_text("to be or not to be, that is the question. " * 200)
+  text.write_text("to be or not to be, that is the question.\n" * 200)
   script = experiment("gau_flash_lm")
   names = list(script.MODELS)
-  script.MODELS = {name: script.MODELS[name] for name in (names[0], names[-1])}  # compile time
+  script.MODELS = {name: script.MODELS[name] for name in (names[0], names[3])}  # compile time
   script.main(["--data", str(text), "--steps", "2", "--out", str(tmp_path)])
   rows = json.loads((tmp_path / "gau_flash_lm.json").read_text())["rows"]
   assert [r["name"] for r in rows] == list(script.MODELS)
   assert all(r["val_loss"] > 0 for r in rows)
+  # The GAU model is the GPT with two gated attention units per block (no MLP), not a copy of it.
+  assert rows[0]["params"] != rows[1]["params"]
   assert "| transformer" in (tmp_path / "gau_flash_lm.md").read_text()

@@ -114,6 +114,42 @@ def test_flash_layer_decoding_equals_forward(kind, prefill):
   assert np.isnan(np.asarray(y)).all()
 
 
+@pytest.mark.parametrize("kind,options", [("relu2", dict(scale=1 / T)),
+                                          ("softmax", dict(logn_train_len=4))])
+def test_gau_layer_decoding_equals_forward(kind, options):
+  """A prompt, one token, several tokens on a non-empty cache, the rest; then a rewind of
+  "cache_index" and the same tokens again: each time the full causal pass's outputs."""
+  layer = GatedAttentionUnit(E, S, kind=kind, position="rope", **options)
+  x = inputs(11)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T)) + 3
+  params = random_params(layer, x, 12, pos)
+  want = jax.jit(layer.apply)({"params": params}, x, pos)
+  cache = layer.init(jax.random.key(0), x, pos, decode=True)["cache"]
+  assert cache["cached_key"].shape == (B, T, 1, S) and cache["cached_value"].shape == (B, T, 1, E)
+  step = jax.jit(lambda cache, x, pos: layer.apply({"params": params, "cache": cache}, x, pos,
+                                                   decode=True, mutable=["cache"]))
+  got = []
+  for start, stop in ((0, 4), (4, 5), (5, 8), (8, T)):
+    y, cache = step(cache, x[:, start:stop], pos[:, start:stop])
+    cache = cache["cache"]
+    got.append(y)
+  np.testing.assert_allclose(jnp.concatenate(got, axis=1), want, rtol=1e-4, atol=1e-5)
+  assert int(cache["cache_index"]) == T
+  y, _ = step(dict(cache, cache_index=jnp.array(5, jnp.int32)), x[:, 5:], pos[:, 5:])
+  np.testing.assert_allclose(y, want[:, 5:], rtol=1e-4, atol=1e-5)
+
+
+def test_gau_layer_decoding_refuses_what_it_cannot_reproduce():
+  x = inputs(13)
+  with pytest.raises(ValueError, match="needs a fixed `scale`"):
+    GatedAttentionUnit(E, S).init(jax.random.key(0), x, decode=True)
+  with pytest.raises(ValueError, match="needs causal=True"):
+    GatedAttentionUnit(E, S, causal=False, scale=0.1).init(jax.random.key(0), x, decode=True)
+  with pytest.raises(ValueError, match="kv_mask_BT does not apply"):
+    GatedAttentionUnit(E, S, scale=0.1).init(jax.random.key(0), x, decode=True,
+                                             kv_mask_BT=jnp.ones((B, T), bool))
+
+
 @pytest.mark.parametrize("which", ["gau", "flash"])
 def test_layer_causality_by_gradient(which):
   layer = (GatedAttentionUnit(E, S) if which == "gau" else

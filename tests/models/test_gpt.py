@@ -23,6 +23,8 @@ ALL_POSITIONS = ["learned", "sinusoidal", "rope", "xpos", "alibi", "t5", "none"]
 FAMILIES = [dict(attention="local", attention_window=3), dict(attention="linear"),
             dict(attention="performer", num_features=16),
             dict(attention="flash", gau_qk_dim=8, flash_chunk=4, gau_offset_init=0.5),
+            dict(attention="gau", gau_qk_dim=8, gau_offset_init=0.5),
+            dict(attention="gau", gau_qk_dim=8, gau_kind="softmax", logn_train_len=4),
             # Blocks of 2; block i sees itself and the odd blocks j <= i (not block 0, from block 2 on).
             dict(attention="block_sparse", sparse_layout="strided", sparse_block_size=2,
                  sparse_local_blocks=1, sparse_stride=2)]
@@ -333,10 +335,53 @@ def test_rerope_is_plain_rope_within_its_window_and_differs_beyond():
                                      dict(position="rope", rotary_fraction=0.5),
                                      dict(position="rope", logn_train_len=8),
                                      dict(position="rope", rerope_window=3)])
-def test_flash_blocks_refuse_position_settings_they_would_ignore(setting):
-  """FLASH layers take RoPE (its theta) or no position in attention; anything else was dropped."""
-  with pytest.raises(ValueError, match="attention='flash' takes"):
-    tiny_gpt(attention="flash", gau_qk_dim=8, flash_chunk=4, **setting)
+@pytest.mark.parametrize("family", ["flash", "gau"])
+def test_gau_blocks_refuse_position_settings_they_would_ignore(setting, family):
+  """FLASH and GAU layers take RoPE (its theta) or no position in attention; anything else was
+  dropped (log-n: GAU with softmax weights only)."""
+  with pytest.raises(ValueError, match=f"attention='{family}' takes"):
+    tiny_gpt(attention=family, gau_qk_dim=8, flash_chunk=4, **setting)
+  tiny_gpt(attention="gau", gau_qk_dim=8, gau_kind="softmax", logn_train_len=8)
+
+
+@pytest.mark.parametrize("extra", [dict(position="rope"), dict(position="learned"),
+                                   dict(position="rope", gau_kind="softmax", logn_train_len=4)])
+def test_gau_gpt_decodes_as_the_full_pass_at_o1_weights(extra):
+  """attention='gau' at O(1) weights (at init its attention output is ~1e-6 and would hide a wrong
+  cache): a prompt, single tokens, then several tokens on a non-empty cache (a speculative pass)
+  and a rewind, against the full pass. relu2's scale is 1/max_len in both."""
+  model = tiny_gpt(attention="gau", gau_qk_dim=8, max_len=16, **extra)
+  b, t = 2, 16
+  tokens = jax.random.randint(jax.random.key(4), (b, t), 0, 11)
+  params = nn.unbox(model.init(jax.random.key(5), tokens)["params"])
+  rng = np.random.default_rng(6)
+  params = jax.tree.map(lambda p: jnp.asarray(0.3 * rng.standard_normal(p.shape), p.dtype), params)
+  scales = set()
+
+  def record_scale(next_fun, args, kwargs, context):
+    if type(context.module).__name__ == "GatedAttentionUnit":
+      scales.add(context.module.scale)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record_scale):
+    full = np.asarray(model.apply({"params": params}, tokens))
+  assert scales == ({None} if extra.get("gau_kind") == "softmax" else {1 / 16})  # 1 / max_len
+  step = jax.jit(lambda cache, x, pos: model.apply({"params": params, "cache": cache}, x, pos,
+                                                   decode=True, mutable=["cache"]))
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  cache = sampling.init_cache(model, b, t)
+  got = []
+  for start, stop in ((0, 5), (5, 6), (6, 9), (9, 16)):
+    logits, cache = step(cache, tokens[:, start:stop], pos[:, start:stop])
+    cache = cache["cache"]
+    got.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(got, axis=1), full, rtol=1e-4, atol=1e-4)
+  assert np.abs(full[:, 1:] - full[:, :1]).max() > 0.1  # the logits depend on the context
+  # Rewind to 9 tokens (as a rejected draft does) and append the rest again: the same logits.
+  rewound = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.asarray(9, x.dtype) if path[-1].key == "cache_index" else x, cache)
+  logits, _ = step(rewound, tokens[:, 9:], pos[:, 9:])
+  np.testing.assert_allclose(logits, full[:, 9:], rtol=1e-4, atol=1e-4)
 
 
 def test_options_of_another_attention_family_are_refused():

@@ -14,6 +14,7 @@ FAMILY_OVERRIDES = {
     "local": ["--config.model.attention_window=4"], "linear": [],
     "performer": ["--config.model.num_features=16"],
     "flash": ["--config.model.gau_qk_dim=16", "--config.model.flash_chunk=8"],
+    "gau": ["--config.model.gau_qk_dim=16", "--config.model.gau_offset_init=0.5"],
     "block_sparse": ["--config.model.sparse_layout=bigbird", "--config.model.sparse_block_size=4"]}
 
 
@@ -52,6 +53,13 @@ def test_block_sparse_options_are_validated(override, key, tiny_lm_config):
     (["--config.model.position=learned", "--config.model.rope_theta=500"], "config.model.rope_theta"),
     (["--config.model.attention=flash", "--config.model.gau_qk_dim=3"], "config.model.gau_qk_dim=3 "
                                                                         "must be even"),
+    (["--config.model.attention=gau", "--config.model.gau_qk_dim=3"], "config.model.gau_qk_dim=3 "
+                                                                      "must be even"),
+    (["--config.model.attention=gau", "--config.model.flash_chunk=8"],
+     "config.model.flash_chunk=8 applies to config.model.attention='flash', not 'gau'"),
+    (["--config.model.attention=gau", "--config.model.logn_scaling=True"],
+     "config.model.logn_scaling applies to config.model.attention='gau' with gau_kind='softmax'"),
+    (["--config.model.attention=gau", "--config.model.position=alibi"], "config.model.position="),
 ])
 def test_options_that_would_be_ignored_are_refused(overrides, key, tiny_lm_config):
   """gpt_from_config passes the chosen family's options only: another family's, or rope_theta
