@@ -57,6 +57,13 @@ def test_bidirectional_clamps_both_sides_and_scale():
   got = np.asarray(P.rerope_logits(q, k, pos, pos, window=w, bidirectional=True, scale=1.0), np.float64)
   rel = np.clip(d, -w, w).astype(np.float64)
   np.testing.assert_allclose(got, _np_logits(q, k, rel) * np.sqrt(H), rtol=1e-4, atol=1e-5)
+  # Leaky (Su 2023) on both sides: d beyond +-w grows by 1/k, i.e. -(w + (|d| - w)/k) below -w.
+  leaky_k = 4.0
+  got = np.asarray(P.rerope_logits(q, k, pos, pos, window=w, leaky_k=leaky_k, bidirectional=True,
+                                   scale=1.0), np.float64)
+  rel = np.where(d >= w, w + (d - w) / leaky_k, np.where(d <= -w, -(w + (-d - w) / leaky_k), d))
+  np.testing.assert_allclose(got, _np_logits(q, k, rel.astype(np.float64)) * np.sqrt(H), rtol=1e-4,
+                             atol=1e-5)
 
 
 def test_logits_are_shift_invariant_and_usable_for_decoding():

@@ -32,7 +32,10 @@ def _mesh_tf_bucket(relative_position, bidirectional=True, num_buckets=32, max_d
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
-@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (24, 100), (8, 20), (64, 64)])
+# (32, 17), (12, 7): configurations where the offsets at max_distance and beyond land in the
+# last bucket only through the clamp at max_distance (the others put max_distance - 1 there too).
+@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (24, 100), (8, 20), (64, 64),
+                                                       (32, 17), (12, 7)])
 def test_buckets_match_the_reference_function(bidirectional, num_buckets, max_distance):
   rel = np.arange(-700, 701)
   got = np.asarray(P.t5_relative_bucket(rel, bidirectional=bidirectional, num_buckets=num_buckets,
