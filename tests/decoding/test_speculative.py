@@ -142,8 +142,10 @@ def _exact_distribution(model, params, prompt, n, temperature, top_k, top_p):
   return conts, np.exp(np.asarray(picked.sum(axis=1), np.float64))
 
 
-# The second draws from a tree (multi-step speculative sampling: up to 3 candidates per node).
+# The second draws a chain with temperature and both filters (the target and the drafts filtered
+# alike); the third from a tree (multi-step speculative sampling: up to 3 candidates per node).
 SAMPLED = [("medusa", dict(medusa_heads=2), 1.0, 0, 1.0, None),
+           ("mtp-topk-topp-chain", dict(mtp_heads=2), 0.7, 3, 0.85, None),
            ("mtp-topk-topp-tree", dict(mtp_heads=2), 0.8, 3, 0.9,
             DraftTree(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0))))]
 
