@@ -331,10 +331,13 @@ def cmd_sample(args, overrides) -> int:
       raise ValueError(f"task {config.task!r} has no sampler")
     check_prompt = getattr(run.task, "check_prompt", None)
     if check_prompt is not None:  # the prompt that will be used
-      if args.prompt is not None:
-        check_prompt(args.prompt, "--prompt")
-      else:
-        check_prompt(config.sample.prompt, "config.sample.prompt (give --prompt)")
+      try:
+        if args.prompt is not None:
+          check_prompt(args.prompt, "--prompt")
+        else:
+          check_prompt(config.sample.prompt, "config.sample.prompt (give --prompt)")
+      except ValueError as e:  # a prompt the vocabulary cannot encode: a flag error (exit 2)
+        raise UsageError(str(e)) from None
     if config.get("sample", {}).get("speculative", False):
       num_tokens = config.sample.num_tokens if args.num_tokens is None else args.num_tokens
       run.task.check_speculative(

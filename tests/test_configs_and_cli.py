@@ -523,14 +523,14 @@ def test_cli_sample_checks_the_prompt_before_restoring(tmp_path, tiny_cli_overri
     if "Z" in prompt:
       raise ValueError(f"{what} {prompt!r} has characters outside the vocabulary")
   monkeypatch.setattr(lm_task.LMTask, "check_prompt", check_prompt, raising=False)
-  assert cli.main(["sample", str(workdir), "--prompt", "Zz~"]) == 1
+  assert cli.main(["sample", str(workdir), "--prompt", "Zz~"]) == 2  # a flag error, as argparse's
   assert "--prompt 'Zz~' has characters outside" in _one_error_line(capsys)
   assert calls[-1] == ("Zz~", "--prompt")
   monkeypatch.undo()
   assert cli.main(["sample", str(workdir), "--prompt", "the"]) == 1  # a good prompt: on to restore
   assert "no readable checkpoint" in _one_error_line(capsys)
   if hasattr(lm_task.LMTask, "check_prompt"):
-    assert cli.main(["sample", str(workdir), "--prompt", "Zz~"]) == 1
+    assert cli.main(["sample", str(workdir), "--prompt", "Zz~"]) == 2
     line = _one_error_line(capsys)
     assert "--prompt" in line and "checkpoint" not in line
 

@@ -98,7 +98,7 @@ def check_logical_names(specs, rules=LOGICAL_AXIS_RULES) -> None:
 
 
 def check_divisible(abstract_tree, shardings) -> None:
-  """Raises ValueError (one line) when a mesh axis does not divide an array dimension it shards, naming
+  """Raises ConfigError (one line; `jaxlab` exits 2, as for other config errors) when a mesh axis does not divide an array dimension it shards, naming
   the array (parameters before optimizer state), the dimension and the config key of the mesh axis;
   JAX would stop at initialisation with a message about tiling factors instead."""
   problems = []  # (not a parameter, message)
@@ -115,7 +115,8 @@ def check_divisible(abstract_tree, shardings) -> None:
                          f"{name} {tuple(leaf.shape)}; choose mesh sizes that divide it (or "
                          "change the model's sizes)"))
   if problems:
-    raise ValueError(min(problems, key=lambda problem: problem[0])[1])  # parameters first
+    from jaxlab.configs import ConfigError
+    raise ConfigError(min(problems, key=lambda problem: problem[0])[1])  # parameters first
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

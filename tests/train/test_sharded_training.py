@@ -99,8 +99,9 @@ def test_a_mesh_axis_that_does_not_divide_a_parameter_is_named_before_anything_i
              "--config.model.num_heads=3"),
             r"config.mesh.fsdp=8 does not divide dimension \d \(size (36)\) of params/")]
   import re
+  from jaxlab.configs import ConfigError  # `jaxlab train` exits 2, as for other config errors
   for overrides, message in cases:
-    with pytest.raises(ValueError, match=message) as e:
+    with pytest.raises(ConfigError, match=message) as e:
       trainer.setup(tiny_lm_config(*overrides), tmp_path / "run")
     assert "\n" not in str(e.value) and int(re.search(message, str(e.value)).group(1)) % 8
     assert not (tmp_path / "run").exists()
