@@ -497,6 +497,7 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
   """
   ids = jnp.asarray(task.vocab.encode(prompt or "\n"))[None]
   key = jax.random.PRNGKey(seed)
+  params = _on_one_device_if_replicated(params)
   if speculative:
     from jaxlab.decoding.speculative import speculative_generate
     task.check_speculative(prompt, num_tokens, "num_tokens")
@@ -518,3 +519,15 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
     tokens = generate_long(task.model, params, ids, key, num_tokens=num_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p)
   return task.vocab.decode(tokens[0])
+
+
+def _on_one_device_if_replicated(params):
+  """params on one local device when every array is a full copy on each of several devices of this
+  process (a data-parallel run): one sample row replicated over them computes the same tokens on
+  every device, no faster, and XLA:CPU's decoding loop then grew by ~20 KB per token (1.1 GB for
+  32k tokens; one device: constant, and 20% faster). Sharded parameters (fsdp, tensor) stay put."""
+  leaves = jax.tree.leaves(params)
+  if not all(isinstance(x, jax.Array) and x.is_fully_addressable and x.sharding.is_fully_replicated
+             for x in leaves) or all(len(x.sharding.device_set) == 1 for x in leaves):
+    return params
+  return jax.device_put(params, jax.local_devices()[0])

@@ -121,3 +121,25 @@ def test_unknown_or_colliding_logical_axis_names_are_refused():
   with pytest.raises(ValueError, match=r"layer/kernel maps both of its logical axes 'heads' and "
                                        r"'mlp' to the mesh axis 'tensor'"):
     sharding.logical_shardings(box(("heads", "mlp")), mesh)
+
+
+def test_sampling_moves_replicated_parameters_to_one_device(tiny_lm_config):
+  """A data-parallel run's parameters (a full copy on each device) are sampled on one device: the
+  same text as there, and XLA:CPU's decoding loop over replicated copies grew ~20 KB per token.
+  Sharded parameters stay where they are."""
+  import flax.linen as nn
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from jaxlab.train import lm_task
+  task = lm_task.LMTask(tiny_lm_config("--config.model.position=rope"))
+  params = nn.unbox(task.init_params(jax.random.key(0)))
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  replicated = jax.device_put(params, NamedSharding(mesh, P()))
+  moved = lm_task._on_one_device_if_replicated(replicated)
+  assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(moved))
+  embed = replicated["embed"]["embedding"]
+  sharded = dict(replicated, embed={"embedding": jax.device_put(
+      embed, NamedSharding(mesh, P(None, "data")))})  # width 32 over 8 devices
+  assert lm_task._on_one_device_if_replicated(sharded) is sharded
+  sample = lambda p: lm_task.sample_text(task, p, prompt="the ", num_tokens=40, temperature=1.0,
+                                         top_k=0, top_p=1.0, seed=0)
+  assert sample(replicated) == sample(params) == sample(sharded)
