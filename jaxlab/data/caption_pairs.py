@@ -109,14 +109,26 @@ def emoji_entries(root: pathlib.Path) -> list[dict]:
   if not path.is_file():
     raise FileNotFoundError(f"emoji_captions: {path} not found (config.data.path should name the "
                             "folder with emoji.json and the 32-px sheets)")
+  try:
+    records = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"emoji_captions: {path} is not emoji-datasource's JSON ({e})") from None
+  if not isinstance(records, list):
+    raise ValueError(f"emoji_captions: {path} must hold a JSON list of emoji records, got "
+                     f"{type(records).__name__}")
   entries = []
-  for e in sorted(json.loads(path.read_text()), key=lambda e: e["unified"]):
-    base = (e["name"].lower() + ", " + e["category"].lower() + ", " + e["subcategory"].lower())
-    entries.append({"caption": base, "category": e["category"], "base": e["unified"],
-                    "cell": (e["sheet_x"], e["sheet_y"])})
-    for modifiers, v in sorted((e.get("skin_variations") or {}).items()):
-      entries.append({"caption": base + ", " + _skin_tone(modifiers), "category": e["category"],
-                      "base": e["unified"], "cell": (v["sheet_x"], v["sheet_y"])})
+  try:
+    for e in sorted(records, key=lambda e: e["unified"]):
+      base = (e["name"].lower() + ", " + e["category"].lower() + ", " + e["subcategory"].lower())
+      entries.append({"caption": base, "category": e["category"], "base": e["unified"],
+                      "cell": (int(e["sheet_x"]), int(e["sheet_y"]))})
+      for modifiers, v in sorted((e.get("skin_variations") or {}).items()):
+        entries.append({"caption": base + ", " + _skin_tone(modifiers), "category": e["category"],
+                        "base": e["unified"], "cell": (int(v["sheet_x"]), int(v["sheet_y"]))})
+  except (KeyError, TypeError, AttributeError, ValueError) as e:
+    what = f"has no field {e.args[0]!r}" if isinstance(e, KeyError) else f"has a malformed field ({e})"
+    raise ValueError(f"emoji_captions: a record of {path} {what}; expected emoji-datasource's "
+                     "emoji.json (unified, name, category, subcategory, sheet_x, sheet_y)") from None
   return entries
 
 
@@ -127,8 +139,19 @@ def emoji_categories(entries) -> tuple[str, ...]:
 def _sheet_cells(sheet_path: pathlib.Path, cells, background: int = 255) -> np.ndarray:
   """uint8 [N, 32, 32, 3]: each 32x32 emoji (1-px border in 34-px cells) on a flat background."""
   from PIL import Image
-  with Image.open(sheet_path) as im:
-    rgba = np.asarray(im.convert("RGBA"), np.float32)
+  try:
+    with Image.open(sheet_path) as im:
+      rgba = np.asarray(im.convert("RGBA"), np.float32)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"emoji_captions: {sheet_path} not found (config.data.path should name "
+                            "the folder with emoji.json and the 32-px sheets)") from None
+  except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError (an OSError), ...
+    raise ValueError(f"emoji_captions: {sheet_path} is not a readable image ({e})") from None
+  far_x, far_y = max(x for x, _ in cells), max(y for _, y in cells)
+  if rgba.shape[0] < far_y * 34 + 33 or rgba.shape[1] < far_x * 34 + 33:
+    raise ValueError(f"emoji_captions: {sheet_path} is {rgba.shape[1]}x{rgba.shape[0]} px, too small "
+                     f"for emoji.json's cells (up to sheet_x={far_x}, sheet_y={far_y}: 34-px cells, "
+                     f"{far_x * 34 + 33}x{far_y * 34 + 33} px)")
   out = np.empty((len(cells), 32, 32, 3), np.uint8)
   for n, (x, y) in enumerate(cells):
     patch = rgba[y * 34 + 1:y * 34 + 33, x * 34 + 1:x * 34 + 33]

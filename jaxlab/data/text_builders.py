@@ -214,8 +214,9 @@ def prepare(builder: tfds.core.DatasetBuilder, data_dir: str = "") -> tfds.core.
       raise
   except OSError as e:
     root = os.path.abspath(default_data_dir(data_dir))
-    where = os.path.abspath(str(e.filename)) if e.filename else ""
-    if where == root or where.startswith(root + os.sep) or root.startswith(where + os.sep):
+    where = os.path.abspath(str(e.filename)) if e.filename else None  # no path: not data_dir's
+    if where is not None and (where == root or where.startswith(root + os.sep)
+                              or root.startswith(where + os.sep)):
       shown = f"{data_dir!r}" if data_dir else f"'' (that is {root})"
       raise type(e)(e.errno, f"config.data.data_dir={shown} cannot hold the dataset builds: "
                              f"{e.strerror}", e.filename) from None

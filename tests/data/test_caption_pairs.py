@@ -121,3 +121,37 @@ def test_an_edited_sheet_of_the_same_size_gets_its_own_build(tmp_path):
   data[len(data) // 2] ^= 0xFF
   sheet.write_bytes(bytes(data))
   assert cp.emoji_config(str(tmp_path)).name != before
+
+
+def _fake_emoji_folder(root: pathlib.Path, records=None, sheet_px: int = 68) -> pathlib.Path:
+  """emoji.json with two emoji in cells (0, 0) and (1, 1) and two sheet_px-square sheets."""
+  import json
+  from PIL import Image
+  root.mkdir(parents=True, exist_ok=True)
+  if records is None:
+    records = [dict(unified=f"1F60{i}", name=f"face {i}", category="Smileys", subcategory="face",
+                    sheet_x=i, sheet_y=i) for i in range(2)]
+  (root / "emoji.json").write_text(records if isinstance(records, str) else json.dumps(records))
+  for name in cp.EMOJI_FILES[1:]:
+    Image.new("RGBA", (sheet_px, sheet_px), (10, 20, 30, 255)).save(root / name)
+  return root
+
+
+@pytest.mark.parametrize("break_it,message", [
+    (lambda root: (root / "emoji.json").write_text("{'name': 1}"), "is not emoji-datasource's JSON"),
+    (lambda root: (root / "emoji.json").write_text('{"name": 1}'), "must hold a JSON list"),
+    (lambda root: (root / "emoji.json").write_text('[{"name": "x"}]'), "has no field 'unified'"),
+    (lambda root: (root / cp.EMOJI_FILES[1]).write_bytes(b"not a png"), "is not a readable image"),
+    (lambda root: _fake_emoji_folder(root, sheet_px=40), "is 40x40 px, too small"),
+])
+def test_malformed_emoji_files_are_named(tmp_path, break_it, message):
+  """Each was a traceback (KeyError 'unified', a numpy broadcast error) or blamed
+  config.data.data_dir (PIL's error carries no file name), through the real TFDS build."""
+  root = _fake_emoji_folder(tmp_path / "emoji")
+  assert [e["caption"] for e in cp.emoji_entries(root)] == ["face 0, smileys, face",
+                                                            "face 1, smileys, face"]
+  break_it(root)
+  cfg = ml_collections.ConfigDict(dict(name="emoji", path=str(root), data_dir=str(tmp_path / "t")))
+  with pytest.raises(ValueError, match=message) as info:
+    cp.load_pairs(cfg, "train")
+  assert "data_dir" not in str(info.value) and str(root) in str(info.value)

@@ -243,3 +243,23 @@ def test_prepare_reads_the_files_another_process_just_finished():
   assert text_builders.prepare(racing) is racing
   with pytest.raises(FileExistsError):
     text_builders.prepare(Racing(prepared=False))
+
+
+def test_prepare_blames_data_dir_only_for_its_own_paths(tmp_path):
+  """An OS error with no file name (PIL's unreadable image) was reported as config.data.data_dir
+  failing to hold the builds."""
+  class Failing:
+    def __init__(self, error):
+      self.error = error
+
+    def download_and_prepare(self):
+      raise self.error
+
+  import errno
+  with pytest.raises(OSError, match=r"^\[Errno None\] cannot identify image file$"):
+    text_builders.prepare(Failing(OSError(None, "cannot identify image file")), str(tmp_path))
+  with pytest.raises(OSError, match=r"config\.data\.data_dir=.* cannot hold the dataset builds"):
+    text_builders.prepare(Failing(OSError(errno.EACCES, "denied", str(tmp_path / "x"))),
+                          str(tmp_path))
+  with pytest.raises(OSError, match=r"^\[Errno 2\] gone: '/elsewhere'$"):
+    text_builders.prepare(Failing(OSError(errno.ENOENT, "gone", "/elsewhere")), str(tmp_path))
