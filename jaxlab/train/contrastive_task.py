@@ -60,6 +60,9 @@ def validate_new_run(config, require) -> None:
   require(m.image_position == "rope2d" or m.image_rope_theta == defaults.image_rope_theta,
           f"config.model.image_rope_theta={m.image_rope_theta!r} applies to config.model."
           f"image_position='rope2d', not {m.image_position!r} (it would be ignored)")
+  require(config.data.name == "emoji" or not config.data.path,
+          f"config.data.path={config.data.path!r} applies to config.data.name='emoji', not "
+          f"{config.data.name!r} (the digits are scikit-learn's own; it would be ignored)")
 
 
 def validate(config, require) -> None:
@@ -310,7 +313,9 @@ class ContrastiveTask:
 
 
 def _in_batches(fn, params, x: np.ndarray, batch: int) -> np.ndarray:
-  """fn(params, x[i:i+batch]) over x with the last batch padded (so one compiled shape)."""
+  """fn(params, x[i:i+batch]) over x with the last batch padded (so one compiled shape); a batch
+  larger than x is cut to len(x) (more rows would be padding only)."""
+  batch = max(1, min(batch, len(x)))
   outs = []
   for start in range(0, len(x), batch):
     chunk = x[start:start + batch]

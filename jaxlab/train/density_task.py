@@ -196,7 +196,10 @@ class DensityTask:
     check_binary_values(split, "split")  # the model's own check does not see values under jit
     fn = jax.jit(lambda p, x: -self.log_prob(p, x))
     total, n = 0.0, 0
-    for batch in binary_images.eval_batches(split, batch_size=self.config.eval.batch_size):
+    # A batch larger than the split is cut to it (more rows would be zero-weight padding only).
+    processes = jax.process_count()
+    batch_size = min(self.config.eval.batch_size, -(-len(split) // processes) * processes)
+    for batch in binary_images.eval_batches(split, batch_size=batch_size):
       nll = np.asarray(fn(params, batch["x"]), np.float64)
       total += float(np.sum(nll * batch["weights"]))
       n += int(batch["weights"].sum())

@@ -253,13 +253,27 @@ def test_sharded_training_equals_single_device_step_for_step(tfds_dir, tmp_path,
     (["--config.model.image_stages=5"], "config.model.image_stages=5 applies to"),
     (["--config.model.image_encoder=swin", "--config.model.image_position=rope2d"],
      "config.model.image_position='rope2d' applies to config.model.image_encoder='vit'"),
+    (["--config.data.path=/nowhere"], "config.data.path='/nowhere' applies to config.data.name="
+                                      "'emoji', not 'digits'"),
 ])
 def test_image_options_of_the_other_encoder_are_refused_for_a_new_run(overrides, key):
   """They trained without a word (ignored): Swin's window with the ViT, the ViT's positions with
-  Swin, a RoPE base without rope2d."""
+  Swin, a RoPE base without rope2d, a data path with the digits."""
   from jaxlab.configs import ConfigError
   with pytest.raises(ConfigError, match=re.escape(key)):
     load_config("contrastive_digits", overrides, check_devices=False)
   load_config("contrastive_digits", ["--config.model.image_position=rope2d",
                                      "--config.model.image_rope_theta=5.0"], check_devices=False)
 
+
+
+def test_embedding_in_batches_cuts_a_batch_larger_than_the_input():
+  """eval.batch_size=10**8 trained the whole run and then padded the test images to 10**8 rows."""
+  x = np.arange(10, dtype=np.float32)[:, None]
+  calls = []
+  def fn(params, chunk):
+    calls.append(len(chunk))
+    return chunk * 2
+  np.testing.assert_array_equal(ct._in_batches(fn, None, x, 10**8), x * 2)
+  np.testing.assert_array_equal(ct._in_batches(fn, None, x, 4), x * 2)
+  assert calls == [10, 4, 4, 4]

@@ -260,3 +260,15 @@ def test_options_the_model_or_data_do_not_read_are_refused_for_a_new_run(name, o
     load_config(name, overrides, check_devices=False)
   load_config("made", ["--config.data.name=mnist", "--config.data.binarize_seed=5",
                        "--config.sample.grid_path=/tmp/g.png"], check_devices=False)  # read
+
+
+def test_an_eval_batch_larger_than_the_split_is_cut_to_it():
+  """eval.batch_size=10**9 trained the whole run and then allocated 10**9 padding rows in finish()."""
+  data = _tiny_data()
+  flags = ["--config.data.batch_size=16", "--config.model.hidden=(32,)"]
+  small = DensityTask(load_config("made", flags + ["--config.eval.batch_size=8"],
+                                  check_devices=False), data=data)
+  huge = DensityTask(load_config("made", flags + ["--config.eval.batch_size=1000000000"],
+                                 check_devices=False), data=data)
+  params = small.init_params(jax.random.key(0))
+  np.testing.assert_allclose(huge.nll(params, data.test), small.nll(params, data.test), rtol=1e-6)
