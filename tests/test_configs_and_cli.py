@@ -403,6 +403,22 @@ def test_cli_workdir_config_json_that_is_not_json(tmp_path, capsys):
   assert str(tmp_path / "config.json") in line and "not valid JSON" in line
 
 
+@pytest.mark.parametrize("key,value,expected", [
+    (("model", "mlp_ratio"), "2.0", "config.model.mlp_ratio: expected float, got '2.0'"),
+    (("train", "tensorboard"), "false", "config.train.tensorboard: expected bool, got 'false'"),
+])
+def test_cli_workdir_config_json_value_of_the_wrong_type_is_named(tmp_path, tiny_cli_overrides,
+                                                                  capsys, key, value, expected):
+  """A hand-edited config.json with "2.0" for a float failed as "'>' not supported between 'str'
+  and 'int'", naming no key; "false" for a bool passed (a non-empty string is true)."""
+  def edit(config):
+    config[key[0]][key[1]] = value
+  workdir = _handwritten_workdir(tmp_path, tiny_cli_overrides, edit)
+  assert cli.main(["eval", str(workdir)]) == 2
+  line = _one_error_line(capsys)
+  assert expected in line and str(workdir / "config.json") in line
+
+
 def test_older_workdir_config_gets_todays_defaults(tmp_path, tiny_corpus, tiny_cli_overrides, capsys,
                                                    monkeypatch):
   def drop(config):

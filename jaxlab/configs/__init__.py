@@ -338,7 +338,18 @@ def check_keys_and_types(config, what: str) -> None:
   missing = sorted(set(base) - set(given) - set(OPTIONAL_KEYS))
   if missing:
     raise ConfigError(_lacks_keys(what, config.task, missing, found[0]))
-  for key, value in given.items():
+  check_types(config, what)
+
+
+def check_types(config, what: str) -> None:
+  """A value of another type than today's default for its task (for the keys the task has) is a
+  ConfigError naming the key and `what` (a file, say); a config of no known task is left to
+  `validate`."""
+  found = base_config_for_task(config.get("task"))
+  if found is None:
+    return
+  base = flatten(found[1])
+  for key, value in flatten(config).items():
     problem = _type_problem(value, base[key]) if key in base else None
     if problem:
       raise ConfigError(f"config.{key}: {problem} (in {what})")
