@@ -478,14 +478,15 @@ def check_resume_config(run: Run) -> None:
 
 
 def _refuse_another_config(run: Run, saved_dict: dict, source: str) -> None:
-  """ValueError naming the first key (of RESUME_MUST_MATCH) where this run's config differs from
-  `saved_dict`, the config checkpoints were saved under; `source` says where it was read."""
+  """ConfigError (`jaxlab` exits 2) naming the first key (of RESUME_MUST_MATCH; a `name` key first,
+  since another dataset or model explains the other differences) where this run's config differs
+  from `saved_dict`, the config checkpoints were saved under; `source` says where it was read."""
   saved_json = with_task_defaults(saved_dict)[0]
   scaled = loss_scale.enabled(saved_json)
   if scaled != loss_scale.enabled(run.config):  # the checkpoints' state has (or lacks) the scale
     choice = saved_json.get("optim", {}).get("loss_scale", "none (saved before loss scaling existed)")
     dtype = saved_json.get("model", {}).get("dtype", "float32")
-    raise ValueError(
+    raise ConfigError(
         f"{run.workdir} holds checkpoints of a run {'with' if scaled else 'without'} loss scaling ("
         f"{source}: "
         f"config.optim.loss_scale={choice!r}, config.model.dtype={dtype!r}), but this run "
@@ -494,7 +495,7 @@ def _refuse_another_config(run: Run, saved_dict: dict, source: str) -> None:
   current_json = with_task_defaults(json.loads(run.config.to_json_best_effort()))[0]
   saved, current = _resume_keys(saved_json), _resume_keys(current_json)
   saved_raw, current_raw = flatten(saved_json), flatten(current_json)
-  for key in sorted(set(saved) | set(current)):
+  for key in sorted(set(saved) | set(current), key=lambda k: (k.rsplit(".", 1)[-1] != "name", k)):
     if key not in saved_raw:  # a key of this run's own config file that the saved run lacks
       continue
     if key == "data.path" and (run.workdir / DATA_FINGERPRINT).is_file():
@@ -503,7 +504,7 @@ def _refuse_another_config(run: Run, saved_dict: dict, source: str) -> None:
       continue
     was, now = saved.get(key, saved_raw[key]), current.get(key, current_raw.get(key))
     if was != now:
-      raise ValueError(f"{run.workdir} holds checkpoints trained with config.{key}={was!r} ("
+      raise ConfigError(f"{run.workdir} holds checkpoints trained with config.{key}={was!r} ("
                        f"{source}), but this run has {now!r}{_edited_note(run, key, was)}; "
                        "nothing was changed (" + (
                            f"of the model, data and optimizer keys, only {', '.join(READING_MAY_CHANGE)}"

@@ -385,7 +385,7 @@ def test_checkpoints_record_their_config_and_an_edited_config_json_is_not_truste
     trainer.train(tiny_lm_config("--config.train.steps=6", "--config.optim.lr=0.5"), tmp_path,
                   progress=False)
   from jaxlab import cli  # jaxlab eval reads config.json: refused the same way
-  assert cli.main(["eval", str(tmp_path)]) == 1
+  assert cli.main(["eval", str(tmp_path)]) == 2  # a config error
   assert "it was edited after the checkpoints were saved" in capsys.readouterr().err
   result = trainer.train(tiny_lm_config("--config.train.steps=6"), tmp_path, progress=False)
   assert result["step"] == 6
@@ -786,7 +786,7 @@ def test_eval_may_change_the_batch_size_only(tiny_lm_config, tmp_path, capsys):
   capsys.readouterr()
   assert cli.main(["eval", str(tmp_path), "--config.data.batch_size=2"]) == 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6
-  assert cli.main(["eval", str(tmp_path), "--config.data.seq_len=8"]) == 1
+  assert cli.main(["eval", str(tmp_path), "--config.data.seq_len=8"]) == 2  # a config error
   assert "only data.batch_size may be overridden here" in capsys.readouterr().err
   with pytest.raises(ValueError, match="config.data.batch_size=.*train a different config"):
     trainer.train(tiny_lm_config("--config.data.batch_size=2", "--config.train.steps=9"), tmp_path,

@@ -272,3 +272,18 @@ def test_an_eval_batch_larger_than_the_split_is_cut_to_it():
                                  check_devices=False), data=data)
   params = small.init_params(jax.random.key(0))
   np.testing.assert_allclose(huge.nll(params, data.test), small.nll(params, data.test), rtol=1e-6)
+
+
+def test_resuming_with_another_model_names_the_model_first(tmp_path):
+  """The refusal named the first differing key alphabetically (config.model.hidden), not the
+  other model that explains it; it is a config error (`jaxlab` exits 2)."""
+  data = _tiny_data()
+  common = ["--config.data.batch_size=16", "--config.train.steps=2", "--config.train.eval_every=2",
+            "--config.train.checkpoint_every=2", "--config.train.log_every=2",
+            "--config.optim.warmup_steps=1", "--config.eval.batch_size=8"]
+  made = load_config("made", common + ["--config.model.hidden=(32,)"], check_devices=False)
+  trainer.train(made, tmp_path, task=DensityTask(made, data=data), progress=False)
+  nade = load_config("nade", common + ["--config.model.hidden=(8,)"], check_devices=False)
+  with pytest.raises(ConfigError, match=r"checkpoints trained with config\.model\.name='made' .*"
+                                        r"but this run has 'nade'"):
+    trainer.setup(nade, tmp_path, task=DensityTask(nade, data=data))
