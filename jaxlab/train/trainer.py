@@ -495,7 +495,8 @@ def _refuse_another_config(run: Run, saved_dict: dict, source: str) -> None:
   current_json = with_task_defaults(json.loads(run.config.to_json_best_effort()))[0]
   saved, current = _resume_keys(saved_json), _resume_keys(current_json)
   saved_raw, current_raw = flatten(saved_json), flatten(current_json)
-  for key in sorted(set(saved) | set(current), key=lambda k: (k.rsplit(".", 1)[-1] != "name", k)):
+  name_first = lambda key: (key.rsplit(".", 1)[-1] != "name", key)
+  for key in sorted(set(saved) | set(current), key=name_first):
     if key not in saved_raw:  # a key of this run's own config file that the saved run lacks
       continue
     if key == "data.path" and (run.workdir / DATA_FINGERPRINT).is_file():
