@@ -279,11 +279,27 @@ def cmd_eval(args, overrides) -> int:
   workdir = pathlib.Path(args.workdir)
   _check_workdir(workdir, "WORKDIR")
   config = _load_workdir_config(workdir, overrides, args)
+  if args.best and not config.train.keep_best:
+    _check_task_keeps_best(config)
   run = trainer.setup(config, workdir, reading=True)
   step, params = _restore_params(run, best=args.best)
   val_loss = trainer.evaluate(run, params)
   _say(json.dumps({"step": step, "val_loss": val_loss}))
   return 0
+
+
+def _check_task_keeps_best(config) -> None:
+  """--best on a task that refuses config.train.keep_best (the contrastive task: it has no validation
+  split) is a flag error saying why, not advice to train with the setting it refuses."""
+  from jaxlab.configs import ConfigError
+  from jaxlab.configs.validate import validate
+  keeping = config.copy_and_resolve_references()
+  keeping.train.keep_best = True
+  try:
+    validate(keeping, check_devices=False)
+  except ConfigError as e:
+    if "keep_best" in str(e):
+      raise UsageError(f"--best: the {config.task!r} task keeps no best parameters: {e}") from None
 
 
 def _check_sample_flags(args) -> None:
@@ -313,6 +329,9 @@ def cmd_sample(args, overrides) -> int:
                                 speculative="--draft-tree" if args.draft_tree is not None
                                 else "--speculative" if args.speculative else None)
   from jaxlab.train import tasks, trainer
+  if "sample" not in config:  # a task without a sampler (contrastive) has no sample section
+    raise UsageError(f"{workdir} is a {config.get('task')!r} run, which has nothing to sample "
+                     "(language-model and density runs have); try `jaxlab eval`")
   if "prompt" not in config.get("sample", {}):  # not a language model: no text flags
     text_flags = [flag for flag, value in (("--prompt", args.prompt),
                                            ("--temperature", args.temperature),

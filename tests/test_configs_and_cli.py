@@ -247,6 +247,24 @@ def test_cli_eval_and_sample_best_params_of_a_density_run(tmp_path, capsys):
   assert "no best-params checkpoint" in capsys.readouterr().err
 
 
+def test_eval_best_on_a_task_that_keeps_no_best_parameters_says_why():
+  """`jaxlab eval WORKDIR --best` on a contrastive run advised training with keep_best=True, which
+  that task refuses (it has no validation split)."""
+  with pytest.raises(cli.UsageError, match="--best: the 'contrastive' task keeps no best parameters"
+                                           ": config.train.keep_best=True would choose"):
+    cli._check_task_keeps_best(load_config("contrastive_digits", [], check_devices=False))
+  cli._check_task_keeps_best(load_config("made", [], check_devices=False))  # made keeps them
+
+
+def test_cli_sample_on_a_run_without_a_sampler_is_refused_first(tmp_path, capsys):
+  """A contrastive workdir loaded its data and built its run before "task has no sampler" (exit 1)."""
+  config = load_config("contrastive_digits", [], check_devices=False)
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  assert cli.main(["sample", str(tmp_path)]) == 2
+  assert "is a 'contrastive' run, which has nothing to sample" in _one_error_line(capsys)
+
+
 def test_cli_eval_on_a_non_workdir(tmp_path, capsys):
   assert cli.main(["eval", str(tmp_path)]) == 2
   assert "not a jaxlab workdir" in capsys.readouterr().err
