@@ -102,3 +102,12 @@ def test_density_batch_larger_than_the_training_split():
   config = early("made", "--config.data.batch_size=2000", "--config.mesh.data=1")
   with pytest.raises(ConfigError, match=r"config\.data\.batch_size=2000 .*1347 training"):
     DensityTask(config)
+
+
+def test_a_mesh_larger_than_the_cpu_devices_names_cpu_devices():
+  """On a 2-core machine `--config.mesh.data=4` said "only 1 are available" (jaxlab's own choice
+  of CPU devices) without naming the key that changes it."""
+  with pytest.raises(ConfigError, match=r"config\.mesh: mesh sizes \[16, 1, 1\] need 16 devices, "
+                                        r"but only 8 are available \(CPU devices: .*set "
+                                        r"config\.mesh\.cpu_devices to the count the mesh needs\)"):
+    load_config("lm_char", ["--config.mesh.data=16", "--config.data.batch_size=16"])

@@ -181,7 +181,13 @@ def validate_mesh(config) -> None:
   try:
     data, fsdp, tensor = mesh_shape(sizes, jax.device_count())
   except ValueError as e:
-    raise ConfigError(f"config.mesh: {e}") from None
+    hint = ""
+    if jax.default_backend() == "cpu":  # the device count is jaxlab's own choice there
+      hint = (f" (CPU devices: config.mesh.cpu_devices={config.mesh.cpu_devices}"
+              + (", i.e. one per core where the mesh and batch split evenly" if
+                 not config.mesh.cpu_devices else "")
+              + "; set config.mesh.cpu_devices to the count the mesh needs)")
+    raise ConfigError(f"config.mesh: {e}{hint}") from None
   batch = config.data.batch_size
   require(batch % (data * fsdp) == 0,
           f"config.data.batch_size={batch} is not divisible by the mesh's data*fsdp = "
