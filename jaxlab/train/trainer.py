@@ -804,6 +804,12 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     _close_savers((run.checkpointer, best), lock, failure)
   if best is not None and best.step is not None:
     final["best_step"], final["best_val_loss"] = best.step, best.val_loss
+  total_skipped = int(state["loss_scale"]["skipped"]) if "loss_scale" in state else 0
+  if total_skipped and total_skipped == int(state["step"]) and distributed.is_primary():
+    print(f"jaxlab: warning: loss scaling skipped all {total_skipped} steps (every step's "
+          "gradients overflowed float16), so the parameters are still the initial ones; lower "
+          "config.optim.lr or config.optim.loss_scale_init, or train longer", file=sys.stderr,
+          flush=True)
   final["step"] = int(state["step"])
   final["state"] = state
   final["run"] = run

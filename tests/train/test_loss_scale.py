@@ -87,6 +87,21 @@ def test_an_overflowing_step_is_skipped_then_the_scale_grows_again(tiny_lm_confi
   assert np.abs(_flat(jax.device_get(state["params"])) - _flat(before["params"])).max() > 0
 
 
+def test_a_run_whose_every_step_was_skipped_says_so(tiny_lm_config, tmp_path, capsys):
+  """Its parameters are the initial ones: it ended with exit 0 and the untrained model's numbers,
+  without a word."""
+  config = tiny_lm_config("--config.model.dtype=float16", "--config.optim.loss_scale_init=1e30",
+                          "--config.train.steps=3", "--config.train.eval_every=3",
+                          "--config.sample.num_tokens=0")
+  result = trainer.train(config, tmp_path, progress=False)
+  assert int(result["state"]["loss_scale"]["skipped"]) == 3
+  assert "loss scaling skipped all 3 steps" in capsys.readouterr().err
+  trainer.train(tiny_lm_config("--config.model.dtype=float16", "--config.train.steps=3",
+                               "--config.train.eval_every=3", "--config.sample.num_tokens=0"),
+                tmp_path / "fine", progress=False)
+  assert "skipped all" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("dtype,choice,expected", [
     ("float16", "auto", True), ("bfloat16", "auto", False), ("float32", "auto", False),
     ("float16", "none", False), ("float32", "dynamic", True),
