@@ -342,6 +342,9 @@ def test_config_file_returning_a_dict_is_converted(tmp_path):
                                         "config.optim.weight_decay?)"),
     ("c['train']['step'] = 5", "unknown config key config.train.step (did you mean "
                                "config.train.steps?)"),
+    # Not near any key: kept and saved in config.json as if it applied, read by nothing.
+    ("c['model']['siglip_bias_init'] = -10.0", "unknown config key config.model.siglip_bias_init: "
+                                               "task 'lm' has no such setting"),
     ("del c['model']['use_bias']", "lacks keys that task 'lm' needs: config.model.use_bias"),
     ("del c['seed']", "lacks keys that task 'lm' needs: config.seed"),
 ])
@@ -456,17 +459,24 @@ def test_older_workdir_config_gets_todays_defaults(tmp_path, tiny_corpus, tiny_c
 
 
 def test_workdir_config_keeps_a_key_of_its_own(tmp_path, tiny_cli_overrides):
-  """A user's config file may carry extra keys (ones that are no typo of the task's); it loads, and
-  its workdir still loads for eval/sample."""
+  """A user's config file may carry top-level keys and sections of its own (notes, metadata); one
+  inside the task's sections that the task lacks looks like a setting and is refused. A workdir
+  saved with one (an older jaxlab kept them) still loads for eval/sample."""
   def add(config):
     config["model"]["wobble"] = 3
   workdir = _handwritten_workdir(tmp_path, tiny_cli_overrides, add)
   assert cli._load_workdir_config(workdir, []).model.wobble == 3
   path = tmp_path / "own_keys.py"
-  path.write_text("def get_config():\n  from jaxlab.configs.lm_char_cpu import get_config as g\n"
-                  "  c = g()\n  c.model.wobble = 3\n  c.notes = 'mine'\n  return c\n")
+  path.write_text("def get_config():\n  import ml_collections\n"
+                  "  from jaxlab.configs.lm_char_cpu import get_config as g\n"
+                  "  c = g()\n  c.notes = 'mine'\n  c.meta = ml_collections.ConfigDict()\n"
+                  "  c.meta.owner = 'me'\n  return c\n")
   config = load_config(str(path), check_devices=False)
-  assert config.model.wobble == 3 and config.notes == "mine"
+  assert config.notes == "mine" and config.meta.owner == "me"
+  path.write_text(path.read_text().replace("  return c", "  c.model.wobble = 3\n  return c"))
+  with pytest.raises(ConfigError, match=r"unknown config key config\.model\.wobble: task 'lm' has "
+                                        r"no such setting"):
+    load_config(str(path), check_devices=False)
 
 
 def test_config_file_without_the_keys_read_with_a_default_loads(tmp_path):

@@ -321,20 +321,27 @@ def _misspelt(key: str, known) -> str | None:
 
 def check_keys_and_types(config, what: str) -> None:
   """A config (e.g. from a user's file, maybe written as a dict) against today's defaults of its task:
-  a key that looks like a typo of one of the task's keys, a key the task needs (but OPTIONAL_KEYS), or
-  a value of another type than the default's is a ConfigError naming the key. Other keys of the
-  file's own are kept (with_task_defaults keeps them too). A config of no known task is left to
-  `validate`, which names the task."""
+  a key that looks like a typo of one of the task's keys, a key in one of the task's sections that
+  the task does not have (config.model.siglip_bias_init: it looks like a setting, and nothing would
+  read it), a key the task needs (but OPTIONAL_KEYS), or a value of another type than the
+  default's is a ConfigError naming the key. A file's own top-level keys and sections (notes,
+  metadata: config.notes, config.meta.*) are kept, and saved with the run. A config of no known
+  task is left to `validate`, which names the task."""
   found = base_config_for_task(config.get("task"))
   if found is None:
     return
   base, given = flatten(found[1]), flatten(config)
+  sections = {key.split(".", 1)[0] for key in base if "." in key}
   for key in given:
     if key not in base:
       typo_of = _misspelt(key, base)
       if typo_of is not None:
         raise ConfigError(f"{what}: unknown config key config.{key} (did you mean "
                           f"config.{typo_of}?)")
+      if key.split(".", 1)[0] in sections:
+        raise ConfigError(f"{what}: unknown config key config.{key}: task {config.task!r} has no "
+                          f"such setting, nothing would read it (its keys: "
+                          f"jaxlab/configs/{found[0]}.py)")
   missing = sorted(set(base) - set(given) - set(OPTIONAL_KEYS))
   if missing:
     raise ConfigError(_lacks_keys(what, config.task, missing, found[0]))
