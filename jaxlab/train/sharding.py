@@ -7,6 +7,7 @@ sharded, ZeRO-3 style), "tensor" (Megatron-style sharding of heads / MLP hidden 
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import flax.linen as nn
@@ -117,6 +118,46 @@ def check_divisible(abstract_tree, shardings) -> None:
   if problems:
     from jaxlab.configs import ConfigError
     raise ConfigError(min(problems, key=lambda problem: problem[0])[1])  # parameters first
+
+
+def device_memory_bytes(device) -> int | None:
+  """The memory one device may use: its allocator's limit on an accelerator; on CPU the host's RAM
+  shared by the process's CPU devices (None where neither is known)."""
+  if device.platform == "cpu":
+    try:
+      total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+      return None
+    return total // max(1, jax.local_device_count("cpu"))
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  return (stats or {}).get("bytes_limit")
+
+
+def check_fits(abstract_tree, shardings, what: str = "the training state") -> None:
+  """Raises ConfigError (one line) when `abstract_tree` (ShapeDtypeStructs, e.g. parameters and
+  optimizer state from eval_shape) needs more bytes on one device than that device has, naming the
+  largest array: sizes of 10^8 otherwise hung in initialisation or died of an allocation error
+  after the run had started. A lower bound (activations come on top), so never a false refusal."""
+  leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
+  per_device, largest = 0, (0, False, "", ())
+  for (path, leaf), named in zip(leaves, jax.tree_util.tree_leaves(shardings)):
+    parts = math.prod(named.mesh.shape[a] for axes in named.spec if axes
+                      for a in ((axes,) if isinstance(axes, str) else axes))
+    size = leaf.size * np.dtype(leaf.dtype).itemsize // max(parts, 1)
+    per_device += size
+    is_param = getattr(path[0], "key", None) == "params"  # named before its optimizer moments
+    if (size, is_param) > largest[:2]:
+      largest = (size, is_param, jax.tree_util.keystr(path, simple=True, separator="/"),
+                 tuple(leaf.shape))
+  capacity = device_memory_bytes(jax.local_devices()[0])
+  if capacity is None or per_device <= capacity:
+    return
+  from jaxlab.configs import ConfigError
+  gib = lambda n: f"{n / 2**30:.1f} GiB"
+  raise ConfigError(f"{what} needs {gib(per_device)} per device, more than the {gib(capacity)} a "
+                    f"device has here; the largest array is {largest[2]} {largest[3]} "
+                    f"({gib(largest[0])}): reduce the config's sizes (or shard over more devices "
+                    "with config.mesh.fsdp / tensor)")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

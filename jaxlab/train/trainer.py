@@ -122,6 +122,7 @@ def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = 
     boxed = jax.eval_shape(init)
     state_shardings = sharding.logical_shardings(boxed, mesh)
   sharding.check_divisible(nn.meta.unbox(boxed), state_shardings)
+  sharding.check_fits(nn.meta.unbox(boxed), state_shardings)
   abstract_state = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), state_shardings)
   workdir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to build leaves no dir
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)

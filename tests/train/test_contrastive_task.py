@@ -122,6 +122,7 @@ def test_zero_shot_accuracy_and_recall_by_hand():
     ("--config.model.loss=triplet", "config.model.loss"),
     ("--config.model.text_heads=5", "config.model.text_heads"),
     ("--config.data.text_len=1", "config.data.text_len"),
+    ("--config.data.text_len=200000", "config.data.text_len=200000 must be <= 4096"),
     ("--config.data.batch_size=1", "config.data.batch_size"),
     ("--config.eval.recall_at=(5, 1)", "config.eval.recall_at"),
     ("--config.train.keep_best=True", "config.train.keep_best"),

@@ -143,3 +143,26 @@ def test_sampling_moves_replicated_parameters_to_one_device(tiny_lm_config):
   sample = lambda p: lm_task.sample_text(task, p, prompt="the ", num_tokens=40, temperature=1.0,
                                          top_k=0, top_p=1.0, seed=0)
   assert sample(replicated) == sample(params) == sample(sharded)
+
+
+def test_a_state_larger_than_a_device_is_refused_before_anything_is_built(tiny_lm_config, tmp_path,
+                                                                          monkeypatch):
+  """Sizes of 10^8 hung in initialisation or died of an allocation error after the run started.
+  The check counts each device's share of a sharded array."""
+  from jaxlab.configs import ConfigError
+  from jaxlab.train import sharding
+  config = tiny_lm_config("--config.model.width=65536", "--config.model.num_heads=4")
+  with pytest.raises(ConfigError, match=r"^the training state needs \d+\.\d GiB per device, more "
+                                        r"than the .* the largest array is params/block_\d/mlp/"):
+    trainer.setup(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = sharding.make_mesh((8, 1, 1))
+  tree = {"params": {"w": jax.ShapeDtypeStruct((8, 1024), jnp.float32)}}  # 32 KiB
+  split = {"params": {"w": NamedSharding(mesh, P("data"))}}
+  whole = {"params": {"w": NamedSharding(mesh, P())}}
+  monkeypatch.setattr(sharding, "device_memory_bytes", lambda device: 8 * 1024)  # 8 KiB each
+  sharding.check_fits(tree, split)  # 4 KiB per device
+  with pytest.raises(ConfigError, match=r"largest array is params/w \(8, 1024\)"):
+    sharding.check_fits(tree, whole)
