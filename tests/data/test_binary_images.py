@@ -114,6 +114,10 @@ def test_shared_mnist_protocol():
   grey_test = bi.read_idx(SHARED / "mnist" / "t10k-images-idx3-ubyte.gz").reshape(10000, -1) / 255.0
   np.testing.assert_array_equal(d.test, bi.binarize(grey_test.astype(np.float32), [0, 2]))  # seeded
   assert abs(d.test.mean() - d.train.mean()) < 0.01
+  # Train = the first 50,000 training images, valid = the last 10,000 (no image in both).
+  grey_train = bi.mnist_grey(SHARED / "mnist")[0].reshape(60000, -1).astype(np.float32) / 255.0
+  np.testing.assert_array_equal(d.train, grey_train[:50000])
+  np.testing.assert_array_equal(d.valid, bi.binarize(grey_train[50000:], [0, 1]))
 
 
 @pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason="../shared/data/mnist absent")

@@ -233,6 +233,23 @@ def test_fvsbn_is_one_logistic_regression_per_dimension():
   np.testing.assert_allclose(model.apply(variables, x), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_pixelcnn_residual_convolutions_see_their_own_pixel():
+  """The residual blocks' 3x3 convolutions are mask B: after the mask-A first layer a feature at
+  pixel i already excludes x_i, so the centre tap is allowed and used. Mask A there kept the model
+  autoregressive and normalised (every other test passed) while dropping the centre tap."""
+  model = PixelCNN(image_shape=(5, 5), channels=4, num_layers=2, first_kernel=3)
+  x = jnp.asarray(np.random.default_rng(0).random((3, 25)) < 0.5, jnp.float32)
+  params = nn.unbox(model.init(jax.random.key(0), x)["params"])
+  grads = jax.grad(lambda p: model.apply({"params": p}, x, method=model.log_prob).sum())(params)
+  residual = [g["kernel"] for name, g in grads.items()
+              if name != "Conv_0" and g["kernel"].shape[:2] == (3, 3)]
+  assert len(residual) == 2
+  for g in residual:
+    tap = np.abs(np.asarray(g)).sum(axis=(2, 3))  # [3, 3]
+    assert tap[1, 1] > 0 and tap[0].min() > 0 and tap[1, 0] > 0  # mask B: above, left, centre
+    assert tap[1, 2] == 0 and (tap[2] == 0).all()  # never right of or below the pixel
+
+
 def test_made_masks_orders_and_ensemble():
   orders, masks, _ = made_masks(10, (12, 12), 4, seed=1)
   assert (orders[0] == np.arange(10)).all()
