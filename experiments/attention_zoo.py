@@ -178,23 +178,29 @@ def main(argv=None):
   steps = args.steps or (100 if args.quick else 1000)
   stem = "attention_zoo_quick" if args.quick else "attention_zoo"
   out = pathlib.Path(args.out)
+  import jax
+  device = f"{cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
   rows, lm = [], []
   if args.merge and (out / f"{stem}.json").is_file():
     old = json.loads((out / f"{stem}.json").read_text())
-    rows = [r for r in old["speed"] if r["family"] not in args.families]
-    lm = [r for r in old["lm"] if r["family"] not in args.lm_families]
+    # Each row keeps the device it was measured on (older files name one device for all rows).
+    rows = [{"device": old["device"], **r} for r in old["speed"] if r["family"] not in args.families]
+    lm = [{"device": old["device"], **r} for r in old["lm"] if r["family"] not in args.lm_families]
   for length in lengths:
     for name in args.families:
-      rows.append(measure(name, length, repeats=5 if length <= 4096 else 2))
+      rows.append({**measure(name, length, repeats=5 if length <= 4096 else 2), "device": device})
       print(json.dumps(rows[-1]), flush=True)
   for f in args.lm_families:
-    lm.append(quality(str(pathlib.Path(args.data).resolve()), f, steps, args.eval_batches))
+    lm.append({**quality(str(pathlib.Path(args.data).resolve()), f, steps, args.eval_batches),
+               "device": device})
     print(json.dumps(lm[-1]), flush=True)
   rows.sort(key=lambda r: (r["length"], list(FAMILIES).index(r["family"])))
   lm.sort(key=lambda r: list(LM_FAMILIES).index(r["family"]))
-
-  import jax
-  device = f"{cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
+  devices = {r["device"]: None for r in rows + lm}  # in order of first appearance
+  if len(devices) > 1:  # rows merged from runs on other machines: say which ran where
+    device = "; ".join(
+        f"{d} ({', '.join(dict.fromkeys(r['family'] for r in rows + lm if r['device'] == d))})"
+        for d in devices)
   out.mkdir(parents=True, exist_ok=True)
   failures = check_claims(rows, lengths)
   (out / f"{stem}.json").write_text(json.dumps({"device": device, "speed": rows, "lm": lm,
@@ -205,7 +211,8 @@ def main(argv=None):
     print("matplotlib is not installed: no plot", file=sys.stderr)
   command = "python experiments/attention_zoo.py --data ../shared/data/tinyshakespeare/input.txt"
   lines = [f"# Attention zoo ({'quick' if args.quick else 'full'})", "",
-           f"Device: {device}. Command: `{command}{' --quick' if args.quick else ''}`.", "",
+           f"Device{'s' if len(devices) > 1 else ''}: {device}. Command: "
+           f"`{command}{' --quick' if args.quick else ''}`.", "",
            "## Forward+backward, causal, B=1, one head, head_dim 64, float32", "",
            "Time / XLA working memory (temp buffers) of the jitted forward+backward. Swin windows are "
            "not in this table: they are non-causal attention over 2-D feature maps.", "",

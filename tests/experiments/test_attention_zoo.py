@@ -25,6 +25,13 @@ def test_tiny_run_writes_both_tables(tmp_path, experiment):
   assert lm["family"] == "softmax" and math.isfinite(lm["val_loss"]) and lm["params"] > 100_000
   md = (tmp_path / "attention_zoo_quick.md").read_text()
   assert "| softmax | " in md and "GAU relu^2" in md
+  # --merge keeps each row's device: a row from another machine is named with it, not relabelled.
+  out["lm"].append({**lm, "family": "linear", "device": "another machine"})
+  (tmp_path / "attention_zoo_quick.json").write_text(json.dumps(out))
+  script.main(["--quick", "--data", str(DATA), "--lengths", "64,128", "--families", "",
+               "--lm-families", "", "--merge", "--out", str(tmp_path)])
+  md = (tmp_path / "attention_zoo_quick.md").read_text()
+  assert f"Devices: {out['device']} (softmax (xla), " in md and "; another machine (linear)." in md
 
 
 def test_claim_checks_catch_quadratic_memory(experiment):
