@@ -128,15 +128,15 @@ class MADE(nn.Module):
     # Logical axes: pixels "embed", hidden units "mlp" (a hidden-to-hidden kernel names only its
     # output side, as one mesh axis cannot shard two dimensions of an array).
     axes = ("embed", *(["mlp"] * len(self.hidden)), "embed")
-    boxed = lambda init, names: nn.with_logical_partitioning(init, names)
-    self.kernels = [self.param(f"kernel_{l}", boxed(nn.initializers.lecun_normal(),
-                                                    (axes[l] if axes[l] != axes[l + 1] else None,
-                                                     axes[l + 1])), (a, b))
+    partitioned = nn.with_logical_partitioning
+    self.kernels = [self.param(f"kernel_{l}", partitioned(nn.initializers.lecun_normal(),
+                                                          (axes[l] if axes[l] != axes[l + 1] else
+                                                           None, axes[l + 1])), (a, b))
                     for l, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
-    self.biases = [self.param(f"bias_{l}", boxed(nn.initializers.zeros, (axes[l + 1],)), (b,))
+    self.biases = [self.param(f"bias_{l}", partitioned(nn.initializers.zeros, (axes[l + 1],)), (b,))
                    for l, b in enumerate(sizes[1:])]
     if self.direct:
-      self.direct_kernel = self.param("direct", boxed(nn.initializers.zeros, ("embed", None)),
+      self.direct_kernel = self.param("direct", partitioned(nn.initializers.zeros, ("embed", None)),
                                       (self.dim, self.dim))
 
   def _logits_fn(self):

@@ -63,13 +63,13 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
     kh, kw = self.kernel_shape
-    boxed = lambda init, names: nn.with_logical_partitioning(init, names)
-    kernel = self.param("kernel", boxed(nn.initializers.lecun_normal(),
-                                        (None, None, None, self.out_axis)),
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), (None, None, None, self.out_axis)),
                         (kh, kw, x_BHWC.shape[-1], self.features))
     if self.mask is not None:
       kernel = kernel * jnp.asarray(self.mask)[:, :, None, None]
-    bias = self.param("bias", boxed(nn.initializers.zeros, (self.out_axis,)), (self.features,))
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.out_axis,)),
+                      (self.features,))
     return conv2d(x_BHWC, kernel, self.padding) + bias
 
 
