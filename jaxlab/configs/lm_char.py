@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   # gau / flash: each block = two gated attention units (GAU, or FLASH's), e = 2 * width, no MLP
   c.model.gau_qk_dim = 64  # gau, flash: shared Z dimension s
   c.model.flash_chunk = 64  # flash: chunk size C (quadratic inside, linear across chunks)
-  c.model.gau_kind = "relu2"  # gau, flash: relu2 (the paper; gau: x 1/max_len) | softmax
+  c.model.gau_kind = "relu2"  # gau, flash: relu2 (the paper; gau: x 1/data.seq_len) | softmax
   c.model.gau_offset_init = 0.0  # gau, flash: initial per-dim offsets beta (the paper: 0)
   c.model.qk_norm = False  # RMS-normalise q and k per head
   c.model.logit_soft_cap = 0.0  # softmax: > 0 caps logits as c * tanh(logits / c); 0 = off

@@ -113,9 +113,9 @@ def emoji_entries(root: pathlib.Path) -> list[dict]:
     records = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"emoji_captions: {path} is not emoji-datasource's JSON ({e})") from None
-  if not isinstance(records, list):
-    raise ValueError(f"emoji_captions: {path} must hold a JSON list of emoji records, got "
-                     f"{type(records).__name__}")
+  if not isinstance(records, list) or not records:
+    raise ValueError(f"emoji_captions: {path} must hold a non-empty JSON list of emoji records, got "
+                     f"{json.dumps(records)[:40] if not records else type(records).__name__}")
   entries = []
   try:
     for e in sorted(records, key=lambda e: e["unified"]):
@@ -129,6 +129,10 @@ def emoji_entries(root: pathlib.Path) -> list[dict]:
     what = f"has no field {e.args[0]!r}" if isinstance(e, KeyError) else f"has a malformed field ({e})"
     raise ValueError(f"emoji_captions: a record of {path} {what}; expected emoji-datasource's "
                      "emoji.json (unified, name, category, subcategory, sheet_x, sheet_y)") from None
+  negative = next((e for e in entries if min(e["cell"]) < 0), None)
+  if negative is not None:
+    raise ValueError(f"emoji_captions: {path} places {negative['caption']!r} at sheet cell "
+                     f"{negative['cell']}; sheet_x and sheet_y must be >= 0")
   return entries
 
 

@@ -68,9 +68,9 @@ class GPTConfig:
   (performer), sparse_layout / sparse_block_size / sparse_local_blocks / sparse_stride /
   sparse_num_global / sparse_num_random / sparse_seed (block_sparse, see `causal_block_layout`),
   gau_qk_dim / gau_kind / gau_offset_init ("gau": each block is two gated attention units, "flash":
-  two FLASH layers, with flash_chunk; "gau" with gau_kind="relu2" scales its logits by 1/max_len, the
-  paper's 1/T at the training length, fixed so that cached decoding equals the full pass; with
-  gau_kind="softmax" it takes logn_train_len);
+  two FLASH layers, with flash_chunk; "gau" with gau_kind="relu2" scales its logits by
+  1/gau_train_len (0 = max_len), the paper's 1/T at the training length, fixed so that cached
+  decoding equals the full pass; with gau_kind="softmax" it takes logn_train_len);
   qk_norm; logit_soft_cap (softmax); attention_impl: passed to `dot_product_attention`;
   mtp_heads / medusa_heads (at most one > 0) and heads_stop_gradient: the extra heads (module docstring).
   """
@@ -109,6 +109,7 @@ class GPTConfig:
   flash_chunk: int = 64
   gau_kind: str = "relu2"
   gau_offset_init: float = 0.0
+  gau_train_len: int = 0
   attention_impl: Optional[str] = None
   activation: str = "gelu"
   use_bias: bool = False
@@ -128,6 +129,9 @@ class GPTConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(self.gau_train_len, bool) or not isinstance(self.gau_train_len, (int, np.integer)) \
+        or self.gau_train_len < 0:
+      raise ValueError(f"gau_train_len must be an int >= 0 (0 = max_len), got {self.gau_train_len!r}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
     if self.attention not in GAU_FAMILIES and int(self.mlp_ratio * self.width) < 1:
@@ -223,7 +227,8 @@ class Block(nn.Module):
         layer = FlashLayer(2 * c.width, chunk_size=c.flash_chunk, relative_bias=True,
                            name=f"flash_{i}", **common)
       else:
-        layer = GatedAttentionUnit(2 * c.width, scale=1.0 / c.max_len if c.gau_kind == "relu2"
+        relu2_scale = 1.0 / (c.gau_train_len or c.max_len)  # the paper's 1/T, T fixed
+        layer = GatedAttentionUnit(2 * c.width, scale=relu2_scale if c.gau_kind == "relu2"
                                    else None, logn_train_len=c.logn_train_len, name=f"gau_{i}",
                                    **common)
       h_BTD = layer(h_BTD, positions_BT, decode=decode)
@@ -335,8 +340,9 @@ class GPT(nn.Module):
     return logits_BTJV if all_heads else logits_BTV
 
 
-def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
-  """Builds the GPT from `config.model` (see jaxlab/configs/lm_char.py)."""
+def gpt_from_config(model_cfg, vocab_size: int, max_len: int, train_len: int = 0) -> GPT:
+  """Builds the GPT from `config.model` (see jaxlab/configs/lm_char.py); train_len: the training
+  sequence length (config.data.seq_len; 0 = max_len), which fixes relu2 GAU's 1/T scale."""
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
   # The options of the chosen attention family only (the config holds every family's).
   family_options = {_gpt_option(name): model_cfg[_gpt_option(name)]
@@ -357,6 +363,7 @@ def gpt_from_config(model_cfg, vocab_size: int, max_len: int) -> GPT:
       **family_options,
       gau_qk_dim=model_cfg.gau_qk_dim, flash_chunk=model_cfg.flash_chunk,
       gau_kind=model_cfg.gau_kind, gau_offset_init=model_cfg.gau_offset_init,
+      gau_train_len=train_len if model_cfg.attention == "gau" else 0,
       activation=model_cfg.activation, use_bias=model_cfg.use_bias,
       mtp_heads=model_cfg.mtp_heads, medusa_heads=model_cfg.medusa_heads,
       heads_stop_gradient=model_cfg.heads_stop_gradient, dtype=dtypes[model_cfg.dtype]))

@@ -107,8 +107,9 @@ def validate(config, require) -> None:
             "rotary_fraction < 1")
     require(not m.logn_scaling or (m.attention, m.gau_kind) == ("gau", "softmax"),
             f"config.model.logn_scaling applies to config.model.attention='gau' with "
-            f"gau_kind='softmax' (relu^2 weights do not normalise), not attention={m.attention!r}, "
-            f"gau_kind={m.gau_kind!r}")
+            f"gau_kind='softmax', not attention={m.attention!r}, gau_kind={m.gau_kind!r} ("
+            + ("relu^2 weights do not normalise" if m.gau_kind == "relu2" else
+               "FLASH's linear part has no per-query normaliser to scale") + ")")
   if m.attention != "softmax":
     require(m.position not in ("alibi", "t5"),
             f"config.model.position={m.position!r} adds a logit bias, which "
@@ -122,7 +123,8 @@ def validate(config, require) -> None:
             f"config.model.attention_impl='pallas' takes no logit bias (position={m.position!r}); "
             "use 'auto', which falls back")
   if m.attention_impl == "cudnn":  # cuDNN takes causal, length and bias masks only
-    require(not m.logit_soft_cap and m.attention in ("softmax", "linear", "performer", "flash"),
+    require(not m.logit_soft_cap and m.attention in ("softmax", "linear", "performer", "gau",
+                                                     "flash"),
             f"config.model.attention_impl='cudnn' takes no logit_soft_cap ({m.logit_soft_cap}) and "
             f"not config.model.attention={m.attention!r} (its cached decoding masks the cache by "
             "segments); use 'auto'")
@@ -333,7 +335,8 @@ class LMTask:
     else:
       self.corpus, self.vocab = None, vocab
     self.model = gpt_from_config(config.model, self.vocab.size,
-                                 max_len=config.model.max_len or config.data.seq_len)
+                                 max_len=config.model.max_len or config.data.seq_len,
+                                 train_len=config.data.seq_len)
     self.seq_len = config.data.seq_len
     self.batch_size = config.data.batch_size
 

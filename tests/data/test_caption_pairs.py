@@ -139,7 +139,11 @@ def _fake_emoji_folder(root: pathlib.Path, records=None, sheet_px: int = 68) -> 
 
 @pytest.mark.parametrize("break_it,message", [
     (lambda root: (root / "emoji.json").write_text("{'name': 1}"), "is not emoji-datasource's JSON"),
-    (lambda root: (root / "emoji.json").write_text('{"name": 1}'), "must hold a JSON list"),
+    (lambda root: (root / "emoji.json").write_text('{"name": 1}'), "must hold a non-empty JSON list"),
+    (lambda root: (root / "emoji.json").write_text('[]'), r"must hold a non-empty JSON list of emoji records, got \[\]"),
+    (lambda root: _fake_emoji_folder(root, records=[dict(
+        unified="1F600", name="x", category="C", subcategory="s", sheet_x=-1, sheet_y=0)]),
+     "sheet_x and sheet_y must be >= 0"),
     (lambda root: (root / "emoji.json").write_text('[{"name": "x"}]'), "has no field 'unified'"),
     (lambda root: (root / cp.EMOJI_FILES[1]).write_bytes(b"not a png"), "is not a readable image"),
     (lambda root: _fake_emoji_folder(root, sheet_px=40), "is 40x40 px, too small"),

@@ -344,6 +344,28 @@ def test_gau_blocks_refuse_position_settings_they_would_ignore(setting, family):
   tiny_gpt(attention="gau", gau_qk_dim=8, gau_kind="softmax", logn_train_len=8)
 
 
+def test_relu2_gau_scales_by_the_training_length():
+  """1/T at the training length (data.seq_len), not 1/max_len: a larger position table for longer
+  sampling made the initial relu^2 weights (max_len / seq_len)^2 times smaller."""
+  from jaxlab.configs import load_config
+  from jaxlab.models.gpt import gpt_from_config
+  config = load_config("lm_char", ["--config.model.attention=gau", "--config.data.seq_len=128",
+                                   "--config.model.max_len=1024"], check_devices=False)
+  model = gpt_from_config(config.model, 11, max_len=1024, train_len=128)
+  scales = set()
+
+  def record_scale(next_fun, args, kwargs, context):
+    if type(context.module).__name__ == "GatedAttentionUnit":
+      scales.add(context.module.scale)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record_scale):
+    model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  assert scales == {1 / 128}
+  with pytest.raises(ValueError, match="gau_train_len must be an int >= 0"):
+    tiny_gpt(attention="gau", gau_train_len=-1)
+
+
 @pytest.mark.parametrize("extra", [dict(position="rope"), dict(position="learned"),
                                    dict(position="rope", gau_kind="softmax", logn_train_len=4)])
 def test_gau_gpt_decodes_as_the_full_pass_at_o1_weights(extra):
