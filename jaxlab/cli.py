@@ -284,8 +284,20 @@ def cmd_eval(args, overrides) -> int:
   run = trainer.setup(config, workdir, reading=True)
   step, params = _restore_params(run, best=args.best)
   val_loss = trainer.evaluate(run, params)
+  _refuse_unusable(step, val_loss, "evaluates to")
   _say(json.dumps({"step": step, "val_loss": val_loss}))
   return 0
+
+
+def _refuse_unusable(step: int, val_loss, what: str) -> None:
+  """FloatingPointError (exit 1) when checkpoint `step`'s parameters give a non-finite validation
+  loss: a run whose last update blew them up stops there and keeps that checkpoint (its steps are
+  not lost), and `eval` printed NaN with exit 0 while `sample` printed samples of NaNs."""
+  if val_loss is not None and not math.isfinite(val_loss):
+    raise FloatingPointError(
+        f"checkpoint {step} {what} a validation loss of {val_loss}: its parameters are unusable "
+        "(the run stopped there; retrain from an earlier checkpoint, e.g. with a lower "
+        "config.optim.lr, after moving this one aside)")
 
 
 def _check_task_keeps_best(config) -> None:
@@ -366,7 +378,9 @@ def cmd_sample(args, overrides) -> int:
   except BaseException:
     run.checkpointer.close()
     raise
-  _, params = _restore_params(run, best=args.best)
+  step, params = _restore_params(run, best=args.best)
+  if not args.best:
+    _refuse_unusable(step, trainer.logged_val_loss(workdir, step), "gave")
   from jaxlab.train import distributed
   params = distributed.host_copy(params)  # every process; then one host samples
   if distributed.is_primary():

@@ -631,7 +631,7 @@ def _close_savers(savers, lock, failure: Optional[BaseException]) -> None:
   raise errors[0]
 
 
-def _logged_val_loss(workdir: pathlib.Path, step: int) -> Optional[float]:
+def logged_val_loss(workdir: pathlib.Path, step: int) -> Optional[float]:
   """The val_loss metrics.jsonl holds for `step`, or None."""
   values = [r["val_loss"] for r in read_metrics(workdir) if r.get("step") == step and "val_loss" in r]
   return float(values[-1]) if values else None
@@ -726,7 +726,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
       if start and is_eval_step(start):
         # A run stopped between saving this checkpoint and evaluating it (or recording the best
         # parameters) finishes that evaluation now; otherwise it reports the one on record.
-        logged = _logged_val_loss(run.workdir, start)
+        logged = logged_val_loss(run.workdir, start)
         if not distributed.all_agree(logged is not None):
           evaluate_and_record(start, state["params"])
         else:

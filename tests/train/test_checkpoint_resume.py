@@ -864,13 +864,20 @@ def test_moved_data_with_the_same_content_still_resumes_and_evaluates(tiny_lm_co
     trainer.setup(tiny_lm_config(f"--config.data.path={moved}"), tmp_path / "run")
 
 
-def test_parameters_that_blow_up_stop_the_run_with_one_line(tiny_lm_config, tmp_path):
+def test_parameters_that_blow_up_stop_the_run_with_one_line(tiny_lm_config, tmp_path, capsys):
   """lr = 1e30: the last update made parameters ~1e30 (finite), the validation loss was NaN, and the
-  run ended with exit status 0; non-finite parameters are not saved at all."""
+  run ended with exit status 0; non-finite parameters are not saved at all. `jaxlab eval` of the
+  checkpoint it keeps printed {"val_loss": NaN} with exit 0, and `jaxlab sample` printed samples."""
+  from jaxlab import cli
   with pytest.raises(FloatingPointError, match=r"the validation loss is nan at step 2; stopping"):
     trainer.train(tiny_lm_config("--config.optim.lr=1e30", "--config.train.steps=2",
                                  "--config.optim.warmup_steps=1", "--config.train.eval_every=2",
                                  "--config.train.checkpoint_every=2"), tmp_path, progress=False)
+  capsys.readouterr()
+  for command in (["eval", str(tmp_path)], ["sample", str(tmp_path), "--num-tokens", "4"]):
+    assert cli.main(command) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "checkpoint 2 " in err and "validation loss of nan" in err, (out, err)
   assert bool(trainer._all_finite({"a": jnp.ones(2), "i": jnp.arange(2)}))
   assert not bool(trainer._all_finite({"a": jnp.array([1.0, jnp.inf]), "b": jnp.ones(2)}))
 
