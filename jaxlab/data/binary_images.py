@@ -22,6 +22,7 @@ import gzip
 import os
 import pathlib
 import warnings
+import zlib
 from typing import Iterator
 
 import jax
@@ -49,7 +50,15 @@ class BinaryDataset:
   note: str
 
   def __post_init__(self):
-    """Refuses data that is not binary (e.g. 0/255 pixels), which the models would score as log p > 0."""
+    """Refuses data that is not binary (e.g. 0/255 pixels), which the models would score as log p > 0,
+    and splits that are not [N, D] with one D (a narrower valid split failed at the first
+    evaluation, after training)."""
+    shapes = {split: np.shape(getattr(self, split)) for split in ("train", "valid", "test")}
+    if any(len(shape) != 2 or 0 in shape for shape in shapes.values()) \
+        or len({shape[1] for shape in shapes.values()}) != 1:
+      raise ValueError(f"{self.name}: the train/valid/test splits must be non-empty [examples, "
+                       f"dimensions] arrays of one width; got shapes "
+                       + ", ".join(f"{k} {v}" for k, v in shapes.items()))
     for split in ("train", "valid", "test"):
       x = getattr(self, split)
       if split == "train" and self.dynamic:
@@ -72,7 +81,10 @@ def read_idx(path: str | pathlib.Path) -> np.ndarray:
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"IDX file not found: {path}")
-  raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+  try:
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+  except (EOFError, OSError, zlib.error) as e:  # truncated or not gzip (gzip.BadGzipFile: OSError)
+    raise ValueError(f"{path} is not a readable gzip file ({e})") from None
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
     raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {raw[:4].hex()})")
   ndim = raw[3]
@@ -184,11 +196,18 @@ def load_uci(name: str, path: str = "") -> BinaryDataset:
   file = pathlib.Path(path) if path else SHARED_DATA / "nade_uci_binary" / f"{name}.npz"
   if not file.is_file():
     raise FileNotFoundError(f"UCI split file not found: {file}")
-  with warnings.catch_warnings(), np.load(file, encoding="latin1") as d:
-    warnings.simplefilter("ignore")  # the files were written by Python 2's numpy
-    parts = [np.asarray(d[k], np.float32) for k in ("train_data", "valid_data", "test_data")]
-  return BinaryDataset(name, *parts, None, False,
-                       f"UCI {name}: the fixed NADE/MADE train/valid/test split")
+  try:
+    with warnings.catch_warnings(), np.load(file, encoding="latin1") as d:
+      warnings.simplefilter("ignore")  # the files were written by Python 2's numpy
+      parts = [np.asarray(d[k], np.float32) for k in ("train_data", "valid_data", "test_data")]
+    return BinaryDataset(name, *parts, None, False,
+                         f"UCI {name}: the fixed NADE/MADE train/valid/test split")
+  except Exception as e:  # not a zip/npz (BadZipFile, pickled data), a missing key, bad shapes
+    first_line = (str(e).splitlines() or [type(e).__name__])[0]
+    detail = f"an array is missing ({e.args[0]})" if isinstance(e, KeyError) else first_line
+    given = "config.data.path" if path else "the default file; set config.data.path"
+    raise ValueError(f"{file} ({given}) is not a NADE/MADE UCI .npz with train_data, valid_data "
+                     f"and test_data: {detail}") from None
 
 
 def load_caltech(path: str = "", *, split_seed: int = 0) -> BinaryDataset:

@@ -144,3 +144,31 @@ def test_data_that_is_not_binary_is_refused():
   with pytest.raises(ValueError, match="the train split must hold probabilities"):
     bi.BinaryDataset("x", 2 * ones, ones, ones, None, True, "")
   bi.BinaryDataset("x", 0.5 * ones, ones, 0 * ones, None, True, "")  # grey training data, dynamic
+
+
+def test_bad_data_files_are_one_error_naming_the_file(tmp_path):
+  """A truncated or foreign .npz, a missing array, 1-D arrays, splits of different widths and a
+  truncated .gz were tracebacks (BadZipFile, KeyError, IndexError, EOFError), or failed only at the
+  first evaluation after training."""
+  ones = np.ones((6, 4), np.float32)
+  with pytest.raises(ValueError, match=r"splits must be non-empty \[examples, dimensions\] arrays "
+                                       r"of one width; got shapes train \(6, 4\), valid \(6, 3\)"):
+    bi.BinaryDataset("x", ones, ones[:, :3], ones, None, False, "")
+  good = tmp_path / "good.npz"
+  np.savez(good, train_data=ones, valid_data=ones, test_data=ones)
+  assert bi.load_uci("dna", str(good)).dim == 4
+  cases = {"truncated.npz": good.read_bytes()[:200], "text.npz": b"not an npz at all\n"}
+  for name, data in cases.items():
+    (tmp_path / name).write_bytes(data)
+  np.savez(tmp_path / "keys.npz", a=ones)
+  np.savez(tmp_path / "flat.npz", train_data=np.ones(4), valid_data=np.ones(4), test_data=np.ones(4))
+  np.savez(tmp_path / "widths.npz", train_data=ones, valid_data=ones[:, :3], test_data=ones)
+  for name, detail in (("truncated.npz", ""), ("text.npz", ""), ("keys.npz", "an array is missing .*train_data"),
+                       ("flat.npz", "one width"), ("widths.npz", "one width")):
+    with pytest.raises(ValueError, match=rf"{tmp_path / name} \(config\.data\.path\) is not a "
+                                         rf"NADE/MADE UCI \.npz.*{detail}"):
+      bi.load_uci("dna", str(tmp_path / name))
+  import gzip
+  (tmp_path / "cut.gz").write_bytes(gzip.compress(b"\0\0\x08\x01" + bytes(range(256)) * 4)[:40])
+  with pytest.raises(ValueError, match=r"cut\.gz is not a readable gzip file"):
+    bi.read_idx(tmp_path / "cut.gz")
