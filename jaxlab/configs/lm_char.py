@@ -3,9 +3,9 @@
     jaxlab train                      # = jaxlab train lm_char
 
 Needs no download (the corpus is the running interpreter's stdlib, ~10 MB of .py files). On 2 CPU
-cores (one XLA device each) it trains 1000 steps in 3-5 minutes, evaluates, and prints a sample
+cores (one XLA device each) it trains 1000 steps in 2-5 minutes, evaluates, and prints a sample
 of Python-looking code. Measured (Python 3.11 stdlib, experiments/results/default_jobs.md): val loss
-1.447 nats/byte at step 1000, 2.8 minutes on a quiet VM.
+1.447 nats/byte at step 1000, 2.3 minutes on a quiet VM (2.8 on another).
 """
 
 import ml_collections

@@ -4,8 +4,8 @@
         --config.train.eval_every=2500 --config.train.eval_batches=20
 
 Expected (measured 2026-12-02 on 2 CPU cores, 132 ms/step, 65 min): test NLL 84.13 nats on MNIST with
-dynamic training binarisation (published, static binarisation: 88.86); validation NLL 90.2 after 2,500
-steps, 88.0 after 5,000. Add --config.data.static_binarization=True for the published protocol.
+dynamic training binarisation (published, static binarisation: 88.86; experiments/results/
+binary_density.md). Add --config.data.static_binarization=True for the published protocol.
 """
 
 from jaxlab.configs._density import base_config
