@@ -12,6 +12,8 @@ def early(name, *overrides):
 
 @pytest.mark.parametrize("name, override, key", [
     ("lm_char_cpu", "--config.model.mlp_ratio=0.001", "config.model.mlp_ratio"),
+    ("lm_char_cpu", "--config.model.num_layers=100000", "config.model.num_layers=100000 must be <="),
+    ("contrastive_digits", "--config.model.text_layers=5000", "config.model.text_layers=5000"),
     ("contrastive_digits", "--config.model.mlp_ratio=0.001", "config.model.mlp_ratio"),
     ("lm_char_cpu", "--config.optim.lr=1e999", "config.optim.lr"),
     ("made", "--config.optim.min_lr=1e999", "config.optim.min_lr"),

@@ -34,6 +34,7 @@ CHOICES = {
     "model.text_position": ("learned", "rope"),
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
+MAX_LAYERS = 1000  # tracing 100,000 blocks hangs before the memory check
 MAX_TEXT_LEN = 4096  # caption tokens; the longest caption of digits / emoji is < 200 characters
 POSITIVE_INTS = ("data.text_len", "model.patch", "model.image_width", "model.image_layers",
                  "model.image_heads", "model.image_window", "model.image_stages", "model.text_width",
@@ -79,6 +80,8 @@ def validate(config, require) -> None:
   require(d.batch_size >= 2, f"config.data.batch_size={d.batch_size} must be >= 2: a contrastive "
                              "batch of one pair has no negatives (the loss would be 0)")
   require(d.text_len >= 2, f"config.data.text_len={d.text_len} must be >= 2 (text + end token)")
+  for key in ("image_layers", "text_layers"):
+    require(m[key] <= MAX_LAYERS, f"config.model.{key}={m[key]} must be <= {MAX_LAYERS}")
   require(d.text_len <= MAX_TEXT_LEN,
           f"config.data.text_len={d.text_len} must be <= {MAX_TEXT_LEN}: the captions of these "
           "datasets are a few dozen characters, so longer only pads (and at 200,000 the padded "

@@ -52,6 +52,14 @@ def validate(config, require) -> None:
   m = config.model
   require(len(m.hidden) >= 1 and all(isinstance(h, int) and h > 0 for h in m.hidden),
           f"config.model.hidden={tuple(m.hidden)!r} must be one or more positive ints")
+  # Upper bounds far beyond the papers' sizes (MADE: 8000 units, 32 masks; PixelCNN: 15 layers):
+  # larger values failed as a NumPy MemoryError building MADE's masks, or hung in tracing.
+  for key, value, limit in (("model.hidden", tuple(m.hidden), MAX_HIDDEN),
+                            ("model.num_masks", m.num_masks, MAX_MASKS),
+                            ("model.num_layers", m.num_layers, MAX_LAYERS)):
+    require(max(value if isinstance(value, tuple) else (value,)) <= limit,
+            f"config.{key}={value!r} must be <= {limit}"
+            + (" per layer" if key == "model.hidden" else "") + " (far beyond the papers' sizes)")
   if m.name == "nade":
     require(len(m.hidden) == 1, f"config.model.hidden={tuple(m.hidden)!r}: NADE has one hidden "
                                 "layer")
@@ -78,6 +86,7 @@ def validate(config, require) -> None:
 
 
 # The keys each model, and each dataset, reads (others keep base_config's values: validate_new_run).
+MAX_HIDDEN, MAX_MASKS, MAX_LAYERS = 100_000, 4096, 1000
 MODEL_KEYS = {"fvsbn": (), "nade": ("hidden",), "made": ("hidden", "mask_seed"),
               "pixelcnn": ("channels", "num_layers", "first_kernel"),
               "gated_pixelcnn": ("channels", "num_layers", "first_kernel")}

@@ -59,6 +59,7 @@ CHOICES = {
 # float16 runs keep well inside that.
 XPOS_FLOAT16_MAX_LEN = 2048
 XPOS_MAX_LEN = 65536  # float32 / bfloat16: |n - max_len // 2| <= 32k (overflow at ~36k)
+MAX_LAYERS = 1000
 POSITIVE_INTS = ("data.seq_len", "model.num_layers", "model.width", "model.num_heads",
                  "model.num_features", "model.gau_qk_dim", "model.flash_chunk",
                  "model.sparse_block_size", "model.sparse_local_blocks", "model.sparse_stride")
@@ -71,6 +72,8 @@ def validate(config, require) -> None:
     require_choice(config, key, choices)
   require_positive_ints(config, POSITIVE_INTS)
   m, d = config.model, config.data
+  require(m.num_layers <= MAX_LAYERS, f"config.model.num_layers={m.num_layers} must be <= "
+                                      f"{MAX_LAYERS} (tracing 100,000 blocks hung before any check)")
   require(m.width % m.num_heads == 0,
           f"config.model.num_heads={m.num_heads} does not divide config.model.width={m.width}")
   kv = m.num_kv_heads or m.num_heads
