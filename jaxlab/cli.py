@@ -29,6 +29,9 @@ OVERRIDES_EPILOG = ("Keys of the run's saved config (WORKDIR/config.json) can be
                     "which must keep their saved values (data.batch_size may change).")
 
 
+MAX_SAMPLE = 1_000_000  # tokens (or density samples) per `jaxlab sample` call
+
+
 class UsageError(ValueError):
   """A bad command-line flag: one line naming it (exit status 2, like argparse's errors)."""
 
@@ -318,8 +321,9 @@ def _check_sample_flags(args) -> None:
   """The sampling flags, before anything is restored or compiled (None = the config's value)."""
   def bad(flag, value, rule):
     raise UsageError(f"{flag} {value} {rule}")
-  if args.num_tokens is not None and args.num_tokens < 0:
-    bad("--num-tokens", args.num_tokens, "must be >= 0")
+  if args.num_tokens is not None and not 0 <= args.num_tokens <= MAX_SAMPLE:
+    bad("--num-tokens", args.num_tokens, f"must be in [0, {MAX_SAMPLE:,}] (one call; 2e8 aborted "
+        "XLA allocating the KV cache)")
   if args.temperature is not None and not (math.isfinite(args.temperature)
                                            and args.temperature >= 0):
     bad("--temperature", args.temperature, "must be a finite number >= 0 (0 = greedy)")

@@ -32,7 +32,8 @@ from jaxlab.data import pipeline
 from jaxlab.data.local_info import REPO_ROOT, SHARED_DATA
 
 UCI_NAMES = ("dna", "mushrooms", "nips")
-NAMES = ("digits", "mnist", "binarized_mnist", "caltech", *UCI_NAMES)
+IMAGE_NAMES = ("digits", "mnist", "binarized_mnist", "caltech")  # the datasets with an image_shape
+NAMES = (*IMAGE_NAMES, *UCI_NAMES)
 CALTECH_SPLIT = (4100, 2264, 2307)
 
 

@@ -7,6 +7,7 @@ per training step and evaluates with the log-mean-exp over all K (Germain et al.
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import jax
@@ -54,6 +55,8 @@ def validate(config, require) -> None:
           f"config.model.hidden={tuple(m.hidden)!r} must be one or more positive ints")
   # Upper bounds far beyond the papers' sizes (MADE: 8000 units, 32 masks; PixelCNN: 15 layers):
   # larger values failed as a NumPy MemoryError building MADE's masks, or hung in tracing.
+  require(config.sample.num <= MAX_SAMPLE,
+          f"config.sample.num={config.sample.num} must be <= {MAX_SAMPLE}")
   for key, value, limit in (("model.hidden", tuple(m.hidden), MAX_HIDDEN),
                             ("model.num_masks", m.num_masks, MAX_MASKS),
                             ("model.num_layers", m.num_layers, MAX_LAYERS)):
@@ -64,7 +67,7 @@ def validate(config, require) -> None:
     require(len(m.hidden) == 1, f"config.model.hidden={tuple(m.hidden)!r}: NADE has one hidden "
                                 "layer")
   if m.name in IMAGE_MODELS:
-    require(config.data.name in ("digits", "mnist", "binarized_mnist", "caltech"),
+    require(config.data.name in binary_images.IMAGE_NAMES,
             f"config.data.name={config.data.name!r} is not image data, which "
             f"config.model.name={m.name!r} needs")
     require(m.first_kernel % 2 == 1, f"config.model.first_kernel={m.first_kernel} must be odd")
@@ -87,6 +90,7 @@ def validate(config, require) -> None:
 
 # The keys each model, and each dataset, reads (others keep base_config's values: validate_new_run).
 MAX_HIDDEN, MAX_MASKS, MAX_LAYERS = 100_000, 4096, 1000
+MAX_SAMPLE = 1_000_000  # samples per call (as `jaxlab sample --num-tokens`)
 MODEL_KEYS = {"fvsbn": (), "nade": ("hidden",), "made": ("hidden", "mask_seed"),
               "pixelcnn": ("channels", "num_layers", "first_kernel"),
               "gated_pixelcnn": ("channels", "num_layers", "first_kernel")}
@@ -124,6 +128,16 @@ def validate_new_run(config, require) -> None:
             "at the end of training)")
     require(not pathlib.Path(grid).is_dir(),
             f"config.sample.grid_path={grid!r} is a folder; give a .png file name")
+    existing = pathlib.Path(grid).absolute().parent
+    while not existing.exists():
+      existing = existing.parent
+    require(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK),
+            f"config.sample.grid_path={grid!r} cannot be written: {existing} is "
+            + ("not a folder" if not existing.is_dir() else "not writable"))
+    require(config.data.name in binary_images.IMAGE_NAMES,
+            f"config.sample.grid_path={grid!r} applies to the image datasets "
+            f"{binary_images.IMAGE_NAMES}, not config.data.name={config.data.name!r} (no grid would "
+            "be written)")
 
 
 def tensor_units(config) -> None:
@@ -225,7 +239,12 @@ class DensityTask:
              f"({self.data.note})"]
     s = self.config.sample
     if s.grid_path and self.data.image_shape:
-      save_grid(self.samples(params, s.num, s.seed), self.data.image_shape, s.grid_path)
+      try:
+        save_grid(self.samples(params, s.num, s.seed), self.data.image_shape, s.grid_path)
+      except OSError as e:  # the test NLL was lost with it
+        raise OSError(e.errno, f"{lines[0][len('jaxlab: '):]}; but the samples could not be "
+                               f"written to config.sample.grid_path={s.grid_path!r}: "
+                               f"{e.strerror or e}") from None
       lines.append(f"jaxlab: {s.num} samples written to {s.grid_path}")
     return "\n".join(lines)
 

@@ -60,6 +60,7 @@ CHOICES = {
 XPOS_FLOAT16_MAX_LEN = 2048
 XPOS_MAX_LEN = 65536  # float32 / bfloat16: |n - max_len // 2| <= 32k (overflow at ~36k)
 MAX_LAYERS = 1000
+MAX_SAMPLE = 1_000_000  # tokens per sample call (2e8 aborted XLA allocating the KV cache)
 POSITIVE_INTS = ("data.seq_len", "model.num_layers", "model.width", "model.num_heads",
                  "model.num_features", "model.gau_qk_dim", "model.flash_chunk",
                  "model.sparse_block_size", "model.sparse_local_blocks", "model.sparse_stride")
@@ -205,7 +206,8 @@ def validate(config, require) -> None:
           f"config.sample.temperature={s.temperature} must be a finite number >= 0 (0 = greedy)")
   require(s.top_k >= 0, f"config.sample.top_k={s.top_k} must be >= 0 (0 = off)")
   require(0 < s.top_p <= 1, f"config.sample.top_p={s.top_p} must be in (0, 1]")
-  require(s.num_tokens >= 0, f"config.sample.num_tokens={s.num_tokens} must be >= 0")
+  require(0 <= s.num_tokens <= MAX_SAMPLE, f"config.sample.num_tokens={s.num_tokens} must be in "
+                                           f"[0, {MAX_SAMPLE}]")
   if s.speculative:
     from jaxlab.decoding.speculative import SPECULATIVE_FAMILIES
     require(extra > 0, "config.sample.speculative needs extra heads to draft with: set "

@@ -257,6 +257,11 @@ def test_nll_refuses_a_split_that_is_not_binary():
     ("made", ["--config.data.path=/nonexistent"], "config.data.path='/nonexistent' is not read"),
     ("made", ["--config.data.binarize_seed=5"], "config.data.binarize_seed=5 is not read"),
     ("made", ["--config.sample.grid_path=/tmp"], "config.sample.grid_path='/tmp' must name a .png"),
+    # A file where a folder should be failed after training (and lost the test NLL line).
+    ("made", ["--config.sample.grid_path=" + __file__ + "/sub/g.png"], "cannot be written: "
+                                                                      f"{__file__} is not a folder"),
+    ("made", ["--config.data.name=dna", "--config.sample.grid_path=/tmp/g.png"],
+     "config.sample.grid_path='/tmp/g.png' applies to the image datasets"),  # no grid for UCI
 ])
 def test_options_the_model_or_data_do_not_read_are_refused_for_a_new_run(name, overrides, key):
   """They were trained without a word (ignored), and a grid_path that is a folder failed after
@@ -293,3 +298,19 @@ def test_resuming_with_another_model_names_the_model_first(tmp_path):
   with pytest.raises(ConfigError, match=r"checkpoints trained with config\.model\.name='made' .*"
                                         r"but this run has 'nade'"):
     trainer.setup(nade, tmp_path, task=DensityTask(nade, data=data))
+
+
+def test_a_grid_that_cannot_be_written_keeps_the_test_nll_in_the_error(monkeypatch, tmp_path):
+  """finish() built the NLL line, then save_grid raised and only the OS error was printed."""
+  from jaxlab.train import density_task
+  config = load_config("made", ["--config.data.batch_size=16", "--config.model.hidden=(8,)",
+                                f"--config.sample.grid_path={tmp_path / 'g.png'}"],
+                       check_devices=False)
+  data = _tiny_data()
+  task = DensityTask(config, data=data)
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(density_task, "save_grid", full_disk)
+  with pytest.raises(OSError, match=r"test NLL \d+\.\d+ nats per example .*; but the samples could "
+                                    r"not be written to config\.sample\.grid_path=.*No space left"):
+    task.finish(task.init_params(jax.random.key(0)))
