@@ -282,8 +282,7 @@ def cmd_eval(args, overrides) -> int:
   workdir = pathlib.Path(args.workdir)
   _check_workdir(workdir, "WORKDIR")
   config = _load_workdir_config(workdir, overrides, args)
-  if args.best and not config.train.keep_best:
-    _check_task_keeps_best(config)
+  _check_best_flag(args, config, workdir)
   run = trainer.setup(config, workdir, reading=True)
   step, params = _restore_params(run, best=args.best)
   val_loss = trainer.evaluate(run, params)
@@ -301,6 +300,17 @@ def _refuse_unusable(step: int, val_loss, what: str) -> None:
         f"checkpoint {step} {what} a validation loss of {val_loss}: its parameters are unusable "
         "(the run stopped there; retrain from an earlier checkpoint, e.g. with a lower "
         "config.optim.lr, after moving this one aside)")
+
+
+def _check_best_flag(args, config, workdir: pathlib.Path) -> None:
+  """--best on a run that kept no best parameters is a flag error (exit 2), before anything is built:
+  the task refuses train.keep_best, or the run had it off and WORKDIR/best does not exist."""
+  if not getattr(args, "best", False) or config.train.keep_best:
+    return
+  _check_task_keeps_best(config)
+  if not (workdir / "best").is_dir():
+    raise UsageError(f"--best: {workdir} kept no best parameters (it was trained with "
+                     "config.train.keep_best=False); leave out --best for its newest checkpoint")
 
 
 def _check_task_keeps_best(config) -> None:
@@ -356,6 +366,7 @@ def cmd_sample(args, overrides) -> int:
     if text_flags:
       raise UsageError(f"{text_flags[0]} is for language-model runs; this run's task is "
                        f"{config.get('task')!r} (its sampler, if any, takes --num-tokens and --seed)")
+  _check_best_flag(args, config, workdir)
   # A task that can sample from what the run saved (LM: vocab.json) needs no training data.
   build_for_sampling = getattr(tasks.task_module(config.task), "build_for_sampling", None)
   # Samples do not depend on the training data: a workdir whose data changed still samples.

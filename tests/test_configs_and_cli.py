@@ -243,8 +243,9 @@ def test_cli_eval_and_sample_best_params_of_a_density_run(tmp_path, capsys):
   assert cli.main(["train", "made", "--workdir", str(plain), "--no-progress",
                    "--config.train.keep_best=False"] + common) == 0
   capsys.readouterr()
-  assert cli.main(["eval", str(plain), "--best"]) == 1
-  assert "no best-params checkpoint" in capsys.readouterr().err
+  for command in ("eval", "sample"):  # a flag error, before anything is built
+    assert cli.main([command, str(plain), "--best"]) == 2
+    assert "--best: " + str(plain) + " kept no best parameters" in capsys.readouterr().err
 
 
 def test_eval_best_on_a_task_that_keeps_no_best_parameters_says_why():

@@ -124,13 +124,16 @@ def mnist_grey(root: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   return train, read_idx(test_file)
 
 
-def _tfds_images(name: str, data_dir: str, splits) -> list[np.ndarray]:
-  """Images of a prepared TFDS dataset (read with as_data_source; no TensorFlow, no download)."""
+def _tfds_images(name: str, data_dir: str, splits, *, local_path: bool = False) -> list[np.ndarray]:
+  """Images of a prepared TFDS dataset (read with as_data_source; no TensorFlow, no download);
+  local_path: the dataset can also be read from files given by config.data.path."""
   import tensorflow_datasets as tfds
   builder = tfds.builder(name, data_dir=data_dir or None)
   if not builder.is_prepared():
     raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir} (this "
-                            "code never downloads; prepare it with `tfds build` or give a local path)")
+                            "code never downloads; prepare it with `tfds build` and give its "
+                            "config.data.data_dir" + (", or give local files by config.data.path"
+                                                      if local_path else "") + ")")
   out = []
   for split in splits:
     source = builder.as_data_source(split=split)
@@ -165,7 +168,8 @@ def load_mnist(path: str = "", *, data_dir: str = "", binarize_seed: int = 0,
     train, test = mnist_grey(root)
     source = f"IDX files in {os.path.relpath(root, REPO_ROOT)}"
   else:
-    train, test = (a[..., 0] for a in _tfds_images("mnist", data_dir, ("train", "test")))
+    train, test = (a[..., 0] for a in _tfds_images("mnist", data_dir, ("train", "test"),
+                                                   local_path=True))
     source = "TFDS mnist"
   grey_train = _flat(train).astype(np.float32) / 255.0
   grey_test = _flat(test).astype(np.float32) / 255.0
