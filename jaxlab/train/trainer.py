@@ -136,10 +136,10 @@ def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = 
         "a process could not read a checkpoint's data item; check that every process sees the "
         "same workdir")
     check_resume_config(run)
-    check_same_vocabulary(run)
-    check_same_model_structure(run)
-    if check_data:
+    check_same_vocabulary(run)  # names an edited text more precisely than the data's digest
+    if check_data:  # before the structure: other data (another width) explains other MADE masks
       check_same_data(run)
+    check_same_model_structure(run)
   except ValueError:
     checkpointer.close()
     raise

@@ -314,3 +314,20 @@ def test_a_grid_that_cannot_be_written_keeps_the_test_nll_in_the_error(monkeypat
   with pytest.raises(OSError, match=r"test NLL \d+\.\d+ nats per example .*; but the samples could "
                                     r"not be written to config\.sample\.grid_path=.*No space left"):
     task.finish(task.init_params(jax.random.key(0)))
+
+
+def test_evaluating_on_data_of_another_width_blames_the_data(tmp_path):
+  """A dna run evaluated on another file said its MADE masks differ because "this NumPy draws other
+  masks"; the data check now runs before the model-structure check."""
+  common = ["--config.data.batch_size=16", "--config.train.steps=2", "--config.train.eval_every=2",
+            "--config.train.checkpoint_every=2", "--config.train.log_every=2",
+            "--config.optim.warmup_steps=1", "--config.eval.batch_size=8",
+            "--config.model.hidden=(32,)"]
+  config = load_config("made", common, check_devices=False)
+  trainer.train(config, tmp_path, task=DensityTask(config, data=_tiny_data()), progress=False)
+  data = _tiny_data()
+  narrow = binary_images.BinaryDataset("tiny", data.train[:, :9], data.valid[:, :9],
+                                       data.test[:, :9], None, False, "narrower data")
+  with pytest.raises(ValueError, match="data") as info:
+    trainer.setup(config, tmp_path, task=DensityTask(config, data=narrow), reading=True)
+  assert "masks" not in str(info.value)
