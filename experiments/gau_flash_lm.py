@@ -10,7 +10,7 @@ validation batches), parameters and median ms/step (compilation excluded), per m
 steps, cosine; weight decay 0.1 on weight matrices only), seed 0. A transformer block is softmax
 MHA + MLP; a GAU / FLASH block is two gated attention units (expansion 2 x width), which matches the
 parameter count (the paper's comparison, sec. 2: one GAU has about half a block's parameters). GAU's
-relu^2 logits are scaled by 1/max_len = 1/128, the paper's 1/T. See MODELS for the variants.
+relu^2 logits are scaled by 1/data.seq_len = 1/128, the paper's 1/T. See MODELS for the variants.
 """
 
 from __future__ import annotations

@@ -298,8 +298,8 @@ def _refuse_unusable(step: int, val_loss, what: str) -> None:
   if val_loss is not None and not math.isfinite(val_loss):
     raise FloatingPointError(
         f"checkpoint {step} {what} a validation loss of {val_loss}: its parameters are unusable "
-        "(the run stopped there; retrain from an earlier checkpoint, e.g. with a lower "
-        "config.optim.lr, after moving this one aside)")
+        "(train again into a new --workdir, e.g. with a lower config.optim.lr, or move this "
+        "checkpoint aside to use an earlier one)")
 
 
 def _check_best_flag(args, config, workdir: pathlib.Path) -> None:

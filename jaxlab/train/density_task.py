@@ -7,7 +7,6 @@ per training step and evaluates with the log-mean-exp over all K (Germain et al.
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import jax
@@ -131,9 +130,9 @@ def validate_new_run(config, require) -> None:
     existing = pathlib.Path(grid).absolute().parent
     while not existing.exists():
       existing = existing.parent
-    require(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK),
-            f"config.sample.grid_path={grid!r} cannot be written: {existing} is "
-            + ("not a folder" if not existing.is_dir() else "not writable"))
+    # (Whether it is writable is left to the end: only process 0 writes, on its own file system.)
+    require(existing.is_dir(),
+            f"config.sample.grid_path={grid!r} cannot be written: {existing} is not a folder")
     require(config.data.name in binary_images.IMAGE_NAMES,
             f"config.sample.grid_path={grid!r} applies to the image datasets "
             f"{binary_images.IMAGE_NAMES}, not config.data.name={config.data.name!r} (no grid would "
@@ -241,10 +240,13 @@ class DensityTask:
     if s.grid_path and self.data.image_shape:
       try:
         save_grid(self.samples(params, s.num, s.seed), self.data.image_shape, s.grid_path)
-      except OSError as e:  # the test NLL was lost with it
-        raise OSError(e.errno, f"{lines[0][len('jaxlab: '):]}; but the samples could not be "
-                               f"written to config.sample.grid_path={s.grid_path!r}: "
-                               f"{e.strerror or e}") from None
+      except Exception as e:  # the test NLL was lost with it
+        message = (f"{lines[0][len('jaxlab: '):]}; but the samples could not be drawn or written "
+                   f"to config.sample.grid_path={s.grid_path!r}: "
+                   f"{getattr(e, 'strerror', None) or e}")
+        if isinstance(e, OSError):
+          raise (OSError(e.errno, message) if e.errno is not None else OSError(message)) from None
+        raise RuntimeError(message) from e
       lines.append(f"jaxlab: {s.num} samples written to {s.grid_path}")
     return "\n".join(lines)
 
@@ -254,6 +256,9 @@ class DensityTask:
     n = self.config.sample.num if args.num_tokens is None else args.num_tokens
     seed = self.config.sample.seed if args.seed is None else args.seed
     x = self.samples(params, n, seed)
+    if n and not np.isfinite(np.asarray(self.log_prob(params, jnp.asarray(x[:1])))).all():
+      raise FloatingPointError("the parameters give a non-finite log-probability to their own "
+                               "sample: they are unusable (a blown-up run's checkpoint?)")
     if self.data.image_shape is None:
       return "\n".join("".join("#" if v else "." for v in row) for row in x)
     h, w = self.data.image_shape

@@ -506,6 +506,11 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
   ids = jnp.asarray(task.vocab.encode(prompt or "\n"))[None]
   key = jax.random.PRNGKey(seed)
   params = _on_one_device_if_replicated(params)
+  # A checkpoint saved between a blown-up update and the evaluation that would have shown it.
+  if not bool(jnp.isfinite(task.model.apply({"params": params}, ids[:, -task.model.config.max_len:]))
+              .all()):
+    raise FloatingPointError("the parameters give non-finite logits for the prompt: they are "
+                             "unusable (a blown-up run's checkpoint?)")
   if speculative:
     from jaxlab.decoding.speculative import speculative_generate
     task.check_speculative(prompt, num_tokens, "num_tokens")

@@ -734,6 +734,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
           if best is not None:
             best.offer(start, logged, state["params"])
       batch = None
+      saved_at = start  # the step of the newest checkpoint (start: the one resumed, if any)
       for step in range(start, cfg.steps):
         if batch is None:  # after a checkpoint (nothing read ahead): not part of the step's time
           batch = sharding.place_batch(next(data_iter), run.mesh)
@@ -755,8 +756,10 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         grad_norm = float(metrics["grad_norm"]) if "skipped" not in metrics else 0.0
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
           what = f"loss is {loss}" if not np.isfinite(loss) else f"gradient norm is {grad_norm}"
-          raise FloatingPointError(f"{what} at step {step + 1}; stopping (last good checkpoint "
-                                   f"kept in {run.checkpointer.directory})")
+          kept = (f"checkpoint {step} in {run.checkpointer.directory} holds the parameters that "
+                  "gave it, any earlier ones are kept" if saved_at == step and step else
+                  f"last good checkpoint kept in {run.checkpointer.directory}")
+          raise FloatingPointError(f"{what} at step {step + 1}; stopping ({kept})")
         if "skipped" in metrics:
           step_skipped = bool(metrics["skipped"])
           skipped += step_skipped
@@ -789,6 +792,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
                 f"the parameters are not finite after step {done} (the update overflowed; lower "
                 f"config.optim.lr?); stopping before saving them (last good checkpoint kept in "
                 f"{run.checkpointer.directory})")
+          saved_at = done
           run.checkpointer.save(done, state, {
               **data_iter.get_state(),
               **({} if stream_version is None else {STREAM_KEY: stream_version}),

@@ -878,6 +878,18 @@ def test_parameters_that_blow_up_stop_the_run_with_one_line(tiny_lm_config, tmp_
     assert cli.main(command) == 1
     out, err = capsys.readouterr()
     assert out == "" and "checkpoint 2 " in err and "validation loss of nan" in err, (out, err)
+  # A checkpoint that no evaluation saw (saved at step 2, the loss NaN at step 3): the train loop
+  # names it, and sampling checks the logits itself.
+  other = tmp_path / "unevaluated"
+  with pytest.raises(FloatingPointError, match=r"loss is nan at step 3; stopping \(checkpoint 2 .* "
+                                               r"holds the parameters that gave it"):
+    trainer.train(tiny_lm_config("--config.optim.lr=1e30", "--config.train.steps=3",
+                                 "--config.optim.warmup_steps=1", "--config.train.eval_every=3",
+                                 "--config.train.checkpoint_every=2"), other, progress=False)
+  capsys.readouterr()
+  assert cli.main(["sample", str(other), "--num-tokens", "4"]) == 1
+  out, err = capsys.readouterr()
+  assert out == "" and "non-finite logits for the prompt" in err, (out, err)
   assert bool(trainer._all_finite({"a": jnp.ones(2), "i": jnp.arange(2)}))
   assert not bool(trainer._all_finite({"a": jnp.array([1.0, jnp.inf]), "b": jnp.ones(2)}))
 

@@ -308,12 +308,17 @@ def test_a_grid_that_cannot_be_written_keeps_the_test_nll_in_the_error(monkeypat
                        check_devices=False)
   data = _tiny_data()
   task = DensityTask(config, data=data)
-  def full_disk(*args, **kwargs):
-    raise OSError(28, "No space left on device")
-  monkeypatch.setattr(density_task, "save_grid", full_disk)
-  with pytest.raises(OSError, match=r"test NLL \d+\.\d+ nats per example .*; but the samples could "
-                                    r"not be written to config\.sample\.grid_path=.*No space left"):
-    task.finish(task.init_params(jax.random.key(0)))
+  params = task.init_params(jax.random.key(0))
+  for error, kind in ((OSError(28, "No space left on device"), OSError),
+                      (OSError("encoder error -2"), OSError),  # no errno: was "[Errno None] ..."
+                      (RuntimeError("XLA ran out of memory"), RuntimeError)):
+    def fail(*args, error=error, **kwargs):
+      raise error
+    monkeypatch.setattr(density_task, "save_grid", fail)
+    with pytest.raises(kind, match=r"^(\[Errno 28\] )?test NLL \d+\.\d+ nats per example .*; but the "
+                                   r"samples could not be drawn or written to config\.sample\."
+                                   r"grid_path=.*: (No space left|encoder error|XLA ran out)"):
+      task.finish(params)
 
 
 def test_evaluating_on_data_of_another_width_blames_the_data(tmp_path):
@@ -331,3 +336,17 @@ def test_evaluating_on_data_of_another_width_blames_the_data(tmp_path):
   with pytest.raises(ValueError, match="data") as info:
     trainer.setup(config, tmp_path, task=DensityTask(config, data=narrow), reading=True)
   assert "masks" not in str(info.value)
+
+
+def test_sampling_refuses_parameters_with_non_finite_log_probabilities():
+  """Samples of NaN parameters were printed as images (exit 0)."""
+  import types
+  config = load_config("made", ["--config.data.batch_size=16", "--config.model.hidden=(8,)"],
+                       check_devices=False)
+  task = DensityTask(config, data=_tiny_data())
+  params = task.init_params(jax.random.key(0))
+  args = types.SimpleNamespace(num_tokens=2, seed=0)
+  assert task.sample_command(params, args).count("#") + task.sample_command(params, args).count(".")
+  broken = jax.tree.map(lambda p: p * np.nan, params)
+  with pytest.raises(FloatingPointError, match="non-finite log-probability"):
+    task.sample_command(broken, args)
