@@ -344,14 +344,8 @@ def test_gau_blocks_refuse_position_settings_they_would_ignore(setting, family):
   tiny_gpt(attention="gau", gau_qk_dim=8, gau_kind="softmax", logn_train_len=8)
 
 
-def test_relu2_gau_scales_by_the_training_length():
-  """1/T at the training length (data.seq_len), not 1/max_len: a larger position table for longer
-  sampling made the initial relu^2 weights (max_len / seq_len)^2 times smaller."""
-  from jaxlab.configs import load_config
-  from jaxlab.models.gpt import gpt_from_config
-  config = load_config("lm_char", ["--config.model.attention=gau", "--config.data.seq_len=128",
-                                   "--config.model.max_len=1024"], check_devices=False)
-  model = gpt_from_config(config.model, 11, max_len=1024, train_len=128)
+def _with_gau_scales(fn):
+  """(fn(), the set of `scale` attributes of the GatedAttentionUnits that fn called)."""
   scales = set()
 
   def record_scale(next_fun, args, kwargs, context):
@@ -360,7 +354,18 @@ def test_relu2_gau_scales_by_the_training_length():
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record_scale):
-    model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    return fn(), scales
+
+
+def test_relu2_gau_scales_by_the_training_length():
+  """1/T at the training length (data.seq_len), not 1/max_len: a larger position table for longer
+  sampling made the initial relu^2 weights (max_len / seq_len)^2 times smaller."""
+  from jaxlab.configs import load_config
+  from jaxlab.models.gpt import gpt_from_config
+  config = load_config("lm_char", ["--config.model.attention=gau", "--config.data.seq_len=128",
+                                   "--config.model.max_len=1024"], check_devices=False)
+  model = gpt_from_config(config.model, 11, max_len=1024, train_len=128)
+  _, scales = _with_gau_scales(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   assert scales == {1 / 128}
   with pytest.raises(ValueError, match="gau_train_len must be an int >= 0"):
     tiny_gpt(attention="gau", gau_train_len=-1)
@@ -371,22 +376,15 @@ def test_relu2_gau_scales_by_the_training_length():
 def test_gau_gpt_decodes_as_the_full_pass_at_o1_weights(extra):
   """attention='gau' at O(1) weights (at init its attention output is ~1e-6 and would hide a wrong
   cache): a prompt, single tokens, then several tokens on a non-empty cache (a speculative pass)
-  and a rewind, against the full pass. relu2's scale is 1/max_len in both."""
+  and a rewind, against the full pass. relu2's scale is 1/max_len (no training length given) in
+  both."""
   model = tiny_gpt(attention="gau", gau_qk_dim=8, max_len=16, **extra)
   b, t = 2, 16
   tokens = jax.random.randint(jax.random.key(4), (b, t), 0, 11)
   params = nn.unbox(model.init(jax.random.key(5), tokens)["params"])
   rng = np.random.default_rng(6)
   params = jax.tree.map(lambda p: jnp.asarray(0.3 * rng.standard_normal(p.shape), p.dtype), params)
-  scales = set()
-
-  def record_scale(next_fun, args, kwargs, context):
-    if type(context.module).__name__ == "GatedAttentionUnit":
-      scales.add(context.module.scale)
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record_scale):
-    full = np.asarray(model.apply({"params": params}, tokens))
+  full, scales = _with_gau_scales(lambda: np.asarray(model.apply({"params": params}, tokens)))
   assert scales == ({None} if extra.get("gau_kind") == "softmax" else {1 / 16})  # 1 / max_len
   step = jax.jit(lambda cache, x, pos: model.apply({"params": params, "cache": cache}, x, pos,
                                                    decode=True, mutable=["cache"]))
