@@ -301,14 +301,14 @@ class ContrastiveTask:
     prompts = caption_pairs.class_prompts(pairs)
     flat = [p for per_class in prompts for p in per_class]
     prompt_PE = self.embed_texts(params, flat).reshape(len(prompts), len(prompts[0]), -1)
-    captions, caption_groups = unique_captions(pairs.captions, pairs.groups_N)
+    captions, caption_groups, image_groups = unique_captions(pairs.captions, pairs.groups_N)
     caption_CE = self.embed_texts(params, captions)
     metrics = {"zero_shot_accuracy": zero_shot_accuracy(image_NE, prompt_PE, pairs.labels_N)}
     for k in self.config.eval.recall_at:
-      metrics[f"image_to_text_R@{k}"] = recall_at_k(image_NE, caption_CE, pairs.groups_N,
+      metrics[f"image_to_text_R@{k}"] = recall_at_k(image_NE, caption_CE, image_groups,
                                                     caption_groups, k)
       metrics[f"text_to_image_R@{k}"] = recall_at_k(caption_CE, image_NE, caption_groups,
-                                                    pairs.groups_N, k)
+                                                    image_groups, k)
     return metrics
 
   def finish(self, params) -> str:
@@ -334,12 +334,25 @@ def _in_batches(fn, params, x: np.ndarray, batch: int) -> np.ndarray:
   return np.concatenate(outs)
 
 
-def unique_captions(captions, groups_N) -> tuple[list, np.ndarray]:
-  """The distinct captions (first-occurrence order) and the group of each."""
-  seen: dict = {}
-  for caption, group in zip(captions, np.asarray(groups_N).tolist()):
-    seen.setdefault(caption, group)
-  return list(seen), np.asarray(list(seen.values()))
+def unique_captions(captions, groups_N) -> tuple[list, np.ndarray, np.ndarray]:
+  """(the distinct captions in first-occurrence order, the group of each [C], each row's group [N])
+  with groups that share a caption merged into one (the first seen): two emoji of one name are a
+  hit for each other's caption, which kept only the first emoji's group before."""
+  groups = np.asarray(groups_N).tolist()
+  parent: dict = {}
+
+  def root(g):
+    while parent.setdefault(g, g) != g:
+      g = parent[g]
+    return g
+
+  first: dict = {}
+  for caption, group in zip(captions, groups):
+    a, b = root(first.setdefault(caption, group)), root(group)
+    if a != b:
+      parent[b] = a
+  return (list(first), np.asarray([root(g) for g in first.values()]),
+          np.asarray([root(g) for g in groups]))
 
 
 def zero_shot_accuracy(image_NE: np.ndarray, prompt_CTE: np.ndarray, labels_N: np.ndarray) -> float:

@@ -113,8 +113,16 @@ def test_zero_shot_accuracy_and_recall_by_hand():
   assert ct.recall_at_k(image_NE, text_CE, groups_img, groups_txt, 1) == 0.75
   assert ct.recall_at_k(image_NE, text_CE, groups_img, groups_txt, 2) == 1.0  # image 3: 10, then 11
   assert ct.recall_at_k(text_CE, image_NE, groups_txt, groups_img, 1) == 1.0
-  captions, groups = ct.unique_captions(["a", "b", "a", "c"], [1, 2, 1, 3])
-  assert captions == ["a", "b", "c"] and groups.tolist() == [1, 2, 3]
+  captions, groups, rows = ct.unique_captions(["a", "b", "a", "c"], [1, 2, 1, 3])
+  assert captions == ["a", "b", "c"] and groups.tolist() == [1, 2, 3] and rows.tolist() == [1, 2, 1, 3]
+  # Two emoji of one name (groups 5 and 7 share "x"; 7 and 9 share "y"): one group for recall, so an
+  # image of 7 or 9 finds "x" (it was a miss: the caption kept group 5 only).
+  captions, groups, rows = ct.unique_captions(["x", "y", "x", "y", "z"], [5, 7, 7, 9, 4])
+  assert captions == ["x", "y", "z"] and groups.tolist() == [5, 5, 4]
+  assert rows.tolist() == [5, 5, 5, 5, 4]
+  image_NE = np.array([e[0], e[1], e[2]])  # images of groups 9, 5 and 4, on the caption axes
+  text_CE = np.array([e[0], e[1], e[2]])  # "x", "y", "z"
+  assert ct.recall_at_k(image_NE, text_CE, np.array([5, 5, 4]), groups, 1) == 1.0
 
 
 @pytest.mark.parametrize("override,key", [
