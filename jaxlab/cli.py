@@ -160,18 +160,13 @@ def _saved_config_dict(workdir: pathlib.Path) -> tuple[dict, str | None]:
   """(WORKDIR/config.json as a dict, a note or None): keys that a workdir written by an older jaxlab
   lacks are filled from today's defaults for its task, and the note says which (and which keys it
   holds that nothing reads); a section that is not an object is a ConfigError naming it."""
-  from jaxlab.configs import (ConfigError, check_types, read_config_json, saved_config_problems,
-                              with_task_defaults)
+  from jaxlab.configs import ConfigError, read_config_json, read_saved_config
   path = workdir / "config.json"
   if not path.is_file():
     raise ConfigError(f"{workdir} is not a jaxlab workdir (no config.json); train into it first")
-  saved = read_config_json(path)
-  bad_section, unknown = saved_config_problems(saved)
-  if bad_section is not None:
-    raise ConfigError(f"{path}: {bad_section!r} must be a section (a JSON object), got "
-                      f"{json.dumps(saved[bad_section])[:40]}")
-  merged, filled = with_task_defaults(saved)  # no task, or an unknown one: validate() names it
-  check_types(merged, str(path))  # "2.0" for a float failed later as "'>' not supported ..."
+  # No task, or an unknown one: validate() names it. A wrong type ("2.0" for a float) failed later
+  # as "'>' not supported ...", naming no key; read_saved_config names it.
+  merged, filled, unknown = read_saved_config(read_config_json(path), str(path))
   notes = []
   if unknown:
     notes.append(f"jaxlab: {path} has keys this jaxlab does not read (a typo or an edit?), "

@@ -230,26 +230,36 @@ def with_task_defaults(saved: dict) -> tuple[dict, dict]:
   found = base_config_for_task(saved.get("task"))
   if found is None:
     return saved, {}
+  return _merge_with_base(saved, found[1])[:2]
+
+
+def read_saved_config(saved: dict, what: str) -> tuple[dict, dict, list[str]]:
+  """A saved config (a dict read from `what`, e.g. WORKDIR/config.json) against today's defaults of
+  its task, in one pass: (merged as `with_task_defaults` gives it, {key: default filled in}, [keys
+  today's defaults lack: typos or hand edits, which nothing reads]). A section that is not a JSON
+  object ("model": null) or a value of another type than the default's ("2.0" for a float) is a
+  ConfigError naming the key and `what`. A config without a known task comes back as it is."""
+  found = base_config_for_task(saved.get("task"))
+  if found is None:
+    return saved, {}, []
   base = found[1]
+  for key, value in base.items():
+    if isinstance(value, ml_collections.ConfigDict) and key in saved \
+        and not isinstance(saved[key], dict):
+      raise ConfigError(f"{what}: {key!r} must be a section (a JSON object), got "
+                        f"{json.dumps(saved[key])[:40]}")
+  merged, filled, unknown = _merge_with_base(saved, base)
+  _check_types_against(flatten(base), merged, what)
+  return merged, filled, unknown
+
+
+def _merge_with_base(saved: dict, base: ml_collections.ConfigDict) -> tuple[dict, dict, list[str]]:
+  """fill_defaults of `saved` over the task's `base`, where a config saved before loss scaling
+  existed gets optim.loss_scale="none" (that run had none)."""
   if isinstance(saved.get("optim"), dict) and "loss_scale" not in saved["optim"] \
       and "loss_scale" in base.optim:
     saved = {**saved, "optim": {**saved["optim"], "loss_scale": "none"}}
-  merged, filled, _ = fill_defaults(saved, base.to_dict())  # keys of a user's own config are kept
-  return merged, filled
-
-
-def saved_config_problems(saved: dict) -> tuple[str | None, list[str]]:
-  """For a saved config (a dict, e.g. WORKDIR/config.json) of a known task: (the first section
-  that is not a JSON object, e.g. "model": null, or None; the keys today's defaults lack: typos or
-  hand edits, which nothing reads)."""
-  found = base_config_for_task(saved.get("task"))
-  if found is None:
-    return None, []
-  base = found[1].to_dict()
-  for key, value in base.items():
-    if isinstance(value, dict) and key in saved and not isinstance(saved[key], dict):
-      return key, []
-  return None, fill_defaults(saved, base)[2]
+  return fill_defaults(saved, base.to_dict())  # keys of a user's own config are kept
 
 
 def fill_defaults(saved: dict, base: dict) -> tuple[dict, dict, list[str]]:
@@ -345,17 +355,12 @@ def check_keys_and_types(config, what: str) -> None:
   missing = sorted(set(base) - set(given) - set(OPTIONAL_KEYS))
   if missing:
     raise ConfigError(_lacks_keys(what, config.task, missing, found[0]))
-  check_types(config, what)
+  _check_types_against(base, config, what)
 
 
-def check_types(config, what: str) -> None:
-  """A value of another type than today's default for its task (for the keys the task has) is a
-  ConfigError naming the key and `what` (a file, say); a config of no known task is left to
-  `validate`."""
-  found = base_config_for_task(config.get("task"))
-  if found is None:
-    return
-  base = flatten(found[1])
+def _check_types_against(base: dict, config, what: str) -> None:
+  """A value of `config` of another type than the default in `base` (flattened; keys it lacks are
+  not checked) is a ConfigError naming the key and `what` (a file, say)."""
   for key, value in flatten(config).items():
     problem = _type_problem(value, base[key]) if key in base else None
     if problem:
