@@ -631,6 +631,11 @@ def _close_savers(savers, lock, failure: Optional[BaseException]) -> None:
   raise errors[0]
 
 
+def _skipped_steps(state) -> int:
+  """Steps loss scaling skipped so far (0 without loss scaling): the schedule counts the others."""
+  return int(state["loss_scale"]["skipped"]) if "loss_scale" in state else 0
+
+
 def logged_val_loss(workdir: pathlib.Path, step: int) -> Optional[float]:
   """The val_loss metrics.jsonl holds for `step`, or None."""
   values = [r["val_loss"] for r in read_metrics(workdir) if r.get("step") == step and "val_loss" in r]
@@ -668,8 +673,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
       raise ValueError(f"{run.workdir} holds a checkpoint at step {start}, beyond "
                        f"config.train.steps={cfg.steps}; nothing was changed (give "
                        f"--config.train.steps >= {start}, or a new --workdir)")
-    skipped_so_far = int(state["loss_scale"]["skipped"]) if "loss_scale" in state else 0
-    schedule_note = _schedule_change_note(run, start, start - skipped_so_far)
+    schedule_note = _schedule_change_note(run, start, start - _skipped_steps(state))
     _save_run_files(run)
   except BaseException as e:
     _close_savers((run.checkpointer,), lock, e)
@@ -768,7 +772,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
           # The schedule counts applied updates: loss scaling's skipped steps do not advance it.
-          applied = step - (int(state["loss_scale"]["skipped"]) if "loss_scale" in state else 0)
+          applied = step - _skipped_steps(state)
           record = {"train_loss": float(np.mean(losses)), "grad_norm": float(metrics["grad_norm"]),
                     "learning_rate": float(
                         optim.learning_rate_schedule(config.optim, cfg.steps)(applied))}
@@ -809,7 +813,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     _close_savers((run.checkpointer, best), lock, failure)
   if best is not None and best.step is not None:
     final["best_step"], final["best_val_loss"] = best.step, best.val_loss
-  total_skipped = int(state["loss_scale"]["skipped"]) if "loss_scale" in state else 0
+  total_skipped = _skipped_steps(state)
   if total_skipped and total_skipped == int(state["step"]) and distributed.is_primary():
     print(f"jaxlab: warning: loss scaling skipped all {total_skipped} steps (every step's "
           "gradients overflowed float16), so the parameters are still the initial ones; lower "
