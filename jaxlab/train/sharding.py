@@ -98,20 +98,28 @@ def check_logical_names(specs, rules=LOGICAL_AXIS_RULES) -> None:
         used[mesh_axis] = logical
 
 
-def check_divisible(abstract_tree, shardings) -> None:
-  """Raises ConfigError (one line; `jaxlab` exits 2, as for other config errors) when a mesh axis does not divide an array dimension it shards, naming
-  the array (parameters before optimizer state), the dimension and the config key of the mesh axis;
-  JAX would stop at initialisation with a message about tiling factors instead."""
-  problems = []  # (not a parameter, message)
+def _sharded_leaves(abstract_tree, shardings):
+  """(name "a/b", whether it is a parameter, leaf, its NamedSharding, the mesh axes that shard each
+  dimension: a tuple per dimension) for each array of `abstract_tree`."""
   leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
   for (path, leaf), named in zip(leaves, jax.tree_util.tree_leaves(shardings)):
-    for dim, axes in enumerate(named.spec):
-      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes_per_dim = [(axes,) if isinstance(axes, str) else tuple(axes or ()) for axes in named.spec]
+    yield (jax.tree_util.keystr(path, simple=True, separator="/"),
+           getattr(path[0], "key", None) == "params", leaf, named, axes_per_dim)
+
+
+def check_divisible(abstract_tree, shardings) -> None:
+  """Raises ConfigError (one line; `jaxlab` exits 2, as for other config errors) when a mesh axis
+  does not divide an array dimension it shards, naming the array (parameters before optimizer
+  state), the dimension and the config key of the mesh axis; JAX would stop at initialisation with a
+  message about tiling factors instead."""
+  problems = []  # (not a parameter, message)
+  for name, is_param, leaf, named, axes_per_dim in _sharded_leaves(abstract_tree, shardings):
+    for dim, axes in enumerate(axes_per_dim):
       parts = math.prod(named.mesh.shape[a] for a in axes)
       if parts > 1 and leaf.shape[dim] % parts:
         keys = "*".join(f"config.mesh.{a}={named.mesh.shape[a]}" for a in axes)
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        problems.append((getattr(path[0], "key", None) != "params",
+        problems.append((not is_param,
                          f"{keys} does not divide dimension {dim} (size {leaf.shape[dim]}) of "
                          f"{name} {tuple(leaf.shape)}; choose mesh sizes that divide it (or "
                          "change the model's sizes)"))
@@ -138,17 +146,13 @@ def check_fits(abstract_tree, shardings, what: str = "the training state") -> No
   optimizer state from eval_shape) needs more bytes on one device than that device has, naming the
   largest array: sizes of 10^8 otherwise hung in initialisation or died of an allocation error
   after the run had started. A lower bound (activations come on top), so never a false refusal."""
-  leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
   per_device, largest = 0, (0, False, "", ())
-  for (path, leaf), named in zip(leaves, jax.tree_util.tree_leaves(shardings)):
-    parts = math.prod(named.mesh.shape[a] for axes in named.spec if axes
-                      for a in ((axes,) if isinstance(axes, str) else axes))
-    size = leaf.size * np.dtype(leaf.dtype).itemsize // max(parts, 1)
+  for name, is_param, leaf, named, axes_per_dim in _sharded_leaves(abstract_tree, shardings):
+    parts = math.prod(named.mesh.shape[a] for axes in axes_per_dim for a in axes)
+    size = leaf.size * np.dtype(leaf.dtype).itemsize // parts
     per_device += size
-    is_param = getattr(path[0], "key", None) == "params"  # named before its optimizer moments
-    if (size, is_param) > largest[:2]:
-      largest = (size, is_param, jax.tree_util.keystr(path, simple=True, separator="/"),
-                 tuple(leaf.shape))
+    if (size, is_param) > largest[:2]:  # a parameter is named before its optimizer moments
+      largest = (size, is_param, name, tuple(leaf.shape))
   capacity = device_memory_bytes(jax.local_devices()[0])
   if capacity is None or per_device <= capacity:
     return
