@@ -29,9 +29,6 @@ OVERRIDES_EPILOG = ("Keys of the run's saved config (WORKDIR/config.json) can be
                     "which must keep their saved values (data.batch_size may change).")
 
 
-MAX_SAMPLE = 1_000_000  # tokens (or density samples) per `jaxlab sample` call
-
-
 class UsageError(ValueError):
   """A bad command-line flag: one line naming it (exit status 2, like argparse's errors)."""
 
@@ -324,6 +321,8 @@ def _check_task_keeps_best(config) -> None:
 
 def _check_sample_flags(args) -> None:
   """The sampling flags, before anything is restored or compiled (None = the config's value)."""
+  from jaxlab.configs import MAX_SAMPLE
+
   def bad(flag, value, rule):
     raise UsageError(f"{flag} {value} {rule}")
   if args.num_tokens is not None and not 0 <= args.num_tokens <= MAX_SAMPLE:

@@ -21,6 +21,13 @@ DEFAULT_CONFIG = "lm_char"
 _HERE = pathlib.Path(__file__).parent
 
 
+# Upper bounds shared by the tasks' checks, far beyond any useful run: layers (tracing 100,000 blocks
+# hung before the memory check could refuse them) and tokens or samples per `jaxlab sample` call
+# (2e8 aborted XLA allocating the KV cache).
+MAX_LAYERS = 1000
+MAX_SAMPLE = 1_000_000
+
+
 class ConfigError(ValueError):
   """A config that cannot be run; the message names the offending key."""
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.configs import ConfigError
+from jaxlab.configs import MAX_LAYERS, ConfigError
 from jaxlab.data import caption_pairs, pipeline
 from jaxlab.losses import contrastive
 from jaxlab.models.clip import IMAGE_ENCODERS, DualEncoder, DualEncoderConfig
@@ -34,7 +34,6 @@ CHOICES = {
     "model.text_position": ("learned", "rope"),
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
-MAX_LAYERS = 1000  # tracing 100,000 blocks hangs before the memory check
 MAX_TEXT_LEN = 4096  # caption tokens; the longest caption of digits / emoji is < 200 characters
 POSITIVE_INTS = ("data.text_len", "model.patch", "model.image_width", "model.image_layers",
                  "model.image_heads", "model.image_window", "model.image_stages", "model.text_width",

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlab.configs import MAX_LAYERS, MAX_SAMPLE
 from jaxlab.data import binary_images
 from jaxlab.losses.likelihood import check_binary_values
 
@@ -88,8 +89,7 @@ def validate(config, require) -> None:
 
 
 # The keys each model, and each dataset, reads (others keep base_config's values: validate_new_run).
-MAX_HIDDEN, MAX_MASKS, MAX_LAYERS = 100_000, 4096, 1000
-MAX_SAMPLE = 1_000_000  # samples per call (as `jaxlab sample --num-tokens`)
+MAX_HIDDEN, MAX_MASKS = 100_000, 4096
 MODEL_KEYS = {"fvsbn": (), "nade": ("hidden",), "made": ("hidden", "mask_seed"),
               "pixelcnn": ("channels", "num_layers", "first_kernel"),
               "gated_pixelcnn": ("channels", "num_layers", "first_kernel")}

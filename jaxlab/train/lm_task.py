@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlab.configs import ConfigError
+from jaxlab.configs import MAX_LAYERS, MAX_SAMPLE, ConfigError
 from jaxlab.data import pipeline, text
 from jaxlab.models.gpt import GAU_FAMILIES, gpt_from_config
 
@@ -59,8 +60,6 @@ CHOICES = {
 # float16 runs keep well inside that.
 XPOS_FLOAT16_MAX_LEN = 2048
 XPOS_MAX_LEN = 65536  # float32 / bfloat16: |n - max_len // 2| <= 32k (overflow at ~36k)
-MAX_LAYERS = 1000
-MAX_SAMPLE = 1_000_000  # tokens per sample call (2e8 aborted XLA allocating the KV cache)
 POSITIVE_INTS = ("data.seq_len", "model.num_layers", "model.width", "model.num_heads",
                  "model.num_features", "model.gau_qk_dim", "model.flash_chunk",
                  "model.sparse_block_size", "model.sparse_local_blocks", "model.sparse_stride")
@@ -507,8 +506,7 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
   key = jax.random.PRNGKey(seed)
   params = _on_one_device_if_replicated(params)
   # A checkpoint saved between a blown-up update and the evaluation that would have shown it.
-  if not bool(jnp.isfinite(task.model.apply({"params": params}, ids[:, -task.model.config.max_len:]))
-              .all()):
+  if not bool(_logits_finite(task.model, params, ids[:, -task.model.config.max_len:])):
     raise FloatingPointError("the parameters give non-finite logits for the prompt: they are "
                              "unusable (a blown-up run's checkpoint?)")
   if speculative:
@@ -532,6 +530,12 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
     tokens = generate_long(task.model, params, ids, key, num_tokens=num_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p)
   return task.vocab.decode(tokens[0])
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _logits_finite(model, params, ids_BT) -> jax.Array:
+  """Whether every logit of one forward pass is finite (compiled: the eager pass took 2 s on CPU)."""
+  return jnp.isfinite(model.apply({"params": params}, ids_BT)).all()
 
 
 def _on_one_device_if_replicated(params):
