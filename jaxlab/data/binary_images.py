@@ -194,6 +194,16 @@ def load_binarized_mnist(*, data_dir: str = "") -> BinaryDataset:
                        "binarized MNIST (TFDS, Larochelle's static binarisation 50k/10k/10k)")
 
 
+def _not_a_data_file(file: pathlib.Path, path: str, kind: str, error: Exception,
+                     missing: str) -> ValueError:
+  """One line for a data file that could not be read as `kind`: the file, whether config.data.path
+  named it, and the reader's first line (after `missing` for a KeyError: an absent array)."""
+  first_line = (str(error).splitlines() or [type(error).__name__])[0]
+  detail = f"{missing} ({first_line})" if isinstance(error, KeyError) else first_line
+  given = "config.data.path" if path else "the default file; set config.data.path"
+  return ValueError(f"{file} ({given}) is not {kind}: {detail}")
+
+
 def load_uci(name: str, path: str = "") -> BinaryDataset:
   """A NADE/MADE UCI benchmark split (npz with train_data/valid_data/test_data)."""
   if name not in UCI_NAMES:
@@ -208,11 +218,8 @@ def load_uci(name: str, path: str = "") -> BinaryDataset:
     return BinaryDataset(name, *parts, None, False,
                          f"UCI {name}: the fixed NADE/MADE train/valid/test split")
   except Exception as e:  # not a zip/npz (BadZipFile, pickled data), a missing key, bad shapes
-    first_line = (str(e).splitlines() or [type(e).__name__])[0]
-    detail = f"an array is missing ({e.args[0]})" if isinstance(e, KeyError) else first_line
-    given = "config.data.path" if path else "the default file; set config.data.path"
-    raise ValueError(f"{file} ({given}) is not a NADE/MADE UCI .npz with train_data, valid_data "
-                     f"and test_data: {detail}") from None
+    raise _not_a_data_file(file, path, "a NADE/MADE UCI .npz with train_data, valid_data and "
+                           "test_data", e, "an array is missing") from None
 
 
 def load_caltech(path: str = "", *, split_seed: int = 0) -> BinaryDataset:
@@ -227,11 +234,8 @@ def load_caltech(path: str = "", *, split_seed: int = 0) -> BinaryDataset:
     if x.size == 0 or x.size % (28 * 28):
       raise ValueError(f"its X array of shape {x.shape} is not 28x28 images")
   except Exception as e:  # not a .mat file (scipy: "Unknown mat file type ..."), no X, wrong shape
-    first_line = (str(e).splitlines() or [type(e).__name__])[0]
-    detail = f"no 'X' array ({first_line})" if isinstance(e, KeyError) else first_line
-    given = "config.data.path" if path else "the default file; set config.data.path"
-    raise ValueError(f"{file} ({given}) is not a Caltech-101 Silhouettes 28x28 .mat file: "
-                     f"{detail}") from None
+    raise _not_a_data_file(file, path, "a Caltech-101 Silhouettes 28x28 .mat file", e,
+                           "no 'X' array") from None
   images = 1.0 - x.reshape(-1, 28, 28, order="F").astype(np.float32)  # upright; object = 1
   train, valid, test = _seeded_split(_flat(images), CALTECH_SPLIT, split_seed)
   return BinaryDataset("caltech", train, valid, test, (28, 28), False,
