@@ -711,14 +711,15 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
              dynamic_ncols=True, desc="train")
   is_eval_step = lambda s: s % cfg.eval_every == 0 or s == cfg.steps
 
+  blamed = lambda step: (f"checkpoint {step} in {run.checkpointer.directory} holds the parameters "
+                         "that gave it, any earlier ones are kept")
+
   def evaluate_and_record(step: int, params) -> None:
     val_loss = evaluate(run, params, eval_step)
     writer.write(step, val_loss=val_loss)
     if not np.isfinite(val_loss):  # e.g. parameters blown up by the last update (finite, huge)
-      raise FloatingPointError(
-          f"the validation loss is {val_loss} at step {step}; stopping (checkpoint {step} in "
-          f"{run.checkpointer.directory} holds the parameters that gave it, any earlier ones are "
-          "kept; lower config.optim.lr?)")
+      raise FloatingPointError(f"the validation loss is {val_loss} at step {step}; stopping "
+                               f"({blamed(step)}; lower config.optim.lr?)")
     if primary:
       bar.write(f"step {step}: val_loss {val_loss:.4f}")
     final["val_loss"] = val_loss
@@ -760,8 +761,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         grad_norm = float(metrics["grad_norm"]) if "skipped" not in metrics else 0.0
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
           what = f"loss is {loss}" if not np.isfinite(loss) else f"gradient norm is {grad_norm}"
-          kept = (f"checkpoint {step} in {run.checkpointer.directory} holds the parameters that "
-                  "gave it, any earlier ones are kept" if saved_at == step and step else
+          kept = (blamed(step) if saved_at == step and step else
                   f"last good checkpoint kept in {run.checkpointer.directory}")
           raise FloatingPointError(f"{what} at step {step + 1}; stopping ({kept})")
         if "skipped" in metrics:
