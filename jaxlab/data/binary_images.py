@@ -160,11 +160,12 @@ def _seeded_split(x: np.ndarray, sizes, seed: int):
 
 def load_mnist(path: str = "", *, data_dir: str = "", binarize_seed: int = 0,
                static: bool = False) -> BinaryDataset:
-  """MNIST from a local IDX folder (path, default ../shared/data/mnist), else TFDS `mnist` when it is
-  prepared in data_dir. Training images are binarised afresh for every batch (dynamic), or with
-  `static` once (seed binarize_seed), like the fixed binarisation the published numbers used."""
+  """MNIST from a local IDX folder (path), else TFDS `mnist` prepared in data_dir when one is given,
+  else the IDX files in ../shared/data/mnist when present, else TFDS's default data_dir. Training
+  images are binarised afresh for every batch (dynamic), or with `static` once (seed binarize_seed),
+  like the fixed binarisation the published numbers used."""
   root = pathlib.Path(path) if path else SHARED_DATA / "mnist"
-  if path or root.is_dir():
+  if path or (not data_dir and root.is_dir()):
     train, test = mnist_grey(root)
     source = f"IDX files in {os.path.relpath(root, REPO_ROOT)}"
   else:

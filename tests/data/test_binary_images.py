@@ -85,6 +85,13 @@ def test_tfds_without_prepared_data_says_so(tmp_path):
     bi.load("binarized_mnist", data_dir=str(tmp_path))
 
 
+def test_mnist_reads_a_given_tfds_data_dir_before_the_shared_idx_files(tmp_path):
+  # A data_dir the user gave is read (here: nothing prepared in it), not silently replaced by the
+  # IDX files in ../shared/data/mnist.
+  with pytest.raises(FileNotFoundError, match=f"not prepared in {tmp_path}"):
+    bi.load("mnist", data_dir=str(tmp_path))
+
+
 @pytest.mark.skipif(not (SHARED / "nade_uci_binary").is_dir(), reason="../shared/data absent")
 def test_shared_uci_and_caltech_files():
   sizes = {"dna": (1400, 600, 1186, 180), "mushrooms": (2000, 500, 5624, 112),
