@@ -104,16 +104,19 @@ def validate_new_run(config, require) -> None:
   allowed): options the chosen model or dataset does not read must keep their defaults (MADE's
   hidden sizes given to a PixelCNN, a data.path given to digits were ignored without a word), and
   sample.grid_path must name a .png file (it failed after training)."""
+  from jaxlab.configs import available_configs
   from jaxlab.configs._density import base_config
   m, d = config.model, config.data
   defaults = base_config(m.name if m.name in MODEL_KEYS else "made")
   for key in OPTIONAL_MODEL_KEYS:
     if key not in MODEL_KEYS.get(m.name, OPTIONAL_MODEL_KEYS):
       value, default = m[key], defaults.model[key]
+      own_config = (f" (or train {m.name}'s own config: `jaxlab train {m.name}`)"
+                    if m.name in available_configs() else "")
       require(tuple(value) == tuple(default) if isinstance(default, tuple) else value == default,
               f"config.model.{key}={value!r} applies to config.model.name in "
               f"{tuple(n for n, keys in MODEL_KEYS.items() if key in keys)}, not {m.name!r} (it "
-              f"would be ignored); leave it at {default!r}")
+              f"would be ignored); set it to {default!r}{own_config}")
   read = DATA_KEYS.get(d.name, ("path",) if d.name in binary_images.UCI_NAMES else OPTIONAL_DATA_KEYS)
   for key in OPTIONAL_DATA_KEYS:
     if key not in read:

@@ -254,6 +254,9 @@ def test_nll_refuses_a_split_that_is_not_binary():
     ("nade", ["--config.model.num_layers=9"], "config.model.num_layers=9 applies to"),
     ("pixelcnn", ["--config.model.hidden=(7,)"], "config.model.hidden=(7,) applies to"),
     ("fvsbn", ["--config.model.mask_seed=3"], "config.model.mask_seed=3 applies to"),
+    # pixelcnn's own num_layers (4) under another model: the way out is that model's config
+    ("pixelcnn", ["--config.model.name=made"], "set it to 5 (or train made's own config: "
+                                                "`jaxlab train made`)"),
     ("made", ["--config.data.path=/nonexistent"], "config.data.path='/nonexistent' is not read"),
     ("made", ["--config.data.binarize_seed=5"], "config.data.binarize_seed=5 is not read"),
     ("made", ["--config.sample.grid_path=/tmp"], "config.sample.grid_path='/tmp' must name a .png"),
