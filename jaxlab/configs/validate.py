@@ -50,6 +50,15 @@ def require_defaults(config, defaults: dict, why: str) -> None:
     require(value == default, f"config.{key}={value!r} {why}")
 
 
+def require_unread_at_default(config, key: str, default, reader: str, chosen, hint: str = "") -> None:
+  """An option that only `reader` (e.g. "config.model.attention='local'") reads keeps its `default`
+  when `chosen` is selected instead: one line naming the key (a new run; see validate_new_run)."""
+  value = get(config, key)
+  same = tuple(value) == tuple(default) if isinstance(default, tuple) else value == default
+  require(same, f"config.{key}={value!r} applies to {reader}, not {chosen!r} (it would be "
+                f"ignored); set it to {default!r}{hint}")
+
+
 def require_positive_ints(config, keys) -> None:
   for key in keys:
     value = get(config, key)

@@ -52,12 +52,13 @@ def validate_new_run(config, require) -> None:
   allowed): the image options of the other encoder, and image_rope_theta without rope2d, were
   ignored without a word."""
   from jaxlab.configs.contrastive_digits import get_config as defaults_config
+  from jaxlab.configs.validate import require_unread_at_default
   m, defaults = config.model, defaults_config().model
   for encoder, keys in ENCODER_KEYS.items():
     for key in keys:
-      require(m.image_encoder == encoder or m[key] == defaults[key],
-              f"config.model.{key}={m[key]!r} applies to config.model.image_encoder={encoder!r}, "
-              f"not {m.image_encoder!r} (it would be ignored); leave it at {defaults[key]!r}")
+      if m.image_encoder != encoder:
+        require_unread_at_default(config, f"model.{key}", defaults[key],
+                                  f"config.model.image_encoder={encoder!r}", m.image_encoder)
   require(m.image_position == "rope2d" or m.image_rope_theta == defaults.image_rope_theta,
           f"config.model.image_rope_theta={m.image_rope_theta!r} applies to config.model."
           f"image_position='rope2d', not {m.image_position!r} (it would be ignored)")

@@ -106,23 +106,22 @@ def validate_new_run(config, require) -> None:
   sample.grid_path must name a .png file (it failed after training)."""
   from jaxlab.configs import available_configs
   from jaxlab.configs._density import base_config
+  from jaxlab.configs.validate import require_unread_at_default
   m, d = config.model, config.data
   defaults = base_config(m.name if m.name in MODEL_KEYS else "made")
   for key in OPTIONAL_MODEL_KEYS:
     if key not in MODEL_KEYS.get(m.name, OPTIONAL_MODEL_KEYS):
-      value, default = m[key], defaults.model[key]
       own_config = (f" (or train {m.name}'s own config: `jaxlab train {m.name}`)"
                     if m.name in available_configs() else "")
-      require(tuple(value) == tuple(default) if isinstance(default, tuple) else value == default,
-              f"config.model.{key}={value!r} applies to config.model.name in "
-              f"{tuple(n for n, keys in MODEL_KEYS.items() if key in keys)}, not {m.name!r} (it "
-              f"would be ignored); set it to {default!r}{own_config}")
+      readers = tuple(n for n, keys in MODEL_KEYS.items() if key in keys)
+      require_unread_at_default(config, f"model.{key}", defaults.model[key],
+                                f"config.model.name in {readers}", m.name, own_config)
   read = DATA_KEYS.get(d.name, ("path",) if d.name in binary_images.UCI_NAMES else OPTIONAL_DATA_KEYS)
   for key in OPTIONAL_DATA_KEYS:
     if key not in read:
       require(d[key] == defaults.data[key],
               f"config.data.{key}={d[key]!r} is not read for config.data.name={d.name!r} (it "
-              f"would be ignored); leave it at {defaults.data[key]!r}")
+              f"would be ignored); set it to {defaults.data[key]!r}")
   grid = str(config.sample.grid_path)
   if grid:
     require(grid.lower().endswith(".png"),

@@ -262,6 +262,7 @@ def validate_new_run(config, require) -> None:
   attention without a word. A workdir saved that way by an older jaxlab still evaluates, samples and
   resumes (its model is the one it trained)."""
   from jaxlab.configs.lm_char import get_config as lm_defaults
+  from jaxlab.configs.validate import require_unread_at_default
   from jaxlab.layers.attention import FAMILY_OPTIONS
   from jaxlab.models.gpt import _gpt_option
   m, defaults = config.model, lm_defaults().model
@@ -271,9 +272,9 @@ def validate_new_run(config, require) -> None:
       owners.setdefault(_gpt_option(name), []).append(family)
   for key, families in owners.items():
     which = repr(families[0]) if len(families) == 1 else f"one of {tuple(families)}"
-    require(m.attention in families or m[key] == defaults[key],
-            f"config.model.{key}={m[key]!r} applies to config.model.attention={which}, not "
-            f"{m.attention!r} (it would be ignored); leave it at {defaults[key]!r}")
+    if m.attention not in families:
+      require_unread_at_default(config, f"model.{key}", defaults[key],
+                                f"config.model.attention={which}", m.attention)
   require(m.position in ROPE_THETA_POSITIONS or m.rope_theta == defaults.rope_theta,
           f"config.model.rope_theta={m.rope_theta!r} applies to config.model.position in "
           f"{ROPE_THETA_POSITIONS}, not {m.position!r} (it would be ignored)")
