@@ -58,7 +58,8 @@ def validate_new_run(config, require) -> None:
     for key in keys:
       if m.image_encoder != encoder:
         require_unread_at_default(config, f"model.{key}", defaults[key],
-                                  f"config.model.image_encoder={encoder!r}", m.image_encoder)
+                                  f"config.model.image_encoder={encoder!r}", m.image_encoder,
+                                  f" (or choose config.model.image_encoder={encoder!r})")
   require(m.image_position == "rope2d" or m.image_rope_theta == defaults.image_rope_theta,
           f"config.model.image_rope_theta={m.image_rope_theta!r} applies to config.model."
           f"image_position='rope2d', not {m.image_position!r} (it would be ignored)")

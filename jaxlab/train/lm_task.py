@@ -274,7 +274,8 @@ def validate_new_run(config, require) -> None:
     which = repr(families[0]) if len(families) == 1 else f"one of {tuple(families)}"
     if m.attention not in families:
       require_unread_at_default(config, f"model.{key}", defaults[key],
-                                f"config.model.attention={which}", m.attention)
+                                f"config.model.attention={which}", m.attention,
+                                f" (or choose config.model.attention={families[0]!r})")
   require(m.position in ROPE_THETA_POSITIONS or m.rope_theta == defaults.rope_theta,
           f"config.model.rope_theta={m.rope_theta!r} applies to config.model.position in "
           f"{ROPE_THETA_POSITIONS}, not {m.position!r} (it would be ignored)")
