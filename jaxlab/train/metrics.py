@@ -73,12 +73,17 @@ def median_step_time_ms(workdir: str | pathlib.Path) -> float | None:
 
 
 def _parse_records(text: str) -> list[dict]:
+  """The lines that are records as MetricsWriter writes them: a JSON object with an int "step"
+  (a line cut short by a kill, or any other text, e.g. `123` or {"step": "abc"}, is skipped)."""
   records = []
   for line in text.splitlines():
     try:
-      records.append(json.loads(line))
+      record = json.loads(line)
     except json.JSONDecodeError:
       continue
+    step = record.get("step") if isinstance(record, dict) else None
+    if isinstance(step, int) and not isinstance(step, bool):
+      records.append(record)
   return records
 
 

@@ -75,3 +75,16 @@ def test_a_fresh_start_hides_an_earlier_runs_tensorboard_events(tmp_path):
         starts.append(event.step)
       i += 12 + n + 4
   assert starts == [1]
+
+
+def test_lines_that_are_json_but_not_records_are_skipped(tmp_path):
+  """`123` or {"step": "abc"} appended to metrics.jsonl crashed resuming (drop_after) and
+  `jaxlab sample` (logged_val_loss) with a traceback; they are skipped like any other non-record."""
+  w = MetricsWriter(tmp_path, tensorboard=False)
+  w.write(5, train_loss=1.0)
+  w.write(10, train_loss=0.5)
+  with (tmp_path / "metrics.jsonl").open("a") as f:
+    f.write('123\n[1, 2]\nnull\n{"step": "abc"}\n{"step": true}\n{"loss": 1}\n')
+  assert read_metrics(tmp_path) == [{"step": 5, "train_loss": 1.0}, {"step": 10, "train_loss": 0.5}]
+  MetricsWriter(tmp_path, tensorboard=False, resume_step=5).close()
+  assert read_metrics(tmp_path) == [{"step": 5, "train_loss": 1.0}]
