@@ -34,6 +34,8 @@ from jaxlab.train import distributed
 
 CHECKSUMS_KEY = "_jaxlab_state_checksums"  # in the "data" item, next to the data iterator's state
 DATA_DIGEST_KEY = "_jaxlab_data_digest"  # a digest of the rest of the "data" item
+VANISHED_RETRIES = 3  # restore_latest lists the steps again when one was deleted while read
+_VANISHED = object()
 
 
 class CheckpointError(RuntimeError):
@@ -157,9 +159,24 @@ class Checkpointer(_BackgroundSaves):
     may run beside a training run that is writing or deleting checkpoints) only warns and changes
     nothing.
     """
+    for attempt in range(VANISHED_RETRIES + 1):
+      found = self._restore_newest(abstract_state, move_aside, retry=attempt < VANISHED_RETRIES)
+      if found is not _VANISHED:
+        return found
+      self._manager.reload()  # a running training deleted a step while it was read: list again
+    raise AssertionError("unreachable")
+
+  def _restore_newest(self, abstract_state: Any, move_aside: bool, *, retry: bool):
+    """One pass of restore_latest over the steps listed now; _VANISHED (when `retry`) if no step
+    restored and one of them was deleted while it was read (a training run's retention, beside
+    `jaxlab eval` or `sample`): the caller lists the steps again."""
     failed = []  # (step, why) of the checkpoints newer than the one restored
+    vanished = False
     for step in reversed(self.all_steps()):
       restored, error = self._read(step, abstract_state)
+      if error is not None and jax.process_count() == 1 and self._step_path(step) is None:
+        vanished = True  # deleted meanwhile, not damaged: never reported or moved
+        continue
       if error is not None and jax.process_count() > 1:
         raise CheckpointError(
             f"checkpoint {self.directory / str(step)} could not be read in process "
@@ -176,11 +193,15 @@ class Checkpointer(_BackgroundSaves):
                   f"place, read step {step}", flush=True)
         return step, restored["state"], restored["data"]
       failed.append((step, error))
+    if vanished and retry:
+      return _VANISHED
     if failed:
       raise CheckpointError(
           f"none of the checkpoints in {self.directory} (steps {', '.join(str(s) for s, _ in failed)})"
           f" could be restored into this run's state; newest: {failed[0][1]}. Nothing was moved: "
-          "if they are damaged, move them away (or use a new --workdir) to start afresh")
+          "if they are damaged, move them away (or use a new --workdir) to start afresh"
+          + (" (others were deleted while being read: is a training run writing this workdir?)"
+             if vanished else ""))
     return None
 
   def read_data(self, step: int) -> Optional[dict]:
@@ -216,13 +237,19 @@ class Checkpointer(_BackgroundSaves):
       return "the saved data-iterator state does not match its digest (damaged in place)"
     return None if saved is None else checksum_mismatch(saved, restored["state"], "state")
 
+  def _step_path(self, step: int) -> Optional[pathlib.Path]:
+    """The folder of checkpoint `step` (also an unfinished save's), or None if there is none."""
+    source = self.directory / str(step)
+    if source.exists():
+      return source
+    candidates = [p for p in self.directory.iterdir() if p.name.split("_")[-1] == str(step)] \
+        if self.directory.is_dir() else []
+    return candidates[0] if candidates else None
+
   def _quarantine(self, step: int, why: str) -> None:
     """Moves a bad checkpoint out of the manager's directory, keeping it for inspection."""
     self.wait()
-    source = self.directory / str(step)
-    if not source.exists():
-      candidates = [p for p in self.directory.iterdir() if p.name.split("_")[-1] == str(step)]
-      source = candidates[0] if candidates else None
+    source = self._step_path(step)
     if source is not None and distributed.is_primary():
       _move_aside(source, self.workdir, f"could not be read ({why})")
     distributed.barrier(f"jaxlab_quarantine_{step}")

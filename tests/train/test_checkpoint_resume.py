@@ -912,3 +912,41 @@ def test_the_schedule_note_counts_applied_updates(tiny_lm_config, tmp_path, caps
   assert lr(3) != float(optim.learning_rate_schedule(longer.optim, 3)(3))
   assert (f"at step 3: lr {lr(3):.3g} under the old schedule, {lr(6):.3g} under the new one"
           in capsys.readouterr().err)
+
+
+def test_a_checkpoint_deleted_while_a_reader_reads_it_is_skipped_not_called_damaged(
+    tiny_lm_config, tmp_path, monkeypatch, capsys):
+  """`jaxlab eval`/`sample` beside a training run: its retention deletes the step being read. That
+  step was reported as damaged ("move them away ... to start afresh", with one step kept); the reader
+  now lists the steps again and reads what is there."""
+  import shutil
+  from jaxlab.train import checkpoint as checkpoint_lib
+  config = tiny_lm_config("--config.train.steps=6", "--config.train.checkpoint_every=3")
+  trainer.train(config, tmp_path, progress=False)
+  run = trainer.setup(config, tmp_path, reading=True)
+  read = checkpoint_lib.Checkpointer._read
+  deleted = []
+
+  def read_while_training_deletes(self, step, abstract_state):
+    if not deleted:  # the newest step goes while it is read
+      shutil.rmtree(self.directory / str(step))
+      deleted.append(step)
+      return None, "FileNotFoundError: gone"
+    return read(self, step, abstract_state)
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "_read", read_while_training_deletes)
+  try:
+    capsys.readouterr()
+    step, _, _ = run.checkpointer.restore_latest(run.abstract_state, move_aside=False)
+    assert (deleted, step) == ([6], 3)
+    assert "could not be read" not in capsys.readouterr().out
+    # The only checkpoint deleted as it is read: no checkpoint, not "damaged".
+    deleted.clear()
+    shutil.rmtree(tmp_path / "checkpoints" / "3")
+    trainer.train(tiny_lm_config("--config.train.steps=3", "--config.train.checkpoint_every=3"),
+                  tmp_path / "b", progress=False)
+    run_b = trainer.setup(config, tmp_path / "b", reading=True)
+    assert run_b.checkpointer.restore_latest(run_b.abstract_state, move_aside=False) is None
+    run_b.checkpointer.close()
+  finally:
+    run.checkpointer.close()
