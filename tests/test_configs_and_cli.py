@@ -573,8 +573,10 @@ def test_cli_sample_checks_the_prompt_before_restoring(tmp_path, tiny_cli_overri
   assert "--prompt 'Zz~' has characters outside" in _one_error_line(capsys)
   assert calls[-1] == ("Zz~", "--prompt")
   monkeypatch.undo()
+  (workdir / "checkpoints").rmdir()
   assert cli.main(["sample", str(workdir), "--prompt", "the"]) == 1  # a good prompt: on to restore
   assert "no readable checkpoint" in _one_error_line(capsys)
+  assert not (workdir / "checkpoints").exists()  # a reader made no folder in the workdir it read
   if hasattr(lm_task.LMTask, "check_prompt"):
     assert cli.main(["sample", str(workdir), "--prompt", "Zz~"]) == 2
     line = _one_error_line(capsys)

@@ -121,12 +121,13 @@ class _BackgroundSaves:
 class Checkpointer(_BackgroundSaves):
   """Saves and restores {"state": pytree of arrays, "data": JSON dict} under WORKDIR/checkpoints."""
 
-  def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 3):
+  def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 3, create: bool = True):
+    """create=False (eval / sample): a missing WORKDIR/checkpoints is not made (no steps)."""
     self.workdir = pathlib.Path(workdir)
     self.directory = self.workdir / "checkpoints"
     self._manager = ocp.CheckpointManager(
         self.directory.absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
         item_names=("state", "data"))
 
   def all_steps(self) -> list[int]:

@@ -124,8 +124,10 @@ def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = 
   sharding.check_divisible(nn.meta.unbox(boxed), state_shardings)
   sharding.check_fits(nn.meta.unbox(boxed), state_shardings)
   abstract_state = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), state_shardings)
-  workdir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to build leaves no dir
-  checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+  if not reading:  # only now: a run that fails to build leaves no dir
+    workdir.mkdir(parents=True, exist_ok=True)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints,
+                                             create=not reading)  # eval / sample change nothing
   recorded = _recorded_configs(checkpointer)
   saved_fingerprint = _fingerprint_of(recorded[0][1]) if recorded else _saved_fingerprint(workdir)
   run = Run(config, workdir, mesh, task, tx, state_shardings, abstract_state, checkpointer,
