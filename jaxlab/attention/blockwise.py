@@ -88,11 +88,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_li
   check_soft_cap(soft_cap)
   block_q = _check_block("block_q", block_q)
   block_k = _check_block("block_k", block_k)
-  if not isinstance(mask, masks_lib.AttentionMask):
-    raise TypeError(f"mask must be an AttentionMask (see masks.make_mask), got {type(mask).__name__}")
-  if (mask.q_len, mask.kv_len) != (tq, tk):
-    raise ValueError(f"mask is for (Tq, Tk) = {(mask.q_len, mask.kv_len)} but q and k give "
-                     f"{(tq, tk)}")
+  masks_lib.check_mask_fits(mask, b, tq, tk)
   try:
     scale = float(scale)
   except (TypeError, jax.errors.ConcretizationTypeError):

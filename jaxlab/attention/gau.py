@@ -54,6 +54,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxlab.attention import masks as masks_lib
 from jaxlab.positions import _checks
 from jaxlab.positions.logn import logn_scale
 
@@ -159,6 +160,7 @@ def gau_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Fa
   Returns:
     [B, Tq, N, E] in q's dtype. A query that sees no key gets zeros (and zero gradients).
   """
+  masks_lib.check_causal(causal)
   b, tq, tk, n, kh, s, e = _check_qkv(q, k, v)
   kind = _check_kind(kind)
   g = n // kh

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxlab.attention import masks as masks_lib
 from jaxlab.attention.softmax import check_qkv
 
 FEATURE_MAPS = ("elu+1", "relu", "exp")
@@ -92,6 +93,7 @@ def linear_attention_from_features(phi_q: jax.Array, phi_k: jax.Array, v: jax.Ar
   Returns:
     [B, Tq, N, H] float32.
   """
+  masks_lib.check_causal(causal)
   if phi_q.ndim != 4 or phi_k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"phi_q, phi_k, v must be 4-D, got {phi_q.shape}, {phi_k.shape}, {v.shape}")
   b, tq, n, m = phi_q.shape
@@ -211,6 +213,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   Returns:
     [B, Tq, N, H] in q's dtype (computed in float32).
   """
+  masks_lib.check_causal(causal)
   check_qkv(q, k, v)
   phi = get_feature_map(feature_map)
   chunk_size = _check_chunk(chunk_size)

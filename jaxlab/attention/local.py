@@ -103,6 +103,7 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: Tuple[i
   Returns:
     [B, T, N, H] in q's dtype; rows that see no key are zeros.
   """
+  masks_lib.check_causal(causal)
   from jaxlab.attention.softmax import check_qkv
 
   bsz, tq, tk, n, kh, h = check_qkv(q, k, v)
@@ -206,6 +207,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, layout,
   Returns:
     [B, Tq, N, H] in q's dtype; rows with nothing visible (e.g. an all-False layout row) are zeros.
   """
+  masks_lib.check_causal(causal)
   from jaxlab.attention.softmax import check_qkv
 
   bsz, tq, tk, n, kh, h = check_qkv(q, k, v)

@@ -124,12 +124,33 @@ def _take(ids: Optional[jax.Array], idx: jax.Array, fill: int) -> jax.Array:
   return jnp.where(idx[None, :] < n, ids[:, safe], fill)
 
 
+def check_causal(causal) -> None:
+  """`causal` must be a bool (a string such as "no" was taken as True)."""
+  if not isinstance(causal, (bool, np.bool_)):
+    raise TypeError(f"causal must be a bool, got {causal!r}")
+
+
+def check_mask_fits(mask, batch: int, q_len: int, kv_len: int) -> None:
+  """Raises a clear error unless `mask` is an AttentionMask made for q [batch, q_len, ...] and
+  k [batch, kv_len, ...] (the kernels take one built elsewhere, e.g. by make_mask for other shapes)."""
+  if not isinstance(mask, AttentionMask):
+    raise TypeError(f"mask must be an AttentionMask (see masks.make_mask), got {type(mask).__name__}")
+  if (mask.q_len, mask.kv_len) != (q_len, kv_len):
+    raise ValueError(f"mask is for (Tq, Tk) = {(mask.q_len, mask.kv_len)} but q and k give "
+                     f"{(q_len, kv_len)}")
+  for name in ("q_segment_ids", "kv_segment_ids", "q_lengths", "kv_lengths"):
+    array = getattr(mask, name)
+    if array is not None and array.shape[0] != batch:
+      raise ValueError(f"mask.{name} is for batch {array.shape[0]} but q has batch {batch}")
+
+
 def make_mask(q_len: int, kv_len: int, batch: int, *, causal: bool = False, window: Window = None,
               q_segment_ids=None, kv_segment_ids=None, q_lengths=None, kv_lengths=None) -> AttentionMask:
   """Validates a mask description against the shapes it will be applied to. A window side larger
   than Tq + Tk is stored as Tq + Tk (the same mask: positions are int32, and a "huge" side such as
   2**31 - 1 would overflow i + right)."""
   q_len, kv_len = int(q_len), int(kv_len)  # NumPy ints too: they are static in every kernel
+  check_causal(causal)
   window = _check_window(window)
   if window is not None:
     window = tuple(None if side is None else min(side, q_len + kv_len) for side in window)

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxlab.attention.linear import causal_chunk, linear_attention_from_features
+from jaxlab.attention import masks as masks_lib
 from jaxlab.attention.softmax import check_qkv
 
 
@@ -114,6 +115,7 @@ def performer_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key: Option
   Returns:
     [B, Tq, N, H] in q's dtype.
   """
+  masks_lib.check_causal(causal)
   b, tq, tk, n, kh, h = check_qkv(q, k, v)
   if causal and tq != tk:
     raise ValueError(f"causal performer attention needs Tq == Tk, got Tq={tq}, Tk={tk}")

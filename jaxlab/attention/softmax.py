@@ -95,6 +95,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.Atte
   visible keys all have a -inf bias) give zeros."""
   b, tq, tk, n, kh, h = check_qkv(q, k, v)
   check_soft_cap(soft_cap)
+  masks_lib.check_mask_fits(mask, b, tq, tk)
   g = n // kh
   q_grouped = q.reshape(b, tq, kh, g, h)
   logits = jnp.einsum("btkgh,bskh->bkgts", q_grouped, k,

@@ -231,3 +231,44 @@ def test_the_causal_linear_time_families_take_empty_sequences(name):
           "local": lambda: attention.local_attention(q, k, v, window=(2, 0))}[name]
   out = call()
   assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_a_mask_made_for_other_shapes_is_named_by_every_kernel():
+  """The exported kernels take an AttentionMask built elsewhere; one for another batch failed deep in
+  a broadcast ("Incompatible shapes for broadcasting: (3, 1, 5, 7), (2, 4, 5, 7)")."""
+  from jaxlab.attention import masks
+  from jaxlab.attention.blockwise import blockwise_attention
+  from jaxlab.attention.flash import flash_attention
+  from jaxlab.attention.softmax import xla_attention
+  q, k, v = _qkv(tq=5, tk=7)
+  other_batch = masks.make_mask(5, 7, 3, kv_lengths=jnp.array([1, 2, 3]))
+  other_lengths = masks.make_mask(5, 8, 2)
+  for fn in (xla_attention, blockwise_attention, flash_attention):
+    with pytest.raises(ValueError, match=r"mask.kv_lengths is for batch 3 but q has batch 2"):
+      fn(q, k, v, other_batch, scale=0.5)
+    with pytest.raises(ValueError, match=r"mask is for \(Tq, Tk\) = \(5, 8\) but q and k give \(5, 7\)"):
+      fn(q, k, v, other_lengths, scale=0.5)
+    with pytest.raises(TypeError, match="mask must be an AttentionMask"):
+      fn(q, k, v, None, scale=0.5)
+
+
+def test_causal_must_be_a_bool_everywhere():
+  """causal="no" ran causal attention (bool("no") is True)."""
+  from jaxlab.attention import masks
+  from jaxlab.attention.gau import gau_attention
+  from jaxlab.attention.linear import linear_attention
+  from jaxlab.attention.local import block_sparse_attention, local_attention
+  from jaxlab.attention.performer import performer_attention
+  q, k, v = _qkv()
+  calls = [lambda c: dot_product_attention(q, k, v, causal=c),
+           lambda c: masks.make_mask(8, 8, 2, causal=c),
+           lambda c: linear_attention(q, k, v, causal=c),
+           lambda c: local_attention(q, k, v, window=(2, 0), causal=c),
+           lambda c: block_sparse_attention(q, k, v, layout=np.ones((2, 2), bool), block_size=4,
+                                            causal=c),
+           lambda c: performer_attention(q, k, v, key=jax.random.key(0), num_features=8, causal=c),
+           lambda c: gau_attention(q, k, v, causal=c)]
+  for call in calls:
+    with pytest.raises(TypeError, match="causal must be a bool, got 'no'"):
+      call("no")
+    call(np.bool_(True))  # NumPy's bool is a bool

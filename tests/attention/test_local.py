@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from attention_test_utils import max_intermediate_size
 
 from jaxlab.attention import dot_product_attention
+from jaxlab.attention.masks import AttentionMask
 from jaxlab.attention.local import (bigbird_layout, block_layout_from_window, block_sparse_attention,
                                     local_attention, strided_layout)
 from jaxlab.attention.softmax import xla_attention
@@ -117,9 +118,9 @@ def test_local_matches_reference(case):
 
 
 @dataclasses.dataclass(frozen=True)
-class _DenseMask:
-  """Duck-types the member of `AttentionMask` that `xla_attention` uses, for an arbitrary grid."""
-  grid: np.ndarray  # [Tq, Tk] bool
+class _DenseMask(AttentionMask):
+  """An `AttentionMask` whose `full()` (what `xla_attention` reads) is an arbitrary grid."""
+  grid: np.ndarray = None  # [Tq, Tk] bool
 
   def full(self):
     return jnp.asarray(self.grid)[None, None]
@@ -152,7 +153,7 @@ SPARSE_CASES = [
 def test_block_sparse_matches_reference(case):
   name, b, tq, tk, n, kh, h, layout, bs, causal = case
   q, k, v, ct = _inputs(len(name), b, tq, tk, n, kh, h)
-  mask = _DenseMask(_dense_grid(layout, bs, tq, tk, causal))
+  mask = _DenseMask(tq, tk, grid=_dense_grid(layout, bs, tq, tk, causal))
   sparse = lambda q, k, v: block_sparse_attention(q, k, v, layout=layout, block_size=bs,
                                                   causal=causal, scale=SCALE)
   ref = lambda q, k, v: xla_attention(q, k, v, mask, scale=SCALE)

@@ -185,10 +185,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
   b, tq, tk, n, kh, h = check_qkv(q, k, v)
   if q.dtype not in _DTYPES:
     raise ValueError(f"q must be float32, bfloat16 or float16 for the Pallas kernel, got {q.dtype}")
-  if not isinstance(mask, masks_lib.AttentionMask):
-    raise TypeError(f"mask must be an AttentionMask (see masks.make_mask), got {type(mask).__name__}")
-  if (mask.q_len, mask.kv_len) != (tq, tk):
-    raise ValueError(f"mask is for (Tq, Tk) = {(mask.q_len, mask.kv_len)} but q and k give {(tq, tk)}")
+  masks_lib.check_mask_fits(mask, b, tq, tk)
   scale = _static_float(scale, "scale")
   check_soft_cap(soft_cap)
   if soft_cap is not None:
