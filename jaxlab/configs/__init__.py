@@ -163,7 +163,7 @@ def absolute_data_path(path: str, task: str | None, *, resolve_links: bool = Fal
   the same files from anywhere. resolve_links: symlinks resolved too (to compare two paths)."""
   if not isinstance(path, str) or not path:
     return path
-  parts = path.split(",") if task == "lm" else [path]
+  parts = [p.strip() for p in path.split(",")] if task == "lm" else [path]  # "a.txt, b.txt" too
   return ",".join(_absolute(p, resolve_links) for p in parts)
 
 

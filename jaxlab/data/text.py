@@ -56,7 +56,7 @@ def load_corpus(data_cfg) -> Corpus:
   elif name == "text_files" or (name == "tiny_shakespeare" and data_cfg.path):
     if not data_cfg.path:
       raise ValueError("config.data.path must name the text file(s) for data.name='text_files'")
-    paths = [p for p in data_cfg.path.split(",") if p]
+    paths = [p.strip() for p in data_cfg.path.split(",") if p.strip()]  # "a.txt, b.txt" too
     try:
       files_config = text_builders.text_files_config(paths, data_cfg.train_fraction)
     except FileNotFoundError as e:
@@ -72,8 +72,13 @@ def load_corpus(data_cfg) -> Corpus:
   text_builders.prepare(builder, data_cfg.data_dir)
   alphabet = builder.info.metadata["alphabet"]
   vocab = Vocab(alphabet if data_cfg.vocab == "char" else None)
-  train = _tokens(vocab, _read_split(builder, "train"), sep)
-  val = _tokens(vocab, _read_split(builder, "validation"), sep)
+  try:
+    train = _tokens(vocab, _read_split(builder, "train"), sep)
+    val = _tokens(vocab, _read_split(builder, "validation"), sep)
+  except (OSError, RuntimeError, ValueError) as e:  # array_record's errors for a damaged build
+    first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    raise ValueError(f"the prepared dataset in {builder.data_dir} could not be read ({first}); "
+                     "delete that folder and it is built again from the source files") from None
   return Corpus(train, val, vocab, f"{builder.name}/{builder.builder_config.name}")
 
 

@@ -48,7 +48,8 @@ def _decode_text(data: bytes, path: pathlib.Path) -> str:
   try:
     return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8").read()
   except UnicodeDecodeError as e:
-    raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    raise ValueError(f"{path} is not UTF-8 text ({e}); both vocabularies (char and byte) read "
+                     "the file as UTF-8 text") from None
 
 
 def _alphabet(texts) -> str:
@@ -84,6 +85,9 @@ def text_files_config(paths, train_fraction: float = 0.9) -> TextFilesConfig:
     path = pathlib.Path(p)
     if path.is_dir():
       raise ValueError(f"{p} is a directory; text_files reads text files (comma-separated paths)")
+    if path.exists() and not path.is_file():
+      raise ValueError(f"{p} is not a regular file (a device, pipe or socket); text_files reads "
+                       "text files")
     if not path.is_file():
       raise FileNotFoundError(f"text file not found: {p}")
     data = path.read_bytes()

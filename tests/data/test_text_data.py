@@ -124,6 +124,32 @@ def test_missing_file_is_reported(tfds_dir):
     text.load_corpus(data_cfg(path="/nonexistent/no_such.txt", data_dir=str(tfds_dir)))
 
 
+def test_a_path_that_is_not_a_regular_file_is_named_as_such(tfds_dir):
+  """/dev/null was reported as "text file not found"."""
+  with pytest.raises(ValueError, match="/dev/null is not a regular file"):
+    text.load_corpus(data_cfg(path="/dev/null", data_dir=str(tfds_dir)))
+
+
+def test_spaces_after_the_commas_of_several_paths_are_dropped(tiny_corpus, tfds_dir):
+  """"a.txt, b.txt" looked for the file " b.txt" (made absolute: "CWD/ b.txt")."""
+  from jaxlab.configs import absolute_data_path
+  spaced = f"{tiny_corpus}, {tiny_corpus}"
+  assert absolute_data_path(spaced, "lm") == f"{tiny_corpus},{tiny_corpus}"
+  corpus = text.load_corpus(data_cfg(path=spaced, data_dir=str(tfds_dir)))
+  assert len(corpus.train) + len(corpus.validation) == 2 * len(tiny_corpus.read_text())
+
+
+def test_a_damaged_prepared_dataset_names_its_folder(tiny_corpus, tmp_path):
+  """A truncated array_record file gave "ArrayRecord file should be at least 64KB big" alone."""
+  own_dir = str(tmp_path / "tfds")  # not the session's shared tfds_dir: this test damages it
+  text.load_corpus(data_cfg(path=str(tiny_corpus), data_dir=own_dir))
+  shard = next(pathlib.Path(own_dir).rglob("*train.array_record*"))
+  shard.write_bytes(shard.read_bytes()[:100])
+  with pytest.raises(ValueError, match=f"the prepared dataset in {shard.parent} could not be read "
+                                       r"\(.*\); delete that folder"):
+    text.load_corpus(data_cfg(path=str(tiny_corpus), data_dir=own_dir))
+
+
 def test_vocab_round_trip_and_errors():
   v = make_vocab("char", ["hello world"])
   assert v.decode(v.encode("hello")) == "hello"
