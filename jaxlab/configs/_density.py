@@ -29,6 +29,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.model.channels = 32  # PixelCNN
   c.model.num_layers = 5
   c.model.first_kernel = 7
+  c.model.dtype = "float32"  # float32 | bfloat16 | float16 compute (params, log-probabilities: float32)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
@@ -40,6 +41,10 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   c.optim.decay_embeddings = False
   c.optim.grad_clip = 0.0
+  # Dynamic loss scaling (jaxlab/train/loss_scale.py): auto = on when model.dtype is float16
+  c.optim.loss_scale = "auto"  # auto | dynamic | none
+  c.optim.loss_scale_init = 2.0**15
+  c.optim.loss_scale_period = 2000  # finite steps in a row before the scale doubles
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 3000

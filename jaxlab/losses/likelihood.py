@@ -44,8 +44,21 @@ def check_binary_values(x, name: str = "x") -> None:
 
 
 def bernoulli_log_prob(x_BD: jax.Array, logits_BD: jax.Array) -> jax.Array:
-  """sum_d log Bernoulli(x_d; sigmoid(l_d)) per example: [B, D], [B, D] -> [B] (nats)."""
+  """sum_d log Bernoulli(x_d; sigmoid(l_d)) per example: [B, D], [B, D] -> [B] (nats), in float32 at
+  least whatever the logits' dtype (a bfloat16 sum over 784 pixels would keep ~3 significant digits)."""
+  logits_BD = at_least_float32(logits_BD)
+  x_BD = x_BD.astype(logits_BD.dtype)
   return jnp.sum(x_BD * logits_BD - jax.nn.softplus(logits_BD), axis=-1)
+
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+  """x in float32, or in its own dtype if wider (float64 under jax_enable_x64)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def in_compute_dtype(x: jax.Array, dtype) -> jax.Array:
+  """x cast to a model's compute `dtype`; None: as it is (the parameters' own dtype)."""
+  return x if dtype is None else x.astype(dtype)
 
 
 def log_mean_exp(a: jax.Array, axis: int = 0) -> jax.Array:
@@ -67,7 +80,8 @@ def ancestral_sample(logits_fn: Callable[[jax.Array], jax.Array], key: jax.Array
   def step(t, x_ND):
     dim_N = order_ND[:, t]
     logits_N = jnp.take_along_axis(logits_fn(x_ND), dim_N[:, None], axis=1)[:, 0]
-    bit_N = jax.random.bernoulli(keys[t], jax.nn.sigmoid(logits_N)).astype(dtype)
+    p_N = jax.nn.sigmoid(at_least_float32(logits_N))  # a bfloat16 model's logits too
+    bit_N = jax.random.bernoulli(keys[t], p_N).astype(dtype)
     return x_ND + jax.nn.one_hot(dim_N, d, dtype=dtype) * bit_N[:, None]
 
   return jax.lax.fori_loop(0, d, step, jnp.zeros((n, d), dtype))

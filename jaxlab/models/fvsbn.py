@@ -6,11 +6,14 @@ parameters (D^2 + D stored).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlab.losses.likelihood import ancestral_sample, bernoulli_log_prob, check_binary_batch
+from jaxlab.losses.likelihood import (ancestral_sample, at_least_float32, bernoulli_log_prob,
+                                      check_binary_batch, in_compute_dtype)
 
 
 def strictly_upper_mask(dim: int, dtype=jnp.float32) -> jax.Array:
@@ -24,9 +27,11 @@ def fvsbn_logits(x_BD: jax.Array, weight_DD: jax.Array, bias_D: jax.Array) -> ja
 
 
 class FVSBN(nn.Module):
-  """Fully visible sigmoid belief net on D binary dimensions (natural order)."""
+  """Fully visible sigmoid belief net on D binary dimensions (natural order). dtype: the compute
+  dtype (None: the parameters'; they stay float32; logits and log-probabilities: float32 at least)."""
 
   dim: int
+  dtype: Any = None
 
   def setup(self):
     zeros = lambda axes: nn.with_logical_partitioning(nn.initializers.zeros, axes)
@@ -36,7 +41,15 @@ class FVSBN(nn.Module):
   def __call__(self, x_BD: jax.Array) -> jax.Array:
     """Conditional logits [B, D]."""
     x_BD = check_binary_batch(x_BD, "x", self.dim)
-    return fvsbn_logits(x_BD, self.weight, self.bias)
+    return self._logits_fn()(x_BD)
+
+  def _logits_fn(self):
+    """x_BD -> logits (float32 at least), computed in self.dtype (a closure over the parameters,
+    read here)."""
+    dt = self.dtype
+    weight, bias = in_compute_dtype(self.weight, dt), in_compute_dtype(self.bias, dt)
+    return lambda x_BD: at_least_float32(
+        fvsbn_logits(x_BD.astype(weight.dtype), weight, bias))
 
   def log_prob(self, x_BD: jax.Array) -> jax.Array:
     """log p(x) in nats per example: [B, D] -> [B]."""
@@ -45,6 +58,6 @@ class FVSBN(nn.Module):
 
   def sample(self, key: jax.Array, n: int) -> jax.Array:
     """n exact samples, float [n, D] in {0, 1}."""
-    weight, bias = self.weight, self.bias  # read outside the loop's trace
+    logits = self._logits_fn()  # the parameters read outside the loop's trace
     order = jnp.broadcast_to(jnp.arange(self.dim), (n, self.dim))
-    return ancestral_sample(lambda x: fvsbn_logits(x, weight, bias), key, order)
+    return ancestral_sample(logits, key, order)

@@ -12,15 +12,15 @@ time log p(x) = log mean_k p_k(x) over all K (an equal mixture of K exact autore
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.losses.likelihood import (ancestral_sample, bernoulli_log_prob, check_binary_batch,
-                                      log_mean_exp)
+from jaxlab.losses.likelihood import (ancestral_sample, at_least_float32, bernoulli_log_prob,
+                                      check_binary_batch, in_compute_dtype, log_mean_exp)
 
 
 SAMPLE_CHUNK_WEIGHTS = 2**26  # MADE.sample with K > 1: masked weights per chunk (256 MiB in float32)
@@ -105,7 +105,9 @@ def made_logits(x_BD: jax.Array, kernels, biases, masks, direct_DD: jax.Array | 
 
 
 class MADE(nn.Module):
-  """MADE on D binary dimensions: `hidden` layer sizes, K = `num_masks` fixed mask sets."""
+  """MADE on D binary dimensions: `hidden` layer sizes, K = `num_masks` fixed mask sets. dtype: the
+  compute dtype (None: the parameters'; they stay float32; logits and log-probabilities: float32 at
+  least)."""
 
   dim: int
   hidden: Sequence[int] = (500,)
@@ -114,6 +116,7 @@ class MADE(nn.Module):
   connectivity_agnostic: bool = True
   direct: bool = False
   mask_seed: int = 0
+  dtype: Any = None
 
   def setup(self):
     # Degrees, not masks, are the program's constants: K x (D + sum(hidden)) int32 instead of
@@ -142,16 +145,20 @@ class MADE(nn.Module):
   def _logits_fn(self):
     """(x_BD, k) -> logits under mask set k, as a pure closure over the parameters (safe to use under
     jax transforms: every variable is read here, outside them)."""
-    kernels, biases = list(self.kernels), list(self.biases)
-    direct = self.direct_kernel if self.direct else None
+    cast = lambda p: in_compute_dtype(p, self.dtype)
+    kernels, biases = [cast(w) for w in self.kernels], [cast(b) for b in self.biases]
+    direct = cast(self.direct_kernel) if self.direct else None
     inputs, hiddens = self.input_degrees, list(self.hidden_degrees)
+    dt = kernels[0].dtype
 
     def logits(x_BD, k):
       masks, direct_mask = masks_from_degrees(inputs[k], [h[k] for h in hiddens])
-      masks = [m.astype(w.dtype) for m, w in zip(masks, kernels)]
+      masks = [m.astype(dt) for m in masks]
+      x_BD = x_BD.astype(dt)
       if direct is None:
-        return made_logits(x_BD, kernels, biases, masks)
-      return made_logits(x_BD, kernels, biases, masks, direct, direct_mask.astype(direct.dtype))
+        return at_least_float32(made_logits(x_BD, kernels, biases, masks))
+      return at_least_float32(made_logits(x_BD, kernels, biases, masks, direct,
+                                          direct_mask.astype(dt)))
     return logits
 
   def _logits(self, x_BD: jax.Array, mask_index) -> jax.Array:

@@ -9,12 +9,14 @@ The pre-activations obey a_1 = c, a_{d+1} = a_d + W[:, d] x_d, so all D hidden v
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlab.losses.likelihood import bernoulli_log_prob, check_binary_batch
+from jaxlab.losses.likelihood import (at_least_float32, bernoulli_log_prob, check_binary_batch,
+                                      in_compute_dtype)
 
 # Dimensions per scan step of `nade_logits`. Measured 2026-12-02 on 2 XLA:CPU cores (one device,
 # B=100, D=784, H=500, loss and gradient, median of 15): a plain scan over d with autodiff 241 ms;
@@ -141,7 +143,7 @@ def nade_sample(key: jax.Array, n: int, w_DH: jax.Array, c_H: jax.Array, v_DH: j
 
   def step(a_NH, inputs):
     key_d, w_H, v_H, b = inputs
-    p_N = jax.nn.sigmoid(jax.nn.sigmoid(a_NH) @ v_H + b)
+    p_N = jax.nn.sigmoid(at_least_float32(jax.nn.sigmoid(a_NH) @ v_H + b))
     x_N = jax.random.bernoulli(key_d, p_N).astype(a_NH.dtype)
     return a_NH + x_N[:, None] * w_H, x_N
 
@@ -151,10 +153,12 @@ def nade_sample(key: jax.Array, n: int, w_DH: jax.Array, c_H: jax.Array, v_DH: j
 
 
 class NADE(nn.Module):
-  """NADE on D binary dimensions with H hidden units (natural order)."""
+  """NADE on D binary dimensions with H hidden units (natural order). dtype: the compute dtype
+  (None: the parameters'; they stay float32; logits and log-probabilities: float32 at least)."""
 
   dim: int
   hidden: int = 500
+  dtype: Any = None
 
   def setup(self):
     init = nn.with_logical_partitioning(nn.initializers.normal(stddev=0.01), ("embed", "mlp"))
@@ -167,7 +171,11 @@ class NADE(nn.Module):
   def __call__(self, x_BD: jax.Array) -> jax.Array:
     """Conditional logits [B, D]."""
     x_BD = check_binary_batch(x_BD, "x", self.dim)
-    return nade_logits(x_BD, self.w, self.c, self.v, self.b)
+    return at_least_float32(nade_logits(x_BD, *self._params()))
+
+  def _params(self):
+    """(w, c, v, b) in the compute dtype."""
+    return tuple(in_compute_dtype(p, self.dtype) for p in (self.w, self.c, self.v, self.b))
 
   def log_prob(self, x_BD: jax.Array) -> jax.Array:
     """log p(x) in nats per example: [B, D] -> [B]."""
@@ -176,4 +184,4 @@ class NADE(nn.Module):
 
   def sample(self, key: jax.Array, n: int) -> jax.Array:
     """n exact samples, float [n, D] in {0, 1}."""
-    return nade_sample(key, n, self.w, self.c, self.v, self.b)
+    return at_least_float32(nade_sample(key, n, *self._params()))

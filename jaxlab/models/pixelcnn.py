@@ -15,14 +15,16 @@ Inputs are flat vectors x_BD (D = H*W, raster order), like the other binary mode
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.losses.likelihood import ancestral_sample, bernoulli_log_prob, check_binary_batch
+from jaxlab.losses.likelihood import (ancestral_sample, at_least_float32, bernoulli_log_prob,
+                                      check_binary_batch, in_compute_dtype)
 
 
 def raster_mask(kernel_size: int, mask_type: str) -> np.ndarray:
@@ -59,6 +61,7 @@ class Conv(nn.Module):
   padding: tuple = ((0, 0), (0, 0))
   mask: np.ndarray | None = None
   out_axis: str | None = "embed"
+  dtype: Any = None  # compute dtype (None: the parameters'; they stay float32)
 
   @nn.compact
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
@@ -70,7 +73,8 @@ class Conv(nn.Module):
       kernel = kernel * jnp.asarray(self.mask)[:, :, None, None]
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.out_axis,)),
                       (self.features,))
-    return conv2d(x_BHWC, kernel, self.padding) + bias
+    kernel, bias = in_compute_dtype(kernel, self.dtype), in_compute_dtype(bias, self.dtype)
+    return conv2d(x_BHWC.astype(kernel.dtype), kernel, self.padding) + bias
 
 
 def _same(k: int):
@@ -92,8 +96,8 @@ class _ImageModel(nn.Module):
     return x_BD.reshape(-1, h, w, 1)
 
   def __call__(self, x_BD: jax.Array) -> jax.Array:
-    """Conditional logits [B, D] in raster order."""
-    return self.network(self._image(x_BD)).reshape(x_BD.shape[0], -1)
+    """Conditional logits [B, D] in raster order (float32 at least; computed in self.dtype)."""
+    return at_least_float32(self.network(self._image(x_BD)).reshape(x_BD.shape[0], -1))
 
   def log_prob(self, x_BD: jax.Array) -> jax.Array:
     """log p(x) in nats per image: [B, H*W] -> [B]."""
@@ -116,18 +120,20 @@ class PixelCNN(_ImageModel):
   channels: int = 64
   num_layers: int = 7
   first_kernel: int = 7
+  dtype: Any = None  # compute dtype (None: the parameters'; logits, log-probabilities: float32+)
 
   @nn.compact
   def network(self, x_BHW1: jax.Array) -> jax.Array:
     self._check_first_kernel()
+    conv = functools.partial(Conv, dtype=self.dtype)
     k = self.first_kernel
-    h = Conv(2 * self.channels, (k, k), _same(k), raster_mask(k, "A"))(x_BHW1)
+    h = conv(2 * self.channels, (k, k), _same(k), raster_mask(k, "A"))(x_BHW1)
     for _ in range(self.num_layers):
-      r = Conv(self.channels, (1, 1))(jax.nn.relu(h))
-      r = Conv(self.channels, (3, 3), _same(3), raster_mask(3, "B"))(jax.nn.relu(r))
-      h = h + Conv(2 * self.channels, (1, 1))(jax.nn.relu(r))
-    h = Conv(self.channels, (1, 1))(jax.nn.relu(h))
-    return Conv(1, (1, 1), out_axis=None)(jax.nn.relu(h))[..., 0]
+      r = conv(self.channels, (1, 1))(jax.nn.relu(h))
+      r = conv(self.channels, (3, 3), _same(3), raster_mask(3, "B"))(jax.nn.relu(r))
+      h = h + conv(2 * self.channels, (1, 1))(jax.nn.relu(r))
+    h = conv(self.channels, (1, 1))(jax.nn.relu(h))
+    return conv(1, (1, 1), out_axis=None)(jax.nn.relu(h))[..., 0]
 
 
 class GatedPixelCNN(_ImageModel):
@@ -137,11 +143,13 @@ class GatedPixelCNN(_ImageModel):
   channels: int = 64
   num_layers: int = 7
   first_kernel: int = 7
+  dtype: Any = None  # compute dtype (None: the parameters'; logits, log-probabilities: float32+)
   kernel: int = 3
 
   @nn.compact
   def network(self, x_BHW1: jax.Array) -> jax.Array:
     self._check_first_kernel()
+    conv = functools.partial(Conv, dtype=self.dtype)
     if self.kernel < 1 or self.kernel % 2 == 0:
       raise ValueError(f"kernel must be odd and >= 1, got {self.kernel}")
     v = h = x_BHW1
@@ -149,15 +157,15 @@ class GatedPixelCNN(_ImageModel):
     for layer in range(self.num_layers):
       k = self.first_kernel if layer == 0 else self.kernel
       r = k // 2
-      v_2C = Conv(2 * c, (r + 1, k), ((r, 0), (r, r)))(v)  # rows i-r..i, cols j-r..j+r
+      v_2C = conv(2 * c, (r + 1, k), ((r, 0), (r, r)))(v)  # rows i-r..i, cols j-r..j+r
       hmask = np.ones((1, r + 1), np.float32)
       if layer == 0:
         hmask[0, -1] = 0.0  # type A: not the current pixel
-      h_2C = Conv(2 * c, (1, r + 1), ((0, 0), (r, 0)), hmask)(h)  # cols j-r..j
-      h_2C = h_2C + Conv(2 * c, (1, 1))(shift_down(v_2C))  # rows above only
+      h_2C = conv(2 * c, (1, r + 1), ((0, 0), (r, 0)), hmask)(h)  # cols j-r..j
+      h_2C = h_2C + conv(2 * c, (1, 1))(shift_down(v_2C))  # rows above only
       v = jnp.tanh(v_2C[..., :c]) * jax.nn.sigmoid(v_2C[..., c:])
       gated = jnp.tanh(h_2C[..., :c]) * jax.nn.sigmoid(h_2C[..., c:])
-      out = Conv(c, (1, 1))(gated)
+      out = conv(c, (1, 1))(gated)
       h = out if layer == 0 else h + out
-    h = Conv(c, (1, 1))(jax.nn.relu(h))
-    return Conv(1, (1, 1), out_axis=None)(jax.nn.relu(h))[..., 0]
+    h = conv(c, (1, 1))(jax.nn.relu(h))
+    return conv(1, (1, 1), out_axis=None)(jax.nn.relu(h))[..., 0]

@@ -18,6 +18,7 @@ from jaxlab.data import binary_images
 from jaxlab.losses.likelihood import check_binary_values
 
 MODELS = ("fvsbn", "nade", "made", "pixelcnn", "gated_pixelcnn")
+DTYPES = ("float32", "bfloat16", "float16")  # config.model.dtype: the models' compute dtype
 IMAGE_MODELS = ("pixelcnn", "gated_pixelcnn")
 
 
@@ -28,19 +29,21 @@ def build_model(model_cfg, dim: int, image_shape):
   from jaxlab.models.nade import NADE
   from jaxlab.models.pixelcnn import GatedPixelCNN, PixelCNN
   m = model_cfg
+  # None (float32, and a config saved before model.dtype): the parameters' own dtype
+  dtype = None if m.get("dtype", "float32") == "float32" else jnp.dtype(m.dtype)
   if m.name == "fvsbn":
-    return FVSBN(dim)
+    return FVSBN(dim, dtype=dtype)
   if m.name == "nade":
-    return NADE(dim, hidden=m.hidden[0])
+    return NADE(dim, hidden=m.hidden[0], dtype=dtype)
   if m.name == "made":
     return MADE(dim, hidden=tuple(m.hidden), num_masks=m.num_masks,
                 order_agnostic=m.order_agnostic, connectivity_agnostic=m.connectivity_agnostic,
-                direct=m.direct, mask_seed=m.mask_seed)
+                direct=m.direct, mask_seed=m.mask_seed, dtype=dtype)
   if image_shape is None:
     raise ValueError(f"config.model.name={m.name!r} needs image data")
   cls = PixelCNN if m.name == "pixelcnn" else GatedPixelCNN
   return cls(tuple(image_shape), channels=m.channels, num_layers=m.num_layers,
-             first_kernel=m.first_kernel)
+             first_kernel=m.first_kernel, dtype=dtype)
 
 
 def validate(config, require) -> None:
@@ -48,6 +51,7 @@ def validate(config, require) -> None:
   from jaxlab.configs.validate import require_choice, require_defaults, require_positive_ints
   require_choice(config, "data.name", binary_images.NAMES)
   require_choice(config, "model.name", MODELS)
+  require_choice(config, "model.dtype", DTYPES)
   require_positive_ints(config, ("model.num_masks", "model.channels", "model.num_layers",
                                  "model.first_kernel", "sample.num"))
   m = config.model

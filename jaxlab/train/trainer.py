@@ -389,7 +389,7 @@ ADDED_KEYS_AT_DEFAULT = {"model.mtp_heads": 0, "model.medusa_heads": 0,
 ADDED_TASK_KEYS_AT_DEFAULT = {
     "contrastive": {"model.dtype": "float32", "model.image_encoder": "vit", "model.image_window": 4,
                     "model.image_stages": 2, "model.image_rope_theta": 100.0},
-    "density": {"data.static_binarization": False},
+    "density": {"data.static_binarization": False, "model.dtype": "float32"},
 }
 
 

@@ -339,3 +339,30 @@ def test_values_other_than_zero_and_one_are_refused(make):
       model.apply(variables, bad, method=model.log_prob)
   ok = np.array([[0, 1, 1, 0]], bool)
   assert np.isfinite(model.apply(variables, ok, method=model.log_prob)).all()
+
+
+@pytest.mark.parametrize("dtype,rtol", [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_lower_precision_compute_dtype(name, dtype, rtol):
+  """dtype= computes the matmuls / convolutions in bfloat16 or float16 (checked in the jaxpr) while
+  the parameters, logits, log-probabilities and gradients stay float32, and the log-probabilities
+  are the float32 model's to within the dtype's precision; samples stay exact 0/1 float32."""
+  make, dim = MODELS[name]
+  model32 = make()
+  model = model32.clone(dtype=dtype)
+  params = _init(model32, dim, scale=0.5)
+  x = jnp.asarray(_all_binary(dim)[::3], jnp.float32)
+  lp32 = model32.apply(params, x, method=model32.log_prob)
+  lp = model.apply(params, x, method=model.log_prob)
+  assert lp.dtype == jnp.float32 and model.apply(params, x).dtype == jnp.float32
+  np.testing.assert_allclose(lp, lp32, rtol=rtol)
+  assert not np.array_equal(np.asarray(lp), np.asarray(lp32))  # really computed otherwise
+  jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, x, method=model.log_prob))(params))
+  low = jnp.dtype(dtype).name.replace("float", "f").replace("bf", "bf")  # bf16 / f16
+  ops = [line for line in jaxpr.splitlines() if "dot_general" in line or "conv_general" in line]
+  assert ops and all(f":{low}[" in line for line in ops), ops
+  grads = jax.grad(lambda p: model.apply(p, x, method=model.log_prob).sum())(params)
+  assert all(g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all()
+             for g in jax.tree.leaves(grads))
+  samples = model.apply(params, jax.random.PRNGKey(0), 5, method=model.sample)
+  assert samples.dtype == jnp.float32 and set(np.unique(np.asarray(samples))) <= {0.0, 1.0}

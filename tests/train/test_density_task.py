@@ -353,3 +353,28 @@ def test_sampling_refuses_parameters_with_non_finite_log_probabilities():
   broken = jax.tree.map(lambda p: p * np.nan, params)
   with pytest.raises(FloatingPointError, match="non-finite log-probability"):
     task.sample_command(broken, args)
+
+
+def test_mixed_precision_training_scales_float16_and_tracks_float32(tmp_path):
+  """config.model.dtype: bfloat16 trains to the float32 run's losses within its precision; float16
+  turns dynamic loss scaling on by itself (optim.loss_scale=auto); int8 is refused by name."""
+  from jaxlab.configs import ConfigError
+  from jaxlab.train.metrics import read_metrics
+  data = _tiny_data()
+  flags = ["--config.data.batch_size=16", "--config.train.steps=30", "--config.train.eval_every=30",
+           "--config.train.checkpoint_every=30", "--config.train.log_every=10",
+           "--config.optim.warmup_steps=2", "--config.optim.lr=0.01", "--config.model.hidden=(32,)",
+           "--config.eval.batch_size=8", "--config.train.keep_best=False"]
+  losses = {}
+  for dtype in ("float32", "bfloat16", "float16"):
+    config = load_config("made", flags + [f"--config.model.dtype={dtype}"], check_devices=False)
+    result = trainer.train(config, tmp_path / dtype, task=DensityTask(config, data=data),
+                           progress=False)
+    assert ("loss_scale" in result["state"]) == (dtype == "float16")
+    losses[dtype] = [r["train_loss"] for r in read_metrics(tmp_path / dtype) if "train_loss" in r]
+  assert losses["float32"][-1] < losses["float32"][0] - 1.0  # it learned
+  for dtype in ("bfloat16", "float16"):
+    np.testing.assert_allclose(losses[dtype], losses["float32"], rtol=0.03)
+    assert losses[dtype] != losses["float32"]
+  with pytest.raises(ConfigError, match="config.model.dtype='int8' must be one of float32"):
+    load_config("made", ["--config.model.dtype=int8"], check_devices=False)
