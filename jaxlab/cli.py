@@ -256,9 +256,11 @@ def cmd_train(args, overrides) -> int:
   params = result["state"]["params"]
   if finish and "best_step" in result:  # train.keep_best: report on the model selected on validation
     try:
-      _, params = trainer.restore_best_params(run)
+      _, params = trainer.restore_best_params(run, training=True)
+      since = (f" (of the evaluations from step {result['best_since']} on)"
+               if "best_since" in result else "")
       _say(f"jaxlab: best validation loss {result['best_val_loss']:.4f} at step "
-           f"{result['best_step']}; reporting those parameters")
+           f"{result['best_step']}{since}; reporting those parameters")
     except FileNotFoundError as e:
       _say(f"jaxlab: {e}; reporting the final parameters")
   if finish:

@@ -1,6 +1,7 @@
 """Configs: overrides, and bad input failing before compilation with one line naming the key; the CLI."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -657,3 +658,45 @@ def test_workdir_config_json_with_a_typo_or_a_null_section(tmp_path, tiny_cli_ov
   with pytest.raises(ConfigError, match=r"config.json: 'model' must be a section \(a JSON object\), "
                                         r"got null"):
     cli._load_workdir_config(workdir, [])
+
+
+def test_the_best_record_never_claims_evaluations_it_did_not_see(tmp_path, capsys):
+  """A damaged record is moved aside by the train run that finds it (it stayed, called "nothing was
+  changed (a jaxlab train of this workdir moves such a record aside)" by that very run); a record
+  this run does not follow (keep_best switched off) is moved aside (eval --best served it); a record
+  started on a resume says which evaluations it covers; another eval_batches on resume is noted."""
+  common = ["--config.model.hidden=(16,)", "--config.train.checkpoint_every=10",
+            "--config.train.eval_every=5", "--config.train.log_every=5",
+            "--config.optim.warmup_steps=1", "--config.optim.lr=1.0", "--config.optim.min_lr=1.0",
+            "--config.data.batch_size=10", "--config.mesh.data=1", "--no-progress"]
+  train = lambda workdir, steps, *more: cli.main(["train", "made", "--workdir", str(tmp_path / workdir),
+                                                  f"--config.train.steps={steps}", *common, *more])
+  # 1. params of the record deleted: the run reports the final parameters and moves it aside
+  assert train("a", 20) == 0
+  for params in (tmp_path / "a" / "best").glob("*/params"):
+    shutil.rmtree(params)
+  capsys.readouterr()
+  assert train("a", 20) == 0
+  out = capsys.readouterr().out
+  assert "could not be read and was moved aside; reporting the final parameters" in out
+  assert list((tmp_path / "a" / "corrupt_checkpoints").glob("best.*"))
+  # 2. keep_best switched off on a resume: the old record goes aside and --best is refused
+  assert train("b", 10) == 0
+  assert train("b", 20, "--config.train.keep_best=False") == 0
+  assert "is not kept up to date by this run (config.train.keep_best=False); moved to" in \
+      capsys.readouterr().out
+  assert cli.main(["eval", str(tmp_path / "b"), "--best"]) != 0
+  # 3. switched on at a resume: the record covers the evaluations from there on, and says so
+  assert train("c", 10, "--config.train.keep_best=False") == 0
+  capsys.readouterr()
+  assert train("c", 20) == 0
+  captured = capsys.readouterr()
+  assert "holds no record, so the best-params record covers the evaluations from step 10 on" in \
+      captured.err
+  assert "(of the evaluations from step 10 on); reporting those parameters" in captured.out
+  # 4. other validation batches on a resume
+  assert train("d", 10) == 0
+  capsys.readouterr()
+  assert train("d", 20, "--config.train.eval_batches=1") == 0
+  assert "config.train.eval_batches changed from 1000 to 1 since the checkpoints" in \
+      capsys.readouterr().err

@@ -125,10 +125,16 @@ class Checkpointer(_BackgroundSaves):
     """create=False (eval / sample): a missing WORKDIR/checkpoints is not made (no steps)."""
     self.workdir = pathlib.Path(workdir)
     self.directory = self.workdir / "checkpoints"
-    self._manager = ocp.CheckpointManager(
-        self.directory.absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
-        item_names=("state", "data"))
+    for attempt in range(VANISHED_RETRIES + 1):
+      try:
+        self._manager = ocp.CheckpointManager(
+            self.directory.absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
+            item_names=("state", "data"))
+        break
+      except FileNotFoundError:  # a step deleted while orbax listed them (a training run beside)
+        if create or attempt == VANISHED_RETRIES:
+          raise
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())

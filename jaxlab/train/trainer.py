@@ -349,16 +349,26 @@ def make_eval_step(run: Run):
                                             sharding.batch_sharding(run.mesh)))
 
 
-def restore_best_params(run: Run) -> tuple[int, Any]:
+def restore_best_params(run: Run, *, training: bool = False) -> tuple[int, Any]:
   """(step, params) of the lowest-validation-loss parameters a `train.keep_best` run saved, in the
-  run's sharding; FileNotFoundError if there is no readable record."""
-  keeper = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(run.config),
-                                     also_accept=(run.saved_fingerprint,),
-                                     create=False)
-  try:
-    return keeper.step, keeper.restore(run.abstract_state["params"])
-  finally:
-    keeper.close()
+  run's sharding; FileNotFoundError if there is no readable record. training: the run that keeps the
+  record (`jaxlab train`, after its last step) moves a damaged one aside; eval / sample leave it (a
+  training run may be replacing it), and read again a record replaced while they read it."""
+  best_dir = run.workdir / "best"
+  entries = lambda: sorted(p.name for p in best_dir.iterdir()) if best_dir.is_dir() else []
+  for attempt in range(checkpoint_lib.VANISHED_RETRIES + 1):
+    before = entries()
+    try:
+      keeper = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(run.config),
+                                         also_accept=(run.saved_fingerprint,), create=training)
+      try:
+        return keeper.step, keeper.restore(run.abstract_state["params"])
+      finally:
+        keeper.close()
+    except FileNotFoundError:
+      if training or attempt == checkpoint_lib.VANISHED_RETRIES or entries() == before:
+        raise  # not a record replaced while it was read
+  raise AssertionError("unreachable")
 
 
 def evaluate(run: Run, params, eval_step=None) -> float:
@@ -577,24 +587,36 @@ def _unlock(handle) -> None:
 def _schedule_change_note(run: Run, start: int, applied: int) -> Optional[str]:
   """A resumed run whose config.train.steps differs from the saved run's keeps training, but its
   learning-rate schedule (warmup + cosine over train.steps) is another one from here on: one line
-  saying so, with the learning rate at the resumed step under each, or None."""
-  saved_path = run.workdir / "config.json"
-  if not start:
-    return None
-  if run.recorded_configs:
-    was = run.recorded_configs[0][1].get("train", {}).get("steps")
-  elif saved_path.exists():
-    was = json.loads(saved_path.read_text()).get("train", {}).get("steps")
-  else:
-    return None
+  saying so, with the learning rate at the resumed step under each; another train.eval_batches makes
+  the validation losses before and after incomparable: a line too. None if neither changed."""
+  notes = []
+  was = _saved_train_value(run, "steps") if start else None
   now = run.config.train.steps
-  if not isinstance(was, int) or was == now:
-    return None
-  # The schedule counts applied updates (loss scaling's skipped steps do not advance it).
-  lr = lambda steps: float(optim.learning_rate_schedule(run.config.optim, steps)(applied))
-  return (f"jaxlab: config.train.steps changed from {was} to {now} since the checkpoints: the "
-          f"learning-rate schedule now runs over {now} steps (at step {start}: lr {lr(was):.3g} "
-          f"under the old schedule, {lr(now):.3g} under the new one)")
+  if isinstance(was, int) and was != now:
+    # The schedule counts applied updates (loss scaling's skipped steps do not advance it).
+    lr = lambda steps: float(optim.learning_rate_schedule(run.config.optim, steps)(applied))
+    notes.append(f"jaxlab: config.train.steps changed from {was} to {now} since the checkpoints: "
+                 f"the learning-rate schedule now runs over {now} steps (at step {start}: lr "
+                 f"{lr(was):.3g} under the old schedule, {lr(now):.3g} under the new one)")
+  was = _saved_train_value(run, "eval_batches") if start else None
+  now = run.config.train.eval_batches
+  if isinstance(was, int) and was != now:
+    notes.append(f"jaxlab: config.train.eval_batches changed from {was} to {now} since the "
+                 "checkpoints: validation losses from here on average other batches than the "
+                 "earlier ones in metrics.jsonl" + (" (and the best-params record compares them)"
+                                                    if run.config.train.get("keep_best", False)
+                                                    else ""))
+  return "\n".join(notes) or None
+
+
+def _saved_train_value(run: Run, key: str):
+  """config.train.KEY as the checkpoints recorded it (else the workdir's config.json), or None."""
+  saved_path = run.workdir / "config.json"
+  if run.recorded_configs:
+    return run.recorded_configs[0][1].get("train", {}).get(key)
+  if saved_path.exists():
+    return json.loads(saved_path.read_text()).get("train", {}).get(key)
+  return None
 
 
 # In a checkpoint's data state: the train losses (and loss-scaling skips) of the logging interval
@@ -631,6 +653,25 @@ def _close_savers(savers, lock, failure: Optional[BaseException]) -> None:
   if len(errors) > 1:
     raise checkpoint_lib.CheckpointSaveError(f"{errors[0]}; also: {errors[1]}") from None
   raise errors[0]
+
+
+def _best_record_starts_late(run: Run, best, start: int) -> Optional[int]:
+  """A resumed run with no best-params record (keep_best was off, or the record was unreadable and
+  moved aside) while metrics.jsonl holds earlier evaluations: the record starts at `start` and covers
+  the evaluations from there on. Says so (naming the lowest earlier one, whose parameters were not
+  kept) and returns `start`; else None."""
+  if not start or best.step is not None:
+    return None
+  earlier = [(r["val_loss"], r["step"]) for r in read_metrics(run.workdir)
+             if "val_loss" in r and r["step"] < start and isinstance(r["val_loss"], float)]
+  if not earlier:
+    return None
+  low, at = min(earlier)
+  if distributed.is_primary():
+    print(f"jaxlab: note: {run.workdir / 'best'} holds no record, so the best-params record covers "
+          f"the evaluations from step {start} on (the lowest before it, val_loss {low:.4f} at step "
+          f"{at}, kept no parameters)", file=sys.stderr, flush=True)
+  return start
 
 
 def _skipped_steps(state) -> int:
@@ -693,13 +734,23 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
   primary = distributed.is_primary()
   writer = MetricsWriter(run.workdir, tensorboard=cfg.tensorboard, enabled=primary,
                          resume_step=start)
-  best = None
+  best, best_since = None, None  # best_since: the step the record started at, when it started late
   failure = None  # what stopped the loop, if anything (a failed final save must not replace it)
   if cfg.get("keep_best", False):
     best = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(config),
                                      also_accept=(run.saved_fingerprint,))
     if start == 0 and best.step is not None:  # a fresh run: that record is from an earlier one
-      best.discard("belongs to an earlier run in this workdir (training starts from step 0)")
+      best.discard("was saved before any checkpoint of this workdir: by an earlier run, or by this "
+                   "one before a stop (training starts again from step 0)")
+    best_since = _best_record_starts_late(run, best, start)
+  elif (run.workdir / "best").is_dir() and any((run.workdir / "best").iterdir()):
+    # A record this run will not follow would be served by `--best` as if it were the run's best
+    # (and taken up again were keep_best switched back on): it goes aside.
+    stale = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(config),
+                                      also_accept=(run.saved_fingerprint,))
+    if stale.step is not None:
+      stale.discard("is not kept up to date by this run (config.train.keep_best=False)")
+    stale.close()
   if start and primary:
     print(f"jaxlab: resumed from step {start} in {run.workdir}", flush=True)
     if schedule_note:
@@ -815,6 +866,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     _close_savers((run.checkpointer, best), lock, failure)
   if best is not None and best.step is not None:
     final["best_step"], final["best_val_loss"] = best.step, best.val_loss
+    if best_since is not None:
+      final["best_since"] = best_since
   total_skipped = _skipped_steps(state)
   if total_skipped and total_skipped == int(state["step"]) and distributed.is_primary():
     print(f"jaxlab: warning: loss scaling skipped all {total_skipped} steps (every step's "

@@ -950,3 +950,58 @@ def test_a_checkpoint_deleted_while_a_reader_reads_it_is_skipped_not_called_dama
     run_b.checkpointer.close()
   finally:
     run.checkpointer.close()
+
+
+def test_readers_read_again_what_a_training_run_replaced_meanwhile(tiny_lm_config, tmp_path,
+                                                                   monkeypatch):
+  """Beside a training run, `jaxlab eval/sample` failed now and then: orbax listing a step that
+  retention deleted meanwhile ("No such file or directory: .../checkpoints/790"), or a best-params
+  record replaced while it was read ("could not be restored ... nothing was changed"). Readers now
+  try again; a writer, and a record that did not change, still fail at once."""
+  from jaxlab.train import checkpoint as checkpoint_lib
+  config = tiny_lm_config("--config.train.steps=4", "--config.train.checkpoint_every=2",
+                          "--config.train.eval_every=2", "--config.train.keep_best=True")
+  trainer.train(config, tmp_path, progress=False)
+  manager = checkpoint_lib.ocp.CheckpointManager
+  calls = []
+
+  def listing_races_retention(*args, **kwargs):
+    calls.append(kwargs["options"].create)
+    if len(calls) == 1:
+      raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "checkpoints" / "2"))
+    return manager(*args, **kwargs)
+
+  monkeypatch.setattr(checkpoint_lib.ocp, "CheckpointManager", listing_races_retention)
+  checkpoint_lib.Checkpointer(tmp_path, create=False).close()
+  assert calls == [False, False]
+  calls.clear()
+  with pytest.raises(FileNotFoundError):
+    checkpoint_lib.Checkpointer(tmp_path)  # the writer
+  monkeypatch.undo()
+
+  run = trainer.setup(config, tmp_path, reading=True)
+  run.checkpointer.close()
+  restore = checkpoint_lib.BestParams.restore
+  tries = []
+
+  def replaced_while_read(self, abstract_params):
+    tries.append(self.step)
+    if len(tries) == 1:
+      (self.directory / "999.orbax-checkpoint-tmp-1").mkdir()  # a new record being written
+      raise FileNotFoundError("the best-params record could not be restored (Exception)")
+    return restore(self, abstract_params)
+
+  monkeypatch.setattr(checkpoint_lib.BestParams, "restore", replaced_while_read)
+  step, _ = trainer.restore_best_params(run)
+  assert len(tries) == 2 and step == tries[-1]
+  (tmp_path / "best" / "999.orbax-checkpoint-tmp-1").rmdir()
+
+  def damaged(self, abstract_params):
+    tries.append(self.step)
+    raise FileNotFoundError("the best-params record could not be restored (Exception)")
+
+  tries.clear()
+  monkeypatch.setattr(checkpoint_lib.BestParams, "restore", damaged)
+  with pytest.raises(FileNotFoundError):
+    trainer.restore_best_params(run)
+  assert len(tries) == 1  # nothing changed in best/: no second try

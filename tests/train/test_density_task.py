@@ -199,7 +199,7 @@ def test_a_fresh_run_moves_an_earlier_best_record_aside(tmp_path, capsys):
   shutil.rmtree(tmp_path / "checkpoints")
   (tmp_path / "metrics.jsonl").unlink()
   second = trainer.train(config, tmp_path, task=DensityTask(config, data=data), progress=False)
-  assert "belongs to an earlier run" in capsys.readouterr().out
+  assert "was saved before any checkpoint of this workdir: by an earlier run" in capsys.readouterr().out
   assert [p.name.split(".")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["best"]
   assert second["best_val_loss"] == first["best_val_loss"]  # the same run again, deterministic
 
