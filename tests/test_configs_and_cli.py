@@ -694,6 +694,9 @@ def test_the_best_record_never_claims_evaluations_it_did_not_see(tmp_path, capsy
   assert "holds no record, so the best-params record covers the evaluations from step 10 on" in \
       captured.err
   assert "(of the evaluations from step 10 on); reporting those parameters" in captured.out
+  assert train("c", 30) == 0  # the record keeps saying so on later resumes
+  assert "(of the evaluations from step 10 on); reporting those parameters" in \
+      capsys.readouterr().out
   # 4. other validation batches on a resume
   assert train("d", 10) == 0
   capsys.readouterr()

@@ -233,6 +233,7 @@ def mixed_chunk_attention(quad_q: jax.Array, quad_k: jax.Array, lin_q: jax.Array
   Returns:
     [B, T, N, E] in quad_q's dtype (computed in float32).
   """
+  masks_lib.check_causal(causal)
   b, t, _, n, kh, s, e = _check_qkv(quad_q, quad_k, v, "quad_q", "quad_k", "v")
   for name, x, ref in (("lin_q", lin_q, quad_q), ("lin_k", lin_k, quad_k)):
     if not hasattr(x, "shape") or x.shape != ref.shape:

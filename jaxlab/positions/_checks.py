@@ -57,6 +57,13 @@ def real_number(value: Any, name: str) -> Any:
   return value
 
 
+def boolean(value: Any, name: str) -> bool:
+  """A Python or NumPy bool (a string such as "no" would read as True)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+  return bool(value)
+
+
 def positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
   """Checks a static Python/NumPy integer >= minimum and returns it as int."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -53,7 +53,7 @@ def alibi_bias(num_heads: int, q_len: int, kv_len: int, *, causal: bool = True) 
   n = _checks.positive_int(num_heads, "num_heads")
   q_len = _checks.positive_int(q_len, "q_len")
   kv_len = _checks.positive_int(kv_len, "kv_len")
-  return _alibi_bias_jit(n, q_len, kv_len, bool(causal))
+  return _alibi_bias_jit(n, q_len, kv_len, _checks.boolean(causal, "causal"))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -76,7 +76,7 @@ def alibi_bias_from_positions(num_heads: int, q_positions: jax.Array, kv_positio
   if qp.ndim != 2 or kp.ndim != 2 or qp.shape[0] != kp.shape[0]:
     raise ValueError(f"q_positions and kv_positions must be [B, Tq] and [B, Tk] with the same B, got "
                      f"{tuple(qp.shape)} and {tuple(kp.shape)}")
-  return _alibi_from_positions_jit(qp, kp, n, bool(causal))
+  return _alibi_from_positions_jit(qp, kp, n, _checks.boolean(causal, "causal"))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

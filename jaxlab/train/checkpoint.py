@@ -167,10 +167,16 @@ class Checkpointer(_BackgroundSaves):
     nothing.
     """
     for attempt in range(VANISHED_RETRIES + 1):
+      if attempt:  # a running training deleted a step while it was read: list again
+        try:
+          self._manager.reload()
+        except FileNotFoundError:  # and one while orbax listed them
+          if attempt == VANISHED_RETRIES:
+            raise
+          continue
       found = self._restore_newest(abstract_state, move_aside, retry=attempt < VANISHED_RETRIES)
       if found is not _VANISHED:
         return found
-      self._manager.reload()  # a running training deleted a step while it was read: list again
     raise AssertionError("unreachable")
 
   def _restore_newest(self, abstract_state: Any, move_aside: bool, *, retry: bool):
@@ -396,6 +402,9 @@ class BestParams(_BackgroundSaves):
     self.fingerprint = fingerprint
     self._read_only = not create
     self.step, self.val_loss = None, float("inf")
+    # The first step whose evaluation the record saw, when it started after the run's first
+    # evaluations (see trainer._best_record_starts_late); None: it saw all of them.
+    self.covers_from = None
     self._checksums = None
     self._slot = None  # the orbax step number the record is saved under
     if not create and not self.directory.is_dir():
@@ -412,6 +421,7 @@ class BestParams(_BackgroundSaves):
         saved_step, saved_loss = int(meta["step"]), float(meta["val_loss"])
         saved_fingerprint = meta.get("fingerprint", "")
         self._checksums = meta.get(CHECKSUMS_KEY)  # None: saved before checksums existed
+        covers_from = meta.get("covers_from")
       except Exception as e:  # orbax raises many types for unreadable files
         self.discard(f"is unreadable ({type(e).__name__})")
         return
@@ -419,6 +429,7 @@ class BestParams(_BackgroundSaves):
         self.discard("was saved under a different model/data/optimizer config")
         return
       self.step, self.val_loss, self._slot = saved_step, saved_loss, slot
+      self.covers_from = covers_from if isinstance(covers_from, int) else None
     except FileNotFoundError:  # read-only: the record was refused (and left as it is)
       self._manager.close()
       raise
@@ -441,6 +452,7 @@ class BestParams(_BackgroundSaves):
       _move_aside(self.directory, self.workdir, why)
     distributed.barrier("jaxlab_best_discard")
     self.step, self.val_loss, self._slot = None, float("inf"), None
+    self.covers_from = None
     self._open()
 
   def offer(self, step: int, val_loss: float, params: Any) -> bool:
@@ -457,7 +469,9 @@ class BestParams(_BackgroundSaves):
         params=ocp.args.StandardSave(params),
         meta=ocp.args.JsonSave({"step": step, "val_loss": val_loss,
                                 "fingerprint": self.fingerprint,
-                                CHECKSUMS_KEY: state_checksums(params)})))
+                                CHECKSUMS_KEY: state_checksums(params),
+                                **({} if self.covers_from is None else
+                                   {"covers_from": self.covers_from})})))
     self.step, self.val_loss, self._slot = step, val_loss, slot
     self._checksums = None  # just written: not re-read in this process
     return True

@@ -59,7 +59,8 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
-  """The records of WORKDIR/metrics.jsonl in order; a line cut short (a killed run) is skipped."""
+  """The records of WORKDIR/metrics.jsonl in order; a line cut short (a killed run), or any line
+  that is not a record as MetricsWriter writes them, is skipped."""
   path = pathlib.Path(workdir) / "metrics.jsonl"
   return _parse_records(path.read_text()) if path.exists() else []
 
@@ -68,13 +69,15 @@ def median_step_time_ms(workdir: str | pathlib.Path) -> float | None:
   """The median of a run's logged `step_time_ms` (each a logging interval's median; the trainer's
   final record holds the last interval's alone); None if none was logged."""
   import statistics
-  times = [r["step_time_ms"] for r in read_metrics(workdir) if "step_time_ms" in r]
+  times = [r["step_time_ms"] for r in read_metrics(workdir)
+           if isinstance(r.get("step_time_ms"), (int, float))]
   return statistics.median(times) if times else None
 
 
 def _parse_records(text: str) -> list[dict]:
   """The lines that are records as MetricsWriter writes them: a JSON object with an int "step"
-  (a line cut short by a kill, or any other text, e.g. `123` or {"step": "abc"}, is skipped)."""
+  and number values (a line cut short by a kill, or any other text, e.g. `123`, {"step": "abc"} or
+  {"step": 5, "val_loss": null}, is skipped)."""
   records = []
   for line in text.splitlines():
     try:
@@ -82,9 +85,15 @@ def _parse_records(text: str) -> list[dict]:
     except json.JSONDecodeError:
       continue
     step = record.get("step") if isinstance(record, dict) else None
-    if isinstance(step, int) and not isinstance(step, bool):
+    if isinstance(step, int) and not isinstance(step, bool) and all(
+        _is_value(v) for k, v in record.items() if k != "step"):
       records.append(record)
   return records
+
+
+def _is_value(v) -> bool:
+  """A value as MetricsWriter writes it: a number, or "nan" / "inf" / "-inf" for a non-finite one."""
+  return (isinstance(v, (int, float)) and not isinstance(v, bool)) or v in ("nan", "inf", "-inf")
 
 
 def write_atomically(path: pathlib.Path, text: str) -> None:

@@ -366,7 +366,8 @@ def restore_best_params(run: Run, *, training: bool = False) -> tuple[int, Any]:
       finally:
         keeper.close()
     except FileNotFoundError:
-      if training or attempt == checkpoint_lib.VANISHED_RETRIES or entries() == before:
+      if (training or attempt == checkpoint_lib.VANISHED_RETRIES or entries() == before
+          or jax.process_count() > 1):  # (opening a record is collective: no per-process retry)
         raise  # not a record replaced while it was read
   raise AssertionError("unreachable")
 
@@ -659,7 +660,7 @@ def _best_record_starts_late(run: Run, best, start: int) -> Optional[int]:
   """A resumed run with no best-params record (keep_best was off, or the record was unreadable and
   moved aside) while metrics.jsonl holds earlier evaluations: the record starts at `start` and covers
   the evaluations from there on. Says so (naming the lowest earlier one, whose parameters were not
-  kept) and returns `start`; else None."""
+  kept) and returns `start` (the record keeps it: BestParams.covers_from); else None."""
   if not start or best.step is not None:
     return None
   earlier = [(r["val_loss"], r["step"]) for r in read_metrics(run.workdir)
@@ -734,7 +735,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
   primary = distributed.is_primary()
   writer = MetricsWriter(run.workdir, tensorboard=cfg.tensorboard, enabled=primary,
                          resume_step=start)
-  best, best_since = None, None  # best_since: the step the record started at, when it started late
+  best = None
   failure = None  # what stopped the loop, if anything (a failed final save must not replace it)
   if cfg.get("keep_best", False):
     best = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(config),
@@ -742,7 +743,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     if start == 0 and best.step is not None:  # a fresh run: that record is from an earlier one
       best.discard("was saved before any checkpoint of this workdir: by an earlier run, or by this "
                    "one before a stop (training starts again from step 0)")
-    best_since = _best_record_starts_late(run, best, start)
+    best.covers_from = _best_record_starts_late(run, best, start) or best.covers_from
   elif (run.workdir / "best").is_dir() and any((run.workdir / "best").iterdir()):
     # A record this run will not follow would be served by `--best` as if it were the run's best
     # (and taken up again were keep_best switched back on): it goes aside.
@@ -866,8 +867,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     _close_savers((run.checkpointer, best), lock, failure)
   if best is not None and best.step is not None:
     final["best_step"], final["best_val_loss"] = best.step, best.val_loss
-    if best_since is not None:
-      final["best_since"] = best_since
+    if best.covers_from is not None:  # recorded with the record: true on later resumes too
+      final["best_since"] = best.covers_from
   total_skipped = _skipped_steps(state)
   if total_skipped and total_skipped == int(state["step"]) and distributed.is_primary():
     print(f"jaxlab: warning: loss scaling skipped all {total_skipped} steps (every step's "

@@ -255,8 +255,9 @@ def test_a_mask_made_for_other_shapes_is_named_by_every_kernel():
 def test_causal_must_be_a_bool_everywhere():
   """causal="no" ran causal attention (bool("no") is True)."""
   from jaxlab.attention import masks
-  from jaxlab.attention.gau import gau_attention
+  from jaxlab.attention.gau import gau_attention, mixed_chunk_attention
   from jaxlab.attention.linear import linear_attention
+  from jaxlab.positions.alibi import alibi_bias, alibi_bias_from_positions
   from jaxlab.attention.local import block_sparse_attention, local_attention
   from jaxlab.attention.performer import performer_attention
   q, k, v = _qkv()
@@ -267,7 +268,10 @@ def test_causal_must_be_a_bool_everywhere():
            lambda c: block_sparse_attention(q, k, v, layout=np.ones((2, 2), bool), block_size=4,
                                             causal=c),
            lambda c: performer_attention(q, k, v, key=jax.random.key(0), num_features=8, causal=c),
-           lambda c: gau_attention(q, k, v, causal=c)]
+           lambda c: gau_attention(q, k, v, causal=c),
+           lambda c: mixed_chunk_attention(q, k, q, k, v, chunk_size=4, causal=c),
+           lambda c: alibi_bias(2, 8, 8, causal=c),
+           lambda c: alibi_bias_from_positions(2, jnp.zeros((1, 8)), jnp.zeros((1, 8)), causal=c)]
   for call in calls:
     with pytest.raises(TypeError, match="causal must be a bool, got 'no'"):
       call("no")

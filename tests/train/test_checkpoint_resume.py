@@ -2,6 +2,7 @@
 checkpoint is reported, kept aside, and the previous one is used."""
 
 import json
+import shutil
 import pathlib
 
 import jax
@@ -1005,3 +1006,38 @@ def test_readers_read_again_what_a_training_run_replaced_meanwhile(tiny_lm_confi
   with pytest.raises(FileNotFoundError):
     trainer.restore_best_params(run)
   assert len(tries) == 1  # nothing changed in best/: no second try
+
+
+def test_listing_the_steps_again_survives_a_step_deleted_while_orbax_lists_them(
+    tiny_lm_config, tmp_path, monkeypatch):
+  """restore_latest's second listing (after every listed step vanished under a reader) met the same
+  race as the first: orbax's reload raised FileNotFoundError for a step deleted meanwhile."""
+  from jaxlab.train import checkpoint as checkpoint_lib
+  config = tiny_lm_config("--config.train.steps=6", "--config.train.checkpoint_every=3")
+  trainer.train(config, tmp_path, progress=False)
+  run = trainer.setup(config, tmp_path, reading=True)
+  ckpts = tmp_path / "checkpoints"
+  read, reload = checkpoint_lib.Checkpointer._read, run.checkpointer._manager.reload
+  events = []
+
+  def training_rotates(self, step, abstract_state):
+    if not events:  # the training run saves step 9 and deletes 3 and 6 while we read
+      (ckpts / "6").rename(ckpts / "9")
+      shutil.rmtree(ckpts / "3")
+      events.append("rotated")
+      return None, "FileNotFoundError: gone"
+    return read(self, step, abstract_state)
+
+  def reload_races_once():
+    events.append("reload")
+    if events.count("reload") == 1:
+      raise FileNotFoundError(2, "No such file or directory", str(ckpts / "3"))
+    return reload()
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "_read", training_rotates)
+  monkeypatch.setattr(run.checkpointer._manager, "reload", reload_races_once)
+  try:
+    step, _, _ = run.checkpointer.restore_latest(run.abstract_state, move_aside=False)
+    assert step == 9 and events == ["rotated", "reload", "reload"]
+  finally:
+    run.checkpointer.close()

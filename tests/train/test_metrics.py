@@ -84,7 +84,9 @@ def test_lines_that_are_json_but_not_records_are_skipped(tmp_path):
   w.write(5, train_loss=1.0)
   w.write(10, train_loss=0.5)
   with (tmp_path / "metrics.jsonl").open("a") as f:
-    f.write('123\n[1, 2]\nnull\n{"step": "abc"}\n{"step": true}\n{"loss": 1}\n')
+    f.write('123\n[1, 2]\nnull\n{"step": "abc"}\n{"step": true}\n{"loss": 1}\n'
+            '{"step": 10, "val_loss": null}\n{"step": 10, "step_time_ms": "x"}\n')
   assert read_metrics(tmp_path) == [{"step": 5, "train_loss": 1.0}, {"step": 10, "train_loss": 0.5}]
+  assert median_step_time_ms(tmp_path) is None
   MetricsWriter(tmp_path, tensorboard=False, resume_step=5).close()
   assert read_metrics(tmp_path) == [{"step": 5, "train_loss": 1.0}]
