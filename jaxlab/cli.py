@@ -298,11 +298,13 @@ def _refuse_unusable(step: int, val_loss, what: str) -> None:
 
 def _check_best_flag(args, config, workdir: pathlib.Path) -> None:
   """--best on a run that kept no best parameters is a flag error (exit 2), before anything is built:
-  the task refuses train.keep_best, or the run had it off and WORKDIR/best does not exist."""
+  the task refuses train.keep_best, or the run had it off and WORKDIR/best holds nothing (a run with
+  it off moves an earlier record aside)."""
   if not getattr(args, "best", False) or config.train.keep_best:
     return
   _check_task_keeps_best(config)
-  if not (workdir / "best").is_dir():
+  best = workdir / "best"
+  if not (best.is_dir() and any(best.iterdir())):
     raise UsageError(f"--best: {workdir} kept no best parameters (it was trained with "
                      "config.train.keep_best=False); leave out --best for its newest checkpoint")
 

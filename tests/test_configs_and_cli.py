@@ -685,7 +685,8 @@ def test_the_best_record_never_claims_evaluations_it_did_not_see(tmp_path, capsy
   assert train("b", 20, "--config.train.keep_best=False") == 0
   assert "is not kept up to date by this run (config.train.keep_best=False); moved to" in \
       capsys.readouterr().out
-  assert cli.main(["eval", str(tmp_path / "b"), "--best"]) != 0
+  assert cli.main(["eval", str(tmp_path / "b"), "--best"]) == 2  # a flag error: it kept none
+  assert "kept no best parameters" in capsys.readouterr().err
   # 3. switched on at a resume: the record covers the evaluations from there on, and says so
   assert train("c", 10, "--config.train.keep_best=False") == 0
   capsys.readouterr()
