@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlab.positions import _checks
+
 Window = Optional[Tuple[Optional[int], Optional[int]]]
 
 # A masked logit: a finite stand-in for -inf (keeps gradients and the online-softmax rescaling
@@ -126,8 +128,7 @@ def _take(ids: Optional[jax.Array], idx: jax.Array, fill: int) -> jax.Array:
 
 def check_causal(causal) -> None:
   """`causal` must be a bool (a string such as "no" was taken as True)."""
-  if not isinstance(causal, (bool, np.bool_)):
-    raise TypeError(f"causal must be a bool, got {causal!r}")
+  _checks.boolean(causal, "causal")
 
 
 def check_mask_fits(mask, batch: int, q_len: int, kv_len: int) -> None:

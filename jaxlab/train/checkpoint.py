@@ -38,6 +38,17 @@ VANISHED_RETRIES = 3  # restore_latest lists the steps again when one was delete
 _VANISHED = object()
 
 
+def _listed_retrying(list_steps, *, retry: bool = True):
+  """list_steps() (orbax listing a checkpoint folder), again up to VANISHED_RETRIES times when a
+  step is deleted while it lists them (FileNotFoundError; a training run beside a reader)."""
+  for attempt in range(VANISHED_RETRIES + 1):
+    try:
+      return list_steps()
+    except FileNotFoundError:
+      if not retry or attempt == VANISHED_RETRIES:
+        raise
+
+
 class CheckpointError(RuntimeError):
   """No checkpoint in a workdir could be restored into the run's state."""
 
@@ -125,16 +136,10 @@ class Checkpointer(_BackgroundSaves):
     """create=False (eval / sample): a missing WORKDIR/checkpoints is not made (no steps)."""
     self.workdir = pathlib.Path(workdir)
     self.directory = self.workdir / "checkpoints"
-    for attempt in range(VANISHED_RETRIES + 1):
-      try:
-        self._manager = ocp.CheckpointManager(
-            self.directory.absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
-            item_names=("state", "data"))
-        break
-      except FileNotFoundError:  # a step deleted while orbax listed them (a training run beside)
-        if create or attempt == VANISHED_RETRIES:
-          raise
+    self._manager = _listed_retrying(lambda: ocp.CheckpointManager(
+        self.directory.absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
+        item_names=("state", "data")), retry=not create)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -168,12 +173,7 @@ class Checkpointer(_BackgroundSaves):
     """
     for attempt in range(VANISHED_RETRIES + 1):
       if attempt:  # a running training deleted a step while it was read: list again
-        try:
-          self._manager.reload()
-        except FileNotFoundError:  # and one while orbax listed them
-          if attempt == VANISHED_RETRIES:
-            raise
-          continue
+        _listed_retrying(self._manager.reload)
       found = self._restore_newest(abstract_state, move_aside, retry=attempt < VANISHED_RETRIES)
       if found is not _VANISHED:
         return found

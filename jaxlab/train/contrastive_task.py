@@ -60,9 +60,9 @@ def validate_new_run(config, require) -> None:
         require_unread_at_default(config, f"model.{key}", defaults[key],
                                   f"config.model.image_encoder={encoder!r}", m.image_encoder,
                                   f" (or choose config.model.image_encoder={encoder!r})")
-  require(m.image_position == "rope2d" or m.image_rope_theta == defaults.image_rope_theta,
-          f"config.model.image_rope_theta={m.image_rope_theta!r} applies to config.model."
-          f"image_position='rope2d', not {m.image_position!r} (it would be ignored)")
+  if m.image_position != "rope2d":
+    require_unread_at_default(config, "model.image_rope_theta", defaults.image_rope_theta,
+                              "config.model.image_position='rope2d'", m.image_position)
   require(config.data.name == "emoji" or not config.data.path,
           f"config.data.path={config.data.path!r} applies to config.data.name='emoji', not "
           f"{config.data.name!r} (the digits are scikit-learn's own; it would be ignored)")

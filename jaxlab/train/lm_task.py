@@ -276,9 +276,9 @@ def validate_new_run(config, require) -> None:
       require_unread_at_default(config, f"model.{key}", defaults[key],
                                 f"config.model.attention={which}", m.attention,
                                 f" (or choose config.model.attention={families[0]!r})")
-  require(m.position in ROPE_THETA_POSITIONS or m.rope_theta == defaults.rope_theta,
-          f"config.model.rope_theta={m.rope_theta!r} applies to config.model.position in "
-          f"{ROPE_THETA_POSITIONS}, not {m.position!r} (it would be ignored)")
+  if m.position not in ROPE_THETA_POSITIONS:
+    require_unread_at_default(config, "model.rope_theta", defaults.rope_theta,
+                              f"config.model.position in {ROPE_THETA_POSITIONS}", m.position)
   require(m.rope_scaling != "none" or m.rope_scaling_factor == defaults.rope_scaling_factor,
           f"config.model.rope_scaling_factor={m.rope_scaling_factor!r} applies to a "
           "config.model.rope_scaling other than 'none' (it would be ignored)")

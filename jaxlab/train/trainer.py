@@ -590,8 +590,10 @@ def _schedule_change_note(run: Run, start: int, applied: int) -> Optional[str]:
   learning-rate schedule (warmup + cosine over train.steps) is another one from here on: one line
   saying so, with the learning rate at the resumed step under each; another train.eval_batches makes
   the validation losses before and after incomparable: a line too. None if neither changed."""
-  notes = []
-  was = _saved_train_value(run, "steps") if start else None
+  if not start:
+    return None
+  notes, saved = [], _saved_train_section(run)
+  was = saved.get("steps")
   now = run.config.train.steps
   if isinstance(was, int) and was != now:
     # The schedule counts applied updates (loss scaling's skipped steps do not advance it).
@@ -599,7 +601,7 @@ def _schedule_change_note(run: Run, start: int, applied: int) -> Optional[str]:
     notes.append(f"jaxlab: config.train.steps changed from {was} to {now} since the checkpoints: "
                  f"the learning-rate schedule now runs over {now} steps (at step {start}: lr "
                  f"{lr(was):.3g} under the old schedule, {lr(now):.3g} under the new one)")
-  was = _saved_train_value(run, "eval_batches") if start else None
+  was = saved.get("eval_batches")
   now = run.config.train.eval_batches
   if isinstance(was, int) and was != now:
     notes.append(f"jaxlab: config.train.eval_batches changed from {was} to {now} since the "
@@ -610,14 +612,14 @@ def _schedule_change_note(run: Run, start: int, applied: int) -> Optional[str]:
   return "\n".join(notes) or None
 
 
-def _saved_train_value(run: Run, key: str):
-  """config.train.KEY as the checkpoints recorded it (else the workdir's config.json), or None."""
+def _saved_train_section(run: Run) -> dict:
+  """config.train as the checkpoints recorded it (else the workdir's config.json), or {}."""
   saved_path = run.workdir / "config.json"
   if run.recorded_configs:
-    return run.recorded_configs[0][1].get("train", {}).get(key)
+    return run.recorded_configs[0][1].get("train", {})
   if saved_path.exists():
-    return json.loads(saved_path.read_text()).get("train", {}).get(key)
-  return None
+    return json.loads(saved_path.read_text()).get("train", {})
+  return {}
 
 
 # In a checkpoint's data state: the train losses (and loss-scaling skips) of the logging interval
