@@ -358,7 +358,7 @@ def test_a_lower_precision_compute_dtype(name, dtype, rtol):
   np.testing.assert_allclose(lp, lp32, rtol=rtol)
   assert not np.array_equal(np.asarray(lp), np.asarray(lp32))  # really computed otherwise
   jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, x, method=model.log_prob))(params))
-  low = jnp.dtype(dtype).name.replace("float", "f").replace("bf", "bf")  # bf16 / f16
+  low = jnp.dtype(dtype).name.replace("float", "f")  # bf16 / f16
   ops = [line for line in jaxpr.splitlines() if "dot_general" in line or "conv_general" in line]
   assert ops and all(f":{low}[" in line for line in ops), ops
   grads = jax.grad(lambda p: model.apply(p, x, method=model.log_prob).sum())(params)
