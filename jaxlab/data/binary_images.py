@@ -300,13 +300,16 @@ class TrainBatches:
     if (self._index + 1) * self._batch > len(self._data):
       self._epoch, self._index = self._epoch + 1, 0
       self._perm = self._permutation()
-    rows = self._perm[self._index * self._batch:(self._index + 1) * self._batch]
+    own = pipeline.process_slice(self._batch)  # this process's rows of the global batch
+    rows = self._perm[self._index * self._batch:(self._index + 1) * self._batch][own]
     x = self._data[rows]
-    if self._dynamic:
-      x = binarize(x, [self._seed, self._epoch, self._index, 7])
+    if self._dynamic:  # the global batch's uniform draws, so the draws do not depend on the hosts
+      uniform = np.random.default_rng([self._seed, self._epoch, self._index, 7]).random(
+          (self._batch, self._data.shape[1]), np.float32)
+      x = uniform[own] < x
     self._index += 1
     x = x.astype(np.float32)
-    return pipeline.process_rows({"x": x, "weights": np.ones(len(x), np.float32)}, self._batch)
+    return {"x": x, "weights": np.ones(len(x), np.float32)}
 
   def get_state(self) -> dict:
     return {"epoch": self._epoch, "index": self._index}
@@ -321,9 +324,12 @@ def eval_batches(data: np.ndarray, *, batch_size: int, max_batches: int = 0) -> 
   count = -(-len(data) // batch_size)
   if max_batches:
     count = min(count, max_batches)
+  own = pipeline.process_slice(batch_size)  # this process's rows of each global batch
+  rows = own.stop - own.start
   for i in range(count):
-    x = data[i * batch_size:(i + 1) * batch_size].astype(np.float32)
-    weights = np.ones(batch_size, np.float32)
+    start = i * batch_size + own.start
+    x = data[start:min(start + rows, len(data))].astype(np.float32)
+    weights = np.ones(rows, np.float32)
     weights[len(x):] = 0.0
-    x = np.concatenate([x, np.zeros((batch_size - len(x), x.shape[1]), np.float32)])
-    yield pipeline.process_rows({"x": x, "weights": weights}, batch_size)
+    x = np.concatenate([x, np.zeros((rows - len(x), data.shape[1]), np.float32)])
+    yield {"x": x, "weights": weights}

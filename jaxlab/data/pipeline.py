@@ -67,12 +67,26 @@ def check_stream_version(saved_version: int, seed: int, workdir) -> None:
                    "changed (finish it with the jaxlab that started it, or use a new --workdir)")
 
 
-def process_rows(batch: dict, batch_size: int) -> dict:
+def process_slice(batch_size: int) -> slice:
   """This process's rows of a global batch of `batch_size` rows (all of them in a 1-process run):
   the block that `sharding.place_batch` expects from it."""
   per_process = batch_size // jax.process_count()
   start = jax.process_index() * per_process
-  return {k: v[start:start + per_process] for k, v in batch.items()}
+  return slice(start, start + per_process)
+
+
+def process_rows(batch: dict, batch_size: int) -> dict:
+  """This process's rows (`process_slice`) of every array of a global batch."""
+  own = process_slice(batch_size)
+  return {k: v[own] for k, v in batch.items()}
+
+
+def own_rows_batch_fn(batch_fn, batch_size: int):
+  """A grain `batch_fn` that stacks only this process's elements of each global batch of
+  `batch_size` elements: every process draws the same global batch (the order does not depend on the
+  number of hosts) but copies only its own rows."""
+  own = process_slice(batch_size)
+  return lambda elements: batch_fn(list(elements)[own])
 
 
 def train_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
@@ -89,8 +103,8 @@ def train_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: in
   dataset = (grain.MapDataset.source(WindowSource(tokens, seq_len))
              .shuffle(seed=epoch_shuffle_seed(seed))
              .repeat()
-             .batch(batch_size, drop_remainder=True, batch_fn=_to_example)
-             .map(lambda b: process_rows(b, batch_size)))
+             .batch(batch_size, drop_remainder=True,
+                    batch_fn=own_rows_batch_fn(_to_example, batch_size)))
   if read_options is None:
     read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   return iter(dataset.to_iter_dataset(read_options))
@@ -101,7 +115,7 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batch
   """The fixed evaluation set: `num_batches` batches of seeded random windows (fewer if the split is short)."""
   source = WindowSource(tokens, seq_len)
   dataset = (grain.MapDataset.source(source).shuffle(seed=seed)
-             .batch(batch_size, drop_remainder=True, batch_fn=_to_example)
-             .map(lambda b: process_rows(b, batch_size)))
+             .batch(batch_size, drop_remainder=True,
+                    batch_fn=own_rows_batch_fn(_to_example, batch_size)))
   for i in range(min(num_batches, len(dataset))):
     yield dataset[i]

@@ -213,8 +213,8 @@ class ContrastiveTask:
     source = _PairSource(self.train_pairs.images_NHWC, self.tokens(self.train_pairs.captions))
     dataset = (grain.MapDataset.source(source).shuffle(seed=pipeline.epoch_shuffle_seed(
         self.config.seed)).repeat()
-               .batch(self.batch_size, drop_remainder=True, batch_fn=_stack)
-               .map(lambda b: pipeline.process_rows(b, self.batch_size)))
+               .batch(self.batch_size, drop_remainder=True,
+                      batch_fn=pipeline.own_rows_batch_fn(_stack, self.batch_size)))
     return iter(dataset.to_iter_dataset())
 
   def eval_iterator(self):
@@ -222,9 +222,10 @@ class ContrastiveTask:
     val_loss is the held-out test split's, for watching training only (nothing is chosen by it)."""
     source = _PairSource(self.test_pairs.images_NHWC, self.tokens(self.test_pairs.captions))
     dataset = (grain.MapDataset.source(source).shuffle(seed=self.config.train.eval_seed)
-               .batch(self.batch_size, drop_remainder=True, batch_fn=_stack))
+               .batch(self.batch_size, drop_remainder=True,
+                      batch_fn=pipeline.own_rows_batch_fn(_stack, self.batch_size)))
     for i in range(min(self.config.train.eval_batches, len(dataset))):
-      yield pipeline.process_rows(dataset[i], self.batch_size)
+      yield dataset[i]
 
   def init_params(self, rng: jax.Array):
     size = IMAGE_SIZE[self.config.data.name]
