@@ -151,7 +151,7 @@ def run_one(dataset_name, label, overrides, steps, data_cache, workroot, out_dir
   best_step = result.get("best_step")
   if best_step is not None:  # model selection on validation NLL, as the papers do (train.keep_best)
     try:
-      _, params = trainer.restore_best_params(result["run"])
+      params = trainer.restore_best_params(result["run"]).params
       result["val_loss"] = result["best_val_loss"]
     except FileNotFoundError as e:  # moved aside as unreadable: fall back to the final parameters
       print(f"binary_density: {e}; using the final parameters", flush=True)

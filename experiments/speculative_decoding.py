@@ -90,7 +90,7 @@ def _train_and_measure(name: str, config, prompts: int) -> dict:
     train_s = time.time() - start
     records = read_metrics(workdir)
     run = trainer.setup(config, workdir)
-    _, params = cli._restore_params(run)
+    params = cli._restore_params(run).params
   step_ms = sorted(r["step_time_ms"] for r in records if "step_time_ms" in r)
   out = {"variant": name, "overrides": VARIANTS[name], "steps": config.train.steps,
          "val_loss": result["val_loss"], "ms_per_step": step_ms[len(step_ms) // 2],

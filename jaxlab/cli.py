@@ -204,9 +204,9 @@ def _load_workdir_config(workdir: pathlib.Path, overrides: list[str], args=None,
 
 
 def _restore_params(run, *, best: bool = False):
-  """(step, params) of the newest checkpoint of `run` (from trainer.setup), or with `best` of the
-  lowest-validation-loss one that a `train.keep_best` run saved in WORKDIR/best. Closes the run's
-  checkpointer."""
+  """trainer.BestRecord (step, params, covers_from) of the newest checkpoint of `run` (from
+  trainer.setup; covers_from None), or with `best` the lowest-validation-loss parameters that a
+  `train.keep_best` run saved in WORKDIR/best. Closes the run's checkpointer."""
   from jaxlab.train import trainer
   try:
     restored = None if best else run.checkpointer.restore_latest(run.abstract_state,
@@ -218,7 +218,7 @@ def _restore_params(run, *, best: bool = False):
   if restored is None:
     raise FileNotFoundError(f"no readable checkpoint in {run.workdir / 'checkpoints'}")
   step, state, _ = restored
-  return step, state["params"]
+  return trainer.BestRecord(step, state["params"], None)
 
 
 def _say(*lines) -> None:
@@ -256,7 +256,7 @@ def cmd_train(args, overrides) -> int:
   params = result["state"]["params"]
   if finish and "best_step" in result:  # train.keep_best: report on the model selected on validation
     try:
-      _, params = trainer.restore_best_params(run, training=True)
+      params = trainer.restore_best_params(run, training=True).params
       since = (f" (of the evaluations from step {result['best_since']} on)"
                if "best_since" in result else "")
       _say(f"jaxlab: best validation loss {result['best_val_loss']:.4f} at step "
@@ -278,10 +278,12 @@ def cmd_eval(args, overrides) -> int:
   config = _load_workdir_config(workdir, overrides, args)
   _check_best_flag(args, config, workdir)
   run = trainer.setup(config, workdir, reading=True)
-  step, params = _restore_params(run, best=args.best)
+  step, params, covers_from = _restore_params(run, best=args.best)
   val_loss = trainer.evaluate(run, params)
   _refuse_unusable(step, val_loss, "evaluates to")
-  _say(json.dumps({"step": step, "val_loss": val_loss}))
+  # a best record started on a resume was chosen among the evaluations from that step on only
+  _say(json.dumps({"step": step, "val_loss": val_loss,
+                   **({} if covers_from is None else {"best_of_evaluations_from": covers_from})}))
   return 0
 
 
@@ -298,8 +300,8 @@ def _refuse_unusable(step: int, val_loss, what: str) -> None:
 
 def _check_best_flag(args, config, workdir: pathlib.Path) -> None:
   """--best on a run that kept no best parameters is a flag error (exit 2), before anything is built:
-  the task refuses train.keep_best, or the run had it off and WORKDIR/best holds nothing (a run with
-  it off moves an earlier record aside)."""
+  the task refuses train.keep_best, or the run had it off and WORKDIR/best is absent or empty (a run
+  with it off moves an earlier record aside; jaxlab before 2026-12-05 left an empty best/ there)."""
   if not getattr(args, "best", False) or config.train.keep_best:
     return
   _check_task_keeps_best(config)
@@ -391,7 +393,7 @@ def cmd_sample(args, overrides) -> int:
   except BaseException:
     run.checkpointer.close()
     raise
-  step, params = _restore_params(run, best=args.best)
+  step, params, _ = _restore_params(run, best=args.best)
   if not args.best:
     _refuse_unusable(step, trainer.logged_val_loss(workdir, step), "gave")
   from jaxlab.train import distributed

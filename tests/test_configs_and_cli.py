@@ -680,11 +680,15 @@ def test_the_best_record_never_claims_evaluations_it_did_not_see(tmp_path, capsy
   out = capsys.readouterr().out
   assert "could not be read and was moved aside; reporting the final parameters" in out
   assert list((tmp_path / "a" / "corrupt_checkpoints").glob("best.*"))
+  assert not (tmp_path / "a" / "best").exists()  # not made again until a record is written
+  assert cli.main(["eval", str(tmp_path / "a"), "--best"]) == 1
+  assert "no best-params checkpoint in" in capsys.readouterr().err
   # 2. keep_best switched off on a resume: the old record goes aside and --best is refused
   assert train("b", 10) == 0
   assert train("b", 20, "--config.train.keep_best=False") == 0
   assert "is not kept up to date by this run (config.train.keep_best=False); moved to" in \
       capsys.readouterr().out
+  assert not (tmp_path / "b" / "best").exists()
   assert cli.main(["eval", str(tmp_path / "b"), "--best"]) == 2  # a flag error: it kept none
   assert "kept no best parameters" in capsys.readouterr().err
   # 3. switched on at a resume: the record covers the evaluations from there on, and says so
@@ -698,6 +702,10 @@ def test_the_best_record_never_claims_evaluations_it_did_not_see(tmp_path, capsy
   assert train("c", 30) == 0  # the record keeps saying so on later resumes
   assert "(of the evaluations from step 10 on); reporting those parameters" in \
       capsys.readouterr().out
+  assert cli.main(["eval", str(tmp_path / "c"), "--best"]) == 0  # and so does eval --best
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["best_of_evaluations_from"] == 10
+  assert cli.main(["eval", str(tmp_path / "a")]) == 0
+  assert "best_of_evaluations_from" not in capsys.readouterr().out
   # 4. other validation batches on a resume
   assert train("d", 10) == 0
   capsys.readouterr()

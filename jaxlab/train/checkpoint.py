@@ -83,7 +83,7 @@ class _BackgroundSaves:
   """orbax saves in the background; a failure surfaces at the next save, wait or close. Here it
   becomes one CheckpointSaveError line (after which close() is quiet)."""
 
-  _manager: ocp.CheckpointManager
+  _manager: ocp.CheckpointManager | None  # None: not open (nothing to wait for or close)
   _pending = None  # what the save not yet waited for writes (for the message)
   _failed = False
 
@@ -100,6 +100,8 @@ class _BackgroundSaves:
 
   def wait(self) -> None:
     """Waits for the background save; CheckpointSaveError (one line) if it failed."""
+    if self._manager is None:
+      return
     try:
       self._manager.wait_until_finished()
     except Exception as e:
@@ -123,7 +125,8 @@ class _BackgroundSaves:
         self.wait()
     finally:
       try:
-        self._manager.close()
+        if self._manager is not None:
+          self._manager.close()
       except Exception:
         if not self._failed:  # else: the failure was reported when it surfaced
           raise
@@ -376,6 +379,10 @@ def _move_aside(source: pathlib.Path, workdir: pathlib.Path, why: str) -> None:
   print(f"jaxlab: {source} {why}; moved to {target}", flush=True)
 
 
+_BEST_WRITTEN_BY = ("a run with config.train.keep_best=True writes one at each evaluation that "
+                    "lowers the validation loss")
+
+
 class BestParams(_BackgroundSaves):
   """The parameters with the lowest validation loss so far, under WORKDIR/best (one orbax checkpoint,
   written atomically like the others): model selection on validation data, as the density papers do.
@@ -408,8 +415,7 @@ class BestParams(_BackgroundSaves):
     self._checksums = None
     self._slot = None  # the orbax step number the record is saved under
     if not create and not self.directory.is_dir():
-      raise FileNotFoundError(f"no best-params checkpoint in {self.directory} (train with "
-                              "--config.train.keep_best=True)")
+      raise FileNotFoundError(f"no best-params checkpoint in {self.directory} ({_BEST_WRITTEN_BY})")
     self._open()
     try:
       slot = self._manager.latest_step()
@@ -441,8 +447,9 @@ class BestParams(_BackgroundSaves):
         item_names=("params", "meta"))
 
   def discard(self, why: str) -> None:
-    """Moves the saved record aside (see the class docstring) and starts with none; read-only, raises
-    FileNotFoundError instead and changes nothing."""
+    """Moves the saved record aside (see the class docstring) and starts with none (WORKDIR/best is
+    made again by the next record, not before: an empty one would look like a record to come);
+    read-only, raises FileNotFoundError instead and changes nothing."""
     if self._read_only:
       raise FileNotFoundError(f"the best-params record in {self.directory} {why}; nothing was "
                               "changed (a jaxlab train of this workdir moves such a record aside)")
@@ -453,7 +460,7 @@ class BestParams(_BackgroundSaves):
     distributed.barrier("jaxlab_best_discard")
     self.step, self.val_loss, self._slot = None, float("inf"), None
     self.covers_from = None
-    self._open()
+    self._manager = None
 
   def offer(self, step: int, val_loss: float, params: Any) -> bool:
     """Saves `params` if `val_loss` beats the best so far; returns whether it did. A step evaluated
@@ -465,6 +472,8 @@ class BestParams(_BackgroundSaves):
     # else the next free number: saving under an existing or a lower number would delete first or
     # have orbax drop the new record as the oldest.
     slot = step if self._slot is None or step > self._slot else self._slot + 1
+    if self._manager is None:  # discarded: the first record since makes WORKDIR/best again
+      self._open()
     self._save((step, self._slot is not None), slot, ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         meta=ocp.args.JsonSave({"step": step, "val_loss": val_loss,
@@ -480,7 +489,7 @@ class BestParams(_BackgroundSaves):
     """The saved parameters (pytree of jax.ShapeDtypeStruct with shardings -> arrays). An unreadable
     record is moved aside (read-only: left where it is) and FileNotFoundError raised."""
     if self.step is None:
-      raise FileNotFoundError(f"no best-params checkpoint in {self.directory}")
+      raise FileNotFoundError(f"no best-params checkpoint in {self.directory} ({_BEST_WRITTEN_BY})")
     self.wait()
     try:
       with _quiet("orbax", "absl", "jax"):

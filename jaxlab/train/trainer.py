@@ -16,7 +16,7 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -349,8 +349,17 @@ def make_eval_step(run: Run):
                                             sharding.batch_sharding(run.mesh)))
 
 
-def restore_best_params(run: Run, *, training: bool = False) -> tuple[int, Any]:
-  """(step, params) of the lowest-validation-loss parameters a `train.keep_best` run saved, in the
+class BestRecord(NamedTuple):
+  """The best-params record that a `train.keep_best` run saved: its training step, its parameters,
+  and the first step whose evaluation it saw when it started after the run's first ones (None: it
+  saw all of them; see _best_record_starts_late)."""
+  step: int
+  params: Any
+  covers_from: int | None
+
+
+def restore_best_params(run: Run, *, training: bool = False) -> BestRecord:
+  """The lowest-validation-loss parameters a `train.keep_best` run saved (BestRecord), in the
   run's sharding; FileNotFoundError if there is no readable record. training: the run that keeps the
   record (`jaxlab train`, after its last step) moves a damaged one aside; eval / sample leave it (a
   training run may be replacing it), and read again a record replaced while they read it."""
@@ -362,7 +371,8 @@ def restore_best_params(run: Run, *, training: bool = False) -> tuple[int, Any]:
       keeper = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(run.config),
                                          also_accept=(run.saved_fingerprint,), create=training)
       try:
-        return keeper.step, keeper.restore(run.abstract_state["params"])
+        return BestRecord(keeper.step, keeper.restore(run.abstract_state["params"]),
+                          keeper.covers_from)
       finally:
         keeper.close()
     except FileNotFoundError:

@@ -555,7 +555,7 @@ def test_an_older_run_with_a_relative_path_keeps_its_best_record(tiny_lm_config,
   assert result["best_step"] in (3, 6, 9)
   run = trainer.setup(tiny_lm_config(*flags, "--config.train.steps=9"), tmp_path / "run")
   run.checkpointer.close()
-  step, _ = trainer.restore_best_params(run)
+  step = trainer.restore_best_params(run).step
   assert step == result["best_step"]
 
 
@@ -993,7 +993,7 @@ def test_readers_read_again_what_a_training_run_replaced_meanwhile(tiny_lm_confi
     return restore(self, abstract_params)
 
   monkeypatch.setattr(checkpoint_lib.BestParams, "restore", replaced_while_read)
-  step, _ = trainer.restore_best_params(run)
+  step = trainer.restore_best_params(run).step
   assert len(tries) == 2 and step == tries[-1]
   (tmp_path / "best" / "999.orbax-checkpoint-tmp-1").rmdir()
 

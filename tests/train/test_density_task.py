@@ -151,7 +151,7 @@ def test_keep_best_saves_the_lowest_validation_loss_params_and_survives_a_resume
   assert sorted(vals) == [5, 10, 15, 20]
   best_step = min(vals, key=vals.get)
   assert (result["best_step"], result["best_val_loss"]) == (best_step, vals[best_step])
-  step, best = trainer.restore_best_params(result["run"])
+  step, best, _ = trainer.restore_best_params(result["run"])
   assert step == best_step
   np.testing.assert_allclose(task.nll(best, data.valid), vals[best_step], rtol=1e-5)
   # resumed for 20 more steps: the record carries over and only a lower loss replaces it
@@ -160,7 +160,7 @@ def test_keep_best_saves_the_lowest_validation_loss_params_and_survives_a_resume
   vals = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r}
   best_step = min(vals, key=vals.get)
   assert (result["best_step"], result["best_val_loss"]) == (best_step, vals[best_step])
-  step, best = trainer.restore_best_params(result["run"])
+  step, best, _ = trainer.restore_best_params(result["run"])
   assert step == best_step
   np.testing.assert_allclose(task.nll(best, data.valid), vals[best_step], rtol=1e-5)
 
