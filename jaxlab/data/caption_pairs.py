@@ -203,9 +203,12 @@ def _split_dict(builder, examples):
 
 
 class JaxlabDigitCaptions(tfds.core.GeneratorBasedBuilder):
-  """scikit-learn's 8x8 digits with template captions (embedded; nothing to download)."""
+  """scikit-learn's 8x8 digits with template captions (embedded; nothing to download). VERSION
+  names what the build holds (tests/data/test_builder_versions.py pins it): a change to the examples
+  or metadata must raise it, so that builds prepared by an earlier jaxlab are not reused."""
 
   VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Images, template captions, labels and groups; the class names."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return _pair_info(self, "sklearn 8x8 digits with caption templates", (8, 8, 1))
@@ -237,13 +240,15 @@ def emoji_config(root: str) -> EmojiConfig:
     digest.update(f"{name}:{f.stat().st_size}:".encode())
     digest.update(f.read_bytes())
   return EmojiConfig(name=f"emoji_{digest.hexdigest()[:12]}", root=str(base),
-                     version=tfds.core.Version("1.0.0"))
+                     version=JaxlabEmojiCaptions.VERSION)
 
 
 class JaxlabEmojiCaptions(tfds.core.GeneratorBasedBuilder):
-  """Twemoji and Noto emoji (32x32) with Unicode-name captions, split by base emoji."""
+  """Twemoji and Noto emoji (32x32) with Unicode-name captions, split by base emoji (VERSION: as
+  JaxlabDigitCaptions's)."""
 
   VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Images, Unicode-name captions, categories and base-emoji groups."}
   BUILDER_CONFIGS = []
 
   def _info(self) -> tfds.core.DatasetInfo:

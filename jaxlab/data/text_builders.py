@@ -104,13 +104,18 @@ def text_files_config(paths, train_fraction: float = 0.9) -> TextFilesConfig:
                      f"{train_fraction} / {1 - train_fraction:.3g} into train and validation text")
   stem = "".join(c if c.isalnum() else "_" for c in pathlib.Path(resolved[0]).stem.lower())[:24]
   return TextFilesConfig(name=f"{stem}_{digest.hexdigest()[:12]}", paths=resolved,
-                         train_fraction=train_fraction, version=tfds.core.Version("1.0.0"))
+                         train_fraction=train_fraction, version=JaxlabTextFiles.VERSION)
 
 
 class JaxlabTextFiles(tfds.core.GeneratorBasedBuilder):
-  """Local text files, split contiguously into train / validation."""
+  """Local text files, split contiguously into train / validation.
+
+  VERSION names what the build holds (tests/data/test_builder_versions.py pins it): a change to the
+  examples or metadata written for the same files must raise it, so that builds prepared by an
+  earlier jaxlab are not reused."""
 
   VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Contiguous train / validation text in chunks; the alphabet."}
   BUILDER_CONFIGS = []
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -175,13 +180,18 @@ def stdlib_config(root: str | None = None) -> StdlibConfig:
     digest.update(f"{f.relative_to(base)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
   version = "".join(c for c in base.name if c.isalnum())
   return StdlibConfig(name=f"{version}_{digest.hexdigest()[:12]}", root=str(base),
-                      version=tfds.core.Version("1.0.0"))
+                      version=JaxlabPythonStdlib.VERSION)
 
 
 class JaxlabPythonStdlib(tfds.core.GeneratorBasedBuilder):
-  """The running Python's standard-library sources, one example per file, split by file."""
+  """The running Python's standard-library sources, one example per file, split by file (VERSION:
+  as JaxlabTextFiles's)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.1.0": "The alphabet holds the newline of the blank line that joins the files when they are "
+               "read back (a 1.0.0 build of sources without one failed to load).",
+      "1.0.0": "One example per file, split by crc32 of the relative path; the alphabet."}
   BUILDER_CONFIGS = []
 
   def _info(self) -> tfds.core.DatasetInfo:
