@@ -180,7 +180,10 @@ def gau_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Fa
   if kv_mask is not None:
     if jnp.shape(kv_mask) != (b, tk):
       raise ValueError(f"kv_mask must be [B, Tk] = {(b, tk)}, got shape {jnp.shape(kv_mask)}")
-    keys = jnp.asarray(kv_mask, bool)[:, None, None, None, :]
+    if jnp.result_type(kv_mask) != jnp.bool_:  # 0.5 or 2 would count as True
+      raise ValueError(f"kv_mask must be boolean (True: a key to attend to), got dtype "
+                       f"{jnp.result_type(kv_mask)}")
+    keys = jnp.asarray(kv_mask)[:, None, None, None, :]
     valid = keys if valid is None else valid & keys
     if per_row_n:
       n_B = jnp.maximum(jnp.sum(keys, axis=-1, keepdims=True, dtype=jnp.int32), 1)
@@ -343,10 +346,11 @@ def flash_step(quad_q_t: jax.Array, quad_k_t: jax.Array, lin_q_t: jax.Array, lin
                      f"{quad_q_t.shape} / quad_k_t {quad_k_t.shape}")
   kind = _check_kind(kind)
   c = state.quad_k.shape[1]
-  if (state.quad_k.shape != (b, c, kh, s) or state.v.shape != (b, c, kh, e)
-      or state.linear.shape != (b, kh, s, e)):
-    raise ValueError(f"state shapes (linear {state.linear.shape}, quad_k {state.quad_k.shape}, v "
-                     f"{state.v.shape}) do not match B={b}, K={kh}, S={s}, E={e}")
+  if (state.quad_k.shape != (b, c, kh, s) or state.lin_k.shape != (b, c, kh, s)
+      or state.v.shape != (b, c, kh, e) or state.linear.shape != (b, kh, s, e)):
+    raise ValueError(f"state shapes (linear {state.linear.shape}, quad_k {state.quad_k.shape}, "
+                     f"lin_k {state.lin_k.shape}, v {state.v.shape}) do not match B={b}, K={kh}, "
+                     f"S={s}, E={e} and chunk size C={c} (quad_k's length)")
   if quad_scale is None:
     quad_scale = 1.0 / c if kind == "relu2" else 1.0 / math.sqrt(s)
   if linear_scale is None:

@@ -173,7 +173,9 @@ class GatedAttentionUnit(nn.Module):
       return attend(q_B11S, cached_k.value, cached_v.value, kv_mask_BL, False)
 
     a_TB11E = jax.vmap(one_query, in_axes=(1, 0))(q_BT1S[:, :, None], i + jnp.arange(t))
-    return jnp.moveaxis(a_TB11E[:, :, 0], 0, 1)
+    # Past the cache's end dynamic_update_slice clamps the write onto the last slots: NaN rather
+    # than silently wrong outputs, as MultiHeadAttention's cache (the index is traced: no raise).
+    return jnp.where(i + t > slots_L.shape[0], jnp.nan, jnp.moveaxis(a_TB11E[:, :, 0], 0, 1))
 
 
 class FlashLayer(nn.Module):

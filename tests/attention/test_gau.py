@@ -367,6 +367,8 @@ def test_bad_arguments():
     gau_attention(q, k, v, bias=jnp.zeros((4, 13, 12)))
   with pytest.raises(ValueError, match="kv_mask"):
     gau_attention(q, k, v, kv_mask=jnp.ones((2, 12), bool))
+  with pytest.raises(ValueError, match="kv_mask must be boolean"):  # 0.5 read as True
+    gau_attention(q, k, v, kv_mask=jnp.full((2, 13), 0.5))
   with pytest.raises(ValueError, match="logn_train_len"):
     gau_attention(q, k, v, logn_train_len=8)
   with pytest.raises(ValueError, match="logn_train_len"):
@@ -391,3 +393,6 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="state shapes"):
     flash_step(qq[:, :1], qk[:, :1], lq[:, :1], lk[:, :1], fv[:, :1],
                flash_init_state(2, 2, 8, 6, 4))
+  with pytest.raises(ValueError, match="lin_k .* do not match"):  # an einsum error before
+    flash_step(qq[:, :1], qk[:, :1], lq[:, :1], lk[:, :1], fv[:, :1],
+               state._replace(lin_k=flash_init_state(2, 2, 8, 12, 3).lin_k))

@@ -137,6 +137,11 @@ def test_gau_layer_decoding_equals_forward(kind, options):
   assert int(cache["cache_index"]) == T
   y, _ = step(dict(cache, cache_index=jnp.array(5, jnp.int32)), x[:, 5:], pos[:, 5:])
   np.testing.assert_allclose(y, want[:, 5:], rtol=1e-4, atol=1e-5)
+  # Past the cache's end (T slots): NaN, not outputs of keys written over the last slots.
+  y, _ = step(cache, x[:, :1], pos[:, :1] + T)
+  assert np.isnan(np.asarray(y)).all()
+  y, _ = step(dict(cache, cache_index=jnp.array(T - 1, jnp.int32)), x[:, :2], pos[:, :2] + T)
+  assert np.isnan(np.asarray(y)).all()
 
 
 def test_gau_layer_decoding_refuses_what_it_cannot_reproduce():
