@@ -319,12 +319,16 @@ class TrainBatches:
     self._perm = self._permutation()
 
 
-def eval_batches(data: np.ndarray, *, batch_size: int, max_batches: int = 0) -> Iterator[dict]:
-  """A fixed split in order, in full batches: the last one padded with zero rows of weight 0."""
+def eval_batches(data: np.ndarray, *, batch_size: int, max_batches: int = 0,
+                 this_process_only: bool = True) -> Iterator[dict]:
+  """A fixed split in order, in full batches: the last one padded with zero rows of weight 0. Each
+  process gets its own rows of every global batch, or with this_process_only=False all of them (a
+  computation on one host's copy of the parameters)."""
   count = -(-len(data) // batch_size)
   if max_batches:
     count = min(count, max_batches)
-  own = pipeline.process_slice(batch_size)  # this process's rows of each global batch
+  # this process's rows of each global batch
+  own = pipeline.process_slice(batch_size) if this_process_only else slice(0, batch_size)
   rows = own.stop - own.start
   for i in range(count):
     start = i * batch_size + own.start

@@ -220,14 +220,14 @@ class DensityTask:
     return total / jnp.maximum(count, 1.0), (total, count)
 
   def nll(self, params, split: np.ndarray) -> float:
-    """Mean NLL in nats over every example of a fixed split (the test-time evaluation)."""
+    """Mean NLL in nats over every example of a fixed split (the test-time evaluation), computed
+    here on this host's copy of `params` (in a multi-process run `finish` runs on process 0 only)."""
     check_binary_values(split, "split")  # the model's own check does not see values under jit
     fn = jax.jit(lambda p, x: -self.log_prob(p, x))
     total, n = 0.0, 0
     # A batch larger than the split is cut to it (more rows would be zero-weight padding only).
-    processes = jax.process_count()
-    batch_size = min(self.config.eval.batch_size, -(-len(split) // processes) * processes)
-    for batch in binary_images.eval_batches(split, batch_size=batch_size):
+    batch_size = min(self.config.eval.batch_size, len(split))
+    for batch in binary_images.eval_batches(split, batch_size=batch_size, this_process_only=False):
       nll = np.asarray(fn(params, batch["x"]), np.float64)
       total += float(np.sum(nll * batch["weights"]))
       n += int(batch["weights"].sum())

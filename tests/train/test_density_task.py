@@ -7,6 +7,7 @@ import pathlib
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -286,6 +287,20 @@ def test_an_eval_batch_larger_than_the_split_is_cut_to_it():
                                  check_devices=False), data=data)
   params = small.init_params(jax.random.key(0))
   np.testing.assert_allclose(huge.nll(params, data.test), small.nll(params, data.test), rtol=1e-6)
+
+
+def test_the_test_nll_of_a_multi_process_run_covers_the_whole_split(monkeypatch):
+  """finish() runs on process 0 alone, on its copy of the parameters: its NLL covered only that
+  process's rows of each batch (half the split with 2 processes; found by review)."""
+  data = _tiny_data()
+  task = DensityTask(load_config("made", ["--config.data.batch_size=16", "--config.model.hidden=(32,)",
+                                          "--config.eval.batch_size=8"], check_devices=False),
+                     data=data)
+  params = task.init_params(jax.random.key(0))
+  want = np.mean(-np.asarray(task.log_prob(params, jnp.asarray(data.test, jnp.float32)), np.float64))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  np.testing.assert_allclose(task.nll(params, data.test), want, rtol=1e-5)
 
 
 def test_resuming_with_another_model_names_the_model_first(tmp_path):
