@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,12 +57,8 @@ def window_partition(x: jax.Array, window: int) -> jax.Array:
   _check_window_shift(window)
   if x.ndim < 4:
     raise ValueError(f"x must be [B, H, W, C, ...], got shape {x.shape}")
-  b, h, w = x.shape[:3]
-  rest = x.shape[3:]
-  _check_spatial("x", h, w, window)
-  x = x.reshape((b, h // window, window, w // window, window) + rest)
-  x = jnp.moveaxis(x, 3, 2)  # [B, H/w, W/w, w, w, *C]
-  return x.reshape((b * (h // window) * (w // window), window * window) + rest)
+  _check_spatial("x", x.shape[1], x.shape[2], window)
+  return einops.rearrange(x, "b (nh wh) (nw ww) ... -> (b nh nw) (wh ww) ...", wh=window, ww=window)
 
 
 def window_reverse(windows: jax.Array, window: int, height: int, width: int) -> jax.Array:
@@ -72,11 +69,8 @@ def window_reverse(windows: jax.Array, window: int, height: int, width: int) -> 
   if windows.ndim < 3 or windows.shape[1] != window * window or windows.shape[0] % (nh * nw):
     raise ValueError(f"windows must be [B * {nh * nw}, {window * window}, C, ...] for a "
                      f"{height}x{width} map and window={window}, got shape {windows.shape}")
-  rest = windows.shape[2:]
-  b = windows.shape[0] // (nh * nw)
-  x = windows.reshape((b, nh, nw, window, window) + rest)
-  x = jnp.moveaxis(x, 2, 3)  # [B, H/w, w, W/w, w, *C]
-  return x.reshape((b, height, width) + rest)
+  return einops.rearrange(windows, "(b nh nw) (wh ww) ... -> b (nh wh) (nw ww) ...", nh=nh, nw=nw,
+                          wh=window)
 
 
 def shifted_window_region_ids(height: int, width: int, window: int, shift: int) -> np.ndarray:

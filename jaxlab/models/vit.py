@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -67,8 +68,8 @@ def patchify(images_BHWC: jax.Array, patch: int) -> jax.Array:
   b, h, w, c = images_BHWC.shape
   if h % patch or w % patch:
     raise ValueError(f"images_BHWC: height {h} and width {w} must be multiples of patch={patch}")
-  x = images_BHWC.reshape(b, h // patch, patch, w // patch, patch, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+  return einops.rearrange(images_BHWC, "b (nh ph) (nw pw) c -> b (nh nw) (ph pw c)", ph=patch,
+                          pw=patch)
 
 
 def sincos_2d(grid_h: int, grid_w: int, width: int) -> jax.Array:
