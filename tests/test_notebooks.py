@@ -1,6 +1,7 @@
 """Every notebook under notebooks/ is a well-formed Colab notebook whose code cells run in order in one
-namespace (IPython magics and shell lines, such as the Colab install cell, are skipped) and check what
-their text claims with `assert` statements: a notebook whose claim stops being true fails here."""
+namespace (IPython magics and shell lines are skipped; the Colab install cell does nothing where jaxlab
+is installed) and check what their text claims with `assert` statements: a notebook whose claim stops
+being true fails here."""
 
 import ast
 import json
@@ -50,3 +51,28 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   monkeypatch.setenv("MPLBACKEND", "Agg")  # plots render off screen
   monkeypatch.chdir(tmp_path)  # anything a notebook writes lands here
   exec(compile(code_of(path), str(path), "exec"), {"__name__": "__main__"})
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_install_cell_installs_jaxlab_where_it_is_missing(path, monkeypatch):
+  """The first code cell runs pip on a Colab runtime without jaxlab (it was only a comment: "Run
+  all" failed at the first import), names a missing source folder, and does nothing where jaxlab is
+  installed (a local Jupyter, these tests)."""
+  import importlib.util
+  import subprocess
+  import sys
+  cells = json.loads(path.read_text())["cells"]
+  install = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+  calls = []
+  monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: calls.append(command))
+  exec(install, {})
+  assert calls == []
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # a fresh Colab runtime
+  repo = str(path.parents[1])
+  monkeypatch.setenv("JAXLAB_SOURCE", repo)
+  exec(install, {})
+  assert calls == [[sys.executable, "-m", "pip", "install", "-q", repo]]
+  monkeypatch.delenv("JAXLAB_SOURCE")
+  if not pathlib.Path("/content/jaxlab").exists():
+    with pytest.raises(FileNotFoundError, match="/content/jaxlab does not exist: upload or clone"):
+      exec(install, {})
