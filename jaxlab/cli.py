@@ -385,11 +385,12 @@ def cmd_sample(args, overrides) -> int:
           check_prompt(config.sample.prompt, "config.sample.prompt (give --prompt)")
       except ValueError as e:  # a prompt the vocabulary cannot encode: a flag error (exit 2)
         raise UsageError(str(e)) from None
-    if config.get("sample", {}).get("speculative", False):
-      num_tokens = config.sample.num_tokens if args.num_tokens is None else args.num_tokens
-      run.task.check_speculative(
-          config.sample.prompt if args.prompt is None else args.prompt, num_tokens,
-          "config.sample.num_tokens" if args.num_tokens is None else "--num-tokens")
+    check_length = getattr(run.task, "check_sample_length", None)
+    if check_length is not None:  # before the parameters are read
+      check_length(config.sample.prompt if args.prompt is None else args.prompt,
+                   config.sample.num_tokens if args.num_tokens is None else args.num_tokens,
+                   "config.sample.num_tokens" if args.num_tokens is None else "--num-tokens",
+                   speculative=config.sample.speculative)
   except BaseException:
     run.checkpointer.close()
     raise

@@ -7,6 +7,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlab.layers.attention import REWIND_VARIABLES
 from jaxlab.layers.token_ids import check_token_ids
@@ -54,16 +55,19 @@ def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -
 
 def check_filters(top_k: int, top_p: float) -> None:
   """top_k >= 0 and 0 < top_p <= 1 (checked at temperature 0 too, where no filter runs)."""
-  if top_k < 0 or not 0.0 < top_p <= 1.0:
-    raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+  if (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0
+      or not 0.0 < top_p <= 1.0):
+    raise ValueError(f"need an integer top_k >= 0 and 0 < top_p <= 1, got top_k={top_k!r}, "
+                     f"top_p={top_p!r}")
 
 
 def scale_logits(logits_BV: jax.Array, temperature: float) -> jax.Array:
   """float32 logits / temperature (> 0), computed relative to each row's maximum, so that a tiny
   temperature sends the other tokens to -inf instead of overflowing (or, below float32's normal
   range, dividing by a flushed zero): the most likely tokens keep logit 0, the limit of T -> 0."""
-  if not temperature > 0.0:
-    raise ValueError(f"temperature must be > 0 here (0 is greedy decoding), got {temperature}")
+  if not 0.0 < temperature < float("inf"):
+    raise ValueError(f"temperature must be finite and > 0 here (0 is greedy decoding), got "
+                     f"{temperature}")
   logits_BV = logits_BV.astype(jnp.float32)
   shifted_BV = logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)
   return jnp.where(shifted_BV == 0.0, 0.0, shifted_BV / temperature)
@@ -144,6 +148,26 @@ def checks_prompt_ids(generate_fn):
   return checked
 
 
+def check_decoding_length(config, total: int, *, drafts: int = 0) -> None:
+  """ValueError when a GPT of `config` cannot decode `total` positions (prompt + new tokens, 0 ..
+  total - 1) in one KV cache: past a learned position table, or past xPos's numeric range (its key
+  scales overflow: NaN logits, sampled as token 0, from there on). `drafts`: positions that
+  speculative decoding's drafts reach beyond the last token (a learned table clips them; xPos
+  computes them)."""
+  if config.position == "learned" and total > config.max_len:
+    raise ValueError(f"prompt + num_tokens = {total} exceeds the learned position table "
+                     f"(max_len={config.max_len})")
+  if config.position == "xpos":
+    from jaxlab.positions.xpos import safe_offset
+    center, limit = config.max_len // 2, safe_offset(config.dtype)
+    if total + drafts - 1 - center > limit:
+      raise ValueError(f"prompt + num_tokens = {total}"
+                       f"{f' (+ {drafts} draft positions)' if drafts else ''}: xPos scales keys at "
+                       f"position n by zeta^(-(n - c)/512) with c = max_len // 2 = {center}, which "
+                       f"leaves {jnp.dtype(config.dtype).name}'s range past n - c = {limit}: at most "
+                       f"{center + limit + 1 - drafts} tokens here")
+
+
 @checks_prompt_ids
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p"))
 def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens: int,
@@ -154,9 +178,7 @@ def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens:
   """
   prompt_BP, b, p = check_prompt(prompt_BP, num_tokens)
   total = p + num_tokens
-  if model.config.position == "learned" and total > model.config.max_len:
-    raise ValueError(f"prompt + num_tokens = {total} exceeds the learned position table "
-                     f"(max_len={model.config.max_len})")
+  check_decoding_length(model.config, total)
   cache = init_cache(model, b, total, all_heads=False, rewindable=False)
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
   logits, mutated = model.apply({"params": params, "cache": cache}, prompt_BP, positions,

@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.decoding.draft_tree import DraftTree
-from jaxlab.decoding.sampling import (check_filters, check_prompt, checks_prompt_ids,
-                                     filter_logits, init_cache, scale_logits)
+from jaxlab.decoding.sampling import (check_decoding_length, check_filters, check_prompt,
+                                     checks_prompt_ids, filter_logits, init_cache, scale_logits)
 from jaxlab.layers.attention import (KV_CACHE_FAMILIES, RECURRENT_APPEND_LIMIT,
                                     RECURRENT_FAMILIES)
 
@@ -243,9 +243,7 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   total = p + num_tokens
   length = total + block - 2  # the last step writes up to slot total - 2 + (block - 1)
   max_position = model.config.max_len - 1 if model.config.position == "learned" else None
-  if max_position is not None and total > model.config.max_len:
-    raise ValueError(f"prompt ({p}) + num_tokens ({num_tokens}) = {total} exceeds the learned "
-                     f"position table (max_len={model.config.max_len})")
+  check_decoding_length(model.config, total, drafts=block - 1)
   greedy = temperature == 0.0
   if acceptance not in ACCEPTANCE:
     raise ValueError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")

@@ -33,6 +33,18 @@ from jaxlab.positions import _checks
 from jaxlab.positions.rope import _angles, _rotate_half_f32
 
 
+# The largest |position - center| at which xPos's scales stay usable (scale_base 512, gamma 0.4; see
+# the module docstring): float16 overflows at ~4.5k, earlier for keys with large entries; float32 and
+# bfloat16 underflow zeta_0^(n/512) at ~36k.
+SAFE_OFFSET_FLOAT16 = 2048
+SAFE_OFFSET = 32768
+
+
+def safe_offset(dtype) -> int:
+  """The largest |position - center| that xPos keeps in range for q/k of `dtype`."""
+  return SAFE_OFFSET_FLOAT16 if jnp.dtype(dtype) == jnp.float16 else SAFE_OFFSET
+
+
 def xpos_scale(positions: jax.Array, head_dim: int, *, scale_base: float = 512, gamma: float = 0.4,
                center: float = 0.0) -> jax.Array:
   """zeta_i^((positions - center) / scale_base): positions [B, T] -> float32 [B, T, head_dim // 2]."""

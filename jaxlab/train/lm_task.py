@@ -381,8 +381,8 @@ class LMTask:
     if s.num_tokens:
       try:
         self.check_prompt(s.prompt, "config.sample.prompt")
-        if s.speculative:
-          self.check_speculative(s.prompt, s.num_tokens, "config.sample.num_tokens")
+        self.check_sample_length(s.prompt, s.num_tokens, "config.sample.num_tokens",
+                                 speculative=s.speculative)
       except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -391,6 +391,24 @@ class LMTask:
     from jaxlab.decoding.draft_tree import DraftTree
     spec = self.config.sample.draft_tree
     return DraftTree.parse(spec) if spec else None
+
+  def check_sample_length(self, prompt: str, num_tokens: int, what: str, *,
+                          speculative: bool) -> None:
+    """ValueError naming `what` when the sampler cannot produce prompt + num_tokens tokens: past
+    xPos's numeric range (sampling.check_decoding_length), and for speculative decoding as
+    `check_speculative` says."""
+    c = self.model.config
+    if speculative:
+      self.check_speculative(prompt, num_tokens, what)
+    if c.position == "xpos":
+      from jaxlab.decoding.sampling import check_decoding_length
+      tree = self.draft_tree() if speculative else None
+      drafts = (tree.size if tree else c.extra_heads) if speculative else 0
+      try:
+        check_decoding_length(c, len(self.vocab.encode(prompt or "\n")) + num_tokens,
+                              drafts=drafts)
+      except ValueError as e:
+        raise ValueError(f"{what}={num_tokens}: {e}") from None
 
   def check_speculative(self, prompt: str, num_tokens: int, what: str) -> None:
     """Speculative decoding keeps every token in the KV cache (no cropping as `generate_long` does),
@@ -504,6 +522,7 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
   config.sample.acceptance='exact' the same distribution, and greedy gives greedy decoding's text
   up to near-ties; 'typical' is not exact) and says on stderr how many tokens each pass yielded.
   """
+  task.check_sample_length(prompt, num_tokens, "num_tokens", speculative=speculative)
   ids = jnp.asarray(task.vocab.encode(prompt or "\n"))[None]
   key = jax.random.PRNGKey(seed)
   params = _on_one_device_if_replicated(params)
@@ -513,7 +532,6 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
                              "unusable (a blown-up run's checkpoint?)")
   if speculative:
     from jaxlab.decoding.speculative import speculative_generate
-    task.check_speculative(prompt, num_tokens, "num_tokens")
     tree, s = task.draft_tree(), task.config.sample
     acceptance = s.acceptance if temperature > 0 else "exact"
     tokens, steps = speculative_generate(task.model, params, ids, key, num_tokens=num_tokens,
@@ -522,7 +540,9 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
                                          typical_epsilon=s.typical_epsilon,
                                          typical_delta=s.typical_delta)
     if num_tokens > 1:
-      drafts = f"a tree of {tree.size} candidates" if tree else "one candidate per head"
+      drafts = (f"a tree of {tree.size} candidates" if tree and tree.size > tree.depth else
+                f"a chain of {tree.size} candidate{'s' if tree.size > 1 else ''}" if tree else
+                "one candidate per head")
       drafts += ", typical acceptance" if acceptance == "typical" else ""
       print(f"jaxlab: speculative decoding ({drafts}): {num_tokens} tokens in 1 + {int(steps)} "
             f"passes ({(num_tokens - 1) / max(int(steps), 1):.2f} tokens per pass after the first)",

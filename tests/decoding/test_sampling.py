@@ -68,6 +68,8 @@ def test_tiny_temperatures_approach_greedy_and_negative_ones_are_refused():
       np.testing.assert_array_equal(draws, [1, 1], err_msg=f"T={temperature}, top_p={top_p}")
   with pytest.raises(ValueError, match="temperature"):
     sample_token(jax.random.key(0), logits, temperature=-1.0)
+  with pytest.raises(ValueError, match="temperature must be finite"):  # sampled uniformly before
+    sample_token(jax.random.key(0), logits, temperature=float("inf"))
 
 
 def test_bad_arguments():
@@ -75,6 +77,9 @@ def test_bad_arguments():
     filter_logits(jnp.zeros((1, 3)), top_p=0.0)
   with pytest.raises(ValueError, match="logits must be"):
     filter_logits(jnp.zeros((3,)))
+  for top_k in (2.5, True):  # a TypeError deep in lax.top_k before; True would mean 1
+    with pytest.raises(ValueError, match="integer top_k"):
+      filter_logits(jnp.zeros((1, 3)), top_k=top_k)
 
 
 def test_the_nucleus_boundary_and_16_bit_logits():
@@ -107,3 +112,30 @@ def test_prompt_ids_outside_the_vocabulary_and_bad_filters_at_temperature_0_are_
   assert generate(model, params, [[1, 2, 10]], jax.random.key(0), num_tokens=2).shape == (1, 5)
   with pytest.raises(ValueError, match="top_p"):
     sample_token(jax.random.key(0), jnp.zeros((1, 3)), temperature=0.0, top_p=5.0)
+
+
+@pytest.mark.parametrize("dtype,limit", [(jnp.float16, 2048), (jnp.float32, 32768)])
+def test_decoding_past_xpos_range_is_refused(dtype, limit):
+  """xPos's key scales zeta^(-(n - c)/512) leave the dtype's range far from c = max_len // 2: the
+  logits turn NaN and sampling emitted token 0 from there on, silently (found by review). generate
+  and speculative_generate refuse such lengths; up to the limit the logits are finite."""
+  import flax.linen as nn
+  from jaxlab.decoding.sampling import check_decoding_length, generate
+  from jaxlab.decoding.speculative import speculative_generate
+  from jaxlab.models.gpt import GPT, GPTConfig
+  model = GPT(GPTConfig(vocab_size=7, num_layers=1, width=16, num_heads=2, num_kv_heads=1, max_len=64,
+                        position="xpos", dtype=dtype, medusa_heads=2))
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  params = jax.tree.map(lambda a: a * 8.0 if a.ndim > 1 else a, params)  # keys of large entries
+  prompt, center = jnp.zeros((1, 4), jnp.int32), 32
+  most = center + limit + 1  # positions 0 .. center + limit
+  logits_at = lambda *pos: model.apply({"params": params}, jnp.ones((1, len(pos)), jnp.int32),
+                                       jnp.asarray([pos]))
+  assert np.isfinite(np.asarray(logits_at(0, 1, most - 2, most - 1))).all()
+  if dtype == jnp.float16:  # the failure the check prevents (float32's is past 36k)
+    assert not np.isfinite(np.asarray(logits_at(0, 3 * limit + center))).all()
+  check_decoding_length(model.config, most)
+  with pytest.raises(ValueError, match=f"at most {most} tokens here"):
+    generate(model, params, prompt, jax.random.key(0), num_tokens=most - 4 + 1)
+  with pytest.raises(ValueError, match=r"\(\+ 2 draft positions\).*at most"):
+    speculative_generate(model, params, prompt, jax.random.key(0), num_tokens=most - 4 - 1)

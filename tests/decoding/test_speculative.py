@@ -249,7 +249,7 @@ def test_decoding_arguments_are_checked_by_name():
       fn(model, params, jnp.zeros((0, 3), jnp.int32), jax.random.key(0), num_tokens=4)
     # at temperature 0 no filter runs, but a bad one is refused (speculative_generate ran)
     for bad in (dict(top_p=5.0), dict(top_k=-3)):
-      with pytest.raises(ValueError, match="need top_k >= 0 and 0 < top_p <= 1"):
+      with pytest.raises(ValueError, match="need an integer top_k >= 0 and 0 < top_p <= 1"):
         fn(model, params, jnp.asarray([[1, 2]]), jax.random.key(0), num_tokens=3,
            temperature=0.0, **bad)
   # Nested Python lists are prompts too: the same tokens as the array.
