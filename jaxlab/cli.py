@@ -361,7 +361,8 @@ def cmd_sample(args, overrides) -> int:
   if "prompt" not in config.get("sample", {}):  # not a language model: no text flags
     text_flags = [flag for flag, value in (("--prompt", args.prompt),
                                            ("--temperature", args.temperature),
-                                           ("--top-k", args.top_k), ("--top-p", args.top_p))
+                                           ("--top-k", args.top_k), ("--top-p", args.top_p),
+                                           ("--stop", args.stop))
                   if value is not None]
     if text_flags:
       raise UsageError(f"{text_flags[0]} is for language-model runs; this run's task is "
@@ -474,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
   sa.add_argument("--top-p", type=float, metavar="P",
                   help="nucleus sampling: the smallest set of tokens with probability >= P, "
                   "0 < P <= 1; 1 = off (default: config.sample.top_p)")
+  sa.add_argument("--stop", metavar="TEXT",
+                  help="end the continuation just before its first TEXT (the tokens are sampled "
+                  "all the same; in bash, $'\\n\\n' is a blank line)")
   sa.add_argument("--seed", type=int, help="random seed (default: config.sample.seed)")
   sa.add_argument("--speculative", action="store_true",
                   help="draft with the model's extra heads (model.mtp_heads / medusa_heads) and "

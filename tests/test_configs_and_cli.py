@@ -206,6 +206,12 @@ def test_cli_train_eval_sample_on_a_workdir(tiny_cli_overrides, tmp_path, capsys
                    "--temperature", "0"]) == 0
   text = capsys.readouterr().out.rstrip("\n")
   assert text.startswith("cat ") and len(text) == 14
+  # --stop: the continuation ends before its first occurrence (one in the prompt does not count)
+  for stop in (text[6:8], "ca", "~~~"):
+    assert cli.main(["sample", str(workdir), "--prompt", "cat ", "--num-tokens", "10",
+                     "--temperature", "0", "--stop", stop]) == 0
+    cut = text.find(stop, 4)
+    assert capsys.readouterr().out.rstrip("\n") == (text if cut < 0 else text[:cut]), stop
   # A second train call on the same workdir resumes and has nothing left to do.
   assert cli.main(["train", "lm_char", "--workdir", str(workdir), "--no-progress"] + common) == 0
   assert "resumed from step 4" in capsys.readouterr().out
@@ -238,6 +244,7 @@ def test_cli_eval_and_sample_best_params_of_a_density_run(tmp_path, capsys):
   assert cli.main(["sample", str(workdir), "--num-tokens", "0"]) == 0  # none (it gave 16)
   assert capsys.readouterr().out.strip() == ""
   assert cli.main(["sample", str(workdir), "--temperature", "5"]) == 2  # a language model's flag
+  assert cli.main(["sample", str(workdir), "--stop", "x"]) == 2
   assert "--temperature is for language-model runs; this run's task is 'density'" in \
       capsys.readouterr().err
   plain = tmp_path / "plain"

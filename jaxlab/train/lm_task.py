@@ -511,12 +511,17 @@ class LMTask:
                        num_tokens=pick(args.num_tokens, s.num_tokens),
                        temperature=pick(args.temperature, s.temperature),
                        top_k=pick(args.top_k, s.top_k), top_p=pick(args.top_p, s.top_p),
-                       seed=pick(args.seed, s.seed), speculative=s.speculative)
+                       seed=pick(args.seed, s.seed), speculative=s.speculative,
+                       stop=getattr(args, "stop", None) or "")
 
 
 def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperature: float,
-                top_k: int, top_p: float, seed: int, speculative: bool = False) -> str:
+                top_k: int, top_p: float, seed: int, speculative: bool = False,
+                stop: str = "") -> str:
   """Continues `prompt` by `num_tokens` tokens with the KV-cached sampler; returns prompt + continuation.
+
+  stop: if given, the continuation ends just before its first occurrence of `stop` (occurrences in
+  the prompt do not count; the num_tokens tokens are sampled all the same, then cut).
 
   speculative: drafts with the model's extra heads (`jaxlab.decoding.speculative`; with
   config.sample.acceptance='exact' the same distribution, and greedy gives greedy decoding's text
@@ -551,7 +556,9 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
     from jaxlab.decoding.sampling import generate_long
     tokens = generate_long(task.model, params, ids, key, num_tokens=num_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p)
-  return task.vocab.decode(tokens[0])
+  text = task.vocab.decode(tokens[0])
+  cut = text.find(stop, len(task.vocab.decode(ids[0]))) if stop else -1
+  return text if cut < 0 else text[:cut]
 
 
 @functools.partial(jax.jit, static_argnames="model")
