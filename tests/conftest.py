@@ -38,11 +38,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # folder at the end): many tests compile the same programs (tests/models/test_gpt.py + tests/layers:
 # 110 s without it, 92 s with it, 2 cores, 2026-12-05). A cache entry read while another process
 # writes it is a warning and a recompile in JAX, not an error.
+# A cache folder of the user's own is used as it is (with JAX's thresholds, not every tiny program).
 _OWN_JIT_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_JIT_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlab-tests-jit-cache-")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  # also when the session ends without pytest_unconfigure (an interrupted run)
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 # Each pytest process (an xdist worker) and its children prepare TFDS data in a folder of their own:
 # two workers building one dataset into the shared ~/tensorflow_datasets at once collided.
 _TFDS_DATA_DIR = tempfile.mkdtemp(prefix="jaxlab-tests-tfds-")

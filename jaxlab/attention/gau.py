@@ -178,12 +178,13 @@ def gau_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Fa
   if causal:
     valid = (jnp.arange(tk)[None, :] <= jnp.arange(tq)[:, None] + (tk - tq))[None, None, None]
   if kv_mask is not None:
-    if jnp.shape(kv_mask) != (b, tk):
-      raise ValueError(f"kv_mask must be [B, Tk] = {(b, tk)}, got shape {jnp.shape(kv_mask)}")
-    if jnp.result_type(kv_mask) != jnp.bool_:  # 0.5 or 2 would count as True
+    kv_mask = jnp.asarray(kv_mask)
+    if kv_mask.shape != (b, tk):
+      raise ValueError(f"kv_mask must be [B, Tk] = {(b, tk)}, got shape {kv_mask.shape}")
+    if kv_mask.dtype != jnp.bool_:  # 0.5 or 2 would count as True
       raise ValueError(f"kv_mask must be boolean (True: a key to attend to), got dtype "
-                       f"{jnp.result_type(kv_mask)}")
-    keys = jnp.asarray(kv_mask)[:, None, None, None, :]
+                       f"{kv_mask.dtype}")
+    keys = kv_mask[:, None, None, None, :]
     valid = keys if valid is None else valid & keys
     if per_row_n:
       n_B = jnp.maximum(jnp.sum(keys, axis=-1, keepdims=True, dtype=jnp.int32), 1)

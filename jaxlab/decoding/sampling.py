@@ -160,6 +160,10 @@ def check_decoding_length(config, total: int, *, drafts: int = 0) -> None:
   if config.position == "xpos":
     from jaxlab.positions.xpos import safe_offset
     center, limit = config.max_len // 2, safe_offset(config.dtype)
+    if center > limit:  # position 0 is already out of range (the LM task's config check refuses it)
+      raise ValueError(f"max_len={config.max_len}: xPos centres its scales on max_len // 2 = "
+                       f"{center}, and position 0 is past {jnp.dtype(config.dtype).name}'s range "
+                       f"of {limit} positions from it")
     if total + drafts - 1 - center > limit:
       raise ValueError(f"prompt + num_tokens = {total}"
                        f"{f' (+ {drafts} draft positions)' if drafts else ''}: xPos scales keys at "

@@ -243,7 +243,7 @@ def speculative_generate(model, params, prompt_BP: jax.Array, key: jax.Array, *,
   total = p + num_tokens
   length = total + block - 2  # the last step writes up to slot total - 2 + (block - 1)
   max_position = model.config.max_len - 1 if model.config.position == "learned" else None
-  check_decoding_length(model.config, total, drafts=block - 1)
+  check_decoding_length(model.config, total, drafts=depth)  # drafts reach `depth` positions past
   greedy = temperature == 0.0
   if acceptance not in ACCEPTANCE:
     raise ValueError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")

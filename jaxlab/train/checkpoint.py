@@ -454,7 +454,8 @@ class BestParams(_BackgroundSaves):
       raise FileNotFoundError(f"the best-params record in {self.directory} {why}; nothing was "
                               "changed (a jaxlab train of this workdir moves such a record aside)")
     self.wait()
-    self._manager.close()
+    if self._manager is not None:  # None: discarded before (and no record since)
+      self._manager.close()
     if self.directory.exists() and distributed.is_primary():
       _move_aside(self.directory, self.workdir, why)
     distributed.barrier("jaxlab_best_discard")

@@ -403,7 +403,7 @@ class LMTask:
     if c.position == "xpos":
       from jaxlab.decoding.sampling import check_decoding_length
       tree = self.draft_tree() if speculative else None
-      drafts = (tree.size if tree else c.extra_heads) if speculative else 0
+      drafts = (tree.depth if tree else c.extra_heads) if speculative else 0  # positions past the end
       try:
         check_decoding_length(c, len(self.vocab.encode(prompt or "\n")) + num_tokens,
                               drafts=drafts)

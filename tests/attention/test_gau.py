@@ -369,6 +369,8 @@ def test_bad_arguments():
     gau_attention(q, k, v, kv_mask=jnp.ones((2, 12), bool))
   with pytest.raises(ValueError, match="kv_mask must be boolean"):  # 0.5 read as True
     gau_attention(q, k, v, kv_mask=jnp.full((2, 13), 0.5))
+  np.testing.assert_array_equal(  # nested lists are arrays too
+      gau_attention(q, k, v, kv_mask=[[True] * 13] * 2), gau_attention(q, k, v))
   with pytest.raises(ValueError, match="logn_train_len"):
     gau_attention(q, k, v, logn_train_len=8)
   with pytest.raises(ValueError, match="logn_train_len"):

@@ -86,5 +86,6 @@ def test_a_builder_s_output_changes_only_with_its_version(make, tmp_path):
   assert str(type(builder).VERSION) in type(builder).RELEASE_NOTES
   got = _digest(builder)
   assert (str(builder.version), got) == (version, digest), (
-      f"{name} writes other examples or metadata than its VERSION {builder.version} did: raise its "
-      f"VERSION (with a RELEASE_NOTES entry) and pin ({str(builder.version)!r}, {got!r}) here")
+      f"{name} writes other examples or metadata than its VERSION {builder.version} did (a change "
+      f"to the builder, or to a library it reads with: TFDS, numpy, Pillow, scikit-learn): raise "
+      f"its VERSION (with a RELEASE_NOTES entry) and pin ({str(builder.version)!r}, {got!r}) here")

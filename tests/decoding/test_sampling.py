@@ -121,6 +121,7 @@ def test_decoding_past_xpos_range_is_refused(dtype, limit):
   and speculative_generate refuse such lengths; up to the limit the logits are finite."""
   import flax.linen as nn
   from jaxlab.decoding.sampling import check_decoding_length, generate
+  from jaxlab.decoding.draft_tree import DraftTree
   from jaxlab.decoding.speculative import speculative_generate
   from jaxlab.models.gpt import GPT, GPTConfig
   model = GPT(GPTConfig(vocab_size=7, num_layers=1, width=16, num_heads=2, num_kv_heads=1, max_len=64,
@@ -139,3 +140,12 @@ def test_decoding_past_xpos_range_is_refused(dtype, limit):
     generate(model, params, prompt, jax.random.key(0), num_tokens=most - 4 + 1)
   with pytest.raises(ValueError, match=r"\(\+ 2 draft positions\).*at most"):
     speculative_generate(model, params, prompt, jax.random.key(0), num_tokens=most - 4 - 1)
+  # A tree's drafts reach its depth past the last token, not its size (6 here)
+  with pytest.raises(ValueError, match=r"\(\+ 2 draft positions\).*at most"):
+    speculative_generate(model, params, prompt, jax.random.key(0), num_tokens=most - 4 - 1,
+                         tree=DraftTree.product((2, 2)))
+  check_decoding_length(model.config, most - 2, drafts=2)
+  wide = GPT(GPTConfig(vocab_size=7, num_layers=1, width=16, num_heads=2, num_kv_heads=1,
+                       max_len=2 * limit + 4, position="xpos", dtype=dtype))
+  with pytest.raises(ValueError, match="position 0 is past"):  # centred too far from position 0
+    check_decoding_length(wide.config, 8)

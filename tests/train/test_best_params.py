@@ -31,6 +31,22 @@ def test_only_a_lower_loss_replaces_the_record_and_it_survives_reopening(tmp_pat
   keeper.close()
 
 
+def test_a_discarded_record_leaves_no_folder_until_the_next_one(tmp_path):
+  """discard moves the record aside and does not make an empty best/ again (it looked like a record
+  to come); discarding twice is fine; the next record makes the folder again."""
+  keeper = BestParams(tmp_path, fingerprint="a")
+  keeper.offer(10, 5.0, _params(1.0))
+  keeper.discard("is tested")
+  assert not (tmp_path / "best").exists() and list((tmp_path / "corrupt_checkpoints").iterdir())
+  keeper.discard("is tested again")  # AttributeError on a closed manager once
+  assert keeper.offer(20, 6.0, _params(2.0))  # any loss beats no record
+  keeper.close()
+  keeper = BestParams(tmp_path, fingerprint="a")
+  assert (keeper.step, keeper.val_loss) == (20, 6.0)
+  np.testing.assert_array_equal(_restore(keeper)["w"], 2.0)
+  keeper.close()
+
+
 def test_a_step_replayed_after_a_resume_replaces_its_own_record(tmp_path):
   keeper = BestParams(tmp_path)
   keeper.offer(800, 1.0, _params(1.0))
