@@ -373,7 +373,9 @@ class MultiHeadAttention(nn.Module):
       k_BTKH = self._rope(k_BTKH, positions_BT, seq_len)
       scaling = self._scaling()
       if scaling is not None and scaling.kind == "yarn":
-        # YaRN sec. 3.4: logits scaled by 1/t with sqrt(1/t) = 0.1 ln(s) + 1, on q and k.
+        # YaRN sec. 3.4: logits scaled by 1/t with sqrt(1/t) = 0.1 ln(s) + 1, on q and k: every
+        # dim, so the whole logit (as the paper). Hugging Face scales cos/sin, i.e. only the rotated
+        # dims: the same with full rotary, not with rotary_fraction < 1.
         temperature = positions_lib.yarn_attention_factor(scaling.factor)
         q_BTNH, k_BTKH = q_BTNH * temperature, k_BTKH * temperature
     elif self.position == "rope2d":

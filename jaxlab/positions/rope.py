@@ -20,7 +20,7 @@ Pairing convention ("rotate-half", GPT-NeoX / LLaMA-HF): with R rotary dims, fea
 feature i + R/2 (i < R/2) and that pair is rotated by angle position * inv_freq[i]. This is the
 interleaved RoFormer convention (pairs 2i, 2i+1) up to a fixed permutation of the head dims, which
 q and k share, so attention logits are identical. Partial rotary (`rotary_fraction` < 1) rotates the
-first R = int(H * rotary_fraction) dims this way and passes dims R .. H-1 through unchanged (GPT-NeoX).
+first R = rotary_dim(H, rotary_fraction) dims this way and passes dims R .. H-1 through unchanged (GPT-NeoX).
 
 Numerics: angles and rotations are computed in float32 whatever x's dtype; the result is cast back to
 x.dtype. Float32 angles lose absolute precision for very large positions (~1e6), as in every common
@@ -146,8 +146,10 @@ def as_rope_scaling(scaling: ScalingLike) -> Optional[RopeScaling]:
 
 def rope_frequencies(head_dim: int, theta: float = 10000.0) -> jax.Array:
   """Inverse frequencies theta^(-2i/d), i = 0 .. d/2-1, shape [head_dim // 2] (RoFormer sec. 3.2.2)."""
+  _checks.positive_int(head_dim, "head_dim", minimum=2)
   if head_dim % 2:
     raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+  _checks.positive_number(theta, "theta")  # (0 or a negative theta gave NaN or an empty table)
   t = _checks.static_number(theta)
   if t is None:  # traced theta
     return theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
@@ -196,7 +198,10 @@ def yarn_ramp(rotary_dim: int, *, theta: float, original_max_len: int, beta_fast
   raise ValueError(f"kind must be one of {YARN_RAMPS}, got {kind!r}")
 
 
-def _rotary_dim(head_dim: int, rotary_fraction: Any) -> int:
+def rotary_dim(head_dim: int, rotary_fraction: Any) -> int:
+  """R, the number of rotated dims: int(head_dim * rotary_fraction) as Hugging Face, except that an
+  odd result a hair below an even number is that number (100 * 0.58 = 57.999...: 58, not 57).
+  ValueError unless R is even and >= 2."""
   try:
     frac = _checks.static_number(rotary_fraction)
   except TypeError as e:
@@ -204,8 +209,8 @@ def _rotary_dim(head_dim: int, rotary_fraction: Any) -> int:
   if frac is None or not 0.0 < frac <= 1.0:
     raise ValueError(f"rotary_fraction must be a static number in (0, 1], got {rotary_fraction!r}")
   dims = head_dim * frac
-  r = int(dims)  # as Hugging Face; but an odd result a hair below an even number is that number
-  if r % 2 and abs(dims - round(dims)) < 1e-9:  # (100 * 0.58 = 57.999...: 58, not 57)
+  r = int(dims)
+  if r % 2 and abs(dims - round(dims)) < 1e-9:
     r = round(dims)
   if r < 2 or r % 2:
     raise ValueError(f"rotary_fraction * head_dim must give an even number of rotary dims >= 2, got "
@@ -321,7 +326,7 @@ _rope_core_jit = jax.jit(_rope_core, static_argnames=("theta", "r", "scaling", "
 def _rope(x, positions, theta, scaling, rotary_fraction, seq_len, form):
   _checks.bhtd(x, "x")
   pos = _checks.positions_of_shape(positions, x.shape[:2], "positions")
-  r = _rotary_dim(x.shape[-1], rotary_fraction)
+  r = rotary_dim(x.shape[-1], rotary_fraction)
   r, theta_static, scaling = _validate_angles_args(r, theta, scaling, seq_len)
   seq_len = _check_seq_len(seq_len, x.shape[0], x.shape[1])
   if theta_static is None:  # traced theta: run unjitted (still correct, just not cached)
@@ -355,7 +360,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float = 10000.0,
   """RoPE (RoFormer eq. 34), rotate-half form: x [B, T, N, H], positions [B, T] -> [B, T, N, H].
 
   Pair (x[..., i], x[..., i + R/2]), i < R/2, is rotated by angle positions[b, t] * inv_freq_i, with
-  R = int(H * rotary_fraction) rotary dims and inv_freq_i = theta^(-2i/R) (then scaled by
+  R = rotary_dim(H, rotary_fraction) rotary dims and inv_freq_i = theta^(-2i/R) (then scaled by
   `scaling`, see RopeScaling); dims R .. H-1 pass through. seq_len: for "dynamic_ntk" only (see
   rope_angles). Computes in float32 and returns x.dtype. With scaling=None and rotary_fraction=1 this
   is plain RoPE.
@@ -378,7 +383,7 @@ def apply_rope_2d(x: jax.Array, positions: jax.Array, *, theta: float = 10000.0,
                   scaling: ScalingLike = None, rotary_fraction: float = 1.0) -> jax.Array:
   """Axial 2-D RoPE (Heo et al. 2024, "RoPE-Axial"): x [B, T, N, H], positions [B, T, 2] (row, col).
 
-  With R = int(H * rotary_fraction) rotary dims (R % 4 == 0): dims [0, R/2) get 1-D RoPE of head
+  With R = rotary_dim(H, rotary_fraction) rotary dims (R % 4 == 0): dims [0, R/2) get 1-D RoPE of head
   dim R/2 with the row positions[..., 0], dims [R/2, R) get 1-D RoPE of head dim R/2 with the column
   positions[..., 1] (each with inv_freq_i = theta^(-2i/(R/2)) and the same `scaling`; "dynamic_ntk"
   takes each axis's own max + 1 as its length), dims R .. H-1 pass through. So q.k depends only on
@@ -386,7 +391,7 @@ def apply_rope_2d(x: jax.Array, positions: jax.Array, *, theta: float = 10000.0,
   """
   _checks.bhtd(x, "x")
   pos = _checks.positions_of_shape(positions, (*x.shape[:2], 2), "positions")
-  r = _rotary_dim(x.shape[-1], rotary_fraction)
+  r = rotary_dim(x.shape[-1], rotary_fraction)
   if r % 4:
     raise ValueError(f"2-D RoPE needs the number of rotary dims divisible by 4, got {r}")
   _, theta_static, scaling = _validate_angles_args(r // 2, theta, scaling, None)

@@ -154,10 +154,11 @@ def validate(config, require) -> None:
           f"config.model.rotary_fraction={m.rotary_fraction} applies to position='rope', not "
           f"{m.position!r}")
   if m.position == "rope" and m.attention not in GAU_FAMILIES:
-    rotary_dims = int(head_dim * m.rotary_fraction)
-    require(rotary_dims >= 2 and rotary_dims % 2 == 0,
-            f"config.model.rotary_fraction={m.rotary_fraction} rotates int(head_dim {head_dim} * "
-            f"{m.rotary_fraction}) = {rotary_dims} dims; RoPE needs an even number >= 2")
+    from jaxlab.positions.rope import rotary_dim  # the layer's own count
+    try:
+      rotary_dim(head_dim, m.rotary_fraction)
+    except ValueError as e:
+      raise ConfigError(f"config.model.rotary_fraction={m.rotary_fraction}: {e}") from None
   require(m.rope_train_len >= 0, f"config.model.rope_train_len={m.rope_train_len} must be >= 0")
   require(m.max_len == 0 or m.max_len >= d.seq_len,
           f"config.model.max_len={m.max_len} is shorter than config.data.seq_len={d.seq_len}")

@@ -92,8 +92,12 @@ def test_partial_rotary_passes_through_the_tail():
 def test_rotary_fraction_that_rounds_below_a_whole_number_counts_as_it():
   """100 * 0.58 is 57.99999999999999 in floating point: 58 rotary dims, not an odd 57 (refused);
   100 * 0.57 = 56.99999999999999 stays int()'s 56, as in Hugging Face."""
-  from jaxlab.positions.rope import _rotary_dim
-  assert (_rotary_dim(100, 0.57), _rotary_dim(100, 0.58), _rotary_dim(80, 0.4)) == (56, 58, 32)
+  from jaxlab.configs import load_config
+  from jaxlab.positions.rope import rotary_dim
+  assert (rotary_dim(100, 0.57), rotary_dim(100, 0.58), rotary_dim(80, 0.4)) == (56, 58, 32)
+  # the LM config's check counts as the layer does (it used int() and refused 0.58 for head_dim 100)
+  load_config("lm_char", ["--config.model.width=400", "--config.model.num_heads=4",
+                          "--config.model.rotary_fraction=0.58"], check_devices=False)
   x = _x(12, shape=(1, 3, 1, 100))
   pos = np.array([[0, 5000, 20000]])  # the last pair turns slowly: far positions show it
   out = np.asarray(P.apply_rope(x, pos, rotary_fraction=0.58))
@@ -180,6 +184,9 @@ _Z3, _Z4 = np.zeros((2, 3, 1, 8), np.float32), np.zeros((2, 3), np.float32)
     (lambda: P.apply_rope(_Z3, _Z4, rotary_fraction=0.0), "rotary_fraction"),
     (lambda: P.apply_rope(_Z3, _Z4, rotary_fraction=1.5), "rotary_fraction"),
     (lambda: P.apply_rope(_Z3, _Z4, theta=-1.0), "theta"),
+    (lambda: P.rope_frequencies(8, theta=-10.0), "theta"),  # NaN before
+    (lambda: P.rope_frequencies(0), "head_dim"),  # an empty table before
+    (lambda: P.rope_frequencies(-4), "head_dim"),
     (lambda: P.apply_rope(np.zeros((2, 3, 1, 8), np.int32), _Z4), "x must have a floating"),
     (lambda: P.apply_rope(_Z3, _Z4, scaling={"kind": "magic", "factor": 2}), "scaling kind"),
     (lambda: P.apply_rope(_Z3, _Z4, scaling={"kind": "linear", "factor": 0.5}), "scaling factor"),
