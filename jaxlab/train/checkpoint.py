@@ -79,6 +79,14 @@ def _committed_steps(directory: pathlib.Path) -> list[int]:
     return []
 
 
+def _barriers(name: str) -> ocp.options.MultiprocessingOptions:
+  """A manager's own prefix for orbax's cross-process barrier names. Without one, the background
+  saves of WORKDIR/checkpoints and WORKDIR/best at the same step (a keep_best run evaluating where it
+  checkpoints) met at one barrier name: a multi-process run stopped with "Barrier
+  ThreadSaveMultiHostValueHolder:set_value_start is already ongoing" or hung there."""
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"jaxlab_{name}")
+
+
 class _BackgroundSaves:
   """orbax saves in the background; a failure surfaces at the next save, wait or close. Here it
   becomes one CheckpointSaveError line (after which close() is quiet)."""
@@ -141,7 +149,8 @@ class Checkpointer(_BackgroundSaves):
     self.directory = self.workdir / "checkpoints"
     self._manager = _listed_retrying(lambda: ocp.CheckpointManager(
         self.directory.absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                             multiprocessing_options=_barriers("checkpoints")),
         item_names=("state", "data")), retry=not create)
 
   def all_steps(self) -> list[int]:
@@ -443,7 +452,8 @@ class BestParams(_BackgroundSaves):
   def _open(self) -> None:
     self._manager = ocp.CheckpointManager(
         self.directory.absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                             multiprocessing_options=_barriers("best")),
         item_names=("params", "meta"))
 
   def discard(self, why: str) -> None:

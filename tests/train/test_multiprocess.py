@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -171,6 +172,31 @@ def test_two_processes_contrastive_global_batch(tfds_dir, tmp_path):
                              rtol=2e-5)
   np.testing.assert_allclose(_by_step(tmp_path / "multi", "val_loss")[3], single["val_loss"],
                              rtol=2e-5)
+
+
+def test_two_processes_density_run_with_best_params_and_test_nll(tmp_path, capsys):
+  """A keep_best run that evaluates where it checkpoints: the two background saves (checkpoints/,
+  best/) met at one orbax barrier name across processes, and the run stopped ("...set_value_start
+  is already ongoing") or hung, 3 times out of 3 at 40 steps. Also: the final test NLL (computed on
+  process 0 alone) covers the whole test split, as in one process (it covered process 0's rows)."""
+  from jaxlab import cli
+  flags = ["--config.model.hidden=(32,)", "--config.data.batch_size=32", "--config.mesh.data=2",
+           "--config.mesh.fsdp=2", "--config.train.steps=8", "--config.train.log_every=1",
+           "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+           "--config.train.tensorboard=False", "--config.optim.warmup_steps=1",
+           "--config.eval.batch_size=500", "--no-progress"]
+  assert cli.main(["train", "made", "--workdir", str(tmp_path / "single"), *flags]) == 0
+  single_out = capsys.readouterr().out
+  first, _ = _run_processes(["train", "made", "--workdir", str(tmp_path / "multi"), *flags],
+                            timeout=180)
+  reference = _by_step(tmp_path / "single", "train_loss")
+  multi = _by_step(tmp_path / "multi", "train_loss")
+  np.testing.assert_allclose([multi[s] for s in reference], [reference[s] for s in reference],
+                             rtol=2e-5)
+  nll = lambda out: float(re.search(r"test NLL ([0-9.]+) nats", out).group(1))
+  assert nll(first) == pytest.approx(nll(single_out), abs=2e-3)
+  assert sorted(p.name for p in (tmp_path / "multi" / "best").iterdir()) == \
+      sorted(p.name for p in (tmp_path / "single" / "best").iterdir())
 
 
 @pytest.mark.parametrize("args, message", [
