@@ -300,13 +300,13 @@ def _refuse_unusable(step: int, val_loss, what: str) -> None:
 
 def _check_best_flag(args, config, workdir: pathlib.Path) -> None:
   """--best on a run that kept no best parameters is a flag error (exit 2), before anything is built:
-  the task refuses train.keep_best, or the run had it off and WORKDIR/best is absent or empty (a run
-  with it off moves an earlier record aside; jaxlab before 2026-12-05 left an empty best/ there)."""
+  the task refuses train.keep_best, or the run had it off and WORKDIR/best holds nothing (a run with
+  it off moves an earlier record aside)."""
   if not getattr(args, "best", False) or config.train.keep_best:
     return
   _check_task_keeps_best(config)
-  best = workdir / "best"
-  if not (best.is_dir() and any(best.iterdir())):
+  from jaxlab.train.checkpoint import best_entries
+  if not best_entries(workdir):
     raise UsageError(f"--best: {workdir} kept no best parameters (it was trained with "
                      "config.train.keep_best=False); leave out --best for its newest checkpoint")
 

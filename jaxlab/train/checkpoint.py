@@ -392,6 +392,14 @@ _BEST_WRITTEN_BY = ("a run with config.train.keep_best=True writes one at each e
                     "lowers the validation loss")
 
 
+def best_entries(workdir: str | pathlib.Path) -> list[str]:
+  """The names in WORKDIR/best, sorted ([] when it is absent or empty): a best-params record, one
+  being written, or nothing (jaxlab before 2026-12-05 left an empty best/ after moving a record
+  aside)."""
+  directory = pathlib.Path(workdir) / "best"
+  return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+
 class BestParams(_BackgroundSaves):
   """The parameters with the lowest validation loss so far, under WORKDIR/best (one orbax checkpoint,
   written atomically like the others): model selection on validation data, as the density papers do.

@@ -363,10 +363,8 @@ def restore_best_params(run: Run, *, training: bool = False) -> BestRecord:
   run's sharding; FileNotFoundError if there is no readable record. training: the run that keeps the
   record (`jaxlab train`, after its last step) moves a damaged one aside; eval / sample leave it (a
   training run may be replacing it), and read again a record replaced while they read it."""
-  best_dir = run.workdir / "best"
-  entries = lambda: sorted(p.name for p in best_dir.iterdir()) if best_dir.is_dir() else []
   for attempt in range(checkpoint_lib.VANISHED_RETRIES + 1):
-    before = entries()
+    before = checkpoint_lib.best_entries(run.workdir)
     try:
       keeper = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(run.config),
                                          also_accept=(run.saved_fingerprint,), create=training)
@@ -376,7 +374,8 @@ def restore_best_params(run: Run, *, training: bool = False) -> BestRecord:
       finally:
         keeper.close()
     except FileNotFoundError:
-      if (training or attempt == checkpoint_lib.VANISHED_RETRIES or entries() == before
+      if (training or attempt == checkpoint_lib.VANISHED_RETRIES
+          or checkpoint_lib.best_entries(run.workdir) == before
           or jax.process_count() > 1):  # (opening a record is collective: no per-process retry)
         raise  # not a record replaced while it was read
   raise AssertionError("unreachable")
@@ -756,7 +755,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
       best.discard("was saved before any checkpoint of this workdir: by an earlier run, or by this "
                    "one before a stop (training starts again from step 0)")
     best.covers_from = _best_record_starts_late(run, best, start) or best.covers_from
-  elif (run.workdir / "best").is_dir() and any((run.workdir / "best").iterdir()):
+  elif checkpoint_lib.best_entries(run.workdir):
     # A record this run will not follow would be served by `--best` as if it were the run's best
     # (and taken up again were keep_best switched back on): it goes aside.
     stale = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(config),
