@@ -21,7 +21,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = model  # fvsbn | nade | made | pixelcnn | gated_pixelcnn
   c.model.hidden = (500,)  # NADE: (H,); MADE: one entry per hidden layer
-  c.model.num_masks = 1  # MADE: K fixed mask sets (one drawn per step, all K averaged at test)
+  c.model.num_masks = 1  # MADE: K fixed mask sets (one drawn per step, per microbatch with
+  # train.microbatches > 1; all K averaged at test)
   c.model.order_agnostic = True  # MADE: mask sets 1..K-1 use random orderings
   c.model.connectivity_agnostic = True  # MADE: random hidden degrees per mask set
   c.model.direct = False  # MADE: direct (masked) input->output connection

@@ -25,10 +25,8 @@ import warnings
 import zlib
 from typing import Iterator
 
-import jax
 import numpy as np
 
-from jaxlab.data import pipeline
 from jaxlab.data.local_info import REPO_ROOT, SHARED_DATA
 
 UCI_NAMES = ("dna", "mushrooms", "nips")
@@ -280,13 +278,12 @@ class TrainBatches:
   per epoch and, if `dynamic`, fresh Bernoulli draws per batch. Deterministic in (seed, epoch, batch),
   so `get_state`/`set_state` resume exactly (saved in checkpoints by the trainer)."""
 
-  def __init__(self, data: np.ndarray, *, batch_size: int, seed: int, dynamic: bool):
+  def __init__(self, data: np.ndarray, *, batch_size: int, seed: int, dynamic: bool,
+               rows: np.ndarray | None = None):
     if len(data) < batch_size:
       raise ValueError(f"batch_size={batch_size} exceeds the {len(data)} training examples")
-    if batch_size % jax.process_count():
-      raise ValueError(f"batch_size={batch_size} must be divisible by the {jax.process_count()} "
-                       "processes")
     self._data, self._batch, self._seed, self._dynamic = data, batch_size, seed, dynamic
+    self._rows = slice(None) if rows is None else np.asarray(rows)  # this process's rows
     self._epoch, self._index = 0, 0
     self._perm = self._permutation()
 
@@ -300,13 +297,12 @@ class TrainBatches:
     if (self._index + 1) * self._batch > len(self._data):
       self._epoch, self._index = self._epoch + 1, 0
       self._perm = self._permutation()
-    own = pipeline.process_slice(self._batch)  # this process's rows of the global batch
-    rows = self._perm[self._index * self._batch:(self._index + 1) * self._batch][own]
+    rows = self._perm[self._index * self._batch:(self._index + 1) * self._batch][self._rows]
     x = self._data[rows]
     if self._dynamic:  # the global batch's uniform draws, so the draws do not depend on the hosts
       uniform = np.random.default_rng([self._seed, self._epoch, self._index, 7]).random(
           (self._batch, self._data.shape[1]), np.float32)
-      x = uniform[own] < x
+      x = uniform[self._rows] < x
     self._index += 1
     x = x.astype(np.float32)
     return {"x": x, "weights": np.ones(len(x), np.float32)}
@@ -320,20 +316,16 @@ class TrainBatches:
 
 
 def eval_batches(data: np.ndarray, *, batch_size: int, max_batches: int = 0,
-                 this_process_only: bool = True) -> Iterator[dict]:
-  """A fixed split in order, in full batches: the last one padded with zero rows of weight 0. Each
-  process gets its own rows of every global batch, or with this_process_only=False all of them (a
-  computation on one host's copy of the parameters)."""
+                 rows: np.ndarray | None = None) -> Iterator[dict]:
+  """A fixed split in order, in full batches: the last one padded with zero rows of weight 0. Of
+  each global batch, the rows `rows` (a process's, `sharding.process_batch_rows`; None: all)."""
   count = -(-len(data) // batch_size)
   if max_batches:
     count = min(count, max_batches)
-  # this process's rows of each global batch
-  own = pipeline.process_slice(batch_size) if this_process_only else slice(0, batch_size)
-  rows = own.stop - own.start
+  rows = np.arange(batch_size) if rows is None else np.asarray(rows)
   for i in range(count):
-    start = i * batch_size + own.start
-    x = data[start:min(start + rows, len(data))].astype(np.float32)
-    weights = np.ones(rows, np.float32)
-    weights[len(x):] = 0.0
-    x = np.concatenate([x, np.zeros((rows - len(x), data.shape[1]), np.float32)])
-    yield {"x": x, "weights": weights}
+    index = i * batch_size + rows
+    present = index < len(data)
+    x = np.zeros((len(rows), data.shape[1]), np.float32)
+    x[present] = data[index[present]]
+    yield {"x": x, "weights": present.astype(np.float32)}

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Iterator
 
 import grain
-import jax
 import numpy as np
 
 
@@ -67,55 +66,46 @@ def check_stream_version(saved_version: int, seed: int, workdir) -> None:
                    "changed (finish it with the jaxlab that started it, or use a new --workdir)")
 
 
-def process_slice(batch_size: int) -> slice:
-  """This process's rows of a global batch of `batch_size` rows (all of them in a 1-process run):
-  the block that `sharding.place_batch` expects from it."""
-  per_process = batch_size // jax.process_count()
-  start = jax.process_index() * per_process
-  return slice(start, start + per_process)
-
-
-def process_rows(batch: dict, batch_size: int) -> dict:
-  """This process's rows (`process_slice`) of every array of a global batch."""
-  own = process_slice(batch_size)
-  return {k: v[own] for k, v in batch.items()}
-
-
-def own_rows_batch_fn(batch_fn, batch_size: int):
-  """A grain `batch_fn` that stacks only this process's elements of each global batch of
-  `batch_size` elements: every process draws the same global batch (the order does not depend on the
-  number of hosts) but copies only its own rows."""
-  own = process_slice(batch_size)
-  return lambda elements: batch_fn(list(elements)[own])
+def rows_batch_fn(batch_fn, rows: np.ndarray | None):
+  """A grain `batch_fn` that stacks only the elements `rows` (indices into each global batch; None:
+  all of them) of each global batch: every process draws the same global batch (the order does not
+  depend on the number of hosts) but copies only its own rows (`sharding.process_batch_rows`)."""
+  if rows is None:
+    return batch_fn
+  def own_rows(elements):
+    elements = list(elements)
+    return batch_fn([elements[i] for i in rows])
+  return own_rows
 
 
 def train_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
+                  rows: np.ndarray | None = None,
                   read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
-  """Infinite iterator of {"inputs", "targets"}: int32 [batch_size / processes, seq_len].
+  """Infinite iterator of {"inputs", "targets"}: int32 [len(rows) or batch_size, seq_len], the rows
+  `rows` (None: all) of each global batch of `batch_size` windows.
 
   `read_options` None reads each batch in the calling thread when it is asked for: grain's default
   (16 threads, 500 batches ahead) costs more CPU than these windows do and competes with the train
   step for the cores, and the train loop already reads the next batch while a step computes
   (experiments/results/lm_char_cpu_input_overlap.md).
   """
-  if batch_size % jax.process_count():
-    raise ValueError(f"batch_size {batch_size} must be divisible by the {jax.process_count()} processes")
   dataset = (grain.MapDataset.source(WindowSource(tokens, seq_len))
              .shuffle(seed=epoch_shuffle_seed(seed))
              .repeat()
              .batch(batch_size, drop_remainder=True,
-                    batch_fn=own_rows_batch_fn(_to_example, batch_size)))
+                    batch_fn=rows_batch_fn(_to_example, rows)))
   if read_options is None:
     read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   return iter(dataset.to_iter_dataset(read_options))
 
 
 def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batches: int,
-                 seed: int) -> Iterator[dict]:
-  """The fixed evaluation set: `num_batches` batches of seeded random windows (fewer if the split is short)."""
+                 seed: int, rows: np.ndarray | None = None) -> Iterator[dict]:
+  """The fixed evaluation set: `num_batches` batches of seeded random windows (fewer if the split is
+  short); of each, the rows `rows` (None: all)."""
   source = WindowSource(tokens, seq_len)
   dataset = (grain.MapDataset.source(source).shuffle(seed=seed)
              .batch(batch_size, drop_remainder=True,
-                    batch_fn=own_rows_batch_fn(_to_example, batch_size)))
+                    batch_fn=rows_batch_fn(_to_example, rows)))
   for i in range(min(num_batches, len(dataset))):
     yield dataset[i]

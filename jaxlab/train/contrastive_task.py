@@ -23,6 +23,7 @@ from jaxlab.losses import contrastive
 from jaxlab.models.clip import IMAGE_ENCODERS, DualEncoder, DualEncoderConfig
 from jaxlab.models.swin import check_swin_geometry
 from jaxlab.models.vit import VIT_POSITIONS
+from jaxlab.train import sharding
 
 BATCH_AXES = ("data", "fsdp")
 CHOICES = {
@@ -214,7 +215,7 @@ class ContrastiveTask:
     dataset = (grain.MapDataset.source(source).shuffle(seed=pipeline.epoch_shuffle_seed(
         self.config.seed)).repeat()
                .batch(self.batch_size, drop_remainder=True,
-                      batch_fn=pipeline.own_rows_batch_fn(_stack, self.batch_size)))
+                      batch_fn=pipeline.rows_batch_fn(_stack, self._process_rows())))
     return iter(dataset.to_iter_dataset())
 
   def eval_iterator(self):
@@ -223,7 +224,7 @@ class ContrastiveTask:
     source = _PairSource(self.test_pairs.images_NHWC, self.tokens(self.test_pairs.captions))
     dataset = (grain.MapDataset.source(source).shuffle(seed=self.config.train.eval_seed)
                .batch(self.batch_size, drop_remainder=True,
-                      batch_fn=pipeline.own_rows_batch_fn(_stack, self.batch_size)))
+                      batch_fn=pipeline.rows_batch_fn(_stack, self._process_rows())))
     for i in range(min(self.config.train.eval_batches, len(dataset))):
       yield dataset[i]
 
@@ -234,12 +235,13 @@ class ContrastiveTask:
     tokens = jnp.zeros((1, self.config.data.text_len), jnp.int32)
     return self.model.init({"params": rng}, images, tokens)["params"]
 
+  def _process_rows(self):
+    return sharding.config_process_rows(self.config.mesh, self.batch_size)
+
   def mesh(self):
     """The trainer's mesh (same config, same devices), for the shard_map of the sharded losses."""
     if self._mesh is None:
-      from jaxlab.train import sharding
-      m = self.config.mesh
-      self._mesh = sharding.make_mesh((m.data, m.fsdp, m.tensor))
+      self._mesh = sharding.config_mesh(self.config.mesh)
     return self._mesh
 
   def upper_bounds(self) -> dict:
@@ -376,7 +378,9 @@ def zero_shot_accuracy(image_NE: np.ndarray, prompt_CTE: np.ndarray, labels_N: n
 
 def recall_at_k(query_QE: np.ndarray, candidate_CE: np.ndarray, query_groups_Q: np.ndarray,
                 candidate_groups_C: np.ndarray, k: int) -> float:
-  """Fraction of queries with a candidate of the same group among their k most similar candidates."""
+  """Fraction of queries with a candidate of the same group among their k most similar candidates.
+  Ties count against the query: its best same-group candidate is ranked behind every other-group
+  candidate that scores as high (so two identical embeddings never make a hit by their order)."""
   query_QE, candidate_CE = np.asarray(query_QE), np.asarray(candidate_CE)
   query_groups_Q, candidate_groups_C = np.asarray(query_groups_Q), np.asarray(candidate_groups_C)
   for name, x in (("query_QE", query_QE), ("candidate_CE", candidate_CE)):
@@ -392,7 +396,7 @@ def recall_at_k(query_QE: np.ndarray, candidate_CE: np.ndarray, query_groups_Q: 
   if not 1 <= k:
     raise ValueError(f"k must be >= 1, got {k}")
   scores_QC = query_QE @ candidate_CE.T
-  k = min(k, scores_QC.shape[1])
-  top_QK = np.argsort(-scores_QC, axis=1, kind="stable")[:, :k]
-  hits = candidate_groups_C[top_QK] == query_groups_Q[:, None]
-  return float(np.mean(np.any(hits, axis=1)))
+  same_QC = candidate_groups_C[None, :] == query_groups_Q[:, None]
+  best_Q = np.max(np.where(same_QC, scores_QC, -np.inf), axis=1)  # -inf: no candidate of its group
+  ahead_Q = np.sum(~same_QC & (scores_QC >= best_Q[:, None]), axis=1)
+  return float(np.mean(np.isfinite(best_Q) & (ahead_Q < k)))

@@ -16,6 +16,7 @@ import numpy as np
 from jaxlab.configs import MAX_LAYERS, MAX_SAMPLE
 from jaxlab.data import binary_images
 from jaxlab.losses.likelihood import check_binary_values
+from jaxlab.train import sharding
 
 MODELS = ("fvsbn", "nade", "made", "pixelcnn", "gated_pixelcnn")
 DTYPES = ("float32", "bfloat16", "float16")  # config.model.dtype: the models' compute dtype
@@ -195,11 +196,15 @@ class DensityTask:
 
   def train_iterator(self):
     return binary_images.TrainBatches(self.data.train, batch_size=self.batch_size,
-                                      seed=self.config.seed, dynamic=self.data.dynamic)
+                                      seed=self.config.seed, dynamic=self.data.dynamic,
+                                      rows=sharding.config_process_rows(self.config.mesh,
+                                                                        self.batch_size))
 
   def eval_iterator(self):
     return binary_images.eval_batches(self.data.valid, batch_size=self.batch_size,
-                                      max_batches=self.config.train.eval_batches)
+                                      max_batches=self.config.train.eval_batches,
+                                      rows=sharding.config_process_rows(self.config.mesh,
+                                                                        self.batch_size))
 
   def init_params(self, rng: jax.Array):
     return self.model.init({"params": rng}, jnp.zeros((1, self.data.dim)))["params"]
@@ -210,7 +215,10 @@ class DensityTask:
     return self.model.apply({"params": params}, x_BD, *args, method=self.model.log_prob)
 
   def loss(self, params, batch: dict, rng: jax.Array, *, train: bool):
-    """Mean NLL (nats per example); aux (summed NLL, number of examples)."""
+    """Mean NLL (nats per example); aux (summed NLL, number of examples). MADE trains on one of its
+    K mask sets drawn from `rng`: one per step, or one per microbatch (the trainer folds the
+    microbatch index into the key), so with train.microbatches > 1 a step averages the gradients of
+    several mask sets: the same in expectation, not the same step."""
     mask_index = None
     if self.config.model.name == "made" and train:
       mask_index = jax.random.randint(rng, (), 0, self.config.model.num_masks)
@@ -227,7 +235,7 @@ class DensityTask:
     total, n = 0.0, 0
     # A batch larger than the split is cut to it (more rows would be zero-weight padding only).
     batch_size = min(self.config.eval.batch_size, len(split))
-    for batch in binary_images.eval_batches(split, batch_size=batch_size, this_process_only=False):
+    for batch in binary_images.eval_batches(split, batch_size=batch_size):
       nll = np.asarray(fn(params, batch["x"]), np.float64)
       total += float(np.sum(nll * batch["weights"]))
       n += int(batch["weights"].sum())

@@ -1,8 +1,8 @@
 """Multi-process (multi-host) runs through `jax.distributed`.
 
 Every process runs the same `jaxlab train|eval|sample` command; together they see all processes' devices
-as one mesh. Each process reads only its rows of every global batch (the data pipelines slice by
-`jax.process_index()`) and `sharding.place_batch` assembles the global arrays. Files a run writes once
+as one mesh. Each process reads only its rows of every global batch (those its devices hold,
+`sharding.process_batch_rows`) and `sharding.place_batch` assembles the global arrays. Files a run writes once
 (config.json, metrics, TensorBoard, printed lines) are written by process 0; orbax checkpoints are
 written by all processes together into the shared WORKDIR.
 

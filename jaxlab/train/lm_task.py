@@ -13,6 +13,7 @@ import optax
 
 from jaxlab.configs import MAX_LAYERS, MAX_SAMPLE, ConfigError
 from jaxlab.data import pipeline, text
+from jaxlab.train import sharding
 from jaxlab.models.gpt import GAU_FAMILIES, gpt_from_config
 
 
@@ -460,13 +461,17 @@ class LMTask:
 
   def train_iterator(self):
     return pipeline.train_batches(self.corpus.train, seq_len=self.seq_len,
-                                  batch_size=self.batch_size, seed=self.config.seed)
+                                  batch_size=self.batch_size, seed=self.config.seed,
+                                  rows=sharding.config_process_rows(self.config.mesh,
+                                                                    self.batch_size))
 
   def eval_iterator(self):
     return pipeline.eval_batches(self.corpus.validation, seq_len=self.seq_len,
                                  batch_size=self.batch_size,
                                  num_batches=self.config.train.eval_batches,
-                                 seed=self.config.train.eval_seed)
+                                 seed=self.config.train.eval_seed,
+                                 rows=sharding.config_process_rows(self.config.mesh,
+                                                                   self.batch_size))
 
   def init_params(self, rng: jax.Array):
     """Boxed (logically partitioned) parameters."""

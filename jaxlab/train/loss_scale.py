@@ -92,8 +92,8 @@ def check_progress(step: int, loss_scale: float, skipped: bool, streak: int = 0)
   streak = streak + 1 if skipped and loss_scale <= 1.0 else 0
   if streak >= OVERFLOWS_AT_SCALE_ONE:
     raise FloatingPointError(
-        f"step {step}: the float16 gradients overflowed even at loss scale 1 in {streak} steps in "
-        "a row, which were all skipped; train in bfloat16 or float32 (config.model.dtype), or lower "
-        "config.optim.lr")
+        f"step {step}: the float16 gradients (or the loss) overflowed even at loss scale 1 in "
+        f"{streak} steps in a row, which were all skipped; train in bfloat16 or float32 "
+        "(config.model.dtype), or lower config.optim.lr")
   return streak
 

@@ -63,6 +63,11 @@ def make_mesh(sizes: Sequence[int], devices=None) -> Mesh:
                        devices=devices[:math.prod(shape)])
 
 
+def config_mesh(mesh_config) -> Mesh:
+  """The run's mesh from `config.mesh` (its data, fsdp and tensor sizes)."""
+  return make_mesh((mesh_config.data, mesh_config.fsdp, mesh_config.tensor))
+
+
 def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
   """NamedShardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes. Refuses
   (ValueError) a logical name the rules do not know and an array with two names on one mesh axis:
@@ -173,8 +178,40 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def place_batch(batch: dict, mesh: Mesh) -> dict:
-  """Each process's rows of the global batch -> global jax.Arrays sharded over the batch axes."""
+def _process_of(device) -> int:
+  """The process that owns `device` (tests simulate other assignments by replacing this)."""
+  return device.process_index
+
+
+def process_batch_rows(mesh: Mesh, batch_size: int, process: int | None = None) -> np.ndarray | None:
+  """The rows of a global batch of `batch_size` rows that `process` (default: this one) supplies to
+  `place_batch`: those its devices hold under `batch_sharding(mesh)`, ascending (the order in which
+  jax.make_array_from_process_local_data reads a process's rows). None in a 1-process run: all rows.
+
+  A contiguous block per process where the mesh orders devices by process (jax.make_mesh on CPU and
+  GPU); on a TPU pod jax.make_mesh orders them by the chips' topology, which may interleave the
+  processes along the batch axes, and the rows follow it: the global batch is the 1-process one.
+  """
+  if jax.process_count() == 1:
+    return None
+  process = jax.process_index() if process is None else process
+  held = batch_sharding(mesh).devices_indices_map((batch_size,))
+  rows = {row for device, (index,) in held.items() if _process_of(device) == process
+          for row in range(*index.indices(batch_size))}
+  return np.array(sorted(rows), np.int64)
+
+
+def config_process_rows(mesh_config, batch_size: int) -> np.ndarray | None:
+  """`process_batch_rows` on the mesh that `config.mesh` builds (None in a 1-process run)."""
+  if jax.process_count() == 1:
+    return None
+  return process_batch_rows(config_mesh(mesh_config), batch_size)
+
+
+def place_batch(batch: dict, mesh: Mesh, batch_size: int) -> dict:
+  """Each process's rows (`process_batch_rows`) of a global batch of `batch_size` rows -> global
+  jax.Arrays sharded over the batch axes (a process that supplies other rows is refused by jax)."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v),
+                                                    (batch_size,) + np.shape(v)[1:])
           for k, v in batch.items()}

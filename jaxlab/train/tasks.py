@@ -3,7 +3,8 @@
 A task module defines
   build(config) -> task object with init_params(rng), loss(params, batch, rng, *, train) -> (mean,
       (total, count)) (with config.train.microbatches > 1 the trainer accumulates total and count),
-      train_iterator(), eval_iterator() and tokens_per_batch (see train/trainer.py);
+      train_iterator(), eval_iterator() (each process's rows, `sharding.config_process_rows`, of
+      global batches of config.data.batch_size rows) and tokens_per_batch (see train/trainer.py);
   validate(config, require) -> None: the task's own config checks (no devices needed);
       `require(condition, message)` raises ConfigError with the one-line message;
   tensor_units(config) -> int | None: how many units the mesh's tensor axis must divide (LM: kv heads),

@@ -109,7 +109,7 @@ def setup(config, workdir: str | pathlib.Path, *, task=None, check_data: bool = 
   workdir = pathlib.Path(workdir)
   if not same_run_checked:
     _same_run_everywhere(config, workdir)
-  mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+  mesh = sharding.config_mesh(config.mesh)
   if task is None:
     task = _build_task(config)
   if data_digest is _UNSET:
@@ -387,7 +387,7 @@ def evaluate(run: Run, params, eval_step=None) -> float:
   total, count = 0.0, 0.0
   with run.mesh, run.rules():
     for batch in run.task.eval_iterator():
-      t, c = eval_step(params, sharding.place_batch(batch, run.mesh))
+      t, c = eval_step(params, sharding.place_batch(batch, run.mesh, run.config.data.batch_size))
       total, count = total + float(t), count + float(c)
   if count == 0:
     raise ValueError("the evaluation split gave no batches")
@@ -807,7 +807,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
       saved_at = start  # the step of the newest checkpoint (start: the one resumed, if any)
       for step in range(start, cfg.steps):
         if batch is None:  # after a checkpoint (nothing read ahead): not part of the step's time
-          batch = sharding.place_batch(next(data_iter), run.mesh)
+          batch = sharding.place_batch(next(data_iter), run.mesh, run.config.data.batch_size)
         t0 = time.perf_counter()
         state, metrics = train_step(state, batch)  # dispatched; runs while the next lines do
         batch = None
@@ -816,21 +816,24 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         if not save_now:
           # The next batch is read while this step computes. Not before a checkpoint: the saved
           # iterator state must be the one after exactly `done` batches.
-          batch = sharding.place_batch(next(data_iter), run.mesh)
+          batch = sharding.place_batch(next(data_iter), run.mesh, run.config.data.batch_size)
         loss = float(metrics["loss"])  # blocks: the step time below is real work, not dispatch
         if step > start:  # the first step of a process includes compilation
           step_times.append(time.perf_counter() - t0)
-        losses.append(loss)
         # Without loss scaling a non-finite gradient is applied (loss scaling skips that step), so
-        # it stops the run here, before the state it made can be checkpointed.
+        # it stops the run here, before the state it made can be checkpointed. With loss scaling a
+        # skipped step may have a non-finite loss too (a float16 forward pass that overflowed): it
+        # is left out of the logged train_loss, and only a streak of skips stops the run.
+        step_skipped = "skipped" in metrics and bool(metrics["skipped"])
+        if np.isfinite(loss) or not step_skipped:
+          losses.append(loss)
         grad_norm = float(metrics["grad_norm"]) if "skipped" not in metrics else 0.0
-        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+        if not step_skipped and not (np.isfinite(loss) and np.isfinite(grad_norm)):
           what = f"loss is {loss}" if not np.isfinite(loss) else f"gradient norm is {grad_norm}"
           kept = (blamed(step) if saved_at == step and step else
                   f"last good checkpoint kept in {run.checkpointer.directory}")
           raise FloatingPointError(f"{what} at step {step + 1}; stopping ({kept})")
         if "skipped" in metrics:
-          step_skipped = bool(metrics["skipped"])
           skipped += step_skipped
           overflow_streak = loss_scale.check_progress(done, float(metrics["loss_scale"]),
                                                       step_skipped, overflow_streak)
@@ -838,7 +841,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         if done % cfg.log_every == 0 or done == cfg.steps:
           # The schedule counts applied updates: loss scaling's skipped steps do not advance it.
           applied = step - _skipped_steps(state)
-          record = {"train_loss": float(np.mean(losses)), "grad_norm": float(metrics["grad_norm"]),
+          record = {"train_loss": float(np.mean(losses)) if losses else float("nan"),  # all skipped
+                    "grad_norm": float(metrics["grad_norm"]),
                     "learning_rate": float(
                         optim.learning_rate_schedule(config.optim, cfg.steps)(applied))}
           if step_times:

@@ -39,7 +39,7 @@ def test_sharded_task_loss_equals_dense(tfds_dir, loss, tower):
                                   is_leaf=lambda x: hasattr(x, "value"))
   batch = next(task.train_iterator())
   mesh = task.mesh()
-  placed = sharding.place_batch(batch, mesh)
+  placed = sharding.place_batch(batch, mesh, task.batch_size)
   assert placed["images"].sharding.spec == P(("data", "fsdp"))
   value_grad = lambda t: jax.jit(jax.value_and_grad(
       lambda p, b: t.loss(p, b, jax.random.PRNGKey(0), train=True)[0]))
@@ -112,7 +112,10 @@ def test_zero_shot_accuracy_and_recall_by_hand():
   text_CE, groups_txt = np.array([e[0], e[1], e[2] - 0.1 * e[0]]), np.array([10, 11, 12])
   assert ct.recall_at_k(image_NE, text_CE, groups_img, groups_txt, 1) == 0.75
   assert ct.recall_at_k(image_NE, text_CE, groups_img, groups_txt, 2) == 1.0  # image 3: 10, then 11
-  assert ct.recall_at_k(text_CE, image_NE, groups_txt, groups_img, 1) == 1.0
+  # Caption 10 (axis 0) ties image 0 (group 10) with image 3 (group 11): a miss at k = 1 (a hit when
+  # ties went to the lower index).
+  assert ct.recall_at_k(text_CE, image_NE, groups_txt, groups_img, 1) == pytest.approx(2 / 3)
+  assert ct.recall_at_k(text_CE, image_NE, groups_txt, groups_img, 2) == 1.0
   captions, groups, rows = ct.unique_captions(["a", "b", "a", "c"], [1, 2, 1, 3])
   assert captions == ["a", "b", "c"] and groups.tolist() == [1, 2, 3] and rows.tolist() == [1, 2, 1, 3]
   # Two emoji of one name (groups 5 and 7 share "x"; 7 and 9 share "y"): one group for recall, so an
@@ -123,6 +126,12 @@ def test_zero_shot_accuracy_and_recall_by_hand():
   image_NE = np.array([e[0], e[1], e[2]])  # images of groups 9, 5 and 4, on the caption axes
   text_CE = np.array([e[0], e[1], e[2]])  # "x", "y", "z"
   assert ct.recall_at_k(image_NE, text_CE, np.array([5, 5, 4]), groups, 1) == 1.0
+  # A tie with another group's candidate is a miss at k = 1, whichever comes first (it was a hit
+  # when the query's own candidate had the lower index); a query whose group has no candidate misses.
+  for order in ([0, 1], [1, 0]):
+    assert ct.recall_at_k(e[:1], np.array([e[0], e[0]]), [3], np.array([3, 8])[order], 1) == 0.0
+    assert ct.recall_at_k(e[:1], np.array([e[0], e[0]]), [3], np.array([3, 8])[order], 2) == 1.0
+  assert ct.recall_at_k(e[:1], e, [6], [0, 1, 2], 3) == 0.0
 
 
 @pytest.mark.parametrize("override,key", [

@@ -64,7 +64,8 @@ def test_an_overflowing_step_is_skipped_then_the_scale_grows_again(tiny_lm_confi
   run = trainer.setup(config, tmp_path)
   run.checkpointer.close()
   step = trainer.make_train_step(run)
-  batch = sharding.place_batch(next(run.task.train_iterator()), run.mesh)
+  batch = sharding.place_batch(next(run.task.train_iterator()), run.mesh,
+                               run.config.data.batch_size)
   state = trainer.init_state(run)
   before = jax.device_get({"params": state["params"], "opt_state": state["opt_state"]})
   with run.mesh, run.rules():
@@ -123,8 +124,8 @@ def test_a_run_that_overflows_at_scale_one_stops_with_one_line():
   for step in range(loss_scale.OVERFLOWS_AT_SCALE_ONE - 1):
     streak = loss_scale.check_progress(step, 1.0, skipped=True, streak=streak)
   assert loss_scale.check_progress(9, 1.0, skipped=False, streak=streak) == 0
-  with pytest.raises(FloatingPointError, match="step 12: the float16 gradients overflowed even at "
-                                               "loss scale 1 in 10 steps in a row"):
+  with pytest.raises(FloatingPointError, match=r"step 12: the float16 gradients \(or the loss\) "
+                                               "overflowed even at loss scale 1 in 10 steps in a row"):
     loss_scale.check_progress(12, 1.0, skipped=True, streak=streak)
 
 
@@ -183,3 +184,42 @@ def test_unscaled_non_finite_gradients_stop_the_run_before_they_are_checkpointed
   with pytest.raises(FloatingPointError, match="gradient norm is nan at step 1; stopping"):
     trainer.train(config, tmp_path, task=task, progress=False)
   assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+class _ForwardOverflows:
+  """The LM loss times inf on about half of the steps (drawn from the step's key): a float16
+  forward pass that overflows now and then, non-finite loss and gradients alike."""
+
+  def __init__(self, task):
+    self.task = task
+
+  def __getattr__(self, name):
+    return getattr(self.task, name)
+
+  def loss(self, params, batch, rng, *, train):
+    loss, aux = self.task.loss(params, batch, rng, train=train)
+    overflows = jax.random.bernoulli(jax.random.fold_in(rng, 99), 0.5)
+    return loss * jnp.where(overflows, jnp.inf, 1.0), aux
+
+
+def test_a_skipped_step_whose_float16_loss_overflowed_does_not_stop_the_run(tiny_lm_config,
+                                                                            tmp_path):
+  """With loss scaling such a step is skipped like a gradient overflow (it stopped the run with
+  FloatingPointError before): the run goes on, the logged train_loss averages the finite steps only."""
+  from jaxlab.train import metrics as metrics_lib
+  from jaxlab.train import tasks
+  config = tiny_lm_config("--config.model.dtype=float16", "--config.train.steps=8",
+                          "--config.train.log_every=8", "--config.train.eval_every=8",
+                          "--config.train.checkpoint_every=8", "--config.sample.num_tokens=0")
+  result = trainer.train(config, tmp_path, task=_ForwardOverflows(tasks.build_task(config)),
+                         progress=False)
+  skipped = int(result["state"]["loss_scale"]["skipped"])
+  assert 0 < skipped < 8
+  [record] = [r for r in metrics_lib.read_metrics(tmp_path) if "train_loss" in r]
+  assert record["skipped_steps"] == skipped and np.isfinite(record["train_loss"])
+  assert np.all(np.isfinite(_flat(jax.device_get(result["state"]["params"]))))
+  # Without loss scaling the same run stops at its first overflow.
+  with pytest.raises(FloatingPointError, match="loss is inf at step"):
+    trainer.train(tiny_lm_config("--config.optim.loss_scale=none", "--config.train.steps=8"),
+                  tmp_path / "unscaled", task=_ForwardOverflows(tasks.build_task(config)),
+                  progress=False)
