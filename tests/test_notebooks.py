@@ -5,7 +5,6 @@ being true fails here."""
 
 import ast
 import json
-import os
 import pathlib
 
 import pytest

@@ -6,7 +6,6 @@ change, raise the builder's VERSION, say what changed in RELEASE_NOTES, and pin 
 
 import hashlib
 import json
-import pathlib
 
 import numpy as np
 import pytest

@@ -6,7 +6,6 @@ stand-in `torch` module that records the seed it is given. The scoring program (
 validation window) is replaced by one that reads what the stand-in train.py saved.
 """
 
-import pathlib
 import sys
 import textwrap
 

@@ -175,7 +175,6 @@ def test_medusa1_heads_leave_the_next_token_model_exactly_as_without_them(tiny_l
 
 
 def test_cli_speculative_on_a_task_without_it_is_one_line(tmp_path, capsys):
-  import json
   workdir = tmp_path / "made"
   (workdir / "checkpoints").mkdir(parents=True)
   config = load_config("made", ["--config.mesh.data=1"], check_devices=False)
