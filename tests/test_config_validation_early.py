@@ -113,3 +113,16 @@ def test_a_mesh_larger_than_the_cpu_devices_names_cpu_devices():
                                         r"but only 8 are available \(CPU devices: .*set "
                                         r"config\.mesh\.cpu_devices to the count the mesh needs\)"):
     load_config("lm_char", ["--config.mesh.data=16", "--config.data.batch_size=16"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.mesh.tensor=0", "config.mesh.tensor=0 must be >= 1, or -1 (the rest)"),
+    ("--config.mesh.fsdp=-2", "config.mesh.fsdp=-2 must be >= 1, or -1 (the rest)"),
+    ("--config.mesh.fsdp=-1", "config.mesh: at most one of data, fsdp, tensor may be -1"),
+])
+def test_a_bad_mesh_size_names_its_key(override, message):
+  """It named the section only ("config.mesh: mesh sizes must be positive or -1, got [-1, 1, 0]"),
+  with a hint about CPU devices that did not apply."""
+  with pytest.raises(ConfigError) as e:
+    load_config("lm_char", [override])
+  assert str(e.value).startswith(message) and "cpu_devices" not in str(e.value)

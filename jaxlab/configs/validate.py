@@ -152,6 +152,10 @@ def _validate(config, check_devices: bool) -> None:
   # With every mesh size fixed the batch split is known without the devices: say so here rather than
   # let the CPU device chooser pick fewer devices and validate_mesh blame the mesh.
   sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  for key, size in zip(("data", "fsdp", "tensor"), sizes):
+    require(size == -1 or size >= 1, f"config.mesh.{key}={size} must be >= 1, or -1 (the rest)")
+  require(list(sizes).count(-1) <= 1, f"config.mesh: at most one of data, fsdp, tensor may be -1 "
+                                      f"(the rest), got {list(sizes)}")
   if isinstance(config.mesh.tensor, int) and config.mesh.tensor > 1:  # fixed: no devices needed
     _require_tensor_units(config, config.mesh.tensor)
   if all(isinstance(s, int) and s >= 1 for s in sizes):

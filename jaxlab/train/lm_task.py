@@ -5,16 +5,17 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlab.configs import MAX_LAYERS, MAX_SAMPLE, ConfigError
+from jaxlab.configs import MAX_LAYERS, MAX_SAMPLE, ConfigError, absolute_data_path
 from jaxlab.data import pipeline, text
-from jaxlab.train import sharding
 from jaxlab.models.gpt import GAU_FAMILIES, gpt_from_config
+from jaxlab.train import sharding
 
 
 def next_token_loss(logits_BTV: jax.Array, targets_BT: jax.Array,
@@ -61,6 +62,10 @@ CHOICES = {
 # float16 runs keep well inside that.
 XPOS_FLOAT16_MAX_LEN = 2048
 XPOS_MAX_LEN = 65536  # float32 / bfloat16: |n - max_len // 2| <= 32k (overflow at ~36k)
+# The block-sparse options that one layout alone reads (see attention.local.causal_block_layout).
+SPARSE_LAYOUT_OPTIONS = {"strided": ("sparse_stride",),
+                         "bigbird": ("sparse_num_global", "sparse_num_random", "sparse_seed")}
+MAX_FEATURES = 65536  # Performer's random features: the paper uses a few hundred
 POSITIVE_INTS = ("data.seq_len", "model.num_layers", "model.width", "model.num_heads",
                  "model.num_features", "model.gau_qk_dim", "model.flash_chunk",
                  "model.sparse_block_size", "model.sparse_local_blocks", "model.sparse_stride")
@@ -132,6 +137,13 @@ def validate(config, require) -> None:
             f"config.model.attention_impl='cudnn' takes no logit_soft_cap ({m.logit_soft_cap}) and "
             f"not config.model.attention={m.attention!r} (its cached decoding masks the cache by "
             "segments); use 'auto'")
+  require(m.num_features <= MAX_FEATURES,
+          f"config.model.num_features={m.num_features} must be <= {MAX_FEATURES} (Performer's "
+          "random features; Choromanski et al. 2021 use a few hundred)")
+  context = max(m.max_len, d.seq_len)
+  require(m.attention != "block_sparse" or m.sparse_block_size <= context,
+          f"config.model.sparse_block_size={m.sparse_block_size} must be <= the context "
+          f"(config.model.max_len or data.seq_len = {context}): one larger block is dense attention")
   if m.attention == "local":
     require(m.attention_window >= 1,
             f"config.model.attention_window={m.attention_window} must be >= 1")
@@ -288,6 +300,20 @@ def validate_new_run(config, require) -> None:
           or m.rope_train_len == defaults.rope_train_len,
           f"config.model.rope_train_len={m.rope_train_len!r} applies to config.model.rope_scaling "
           "or config.model.logn_scaling, and neither is set (it would be ignored)")
+  if m.attention == "block_sparse":
+    for layout, keys in SPARSE_LAYOUT_OPTIONS.items():
+      for key in keys:
+        if m.sparse_layout != layout:
+          require_unread_at_default(config, f"model.{key}", defaults[key],
+                                    f"config.model.sparse_layout={layout!r}", m.sparse_layout)
+  s, sample_defaults = config.sample, lm_defaults().sample
+  for key in ("typical_epsilon", "typical_delta"):
+    if s.acceptance != "typical":
+      require_unread_at_default(config, f"sample.{key}", sample_defaults[key],
+                                "config.sample.acceptance='typical'", s.acceptance)
+  for path in (absolute_data_path(config.data.path, "lm") or "").split(","):
+    require(not path or "://" in path or os.path.exists(path),
+            f"config.data.path={config.data.path!r}: {path} does not exist")
 
 
 def validate_devices(config, require) -> None:

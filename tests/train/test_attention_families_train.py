@@ -38,6 +38,14 @@ def test_lm_trains_and_samples_with_each_family(family, tiny_lm_config, tmp_path
     ("--config.model.sparse_stride=0", "config.model.sparse_stride"),
     ("--config.model.sparse_num_random=-1", "config.model.sparse_num_random"),
     ("--config.model.position=alibi", "config.model.attention='block_sparse'"),
+    # A block larger than the context: an array of block^2 entries killed the process in XLA.
+    ("--config.model.sparse_block_size=1000000000", "config.model.sparse_block_size=1000000000 "
+                                                    "must be <= the context"),
+    # Options of another layout (here 'window') would be ignored.
+    ("--config.model.sparse_stride=3", "config.model.sparse_stride=3 applies to "
+                                       "config.model.sparse_layout='strided', not 'window'"),
+    ("--config.model.sparse_num_global=9", "config.model.sparse_num_global=9 applies to "
+                                           "config.model.sparse_layout='bigbird'"),
 ])
 def test_block_sparse_options_are_validated(override, key, tiny_lm_config):
   from jaxlab.configs import ConfigError
@@ -60,6 +68,16 @@ def test_block_sparse_options_are_validated(override, key, tiny_lm_config):
     (["--config.model.attention=gau", "--config.model.logn_scaling=True"],
      "config.model.logn_scaling applies to config.model.attention='gau' with gau_kind='softmax'"),
     (["--config.model.attention=gau", "--config.model.position=alibi"], "config.model.position="),
+    (["--config.model.attention=block_sparse", "--config.model.sparse_layout=strided",
+      "--config.model.sparse_num_random=3"], "config.model.sparse_num_random=3 applies to "
+                                             "config.model.sparse_layout='bigbird', not 'strided'"),
+    (["--config.sample.typical_epsilon=0.5"], "config.sample.typical_epsilon=0.5 applies to "
+                                              "config.sample.acceptance='typical', not 'exact'"),
+    # 1e9 features ran out of memory after compiling, in a workdir already written.
+    (["--config.model.attention=performer", "--config.model.num_features=1000000000"],
+     "config.model.num_features=1000000000 must be <= 65536"),
+    (["--config.data.path=/nonexistent/a.txt"], "config.data.path='/nonexistent/a.txt': "
+                                                "/nonexistent/a.txt does not exist"),
 ])
 def test_options_that_would_be_ignored_are_refused(overrides, key, tiny_lm_config):
   """gpt_from_config passes the chosen family's options only: another family's, or rope_theta
