@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import pathlib
+import shlex
 import statistics
 import sys
 import time
@@ -167,6 +168,7 @@ def main(argv=None):
   parser.add_argument("--eval-batches", type=int, default=0,
                       help="part 2 validation batches (default: the config's)")
   parser.add_argument("--out", default=str(RESULTS), help="results directory")
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   for name in args.families:
     if name not in FAMILIES:
@@ -203,16 +205,17 @@ def main(argv=None):
         for d in devices)
   out.mkdir(parents=True, exist_ok=True)
   failures = check_claims(rows, lengths)
-  (out / f"{stem}.json").write_text(json.dumps({"device": device, "speed": rows, "lm": lm,
-                                                "claims_failed": failures}, indent=2))
+  command = shlex.join(["python", "experiments/attention_zoo.py", *argv])
+  (out / f"{stem}.json").write_text(json.dumps({"device": device, "command": command, "speed": rows,
+                                                "lm": lm, "claims_failed": failures}, indent=2))
   try:
     plot(rows, out / f"{stem}.png")
   except ImportError:  # matplotlib is the experiments extra
     print("matplotlib is not installed: no plot", file=sys.stderr)
-  command = "python experiments/attention_zoo.py --data ../shared/data/tinyshakespeare/input.txt"
   lines = [f"# Attention zoo ({'quick' if args.quick else 'full'})", "",
-           f"Device{'s' if len(devices) > 1 else ''}: {device}. Command: "
-           f"`{command}{' --quick' if args.quick else ''}`.", "",
+           f"Device{'s' if len(devices) > 1 else ''}: {device}. Command: `{command}`"
+           + (" (the last run; --merge kept the other rows of earlier runs)" if args.merge else "")
+           + ".", "",
            "## Forward+backward, causal, B=1, one head, head_dim 64, float32", "",
            "Time / XLA working memory (temp buffers) of the jitted forward+backward. Swin windows are "
            "not in this table: they are non-causal attention over 2-D feature maps.", "",

@@ -2,6 +2,7 @@
 
     python experiments/bench_flash.py                 # on an NVIDIA Hopper GPU (H100 / H200)
     python experiments/bench_flash.py --dry-run       # anywhere: tiny shapes, checks the script end to end
+    python experiments/bench_flash.py --dry-run --out /tmp/flash   # the same, results/ left alone
 
 For head_dim 64 and 128, sequence lengths 1k..16k at a fixed token count (batch = tokens / length),
 causal and not, forward and forward+backward, it times (jitted, bfloat16, heads = --width / head_dim;
@@ -23,9 +24,10 @@ stops starting new (head_dim, length) pairs after that many seconds (the order o
 --lengths is the order of measurement), so a run cut short still leaves its rows. Rows measured by
 an earlier run on the same kind of device are kept unless this run measures the same shape again.
 
-Writes experiments/results/flash_<device>.md and .json. With --dry-run (or without a GPU) nothing is
-timed: the shapes are shrunk, the kernel runs in interpret mode, its output is checked against XLA, and
-the table is written with empty cells, saying so. In the dry run "mosaic_gpu" runs in Mosaic GPU
+Writes <out>/flash_<device>.md and .json (--out, default experiments/results; the kept rows are read
+from there too). With --dry-run (or without a GPU) nothing is timed: the shapes are shrunk, the kernel
+runs in interpret mode, its output is checked against XLA, and the table is written with empty cells,
+saying so. In the dry run "mosaic_gpu" runs in Mosaic GPU
 interpret mode, forward only (that mode deadlocks when its kernel is differentiated in jax 0.10; the
 gradients of the custom_vjp are checked in tests/attention/test_flash_mosaic_gpu.py instead).
 """
@@ -36,7 +38,9 @@ import argparse
 import json
 import os
 import pathlib
+import shlex
 import statistics
+import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -103,7 +107,7 @@ def time_fn(fn, args, repeats, max_seconds=1.0):
   return statistics.median(times)
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tokens", type=int, default=16384, help="batch * length, fixed")
   parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -116,7 +120,11 @@ def main():
                       help="start no new (head_dim, length) after this many seconds; the table says so")
   parser.add_argument("--dry-run", action="store_true",
                       help="tiny shapes, interpret mode, correctness only; no timings")
-  args = parser.parse_args()
+  parser.add_argument("--out", type=pathlib.Path, default=RESULTS,
+                      help="results directory (also where earlier rows are kept from)")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(argv)
+  command = shlex.join(["python", "experiments/bench_flash.py", *argv])
   if not args.budget_s > 0:
     parser.error(f"--budget-s must be > 0, got {args.budget_s}")
 
@@ -144,7 +152,7 @@ def main():
   rows, checks = [], []
   # Rows of earlier runs on this kind of device are kept unless re-measured (same head_dim, length,
   # causal, mode), so runs of a few shapes each build one table.
-  earlier = RESULTS / f"flash_{slug}.json"
+  earlier = args.out / f"flash_{slug}.json"
   kept = [] if dry or not earlier.exists() else json.loads(earlier.read_text())["rows"]
   measured_on = f"{time.strftime('%Y-%m-%d')}, jax {jax.__version__}"
   start = time.time()
@@ -185,11 +193,11 @@ def main():
           rows.append(row)
           print(json.dumps(row), flush=True)
           write_results(with_kept(rows, kept), checks, impls, dry, slug, device, peak, tokens, width,
-                        time.time() - start, skipped, args.budget_s)
+                        time.time() - start, skipped, args.budget_s, args.out, command)
   wall = time.time() - start
   print(write_results(with_kept(rows, kept), checks, impls, dry, slug, device, peak, tokens, width,
-                      wall, skipped, args.budget_s))
-  print(f"wrote {RESULTS / f'flash_{slug}.md'}")
+                      wall, skipped, args.budget_s, args.out, command))
+  print(f"wrote {args.out / f'flash_{slug}.md'}")
   if dry:
     errors = [e for r in rows for e in r["errors"].values()]
     worst = max(c["max_abs_diff_vs_xla"] for c in checks if c["impl"] in ("pallas", "mosaic_gpu"))
@@ -207,8 +215,10 @@ def with_kept(rows, kept):
   return [r for r in kept if key(r) not in new] + rows
 
 
-def write_results(rows, checks, impls, dry, slug, device, peak, tokens, width, wall, skipped, budget_s):
-  """Writes flash_<slug>.md and .json from the rows measured so far; returns the Markdown table."""
+def write_results(rows, checks, impls, dry, slug, device, peak, tokens, width, wall, skipped, budget_s,
+                  out=RESULTS, command=""):
+  """Writes <out>/flash_<slug>.md and .json from the rows measured so far (command: the last run's
+  command line); returns the Markdown table."""
   import jax
 
   def fmt(x, spec=".0f"):
@@ -233,8 +243,9 @@ def write_results(rows, checks, impls, dry, slug, device, peak, tokens, width, w
   table = "\n".join(lines)
 
   md = [f"# Flash attention: jaxlab Pallas kernels vs cuDNN vs XLA ({slug})", "",
-        f"Device: {device}. jax {jax.__version__}. bfloat16 inputs, {tokens} tokens per call "
-        f"(batch = tokens / length), heads = {width} / head_dim. Wall time of the last run {wall:.0f} s"
+        f"Device: {device}. jax {jax.__version__}. Command of the last run: `{command}`. bfloat16 "
+        f"inputs, {tokens} tokens per call (batch = tokens / length), heads = {width} / head_dim. Wall "
+        f"time of the last run {wall:.0f} s"
         + ("" if dry else "; rows of earlier runs on this device kind are kept where the last run did "
            "not re-measure them (see the measured column)") + ". Each cell: "
         "median time per call, calls run back to back between synchronisations. \"pallas\" is "
@@ -263,11 +274,12 @@ def write_results(rows, checks, impls, dry, slug, device, peak, tokens, width, w
                              f"causal={r['causal']}, {r['mode']}: {e}" for r, i, e in errors] + [""]
   md += ["Goals (issue 6): forward >= 1.0x cuDNN; forward+backward >= 0.8x cuDNN; forward >= 60% of "
          f"the dense bf16 peak ({fmt(peak)} TFLOP/s) at length 8192, head_dim 128."]
-  RESULTS.mkdir(exist_ok=True)
-  (RESULTS / f"flash_{slug}.md").write_text("\n".join(md) + "\n")
-  (RESULTS / f"flash_{slug}.json").write_text(json.dumps(
-      {"device": device, "dry_run": dry, "peak_tflops": peak, "tokens": tokens, "width": width,
-       "wall_s": wall, "skipped_pairs": skipped, "rows": rows, "checks": checks}, indent=1))
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"flash_{slug}.md").write_text("\n".join(md) + "\n")
+  (out / f"flash_{slug}.json").write_text(json.dumps(
+      {"device": device, "command": command, "dry_run": dry, "peak_tflops": peak, "tokens": tokens,
+       "width": width, "wall_s": wall, "skipped_pairs": skipped, "rows": rows, "checks": checks}, indent=1))
   return table
 
 

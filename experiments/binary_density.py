@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import pathlib
+import shlex
 import sys
 import tempfile
 import time
@@ -206,13 +207,14 @@ def git_commit() -> str | None:
     return None
 
 
-def write_tables(rows, device, wall_s, path_md, path_json, quick, budget):
+def write_tables(rows, device, wall_s, path_md, path_json, quick, budget, command=""):
+  """Writes the .md and .json of `rows`; command: the command line of the run writing them."""
   lines = [f"# Binary density estimation ({'quick' if quick else 'CPU-budget runs'})", "",
-           f"Device: {device}. Total wall time {wall_s / 60:.1f} min (all runs below, including "
-           "re-runs). Steps per row as listed (batch 100); `train s` = the sum over logging intervals "
-           "of steps x median step time (compilation and evaluation excluded; the pieces of a "
-           "resumed run add up); test NLL in nats per example (lower is better); `gap` = ours - "
-           "published.", "",
+           f"Device: {device}. Command of the run that wrote this file: `{command}`. Total wall time "
+           f"{wall_s / 60:.1f} min (all runs below, including re-runs). Steps per row as listed "
+           "(batch 100); `train s` = the sum over logging intervals of steps x median step time "
+           "(compilation and evaluation excluded; the pieces of a resumed run add up); test NLL in "
+           "nats per example (lower is better); `gap` = ours - published.", "",
            "| dataset | model | steps | selected | epochs | train s | ms/step | val NLL | test NLL | published | gap | samples |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
   for r in rows:
@@ -245,8 +247,8 @@ def write_tables(rows, device, wall_s, path_md, path_json, quick, budget):
     lines.append("Rows with an empty `selected` are earlier runs, made before selection existed: "
                  "their test NLL is of the final parameters.")
   path_md.write_text("\n".join(lines) + "\n")
-  path_json.write_text(json.dumps({"device": device, "wall_s": wall_s, "quick": quick,
-                                   "budget": budget, "rows": rows}, indent=2))
+  path_json.write_text(json.dumps({"device": device, "command": command, "wall_s": wall_s,
+                                   "quick": quick, "budget": budget, "rows": rows}, indent=2))
 
 
 def main(argv=None) -> int:
@@ -262,7 +264,9 @@ def main(argv=None) -> int:
                       "--config.model.num_layers=7' (a GPU-size PixelCNN)")
   parser.add_argument("--workroot", default="", help="keep run workdirs here (resumable); default: a "
                       "temporary folder")
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
+  command = shlex.join(["python", "experiments/binary_density.py", *argv])
   if "jax" not in sys.modules:  # one XLA CPU device per core, as the `jaxlab` command does
     flag = "--xla_force_host_platform_device_count"
     if flag not in os.environ.get("XLA_FLAGS", ""):
@@ -300,7 +304,7 @@ def main(argv=None) -> int:
             f"{row['test_nll']:8.2f}  published {row['published']}  ({row['train_s']:.0f} s)",
             flush=True)
       write_tables(merged, device, time.perf_counter() - t_start, out / f"{stem}.md",
-                   out / f"{stem}.json", args.quick, args.budget)
+                   out / f"{stem}.json", args.quick, args.budget, command)
   print((out / f"{stem}.md").read_text())
   return 0
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import pathlib
+import platform
 import re
 import subprocess
 import sys
@@ -68,8 +69,10 @@ def report_of(stdout: str) -> str:
 
 def render(out: dict) -> str:
   lines = [f"# Default jobs{' (quick check)' if out['quick'] else ''}", "",
-           f"Device: {out['device']}. Command: `{out['command']}`. Each job in a fresh process and "
-           "workdir; wall time covers start-up, data, compilation, training and the final report.", "",
+           f"Device: {out['device']}. Python {out.get('python', 'not recorded')} (the lm job trains on "
+           f"this interpreter's standard library). Command: `{out['command']}`. Each job in a fresh "
+           "process and workdir; wall time covers start-up, data, compilation, training and the final "
+           "report.", "",
            "| command | steps | val loss | zero-shot acc | ms/step | wall (min) |",
            "| --- | ---: | ---: | ---: | ---: | ---: |"]
   for r in out["rows"]:
@@ -94,7 +97,7 @@ def main(argv=None) -> dict:
     parser.error(f"--jobs: unknown {unknown}; choose from {list(JOBS)}")
   from jaxlab.train.host_devices import cpu_model
   device = f"{cpu_model()}, {os.cpu_count()} cores"
-  out = {"device": device, "quick": args.quick, "rows": [],
+  out = {"device": device, "python": platform.python_version(), "quick": args.quick, "rows": [],
          "command": "python experiments/default_jobs.py" + (" --quick" if args.quick else "")}
   with tempfile.TemporaryDirectory(prefix="jaxlab_default_jobs_") as tmp:
     for name in args.jobs:

@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 
@@ -98,14 +100,14 @@ def main(argv: list[str] | None = None):
                       help="a jaxlab config override (repeatable), e.g. "
                            "--override=--config.mesh.cpu_devices=1")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
+  command = shlex.join(["python", "experiments/lm_char_cpu_input_overlap.py", *argv])
   from jaxlab.train.host_devices import cpu_model
   results, devices = timed_blocks(args.rounds, args.block, args.data, args.override)
   baseline = results["fetch, step; grain threads"]
   lines = [f"# lm_char_cpu: input pipeline and the step time ({cpu_model()}, {devices} XLA CPU devices)", "",
-           f"`python experiments/lm_char_cpu_input_overlap.py --rounds {args.rounds} "
-           f"--block {args.block}" + "".join(f" --override={o}" for o in args.override) +
-           f"`: {args.rounds} rounds of one {args.block}-step block per "
+           f"`{command}`: {args.rounds} rounds of one {args.block}-step block per "
            "variant, in rotating order, in one process.", "",
            "| loop | median ms/step (median over rounds) | faster than the old loop, ms/step "
            "(median per-round difference) | rounds faster |", "| --- | --- | --- | --- |"]
@@ -120,8 +122,8 @@ def main(argv: list[str] | None = None):
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "lm_char_cpu_input_overlap.md").write_text(text)
   (args.out / "lm_char_cpu_input_overlap.json").write_text(json.dumps(
-      {"device": cpu_model(), "xla_devices": devices, "rounds": args.rounds, "block": args.block,
-       "overrides": args.override, "ms_per_step": results}, indent=2))
+      {"device": cpu_model(), "command": command, "xla_devices": devices, "rounds": args.rounds,
+       "block": args.block, "overrides": args.override, "ms_per_step": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -69,13 +69,15 @@ _EVAL_LINE = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)", 
 _ITER_LINE = re.compile(r"^iter (\d+): loss ([\d.]+), time ([\d.]+)ms", re.M)
 
 
-def nanogpt_command(steps: int, eval_iters: int = 200) -> list[str]:
+def nanogpt_command(steps: int, eval_iters: int = 200, warmup: int = 100) -> list[str]:
   """train.py's arguments: the README's CPU command with `eval_iters` validation batches per evaluation,
   saving a checkpoint at every evaluation (so the last one is the model at `steps`; saving draws no
-  randomness, while the evaluation batches do)."""
+  randomness, while the evaluation batches do). A `warmup` other than the config's 100 iterations is
+  passed as --warmup_iters (lm_char_cpu.py scales it for short runs)."""
   return ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--log_interval=1",
           "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
-          f"--max_iters={steps}", f"--lr_decay_iters={steps}", "--dropout=0.0", "--out_dir=out",
+          f"--max_iters={steps}", f"--lr_decay_iters={steps}", "--dropout=0.0",
+          *([] if warmup == 100 else [f"--warmup_iters={warmup}"]), "--out_dir=out",
           f"--eval_iters={eval_iters}", "--always_save_checkpoint=True"]
 
 
@@ -102,7 +104,7 @@ def check_checkout(nanogpt: pathlib.Path) -> None:
 
 
 def run_nanogpt(nanogpt: pathlib.Path, data: pathlib.Path, seed: int, steps: int,
-                python: str = sys.executable, eval_iters: int = 200) -> dict:
+                python: str = sys.executable, eval_iters: int = 200, warmup: int = 100) -> dict:
   """One nanoGPT training run in a temporary copy of its files; see the module docstring."""
   check_checkout(nanogpt)
   if not data.is_file():
@@ -115,8 +117,8 @@ def run_nanogpt(nanogpt: pathlib.Path, data: pathlib.Path, seed: int, steps: int
     prepared = work / "data" / "shakespeare_char"
     shutil.copy(data, prepared / "input.txt")
     subprocess.run([python, "prepare.py"], cwd=prepared, check=True, capture_output=True, text=True)
-    proc = subprocess.run([python, "-c", _CHILD, str(seed)] + nanogpt_command(steps, eval_iters), cwd=work,
-                          capture_output=True, text=True)
+    proc = subprocess.run([python, "-c", _CHILD, str(seed)] + nanogpt_command(steps, eval_iters, warmup),
+                          cwd=work, capture_output=True, text=True)
     if proc.returncode:
       raise RuntimeError("nanoGPT's train.py failed:\n" + proc.stderr[-3000:])
     score = subprocess.run([python, "-c", _SCORE, str(HERE)], cwd=work, capture_output=True, text=True)

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -94,7 +96,7 @@ def _train_and_measure(name: str, config, prompts: int) -> dict:
   step_ms = sorted(r["step_time_ms"] for r in records if "step_time_ms" in r)
   out = {"variant": name, "overrides": VARIANTS[name], "steps": config.train.steps,
          "val_loss": result["val_loss"], "ms_per_step": step_ms[len(step_ms) // 2],
-         "train_s": train_s}
+         "train_s": train_s, "setup": setup_of(config)}
   out["head_accuracy"], out["rank_accuracy"], ranks_ND = _head_accuracy(run.task, params)
   if run.task.model.config.extra_heads:
     from jaxlab.decoding.draft_tree import DraftTree
@@ -107,6 +109,13 @@ def _train_and_measure(name: str, config, prompts: int) -> dict:
         out["rank_accuracy"])
     out.update(_decoding(run.task, params, prompts, trees))
   return out
+
+
+def setup_of(config) -> dict:
+  """The settings of `config` that the table's header names."""
+  return {"num_layers": config.model.num_layers, "width": config.model.width,
+          "seq_len": config.data.seq_len, "position": config.model.position, "seed": config.seed,
+          "eval_batches": config.train.eval_batches}
 
 
 def _head_accuracy(task, params):
@@ -217,15 +226,20 @@ def _decoding(task, params, prompts: int, trees: dict) -> dict:
   return out
 
 
-def _table(results: list[dict], device: str, steps: int, prompts: int) -> str:
+def _table(results: list[dict], device: str, date: str, command: str, steps: int, prompts: int,
+           in_process: bool = False) -> str:
+  """The .md. The model, seed and validation batches are the first variant's (setup_of); the variants
+  differ only in their heads."""
+  setup = results[0]["setup"]
   lines = [
       "# Multi-token prediction and Medusa heads on lm_char_cpu; self-speculative decoding",
       "",
-      f"Device: {device}. Command: `python experiments/speculative_decoding.py --data "
-      f"../shared/data/tinyshakespeare/input.txt --steps {steps}`. Each variant trains lm_char_cpu "
-      f"(4 x 128, context 64, learned positions, {steps} steps, seed 0) in its own process.",
-      "Val loss: the next-token head on the config's 200 validation batches. Head accuracy: top-1 "
-      "on those batches, head j predicting the token j + 1 ahead.",
+      f"Device: {device}. Date: {date}. Command: `{command}`. Each variant trains lm_char_cpu "
+      f"({setup['num_layers']} x {setup['width']}, context {setup['seq_len']}, {setup['position']} "
+      f"positions, {steps} steps, seed {setup['seed']}) "
+      + ("in this process." if in_process else "in its own process."),
+      f"Val loss: the next-token head on {setup['eval_batches']} validation batches. Head accuracy: "
+      "top-1 on those batches, head j predicting the token j + 1 ahead.",
       "",
       "| variant | val loss | ms/step (train) | head accuracy (next, +1, +2, ...) |",
       "| --- | --- | --- | --- |",
@@ -308,12 +322,14 @@ def main(argv=None):
   parser.add_argument("--in-process", action="store_true",
                       help="train the variants in this process (tests), not one child each")
   parser.add_argument("--child", help=argparse.SUPPRESS)
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   if args.child:
     print(json.dumps(_child(args.child, args)))
     return
   from jaxlab.train.host_devices import cpu_model
-  device = f"{cpu_model()} (jax on CPU)"
+  device, date = f"{cpu_model()}, {os.cpu_count()} cores (jax on CPU)", time.strftime("%Y-%m-%d")
+  command = shlex.join(["python", "experiments/speculative_decoding.py", *argv])
   results = []
   for name in args.variants:
     results.append((run_here if args.in_process else run_variant)(name, args))
@@ -321,8 +337,9 @@ def main(argv=None):
   results_dir = pathlib.Path(args.results)
   results_dir.mkdir(parents=True, exist_ok=True)
   (results_dir / f"{args.out}.json").write_text(
-      json.dumps({"device": device, "results": results}, indent=2) + "\n")
-  table = _table(results, device, args.steps, args.prompts)
+      json.dumps({"device": device, "date": date, "command": command, "results": results},
+                 indent=2) + "\n")
+  table = _table(results, device, date, command, args.steps, args.prompts, args.in_process)
   (results_dir / f"{args.out}.md").write_text(table)
   print(table)
 

@@ -6,7 +6,8 @@ experiments/lm_char_cpu.py); not part of the jaxlab package. Needs `pip install 
 Model: 4 pre-norm blocks (LayerNorm without bias, causal self-attention with fused QKV, GELU MLP x4),
 learned positions, tied embeddings, no biases, N(0, 0.02) init with residual projections scaled by
 1/sqrt(2 * layers). AdamW(lr 1e-3, betas (0.9, 0.99), weight decay 0.1 on matrices), linear warmup 100
-steps then cosine to 1e-4 at 2000, gradient clipping at 1.0, batch 12 x 64 random windows.
+steps then cosine to 1e-4 at 2000 (--lr, --min_lr, --warmup, --steps: lm_char_cpu.py passes the jaxlab
+config's), gradient clipping at 1.0, batch 12 x 64 random windows.
 """
 
 from __future__ import annotations
@@ -89,7 +90,10 @@ def lr_at(step: int, lr=1e-3, min_lr=1e-4, warmup=100, total=2000) -> float:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--data", required=True)
-  parser.add_argument("--steps", type=int, default=2000)
+  parser.add_argument("--steps", type=int, default=2000, help="also where the cosine decay ends")
+  parser.add_argument("--warmup", type=int, default=100)
+  parser.add_argument("--lr", type=float, default=1e-3)
+  parser.add_argument("--min_lr", type=float, default=1e-4)
   parser.add_argument("--eval_batches", type=int, default=200)
   parser.add_argument("--threads", type=int, default=0)
   parser.add_argument("--seed", type=int, default=0)
@@ -118,12 +122,12 @@ def main():
   decay = [p for p in model.parameters() if p.dim() >= 2]
   no_decay = [p for p in model.parameters() if p.dim() < 2]
   opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
+                           {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
   times = []
   for step in range(args.steps):
     t0 = time.perf_counter()
     for group in opt.param_groups:
-      group["lr"] = lr_at(step)
+      group["lr"] = lr_at(step, args.lr, args.min_lr, args.warmup, args.steps)
     x, y = get_batch("train", gen)
     loss = model(x, y)
     opt.zero_grad(set_to_none=True)
