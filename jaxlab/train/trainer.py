@@ -633,6 +633,9 @@ def _saved_train_section(run: Run) -> dict:
 
 # In a checkpoint's data state: the train losses (and loss-scaling skips) of the logging interval
 # that the checkpoint cut into, so that a resumed run logs the interval's mean over all of its steps.
+# Steps in a row whose loss is not finite (each skipped by loss scaling) that stop a run: a passing
+# float16 overflow costs a step or two; parameters blown up by an update overflow every step.
+NONFINITE_LOSS_STREAK = 3
 OPEN_INTERVAL_KEY = "_jaxlab_open_log_interval"
 STREAM_KEY = "_jaxlab_stream_version"  # tasks with a `train_stream_version` (pipeline.STREAM_VERSION)
 CONFIG_KEY = "_jaxlab_config"  # the run's whole config (JSON): what check_resume_config compares with
@@ -805,6 +808,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
             best.offer(start, logged, state["params"])
       batch = None
       saved_at = start  # the step of the newest checkpoint (start: the one resumed, if any)
+      nonfinite_streak, save_deferred = 0, False
       for step in range(start, cfg.steps):
         if batch is None:  # after a checkpoint (nothing read ahead): not part of the step's time
           batch = sharding.place_batch(next(data_iter), run.mesh, run.config.data.batch_size)
@@ -812,7 +816,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         state, metrics = train_step(state, batch)  # dispatched; runs while the next lines do
         batch = None
         done = step + 1
-        save_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        save_now = done % cfg.checkpoint_every == 0 or done == cfg.steps or save_deferred
         if not save_now:
           # The next batch is read while this step computes. Not before a checkpoint: the saved
           # iterator state must be the one after exactly `done` batches.
@@ -822,12 +826,27 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
           step_times.append(time.perf_counter() - t0)
         # Without loss scaling a non-finite gradient is applied (loss scaling skips that step), so
         # it stops the run here, before the state it made can be checkpointed. With loss scaling a
-        # skipped step may have a non-finite loss too (a float16 forward pass that overflowed): it
-        # is left out of the logged train_loss, and only a streak of skips stops the run.
+        # skipped step may have a non-finite loss too: a float16 forward pass that overflowed on
+        # this batch (passing), or parameters that a huge update blew up (every later step). It is
+        # left out of the logged train_loss, a checkpoint due at it waits for a step with a finite
+        # loss, and NONFINITE_LOSS_STREAK of them in a row stop the run.
         step_skipped = "skipped" in metrics and bool(metrics["skipped"])
-        if np.isfinite(loss) or not step_skipped:
+        loss_overflowed = step_skipped and not np.isfinite(loss)
+        nonfinite_streak = nonfinite_streak + 1 if loss_overflowed else 0
+        if not loss_overflowed:
           losses.append(loss)
         grad_norm = float(metrics["grad_norm"]) if "skipped" not in metrics else 0.0
+        if nonfinite_streak >= NONFINITE_LOSS_STREAK or (loss_overflowed and done == cfg.steps):
+          where = (f"in {nonfinite_streak} steps in a row up to step {done}"
+                   if nonfinite_streak > 1 else f"at step {done}, the last step")
+          raise FloatingPointError(
+              f"the loss is {loss} {where} (skipped by loss scaling: the parameters have diverged, "
+              f"or the float16 forward pass overflows); stopping (last good checkpoint kept in "
+              f"{run.checkpointer.directory})" + ("; to get past a one-off overflow at the last "
+                                                  "step, train a step further"
+                                                  if nonfinite_streak == 1 else ""))
+        save_deferred = save_now and loss_overflowed  # not a state whose last loss overflowed
+        save_now = save_now and not loss_overflowed
         if not step_skipped and not (np.isfinite(loss) and np.isfinite(grad_norm)):
           what = f"loss is {loss}" if not np.isfinite(loss) else f"gradient norm is {grad_norm}"
           kept = (blamed(step) if saved_at == step and step else

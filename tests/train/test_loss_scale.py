@@ -187,39 +187,79 @@ def test_unscaled_non_finite_gradients_stop_the_run_before_they_are_checkpointed
 
 
 class _ForwardOverflows:
-  """The LM loss times inf on about half of the steps (drawn from the step's key): a float16
-  forward pass that overflows now and then, non-finite loss and gradients alike."""
+  """The LM loss times inf on the batches `overflowing` (a float16 forward pass that overflows on
+  those batches only): non-finite loss and gradients alike."""
 
-  def __init__(self, task):
-    self.task = task
+  def __init__(self, task, overflowing):
+    self.task, self.overflowing = task, jnp.asarray(np.stack(overflowing))
 
   def __getattr__(self, name):
     return getattr(self.task, name)
 
   def loss(self, params, batch, rng, *, train):
     loss, aux = self.task.loss(params, batch, rng, train=train)
-    overflows = jax.random.bernoulli(jax.random.fold_in(rng, 99), 0.5)
-    return loss * jnp.where(overflows, jnp.inf, 1.0), aux
+    same = jnp.all(self.overflowing == batch["inputs"][None], axis=(1, 2))
+    return loss * jnp.where(jnp.any(same) & train, jnp.inf, 1.0), aux
+
+
+def _overflowing_task(config, steps):
+  """The config's task, overflowing at the training steps `steps` (1-based) only."""
+  from jaxlab.train import tasks
+  task = tasks.build_task(config)
+  batches = [b["inputs"] for b, _ in zip(task.train_iterator(), range(max(steps)))]
+  return _ForwardOverflows(task, [batches[s - 1] for s in steps])
 
 
 def test_a_skipped_step_whose_float16_loss_overflowed_does_not_stop_the_run(tiny_lm_config,
                                                                             tmp_path):
   """With loss scaling such a step is skipped like a gradient overflow (it stopped the run with
-  FloatingPointError before): the run goes on, the logged train_loss averages the finite steps only."""
+  FloatingPointError before): the run goes on, the logged train_loss averages the finite steps, and
+  a checkpoint due at such a step is written at the next step (its state is the one whose loss
+  overflowed)."""
   from jaxlab.train import metrics as metrics_lib
-  from jaxlab.train import tasks
-  config = tiny_lm_config("--config.model.dtype=float16", "--config.train.steps=8",
-                          "--config.train.log_every=8", "--config.train.eval_every=8",
-                          "--config.train.checkpoint_every=8", "--config.sample.num_tokens=0")
-  result = trainer.train(config, tmp_path, task=_ForwardOverflows(tasks.build_task(config)),
-                         progress=False)
-  skipped = int(result["state"]["loss_scale"]["skipped"])
-  assert 0 < skipped < 8
+  config = tiny_lm_config("--config.model.dtype=float16", "--config.train.steps=6",
+                          "--config.train.log_every=6", "--config.train.eval_every=6",
+                          "--config.train.checkpoint_every=2", "--config.sample.num_tokens=0")
+  result = trainer.train(config, tmp_path, task=_overflowing_task(config, [2, 4]), progress=False)
+  assert int(result["state"]["loss_scale"]["skipped"]) == 2
   [record] = [r for r in metrics_lib.read_metrics(tmp_path) if "train_loss" in r]
-  assert record["skipped_steps"] == skipped and np.isfinite(record["train_loss"])
+  assert record["skipped_steps"] == 2 and np.isfinite(record["train_loss"])
+  assert result["run"].checkpointer.all_steps() == [3, 5, 6]  # not 2 and 4
   assert np.all(np.isfinite(_flat(jax.device_get(result["state"]["params"]))))
   # Without loss scaling the same run stops at its first overflow.
-  with pytest.raises(FloatingPointError, match="loss is inf at step"):
-    trainer.train(tiny_lm_config("--config.optim.loss_scale=none", "--config.train.steps=8"),
-                  tmp_path / "unscaled", task=_ForwardOverflows(tasks.build_task(config)),
+  with pytest.raises(FloatingPointError, match="loss is inf at step 2"):
+    unscaled = tiny_lm_config("--config.optim.loss_scale=none", "--config.train.steps=6")
+    trainer.train(unscaled, tmp_path / "unscaled", task=_overflowing_task(unscaled, [2]),
                   progress=False)
+
+
+@pytest.mark.parametrize("steps,message", [
+    ([2, 3, 4], "the loss is inf in 3 steps in a row up to step 4"),
+    ([6], "the loss is inf at step 6, the last step"),
+])
+def test_losses_that_keep_overflowing_stop_the_run_before_a_checkpoint(tiny_lm_config, tmp_path,
+                                                                       steps, message):
+  """Parameters that an update blew up overflow at every later step (loss scaling skips them all):
+  the run stops after NONFINITE_LOSS_STREAK steps, and a checkpoint due meanwhile is not written;
+  nor is a last step whose loss overflowed."""
+  config = tiny_lm_config("--config.model.dtype=float16", "--config.train.steps=6",
+                          "--config.train.checkpoint_every=2", "--config.train.eval_every=6",
+                          "--config.sample.num_tokens=0")
+  with pytest.raises(FloatingPointError, match=message):
+    trainer.train(config, tmp_path, task=_overflowing_task(config, steps), progress=False)
+  run = trainer.setup(config, tmp_path)
+  assert run.checkpointer.all_steps() == ([] if steps[0] == 2 else [2, 4])
+  run.checkpointer.close()
+
+
+def test_an_update_that_blows_up_float16_parameters_stops_the_run(tiny_lm_config, tmp_path):
+  """lr 1e5: the first update makes the parameters huge (finite), every later float16 forward pass
+  overflows; the run stops three steps later and saves nothing (a review saw such a state
+  checkpointed)."""
+  config = tiny_lm_config("--config.model.dtype=float16", "--config.optim.lr=1e5",
+                          "--config.optim.warmup_steps=0", "--config.optim.grad_clip=0",
+                          "--config.train.steps=8", "--config.train.checkpoint_every=2",
+                          "--config.train.eval_every=8", "--config.sample.num_tokens=0")
+  with pytest.raises(FloatingPointError, match="in 3 steps in a row up to step 4"):
+    trainer.train(config, tmp_path, progress=False)
+  assert not any((tmp_path / "checkpoints").iterdir())
