@@ -458,9 +458,12 @@ def test_a_workdir_from_before_a_config_key_existed_resumes(tiny_lm_config, tmp_
 
 
 def test_a_run_that_fails_to_build_leaves_no_workdir(tiny_lm_config, tmp_path):
-  """The data cannot be loaded: the error comes before WORKDIR is created."""
+  """The data cannot be loaded: the error comes before WORKDIR is created. (A path that does not
+  exist is refused by load_config already; this one is set past it.)"""
   import pytest
-  config = tiny_lm_config("--config.data.path=/nonexistent/corpus.txt")
+  config = tiny_lm_config()
+  with config.unlocked():
+    config.data.path = "/nonexistent/corpus.txt"
   with pytest.raises(FileNotFoundError, match="corpus.txt"):
     trainer.train(config, tmp_path / "run", progress=False)
   assert not (tmp_path / "run").exists()
@@ -530,6 +533,7 @@ def test_a_relative_data_path_is_saved_absolute_and_older_relative_ones_still_re
                                "--config.train.steps=8"), tmp_path / "run").checkpointer.close()
   other = tmp_path / "elsewhere"
   other.mkdir()
+  (other / "b.txt").write_text("b")
   monkeypatch.chdir(other)
   assert load_config("lm_char", [f"--config.data.path={tmp_path / 'corpus.txt'},b.txt"],
                      check_devices=False).data.path == f"{tmp_path / 'corpus.txt'},{other / 'b.txt'}"
