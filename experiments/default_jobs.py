@@ -98,7 +98,10 @@ def main(argv=None) -> dict:
   from jaxlab.train.host_devices import cpu_model
   device = f"{cpu_model()}, {os.cpu_count()} cores"
   out = {"device": device, "python": platform.python_version(), "quick": args.quick, "rows": [],
-         "command": "python experiments/default_jobs.py" + (" --quick" if args.quick else "")}
+         "command": " ".join(["python experiments/default_jobs.py"]
+                             + ([f"--jobs {','.join(args.jobs)}"] if args.jobs != list(JOBS) else [])
+                             + (["--quick"] if args.quick else [])
+                             + ([f"--out {args.out}"] if args.out != str(RESULTS) else []))}
   with tempfile.TemporaryDirectory(prefix="jaxlab_default_jobs_") as tmp:
     for name in args.jobs:
       row = run_job(name, pathlib.Path(tmp) / name, QUICK if args.quick else [])

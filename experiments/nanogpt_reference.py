@@ -65,20 +65,31 @@ print(json.dumps({"step": ckpt["iter_num"], "windows": len(val) - ctx, "loss": l
                   "torch": torch.__version__}))
 """
 
+NANOGPT_EVAL_INTERVAL = 250  # config/train_shakespeare_char.py's eval_interval
 _EVAL_LINE = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)", re.M)
 _ITER_LINE = re.compile(r"^iter (\d+): loss ([\d.]+), time ([\d.]+)ms", re.M)
+
+
+def eval_interval(steps: int) -> int:
+  """nanoGPT's evaluation (and checkpoint) interval for a run of `steps`: its config's 250 when that
+  reaches step `steps`, else `steps` itself (evaluations at 0 and `steps`), so that the last
+  checkpoint is the model at `steps`."""
+  return NANOGPT_EVAL_INTERVAL if steps % NANOGPT_EVAL_INTERVAL == 0 else steps
 
 
 def nanogpt_command(steps: int, eval_iters: int = 200, warmup: int = 100) -> list[str]:
   """train.py's arguments: the README's CPU command with `eval_iters` validation batches per evaluation,
   saving a checkpoint at every evaluation (so the last one is the model at `steps`; saving draws no
   randomness, while the evaluation batches do). A `warmup` other than the config's 100 iterations is
-  passed as --warmup_iters (lm_char_cpu.py scales it for short runs)."""
+  passed as --warmup_iters (lm_char_cpu.py scales it for short runs), and a `steps` that is not a
+  multiple of 250 sets --eval_interval (eval_interval())."""
+  interval = eval_interval(steps)
   return ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--log_interval=1",
           "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
           f"--max_iters={steps}", f"--lr_decay_iters={steps}", "--dropout=0.0",
-          *([] if warmup == 100 else [f"--warmup_iters={warmup}"]), "--out_dir=out",
-          f"--eval_iters={eval_iters}", "--always_save_checkpoint=True"]
+          *([] if warmup == 100 else [f"--warmup_iters={warmup}"]),
+          *([] if interval == NANOGPT_EVAL_INTERVAL else [f"--eval_interval={interval}"]),
+          "--out_dir=out", f"--eval_iters={eval_iters}", "--always_save_checkpoint=True"]
 
 
 def checkout_commit(nanogpt: pathlib.Path) -> str:
@@ -129,7 +140,7 @@ def run_nanogpt(nanogpt: pathlib.Path, data: pathlib.Path, seed: int, steps: int
     raise RuntimeError(f"nanoGPT's last checkpoint is from step {full['step']}, not {steps}")
   return {"impl": "nanogpt", "commit": checkout_commit(nanogpt), "torch": full["torch"],
           "steps": steps, "seed": seed, "torch_seed": 1337 + seed,
-          "eval_iters": eval_iters, **parse_log(proc.stdout, steps),
+          "eval_iters": eval_iters, **parse_log(proc.stdout, steps, eval_interval(steps)),
           "val_loss_all_windows": full["loss"], "val_windows": full["windows"]}
 
 

@@ -105,3 +105,12 @@ def test_a_directory_that_is_not_a_checkout_is_named(experiment, tmp_path):
       (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
       (tmp_path / name).write_text("")
     script.run_nanogpt(tmp_path, tmp_path / "missing.txt", 0, 10)
+
+
+def test_a_run_of_steps_not_a_multiple_of_250_evaluates_and_saves_at_its_last_step(experiment):
+  """nanoGPT evaluates (and saves) every 250 iterations: a 120-step run had no checkpoint at step
+  120 and failed; its command now sets --eval_interval=120. 2000 steps keep the published command."""
+  script = experiment("nanogpt_reference")
+  assert "--eval_interval=120" in script.nanogpt_command(120)
+  assert not any(a.startswith("--eval_interval") for a in script.nanogpt_command(2000))
+  assert script.eval_interval(120) == 120 and script.eval_interval(500) == 250

@@ -173,3 +173,4 @@ def test_default_jobs_records_the_python_version(experiment, tmp_path, monkeypat
   assert out["python"] == platform.python_version()
   md = (tmp_path / "default_jobs_quick.md").read_text()
   assert f"Python {platform.python_version()} (" in md and math.isfinite(out["rows"][0]["val_loss"])
+  assert out["command"] == f"python experiments/default_jobs.py --jobs lm --quick --out {tmp_path}"
