@@ -24,7 +24,7 @@ def _check(z_BTD, c_BTC, w_KCD, lengths_B):
       raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"{name} must be a float array, got dtype {x.dtype}")
-  (b, t, d), (k, c) = z_BTD.shape, w_KCD.shape[:2]
+  (b, t, d), k = z_BTD.shape, w_KCD.shape[0]
   if c_BTC.shape[:2] != (b, t):
     raise ValueError(f"c_BTC must have z_BTD's batch and time {(b, t)}, got {c_BTC.shape[:2]}")
   if w_KCD.shape != (k, c_BTC.shape[2], d):

@@ -73,7 +73,7 @@ def test_padding_changes_nothing_and_gets_no_gradient():
 
 def test_exact_predictions_give_a_loss_near_zero_and_random_ones_about_log_n():
   """W_k c_t = a z_{t+k} with a large a (and orthogonal latents): the positive wins every softmax."""
-  b, t, k = 2, 5, 2
+  b, t = 2, 5
   n = b * t
   z = jnp.eye(n).reshape(b, t, n)  # one-hot latents: distinct and orthogonal
   # c_t holds z_{t+1} and z_{t+2} in two halves; W_k picks half k, scaled.
