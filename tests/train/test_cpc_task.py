@@ -1,0 +1,99 @@
+"""The CPC task: `jaxlab train cpc_digits` end to end (loss falls, the linear-probe report, eval on
+the workdir), sharded training equals one device step for step, padding rows of the last validation
+batch change nothing, and bad configs name their key."""
+
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from jaxlab import cli
+from jaxlab.configs import ConfigError, load_config
+from jaxlab.train import cpc_task
+
+TINY = ["--config.model.latent_dim=8", "--config.model.context_dim=16",
+        "--config.model.encoder_hidden=16", "--config.data.batch_size=16"]
+
+
+def test_cli_trains_reports_the_probe_and_evaluates(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  flags = TINY + ["--config.train.steps=150", "--config.train.log_every=30",
+                  "--config.train.eval_every=150", "--config.train.checkpoint_every=150",
+                  "--config.optim.warmup_steps=5", "--config.optim.lr=1e-2"]
+  assert cli.main(["train", "cpc_digits", "--workdir", str(workdir), "--no-progress"] + flags) == 0
+  out = capsys.readouterr().out
+  assert "linear probe of the digit on 225 held-out digits" in out
+  accuracy = {line.split()[0]: float(line.split()[-1]) for line in out.splitlines()
+              if line.strip().endswith(tuple("0123456789")) and " accuracy " in line}
+  assert set(accuracy) == {"cpc", "untrained_cpc", "pixels"}
+  assert accuracy["pixels"] > 0.9 and all(0.1 < a <= 1.0 for a in accuracy.values())
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [r["train_loss"] for r in records if "train_loss" in r]
+  assert train[-1] < train[0] - 0.2  # chance is log(16 x 8 = 128) = 4.85; here 4.82 -> 4.51
+  assert cli.main(["eval", str(workdir)]) == 0
+  evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert evaluated["step"] == 150 and np.isfinite(evaluated["val_loss"])
+
+
+def test_sharded_training_equals_single_device_step_for_step(tmp_path):
+  """data 4 x fsdp 2 (the loss's negatives span the devices) gives the 1-device run's losses."""
+  from jaxlab.train import trainer
+  from jaxlab.train.metrics import read_metrics
+  common = TINY + ["--config.train.steps=3", "--config.train.log_every=1",
+                   "--config.train.eval_every=3", "--config.train.checkpoint_every=3",
+                   "--config.optim.warmup_steps=1", "--config.optim.lr=1e-2"]
+  runs = {}
+  for name, (data, fsdp) in (("single", (1, 1)), ("sharded", (4, 2))):
+    config = load_config("cpc_digits", common + [f"--config.mesh.data={data}",
+                                                 f"--config.mesh.fsdp={fsdp}"])
+    result = trainer.train(config, tmp_path / name, progress=False)
+    losses = [m["train_loss"] for m in read_metrics(tmp_path / name) if "train_loss" in m]
+    runs[name] = (losses, jax.device_get(result["state"]["params"]))
+  (ref_losses, ref_params), (losses, params) = runs["single"], runs["sharded"]
+  assert len(losses) == 3 and losses[-1] != losses[0]
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), params,
+               ref_params)
+
+
+def test_padding_rows_of_an_evaluation_batch_change_nothing():
+  task = cpc_task.build(load_config("cpc_digits", TINY, check_devices=False))
+  params = nn.meta.unbox(task.init_params(jax.random.PRNGKey(0)))
+  x = task.data["valid"][:10].reshape(10, -1)
+  real = {"x": x, "weights": np.ones(10, np.float32)}
+  padded = {"x": np.concatenate([x, np.ones((6, 64), np.float32)]),
+            "weights": np.concatenate([np.ones(10), np.zeros(6)]).astype(np.float32)}
+  value, (total, count) = task.loss(params, padded, None, train=False)
+  expected, _ = task.loss(params, real, None, train=False)
+  np.testing.assert_allclose(value, expected, rtol=1e-6)
+  assert float(count) == 10 and float(total) == pytest.approx(10 * float(value))
+  # ... and the last validation batch is padded that way (225 = 14 x 16 + 1).
+  *_, last = task.eval_iterator()
+  assert last["weights"].tolist() == [1.0] + [0.0] * 15
+
+
+def test_the_split_is_seeded_and_disjoint():
+  a, b = cpc_task.load_digit_sequences(0), cpc_task.load_digit_sequences(0)
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  assert [len(a[k]) for k in ("train", "valid", "test")] == [1347, 225, 225]
+  rows = {x.tobytes() for k in ("train", "valid", "test") for x in a[k]}
+  assert len(rows) >= 1797 - 10  # scikit-learn's digits hold a few exact duplicates
+  assert not np.array_equal(cpc_task.load_digit_sequences(1)["test"], a["test"])
+  assert a["train"].shape[1:] == (8, 8) and 0.0 <= a["train"].min() and a["train"].max() <= 1.0
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--config.model.steps=8", "config.model.steps=8 must be < the 8 rows"),
+    ("--config.train.microbatches=2", "config.train.microbatches=2 must be 1 for the CPC task"),
+    ("--config.data.batch_size=1", "config.data.batch_size=1 must be >= 2"),
+    ("--config.model.encoder_hidden=-1", "config.model.encoder_hidden=-1 must be an int >= 0"),
+    ("--config.model.latent_dim=0", "config.model.latent_dim"),
+    ("--config.data.name=mnist", "config.data.name"),
+    ("--config.mesh.tensor=2", "config.mesh.tensor=2: task 'cpc' has no tensor-parallel axis"),
+])
+def test_bad_configs_name_the_key(override, key):
+  with pytest.raises(ConfigError) as e:
+    load_config("cpc_digits", [override])
+  assert key in str(e.value) and "\n" not in str(e.value)
