@@ -5,7 +5,7 @@ paper's image experiment predicts rows of patches below from those above; here a
 Training and validation loss: CPC's InfoNCE (`jaxlab.losses.cpc.cpc_loss`), negatives from the whole
 global batch. `finish` (printed at the end of `jaxlab train`) measures the representation as the
 paper does, by a linear classifier of the digit on frozen features (the mean context over the rows),
-against the same classifier on the raw pixels and on an untrained CPC of the same seed.
+against the same classifier on the raw pixels and on the untrained CPC the run started from.
 """
 
 from __future__ import annotations
@@ -116,6 +116,12 @@ class CPCTask:
 
   # ---------------------------------------------------------------- linear evaluation
 
+  def initial_params(self):
+    """The parameters a run of this config starts from (unboxed): the probe's untrained baseline."""
+    from flax import linen as nn
+    from jaxlab.train.trainer import init_keys
+    return nn.meta.unbox(self.init_params(init_keys(self.config.seed)[0]))
+
   def features(self, params, x_NTF: np.ndarray) -> np.ndarray:
     """The representation of each digit: its contexts c_t averaged over the rows, [N, C]."""
     fn = jax.jit(lambda p, x: jnp.mean(self.model.apply({"params": p}, x)[1], axis=1))
@@ -125,10 +131,10 @@ class CPCTask:
 
   def probe_accuracies(self, params) -> dict:
     """Test accuracy of a logistic-regression classifier of the digit trained on the training
-    split's frozen features: CPC's, an untrained CPC's (same init seed) and the raw pixels'."""
-    from flax import linen as nn
-    untrained = nn.meta.unbox(self.init_params(jax.random.PRNGKey(self.config.seed)))
+    split's frozen features: CPC's, the untrained CPC's (the parameters the run started from) and
+    the raw pixels'."""
     train, test = self.data["train"], self.data["test"]
+    untrained = self.initial_params()
     features = {
         "cpc": (self.features(params, train), self.features(params, test)),
         "untrained_cpc": (self.features(untrained, train), self.features(untrained, test)),

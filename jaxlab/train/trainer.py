@@ -64,10 +64,15 @@ class Run:
     return nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
 
 
+def init_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(the key of a run's initial parameters, the key its dropout keys derive from)."""
+  params_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+  return params_rng, dropout_rng
+
+
 def _init_state_fn(task, tx, config) -> Callable[[], TrainState]:
   def init() -> TrainState:
-    rng = jax.random.PRNGKey(config.seed)
-    params_rng, dropout_rng = jax.random.split(rng)
+    params_rng, dropout_rng = init_keys(config.seed)
     params = task.init_params(params_rng)  # boxed with logical axis names
     state = {"step": jnp.array(0, jnp.int32), "params": params, "opt_state": tx.init(params),
              "rng": dropout_rng}

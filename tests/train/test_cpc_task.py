@@ -97,3 +97,31 @@ def test_bad_configs_name_the_key(override, key):
   with pytest.raises(ConfigError) as e:
     load_config("cpc_digits", [override])
   assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_probe_s_baseline_is_the_run_s_initial_parameters(tmp_path):
+  """It was another random draw (PRNGKey(seed) instead of the trainer's params key)."""
+  from jaxlab.train import trainer
+  config = load_config("cpc_digits", TINY)
+  run = trainer.setup(config, tmp_path)
+  run.checkpointer.close()
+  initial = jax.device_get(trainer.init_state(run)["params"])
+  # Equal up to float rounding (the trainer's init is compiled; another draw differs by O(0.1)).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               run.task.initial_params(), initial)
+
+
+def test_features_are_the_mean_context_and_the_probe_never_fits_on_test():
+  task = cpc_task.build(load_config("cpc_digits", TINY, check_devices=False))
+  params = task.initial_params()
+  x = task.data["test"][:7]
+  _, c_BTC = task.model.apply({"params": params}, x)
+  np.testing.assert_allclose(task.features(params, x), np.mean(np.asarray(c_BTC), axis=1),
+                             rtol=1e-6)
+  # Test labels shuffled: a probe fit on the training digits scores about chance on them (one fit on
+  # the test split would score high).
+  train, test = task.data["train"].reshape(1347, -1), task.data["test"].reshape(225, -1)
+  shuffled = np.random.default_rng(0).permutation(task.data["test_labels"])
+  assert cpc_task._linear_probe(train, task.data["train_labels"], test, shuffled) < 0.3
+  assert cpc_task._linear_probe(train, task.data["train_labels"], test,
+                                task.data["test_labels"]) > 0.9
