@@ -159,3 +159,31 @@ def load_experiment(name: str):
 def experiment():
   """Loads a script of experiments/ as a module: `experiment("attention_zoo").main([...])`."""
   return load_experiment
+
+
+@pytest.fixture
+def assert_sharded_training_matches(tmp_path):
+  """Factory: trains config `name` with `overrides` for 3 steps on 1 device and on a data 4 x
+  fsdp 2 mesh, and asserts the same train loss at each step and the same final parameters."""
+  def check(name: str, overrides: list):
+    import jax
+    import numpy as np
+    from jaxlab.configs import load_config
+    from jaxlab.train import trainer
+    from jaxlab.train.metrics import read_metrics
+    common = overrides + ["--config.train.steps=3", "--config.train.log_every=1",
+                          "--config.train.eval_every=3", "--config.train.checkpoint_every=3",
+                          "--config.optim.warmup_steps=1", "--config.optim.lr=1e-2"]
+    runs = {}
+    for run, (data, fsdp) in (("single", (1, 1)), ("sharded", (4, 2))):
+      config = load_config(name, common + [f"--config.mesh.data={data}",
+                                           f"--config.mesh.fsdp={fsdp}"])
+      result = trainer.train(config, tmp_path / run, progress=False)
+      losses = [m["train_loss"] for m in read_metrics(tmp_path / run) if "train_loss" in m]
+      runs[run] = (losses, jax.device_get(result["state"]["params"]))
+    (ref_losses, ref_params), (losses, params) = runs["single"], runs["sharded"]
+    assert len(losses) == 3 and losses[-1] != losses[0]
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), params,
+                 ref_params)
+  return check

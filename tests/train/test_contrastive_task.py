@@ -243,26 +243,13 @@ def test_metric_inputs_of_the_wrong_length_are_named():
 
 
 @pytest.mark.parametrize("loss", ["siglip", "clip"])
-def test_sharded_training_equals_single_device_step_for_step(tfds_dir, tmp_path, loss):
+def test_sharded_training_equals_single_device_step_for_step(tfds_dir, loss,
+                                                          assert_sharded_training_matches):
   """Three trainer steps on a data 4 x fsdp 2 mesh (chunked SigLIP / all-gathered CLIP, parameters
   sharded by fsdp) give the 1-device run's losses and parameters."""
-  from jaxlab.train import trainer
-  from jaxlab.train.metrics import read_metrics
-  common = TINY + [f"--config.data.data_dir={tfds_dir}", f"--config.model.loss={loss}",
-                   "--config.train.steps=3", "--config.train.log_every=1", "--config.train.eval_every=3",
-                   "--config.train.eval_batches=1", "--config.train.checkpoint_every=3",
-                   "--config.optim.warmup_steps=1", "--config.optim.lr=1e-2"]
-  runs = {}
-  for name, (data, fsdp) in (("single", (1, 1)), ("sharded", (4, 2))):
-    config = load_config("contrastive_digits", common + [f"--config.mesh.data={data}",
-                                                         f"--config.mesh.fsdp={fsdp}"])
-    result = trainer.train(config, tmp_path / name, progress=False)
-    losses = [m["train_loss"] for m in read_metrics(tmp_path / name) if "train_loss" in m]
-    runs[name] = (losses, jax.device_get(result["state"]["params"]))
-  (ref_losses, ref_params), (losses, params) = runs["single"], runs["sharded"]
-  assert len(losses) == 3 and losses[-1] != losses[0]
-  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), params, ref_params)
+  assert_sharded_training_matches("contrastive_digits", TINY + [
+      f"--config.data.data_dir={tfds_dir}", f"--config.model.loss={loss}",
+      "--config.train.eval_batches=1"])
 
 
 @pytest.mark.parametrize("overrides,key", [

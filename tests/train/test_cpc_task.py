@@ -37,25 +37,9 @@ def test_cli_trains_reports_the_probe_and_evaluates(tmp_path, capsys):
   assert evaluated["step"] == 150 and np.isfinite(evaluated["val_loss"])
 
 
-def test_sharded_training_equals_single_device_step_for_step(tmp_path):
+def test_sharded_training_equals_single_device_step_for_step(assert_sharded_training_matches):
   """data 4 x fsdp 2 (the loss's negatives span the devices) gives the 1-device run's losses."""
-  from jaxlab.train import trainer
-  from jaxlab.train.metrics import read_metrics
-  common = TINY + ["--config.train.steps=3", "--config.train.log_every=1",
-                   "--config.train.eval_every=3", "--config.train.checkpoint_every=3",
-                   "--config.optim.warmup_steps=1", "--config.optim.lr=1e-2"]
-  runs = {}
-  for name, (data, fsdp) in (("single", (1, 1)), ("sharded", (4, 2))):
-    config = load_config("cpc_digits", common + [f"--config.mesh.data={data}",
-                                                 f"--config.mesh.fsdp={fsdp}"])
-    result = trainer.train(config, tmp_path / name, progress=False)
-    losses = [m["train_loss"] for m in read_metrics(tmp_path / name) if "train_loss" in m]
-    runs[name] = (losses, jax.device_get(result["state"]["params"]))
-  (ref_losses, ref_params), (losses, params) = runs["single"], runs["sharded"]
-  assert len(losses) == 3 and losses[-1] != losses[0]
-  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), params,
-               ref_params)
+  assert_sharded_training_matches("cpc_digits", TINY)
 
 
 def test_padding_rows_of_an_evaluation_batch_change_nothing():
