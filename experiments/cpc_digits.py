@@ -19,7 +19,6 @@ import os
 import pathlib
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
@@ -113,5 +112,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, str(HERE.parent))
   main()

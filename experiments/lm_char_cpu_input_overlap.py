@@ -39,7 +39,7 @@ def timed_blocks(rounds: int, block: int, data: str,
   import grain
   import jax
   from jaxlab.data import pipeline
-  from jaxlab.train import sharding, trainer
+  from jaxlab.train import trainer
 
   with tempfile.TemporaryDirectory() as workdir:  # setup wants one; nothing is saved
     run = trainer.setup(config, workdir)
@@ -51,14 +51,13 @@ def timed_blocks(rounds: int, block: int, data: str,
                                     batch_size=task.batch_size, seed=config.seed,
                                     read_options=grain.ReadOptions())  # grain's default
   train_step = trainer.make_train_step(run)
-  place = lambda batch: sharding.place_batch(batch, run.mesh, config.data.batch_size)
 
   def fetch_then_step(data_iter):
     def loop(state, n):
       times = []
       for _ in range(n):
         t0 = time.perf_counter()
-        state, metrics = train_step(state, place(next(data_iter)))
+        state, metrics = train_step(state, run.place_batch(next(data_iter)))
         float(metrics["loss"])
         times.append(time.perf_counter() - t0)
       return state, times
@@ -66,11 +65,11 @@ def timed_blocks(rounds: int, block: int, data: str,
 
   def step_then_fetch(state, n):
     times = []
-    batch = place(next(in_thread))
+    batch = run.place_batch(next(in_thread))
     for _ in range(n):
       t0 = time.perf_counter()
       state, metrics = train_step(state, batch)
-      batch = place(next(in_thread))
+      batch = run.place_batch(next(in_thread))
       float(metrics["loss"])
       times.append(time.perf_counter() - t0)
     return state, times

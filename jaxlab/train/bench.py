@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from jaxlab.train import sharding, trainer
+from jaxlab.train import trainer
 from jaxlab.train.host_devices import cpu_model
 
 
@@ -50,10 +50,9 @@ def _time_run(run, steps: int, warmup: int) -> dict:
   state = trainer.init_state(run)
   parameters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   train_step = trainer.make_train_step(run)
-  place = lambda batch: sharding.place_batch(batch, run.mesh, run.config.data.batch_size)
   with run.mesh, run.rules():
     t0 = time.perf_counter()
-    batch = jax.block_until_ready(place(next(data_iter)))
+    batch = jax.block_until_ready(run.place_batch(next(data_iter)))
     first_batch_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
@@ -62,7 +61,7 @@ def _time_run(run, steps: int, warmup: int) -> dict:
     for i in range(warmup + steps):
       if i:  # read + placed on the devices, before the step's clock starts
         t0 = time.perf_counter()
-        batch = jax.block_until_ready(place(next(data_iter)))
+        batch = jax.block_until_ready(run.place_batch(next(data_iter)))
         batch_times.append(time.perf_counter() - t0)
       t0 = time.perf_counter()
       state, metrics = compiled(state, batch)

@@ -63,6 +63,10 @@ class Run:
   def rules(self):
     return nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
 
+  def place_batch(self, batch: dict) -> dict:
+    """This process's rows of a global batch of config.data.batch_size rows, on the mesh."""
+    return sharding.place_batch(batch, self.mesh, self.config.data.batch_size)
+
 
 def init_keys(seed: int) -> tuple[jax.Array, jax.Array]:
   """(the key of a run's initial parameters, the key its dropout keys derive from)."""
@@ -392,7 +396,7 @@ def evaluate(run: Run, params, eval_step=None) -> float:
   total, count = 0.0, 0.0
   with run.mesh, run.rules():
     for batch in run.task.eval_iterator():
-      t, c = eval_step(params, sharding.place_batch(batch, run.mesh, run.config.data.batch_size))
+      t, c = eval_step(params, run.place_batch(batch))
       total, count = total + float(t), count + float(c)
   if count == 0:
     raise ValueError("the evaluation split gave no batches")
@@ -636,11 +640,11 @@ def _saved_train_section(run: Run) -> dict:
   return {}
 
 
-# In a checkpoint's data state: the train losses (and loss-scaling skips) of the logging interval
-# that the checkpoint cut into, so that a resumed run logs the interval's mean over all of its steps.
 # Steps in a row whose loss is not finite (each skipped by loss scaling) that stop a run: a passing
 # float16 overflow costs a step or two; parameters blown up by an update overflow every step.
 NONFINITE_LOSS_STREAK = 3
+# In a checkpoint's data state: the train losses (and loss-scaling skips) of the logging interval
+# that the checkpoint cut into, so that a resumed run logs the interval's mean over all of its steps.
 OPEN_INTERVAL_KEY = "_jaxlab_open_log_interval"
 STREAM_KEY = "_jaxlab_stream_version"  # tasks with a `train_stream_version` (pipeline.STREAM_VERSION)
 CONFIG_KEY = "_jaxlab_config"  # the run's whole config (JSON): what check_resume_config compares with
@@ -816,7 +820,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
       nonfinite_streak, save_deferred = 0, False
       for step in range(start, cfg.steps):
         if batch is None:  # after a checkpoint (nothing read ahead): not part of the step's time
-          batch = sharding.place_batch(next(data_iter), run.mesh, run.config.data.batch_size)
+          batch = run.place_batch(next(data_iter))
         t0 = time.perf_counter()
         state, metrics = train_step(state, batch)  # dispatched; runs while the next lines do
         batch = None
@@ -825,7 +829,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         if not save_now:
           # The next batch is read while this step computes. Not before a checkpoint: the saved
           # iterator state must be the one after exactly `done` batches.
-          batch = sharding.place_batch(next(data_iter), run.mesh, run.config.data.batch_size)
+          batch = run.place_batch(next(data_iter))
         loss = float(metrics["loss"])  # blocks: the step time below is real work, not dispatch
         if step > start:  # the first step of a process includes compilation
           step_times.append(time.perf_counter() - t0)

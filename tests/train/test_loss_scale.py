@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxlab.configs import load_config
-from jaxlab.train import loss_scale, sharding, trainer
+from jaxlab.train import loss_scale, trainer
 
 
 class _ScaledDown:
@@ -64,8 +64,7 @@ def test_an_overflowing_step_is_skipped_then_the_scale_grows_again(tiny_lm_confi
   run = trainer.setup(config, tmp_path)
   run.checkpointer.close()
   step = trainer.make_train_step(run)
-  batch = sharding.place_batch(next(run.task.train_iterator()), run.mesh,
-                               run.config.data.batch_size)
+  batch = run.place_batch(next(run.task.train_iterator()))
   state = trainer.init_state(run)
   before = jax.device_get({"params": state["params"], "opt_state": state["opt_state"]})
   with run.mesh, run.rules():

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from jaxlab.train import sharding, trainer
+from jaxlab.train import trainer
 
 
 def test_each_step_draws_its_own_dropout_masks_and_a_step_replays_its_own(tiny_lm_config,
@@ -14,8 +14,7 @@ def test_each_step_draws_its_own_dropout_masks_and_a_step_replays_its_own(tiny_l
   run = trainer.setup(tiny_lm_config("--config.model.dropout=0.5"), tmp_path)
   run.checkpointer.close()
   step_fn = trainer.make_train_step(run)
-  batch = sharding.place_batch(next(run.task.train_iterator()), run.mesh,
-                               run.config.data.batch_size)
+  batch = run.place_batch(next(run.task.train_iterator()))
   state = trainer.init_state(run)
   snapshot = jax.device_get(state)
 
