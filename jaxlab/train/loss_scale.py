@@ -21,6 +21,8 @@ step count (and with it the learning-rate schedule) advances only on applied ste
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import jmp
 
@@ -95,5 +97,30 @@ def check_progress(step: int, loss_scale: float, skipped: bool, streak: int = 0)
         f"step {step}: the float16 gradients (or the loss) overflowed even at loss scale 1 in "
         f"{streak} steps in a row, which were all skipped; train in bfloat16 or float32 "
         "(config.model.dtype), or lower config.optim.lr")
+  return streak
+
+
+# Steps in a row whose loss is not finite (each skipped by loss scaling) that stop a run: a passing
+# float16 overflow costs a step or two; parameters blown up by an update overflow every step.
+NONFINITE_LOSS_STREAK = 3
+
+
+def check_loss_overflow(step: int, loss: float, skipped: bool, streak: int, *, last: bool,
+                        kept: str) -> int:
+  """The number of consecutive skipped steps with a non-finite loss, this one included, given
+  `streak` up to the previous step. Such a step is a float16 forward pass that overflowed on its
+  batch (passing) or parameters that an update blew up (every later step): FloatingPointError at
+  NONFINITE_LOSS_STREAK in a row, or at the `last` step of the run (nothing after it to show it
+  passed). kept: where the last good checkpoint is, for the message."""
+  overflowed = skipped and not math.isfinite(loss)
+  streak = streak + 1 if overflowed else 0
+  if streak >= NONFINITE_LOSS_STREAK or (overflowed and last):
+    where = (f"in {streak} steps in a row up to step {step}" if streak > 1
+             else f"at step {step}, the last step")
+    raise FloatingPointError(
+        f"the loss is {loss} {where} (skipped by loss scaling: the parameters have diverged, or "
+        f"the float16 forward pass overflows); stopping (last good checkpoint kept in {kept})"
+        + ("; to get past a one-off overflow at the last step, train a step further"
+           if streak == 1 else ""))
   return streak
 

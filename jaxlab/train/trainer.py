@@ -640,9 +640,6 @@ def _saved_train_section(run: Run) -> dict:
   return {}
 
 
-# Steps in a row whose loss is not finite (each skipped by loss scaling) that stop a run: a passing
-# float16 overflow costs a step or two; parameters blown up by an update overflow every step.
-NONFINITE_LOSS_STREAK = 3
 # In a checkpoint's data state: the train losses (and loss-scaling skips) of the logging interval
 # that the checkpoint cut into, so that a resumed run logs the interval's mean over all of its steps.
 OPEN_INTERVAL_KEY = "_jaxlab_open_log_interval"
@@ -835,25 +832,16 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
           step_times.append(time.perf_counter() - t0)
         # Without loss scaling a non-finite gradient is applied (loss scaling skips that step), so
         # it stops the run here, before the state it made can be checkpointed. With loss scaling a
-        # skipped step may have a non-finite loss too: a float16 forward pass that overflowed on
-        # this batch (passing), or parameters that a huge update blew up (every later step). It is
-        # left out of the logged train_loss, a checkpoint due at it waits for a step with a finite
-        # loss, and NONFINITE_LOSS_STREAK of them in a row stop the run.
+        # skipped step may have a non-finite loss too (loss_scale.check_loss_overflow): it is left
+        # out of the logged train_loss and a checkpoint due at it waits for a step with a finite loss.
         step_skipped = "skipped" in metrics and bool(metrics["skipped"])
         loss_overflowed = step_skipped and not np.isfinite(loss)
-        nonfinite_streak = nonfinite_streak + 1 if loss_overflowed else 0
+        nonfinite_streak = loss_scale.check_loss_overflow(
+            done, loss, step_skipped, nonfinite_streak, last=done == cfg.steps,
+            kept=str(run.checkpointer.directory))
         if not loss_overflowed:
           losses.append(loss)
         grad_norm = float(metrics["grad_norm"]) if "skipped" not in metrics else 0.0
-        if nonfinite_streak >= NONFINITE_LOSS_STREAK or (loss_overflowed and done == cfg.steps):
-          where = (f"in {nonfinite_streak} steps in a row up to step {done}"
-                   if nonfinite_streak > 1 else f"at step {done}, the last step")
-          raise FloatingPointError(
-              f"the loss is {loss} {where} (skipped by loss scaling: the parameters have diverged, "
-              f"or the float16 forward pass overflows); stopping (last good checkpoint kept in "
-              f"{run.checkpointer.directory})" + ("; to get past a one-off overflow at the last "
-                                                  "step, train a step further"
-                                                  if nonfinite_streak == 1 else ""))
         save_deferred = save_now and loss_overflowed  # not a state whose last loss overflowed
         save_now = save_now and not loss_overflowed
         if not step_skipped and not (np.isfinite(loss) and np.isfinite(grad_norm)):

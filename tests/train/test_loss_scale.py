@@ -128,6 +128,24 @@ def test_a_run_that_overflows_at_scale_one_stops_with_one_line():
     loss_scale.check_progress(12, 1.0, skipped=True, streak=streak)
 
 
+def test_non_finite_losses_stop_a_run_after_a_streak_or_at_its_last_step():
+  check = lambda step, loss, skipped, streak, last=False: loss_scale.check_loss_overflow(
+      step, loss, skipped, streak, last=last, kept="ckpt/")
+  nan = float("nan")
+  assert check(3, nan, True, 0) == 1  # one overflowed forward pass: skipped, the run goes on
+  assert check(4, 1.5, True, 1) == 0  # a finite (skipped) step ends the streak
+  assert check(4, nan, False, 1) == 0  # not skipped: the trainer's own non-finite check applies
+  streak = 0
+  for step in range(loss_scale.NONFINITE_LOSS_STREAK - 1):
+    streak = check(step, float("inf"), True, streak)
+  with pytest.raises(FloatingPointError, match=r"the loss is nan in 3 steps in a row up to step 9 "
+                                               r".*last good checkpoint kept in ckpt/\)$"):
+    check(9, nan, True, streak)
+  with pytest.raises(FloatingPointError, match="at step 5, the last step.*train a step further"):
+    check(5, nan, True, 0, last=True)
+  assert check(5, 2.0, True, 0, last=True) == 0
+
+
 def test_switching_loss_scaling_on_a_workdir_is_refused_and_older_workdirs_read_as_unscaled(
     tiny_lm_config, tmp_path, as_saved_before_configs_were_recorded):
   """The checkpoints of a scaled run hold the scale, an unscaled run's do not: resuming across that
@@ -239,7 +257,7 @@ def test_a_skipped_step_whose_float16_loss_overflowed_does_not_stop_the_run(tiny
 def test_losses_that_keep_overflowing_stop_the_run_before_a_checkpoint(tiny_lm_config, tmp_path,
                                                                        steps, message):
   """Parameters that an update blew up overflow at every later step (loss scaling skips them all):
-  the run stops after NONFINITE_LOSS_STREAK steps, and a checkpoint due meanwhile is not written;
+  the run stops after loss_scale.NONFINITE_LOSS_STREAK steps, and a checkpoint due meanwhile is not written;
   nor is a last step whose loss overflowed."""
   config = tiny_lm_config("--config.model.dtype=float16", "--config.train.steps=6",
                           "--config.train.checkpoint_every=2", "--config.train.eval_every=6",
