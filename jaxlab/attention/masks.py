@@ -139,6 +139,9 @@ def check_mask_fits(mask, batch: int, q_len: int, kv_len: int) -> None:
   if (mask.q_len, mask.kv_len) != (q_len, kv_len):
     raise ValueError(f"mask is for (Tq, Tk) = {(mask.q_len, mask.kv_len)} but q and k give "
                      f"{(q_len, kv_len)}")
+  if (mask.q_segment_ids is None) != (mask.kv_segment_ids is None):  # make_mask fills in the other
+    raise ValueError("mask has only one of q_segment_ids and kv_segment_ids: give both (or build "
+                     "the mask with masks.make_mask)")
   for name in ("q_segment_ids", "kv_segment_ids", "q_lengths", "kv_lengths"):
     array = getattr(mask, name)
     if array is not None and array.shape[0] != batch:

@@ -37,9 +37,10 @@ __all__ = ["window_partition", "window_reverse", "shifted_window_region_ids", "s
 
 
 def _check_window_shift(window: int, shift: int = 0) -> None:
-  if not isinstance(window, (int, np.integer)) or window < 1:
+  if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
     raise ValueError(f"window must be a positive int, got {window!r}")
-  if not isinstance(shift, (int, np.integer)) or not 0 <= shift < window:
+  if (isinstance(shift, bool) or not isinstance(shift, (int, np.integer))
+      or not 0 <= shift < window):
     raise ValueError(f"shift must be an int with 0 <= shift < window ({window}), got {shift!r}")
 
 

@@ -138,7 +138,7 @@ class MultiHeadAttention(nn.Module):
   qk_norm: bool = False  # RMS-normalise q and k per head (learned scale) before positions
   logit_soft_cap: Optional[float] = None  # softmax family: logits -> c * tanh(logits / c)
   rerope_window: int = 0  # > 0 with position="rope": (leaky) ReRoPE with this window
-  rerope_leaky_k: Optional[float] = None  # leaky ReRoPE's k (> 1); None = ReRoPE
+  rerope_leaky_k: Optional[float] = None  # leaky ReRoPE's k (>= 1; 1 = plain RoPE); None = ReRoPE
   family: str = "softmax"
   window: int = 0  # "local": each query sees itself and the `window` tokens before it
   feature_map: str = "elu+1"  # "linear": feature map

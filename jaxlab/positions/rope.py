@@ -73,7 +73,8 @@ class RopeScaling:
     factor: the scale s = L_new / L_train >= 1. factor == 1 gives plain RoPE for every kind (except
       "dynamic_ntk" beyond original_max_len, where it gives alpha = L / original_max_len).
     original_max_len: L_train, required by "dynamic_ntk" and "yarn".
-    beta_fast, beta_slow: YaRN's beta and alpha (paper defaults 32 and 1, for LLaMA).
+    beta_fast, beta_slow: YaRN's beta and alpha (paper defaults 32 and 1, for LLaMA). They and
+      yarn_ramp are YaRN's alone: another kind refuses values other than their defaults.
     yarn_ramp: "paper" (default) is the continuous ramp gamma(r) linear in r, as written in the
       paper. "reference" reproduces the released code (jquesnelle/yarn, Hugging Face with
       truncate=True): the ramp is linear in the pair index i between floor(i(beta_fast)) and
@@ -119,6 +120,12 @@ class RopeScaling:
       raise ValueError(f"scaling beta_fast must exceed beta_slow, got {self.beta_fast} <= {self.beta_slow}")
     if self.yarn_ramp not in YARN_RAMPS:
       raise ValueError(f"scaling yarn_ramp must be one of {YARN_RAMPS}, got {self.yarn_ramp!r}")
+    if kind != "yarn":  # YaRN's own options would be silently ignored by another kind
+      for name in ("beta_fast", "beta_slow", "yarn_ramp"):
+        default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+        if getattr(self, name) != default:
+          raise ValueError(f"scaling {name}={getattr(self, name)!r} applies to kind 'yarn' only; "
+                           f"kind {kind!r} would ignore it")
 
 
 ScalingLike = Union[None, RopeScaling, Mapping[str, Any]]
@@ -138,7 +145,8 @@ def as_rope_scaling(scaling: ScalingLike) -> Optional[RopeScaling]:
       kwargs[key] = value
     if "kind" not in kwargs or "factor" not in kwargs:
       raise ValueError(f"scaling needs at least 'kind' and 'factor', got {dict(scaling)}")
-    if {"type", "rope_type"} & set(scaling) and "yarn_ramp" not in kwargs:
+    if ({"type", "rope_type"} & set(scaling) and "yarn_ramp" not in kwargs
+        and _KIND_ALIASES.get(kwargs["kind"], kwargs["kind"]) == "yarn"):
       kwargs["yarn_ramp"] = "reference"  # a Hugging Face config: its checkpoints used HF's ramp
     return RopeScaling(**kwargs)
   raise ValueError(f"scaling must be None, a RopeScaling or a dict, got {type(scaling).__name__}")

@@ -2,6 +2,8 @@
 ids with lengths, an additive -inf bias, a traced scale, empty sequences, NumPy mask arrays, and the
 arguments it refuses (bias shapes, an infinite soft cap)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,6 +252,11 @@ def test_a_mask_made_for_other_shapes_is_named_by_every_kernel():
       fn(q, k, v, other_lengths, scale=0.5)
     with pytest.raises(TypeError, match="mask must be an AttentionMask"):
       fn(q, k, v, None, scale=0.5)
+    # An AttentionMask built by hand with one side's segment ids (make_mask fills in the other)
+    # failed inside an index helper.
+    one_sided = dataclasses.replace(masks.make_mask(5, 7, 2), q_segment_ids=jnp.zeros((2, 5), jnp.int32))
+    with pytest.raises(ValueError, match="only one of q_segment_ids and kv_segment_ids"):
+      fn(q, k, v, one_sided, scale=0.5)
 
 
 def test_causal_must_be_a_bool_everywhere():

@@ -128,27 +128,48 @@ def test_rows_that_see_no_key_are_exact_zeros():
 
 # Per-dtype tolerance (absolute and relative) against the float32 reference on the same rounded inputs:
 # bf16 has an 8-bit mantissa (~4e-3 per rounding), fp16 11 bits (~5e-4); P and dS are rounded to the
-# input dtype before their matmuls, as in the reference. The reference run in the low dtype must meet
-# the same bound, so the bound is fair.
-DTYPE_TOL = {jnp.bfloat16: 3e-2, jnp.float16: 4e-3}
+# input dtype before their matmuls, as in the reference. The kernel's error against float32 (relative
+# to the largest reference entry) is bounded by a multiple of the error of the same computation by xla in
+# the low dtype, plus a floor of a quarter of a rounding step: a fixed tolerance of 3e-2 for bf16 let a
+# 10x loss of precision pass. out and dV match xla's error; dQ and dK take D = rowsum(dO * O) from the
+# 16-bit O (as FlashAttention-2 does; `flash._flash_bwd`), which costs up to 1.5x xla's error at
+# unit-variance inputs and up to ~12x on peaky attention (q, k x4: bf16 dK 4.2e-2 against 3.4e-3).
+DTYPE_FLOOR = {jnp.bfloat16: 1e-3, jnp.float16: 1.2e-4}
+# (q/k multiplier, {output: allowed multiple of xla's low-dtype error})
+LOW_PRECISION_BOUNDS = [(1.0, {"out": 1.5, "dq": 2.0, "dk": 2.0, "dv": 1.5}),
+                        (4.0, {"out": 1.5, "dq": 8.0, "dk": 16.0, "dv": 1.5})]
 
 
+@pytest.mark.parametrize("qk_mult,bounds", LOW_PRECISION_BOUNDS, ids=["unit", "peaky"])
 @pytest.mark.parametrize("dtype,h", [(jnp.bfloat16, 64), (jnp.float16, 128)],
                          ids=["bf16_h64", "fp16_h128"])
-def test_low_precision_inputs(dtype, h):
+def test_low_precision_inputs(dtype, h, qk_mult, bounds):
   b, tq, tk, n, kh = 1, 19, 27, 4, 2
   q, k, v, ct = qkv_inputs(13, b, tq, tk, n, kh, h, dtype)
+  q, k = ((x.astype(jnp.float32) * qk_mult).astype(dtype) for x in (q, k))
   static_mask = dict(causal=True, window=(11, None))
   arrays = _mask_arrays("all", 2, tq, tk)
   arrays = {key: value[:1] for key, value in arrays.items()}
   (out, *grads), ref, ref_low = _both(q, k, v, ct, static_mask, arrays, (16, 16),
                                      ref_dtypes=(jnp.float32, None))
-  tol = DTYPE_TOL[dtype]
   assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
   f32 = lambda x: np.asarray(x, np.float32)
   for name, got, low, want in zip(("out", "dq", "dk", "dv"), [out] + grads, ref_low, ref):
-    np.testing.assert_allclose(f32(got), want, atol=tol, rtol=tol, err_msg=name)
-    np.testing.assert_allclose(f32(low), want, atol=tol, rtol=tol, err_msg="reference " + name)
+    want = f32(want)
+    size = np.abs(want).max()
+    err, err_low = (np.abs(f32(x) - want).max() / size for x in (got, low))
+    assert err_low < 20 * DTYPE_FLOOR[dtype], (name, err_low)  # the reference itself is sane
+    assert err <= bounds[name] * err_low + DTYPE_FLOOR[dtype], (name, err, err_low)
+
+
+@pytest.mark.parametrize("tq,tk", [(0, 5), (3, 0), (0, 0)])
+def test_empty_queries_or_keys_give_zeros(tq, tk):
+  """flash_attention itself (not only dot_product_attention) takes a length of 0: it raised a
+  TypeError from a block slice."""
+  q, k, v, _ = qkv_inputs(1, 1, tq, tk, 2, 1, 8)
+  for causal in (False, True):
+    out = flash_attention(q, k, v, make_mask(tq, tk, 1, causal=causal), scale=SCALE)
+    assert out.shape == (1, tq, 2, 8) and out.dtype == q.dtype and not np.asarray(out).any()
 
 
 def test_public_entry_point_and_dispatch():

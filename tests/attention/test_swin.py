@@ -256,6 +256,10 @@ def test_bad_shapes_name_the_argument():
     swin.window_attention(q, q, q, window=4, shift=4)
   with pytest.raises(ValueError, match="window"):
     swin.window_attention(q, q, q, window=0)
+  with pytest.raises(ValueError, match="window must be a positive int, got True"):  # a bool: was 1
+    swin.window_attention(q, q, q, window=True)
+  with pytest.raises(ValueError, match="shift must be an int .* got False"):
+    swin.window_attention(q, q, q, window=4, shift=False)
   with pytest.raises(ValueError, match="rel_bias_table"):
     swin.window_attention(q, q, q, window=4, rel_bias_table=jnp.zeros((49, 3)))
   with pytest.raises(ValueError, match="rel_bias_table"):

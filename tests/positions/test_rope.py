@@ -172,6 +172,10 @@ def test_a_hugging_face_yarn_dict_gets_the_released_code_s_ramp():
   # only the kind's HF spelling marks an HF config (a jaxlab dict may borrow HF's length key)
   mixed = {"kind": "yarn", "factor": 8, "original_max_position_embeddings": 4}
   assert P.as_rope_scaling(mixed).yarn_ramp == "paper"
+  # Another kind in HF's keys: no ramp (which that kind would refuse as ignored).
+  assert P.as_rope_scaling({"type": "linear", "factor": 2}) == P.RopeScaling("linear", 2.0)
+  assert P.as_rope_scaling({"rope_type": "dynamic", "factor": 2.0,
+                            "original_max_position_embeddings": 4}).kind == "dynamic_ntk"
 
 
 _Z3, _Z4 = np.zeros((2, 3, 1, 8), np.float32), np.zeros((2, 3), np.float32)
@@ -204,6 +208,11 @@ _Z3, _Z4 = np.zeros((2, 3, 1, 8), np.float32), np.zeros((2, 3), np.float32)
     (lambda: P.apply_rope_2d(np.zeros((2, 3, 1, 6), np.float32), np.zeros((2, 3, 2))), "divisible by 4"),
     (lambda: P.apply_rope_2d(_Z3, _Z4), "positions must have shape"),
     (lambda: P.RopeScaling("yarn", 2.0, original_max_len=8, beta_fast=1.0, beta_slow=2.0), "beta_fast"),
+    # YaRN's own options with another kind were accepted and ignored.
+    (lambda: P.RopeScaling("ntk", 4.0, beta_fast=8.0), "beta_fast=8.0 applies to kind 'yarn' only"),
+    (lambda: P.RopeScaling("linear", 4.0, beta_slow=2.0), "beta_slow=2.0 applies to kind 'yarn'"),
+    (lambda: P.as_rope_scaling({"kind": "dynamic", "factor": 2, "original_max_len": 4,
+                                "yarn_ramp": "reference"}), "kind 'dynamic_ntk' would ignore it"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(call, match):
   with pytest.raises(ValueError, match=match):

@@ -190,6 +190,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.At
   check_soft_cap(soft_cap)
   if soft_cap is not None:
     soft_cap = _static_float(soft_cap, "soft_cap")
+  if tq == 0 or tk == 0:  # no query, or no key to see: zeros (as dot_product_attention gives)
+    return jnp.zeros((b, tq, n, v.shape[-1]), q.dtype)
   if kernel is None:
     if jax.default_backend() == "tpu":
       kernel = "tpu"
@@ -261,6 +263,9 @@ def _flash_bwd(cfg, kernels, res, d_out):
   q, k, v, q_seg, kv_seg, out, lse = res
   d_out = d_out.astype(q.dtype)
   # D_i = rowsum(dO * O) (FlashAttention-2, Algorithm 2 line 4): O(T) per head, computed by XLA.
+  # From O in q's dtype, as FlashAttention-2 does: with 16-bit inputs its rounding shows in
+  # dS = P (dP - D) where attention is peaked (dP_ij ~ D_i), up to ~12x xla's dQ/dK error there
+  # (tests/attention/test_flash.py::test_low_precision_inputs); a float32 O residual would avoid it.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   dq = kernels.backward_dq(cfg, q, k, v, d_out, lse, delta, q_seg, kv_seg)
   dk, dv = kernels.backward_dkdv(cfg, q, k, v, d_out, lse, delta, q_seg, kv_seg)
