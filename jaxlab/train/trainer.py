@@ -195,8 +195,8 @@ def check_same_data(run: Run) -> None:
   if saved is not None:
     raise ValueError(f"the data differs from the data {run.workdir} was trained on (digest "
                      f"{digest[:12]}, saved {saved[:12]} in {DATA_FINGERPRINT}): the files of "
-                     "config.data.path (or the dataset) changed since; nothing was changed (restore "
-                     "them, or train into a new --workdir)")
+                     "config.data.path (or the dataset) changed since; the workdir was not changed "
+                     "(restore them, or train into a new --workdir)")
 
 
 MODEL_FINGERPRINT = "model_fingerprint.txt"
@@ -527,7 +527,8 @@ def _refuse_another_config(run: Run, saved_dict: dict, source: str) -> None:
   current_json = with_task_defaults(json.loads(run.config.to_json_best_effort()))[0]
   saved, current = _resume_keys(saved_json), _resume_keys(current_json)
   saved_raw, current_raw = flatten(saved_json), flatten(current_json)
-  name_first = lambda key: (key.rsplit(".", 1)[-1] != "name", key)
+  # The task, then the names (model, dataset): the key that explains the other differences first.
+  name_first = lambda key: (key != "task", key.rsplit(".", 1)[-1] != "name", key)
   for key in sorted(set(saved) | set(current), key=name_first):
     if key not in saved_raw:  # a key of this run's own config file that the saved run lacks
       continue

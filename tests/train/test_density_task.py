@@ -316,6 +316,11 @@ def test_resuming_with_another_model_names_the_model_first(tmp_path):
   with pytest.raises(ConfigError, match=r"checkpoints trained with config\.model\.name='made' .*"
                                         r"but this run has 'nade'"):
     trainer.setup(nade, tmp_path, task=DensityTask(nade, data=data))
+  # Another task altogether: the task is named, not the model or dataset names it implies.
+  other = load_config("contrastive_digits", [], check_devices=False)
+  with pytest.raises(ConfigError, match=r"checkpoints trained with config\.task='density' .*"
+                                        r"but this run has 'contrastive'"):
+    trainer.setup(other, tmp_path)
 
 
 def test_a_grid_that_cannot_be_written_keeps_the_test_nll_in_the_error(monkeypatch, tmp_path):
