@@ -87,6 +87,9 @@ def read_idx(path: str | pathlib.Path) -> np.ndarray:
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
     raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {raw[:4].hex()})")
   ndim = raw[3]
+  if len(raw) < 4 + 4 * ndim:
+    raise ValueError(f"{path}: IDX header cut short ({len(raw)} bytes; {ndim} dimensions need "
+                     f"{4 + 4 * ndim})")
   shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
   data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
   if data.size != int(np.prod(shape)):
@@ -111,11 +114,24 @@ def mnist_grey(root: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   if single is not None:
     train = read_idx(single)
   else:
-    parts = sorted(root.glob("train-images-idx3-ubyte.part*"),
-                   key=lambda p: int(p.name.split(".part")[1].split(".")[0]))
+    parts = {}
+    for piece in root.glob("train-images-idx3-ubyte.part*"):
+      number = piece.name.split(".part")[1].split(".")[0]
+      if not number.isdigit():
+        raise ValueError(f"{piece}: not a numbered piece (train-images-idx3-ubyte.partN[.gz])")
+      parts[int(number)] = piece
     if not parts:
       raise FileNotFoundError(f"no train-images-idx3-ubyte[.gz] or its .partN pieces in {root}")
-    train = np.concatenate([read_idx(p) for p in parts])
+    missing = sorted(set(range(max(parts) + 1)) - set(parts))
+    if missing:
+      raise FileNotFoundError(f"train-images-idx3-ubyte.part{missing[0]} is missing in {root} "
+                              f"(pieces found: {sorted(parts)})")
+    pieces = [read_idx(parts[i]) for i in range(len(parts))]
+    for i, piece in enumerate(pieces):
+      if piece.ndim != 3 or piece.shape[1:] != pieces[0].shape[1:]:
+        raise ValueError(f"{parts[i]}: images of shape {piece.shape[1:]}, but "
+                         f"{parts[0].name} has {pieces[0].shape[1:]}")
+    train = np.concatenate(pieces)
   test_file = _idx_file(root, "t10k-images-idx3-ubyte")
   if test_file is None:
     raise FileNotFoundError(f"no t10k-images-idx3-ubyte[.gz] in {root}")
@@ -129,12 +145,19 @@ def _tfds_images(name: str, data_dir: str, splits, *, local_path: bool = False) 
   builder = tfds.builder(name, data_dir=data_dir or None)
   if not builder.is_prepared():
     raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir} (this "
-                            "code never downloads; prepare it with `tfds build` and give its "
+                            "code never downloads; prepare it with `tfds build --file_format=array_record` and give its "
                             "config.data.data_dir" + (", or give local files by config.data.path"
                                                       if local_path else "") + ")")
   out = []
   for split in splits:
-    source = builder.as_data_source(split=split)
+    try:
+      source = builder.as_data_source(split=split)
+    except NotImplementedError as e:  # random access needs array_record (or parquet) files
+      raise ValueError(f"TFDS dataset {name!r} in {builder.data_dir} is stored as "
+                       f"{builder.info.file_format.value if builder.info.file_format else '?'}, "
+                       "which has no random access: prepare it with `tfds build "
+                       f"{name} --file_format=array_record` (details: {str(e).splitlines()[0]})"
+                       ) from None
     out.append(np.stack([np.asarray(source[i]["image"]) for i in range(len(source))]))
   return out
 
@@ -166,6 +189,9 @@ def load_mnist(path: str = "", *, data_dir: str = "", binarize_seed: int = 0,
   if path or (not data_dir and root.is_dir()):
     train, test = mnist_grey(root)
     source = f"IDX files in {os.path.relpath(root, REPO_ROOT)}"
+    for what, images, want in (("training", train, (60000, 28, 28)), ("test", test, (10000, 28, 28))):
+      if images.shape != want:  # e.g. a piece of the training file left out
+        raise ValueError(f"the MNIST {what} images in {root} must be {want}, got {images.shape}")
   else:
     train, test = (a[..., 0] for a in _tfds_images("mnist", data_dir, ("train", "test"),
                                                    local_path=True))
@@ -179,8 +205,11 @@ def load_mnist(path: str = "", *, data_dir: str = "", binarize_seed: int = 0,
   else:
     train_x = grey_train[:50000]
     how = "trained on 50k images binarised dynamically (fresh Bernoulli(grey) draws per batch)"
-  note = (f"MNIST ({source}): {how}; valid = last 10k train images, test = the 10k test images, each "
-          f"{fixed} (the published numbers used one fixed binarisation of the whole data set)")
+  order = ("" if source != "TFDS mnist" else
+           " (TFDS stores the training images shuffled: another 10k than the IDX files' last 10k)")
+  note = (f"MNIST ({source}): {how}; valid = last 10k train images{order}, test = the 10k test "
+          f"images, each {fixed} (the published numbers used one fixed binarisation of the whole "
+          "data set)")
   return BinaryDataset("mnist", train_x, binarize(grey_train[50000:], [binarize_seed, 1]),
                        binarize(grey_test, [binarize_seed, 2]), (28, 28), not static, note)
 
@@ -230,8 +259,10 @@ def load_caltech(path: str = "", *, split_seed: int = 0) -> BinaryDataset:
     raise FileNotFoundError(f"Caltech-101 Silhouettes file not found: {file}")
   try:
     x = np.asarray(scipy.io.loadmat(file)["X"])
-    if x.size == 0 or x.size % (28 * 28):
-      raise ValueError(f"its X array of shape {x.shape} is not 28x28 images")
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != 28 * 28:  # [784, N] (transposed) too
+      raise ValueError(f"its X array of shape {x.shape} is not [N, 784] (28x28 images, one per row)")
+    if not np.isin(x, (0, 1)).all():
+      raise ValueError(f"its X array holds values other than 0 and 1 (range [{x.min()}, {x.max()}])")
   except Exception as e:  # not a .mat file (scipy: "Unknown mat file type ..."), no X, wrong shape
     raise _not_a_data_file(file, path, "a Caltech-101 Silhouettes 28x28 .mat file", e,
                            "no 'X' array") from None

@@ -64,11 +64,14 @@ def test_fixed_binarisation_depends_only_on_the_seed():
 
 
 def test_eval_batches_cover_the_split_once_with_padding_weighted_zero():
-  data = np.ones((7, 3), np.float32)
+  """Distinct rows (all-ones data passed batches of wrong, repeated or reordered rows)."""
+  data = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
   batches = list(bi.eval_batches(data, batch_size=4))
   assert [b["x"].shape for b in batches] == [(4, 3), (4, 3)]
-  np.testing.assert_array_equal(np.concatenate([b["weights"] for b in batches]),
-                                [1, 1, 1, 1, 1, 1, 1, 0])
+  weights = np.concatenate([b["weights"] for b in batches])
+  np.testing.assert_array_equal(weights, [1, 1, 1, 1, 1, 1, 1, 0])
+  rows = np.concatenate([b["x"] for b in batches])
+  np.testing.assert_array_equal(rows[weights > 0], data)  # every row once, in order
 
 
 def test_digits_binarised_at_half_and_split():
@@ -179,3 +182,61 @@ def test_bad_data_files_are_one_error_naming_the_file(tmp_path):
   (tmp_path / "cut.gz").write_bytes(gzip.compress(b"\0\0\x08\x01" + bytes(range(256)) * 4)[:40])
   with pytest.raises(ValueError, match=r"cut\.gz is not a readable gzip file"):
     bi.read_idx(tmp_path / "cut.gz")
+
+
+def test_bad_mnist_files_name_the_file_or_folder(tmp_path):
+  """A truncated IDX header was NumPy's "offset must be non-negative ..."; a missing piece of the
+  training file silently gave fewer images (then "splits must be non-empty ... valid (0, 784)"),
+  pieces of other image sizes NumPy's concatenate error."""
+  (tmp_path / "short").write_bytes(bytes([0, 0, 8, 3, 0, 0, 0, 5, 0, 0]))
+  with pytest.raises(ValueError, match=r"short: IDX header cut short \(10 bytes; 3 dimensions need 16\)"):
+    bi.read_idx(tmp_path / "short")
+  rng = np.random.default_rng(0)
+  gap = tmp_path / "gap"
+  gap.mkdir()
+  for i in (0, 2):
+    _write_idx(gap / f"train-images-idx3-ubyte.part{i}.gz", rng.integers(0, 256, (2, 28, 28)), True)
+  _write_idx(gap / "t10k-images-idx3-ubyte", rng.integers(0, 256, (2, 28, 28)), False)
+  with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte\.part1 is missing"):
+    bi.mnist_grey(gap)
+  _write_idx(gap / "train-images-idx3-ubyte.part1.gz", rng.integers(0, 256, (2, 32, 32)), True)
+  with pytest.raises(ValueError, match=r"part1\.gz: images of shape \(32, 32\), but "
+                                       r"train-images-idx3-ubyte\.part0\.gz has \(28, 28\)"):
+    bi.mnist_grey(gap)
+  _write_idx(gap / "train-images-idx3-ubyte.part1.gz", rng.integers(0, 256, (2, 28, 28)), True)
+  with pytest.raises(ValueError, match=r"the MNIST training images in .*gap must be \(60000, 28, "
+                                       r"28\), got \(6, 28, 28\)"):
+    bi.load("mnist", path=str(gap))
+
+
+def test_a_caltech_file_with_x_transposed_or_not_binary_is_refused(tmp_path):
+  """X stored [784, N] (MATLAB's other layout) loaded as noise; only x.size % 784 was checked."""
+  import scipy.io
+  x = (np.random.default_rng(0).random((30, 784)) < 0.5).astype(np.uint8)
+  for name, array, detail in (("t.mat", x.T, r"X array of shape \(784, 30\) is not \[N, 784\]"),
+                              ("grey.mat", 255 * x, r"values other than 0 and 1 \(range \[0, 255\]\)")):
+    scipy.io.savemat(tmp_path / name, {"X": array})
+    with pytest.raises(ValueError, match=rf"{name} \(config\.data\.path\) is not a Caltech.*{detail}"):
+      bi.load("caltech", path=str(tmp_path / name))
+  scipy.io.savemat(tmp_path / "ok.mat", {"X": np.tile(x, (300, 1))})  # > 4100 + 2264 rows
+  assert bi.load("caltech", path=str(tmp_path / "ok.mat")).dim == 784
+
+
+def test_a_tfds_build_without_random_access_says_how_to_prepare_it(tmp_path, monkeypatch):
+  """A tfrecord build (`tfds build`'s default) raised TFDS's multi-line NotImplementedError."""
+  import tensorflow_datasets as tfds
+
+  class Builder:
+    data_dir = str(tmp_path)
+    info = type("Info", (), {"file_format": tfds.core.FileFormat.TFRECORD})()
+    def is_prepared(self):
+      return True
+    def as_data_source(self, split):
+      raise NotImplementedError("Random access data source for file format FileFormat.TFRECORD is "
+                                "not supported.\nPossible values are: ...")
+
+  monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: Builder())
+  with pytest.raises(ValueError, match=r"stored as tfrecord, which has no random access: prepare it "
+                                       r"with `tfds build binarized_mnist --file_format=array_record`") as e:
+    bi.load("binarized_mnist", data_dir=str(tmp_path))
+  assert "\n" not in str(e.value)
