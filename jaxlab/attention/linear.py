@@ -132,8 +132,12 @@ def _causal_scan(pq, pk, vf, chunk_size: int, eps: float):
   nc = -(-t // c)
   tp = nc * c
   if tp != t:
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
-    pq, pk, vf = pad(pq), pad(pk), pad(vf)  # padded keys: phi = 0, v = 0 -> contribute nothing
+    pad = lambda x, value=0.0: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2),
+                                       constant_values=value)
+    pk, vf = pad(pk), pad(vf)  # padded keys: phi = 0, v = 0 -> contribute nothing
+    # Padded queries (outputs dropped) are ones: a zero row's 0 / (0 + eps) has the gradient
+    # 0 / 0 = NaN once eps^2 underflows (a tiny eps), which reached the keys' gradients.
+    pq = pad(pq, 1.0)
   # [nc, B, C, ...] chunks, scanned in order.
   pq_c = jnp.moveaxis(pq.reshape(b, nc, c, kh, g, m), 1, 0)
   pk_c = jnp.moveaxis(pk.reshape(b, nc, c, kh, m), 1, 0)

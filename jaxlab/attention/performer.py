@@ -165,7 +165,10 @@ def _causal_running_max(phi_q, a_k, v, chunk_size: int, eps: float):
   c = max(1, min(chunk_size, t))  # T = 0: no chunks, not a division by zero
   nc = -(-t // c)
   pad = nc * c - t
-  pq = jnp.pad(phi_q.reshape(b, t, kh, g, m), [(0, 0), (0, pad), (0, 0), (0, 0), (0, 0)])
+  # Padded queries are ones, not zeros: a zero row's num / (den + eps) is 0 / eps, whose gradient
+  # -num / (den + eps)^2 is 0 / 0 = NaN once eps^2 underflows (eps = 1e-30), and reached dk.
+  pq = jnp.pad(phi_q.reshape(b, t, kh, g, m), [(0, 0), (0, pad), (0, 0), (0, 0), (0, 0)],
+               constant_values=1.0)
   ak = jnp.pad(a_k, [(0, 0), (0, pad), (0, 0), (0, 0)], constant_values=-jnp.inf)
   vf = jnp.pad(v.astype(f32), [(0, 0), (0, pad), (0, 0), (0, 0)])
   chunks = lambda x: jnp.moveaxis(x.reshape(b, nc, c, *x.shape[2:]), 1, 0)

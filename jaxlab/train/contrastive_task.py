@@ -220,7 +220,10 @@ class ContrastiveTask:
 
   def eval_iterator(self):
     """Fixed test batches (seeded order), at most config.train.eval_batches of them: the logged
-    val_loss is the held-out test split's, for watching training only (nothing is chosen by it)."""
+    val_loss is the held-out test split's, for watching training only (nothing is chosen by it).
+    Full batches only (a contrastive loss has no padding to weight out), so it is a fixed subset of
+    the split: with batch 64 and 5 batches, 320 of the digits' 360 test pairs and 640 of emoji's
+    880; the zero-shot accuracy and recall@k at the end score every test pair."""
     source = _PairSource(self.test_pairs.images_NHWC, self.tokens(self.test_pairs.captions))
     dataset = (grain.MapDataset.source(source).shuffle(seed=self.config.train.eval_seed)
                .batch(self.batch_size, drop_remainder=True,

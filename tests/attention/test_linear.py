@@ -216,3 +216,17 @@ def test_causal_chunk_names_a_misshapen_argument():
     causal_chunk(*args[:4], jnp.ones((b, k, m + 1)), 1e-6)
   with pytest.raises(ValueError, match="causal_chunk: state_shift"):
     causal_chunk(*args, 1e-6, shift_CK=jnp.zeros((b, c, k)))
+
+
+def test_a_tiny_eps_with_padded_chunks_keeps_gradients_finite():
+  """Padded query rows were zeros: 0 / (0 + eps) has the gradient 0 / 0 = NaN once eps^2 underflows
+  (eps = 1e-30), and it reached the keys' gradients."""
+  ks = jax.random.split(jax.random.key(5), 3)
+  q, k, v = (jax.random.normal(key, (1, 13, 2, 8)) for key in ks)
+  loss = lambda chunk: lambda q, k, v: jnp.sum(linear_attention(
+      q, k, v, causal=True, chunk_size=chunk, eps=1e-30) ** 2)
+  padded = jax.grad(loss(4), argnums=(0, 1, 2))(q, k, v)  # 13 = 3 chunks of 4 + 1: 3 padded rows
+  whole = jax.grad(loss(13), argnums=(0, 1, 2))(q, k, v)
+  for name, got, want in zip("qkv", padded, whole):
+    assert np.isfinite(np.asarray(got)).all(), name
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)

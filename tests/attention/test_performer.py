@@ -310,3 +310,20 @@ def test_causal_memory_is_linear_in_length():
   assert 1.8 * small <= large <= 2.2 * small, (small, large)
   assert large <= 1024 * 1024 // 8, large
   assert biggest(lambda q, k, v: naive_jnp(q, k, v, w, True), 1024) >= 1024 * 1024
+
+
+@pytest.mark.parametrize("chunk", [4, 13])
+def test_a_tiny_eps_with_padded_chunks_keeps_gradients_finite(chunk):
+  """T = 13 in chunks of 4 pads 3 query rows; zero rows gave dk = NaN at eps = 1e-30 (the eps the
+  module docstring suggests): 0 / 0 in the division's gradient once eps^2 underflows."""
+  q, k, v = make(3, b=1, t=13, n=2, kh=1)
+  w = orthogonal_gaussian_features(jax.random.key(1), 16, 8)
+  loss = lambda q, k, v: jnp.sum(performer_attention(q, k, v, key=None, projection=w, causal=True,
+                                                     chunk_size=chunk, eps=1e-30) ** 2)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  for name, g in zip("qkv", grads):
+    assert np.isfinite(np.asarray(g)).all(), name
+  ref = jax.grad(loss, argnums=1)(q, k, v) if chunk == 13 else jax.grad(
+      lambda k: jnp.sum(performer_attention(q, k, v, key=None, projection=w, causal=True,
+                                            chunk_size=13, eps=1e-30) ** 2))(k)
+  np.testing.assert_allclose(grads[1], ref, rtol=1e-4, atol=1e-5)  # padding changes nothing
