@@ -13,6 +13,10 @@ def early(name, *overrides):
 @pytest.mark.parametrize("name, override, key", [
     ("lm_char_cpu", "--config.model.mlp_ratio=0.001", "config.model.mlp_ratio"),
     ("lm_char_cpu", "--config.model.num_layers=100000", "config.model.num_layers=100000 must be <="),
+    # ~25 s in NumPy (RoPE's frequencies) before the memory check refused it
+    ("lm_char", "--config.model.width=1000000000", "config.model.width=1000000000 must be <= 131,072"),
+    ("contrastive_digits", "--config.model.text_width=1000000000",
+     "config.model.text_width=1000000000 must be <= 131,072"),
     ("contrastive_digits", "--config.model.text_layers=5000", "config.model.text_layers=5000"),
     ("contrastive_digits", "--config.model.mlp_ratio=0.001", "config.model.mlp_ratio"),
     ("lm_char_cpu", "--config.optim.lr=1e999", "config.optim.lr"),

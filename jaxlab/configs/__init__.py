@@ -22,9 +22,11 @@ _HERE = pathlib.Path(__file__).parent
 
 
 # Upper bounds shared by the tasks' checks, far beyond any useful run: layers (tracing 100,000 blocks
-# hung before the memory check could refuse them) and tokens or samples per `jaxlab sample` call
-# (2e8 aborted XLA allocating the KV cache).
+# hung before the memory check could refuse them), Transformer widths (GPT-3's is 12,288; a width of
+# 1e9 spent ~25 s computing RoPE's frequencies in NumPy before the memory check refused it) and tokens
+# or samples per `jaxlab sample` call (2e8 aborted XLA allocating the KV cache).
 MAX_LAYERS = 1000
+MAX_WIDTH = 1 << 17
 MAX_SAMPLE = 1_000_000
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.configs import MAX_LAYERS, ConfigError
+from jaxlab.configs import MAX_LAYERS, MAX_WIDTH, ConfigError
 from jaxlab.data import caption_pairs, pipeline
 from jaxlab.losses import contrastive
 from jaxlab.models.clip import IMAGE_ENCODERS, DualEncoder, DualEncoderConfig
@@ -93,6 +93,7 @@ def validate(config, require) -> None:
                                f"config.data.name={d.name!r}")
   for tower in ("image", "text"):
     width, heads = m[f"{tower}_width"], m[f"{tower}_heads"]
+    require(width <= MAX_WIDTH, f"config.model.{tower}_width={width} must be <= {MAX_WIDTH:,}")
     require(width % heads == 0, f"config.model.{tower}_heads={heads} does not divide "
                                 f"config.model.{tower}_width={width}")
   if m.image_encoder == "swin":

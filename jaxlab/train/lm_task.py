@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlab.configs import MAX_LAYERS, MAX_SAMPLE, ConfigError, absolute_data_path
+from jaxlab.configs import MAX_LAYERS, MAX_SAMPLE, MAX_WIDTH, ConfigError, absolute_data_path
 from jaxlab.data import pipeline, text
 from jaxlab.models.gpt import GAU_FAMILIES, gpt_from_config
 from jaxlab.train import sharding
@@ -80,6 +80,7 @@ def validate(config, require) -> None:
   m, d = config.model, config.data
   require(m.num_layers <= MAX_LAYERS, f"config.model.num_layers={m.num_layers} must be <= "
                                       f"{MAX_LAYERS} (tracing 100,000 blocks hung before any check)")
+  require(m.width <= MAX_WIDTH, f"config.model.width={m.width} must be <= {MAX_WIDTH:,}")
   require(m.width % m.num_heads == 0,
           f"config.model.num_heads={m.num_heads} does not divide config.model.width={m.width}")
   kv = m.num_kv_heads or m.num_heads
