@@ -130,13 +130,16 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_li
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(static: _Static, q, k, v, bias, arrays):
   """On padded inputs: q [B, Tqp, K, G, H], k/v [B, Tkp, K, H], bias [Bb, Nb, Tqb, Tkb] or None."""
-  return _forward(static, q, k, v, bias, arrays)[0]
+  return _forward(static, q, k, v, bias, arrays)[0].astype(q.dtype)
 
 
 def _attention_fwd(static, q, k, v, bias, arrays):
   out, lse = _forward(static, q, k, v, bias, arrays)
-  # Residuals: the inputs, the output and the float32 row logsumexp [B, K, G, Tqp] (= [B, N, Tqp]).
-  return out, (q, k, v, bias, arrays, out, lse)
+  # Residuals: the inputs, the float32 output and row logsumexp [B, K, G, Tqp] (= [B, N, Tqp]). The
+  # output is kept in float32 for D = rowsum(dO * O) in the backward pass: from a 16-bit O, its
+  # rounding shows in dS = P (dP - D) where attention is peaked (dP_ij ~ D_i), up to ~10x xla's dQ/dK
+  # error there (the Pallas kernels do take D from the 16-bit O, as FlashAttention-2 does).
+  return out.astype(q.dtype), (q, k, v, bias, arrays, out, lse)
 
 
 def _block_ranges(static: _Static, nq: int, nk: int):
@@ -247,7 +250,7 @@ def _forward(static: _Static, q, k, v, bias, arrays):
     m, l, acc = lax.fori_loop(lo, hi, kv_step, init)
     # A row that sees no key has l == 0 and acc == 0: its output is exactly 0 and its lse is _NEG.
     l_safe = jnp.where(l > 0, l, 1.0)
-    out = (acc / l_safe[..., None]).astype(q.dtype)
+    out = acc / l_safe[..., None]  # float32 (callers cast it to q's dtype)
     lse = m + jnp.log(l_safe)
     return jnp.moveaxis(out, 3, 1), lse  # [B, bq, K, G, H], [B, K, G, bq]
 

@@ -265,7 +265,8 @@ def _flash_bwd(cfg, kernels, res, d_out):
   # D_i = rowsum(dO * O) (FlashAttention-2, Algorithm 2 line 4): O(T) per head, computed by XLA.
   # From O in q's dtype, as FlashAttention-2 does: with 16-bit inputs its rounding shows in
   # dS = P (dP - D) where attention is peaked (dP_ij ~ D_i), up to ~12x xla's dQ/dK error there
-  # (tests/attention/test_flash.py::test_low_precision_inputs); a float32 O residual would avoid it.
+  # (tests/attention/test_flash.py::test_low_precision_inputs). A float32 O residual avoids it (as
+  # `blockwise` keeps), at the cost of a float32 write of O in every training forward pass.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   dq = kernels.backward_dq(cfg, q, k, v, d_out, lse, delta, q_seg, kv_seg)
   dk, dv = kernels.backward_dkdv(cfg, q, k, v, d_out, lse, delta, q_seg, kv_seg)
