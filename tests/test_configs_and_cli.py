@@ -639,11 +639,16 @@ def test_cli_sample_needs_only_the_workdir(tiny_corpus, tfds_dir, tmp_path, caps
   assert cli.main(args) == 0
   assert capsys.readouterr().out == before and before.startswith("the ")
   saved = (workdir / "vocab.json").read_text()
-  for bad in ('{"alphabet": "aab"}', '["abc"]', '{"alphabet": 7}'):
+  # A character changed in place (still distinct characters): sample printed other text, exit 0.
+  alphabet = json.loads(saved)["alphabet"]
+  edited = json.dumps({**json.loads(saved), "alphabet": alphabet.replace(alphabet[-1], "#")})
+  assert "#" not in alphabet
+  for bad in ('{"alphabet": "aab"}', '["abc"]', '{"alphabet": 7}', edited):
     (workdir / "vocab.json").write_text(bad)
     assert cli.main(args) == 1
     line = _one_error_line(capsys)
     assert "vocab.json is not a vocabulary that jaxlab wrote" in line
+    assert ("does not match its sha256" in line) == (bad == edited)
   (workdir / "vocab.json").write_text(saved)
   assert cli.main(args) == 0
   assert capsys.readouterr().out == before

@@ -52,6 +52,31 @@ class Vocab:
       raise ValueError(expected)
     return cls(alphabet=alphabet)
 
+  def to_file_json(self) -> dict:
+    """to_json plus the sha256 of it (a run's WORKDIR/vocab.json): an alphabet edited or damaged in
+    place is caught when the file is read (a changed character made `jaxlab sample` print other
+    text, silently)."""
+    return {**self.to_json(), SHA256_KEY: _sha256(self.to_json())}
+
+  @classmethod
+  def from_file_json(cls, d: dict) -> "Vocab":
+    """The inverse of to_file_json (a file without the sha256, written before 2026-12-05, is read
+    as to_json's); ValueError when the sha256 does not match."""
+    if isinstance(d, dict) and SHA256_KEY in d:
+      d = dict(d)
+      if d.pop(SHA256_KEY) != _sha256(d):
+        raise ValueError("its alphabet does not match its sha256 (edited or damaged in place)")
+    return cls.from_json(d)
+
+
+SHA256_KEY = "sha256"
+
+
+def _sha256(d: dict) -> str:
+  import hashlib
+  import json
+  return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
 
 def make_vocab(kind: str, texts) -> Vocab:
   """kind "char": the sorted set of characters in `texts`; kind "byte": UTF-8 bytes."""

@@ -305,6 +305,12 @@ def _pop_saved_sums(data: dict) -> tuple[Optional[list], bool]:
   return checksums, saved_digest is not None and saved_digest != data_digest(data)
 
 
+def _summary(e: BaseException) -> str:
+  """'Type: the first line of the message' (at most 200 characters), or 'Type' alone."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 def data_digest(data_state: dict) -> str:
   """sha256 of the JSON data state (key order ignored; JSON round trips keep every value)."""
   import hashlib
@@ -439,14 +445,20 @@ class BestParams(_BackgroundSaves):
       if slot is None:
         return
       try:
-        meta = self._manager.restore(
-            slot, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = dict(self._manager.restore(
+            slot, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        saved_digest = meta.pop(DATA_DIGEST_KEY, None)  # None: saved before 2026-12-05
+        damaged = saved_digest is not None and saved_digest != data_digest(meta)
         saved_step, saved_loss = int(meta["step"]), float(meta["val_loss"])
         saved_fingerprint = meta.get("fingerprint", "")
         self._checksums = meta.get(CHECKSUMS_KEY)  # None: saved before checksums existed
         covers_from = meta.get("covers_from")
       except Exception as e:  # orbax raises many types for unreadable files
-        self.discard(f"is unreadable ({type(e).__name__})")
+        self.discard(f"is unreadable ({_summary(e)})")
+        return
+      if damaged:  # e.g. a val_loss edited in place: trusted, it would choose the parameters reported
+        self.discard("has a step or validation loss that does not match its digest (damaged in "
+                     "place)")
         return
       if fingerprint and saved_fingerprint not in (fingerprint, *filter(None, also_accept)):
         self.discard("was saved under a different model/data/optimizer config")
@@ -493,13 +505,12 @@ class BestParams(_BackgroundSaves):
     slot = step if self._slot is None or step > self._slot else self._slot + 1
     if self._manager is None:  # discarded: the first record since makes WORKDIR/best again
       self._open()
+    meta = {"step": step, "val_loss": val_loss, "fingerprint": self.fingerprint,
+            CHECKSUMS_KEY: state_checksums(params),
+            **({} if self.covers_from is None else {"covers_from": self.covers_from})}
     self._save((step, self._slot is not None), slot, ocp.args.Composite(
         params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave({"step": step, "val_loss": val_loss,
-                                "fingerprint": self.fingerprint,
-                                CHECKSUMS_KEY: state_checksums(params),
-                                **({} if self.covers_from is None else
-                                   {"covers_from": self.covers_from})})))
+        meta=ocp.args.JsonSave({**meta, DATA_DIGEST_KEY: data_digest(meta)})))
     self.step, self.val_loss, self._slot = step, val_loss, slot
     self._checksums = None  # just written: not re-read in this process
     return True
@@ -515,7 +526,7 @@ class BestParams(_BackgroundSaves):
         params = self._manager.restore(self._slot, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params)))["params"]
     except Exception as e:
-      self.discard(f"could not be restored ({type(e).__name__})")
+      self.discard(f"could not be restored ({_summary(e)})")
       raise FileNotFoundError(f"the best-params checkpoint in {self.directory} could not be read "
                               "and was moved aside") from e
     mismatch = self._checksums and checksum_mismatch(self._checksums, params, "params")

@@ -347,9 +347,10 @@ def build_for_sampling(config, workdir) -> "LMTask | None":
   if not saved.is_file():
     return None
   try:
-    return LMTask(config, vocab=Vocab.from_json(json.loads(saved.read_text())))
+    return LMTask(config, vocab=Vocab.from_file_json(json.loads(saved.read_text())))
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"{saved} is not a vocabulary that jaxlab wrote ({e}); nothing was changed") \
+    raise ValueError(f"{saved} is not a vocabulary that jaxlab wrote ({e}); nothing was changed "
+                     "(delete it: `jaxlab sample` then reads the training data's vocabulary)") \
         from None
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import time
 
 
 class MetricsWriter:
@@ -23,9 +24,8 @@ class MetricsWriter:
     if resume_step is not None:
       self.drop_after(resume_step)
     if tensorboard and enabled:
-      from tensorboardX import SummaryWriter  # imported lazily: optional for library users
-      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
-                               purge_step=None if resume_step is None else resume_step + 1)
+      self._tb = _EventFile(pathlib.Path(workdir) / "tensorboard",
+                            purge_step=None if resume_step is None else resume_step + 1)
 
   def drop_after(self, step: int) -> None:
     """Removes the records after `step` (a run resumed from the checkpoint at `step` writes them
@@ -49,13 +49,45 @@ class MetricsWriter:
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     if self._tb is not None:
-      for k, v in scalars.items():
-        self._tb.add_scalar(k, float(v), int(step))
-      self._tb.flush()
+      self._tb.write_scalars(int(step), {k: float(v) for k, v in scalars.items()})
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class _EventFile:
+  """A TensorBoard event file written synchronously: each record is on disk when `write_scalars`
+  returns, as its metrics.jsonl line is. (tensorboardX's SummaryWriter hands events to a background
+  thread that writes them within 120 s: a run killed after a checkpoint lost the records of the steps
+  before it from TensorBoard, and the resumed run does not write those again.) purge_step: TensorBoard
+  hides the events of earlier files from that step on (a resumed run's SessionLog.START)."""
+
+  def __init__(self, logdir: pathlib.Path, *, purge_step: int | None):
+    # tensorboardX (imported lazily: optional for library users) for the event protos and the
+    # TFRecord framing; its EventsWriter writes and flushes in the calling thread.
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2
+    logdir.mkdir(parents=True, exist_ok=True)
+    self._pb = event_pb2
+    # The name ends in the nanosecond clock: two files opened in one second (EventsWriter names
+    # them by the second and the host) would be one file, the second truncating the first.
+    self._writer = EventsWriter(str(logdir / "events"), f".{time.time_ns()}")
+    if purge_step is not None:
+      self._writer.write_event(event_pb2.Event(
+          wall_time=time.time(), step=purge_step,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+    self._writer.flush()
+
+  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    from tensorboardX.summary import scalar
+    for tag, value in scalars.items():
+      self._writer.write_event(self._pb.Event(wall_time=time.time(), step=step,
+                                              summary=scalar(tag, value)))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:

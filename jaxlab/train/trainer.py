@@ -165,8 +165,13 @@ def check_same_vocabulary(run: Run) -> None:
   vocab = getattr(run.task, "vocab", None)
   if vocab is None or not saved_path.exists() or not run.checkpointer.all_steps():
     return
-  saved = json.loads(saved_path.read_text())
-  if saved != json.loads(json.dumps(vocab.to_json())):
+  from jaxlab.data.vocab import Vocab
+  try:
+    saved = Vocab.from_file_json(json.loads(saved_path.read_text()))
+  except ValueError as e:  # (json.JSONDecodeError is a ValueError)
+    raise ValueError(f"{saved_path} is not a vocabulary that jaxlab wrote ({e}); nothing was "
+                     "changed (delete it: `jaxlab train` writes it again from the data)") from None
+  if saved != vocab:
     raise ValueError(f"the data's vocabulary differs from the one {run.workdir} was trained with "
                      f"({saved_path.name}): the text of config.data.path changed since; nothing "
                      "was changed (restore the text, or train into a new --workdir)")
@@ -567,7 +572,7 @@ def _save_run_files(run: Run) -> None:
   write_atomically(run.workdir / "config.json", run.config.to_json_best_effort(indent=2))
   vocab = getattr(run.task, "vocab", None)
   if vocab is not None:
-    write_atomically(run.workdir / "vocab.json", json.dumps(vocab.to_json()))
+    write_atomically(run.workdir / "vocab.json", json.dumps(vocab.to_file_json()))
   if run.data_digest is not None:
     write_atomically(run.workdir / DATA_FINGERPRINT, run.data_digest + "\n")
   structure_digest = _structure_digest(run.task)
@@ -812,7 +817,16 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         else:
           final["val_loss"] = logged
           if best is not None:
-            best.offer(start, logged, state["params"])
+            # The number that may pick the reported parameters is not read back from
+            # metrics.jsonl (no checksum: an edited digit was trusted) but computed again (one
+            # evaluation, deterministic).
+            val_loss = evaluate(run, state["params"], eval_step)
+            if primary and not np.isclose(val_loss, logged, rtol=1e-5, atol=0.0):
+              print(f"jaxlab: metrics.jsonl gives val_loss {logged} at step {start}, but checkpoint "
+                    f"{start} evaluates to {val_loss} (the file was edited or damaged?); the "
+                    "best-params record uses the latter", file=sys.stderr, flush=True)
+            final["val_loss"] = val_loss
+            best.offer(start, val_loss, state["params"])
       batch = None
       saved_at = start  # the step of the newest checkpoint (start: the one resumed, if any)
       nonfinite_streak, save_deferred = 0, False

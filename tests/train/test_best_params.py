@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlab.train import checkpoint
 from jaxlab.train.checkpoint import BestParams
 
 
@@ -153,10 +154,35 @@ def test_params_damaged_in_place_are_caught_by_checksums(tmp_path):
   assert len(meta_files) == 1
   meta = json.loads(meta_files[0].read_text())
   meta["_jaxlab_state_checksums"][0] += 1  # as if the array's bytes had changed
+  digest = meta.pop(checkpoint.DATA_DIGEST_KEY)  # (the meta itself stays consistent)
+  meta[checkpoint.DATA_DIGEST_KEY] = checkpoint.data_digest(meta)
+  assert meta[checkpoint.DATA_DIGEST_KEY] != digest
   meta_files[0].write_text(json.dumps(meta))
   keeper = BestParams(tmp_path)
   with pytest.raises(FileNotFoundError, match="checksums do not match"):
     keeper.restore(jax.eval_shape(lambda: _params(0.0)))
+  assert (tmp_path / "corrupt_checkpoints").is_dir()
+  keeper.close()
+
+
+@pytest.mark.parametrize("field,value", [("val_loss", 0.5), ("step", 7)])
+def test_a_step_or_val_loss_edited_in_place_is_caught_by_the_meta_digest(tmp_path, capsys, field,
+                                                                        value):
+  """The record's val_loss decides which parameters a run reports: one edited in place (12.28 for
+  42.28, same size) was trusted and no later evaluation could replace it."""
+  import json
+  keeper = BestParams(tmp_path)
+  keeper.offer(5, 2.0, _params(1.0))
+  keeper.close()
+  meta_file, = [p for p in (tmp_path / "best").rglob("metadata") if "meta" in p.parts]
+  meta = json.loads(meta_file.read_text())
+  meta[field] = value
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(FileNotFoundError, match="does not match its digest"):
+    BestParams(tmp_path, create=False)  # eval/sample --best: refused, left in place
+  assert (tmp_path / "best").is_dir()
+  keeper = BestParams(tmp_path)  # train: moved aside
+  assert keeper.step is None and "does not match its digest" in capsys.readouterr().out
   assert (tmp_path / "corrupt_checkpoints").is_dir()
   keeper.close()
 

@@ -491,6 +491,26 @@ def test_edited_training_text_is_refused(tiny_lm_config, tmp_path):
     trainer.setup(tiny_lm_config(f"--config.data.path={corpus}"), tmp_path / "run")
 
 
+def test_a_vocab_json_damaged_in_place_is_named_not_the_text(tiny_lm_config, tmp_path):
+  """A character of WORKDIR/vocab.json changed in place: resume blamed an edit of the training text
+  (which had not changed); now the file is named, and deleting it lets the run go on."""
+  import json
+  import pytest
+  corpus = tmp_path / "text.txt"
+  corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+  config = tiny_lm_config(f"--config.data.path={corpus}")
+  trainer.train(config, tmp_path / "run", progress=False)
+  path = tmp_path / "run" / "vocab.json"
+  saved = json.loads(path.read_text())
+  path.write_text(json.dumps({**saved, "alphabet": saved["alphabet"].replace("z", "#")}))
+  with pytest.raises(ValueError, match=r"vocab\.json is not a vocabulary that jaxlab wrote \(its "
+                                       r"alphabet does not match its sha256"):
+    trainer.setup(config, tmp_path / "run")
+  path.unlink()
+  trainer.train(config, tmp_path / "run", progress=False)  # resumes (at its last step)
+  assert json.loads(path.read_text()) == saved  # written again from the data
+
+
 def test_training_text_edited_within_its_alphabet_is_refused(tiny_lm_config, tmp_path):
   """The same characters in another order: the vocabulary matches, but a resume would not see the
   batches it would have seen and an evaluation would score other text: refused by the data's digest

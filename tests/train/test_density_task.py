@@ -13,7 +13,7 @@ import pytest
 
 from jaxlab.configs import ConfigError, load_config
 from jaxlab.data import binary_images
-from jaxlab.train import trainer
+from jaxlab.train import checkpoint as checkpoint_lib, trainer
 from jaxlab.train.density_task import DensityTask
 from jaxlab.train.metrics import read_metrics
 
@@ -164,6 +164,34 @@ def test_keep_best_saves_the_lowest_validation_loss_params_and_survives_a_resume
   step, best, _ = trainer.restore_best_params(result["run"])
   assert step == best_step
   np.testing.assert_allclose(task.nll(best, data.valid), vals[best_step], rtol=1e-5)
+
+
+def test_a_resume_does_not_trust_an_edited_val_loss_in_metrics_jsonl(tmp_path, capsys):
+  """A run resumed at an evaluation step offered the val_loss read back from metrics.jsonl to the
+  best-params record: a digit edited there (no checksum) chose the reported parameters."""
+  import shutil
+  overrides = ["--config.data.batch_size=16", "--config.train.eval_every=10",
+               "--config.train.checkpoint_every=10", "--config.train.log_every=10",
+               "--config.optim.warmup_steps=1", "--config.model.hidden=(16,)",
+               "--config.eval.batch_size=8"]
+  data = _tiny_data()
+  config = load_config("made", overrides + ["--config.train.steps=20"], check_devices=False)
+  trainer.train(config, tmp_path, task=DensityTask(config, data=data), progress=False)
+  shutil.rmtree(tmp_path / "best")  # as if killed before step 20's record (and 10's) was written
+  path = tmp_path / "metrics.jsonl"
+  records = [json.loads(line) for line in path.read_text().splitlines()]
+  true_loss = next(r["val_loss"] for r in records if r["step"] == 20 and "val_loss" in r)
+  for r in records:
+    if r["step"] == 20 and "val_loss" in r:
+      r["val_loss"] = true_loss / 2  # edited
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  capsys.readouterr()
+  config = load_config("made", overrides + ["--config.train.steps=30"], check_devices=False)
+  trainer.train(config, tmp_path, task=DensityTask(config, data=data), progress=False)
+  assert f"but checkpoint 20 evaluates to {true_loss}" in capsys.readouterr().err
+  best = checkpoint_lib.BestParams(tmp_path, create=False)
+  assert best.val_loss > true_loss / 2 * 1.5  # the real evaluation's, not the edited number
+  best.close()
 
 
 def test_a_workdir_trained_with_other_made_masks_is_refused(tmp_path, monkeypatch):

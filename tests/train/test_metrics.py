@@ -90,3 +90,26 @@ def test_lines_that_are_json_but_not_records_are_skipped(tmp_path):
   assert median_step_time_ms(tmp_path) is None
   MetricsWriter(tmp_path, tensorboard=False, resume_step=5).close()
   assert read_metrics(tmp_path) == [{"step": 5, "train_loss": 1.0}]
+
+
+def test_a_killed_process_loses_no_tensorboard_record(tmp_path):
+  """A record is in the event file when write() returns, as its metrics.jsonl line is: tensorboardX's
+  SummaryWriter queued events for a background thread, and a kill after a checkpoint lost records
+  from before it, which the resumed run does not write again."""
+  import subprocess
+  import sys
+  code = ("import os, sys; from jaxlab.train.metrics import MetricsWriter; "
+          "w = MetricsWriter(sys.argv[1]); w.write(5, train_loss=1.0); w.write(10, train_loss=0.5); "
+          "os._exit(9)")
+  subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=False, timeout=120)
+  assert read_metrics(tmp_path) == [{"step": 5, "train_loss": 1.0}, {"step": 10, "train_loss": 0.5}]
+  assert _tensorboard_scalars(tmp_path) == [(5, "train_loss", 1.0), (10, "train_loss", 0.5)]
+
+
+def test_two_writers_opened_in_one_second_keep_both_files(tmp_path):
+  """Event files were named by the second and host alone: a second writer truncated the first's."""
+  for step in (1, 2):
+    writer = MetricsWriter(tmp_path, tensorboard=True)
+    writer.write(step, train_loss=float(step))
+    writer.close()
+  assert sorted(_tensorboard_scalars(tmp_path)) == [(1, "train_loss", 1.0), (2, "train_loss", 2.0)]
