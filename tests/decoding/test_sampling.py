@@ -41,6 +41,11 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
   freq = np.bincount(np.asarray(draws), minlength=4) / len(keys)
   np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
   assert int(sample_token(keys[0], logits, temperature=0.0)[0]) == 0
+  # The temperature first, then the nucleus: at T = 0.5, [.5, .3, .2] becomes [.66, .24, .10] and
+  # top_p = 0.6 keeps token 0 alone (the nucleus of the unscaled probabilities also kept token 1).
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+  draws = jax.vmap(lambda k: sample_token(k, logits, temperature=0.5, top_p=0.6)[0])(keys)
+  assert (np.asarray(draws) == 0).all()
 
 
 def test_filters_keep_exactly_k_and_the_smallest_nucleus_with_tied_logits():

@@ -128,6 +128,14 @@ def test_heads_that_predict_well_cut_the_passes():
                                               tree=DraftTree.product((2, 2, 1)))
   np.testing.assert_array_equal(got_tree, want)
   assert int(tree_steps) == int(steps)
+  # Typical acceptance at a near-zero temperature (one-hot targets; threshold 0.5 keeps exactly the
+  # argmax path) is greedy decoding: it took the token after the accepted path from the root's
+  # target and passed the tests below.
+  got_typical, typical_steps = speculative_generate(
+      model, params, prompt, jax.random.key(0), num_tokens=25, temperature=1e-4,
+      acceptance="typical", typical_epsilon=0.5, typical_delta=1e9)
+  np.testing.assert_array_equal(got_typical, want)
+  assert int(typical_steps) == int(steps)
 
 
 def _exact_distribution(model, params, prompt, n, temperature, top_k, top_p):
@@ -319,6 +327,13 @@ def test_typical_acceptance_keeps_the_deepest_plausible_path():
   for token, want in ((0, [1, 1]), (1, [1, 0])):
     _, depth = _accept_typical(chain, jnp.asarray([[9, token], [9, token]]), target, 1.0, 0.8)
     np.testing.assert_array_equal(depth, want)
+  # Each node against its parent's threshold: a depth-2 draft with p = 0.25 under a uniform parent
+  # target (threshold 0.2) is plausible even though the root's target is peaked (threshold 0.31; a
+  # rule using the root's threshold for every node stopped at depth 1).
+  chain2 = DraftTree.chain(2)
+  target = jnp.asarray([[[0.7, 0.1, 0.1, 0.1], [0.25] * 4, [0.25] * 4]])
+  _, depth = _accept_typical(chain2, jnp.asarray([[9, 0, 1]]), target, 1.0, 0.8)
+  np.testing.assert_array_equal(depth, [2])
 
 
 def test_typical_acceptance_thresholds_at_their_extremes():
