@@ -259,7 +259,8 @@ class Checkpointer(_BackgroundSaves):
     (popped from the data state), else why not."""
     saved, damaged = _pop_saved_sums(restored["data"])
     if damaged:
-      return "the saved data-iterator state does not match its digest (damaged in place)"
+      return ("the saved data state (data-iterator state, recorded config) does not match its "
+              "digest (damaged in place)")
     return None if saved is None else checksum_mismatch(saved, restored["state"], "state")
 
   def _step_path(self, step: int) -> Optional[pathlib.Path]:
