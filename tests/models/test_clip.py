@@ -55,6 +55,34 @@ def test_vit_without_positions_is_patch_permutation_invariant():
     assert np.allclose(fx, fy, atol=1e-4) == invariant, position
 
 
+@pytest.mark.parametrize("position", ["sincos2d", "rope2d"])
+def test_vit_positions_on_a_non_square_image(position):
+  """An 8x12 image in 4-px patches is a 2x3 grid: block 0 gets patch_embed + sincos_2d(2, 3) and
+  (rope2d) the (row, col) = divmod(t, 3) of each patch. Every other test image was square, where
+  swapping the grid's height and width changes nothing."""
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 8, 12, 1)), jnp.float32)
+  vit = ViT(patch=4, width=16, num_layers=1, num_heads=2, position=position)
+  params = nn.unbox(vit.init(jax.random.PRNGKey(0), x))
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and context.module.name in ("patch_embed", "block_0"):
+      seen[context.module.name] = (args, out)
+    return out
+
+  with nn.intercept_methods(record):
+    vit.apply(params, x)
+  embedded = seen["patch_embed"][1]
+  block_x, block_positions = seen["block_0"][0]
+  want_positions = np.stack(np.divmod(np.arange(6), 3), axis=-1)[None]  # [1, 6, 2]
+  if position == "sincos2d":
+    np.testing.assert_allclose(block_x - embedded, sincos_2d(2, 3, 16), atol=1e-6)
+  else:
+    np.testing.assert_array_equal(block_x, embedded)
+    np.testing.assert_array_equal(block_positions, want_positions)
+
+
 def test_rope2d_attention_depends_only_on_patch_offsets():
   """Axial 2-D RoPE in the attention layer: moving every patch by the same (row, col) offset leaves the
   output unchanged (logits depend on offsets only), while moving one patch changes it; positions must

@@ -56,34 +56,39 @@ def test_head_zero_is_the_model_without_extra_heads(kw):
   np.testing.assert_allclose(all_heads[:, :, 0], plain.apply({"params": base}, tokens), atol=1e-6)
 
 
-def test_mtp_head_is_a_block_beside_the_last_one():
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_mtp_head_is_a_block_beside_the_last_one(tie):
   """Head j = unembed(ln_mtp_j(mtp_block_j(trunk))): the plain model with its last block and final
-  norm swapped for head j's gives the same logits (Gloeckle et al. 2024, fig. 1)."""
-  model, plain = gpt(mtp_heads=2), gpt()
+  norm swapped for head j's gives the same logits (Gloeckle et al. 2024, fig. 1); untied, through
+  the output layer head/kernel (heads reading the token table instead passed the tied case)."""
+  model, plain = gpt(mtp_heads=2, tie_embeddings=tie), gpt(tie_embeddings=tie)
   tokens = _tokens()
   params = _params(model)
   got = model.apply({"params": params}, tokens, all_heads=True)
   for j in (1, 2):
     swapped = {"embed": params["embed"], "block_0": params["block_0"],
-               "block_1": params[f"mtp_block_{j}"], "ln_final": params[f"ln_mtp_{j}"]}
+               "block_1": params[f"mtp_block_{j}"], "ln_final": params[f"ln_mtp_{j}"],
+               **({} if tie else {"head": params["head"]})}
     want = plain.apply({"params": swapped}, tokens)
     np.testing.assert_allclose(got[:, :, j], want, atol=1e-5)
     assert np.abs(np.asarray(got[:, :, j] - got[:, :, 0])).max() > 1e-3
 
 
-def test_medusa_head_is_a_residual_silu_block_on_the_last_hidden_state():
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_medusa_head_is_a_residual_silu_block_on_the_last_hidden_state(tie):
   """Head j = (h + SiLU(h W1 + b1)) E^T with h the final normed hidden state (Cai et al. 2024,
-  sec. 2.1.1), computed here from the captured h; at init (W1 = 0, b1 = 0) every head is head 0."""
-  model = gpt(medusa_heads=2)
+  sec. 2.1.1), computed here from the captured h; at init (W1 = 0, b1 = 0) every head is head 0.
+  Untied, E^T is the output layer head/kernel."""
+  model = gpt(medusa_heads=2, tie_embeddings=tie)
   tokens = _tokens()
   params = _params(model)
   got, state = model.apply({"params": params}, tokens, all_heads=True,
                            capture_intermediates=lambda mdl, _: mdl.name == "ln_final")
   h = state["intermediates"]["ln_final"]["__call__"][0]
-  table = params["embed"]["embedding"]
+  unembed = params["embed"]["embedding"].T if tie else params["head"]["kernel"]
   for j in (1, 2):
     w, b = params[f"medusa_{j}"]["res"]["kernel"], params[f"medusa_{j}"]["res"]["bias"]
-    want = (h + jax.nn.silu(h @ w + b)) @ table.T
+    want = (h + jax.nn.silu(h @ w + b)) @ unembed
     np.testing.assert_allclose(got[:, :, j], want, atol=1e-5)
   fresh = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
   at_init = model.apply({"params": fresh}, tokens, all_heads=True)
@@ -163,8 +168,10 @@ def test_heads_loss_against_a_loop(decay):
 
 def test_stop_gradient_heads_leave_the_trunk_gradient_alone():
   """heads_stop_gradient (Medusa-1): the multi-token loss gives the next-token parameters exactly the
-  gradient of the next-token loss, and the heads still get one."""
-  for kw in (dict(medusa_heads=2), dict(mtp_heads=2)):
+  gradient of the next-token loss, and the heads still get one. Untied too: the heads read the
+  output layer (head/kernel) through the stop as well (with it undetached the test passed tied)."""
+  for kw in (dict(medusa_heads=2), dict(mtp_heads=2), dict(medusa_heads=2, tie_embeddings=False),
+             dict(mtp_heads=2, tie_embeddings=False)):
     model = gpt(heads_stop_gradient=True, **kw)
     tokens = _tokens(10)
     params = _params(model)
