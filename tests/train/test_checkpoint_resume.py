@@ -1065,3 +1065,61 @@ def test_listing_the_steps_again_survives_a_step_deleted_while_orbax_lists_them(
     assert step == 9 and events == ["rotated", "reload", "reload"]
   finally:
     run.checkpointer.close()
+
+
+def test_non_finite_parameters_are_never_saved(tiny_lm_config, tmp_path):
+  """lr = 1e39 overflows the first update to inf/NaN parameters: the run stops before saving them
+  (a guard that no test reached: lr 1e30 left the parameters huge but finite)."""
+  with pytest.raises(FloatingPointError, match=r"the parameters are not finite after step 1 .*"
+                                               r"stopping before saving them"):
+    trainer.train(tiny_lm_config("--config.optim.lr=1e39", "--config.optim.warmup_steps=0",
+                                 "--config.train.steps=2", "--config.train.checkpoint_every=1",
+                                 "--config.train.eval_every=2"), tmp_path, progress=False)
+  assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_logged_learning_rate_is_the_one_applied(tiny_lm_config, tmp_path, monkeypatch, dtype):
+  """With Adam's b1 = b2 = 0 and no weight decay or clipping, an update moves each parameter by
+  lr * |g| / (|g| + eps): the largest move of a step is its learning rate. Each logged
+  learning_rate equals it (the schedule over train.steps, counting only applied updates: float16's
+  first steps overflow at loss scale 2**24 and are skipped). No test read the logged value: one step ahead, counting skipped steps, or an optimizer scheduled over
+  twice the steps all passed."""
+  moves = {}
+  make = trainer.make_train_step
+
+  def recording(run):
+    step_fn = make(run)
+
+    def step(state, batch):
+      before = jax.tree.map(np.asarray, state["params"])
+      number = int(state["step"]) + 1
+      state, metrics = step_fn(state, batch)
+      moves[number] = max(float(np.abs(np.asarray(a) - b).max())
+                          for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before)))
+      return state, metrics
+    return step
+
+  monkeypatch.setattr(trainer, "make_train_step", recording)
+  extra = ["--config.model.dtype=float16", "--config.optim.loss_scale_init=16777216.0"] \
+      if dtype == "float16" else []
+  config = tiny_lm_config("--config.optim.b1=0.0", "--config.optim.b2=0.0",
+                          "--config.optim.weight_decay=0.0", "--config.optim.grad_clip=0.0",
+                          "--config.optim.lr=0.01", "--config.optim.min_lr=0.001",
+                          "--config.optim.warmup_steps=2", "--config.train.steps=12",
+                          "--config.train.log_every=1", "--config.train.eval_every=12",
+                          "--config.train.checkpoint_every=12", *extra)
+  trainer.train(config, tmp_path, progress=False)
+  records = {r["step"]: r for r in read_metrics(tmp_path) if "learning_rate" in r}
+  assert sorted(records) == sorted(moves) == list(range(1, 13))
+  skipped = [s for s in records if records[s].get("skipped_steps", 0)]
+  assert (len(skipped) >= 3) == (dtype == "float16"), skipped
+  for s in sorted(records):
+    if s in skipped:
+      assert moves[s] == 0, s
+    else:  # (the first applied update has lr 0: warmup starts at 0)
+      np.testing.assert_allclose(moves[s], records[s]["learning_rate"], rtol=1e-4, atol=1e-12,
+                                 err_msg=f"step {s}")
+  n = 11 - len(skipped)  # updates applied before the last one: warmup 2, cosine over 10
+  np.testing.assert_allclose(records[12]["learning_rate"],
+                             0.001 + 0.009 * 0.5 * (1 + np.cos(np.pi * (n - 2) / 10)), rtol=1e-5)

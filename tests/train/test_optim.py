@@ -52,10 +52,13 @@ def test_decay_mask_on_every_model_decays_weights_only(config, overrides):
         assert weight, jax.tree_util.keystr(path)
 
 
-def test_weight_decay_changes_only_masked_leaves():
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_weight_decay_changes_only_masked_leaves(decay_embeddings):
+  """optim.decay_embeddings=True decays the token table too (the optimizer ignoring the flag passed
+  when only False was tried); biases never."""
   cfg = ml_collections.ConfigDict(dict(lr=0.1, min_lr=0.0, warmup_steps=1, b1=0.9, b2=0.99,
                                        eps=1e-8, weight_decay=0.5, grad_clip=0.0,
-                                       decay_embeddings=False))
+                                       decay_embeddings=decay_embeddings))
   tx = optim.make_optimizer(cfg, total_steps=10)
   params = {"embed": {"embedding": jnp.ones((2, 2))}, "w": {"kernel": jnp.ones((2, 2))},
             "b": {"bias": jnp.ones(2)}}
@@ -65,7 +68,7 @@ def test_weight_decay_changes_only_masked_leaves():
   updates, state = tx.update(zero, state, params)  # step 1: lr 0.1, zero gradients
   new = optax.apply_updates(params, updates)
   np.testing.assert_allclose(new["w"]["kernel"], 1 - 0.1 * 0.5)
-  np.testing.assert_array_equal(new["embed"]["embedding"], 1.0)
+  np.testing.assert_allclose(new["embed"]["embedding"], 1 - 0.1 * 0.5 if decay_embeddings else 1.0)
   np.testing.assert_array_equal(new["b"]["bias"], 1.0)
 
 
