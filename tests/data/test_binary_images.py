@@ -57,6 +57,28 @@ def test_dynamic_binarisation_is_fresh_each_epoch_and_resumes_exactly():
   np.testing.assert_array_equal(np.sort(rows.sum(1)), np.sort(static.sum(1)))
 
 
+def test_batches_are_bernoulli_of_the_grey_levels_reshuffled_per_epoch_and_resume_mid_epoch():
+  """At p = 0.5 everywhere (the test above) an inverted draw (U > p: the negative images) has the same
+  distribution, one batch per epoch hid a permutation repeated every epoch, and a resume one batch
+  late rolled over into the same next batch: all three passed."""
+  grey = np.tile(np.array([0.0, 1.0, 0.9], np.float32), (10, 1))  # columns p = 0, 1, 0.9
+  x = np.concatenate([next(bi.TrainBatches(grey, batch_size=10, seed=s, dynamic=True))["x"]
+                      for s in range(20)])
+  assert (x[:, 0] == 0).all() and (x[:, 1] == 1).all() and abs(x[:, 2].mean() - 0.9) < 0.05
+  rows = np.eye(10, dtype=np.float32)  # row i identifies itself
+  ids = lambda batch: np.argmax(batch["x"], axis=1).tolist()
+  stream = bi.TrainBatches(rows, batch_size=5, seed=3, dynamic=False)
+  epochs = [ids(next(stream)) + ids(next(stream)) for _ in range(2)]
+  assert all(sorted(e) == list(range(10)) for e in epochs) and epochs[0] != epochs[1]
+  mid = bi.TrainBatches(rows, batch_size=5, seed=3, dynamic=False)
+  next(mid)
+  state = mid.get_state()  # in the middle of epoch 0
+  expected = [ids(next(mid)) for _ in range(3)]
+  resumed = bi.TrainBatches(rows, batch_size=5, seed=3, dynamic=False)
+  resumed.set_state(state)
+  assert [ids(next(resumed)) for _ in range(3)] == expected
+
+
 def test_fixed_binarisation_depends_only_on_the_seed():
   p = np.random.default_rng(0).random((20, 30)).astype(np.float32)
   np.testing.assert_array_equal(bi.binarize(p, [0, 2]), bi.binarize(p, [0, 2]))

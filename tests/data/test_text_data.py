@@ -75,7 +75,8 @@ def test_a_python_source_tree_is_deterministic_split_by_file_and_rebuilt_when_ed
   val = [n for n in names if text_builders.is_validation_file(n)]
   assert val and len(val) < len(names)
   root = tmp_path / "src"
-  _python_tree(root, {n: f"# {n}\nvalue_{i} = {i * 7919}\n" for i, n in enumerate(names)})
+  sources = {n: f"# {n}\nvalue_{i} = {i * 7919}\n" for i, n in enumerate(names)}
+  _python_tree(root, sources)
   cfg = lambda d: data_cfg(name="python_stdlib", path=str(root), data_dir=str(tmp_path / d),
                            vocab="byte")
   a, b = text.load_corpus(cfg("one")), text.load_corpus(cfg("two"))
@@ -84,6 +85,9 @@ def test_a_python_source_tree_is_deterministic_split_by_file_and_rebuilt_when_ed
   train, validation = a.vocab.decode(a.train), a.vocab.decode(a.validation)
   for n in names:
     assert (f"# {n}\n" in validation) == (n in val) and (f"# {n}\n" in train) == (n not in val)
+  # Exactly: the files in sorted order, joined by a blank line (a single newline passed).
+  assert train == "\n\n".join(sources[n] for n in sorted(set(names) - set(val)))
+  assert validation == "\n\n".join(sources[n] for n in sorted(val))
   first = root / names[0]
   edited = first.read_text().replace("value_0", "VALUE_0")
   mtime = first.stat().st_mtime_ns
@@ -139,6 +143,17 @@ def test_spaces_after_the_commas_of_several_paths_are_dropped(tiny_corpus, tfds_
   assert len(corpus.train) + len(corpus.validation) == 2 * len(tiny_corpus.read_text())
 
 
+def test_several_text_files_are_read_in_the_order_given(tfds_dir, tmp_path):
+  """The order of data.path decides which text falls in the last 10% (validation): b then a, not
+  sorted (one file given twice could not tell)."""
+  a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+  a.write_text("aaa, the first file by name. " * 20)
+  b.write_text("BBB, the second file by name. " * 20)
+  corpus = text.load_corpus(data_cfg(path=f"{b},{a}", data_dir=str(tfds_dir)))
+  whole = corpus.vocab.decode(np.concatenate([corpus.train, corpus.validation]))
+  assert whole == b.read_text() + a.read_text()
+
+
 def test_a_damaged_prepared_dataset_names_its_folder(tiny_corpus, tmp_path):
   """A truncated array_record file gave "ArrayRecord file should be at least 64KB big" alone."""
   own_dir = str(tmp_path / "tfds")  # not the session's shared tfds_dir: this test damages it
@@ -157,6 +172,8 @@ def test_vocab_round_trip_and_errors():
     v.encode("zz")
   b = Vocab(None)
   assert b.decode(b.encode("héllo")) == "héllo"
+  assert b.decode([0xFF, 0x41]) == "\ufffdA"  # invalid UTF-8 shows (errors="ignore" dropped it)
+  assert v.alphabet == " dehlorw"  # the sorted set (token ids the same in every process)
 
 
 def test_windows_are_deterministic_and_resumable():
