@@ -634,6 +634,12 @@ def test_cli_sample_needs_only_the_workdir(tiny_corpus, tfds_dir, tmp_path, caps
   args = ["sample", str(workdir), "--prompt", "the ", "--num-tokens", "8", "--temperature", "0"]
   assert cli.main(args) == 0
   before = capsys.readouterr().out
+  # --seed is the sampler's (one ignored for config.sample.seed passed every sampling test).
+  def sampled(seed):
+    assert cli.main(["sample", str(workdir), "--prompt", "the ", "--num-tokens", "40",
+                     "--temperature", "1", "--seed", str(seed)]) == 0
+    return capsys.readouterr().out
+  assert sampled(1) == sampled(1) != sampled(2)
   text.unlink()
   shutil.rmtree(tmp_path / "tfds")
   assert cli.main(args) == 0

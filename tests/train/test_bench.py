@@ -50,3 +50,21 @@ def test_bench_flags_are_checked_first(capsys):
   assert "--steps must be >= 1" in capsys.readouterr().err
   assert cli.main(["bench", "lm_char", "--config.model.width=-3"]) == 2
   assert "config.model.width" in capsys.readouterr().err
+
+
+def test_the_step_time_excludes_data_loading(tiny_cli_overrides, monkeypatch):
+  """Reading a batch takes 0.25 s here: batch_ms shows it and step_ms does not (the table says
+  "data loading excluded"; a clock started before the read passed the test above)."""
+  import time
+  from jaxlab.train.lm_task import LMTask
+  make_iterator = LMTask.train_iterator
+
+  def slow_iterator(task):
+    for batch in make_iterator(task):
+      time.sleep(0.25)
+      yield batch
+
+  monkeypatch.setattr(LMTask, "train_iterator", slow_iterator)
+  config = load_config("lm_char", tiny_cli_overrides + ["--config.train.steps=4"])
+  result = bench.benchmark(config, steps=2, warmup=1)
+  assert result["batch_ms"] >= 250 and result["step_ms"] < 250, result
