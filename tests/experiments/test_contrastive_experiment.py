@@ -89,3 +89,35 @@ def test_quick_run_writes_the_whole_report(tmp_path, experiment):
   except ImportError:
     return
   assert (tmp_path / "contrastive_quick.png").is_file()
+
+
+def _row(loss, batch, r1_per_seed, protocol="examples", lr=1e-3, lr_grid=(1e-4, 1e-3, 1e-2)):
+  return {"protocol": protocol, "loss": loss, "batch": batch, "lr": lr, "lr_grid": list(lr_grid),
+          "per_seed": [{"i2t_R@1": v, "t2i_R@1": v} for v in r1_per_seed]}
+
+
+def test_gaps_and_verdict_on_hand_made_rows(experiment):
+  """The report's conclusions (SigLIP - CLIP per batch with the paired standard error, and whether the
+  paper's two claims hold) from rows whose numbers are known: no test called them before."""
+  script = experiment("contrastive")
+  rows = [_row("clip", 16, [0.50, 0.52, 0.48]), _row("siglip", 16, [0.60, 0.61, 0.59]),
+          _row("clip", 512, [0.70, 0.71, 0.69], lr=1e-2), _row("siglip", 512, [0.70, 0.72, 0.69]),
+          _row("clip", 16, [0.1, 0.1, 0.1], protocol="steps")]  # another protocol: not mixed in
+  g = script.gaps(rows, "examples")
+  assert [x["batch"] for x in g] == [16, 512]
+  # batch 16: differences 0.10, 0.09, 0.11 -> mean 0.10, se 0.01 / sqrt(3)
+  assert g[0]["gap"] == pytest.approx(0.10) and g[0]["se"] == pytest.approx(0.01 / math.sqrt(3))
+  assert g[0]["clip"] == pytest.approx(0.50) and g[0]["siglip"] == pytest.approx(0.60)
+  assert not g[0]["clip_lr_at_top"] and g[1]["clip_lr_at_top"] and g[1]["seeds"] == 3
+  assert g[1]["gap"] == pytest.approx(0.01 / 3)  # differences 0, 0.01, 0
+  v = script.verdict(g)
+  # SigLIP clearly ahead at small batch, and the gap shrinks at large batch: the paper's claims hold.
+  assert v["small_sig"] and v["converge"] and v["holds"] and not v["reverses"]
+  assert v["small_gap"] == pytest.approx(0.10) and v["large_abs"] == pytest.approx(0.01 / 3)
+  assert "B=16: +10.0 +- 0.6 (SigLIP ahead)" in v["parts"]
+  assert "B=512: +0.3 +- 0.3 (within 2 s.e.)" in v["parts"]
+  # CLIP clearly ahead at large batch after SigLIP led at small: a reversal, not convergence.
+  rows[3] = _row("siglip", 512, [0.60, 0.61, 0.60])
+  v = script.verdict(script.gaps(rows, "examples"))
+  assert v["reverses"] and not v["converge"] and not v["holds"] and v["n_large_against"] == 1
+  assert "(CLIP ahead)" in v["parts"]

@@ -105,6 +105,20 @@ def test_lm_char_cpu_writes_the_actual_settings_to_out(lm_char_cpu, data, tmp_pa
   assert "--torch-python /opt/py" in md and "did not run" not in md and "(200 batches)" in md
 
 
+def test_lm_char_cpu_means_and_speed_ratio_on_hand_made_runs(lm_char_cpu):
+  """Two seeds per implementation with different numbers: the mean rows and the ratio of the means
+  (the ratio inverted, or the first seed's number as the mean, passed the test above)."""
+  runs = [dict(_fake_jaxlab_run(10, 0), val_loss=2.5, ms_per_step=30.0),
+          dict(_fake_jaxlab_run(10, 1), val_loss=2.7, ms_per_step=34.0),
+          {"impl": "pytorch", "torch": "x", "seed": 0, "val_loss": 2.4, "ms_per_step": 20.0},
+          {"impl": "pytorch", "torch": "x", "seed": 1, "val_loss": 2.6, "ms_per_step": 24.0}]
+  settings = {"steps": 10, "warmup": 1, "lr": 1e-3, "min_lr": 1e-4, "eval_batches": 7}
+  md = lm_char_cpu.render(runs, "a CPU", "cmd", settings)
+  assert "| jaxlab mean of 2 | | 2.6000 | 2.6000 | 32.0 |" in md
+  assert "| PyTorch reference mean of 2 | | 2.5000 | - | 22.0 |" in md
+  assert "**0.69x**" in md  # 22 / 32: jaxlab slower
+
+
 def test_input_overlap_records_the_data_argument(experiment, data, tmp_path, monkeypatch):
   script = experiment("lm_char_cpu_input_overlap")
   names = ["fetch, step; grain threads", "fetch, step; in thread", "step, fetch next; in thread"]
@@ -114,6 +128,9 @@ def test_input_overlap_records_the_data_argument(experiment, data, tmp_path, mon
   md = (tmp_path / "lm_char_cpu_input_overlap.md").read_text()
   assert (f"`python experiments/lm_char_cpu_input_overlap.py --data {data} --rounds 2 --block 3 "
           f"--out {tmp_path}`") in md
+  # Each row: the median, the median per-round difference from the first loop, rounds faster.
+  assert "| fetch, step; grain threads | 50.0 | +0.00 | 0/2 |" in md
+  assert "| step, fetch next; in thread | 52.0 | -2.00 | 0/2 |" in md
 
 
 @pytest.mark.filterwarnings("ignore:No artists with labels")  # an empty plot: nothing measured
