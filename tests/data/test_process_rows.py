@@ -92,8 +92,24 @@ def test_place_batch_refuses_other_rows_than_the_process_holds():
   batch = {"x": np.arange(16 * 3, dtype=np.float32).reshape(16, 3)}
   placed = sharding.place_batch(batch, mesh, 16)
   np.testing.assert_array_equal(np.asarray(placed["x"]), batch["x"])
+  # Rows split over the batch axes, two per device (a replicated placement gave the same numbers).
+  assert placed["x"].sharding.spec[0] == ("data", "fsdp")
+  assert {shard.data.shape for shard in placed["x"].addressable_shards} == {(2, 3)}
   with pytest.raises(ValueError):
     sharding.place_batch({"x": batch["x"][:8]}, mesh, 16)
+
+
+def test_mesh_shape_resolves_the_rest_and_refuses_what_does_not_divide():
+  assert sharding.mesh_shape((-1, 2, 2), 8) == (2, 2, 2)
+  assert sharding.mesh_shape((2, -1, 1), 8) == (2, 4, 1)
+  assert sharding.mesh_shape((2, 2, 1), 8) == (2, 2, 1)  # fewer devices than there are: allowed
+  # "the rest" of 8 devices with a fixed 3: not 6 of the 8 silently
+  with pytest.raises(ValueError, match=r"do not divide the 8 devices"):
+    sharding.mesh_shape((-1, 3, 1), 8)
+  with pytest.raises(ValueError, match="need 16 devices"):
+    sharding.mesh_shape((4, 4, 1), 8)
+  with pytest.raises(ValueError, match="at most one"):
+    sharding.mesh_shape((-1, -1, 1), 8)
 
 
 def test_the_grain_batch_fn_stacks_only_the_given_rows():

@@ -116,6 +116,9 @@ def test_two_processes_train_resume_and_skip_a_corrupt_checkpoint(tiny_lm_config
   assert "jaxlab" not in second and "val_loss" not in second  # ... and only process 0 prints
   reference = _by_step(tmp_path / "single", "train_loss")
   assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+  # One record per step: process 0 alone writes metrics.jsonl (_by_step hides duplicates).
+  steps = [m["step"] for m in read_metrics(workdir) if "train_loss" in m]
+  assert steps == [1, 2, 3, 4, 5, 6], steps
   np.testing.assert_allclose([_by_step(workdir, "train_loss")[s] for s in reference],
                              [reference[s] for s in reference], rtol=2e-5)
   np.testing.assert_allclose(_by_step(workdir, "val_loss")[6], single["val_loss"], rtol=2e-5)
@@ -276,6 +279,31 @@ def test_processes_with_different_device_counts_stop_with_one_line(devices, tiny
   errors = _run_processes(args, expect_rc=2, devices=devices)  # a config error
   assert all("config.mesh.cpu_devices: the processes have different numbers of devices "
              f"{list(devices)}" in e for e in errors), errors
+
+
+# Process 0 cannot build the task (its data, say); process 1 could.
+BROKEN_ON_PROCESS_0 = """import sys
+from jaxlab.train import distributed, tasks
+build = tasks.build_task
+def build_or_fail(config):
+  if distributed.is_primary():
+    raise ValueError("no data on this host (a test)")
+  return build(config)
+tasks.build_task = build_or_fail
+from jaxlab import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_task_that_process_0_cannot_build_stops_every_process(tiny_lm_config, tmp_path):
+  """all_agree is every process's verdict: process 1 hears that process 0 failed and stops with one
+  line instead of training on alone (all_agree taking any process's True passed every other test)."""
+  config = tiny_lm_config("--config.mesh.data=4", "--config.sample.prompt=the ")
+  args = ["train", "lm_char", "--workdir", str(tmp_path / "run"), "--no-progress",
+          *_overrides(config)]
+  errors = _run_processes(args, timeout=120, expect_rc=1, entry=(BROKEN_ON_PROCESS_0, None))
+  assert "no data on this host (a test)" in errors[0], errors[0][-2000:]
+  assert "process 0 could not load the data" in errors[1], errors[1][-2000:]
 
 
 # Process 1 reaches the device-count check 3 s after process 0 (a slower host).
