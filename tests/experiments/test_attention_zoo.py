@@ -25,6 +25,12 @@ def test_tiny_run_writes_both_tables(tmp_path, experiment):
   assert lm["family"] == "softmax" and math.isfinite(lm["val_loss"]) and lm["params"] > 100_000
   md = (tmp_path / "attention_zoo_quick.md").read_text()
   assert "| softmax | " in md and "GAU relu^2" in md
+  # The memory sentence from the JSON's numbers (its ratio inverted passed before).
+  xla, blk = (next(r for r in out["speed"] if r["family"] == f and r["length"] == 128)
+              for f in ("softmax (xla)", "softmax (blockwise)"))
+  assert (f"At T=128, blockwise softmax uses {xla['temp_mib'] / max(blk['temp_mib'], 1e-9):.0f}x "
+          f"less working memory than `\"xla\"` ({blk['temp_mib']:.1f} vs {xla['temp_mib']:.1f} "
+          "MiB)") in md
   # --merge keeps each row's device: a row from another machine is named with it, not relabelled.
   out["lm"].append({**lm, "family": "linear", "device": "another machine"})
   (tmp_path / "attention_zoo_quick.json").write_text(json.dumps(out))

@@ -22,3 +22,17 @@ def test_quick_run_writes_tables_and_the_error_falls_with_num_features(tmp_path,
       assert errs[-1] < r["uniform"], (regime, causal, errs, r["uniform"])
   table = (tmp_path / "performer_convergence_quick.md").read_text()
   assert "| 256 |" in table and "| uniform |" in table and out["device"] in table
+
+
+def test_table_on_hand_made_rows(experiment):
+  """Each error, the uniform baseline and the ratio M=lo / M=hi per column (the ratio inverted passed
+  the run above, which checks that the table has rows only)."""
+  script = experiment("performer_convergence")
+  rows = [{"regime": "smooth", "causal": False, "errors": {"16": 0.4, "64": 0.2, "256": 0.1},
+           "uniform": 0.5},
+          {"regime": "smooth", "causal": True, "errors": {"16": 0.3, "64": 0.2, "256": 0.05},
+           "uniform": 0.6}]
+  lines = script.table(rows, [16, 64, 256])
+  assert lines[0] == "| M | smooth, non-causal | smooth, causal |"
+  assert "| 64 | 0.2000 | 0.2000 |" in lines and "| uniform | 0.5000 | 0.6000 |" in lines
+  assert lines[-1] == "| ratio M=16 / M=256 | 4.00 | 6.00 |"
