@@ -59,8 +59,12 @@ def test_quick_run_writes_the_whole_report(tmp_path, experiment):
     assert r["steps"] == (out["settings"]["examples"] // 16 if protocol == "examples"
                           else out["settings"]["steps"])
     assert len(r["per_seed"]) == len(r["lr_grid"]) == len(r["val_scores"])
+    assert r["lr"] == r["lr_grid"][int(np.argmax(r["val_scores"]))]  # chosen on validation
     for k in script.METRICS:
       assert 0.0 <= r[k] <= 1.0 and math.isfinite(r[k + "_sd"])
+      seeds = [m[k] for m in r["per_seed"]]  # the mean over seeds (one seed's number passed)
+      assert r[k] == pytest.approx(float(np.mean(seeds)))
+      assert r[k + "_sd"] == pytest.approx(float(np.std(seeds, ddof=1)))
   assert {r["loss"] for r in out["tier_b"]} == {"clip", "siglip"}
   assert {r["loss"] for r in out["memory"]} >= {"SigLIP chunked (ring), 8 devices",
                                                  "CLIP all-gather, 8 devices"}
