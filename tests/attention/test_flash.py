@@ -104,13 +104,15 @@ def test_logit_soft_cap_values_and_gradients_match_reference(kernel):
   q, k, v, ct = qkv_inputs(23, b, tq, tk, n, kh, h)
   arrays = dict(q_segment_ids=segment_ids(b, tq, [[4], [9]]),
                 kv_segment_ids=segment_ids(b, tk, [[12], [17]]))
-  (out, *grads), (ref, *ref_grads) = _both(q, k, v, ct, dict(causal=True), arrays, (8, 8),
-                                           kernel=kernel, soft_cap=1.0)
-  (uncapped, *_), = _both(q, k, v, ct, dict(causal=True), arrays, (8, 8), ref_dtypes=())
-  assert np.abs(np.asarray(uncapped - out)).max() > 1e-2  # the cap matters at these logits
-  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
-  for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
-    np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=name)
+  for cap, qk_scale in ((1.0, 1.0), (2.0, 3.0)):  # c = 1 alone hid a derivative missing its 1 / c
+    qs, ks = q * qk_scale, k * qk_scale
+    (out, *grads), (ref, *ref_grads) = _both(qs, ks, v, ct, dict(causal=True), arrays, (8, 8),
+                                             kernel=kernel, soft_cap=cap)
+    (uncapped, *_), = _both(qs, ks, v, ct, dict(causal=True), arrays, (8, 8), ref_dtypes=())
+    assert np.abs(np.asarray(uncapped - out)).max() > 1e-2  # the cap matters at these logits
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+      np.testing.assert_allclose(got, want, atol=5e-5 * qk_scale, rtol=5e-5, err_msg=name)
 
 
 def test_rows_that_see_no_key_are_exact_zeros():
@@ -228,6 +230,10 @@ def test_bad_arguments_are_named():
     (37, 37, True, None, 8, 16), (21, 50, True, None, 16, 8), (50, 21, True, None, 8, 8),
     (40, 40, False, (7, 3), 8, 8), (33, 45, True, (10, None), 16, 8), (45, 33, False, (None, 4), 8, 16),
     (40, 40, False, (0, 0), 8, 8),
+    # a block's last visible key (or a tile's first visible query) on a tile boundary: a range one
+    # tile short passed every case above
+    (16, 17, True, None, 8, 8), (24, 24, False, (None, 1), 8, 8), (17, 16, True, None, 8, 8),
+    (24, 24, False, (1, None), 8, 8),
 ])
 def test_block_ranges_skip_exactly_the_hidden_tiles(tq, tk, causal, window, bq, bk):
   """The loop bounds visit every tile with a visible pair (exactness) and no tile without one (skip)."""
@@ -390,3 +396,26 @@ def test_tpu_kernels_lower_through_mosaic(tpu_info_for_cpu, h, dtype):
 
   text = jax.jit(f).trace(qs, ks, ks, seg).lower(lowering_platforms=("tpu",)).as_text()
   assert text.count("tpu_custom_call") == 3  # forward, dQ, dK/dV
+
+
+def test_hidden_tiles_are_never_read():
+  """Tq = 8 queries end-aligned on Tk = 32 keys, causal with a 7-key window: key tiles 0 and 1
+  (keys 0-15) are hidden from every query. Poisoned with NaN there, the outputs and every gradient stay
+  finite and dK/dV are exactly 0 on those keys, in both kernels' loops and in blockwise's scans: a
+  loop over all tiles (the range tests check the ranges, not that the loops use them) reads them."""
+  from jaxlab.attention.blockwise import blockwise_attention
+  q, k, v, ct = qkv_inputs(31, 1, 8, 32, 2, 1, 16)
+  k, v = k.at[:, :16].set(jnp.nan), v.at[:, :16].set(jnp.nan)
+  mask = make_mask(8, 32, 1, causal=True, window=(7, None))
+  impls = {
+      "portable": lambda q, k, v: flash_attention(q, k, v, mask, scale=SCALE, block_q=8, block_k=8,
+                                                  interpret=True),
+      "blockwise": lambda q, k, v: blockwise_attention(q, k, v, mask, scale=SCALE, block_q=8,
+                                                       block_k=8),
+  }
+  for name, fn in impls.items():
+    out, vjp = jax.vjp(fn, q, k, v)
+    dq, dk, dv = vjp(ct)
+    assert np.isfinite(np.asarray(out)).all() and np.isfinite(np.asarray(dq)).all(), name
+    for g in (dk, dv):
+      assert (np.asarray(g)[:, :16] == 0).all() and np.isfinite(np.asarray(g)[:, 16:]).all(), name

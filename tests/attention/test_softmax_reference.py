@@ -122,6 +122,22 @@ def test_segments_and_padding_and_fully_masked_rows():
   np.testing.assert_array_equal(grads[0][0, 5], 0.0)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "blockwise"])
+def test_segments_without_causality_and_out_of_order_ids(implementation):
+  """Not causal, ids that go down and come back (packed segments in any order, separate q and kv
+  ids): a query sees exactly the keys of its own id. Causal, increasing ids could not tell == from
+  <= (a later segment's id is larger, and causality hides it anyway)."""
+  b, tq, tk, n, h = 2, 6, 7, 2, 4
+  kq, kk, kv = jax.random.split(jax.random.key(11), 3)
+  q, k, v = rand(kq, (b, tq, n, h)), rand(kk, (b, tk, n, h)), rand(kv, (b, tk, n, h))
+  q_seg = jnp.array([[3, 3, 1, 1, 2, 2], [0, 5, 0, 5, 9, 9]])
+  kv_seg = jnp.array([[1, 3, 2, 3, 1, 2, 2], [5, 5, 0, 9, 0, 9, 5]])
+  out = attention.dot_product_attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                        implementation=implementation)
+  allowed = np.asarray(q_seg)[:, :, None] == np.asarray(kv_seg)[:, None, :]
+  np.testing.assert_allclose(out, naive_attention(q, k, v, allowed), atol=2e-5)
+
+
 def test_gradient_matches_repeated_kv_mha():
   """GQA equals MHA with K/V repeated per group, in value and gradient."""
   b, t, n, kh, h = 2, 5, 6, 2, 4
