@@ -32,11 +32,25 @@ def early(name, *overrides):
     ("lm_char", "--config.model.logit_soft_cap=1e400", "config.model.logit_soft_cap"),  # inf passed
     ("lm_char", "--config.model.rope_scaling_factor=1e400", "config.model.rope_scaling_factor"),
     ("contrastive_digits", "--config.data.batch_size=400", "config.data.batch_size"),
+    # range checks that no row reached (each removed, the value was accepted)
+    ("lm_char", "--config.train.eval_every=0", "config.train.eval_every"),
+    ("lm_char", "--config.train.keep_checkpoints=0", "config.train.keep_checkpoints"),
+    ("lm_char", "--config.optim.b1=1.0", "config.optim.b1"),
+    ("lm_char", "--config.optim.min_lr=1.0", "config.optim.min_lr"),
+    ("lm_char", "--config.optim.weight_decay=-1.0", "config.optim.weight_decay"),
+    ("lm_char", "--config.optim.grad_clip=-1.0", "config.optim.grad_clip"),
+    ("lm_char", "--config.mesh.cpu_devices=-1", "config.mesh.cpu_devices"),
+    ("lm_char", "--config.optim.lr=True", "config.optim.lr"),  # a bool for a float key
 ])
 def test_bad_values_name_the_key(name, override, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
     early(name, override)
   assert "\n" not in str(info.value)
+
+
+def test_a_loss_scale_beyond_float32_is_refused():
+  with pytest.raises(ConfigError, match=r"config\.optim\.loss_scale_init"):
+    early("lm_char", "--config.model.dtype=float16", "--config.optim.loss_scale_init=1e300")
 
 
 def test_good_edge_values_pass():

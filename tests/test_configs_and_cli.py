@@ -171,6 +171,12 @@ def test_fresh_workdirs_are_distinct_and_a_failed_run_leaves_none(tmp_path, monk
   assert cli.main(["train", *tiny_cli_overrides, "--config.sample.prompt=€€"]) == 2
   assert "config.sample.prompt" in capsys.readouterr().err
   assert list((tmp_path / "runs").iterdir()) == []
+  # Config errors found by validation, and unknown configs, make no workdir either (one created
+  # before validation passed every other test: theirs ran elsewhere and never looked).
+  for args in (["--config.model.num_heads=7"], ["no_such_config"]):
+    assert cli.main(["train", *args]) == 2
+    capsys.readouterr()
+    assert list((tmp_path / "runs").iterdir()) == [], args
 
 
 def test_cli_train_refuses_a_directory_that_is_not_a_workdir(tmp_path, tiny_cli_overrides,
@@ -212,6 +218,11 @@ def test_cli_train_eval_sample_on_a_workdir(tiny_cli_overrides, tmp_path, capsys
                      "--temperature", "0", "--stop", stop]) == 0
     cut = text.find(stop, 4)
     assert capsys.readouterr().out.rstrip("\n") == (text if cut < 0 else text[:cut]), stop
+  # A model override that keeps every shape is refused by eval and sample too (the structure check
+  # alone let it through: a removed key check printed another val_loss, exit 0).
+  for command in (["eval", str(workdir)], ["sample", str(workdir), "--num-tokens", "4"]):
+    assert cli.main(command + ["--config.model.rope_theta=5.0"]) == 2
+    assert "only data.batch_size may be overridden" in capsys.readouterr().err
   # A second train call on the same workdir resumes and has nothing left to do.
   assert cli.main(["train", "lm_char", "--workdir", str(workdir), "--no-progress"] + common) == 0
   assert "resumed from step 4" in capsys.readouterr().out
@@ -286,6 +297,7 @@ def test_console_script_help():
   out = subprocess.run([sys.executable, "-m", "jaxlab.cli", "train", "--help"],
                        capture_output=True, text=True, check=True).stdout
   assert "lm_char_cpu" in out and "--workdir" in out
+  assert "under runs/" in " ".join(out.split())  # --workdir's help, not only the usage line
 
 
 def test_model_position_options_reach_the_model():
@@ -405,9 +417,13 @@ def test_cli_workdir_that_is_a_file(tmp_path, capsys):
   assert path.read_text() == "keep me"
 
 
-def test_cli_os_errors_are_one_line(monkeypatch, capsys):
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "/nowhere/config.json"),
+                                   RuntimeError("RESOURCE_EXHAUSTED: Permission denied (out of memory)"),
+                                   FloatingPointError("Permission denied: the loss is nan")],
+                         ids=["os", "runtime", "floating_point"])
+def test_cli_os_errors_are_one_line(monkeypatch, capsys, error):
   def denied(*args, **kwargs):
-    raise PermissionError(13, "Permission denied", "/nowhere/config.json")
+    raise error
   monkeypatch.setattr(cli, "_load_workdir_config", denied)
   assert cli.main(["eval", "/nowhere"]) == 1
   line = _one_error_line(capsys)
@@ -488,6 +504,22 @@ def test_workdir_config_keeps_a_key_of_its_own(tmp_path, tiny_cli_overrides):
     load_config(str(path), check_devices=False)
 
 
+def test_a_config_file_of_an_unknown_task_is_a_config_error(tmp_path, capsys):
+  path = tmp_path / "nope.py"
+  path.write_text("def get_config():\n  from jaxlab.configs.lm_char_cpu import get_config as g\n"
+                  "  c = g()\n  c.task = 'nope'\n  return c\n")
+  assert cli.main(["train", str(path), "--workdir", str(tmp_path / "run")]) == 2
+  assert "config.task='nope' must be one of contrastive, cpc, density, lm" in _one_error_line(capsys)
+  assert not (tmp_path / "run").exists()
+
+
+def test_data_paths_are_made_absolute_but_urls_are_not(tmp_path, monkeypatch):
+  from jaxlab.configs import absolute_data_path
+  monkeypatch.chdir(tmp_path)
+  assert absolute_data_path("rel.txt", "lm") == str(tmp_path / "rel.txt")
+  assert absolute_data_path("gs://bucket/x.txt", "lm") == "gs://bucket/x.txt"
+
+
 def test_config_file_without_the_keys_read_with_a_default_loads(tmp_path):
   """Keys added later and read with a default (loss scaling, microbatches, keep_best) may be absent
   from a config file written before them."""
@@ -500,6 +532,12 @@ def test_config_file_without_the_keys_read_with_a_default_loads(tmp_path):
   assert {"optim.loss_scale", "train.microbatches", "train.keep_best"} <= set(OPTIONAL_KEYS)
   config = load_config(str(path), check_devices=False)
   assert "microbatches" not in config.train
+  # sample.speculative is read without a default: a file lacking it is refused by name (it was
+  # listed as optional, to no effect)
+  path.write_text("def get_config():\n  from jaxlab.configs.lm_char_cpu import get_config as g\n"
+                  "  c = g().to_dict()\n  del c['sample']['speculative']\n  return c\n")
+  with pytest.raises(ConfigError, match=r"lacks keys that task 'lm' needs: config\.sample\.speculative"):
+    load_config(str(path), check_devices=False)
 
 
 def test_a_run_saved_with_another_familys_option_resumes(tmp_path, tiny_cli_overrides, capsys,
@@ -567,6 +605,15 @@ def test_cli_sample_flags_checked_first(tmp_path, capsys, flags, flag):
   assert line.startswith(f"jaxlab: error: {flag} ")
 
 
+@pytest.mark.parametrize("flags", [["--top-p", "1"], ["--top-k", "0"], ["--seed", str(2**32 - 1)],
+                                   ["--temperature", "0"], ["--num-tokens", "0"]])
+def test_cli_sample_flags_at_their_edges_are_accepted(tmp_path, capsys, flags):
+  """The "off" values and the largest seed the help documents pass the flag checks (the error is
+  then the missing workdir's)."""
+  assert cli.main(["sample", str(tmp_path / "none"), *flags]) == 2
+  assert "not a jaxlab workdir" in _one_error_line(capsys)
+
+
 def test_cli_sample_checks_the_prompt_before_restoring(tmp_path, tiny_cli_overrides, capsys,
                                                         monkeypatch):
   from jaxlab.train import lm_task
@@ -600,6 +647,9 @@ def test_cli_sample_and_eval_help(capsys):
                     ("--seed", "seed")]:
     assert flag in out and f"default: config.sample.{key}" in out
   assert "--config.SECTION.KEY=VALUE" in out
+  for help_text in ("end the continuation just before its first TEXT", "draft with the model's extra",
+                    "speculative decoding with a tree of drafts", "sample from WORKDIR/best"):
+    assert help_text in out, help_text
   with pytest.raises(SystemExit):
     cli.main(["eval", "--help"])
   assert "--config.SECTION.KEY=VALUE" in capsys.readouterr().out
@@ -612,6 +662,9 @@ def test_cli_ctrl_c_is_one_line(monkeypatch, capsys):
   assert cli.main(["train", "lm_char_cpu"]) == 130
   assert _one_error_line(capsys) == ("jaxlab: interrupted; run the same command to resume from the "
                                      "newest checkpoint")
+  monkeypatch.setattr(cli, "cmd_eval", interrupted)  # nothing to resume: no hint
+  assert cli.main(["eval", "/nowhere"]) == 130
+  assert _one_error_line(capsys) == "jaxlab: interrupted"
 
 
 def test_cli_sample_needs_only_the_workdir(tiny_corpus, tfds_dir, tmp_path, capsys):

@@ -325,7 +325,7 @@ def _type_problem(value, default) -> str | None:
 
 # Keys that the code reads with a default (configs written before they existed still run).
 OPTIONAL_KEYS = ("optim.loss_scale", "optim.loss_scale_period", "optim.loss_scale_init",
-                 "train.microbatches", "train.keep_best", "sample.speculative")
+                 "train.microbatches", "train.keep_best")
 
 
 def _misspelt(key: str, known) -> str | None:
