@@ -137,7 +137,7 @@ def _attention_fwd(static, q, k, v, bias, arrays):
   out, lse = _forward(static, q, k, v, bias, arrays)
   # Residuals: the inputs, the float32 output and row logsumexp [B, K, G, Tqp] (= [B, N, Tqp]). The
   # output is kept in float32 for D = rowsum(dO * O) in the backward pass: from a 16-bit O, its
-  # rounding shows in dS = P (dP - D) where attention is peaked (dP_ij ~ D_i), up to ~10x xla's dQ/dK
+  # rounding shows in dS = P (dP - D) where attention is peaked (dP_ij ~ D_i), up to ~12x xla's dQ/dK
   # error there (the Pallas kernels do take D from the 16-bit O, as FlashAttention-2 does).
   return out.astype(q.dtype), (q, k, v, bias, arrays, out, lse)
 

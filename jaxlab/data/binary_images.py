@@ -145,9 +145,10 @@ def _tfds_images(name: str, data_dir: str, splits, *, local_path: bool = False) 
   builder = tfds.builder(name, data_dir=data_dir or None)
   if not builder.is_prepared():
     raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir} (this "
-                            "code never downloads; prepare it with `tfds build --file_format=array_record` and give its "
-                            "config.data.data_dir" + (", or give local files by config.data.path"
-                                                      if local_path else "") + ")")
+                            "code never downloads; prepare it with `tfds build "
+                            "--file_format=array_record` and give its config.data.data_dir"
+                            + (", or give local files by config.data.path" if local_path else "")
+                            + ")")
   out = []
   for split in splits:
     try:

@@ -72,6 +72,19 @@ class Vocab:
 SHA256_KEY = "sha256"
 
 
+def read_vocab_file(path, hint: str) -> Vocab:
+  """A run's WORKDIR/vocab.json -> Vocab. Anything that to_file_json did not write (not JSON, no
+  alphabet, a sha256 that does not match) is a ValueError naming the file, with `hint` (what to
+  do)."""
+  import json
+  import pathlib
+  try:
+    return Vocab.from_file_json(json.loads(pathlib.Path(path).read_text()))
+  except ValueError as e:  # (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)
+    raise ValueError(f"{path} is not a vocabulary that jaxlab wrote ({e}); nothing was changed "
+                     f"({hint})") from None
+
+
 def _sha256(d: dict) -> str:
   import hashlib
   import json

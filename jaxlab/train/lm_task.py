@@ -340,18 +340,13 @@ def build_for_sampling(config, workdir) -> "LMTask | None":
   """The task as `jaxlab sample` needs it: from WORKDIR/vocab.json when the run saved one, so that
   sampling needs neither the training text (moved, or on another machine) nor the time to read it;
   None (build it from the data) otherwise."""
-  import json
   import pathlib
-  from jaxlab.data.vocab import Vocab
+  from jaxlab.data.vocab import read_vocab_file
   saved = pathlib.Path(workdir) / "vocab.json"
   if not saved.is_file():
     return None
-  try:
-    return LMTask(config, vocab=Vocab.from_file_json(json.loads(saved.read_text())))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"{saved} is not a vocabulary that jaxlab wrote ({e}); nothing was changed "
-                     "(delete it: `jaxlab sample` then reads the training data's vocabulary)") \
-        from None
+  return LMTask(config, vocab=read_vocab_file(
+      saved, "delete it: `jaxlab sample` then reads the training data's vocabulary"))
 
 
 class LMTask:

@@ -68,8 +68,9 @@ class _EventFile:
     # TFRecord framing; its EventsWriter writes and flushes in the calling thread.
     from tensorboardX.event_file_writer import EventsWriter
     from tensorboardX.proto import event_pb2
+    from tensorboardX.summary import scalar
     logdir.mkdir(parents=True, exist_ok=True)
-    self._pb = event_pb2
+    self._pb, self._scalar = event_pb2, scalar
     # The name ends in the nanosecond clock: two files opened in one second (EventsWriter names
     # them by the second and the host) would be one file, the second truncating the first.
     self._writer = EventsWriter(str(logdir / "events"), f".{time.time_ns()}")
@@ -80,10 +81,9 @@ class _EventFile:
     self._writer.flush()
 
   def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
-    from tensorboardX.summary import scalar
     for tag, value in scalars.items():
       self._writer.write_event(self._pb.Event(wall_time=time.time(), step=step,
-                                              summary=scalar(tag, value)))
+                                              summary=self._scalar(tag, value)))
     self._writer.flush()
 
   def close(self) -> None:

@@ -165,12 +165,8 @@ def check_same_vocabulary(run: Run) -> None:
   vocab = getattr(run.task, "vocab", None)
   if vocab is None or not saved_path.exists() or not run.checkpointer.all_steps():
     return
-  from jaxlab.data.vocab import Vocab
-  try:
-    saved = Vocab.from_file_json(json.loads(saved_path.read_text()))
-  except ValueError as e:  # (json.JSONDecodeError is a ValueError)
-    raise ValueError(f"{saved_path} is not a vocabulary that jaxlab wrote ({e}); nothing was "
-                     "changed (delete it: `jaxlab train` writes it again from the data)") from None
+  from jaxlab.data.vocab import read_vocab_file
+  saved = read_vocab_file(saved_path, "delete it: `jaxlab train` writes it again from the data")
   if saved != vocab:
     raise ValueError(f"the data's vocabulary differs from the one {run.workdir} was trained with "
                      f"({saved_path.name}): the text of config.data.path changed since; nothing "
@@ -850,10 +846,10 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
         # skipped step may have a non-finite loss too (loss_scale.check_loss_overflow): it is left
         # out of the logged train_loss and a checkpoint due at it waits for a step with a finite loss.
         step_skipped = "skipped" in metrics and bool(metrics["skipped"])
-        loss_overflowed = step_skipped and not np.isfinite(loss)
         nonfinite_streak = loss_scale.check_loss_overflow(
             done, loss, step_skipped, nonfinite_streak, last=done == cfg.steps,
             kept=str(run.checkpointer.directory))
+        loss_overflowed = nonfinite_streak > 0  # this step's loss overflowed (the streak's last)
         if not loss_overflowed:
           losses.append(loss)
         grad_norm = float(metrics["grad_norm"]) if "skipped" not in metrics else 0.0
