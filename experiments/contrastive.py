@@ -9,7 +9,8 @@ SigLIP versus all-gathered CLIP on 8 (fake CPU) devices.
 Data: the emoji caption pairs of `jaxlab.data.caption_pairs` (Twemoji + Noto, 32x32; captions
 "<name>, <category>, <subcategory>[, <skin tone>]"), read with `load_pairs`. Its "test" split (base
 emoji with crc32 % 10 == 0, 440 captions, 880 images) is never seen in training; of the "train" split,
-base emoji with crc32 % 10 == 1 (~10%) are held out as a validation split that only chooses the
+base emoji with crc32 % 10 == 1 (~10%; byte-identical drawings follow one key, as in the builder's
+split) are held out as a validation split that only chooses the
 learning rate. A training step samples B distinct captions without replacement and one of each
 caption's vendor images, so a batch never holds the same caption twice (no false negatives from
 duplicates; the skin-tone variants of one emoji remain as hard negatives).
@@ -139,13 +140,21 @@ def make_split(images, captions, labels) -> Split:
                np.array([len(p) for p in per], np.int32))
 
 
+def emoji_split_keys(path: str) -> list[str]:
+  """Per emoji entry, the base emoji that decides its split (`caption_pairs.split_keys`), so that
+  byte-identical drawings are never on both sides of the validation split either."""
+  entries = caption_pairs.emoji_entries(pathlib.Path(path))
+  images = caption_pairs.emoji_images(pathlib.Path(path), entries)
+  return caption_pairs.split_keys([e["base"] for e in entries], images)
+
+
 def load_emoji(data_dir: str, path: str):
   """(train, val, test) Splits and the zero-shot prompts [[str] per class] and class names."""
   import ml_collections
   cfg = ml_collections.ConfigDict(dict(name="emoji", path=path, data_dir=data_dir))
   train, test = caption_pairs.load_pairs(cfg, "train"), caption_pairs.load_pairs(cfg, "test")
-  bases = [e["base"] for e in caption_pairs.emoji_entries(pathlib.Path(path))]  # group = entry index
-  is_val = np.array([zlib.crc32(bases[g].encode()) % 10 == 1 for g in train.groups_N])
+  keys = emoji_split_keys(path)  # group = entry index
+  is_val = np.array([zlib.crc32(keys[g].encode()) % 10 == 1 for g in train.groups_N])
   pick = lambda pairs, mask: make_split(pairs.images_NHWC[mask], [c for c, k in zip(pairs.captions, mask)
                                                                   if k], pairs.labels_N[mask])
   everything = np.ones(len(test), bool)

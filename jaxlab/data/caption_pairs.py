@@ -8,9 +8,11 @@ examples are {"image": uint8 [H, W, C], "caption": str, "label": int, "group": i
   caption, so retrieval counts any image of the caption's digit as a hit).
 - `JaxlabEmojiCaptions`: the 3,786 emoji (base + skin-tone variants) of `emoji.json` from the
   emoji-datasource packages, each drawn by two vendors (Twemoji, Noto) from the 32x32 sheets; captions
-  "<name>, <category>, <subcategory>[, <skin tone>]"; label = category; group = the emoji, so the two
+  "<name>, <category>, <subcategory>[, <skin tone>]" (accents and curly quotes folded to ASCII; the
+  short name where two emoji share a Unicode name); label = category; group = the emoji, so the two
   vendor images of an emoji are two views of one caption. Split by base emoji (crc32 of its code
-  points % 10 == 0 is "test", skin variants follow their base), so test captions are unseen.
+  points % 10 == 0 is "test", skin variants follow their base; base emoji drawn byte-identically by
+  a vendor are split by the smallest of them, `split_keys`), so test captions and images are unseen.
 
 `load_pairs(data_cfg)` builds (once) and reads a split into a `PairSet` of arrays; `CharTokenizer`
 turns captions into fixed-length ids ending in an end token (where the text encoder pools).
@@ -22,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import unicodedata
 import zlib
 
 import numpy as np
@@ -103,6 +106,24 @@ def _skin_tone(modifiers: str) -> str:
   return ", ".join(SKIN_TONES.get(m, m.lower()) for m in modifiers.split("-"))
 
 
+def ascii_caption(text: str) -> str:
+  """`text` in the tokenizer's alphabet where it has a plain form: accents dropped (NFKD: "Côte" ->
+  "Cote"), typographic quotes as ASCII ("WORKER’S" -> "WORKER'S"); else unchanged."""
+  text = text.translate({0x2018: "'", 0x2019: "'", 0x201C: '"', 0x201D: '"'})
+  return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+
+
+def _emoji_names(records) -> list[str]:
+  """Each record's Unicode name, or its CLDR short name where the Unicode name is not unique
+  (U+1F935 keeps the name "MAN IN TUXEDO" that 1F935-200D-2642 also has; its short name is
+  person_in_tuxedo), so that no two base emoji share a caption."""
+  counts: dict = {}
+  for e in records:
+    counts[e["name"]] = counts.get(e["name"], 0) + 1
+  return [ascii_caption(e["short_name"].replace("_", " ") if counts[e["name"]] > 1 else e["name"])
+          for e in records]
+
+
 def emoji_entries(root: pathlib.Path) -> list[dict]:
   """One dict per image (base emoji and skin variants): caption, category, sheet cell, base id."""
   path = root / "emoji.json"
@@ -118,8 +139,9 @@ def emoji_entries(root: pathlib.Path) -> list[dict]:
                      f"{json.dumps(records)[:40] if not records else type(records).__name__}")
   entries = []
   try:
-    for e in sorted(records, key=lambda e: e["unified"]):
-      base = (e["name"].lower() + ", " + e["category"].lower() + ", " + e["subcategory"].lower())
+    records = sorted(records, key=lambda e: e["unified"])
+    for e, name in zip(records, _emoji_names(records)):
+      base = (name.lower() + ", " + e["category"].lower() + ", " + e["subcategory"].lower())
       entries.append({"caption": base, "category": e["category"], "base": e["unified"],
                       "cell": (int(e["sheet_x"]), int(e["sheet_y"]))})
       for modifiers, v in sorted((e.get("skin_variations") or {}).items()):
@@ -164,19 +186,46 @@ def _sheet_cells(sheet_path: pathlib.Path, cells, background: int = 255) -> np.n
   return out
 
 
+def emoji_images(root: pathlib.Path, entries) -> list[np.ndarray]:
+  """Per vendor of EMOJI_VENDORS, uint8 [N, 32, 32, 3]: the drawing of each of the N entries."""
+  cells = [e["cell"] for e in entries]
+  return [_sheet_cells(root / f"sheet_{vendor}_32_indexed256.png", cells) for vendor in EMOJI_VENDORS]
+
+
 def is_test_emoji(base_unified: str) -> bool:
   return zlib.crc32(base_unified.encode()) % 10 == 0
+
+
+def split_keys(bases, images_by_vendor) -> list[str]:
+  """For entry n, the smallest base emoji linked to bases[n] by byte-identical images (in any vendor's
+  images_by_vendor[v][n], through any chain): split by it, identical drawings never straddle a split
+  (Twemoji draws France, St. Martin and Clipperton one flag, and every family alike)."""
+  parent = {b: b for b in bases}
+
+  def root(b):
+    while parent[b] != b:
+      parent[b] = parent[parent[b]]
+      b = parent[b]
+    return b
+
+  for images in images_by_vendor:
+    first: dict = {}
+    for b, image in zip(bases, images):
+      other = first.setdefault(np.asarray(image).tobytes(), b)
+      ra, rb = root(b), root(other)
+      parent[max(ra, rb)] = min(ra, rb)
+  return [root(b) for b in bases]
 
 
 def emoji_examples(root: pathlib.Path):
   """(split, example) for every emoji image of both vendors; label = category index."""
   entries = emoji_entries(root)
   categories = emoji_categories(entries)
-  cells = [e["cell"] for e in entries]
-  for vendor in EMOJI_VENDORS:
-    images = _sheet_cells(root / f"sheet_{vendor}_32_indexed256.png", cells)
-    for g, (e, image) in enumerate(zip(entries, images)):
-      split = "test" if is_test_emoji(e["base"]) else "train"
+  images = emoji_images(root, entries)
+  keys = split_keys([e["base"] for e in entries], images)
+  for vendor_images in images:
+    for g, (e, image, key) in enumerate(zip(entries, vendor_images, keys)):
+      split = "test" if is_test_emoji(key) else "train"
       yield split, {"image": image, "caption": e["caption"], "label": categories.index(e["category"]),
                     "group": g}
 
@@ -247,8 +296,11 @@ class JaxlabEmojiCaptions(tfds.core.GeneratorBasedBuilder):
   """Twemoji and Noto emoji (32x32) with Unicode-name captions, split by base emoji (VERSION: as
   JaxlabDigitCaptions's)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Images, Unicode-name captions, categories and base-emoji groups."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Images, Unicode-name captions, categories and base-emoji groups.",
+                   "1.1.0": "Captions in ASCII (11 characters were unknown tokens), U+1F935 named "
+                            "'person in tuxedo' (it shared 'man in tuxedo'), and base emoji with "
+                            "byte-identical drawings on one side of the split (9 groups straddled it)."}
   BUILDER_CONFIGS = []
 
   def _info(self) -> tfds.core.DatasetInfo:

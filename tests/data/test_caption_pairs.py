@@ -73,6 +73,51 @@ def test_emoji_source_split_and_pixels():
   assert np.abs(img.astype(np.float64) - expect).max() <= 0.5 + 1e-9
 
 
+def test_split_keys_join_bases_drawn_alike_in_any_vendor():
+  """a~b identical in vendor 0, b~c in vendor 1: one key (the smallest) for all three; d alone."""
+  img = lambda k: np.full((2, 2, 3), k, np.uint8)
+  vendor0 = [img(1), img(1), img(2), img(3)]
+  vendor1 = [img(4), img(5), img(5), img(6)]
+  assert cp.split_keys(["b", "a", "c", "d"], [vendor0, vendor1]) == ["a", "a", "a", "d"]
+  assert cp.split_keys(["c", "b", "a"], [[img(1), img(2), img(2)], [img(3), img(3), img(4)]]) == \
+      ["a", "a", "a"]
+  assert cp.split_keys(["x", "y"], [[img(1), img(2)]]) == ["x", "y"]
+
+
+def test_ascii_caption_folds_accents_and_quotes():
+  assert cp.ascii_caption("Côte d’Ivoire, São Tomé & Príncipe, Åland") == \
+      "Cote d'Ivoire, Sao Tome & Principe, Aland"
+  assert cp.ascii_caption("a“b”") == 'a"b"'
+
+
+@pytest.mark.skipif(not EMOJI.is_dir(), reason="../shared/data/emoji_captions is not present")
+def test_emoji_captions_are_unique_known_characters_and_no_drawing_straddles_the_split():
+  """1.1.0: 11 non-ASCII characters were unknown tokens (the curly apostrophe although ' is in the
+  alphabet), two base emoji were both 'man in tuxedo', and 9 groups of byte-identical drawings (the
+  flags of France / St. Martin / Clipperton, Twemoji's families) had members on both sides."""
+  entries = cp.emoji_entries(EMOJI)
+  tokens = cp.CharTokenizer().encode([e["caption"] for e in entries], 128)
+  assert not (tokens == cp.CharTokenizer.UNK).any()
+  assert len({e["caption"] for e in entries}) == len(entries)
+  tuxedo = {e["base"]: e["caption"] for e in entries if "tuxedo" in e["caption"] and "tone" not in e["caption"]}
+  assert tuxedo["1F935"].startswith("person in tuxedo,")
+  assert tuxedo["1F935-200D-2642-FE0F"].startswith("man in tuxedo,")
+  assert any(e["caption"].startswith("cote d'ivoire flag,") for e in entries)
+  images = cp.emoji_images(EMOJI, entries)
+  keys = cp.split_keys([e["base"] for e in entries], images)
+  for vendor_images in images:
+    sides: dict = {}
+    for key, image in zip(keys, vendor_images):
+      sides.setdefault(image.tobytes(), set()).add(cp.is_test_emoji(key))
+    assert all(len(s) == 1 for s in sides.values())
+  # the split is still by base emoji (a key is a base), and the old split had straddling drawings
+  assert sum(k != e["base"] for k, e in zip(keys, entries)) > 0
+  old_sides: dict = {}
+  for e, image in zip(entries, images[0]):
+    old_sides.setdefault(image.tobytes(), set()).add(cp.is_test_emoji(e["base"]))
+  assert sum(len(s) == 2 for s in old_sides.values()) == 5
+
+
 def test_emoji_missing_folder_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.data.path should name the folder"):
     cp.emoji_config(str(tmp_path))
@@ -83,7 +128,8 @@ def test_emoji_pairs_end_to_end_through_load_pairs(tmp_path):
   cfg = ml_collections.ConfigDict(dict(name="emoji", path=str(EMOJI), data_dir=str(tmp_path)))
   train, test = cp.load_pairs(cfg, "train"), cp.load_pairs(cfg, "test")
   entries = cp.emoji_entries(EMOJI)
-  n_test = sum(cp.is_test_emoji(e["base"]) for e in entries)
+  keys = cp.split_keys([e["base"] for e in entries], cp.emoji_images(EMOJI, entries))
+  n_test = sum(cp.is_test_emoji(k) for k in keys)
   assert (n_test, len(entries) - n_test) == (440, 3346)
   # Every emoji drawn by both vendors: two images per group, groups disjoint across the split.
   assert len(train) == 2 * 3346 and len(test) == 2 * 440
@@ -100,7 +146,11 @@ def test_emoji_pairs_end_to_end_through_load_pairs(tmp_path):
   assert test.labels_N[rows[0]] == test.labels_N[rows[1]]
   assert not np.array_equal(test.images_NHWC[rows[0]], test.images_NHWC[rows[1]])
   assert test.captions[rows[0]] == entries[g]["caption"]
-  assert all(not cp.is_test_emoji(entries[k]["base"]) for k in train.groups_N[:50])
+  assert all(not cp.is_test_emoji(keys[k]) for k in train.groups_N)
+  assert all(cp.is_test_emoji(keys[k]) for k in test.groups_N)
+  # no drawing is in both splits
+  as_bytes = lambda pairs: {np.asarray(i).tobytes() for i in pairs.images_NHWC}
+  assert not as_bytes(train) & as_bytes(test)
   # Held-out captions are unseen in training; labels index the 10 categories.
   assert not set(test.captions) & set(train.captions)
   assert len(train.class_names) == 10 and train.class_names == test.class_names
