@@ -168,15 +168,25 @@ def run_one(dataset_name, label, overrides, steps, data_cache, workroot, out_dir
     save_grid(task.samples(params, 16, seed=0), data.image_shape, out_dir / grid)
   published = (PUBLISHED_MNIST if data_name == "mnist" else
                PUBLISHED_UCI.get(dataset_name, {})).get(label)
-  epochs = steps * config.data.batch_size / len(data.train)
+  return result_row(dataset_name, label, config_name, [*extra, *overrides], steps=steps,
+                    examples_seen=steps * config.data.batch_size, train_size=len(data.train),
+                    best_step=best_step, train_s=train_s, eval_s=eval_s, step_ms=step_ms,
+                    val_nll=float(result["val_loss"]), test_nll=test_nll, published=published,
+                    grid=grid, note=data.note)
+
+
+def result_row(dataset_name, label, config_name, overrides, *, steps, examples_seen, train_size,
+               best_step, train_s, eval_s, step_ms, val_nll, test_nll, published, grid, note) -> dict:
+  """One table row from a run's measurements: epochs = examples seen / training set size; the
+  selected step is the best record's (None: the final step); gap = test NLL - published."""
   return {"dataset": dataset_name, "model": label, "config": config_name,
-          "overrides": [*extra, *overrides], "steps": steps, "epochs": round(epochs, 2),
+          "overrides": list(overrides), "steps": steps, "epochs": round(examples_seen / train_size, 2),
           "selected_step": best_step if best_step is not None else steps,
           "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
           "ms_per_step": None if step_ms is None else round(step_ms, 2),
-          "val_nll": round(float(result["val_loss"]), 3), "test_nll": round(test_nll, 3),
+          "val_nll": round(val_nll, 3), "test_nll": round(test_nll, 3),
           "published": published, "gap": None if published is None else round(test_nll - published, 2),
-          "samples_png": grid, "note": data.note}
+          "samples_png": grid, "note": note}
 
 
 def _logged_step_times(workdir: pathlib.Path) -> tuple[float | None, float]:
