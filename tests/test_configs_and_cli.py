@@ -760,6 +760,8 @@ def test_the_best_record_never_claims_evaluations_it_did_not_see(tmp_path, capsy
   assert "is not kept up to date by this run (config.train.keep_best=False); moved to" in \
       capsys.readouterr().out
   assert not (tmp_path / "b" / "best").exists()
+  assert list((tmp_path / "b" / "set_aside_checkpoints").glob("best.*"))
+  assert not (tmp_path / "b" / "corrupt_checkpoints").exists()
   assert cli.main(["eval", str(tmp_path / "b"), "--best"]) == 2  # a flag error: it kept none
   assert "kept no best parameters" in capsys.readouterr().err
   # 3. switched on at a resume: the record covers the evaluations from there on, and says so

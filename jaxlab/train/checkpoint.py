@@ -381,10 +381,16 @@ def abstract_with_shardings(abstract_tree, shardings):
                       abstract_tree, shardings)
 
 
-def _move_aside(source: pathlib.Path, workdir: pathlib.Path, why: str) -> None:
-  """Moves a checkpoint directory to WORKDIR/corrupt_checkpoints/ (kept for inspection, never deleted).
-  Where WORKDIR cannot be written (e.g. `jaxlab eval` on a read-only copy) it is left in place."""
-  target_dir = workdir / "corrupt_checkpoints"
+CORRUPT_DIR = "corrupt_checkpoints"  # damaged or unreadable checkpoints and records
+SET_ASIDE_DIR = "set_aside_checkpoints"  # whole records that this run does not follow
+
+
+def _move_aside(source: pathlib.Path, workdir: pathlib.Path, why: str,
+                folder: str = CORRUPT_DIR) -> None:
+  """Moves a checkpoint directory to WORKDIR/<folder>/ (kept for inspection, never deleted): damaged
+  ones to corrupt_checkpoints/, intact ones that no longer apply to set_aside_checkpoints/. Where
+  WORKDIR cannot be written (e.g. `jaxlab eval` on a read-only copy) it is left in place."""
+  target_dir = workdir / folder
   target = target_dir / f"{source.name}.{time.time_ns()}"
   try:
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -413,7 +419,8 @@ class BestParams(_BackgroundSaves):
   Training never reads it, so a run with or without it follows the same steps.
 
   `fingerprint` names the run's model/data/optimizer config: a record saved under another one (or one
-  that cannot be read) is moved to WORKDIR/corrupt_checkpoints/ rather than trusted or deleted.
+  that cannot be read) is moved aside rather than trusted or deleted: to WORKDIR/set_aside_checkpoints/
+  when intact, to WORKDIR/corrupt_checkpoints/ when damaged.
   `also_accept`: fingerprints of the same config written otherwise (e.g. the workdir's config.json
   with a data path saved as typed, before paths were made absolute).
 
@@ -462,7 +469,7 @@ class BestParams(_BackgroundSaves):
                      "place)")
         return
       if fingerprint and saved_fingerprint not in (fingerprint, *filter(None, also_accept)):
-        self.discard("was saved under a different model/data/optimizer config")
+        self.discard("was saved under a different model/data/optimizer config", damaged=False)
         return
       self.step, self.val_loss, self._slot = saved_step, saved_loss, slot
       self.covers_from = covers_from if isinstance(covers_from, int) else None
@@ -477,10 +484,11 @@ class BestParams(_BackgroundSaves):
                                              multiprocessing_options=_barriers("best")),
         item_names=("params", "meta"))
 
-  def discard(self, why: str) -> None:
+  def discard(self, why: str, *, damaged: bool = True) -> None:
     """Moves the saved record aside (see the class docstring) and starts with none (WORKDIR/best is
     made again by the next record, not before: an empty one would look like a record to come);
-    read-only, raises FileNotFoundError instead and changes nothing."""
+    read-only, raises FileNotFoundError instead and changes nothing. damaged=False: an intact
+    record that does not belong to this run goes to set_aside_checkpoints/, not corrupt_checkpoints/."""
     if self._read_only:
       raise FileNotFoundError(f"the best-params record in {self.directory} {why}; nothing was "
                               "changed (a jaxlab train of this workdir moves such a record aside)")
@@ -488,7 +496,7 @@ class BestParams(_BackgroundSaves):
     if self._manager is not None:  # None: discarded before (and no record since)
       self._manager.close()
     if self.directory.exists() and distributed.is_primary():
-      _move_aside(self.directory, self.workdir, why)
+      _move_aside(self.directory, self.workdir, why, CORRUPT_DIR if damaged else SET_ASIDE_DIR)
     distributed.barrier("jaxlab_best_discard")
     self.step, self.val_loss, self._slot = None, float("inf"), None
     self.covers_from = None

@@ -764,7 +764,7 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
                                      also_accept=(run.saved_fingerprint,))
     if start == 0 and best.step is not None:  # a fresh run: that record is from an earlier one
       best.discard("was saved before any checkpoint of this workdir: by an earlier run, or by this "
-                   "one before a stop (training starts again from step 0)")
+                   "one before a stop (training starts again from step 0)", damaged=False)
     best.covers_from = _best_record_starts_late(run, best, start) or best.covers_from
   elif checkpoint_lib.best_entries(run.workdir):
     # A record this run will not follow would be served by `--best` as if it were the run's best
@@ -772,7 +772,8 @@ def train(config, workdir: str | pathlib.Path, *, task=None, progress: bool = Tr
     stale = checkpoint_lib.BestParams(run.workdir, fingerprint=config_fingerprint(config),
                                       also_accept=(run.saved_fingerprint,))
     if stale.step is not None:
-      stale.discard("is not kept up to date by this run (config.train.keep_best=False)")
+      stale.discard("is not kept up to date by this run (config.train.keep_best=False)",
+                    damaged=False)
     stale.close()
   if start and primary:
     print(f"jaxlab: resumed from step {start} in {run.workdir}", flush=True)

@@ -137,6 +137,8 @@ def test_a_record_of_another_config_is_moved_aside(tmp_path, capsys):
   keeper = BestParams(tmp_path, fingerprint="model-b")
   assert keeper.step is None
   assert "different model/data/optimizer config" in capsys.readouterr().out
+  assert [p.name.split(".")[0] for p in (tmp_path / "set_aside_checkpoints").iterdir()] == ["best"]
+  assert not (tmp_path / "corrupt_checkpoints").exists()  # intact: set aside, not called corrupt
   keeper.close()
 
 

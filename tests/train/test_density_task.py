@@ -216,7 +216,8 @@ def test_a_workdir_trained_with_other_made_masks_is_refused(tmp_path, monkeypatc
 
 def test_a_fresh_run_moves_an_earlier_best_record_aside(tmp_path, capsys):
   """Training from step 0 in a workdir whose checkpoints are gone must not inherit WORKDIR/best of the
-  earlier run (its record could beat every new evaluation): it is moved to corrupt_checkpoints/."""
+  earlier run (its record could beat every new evaluation): it is set aside (intact, so not among
+  the corrupt checkpoints)."""
   import shutil
   data = _tiny_data()
   config = load_config("made", ["--config.data.batch_size=16", "--config.train.steps=10",
@@ -229,7 +230,8 @@ def test_a_fresh_run_moves_an_earlier_best_record_aside(tmp_path, capsys):
   (tmp_path / "metrics.jsonl").unlink()
   second = trainer.train(config, tmp_path, task=DensityTask(config, data=data), progress=False)
   assert "was saved before any checkpoint of this workdir: by an earlier run" in capsys.readouterr().out
-  assert [p.name.split(".")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["best"]
+  assert [p.name.split(".")[0] for p in (tmp_path / "set_aside_checkpoints").iterdir()] == ["best"]
+  assert not (tmp_path / "corrupt_checkpoints").exists()
   assert second["best_val_loss"] == first["best_val_loss"]  # the same run again, deterministic
 
 
