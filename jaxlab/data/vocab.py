@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 
+from jaxlab.digests import json_sha256
+
 
 @dataclasses.dataclass(frozen=True)
 class Vocab:
@@ -56,7 +58,7 @@ class Vocab:
     """to_json plus the sha256 of it (a run's WORKDIR/vocab.json): an alphabet edited or damaged in
     place is caught when the file is read (a changed character made `jaxlab sample` print other
     text, silently)."""
-    return {**self.to_json(), SHA256_KEY: _sha256(self.to_json())}
+    return {**self.to_json(), SHA256_KEY: json_sha256(self.to_json())}
 
   @classmethod
   def from_file_json(cls, d: dict) -> "Vocab":
@@ -64,7 +66,7 @@ class Vocab:
     as to_json's); ValueError when the sha256 does not match."""
     if isinstance(d, dict) and SHA256_KEY in d:
       d = dict(d)
-      if d.pop(SHA256_KEY) != _sha256(d):
+      if d.pop(SHA256_KEY) != json_sha256(d):
         raise ValueError("its alphabet does not match its sha256 (edited or damaged in place)")
     return cls.from_json(d)
 
@@ -83,12 +85,6 @@ def read_vocab_file(path, hint: str) -> Vocab:
   except ValueError as e:  # (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)
     raise ValueError(f"{path} is not a vocabulary that jaxlab wrote ({e}); nothing was changed "
                      f"({hint})") from None
-
-
-def _sha256(d: dict) -> str:
-  import hashlib
-  import json
-  return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def make_vocab(kind: str, texts) -> Vocab:

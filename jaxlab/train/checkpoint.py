@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlab.digests import json_sha256
 from jaxlab.train import distributed
 
 
@@ -314,8 +315,7 @@ def _summary(e: BaseException) -> str:
 
 def data_digest(data_state: dict) -> str:
   """sha256 of the JSON data state (key order ignored; JSON round trips keep every value)."""
-  import hashlib
-  return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
+  return json_sha256(data_state)
 
 
 def state_checksums(state: Any) -> list[int]:

@@ -9,7 +9,6 @@ data iterator state).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -30,6 +29,7 @@ from jaxlab.configs import (ConfigError, absolute_data_path, flatten, read_confi
                             with_task_defaults)
 from jaxlab.configs.validate import train_microbatches
 from jaxlab.data import pipeline
+from jaxlab.digests import json_sha256
 from jaxlab.train import checkpoint as checkpoint_lib
 from jaxlab.train import distributed, loss_scale, optim, sharding, tasks
 from jaxlab.train.metrics import MetricsWriter, read_metrics, write_atomically
@@ -461,8 +461,7 @@ def config_fingerprint(config) -> str:
 
 
 def _fingerprint_of(config_json: dict) -> str:
-  blob = json.dumps(_resume_keys(config_json, resolve_paths=False), sort_keys=True)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+  return json_sha256(_resume_keys(config_json, resolve_paths=False))[:16]
 
 
 def _recorded_configs(checkpointer: checkpoint_lib.Checkpointer) -> tuple:
