@@ -316,45 +316,48 @@ def siglip_loss(image_BD: jax.Array, text_BD: jax.Array, log_temperature: jax.Ar
   image_BD, text_BD, text_ids_B = _check_image_text(image_BD, text_BD, text_ids_B)
   t = jnp.exp(_check_scalar(log_temperature, "log_temperature"))
   bias = _check_scalar(bias, "bias")
-  rows = jnp.arange(image_BD.shape[0])
   return _siglip_block(image_BD.astype(jnp.float32), text_BD.astype(jnp.float32), t, bias,
-                       rows, rows, text_ids_B, text_ids_B) / image_BD.shape[0]
+                       text_ids_B, text_ids_B, own=True) / image_BD.shape[0]
 
 
-def _siglip_block(image_bD, text_bD, t, bias, image_rows, text_rows, image_ids, text_ids):
-  """Sum over one block of -log sigmoid(z * logits): z = +1 where the global row indices
-  (image_rows [r], text_rows [c]) agree, else -1; pairs of other rows with equal ids (if given) left out."""
+def _siglip_block(image_bD, text_bD, t, bias, image_ids, text_ids, *, own: bool):
+  """Sum over one block of -log sigmoid(z * logits). own=True: the block of matching rows (z = +1 on
+  its diagonal, else -1); own=False: a block of other rows' texts, all negatives (z = -1, no [r, c]
+  label array is made: that kept the chunked loss's peak memory at its pre-ids size). Pairs whose
+  ids (if given) are equal, other than the diagonal of an own block, are left out."""
   logits_rc = t * (image_bD @ text_bD.T) + bias
-  z_rc = jnp.where(image_rows[:, None] == text_rows[None, :], 1.0, -1.0)
-  terms_rc = -jax.nn.log_sigmoid(z_rc * logits_rc)
+  if own:
+    diagonal_rc = jnp.eye(logits_rc.shape[0], logits_rc.shape[1], dtype=bool)
+    terms_rc = -jax.nn.log_sigmoid(jnp.where(diagonal_rc, logits_rc, -logits_rc))
+  else:
+    terms_rc = -jax.nn.log_sigmoid(-logits_rc)
   if image_ids is not None:
-    terms_rc = jnp.where(_not_negative(image_ids, text_ids, image_rows, text_rows), 0.0, terms_rc)
+    hidden_rc = image_ids[:, None] == text_ids[None, :]
+    if own:
+      hidden_rc = hidden_rc & ~diagonal_rc
+    terms_rc = jnp.where(hidden_rc, 0.0, terms_rc)
   return jnp.sum(terms_rc)
 
 
 def _siglip_ring(image_bD, text_bD, log_temperature, bias, ids_b, *, axes, num_shards,
                  global_batch):
-  """Per-device body of the chunked loss: own block (with positives), then P - 1 ring steps."""
+  """Per-device body of the chunked loss: own block (with positives), then P - 1 ring steps, whose
+  blocks hold other devices' rows only (all negatives)."""
   t = jnp.exp(log_temperature)
-  b = image_bD.shape[0]
-  rows_b = jax.lax.axis_index(axes) * b + jnp.arange(b)  # global row indices of the local pairs
-  total = _siglip_block(image_bD, text_bD, t, bias, rows_b, rows_b, ids_b, ids_b)
-  # Device k sends its current text block (with its rows and ids) to k + 1 (any fixed cyclic shift
-  # visits every block once).
+  total = _siglip_block(image_bD, text_bD, t, bias, ids_b, ids_b, own=True)
+  # Device k sends its current text block (with its ids) to k + 1 (any fixed cyclic shift visits
+  # every block once).
   perm = [(k, (k + 1) % num_shards) for k in range(num_shards)]
   # Recomputed in the backward pass, so only the [b, D] text blocks are saved, never P logit blocks.
-  block = jax.checkpoint(lambda i, tx, tt, bb, tr, ti: _siglip_block(i, tx, tt, bb, rows_b, tr,
-                                                                     ids_b, ti))
+  block = jax.checkpoint(lambda i, tx, tt, bb, ti: _siglip_block(i, tx, tt, bb, ids_b, ti, own=False))
 
   def step(carry, _):
-    acc, text_block, text_rows, text_ids = carry
-    text_block, text_rows, text_ids = jax.lax.ppermute((text_block, text_rows, text_ids), axes, perm)
-    return (acc + block(image_bD, text_block, t, bias, text_rows, text_ids), text_block, text_rows,
-            text_ids), None
+    acc, text_block, text_ids = carry
+    text_block, text_ids = jax.lax.ppermute((text_block, text_ids), axes, perm)
+    return (acc + block(image_bD, text_block, t, bias, text_ids), text_block, text_ids), None
 
   if num_shards > 1:
-    (total, *_), _ = jax.lax.scan(step, (total, text_bD, rows_b, ids_b), None,
-                                  length=num_shards - 1)
+    (total, *_), _ = jax.lax.scan(step, (total, text_bD, ids_b), None, length=num_shards - 1)
   return jax.lax.psum(total, axes) / global_batch
 
 
