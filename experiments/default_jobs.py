@@ -51,9 +51,10 @@ def run_job(name: str, workdir: pathlib.Path, extra: list[str]) -> dict:
          "steps": records[-1]["step"], "val_loss": evals[-1]["val_loss"],
          "step_time_ms": median_step_time_ms(workdir), "wall_s": wall_s,
          "report": report_of(proc.stdout)}
-  zero_shot = re.search(r"zero_shot_accuracy\s+([0-9.]+)", proc.stdout)
-  if zero_shot:
-    row["zero_shot_accuracy"] = float(zero_shot.group(1))
+  for key in ("zero_shot_accuracy", "zero_shot_accuracy_unseen_prompts"):
+    found = re.search(rf"{key}\s+([0-9.]+)", proc.stdout)
+    if found:
+      row[key] = float(found.group(1))
   return row
 
 
@@ -73,13 +74,19 @@ def render(out: dict) -> str:
            f"this interpreter's standard library). Command: `{out['command']}`. Each job in a fresh "
            "process and workdir; wall time covers start-up, data, compilation, training and the final "
            "report.", "",
-           "| command | steps | val loss | zero-shot acc | ms/step | wall (min) |",
-           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+           "| command | steps | val loss | zero-shot acc | the same, unseen prompts | ms/step | "
+           "wall (min) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for r in out["rows"]:
-    acc = f"{r['zero_shot_accuracy']:.3f}" if "zero_shot_accuracy" in r else "-"
+    acc, unseen = (f"{r[k]:.3f}" if k in r else "-"
+                   for k in ("zero_shot_accuracy", "zero_shot_accuracy_unseen_prompts"))
     ms = f"{r['step_time_ms']:.1f}" if r["step_time_ms"] is not None else "-"
-    lines.append(f"| `{r['command']}` | {r['steps']} | {r['val_loss']:.4f} | {acc} | {ms} | "
-                 f"{r['wall_s'] / 60:.1f} |")
+    lines.append(f"| `{r['command']}` | {r['steps']} | {r['val_loss']:.4f} | {acc} | {unseen} | "
+                 f"{ms} | {r['wall_s'] / 60:.1f} |")
+  if any("zero_shot_accuracy_unseen_prompts" in r for r in out["rows"]):
+    lines += ["", "Zero-shot acc prompts with the digits' caption templates, which are training "
+              "captions; the unseen-prompts column with wording no caption uses "
+              "(`caption_pairs.DIGIT_UNSEEN_TEMPLATES`)."]
   for r in out["rows"]:
     lines += ["", f"`{r['command']}` ended with:", "", "```", r["report"], "```"]
   return "\n".join(lines) + "\n"

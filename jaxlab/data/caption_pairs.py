@@ -36,6 +36,9 @@ from jaxlab.data.text_builders import default_data_dir, prepare
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = ("a handwritten {name}", "the digit {digit}", "an 8x8 scan of the number {name}",
                    "{name}", "a small picture of a {name}", "number {digit}, written by hand")
+# Prompts in wording no digit caption uses (every DIGIT_TEMPLATES caption occurs in training, so
+# prompts made from those are training captions): zero-shot accuracy with new wording.
+DIGIT_UNSEEN_TEMPLATES = ("a drawing of a {name}", "the numeral {digit}", "a {name}, handwritten")
 EMOJI_TEMPLATES = ("{name}", "an emoji of {name}")
 SKIN_TONES = {"1F3FB": "light skin tone", "1F3FC": "medium-light skin tone",
               "1F3FD": "medium skin tone", "1F3FE": "medium-dark skin tone", "1F3FF": "dark skin tone"}
@@ -329,7 +332,8 @@ class PairSet:
   labels_N: np.ndarray
   groups_N: np.ndarray
   class_names: tuple
-  templates: tuple  # zero-shot prompt templates with "{name}"
+  templates: tuple  # zero-shot prompt templates with "{name}" (digits: also "{digit}")
+  unseen_templates: tuple = ()  # digits: templates no caption uses (DIGIT_UNSEEN_TEMPLATES)
 
   def __len__(self) -> int:
     return len(self.captions)
@@ -360,16 +364,19 @@ def load_pairs(data_cfg, split: str) -> PairSet:
   images = images / IMAGE_MAX[data_cfg.name] * 2.0 - 1.0
   captions = [r["caption"].decode() if isinstance(r["caption"], bytes) else str(r["caption"])
               for r in rows]
-  templates = DIGIT_TEMPLATES if data_cfg.name == "digits" else EMOJI_TEMPLATES
+  digits = data_cfg.name == "digits"
   return PairSet(images, captions, np.array([r["label"] for r in rows], np.int32),
                  np.array([r["group"] for r in rows], np.int64),
-                 tuple(builder.info.metadata["class_names"]), templates)
+                 tuple(builder.info.metadata["class_names"]),
+                 DIGIT_TEMPLATES if digits else EMOJI_TEMPLATES,
+                 DIGIT_UNSEEN_TEMPLATES if digits else ())
 
 
-def class_prompts(pairs: PairSet) -> list[list[str]]:
-  """For each class, its prompts: every template filled with the class name (and digit)."""
+def class_prompts(pairs: PairSet, templates: tuple | None = None) -> list[list[str]]:
+  """For each class, its prompts: every template (default: pairs.templates) filled with the class
+  name (and digit)."""
   prompts = []
   for c, name in enumerate(pairs.class_names):
     label = name.lower()
-    prompts.append([t.format(name=label, digit=c) for t in pairs.templates])
+    prompts.append([t.format(name=label, digit=c) for t in templates or pairs.templates])
   return prompts

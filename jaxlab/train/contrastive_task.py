@@ -303,15 +303,23 @@ class ContrastiveTask:
     return self._enc_txt
 
   def zero_shot_metrics(self, params, pairs: caption_pairs.PairSet | None = None) -> dict:
-    """Zero-shot accuracy and recall@k both ways on `pairs` (default: the held-out test split)."""
+    """Zero-shot accuracy and recall@k both ways on `pairs` (default: the held-out test split).
+    Digits: zero_shot_accuracy prompts with the caption templates (so with training captions) and
+    zero_shot_accuracy_unseen_prompts with wording no caption uses."""
     pairs = pairs or self.test_pairs
     image_NE = self.embed_images(params, pairs.images_NHWC)
-    prompts = caption_pairs.class_prompts(pairs)
-    flat = [p for per_class in prompts for p in per_class]
-    prompt_PE = self.embed_texts(params, flat).reshape(len(prompts), len(prompts[0]), -1)
+
+    def accuracy(templates):
+      prompts = caption_pairs.class_prompts(pairs, templates)
+      flat = [p for per_class in prompts for p in per_class]
+      prompt_PE = self.embed_texts(params, flat).reshape(len(prompts), len(prompts[0]), -1)
+      return zero_shot_accuracy(image_NE, prompt_PE, pairs.labels_N)
+
     captions, caption_groups, image_groups = unique_captions(pairs.captions, pairs.groups_N)
     caption_CE = self.embed_texts(params, captions)
-    metrics = {"zero_shot_accuracy": zero_shot_accuracy(image_NE, prompt_PE, pairs.labels_N)}
+    metrics = {"zero_shot_accuracy": accuracy(pairs.templates)}
+    if pairs.unseen_templates:
+      metrics["zero_shot_accuracy_unseen_prompts"] = accuracy(pairs.unseen_templates)
     for k in self.config.eval.recall_at:
       metrics[f"image_to_text_R@{k}"] = recall_at_k(image_NE, caption_CE, image_groups,
                                                     caption_groups, k)

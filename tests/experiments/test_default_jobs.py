@@ -19,7 +19,24 @@ def test_quick_run_of_the_default_job_reads_its_metrics_and_sample(tmp_path, exp
   assert row["report"].startswith(f"jaxlab: step 6: val_loss {row['val_loss']:.4f}")
   assert "jaxlab: sample" in row["report"] and "zero_shot_accuracy" not in row
   table = (tmp_path / "default_jobs_quick.md").read_text()
-  assert out["device"] in table and f"| 6 | {row['val_loss']:.4f} | - |" in table
+  assert out["device"] in table and f"| 6 | {row['val_loss']:.4f} | - | - |" in table
+
+
+def test_the_contrastive_row_reads_both_zero_shot_accuracies(experiment, monkeypatch, tmp_path):
+  """The two accuracies are read from the report by their own names (a pattern for one matched the
+  other's line) and shown in their own columns."""
+  import subprocess
+  script = experiment("default_jobs")
+  report = ("jaxlab: step 600: val_loss 3.3000, 30.0 ms/step\n"
+            "jaxlab: zero-shot on 360 held-out digits images (10 classes)\n"
+            "  zero_shot_accuracy       0.8220\n"
+            "  zero_shot_accuracy_unseen_prompts 0.4170\n")
+  monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, report, ""))
+  (tmp_path / "metrics.jsonl").write_text('{"step": 600, "val_loss": 3.3, "step_time_ms": 30.0}\n')
+  row = script.run_job("contrastive_digits", tmp_path, [])
+  assert (row["zero_shot_accuracy"], row["zero_shot_accuracy_unseen_prompts"]) == (0.822, 0.417)
+  table = script.render({"quick": False, "device": "d", "command": "c", "rows": [row]})
+  assert "| 600 | 3.3000 | 0.822 | 0.417 | 30.0 |" in table
 
 
 def test_unknown_jobs_are_refused_by_name(experiment):

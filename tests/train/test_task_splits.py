@@ -56,6 +56,14 @@ def test_contrastive_zero_shot_and_recall_score_the_test_pairs_by_class(tfds_dir
   assert metrics["zero_shot_accuracy"] == accuracy(image_NE, *[
       task.embed_texts(params, [p for c in ct.caption_pairs.class_prompts(test) for p in c])
       .reshape(10, -1, image_NE.shape[-1])], test.labels_N)
+  # the unseen-prompts accuracy: prompts that are no caption of either split, the same images
+  unseen = ct.caption_pairs.class_prompts(test, ct.caption_pairs.DIGIT_UNSEEN_TEMPLATES)
+  flat = [p for c in unseen for p in c]
+  assert not set(flat) & (set(test.captions) | set(task.train_pairs.captions))
+  assert set(ct.caption_pairs.class_prompts(test)[7]) <= set(task.train_pairs.captions)
+  assert unseen[7] == ["a drawing of a seven", "the numeral 7", "a seven, handwritten"]
+  assert metrics["zero_shot_accuracy_unseen_prompts"] == accuracy(
+      image_NE, task.embed_texts(params, flat).reshape(10, -1, image_NE.shape[-1]), test.labels_N)
 
 
 def test_the_cpc_probe_fits_on_training_digits_and_its_baseline_is_the_run_s_start(monkeypatch):
