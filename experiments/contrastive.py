@@ -1,14 +1,14 @@
 """CLIP versus SigLIP across batch sizes under a controlled design; and the per-device memory of chunked
 SigLIP versus all-gathered CLIP on 8 (fake CPU) devices.
 
-    python experiments/contrastive.py                # full sweep (~35 min on 2 heavily loaded cores)
+    python experiments/contrastive.py                # full sweep (~10 min on 2 quiet cores, ~50 loaded)
     python experiments/contrastive.py --quick        # tiny grid, writes contrastive_quick.* (1-5 min,
                                                      # nearly all of it XLA compiles)
     python experiments/contrastive.py --report-only  # re-render .md/.png from the .json (no training)
 
 Data: the emoji caption pairs of `jaxlab.data.caption_pairs` (Twemoji + Noto, 32x32; captions
 "<name>, <category>, <subcategory>[, <skin tone>]"), read with `load_pairs`. Its "test" split (base
-emoji with crc32 % 10 == 0, 440 captions, 880 images) is never seen in training; of the "train" split,
+emoji with crc32 % 10 == 0 by `split_keys`, 440 captions, 880 images) is never seen in training; of the "train" split,
 base emoji with crc32 % 10 == 1 (~10%; byte-identical drawings follow one key, as in the builder's
 split) are held out as a validation split that only chooses the
 learning rate. A training step samples B distinct captions without replacement and one of each
