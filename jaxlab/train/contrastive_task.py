@@ -332,7 +332,8 @@ class ContrastiveTask:
     n = len(self.test_pairs)
     lines = [f"jaxlab: zero-shot on {n} held-out {self.config.data.name} images "
              f"({len(self.test_pairs.class_names)} classes)"]
-    lines += [f"  {k:24s} {v:.4f}" for k, v in metrics.items()]
+    width = max(len(k) for k in metrics)
+    lines += [f"  {k:{width}s} {v:.4f}" for k, v in metrics.items()]
     return "\n".join(lines)
 
 
