@@ -28,7 +28,7 @@ average-pooled to 16x16x3 and PCA'd (fit on the training split), captions as has
 L2-normalised. Batches 16..1024, both losses, two protocols: (1) the same number of examples seen by
 every batch (so B=1024 still gets >= 100 steps), (2) the same number of steps for every batch. For
 each (protocol, loss, B) the learning rate is chosen from a grid on the validation split (seed 0),
-then fresh seeds are trained at the chosen rate and reported as mean +- sd on the test split. One
+then fresh seeds (8 by default, `--seeds`) are trained at the chosen rate and reported as mean +- sd on the test split. One
 program is compiled per (protocol, loss, B) and vmapped over the grid / the seeds; steps run in
 `lax.scan`; the learning rate is an argument.
 
@@ -90,7 +90,8 @@ class Settings:
   batches: tuple = (16, 32, 64, 128, 256, 512, 1024)
   examples: int = 102_400  # protocol (1): examples seen by every batch (B=1024: 100 steps)
   steps: int = 300  # protocol (2): steps for every batch
-  lrs: tuple = (1e-3, 3e-3, 1e-2, 3e-2)  # the grid; also the number of final seeds (one program)
+  lrs: tuple = (1e-3, 3e-3, 1e-2, 3e-2)  # the grid, run as one vmapped program
+  seeds: int = 8  # fresh seeds at the chosen rate: a multiple of len(lrs) (the same program, in groups)
   image_dim: int = 64  # PCA dims of the pooled images
   text_dim: int = 128  # SVD dims of the char n-gram TF-IDF
   hidden: int = 256
@@ -103,7 +104,7 @@ class Settings:
   memory_batches: tuple = (1024, 4096, 16384)
 
 
-QUICK = Settings(batches=(16, 64), examples=2048, steps=16, lrs=(1e-3, 1e-2), image_dim=32,
+QUICK = Settings(batches=(16, 64), examples=2048, steps=16, lrs=(1e-3, 1e-2), seeds=2, image_dim=32,
                  text_dim=64, hidden=64, embed=32, tier_b_batches=(16,), tier_b_steps=4,
                  memory_batches=(1024,))
 
@@ -374,16 +375,21 @@ def tier_a(s: Settings, train: Split, val: EvalSet, test: EvalSet, prompt_feats,
         val_metrics = evaluate_runs(params, val, prompt_feats)
         scores = [selection_score(m) for m in val_metrics]
         lr = s.lrs[int(np.argmax(scores))]
-        # 2) fresh seeds 1..n at the chosen rate (the same compiled program), scored on test
-        keys = jnp.stack([jax.random.PRNGKey(seed) for seed in range(1, n_runs + 1)])
-        params, values = run(keys, jnp.full((n_runs,), lr, jnp.float32))
-        test_metrics = evaluate_runs(params, test, prompt_feats)
+        # 2) fresh seeds 1..s.seeds at the chosen rate (the same compiled program, n_runs at a
+        # time), scored on test
+        test_metrics, final_losses, scalars = [], [], []
         tail = max(steps // 10, 1)
+        for first in range(1, s.seeds + 1, n_runs):
+          keys = jnp.stack([jax.random.PRNGKey(seed) for seed in range(first, first + n_runs)])
+          params, values = run(keys, jnp.full((n_runs,), lr, jnp.float32))
+          test_metrics += evaluate_runs(params, test, prompt_feats)
+          final_losses += [float(v) for v in np.asarray(values[:, -tail:]).mean(axis=1)]
+          scalars.append(scalar_summary(params))
         row = {"protocol": protocol, "loss": loss, "batch": batch, "steps": steps,
                "examples": steps * batch, "lr": lr, "lr_grid": list(s.lrs),
-               "val_scores": scores, "seeds": list(range(1, n_runs + 1)),
-               "final_train_loss": [float(v) for v in np.asarray(values[:, -tail:]).mean(axis=1)],
-               "per_seed": test_metrics, **scalar_summary(params),
+               "val_scores": scores, "seeds": list(range(1, s.seeds + 1)),
+               "final_train_loss": final_losses, "per_seed": test_metrics,
+               **{k: [v for group in scalars for v in group[k]] for k in scalars[0]},
                "seconds": time.perf_counter() - t0}
         for k in METRICS:
           vals = np.array([m[k] for m in test_metrics])
@@ -711,7 +717,9 @@ def interpretation(rows, tier_b_rows, baseline=None) -> list[str]:
 
 def _saved_settings(saved: dict) -> Settings:
   """The Settings a saved .json was made with (JSON turned its tuples into lists)."""
-  return Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["settings"].items()})
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["settings"].items()}
+  fields.setdefault("seeds", len(fields["lrs"]))  # saved before 2026-12-05: one seed per grid rate
+  return Settings(**fields)
 
 
 def rerender(out: pathlib.Path, stem: str) -> dict:
@@ -757,7 +765,7 @@ def write_results(out: pathlib.Path, stem: str, s: Settings, rows, tier_b_rows, 
            f"{s.examples:,} examples (steps = {s.examples:,} / B); protocol (2) 'steps': every batch "
            f"runs {s.steps} steps. Per (protocol, loss, B): learning rate chosen from "
            f"{list(s.lrs)} by the mean of the four recalls on the validation split (seed 0), then "
-           f"{len(s.lrs)} fresh seeds (1..{len(s.lrs)}) at that rate; mean +- sd over seeds on test.",
+           f"{s.seeds} fresh seeds (1..{s.seeds}) at that rate; mean +- sd over seeds on test.",
            "",
            f"**Tier B** (check): `jaxlab.models.clip.DualEncoder` (ViT patch 4 on 16x16 images, char "
            "Transformer, width 64, 2 + 2 layers, embed 64), batches "
@@ -897,7 +905,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--batches", type=str, default=None, help="comma-separated batches (tier A)")
   parser.add_argument("--examples", type=int, default=None, help="protocol (1): examples per run")
   parser.add_argument("--steps", type=int, default=None, help="protocol (2): steps per run")
-  parser.add_argument("--lrs", type=str, default=None, help="comma-separated lr grid (= seeds)")
+  parser.add_argument("--lrs", type=str, default=None, help="comma-separated lr grid")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="fresh seeds per cell, a multiple of the grid's size (default 8)")
   parser.add_argument("--tier-b-steps", type=int, default=None, help="0 skips tier B")
   parser.add_argument("--memory-batches", type=str, default=None)
   parser.add_argument("--emoji", type=str, default=str(EMOJI), help="emoji_captions folder")
@@ -918,6 +928,11 @@ def main(argv=None) -> dict:
     s.steps = args.steps
   if args.lrs:
     s.lrs = tuple(float(v) for v in args.lrs.split(","))
+  if args.seeds is not None:
+    s.seeds = args.seeds
+  if s.seeds < 1 or s.seeds % len(s.lrs):
+    parser.error(f"--seeds must be a positive multiple of the lr grid's size {len(s.lrs)} (the seeds "
+                 f"run {len(s.lrs)} at a time in the grid's program), got {s.seeds}")
   if args.tier_b_steps is not None:
     s.tier_b_steps = args.tier_b_steps
   if args.memory_batches:

@@ -43,11 +43,17 @@ def test_retrieval_metrics_on_hand_made_embeddings(experiment):
   assert base["zs_acc"] == 0.75 and base["zs_bal_acc"] == 0.5
 
 
+def test_seeds_must_fill_whole_groups_of_the_grid(experiment, capsys):
+  with pytest.raises(SystemExit):
+    experiment("contrastive").main(["--quick", "--seeds", "3", "--out", "/nonexistent"])
+  assert "--seeds must be a positive multiple of the lr grid's size 2" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not EMOJI.is_dir(), reason=f"needs {EMOJI}")
 def test_quick_run_writes_the_whole_report(tmp_path, experiment):
   script = experiment("contrastive")
   out = script.main(["--quick", "--batches", "16", "--examples", "256", "--steps", "8",
-                     "--memory-batches", "256", "--tier-b-steps", "2",
+                     "--memory-batches", "256", "--tier-b-steps", "2", "--seeds", "4",
                      "--emoji", str(EMOJI), "--data-dir", str(tmp_path / "tfds"),
                      "--out", str(tmp_path)])
   assert out["complete"] and out["counts"]["test"] == 440 and out["counts"]["test_images"] == 880
@@ -58,7 +64,12 @@ def test_quick_run_writes_the_whole_report(tmp_path, experiment):
     assert r["batch"] == 16 and r["lr"] in r["lr_grid"]
     assert r["steps"] == (out["settings"]["examples"] // 16 if protocol == "examples"
                           else out["settings"]["steps"])
-    assert len(r["per_seed"]) == len(r["lr_grid"]) == len(r["val_scores"])
+    assert len(r["lr_grid"]) == len(r["val_scores"]) == 2
+    # 4 seeds, run 2 at a time in the grid's program: the second pair is seeds 3 and 4, not a copy
+    assert r["seeds"] == [1, 2, 3, 4] and len(r["per_seed"]) == len(r["final_train_loss"]) == 4
+    assert len({json.dumps(m, sort_keys=True) for m in r["per_seed"]}) == 4
+    scalar = "logit_scale" if r["loss"] == "clip" else "bias"
+    assert len(r[scalar]) == 4
     assert r["lr"] == r["lr_grid"][int(np.argmax(r["val_scores"]))]  # chosen on validation
     for k in script.METRICS:
       assert 0.0 <= r[k] <= 1.0 and math.isfinite(r[k + "_sd"])
