@@ -172,14 +172,17 @@ def check_decoding_length(config, total: int, *, drafts: int = 0) -> None:
                        f"{center + limit + 1 - drafts} tokens here")
 
 
-@checks_prompt_ids
-@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p"))
-def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-  """Samples `num_tokens` continuations of prompt_BP (int [B, P], P >= 1) -> int32 [B, P + num_tokens].
+def _ends_with(tokens_BN: jax.Array, count, stop: jax.Array) -> jax.Array:
+  """bool [B]: whether the first `count` tokens of each row end with `stop` (int32 [L], count >= L)."""
+  length = stop.shape[0]
+  tail_BL = jax.lax.dynamic_slice_in_dim(tokens_BN, jnp.maximum(count - length, 0), length, axis=1)
+  return (count >= length) & jnp.all(tail_BL == stop, axis=1)
 
-  The prompt is run once (prefill); each new token then costs one cached step.
-  """
+
+@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p",
+                                             "stop_ids"))
+def _generate(model, params, prompt_BP, key, *, num_tokens, temperature, top_k, top_p, stop_ids):
+  """`generate`'s work -> (int32 [B, P + num_tokens], bool [B]: the row produced stop_ids)."""
   prompt_BP, b, p = check_prompt(prompt_BP, num_tokens)
   total = p + num_tokens
   check_decoding_length(model.config, total)
@@ -188,64 +191,129 @@ def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens:
   logits, mutated = model.apply({"params": params, "cache": cache}, prompt_BP, positions,
                                 decode=True, prefill=True, mutable=["cache"])
   sampler = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
+  if len(stop_ids) > num_tokens:  # no continuation can hold them
+    stop_ids = ()
 
-  def step(carry, i):
-    cache, last_logits, key = carry
+  def step(cache, last_logits, key, i):
+    """One token: the same key splitting with or without stop_ids, so the same tokens."""
     key, sub = jax.random.split(key)
     token_B = sampler(sub, last_logits)
     pos = jnp.full((b, 1), p + i, jnp.int32)
     logits, mutated = model.apply({"params": params, "cache": cache}, token_B[:, None], pos,
                                   decode=True, mutable=["cache"])
-    return (mutated["cache"], logits[:, -1], key), token_B
+    return mutated["cache"], logits[:, -1], key, token_B
 
-  _, tokens = jax.lax.scan(step, (mutated["cache"], logits[:, -1], key), jnp.arange(num_tokens))
-  return jnp.concatenate([prompt_BP.astype(jnp.int32), tokens.T], axis=1)
+  start = (mutated["cache"], logits[:, -1], key)
+  if not stop_ids:
+    def scan_step(carry, i):
+      *carry, token_B = step(*carry, i)
+      return tuple(carry), token_B
+
+    _, tokens_NB = jax.lax.scan(scan_step, start, jnp.arange(num_tokens))
+    tokens_BN, done_B = tokens_NB.T, jnp.zeros((b,), bool)
+  else:
+    stop = jnp.asarray(stop_ids, jnp.int32)
+
+    def loop_step(carry):
+      cache, last_logits, key, i, tokens_BN, done_B = carry
+      cache, last_logits, key, token_B = step(cache, last_logits, key, i)
+      tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, token_B[:, None], i, axis=1)
+      return cache, last_logits, key, i + 1, tokens_BN, done_B | _ends_with(tokens_BN, i + 1, stop)
+
+    carry = (*start, jnp.int32(0), jnp.zeros((b, num_tokens), jnp.int32), jnp.zeros((b,), bool))
+    *_, tokens_BN, done_B = jax.lax.while_loop(
+        lambda c: (c[3] < num_tokens) & ~jnp.all(c[5]), loop_step, carry)
+  return jnp.concatenate([prompt_BP.astype(jnp.int32), tokens_BN], axis=1), done_B
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p"))
+@checks_prompt_ids
+@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p",
+                                             "stop_ids"))
+def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             stop_ids: tuple = ()) -> jax.Array:
+  """Samples `num_tokens` continuations of prompt_BP (int [B, P], P >= 1) -> int32 [B, P + num_tokens].
+
+  The prompt is run once (prefill); each new token then costs one cached step.
+  stop_ids (a tuple of token ids): decoding ends early once every row's continuation contains them (a row
+  that has them goes on sampling until all have); the positions after that last step hold 0, so a
+  caller cuts each row at its stop. The tokens before are those decoded without stop_ids.
+  """
+  return _generate(model, params, prompt_BP, key, num_tokens=num_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, stop_ids=tuple(stop_ids))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p",
+                                             "stop_ids"))
 def _continue_by_full_passes(model, params, window_BT, key, *, num_tokens, temperature, top_k,
-                             top_p) -> jax.Array:
+                             top_p, stop_ids=(), generated=0, done_B=None) -> jax.Array:
   """int32 [B, num_tokens]: each next token sampled from a full forward pass over the last T tokens
   (window_BT, then shifted by one per token), in one compiled loop (a Python loop kept a device
-  array per token: ~110 KB each on CPU, 11 GB for 100k tokens)."""
+  array per token: ~110 KB each on CPU, 11 GB for 100k tokens). stop_ids (at most T of them): ends
+  once every row has them at the end of its window, counting only generated tokens (`generated`
+  before this call; done_B: rows that had them already); the rest is 0, as in `generate`."""
 
-  def step(carry, _):
-    window_BT, key = carry
+  def step(window_BT, key):
     key, sub = jax.random.split(key)
     logits = model.apply({"params": params}, window_BT)
     token_B = sample_token(sub, logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p)
-    return (jnp.concatenate([window_BT[:, 1:], token_B[:, None]], axis=1), key), token_B
+    return jnp.concatenate([window_BT[:, 1:], token_B[:, None]], axis=1), key, token_B
 
-  _, tokens_NB = jax.lax.scan(step, (window_BT, key), None, length=num_tokens)
-  return tokens_NB.T
+  if not stop_ids:
+    def scan_step(carry, _):
+      *carry, token_B = step(*carry)
+      return tuple(carry), token_B
+
+    _, tokens_NB = jax.lax.scan(scan_step, (window_BT, key), None, length=num_tokens)
+    return tokens_NB.T
+  stop = jnp.asarray(stop_ids, jnp.int32)
+  b, t = window_BT.shape
+
+  def loop_step(carry):
+    window_BT, key, i, tokens_BN, done_B = carry
+    window_BT, key, token_B = step(window_BT, key)
+    tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, token_B[:, None], i, axis=1)
+    done_B = done_B | (_ends_with(window_BT, t, stop) & (generated + i + 1 >= stop.shape[0]))
+    return window_BT, key, i + 1, tokens_BN, done_B
+
+  done_B = jnp.zeros((b,), bool) if done_B is None else done_B
+  carry = (window_BT, key, jnp.int32(0), jnp.zeros((b, num_tokens), jnp.int32), done_B)
+  return jax.lax.while_loop(lambda c: (c[2] < num_tokens) & ~jnp.all(c[4]), loop_step, carry)[3]
 
 
 def generate_long(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens: int,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  stop_ids: tuple = ()) -> jax.Array:
   """Like `generate` (-> int32 [B, P + num_tokens], the whole prompt first), but a model with a learned
   position table of `max_len` may go past it: while the sequence fits the table, tokens are decoded
   with the KV cache; after that each further token is conditioned on the last max_len tokens (a full
   forward pass per token; the context is cropped as in GPT-2 / nanoGPT sampling). A prompt longer than
-  max_len is cropped the same way for the model, and returned whole."""
+  max_len is cropped the same way for the model, and returned whole. stop_ids: as in `generate`
+  (at most max_len ids for a learned table)."""
   prompt_BP = check_prompt(prompt_BP, num_tokens)[0]
-  # Checked once, before the cast (int64 ids could wrap); `generate.__wrapped__` (the jitted
-  # function itself) below does not check again.
+  # Checked once, before the cast (int64 ids could wrap); `_generate` (jitted) below does not check
+  # again.
   check_prompt_ids(prompt_BP, model.config.vocab_size)
   prompt_BP = prompt_BP.astype(jnp.int32)
+  stop_ids = tuple(int(i) for i in stop_ids)
+  options = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids)
   if model.config.position != "learned":
-    return generate.__wrapped__(model, params, prompt_BP, key, num_tokens=num_tokens,
-                                temperature=temperature, top_k=top_k, top_p=top_p)
+    return _generate(model, params, prompt_BP, key, num_tokens=num_tokens, **options)[0]
   limit = model.config.max_len
+  if len(stop_ids) > limit:
+    raise ValueError(f"stop_ids: {len(stop_ids)} ids, more than the model's context "
+                     f"(max_len={limit}) that decoding past the position table keeps")
   first = max(0, min(num_tokens, limit - prompt_BP.shape[1]))  # cached, inside the table
   key, sub = jax.random.split(key)
-  tokens = prompt_BP
+  tokens, done_B = prompt_BP, jnp.zeros((prompt_BP.shape[0],), bool)
   if first:
-    tokens = generate.__wrapped__(model, params, prompt_BP, sub, num_tokens=first,
-                                  temperature=temperature, top_k=top_k, top_p=top_p)
+    tokens, done_B = _generate(model, params, prompt_BP, sub, num_tokens=first, **options)
   if num_tokens == first:
     return tokens
-
+  if stop_ids and bool(jnp.all(done_B)):  # every row stopped inside the table
+    return jnp.concatenate([tokens, jnp.zeros((tokens.shape[0], num_tokens - first), jnp.int32)],
+                           axis=1)
   rest = _continue_by_full_passes(model, params, tokens[:, -limit:], key,
-                                  num_tokens=num_tokens - first, temperature=temperature,
-                                  top_k=top_k, top_p=top_p)
+                                  num_tokens=num_tokens - first, generated=first,
+                                  done_B=done_B if stop_ids else None, **options)
   return jnp.concatenate([tokens, rest], axis=1)

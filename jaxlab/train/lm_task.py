@@ -550,7 +550,8 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
   """Continues `prompt` by `num_tokens` tokens with the KV-cached sampler; returns prompt + continuation.
 
   stop: if given, the continuation ends just before its first occurrence of `stop` (occurrences in
-  the prompt do not count; the num_tokens tokens are sampled all the same, then cut).
+  the prompt do not count); decoding ends there (`generate`'s stop_ids), with the text it would have
+  had without `stop` up to that point. Speculative decoding samples all num_tokens, then cuts.
 
   speculative: drafts with the model's extra heads (`jaxlab.decoding.speculative`; with
   config.sample.acceptance='exact' the same distribution, and greedy gives greedy decoding's text
@@ -584,10 +585,24 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
   else:
     from jaxlab.decoding.sampling import generate_long
     tokens = generate_long(task.model, params, ids, key, num_tokens=num_tokens,
-                           temperature=temperature, top_k=top_k, top_p=top_p)
+                           temperature=temperature, top_k=top_k, top_p=top_p,
+                           stop_ids=_stop_ids(task, stop))
   text = task.vocab.decode(tokens[0])
   cut = text.find(stop, len(task.vocab.decode(ids[0]))) if stop else -1
   return text if cut < 0 else text[:cut]
+
+
+def _stop_ids(task: LMTask, stop: str) -> tuple:
+  """The token ids of `stop` for decoding to end on (char or byte vocabulary: one id per character or
+  byte, so the ids occur exactly where the text does); () when there is no stop, when it holds a
+  character outside the vocabulary (it can never be sampled) or is longer than the model's context."""
+  if not stop:
+    return ()
+  try:
+    ids = tuple(int(i) for i in task.vocab.encode(stop))
+  except ValueError:
+    return ()
+  return ids if len(ids) <= task.model.config.max_len else ()
 
 
 @functools.partial(jax.jit, static_argnames="model")

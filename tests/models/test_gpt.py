@@ -184,6 +184,74 @@ def test_generate_long_goes_past_learned_table(prompt_len):
   np.testing.assert_array_equal(out, seq)
 
 
+def _first_stop(row, start, stop):
+  """The index just past the first occurrence of `stop` in row[start:], or None."""
+  for end in range(start + len(stop), len(row) + 1):
+    if tuple(row[end - len(stop):end]) == stop:
+      return end
+  return None
+
+
+@pytest.mark.parametrize("position,prompt_len", [("rope", 3), ("learned", 3), ("learned", 6)])
+def test_decoding_ends_at_stop_ids_with_the_tokens_it_had_without_them(position, prompt_len):
+  """stop_ids end generation once every row's continuation holds them (not counting the prompt),
+  with the same tokens up to there as without; the rest is 0. Stops are cut from the output itself
+  so that they end inside the cached part, across the switch from the cache to full passes (a
+  learned table of 8 positions: the prompt leaves 8 - P cached tokens) and after it; two rows stop
+  at different steps; ids never sampled leave the output as it was."""
+  model = tiny_gpt(position=position, max_len=8, vocab_size=5)
+  prompt = (jnp.arange(prompt_len)[None] + jnp.arange(2)[:, None]) % 5  # 2 rows
+  params = model.init(jax.random.key(1), prompt)["params"]
+  run = lambda p, **kw: np.asarray(sampling.generate_long(model, params, p, jax.random.key(2),
+                                                          num_tokens=30, temperature=1.0, **kw))
+  full = run(prompt[:1])
+  cached = 8 - prompt_len  # new tokens decoded with the cache (learned table)
+  row = full[0].tolist()
+  ends_seen = set()
+  for first, last in ((0, 2), (cached - 1, cached + 2), (20, 24)):  # cached / the switch / beyond
+    stop = tuple(row[prompt_len + first:prompt_len + last])
+    end = _first_stop(row, prompt_len, stop)  # this occurrence or an earlier one
+    ends_seen.add(end - prompt_len)
+    got = run(prompt[:1], stop_ids=stop)
+    np.testing.assert_array_equal(got[:, :end], full[:, :end])
+    assert (got[:, end:] == 0).all(), (stop, end)
+  assert min(ends_seen) <= cached and max(ends_seen) > cached + 1, ends_seen
+  # two rows: each keeps sampling until both have the stop; ids never sampled change nothing
+  both = run(prompt)
+  stop = (int(both[1, -1]),)
+  ends = [_first_stop(r.tolist(), prompt_len, stop) for r in both]
+  got = run(prompt, stop_ids=stop)
+  np.testing.assert_array_equal(got[:, :max(ends)], both[:, :max(ends)])
+  assert (got[:, max(ends):] == 0).all()
+  assert (run(prompt, stop_ids=(5,)) == both).all()  # an id outside the vocabulary
+  # An occurrence that starts in the prompt does not count, also when the full passes begin at
+  # once (a prompt as long as the table: the window holds prompt tokens).
+  long_prompt = jnp.asarray([[1, 2, 3, 4, 0, 1, 2, 3]])
+  whole = run(long_prompt)
+  stop = (3, int(whole[0, 8]))
+  end = _first_stop(whole[0].tolist(), 8, stop)
+  got = run(long_prompt, stop_ids=stop)
+  if end is None:
+    np.testing.assert_array_equal(got, whole)
+  else:
+    assert end > 9 and (got[:, :end] == whole[:, :end]).all() and (got[:, end:] == 0).all()
+
+
+def test_stop_ids_longer_than_the_learned_context_are_refused():
+  model = tiny_gpt(position="learned", max_len=8, vocab_size=5)
+  params = model.init(jax.random.key(1), jnp.zeros((1, 3), jnp.int32))["params"]
+  with pytest.raises(ValueError, match="stop_ids: 9 ids, more than the model's context"):
+    sampling.generate_long(model, params, jnp.zeros((1, 3), jnp.int32), jax.random.key(0),
+                           num_tokens=20, stop_ids=(1,) * 9)
+  # the plain generate with a rope model: more ids than new tokens can never be completed
+  model = tiny_gpt(position="rope", max_len=8, vocab_size=5)
+  params = model.init(jax.random.key(1), jnp.zeros((1, 3), jnp.int32))["params"]
+  prompt = jnp.ones((1, 3), jnp.int32)
+  np.testing.assert_array_equal(
+      sampling.generate(model, params, prompt, jax.random.key(0), num_tokens=4, stop_ids=(1,) * 5),
+      sampling.generate(model, params, prompt, jax.random.key(0), num_tokens=4))
+
+
 def test_bad_token_shape_and_config_are_reported():
   model = tiny_gpt()
   with pytest.raises(ValueError, match="tokens must be"):
@@ -427,3 +495,25 @@ def test_options_of_another_attention_family_are_refused():
   tiny_gpt(attention="local", attention_window=2)  # its own family's: fine
   tiny_gpt(attention="local", attention_window=2, attention_impl="blockwise")  # its cached decoding's
   tiny_gpt(attention_impl="blockwise")
+
+
+def test_sample_text_hands_its_stop_to_the_decoder(tiny_lm_config, monkeypatch):
+  """`jaxlab sample --stop` ends decoding at the stop (its ids reach generate_long) and prints the
+  text it printed when all num_tokens were sampled and then cut; a stop outside the vocabulary or
+  longer than the context is no reason to end."""
+  import flax.linen as nn
+  from jaxlab.train import lm_task
+  task = lm_task.LMTask(tiny_lm_config("--config.model.position=rope"))
+  params = nn.unbox(task.init_params(jax.random.key(0)))
+  sample = lambda stop: lm_task.sample_text(task, params, prompt="the ", num_tokens=60,
+                                            temperature=1.0, top_k=0, top_p=1.0, seed=0, stop=stop)
+  whole = sample("")
+  stop = whole[10:12]
+  seen = []
+  generate_long = sampling.generate_long
+  monkeypatch.setattr(sampling, "generate_long",
+                      lambda *a, **kw: seen.append(kw["stop_ids"]) or generate_long(*a, **kw))
+  assert sample(stop) == whole[:whole.find(stop, 4)]
+  assert seen == [tuple(int(i) for i in task.vocab.encode(stop))]
+  assert lm_task._stop_ids(task, "\u2603") == () and lm_task._stop_ids(task, "") == ()
+  assert lm_task._stop_ids(task, "e" * (task.model.config.max_len + 1)) == ()
