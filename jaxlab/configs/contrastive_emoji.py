@@ -7,7 +7,7 @@ captions are unseen; both vendors' drawings of an emoji are two views of its cap
 `jaxlab train` prints zero-shot category accuracy (10 emoji categories as prompts) and recall@1/5.
 
 The full 2000 steps at batch 128 have not been timed here. Measured short run
-(2026-12-05, emoji captions 1.1.0, a quiet 2-core VM, 201 ms/step, 2 min of training):
+(by hand, 2026-12-05, emoji captions 1.1.0, a quiet 2-core VM, 201 ms/step, 2 min of training):
 `--config.train.steps=600 --config.data.batch_size=64` gave val loss 4.09, zero-shot category
 accuracy 0.299, image->text R@1 0.059 / R@5 0.210, text->image R@1 0.059 / R@5 0.216 on the 880
 held-out images (440 unseen captions: chance R@1 is 0.002). (Before: 4.51, 0.280, 0.046 / 0.153,

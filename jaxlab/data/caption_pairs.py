@@ -110,9 +110,10 @@ def _skin_tone(modifiers: str) -> str:
 
 
 def ascii_caption(text: str) -> str:
-  """`text` in the tokenizer's alphabet where it has a plain form: accents dropped (NFKD: "Côte" ->
-  "Cote"), typographic quotes as ASCII ("WORKER’S" -> "WORKER'S"); else unchanged."""
-  text = text.translate({0x2018: "'", 0x2019: "'", 0x201C: '"', 0x201D: '"'})
+  """`text` with plain forms from the tokenizer's alphabet where there are some: accents dropped
+  (NFKD: "Côte" -> "Cote"), typographic quotes as ' ("WORKER’S" -> "WORKER'S"; the alphabet has
+  no "); other characters unchanged (tests check that the emoji captions need no more)."""
+  text = text.translate({0x2018: "'", 0x2019: "'", 0x201C: "'", 0x201D: "'"})
   return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
 
 
@@ -123,8 +124,21 @@ def _emoji_names(records) -> list[str]:
   counts: dict = {}
   for e in records:
     counts[e["name"]] = counts.get(e["name"], 0) + 1
-  return [ascii_caption(e["short_name"].replace("_", " ") if counts[e["name"]] > 1 else e["name"])
-          for e in records]
+  names = []
+  for e in records:
+    if counts[e["name"]] == 1:
+      names.append(ascii_caption(e["name"]))
+    elif isinstance(e.get("short_name"), str) and e["short_name"]:
+      names.append(ascii_caption(e["short_name"].replace("_", " ")))
+    else:
+      raise ValueError(f"emoji {e['unified']} shares the name {e['name']!r} with another emoji and "
+                       "has no short_name to tell them apart")
+  seen: dict = {}
+  for e, name in zip(records, names):
+    other = seen.setdefault(name.lower(), e["unified"])
+    if other != e["unified"]:
+      raise ValueError(f"emoji {other} and {e['unified']} would both be captioned {name.lower()!r}")
+  return names
 
 
 def emoji_entries(root: pathlib.Path) -> list[dict]:
@@ -213,7 +227,7 @@ def split_keys(bases, images_by_vendor) -> list[str]:
 
   for images in images_by_vendor:
     first: dict = {}
-    for b, image in zip(bases, images):
+    for b, image in zip(bases, images, strict=True):
       other = first.setdefault(np.asarray(image).tobytes(), b)
       ra, rb = root(b), root(other)
       parent[max(ra, rb)] = min(ra, rb)
@@ -378,5 +392,6 @@ def class_prompts(pairs: PairSet, templates: tuple | None = None) -> list[list[s
   prompts = []
   for c, name in enumerate(pairs.class_names):
     label = name.lower()
-    prompts.append([t.format(name=label, digit=c) for t in templates or pairs.templates])
+    prompts.append([t.format(name=label, digit=c)
+                    for t in (pairs.templates if templates is None else templates)])
   return prompts

@@ -84,10 +84,29 @@ def test_split_keys_join_bases_drawn_alike_in_any_vendor():
   assert cp.split_keys(["x", "y"], [[img(1), img(2)]]) == ["x", "y"]
 
 
+def test_shared_names_need_distinct_short_names(tmp_path):
+  """Two emoji of one Unicode name take their short names; one without a short name, or names that
+  still collide, are refused naming the emoji (a caption two emoji share is a false negative)."""
+  rec = lambda u, name, short=None: dict(unified=u, name=name, short_name=short)
+  assert cp._emoji_names([rec("A", "X", "x_one"), rec("B", "X", "x_two"), rec("C", "Y")]) == \
+      ["x one", "x two", "Y"]
+  with pytest.raises(ValueError, match="emoji B shares the name 'X' .* no short_name"):
+    cp._emoji_names([rec("A", "X", "x_one"), rec("B", "X")])
+  with pytest.raises(ValueError, match="emoji B shares the name 'X' .* no short_name"):
+    cp._emoji_names([rec("A", "X", "x_one"), rec("B", "X", None)])
+  with pytest.raises(ValueError, match="emoji A and C would both be captioned 'solo'"):
+    cp._emoji_names([rec("A", "X", "solo"), rec("B", "X", "x_two"), rec("C", "SOLO")])
+
+
+def test_split_keys_refuses_a_vendor_with_fewer_images_than_bases():
+  with pytest.raises(ValueError):
+    cp.split_keys(["a", "b"], [[np.zeros((2, 2, 3), np.uint8)]])
+
+
 def test_ascii_caption_folds_accents_and_quotes():
   assert cp.ascii_caption("Côte d’Ivoire, São Tomé & Príncipe, Åland") == \
       "Cote d'Ivoire, Sao Tome & Principe, Aland"
-  assert cp.ascii_caption("a“b”") == 'a"b"'
+  assert cp.ascii_caption("a\u201cb\u201d") == "a'b'"  # the alphabet has no "
 
 
 @pytest.mark.skipif(not EMOJI.is_dir(), reason="../shared/data/emoji_captions is not present")

@@ -43,6 +43,17 @@ def test_retrieval_metrics_on_hand_made_embeddings(experiment):
   assert base["zs_acc"] == 0.75 and base["zs_bal_acc"] == 0.5
 
 
+@pytest.mark.skipif(not EMOJI.is_dir(), reason=f"needs {EMOJI}")
+def test_no_drawing_is_on_two_sides_of_the_three_splits(tmp_path, experiment):
+  """The validation split (crc32 % 10 == 1) follows split_keys as the test split does: byte-identical
+  drawings (Twemoji's families, shared flags) on both sides of it leaked into the lr choice."""
+  train, val, test, _, _ = experiment("contrastive").load_emoji(str(tmp_path), str(EMOJI))
+  drawings = lambda split: {np.asarray(image).tobytes() for image in split.images_MHWC}
+  assert not drawings(train) & drawings(val)
+  assert not (drawings(train) | drawings(val)) & drawings(test)
+  assert (len(train.captions), len(val.captions), len(test.captions)) == (2975, 371, 440)
+
+
 def test_seeds_must_fill_whole_groups_of_the_grid(experiment, capsys):
   with pytest.raises(SystemExit):
     experiment("contrastive").main(["--quick", "--seeds", "3", "--out", "/nonexistent"])
