@@ -1,7 +1,7 @@
 """CLIP versus SigLIP across batch sizes under a controlled design; and the per-device memory of chunked
 SigLIP versus all-gathered CLIP on 8 (fake CPU) devices.
 
-    python experiments/contrastive.py                # full sweep (~10 min on 2 quiet cores, ~50 loaded)
+    python experiments/contrastive.py                # full sweep (~13 min on 2 quiet cores, more when loaded)
     python experiments/contrastive.py --quick        # tiny grid, writes contrastive_quick.* (1-5 min,
                                                      # nearly all of it XLA compiles)
     python experiments/contrastive.py --report-only  # re-render .md/.png from the .json (no training)
