@@ -476,9 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                   help="nucleus sampling: the smallest set of tokens with probability >= P, "
                   "0 < P <= 1; 1 = off (default: config.sample.top_p)")
   sa.add_argument("--stop", metavar="TEXT",
-                  help="end the continuation just before its first TEXT (decoding stops there; "
-                  "the text before it is the same as without --stop; in bash, $'\\n\\n' is a "
-                  "blank line)")
+                  help="end the continuation just before its first TEXT (decoding stops there, "
+                  "speculative decoding samples all tokens first; the text before it is the same "
+                  "as without --stop; in bash, $'\\n\\n' is a blank line)")
   sa.add_argument("--seed", type=int, help="random seed (default: config.sample.seed)")
   sa.add_argument("--speculative", action="store_true",
                   help="draft with the model's extra heads (model.mtp_heads / medusa_heads) and "

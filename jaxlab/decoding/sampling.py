@@ -226,21 +226,29 @@ def _generate(model, params, prompt_BP, key, *, num_tokens, temperature, top_k, 
   return jnp.concatenate([prompt_BP.astype(jnp.int32), tokens_BN], axis=1), done_B
 
 
-@checks_prompt_ids
-@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p",
-                                             "stop_ids"))
+def _stop_tuple(stop_ids) -> tuple:
+  """stop_ids as a tuple of Python ints (a static jit argument must be hashable); ValueError naming
+  the argument for ids outside int32 (ids outside the vocabulary are allowed: never sampled)."""
+  ids = tuple(int(i) for i in stop_ids)
+  bad = [i for i in ids if not -2**31 <= i < 2**31]
+  if bad:
+    raise ValueError(f"stop_ids must be int32 token ids, got {bad[0]}")
+  return ids
+
+
 def generate(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             stop_ids: tuple = ()) -> jax.Array:
+             stop_ids=()) -> jax.Array:
   """Samples `num_tokens` continuations of prompt_BP (int [B, P], P >= 1) -> int32 [B, P + num_tokens].
 
   The prompt is run once (prefill); each new token then costs one cached step.
-  stop_ids (a tuple of token ids): decoding ends early once every row's continuation contains them (a row
+  stop_ids (token ids): decoding ends early once every row's continuation contains them (a row
   that has them goes on sampling until all have); the positions after that last step hold 0, so a
   caller cuts each row at its stop. The tokens before are those decoded without stop_ids.
   """
+  check_prompt_ids(prompt_BP, model.config.vocab_size)
   return _generate(model, params, prompt_BP, key, num_tokens=num_tokens, temperature=temperature,
-                   top_k=top_k, top_p=top_p, stop_ids=tuple(stop_ids))[0]
+                   top_k=top_k, top_p=top_p, stop_ids=_stop_tuple(stop_ids))[0]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p",
@@ -295,7 +303,7 @@ def generate_long(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_to
   # again.
   check_prompt_ids(prompt_BP, model.config.vocab_size)
   prompt_BP = prompt_BP.astype(jnp.int32)
-  stop_ids = tuple(int(i) for i in stop_ids)
+  stop_ids = _stop_tuple(stop_ids)
   options = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids)
   if model.config.position != "learned":
     return _generate(model, params, prompt_BP, key, num_tokens=num_tokens, **options)[0]

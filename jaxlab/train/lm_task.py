@@ -595,14 +595,16 @@ def sample_text(task: LMTask, params, *, prompt: str, num_tokens: int, temperatu
 def _stop_ids(task: LMTask, stop: str) -> tuple:
   """The token ids of `stop` for decoding to end on (char or byte vocabulary: one id per character or
   byte, so the ids occur exactly where the text does); () when there is no stop, when it holds a
-  character outside the vocabulary (it can never be sampled) or is longer than the model's context."""
+  character outside the vocabulary (it can never be sampled) or, for a learned position table, is
+  longer than the context that decoding past the table keeps."""
   if not stop:
     return ()
   try:
     ids = tuple(int(i) for i in task.vocab.encode(stop))
   except ValueError:
     return ()
-  return ids if len(ids) <= task.model.config.max_len else ()
+  config = task.model.config
+  return ids if config.position != "learned" or len(ids) <= config.max_len else ()
 
 
 @functools.partial(jax.jit, static_argnames="model")

@@ -237,6 +237,54 @@ def test_decoding_ends_at_stop_ids_with_the_tokens_it_had_without_them(position,
     assert end > 9 and (got[:, :end] == whole[:, :end]).all() and (got[:, end:] == 0).all()
 
 
+def test_stop_ids_edges_zero_padding_rows_and_the_first_generated_tokens():
+  """Edges the equivalence test does not reach (found by mutating the code): a stop ending in id 0
+  must not match the buffer's unfilled zeros; a row that stopped inside the table stays stopped
+  while another goes on past it; with a prompt as long as the table, a stop made of the first L
+  generated tokens ends decoding there; a stop of exactly max_len ids is accepted; ids may be any
+  sequence of ints, and ids outside int32 are refused by name."""
+  model = tiny_gpt(position="learned", max_len=8, vocab_size=5)
+  params = model.init(jax.random.key(1), jnp.zeros((1, 3), jnp.int32))["params"]
+  run = lambda p, seed=2, **kw: np.asarray(sampling.generate_long(
+      model, params, jnp.asarray(p), jax.random.key(seed), num_tokens=24, temperature=1.0, **kw))
+  prompt = [[1, 2, 3]]
+  full = run(prompt)
+  pairs = {tuple(full[0, k:k + 2]) for k in range(3, full.shape[1] - 1)}
+  a = int(full[0, 3])  # the first generated token, followed by the buffer's zeros at first
+  assert (a, 0) not in pairs
+  np.testing.assert_array_equal(run(prompt, stop_ids=(a, 0)), full)
+  # two rows: row 0 stops inside the table (5 cached tokens), row 1 only after it
+  rows = [[1, 2, 3], [4, 0, 1]]
+  both = run(rows, seed=3)  # (seed 2 draws no such stop)
+  found = None
+  for stop in [(t, u) for t in range(5) for u in range(5)] + [(t, u, v) for t in range(5)
+                                                              for u in range(5) for v in range(5)]:
+    ends = [_first_stop(r.tolist(), 3, stop) for r in both]
+    if None in ends or not ends[0] - 3 <= 5 < ends[1] - 3:
+      continue
+    again = _first_stop(both[0, :ends[1]].tolist(), ends[0], stop)  # row 0 once more, by then
+    if again is None:  # so row 0 must stay stopped after the switch for decoding to end
+      found = stop, ends
+      break
+  assert found is not None
+  stop, ends = found
+  got = run(rows, seed=3, stop_ids=list(stop))  # a list works as well as a tuple
+  np.testing.assert_array_equal(got[:, :ends[1]], both[:, :ends[1]])
+  assert (got[:, ends[1]:] == 0).all()
+  # a prompt of the table's length: full passes from the first token
+  long_prompt = [[1, 2, 3, 4, 0, 1, 2, 3]]
+  whole = run(long_prompt)
+  stop = tuple(int(t) for t in whole[0, 8:11])
+  got = run(long_prompt, stop_ids=stop)
+  np.testing.assert_array_equal(got[:, :11], whole[:, :11])
+  assert (got[:, 11:] == 0).all()
+  eight = tuple(int(t) for t in whole[0, 8:16])  # exactly max_len ids
+  np.testing.assert_array_equal(run(long_prompt, stop_ids=eight)[:, :16], whole[:, :16])
+  with pytest.raises(ValueError, match="stop_ids must be int32 token ids, got 4294967296"):
+    sampling.generate(model, params, jnp.asarray(prompt), jax.random.key(0), num_tokens=2,
+                      stop_ids=[2**32])
+
+
 def test_stop_ids_longer_than_the_learned_context_are_refused():
   model = tiny_gpt(position="learned", max_len=8, vocab_size=5)
   params = model.init(jax.random.key(1), jnp.zeros((1, 3), jnp.int32))["params"]
@@ -516,4 +564,7 @@ def test_sample_text_hands_its_stop_to_the_decoder(tiny_lm_config, monkeypatch):
   assert sample(stop) == whole[:whole.find(stop, 4)]
   assert seen == [tuple(int(i) for i in task.vocab.encode(stop))]
   assert lm_task._stop_ids(task, "\u2603") == () and lm_task._stop_ids(task, "") == ()
-  assert lm_task._stop_ids(task, "e" * (task.model.config.max_len + 1)) == ()
+  long_stop = "e" * (task.model.config.max_len + 1)  # rope: no table, any length can end decoding
+  assert lm_task._stop_ids(task, long_stop) == tuple([int(task.vocab.encode("e")[0])] * len(long_stop))
+  learned = lm_task.LMTask(tiny_lm_config("--config.model.position=learned"))
+  assert lm_task._stop_ids(learned, long_stop) == ()
