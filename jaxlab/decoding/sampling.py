@@ -179,6 +179,28 @@ def _ends_with(tokens_BN: jax.Array, count, stop: jax.Array) -> jax.Array:
   return (count >= length) & jnp.all(tail_BL == stop, axis=1)
 
 
+def _decode_loop(step, carry, *, num_tokens: int, batch: int, finished=None, done_B=None):
+  """Runs step(carry, i) -> (carry, token_B) for i = 0 .. num_tokens - 1 -> (int32 [B, num_tokens],
+  bool [B]). finished(carry, tokens_BN, i) -> bool [B] (the rows whose continuation holds the stop
+  once token i is in): a while_loop that ends when every row has finished (done_B: rows that had
+  before), the tokens after that step 0; without it a scan (done: all False)."""
+  if finished is None:
+    _, tokens_NB = jax.lax.scan(step, carry, jnp.arange(num_tokens))
+    return tokens_NB.T, jnp.zeros((batch,), bool)
+
+  def body(state):
+    carry, i, tokens_BN, done_B = state
+    carry, token_B = step(carry, i)
+    tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, token_B[:, None], i, axis=1)
+    return carry, i + 1, tokens_BN, done_B | finished(carry, tokens_BN, i)
+
+  done_B = jnp.zeros((batch,), bool) if done_B is None else done_B
+  state = (carry, jnp.int32(0), jnp.zeros((batch, num_tokens), jnp.int32), done_B)
+  _, _, tokens_BN, done_B = jax.lax.while_loop(lambda s: (s[1] < num_tokens) & ~jnp.all(s[3]),
+                                               body, state)
+  return tokens_BN, done_B
+
+
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p",
                                              "stop_ids"))
 def _generate(model, params, prompt_BP, key, *, num_tokens, temperature, top_k, top_p, stop_ids):
@@ -194,35 +216,22 @@ def _generate(model, params, prompt_BP, key, *, num_tokens, temperature, top_k, 
   if len(stop_ids) > num_tokens:  # no continuation can hold them
     stop_ids = ()
 
-  def step(cache, last_logits, key, i):
+  def step(carry, i):
     """One token: the same key splitting with or without stop_ids, so the same tokens."""
+    cache, last_logits, key = carry
     key, sub = jax.random.split(key)
     token_B = sampler(sub, last_logits)
     pos = jnp.full((b, 1), p + i, jnp.int32)
     logits, mutated = model.apply({"params": params, "cache": cache}, token_B[:, None], pos,
                                   decode=True, mutable=["cache"])
-    return mutated["cache"], logits[:, -1], key, token_B
+    return (mutated["cache"], logits[:, -1], key), token_B
 
-  start = (mutated["cache"], logits[:, -1], key)
-  if not stop_ids:
-    def scan_step(carry, i):
-      *carry, token_B = step(*carry, i)
-      return tuple(carry), token_B
-
-    _, tokens_NB = jax.lax.scan(scan_step, start, jnp.arange(num_tokens))
-    tokens_BN, done_B = tokens_NB.T, jnp.zeros((b,), bool)
-  else:
+  finished = None
+  if stop_ids:
     stop = jnp.asarray(stop_ids, jnp.int32)
-
-    def loop_step(carry):
-      cache, last_logits, key, i, tokens_BN, done_B = carry
-      cache, last_logits, key, token_B = step(cache, last_logits, key, i)
-      tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, token_B[:, None], i, axis=1)
-      return cache, last_logits, key, i + 1, tokens_BN, done_B | _ends_with(tokens_BN, i + 1, stop)
-
-    carry = (*start, jnp.int32(0), jnp.zeros((b, num_tokens), jnp.int32), jnp.zeros((b,), bool))
-    *_, tokens_BN, done_B = jax.lax.while_loop(
-        lambda c: (c[3] < num_tokens) & ~jnp.all(c[5]), loop_step, carry)
+    finished = lambda carry, tokens_BN, i: _ends_with(tokens_BN, i + 1, stop)
+  tokens_BN, done_B = _decode_loop(step, (mutated["cache"], logits[:, -1], key),
+                                   num_tokens=num_tokens, batch=b, finished=finished)
   return jnp.concatenate([prompt_BP.astype(jnp.int32), tokens_BN], axis=1), done_B
 
 
@@ -261,32 +270,21 @@ def _continue_by_full_passes(model, params, window_BT, key, *, num_tokens, tempe
   once every row has them at the end of its window, counting only generated tokens (`generated`
   before this call; done_B: rows that had them already); the rest is 0, as in `generate`."""
 
-  def step(window_BT, key):
+  def step(carry, _):
+    window_BT, key = carry
     key, sub = jax.random.split(key)
     logits = model.apply({"params": params}, window_BT)
     token_B = sample_token(sub, logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p)
-    return jnp.concatenate([window_BT[:, 1:], token_B[:, None]], axis=1), key, token_B
+    return (jnp.concatenate([window_BT[:, 1:], token_B[:, None]], axis=1), key), token_B
 
-  if not stop_ids:
-    def scan_step(carry, _):
-      *carry, token_B = step(*carry)
-      return tuple(carry), token_B
-
-    _, tokens_NB = jax.lax.scan(scan_step, (window_BT, key), None, length=num_tokens)
-    return tokens_NB.T
-  stop = jnp.asarray(stop_ids, jnp.int32)
-  b, t = window_BT.shape
-
-  def loop_step(carry):
-    window_BT, key, i, tokens_BN, done_B = carry
-    window_BT, key, token_B = step(window_BT, key)
-    tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, token_B[:, None], i, axis=1)
-    done_B = done_B | (_ends_with(window_BT, t, stop) & (generated + i + 1 >= stop.shape[0]))
-    return window_BT, key, i + 1, tokens_BN, done_B
-
-  done_B = jnp.zeros((b,), bool) if done_B is None else done_B
-  carry = (window_BT, key, jnp.int32(0), jnp.zeros((b, num_tokens), jnp.int32), done_B)
-  return jax.lax.while_loop(lambda c: (c[2] < num_tokens) & ~jnp.all(c[4]), loop_step, carry)[3]
+  finished = None
+  if stop_ids:
+    stop = jnp.asarray(stop_ids, jnp.int32)
+    t = window_BT.shape[1]
+    finished = lambda carry, tokens_BN, i: (_ends_with(carry[0], t, stop)
+                                            & (generated + i + 1 >= stop.shape[0]))
+  return _decode_loop(step, (window_BT, key), num_tokens=num_tokens, batch=window_BT.shape[0],
+                      finished=finished, done_B=done_B)[0]
 
 
 def generate_long(model, params, prompt_BP: jax.Array, key: jax.Array, *, num_tokens: int,
