@@ -169,6 +169,22 @@ def check_fits(abstract_tree, shardings, what: str = "the training state") -> No
                     "with config.mesh.fsdp / tensor)")
 
 
+def gathered_over_fsdp(shardings):
+  """The shardings that parameters are used in: their stored shardings without the fsdp axis
+  (ZeRO-3 / FSDP: each layer's weights are all-gathered over fsdp for the forward and backward, and
+  their gradients reduce-scattered back; tensor-parallel dimensions stay split). Without this
+  constraint XLA's propagation let the fsdp-split embed dimension of the weights (and layer norms)
+  reach the activations, and it all-gathered whole-batch activations instead of weights."""
+  def drop_fsdp(named: NamedSharding) -> NamedSharding:
+    kept = []
+    for axes in named.spec:
+      axes = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ()))
+                   if a != "fsdp")
+      kept.append(axes[0] if len(axes) == 1 else (axes or None))
+    return NamedSharding(named.mesh, P(*kept))
+  return jax.tree.map(drop_fsdp, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis over data and fsdp; the rest replicated."""
   return NamedSharding(mesh, P(("data", "fsdp")))

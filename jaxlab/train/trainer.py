@@ -261,10 +261,12 @@ def restore_or_init(run: Run) -> tuple[TrainState, Optional[dict]]:
 
 
 def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int = 1, mesh=None,
-                   scale=None):
+                   scale=None, compute_shardings=None):
   """(mean loss, its gradient) over the batch, in `microbatches` sequential slices (gradient
   accumulation) when > 1. With a jmp loss `scale`, the scaled loss is differentiated and the gradient
-  unscaled (float16; see loss_scale.py).
+  unscaled (float16; see loss_scale.py). `compute_shardings` (`sharding.gathered_over_fsdp`): the
+  shardings the loss sees the parameters in (gathered inside the differentiated function, so their
+  gradients come back in the stored shardings, per slice).
 
   Slice j holds rows j, j + m, j + 2m, ... of the batch, so every device keeps its own rows of every
   slice (no resharding). The summed losses and gradients of the slices are divided by the total
@@ -274,9 +276,11 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
   scaled = scale is not None
   if not scaled:
     scale = loss_scale.no_scaling()
+  gather = ((lambda p: p) if compute_shardings is None else
+            (lambda p: jax.lax.with_sharding_constraint(p, compute_shardings)))
 
   def scaled_loss(p):
-    loss, _ = task.loss(p, batch, rng, train=True)
+    loss, _ = task.loss(gather(p), batch, rng, train=True)
     return scale.scale(loss), loss
 
   if microbatches == 1:
@@ -292,7 +296,7 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
     return jnp.maximum(jnp.asarray(count, jnp.float32), 1.0) if scaled else 1.0
 
   def summed(p, b, r):
-    _, (total, count) = task.loss(p, b, r, train=True)
+    _, (total, count) = task.loss(gather(p), b, r, train=True)
     return scale.scale(total / jax.lax.stop_gradient(weight(count))), (total, count)
 
   def split(x):  # [B, ...] -> [m, B / m, ...], slice j = rows j::m
@@ -325,11 +329,13 @@ def make_train_step(run: Run):
   task, tx = run.task, run.tx
   microbatches = train_microbatches(run.config)
   scaling, scale_period = loss_scale.enabled(run.config), loss_scale.period(run.config)
+  compute_shardings = sharding.gathered_over_fsdp(run.state_shardings["params"])
 
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state["rng"], state["step"])
     scale = loss_scale.scaler(state["loss_scale"], scale_period) if scaling else None
-    loss, grads = loss_and_grads(task, state["params"], batch, rng, microbatches, run.mesh, scale)
+    loss, grads = loss_and_grads(task, state["params"], batch, rng, microbatches, run.mesh, scale,
+                                 compute_shardings)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
@@ -350,7 +356,10 @@ def make_train_step(run: Run):
 def make_eval_step(run: Run):
   task = run.task
 
+  compute_shardings = sharding.gathered_over_fsdp(run.state_shardings["params"])
+
   def eval_step(params, batch: dict):
+    params = jax.lax.with_sharding_constraint(params, compute_shardings)
     _, (total, count) = task.loss(params, batch, jax.random.PRNGKey(0), train=False)
     return total, count
 

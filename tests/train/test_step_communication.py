@@ -1,0 +1,65 @@
+"""What a compiled train / eval step sends between devices (8 fake CPU devices): the same whatever the
+batch size, so no activation, token id or microbatch slice ever travels; only weights (all-gathered
+over fsdp), gradients and the loss do (and, with a tensor axis, the activations that Megatron-style
+layers all-reduce over it). XLA's propagation had let the fsdp-split embed dimension of
+the weights reach the activations: an fsdp step all-gathered whole-batch activations (and ids) and
+moved them with all-to-alls, which the step-for-step loss tests cannot see."""
+
+import collections
+import re
+
+import jax
+import pytest
+
+from jaxlab.train import trainer
+
+_COLLECTIVE = re.compile(
+    r"= (\S+|\([^=]*?\)) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+    r"(?:-start)?\(")
+
+
+def _collectives(text: str) -> collections.Counter:
+  """(kind, result shape) of each collective in compiled HLO text, counted."""
+  return collections.Counter((kind, shape) for shape, kind in _COLLECTIVE.findall(text))
+
+
+def _compiled_steps(make_config, tmp_path, batch_size):
+  run = trainer.setup(make_config(f"--config.data.batch_size={batch_size}"), tmp_path)
+  try:
+    batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype)
+             for name, x in next(iter(run.task.train_iterator())).items()}
+    params = run.abstract_state["params"]
+    return (trainer.make_train_step(run).lower(run.abstract_state, batch).compile().as_text(),
+            trainer.make_eval_step(run).lower(params, batch).compile().as_text())
+  finally:
+    run.checkpointer.close()
+
+
+@pytest.mark.parametrize("mesh,microbatches", [
+    ((8, 1, 1), 2), ((1, 8, 1), 1), ((1, 8, 1), 2), ((2, 4, 1), 2), ((2, 2, 2), 1)],
+    ids=["data8_2_microbatches", "fsdp8", "fsdp8_2_microbatches", "data2_fsdp4_2_microbatches",
+         "data2_fsdp2_tensor2"])
+def test_communication_does_not_grow_with_the_batch(tiny_lm_config, tmp_path, mesh, microbatches):
+  data, fsdp, tensor = mesh
+  make = lambda *more: tiny_lm_config(
+      f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}",
+      f"--config.train.microbatches={microbatches}", *more)
+  small = _compiled_steps(make, tmp_path / "small", 16)
+  large = _compiled_steps(make, tmp_path / "large", 32)
+  for step, text_small, text_large in zip(("train", "eval"), small, large):
+    collectives, with_more_rows = _collectives(text_small), _collectives(text_large)
+    if tensor == 1:
+      assert collectives == with_more_rows, step
+    else:  # Megatron: each block's activations are all-reduced over the tensor axis; nothing else
+      gathers = lambda c: {key: n for key, n in c.items() if key[0] == "all-gather"}
+      assert gathers(collectives) == gathers(with_more_rows), step
+    kinds = {kind for kind, _ in collectives}
+    assert kinds <= {"all-gather", "all-reduce", "reduce-scatter"}, (step, kinds)
+    if fsdp > 1:  # the weights are gathered: each of the tiny GPT's 14 arrays once (before any slice)
+      assert collectives_of(collectives, "all-gather") == 14, step
+    else:
+      assert "all-gather" not in kinds, step
+
+
+def collectives_of(collectives: collections.Counter, kind: str) -> int:
+  return sum(n for (k, _), n in collectives.items() if k == kind)
