@@ -327,3 +327,28 @@ def test_a_slower_process_still_stops_with_its_own_line(tiny_lm_config, tmp_path
           *_overrides(config)]
   errors = _run_processes(args, expect_rc=2, devices=(1, 2), entry=(None, SLOW_PEER))
   assert all("the processes have different numbers of devices [1, 2]" in e for e in errors), errors
+
+
+# Process 1 writes a file 3 s late, then meets process 0 at a barrier; process 0 looks for the file
+# after the barrier. Each process sees its own arguments, then --coordinator ... --process-id I.
+AT_A_BARRIER = """import pathlib, sys, time
+args = sys.argv[1:]
+option = lambda name: args[args.index(name) + 1]
+from jaxlab.train import distributed
+distributed.initialize(coordinator=option("--coordinator"), process_id=int(option("--process-id")),
+                       num_processes=int(option("--num-processes")))
+flag = pathlib.Path(args[0])
+if not distributed.is_primary():
+  time.sleep(3)
+  flag.write_text("written before the barrier")
+distributed.barrier("jaxlab_test_barrier")
+print(f"after the barrier the flag {'exists' if flag.exists() else 'is missing'}")
+"""
+
+
+def test_barrier_waits_for_every_process(tmp_path):
+  """distributed.barrier is what makes process 0's moves of bad checkpoints visible to the others
+  before they reload; a barrier that returns at once (a no-op) passed every other test."""
+  outputs = _run_processes([str(tmp_path / "flag")], timeout=120,
+                           entry=(AT_A_BARRIER, AT_A_BARRIER))
+  assert all("after the barrier the flag exists" in out for out in outputs), outputs
