@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from jaxlab.configs import _sections
+
 
 def base_config(model: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -32,20 +34,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.model.first_kernel = 7
   c.model.dtype = "float32"  # float32 | bfloat16 | float16 compute (params, log-probabilities: float32)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-3
-  c.optim.min_lr = 1e-4
-  c.optim.warmup_steps = 100
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0
-  c.optim.decay_embeddings = False
-  c.optim.grad_clip = 0.0
-  # Dynamic loss scaling (jaxlab/train/loss_scale.py): auto = on when model.dtype is float16
-  c.optim.loss_scale = "auto"  # auto | dynamic | none
-  c.optim.loss_scale_init = 2.0**15
-  c.optim.loss_scale_period = 2000  # finite steps in a row before the scale doubles
+  c.optim = _sections.optim(lr=1e-3, min_lr=1e-4, warmup_steps=100, b2=0.999, weight_decay=0.0,
+                            grad_clip=0.0)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 3000
@@ -65,11 +55,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 500  # test-set evaluation in finish()
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.mesh.cpu_devices = 0
+  c.mesh = _sections.mesh()
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num = 16

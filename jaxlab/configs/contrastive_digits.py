@@ -18,6 +18,8 @@ caption are not each other's negatives; the digits have 60 captions).
 
 import ml_collections
 
+from jaxlab.configs import _sections
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -51,20 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 64
   c.model.dtype = "float32"  # float32 | bfloat16 | float16 compute (params, embeddings, loss: float32)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-3
-  c.optim.min_lr = 1e-4
-  c.optim.warmup_steps = 50
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.99
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.05
-  c.optim.decay_embeddings = False
-  c.optim.grad_clip = 1.0
-  # Dynamic loss scaling (jaxlab/train/loss_scale.py): auto = on when model.dtype is float16
-  c.optim.loss_scale = "auto"  # auto | dynamic | none
-  c.optim.loss_scale_init = 2.0**15
-  c.optim.loss_scale_period = 2000  # finite steps in a row before the scale doubles
+  c.optim = _sections.optim(lr=1e-3, min_lr=1e-4, warmup_steps=50, b2=0.99, weight_decay=0.05,
+                            grad_clip=1.0)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 600
@@ -83,9 +73,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 256  # for embedding the test split at the end
   c.eval.recall_at = (1, 5)
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.mesh.cpu_devices = 0
+  c.mesh = _sections.mesh()
   return c

@@ -18,6 +18,8 @@ as they are; 3000 steps gave 0.938).
 
 import ml_collections
 
+from jaxlab.configs import _sections
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -35,20 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.steps = 3  # K: rows ahead predicted (< 8)
   c.model.encoder_hidden = 64  # the row encoder's hidden width (0: linear)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 2e-3
-  c.optim.min_lr = 1e-4
-  c.optim.warmup_steps = 50
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0
-  c.optim.decay_embeddings = False
-  c.optim.grad_clip = 1.0
-  # Dynamic loss scaling (jaxlab/train/loss_scale.py): the CPC model computes in float32
-  c.optim.loss_scale = "auto"  # auto | dynamic | none
-  c.optim.loss_scale_init = 2.0**15
-  c.optim.loss_scale_period = 2000
+  c.optim = _sections.optim(lr=2e-3, min_lr=1e-4, warmup_steps=50, b2=0.999, weight_decay=0.0,
+                            grad_clip=1.0)  # (loss scaling: the CPC model computes in float32)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -64,9 +54,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 500  # features for the linear probe, in batches of this many digits
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.mesh.cpu_devices = 0
+  c.mesh = _sections.mesh()
   return c

@@ -10,6 +10,8 @@ of Python-looking code. Measured (Python 3.11 stdlib, experiments/results/defaul
 
 import ml_collections
 
+from jaxlab.configs import _sections
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -73,20 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.heads_stop_gradient = False  # heads learn on a detached trunk (Medusa-1)
   c.model.dtype = "float32"  # float32 | bfloat16 | float16 (params stay float32)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 2e-3
-  c.optim.min_lr = 2e-4
-  c.optim.warmup_steps = 50
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.99
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.1  # on matrices only: never on norms or biases
-  c.optim.decay_embeddings = False  # also decay embedding tables (as GPT-2/nanoGPT do)
-  c.optim.grad_clip = 1.0
-  # Dynamic loss scaling (jaxlab/train/loss_scale.py): auto = on when model.dtype is float16
-  c.optim.loss_scale = "auto"  # auto | dynamic | none
-  c.optim.loss_scale_init = 2.0**15
-  c.optim.loss_scale_period = 2000  # finite steps in a row before the scale doubles
+  c.optim = _sections.optim(lr=2e-3, min_lr=2e-4, warmup_steps=50, b2=0.99, weight_decay=0.1,
+                            grad_clip=1.0)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -103,13 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.microbatches = 1
   c.train.tensorboard = True
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1 = all remaining devices
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  # CPU only, set by the `jaxlab` command before JAX starts: XLA host devices (one per core is
-  # fastest for small models); 0 = as many as there are cores that the mesh and batch split over.
-  c.mesh.cpu_devices = 0
+  c.mesh = _sections.mesh()
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "def "
