@@ -206,8 +206,6 @@ def main(argv=None):
   out.mkdir(parents=True, exist_ok=True)
   failures = check_claims(rows, lengths)
   command = shlex.join(["python", "experiments/attention_zoo.py", *argv])
-  (out / f"{stem}.json").write_text(json.dumps({"device": device, "command": command, "speed": rows,
-                                                "lm": lm, "claims_failed": failures}, indent=2))
   try:
     plot(rows, out / f"{stem}.png")
   except ImportError:  # matplotlib is the experiments extra
@@ -245,7 +243,9 @@ def main(argv=None):
     lines.append(f"| {r['family']} | {params} | {r['val_loss']:.4f} | "
                  f"{r['ms_per_step'] or float('nan'):.1f} |")
   lines += ["", f"![plot]({stem}.png)"]
-  (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+  from jaxlab import experiment_results
+  experiment_results.write(out, stem, "\n".join(lines), {
+      "device": device, "command": command, "speed": rows, "lm": lm, "claims_failed": failures})
   print("\n".join(lines))
   if failures:
     raise SystemExit("attention_zoo: " + "; ".join(failures))

@@ -276,10 +276,10 @@ def write_results(rows, checks, impls, dry, slug, device, peak, tokens, width, w
          f"the dense bf16 peak ({fmt(peak)} TFLOP/s) at length 8192, head_dim 128."]
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / f"flash_{slug}.md").write_text("\n".join(md) + "\n")
-  (out / f"flash_{slug}.json").write_text(json.dumps(
-      {"device": device, "command": command, "dry_run": dry, "peak_tflops": peak, "tokens": tokens,
-       "width": width, "wall_s": wall, "skipped_pairs": skipped, "rows": rows, "checks": checks}, indent=1))
+  from jaxlab import experiment_results
+  experiment_results.write(out, f"flash_{slug}", "\n".join(md), {
+      "device": device, "command": command, "dry_run": dry, "peak_tflops": peak, "tokens": tokens,
+      "width": width, "wall_s": wall, "skipped_pairs": skipped, "rows": rows, "checks": checks})
   return table
 
 

@@ -217,7 +217,7 @@ def git_commit() -> str | None:
     return None
 
 
-def write_tables(rows, device, wall_s, path_md, path_json, quick, budget, command=""):
+def write_tables(rows, device, wall_s, out, stem, quick, budget, command=""):
   """Writes the .md and .json of `rows`; command: the command line of the run writing them."""
   lines = [f"# Binary density estimation ({'quick' if quick else 'CPU-budget runs'})", "",
            f"Device: {device}. Command of the run that wrote this file: `{command}`. Total wall time "
@@ -256,9 +256,10 @@ def write_tables(rows, device, wall_s, path_md, path_json, quick, budget, comman
   if any(r.get("selected_step") is None for r in rows):
     lines.append("Rows with an empty `selected` are earlier runs, made before selection existed: "
                  "their test NLL is of the final parameters.")
-  path_md.write_text("\n".join(lines) + "\n")
-  path_json.write_text(json.dumps({"device": device, "command": command, "wall_s": wall_s,
-                                   "quick": quick, "budget": budget, "rows": rows}, indent=2))
+  from jaxlab import experiment_results
+  experiment_results.write(out, stem, "\n".join(lines), {
+      "device": device, "command": command, "wall_s": wall_s, "quick": quick, "budget": budget,
+      "rows": rows})
 
 
 def main(argv=None) -> int:
@@ -313,8 +314,8 @@ def main(argv=None) -> int:
       print(f"{dataset_name:10s} {label:15s} steps {steps:6d}  val {row['val_nll']:8.2f}  test "
             f"{row['test_nll']:8.2f}  published {row['published']}  ({row['train_s']:.0f} s)",
             flush=True)
-      write_tables(merged, device, time.perf_counter() - t_start, out / f"{stem}.md",
-                   out / f"{stem}.json", args.quick, args.budget, command)
+      write_tables(merged, device, time.perf_counter() - t_start, out, stem, args.quick,
+                   args.budget, command)
   print((out / f"{stem}.md").read_text())
   return 0
 

@@ -853,11 +853,11 @@ def write_results(out: pathlib.Path, stem: str, s: Settings, rows, tier_b_rows, 
       lines += ["", f"All-gathered CLIP / chunked SigLIP peak bound per device{with_ids}: " +
                 ", ".join(ratios)]
   lines.append("")
-  (out / f"{stem}.md").write_text("\n".join(lines))
-  (out / f"{stem}.json").write_text(json.dumps(
-      {"device": device, "command": cmd, "settings": dataclasses.asdict(s), "wall_seconds": wall,
-       "complete": complete, "counts": counts, "majority_baseline": baseline, "tier_a": rows,
-       "tier_b": tier_b_rows, "memory": memory}, indent=1))
+  from jaxlab import experiment_results
+  experiment_results.write(out, stem, "\n".join(lines), {
+      "device": device, "command": cmd, "settings": dataclasses.asdict(s), "wall_seconds": wall,
+      "complete": complete, "counts": counts, "majority_baseline": baseline, "tier_a": rows,
+      "tier_b": tier_b_rows, "memory": memory})
   if rows:
     plot(out / f"{stem}.png", rows)
 

@@ -105,8 +105,8 @@ def main(argv=None) -> dict:
   out_dir = pathlib.Path(args.out)
   out_dir.mkdir(parents=True, exist_ok=True)
   text = render(out)
-  (out_dir / f"{stem}.md").write_text(text)
-  (out_dir / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+  from jaxlab import experiment_results
+  experiment_results.write(out_dir, stem, text, out)
   print(text)
   return out
 

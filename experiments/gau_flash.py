@@ -86,8 +86,6 @@ def main(argv=None):
   device = f"{cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
   out.mkdir(parents=True, exist_ok=True)
   stem = "gau_flash_quick" if args.quick else "gau_flash"
-  (out / f"{stem}.json").write_text(json.dumps(
-      {"device": device, "wall_s": wall, "s": S, "e": E, "chunk": CHUNK, "speed": rows}, indent=2))
   plot(rows, out / f"{stem}.png", names=list(families))
   get = lambda name, t: next(r for r in rows if r["family"] == name and r["length"] == t)
   ref = "softmax (xla), reference"
@@ -116,7 +114,9 @@ def main(argv=None):
             f"{get(ref, hi)['temp_mib'] / max(get(flash, hi)['temp_mib'], 1e-9):.0f}x less working "
             f"memory and is {get(ref, hi)['ms'] / get(flash, hi)['ms']:.1f}x faster than softmax (xla).",
             "", f"![plot]({stem}.png)"]
-  (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+  from jaxlab import experiment_results
+  experiment_results.write(out, stem, "\n".join(lines), {
+      "device": device, "wall_s": wall, "s": S, "e": E, "chunk": CHUNK, "speed": rows})
   print("\n".join(lines))
 
 

@@ -77,8 +77,6 @@ def main(argv=None):
   from jaxlab.train.host_devices import cpu_model
   device = f"{cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__} (CPU)"
   out.mkdir(parents=True, exist_ok=True)
-  (out / "gau_flash_lm.json").write_text(json.dumps(
-      {"device": device, "wall_s": wall, "rows": rows}, indent=2))
   lines = ["# GAU and FLASH as LM layers (jaxlab's GPT, one config switch)", "",
            f"Device: {device}. Command: `nice -n 10 python experiments/gau_flash_lm.py --data "
            f"../shared/data/tinyshakespeare/input.txt --steps {args.steps}` ({wall:.0f} s).", "",
@@ -91,7 +89,9 @@ def main(argv=None):
   for r in rows:
     lines.append(f"| {r['name']} | {r['params']:,} | {r['val_loss']:.4f} | "
                  f"{r['ms_per_step']:.1f} ({r['ms_per_step'] / base:.2f}x) |")
-  (out / "gau_flash_lm.md").write_text("\n".join(lines) + "\n")
+  from jaxlab import experiment_results
+  experiment_results.write(out, "gau_flash_lm", "\n".join(lines),
+                           {"device": device, "wall_s": wall, "rows": rows})
   print("\n".join(lines))
 
 

@@ -162,8 +162,8 @@ def main(argv=None) -> dict:
          "command": command, "steps": args.steps, "seeds": args.seeds, "runs": runs,
          "rows": summarise(runs), "wall_min": (time.perf_counter() - start) / 60}
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / f"{name}.json").write_text(json.dumps(out, indent=1))
-  (out_dir / f"{name}.md").write_text(render(out))
+  from jaxlab import experiment_results
+  experiment_results.write(out_dir, name, render(out), out)
   print(render(out))
   return out
 

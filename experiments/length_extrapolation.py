@@ -225,7 +225,6 @@ def _cell(rows, model, length, mode):
 def write(out: dict, quick: bool, results: pathlib.Path = RESULTS) -> None:
   results.mkdir(parents=True, exist_ok=True)
   stem = "length_extrapolation_quick" if quick else "length_extrapolation"
-  (results / f"{stem}.json").write_text(json.dumps(out, indent=2))
   s, rows = out["settings"], out["rows"]
   lengths = s["lengths"]
   models = list(dict.fromkeys(r["model"] for r in rows))
@@ -255,7 +254,8 @@ def write(out: dict, quick: bool, results: pathlib.Path = RESULTS) -> None:
     lines.append(f"| {m['encoding']} | {m['val_loss_at_train_len']:.4f} | "
                  f"{m['train_seconds']:.0f} |")
   lines += ["", f"![plot]({stem}.png)", ""]
-  (results / f"{stem}.md").write_text("\n".join(lines))
+  from jaxlab import experiment_results
+  experiment_results.write(results, stem, "\n".join(lines), out)
   plot(out, results / f"{stem}.png")
 
 

@@ -237,10 +237,10 @@ def main(argv: list[str] | None = None):
   command = command_line(args, torch_ran=any(r["impl"] == "pytorch" for r in runs))
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "lm_char_cpu.json").write_text(json.dumps({"device": device, "command": command,
-                                                    "settings": settings, "runs": runs}, indent=2))
   text = render(runs, device, command, settings)
-  (out / "lm_char_cpu.md").write_text(text)
+  from jaxlab import experiment_results
+  experiment_results.write(out, "lm_char_cpu", text, {"device": device, "command": command,
+                                                      "settings": settings, "runs": runs})
   print(text, end="")
 
 

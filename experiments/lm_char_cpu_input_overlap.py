@@ -18,7 +18,6 @@ on; a block's figure is its median step time. Writes experiments/results/lm_char
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import shlex
 import statistics
@@ -119,10 +118,10 @@ def main(argv: list[str] | None = None):
   text = "\n".join(lines) + "\n"
   print(text)
   args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "lm_char_cpu_input_overlap.md").write_text(text)
-  (args.out / "lm_char_cpu_input_overlap.json").write_text(json.dumps(
-      {"device": cpu_model(), "command": command, "xla_devices": devices, "rounds": args.rounds,
-       "block": args.block, "overrides": args.override, "ms_per_step": results}, indent=2))
+  from jaxlab import experiment_results
+  experiment_results.write(args.out, "lm_char_cpu_input_overlap", text, {
+      "device": cpu_model(), "command": command, "xla_devices": devices, "rounds": args.rounds,
+      "block": args.block, "overrides": args.override, "ms_per_step": results})
 
 
 if __name__ == "__main__":

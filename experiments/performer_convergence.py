@@ -120,9 +120,6 @@ def main(argv=None):
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   device = device_name()
-  (out / f"{stem}.json").write_text(json.dumps(
-      {"device": device, "settings": {**s, "features": list(s["features"])}, "seconds": seconds,
-       "rows": rows}, indent=2))
   lines = [f"# Performer convergence ({'quick' if args.quick else 'full'})", "",
            f"Device: {device}. Command: `python experiments/performer_convergence.py"
            f"{' --quick' if args.quick else ''}` ({seconds:.0f} s).", "",
@@ -132,7 +129,10 @@ def main(argv=None):
   lines += table(rows, s["features"])
   lines += ["", "An M^-1/2 decay would give a ratio of "
             f"{(s['features'][-1] / s['features'][0]) ** 0.5:.1f} between the first and last M."]
-  (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+  from jaxlab import experiment_results
+  experiment_results.write(out, stem, "\n".join(lines), {
+      "device": device, "settings": {**s, "features": list(s["features"])}, "seconds": seconds,
+      "rows": rows})
   print("\n".join(lines))
 
 

@@ -334,13 +334,10 @@ def main(argv=None):
   for name in args.variants:
     results.append((run_here if args.in_process else run_variant)(name, args))
     print(json.dumps(results[-1]), flush=True)
-  results_dir = pathlib.Path(args.results)
-  results_dir.mkdir(parents=True, exist_ok=True)
-  (results_dir / f"{args.out}.json").write_text(
-      json.dumps({"device": device, "date": date, "command": command, "results": results},
-                 indent=2) + "\n")
   table = _table(results, device, date, command, args.steps, args.prompts, args.in_process)
-  (results_dir / f"{args.out}.md").write_text(table)
+  from jaxlab import experiment_results
+  experiment_results.write(args.results, args.out, table,
+                           {"device": device, "date": date, "command": command, "results": results})
   print(table)
 
 

@@ -176,7 +176,7 @@ def test_bench_flash_dry_run_writes_to_out(experiment, tmp_path, monkeypatch):
 def test_binary_density_table_names_its_command(experiment, tmp_path):
   script = experiment("binary_density")
   command = "python experiments/binary_density.py --quick --only digits:made"
-  script.write_tables([], "a CPU", 60.0, tmp_path / "t.md", tmp_path / "t.json", True, 1.0, command)
+  script.write_tables([], "a CPU", 60.0, tmp_path, "t", True, 1.0, command)
   assert f"Command of the run that wrote this file: `{command}`" in (tmp_path / "t.md").read_text()
   assert json.loads((tmp_path / "t.json").read_text())["command"] == command
 
