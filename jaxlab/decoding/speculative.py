@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jaxlab.decoding.draft_tree import DraftTree
 from jaxlab.decoding.sampling import (check_decoding_length, check_filters, check_prompt,
                                      checks_prompt_ids, filter_logits, init_cache, scale_logits)
-from jaxlab.layers.attention import (KV_CACHE_FAMILIES, RECURRENT_APPEND_LIMIT,
+from jaxlab.layers.attention import (KV_CACHE_FAMILIES, APPEND_LIMIT, BOUNDED_STATE_FAMILIES,
                                     RECURRENT_FAMILIES)
 
 # Attention families whose decoding state takes several tokens per call and can be rewound: a KV
@@ -59,7 +59,8 @@ def check_speculative(model, tree: Optional[DraftTree] = None) -> None:
   """Raises ValueError unless `model` (a GPT) has extra heads and a decoding state that can be
   rewound (SPECULATIVE_FAMILIES), and `tree` (default: a chain over every extra head) fits: depth <=
   its extra heads, a tree that is not a chain needs the softmax family without ReRoPE (its tree
-  mask), and a recurrent state takes at most RECURRENT_APPEND_LIMIT tokens per pass."""
+  mask), and a bounded decoding state (BOUNDED_STATE_FAMILIES: a recurrent state, the local
+  family's ring) takes at most APPEND_LIMIT tokens per pass."""
   c = model.config
   if not c.extra_heads:
     raise ValueError("speculative decoding needs a model with extra heads (mtp_heads or medusa_heads "
@@ -69,9 +70,9 @@ def check_speculative(model, tree: Optional[DraftTree] = None) -> None:
                      f"rewound {SPECULATIVE_FAMILIES}, not {c.attention!r} (FLASH's chunk state "
                      "cannot)")
   size = c.extra_heads if tree is None else tree.size
-  if c.attention in RECURRENT_FAMILIES and size + 1 > RECURRENT_APPEND_LIMIT:
+  if c.attention in BOUNDED_STATE_FAMILIES and size + 1 > APPEND_LIMIT:
     raise ValueError(f"a pass of {size} drafts + 1 token is more than the {c.attention!r} family's "
-                     f"recurrent state takes per call ({RECURRENT_APPEND_LIMIT} tokens)")
+                     f"bounded decoding state takes per call ({APPEND_LIMIT} tokens)")
   if tree is None:
     return
   if tree.depth > c.extra_heads:

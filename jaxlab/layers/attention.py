@@ -92,7 +92,11 @@ def foreign_family_option(options, family: str, rename: Callable[[str], str] = l
       if getattr(options, key) != fields[key].default:
         return key, getattr(options, key), other
   return None
-RECURRENT_APPEND_LIMIT = 16  # tokens per decoding call after the prefill (a chain of drafts + 1)
+# Families whose decoding state does not grow with the sequence: a recurrent state, or the local
+# family's ring of window + APPEND_LIMIT cached keys. After the prefill, a decoding call appends at
+# most APPEND_LIMIT tokens (a chain of drafts + 1) to them.
+BOUNDED_STATE_FAMILIES = RECURRENT_FAMILIES + ("local",)
+APPEND_LIMIT = 16
 # The cache entries a recurrent layer keeps only to be rewound (see MultiHeadAttention._recurrent).
 REWIND_VARIABLES = ("state_before_append", "appended_keys", "appended_values", "append_start",
                     "append_length")
@@ -412,6 +416,11 @@ class MultiHeadAttention(nn.Module):
     pass of speculative decoding). The cache keeps each key's position (for ALiBi, T5 and ReRoPE).
     Setting a layer's "cache_index" back (see `jaxlab.decoding.speculative`) drops the tokens after it:
     they are masked by length and overwritten by the next call.
+    The local family keeps a ring of min(T, window + APPEND_LIMIT) slots instead (Mistral's rolling
+    buffer cache, Jiang et al. 2023 sec. 2): token j goes to slot j mod slots, and no query still
+    needs a key once it is overwritten, so decoding memory and time stay O(window) however long the
+    sequence. A prefill longer than the ring keeps its last tokens; a call on a ring made for a
+    longer sequence appends at most APPEND_LIMIT tokens (more give NaN once the ring wraps).
     rotate_in_cache (dynamic NTK): q and k arrive unrotated and are rotated here with L = the max
     position + 1 for a prefill and L = position + 1 for each appended token (module docstring).
     append_mask_TT (bool [T, T]): appended token i sees the cache before the append and the appended
@@ -426,11 +435,14 @@ class MultiHeadAttention(nn.Module):
       if append_mask_TT.shape != (t, t):
         raise ValueError(f"append_mask_TT must be [T, T] = [{t}, {t}] for the {t} appended tokens, "
                          f"got shape {append_mask_TT.shape}")
-    cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, t, kh, h), k_BTKH.dtype)
-    cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, t, kh, h), v_BTKH.dtype)
+    ring = self.family == "local"
+    slots = min(t, self.window + APPEND_LIMIT) if ring else t  # (read at initialisation only)
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, slots, kh, h), k_BTKH.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, slots, kh, h), v_BTKH.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     # The position each cached key was written with (ALiBi, T5 and ReRoPE read them).
-    cached_pos = self.variable("cache", "cached_positions", jnp.zeros, (b, t), positions_BT.dtype)
+    cached_pos = self.variable("cache", "cached_positions", jnp.zeros, (b, slots),
+                               positions_BT.dtype)
     if not is_initialized:
       # Initialisation pass: shapes only.
       if rotate_in_cache:
@@ -442,11 +454,17 @@ class MultiHeadAttention(nn.Module):
       prefill_L_B1 = jnp.max(positions_BT, axis=1, keepdims=True) + 1
       lengths_BT = jnp.where(i == 0, jnp.broadcast_to(prefill_L_B1, (b, t)), positions_BT + 1)
       q_BTNH, k_BTKH = self._rotate(q_BTNH, k_BTKH, positions_BT, lengths_BT)
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BTKH, (0, i, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BTKH, (0, i, 0, 0))
-    cached_pos.value = jax.lax.dynamic_update_slice(cached_pos.value,
-                                                    positions_BT.astype(cached_pos.value.dtype),
-                                                    (0, i))
+    max_len = cached_k.value.shape[1]  # the cache's slots
+    if ring:  # token j in slot j mod max_len; of more tokens than slots, the last ones
+      kept = min(t, max_len)
+      ring_slots = jnp.mod(i + t - kept + jnp.arange(kept, dtype=jnp.int32), max_len)
+      write = lambda cache, x: cache.at[:, ring_slots].set(x[:, t - kept:].astype(cache.dtype))
+    else:
+      write = lambda cache, x: jax.lax.dynamic_update_slice_in_dim(cache, x.astype(cache.dtype), i,
+                                                                   axis=1)
+    cached_k.value = write(cached_k.value, k_BTKH)
+    cached_v.value = write(cached_v.value, v_BTKH)
+    cached_pos.value = write(cached_pos.value, positions_BT)
     index.value = i + t
     if prefill:
       # A prompt on an empty cache: its tokens attend to each other as in a full pass (the family's
@@ -454,33 +472,27 @@ class MultiHeadAttention(nn.Module):
       # outputs are NaN rather than silently wrong (the index is traced, so this cannot raise).
       return jnp.where(i == 0, self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT), jnp.nan)
     keys_BSKH, values_BSKH, kv_positions_BS = cached_k.value, cached_v.value, cached_pos.value
-    max_len = keys_BSKH.shape[1]
-    first_slot = 0  # the cache slot of keys_BSKH[:, 0]
-    if self.family == "local" and self.window + t < max_len:
-      # Only the slots i - window .. i + t - 1 can be seen by the appended queries: attention reads
-      # that span, O(window + T) per call rather than O(max_len).
-      span = self.window + t
-      first_slot = jnp.clip(i - self.window, 0, max_len - span)
-      keys_BSKH, values_BSKH, kv_positions_BS = (
-          jax.lax.dynamic_slice_in_dim(a, first_slot, span, axis=1)
-          for a in (keys_BSKH, values_BSKH, kv_positions_BS))
-    slots_S = first_slot + jnp.arange(keys_BSKH.shape[1])  # the cache slot of each key read
+    if ring:  # the token in each slot: the newest j <= i + t - 1 with j = slot mod max_len (< 0: none)
+      last = i + t - 1
+      slots_S = last - jnp.mod(last - jnp.arange(max_len, dtype=jnp.int32), max_len)
+    else:  # slot j holds token j
+      slots_S = jnp.arange(max_len, dtype=jnp.int32)
     bias_BNTS = None if self.rerope_window else self._bias(positions_BT, kv_positions_BS)
 
     def one_query(q_BNH, slot, position_B, bias_BNS, append_row_T=None):
-      """The query in `slot` against the cache slots read (first_slot..slot, the local family's
-      span, else 0..slot) and its family's mask (append_row_T: which appended tokens it sees) ->
-      [B, N, H]."""
-      q_B1NH, lengths_B = q_BNH[:, None], jnp.full((b,), slot + 1 - first_slot, jnp.int32)
+      """The query of token `slot` against the cache (tokens 0..slot; the local family's ring: the
+      query's window of them) and its family's mask (append_row_T: which appended tokens it sees)
+      -> [B, N, H]."""
+      q_B1NH = q_BNH[:, None]
+      lengths_B = jnp.full((b,), max_len if ring else slot + 1, jnp.int32)
       visible_S = None
       if append_row_T is not None:
         offset_S = slots_S - i  # slot - the append's first slot
         visible_S = (offset_S < 0) | append_row_T[jnp.clip(offset_S, 0, t - 1)]
-      if self.family == "local":
-        # The query sits at `slot`, not at the end of the keys read (where end alignment would put
-        # it), so the window's left edge is a segment: keys from slot - window on are segment 1,
-        # older ones 0.
-        visible_S = slots_S >= slot - self.window
+      if ring:
+        # The query's window, tokens slot - window .. slot, is a segment: its keys are segment 1,
+        # the ring's other slots (older tokens, later appended ones, slots not written yet) 0.
+        visible_S = (slots_S >= jnp.maximum(slot - self.window, 0)) & (slots_S <= slot)
       elif self.family == "block_sparse":
         # The layout row of the query's block, spread over the keys (the layout of the cache length
         # starts with the layout of any shorter one; see causal_block_layout).
@@ -510,14 +522,18 @@ class MultiHeadAttention(nn.Module):
       out = over_queries(q_BTNH, slots_T, positions_BT, bias_BNTS, append_mask_TT)
     # Writing past the cache's end: dynamic_update_slice clamps its start, so the last slots would be
     # overwritten and the keys garbled; the outputs are NaN rather than silently wrong (the index is
-    # traced, so this cannot raise).
-    return jnp.where(i + t > max_len, jnp.nan, out)
+    # traced, so this cannot raise). A ring wraps instead, which needs window + T slots (one made
+    # for a sequence shorter than that cannot wrap).
+    overflow = i + t > max_len
+    if ring:
+      overflow &= max_len < self.window + t
+    return jnp.where(overflow, jnp.nan, out)
 
   def _recurrent(self, q_BTNH, k_BTKH, v_BTKH, *, prefill: bool):
     """Causal linear attention or FAVOR+ while decoding: the cache holds the recurrent state (the
     prefix sums S and z of `attention.linear` / `attention.performer`, Katharopoulos et al. 2020,
     eq. 18-20) instead of keys and values. prefill: the prompt on an empty state, as a full causal
-    pass. Otherwise the T tokens (1 <= T <= RECURRENT_APPEND_LIMIT) are appended one step at a time,
+    pass. Otherwise the T tokens (1 <= T <= APPEND_LIMIT) are appended one step at a time,
     each seeing the state and the tokens before it.
 
     Rewinding (speculative decoding's rejected drafts): a cache that holds REWIND_VARIABLES (`init`
@@ -542,7 +558,7 @@ class MultiHeadAttention(nn.Module):
     rewindable = not is_initialized or self.has_variable("cache", "state_before_append")
     state = self.variable("cache", "state", lambda: empty)
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-    limit = RECURRENT_APPEND_LIMIT
+    limit = APPEND_LIMIT
     if rewindable:
       before = self.variable("cache", "state_before_append", lambda: empty)
       keys = self.variable("cache", "appended_keys", jnp.zeros, (b, limit, kh, h), k_BTKH.dtype)

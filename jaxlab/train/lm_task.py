@@ -229,11 +229,11 @@ def validate(config, require) -> None:
     require(m.attention in SPECULATIVE_FAMILIES,
             f"config.sample.speculative needs an attention family whose decoding state can be "
             f"rewound {SPECULATIVE_FAMILIES}, not config.model.attention={m.attention!r}")
-    from jaxlab.layers.attention import RECURRENT_APPEND_LIMIT, RECURRENT_FAMILIES
-    require(m.attention not in RECURRENT_FAMILIES or extra + 1 <= RECURRENT_APPEND_LIMIT,
+    from jaxlab.layers.attention import APPEND_LIMIT, BOUNDED_STATE_FAMILIES
+    require(m.attention not in BOUNDED_STATE_FAMILIES or extra + 1 <= APPEND_LIMIT,
             f"config.sample.speculative with config.model.attention={m.attention!r}: a pass of "
-            f"{extra} drafts + 1 token is more than its recurrent state takes per call "
-            f"({RECURRENT_APPEND_LIMIT} tokens)")
+            f"{extra} drafts + 1 token is more than its bounded decoding state takes per call "
+            f"({APPEND_LIMIT} tokens)")
   if s.draft_tree:
     require(s.speculative, f"config.sample.draft_tree={s.draft_tree!r} needs "
                            "config.sample.speculative=True (it is the speculative drafts' tree)")

@@ -50,7 +50,7 @@ GREEDY = [("mtp", dict(mtp_heads=2)),
           ("mtp-block_sparse", dict(mtp_heads=2, attention="block_sparse", sparse_block_size=4,
                                     sparse_layout="strided", sparse_local_blocks=1,
                                     sparse_stride=2)),
-          # The local family reads a window + T span of its cache per call.
+          # The local family decodes in a ring of window + 16 slots: 33 tokens wrap it.
           ("mtp-local", dict(mtp_heads=2, attention="local", attention_window=3)),
           ("mtp-dynamic_ntk", dict(mtp_heads=2, rope_scaling=positions.RopeScaling(
               "dynamic_ntk", 2.0, original_max_len=8))),
@@ -289,6 +289,9 @@ def test_speculative_decoding_refuses_what_it_cannot_do():
   with pytest.raises(ValueError, match="beyond the vocabulary"):
     speculative_generate(medusa, _sharp_params(medusa), prompt, jax.random.key(0), num_tokens=4,
                          tree=DraftTree.product((8,)))
+  many = gpt(medusa_heads=16, attention="local", attention_window=3)  # its ring takes <= 16 per pass
+  with pytest.raises(ValueError, match="a pass of 16 drafts"):
+    speculative_generate(many, _sharp_params(many), prompt, jax.random.key(0), num_tokens=4)
   local = gpt(medusa_heads=2, attention="local", attention_window=3)
   with pytest.raises(ValueError, match="softmax attention family"):
     speculative_generate(local, _sharp_params(local), prompt, jax.random.key(0), num_tokens=4,

@@ -193,7 +193,8 @@ def test_recurrent_state_refuses_a_rewind_outside_its_last_append(family):
   np.testing.assert_allclose(again, full[:, :3], atol=ATOL, rtol=1e-5)
 
 
-KV_CASES = [c for c in CASES if c[0] not in ("linear", "performer")]  # recurrent states have no end
+# Recurrent states have no end, and the local family's ring wraps (test_local_ring below).
+KV_CASES = [c for c in CASES if c[0] not in ("linear", "performer", "local")]
 
 
 @pytest.mark.parametrize("name,kw", KV_CASES, ids=[c[0] for c in KV_CASES])
@@ -228,3 +229,72 @@ def test_decoding_without_the_layers_cache_and_with_segment_ids_is_refused(name,
   with pytest.raises(ValueError, match="segment_ids_BT do not apply with decode=True"):
     layer.apply({"params": params, "cache": _empty_cache(layer, x)}, x[:, :2], _pos(0, 2),
                 segment_ids_BT=segments, decode=True, mutable=["cache"])
+
+
+# --- The local family's ring (rolling buffer) cache. ---
+
+def _ring_layer(window=3, **kw):
+  return _layer(position="rope", family="local", window=window, **kw)
+
+
+def _long_x(length, seed=2):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((B, length, D)), jnp.float32)
+
+
+def _ring_cache(layer, x, length):
+  """The cache `init` makes for decoding `length` tokens, zeroed."""
+  cache = layer.init(jax.random.key(0), x[:, :1].repeat(length, axis=1), _pos(0, length),
+                     decode=True)["cache"]
+  return jax.tree.map(jnp.zeros_like, cache)
+
+
+@pytest.mark.parametrize("prompt,prefill", [(3, True), (3, False), (30, True)])  # vs the ring: shorter
+def test_local_ring_decodes_past_its_slots_like_the_full_pass(prompt, prefill):  # / longer
+  """A ring of window + APPEND_LIMIT slots (not one per token) decodes a sequence 4x longer than it,
+  in appends of 1 to 4 tokens after the prompt, to the full pass's outputs; a prompt longer than
+  the ring keeps its last tokens. A ring that read a stale slot (an older token in a wrapped slot,
+  or a slot not written yet) would be off by far more than the tolerance."""
+  from jaxlab.layers.attention import APPEND_LIMIT
+  layer, length = _ring_layer(), 80
+  x = _long_x(length)
+  params = _params(layer, x[:, :T])
+  cache = _ring_cache(layer, x, length)
+  slots = layer.window + APPEND_LIMIT
+  assert cache["cached_key"].shape == (B, slots, K, H) and slots * 4 <= length
+  chunks = [prompt] + [1, 4, 2, 3] * 40
+  chunks = chunks[:next(n for n in range(len(chunks)) if sum(chunks[:n]) >= length)]
+  chunks[-1] -= sum(chunks) - length
+  got, _ = _chunked(layer, params, x, chunks, cache=cache, prefill=prefill)
+  full = layer.apply({"params": params}, x, _pos(0, length))
+  np.testing.assert_allclose(got, full, atol=ATOL, rtol=1e-5)
+
+
+def test_local_ring_rewinds_within_the_last_append():
+  """Speculative decoding sets the index back into its last append: the ring has not overwritten
+  anything a later query needs, and the re-appended tokens replace the dropped ones."""
+  layer, length = _ring_layer(), 60
+  x, other = _long_x(length), _long_x(length, seed=5)
+  params = _params(layer, x[:, :T])
+  _, cache = _chunked(layer, params, x, [20] + [4] * 8, cache=_ring_cache(layer, x, length),
+                      prefill=True)  # 52 tokens: the ring of 19 slots has wrapped twice
+  _, cache = _chunked(layer, params, other, (4,), cache=cache, start=52)  # drafts, then dropped
+  got, _ = _chunked(layer, params, x, (1, 4, 3), cache=_rewind(cache, 52), start=52)
+  full = layer.apply({"params": params}, x, _pos(0, length))
+  np.testing.assert_allclose(got, full[:, 52:], atol=ATOL, rtol=1e-5)
+
+
+def test_a_ring_too_short_to_wrap_gives_nan_past_its_end():
+  """A ring made for a short sequence (fewer than window + T slots) cannot take an append of T
+  tokens past its end: NaN, as for the other KV caches, rather than keys it has overwritten."""
+  layer = _ring_layer(window=3)
+  x = _long_x(12)
+  params = _params(layer, x[:, :T])
+  cache = _ring_cache(layer, x, 6)  # 6 slots < window 3 + 4 appended tokens
+  out, cache = _chunked(layer, params, x, (2, 4), cache=cache, prefill=True)  # fills it exactly
+  np.testing.assert_allclose(out, layer.apply({"params": params}, x[:, :6], _pos(0, 6)),
+                             atol=ATOL, rtol=1e-5)
+  over, _ = _chunked(layer, params, x, (4,), cache=cache, start=6)
+  assert np.all(np.isnan(np.asarray(over)))
+  ok, _ = _chunked(layer, params, x, (2,), cache=cache, start=6)  # 6 >= 3 + 2: it wraps
+  np.testing.assert_allclose(ok, layer.apply({"params": params}, x[:, :8], _pos(0, 8))[:, 6:],
+                             atol=ATOL, rtol=1e-5)

@@ -150,6 +150,28 @@ def test_cached_decoding_equals_full_recompute(position, kv_heads, extra):
     np.testing.assert_allclose(logits[:, 0], full_logits[:, i], atol=1e-5)
 
 
+def test_local_family_decodes_a_long_sequence_in_a_ring_of_window_slots():
+  """The local family's cache holds window + APPEND_LIMIT slots per layer, not one per token, and
+  decoding 72 tokens one by one through it (it wraps three times) gives the full pass's logits."""
+  from jaxlab.layers.attention import APPEND_LIMIT
+  model = tiny_gpt(position="rope", attention="local", attention_window=3, max_len=72)
+  b, p, total = 2, 5, 72
+  tokens = jax.random.randint(jax.random.key(2), (b, total), 0, 11)
+  params = _sharpen(model.init(jax.random.key(3), tokens)["params"])
+  full_logits = model.apply({"params": params}, tokens)
+  cache = sampling.init_cache(model, b, total)
+  shapes = {x.shape for x in jax.tree.leaves(cache) if x.ndim == 4}
+  assert shapes == {(b, 3 + APPEND_LIMIT, 4, 8)}, shapes
+  step = jax.jit(lambda cache, x, pos: model.apply({"params": params, "cache": cache}, x, pos,
+                                                   decode=True, mutable=["cache"]))
+  logits, mutated = step(cache, tokens[:, :p], jnp.broadcast_to(jnp.arange(p), (b, p)))
+  got = [logits]
+  for i in range(p, total):
+    logits, mutated = step(mutated["cache"], tokens[:, i:i + 1], jnp.full((b, 1), i))
+    got.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(got, axis=1), full_logits, atol=1e-5)
+
+
 def test_generate_greedy_matches_argmax_of_full_forward():
   """At O(1) weights (the 0.02 init's greedy output ignored positions: decoding at position p + 1
   instead of p passed), so each generated token depends on where it is."""

@@ -57,6 +57,9 @@ def test_lm_loss_adds_the_heads_and_eval_scores_only_the_next_token(tiny_lm_conf
     (("--config.sample.speculative=True", "--config.model.mtp_heads=16",
       "--config.data.seq_len=32", "--config.model.attention=linear"),
      "a pass of 16 drafts + 1 token"),
+    (("--config.sample.speculative=True", "--config.model.mtp_heads=16",  # the local ring's bound
+      "--config.data.seq_len=32", "--config.model.attention=local"),
+     "a pass of 16 drafts + 1 token"),
     (("--config.sample.speculative=True", "--config.model.medusa_heads=1",
       "--config.model.position=learned", "--config.model.max_len=20",
       "--config.sample.num_tokens=17"), "config.sample.num_tokens=17"),
