@@ -73,7 +73,8 @@ class CPC(nn.Module):
     z_BTD = self.encode(x_BTF)
     return z_BTD, self.context(z_BTD)
 
-  def loss(self, x_BTF: jax.Array, lengths_B: Optional[jax.Array] = None) -> jax.Array:
+  def loss(self, x_BTF: jax.Array, lengths_B: Optional[jax.Array] = None,
+           predicts_B: Optional[jax.Array] = None) -> jax.Array:
     """CPC's InfoNCE (jaxlab.losses.cpc.cpc_loss) of the sequences x_BTF; a float32 scalar."""
     z_BTD, c_BTC = self(x_BTF)
-    return cpc_loss(z_BTD, c_BTC, self.predictors, lengths_B=lengths_B)
+    return cpc_loss(z_BTD, c_BTC, self.predictors, lengths_B=lengths_B, predicts_B=predicts_B)

@@ -3,7 +3,9 @@
 paper's image experiment predicts rows of patches below from those above; here a row is a step).
 
 Training and validation loss: CPC's InfoNCE (`jaxlab.losses.cpc.cpc_loss`), negatives from the whole
-global batch. `finish` (printed at the end of `jaxlab train`) measures the representation as the
+global batch; the validation split's last batch is filled up with digits from its start that only
+serve as negatives, so every validation batch scores against as many negatives as a training batch
+(with zero padding, the last batch's loss had fewer and was lower). `finish` (printed at the end of `jaxlab train`) measures the representation as the
 paper does, by a linear classifier of the digit on frozen features (the mean context over the rows),
 against the same classifier on the raw pixels and on the untrained CPC the run started from.
 """
@@ -95,22 +97,40 @@ class CPCTask:
                                       dynamic=False, rows=self._rows())
 
   def eval_iterator(self):
-    """The validation digits in order, the last batch padded with weight-0 rows."""
+    """The validation digits in order, in global batches of batch_size rows: "weights" 1 for the
+    digits scored, "real" 1 for every row that is a digit. The last batch is filled up with digits
+    from the split's start (weight 0, negatives only; none twice in a batch, so zero rows, real 0,
+    only where the split holds fewer digits than a batch)."""
     flat = self.data["valid"].reshape(len(self.data["valid"]), -1)
-    return binary_images.eval_batches(flat, batch_size=self.batch_size, rows=self._rows(),
-                                      max_batches=self.config.train.eval_batches)
+    n, size = len(flat), self.batch_size
+    count = -(-n // size)
+    if self.config.train.eval_batches:
+      count = min(count, self.config.train.eval_batches)
+    last = n - (count - 1) * size  # digits scored in the last batch
+    fill = min(size - last, (count - 1) * size) if count * size > n else 0
+    source = np.concatenate([np.arange(n), np.arange(fill)])  # the fill: the split's first digits
+    real_rows = len(source)
+    rows = np.arange(size) if self._rows() is None else np.asarray(self._rows())
+    for i in range(count):
+      index = i * size + rows
+      real = index < real_rows
+      x = np.zeros((len(rows), flat.shape[1]), np.float32)
+      x[real] = flat[source[index[real]]]
+      yield {"x": x, "weights": (index < n).astype(np.float32), "real": real.astype(np.float32)}
 
   def init_params(self, rng: jax.Array):
     return self.model.init({"params": rng}, jnp.zeros((1, ROWS, COLUMNS)))["params"]
 
   def loss(self, params, batch: dict, rng: jax.Array, *, train: bool):
-    """CPC's InfoNCE of the batch; (loss, (loss * n, n)) over its n real rows (padding rows have
-    length 0: neither predicted nor negatives)."""
+    """CPC's InfoNCE of the batch; (loss, (loss * n, n)) over its n scored rows (weight 1). Rows
+    of weight 0 that are digits ("real", in validation batches) are negatives only; zero rows have
+    length 0: neither predicted nor negatives."""
     del rng, train  # no dropout
     x_BTF = batch["x"].reshape(-1, ROWS, COLUMNS)
     weights_B = batch["weights"]
-    lengths_B = jnp.where(weights_B > 0, ROWS, 0).astype(jnp.int32)
-    value = self.model.apply({"params": params}, x_BTF, lengths_B, method=CPC.loss)
+    real_B = batch.get("real", weights_B)
+    lengths_B = jnp.where(real_B > 0, ROWS, 0).astype(jnp.int32)
+    value = self.model.apply({"params": params}, x_BTF, lengths_B, weights_B > 0, method=CPC.loss)
     count = jnp.sum(weights_B)
     return value, (value * count, count)
 

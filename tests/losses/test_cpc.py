@@ -10,9 +10,9 @@ import pytest
 from jaxlab.losses.cpc import cpc_loss
 
 
-def reference(z, c, w, lengths):
-  """van den Oord et al. 2018, eq. 3-4 written out: per step k, per valid (b, t), the softmax over all
-  valid latents of the batch of z^T W_k c_t, the positive z_{b, t+k}."""
+def reference(z, c, w, lengths, predicts=None):
+  """van den Oord et al. 2018, eq. 3-4 written out: per step k, per valid (b, t) of a row that
+  predicts, the softmax over all valid latents of the batch of z^T W_k c_t, the positive z_{b, t+k}."""
   z, c, w = (np.asarray(a, np.float64) for a in (z, c, w))
   b, t, _ = z.shape
   candidates = [(r, s) for r in range(b) for s in range(lengths[r])]
@@ -20,6 +20,8 @@ def reference(z, c, w, lengths):
   for k in range(1, w.shape[0] + 1):
     losses = []
     for r in range(b):
+      if predicts is not None and not predicts[r]:
+        continue
       for s in range(lengths[r] - k):
         p = w[k - 1].T @ c[r, s]
         scores = np.array([z[r2, s2] @ p for r2, s2 in candidates])
@@ -55,6 +57,21 @@ def test_equals_the_reference_in_value_and_gradient(lengths):
         return reference(*moved, full)
       numeric = (at(1e-5) - at(-1e-5)) / 2e-5
       np.testing.assert_allclose(float(g[idx]), numeric, rtol=2e-3, atol=1e-5, err_msg=f"{i} {idx}")
+
+
+@pytest.mark.parametrize("lengths", [[6, 6, 6], [6, 4, 5]])
+def test_rows_that_only_give_negatives(lengths):
+  """predicts_B=False rows are scored against (their latents are negatives of the other rows) but
+  predict nothing: the reference's loss, and not the loss of the predicting rows alone."""
+  z, c, w = _inputs()
+  predicts = [True, False, True]
+  got = cpc_loss(z, c, w, lengths_B=jnp.asarray(lengths), predicts_B=jnp.asarray(predicts))
+  np.testing.assert_allclose(got, reference(z, c, w, lengths, predicts), rtol=1e-5)
+  alone = cpc_loss(z[::2], c[::2], w, lengths_B=jnp.asarray(lengths[::2]))
+  assert float(got) > float(alone) + 0.05  # more negatives: a harder softmax
+  gc = jax.grad(lambda c: cpc_loss(z, c, w, lengths_B=jnp.asarray(lengths),
+                                   predicts_B=jnp.asarray(predicts)))(c)
+  assert np.all(np.asarray(gc)[1] == 0) and np.any(np.asarray(gc)[0] != 0)  # its contexts: unused
 
 
 def test_padding_changes_nothing_and_gets_no_gradient():
@@ -99,10 +116,11 @@ def test_a_step_no_row_reaches_counts_zero():
     (dict(w=np.zeros((6, 5, 4))), "w_KCD's K=6 prediction steps"),
     (dict(z=np.zeros((3, 6, 4), np.int32)), "z_BTD must be a float array"),
     (dict(lengths_B=np.array([6.0, 6.0, 6.0])), "lengths_B must be int [batch]"),
+    (dict(predicts_B=np.array([1, 0, 1])), "predicts_B must be bool [batch]"),
 ])
 def test_bad_inputs_name_the_argument(args, name):
   z, c, w = _inputs()
-  kwargs = {"lengths_B": args.pop("lengths_B")} if "lengths_B" in args else {}
+  kwargs = {name: args.pop(name) for name in ("lengths_B", "predicts_B") if name in args}
   inputs = {**dict(z=z, c=c, w=w), **args}
   with pytest.raises(ValueError, match=name.replace("[", r"\[").replace("]", r"\]")):
     cpc_loss(inputs["z"], inputs["c"], inputs["w"], **kwargs)

@@ -49,13 +49,46 @@ def test_padding_rows_of_an_evaluation_batch_change_nothing():
   real = {"x": x, "weights": np.ones(10, np.float32)}
   padded = {"x": np.concatenate([x, np.ones((6, 64), np.float32)]),
             "weights": np.concatenate([np.ones(10), np.zeros(6)]).astype(np.float32)}
+  padded["real"] = padded["weights"]  # zero rows that are no digits
   value, (total, count) = task.loss(params, padded, None, train=False)
   expected, _ = task.loss(params, real, None, train=False)
   np.testing.assert_allclose(value, expected, rtol=1e-6)
   assert float(count) == 10 and float(total) == pytest.approx(10 * float(value))
-  # ... and the last validation batch is padded that way (225 = 14 x 16 + 1).
-  *_, last = task.eval_iterator()
+
+
+def test_every_validation_batch_has_a_full_batch_of_negatives():
+  """225 = 14 x 16 + 1: the last batch scores one digit against 15 digits from the split's start
+  (negatives only), as a training batch scores against 16 x 8 rows; zero padding gave that digit
+  1 x 8 rows of candidates (a far lower loss, mixed into the mean)."""
+  from jaxlab.losses.cpc import cpc_loss
+  from jaxlab.models.cpc import CPC
+  task = cpc_task.build(load_config("cpc_digits", TINY, check_devices=False))
+  params = nn.meta.unbox(task.init_params(jax.random.PRNGKey(0)))
+  batches = list(task.eval_iterator())
+  assert len(batches) == 15 and all(b["real"].sum() == 16 for b in batches)
+  assert sum(b["weights"].sum() for b in batches) == 225
+  valid = task.data["valid"].reshape(225, -1)
+  last = batches[-1]
   assert last["weights"].tolist() == [1.0] + [0.0] * 15
+  np.testing.assert_array_equal(last["x"], np.concatenate([valid[224:], valid[:15]]))
+  value, (_, count) = task.loss(params, last, None, train=False)
+  z, c = task.model.apply({"params": params}, last["x"].reshape(16, 8, 8))
+  predicts = np.arange(16) == 0
+  expected = cpc_loss(z, c, params["predictors"], predicts_B=predicts)
+  np.testing.assert_allclose(value, expected, rtol=1e-6)
+  assert float(count) == 1
+  alone = task.model.apply({"params": params}, last["x"][:1].reshape(1, 8, 8), method=CPC.loss)
+  assert float(value) > float(alone) + 1.0  # log(128) against log(8): the old last batch's loss
+
+
+def test_a_validation_split_smaller_than_a_batch_is_zero_padded():
+  """A batch larger than the 225 validation digits holds each digit once; the rest are zero rows
+  that are neither scored nor negatives (a digit twice would be its own negative)."""
+  task = cpc_task.build(load_config("cpc_digits", TINY + ["--config.data.batch_size=256"],
+                                    check_devices=False))
+  (batch,) = list(task.eval_iterator())
+  assert batch["weights"].sum() == batch["real"].sum() == 225
+  assert not batch["x"][225:].any()
 
 
 def test_the_split_is_seeded_and_disjoint():
