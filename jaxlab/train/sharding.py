@@ -171,10 +171,13 @@ def check_fits(abstract_tree, shardings, what: str = "the training state") -> No
 
 def gathered_over_fsdp(shardings):
   """The shardings that parameters are used in: their stored shardings without the fsdp axis
-  (ZeRO-3 / FSDP: each layer's weights are all-gathered over fsdp for the forward and backward, and
-  their gradients reduce-scattered back; tensor-parallel dimensions stay split). Without this
-  constraint XLA's propagation let the fsdp-split embed dimension of the weights (and layer norms)
-  reach the activations, and it all-gathered whole-batch activations instead of weights."""
+  (ZeRO-3 / FSDP: the weights are all-gathered over fsdp for the forward and backward, and their
+  gradients reduced and sliced back to the shards: a reduce-scatter where the backend forms one, an
+  all-reduce and a slice on CPU; tensor-parallel dimensions stay split). The trainer gathers every
+  layer's weights at once (not layer by layer): the step holds one full copy of the parameters.
+  Without this constraint XLA's propagation let the fsdp-split embed dimension of the weights (and
+  layer norms) reach the activations, and it all-gathered whole-batch activations instead of
+  weights."""
   def drop_fsdp(named: NamedSharding) -> NamedSharding:
     kept = []
     for axes in named.spec:

@@ -261,12 +261,12 @@ def restore_or_init(run: Run) -> tuple[TrainState, Optional[dict]]:
 
 
 def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int = 1, mesh=None,
-                   scale=None, compute_shardings=None):
+                   scale=None, param_shardings=None):
   """(mean loss, its gradient) over the batch, in `microbatches` sequential slices (gradient
   accumulation) when > 1. With a jmp loss `scale`, the scaled loss is differentiated and the gradient
-  unscaled (float16; see loss_scale.py). `compute_shardings` (`sharding.gathered_over_fsdp`): the
-  shardings the loss sees the parameters in (gathered inside the differentiated function, so their
-  gradients come back in the stored shardings, per slice).
+  unscaled (float16; see loss_scale.py). `param_shardings` (the parameters' stored shardings): the
+  loss sees the parameters gathered over fsdp (`sharding.gathered_over_fsdp`; XLA gathers them once,
+  before the slices) and the gradients, each slice's and the sum, are kept in the stored shardings.
 
   Slice j holds rows j, j + m, j + 2m, ... of the batch, so every device keeps its own rows of every
   slice (no resharding). The summed losses and gradients of the slices are divided by the total
@@ -276,8 +276,12 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
   scaled = scale is not None
   if not scaled:
     scale = loss_scale.no_scaling()
-  gather = ((lambda p: p) if compute_shardings is None else
-            (lambda p: jax.lax.with_sharding_constraint(p, compute_shardings)))
+  if param_shardings is None:
+    gather = keep = lambda tree: tree
+  else:
+    compute_shardings = sharding.gathered_over_fsdp(param_shardings)
+    gather = lambda p: jax.lax.with_sharding_constraint(p, compute_shardings)
+    keep = lambda g: jax.lax.with_sharding_constraint(g, param_shardings)
 
   def scaled_loss(p):
     loss, _ = task.loss(gather(p), batch, rng, train=True)
@@ -285,7 +289,7 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
 
   if microbatches == 1:
     (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params)
-    return loss, scale.unscale(grads)
+    return loss, keep(scale.unscale(grads))
   m = microbatches
   for name, x in batch.items():
     if x.shape[0] % m:
@@ -313,11 +317,11 @@ def loss_and_grads(task, params, batch: dict, rng: jax.Array, microbatches: int 
     total, count, grads = carry
     j, slice_batch = inputs
     (_, (t, c)), g = grad_fn(params, slice_batch, jax.random.fold_in(rng, j))
-    g = jax.tree.map(lambda x: x * weight(c), scale.unscale(g))  # the slice sum's gradient
+    g = keep(jax.tree.map(lambda x: x * weight(c), scale.unscale(g)))  # the slice sum's gradient
     return (total + t.astype(jnp.float32), count + jnp.asarray(c, jnp.float32),
             jax.tree.map(jnp.add, grads, g)), None
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  zeros = keep(jax.tree.map(jnp.zeros_like, params))
   (total, count, grads), _ = jax.lax.scan(
       body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
       (jnp.arange(m), jax.tree.map(split, batch)))
@@ -329,13 +333,12 @@ def make_train_step(run: Run):
   task, tx = run.task, run.tx
   microbatches = train_microbatches(run.config)
   scaling, scale_period = loss_scale.enabled(run.config), loss_scale.period(run.config)
-  compute_shardings = sharding.gathered_over_fsdp(run.state_shardings["params"])
 
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state["rng"], state["step"])
     scale = loss_scale.scaler(state["loss_scale"], scale_period) if scaling else None
     loss, grads = loss_and_grads(task, state["params"], batch, rng, microbatches, run.mesh, scale,
-                                 compute_shardings)
+                                 run.state_shardings["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,

@@ -349,6 +349,5 @@ print(f"after the barrier the flag {'exists' if flag.exists() else 'is missing'}
 def test_barrier_waits_for_every_process(tmp_path):
   """distributed.barrier is what makes process 0's moves of bad checkpoints visible to the others
   before they reload; a barrier that returns at once (a no-op) passed every other test."""
-  outputs = _run_processes([str(tmp_path / "flag")], timeout=120,
-                           entry=(AT_A_BARRIER, AT_A_BARRIER))
+  outputs = _run_processes([str(tmp_path / "flag")], entry=(AT_A_BARRIER, AT_A_BARRIER))
   assert all("after the barrier the flag exists" in out for out in outputs), outputs
