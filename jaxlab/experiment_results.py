@@ -34,6 +34,9 @@ def _replace(path: pathlib.Path, content: str) -> None:
   try:
     with os.fdopen(fd, "w") as f:
       f.write(content)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp's file is private, 0600)
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """jaxlab.experiment_results.write: the .md / .json pair of an experiment, replaced whole or not at all."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -16,6 +17,23 @@ def test_writes_the_pair_and_replaces_an_older_one(tmp_path):
   experiment_results.write(out, "exp", "second", {"rows": []})
   assert md.read_text() == "second\n" and json.loads(js.read_text()) == {"rows": []}
   assert sorted(p.name for p in out.iterdir()) == ["exp.json", "exp.md"]  # no temporary files
+
+
+def test_the_json_is_replaced_before_the_table_and_files_are_readable(tmp_path, monkeypatch):
+  """The JSON first: a run stopped between the two renames leaves the new numbers beside the old
+  table, never a table without its numbers; both files get the usual permissions (mkstemp's 0600
+  made them private to their owner)."""
+  import os
+  renamed, real_replace = [], os.replace
+  monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(pathlib.Path(dst).name),
+                                                       real_replace(src, dst)))
+  old = os.umask(0o022)
+  try:
+    md, js = experiment_results.write(tmp_path, "exp", "t", {})
+  finally:
+    os.umask(old)
+  assert renamed == ["exp.json", "exp.md"]
+  assert {oct(p.stat().st_mode & 0o777) for p in (md, js)} == {oct(0o644)}
 
 
 def test_a_record_json_cannot_hold_leaves_the_old_pair(tmp_path):

@@ -420,7 +420,9 @@ class MultiHeadAttention(nn.Module):
     buffer cache, Jiang et al. 2023 sec. 2): token j goes to slot j mod slots, and no query still
     needs a key once it is overwritten, so decoding memory and time stay O(window) however long the
     sequence. A prefill longer than the ring keeps its last tokens; a call on a ring made for a
-    longer sequence appends at most APPEND_LIMIT tokens (more give NaN once the ring wraps).
+    longer sequence appends at most APPEND_LIMIT tokens (more give NaN once the ring wraps), and a
+    rewind may go back at most APPEND_LIMIT tokens from the furthest token written (further, the
+    ring has overwritten keys the queries need: NaN).
     rotate_in_cache (dynamic NTK): q and k arrive unrotated and are rotated here with L = the max
     position + 1 for a prefill and L = position + 1 for each appended token (module docstring).
     append_mask_TT (bool [T, T]): appended token i sees the cache before the append and the appended
@@ -443,6 +445,8 @@ class MultiHeadAttention(nn.Module):
     # The position each cached key was written with (ALiBi, T5 and ReRoPE read them).
     cached_pos = self.variable("cache", "cached_positions", jnp.zeros, (b, slots),
                                positions_BT.dtype)
+    if ring:  # one past the furthest token written: a rewind leaves later tokens in the ring
+      written = self.variable("cache", "ring_written", lambda: jnp.array(0, jnp.int32))
     if not is_initialized:
       # Initialisation pass: shapes only.
       if rotate_in_cache:
@@ -466,6 +470,9 @@ class MultiHeadAttention(nn.Module):
     cached_v.value = write(cached_v.value, v_BTKH)
     cached_pos.value = write(cached_pos.value, positions_BT)
     index.value = i + t
+    if ring:
+      furthest = written.value  # before this call
+      written.value = jnp.maximum(furthest, i + t)
     if prefill:
       # A prompt on an empty cache: its tokens attend to each other as in a full pass (the family's
       # own attention, O(T^2)). On a non-empty cache that pass would not see the cached tokens: the
@@ -527,6 +534,9 @@ class MultiHeadAttention(nn.Module):
     overflow = i + t > max_len
     if ring:
       overflow &= max_len < self.window + t
+      # After a rewind the slots of tokens past this call's last still hold them, where the mapping
+      # above expects the token max_len earlier; wrong once that one is in a query's window.
+      overflow |= furthest - 1 - max_len >= jnp.maximum(i - self.window, 0)
     return jnp.where(overflow, jnp.nan, out)
 
   def _recurrent(self, q_BTNH, k_BTKH, v_BTKH, *, prefill: bool):

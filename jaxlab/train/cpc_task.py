@@ -5,9 +5,10 @@ paper's image experiment predicts rows of patches below from those above; here a
 Training and validation loss: CPC's InfoNCE (`jaxlab.losses.cpc.cpc_loss`), negatives from the whole
 global batch; the validation split's last batch is filled up with digits from its start that only
 serve as negatives, so every validation batch scores against as many negatives as a training batch
-(with zero padding, the last batch's loss had fewer and was lower). `finish` (printed at the end of `jaxlab train`) measures the representation as the
-paper does, by a linear classifier of the digit on frozen features (the mean context over the rows),
-against the same classifier on the raw pixels and on the untrained CPC the run started from.
+(with zero padding, the last batch's loss had fewer and was lower). `finish` (printed at the end of
+`jaxlab train`) measures the representation as the paper does, by a linear classifier of the digit
+on frozen features (the mean context over the rows), against the same classifier on the raw pixels
+and on the untrained CPC the run started from.
 """
 
 from __future__ import annotations

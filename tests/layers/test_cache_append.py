@@ -298,3 +298,34 @@ def test_a_ring_too_short_to_wrap_gives_nan_past_its_end():
   ok, _ = _chunked(layer, params, x, (2,), cache=cache, start=6)  # 6 >= 3 + 2: it wraps
   np.testing.assert_allclose(ok, layer.apply({"params": params}, x[:, :8], _pos(0, 8))[:, 6:],
                              atol=ATOL, rtol=1e-5)
+
+
+def test_a_rewind_deeper_than_the_ring_allows_gives_nan():
+  """A rewind of up to APPEND_LIMIT tokens from the furthest one written decodes as the full pass;
+  one token deeper, the ring has overwritten a key of the query's window (with the tokens past the
+  rewind still in their slots): NaN, not finite wrong values (they were off by ~0.4)."""
+  from jaxlab.layers.attention import APPEND_LIMIT
+  layer, length = _ring_layer(), 60
+  x = _long_x(length)
+  params = _params(layer, x[:, :T])
+  _, cache = _chunked(layer, params, x, (40,), cache=_ring_cache(layer, x, length), prefill=True)
+  full = layer.apply({"params": params}, x, _pos(0, length))
+  back = 40 - APPEND_LIMIT
+  ok, _ = _chunked(layer, params, x, (1, 1), cache=_rewind(cache, back), start=back)
+  np.testing.assert_allclose(ok, full[:, back:back + 2], atol=ATOL, rtol=1e-5)
+  deep, _ = _chunked(layer, params, x, (1,), cache=_rewind(cache, back - 1), start=back - 1)
+  assert np.all(np.isnan(np.asarray(deep)))
+  # Before the ring has wrapped, the tokens past a rewind sit in slots no query reads: fine.
+  _, cache = _chunked(layer, params, x, (19,), cache=_ring_cache(layer, x, length), prefill=True)
+  early, _ = _chunked(layer, params, x, (1, 1), cache=_rewind(cache, 1), start=1)
+  np.testing.assert_allclose(early, full[:, 1:3], atol=ATOL, rtol=1e-5)
+
+
+def test_a_ring_of_exactly_window_plus_t_slots_wraps():
+  layer = _ring_layer(window=3)
+  x = _long_x(12)
+  params = _params(layer, x[:, :T])
+  _, cache = _chunked(layer, params, x, (5,), cache=_ring_cache(layer, x, 5), prefill=True)
+  got, _ = _chunked(layer, params, x, (2, 2, 2), cache=cache, start=5)  # 5 slots = 3 + 2
+  np.testing.assert_allclose(got, layer.apply({"params": params}, x[:, :11], _pos(0, 11))[:, 5:],
+                             atol=ATOL, rtol=1e-5)
