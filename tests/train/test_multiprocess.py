@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -26,12 +27,23 @@ DEVICES_PER_PROCESS = 2
 
 
 def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+  """A free port below Linux's ephemeral range (32768-60999): a port the OS hands out (bind to 0)
+  can be taken again, between this check and the coordinator's bind, by any outgoing connection,
+  e.g. a concurrent multi-process test's; one chosen below that range only by another explicit bind."""
+  rng = np.random.default_rng()
+  for _ in range(100):
+    port = int(rng.integers(20000, 32768))
+    with socket.socket() as s:
+      try:
+        s.bind(("localhost", port))
+      except OSError:
+        continue
+      return port
+  raise RuntimeError("no free port in 20000-32767")
 
 
 _PORT_TAKEN = "cannot be used on this host"  # process 0's error for a coordinator port in use
+GRACE_S = 60  # how long the other processes may run on after one has failed
 
 
 def _run_processes(args: list[str], timeout: int = 420, *, expect_rc: int = 0,
@@ -62,15 +74,24 @@ def _run_processes(args: list[str], timeout: int = 420, *, expect_rc: int = 0,
         env=env(devices[i]), cwd=cwds[i], stdout=files[i][0], stderr=files[i][1], text=True)
         for i in range(PROCESSES)]
     try:
-      for i, p in enumerate(procs):
-        p.wait(timeout=timeout)
-        files[0][1].seek(0)
-        if i == 0 and p.returncode and _PORT_TAKEN in files[0][1].read():
-          break  # the others would wait for a coordinator that never started: killed below
+      # Until all have ended, `timeout` has passed, or GRACE_S after the first failure (the others
+      # stop by themselves within seconds, or wait for a coordinator or peer that is gone): killed
+      # below, their rc None, so the caller's assertion shows every process's output.
+      deadline, first_failure = time.monotonic() + timeout, None
+      while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        if first_failure is None and any(p.returncode not in (None, 0) for p in procs):
+          first_failure = now
+          files[0][1].seek(0)
+          if procs[0].returncode and _PORT_TAKEN in files[0][1].read():
+            break  # the others would wait for a coordinator that never started
+        if now > deadline or (first_failure is not None and now - first_failure > GRACE_S):
+          break
+        time.sleep(0.1)
       results = []
       for p, (out, err) in zip(procs, files):
         out.seek(0), err.seek(0)
-        results.append((p.returncode, out.read(), err.read()))
+        results.append((p.poll(), out.read(), err.read()))
       return results
     finally:
       for p in procs:
