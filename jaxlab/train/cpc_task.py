@@ -109,15 +109,13 @@ class CPCTask:
       count = min(count, self.config.train.eval_batches)
     last = n - (count - 1) * size  # digits scored in the last batch
     fill = min(size - last, (count - 1) * size) if count * size > n else 0
-    source = np.concatenate([np.arange(n), np.arange(fill)])  # the fill: the split's first digits
-    real_rows = len(source)
+    filled = np.concatenate([flat, flat[:fill]])  # the fill: the split's first digits
     rows = np.arange(size) if self._rows() is None else np.asarray(self._rows())
-    for i in range(count):
-      index = i * size + rows
-      real = index < real_rows
-      x = np.zeros((len(rows), flat.shape[1]), np.float32)
-      x[real] = flat[source[index[real]]]
-      yield {"x": x, "weights": (index < n).astype(np.float32), "real": real.astype(np.float32)}
+    # eval_batches pads past the filled split with zero rows of weight 0: those are the non-digits.
+    for i, batch in enumerate(binary_images.eval_batches(filled, batch_size=size, max_batches=count,
+                                                         rows=self._rows())):
+      yield {"x": batch["x"], "weights": (i * size + rows < n).astype(np.float32),
+             "real": batch["weights"]}
 
   def init_params(self, rng: jax.Array):
     return self.model.init({"params": rng}, jnp.zeros((1, ROWS, COLUMNS)))["params"]
