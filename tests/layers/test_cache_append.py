@@ -59,10 +59,15 @@ def _params(layer, x):
                                                jnp.float32) for a in leaves])
 
 
-def _empty_cache(layer, x):
-  longer = jnp.concatenate([x, x[:, :SPARE]], axis=1)
-  cache = layer.init(jax.random.key(0), longer, _pos(0, T + SPARE), decode=True)["cache"]
+def _cache_for(layer, x, length):
+  """The cache `init` makes for decoding `length` tokens (of x's width), zeroed."""
+  cache = layer.init(jax.random.key(0), x[:, :1].repeat(length, axis=1), _pos(0, length),
+                     decode=True)["cache"]
   return jax.tree.map(jnp.zeros_like, cache)
+
+
+def _empty_cache(layer, x):
+  return _cache_for(layer, x, T + SPARE)
 
 
 def _chunked(layer, params, x, chunks, cache=None, start=0, prefill=False):
@@ -241,13 +246,6 @@ def _long_x(length, seed=2):
   return jnp.asarray(np.random.default_rng(seed).standard_normal((B, length, D)), jnp.float32)
 
 
-def _ring_cache(layer, x, length):
-  """The cache `init` makes for decoding `length` tokens, zeroed."""
-  cache = layer.init(jax.random.key(0), x[:, :1].repeat(length, axis=1), _pos(0, length),
-                     decode=True)["cache"]
-  return jax.tree.map(jnp.zeros_like, cache)
-
-
 @pytest.mark.parametrize("prompt,prefill", [(3, True), (3, False), (30, True)])  # vs the ring: shorter
 def test_local_ring_decodes_past_its_slots_like_the_full_pass(prompt, prefill):  # / longer
   """A ring of window + APPEND_LIMIT slots (not one per token) decodes a sequence 4x longer than it,
@@ -258,7 +256,7 @@ def test_local_ring_decodes_past_its_slots_like_the_full_pass(prompt, prefill): 
   layer, length = _ring_layer(), 80
   x = _long_x(length)
   params = _params(layer, x[:, :T])
-  cache = _ring_cache(layer, x, length)
+  cache = _cache_for(layer, x, length)
   slots = layer.window + APPEND_LIMIT
   assert cache["cached_key"].shape == (B, slots, K, H) and slots * 4 <= length
   chunks = [prompt] + [1, 4, 2, 3] * 40
@@ -275,7 +273,7 @@ def test_local_ring_rewinds_within_the_last_append():
   layer, length = _ring_layer(), 60
   x, other = _long_x(length), _long_x(length, seed=5)
   params = _params(layer, x[:, :T])
-  _, cache = _chunked(layer, params, x, [20] + [4] * 8, cache=_ring_cache(layer, x, length),
+  _, cache = _chunked(layer, params, x, [20] + [4] * 8, cache=_cache_for(layer, x, length),
                       prefill=True)  # 52 tokens: the ring of 19 slots has wrapped twice
   _, cache = _chunked(layer, params, other, (4,), cache=cache, start=52)  # drafts, then dropped
   got, _ = _chunked(layer, params, x, (1, 4, 3), cache=_rewind(cache, 52), start=52)
@@ -289,7 +287,7 @@ def test_a_ring_too_short_to_wrap_gives_nan_past_its_end():
   layer = _ring_layer(window=3)
   x = _long_x(12)
   params = _params(layer, x[:, :T])
-  cache = _ring_cache(layer, x, 6)  # 6 slots < window 3 + 4 appended tokens
+  cache = _cache_for(layer, x, 6)  # 6 slots < window 3 + 4 appended tokens
   out, cache = _chunked(layer, params, x, (2, 4), cache=cache, prefill=True)  # fills it exactly
   np.testing.assert_allclose(out, layer.apply({"params": params}, x[:, :6], _pos(0, 6)),
                              atol=ATOL, rtol=1e-5)
@@ -308,7 +306,7 @@ def test_a_rewind_deeper_than_the_ring_allows_gives_nan():
   layer, length = _ring_layer(), 60
   x = _long_x(length)
   params = _params(layer, x[:, :T])
-  _, cache = _chunked(layer, params, x, (40,), cache=_ring_cache(layer, x, length), prefill=True)
+  _, cache = _chunked(layer, params, x, (40,), cache=_cache_for(layer, x, length), prefill=True)
   full = layer.apply({"params": params}, x, _pos(0, length))
   back = 40 - APPEND_LIMIT
   ok, _ = _chunked(layer, params, x, (1, 1), cache=_rewind(cache, back), start=back)
@@ -316,7 +314,7 @@ def test_a_rewind_deeper_than_the_ring_allows_gives_nan():
   deep, _ = _chunked(layer, params, x, (1,), cache=_rewind(cache, back - 1), start=back - 1)
   assert np.all(np.isnan(np.asarray(deep)))
   # Before the ring has wrapped, the tokens past a rewind sit in slots no query reads: fine.
-  _, cache = _chunked(layer, params, x, (19,), cache=_ring_cache(layer, x, length), prefill=True)
+  _, cache = _chunked(layer, params, x, (19,), cache=_cache_for(layer, x, length), prefill=True)
   early, _ = _chunked(layer, params, x, (1, 1), cache=_rewind(cache, 1), start=1)
   np.testing.assert_allclose(early, full[:, 1:3], atol=ATOL, rtol=1e-5)
 
@@ -325,7 +323,7 @@ def test_a_ring_of_exactly_window_plus_t_slots_wraps():
   layer = _ring_layer(window=3)
   x = _long_x(12)
   params = _params(layer, x[:, :T])
-  _, cache = _chunked(layer, params, x, (5,), cache=_ring_cache(layer, x, 5), prefill=True)
+  _, cache = _chunked(layer, params, x, (5,), cache=_cache_for(layer, x, 5), prefill=True)
   got, _ = _chunked(layer, params, x, (2, 2, 2), cache=cache, start=5)  # 5 slots = 3 + 2
   np.testing.assert_allclose(got, layer.apply({"params": params}, x[:, :11], _pos(0, 11))[:, 5:],
                              atol=ATOL, rtol=1e-5)
