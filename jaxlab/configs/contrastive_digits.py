@@ -9,11 +9,13 @@ Needs no download: the 1,797 digits ship inside scikit-learn; captions come from
 and retrieval recall@1/5. zero_shot_accuracy is zero-shot in CLIP's form only: the images are held
 out, but the prompts are training captions (the 60 captions, 6 templates x 10 digits, all occur in
 training); zero_shot_accuracy_unseen_prompts prompts in wording no caption uses ("a drawing of a
-seven", "the numeral 7", "a seven, handwritten"). contrastive_emoji's test captions are unseen. On 2 CPU cores (one XLA device each, so the loss runs sharded as chunked
-SigLIP) the 600 steps took 34 s with compilation on a quiet 2-core VM (31 ms/step).
+seven", "the numeral 7", "a seven, handwritten"). contrastive_emoji's test captions are unseen.
+On 2 CPU cores (one XLA device each, so the loss runs sharded as chunked SigLIP) the 600 steps took
+34 s with compilation on a quiet 2-core VM (31 ms/step).
 Measured (SigLIP, seed 0, experiments/results/default_jobs.md): val loss 3.345, zero-shot accuracy
-0.822 (0.542 with the unseen prompts), image->text R@1 0.836, text->image R@1 1.000 on the 360 held-out digits (pairs that share a
-caption are not each other's negatives; the digits have 60 captions).
+0.822 (0.542 with the unseen prompts), image->text R@1 0.836, text->image R@1 1.000 on the 360
+held-out digits (pairs that share a caption are not each other's negatives; the digits have 60
+captions).
 """
 
 import ml_collections

@@ -11,9 +11,9 @@ digit on the frozen mean context, against the same classifier on an untrained CP
 Needs no download (the digits ship inside scikit-learn).
 Measured (seed 0, 2 CPU cores, 2026-12-05, 24 s with compilation): val loss 4.667 (chance: log 512 =
 6.24, every validation batch scoring against 64 digits x 8 rows; the last one is filled up with digits
-that are negatives only, which made the loss 4.574 -> 4.667); linear-probe test accuracy 0.947 on CPC's features, 0.911 on those of the
-untrained CPC the run started from, 0.982 on the raw pixels (8x8 digits are nearly linearly separable
-as they are; 3000 steps gave 0.938).
+that are negatives only, which made the loss 4.574 -> 4.667); linear-probe test accuracy 0.947 on
+CPC's features, 0.911 on those of the untrained CPC the run started from, 0.982 on the raw pixels
+(8x8 digits are nearly linearly separable as they are; 3000 steps gave 0.938).
 """
 
 import ml_collections
