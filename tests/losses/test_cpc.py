@@ -38,12 +38,16 @@ def _inputs(seed=0, b=3, t=6, d=4, c=5, k=3):
           0.5 * jax.random.normal(keys[2], (k, c, d)))
 
 
-@pytest.mark.parametrize("lengths", [None, [6, 4, 2], [6, 1, 5]])
-def test_equals_the_reference_in_value_and_gradient(lengths):
+@pytest.mark.parametrize("lengths,predicts", [(None, None), ([6, 4, 2], None), ([6, 1, 5], None),
+                                              ([6, 4, 5], [True, False, True])])
+def test_equals_the_reference_in_value_and_gradient(lengths, predicts):
   z, c, w = _inputs()
   full = [6, 6, 6] if lengths is None else lengths
   args = {} if lengths is None else {"lengths_B": jnp.asarray(lengths)}
-  np.testing.assert_allclose(cpc_loss(z, c, w, **args), reference(z, c, w, full), rtol=1e-5)
+  if predicts is not None:
+    args["predicts_B"] = jnp.asarray(predicts)
+  np.testing.assert_allclose(cpc_loss(z, c, w, **args), reference(z, c, w, full, predicts),
+                             rtol=1e-5)
   grads = jax.grad(lambda z, c, w: cpc_loss(z, c, w, **args), argnums=(0, 1, 2))(z, c, w)
   # The reference's gradient by central differences in float64, on a few entries of each input.
   rng = np.random.default_rng(0)
@@ -54,7 +58,7 @@ def test_equals_the_reference_in_value_and_gradient(lengths):
       def at(delta):
         moved = [np.asarray(a, np.float64) for a in (z, c, w)]
         moved[i][idx] += delta
-        return reference(*moved, full)
+        return reference(*moved, full, predicts)
       numeric = (at(1e-5) - at(-1e-5)) / 2e-5
       np.testing.assert_allclose(float(g[idx]), numeric, rtol=2e-3, atol=1e-5, err_msg=f"{i} {idx}")
 
